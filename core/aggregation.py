@@ -1,0 +1,119 @@
+"""The contract's eye/patient rule, as pure functions.
+
+- An eye's grade comes from the mean of the ensemble's combined probabilities over that eye's
+  *gradable* images, turned into a grade by ``grade_fn`` (the ensemble's
+  ``grade_from_probabilities``).
+- The patient's grade is the worse eye.
+- An eye (or patient) with no gradable image is ungradable: grade ``None`` and referable ``True``
+  (clinics treat ungradable as "refer").
+- A patient with one gradable eye and one ungradable eye is graded from the gradable eye but is
+  still referable (the ungradable eye must be seen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+REFERABLE_GRADE = 2
+N_GRADES = 5
+
+GradeFn = Callable[[Sequence[float]], int]
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """One image's inputs to the rule."""
+
+    image_id: str
+    eye: str
+    gradable: bool
+    probabilities: Sequence[float] | None = None
+
+
+@dataclass(frozen=True)
+class EyeAggregate:
+    eye: str
+    grade: int | None
+    gradable: bool
+    referable: bool
+    probabilities: list[float] | None
+    image_ids: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "grade": self.grade,
+            "gradable": self.gradable,
+            "referable": self.referable,
+            "probabilities": self.probabilities,
+            "image_ids": list(self.image_ids),
+        }
+
+
+@dataclass(frozen=True)
+class PatientAggregate:
+    grade: int | None
+    gradable: bool
+    referable: bool
+    eyes: dict[str, EyeAggregate]
+
+
+def is_referable(grade: int | None) -> bool:
+    """Referable = grade >= 2; ungradable (None) counts as referable."""
+    return grade is None or grade >= REFERABLE_GRADE
+
+
+def mean_probabilities(rows: Iterable[Sequence[float]]) -> list[float] | None:
+    """Element-wise mean of probability vectors (None when there are none)."""
+    rows = [list(map(float, r)) for r in rows]
+    if not rows:
+        return None
+    width = len(rows[0])
+    if any(len(r) != width for r in rows):
+        raise ValueError("probability vectors differ in length")
+    return [sum(r[i] for r in rows) / len(rows) for i in range(width)]
+
+
+def aggregate_eye(eye: str, images: Iterable[ImageScore], grade_fn: GradeFn) -> EyeAggregate:
+    images = list(images)
+    usable = [im for im in images if im.gradable and im.probabilities is not None]
+    probs = mean_probabilities(im.probabilities for im in usable if im.probabilities is not None)
+    grade = int(grade_fn(probs)) if probs is not None else None
+    return EyeAggregate(
+        eye=eye,
+        grade=grade,
+        gradable=grade is not None,
+        referable=is_referable(grade),
+        probabilities=probs,
+        image_ids=[im.image_id for im in images],
+    )
+
+
+def aggregate_patient(
+    images: Iterable[ImageScore], grade_fn: GradeFn, eyes: Sequence[str] = ("left", "right")
+) -> PatientAggregate:
+    """Apply the rule to every image of one patient. Eyes with no image at all are left out of
+    ``eyes`` in the result; the patient is graded from the eyes that have images."""
+    images = list(images)
+    by_eye: dict[str, list[ImageScore]] = {}
+    for im in images:
+        if im.eye not in eyes:
+            raise ValueError(f"unknown eye {im.eye!r}")
+        by_eye.setdefault(im.eye, []).append(im)
+    eye_results = {eye: aggregate_eye(eye, by_eye[eye], grade_fn) for eye in eyes if eye in by_eye}
+    graded = [e.grade for e in eye_results.values() if e.grade is not None]
+    grade = max(graded) if graded else None
+    any_ungradable_eye = any(not e.gradable for e in eye_results.values())
+    return PatientAggregate(
+        grade=grade,
+        gradable=grade is not None,
+        referable=is_referable(grade) or any_ungradable_eye,
+        eyes=eye_results,
+    )
+
+
+def argmax_grade(probabilities: Sequence[float]) -> int:
+    """A plain argmax grader (for tests and tools that have no ensemble at hand)."""
+    if not probabilities:
+        raise ValueError("empty probabilities")
+    return max(range(len(probabilities)), key=lambda i: probabilities[i])

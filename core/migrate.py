@@ -1,0 +1,28 @@
+"""Run the Alembic migrations from code (``drscreen db upgrade``, tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+from core.settings import PROJECT_ROOT, get_settings
+
+
+def alembic_config(database_url: str | None = None) -> Config:
+    ini = PROJECT_ROOT / "alembic.ini"
+    cfg = Config(str(ini)) if ini.is_file() else Config()
+    cfg.set_main_option("script_location", str(Path(PROJECT_ROOT) / "migrations"))
+    cfg.attributes["database_url"] = database_url or get_settings().database_url
+    cfg.attributes["configure_logger"] = False
+    return cfg
+
+
+def upgrade(database_url: str | None = None, revision: str = "head") -> None:
+    command.upgrade(alembic_config(database_url), revision)
+
+
+def check(database_url: str | None = None) -> None:
+    """Raise when the tables in core.tables and the migrations differ (``alembic check``)."""
+    command.check(alembic_config(database_url))

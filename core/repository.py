@@ -1,0 +1,661 @@
+"""Every query of drscreen. Functions take a Session, ``flush()`` when they write, and never commit:
+the caller's unit of work (``core.db.session_scope`` or the API's request dependency) commits.
+
+Reads that take ``clinic_id`` return None for rows of another clinic, so callers answer 404 for
+both unknown and foreign ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from core.aggregation import GradeFn, ImageScore, PatientAggregate, aggregate_patient
+from core.errors import InvalidInput, NotFound
+from core.tables import (
+    EYES,
+    ApiKey,
+    AuditEvent,
+    Bundle,
+    Clinic,
+    Explanation,
+    EyeResult,
+    Image,
+    ModelVersion,
+    Patient,
+    PatientResult,
+    Prediction,
+    ScoringJob,
+    ScoringJobItem,
+    utcnow,
+)
+
+API_KEY_PREFIX = "drs_"
+
+
+def _insert(session: Session, table: Any) -> Any:
+    """A dialect-specific INSERT supporting ON CONFLICT (PostgreSQL and SQLite)."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"upserts are not implemented for {name}")
+
+
+# --------------------------------------------------------------------------------- clinics, keys
+
+
+def get_or_create_clinic(session: Session, name: str) -> Clinic:
+    name = name.strip()
+    if not name:
+        raise InvalidInput("clinic name is empty")
+    stmt = _insert(session, Clinic).values(name=name, created_at=utcnow())
+    session.execute(stmt.on_conflict_do_nothing(index_elements=["name"]))
+    clinic = session.scalars(select(Clinic).where(Clinic.name == name)).one()
+    return clinic
+
+
+def get_clinic_by_name(session: Session, name: str) -> Clinic | None:
+    return session.scalars(select(Clinic).where(Clinic.name == name)).one_or_none()
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def create_api_key(session: Session, clinic: Clinic, label: str | None = None) -> tuple[ApiKey, str]:
+    """Create a key for ``clinic``. Returns the row and the plaintext key (shown once, never stored)."""
+    plaintext = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(clinic_id=clinic.id, prefix=plaintext[:12], key_hash=hash_api_key(plaintext), label=label)
+    session.add(row)
+    session.flush()
+    return row, plaintext
+
+
+def authenticate_api_key(session: Session, plaintext: str, *, touch: bool = True) -> ApiKey | None:
+    """The active key matching ``plaintext`` (its ``clinic`` loaded), or None."""
+    if not plaintext:
+        return None
+    row = session.scalars(
+        select(ApiKey).where(ApiKey.key_hash == hash_api_key(plaintext), ApiKey.revoked_at.is_(None))
+    ).one_or_none()
+    if row is not None and touch:
+        row.last_used_at = utcnow()
+        session.flush()
+    return row
+
+
+def revoke_api_key(session: Session, key_id_or_prefix: str | int) -> int:
+    """Revoke keys by id or by prefix (as printed by ``drscreen keys create``). Returns how many."""
+    stmt = update(ApiKey).where(ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+    if isinstance(key_id_or_prefix, int) or str(key_id_or_prefix).isdigit():
+        stmt = stmt.where(ApiKey.id == int(key_id_or_prefix))
+    else:
+        stmt = stmt.where(ApiKey.prefix == str(key_id_or_prefix)[:12])
+    result = session.execute(stmt.execution_options(synchronize_session=False))
+    session.flush()
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def list_api_keys(session: Session, clinic_id: int | None = None) -> list[ApiKey]:
+    stmt = select(ApiKey).order_by(ApiKey.id)
+    if clinic_id is not None:
+        stmt = stmt.where(ApiKey.clinic_id == clinic_id)
+    return list(session.scalars(stmt))
+
+
+# ------------------------------------------------------------------------------------- patients
+
+
+def get_or_create_patient(session: Session, clinic_id: int, external_id: str) -> Patient:
+    """Race-safe (INSERT ... ON CONFLICT DO NOTHING, then SELECT)."""
+    external_id = external_id.strip()
+    if not external_id:
+        raise InvalidInput("patient_id is empty")
+    stmt = _insert(session, Patient).values(clinic_id=clinic_id, external_id=external_id, created_at=utcnow())
+    session.execute(stmt.on_conflict_do_nothing(index_elements=["clinic_id", "external_id"]))
+    return session.scalars(
+        select(Patient).where(Patient.clinic_id == clinic_id, Patient.external_id == external_id)
+    ).one()
+
+
+def get_patient(session: Session, clinic_id: int, external_id: str) -> Patient | None:
+    return session.scalars(
+        select(Patient).where(Patient.clinic_id == clinic_id, Patient.external_id == external_id)
+    ).one_or_none()
+
+
+def get_patient_by_id(session: Session, patient_id: int) -> Patient | None:
+    return session.get(Patient, patient_id)
+
+
+# --------------------------------------------------------------------------------------- images
+
+
+def create_image(
+    session: Session,
+    *,
+    clinic_id: int,
+    patient_id: int,
+    eye: str,
+    sha256: str,
+    stored_path: str,
+    size_bytes: int,
+    width: int | None = None,
+    height: int | None = None,
+    filename: str | None = None,
+    content_type: str | None = None,
+    bundle_id: str | None = None,
+    job_id: str | None = None,
+) -> Image:
+    if eye not in EYES:
+        raise InvalidInput(f"eye must be one of {', '.join(EYES)}")
+    row = Image(
+        clinic_id=clinic_id,
+        patient_id=patient_id,
+        eye=eye,
+        sha256=sha256,
+        stored_path=stored_path,
+        size_bytes=size_bytes,
+        width=width,
+        height=height,
+        filename=filename,
+        content_type=content_type,
+        bundle_id=bundle_id,
+        job_id=job_id,
+        status="queued",
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_image(session: Session, image_id: str, clinic_id: int | None = None) -> Image | None:
+    row = session.get(Image, image_id)
+    if row is None or (clinic_id is not None and row.clinic_id != clinic_id):
+        return None
+    return row
+
+
+def get_images(session: Session, image_ids: Sequence[str]) -> list[Image]:
+    if not image_ids:
+        return []
+    rows = {r.id: r for r in session.scalars(select(Image).where(Image.id.in_(list(image_ids))))}
+    return [rows[i] for i in image_ids if i in rows]
+
+
+def list_patient_images(session: Session, patient_id: int, eye: str | None = None) -> list[Image]:
+    stmt = select(Image).where(Image.patient_id == patient_id).order_by(Image.created_at, Image.id)
+    if eye is not None:
+        stmt = stmt.where(Image.eye == eye)
+    return list(session.scalars(stmt))
+
+
+def claim_image(session: Session, image_id: str) -> Image | None:
+    """Status guard for workers: move a not-yet-done image to ``running``. Returns None when the
+    image is missing or already ``done`` (a redelivered message then does nothing)."""
+    now = utcnow()
+    result = session.execute(
+        update(Image)
+        .where(Image.id == image_id, Image.status != "done")
+        .values(status="running", started_at=now, updated_at=now, attempts=Image.attempts + 1)
+        .execution_options(synchronize_session=False)
+    )
+    if not getattr(result, "rowcount", 0):
+        return None
+    session.flush()
+    row = session.get(Image, image_id)
+    if row is not None:
+        session.refresh(row)
+    return row
+
+
+def mark_image_done(
+    session: Session, image: Image, *, quality: dict[str, Any] | None, gradable: bool
+) -> Image:
+    image.status = "done"
+    image.quality = quality
+    image.gradable = gradable
+    image.error = None
+    image.finished_at = utcnow()
+    session.flush()
+    return image
+
+
+def mark_image_failed(session: Session, image: Image, error: str) -> Image:
+    image.status = "failed"
+    image.error = error[:4000]
+    image.finished_at = utcnow()
+    session.flush()
+    return image
+
+
+def stale_running_images(session: Session, older_than: timedelta) -> list[Image]:
+    """Images stuck in ``running`` (their worker died) or ``queued`` for longer than ``older_than``."""
+    cutoff = utcnow() - older_than
+    return list(
+        session.scalars(
+            select(Image).where(Image.status.in_(["queued", "running"]), Image.updated_at < cutoff)
+        )
+    )
+
+
+# ------------------------------------------------------------------------------- model versions
+
+
+def get_or_create_model_version(
+    session: Session, ref: str, card: dict[str, Any] | None = None
+) -> ModelVersion:
+    stmt = _insert(session, ModelVersion).values(ref=ref, card=card, created_at=utcnow())
+    session.execute(stmt.on_conflict_do_nothing(index_elements=["ref"]))
+    row = session.scalars(select(ModelVersion).where(ModelVersion.ref == ref)).one()
+    if card is not None and row.card != card:
+        row.card = card
+        session.flush()
+    return row
+
+
+def get_model_version(session: Session, model_version_id: int) -> ModelVersion | None:
+    return session.get(ModelVersion, model_version_id)
+
+
+def latest_model_version(session: Session) -> ModelVersion | None:
+    return session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc()).limit(1)).first()
+
+
+# ---------------------------------------------------------------------------------- predictions
+
+
+def upsert_prediction(
+    session: Session,
+    *,
+    image_id: str,
+    model_version_id: int,
+    grade: int | None,
+    probabilities: Sequence[float] | None,
+    members: dict[str, Any] | None,
+    referable: bool,
+    gradable: bool = True,
+) -> Prediction:
+    """Idempotent on (image, model version): a redelivered task overwrites with the same values."""
+    values = {
+        "grade": grade,
+        "probabilities": [float(p) for p in probabilities] if probabilities is not None else None,
+        "members": members,
+        "referable": referable,
+        "gradable": gradable,
+    }
+    stmt = _insert(session, Prediction).values(
+        image_id=image_id, model_version_id=model_version_id, created_at=utcnow(), **values
+    )
+    stmt = stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_=values)
+    session.execute(stmt)
+    row = session.scalars(
+        select(Prediction)
+        .where(Prediction.image_id == image_id, Prediction.model_version_id == model_version_id)
+        .execution_options(populate_existing=True)
+    ).one()
+    return row
+
+
+def get_prediction(session: Session, image_id: str, model_version_id: int | None = None) -> Prediction | None:
+    """The prediction for ``image_id`` by that model version (default: the newest one)."""
+    stmt = select(Prediction).where(Prediction.image_id == image_id)
+    if model_version_id is not None:
+        stmt = stmt.where(Prediction.model_version_id == model_version_id)
+    return session.scalars(stmt.order_by(Prediction.id.desc()).limit(1)).first()
+
+
+def predictions_for_images(
+    session: Session, image_ids: Sequence[str], model_version_id: int | None = None
+) -> dict[str, Prediction]:
+    """image id -> its prediction (that model version, or the newest)."""
+    if not image_ids:
+        return {}
+    stmt = select(Prediction).where(Prediction.image_id.in_(list(image_ids)))
+    if model_version_id is not None:
+        stmt = stmt.where(Prediction.model_version_id == model_version_id)
+    out: dict[str, Prediction] = {}
+    for row in session.scalars(stmt.order_by(Prediction.id)):
+        out[row.image_id] = row  # later (newer) rows win
+    return out
+
+
+# --------------------------------------------------------------------------------- explanations
+
+
+def upsert_explanation(
+    session: Session, *, image_id: str, model_version_id: int, sha256: str, stored_path: str
+) -> Explanation:
+    values = {"sha256": sha256, "stored_path": stored_path}
+    stmt = _insert(session, Explanation).values(
+        image_id=image_id, model_version_id=model_version_id, created_at=utcnow(), **values
+    )
+    session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_=values))
+    return session.scalars(
+        select(Explanation)
+        .where(Explanation.image_id == image_id, Explanation.model_version_id == model_version_id)
+        .execution_options(populate_existing=True)
+    ).one()
+
+
+def get_explanation(
+    session: Session, image_id: str, model_version_id: int | None = None
+) -> Explanation | None:
+    stmt = select(Explanation).where(Explanation.image_id == image_id)
+    if model_version_id is not None:
+        stmt = stmt.where(Explanation.model_version_id == model_version_id)
+    return session.scalars(stmt.order_by(Explanation.id.desc()).limit(1)).first()
+
+
+# ------------------------------------------------------------------------- eye/patient results
+
+
+def record_patient_result(
+    session: Session,
+    patient_id: int,
+    aggregate: PatientAggregate,
+    *,
+    model_version_id: int | None,
+    trigger: str | None = None,
+) -> PatientResult:
+    """Store a new current result (one row per eye too); earlier rows stay as history."""
+    session.execute(
+        update(PatientResult)
+        .where(PatientResult.patient_id == patient_id, PatientResult.is_current.is_(True))
+        .values(is_current=False)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(EyeResult)
+        .where(EyeResult.patient_id == patient_id, EyeResult.is_current.is_(True))
+        .values(is_current=False)
+        .execution_options(synchronize_session=False)
+    )
+    now = utcnow()
+    result = PatientResult(
+        patient_id=patient_id,
+        model_version_id=model_version_id,
+        grade=aggregate.grade,
+        gradable=aggregate.gradable,
+        referable=aggregate.referable,
+        trigger=trigger,
+        is_current=True,
+        computed_at=now,
+    )
+    for eye in aggregate.eyes.values():
+        result.eyes.append(
+            EyeResult(
+                patient_id=patient_id,
+                eye=eye.eye,
+                model_version_id=model_version_id,
+                grade=eye.grade,
+                gradable=eye.gradable,
+                referable=eye.referable,
+                probabilities=eye.probabilities,
+                image_ids=list(eye.image_ids),
+                is_current=True,
+                computed_at=now,
+            )
+        )
+    session.add(result)
+    session.flush()
+    return result
+
+
+def recompute_patient(
+    session: Session,
+    patient_id: int,
+    *,
+    model_version_id: int,
+    grade_fn: GradeFn,
+    trigger: str | None = None,
+) -> PatientResult:
+    """Apply the contract's rule to every finished image of the patient scored by that model version
+    and record the result. Images not done yet, failed, or without a prediction count as ungradable."""
+    images = list_patient_images(session, patient_id)
+    preds = predictions_for_images(session, [im.id for im in images], model_version_id)
+    scores = []
+    for im in images:
+        pred = preds.get(im.id)
+        usable = im.status == "done" and bool(im.gradable) and pred is not None and pred.gradable
+        scores.append(
+            ImageScore(
+                image_id=im.id,
+                eye=im.eye,
+                gradable=usable,
+                probabilities=pred.probabilities if (usable and pred is not None) else None,
+            )
+        )
+    aggregate = aggregate_patient(scores, grade_fn)
+    return record_patient_result(
+        session, patient_id, aggregate, model_version_id=model_version_id, trigger=trigger
+    )
+
+
+def get_current_patient_result(session: Session, patient_id: int) -> PatientResult | None:
+    return session.scalars(
+        select(PatientResult)
+        .where(PatientResult.patient_id == patient_id)
+        .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
+        .limit(1)
+    ).first()
+
+
+def patient_history(session: Session, patient_id: int, limit: int = 100) -> list[PatientResult]:
+    """Results newest first (the current one included)."""
+    return list(
+        session.scalars(
+            select(PatientResult)
+            .where(PatientResult.patient_id == patient_id)
+            .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
+            .limit(limit)
+        )
+    )
+
+
+# -------------------------------------------------------------------------------------- bundles
+
+
+def create_bundle(session: Session, clinic_id: int, patient_id: int) -> Bundle:
+    row = Bundle(clinic_id=clinic_id, patient_id=patient_id, status="queued")
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_bundle(session: Session, bundle_id: str, clinic_id: int | None = None) -> Bundle | None:
+    row = session.get(Bundle, bundle_id)
+    if row is None or (clinic_id is not None and row.clinic_id != clinic_id):
+        return None
+    return row
+
+
+def bundle_images(session: Session, bundle_id: str) -> list[Image]:
+    return list(
+        session.scalars(
+            select(Image).where(Image.bundle_id == bundle_id).order_by(Image.eye, Image.created_at)
+        )
+    )
+
+
+def combined_status(statuses: Iterable[str]) -> str:
+    """Status of a group of images: running while any is unfinished, failed when all failed."""
+    statuses = list(statuses)
+    if not statuses:
+        return "queued"
+    if all(s == "queued" for s in statuses):
+        return "queued"
+    if any(s in ("queued", "running") for s in statuses):
+        return "running"
+    if all(s == "failed" for s in statuses):
+        return "failed"
+    return "done"
+
+
+def refresh_bundle_status(session: Session, bundle_id: str) -> Bundle:
+    bundle = session.get(Bundle, bundle_id)
+    if bundle is None:
+        raise NotFound("bundle not found")
+    bundle.status = combined_status(im.status for im in bundle_images(session, bundle_id))
+    session.flush()
+    return bundle
+
+
+# ----------------------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class JobItemSpec:
+    path: str
+    patient_external_id: str | None
+    eye: str | None
+
+
+def create_job(session: Session, clinic_id: int, folder: str) -> ScoringJob:
+    row = ScoringJob(clinic_id=clinic_id, folder=folder, status="queued")
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_job(session: Session, job_id: str, clinic_id: int | None = None) -> ScoringJob | None:
+    row = session.get(ScoringJob, job_id)
+    if row is None or (clinic_id is not None and row.clinic_id != clinic_id):
+        return None
+    return row
+
+
+def add_job_items(session: Session, job_id: str, items: Iterable[JobItemSpec]) -> int:
+    """Insert items (idempotent on (job, path): re-expanding a folder adds nothing twice)."""
+    rows = [
+        {
+            "job_id": job_id,
+            "path": it.path,
+            "patient_external_id": it.patient_external_id,
+            "eye": it.eye,
+            "status": "pending",
+            "created_at": utcnow(),
+            "updated_at": utcnow(),
+        }
+        for it in items
+    ]
+    if rows:
+        stmt = _insert(session, ScoringJobItem).values(rows)
+        session.execute(stmt.on_conflict_do_nothing(index_elements=["job_id", "path"]))
+    session.flush()
+    return len(rows)
+
+
+def job_items(session: Session, job_id: str, status: str | None = None) -> list[ScoringJobItem]:
+    stmt = select(ScoringJobItem).where(ScoringJobItem.job_id == job_id).order_by(ScoringJobItem.id)
+    if status is not None:
+        stmt = stmt.where(ScoringJobItem.status == status)
+    return list(session.scalars(stmt))
+
+
+def set_job_item(
+    session: Session,
+    item: ScoringJobItem,
+    *,
+    status: str,
+    image_id: str | None = None,
+    error: str | None = None,
+) -> ScoringJobItem:
+    item.status = status
+    if image_id is not None:
+        item.image_id = image_id
+    item.error = error[:4000] if error else None
+    session.flush()
+    return item
+
+
+def refresh_job_counts(session: Session, job_id: str) -> ScoringJob:
+    """Recount total/done/failed from the items and their images; finish the job when all are."""
+    job = session.get(ScoringJob, job_id)
+    if job is None:
+        raise NotFound("job not found")
+    rows = session.execute(
+        select(ScoringJobItem.status, Image.status)
+        .outerjoin(Image, Image.id == ScoringJobItem.image_id)
+        .where(ScoringJobItem.job_id == job_id)
+    ).all()
+    total = len(rows)
+    failed = sum(1 for item_status, img_status in rows if item_status == "failed" or img_status == "failed")
+    done = sum(1 for item_status, img_status in rows if img_status == "done" and item_status != "failed")
+    job.total, job.done, job.failed = total, done, failed
+    if job.status in ("queued", "running") and total and done + failed >= total:
+        job.status = "done"
+        job.finished_at = utcnow()
+    elif job.status == "queued" and total:
+        job.status = "running"
+    session.flush()
+    return job
+
+
+def job_grade_counts(session: Session, job_id: str) -> dict[str, int]:
+    """Counts of the newest prediction's grade over the job's images: keys "0".."4" and "ungradable"."""
+    image_ids = [
+        i for i in session.scalars(select(Image.id).where(Image.job_id == job_id, Image.status == "done"))
+    ]
+    counts = {str(g): 0 for g in range(5)} | {"ungradable": 0}
+    for pred in predictions_for_images(session, image_ids).values():
+        counts["ungradable" if pred.grade is None else str(pred.grade)] += 1
+    return counts
+
+
+def count_images_by_status(session: Session, job_id: str) -> dict[str, int]:
+    rows = session.execute(
+        select(Image.status, func.count()).where(Image.job_id == job_id).group_by(Image.status)
+    ).all()
+    return {status: int(n) for status, n in rows}
+
+
+# ----------------------------------------------------------------------------------------- audit
+
+
+def record_audit(
+    session: Session,
+    *,
+    action: str,
+    clinic_id: int | None = None,
+    api_key_id: int | None = None,
+    patient_id: int | None = None,
+    target_type: str | None = None,
+    target_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+    at: datetime | None = None,
+) -> AuditEvent:
+    row = AuditEvent(
+        action=action,
+        clinic_id=clinic_id,
+        api_key_id=api_key_id,
+        patient_id=patient_id,
+        target_type=target_type,
+        target_id=target_id,
+        detail=detail,
+        at=at or utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def list_audit_events(session: Session, clinic_id: int, limit: int = 100) -> list[AuditEvent]:
+    return list(
+        session.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.clinic_id == clinic_id)
+            .order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
+            .limit(limit)
+        )
+    )

@@ -1,0 +1,108 @@
+"""Pydantic schemas shared by the API, the workers and the CLI (the JSON shapes of the contract)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Eye = Literal["left", "right"]
+Status = Literal["queued", "running", "done", "failed"]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="machine-readable error code, e.g. not_found, invalid_image")
+    detail: Any = Field(default=None, description="human-readable explanation or field errors")
+
+
+class Accepted(BaseModel):
+    id: str
+    status: Status
+
+
+class ImageResult(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    status: Status
+    patient_id: str
+    eye: Eye
+    error: str | None = None
+    grade: int | None = Field(default=None, ge=0, le=4)
+    probabilities: list[float] | None = None
+    referable: bool | None = None
+    gradable: bool | None = None
+    quality: dict[str, Any] | None = None
+    model_version: str | None = None
+    members: dict[str, list[float]] | None = None
+    explanation_url: str | None = None
+    created_at: datetime | None = None
+
+
+class EyeSummary(BaseModel):
+    grade: int | None = None
+    gradable: bool = False
+    referable: bool = True
+    image_ids: list[str] = Field(default_factory=list)
+
+
+class PatientHistoryEntry(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    grade: int | None
+    referable: bool
+    gradable: bool
+    model_version: str | None = None
+    computed_at: datetime
+    eyes: dict[str, EyeSummary] = Field(default_factory=dict)
+
+
+class PatientSummary(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    patient_id: str
+    grade: int | None = None
+    referable: bool = True
+    gradable: bool = False
+    eyes: dict[str, EyeSummary] = Field(default_factory=dict)
+    model_version: str | None = None
+    updated_at: datetime | None = None
+    history: list[PatientHistoryEntry] = Field(default_factory=list)
+
+
+class BundleResult(BaseModel):
+    id: str
+    status: Status
+    images: list[ImageResult]
+    patient: PatientSummary | None = None
+
+
+class JobCreate(BaseModel):
+    folder: str = Field(min_length=1, description="folder on the server, under an import root")
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: Status
+    folder: str
+    total: int
+    done: int
+    failed: int
+    grades: dict[str, int] = Field(
+        default_factory=dict, description='counts per grade "0".."4", "ungradable"'
+    )
+    error: str | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ModelMember(BaseModel):
+    ref: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelInfo(BaseModel):
+    version: str
+    members: list[ModelMember]
+    metrics: dict[str, Any] = Field(default_factory=dict)

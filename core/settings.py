@@ -1,0 +1,97 @@
+"""One settings class (environment prefix ``DRSCREEN_``), read through the cached :func:`get_settings`.
+
+The defaults are the embedded mode: a SQLite file, a filesystem broker and a local file store, all
+under ``./var`` (relative to the current directory), so nothing needs a server.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The repository root (the folder holding ``core/``); released models live in ``<root>/models``.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+EMBEDDED_BROKER = "filesystem://"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DRSCREEN_", extra="ignore", env_file=None)
+
+    #: Root of every embedded-mode default (database file, broker folders, store).
+    var_dir: Path = Path("var")
+    #: SQLAlchemy URL. Default: ``sqlite:///<var_dir>/drscreen.db``.
+    database_url: str = ""
+    #: Celery broker URL. Default: the embedded filesystem broker under ``<var_dir>/broker``.
+    broker_url: str = EMBEDDED_BROKER
+    #: Where photographs and heatmaps are kept (content addressed). Default ``<var_dir>/store``.
+    store_dir: Path | None = None
+    #: Folders that ``POST /v1/jobs`` may read (colon separated in the environment).
+    import_roots: str = ""
+    #: Released ensemble workers load, ``name@version``; None = the newest shipped under models_dir.
+    model: str | None = None
+    #: Inference runtime used by workers.
+    runtime: Literal["torch", "onnx"] = "torch"
+    #: Largest accepted upload, in MiB.
+    max_upload_mb: int = Field(default=25, gt=0)
+    #: Largest accepted photograph, in pixels (width * height); guards against decompression bombs.
+    max_image_pixels: int = Field(default=50_000_000, gt=0)
+    #: Folder with the released models.
+    models_dir: Path = PROJECT_ROOT / "models"
+    #: Log level for the API and workers.
+    log_level: str = "INFO"
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_model_is_none(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        self.var_dir = self.var_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.var_dir / 'drscreen.db'}"
+        if self.store_dir is None:
+            self.store_dir = self.var_dir / "store"
+        self.store_dir = self.store_dir.expanduser().resolve()
+        self.models_dir = self.models_dir.expanduser().resolve()
+        return self
+
+    # Convenience views -------------------------------------------------------------------------
+
+    @property
+    def store_path(self) -> Path:
+        """The store directory (always set after validation)."""
+        assert self.store_dir is not None
+        return self.store_dir
+
+    @property
+    def import_root_paths(self) -> list[Path]:
+        return [Path(p).expanduser().resolve() for p in self.import_roots.split(":") if p.strip()]
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the embedded filesystem broker."""
+        return self.var_dir / "broker"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached). Tests call ``get_settings.cache_clear()`` after changing env."""
+    return Settings()

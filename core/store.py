@@ -1,0 +1,106 @@
+"""Content-addressed local file store for photographs and heatmaps.
+
+Layout: ``<root>/<sha[0:2]>/<sha[2:4]>/<sha>.<ext>``. The same bytes are stored once. Writes go to a
+temporary file in the target folder and are renamed into place, so a reader never sees half a file.
+Paths kept in the database are relative to the root (``StoredFile.relpath``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.settings import get_settings
+
+_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    sha256: str
+    relpath: str
+    path: Path
+    size_bytes: int
+    created: bool  # False when the same bytes were already stored
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _clean_ext(ext: str) -> str:
+    ext = ext.lower().lstrip(".")
+    if not ext or not ext.isalnum() or len(ext) > 8:
+        raise ValueError(f"bad file extension {ext!r}")
+    return ext
+
+
+class FileStore:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def relpath_for(self, sha256: str, ext: str) -> str:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError("not a sha256 hex digest")
+        return f"{sha256[:2]}/{sha256[2:4]}/{sha256}.{_clean_ext(ext)}"
+
+    def path(self, relpath: str) -> Path:
+        """Absolute path of a stored relative path (refuses anything outside the root)."""
+        full = (self.root / relpath).resolve()
+        if not full.is_relative_to(self.root):
+            raise ValueError("path outside the store")
+        return full
+
+    def exists(self, relpath: str) -> bool:
+        return self.path(relpath).is_file()
+
+    def read_bytes(self, relpath: str) -> bytes:
+        return self.path(relpath).read_bytes()
+
+    def put_bytes(self, data: bytes, ext: str) -> StoredFile:
+        """Store ``data`` (idempotent: the same bytes land at the same path, written once)."""
+        sha = sha256_bytes(data)
+        rel = self.relpath_for(sha, ext)
+        target = self.path(rel)
+        if target.is_file() and target.stat().st_size == len(data):
+            return StoredFile(sha, rel, target, len(data), created=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return StoredFile(sha, rel, target, len(data), created=True)
+
+    def put_file(self, source: str | os.PathLike[str], ext: str | None = None) -> StoredFile:
+        src = Path(source)
+        return self.put_bytes(src.read_bytes(), ext or src.suffix or "bin")
+
+    def delete(self, relpath: str) -> bool:
+        path = self.path(relpath)
+        try:
+            path.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+
+def get_store() -> FileStore:
+    """The store at ``DRSCREEN_STORE_DIR``."""
+    return FileStore(get_settings().store_path)

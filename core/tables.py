@@ -1,0 +1,252 @@
+"""ORM tables (SQLAlchemy 2.0 style). Singular snake_case names, ``*_at`` timestamps, named constraints.
+
+Public ids (image, bundle, scoring_job) are random 32-hex strings so clinics cannot enumerate them;
+internal rows use integer keys. A patient's public id is its ``external_id`` within its clinic.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_N_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+IMAGE_STATUSES = ("queued", "running", "done", "failed")
+JOB_STATUSES = ("queued", "running", "done", "failed")
+ITEM_STATUSES = ("pending", "queued", "done", "failed")
+EYES = ("left", "right")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+metadata = Base.metadata
+
+
+class Clinic(Base):
+    __tablename__ = "clinic"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_key"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinic.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    label: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+    clinic: Mapped[Clinic] = relationship(lazy="joined")
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("clinic_id", "external_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinic.id", ondelete="CASCADE"), index=True)
+    external_id: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Bundle(Base):
+    __tablename__ = "bundle"
+    __table_args__ = (CheckConstraint(_in("status", IMAGE_STATUSES), name="status"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinic.id", ondelete="CASCADE"), index=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ScoringJob(Base):
+    __tablename__ = "scoring_job"
+    __table_args__ = (CheckConstraint(_in("status", JOB_STATUSES), name="status"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinic.id", ondelete="CASCADE"), index=True)
+    folder: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class Image(Base):
+    __tablename__ = "image"
+    __table_args__ = (
+        CheckConstraint(_in("status", IMAGE_STATUSES), name="status"),
+        CheckConstraint(_in("eye", EYES), name="eye"),
+        Index("ix_image_patient_id_eye", "patient_id", "eye"),
+    )
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinic.id", ondelete="CASCADE"), index=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
+    eye: Mapped[str] = mapped_column(String(8))
+    bundle_id: Mapped[str | None] = mapped_column(ForeignKey("bundle.id", ondelete="SET NULL"), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("scoring_job.id", ondelete="SET NULL"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    stored_path: Mapped[str] = mapped_column(Text)
+    filename: Mapped[str | None] = mapped_column(String(255))
+    content_type: Mapped[str | None] = mapped_column(String(100))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    quality: Mapped[dict[str, Any] | None]
+    gradable: Mapped[bool | None] = mapped_column(Boolean)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class ScoringJobItem(Base):
+    __tablename__ = "scoring_job_item"
+    __table_args__ = (
+        UniqueConstraint("job_id", "path"),
+        CheckConstraint(_in("status", ITEM_STATUSES), name="status"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("scoring_job.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    patient_external_id: Mapped[str | None] = mapped_column(String(128))
+    eye: Mapped[str | None] = mapped_column(String(8))
+    image_id: Mapped[str | None] = mapped_column(ForeignKey("image.id", ondelete="SET NULL"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_version"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ref: Mapped[str] = mapped_column(String(200), unique=True)
+    card: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Prediction(Base):
+    __tablename__ = "prediction"
+    __table_args__ = (UniqueConstraint("image_id", "model_version_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[str] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id"), index=True)
+    grade: Mapped[int | None] = mapped_column(Integer)
+    probabilities: Mapped[list[Any] | None]
+    members: Mapped[dict[str, Any] | None]
+    referable: Mapped[bool] = mapped_column(Boolean)
+    gradable: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EyeResult(Base):
+    __tablename__ = "eye_result"
+    __table_args__ = (
+        CheckConstraint(_in("eye", EYES), name="eye"),
+        Index("ix_eye_result_patient_id_eye_computed_at", "patient_id", "eye", "computed_at"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_result_id: Mapped[int] = mapped_column(
+        ForeignKey("patient_result.id", ondelete="CASCADE"), index=True
+    )
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
+    eye: Mapped[str] = mapped_column(String(8))
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_version.id"))
+    grade: Mapped[int | None] = mapped_column(Integer)
+    gradable: Mapped[bool] = mapped_column(Boolean)
+    referable: Mapped[bool] = mapped_column(Boolean)
+    probabilities: Mapped[list[Any] | None]
+    image_ids: Mapped[list[Any]]
+    is_current: Mapped[bool] = mapped_column(Boolean, default=True)
+    computed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PatientResult(Base):
+    __tablename__ = "patient_result"
+    __table_args__ = (Index("ix_patient_result_patient_id_computed_at", "patient_id", "computed_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_version.id"))
+    grade: Mapped[int | None] = mapped_column(Integer)
+    gradable: Mapped[bool] = mapped_column(Boolean)
+    referable: Mapped[bool] = mapped_column(Boolean)
+    trigger: Mapped[str | None] = mapped_column(String(64))
+    is_current: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
+    computed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    eyes: Mapped[list[EyeResult]] = relationship(
+        order_by=EyeResult.eye, cascade="all, delete-orphan", lazy="selectin"
+    )
+
+
+class Explanation(Base):
+    __tablename__ = "explanation"
+    __table_args__ = (UniqueConstraint("image_id", "model_version_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[str] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    stored_path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_event_clinic_id_at", "clinic_id", "at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int | None] = mapped_column(ForeignKey("clinic.id", ondelete="SET NULL"))
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_key.id", ondelete="SET NULL"))
+    action: Mapped[str] = mapped_column(String(64))
+    patient_id: Mapped[int | None] = mapped_column(ForeignKey("patient.id", ondelete="SET NULL"), index=True)
+    target_type: Mapped[str | None] = mapped_column(String(32))
+    target_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any] | None]
+    at: Mapped[datetime] = mapped_column(default=utcnow)
