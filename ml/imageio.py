@@ -1,0 +1,168 @@
+"""Decode untrusted uploaded photographs into H x W x 3 uint8 RGB arrays.
+
+Every way an upload can be bad ends in one exception type, :class:`ImageDecodeError`, whose
+``reason`` is a short stable code the API can map to a 4xx response. Pure numpy + Pillow.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from typing import Final
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MIN_SIDE",
+    "SUPPORTED_FORMATS",
+    "ImageDecodeError",
+    "decode_image",
+    "sniff_format",
+]
+
+MIN_SIDE: Final = 64
+SUPPORTED_FORMATS: Final = frozenset({"jpeg", "png", "tiff", "bmp", "webp"})
+
+# Pillow names for the formats we accept; MPO is what Pillow calls multi-picture camera JPEGs.
+_PIL_FORMATS: Final = {
+    "jpeg": {"JPEG", "MPO"},
+    "png": {"PNG"},
+    "tiff": {"TIFF"},
+    "bmp": {"BMP", "DIB"},
+    "webp": {"WEBP"},
+}
+
+# Reason codes (stable: the API and tests match on them).
+EMPTY: Final = "empty"
+NOT_AN_IMAGE: Final = "not_an_image"
+UNSUPPORTED: Final = "unsupported_format"
+TRUNCATED: Final = "truncated"
+CORRUPT: Final = "corrupt"
+TOO_LARGE: Final = "too_large"
+TOO_SMALL: Final = "too_small"
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a usable photograph; ``reason`` is a stable code, ``detail`` prose."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Return the image format named by the magic bytes ("jpeg", "png", ...) or None."""
+    head = data[:16]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        return "tiff"
+    if head.startswith(b"BM") and len(data) >= 26:
+        return "bmp"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    return None
+
+
+def _check_container(fmt: str, data: bytes) -> None:
+    """Structural end-of-file checks that catch truncated uploads before any decoding.
+
+    This is the DR literature's "check JPEG" step: a complete JPEG ends with the EOI marker
+    FFD9 and a complete PNG carries its IEND chunk. Some cameras pad the file after EOI with
+    zero bytes, so trailing NULs are tolerated.
+    """
+    if fmt == "jpeg":
+        if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            raise ImageDecodeError(TRUNCATED, "JPEG does not end with the EOI marker (FFD9)")
+    elif fmt == "png":
+        # IEND is the last chunk: 4-byte length, b"IEND", 4-byte CRC.
+        if data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
+            raise ImageDecodeError(TRUNCATED, "PNG has no IEND chunk")
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to H x W x 3 uint8 RGB, scaling high bit depths down."""
+    mode = img.mode
+    if mode in {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}:
+        arr = np.asarray(img).astype(np.float64)
+        # 16-bit data is 0..65535 whatever the container type; float images are scaled by range.
+        top = 65535.0 if mode != "F" else max(float(arr.max()), 1.0)
+        gray = np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode in {"RGBA", "LA", "PA", "RGBa", "La"} or (mode == "P" and "transparency" in img.info):
+        # Transparent areas become black: the surround of a fundus photograph is black.
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(black, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
+    """Decode an uploaded photograph into an H x W x 3 uint8 RGB array.
+
+    EXIF orientation is applied. Raises :class:`ImageDecodeError` for empty, non-image,
+    unsupported, truncated or corrupt files, decompression bombs (more than ``max_pixels``
+    pixels, checked from the header before decoding) and images with a side under 64 px.
+    """
+    if not data:
+        raise ImageDecodeError(EMPTY, "the file is empty")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageDecodeError(NOT_AN_IMAGE, "the file is not a recognised image format")
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageDecodeError(UNSUPPORTED, f"{fmt} images are not accepted")
+    _check_container(fmt, data)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Someone flipped Pillow's global; our EOF checks above still reject truncated files.
+        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; truncated images may decode")
+
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check is the policy; Pillow's warning threshold is not.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            if img.format not in _PIL_FORMATS[fmt]:
+                raise ImageDecodeError(CORRUPT, f"content does not match its {fmt} signature")
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                raise ImageDecodeError(CORRUPT, "the image header has no size")
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    TOO_LARGE, f"{width}x{height} exceeds the limit of {max_pixels} pixels"
+                )
+            if min(width, height) < MIN_SIDE:
+                raise ImageDecodeError(
+                    TOO_SMALL, f"{width}x{height}: each side must be at least {MIN_SIDE} px"
+                )
+            img.load()  # full decode: corrupt entropy data fails here
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception as exc:  # a broken EXIF block should not lose the photograph
+                log.debug("ignoring unreadable EXIF orientation: %s", exc)
+            rgb = _to_rgb_array(img)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(TOO_LARGE, str(exc)) from exc
+    except MemoryError as exc:
+        raise ImageDecodeError(TOO_LARGE, "not enough memory to decode the image") from exc
+    except Exception as exc:
+        # Malformed input makes Pillow raise many types (OSError, SyntaxError, struct.error,
+        # IndexError, ...); for untrusted bytes every one of them means "corrupt file".
+        msg = str(exc) or type(exc).__name__
+        reason = TRUNCATED if "truncated" in msg.lower() else CORRUPT
+        raise ImageDecodeError(reason, f"cannot decode the {fmt} image: {msg}") from exc
+
+    return rgb

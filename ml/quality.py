@@ -1,0 +1,277 @@
+"""Image-quality gate: is this a gradable colour fundus photograph?
+
+Four scores in [0, 1], each from a few interpretable measurements at a fixed analysis size:
+
+- ``fundus``: a bright, roughly circular disc (possibly clipped by the frame) on a dark
+  surround, with warm (red >= blue) colour inside. Documents, everyday photos, noise and solid
+  colours fail here.
+- ``field_of_view``: how much of the fitted disc lies inside the frame and how centred it is.
+- ``exposure``: brightness inside the disc and the share of clipped dark/bright pixels.
+- ``focus``: fine-detail (vessel-edge) energy relative to coarser structure inside the disc,
+  which is contrast-independent and drops steeply with defocus blur.
+
+Raw measurements map to scores through linear ramps whose end points, like the pass marks,
+live in :class:`QualityThresholds` so a released model can ship its own calibration as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "ANALYSIS_SIZE",
+    "QualityReport",
+    "QualityThresholds",
+    "assess_quality",
+    "load_thresholds",
+    "measure",
+]
+
+ANALYSIS_SIZE = 512
+DEFAULT_THRESHOLDS_PATH = Path(__file__).with_name("quality_thresholds.json")
+
+# The gate runs beside other CPU work (workers, training); one OpenCV thread is plenty at 512 px.
+cv2.setNumThreads(1)
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    """Pass marks on the four scores plus the ramps that turn raw measurements into scores.
+
+    A ramp ``(lo, hi)`` maps a raw value ``<= lo`` to 0 and ``>= hi`` to 1, linearly between.
+    """
+
+    min_focus: float = 0.5
+    min_exposure: float = 0.5
+    min_field_of_view: float = 0.5
+    min_fundus: float = 0.5
+    # fundus
+    circle_fit_iou: tuple[float, float] = (0.80, 0.93)
+    surround_darkness: tuple[float, float] = (0.60, 0.85)
+    red_over_blue: tuple[float, float] = (0.30, 0.45)
+    saturation: tuple[float, float] = (0.03, 0.08)
+    # field of view
+    disc_visible: tuple[float, float] = (0.45, 0.70)
+    frame_coverage: tuple[float, float] = (0.20, 0.40)
+    # exposure (luminance 0..255 inside the disc)
+    mean_luma_dark: tuple[float, float] = (15.0, 35.0)
+    mean_luma_bright: tuple[float, float] = (200.0, 160.0)
+    clipped_bright: tuple[float, float] = (0.30, 0.10)
+    clipped_dark: tuple[float, float] = (0.50, 0.20)
+    # focus (log10 of fine/coarse band energy ratio)
+    focus_log_ratio: tuple[float, float] = (-1.6, -1.1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QualityThresholds:
+        """Build from a JSON-like dict; unknown keys are rejected so typos cannot pass silently."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known - {"comment", "version"}
+        if unknown:
+            raise ValueError(f"unknown quality threshold keys: {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for key in known & set(data):
+            value = data[key]
+            kwargs[key] = tuple(float(v) for v in value) if isinstance(value, list) else float(value)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def load_thresholds(path: str | Path | None = None) -> QualityThresholds:
+    """Load thresholds from JSON (e.g. the file shipped with a released model).
+
+    With no path, the calibrated file next to this module is used if present, else defaults.
+    """
+    target = Path(path) if path is not None else DEFAULT_THRESHOLDS_PATH
+    if path is None and not target.is_file():
+        return QualityThresholds()
+    return QualityThresholds.from_dict(json.loads(target.read_text(encoding="utf-8")))
+
+
+@dataclass
+class QualityReport:
+    gradable: bool
+    scores: dict[str, float]
+    reasons: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: {"gradable", "focus", "exposure", "field_of_view", "fundus", "reasons"}."""
+        return {"gradable": self.gradable, **self.scores, "reasons": list(self.reasons)}
+
+
+def _ramp(value: float, bounds: tuple[float, float]) -> float:
+    lo, hi = bounds
+    if not math.isfinite(value):
+        return 0.0
+    t = (value - lo) / (hi - lo)  # works for falling ramps too (hi < lo)
+    return float(min(1.0, max(0.0, t)))
+
+
+def _resize(rgb: np.ndarray) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    scale = ANALYSIS_SIZE / max(h, w)
+    if scale == 1.0:
+        return rgb
+    interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(rgb, size, interpolation=interp)
+
+
+def _disc_mask(rgb: np.ndarray) -> np.ndarray:
+    """Bright foreground (the fundus disc): largest blob above a dark-background threshold."""
+    v = cv2.medianBlur(np.ascontiguousarray(rgb.max(axis=2)), 5)
+    otsu, _ = cv2.threshold(v, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    # Half of Otsu keeps the vignetted rim of the disc; the clamp keeps dark photos workable.
+    thr = float(min(max(otsu * 0.5, 6.0), 30.0))
+    fg = (v > thr).astype(np.uint8)
+    # Opening removes background speckle (strongly equalised photos amplify sensor noise there).
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (11, 11)))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    if n <= 1:
+        return np.zeros(v.shape, dtype=bool)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    blob = (labels == largest).astype(np.uint8)
+    contours, _ = cv2.findContours(blob, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    filled = np.zeros_like(blob)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)  # fill holes (dark lesions)
+    return filled.astype(bool)
+
+
+def _fit_circle(mask: np.ndarray) -> tuple[float, float, float] | None:
+    """Least-squares circle through the disc edge, ignoring edge points on the frame border.
+
+    Using only the free boundary lets a disc clipped top and bottom (common in EyePACS) still
+    fit its true circle.
+    """
+    h, w = mask.shape
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    pts = max(contours, key=cv2.contourArea).reshape(-1, 2).astype(np.float64)
+    m = 2
+    keep = (pts[:, 0] > m) & (pts[:, 0] < w - 1 - m) & (pts[:, 1] > m) & (pts[:, 1] < h - 1 - m)
+    pts = pts[keep]
+    if len(pts) < 30:
+        return None
+    x, y = pts[:, 0], pts[:, 1]
+    # Kasa fit: x^2 + y^2 = 2ax + 2by + c
+    a_mat = np.column_stack([2 * x, 2 * y, np.ones_like(x)])
+    sol, *_ = np.linalg.lstsq(a_mat, x * x + y * y, rcond=None)
+    cx, cy, c = (float(s) for s in sol)
+    r2 = c + cx * cx + cy * cy
+    if r2 <= 0:
+        return None
+    return cx, cy, math.sqrt(r2)
+
+
+def measure(rgb: np.ndarray) -> dict[str, float]:
+    """Raw, threshold-free measurements of an RGB uint8 photo (exposed for calibration)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError("expected an H x W x 3 uint8 RGB array")
+    img = _resize(rgb)
+    h, w = img.shape[:2]
+    mask = _disc_mask(img)
+    out: dict[str, float] = {"frame_coverage": float(mask.mean())}
+
+    circle = _fit_circle(mask) if mask.any() else None
+    if circle is not None and circle[2] > 8:
+        cx, cy, r = circle
+        yy, xx = np.mgrid[0:h, 0:w]
+        d2 = (xx - cx) ** 2 + (yy - cy) ** 2
+        in_circle = d2 <= r * r
+        inter = float(np.logical_and(in_circle, mask).sum())
+        union = float(np.logical_or(in_circle, mask).sum())
+        out["circle_fit_iou"] = inter / union if union else 0.0
+        out["disc_visible"] = min(1.0, float(in_circle.sum()) / (math.pi * r * r))
+        out["radius_frac"] = r / max(h, w)
+        out["centre_offset"] = math.hypot(cx - w / 2, cy - h / 2) / r
+        outside = d2 > (1.08 * r) ** 2  # a margin past the rim avoids its glow
+        out["outside_frac"] = float(outside.mean())
+    else:
+        out.update(circle_fit_iou=0.0, disc_visible=0.0, radius_frac=0.0, centre_offset=9.0)
+        outside = ~mask
+        out["outside_frac"] = float(outside.mean())
+
+    # Analyse inside a slightly eroded disc so the rim's dark falloff does not count.
+    inner = cv2.erode(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    if inner.sum() < 0.02 * h * w:
+        inner = np.ones((h, w), dtype=bool) if not mask.any() else mask
+    f = img.astype(np.float32)
+    r_ch, g_ch, b_ch = f[..., 0], f[..., 1], f[..., 2]
+    luma = 0.299 * r_ch + 0.587 * g_ch + 0.114 * b_ch
+    vmax = f.max(axis=2)
+    li = luma[inner]
+    out["mean_luma"] = float(li.mean())
+    # Luminance, not the max channel: a saturated red channel alone is normal in fundus photos.
+    out["clipped_bright"] = float((li >= 240).mean())
+    out["clipped_dark"] = float((li <= 8).mean())
+
+    # Dark surround: brightness outside relative to inside (1 = pitch black surround).
+    if out["outside_frac"] >= 0.03:
+        v_out = float(np.percentile(vmax[outside], 75))
+        v_in = float(np.median(vmax[inner])) + 1.0
+        out["surround_darkness"] = max(0.0, 1.0 - v_out / v_in)
+    else:
+        out["surround_darkness"] = 0.0
+    # Colour: fundus pixels are mostly red >= blue (less so after equalisation), never grey.
+    ri, gi, bi = r_ch[inner], g_ch[inner], b_ch[inner]
+    out["red_over_blue"] = float((ri + 2 >= bi).mean())
+    sat = (vmax[inner] - f.min(axis=2)[inner]) / (vmax[inner] + 1.0)
+    out["saturation"] = float(sat.mean())
+
+    # Focus: fine band (sigma 0.7 -> 2) vs coarse band (2 -> 8) energy on the green channel.
+    g = g_ch if float(g_ch[inner].std()) > 1.0 else luma
+    b1 = cv2.GaussianBlur(g, (0, 0), 0.7)
+    b2 = cv2.GaussianBlur(g, (0, 0), 2.0)
+    b3 = cv2.GaussianBlur(g, (0, 0), 8.0)
+    core = cv2.erode(inner.astype(np.uint8), np.ones((25, 25), np.uint8)).astype(bool)
+    if core.sum() < 0.02 * h * w:
+        core = inner
+    fine = float(np.mean((b1 - b2)[core] ** 2))
+    coarse = float(np.mean((b2 - b3)[core] ** 2)) + 1e-6
+    out["focus_log_ratio"] = math.log10(fine / coarse + 1e-9)
+    out["sharp_energy"] = fine
+    return out
+
+
+def assess_quality(rgb: np.ndarray, thresholds: QualityThresholds | None = None) -> QualityReport:
+    """Score a decoded RGB photo and decide whether it is gradable."""
+    t = thresholds or load_thresholds()
+    m = measure(rgb)
+
+    fundus = min(
+        _ramp(m["circle_fit_iou"], t.circle_fit_iou),
+        _ramp(m["surround_darkness"], t.surround_darkness),
+        _ramp(m["red_over_blue"], t.red_over_blue),
+        _ramp(m["saturation"], t.saturation),
+    )
+    fov = min(_ramp(m["disc_visible"], t.disc_visible), _ramp(m["frame_coverage"], t.frame_coverage))
+    dark = min(_ramp(m["mean_luma"], t.mean_luma_dark), _ramp(m["clipped_dark"], t.clipped_dark))
+    bright = min(_ramp(m["mean_luma"], t.mean_luma_bright), _ramp(m["clipped_bright"], t.clipped_bright))
+    exposure = min(dark, bright)
+    focus = _ramp(m["focus_log_ratio"], t.focus_log_ratio)
+
+    scores = {
+        "focus": round(focus, 4),
+        "exposure": round(exposure, 4),
+        "field_of_view": round(fov, 4),
+        "fundus": round(fundus, 4),
+    }
+    reasons: list[str] = []
+    if fundus < t.min_fundus:
+        reasons.append("not_fundus")
+    if fov < t.min_field_of_view:
+        reasons.append("poor_field_of_view")
+    if exposure < t.min_exposure:
+        reasons.append("underexposed" if dark <= bright else "overexposed")
+    if focus < t.min_focus:
+        reasons.append("out_of_focus")
+    return QualityReport(gradable=not reasons, scores=scores, reasons=reasons)
