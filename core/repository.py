@@ -373,13 +373,13 @@ def record_patient_result(
         update(PatientResult)
         .where(PatientResult.patient_id == patient_id, PatientResult.is_current.is_(True))
         .values(is_current=False)
-        .execution_options(synchronize_session=False)
+        .execution_options(synchronize_session="fetch")
     )
     session.execute(
         update(EyeResult)
         .where(EyeResult.patient_id == patient_id, EyeResult.is_current.is_(True))
         .values(is_current=False)
-        .execution_options(synchronize_session=False)
+        .execution_options(synchronize_session="fetch")
     )
     now = utcnow()
     result = PatientResult(

@@ -1,0 +1,1 @@
+"""The ``drscreen`` command line: a thin dispatcher (see cli.main)."""

@@ -1,0 +1,262 @@
+"""``drscreen``: the one front door. A thin dispatcher: every heavy import happens inside the
+command that needs it, so ``drscreen --help`` stays instant.
+
+Commands implemented elsewhere are looked up lazily (module:function) and called with plain values.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(
+    name="drscreen",
+    help="Diabetic-retinopathy screening: API, workers, models and tools.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of the clinics.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+
+
+def _load(target: str) -> Any:
+    """Import ``module:attr``; exit with a clear message when that part is not installed."""
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        if module_name == missing or module_name.startswith(missing + "."):
+            typer.echo(
+                f"drscreen: this command needs `{module_name}`, which is not available in this "
+                f"installation (module `{missing}` not found).",
+                err=True,
+            )
+            raise typer.Exit(code=2) from exc
+        typer.echo(
+            f"drscreen: `{module_name}` needs the Python package `{missing}`; install the extras "
+            "(pip install -e '.[ml]').",
+            err=True,
+        )
+        raise typer.Exit(code=2) from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError as exc:
+        typer.echo(f"drscreen: `{target}` does not exist in this installation.", err=True)
+        raise typer.Exit(code=2) from exc
+
+
+def _finish(result: Any) -> None:
+    if isinstance(result, int) and not isinstance(result, bool) and result != 0:
+        raise typer.Exit(code=result)
+
+
+# ------------------------------------------------------------------------------ the product's jobs
+
+
+@app.command()
+def demo() -> None:
+    """Score the bundled sample patients through the real pipeline (embedded: no servers needed)."""
+    _finish(_load("services.demo:run_demo")())
+
+
+@app.command()
+def score(
+    path: Path = typer.Argument(..., exists=True, help="An image or a folder of images."),
+    out: Path | None = typer.Option(None, "--out", help="Write results to FILE.csv or FILE.json."),
+    explain: bool = typer.Option(False, "--explain", help="Also write Grad-CAM heatmaps."),
+) -> None:
+    """Score one image or a folder (embedded), with per-image and per-patient results."""
+    _finish(_load("workers.bulk:score_path")(path, out, explain))
+
+
+@app.command()
+def evaluate(
+    labels: Path = typer.Option(..., "--labels", exists=True, help="CSV with columns image, grade."),
+    model: str | None = typer.Option(None, "--model", help="One model NAME@VERSION (default: ensemble)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON line (last)."),
+    report: Path | None = typer.Option(None, "--report", help="Write a report with plots to DIR."),
+) -> None:
+    """Score a labelled set and print metrics (QWK, accuracy, referable sensitivity/specificity/AUC)."""
+    _finish(_load("ml.evaluation:evaluate_cli")(labels, model, as_json, report))
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(..., "--config", exists=True, help="Training config file."),
+) -> None:
+    """Train a model from a config; writes a run folder under runs/."""
+    _finish(_load("ml.training.train:train_from_config")(config))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def export(ctx: typer.Context) -> None:
+    """Turn a training run into a released model (arguments are passed to ml.export)."""
+    _finish(_load("ml.export:export_cli")(list(ctx.args)))
+
+
+@app.command()
+def bench(as_json: bool = typer.Option(False, "--json", help="Print results as JSON.")) -> None:
+    """Measure scoring throughput and latency."""
+    _finish(_load("services.bench:run_bench")(as_json))
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    workers: int = typer.Option(1, "--workers", help="Uvicorn worker processes."),
+) -> None:
+    """Run the HTTP API (uvicorn, services.app:create_app)."""
+    _load("services.app:create_app")  # clear message when the API is not installed
+    import uvicorn
+
+    from core.settings import get_settings
+
+    uvicorn.run(
+        "services.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=get_settings().log_level.lower(),
+    )
+
+
+@app.command()
+def worker(
+    concurrency: int = typer.Option(1, "--concurrency", "-c", help="Worker processes."),
+    queues: str = typer.Option("scoring,explain", "--queues", "-Q", help="Comma-separated queues."),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+    celery_app: str = typer.Option(
+        "workers.app:celery_app", "--app", hidden=True, help="module:attr of the Celery app."
+    ),
+) -> None:
+    """Run a Celery worker consuming the scoring and explain queues."""
+    application = _load(celery_app)
+    argv = [
+        "worker",
+        "--queues",
+        queues,
+        "--concurrency",
+        str(concurrency),
+        "--prefetch-multiplier",
+        "1",
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    application.worker_main(argv=argv)
+
+
+# ----------------------------------------------------------------------------------------- db
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
+    """Create or update the schema (DRSCREEN_DATABASE_URL) to the newest migration."""
+    from core.migrate import upgrade
+    from core.settings import get_settings
+
+    url = get_settings().database_url
+    upgrade(url, revision)
+    typer.echo(f"database at {_redact(url)} is at {revision}")
+
+
+@db_app.command("check")
+def db_check() -> None:
+    """Fail when core.tables and the migrations differ (alembic check)."""
+    from core.migrate import check
+
+    check()
+    typer.echo("schema and migrations agree")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# --------------------------------------------------------------------------------------- keys
+
+
+@keys_app.command("create")
+def keys_create(
+    clinic: str = typer.Option(..., "--clinic", help="Clinic name (created when new)."),
+    label: str | None = typer.Option(None, "--label", help="A note to recognise the key."),
+) -> None:
+    """Create an API key for a clinic and print it ONCE (only its hash is stored)."""
+    from core import repository as repo
+    from core.db import session_scope
+
+    with _db_errors(), session_scope() as session:
+        row_clinic = repo.get_or_create_clinic(session, clinic)
+        row, plaintext = repo.create_api_key(session, row_clinic, label=label)
+        key_id, prefix = row.id, row.prefix
+    typer.echo(plaintext)
+    typer.echo(f"key id {key_id} (prefix {prefix}) for clinic {clinic!r}; it is not shown again.", err=True)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: str = typer.Argument(..., help="Key id, key prefix or the key itself.")) -> None:
+    """Revoke an API key."""
+    from core import repository as repo
+    from core.db import session_scope
+
+    with _db_errors(), session_scope() as session:
+        if key.startswith(repo.API_KEY_PREFIX) and len(key) > 12:
+            found = repo.authenticate_api_key(session, key, touch=False)
+            n = repo.revoke_api_key(session, found.id) if found else 0
+        else:
+            n = repo.revoke_api_key(session, key)
+    if not n:
+        typer.echo("no active key matched", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"revoked {n} key(s)")
+
+
+@keys_app.command("list")
+def keys_list(clinic: str | None = typer.Option(None, "--clinic")) -> None:
+    """List keys (id, prefix, clinic, revoked)."""
+    from core import repository as repo
+    from core.db import session_scope
+
+    with _db_errors(), session_scope() as session:
+        clinic_id = None
+        if clinic is not None:
+            found = repo.get_clinic_by_name(session, clinic)
+            if found is None:
+                typer.echo(f"no clinic {clinic!r}", err=True)
+                raise typer.Exit(code=1)
+            clinic_id = found.id
+        for k in repo.list_api_keys(session, clinic_id):
+            state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
+            typer.echo(f"{k.id}\t{k.prefix}\t{k.clinic.name}\t{state}\t{k.label or ''}")
+
+
+class _db_errors:
+    """Turn a missing schema into a hint instead of a traceback."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> None:
+        from sqlalchemy.exc import OperationalError, ProgrammingError
+
+        if (isinstance(exc, OperationalError | ProgrammingError) and "no such table" in str(exc)) or (
+            isinstance(exc, ProgrammingError) and "does not exist" in str(exc)
+        ):
+            typer.echo("drscreen: the database has no schema yet; run `drscreen db upgrade`.", err=True)
+            raise typer.Exit(code=2)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m cli.main`
+    app()

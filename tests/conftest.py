@@ -1,0 +1,152 @@
+"""Shared fixtures.
+
+- every test gets its own ``DRSCREEN_VAR_DIR`` (tmp) and a fresh ``get_settings()``;
+- ``pg_url``: a fresh, uniquely named PostgreSQL database migrated with Alembic (session scope);
+- ``redis_url``: real Redis; FAILS (never skips) when Redis is down;
+- ``start_worker``: starts ``drscreen worker`` as a real subprocess with the given environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("DRSCREEN_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("DRSCREEN_TEST_REDIS", "redis://127.0.0.1:6379/9")
+DRSCREEN_BIN = Path(sys.executable).with_name("drscreen")
+
+
+def _clear_cached_settings() -> None:
+    from core.db import dispose_engines
+    from core.producer import reset_producer
+    from core.settings import get_settings
+
+    get_settings.cache_clear()
+    reset_producer()
+    dispose_engines()
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Point every DRSCREEN_ setting at a per-test folder so no test touches ./var."""
+    for name in list(os.environ):
+        if name.startswith("DRSCREEN_") and not name.startswith("DRSCREEN_TEST_"):
+            monkeypatch.delenv(name)
+    var = tmp_path / "var"
+    monkeypatch.setenv("DRSCREEN_VAR_DIR", str(var))
+    _clear_cached_settings()
+    yield var
+    _clear_cached_settings()
+
+
+def _psycopg_url(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database, migrated to head; dropped at the end of the session."""
+    import psycopg
+
+    from core.migrate import upgrade
+
+    name = f"drscreen_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(_psycopg_url(PG_ADMIN_URL), autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}", pytrace=False)
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    url = f"{base}/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        from core.db import dispose_engines
+
+        dispose_engines()
+        with psycopg.connect(_psycopg_url(PG_ADMIN_URL), autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """Real Redis (a test database index, flushed). Fails loudly when Redis is down."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc}. Start it (see .ci/run).", pytrace=False)
+    client.flushdb()
+    return REDIS_URL
+
+
+class WorkerProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory: ``start_worker(env={...}, app="module:attr")`` starts ``drscreen worker`` in a
+    subprocess, waits until Celery reports ready, and stops it at the end of the test."""
+    started: list[WorkerProcess] = []
+
+    def _start(
+        env: dict[str, str],
+        app: str = "workers.app:celery_app",
+        queues: str = "scoring,explain",
+        pythonpath: list[Path] | None = None,
+        ready_timeout: float = 90,
+    ) -> WorkerProcess:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("DRSCREEN_")}
+        full_env.update(env)
+        full_env.setdefault("DRSCREEN_STORE_DIR", str(tmp_path / "worker-store"))
+        paths = [str(p) for p in (pythonpath or [])] + [str(REPO_ROOT)]
+        full_env["PYTHONPATH"] = os.pathsep.join(paths)
+        log = tmp_path / f"worker-{len(started)}.log"
+        cmd = [str(DRSCREEN_BIN), "worker", "--app", app, "--queues", queues, "--concurrency", "1"]
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(
+                cmd, env=full_env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        worker = WorkerProcess(proc, log)
+        started.append(worker)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"worker exited with {proc.returncode}:\n{worker.output()}", pytrace=False)
+            if " ready." in worker.output():
+                return worker
+            time.sleep(0.2)
+        worker.stop()
+        pytest.fail(f"worker not ready after {ready_timeout}s:\n{worker.output()}", pytrace=False)
+
+    yield _start
+    for worker in started:
+        worker.stop()

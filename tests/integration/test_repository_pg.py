@@ -1,0 +1,99 @@
+"""Repository round trips on real PostgreSQL (upserts use the PostgreSQL dialect here)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.orm import Session
+
+from core import repository as repo
+from core.aggregation import argmax_grade
+from core.db import get_sessionmaker, session_scope
+from core.tables import Clinic
+
+
+@pytest.fixture
+def session(pg_url: str) -> Iterator[Session]:
+    s = get_sessionmaker(pg_url)()
+    try:
+        yield s
+        s.commit()
+    finally:
+        s.close()
+
+
+def _clinic(session: Session) -> int:
+    return repo.get_or_create_clinic(session, f"clinic-{uuid.uuid4().hex[:8]}").id
+
+
+def test_keys_patients_images_predictions(session: Session) -> None:
+    clinic_id = _clinic(session)
+    clinic = session.get(Clinic, clinic_id)
+    assert clinic is not None
+    row, key = repo.create_api_key(session, clinic)
+    found = repo.authenticate_api_key(session, key)
+    assert found is not None and found.id == row.id and found.clinic.id == clinic_id
+    assert row.key_hash != key and key not in row.key_hash
+
+    p1 = repo.get_or_create_patient(session, clinic_id, "P-1")
+    assert repo.get_or_create_patient(session, clinic_id, "P-1").id == p1.id
+    images = [
+        repo.create_image(
+            session,
+            clinic_id=clinic_id,
+            patient_id=p1.id,
+            eye=eye,
+            sha256="a" * 64,
+            stored_path="aa/aa/x.png",
+            size_bytes=10,
+        )
+        for eye in ("left", "right")
+    ]
+    mv = repo.get_or_create_model_version(session, "ens@1.0.0", {"metrics": {}})
+    assert repo.get_or_create_model_version(session, "ens@1.0.0").id == mv.id
+    for im, probs in zip(images, ([0.1, 0.7, 0.1, 0.05, 0.05], [0.0, 0.1, 0.2, 0.6, 0.1]), strict=True):
+        assert repo.claim_image(session, im.id) is not None
+        for _ in range(2):  # a redelivered task writes the same row again
+            repo.upsert_prediction(
+                session,
+                image_id=im.id,
+                model_version_id=mv.id,
+                grade=argmax_grade(probs),
+                probabilities=probs,
+                members={"m@1": probs},
+                referable=argmax_grade(probs) >= 2,
+            )
+        repo.mark_image_done(session, im, quality={"gradable": True}, gradable=True)
+        assert repo.claim_image(session, im.id) is None  # done -> status guard
+    result = repo.recompute_patient(session, p1.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    assert (result.grade, result.referable) == (3, True)
+    assert {e.eye: e.grade for e in result.eyes} == {"left": 1, "right": 3}
+    repo.recompute_patient(session, p1.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    history = repo.patient_history(session, p1.id)
+    assert len(history) == 2 and history[0].is_current and not history[1].is_current
+    ex = repo.upsert_explanation(
+        session, image_id=images[0].id, model_version_id=mv.id, sha256="b" * 64, stored_path="p1"
+    )
+    ex2 = repo.upsert_explanation(
+        session, image_id=images[0].id, model_version_id=mv.id, sha256="c" * 64, stored_path="p2"
+    )
+    assert ex.id == ex2.id and ex2.stored_path == "p2"
+
+
+def test_jobs_and_foreign_clinic(pg_url: str) -> None:
+    with session_scope(pg_url) as s:
+        a, b = _clinic(s), _clinic(s)
+        job = repo.create_job(s, a, "/data/x")
+        specs = [repo.JobItemSpec(f"img{i}.png", "P", "left") for i in range(3)]
+        repo.add_job_items(s, job.id, specs)
+        repo.add_job_items(s, job.id, specs)  # idempotent
+        job_id = job.id
+    with session_scope(pg_url) as s:
+        assert len(repo.job_items(s, job_id)) == 3
+        assert repo.get_job(s, job_id, clinic_id=b) is None
+        items = repo.job_items(s, job_id)
+        repo.set_job_item(s, items[0], status="failed", error="not an image")
+        counts = repo.refresh_job_counts(s, job_id)
+        assert (counts.total, counts.done, counts.failed, counts.status) == (3, 0, 1, "running")
