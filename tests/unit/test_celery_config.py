@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from core import producer, tasks
+from core.celery_config import broker_folders, build_celery_config, prune_processed
+from core.settings import Settings, get_settings
+
+
+def test_embedded_config_uses_filesystem_folders(isolated_settings: Path) -> None:
+    s = get_settings()
+    conf = build_celery_config(s)
+    folders = broker_folders(s)
+    assert conf["broker_url"] == "filesystem://"
+    opts = conf["broker_transport_options"]
+    assert opts["data_folder_in"] == opts["data_folder_out"] == str(folders["queue"])
+    assert all(p.is_dir() for p in folders.values())
+    assert conf["task_acks_late"] and conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_routes"][tasks.EXPLAIN_IMAGE] == {"queue": "explain"}
+
+
+def test_redis_config() -> None:
+    conf = build_celery_config(Settings(broker_url="redis://127.0.0.1:6379/0"))
+    assert conf["broker_transport_options"] == {"visibility_timeout": 3600}
+
+
+def test_task_names_and_queues() -> None:
+    assert tasks.queue_for(tasks.SCORE_IMAGES) == "scoring"
+    assert tasks.queue_for(tasks.EXPLAIN_IMAGE) == "explain"
+    assert tasks.queue_for(tasks.EXPAND_FOLDER) == "scoring"
+    assert tasks.queue_for(tasks.SWEEP) == "scoring"
+    assert all(name.count(".") == 1 for name in tasks.TASK_QUEUES)
+
+
+def test_producer_writes_a_message_file_on_the_embedded_broker(isolated_settings: Path) -> None:
+    task_id = producer.send_explain_image("abc123")
+    files = list(broker_folders(get_settings())["queue"].glob("*.explain.msg"))
+    assert len(files) == 1
+    body = json.loads(files[0].read_text())
+    assert body["headers"]["task"] == "explain.explain_image" and body["headers"]["id"] == task_id
+    producer.send_score_images(["a", "b"])
+    assert len(list(broker_folders(get_settings())["queue"].glob("*.scoring.msg"))) == 1
+
+
+def test_prune_processed(isolated_settings: Path) -> None:
+    s = get_settings()
+    folder = broker_folders(s)["processed"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "old.msg").write_text("x")
+    assert prune_processed(s, max_age_seconds=-1) == 1

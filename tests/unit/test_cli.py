@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+
+CONTRACT_COMMANDS = ["demo", "score", "evaluate", "train", "export", "bench", "serve", "worker", "db", "keys"]
+runner = CliRunner()
+
+
+def test_help_lists_every_contract_command() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in CONTRACT_COMMANDS:
+        assert name in result.output
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[c, "--help"] for c in CONTRACT_COMMANDS]
+    + [["db", "upgrade", "--help"], ["keys", "create", "--help"], ["keys", "revoke", "--help"]],
+)
+def test_each_command_has_help(argv: list[str]) -> None:
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+
+
+def test_contract_options_exist() -> None:
+    assert "--out" in runner.invoke(app, ["score", "--help"]).output
+    ev = runner.invoke(app, ["evaluate", "--help"]).output
+    assert all(opt in ev for opt in ("--labels", "--model", "--json", "--report"))
+    assert "--concurrency" in runner.invoke(app, ["worker", "--help"]).output
+    serve = runner.invoke(app, ["serve", "--help"]).output
+    assert "--host" in serve and "--port" in serve
+
+
+def test_help_is_fast_and_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, time; t=time.perf_counter(); import cli.main; "
+        "heavy=[m for m in ('torch','sqlalchemy','celery','fastapi','numpy') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert time.perf_counter() - start < 10
+
+
+def test_missing_part_gives_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "services.bench", None)  # import of it raises ImportError
+    result = runner.invoke(app, ["bench"])
+    assert result.exit_code != 0
+
+
+def test_keys_create_and_revoke(isolated_settings: Path) -> None:
+    assert runner.invoke(app, ["keys", "create", "--clinic", "C"]).exit_code == 2  # no schema yet
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    created = runner.invoke(app, ["keys", "create", "--clinic", "C"])
+    assert created.exit_code == 0, created.output
+    key = created.stdout.strip().splitlines()[0]
+    assert key.startswith("drs_") and len(key) > 30
+    from core import repository as repo
+    from core.db import session_scope
+
+    with session_scope() as s:
+        row = repo.authenticate_api_key(s, key)
+        assert row is not None and row.clinic.name == "C" and row.key_hash != key
+    assert runner.invoke(app, ["keys", "revoke", key]).exit_code == 0
+    assert runner.invoke(app, ["keys", "revoke", key]).exit_code == 1

@@ -1,0 +1,149 @@
+"""Repository round trips on a SQLite file (the embedded default), schema made by the migration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from core import repository as repo
+from core.aggregation import argmax_grade
+from core.db import get_engine, session_scope
+from core.errors import InvalidInput
+from core.migrate import upgrade
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    u = f"sqlite:///{tmp_path / 'db' / 'unit.db'}"
+    upgrade(u)
+    return u
+
+
+@pytest.fixture
+def session(url: str) -> Iterator[Session]:
+    with session_scope(url) as s:
+        yield s
+
+
+def test_sqlite_pragmas(url: str) -> None:
+    with get_engine(url).connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_api_keys(session: Session) -> None:
+    clinic = repo.get_or_create_clinic(session, "North")
+    assert repo.get_or_create_clinic(session, "North").id == clinic.id
+    row, key = repo.create_api_key(session, clinic, label="front desk")
+    assert row.key_hash == repo.hash_api_key(key) and key.startswith(row.prefix)
+    assert repo.authenticate_api_key(session, key) is not None
+    assert repo.authenticate_api_key(session, key + "x") is None
+    assert repo.revoke_api_key(session, row.prefix) == 1
+    assert repo.authenticate_api_key(session, key) is None
+    assert repo.revoke_api_key(session, row.id) == 0
+
+
+def _image(session: Session, clinic_id: int, patient_id: int, eye: str, **kw: object) -> repo.Image:
+    return repo.create_image(
+        session,
+        clinic_id=clinic_id,
+        patient_id=patient_id,
+        eye=eye,
+        sha256="0" * 64,
+        stored_path="00/00/x.png",
+        size_bytes=1,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_images_bundles_predictions_results(session: Session) -> None:
+    a = repo.get_or_create_clinic(session, "A")
+    b = repo.get_or_create_clinic(session, "B")
+    pa = repo.get_or_create_patient(session, a.id, "P1")
+    pb = repo.get_or_create_patient(session, b.id, "P1")
+    assert pa.id != pb.id and repo.get_patient(session, a.id, "P1") is pa
+    with pytest.raises(InvalidInput):
+        repo.get_or_create_patient(session, a.id, "  ")
+    bundle = repo.create_bundle(session, a.id, pa.id)
+    left = _image(session, a.id, pa.id, "left", bundle_id=bundle.id)
+    right = _image(session, a.id, pa.id, "right", bundle_id=bundle.id)
+    with pytest.raises(InvalidInput):
+        _image(session, a.id, pa.id, "middle")
+    assert repo.get_image(session, left.id, clinic_id=b.id) is None
+    assert repo.get_bundle(session, bundle.id, clinic_id=b.id) is None
+    assert repo.refresh_bundle_status(session, bundle.id).status == "queued"
+
+    mv = repo.get_or_create_model_version(session, "ens@1.0.0", {"members": ["m@1"]})
+    claimed = repo.claim_image(session, left.id)
+    assert claimed is not None and claimed.status == "running" and claimed.attempts == 1
+    assert repo.refresh_bundle_status(session, bundle.id).status == "running"
+    p = repo.upsert_prediction(
+        session,
+        image_id=left.id,
+        model_version_id=mv.id,
+        grade=2,
+        probabilities=[0, 0, 1, 0, 0],
+        members=None,
+        referable=True,
+    )
+    p2 = repo.upsert_prediction(
+        session,
+        image_id=left.id,
+        model_version_id=mv.id,
+        grade=2,
+        probabilities=[0, 0, 1, 0, 0],
+        members={"m@1": [0, 0, 1, 0, 0]},
+        referable=True,
+    )
+    assert p.id == p2.id and p2.members == {"m@1": [0, 0, 1, 0, 0]}
+    repo.mark_image_done(session, left, quality={"gradable": True}, gradable=True)
+    repo.claim_image(session, right.id)
+    repo.mark_image_failed(session, right, "corrupt")
+    assert repo.refresh_bundle_status(session, bundle.id).status == "done"
+    assert repo.get_prediction(session, left.id).grade == 2  # type: ignore[union-attr]
+
+    res = repo.recompute_patient(session, pa.id, model_version_id=mv.id, grade_fn=argmax_grade, trigger="t")
+    assert (res.grade, res.gradable, res.referable) == (2, True, True)
+    eyes = {e.eye: e for e in res.eyes}
+    assert eyes["right"].grade is None and not eyes["right"].gradable
+    assert repo.get_current_patient_result(session, pa.id).id == res.id  # type: ignore[union-attr]
+
+    ex = repo.upsert_explanation(
+        session, image_id=left.id, model_version_id=mv.id, sha256="1" * 64, stored_path="a"
+    )
+    assert repo.get_explanation(session, left.id).id == ex.id  # type: ignore[union-attr]
+    ev = repo.record_audit(session, action="image.read", clinic_id=a.id, patient_id=pa.id, target_id=left.id)
+    assert repo.list_audit_events(session, a.id)[0].id == ev.id
+
+
+def test_jobs(session: Session) -> None:
+    c = repo.get_or_create_clinic(session, "J")
+    patient = repo.get_or_create_patient(session, c.id, "P")
+    job = repo.create_job(session, c.id, "/data")
+    repo.add_job_items(
+        session, job.id, [repo.JobItemSpec("x.png", "P", "left"), repo.JobItemSpec("y.png", "P", "right")]
+    )
+    items = repo.job_items(session, job.id)
+    im = _image(session, c.id, patient.id, "left", job_id=job.id)
+    repo.set_job_item(session, items[0], status="queued", image_id=im.id)
+    repo.set_job_item(session, items[1], status="failed", error="not an image")
+    assert repo.refresh_job_counts(session, job.id).status == "running"
+    mv = repo.get_or_create_model_version(session, "ens@1")
+    repo.upsert_prediction(
+        session,
+        image_id=im.id,
+        model_version_id=mv.id,
+        grade=3,
+        probabilities=[0, 0, 0, 1, 0],
+        members=None,
+        referable=True,
+    )
+    repo.mark_image_done(session, im, quality=None, gradable=True)
+    j = repo.refresh_job_counts(session, job.id)
+    assert (j.total, j.done, j.failed, j.status) == (2, 1, 1, "done")
+    assert repo.job_grade_counts(session, job.id)["3"] == 1

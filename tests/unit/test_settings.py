@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from core.settings import PROJECT_ROOT, Settings, get_settings
+
+
+def test_embedded_defaults(isolated_settings: Path) -> None:
+    s = get_settings()
+    assert s.database_url == f"sqlite:///{isolated_settings.resolve() / 'drscreen.db'}"
+    assert s.broker_url == "filesystem://" and s.is_embedded_broker
+    assert s.store_path == isolated_settings.resolve() / "store"
+    assert s.model is None and s.runtime == "torch"
+    assert s.models_dir == PROJECT_ROOT / "models"
+    assert s.import_root_paths == []
+
+
+def test_defaults_relative_to_cwd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("DRSCREEN_VAR_DIR")
+    monkeypatch.chdir(tmp_path)
+    s = Settings()
+    assert s.store_path == tmp_path / "var" / "store"
+    assert s.database_url.endswith(str(tmp_path / "var" / "drscreen.db"))
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DRSCREEN_DATABASE_URL", "postgresql+psycopg://u@h/db")
+    monkeypatch.setenv("DRSCREEN_BROKER_URL", "redis://h:6379/0")
+    monkeypatch.setenv("DRSCREEN_STORE_DIR", str(tmp_path / "s"))
+    monkeypatch.setenv("DRSCREEN_IMPORT_ROOTS", f"{tmp_path / 'a'}:{tmp_path / 'b'}:")
+    monkeypatch.setenv("DRSCREEN_MODEL", "drscreen-ensemble@1.0.0")
+    monkeypatch.setenv("DRSCREEN_RUNTIME", "onnx")
+    monkeypatch.setenv("DRSCREEN_MAX_UPLOAD_MB", "3")
+    monkeypatch.setenv("DRSCREEN_MAX_IMAGE_PIXELS", "1000")
+    monkeypatch.setenv("DRSCREEN_MODELS_DIR", str(tmp_path / "m"))
+    get_settings.cache_clear()
+    s = get_settings()
+    assert s.database_url == "postgresql+psycopg://u@h/db" and not s.is_sqlite
+    assert not s.is_embedded_broker
+    assert s.store_path == tmp_path / "s"
+    assert s.import_root_paths == [tmp_path / "a", tmp_path / "b"]
+    assert s.model == "drscreen-ensemble@1.0.0" and s.runtime == "onnx"
+    assert s.max_upload_bytes == 3 * 1024 * 1024 and s.max_image_pixels == 1000
+    assert s.models_dir == tmp_path / "m"
+
+
+def test_empty_model_means_newest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRSCREEN_MODEL", "")
+    assert Settings().model is None
+
+
+def test_bad_values_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRSCREEN_RUNTIME", "tensorflow")
+    with pytest.raises(ValidationError):
+        Settings()
+    monkeypatch.setenv("DRSCREEN_RUNTIME", "torch")
+    monkeypatch.setenv("DRSCREEN_MAX_UPLOAD_MB", "0")
+    with pytest.raises(ValidationError):
+        Settings()
