@@ -36,7 +36,8 @@ def _wait_for_ping(url: str, marker: str, worker: WorkerProcess, timeout: float 
 
 def _roundtrip(env: dict[str, str], url: str, start_worker: Callable[..., WorkerProcess]) -> None:
     worker = start_worker(env=env, app="pingapp:celery_app", pythonpath=[HERE])
-    app = producer.make_producer_app(Settings(**{k[len("DRSCREEN_") :].lower(): v for k, v in env.items()}))
+    settings = Settings.model_validate({k[len("DRSCREEN_") :].lower(): v for k, v in env.items()})
+    app = producer.make_producer_app(settings)
     markers = [uuid.uuid4().hex for _ in range(3)]
     for m in markers:
         producer.send("maintenance.ping", [m], app=app)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from core.aggregation import (
@@ -36,7 +38,7 @@ def test_ungradable_images_are_left_out_of_the_mean() -> None:
 def test_grade_function_is_the_one_passed_in() -> None:
     calls: list[list[float]] = []
 
-    def grader(p: list[float]) -> int:
+    def grader(p: Sequence[float]) -> int:
         calls.append(list(p))
         return 4
 
