@@ -83,10 +83,9 @@ def _check_container(fmt: str, data: bytes) -> None:
     if fmt == "jpeg":
         if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
             raise ImageDecodeError(TRUNCATED, "JPEG does not end with the EOI marker (FFD9)")
-    elif fmt == "png":
-        # IEND is the last chunk: 4-byte length, b"IEND", 4-byte CRC.
-        if data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
-            raise ImageDecodeError(TRUNCATED, "PNG has no IEND chunk")
+    # IEND is PNG's last chunk: 4-byte length, b"IEND", 4-byte CRC.
+    elif fmt == "png" and data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
+        raise ImageDecodeError(TRUNCATED, "PNG has no IEND chunk")
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:

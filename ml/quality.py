@@ -53,7 +53,7 @@ class QualityThresholds:
     min_field_of_view: float = 0.5
     min_fundus: float = 0.5
     # fundus
-    circle_fit_iou: tuple[float, float] = (0.80, 0.93)
+    circle_fit_iou: tuple[float, float] = (0.62, 0.78)
     surround_darkness: tuple[float, float] = (0.60, 0.85)
     red_over_blue: tuple[float, float] = (0.30, 0.45)
     saturation: tuple[float, float] = (0.03, 0.08)
@@ -62,8 +62,8 @@ class QualityThresholds:
     frame_coverage: tuple[float, float] = (0.20, 0.40)
     # exposure (luminance 0..255 inside the disc)
     mean_luma_dark: tuple[float, float] = (15.0, 35.0)
-    mean_luma_bright: tuple[float, float] = (200.0, 160.0)
-    clipped_bright: tuple[float, float] = (0.30, 0.10)
+    mean_luma_bright: tuple[float, float] = (240.0, 215.0)
+    clipped_bright: tuple[float, float] = (0.25, 0.10)
     clipped_dark: tuple[float, float] = (0.50, 0.20)
     # focus (log10 of fine/coarse band energy ratio)
     focus_log_ratio: tuple[float, float] = (-1.6, -1.1)
@@ -222,8 +222,7 @@ def measure(rgb: np.ndarray) -> dict[str, float]:
     else:
         out["surround_darkness"] = 0.0
     # Colour: fundus pixels are mostly red >= blue (less so after equalisation), never grey.
-    ri, gi, bi = r_ch[inner], g_ch[inner], b_ch[inner]
-    out["red_over_blue"] = float((ri + 2 >= bi).mean())
+    out["red_over_blue"] = float((r_ch[inner] + 2 >= b_ch[inner]).mean())
     sat = (vmax[inner] - f.min(axis=2)[inner]) / (vmax[inner] + 1.0)
     out["saturation"] = float(sat.mean())
 

@@ -12,7 +12,6 @@ Light by design: at most a few hundred images, one thread.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import random
 import sys
@@ -22,9 +21,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -85,7 +84,7 @@ def skimage_pictures() -> Iterator[Sample]:
 
 def documents(n: int) -> Iterator[Sample]:
     rng = random.Random(1)
-    words = "patient visit retina report grade date clinic referral letter invoice total".split()
+    words = ["patient", "visit", "retina", "report", "grade", "date", "clinic", "referral"]
     for i in range(n):
         w, h = rng.choice([(600, 800), (800, 600), (512, 512), (1024, 768)])
         paper = rng.choice([(255, 255, 255), (245, 242, 230), (230, 230, 230)])
