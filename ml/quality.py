@@ -16,6 +16,7 @@ live in :class:`QualityThresholds` so a released model can ship its own calibrat
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -241,9 +242,17 @@ def measure(rgb: np.ndarray) -> dict[str, float]:
     return out
 
 
+@functools.cache
+def _shipped_thresholds() -> QualityThresholds:
+    return load_thresholds()
+
+
 def assess_quality(rgb: np.ndarray, thresholds: QualityThresholds | None = None) -> QualityReport:
-    """Score a decoded RGB photo and decide whether it is gradable."""
-    t = thresholds or load_thresholds()
+    """Score a decoded RGB photo and decide whether it is gradable.
+
+    Without ``thresholds`` the calibrated ``quality_thresholds.json`` beside this module is used.
+    """
+    t = thresholds or _shipped_thresholds()
     m = measure(rgb)
 
     fundus = min(

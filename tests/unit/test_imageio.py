@@ -1,0 +1,142 @@
+"""Decoder edge cases, all on synthetic images built in memory."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml.imageio import ImageDecodeError, decode_image, sniff_format
+
+
+def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _gradient(w: int = 120, h: int = 80) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.uint8)[None, :].repeat(h, axis=0)
+    return Image.fromarray(np.stack([x, x[::-1], np.full_like(x, 90)], axis=2))
+
+
+def _reason(data: bytes, **kw: int) -> str:
+    with pytest.raises(ImageDecodeError) as ei:
+        decode_image(data, **kw)
+    assert isinstance(ei.value, ValueError)
+    return ei.value.reason
+
+
+def test_jpeg_png_tiff_roundtrip() -> None:
+    for fmt in ("JPEG", "PNG", "TIFF"):
+        arr = decode_image(_encode(_gradient(), fmt))
+        assert arr.shape == (80, 120, 3) and arr.dtype == np.uint8
+        assert arr.flags["C_CONTIGUOUS"]
+
+
+def test_sniff_format() -> None:
+    assert sniff_format(_encode(_gradient(), "JPEG")) == "jpeg"
+    assert sniff_format(_encode(_gradient(), "PNG")) == "png"
+    assert sniff_format(_encode(_gradient(), "TIFF")) == "tiff"
+    assert sniff_format(_encode(_gradient(), "GIF")) == "gif"
+    assert sniff_format(b"hello world") is None
+    assert sniff_format(b"") is None
+
+
+def test_empty_and_text_and_gif() -> None:
+    assert _reason(b"") == "empty"
+    assert _reason(b"patient,eye,grade\n1,left,0\n") == "not_an_image"
+    assert _reason(_encode(_gradient(), "GIF")) == "unsupported_format"
+
+
+def test_truncated_jpeg_is_rejected() -> None:
+    data = _encode(_gradient(200, 200), "JPEG")
+    assert _reason(data[: len(data) // 2]) == "truncated"
+    assert _reason(data[:-2]) == "truncated"  # only the EOI marker missing
+    # Zero padding after EOI (some cameras) is fine.
+    assert decode_image(data + b"\x00" * 16).shape == (200, 200, 3)
+
+
+def test_corrupt_jpeg_body_with_valid_ends() -> None:
+    data = bytearray(_encode(_gradient(200, 200), "JPEG"))
+    sos = data.find(b"\xff\xda")
+    data[sos + 2 : len(data) - 2] = b"\xff" * (len(data) - 4 - sos)  # garbage entropy data
+    assert _reason(bytes(data)) in {"corrupt", "truncated"}
+
+
+def test_png_without_iend() -> None:
+    data = _encode(_gradient(), "PNG")
+    assert data.endswith(b"IEND\xaeB`\x82")
+    assert _reason(data[:-12]) == "truncated"
+    assert _reason(data[: len(data) // 2]) == "truncated"
+
+
+def test_grayscale_palette_rgba_cmyk() -> None:
+    gray = decode_image(_encode(_gradient().convert("L"), "PNG"))
+    assert gray.shape == (80, 120, 3) and (gray[..., 0] == gray[..., 2]).all()
+    pal = decode_image(_encode(_gradient().convert("P"), "PNG"))
+    assert pal.shape == (80, 120, 3)
+    rgba = Image.new("RGBA", (100, 100), (200, 50, 10, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 50, 100))
+    arr = decode_image(_encode(rgba, "PNG"))
+    assert tuple(arr[50, 75]) == (200, 50, 10) and tuple(arr[50, 10]) == (0, 0, 0)
+    cmyk = decode_image(_encode(Image.new("CMYK", (100, 100), (0, 255, 255, 0)), "JPEG"))
+    assert cmyk[50, 50, 0] > 200 and cmyk[50, 50, 1] < 60
+
+
+def test_16bit_png_scaled_not_clipped() -> None:
+    ramp = (np.linspace(0, 65535, 256)[None, :].repeat(70, axis=0)).astype(np.uint16)
+    arr = decode_image(_encode(Image.fromarray(ramp), "PNG"))
+    assert arr.dtype == np.uint8 and arr.shape == (70, 256, 3)
+    assert arr[0, 0, 0] == 0 and arr[0, -1, 0] == 255
+    assert abs(int(arr[0, 128, 0]) - 128) <= 2  # linear scaling, not truncation to 255
+
+
+def test_exif_orientation_applied() -> None:
+    img = Image.new("RGB", (120, 80), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 20, 20))  # red square top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    arr = decode_image(_encode(img, "JPEG", exif=exif.tobytes(), quality=95))
+    assert arr.shape == (120, 80, 3)
+    assert arr[5, -5, 0] > 200 and arr[5, -5, 2] < 60  # red now top-right
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_rejected_before_decoding() -> None:
+    assert _reason(_png_header_only(100_000, 100_000)) == "too_large"
+    assert _reason(_encode(_gradient(300, 300), "PNG"), max_pixels=50_000) == "too_large"
+
+
+def test_too_small() -> None:
+    assert _reason(_encode(_gradient(63, 200), "PNG")) == "too_small"
+    assert decode_image(_encode(_gradient(64, 64), "PNG")).shape == (64, 64, 3)
+
+
+def test_signature_mismatch_is_corrupt() -> None:
+    assert _reason(b"\xff\xd8\xff" + b"\x00" * 100 + b"\xff\xd9") == "corrupt"
+    assert _reason(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40 + b"IEND\xaeB`\x82") == "corrupt"
+
+
+def test_imageio_does_not_import_heavy_or_service_code() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ml.imageio, ml.quality; "
+        "bad=[m for m in ('torch','core','services','workers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
