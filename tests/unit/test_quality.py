@@ -1,0 +1,131 @@
+"""Quality gate: synthetic fundus-like images plus a few real photographs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from ml.imageio import decode_image
+from ml.quality import QualityReport, QualityThresholds, assess_quality, load_thresholds
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = Path("/work/shared/data")
+
+
+def synthetic_fundus(h: int = 384, w: int = 512, seed: int = 0) -> np.ndarray:
+    """A red-orange disc on black with a branching 'vessel' texture and fine detail."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8)
+    disc = np.zeros((h, w), np.uint8)
+    cv2.circle(disc, (w // 2, h // 2), int(0.45 * h), 1, -1)
+    base = np.array([170, 80, 35], np.float32)
+    tex = rng.normal(0, 6, (h, w)).astype(np.float32)
+    for _ in range(40):  # vessels: thin dark lines
+        p1 = tuple(int(v) for v in rng.integers(0, [w, h]))
+        p2 = tuple(int(v) for v in rng.integers(0, [w, h]))
+        cv2.line(tex, p1, p2, -40.0, int(rng.integers(1, 4)))
+    body = np.clip(base[None, None, :] * (1 + tex[..., None] / 100.0), 0, 255)
+    img[disc.astype(bool)] = body[disc.astype(bool)].astype(np.uint8)
+    return img
+
+
+def real_photos(folder: str, n: int) -> list[np.ndarray]:
+    """A few real photographs: samples/ if present, else the shared data (fail loudly if absent)."""
+    samples = sorted((REPO / "samples").glob("*.jp*g")) if (REPO / "samples").is_dir() else []
+    if folder == "samples" and samples:
+        return [decode_image(p.read_bytes()) for p in samples[:n]]
+    src = SHARED / folder / "images"
+    if not src.is_dir():
+        pytest.fail(f"real photographs needed for this test are missing: {src}")
+    return [decode_image(p.read_bytes()) for p in sorted(src.iterdir())[:n]]
+
+
+def test_report_shape_and_as_dict() -> None:
+    q = assess_quality(synthetic_fundus())
+    assert isinstance(q, QualityReport)
+    d = q.as_dict()
+    assert set(d) == {"gradable", "focus", "exposure", "field_of_view", "fundus", "reasons"}
+    assert all(0.0 <= d[k] <= 1.0 for k in ("focus", "exposure", "field_of_view", "fundus"))
+    json.dumps(d)
+
+
+def test_synthetic_fundus_is_gradable() -> None:
+    q = assess_quality(synthetic_fundus())
+    assert q.gradable, q.as_dict()
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "reason"),
+    [
+        ("black", lambda: np.zeros((300, 400, 3), np.uint8), "not_fundus"),
+        ("white", lambda: np.full((300, 400, 3), 255, np.uint8), "not_fundus"),
+        ("orange", lambda: np.full((300, 400, 3), (200, 90, 30), np.uint8), "not_fundus"),
+        (
+            "noise",
+            lambda: np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8),
+            "not_fundus",
+        ),
+        ("gray disc", lambda: cv2.cvtColor(
+            cv2.cvtColor(synthetic_fundus(), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB), "not_fundus"),
+        ("blurred", lambda: cv2.GaussianBlur(synthetic_fundus(), (0, 0), 10), "out_of_focus"),
+        ("dark", lambda: (synthetic_fundus() * 0.1).astype(np.uint8), "underexposed"),
+        ("corner", lambda: np.ascontiguousarray(synthetic_fundus()[:192, :256]), "poor_field_of_view"),
+    ],
+)  # fmt: skip
+def test_synthetic_negatives(name: str, make: object, reason: str) -> None:
+    q = assess_quality(make())  # type: ignore[operator]
+    assert not q.gradable, name
+    assert reason in q.reasons, (name, q.as_dict())
+
+
+def test_document_is_rejected() -> None:
+    page = np.full((800, 600, 3), 250, np.uint8)
+    for y in range(40, 760, 24):
+        cv2.putText(page, "Patient referral letter 2024", (30, y), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 0, 1)
+    q = assess_quality(page)
+    assert not q.gradable and "not_fundus" in q.reasons
+
+
+def test_real_photos_gradable_and_degraded_rejected() -> None:
+    photos = real_photos("drive-ungraded", 3) + real_photos("eyepacs-natural-512", 3)
+    for rgb in photos:
+        q = assess_quality(rgb)
+        assert q.gradable, q.as_dict()
+        assert not assess_quality(cv2.GaussianBlur(rgb, (0, 0), 0.02 * max(rgb.shape[:2]))).gradable
+        assert not assess_quality((rgb * 0.15).astype(np.uint8)).gradable
+
+
+def test_fast_enough() -> None:
+    rgb = real_photos("drive-ungraded", 1)[0]
+    assess_quality(rgb)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        assess_quality(rgb)
+    assert (time.perf_counter() - t0) / 5 < 0.25  # budget 50 ms; slack for a loaded CI box
+
+
+def test_thresholds_roundtrip_and_shipped_json(tmp_path: Path) -> None:
+    shipped = load_thresholds()
+    assert shipped == load_thresholds(REPO / "ml" / "quality_thresholds.json")
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({**QualityThresholds().to_dict(), "min_focus": 0.9}))
+    assert load_thresholds(p).min_focus == 0.9
+    p.write_text(json.dumps({"min_fokus": 0.9}))
+    with pytest.raises(ValueError, match="unknown"):
+        load_thresholds(p)
+
+
+def test_custom_thresholds_change_the_decision() -> None:
+    rgb = synthetic_fundus()
+    strict = QualityThresholds(min_focus=1.01)
+    assert "out_of_focus" in assess_quality(rgb, strict).reasons
+
+
+def test_rejects_wrong_array() -> None:
+    with pytest.raises(ValueError):
+        assess_quality(np.zeros((10, 10), np.uint8))
