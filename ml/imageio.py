@@ -146,11 +146,12 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
                     TOO_SMALL, f"{width}x{height}: each side must be at least {MIN_SIDE} px"
                 )
             img.load()  # full decode: corrupt entropy data fails here
+            shown: Image.Image = img
             try:
-                img = ImageOps.exif_transpose(img)
+                shown = ImageOps.exif_transpose(img)
             except Exception as exc:  # a broken EXIF block should not lose the photograph
                 log.debug("ignoring unreadable EXIF orientation: %s", exc)
-            rgb = _to_rgb_array(img)
+            rgb = _to_rgb_array(shown)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:

@@ -132,9 +132,10 @@ def _disc_mask(rgb: np.ndarray) -> np.ndarray:
     otsu, _ = cv2.threshold(v, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     # Half of Otsu keeps the vignetted rim of the disc; the clamp keeps dark photos workable.
     thr = float(min(max(otsu * 0.5, 6.0), 30.0))
-    fg = (v > thr).astype(np.uint8)
     # Opening removes background speckle (strongly equalised photos amplify sensor noise there).
-    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (11, 11)))
+    fg = cv2.morphologyEx(
+        (v > thr).astype(np.uint8), cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (11, 11))
+    )
     n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
     if n <= 1:
         return np.zeros(v.shape, dtype=bool)
