@@ -1,0 +1,65 @@
+"""File-name and manifest matching of folder jobs."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.naming import ManifestError, Match, match_name, normalise_eye, parse_manifest
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("10_left.jpeg", Match("10", "left")),
+        ("10_right.jpg", Match("10", "right")),
+        ("10_LEFT.JPG", Match("10", "left")),
+        ("10_left_2.png", Match("10", "left")),  # EyePACS with a suffix
+        ("10_right-retake.tif", Match("10", "right")),
+        ("site_3_12_left.jpg", Match("site_3_12", "left")),  # underscores in the patient id
+        ("317_l1.jpg", Match("317", "left")),  # DeepDRiD
+        ("317_r2.png", Match("317", "right")),
+        ("317_R12.JPG", Match("317", "right")),
+        ("sub/dir/44_left.jpeg", Match("44", "left")),
+    ],
+)
+def test_match_name(name: str, expected: Match) -> None:
+    assert match_name(name) == expected
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["readme.txt", "left.jpg", "_left.jpg", "10_leftish.jpg", "10_l.jpg", "10_x1.jpg", "10.jpg"],
+)
+def test_unmatched_names(name: str) -> None:
+    assert match_name(name) is None
+
+
+def test_normalise_eye() -> None:
+    assert [normalise_eye(v) for v in ("L", "right", " OS ", "od", "both")] == [
+        "left",
+        "right",
+        "left",
+        "right",
+        None,
+    ]
+
+
+def test_manifest_rows_and_row_errors() -> None:
+    data = (
+        b"\xef\xbb\xbfImage,Patient_ID,Eye\na.jpg,P1,left\nb.jpg,P1,R\nc.jpg,,left\nd.jpg,P2,both\n,P3,left\n"
+    )
+    rows = parse_manifest(data)
+    assert [(r.image, r.patient_id, r.eye, r.error is None) for r in rows] == [
+        ("a.jpg", "P1", "left", True),
+        ("b.jpg", "P1", "right", True),
+        ("c.jpg", None, "left", False),
+        ("d.jpg", "P2", None, False),
+    ]
+    assert "patient_id" in (rows[2].error or "") and "both" in (rows[3].error or "")
+
+
+def test_manifest_missing_columns() -> None:
+    with pytest.raises(ManifestError, match="eye"):
+        parse_manifest(b"image,patient_id\na.jpg,1\n")
+    with pytest.raises(ManifestError):
+        parse_manifest(b"\xff\xfe\x00bad")

@@ -1,0 +1,292 @@
+"""The plain scoring and explanation functions on SQLite (no broker, no worker process).
+
+The ensemble here is a small deterministic stand-in with the same interface as
+``ml.inference.Ensemble``: these tests are about persistence, idempotency and failure handling;
+the real models are exercised by the integration tests.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+from sqlalchemy import func, select
+
+from core import repository as repo
+from core import tasks
+from core.aggregation import argmax_grade
+from core.db import session_scope
+from core.migrate import upgrade
+from core.store import FileStore
+from core.tables import Explanation, PatientResult, Prediction
+from workers import explain as explain_mod
+from workers import scoring
+
+PHOTOS = Path("/work/shared/data/eyepacs-natural-512/images")
+
+
+@dataclass
+class StubPrediction:
+    probabilities: list[float]
+    grade: int
+    members: dict[str, list[float]]
+
+
+@dataclass
+class StubEnsemble:
+    ref: str = "stub-ensemble@0.0.1"
+    card: dict[str, Any] = field(default_factory=lambda: {"stub": True})
+    quality_thresholds: dict[str, float] | None = None
+    batches: list[int] = field(default_factory=list)
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[StubPrediction]:
+        self.batches.append(len(images))
+        out = []
+        for img in images:
+            grade = int(img.mean()) % 5
+            probs = [0.05] * 5
+            probs[grade] = 0.8
+            out.append(StubPrediction(probs, grade, {"stub-member@0.0.1": probs}))
+        return out
+
+    def grade_from_probabilities(self, probs: Sequence[float]) -> int:
+        return argmax_grade(probs)
+
+    def explain(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        return np.linspace(0.0, 1.0, h * w, dtype=np.float32).reshape(h, w)
+
+
+class Sent(list[tuple[str, list[Any], dict[str, Any]]]):
+    def __call__(self, name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+        self.append((name, args, kwargs))
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    u = f"sqlite:///{tmp_path / 'db' / 'unit.db'}"
+    upgrade(u)
+    return u
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    return FileStore(tmp_path / "store")
+
+
+@pytest.fixture
+def ens() -> StubEnsemble:
+    return StubEnsemble()
+
+
+@pytest.fixture
+def sent() -> Sent:
+    return Sent()
+
+
+def gray_png(size: int = 256) -> bytes:
+    """A valid image that is not a fundus photograph (the quality gate must reject it)."""
+    buf = io.BytesIO()
+    PILImage.new("RGB", (size, size), (128, 128, 128)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def add_images(
+    url: str,
+    store: FileStore,
+    patient: str,
+    files: Sequence[tuple[str, bytes, str]],
+    *,
+    clinic: str = "North",
+    bundle: bool = False,
+    job_id: str | None = None,
+) -> list[str]:
+    """Create rows (and store bytes) like the API does; returns image ids."""
+    ids = []
+    with session_scope(url) as s:
+        c = repo.get_or_create_clinic(s, clinic)
+        p = repo.get_or_create_patient(s, c.id, patient)
+        bundle_id = repo.create_bundle(s, c.id, p.id).id if bundle else None
+        for name, data, eye in files:
+            stored = store.put_bytes(data, name.rsplit(".", 1)[-1])
+            im = repo.create_image(
+                s,
+                clinic_id=c.id,
+                patient_id=p.id,
+                eye=eye,
+                sha256=stored.sha256,
+                stored_path=stored.relpath,
+                size_bytes=stored.size_bytes,
+                filename=name,
+                bundle_id=bundle_id,
+                job_id=job_id,
+            )
+            ids.append(im.id)
+    return ids
+
+
+def photo(name: str) -> tuple[str, bytes, str]:
+    return name, (PHOTOS / name).read_bytes(), "left" if "_left" in name else "right"
+
+
+BUNDLE = ["16_left.jpg", "17_left.jpg", "16_right.jpg", "17_right.jpg"]
+
+
+def count(url: str, table: Any) -> int:
+    with session_scope(url) as s:
+        return int(s.scalar(select(func.count()).select_from(table)) or 0)
+
+
+def test_bundle_scored_in_one_batch(url: str, store: FileStore, ens: StubEnsemble, sent: Sent) -> None:
+    ids = add_images(url, store, "P1", [photo(n) for n in BUNDLE], bundle=True)
+    summary = scoring.score_images(ids, ensemble=ens, store=store, db_url=url, enqueue=sent)
+
+    assert sorted(summary.scored + summary.ungradable) == sorted(ids) and not summary.failed
+    assert ens.batches == [len(summary.scored)]  # one predict call for the whole batch
+    with session_scope(url) as s:
+        images = repo.get_images(s, ids)
+        assert {im.status for im in images} == {"done"}
+        assert all(im.width == 512 or im.height == 512 for im in images)
+        preds = repo.predictions_for_images(s, ids)
+        assert set(preds) == set(ids)
+        for im in images:
+            pred = preds[im.id]
+            assert pred.gradable is bool(im.gradable)
+            if pred.gradable:
+                assert pred.grade is not None and len(pred.probabilities or []) == 5
+                assert pred.referable is (pred.grade >= 2)
+                assert pred.members and "stub-member@0.0.1" in pred.members
+            else:
+                assert pred.grade is None and pred.referable is True
+            assert im.quality is not None and "fundus" in im.quality
+        bundle = repo.get_bundle(s, images[0].bundle_id or "")
+        assert bundle is not None and bundle.status == "done"
+        result = repo.get_current_patient_result(s, images[0].patient_id)
+        assert result is not None and result.trigger == f"bundle:{bundle.id}"
+        assert {e.eye for e in result.eyes} == {"left", "right"}
+        assert len(repo.patient_history(s, images[0].patient_id)) == 1
+    # Heatmaps for the gradable images, on the explain queue's task, after the commit.
+    assert sent == [(tasks.EXPLAIN_IMAGE, [i], {}) for i in summary.scored]
+
+
+def test_redelivered_batch_writes_nothing(url: str, store: FileStore, ens: StubEnsemble, sent: Sent) -> None:
+    ids = add_images(url, store, "P1", [photo(n) for n in BUNDLE])
+    scoring.score_images(ids, ensemble=ens, store=store, db_url=url, enqueue=sent)
+    before = (count(url, Prediction), count(url, PatientResult), len(sent))
+    again = scoring.score_images(ids + ids, ensemble=ens, store=store, db_url=url, enqueue=sent)
+    assert sorted(again.skipped) == sorted(ids) and not again.scored and not again.patients
+    assert (count(url, Prediction), count(url, PatientResult), len(sent)) == before
+    assert ens.batches == ens.batches[:1]  # the model did not run again
+
+
+def test_bad_photos_fail_alone(url: str, store: FileStore, ens: StubEnsemble, sent: Sent) -> None:
+    good = (PHOTOS / "16_left.jpg").read_bytes()
+    truncated = good[: len(good) // 2]
+    ids = add_images(
+        url,
+        store,
+        "P2",
+        [
+            ("a_left.jpg", good, "left"),
+            ("b_left.jpg", truncated, "left"),
+            ("c_right.png", gray_png(), "right"),
+        ],
+    )
+    summary = scoring.score_images(ids, ensemble=ens, store=store, db_url=url, enqueue=sent)
+    assert summary.failed == [ids[1]]
+    assert ids[2] in summary.ungradable
+    with session_scope(url) as s:
+        bad = repo.get_image(s, ids[1])
+        assert bad is not None and bad.status == "failed" and (bad.error or "").startswith("truncated")
+        gray = repo.get_image(s, ids[2])
+        assert gray is not None and gray.status == "done" and gray.gradable is False
+        assert "not_fundus" in (gray.quality or {}).get("reasons", [])
+        result = repo.get_current_patient_result(s, gray.patient_id)
+        # The right eye has only an ungradable photo: the patient is referable whatever the left.
+        assert result is not None and result.referable is True
+        right = next(e for e in result.eyes if e.eye == "right")
+        assert right.gradable is False and right.grade is None
+
+
+def test_missing_ids_and_attempt_cap(url: str, store: FileStore, ens: StubEnsemble, sent: Sent) -> None:
+    [image_id] = add_images(url, store, "P3", [photo("16_left.jpg")])
+    with session_scope(url) as s:
+        row = repo.get_image(s, image_id)
+        assert row is not None
+        row.attempts = 5  # five earlier deliveries never finished
+    summary = scoring.score_images([image_id, "0" * 32], ensemble=ens, store=store, db_url=url, enqueue=sent)
+    assert summary.failed == [image_id] and summary.skipped == ["0" * 32]
+    assert ens.batches == []
+    with session_scope(url) as s:
+        row = repo.get_image(s, image_id)
+        assert row is not None and row.status == "failed" and "attempts" in (row.error or "")
+
+
+def test_explain_policy(
+    url: str, store: FileStore, ens: StubEnsemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with session_scope(url) as s:
+        clinic = repo.get_or_create_clinic(s, "North")
+        job_id = repo.create_job(s, clinic.id, "/nowhere").id
+    job_ids = add_images(url, store, "P4", [photo("16_left.jpg")], job_id=job_id)
+    single = add_images(url, store, "P5", [photo("17_left.jpg")])
+    sent = Sent()
+    scoring.score_images(job_ids + single, ensemble=ens, store=store, db_url=url, enqueue=sent)
+    # Folder-job images: no heatmap unless the job asks; single images: on by default.
+    assert [a[0] for _, a, _ in sent] == single
+
+    from workers.settings import get_worker_settings
+
+    monkeypatch.setenv("DRSCREEN_EXPLAIN", "false")
+    get_worker_settings.cache_clear()
+    try:
+        more = add_images(url, store, "P6", [photo("16_right.jpg")])
+        quiet = Sent()
+        scoring.score_images(more, ensemble=ens, store=store, db_url=url, enqueue=quiet)
+        assert quiet == []
+        forced = add_images(url, store, "P7", [photo("17_right.jpg")])
+        loud = Sent()
+        scoring.score_images(forced, explain=True, ensemble=ens, store=store, db_url=url, enqueue=loud)
+        assert len(loud) == 1
+    finally:
+        get_worker_settings.cache_clear()
+
+
+def test_explain_image_png_and_idempotent(url: str, store: FileStore, ens: StubEnsemble, sent: Sent) -> None:
+    [image_id] = add_images(url, store, "P8", [photo("16_left.jpg")])
+    scoring.score_images([image_id], ensemble=ens, store=store, db_url=url, enqueue=sent)
+    with session_scope(url) as s:
+        gradable = bool(repo.get_image(s, image_id).gradable)  # type: ignore[union-attr]
+    if not gradable:
+        pytest.skip("the quality gate rejected this sample photo")
+    rel = explain_mod.explain_image(image_id, ensemble=ens, store=store, db_url=url)
+    assert rel is not None
+    png = PILImage.open(io.BytesIO(store.read_bytes(rel)))
+    original = PILImage.open(PHOTOS / "16_left.jpg")
+    assert png.format == "PNG" and png.size == original.size
+    assert explain_mod.explain_image(image_id, ensemble=ens, store=store, db_url=url) == rel
+    assert count(url, Explanation) == 1
+
+
+def test_explain_skips_unscored(url: str, store: FileStore, ens: StubEnsemble) -> None:
+    [image_id] = add_images(url, store, "P9", [photo("16_left.jpg")])
+    assert explain_mod.explain_image(image_id, ensemble=ens, store=store, db_url=url) is None
+    assert explain_mod.explain_image("f" * 32, ensemble=ens, store=store, db_url=url) is None
+
+
+@pytest.fixture(autouse=True)
+def _no_global_ensemble(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Nothing here may fall back to loading the released ensemble."""
+    from workers import model
+
+    def refuse(*_: Any) -> Any:
+        raise AssertionError("test tried to load a real ensemble")
+
+    monkeypatch.setattr(model, "load", refuse)
+    yield

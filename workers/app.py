@@ -1,0 +1,114 @@
+"""The Celery app of the workers: ``celery_app`` (run it with ``drscreen worker``).
+
+Configured from :func:`core.celery_config.build_celery_config`, the same settings the producer
+uses, plus the worker-side guarantees: late acknowledgement with prefetch 1 (a message is removed
+only after its work committed; a crash redelivers it), and two queues, ``scoring`` and ``explain``,
+so heatmaps never wait in front of grades.
+
+Process model: the parent (prefork pool master) imports no torch state; each pool child, after the
+fork, drops inherited database engines, sets its torch thread count and loads the ensemble once.
+
+Periodic sweep: the worker's main process publishes ``maintenance.sweep`` every
+``DRSCREEN_SWEEP_INTERVAL_S`` seconds (default 300; 0 disables) from a daemon timer. This works with
+the embedded file broker and needs no separate ``celery beat`` process; ``beat_schedule`` carries
+the same entry for operators who prefer beat (then set the interval to 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery
+from celery.signals import celeryd_init, worker_process_init, worker_ready, worker_shutdown
+
+from core import tasks
+from core.celery_config import build_celery_config
+from core.db import dispose_engines
+from core.settings import get_settings
+from workers import model
+from workers.model import get_ensemble
+from workers.settings import get_worker_settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["celery_app", "get_ensemble"]
+
+# ``include``: the worker imports the task module at start-up (tasks import this module, so a
+# plain import here would be circular).
+celery_app = Celery("drscreen", include=["workers.tasks"])
+celery_app.conf.update(build_celery_config(get_settings()))
+celery_app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    # One scoring batch can take a while on CPU; recycle children now and then to bound memory.
+    worker_max_tasks_per_child=500,
+    beat_schedule={
+        "sweep": {"task": tasks.SWEEP, "schedule": 300.0, "options": {"queue": tasks.QUEUE_SCORING}}
+    },
+)
+
+# Concurrency of this worker, noted in the parent (celeryd_init) and inherited by the children.
+_concurrency: int | None = None
+
+
+@celeryd_init.connect
+def _note_concurrency(options: dict[str, Any] | None = None, **_: Any) -> None:
+    global _concurrency
+    value = (options or {}).get("concurrency")
+    _concurrency = int(value) if value else None
+
+
+@worker_process_init.connect
+def _init_child(**_: Any) -> None:
+    # The parent's pooled connections must not be shared with a forked child.
+    dispose_engines(close=False)
+    from core.producer import reset_producer
+
+    reset_producer()
+    threads = model.configure_torch(_concurrency)
+    ens = model.load()
+    log.info("worker child ready: %s, %d torch thread(s)", ens.ref, threads)
+
+
+class _SweepTimer:
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="drscreen-sweep", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        from core.producer import make_producer_app, send
+
+        app = make_producer_app(get_settings())
+        while not self._stop.wait(self.interval):
+            try:
+                send(tasks.SWEEP, [], app=app)
+            except Exception:  # the broker may be down for a moment; try again next period
+                log.warning("could not publish the maintenance sweep", exc_info=True)
+
+
+_timer: _SweepTimer | None = None
+
+
+@worker_ready.connect
+def _start_sweep_timer(**_: Any) -> None:
+    global _timer
+    interval = get_worker_settings().sweep_interval_s
+    if interval > 0 and _timer is None:
+        _timer = _SweepTimer(interval)
+        _timer.start()
+
+
+@worker_shutdown.connect
+def _stop_sweep_timer(**_: Any) -> None:
+    if _timer is not None:
+        _timer.stop()

@@ -1,0 +1,376 @@
+"""``drscreen score PATH [--out FILE.csv|.json] [--explain]``: the worker pipeline, embedded.
+
+The same plain functions the Celery tasks call (``folders.ingest_item``, ``scoring.score_images``,
+``explain.explain_image``) run in this process against a throwaway SQLite database and store in a
+temporary folder, so the command line and the service can never disagree on a result.
+
+Outputs:
+
+- ``--out X.json``: ``{"model_version", "images": [...], "patients": [...]}``;
+- ``--out X.csv``: per-image rows in X.csv and per-patient rows in ``X_patients.csv``;
+- ``--out ...submission.csv`` (or ``submission=True``): a Kaggle-style ``ID,TARGET`` file
+  (ID = file stem; ungradable photographs still get the ensemble's grade, as a submission needs one);
+- no ``--out``: a per-patient table on standard output.
+
+With ``--explain`` heatmaps are written to ``<out stem>_heatmaps/`` (or ``./drscreen-heatmaps/``).
+File names that match no naming rule are still scored (as their own patient, eye unknown), since
+a local user scoring a folder of arbitrary photographs wants every one graded.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sqlalchemy import select
+from tqdm import tqdm
+
+from core import repository as repo
+from core.db import dispose_engines, get_engine, session_scope
+from core.settings import get_settings
+from core.store import FileStore
+from core.tables import Image, metadata
+from ml.imageio import ImageDecodeError, decode_image
+from workers import explain as explain_mod
+from workers import folders, scoring
+from workers.model import EnsembleLike, get_ensemble
+from workers.naming import match_name
+from workers.settings import get_worker_settings
+
+log = logging.getLogger(__name__)
+
+LOCAL_CLINIC = "local"
+PROB_COLUMNS = [f"p{g}" for g in range(5)]
+
+
+@dataclass
+class ImageRow:
+    file: str
+    patient_id: str | None
+    eye: str | None
+    status: str
+    grade: int | None = None
+    referable: bool | None = None
+    gradable: bool | None = None
+    probabilities: list[float] | None = None
+    quality_reasons: list[str] = field(default_factory=list)
+    error: str | None = None
+    heatmap: str | None = None
+
+
+@dataclass
+class PatientRow:
+    patient_id: str
+    grade: int | None
+    referable: bool
+    gradable: bool
+    eyes: dict[str, dict[str, Any]]
+
+
+@dataclass
+class ScoreResult:
+    model_version: str
+    images: list[ImageRow]
+    patients: list[PatientRow]
+
+
+def _plan(path: Path) -> tuple[Path, list[folders.PlannedFile]]:
+    """(folder, planned files). Unmatched names become their own patient with eye unknown."""
+    if path.is_file():
+        folder, plan = path.parent, [folders.PlannedFile(path.name, None, None, "unmatched")]
+    else:
+        folder, plan = path, folders.plan_folder(path, roots=None)
+    out = []
+    for p in plan:
+        if p.patient_id is None and p.eye is None:
+            m = match_name(p.path)
+            if m is not None:
+                p = folders.PlannedFile(p.path, m.patient_id, m.eye)
+            elif p.error is not None and ("cannot tell" in p.error or p.error == "unmatched"):
+                # The schema needs an eye; "left" is a placeholder reported as unknown.
+                p = folders.PlannedFile(p.path, PurePosixPath(p.path).stem, "left", "eye-unknown")
+        out.append(p)
+    return folder, out
+
+
+def _heatmap_dir(out: Path | None) -> Path:
+    return out.parent / f"{out.stem}_heatmaps" if out is not None else Path.cwd() / "drscreen-heatmaps"
+
+
+def run(
+    path: Path,
+    *,
+    explain: bool = False,
+    heatmap_dir: Path | None = None,
+    ensemble: EnsembleLike | None = None,
+    submission_grades: bool = False,
+) -> ScoreResult:
+    """Score ``path`` (a photograph or a folder) embedded; returns per-image and per-patient rows."""
+    settings = get_settings()
+    ens = ensemble if ensemble is not None else get_ensemble()
+    scratch_root = settings.var_dir / "tmp"
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="score-", dir=scratch_root) as scratch:
+        url = f"sqlite:///{Path(scratch) / 'score.db'}"
+        # A throwaway schema: create_all is enough (no history to migrate) and takes milliseconds.
+        metadata.create_all(get_engine(url))
+        store = FileStore(Path(scratch) / "store")
+        try:
+            return _run(path, url, store, ens, explain, heatmap_dir, submission_grades)
+        finally:
+            get_engine(url).dispose()
+            dispose_engines()
+
+
+def _run(
+    path: Path,
+    url: str,
+    store: FileStore,
+    ens: EnsembleLike,
+    explain: bool,
+    heatmap_dir: Path | None,
+    submission_grades: bool,
+) -> ScoreResult:
+    settings = get_settings()
+    folder, plan = _plan(path.resolve())
+    unknown_eye = {p.path for p in plan if p.error == "eye-unknown"}
+    with session_scope(url) as session:
+        clinic = repo.get_or_create_clinic(session, LOCAL_CLINIC)
+        job = repo.create_job(session, clinic.id, str(folder))
+        job_id, clinic_id = job.id, clinic.id
+        repo.add_job_items(session, job_id, [repo.JobItemSpec(p.path, p.patient_id, p.eye) for p in plan])
+        errors = {p.path: p.error for p in plan if p.error and p.error != "eye-unknown"}
+        for item in repo.job_items(session, job_id):
+            if item.path in errors:
+                repo.set_job_item(session, item, status="failed", error=errors[item.path])
+            else:
+                folders.ingest_item(
+                    session,
+                    clinic_id=clinic_id,
+                    job_id=job_id,
+                    folder=folder,
+                    item=item,
+                    store=store,
+                    max_bytes=settings.max_upload_bytes,
+                )
+        image_ids = list(
+            dict.fromkeys(i.image_id for i in repo.job_items(session, job_id, status="queued") if i.image_id)
+        )
+
+    chunk = get_worker_settings().score_chunk
+    with tqdm(total=len(image_ids), desc="scoring", unit="img", disable=None) as bar:
+        for start in range(0, len(image_ids), chunk):
+            part = image_ids[start : start + chunk]
+            scoring.score_images(
+                part, explain=False, ensemble=ens, store=store, db_url=url, enqueue=_no_enqueue
+            )
+            bar.update(len(part))
+
+    heatmaps: dict[str, str] = {}
+    if explain:
+        heatmap_dir = heatmap_dir or _heatmap_dir(None)
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
+        with session_scope(url) as session:
+            gradable = [
+                im.id for im in session.scalars(select(Image).where(Image.id.in_(image_ids))) if im.gradable
+            ]
+        for image_id in tqdm(gradable, desc="heatmaps", unit="img", disable=None):
+            rel = explain_mod.explain_image(image_id, ensemble=ens, store=store, db_url=url)
+            if rel is not None:
+                heatmaps[image_id] = rel
+
+    return _collect(url, job_id, store, ens, unknown_eye, heatmaps, heatmap_dir, submission_grades)
+
+
+def _no_enqueue(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Embedded runs draw heatmaps themselves, after scoring; nothing is published."""
+
+
+def _collect(
+    url: str,
+    job_id: str,
+    store: FileStore,
+    ens: EnsembleLike,
+    unknown_eye: set[str],
+    heatmaps: dict[str, str],
+    heatmap_dir: Path | None,
+    submission_grades: bool,
+) -> ScoreResult:
+    rows: list[ImageRow] = []
+    patients: dict[int, str] = {}
+    with session_scope(url) as session:
+        items = repo.job_items(session, job_id)
+        images = {im.id: im for im in repo.get_images(session, [i.image_id for i in items if i.image_id])}
+        preds = repo.predictions_for_images(session, list(images))
+        for item in items:
+            image = images.get(item.image_id) if item.image_id else None
+            eye = None if item.path in unknown_eye else item.eye
+            if image is None:
+                rows.append(ImageRow(item.path, item.patient_external_id, eye, "failed", error=item.error))
+                continue
+            patients[image.patient_id] = item.patient_external_id or ""
+            pred = preds.get(image.id)
+            row = ImageRow(
+                file=item.path,
+                patient_id=item.patient_external_id,
+                eye=eye,
+                status=image.status,
+                grade=pred.grade if pred else None,
+                referable=pred.referable if pred else None,
+                gradable=image.gradable,
+                probabilities=list(pred.probabilities) if pred and pred.probabilities else None,
+                quality_reasons=list((image.quality or {}).get("reasons", [])),
+                error=image.error or item.error,
+            )
+            if image.id in heatmaps and heatmap_dir is not None:
+                flat = PurePosixPath(item.path).with_suffix("").as_posix().replace("/", "__")
+                dest = heatmap_dir / f"{flat}.png"
+                dest.write_bytes(store.read_bytes(heatmaps[image.id]))
+                row.heatmap = str(dest)
+            if submission_grades and row.grade is None and image.status == "done":
+                row.grade = _grade_anyway(store, image.stored_path, ens)
+            rows.append(row)
+        patient_rows = []
+        for patient_id, external_id in sorted(patients.items(), key=lambda kv: kv[1]):
+            result = repo.get_current_patient_result(session, patient_id)
+            if result is None:
+                continue
+            patient_rows.append(
+                PatientRow(
+                    patient_id=external_id,
+                    grade=result.grade,
+                    referable=result.referable,
+                    gradable=result.gradable,
+                    eyes={
+                        e.eye: {"grade": e.grade, "gradable": e.gradable, "referable": e.referable}
+                        for e in result.eyes
+                    },
+                )
+            )
+    return ScoreResult(model_version=ens.ref, images=rows, patients=patient_rows)
+
+
+def _grade_anyway(store: FileStore, stored_path: str, ens: EnsembleLike) -> int | None:
+    """A grade for an ungradable photograph, for submission files only (they need one per row)."""
+    try:
+        rgb = decode_image(store.read_bytes(stored_path), max_pixels=get_settings().max_image_pixels)
+    except (FileNotFoundError, ImageDecodeError):
+        return None
+    return int(ens.predict([rgb])[0].grade)
+
+
+# ----------------------------------------------------------------------------------- writers
+
+
+def _image_dict(row: ImageRow) -> dict[str, Any]:
+    return asdict(row)
+
+
+def write_json(result: ScoreResult, out: Path) -> None:
+    payload = {
+        "model_version": result.model_version,
+        "images": [_image_dict(r) for r in result.images],
+        "patients": [asdict(p) for p in result.patients],
+    }
+    out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def write_csv(result: ScoreResult, out: Path) -> Path:
+    """Per-image rows to ``out``; per-patient rows to ``<stem>_patients.csv`` (returned)."""
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "patient_id", "eye", "status", "grade", "referable", "gradable",
+                    *PROB_COLUMNS, "quality_reasons", "error", "heatmap", "model_version"])  # fmt: skip
+        for r in result.images:
+            probs = [_cell(p) for p in r.probabilities] if r.probabilities else [""] * 5
+            w.writerow(
+                [r.file, r.patient_id, r.eye or "", r.status, _cell(r.grade), _cell(r.referable),
+                 _cell(r.gradable), *probs, ";".join(r.quality_reasons),
+                 r.error or "", r.heatmap or "", result.model_version]
+            )  # fmt: skip
+    patients_out = out.with_name(f"{out.stem}_patients.csv")
+    with patients_out.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["patient_id", "grade", "referable", "gradable", "left_grade", "right_grade"])
+        for p in result.patients:
+            w.writerow(
+                [p.patient_id, _cell(p.grade), _cell(p.referable), _cell(p.gradable),
+                 _cell(p.eyes.get("left", {}).get("grade")), _cell(p.eyes.get("right", {}).get("grade"))]
+            )  # fmt: skip
+    return patients_out
+
+
+def write_submission(result: ScoreResult, out: Path) -> int:
+    """Kaggle-style ``ID,TARGET`` (ID = file stem). Returns how many rows had no grade at all
+    (undecodable files): they are written as 0 so the file stays complete, and logged."""
+    missing = 0
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["ID", "TARGET"])
+        for r in result.images:
+            if r.grade is None:
+                missing += 1
+                log.warning("%s has no grade (%s); written as 0", r.file, r.error or r.status)
+            w.writerow([PurePosixPath(r.file).stem, r.grade if r.grade is not None else 0])
+    return missing
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def format_table(result: ScoreResult) -> str:
+    lines = [f"{'patient':<24} {'grade':>5} {'referable':>9} {'left':>5} {'right':>5}"]
+    for p in result.patients:
+        left = p.eyes.get("left", {}).get("grade")
+        right = p.eyes.get("right", {}).get("grade")
+        lines.append(
+            f"{p.patient_id:<24} {_show(p.grade):>5} {('yes' if p.referable else 'no'):>9} "
+            f"{_show(left) if 'left' in p.eyes else '-':>5} {_show(right) if 'right' in p.eyes else '-':>5}"
+        )
+    failed = [r for r in result.images if r.status == "failed"]
+    for r in failed:
+        lines.append(f"failed: {r.file}: {r.error}")
+    return "\n".join(lines)
+
+
+def _show(grade: int | None) -> str:
+    return "ungr." if grade is None else str(grade)
+
+
+def score_path(
+    path: Path, out: Path | None = None, explain: bool = False, submission: bool | None = None
+) -> int:
+    """The ``drscreen score`` command. Returns the exit code (1 when nothing could be scored)."""
+    path = Path(path)
+    out = Path(out) if out is not None else None
+    if submission is None:
+        submission = out is not None and out.name.lower().endswith("submission.csv")
+    heatmap_dir = _heatmap_dir(out) if explain else None
+    result = run(path, explain=explain, heatmap_dir=heatmap_dir, submission_grades=submission)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if submission:
+            write_submission(result, out)
+        elif out.suffix.lower() == ".json":
+            write_json(result, out)
+        else:
+            patients_out = write_csv(result, out)
+            log.info("per-patient results in %s", patients_out)
+        sys.stderr.write(f"wrote {out}\n")
+    else:
+        sys.stdout.write(format_table(result) + "\n")
+    if heatmap_dir is not None:
+        sys.stderr.write(f"heatmaps in {heatmap_dir}\n")
+    done = sum(1 for r in result.images if r.status == "done")
+    return 0 if done else 1

@@ -1,0 +1,66 @@
+"""Grad-CAM heatmaps: the plain function behind ``explain.explain_image``.
+
+Runs on its own queue so heatmaps never hold up grades. Idempotent: an explanation already stored
+for (image, model version) is not drawn again, and the row is an upsert.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from core import repository as repo
+from core.db import session_scope
+from core.settings import get_settings
+from core.store import FileStore, get_store
+from ml.imageio import ImageDecodeError, decode_image
+from ml.inference.overlay import overlay_png
+from workers.model import EnsembleLike, get_ensemble
+
+log = logging.getLogger(__name__)
+
+
+def explain_image(
+    image_id: str,
+    *,
+    ensemble: EnsembleLike | None = None,
+    store: FileStore | None = None,
+    db_url: str | None = None,
+    force: bool = False,
+) -> str | None:
+    """Draw, store and record the heatmap of one scored, gradable image.
+
+    Returns the store-relative path of the PNG, or None when there is nothing to explain (unknown
+    id, not scored yet, ungradable, unreadable photo).
+    """
+    ens = ensemble if ensemble is not None else get_ensemble()
+    store = store if store is not None else get_store()
+    with session_scope(db_url) as session:
+        image = repo.get_image(session, image_id)
+        if image is None or image.status != "done" or not image.gradable:
+            log.info("explain_image: %s is not a scored gradable image; nothing to do", image_id)
+            return None
+        mv = repo.get_or_create_model_version(session, ens.ref, ens.card)
+        existing = repo.get_explanation(session, image_id, mv.id)
+        if existing is not None and store.exists(existing.stored_path) and not force:
+            return existing.stored_path
+        stored_path, mv_id = image.stored_path, mv.id
+
+    # Grad-CAM runs outside any transaction (it takes seconds with the full ensemble).
+    try:
+        rgb = decode_image(store.read_bytes(stored_path), max_pixels=get_settings().max_image_pixels)
+    except (FileNotFoundError, ImageDecodeError) as exc:
+        log.warning("explain_image: cannot read the photograph of %s: %s", image_id, exc)
+        return None
+    heat = ens.explain(rgb)
+    stored = store.put_bytes(overlay_png(rgb, heat), "png")
+
+    with session_scope(db_url) as session:
+        repo.upsert_explanation(
+            session,
+            image_id=image_id,
+            model_version_id=mv_id,
+            sha256=stored.sha256,
+            stored_path=stored.relpath,
+        )
+    log.info("explain_image: %s -> %s", image_id, stored.relpath)
+    return stored.relpath

@@ -1,0 +1,364 @@
+"""Folder jobs: the plain function behind ``jobs.expand_folder`` (and the file walk of
+``drscreen score``).
+
+``expand_folder(job_id)`` turns a folder on the server into job items and images, then fans the
+images out to ``scoring.score_images`` in chunks: a task per chunk lets one ``ensemble.predict``
+cover many photographs (far faster than a task per photograph) while still spreading a large folder
+over every worker.
+
+Safety: the folder is re-checked against ``DRSCREEN_IMPORT_ROOTS`` when the job runs (the API
+checked it when the job was created, but links can change in between), and every file's real path
+(symlinks resolved) must lie under an import root too.
+
+Idempotency: items are unique on (job, path) and inserted with ON CONFLICT DO NOTHING; only items
+still ``pending`` are processed, in chunks committed one at a time, and the store is content
+addressed. A redelivered or interrupted expansion therefore continues where it stopped and
+re-sends the images still queued (scoring is idempotent too).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core import repository as repo
+from core import tasks
+from core.db import session_scope
+from core.settings import get_settings
+from core.store import FileStore, get_store
+from core.tables import Image, ScoringJob, ScoringJobItem, utcnow
+from ml.imageio import SUPPORTED_FORMATS, sniff_format
+from workers.naming import MANIFEST_NAME, ManifestError, match_name, parse_manifest
+from workers.scoring import Enqueue, send_by_name
+from workers.settings import get_worker_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_EXT = {"jpeg": "jpg", "png": "png", "tiff": "tif", "bmp": "bmp", "webp": "webp"}
+_CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "tiff": "image/tiff", "bmp": "image/bmp"}
+
+
+class FolderRefused(ValueError):
+    """The job folder is missing, not a folder, or outside the import roots."""
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file of the folder and what it was matched to (or why it cannot be used)."""
+
+    path: str  # relative to the job folder, POSIX separators (the item's key)
+    patient_id: str | None
+    eye: str | None
+    error: str | None = None
+
+
+def _under(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def check_folder(folder: str | os.PathLike[str], roots: Sequence[Path]) -> Path:
+    """The folder's real path, when it is a folder under one of ``roots``; else FolderRefused."""
+    if not roots:
+        raise FolderRefused("no import roots are configured (DRSCREEN_IMPORT_ROOTS)")
+    real = Path(folder).expanduser().resolve()
+    if not _under(real, [r.resolve() for r in roots]):
+        raise FolderRefused(f"{folder} is not under the import roots")
+    if not real.is_dir():
+        raise FolderRefused(f"{folder} is not a folder")
+    return real
+
+
+def _walk(folder: Path) -> list[str]:
+    """Relative POSIX paths of the regular files and file links under ``folder`` (hidden ones
+    skipped, sorted). Linked folders are not entered, so a link cannot pull in a whole tree."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        base = Path(dirpath)
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            found.append((base / name).relative_to(folder).as_posix())
+    return found
+
+
+def plan_folder(folder: Path, roots: Sequence[Path] | None) -> list[PlannedFile]:
+    """Match every file of ``folder`` to a patient and eye (manifest first, else file names).
+
+    ``roots``: real paths every file must resolve under (None = no check, for the local CLI).
+    Raises :class:`ManifestError` for a manifest that cannot be used at all.
+    """
+    files = _walk(folder)
+    manifest_path = folder / MANIFEST_NAME
+    planned: list[PlannedFile] = []
+    if manifest_path.is_file():
+        rows = parse_manifest(manifest_path.read_bytes())
+        listed: set[str] = set()
+        for row in rows:
+            rel = PurePosixPath(row.image.replace("\\", "/"))
+            if rel.is_absolute() or ".." in rel.parts:
+                planned.append(PlannedFile(row.image, None, None, "manifest path leaves the job folder"))
+                continue
+            key = rel.as_posix()
+            if key in listed:
+                continue
+            listed.add(key)
+            planned.append(PlannedFile(key, row.patient_id, row.eye, row.error))
+        for rel_name in files:
+            if rel_name != MANIFEST_NAME and rel_name not in listed:
+                planned.append(PlannedFile(rel_name, None, None, "not listed in manifest.csv"))
+    else:
+        for rel_name in files:
+            m = match_name(rel_name)
+            if m is None:
+                planned.append(
+                    PlannedFile(
+                        rel_name,
+                        None,
+                        None,
+                        "cannot tell patient and eye from the file name "
+                        "(expected <patient>_<left|right> or <patient>_<l|r><n>, or a manifest.csv)",
+                    )
+                )
+            else:
+                planned.append(PlannedFile(rel_name, m.patient_id, m.eye))
+    if roots is not None:
+        real_roots = [r.resolve() for r in roots]
+        planned = [_check_link(folder, p, real_roots) for p in planned]
+    return planned
+
+
+def _check_link(folder: Path, item: PlannedFile, roots: Sequence[Path]) -> PlannedFile:
+    if item.error is not None:
+        return item
+    real = (folder / item.path).resolve()
+    if not _under(real, roots):
+        return PlannedFile(item.path, item.patient_id, item.eye, "links outside the import roots; refused")
+    return item
+
+
+@dataclass(frozen=True)
+class LoadedFile:
+    data: bytes
+    fmt: str
+
+
+def read_photo(path: Path, max_bytes: int) -> LoadedFile | str:
+    """The file's bytes and sniffed format, or the reason it cannot be a photograph. Only the
+    signature is checked here; the full decode (truncation, corruption) happens when scoring."""
+    try:
+        if not path.is_file():
+            return "file not found"
+        size = path.stat().st_size
+        if size > max_bytes:
+            return f"file too large ({size} bytes; limit {max_bytes})"
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read the file: {exc.strerror or exc}"
+    if not data:
+        return "empty: the file is empty"
+    fmt = sniff_format(data)
+    if fmt is None:
+        return "not_an_image: the file is not a recognised image format"
+    if fmt not in SUPPORTED_FORMATS:
+        return f"unsupported_format: {fmt} images are not accepted"
+    return LoadedFile(data, fmt)
+
+
+def _existing_image(session: Session, clinic_id: int, patient_id: int, eye: str, sha256: str) -> Image | None:
+    """The clinic's image with the same bytes for the same patient and eye (dedupe: a photograph
+    submitted twice is scored once and counts once in the eye's mean)."""
+    return session.scalars(
+        select(Image)
+        .where(
+            Image.clinic_id == clinic_id,
+            Image.patient_id == patient_id,
+            Image.eye == eye,
+            Image.sha256 == sha256,
+            Image.status != "failed",
+        )
+        .order_by(Image.created_at)
+        .limit(1)
+    ).first()
+
+
+def ingest_item(
+    session: Session,
+    *,
+    clinic_id: int,
+    job_id: str | None,
+    folder: Path,
+    item: ScoringJobItem,
+    store: FileStore,
+    max_bytes: int,
+) -> str | None:
+    """Store one pending item's file and link it to an image (new or an identical existing one).
+    Returns the image id, or None when the item failed (its error recorded)."""
+    if item.patient_external_id is None or item.eye is None:
+        repo.set_job_item(session, item, status="failed", error=item.error or "no patient or eye")
+        return None
+    loaded = read_photo(folder / item.path, max_bytes)
+    if isinstance(loaded, str):
+        repo.set_job_item(session, item, status="failed", error=loaded)
+        return None
+    stored = store.put_bytes(loaded.data, _EXT[loaded.fmt])
+    patient = repo.get_or_create_patient(session, clinic_id, item.patient_external_id)
+    image = _existing_image(session, clinic_id, patient.id, item.eye, stored.sha256)
+    if image is None:
+        image = repo.create_image(
+            session,
+            clinic_id=clinic_id,
+            patient_id=patient.id,
+            eye=item.eye,
+            sha256=stored.sha256,
+            stored_path=stored.relpath,
+            size_bytes=stored.size_bytes,
+            filename=PurePosixPath(item.path).name[:255],
+            content_type=_CONTENT_TYPES.get(loaded.fmt),
+            job_id=job_id,
+        )
+    status = "done" if image.status == "done" else "queued"
+    repo.set_job_item(session, item, status=status, image_id=image.id)
+    return image.id
+
+
+@dataclass
+class ExpandSummary:
+    items: int = 0
+    failed_items: int = 0
+    sent: list[list[str]] = field(default_factory=list)  # the score_images chunks published
+    error: str | None = None
+
+
+def _fail_job(db_url: str | None, job_id: str, error: str) -> None:
+    with session_scope(db_url) as session:
+        job = session.get(ScoringJob, job_id)
+        if job is not None:
+            job.status = "failed"
+            job.error = error[:4000]
+            job.finished_at = utcnow()
+
+
+def _chunks(ids: Sequence[T], size: int) -> Iterable[list[T]]:
+    for start in range(0, len(ids), size):
+        yield list(ids[start : start + size])
+
+
+def expand_folder(
+    job_id: str,
+    *,
+    explain: bool = False,
+    db_url: str | None = None,
+    store: FileStore | None = None,
+    enqueue: Enqueue | None = None,
+    chunk: int | None = None,
+) -> ExpandSummary:
+    """Expand a folder job into items and images and enqueue their scoring (see module doc).
+
+    ``explain``: draw heatmaps for this job's gradable photographs (a job option; off by default
+    because a folder can hold thousands of photographs).
+    """
+    settings = get_settings()
+    store = store if store is not None else get_store()
+    send = enqueue if enqueue is not None else send_by_name
+    size = chunk or get_worker_settings().score_chunk
+    summary = ExpandSummary()
+
+    with session_scope(db_url) as session:
+        job = repo.get_job(session, job_id)
+        if job is None:
+            log.warning("expand_folder: job %s does not exist", job_id)
+            summary.error = "job not found"
+            return summary
+        if job.status == "failed":
+            summary.error = job.error
+            return summary
+        clinic_id, folder_text = job.clinic_id, job.folder
+    try:
+        folder = check_folder(folder_text, settings.import_root_paths)
+        plan = plan_folder(folder, settings.import_root_paths)
+    except (FolderRefused, ManifestError) as exc:
+        log.warning("expand_folder: job %s refused: %s", job_id, exc)
+        _fail_job(db_url, job_id, str(exc))
+        summary.error = str(exc)
+        return summary
+    if not plan:
+        _fail_job(db_url, job_id, "the folder holds no files")
+        summary.error = "the folder holds no files"
+        return summary
+
+    with session_scope(db_url) as session:
+        repo.add_job_items(
+            session,
+            job_id,
+            [repo.JobItemSpec(path=p.path[:1024], patient_external_id=p.patient_id, eye=p.eye) for p in plan],
+        )
+        errors = {p.path[:1024]: p.error for p in plan if p.error}
+        pending = repo.job_items(session, job_id, status="pending")
+        for item in pending:
+            if item.path in errors:
+                repo.set_job_item(session, item, status="failed", error=errors[item.path])
+        pending_ids = [item.id for item in pending if item.path not in errors]
+        repo.refresh_job_counts(session, job_id)
+
+    # Chunks commit one at a time so scoring starts while the rest of a large folder is read.
+    sent: set[str] = set()
+    for id_chunk in _chunks(pending_ids, size):
+        with session_scope(db_url) as session:
+            image_ids: list[str] = []
+            for item_id in id_chunk:
+                row = session.get(ScoringJobItem, item_id)
+                if row is None or row.status != "pending":
+                    continue
+                image_id = ingest_item(
+                    session,
+                    clinic_id=clinic_id,
+                    job_id=job_id,
+                    folder=folder,
+                    item=row,
+                    store=store,
+                    max_bytes=settings.max_upload_bytes,
+                )
+                if image_id is not None and row.status == "queued":
+                    image_ids.append(image_id)
+            repo.refresh_job_counts(session, job_id)
+        new_ids = [i for i in dict.fromkeys(image_ids) if i not in sent]
+        if new_ids:
+            send(tasks.SCORE_IMAGES, [new_ids], {"explain": explain})
+            summary.sent.append(new_ids)
+            sent.update(new_ids)
+
+    # Images of this job still waiting (a redelivered expansion, or photos shared with another
+    # job): publish them again; scoring skips whatever is done by the time the message arrives.
+    with session_scope(db_url) as session:
+        leftovers = [
+            i
+            for i in session.scalars(
+                select(Image.id)
+                .join(ScoringJobItem, ScoringJobItem.image_id == Image.id)
+                .where(ScoringJobItem.job_id == job_id, Image.status == "queued")
+                .order_by(ScoringJobItem.id)
+            )
+            if i not in sent
+        ]
+        job_row = repo.refresh_job_counts(session, job_id)
+        summary.items, summary.failed_items = job_row.total, job_row.failed
+    for leftover_chunk in _chunks(list(dict.fromkeys(leftovers)), size):
+        send(tasks.SCORE_IMAGES, [leftover_chunk], {"explain": explain})
+        summary.sent.append(leftover_chunk)
+    log.info(
+        "expand_folder: job %s: %d item(s), %d failed, %d scoring task(s)",
+        job_id,
+        summary.items,
+        summary.failed_items,
+        len(summary.sent),
+    )
+    return summary

@@ -1,0 +1,113 @@
+"""The process's ensemble: loaded once per worker process (after the fork), lazily elsewhere.
+
+``torch`` is imported only inside these functions, so importing ``workers`` (which the Celery
+parent process does) never initialises torch threads or CUDA before the pool forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from functools import cache
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from core.settings import Settings, get_settings
+from workers.settings import get_worker_settings
+
+if TYPE_CHECKING:
+    from ml.quality import QualityThresholds
+
+log = logging.getLogger(__name__)
+
+
+class Prediction(Protocol):
+    probabilities: list[float]
+    grade: int
+    members: dict[str, list[float]]
+
+
+class EnsembleLike(Protocol):
+    """What workers need of :class:`ml.inference.Ensemble` (tests may pass a look-alike)."""
+
+    ref: str
+
+    @property
+    def card(self) -> dict[str, Any]: ...
+
+    @property
+    def quality_thresholds(self) -> dict[str, float] | None: ...
+
+    def predict(self, images: Sequence[np.ndarray]) -> Sequence[Prediction]: ...
+
+    def grade_from_probabilities(self, probs: Sequence[float]) -> int: ...
+
+    def explain(self, image: np.ndarray) -> np.ndarray: ...
+
+
+_lock = threading.Lock()
+_ensemble: EnsembleLike | None = None
+
+
+def torch_threads_for(concurrency: int | None, configured: int = 0) -> int:
+    """Intra-op threads per process: the configured number, else the CPUs shared out among the
+    worker processes (oversubscribing cores makes every process slower, not faster)."""
+    if configured > 0:
+        return configured
+    cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, concurrency or 1))
+
+
+def configure_torch(concurrency: int | None) -> int:
+    import torch
+
+    threads = torch_threads_for(concurrency, get_worker_settings().torch_threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def load(settings: Settings | None = None) -> EnsembleLike:
+    """Load the configured ensemble (``DRSCREEN_MODEL``, newest shipped when unset) and keep it."""
+    global _ensemble
+    settings = settings or get_settings()
+    from ml.inference import load_ensemble
+
+    with _lock:
+        ens = load_ensemble(settings.model, models_dir=settings.models_dir, runtime=settings.runtime)
+        _ensemble = ens
+    log.info("worker process %d serves %s", os.getpid(), ens.ref)
+    return ens
+
+
+def get_ensemble() -> EnsembleLike:
+    """The loaded ensemble; loads it on first use (the CLI path has no ``worker_process_init``)."""
+    ens = _ensemble
+    if ens is None:
+        ens = load()
+    return ens
+
+
+def set_ensemble(ens: EnsembleLike | None) -> None:
+    """Install (or forget, with None) the process's ensemble; for tests and the embedded CLI."""
+    global _ensemble
+    with _lock:
+        _ensemble = ens
+
+
+@cache
+def _thresholds_from_items(items: tuple[tuple[str, Any], ...]) -> QualityThresholds:
+    from ml.quality import QualityThresholds
+
+    return QualityThresholds.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in items})
+
+
+def quality_thresholds(ens: EnsembleLike) -> QualityThresholds | None:
+    """The quality gate calibration shipped with the ensemble, or None (the gate's own default)."""
+    raw = getattr(ens, "quality_thresholds", None)
+    if not raw:
+        return None
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in raw.items()))
+    return _thresholds_from_items(frozen)

@@ -1,0 +1,276 @@
+"""Score photographs: the plain function behind ``scoring.score_images`` (and ``drscreen score``).
+
+One call handles a batch of image ids in three steps:
+
+1. **claim** (short transaction, committed): the status guard ``repository.claim_image`` moves each
+   image to ``running``; ids already ``done`` are skipped, so a redelivered task does nothing.
+   Committing here makes ``running`` visible to clients and to the sweep (a worker that dies now
+   leaves ``running`` rows the sweep re-queues).
+2. **compute** (no transaction open): read, decode, quality gate, and ONE ``ensemble.predict``
+   over the gradable photographs. Holding no database transaction during inference keeps SQLite
+   writers (the API) unblocked and PostgreSQL free of long idle-in-transaction sessions.
+3. **write** (one transaction for the whole batch): predictions (upserts unique on image and model
+   version), image status, job items, the patients' aggregates, bundle and job counts. Rows another
+   delivery finished meanwhile are skipped, so no duplicate history row is written.
+
+Explanations are enqueued only after that commit (the row must exist before the message).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from core import producer, tasks
+from core import repository as repo
+from core.aggregation import is_referable
+from core.db import session_scope
+from core.settings import get_settings
+from core.store import FileStore, get_store
+from core.tables import Image, ScoringJobItem, utcnow
+from ml.imageio import ImageDecodeError, decode_image
+from ml.quality import QualityReport, assess_quality
+from workers.model import EnsembleLike, get_ensemble, quality_thresholds
+from workers.settings import get_worker_settings
+
+log = logging.getLogger(__name__)
+
+#: ``enqueue(task_name, args, kwargs)``; the default publishes through ``core.producer``.
+Enqueue = Callable[[str, list[Any], dict[str, Any]], None]
+
+
+def send_by_name(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    producer.send(name, args, kwargs)
+
+
+@dataclass
+class _Claimed:
+    image_id: str
+    patient_id: int
+    stored_path: str
+    bundle_id: str | None
+    job_id: str | None
+    rgb: np.ndarray | None = None
+    quality: QualityReport | None = None
+    error: str | None = None
+    prediction: Any = None
+
+
+@dataclass
+class ScoreSummary:
+    """What one call did (for logs, the CLI and tests)."""
+
+    scored: list[str] = field(default_factory=list)  # done and gradable
+    ungradable: list[str] = field(default_factory=list)  # done, not gradable
+    failed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # unknown, already done, or taken by another
+    patients: list[int] = field(default_factory=list)  # patients whose aggregate was recomputed
+    explain_sent: list[str] = field(default_factory=list)
+
+
+def _unique(ids: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(str(i) for i in ids))
+
+
+def _sync_job_items(session: Session, image_ids: Sequence[str], status: str, error: str | None) -> None:
+    """Carry an image's outcome to the folder-job items that point at it, so per-file results read
+    their reason from one place. (A single UPDATE; core.repository has no by-image variant.)"""
+    if not image_ids:
+        return
+    session.execute(
+        update(ScoringJobItem)
+        .where(ScoringJobItem.image_id.in_(list(image_ids)))
+        .values(status=status, error=error[:4000] if error else None, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _claim(image_ids: Sequence[str], db_url: str | None, summary: ScoreSummary) -> list[_Claimed]:
+    max_attempts = get_worker_settings().max_attempts
+    claimed: list[_Claimed] = []
+    gave_up: list[Image] = []
+    with session_scope(db_url) as session:
+        for image_id in image_ids:
+            row = repo.claim_image(session, image_id)
+            if row is None:
+                summary.skipped.append(image_id)
+                continue
+            if row.attempts > max_attempts:
+                # Its earlier attempts never finished (e.g. the photo crashed the process):
+                # fail it rather than feed it to workers forever.
+                msg = f"scoring did not complete after {max_attempts} attempts"
+                repo.mark_image_failed(session, row, msg)
+                _sync_job_items(session, [row.id], "failed", msg)
+                gave_up.append(row)
+                summary.failed.append(row.id)
+                continue
+            claimed.append(_Claimed(row.id, row.patient_id, row.stored_path, row.bundle_id, row.job_id))
+        _refresh_groups(session, [*gave_up], claimed)
+    return claimed
+
+
+def _refresh_groups(session: Session, rows: Sequence[Image], claimed: Sequence[_Claimed]) -> None:
+    bundles = {r.bundle_id for r in rows if r.bundle_id} | {c.bundle_id for c in claimed if c.bundle_id}
+    jobs = {r.job_id for r in rows if r.job_id} | {c.job_id for c in claimed if c.job_id}
+    for bundle_id in sorted(bundles):
+        repo.refresh_bundle_status(session, bundle_id)
+    for job_id in sorted(jobs):
+        repo.refresh_job_counts(session, job_id)
+
+
+def _compute(items: list[_Claimed], ens: EnsembleLike, store: FileStore) -> None:
+    """Fill rgb/quality/error/prediction in place. A bad photo fails alone, not the batch."""
+    max_pixels = get_settings().max_image_pixels
+    thresholds = quality_thresholds(ens)
+    for it in items:
+        try:
+            data = store.read_bytes(it.stored_path)
+        except (FileNotFoundError, ValueError) as exc:
+            it.error = f"stored photograph is missing: {exc}"
+            continue
+        try:
+            it.rgb = decode_image(data, max_pixels=max_pixels)
+        except ImageDecodeError as exc:
+            it.error = f"{exc.reason}: {exc.detail}"
+            continue
+        try:
+            it.quality = assess_quality(it.rgb, thresholds)
+        except Exception as exc:  # a gate bug on one odd photo must not sink the batch
+            log.exception("quality gate failed on image %s", it.image_id)
+            it.error = f"quality check failed: {exc}"
+    gradable = [it for it in items if it.error is None and it.quality is not None and it.quality.gradable]
+    if not gradable:
+        return
+    try:
+        preds = ens.predict([it.rgb for it in gradable if it.rgb is not None])
+    except Exception as exc:
+        # Not a property of one photo: fail these visibly rather than leave them ``running``.
+        log.exception("ensemble %s failed on a batch of %d", ens.ref, len(gradable))
+        for it in gradable:
+            it.error = f"scoring failed: {type(exc).__name__}: {exc}"
+        return
+    for it, pred in zip(gradable, preds, strict=True):
+        it.prediction = pred
+
+
+def _trigger(it: _Claimed) -> str:
+    if it.bundle_id:
+        return f"bundle:{it.bundle_id}"
+    if it.job_id:
+        return f"job:{it.job_id}"
+    return f"image:{it.image_id}"
+
+
+def _write(
+    items: list[_Claimed], ens: EnsembleLike, db_url: str | None, summary: ScoreSummary
+) -> list[_Claimed]:
+    """Persist the batch in one transaction; returns the items actually written."""
+    written: list[_Claimed] = []
+    with session_scope(db_url) as session:
+        mv = repo.get_or_create_model_version(session, ens.ref, ens.card)
+        rows: list[Image] = []
+        for it in items:
+            # Row lock on PostgreSQL: a concurrent delivery of the same id waits here, then sees
+            # ``done`` and skips (SQLite serialises writers anyway).
+            row = session.scalars(
+                select(Image).where(Image.id == it.image_id).with_for_update()
+            ).one_or_none()
+            if row is None or row.status == "done":
+                summary.skipped.append(it.image_id)
+                continue
+            if it.rgb is not None and (row.width is None or row.height is None):
+                row.height, row.width = int(it.rgb.shape[0]), int(it.rgb.shape[1])
+            if it.error is not None:
+                repo.mark_image_failed(session, row, it.error)
+                _sync_job_items(session, [row.id], "failed", it.error)
+                summary.failed.append(row.id)
+            else:
+                assert it.quality is not None
+                pred = it.prediction
+                gradable = pred is not None
+                grade = int(pred.grade) if gradable else None
+                repo.upsert_prediction(
+                    session,
+                    image_id=row.id,
+                    model_version_id=mv.id,
+                    grade=grade,
+                    probabilities=list(pred.probabilities) if gradable else None,
+                    members=dict(pred.members) if gradable else None,
+                    referable=is_referable(grade),
+                    gradable=gradable,
+                )
+                repo.mark_image_done(session, row, quality=it.quality.as_dict(), gradable=gradable)
+                _sync_job_items(session, [row.id], "done", None)
+                (summary.scored if gradable else summary.ungradable).append(row.id)
+            rows.append(row)
+            written.append(it)
+        # Aggregates: failed images count as ungradable for their eye, so recompute for them too.
+        triggers: dict[int, str] = {}
+        for it in written:
+            triggers.setdefault(it.patient_id, _trigger(it))
+        for patient_id, trigger in triggers.items():
+            repo.recompute_patient(
+                session,
+                patient_id,
+                model_version_id=mv.id,
+                grade_fn=ens.grade_from_probabilities,
+                trigger=trigger,
+            )
+            summary.patients.append(patient_id)
+        _refresh_groups(session, rows, [])
+    return written
+
+
+def _wants_explanation(it: _Claimed, explain: bool | None) -> bool:
+    if explain is not None:
+        return explain
+    # Folder jobs can hold thousands of photographs: heatmaps only when the job asks for them.
+    return it.job_id is None and get_worker_settings().explain
+
+
+def score_images(
+    image_ids: Sequence[str],
+    *,
+    explain: bool | None = None,
+    ensemble: EnsembleLike | None = None,
+    store: FileStore | None = None,
+    db_url: str | None = None,
+    enqueue: Enqueue | None = None,
+) -> ScoreSummary:
+    """Score a batch of images by id (idempotent; see the module docstring).
+
+    ``explain``: True/False forces heatmaps on/off; None = on for single images and bundles when
+    ``DRSCREEN_EXPLAIN`` is on (the default), off for folder-job images.
+    ``enqueue`` publishes the explanation tasks (default: by name through ``core.producer``).
+    """
+    summary = ScoreSummary()
+    ids = _unique(image_ids)
+    if not ids:
+        return summary
+    claimed = _claim(ids, db_url, summary)
+    if not claimed:
+        log.info("score_images: nothing to do for %d id(s)", len(ids))
+        return summary
+    ens = ensemble if ensemble is not None else get_ensemble()
+    _compute(claimed, ens, store if store is not None else get_store())
+    written = _write(claimed, ens, db_url, summary)
+    send = enqueue if enqueue is not None else send_by_name
+    for it in written:
+        if it.prediction is not None and _wants_explanation(it, explain):
+            send(tasks.EXPLAIN_IMAGE, [it.image_id], {})
+            summary.explain_sent.append(it.image_id)
+    log.info(
+        "score_images: %d graded, %d ungradable, %d failed, %d skipped (%s)",
+        len(summary.scored),
+        len(summary.ungradable),
+        len(summary.failed),
+        len(summary.skipped),
+        ens.ref,
+    )
+    return summary

@@ -1,0 +1,85 @@
+"""Maintenance sweep: the plain function behind ``maintenance.sweep``.
+
+Re-queues images whose message was lost: ``queued`` rows older than ``DRSCREEN_STALE_QUEUED_MINUTES``
+(committed but never published, or the message vanished) and ``running`` rows older than
+``DRSCREEN_STALE_RUNNING_MINUTES`` (their worker died). Each re-queued row's ``updated_at`` is
+touched, so a row still waiting behind a long queue gets at most one extra message per period;
+an extra message is harmless because scoring skips ``done`` images. Also prunes the embedded
+broker's claimed-message files.
+
+Schedule: each worker's main process publishes ``maintenance.sweep`` every
+``DRSCREEN_SWEEP_INTERVAL_S`` seconds (see ``workers.app``); several workers sweeping is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, timedelta
+
+from core import repository as repo
+from core import tasks
+from core.celery_config import prune_processed
+from core.db import session_scope
+from core.settings import get_settings
+from core.tables import utcnow
+from workers.scoring import Enqueue, send_by_name
+from workers.settings import get_worker_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepSummary:
+    requeued: list[str] = field(default_factory=list)
+    pruned: int = 0
+
+
+def sweep(
+    *,
+    queued_after: timedelta | None = None,
+    running_after: timedelta | None = None,
+    db_url: str | None = None,
+    enqueue: Enqueue | None = None,
+    chunk: int | None = None,
+) -> SweepSummary:
+    ws = get_worker_settings()
+    queued_after = queued_after if queued_after is not None else timedelta(minutes=ws.stale_queued_minutes)
+    running_after = (
+        running_after if running_after is not None else timedelta(minutes=ws.stale_running_minutes)
+    )
+    send = enqueue if enqueue is not None else send_by_name
+    size = chunk or ws.score_chunk
+    summary = SweepSummary()
+
+    with session_scope(db_url) as session:
+        now = utcnow()
+        stale = []
+        for image in repo.stale_running_images(session, min(queued_after, running_after)):
+            updated = image.updated_at
+            if updated.tzinfo is None:  # SQLite hands back naive datetimes (stored as UTC)
+                updated = updated.replace(tzinfo=UTC)
+            age = now - updated
+            limit = running_after if image.status == "running" else queued_after
+            if age >= limit:
+                stale.append(image)
+        # Job images keep explanations off, like the job's own fan-out (the job option is not
+        # stored); other images follow the worker's default.
+        groups: dict[bool, list[str]] = {True: [], False: []}
+        for image in stale:
+            image.updated_at = now
+            groups[image.job_id is not None].append(image.id)
+        session.flush()
+    # Published after the commit, like every other task.
+    for in_job, ids in groups.items():
+        for start in range(0, len(ids), size):
+            part: Sequence[str] = ids[start : start + size]
+            send(tasks.SCORE_IMAGES, [list(part)], {"explain": False} if in_job else {})
+            summary.requeued.extend(part)
+    summary.pruned = prune_processed(get_settings())
+    if summary.requeued or summary.pruned:
+        log.info(
+            "sweep: re-queued %d image(s), pruned %d broker file(s)", len(summary.requeued), summary.pruned
+        )
+    return summary
