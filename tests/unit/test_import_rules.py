@@ -1,7 +1,7 @@
 """The one-way arrows of docs/interfaces.md, checked by walking every import (module level and
 inside functions) of our packages:
 
-    services -> core;   workers -> core, ml.inference, ml.quality, ml.imageio;
+    services -> core, ml.imageio;   workers -> core, ml.inference, ml.quality, ml.imageio;
     ml -> nothing of core/services/workers/cli;   ml.inference -> never ml.training;
     core -> no services/workers/ml/cli, no FastAPI, no torch;   migrations -> core only;
     cli -> anything (lazily: its module level imports no heavy package).
@@ -58,7 +58,10 @@ def _forbidden(module: str, imported: str) -> str | None:
             if _is(imported, bad):
                 return f"core must not import {bad}"
     if _is(module, "services"):
-        for bad in ("workers", "ml", "cli", "torch"):
+        # ml.imageio (numpy + Pillow) validates uploads at the edge; nothing else of ml (torch).
+        if _is(imported, "ml") and imported != "ml" and not _is(imported, "ml.imageio"):
+            return "services may use only ml.imageio of ml"
+        for bad in ("workers", "cli", "torch"):
             if _is(imported, bad):
                 return f"services must not import {bad}"
     if _is(module, "workers"):
@@ -124,6 +127,9 @@ def test_cli_imports_heavy_parts_lazily() -> None:
     [
         ("services.app", "workers.tasks", True),
         ("services.app", "core.repository", False),
+        ("services.uploads", "ml.imageio", False),
+        ("services.app", "ml.release", True),
+        ("services.app", "ml.inference", True),
         ("workers.tasks", "ml.inference.ensemble", False),
         ("workers.tasks", "ml.training.train", True),
         ("ml.inference.ensemble", "ml.training.data", True),

@@ -1,0 +1,133 @@
+"""The FastAPI application factory: ``uvicorn --factory services.app:create_app``.
+
+Nothing is built at import: the database engine, the task producer and the metrics' view of the
+database are created in the lifespan, from the settings of the process that runs the app.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from core import db
+from core.producer import broker_reachable, make_producer_app
+from core.settings import Settings, get_settings
+from services.config import ApiSettings, get_api_settings
+from services.errors import install_error_handlers
+from services.limits import BodySizeLimit
+from services.metrics import Metrics, MetricsMiddleware
+from services.modelinfo import active_ref
+from services.ratelimit import RateLimiter
+from services.routes import bundles, images, jobs, models, patients
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "1.0.0"
+DESCRIPTION = """Diabetic-retinopathy screening of colour fundus photographs.
+
+Every `/v1` call needs `Authorization: Bearer <api key>`; a key belongs to one clinic, and a clinic
+sees only its own patients, photographs, bundles and jobs (other ids answer 404).
+
+Grades follow the ICDR scale (0 no DR .. 4 proliferative DR); referable = grade >= 2. A photograph
+can be ungradable (poor quality or not a fundus photograph): it then has no grade, and an eye or
+patient without a gradable photograph is reported ungradable and referable.
+
+Uploads answer `202` with an id to poll; errors are JSON `{"error": code, "detail": ...}`.
+"""
+
+#: Multipart overhead allowed on top of the photographs themselves.
+MULTIPART_SLACK_BYTES = 1024 * 1024
+#: A bundle carries up to four photographs.
+MAX_FILES_PER_REQUEST = 4
+
+
+def create_app(settings: Settings | None = None, api_settings: ApiSettings | None = None) -> FastAPI:
+    """Build the app. ``settings`` default to the process environment (read at start-up)."""
+    base = settings or get_settings()
+    api = api_settings or get_api_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = base
+        app.state.api_settings = api
+        app.state.sessionmaker = db.get_sessionmaker(base.database_url)
+        app.state.producer = make_producer_app(base)
+        app.state.rate_limiter = RateLimiter(api.rate_limit_per_minute, api.rate_limit_burst)
+        app.state.explain_requested = {}
+        metrics.attach(base, app.state.sessionmaker)
+        log.info("API ready (model %s)", active_ref(base) or "none installed")
+        try:
+            yield
+        finally:
+            app.state.producer.close()
+            db.get_engine(base.database_url).dispose()
+
+    app = FastAPI(
+        title="drscreen",
+        version=API_VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "images", "description": "single photographs"},
+            {"name": "bundles", "description": "a patient's visit: up to two photographs per eye"},
+            {"name": "jobs", "description": "folders on the server, scored in bulk"},
+            {"name": "patients", "description": "patient-level results and history"},
+            {"name": "models", "description": "the released ensemble in use"},
+            {"name": "operations", "description": "health, readiness and metrics"},
+        ],
+    )
+    install_error_handlers(app)
+    for router in (images.router, bundles.router, jobs.router, patients.router, models.router):
+        app.include_router(router, prefix="/v1")
+
+    metrics = Metrics()
+    app.state.metrics = metrics
+    max_body = base.max_upload_bytes * MAX_FILES_PER_REQUEST + MULTIPART_SLACK_BYTES
+    # Added last = outermost: oversized bodies are refused before routing, and still counted.
+    app.add_middleware(BodySizeLimit, max_bytes=max_body)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.get("/healthz", tags=["operations"], summary="The process is up")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Database, broker and a released model are reachable",
+        responses={503: {"description": "a dependency is not ready (see `checks`)"}},
+    )
+    async def readyz(request: Request) -> JSONResponse:
+        checks = await run_in_threadpool(_readiness, request.app)
+        ok = all(checks.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
+        )
+
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    async def metrics_endpoint() -> Response:
+        # Collection queries the database: keep it off the event loop.
+        return await run_in_threadpool(metrics.render)
+
+    return app
+
+
+def _readiness(app: Any) -> dict[str, bool]:
+    settings: Settings = app.state.settings
+    return {
+        "database": db.ping(settings.database_url),
+        "broker": broker_reachable(timeout=2.0, app=app.state.producer),
+        "model": active_ref(settings) is not None,
+    }

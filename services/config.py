@@ -1,0 +1,31 @@
+"""API-only knobs, read from the same ``DRSCREEN_`` environment as :mod:`core.settings`.
+
+They live here rather than in ``core`` because only the API acts on them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ApiSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DRSCREEN_", extra="ignore", env_file=None)
+
+    #: Requests per minute allowed for one API key (a token bucket refilled continuously); 0 = off.
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+    #: Bucket size: how many requests one key may send at once before being slowed down.
+    rate_limit_burst: int = Field(default=60, ge=1)
+    #: Upper bound of ``?wait=`` on ``POST /v1/images`` (the contract says 30).
+    max_wait_seconds: float = Field(default=30.0, gt=0, le=30.0)
+    #: How often a waiting request re-reads the database.
+    wait_poll_seconds: float = Field(default=0.25, gt=0)
+    #: Largest page of ``GET /v1/jobs/{id}/results``.
+    max_page_size: int = Field(default=1000, ge=1)
+
+
+@lru_cache(maxsize=1)
+def get_api_settings() -> ApiSettings:
+    return ApiSettings()

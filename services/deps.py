@@ -1,0 +1,126 @@
+"""Request dependencies: one database session (unit of work) per request, and API-key auth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, timedelta
+from typing import Annotated, Any
+
+from celery import Celery
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from core import db
+from core import repository as repo
+from core.errors import Unauthorized
+from core.settings import Settings
+from core.tables import ApiKey, utcnow
+from services.config import ApiSettings
+from services.errors import RateLimited
+from services.ratelimit import RateLimiter
+
+TOUCH_EVERY = timedelta(minutes=5)
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="`Authorization: Bearer <api key>`; keys are created with `drscreen keys create`.",
+)
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_api_settings_dep(request: Request) -> ApiSettings:
+    api_settings: ApiSettings = request.app.state.api_settings
+    return api_settings
+
+
+def get_producer(request: Request) -> Celery:
+    producer: Celery = request.app.state.producer
+    return producer
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One unit of work: commit when the route returns normally, roll back on any error.
+
+    Used with ``scope="function"`` so the commit happens before the response is sent: a client
+    never sees a 2xx for a write that then fails to commit."""
+    settings: Settings = request.app.state.settings
+    with db.session_scope(settings.database_url) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+ApiSettingsDep = Annotated[ApiSettings, Depends(get_api_settings_dep)]
+ProducerDep = Annotated[Celery, Depends(get_producer)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the clinic and the key (ids only; the key itself is never kept)."""
+
+    clinic_id: int
+    api_key_id: int
+
+
+def get_principal(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise Unauthorized("missing API key: send `Authorization: Bearer <api key>`")
+    key = repo.authenticate_api_key(session, credentials.credentials.strip(), touch=False)
+    if key is None:
+        raise Unauthorized("unknown or revoked API key")
+    _touch(key)
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait = limiter.acquire(key.id)
+    if wait > 0:
+        raise RateLimited(wait)
+    # The metrics middleware and the access log see only the key's row id, never the key.
+    request.state.api_key_id = key.id
+    return Principal(clinic_id=key.clinic_id, api_key_id=key.id)
+
+
+def _touch(key: ApiKey) -> None:
+    """Record when a key was last used, at most every few minutes: writing on every request would
+    turn each read into a write (and hold SQLite's write lock for the whole request)."""
+    now = utcnow()
+    last = key.last_used_at
+    if last is not None and last.tzinfo is None:  # SQLite hands back naive UTC datetimes
+        last = last.replace(tzinfo=UTC)
+    if last is None or now - last > TOUCH_EVERY:
+        key.last_used_at = now
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def audit(
+    session: Session,
+    principal: Principal,
+    action: str,
+    *,
+    patient_id: int | None = None,
+    target_type: str | None = None,
+    target_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Record who (clinic and key ids) read or wrote what; committed with the request's work."""
+    repo.record_audit(
+        session,
+        action=action,
+        clinic_id=principal.clinic_id,
+        api_key_id=principal.api_key_id,
+        patient_id=patient_id,
+        target_type=target_type,
+        target_id=target_id,
+        detail=detail,
+    )

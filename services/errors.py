@@ -1,0 +1,144 @@
+"""One place that turns errors into the contract's JSON body ``{"error": ..., "detail": ...}``.
+
+Domain errors (``core.errors``) carry no HTTP codes; the mapping lives here. Validation errors are
+reported without the offending input (it may be a photograph or a patient identifier).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core import errors
+from core.schemas import ErrorBody
+
+log = logging.getLogger(__name__)
+
+# Most specific first: TooLarge and InvalidImage are InvalidInput subclasses.
+STATUS_BY_ERROR: list[tuple[type[errors.DomainError], int]] = [
+    (errors.TooLarge, 413),
+    (errors.InvalidImage, 422),
+    (errors.InvalidInput, 422),
+    (errors.NotFound, 404),
+    (errors.Unauthorized, 401),
+    (errors.Forbidden, 403),
+    (errors.Conflict, 409),
+    (errors.Unavailable, 503),
+]
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+class NotReady(errors.Conflict):
+    """The resource exists but is not computed yet (retry later)."""
+
+    code = "not_ready"
+
+
+class RateLimited(errors.DomainError):
+    code = "rate_limited"
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("too many requests for this API key", {"retry_after_seconds": round(retry_after, 1)})
+        self.retry_after = retry_after
+
+
+def status_for(exc: errors.DomainError) -> int:
+    if isinstance(exc, RateLimited):
+        return 429
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    return 400
+
+
+def error_response(
+    status: int, code: str, detail: Any, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorBody(error=code, detail=detail).model_dump(mode="json")
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.DomainError)
+    status = status_for(exc)
+    headers: dict[str, str] = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
+    if isinstance(exc, NotReady):
+        headers["Retry-After"] = "2"
+    detail: Any = exc.message
+    if isinstance(exc.detail, dict):
+        detail = {"message": exc.message, **exc.detail}
+    elif exc.detail is not None:
+        detail = exc.detail
+    return error_response(status, exc.code, detail, headers or None)
+
+
+def _clean_validation_errors(raw: list[Any]) -> list[dict[str, Any]]:
+    """Keep location, message and type; drop ``input``/``ctx`` (uploads, identifiers, bytes)."""
+    out = []
+    for err in raw:
+        loc = [str(p) for p in err.get("loc", ())]
+        out.append({"loc": loc, "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))})
+    return out
+
+
+def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(422, "invalid_input", _clean_validation_errors(list(exc.errors())))
+
+
+def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "error")
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, code, exc.detail, headers)
+
+
+def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    # The traceback goes to the log; the client gets no internals.
+    log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+    return error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(errors.DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+#: OpenAPI ``responses=`` entries for the error shapes every route can answer.
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        401: "missing, unknown or revoked API key",
+        403: "not allowed (e.g. a folder outside the import roots)",
+        404: "unknown id, or an id of another clinic",
+        409: "conflict (e.g. an Idempotency-Key reused for another request, a result not ready yet)",
+        413: "upload or photograph over the configured limits",
+        422: "missing or invalid fields, or a file that is not a usable photograph",
+        429: "rate limit of the API key exceeded",
+        503: "a dependency is unavailable",
+    }
+    return {s: {"model": ErrorBody, "description": descriptions.get(s, "error")} for s in statuses}

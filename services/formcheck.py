@@ -1,0 +1,27 @@
+"""Multipart requests with fields we do not know are refused (a typo such as ``left1`` must not be
+silently ignored: the photograph would never be screened)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Depends, Request
+
+from core.errors import InvalidInput
+
+
+def reject_unknown_fields(*allowed: str) -> Any:
+    known = frozenset(allowed)
+
+    async def _check(request: Request) -> None:
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            return  # FastAPI reports the missing fields itself
+        form = await request.form()
+        unknown = sorted({name for name in form if name not in known})
+        if unknown:
+            raise InvalidInput(
+                f"unknown form field(s): {', '.join(unknown)[:200]}", {"allowed": sorted(known)}
+            )
+
+    return Depends(_check)

@@ -1,0 +1,173 @@
+"""Prometheus metrics of one app instance (its own registry, so tests can build many apps).
+
+Request count and latency are measured as requests pass; queue depth, images scored, grade counts
+and the model version are read from the broker, the database and ``models/`` when scraped (they
+describe the whole system, which every API process can see, not this process's traffic).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from core.celery_config import broker_folders
+from core.settings import Settings
+from core.tables import Image, Prediction
+from core.tasks import ALL_QUEUES
+from services.modelinfo import active_ref
+
+log = logging.getLogger(__name__)
+
+
+def queue_depths(settings: Settings) -> dict[str, int]:
+    """Messages waiting per queue: Redis LLEN, or message files of the embedded broker."""
+    if settings.is_embedded_broker:
+        folder = broker_folders(settings)["queue"]
+        names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+        return {q: sum(1 for n in names if n.endswith(f".{q}.msg")) for q in ALL_QUEUES}
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        import redis
+
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            return {q: int(client.llen(q)) for q in ALL_QUEUES}
+        finally:
+            client.close()
+    return {}
+
+
+class SystemCollector(Collector):
+    """Reads the system's state at scrape time; attached to the database in the app's lifespan."""
+
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.sessions: sessionmaker[Session] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.settings is None or self.sessions is None:
+            return
+        depth = GaugeMetricFamily(
+            "drscreen_queue_depth", "messages waiting in a broker queue", labels=["queue"]
+        )
+        try:
+            for queue, n in queue_depths(self.settings).items():
+                depth.add_metric([queue], n)
+        except Exception:
+            log.warning("queue depth unavailable", exc_info=True)
+        yield depth
+
+        images = GaugeMetricFamily("drscreen_images", "photographs by status", labels=["status"])
+        grades = GaugeMetricFamily(
+            "drscreen_predictions_by_grade",
+            "scored photographs by grade (ungradable: no grade)",
+            labels=["grade"],
+        )
+        scored = GaugeMetricFamily("drscreen_images_scored", "photographs scored (status done)")
+        try:
+            # Whole-table counts only the metrics need; kept here rather than in the repository.
+            with self.sessions() as session:
+                by_status = dict(
+                    session.execute(select(Image.status, func.count()).group_by(Image.status)).all()
+                )
+                by_grade = dict(
+                    session.execute(select(Prediction.grade, func.count()).group_by(Prediction.grade)).all()
+                )
+            for status in ("queued", "running", "done", "failed"):
+                images.add_metric([status], int(by_status.get(status, 0)))
+            scored.add_metric([], int(by_status.get("done", 0)))
+            for grade in range(5):
+                grades.add_metric([str(grade)], int(by_grade.get(grade, 0)))
+            grades.add_metric(["ungradable"], int(by_grade.get(None, 0)))
+        except Exception:
+            log.warning("database counts unavailable", exc_info=True)
+        yield images
+        yield scored
+        yield grades
+
+        info = GaugeMetricFamily("drscreen_model_info", "the active released ensemble", labels=["version"])
+        ref = active_ref(self.settings)
+        if ref:
+            info.add_metric([ref], 1)
+        yield info
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "drscreen_http_requests",
+            "HTTP requests handled",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "drscreen_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.system = SystemCollector()
+        self.registry.register(self.system)
+
+    def attach(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.system.settings = settings
+        self.system.sessions = sessions
+
+    def render(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's full template. Routes of an included router know only their own part
+    (``/images/{image_id}``), so the prefix is recovered from the concrete path."""
+    route = scope.get("route")
+    own = getattr(route, "path", None)
+    if not own:
+        return "unmatched"
+    path = str(scope.get("path", ""))
+    try:
+        rendered = own.format(**{k: str(v) for k, v in (scope.get("path_params") or {}).items()})
+    except (KeyError, IndexError, ValueError):
+        return str(own)
+    return path[: len(path) - len(rendered)] + own if path.endswith(rendered) else str(own)
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by its route *template* (``/v1/images/{image_id}``),
+    never the concrete path, which would carry ids and blow up the label space."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def _send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            template = route_template(scope)
+            method = Request(scope).method
+            self.metrics.requests.labels(method, template, str(status["code"])).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)

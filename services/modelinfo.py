@@ -1,0 +1,78 @@
+"""The released ensembles under ``models_dir``, read as plain JSON.
+
+The API must not import ``ml.release`` (it imports torch); a release is data, so reading
+``models/ensembles/<name>/<version>/manifest.json`` is enough to describe it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from core.schemas import ModelInfo, ModelMember
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+
+
+def released_ensembles(models_dir: Path) -> dict[str, Path]:
+    """``name@version`` -> its manifest path."""
+    root = models_dir / "ensembles"
+    if not root.is_dir():
+        return {}
+    return {
+        f"{m.parent.parent.name}@{m.parent.name}": m
+        for m in sorted(root.glob("*/*/manifest.json"))
+        if m.is_file()
+    }
+
+
+def active_ref(settings: Settings) -> str | None:
+    """What workers load: ``DRSCREEN_MODEL`` if that release exists, else the newest version."""
+    found = released_ensembles(settings.models_dir)
+    if settings.model:
+        return settings.model if settings.model in found else None
+    if not found:
+        return None
+    return max(found, key=lambda ref: _version_key(ref.partition("@")[2]))
+
+
+def read_manifest(settings: Settings, ref: str) -> dict[str, Any] | None:
+    path = released_ensembles(settings.models_dir).get(ref)
+    if path is None:
+        return None
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("unreadable manifest %s", path, exc_info=True)
+        return None
+    return manifest
+
+
+def model_info(settings: Settings) -> ModelInfo | None:
+    ref = active_ref(settings)
+    manifest = read_manifest(settings, ref) if ref else None
+    if ref is None or manifest is None:
+        return None
+    card = manifest.get("card") or {}
+    metrics = card.get("metrics") or {}
+    members = []
+    for entry in manifest.get("members", []):
+        member_ref = entry["ref"] if isinstance(entry, dict) else str(entry)
+        members.append(ModelMember(ref=member_ref, metrics=metrics.get(member_ref) or {}))
+    chosen = card.get("chosen_rule")
+    ensemble_metrics = metrics.get(f"rule:{chosen}") if chosen else None
+    return ModelInfo(
+        version=ref,
+        members=members,
+        metrics={
+            "combination": (manifest.get("combination") or {}).get("rule", chosen),
+            **(ensemble_metrics or {}),
+        },
+    )

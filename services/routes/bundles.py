@@ -1,0 +1,139 @@
+"""``/v1/bundles``: one patient's screening visit (up to two photographs per eye)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, File, UploadFile
+from fastapi.responses import JSONResponse
+
+from core import repository as repo
+from core.errors import InvalidInput, NotFound
+from core.schemas import Accepted, BundleResult
+from core.store import FileStore
+from services import idempotency
+from services.deps import PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
+from services.errors import error_responses
+from services.formcheck import reject_unknown_fields
+from services.routes.images import IdempotencyKey, PatientIdForm, enqueue_scoring
+from services.uploads import Photo, record_photo, store_photo, validate_photo
+from services.views import image_results, patient_summary
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/bundles", tags=["bundles"])
+
+SLOTS = ("left_1", "left_2", "right_1", "right_2")
+OptionalPhoto = Annotated[UploadFile | None, File(description="a photograph of that eye (optional)")]
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Accepted,
+    summary="Upload a patient's photographs (up to two per eye) for screening",
+    responses=error_responses(401, 409, 413, 422, 429),
+    dependencies=[reject_unknown_fields("patient_id", *SLOTS)],
+)
+def create_bundle(
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    producer: ProducerDep,
+    patient_id: PatientIdForm,
+    left_1: OptionalPhoto = None,
+    left_2: OptionalPhoto = None,
+    right_1: OptionalPhoto = None,
+    right_2: OptionalPhoto = None,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    key = idempotency.check_key(idempotency_key)
+    uploads = dict(zip(SLOTS, (left_1, left_2, right_1, right_2), strict=True))
+    if not any(uploads.values()):
+        raise InvalidInput("a bundle needs at least one photograph", {"fields": list(SLOTS)})
+    # Every file is validated before anything is stored or written: one bad photograph refuses the
+    # whole bundle, so a visit is never half-recorded.
+    photos: list[Photo] = [
+        validate_photo(up, slot, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+        for slot, up in uploads.items()
+        if up is not None
+    ]
+    fingerprint = idempotency.fingerprint(patient_id, *(f"{p.field}={p.sha256}" for p in photos))
+    existing = key and idempotency.find(session, principal.clinic_id, "bundle", key, fingerprint)
+    if existing:
+        found = repo.get_bundle(session, existing, principal.clinic_id)
+        if found is None:
+            raise NotFound("no such bundle")
+        return JSONResponse(Accepted(id=found.id, status=found.status).model_dump(mode="json"), 202)
+
+    store = FileStore(settings.store_path)
+    stored = [(photo, store_photo(store, photo)) for photo in photos]
+    patient = repo.get_or_create_patient(session, principal.clinic_id, patient_id)
+    bundle = repo.create_bundle(session, principal.clinic_id, patient.id)
+    image_ids = []
+    for photo, file in stored:
+        image = record_photo(
+            session,
+            clinic_id=principal.clinic_id,
+            patient_id=patient.id,
+            eye=photo.field.split("_", 1)[0],
+            photo=photo,
+            stored=file,
+            bundle_id=bundle.id,
+        )
+        image_ids.append(image.id)
+    audit(
+        session,
+        principal,
+        "bundle.create",
+        patient_id=patient.id,
+        target_type="bundle",
+        target_id=bundle.id,
+        detail={"images": image_ids},
+    )
+    if key:
+        idempotency.remember(
+            session,
+            clinic_id=principal.clinic_id,
+            api_key_id=principal.api_key_id,
+            kind="bundle",
+            key=key,
+            request_fingerprint=fingerprint,
+            resource_id=bundle.id,
+        )
+    session.commit()  # rows first, then the message
+    # One task for the whole visit: the worker scores the photographs as one batch.
+    enqueue_scoring(producer, image_ids)
+    log.info("bundle %s queued with %d photograph(s)", bundle.id, len(image_ids))
+    return JSONResponse(Accepted(id=bundle.id, status="queued").model_dump(mode="json"), 202)
+
+
+@router.get(
+    "/{bundle_id}",
+    response_model=BundleResult,
+    summary="Status, per-photograph results and the patient's aggregate",
+    responses=error_responses(401, 404, 429),
+)
+def get_bundle(bundle_id: str, session: SessionDep, principal: PrincipalDep) -> BundleResult:
+    bundle = repo.get_bundle(session, bundle_id, principal.clinic_id)
+    if bundle is None:
+        raise NotFound("no such bundle")
+    images = repo.bundle_images(session, bundle.id)
+    patient = repo.get_patient_by_id(session, bundle.patient_id)
+    audit(
+        session,
+        principal,
+        "bundle.read",
+        patient_id=bundle.patient_id,
+        target_type="bundle",
+        target_id=bundle.id,
+    )
+    # Status from the images themselves: the bundle row may lag behind the worker by a moment.
+    status = repo.combined_status(im.status for im in images)
+    return BundleResult(
+        id=bundle.id,
+        status=status,
+        images=image_results(session, images),
+        patient=patient_summary(session, patient) if patient is not None else None,
+    )

@@ -1,0 +1,230 @@
+"""``/v1/images``: upload one photograph, read its result, fetch its heatmap."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.orm import Session
+
+from core import producer as tasks_out
+from core import repository as repo
+from core.errors import NotFound
+from core.schemas import Accepted, Eye, ImageResult
+from core.store import FileStore
+from core.tables import Image, utcnow
+from services import idempotency
+from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
+from services.errors import NotReady, error_responses
+from services.formcheck import reject_unknown_fields
+from services.uploads import record_photo, store_photo, validate_photo
+from services.views import image_result
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/images", tags=["images"])
+
+PATIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+PatientIdForm = Annotated[
+    str,
+    Form(
+        min_length=1,
+        max_length=128,
+        pattern=PATIENT_ID_PATTERN,
+        description="the clinic's patient identifier (letters, digits, `.`, `_`, `-`)",
+    ),
+]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="makes a retried POST safe: the same key answers the resource created first",
+    ),
+]
+#: Explanations asked for on demand, image id -> monotonic time (so polling does not flood the queue).
+EXPLAIN_RETRY_SECONDS = 60.0
+EXPLAIN_GRACE_SECONDS = 30.0
+
+
+def enqueue_scoring(producer: ProducerDep, image_ids: list[str]) -> None:
+    """Publish after the commit. A lost publish is not fatal: the rows stay ``queued`` and the
+    workers' maintenance sweep re-queues them."""
+    try:
+        tasks_out.send_score_images(image_ids, app=producer)
+    except Exception:
+        log.warning(
+            "could not queue %d image(s); the sweep will re-queue them", len(image_ids), exc_info=True
+        )
+
+
+def load_image(session: Session, principal: PrincipalDep, image_id: str) -> Image:
+    image = repo.get_image(session, image_id, principal.clinic_id)
+    if image is None:
+        raise NotFound("no such image")
+    return image
+
+
+def _wait_until_finished(session: Session, image_id: str, seconds: float, poll: float) -> Image | None:
+    """Re-read the row until it is done or failed, or ``seconds`` pass (None then)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        # End the read transaction so each poll sees what the worker committed since.
+        session.commit()
+        session.expire_all()
+        image = session.get(Image, image_id)
+        if image is not None and image.status in ("done", "failed"):
+            return image
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Accepted,
+    summary="Upload one photograph for screening",
+    responses={
+        200: {"model": ImageResult, "description": "with `wait`: the finished result"},
+        **error_responses(401, 409, 413, 422, 429),
+    },
+    dependencies=[reject_unknown_fields("file", "patient_id", "eye")],
+)
+def create_image(
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    api: ApiSettingsDep,
+    producer: ProducerDep,
+    file: Annotated[UploadFile, File(description="the photograph (JPEG, PNG, TIFF, BMP or WebP)")],
+    patient_id: PatientIdForm,
+    eye: Annotated[Eye, Form(description="`left` or `right`")],
+    idempotency_key: IdempotencyKey = None,
+    wait: Annotated[
+        float | None, Query(ge=0, le=30, description="seconds (<= 30) to wait for the result")
+    ] = None,
+) -> Any:
+    key = idempotency.check_key(idempotency_key)
+    photo = validate_photo(
+        file, "file", max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels
+    )
+    fingerprint = idempotency.fingerprint(patient_id, eye, photo.sha256)
+    existing = key and idempotency.find(session, principal.clinic_id, "image", key, fingerprint)
+    if existing:
+        image = load_image(session, principal, existing)
+    else:
+        stored = store_photo(FileStore(settings.store_path), photo)
+        patient = repo.get_or_create_patient(session, principal.clinic_id, patient_id)
+        image = record_photo(
+            session, clinic_id=principal.clinic_id, patient_id=patient.id, eye=eye, photo=photo, stored=stored
+        )
+        audit(
+            session,
+            principal,
+            "image.create",
+            patient_id=patient.id,
+            target_type="image",
+            target_id=image.id,
+        )
+        if key:
+            idempotency.remember(
+                session,
+                clinic_id=principal.clinic_id,
+                api_key_id=principal.api_key_id,
+                kind="image",
+                key=key,
+                request_fingerprint=fingerprint,
+                resource_id=image.id,
+            )
+        session.commit()  # the row exists before any worker can be told about it
+        enqueue_scoring(producer, [image.id])
+        log.info("image %s queued", image.id)
+
+    if wait:
+        finished = _wait_until_finished(
+            session, image.id, min(wait, api.max_wait_seconds), api.wait_poll_seconds
+        )
+        if finished is not None:
+            return JSONResponse(image_result(session, finished).model_dump(mode="json"), status_code=200)
+    return JSONResponse(Accepted(id=image.id, status=image.status).model_dump(mode="json"), status_code=202)
+
+
+@router.get(
+    "/{image_id}",
+    response_model=ImageResult,
+    summary="Status and result of one photograph",
+    responses=error_responses(401, 404, 429),
+)
+def get_image(image_id: str, session: SessionDep, principal: PrincipalDep) -> ImageResult:
+    image = load_image(session, principal, image_id)
+    audit(
+        session,
+        principal,
+        "image.read",
+        patient_id=image.patient_id,
+        target_type="image",
+        target_id=image.id,
+    )
+    return image_result(session, image)
+
+
+@router.get(
+    "/{image_id}/explanation",
+    response_class=Response,
+    summary="Grad-CAM heatmap over the photograph (PNG, the photograph's size)",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "the heatmap overlaid on the photograph"},
+        **error_responses(401, 404, 409, 429),
+    },
+)
+def get_explanation(
+    request: Request,
+    image_id: str,
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    producer: ProducerDep,
+) -> Response:
+    image = load_image(session, principal, image_id)
+    row = repo.get_explanation(session, image.id)
+    if row is None:
+        if image.status == "failed":
+            raise NotFound("the photograph could not be scored, so it has no explanation")
+        if image.status == "done":
+            _request_explanation(request, producer, image)
+        raise NotReady("the explanation is not ready yet; retry shortly")
+    store = FileStore(settings.store_path)
+    if not store.exists(row.stored_path):
+        raise NotFound("the explanation file is missing from the store")
+    audit(
+        session,
+        principal,
+        "explanation.read",
+        patient_id=image.patient_id,
+        target_type="image",
+        target_id=image.id,
+    )
+    return Response(store.read_bytes(row.stored_path), media_type="image/png")
+
+
+def _request_explanation(request: Request, producer: ProducerDep, image: Image) -> None:
+    """Workers draw heatmaps on their own after scoring (except for folder jobs that did not ask);
+    when one is still missing a while after the grade, ask for it, at most once a minute."""
+    finished = image.finished_at
+    if finished is not None and finished.tzinfo is None:  # SQLite hands back naive UTC datetimes
+        finished = finished.replace(tzinfo=UTC)
+    if finished is not None and (utcnow() - finished).total_seconds() < EXPLAIN_GRACE_SECONDS:
+        return
+    asked: dict[str, float] = request.app.state.explain_requested
+    now = time.monotonic()
+    if now - asked.get(image.id, -1e9) < EXPLAIN_RETRY_SECONDS:
+        return
+    asked[image.id] = now
+    try:
+        tasks_out.send_explain_image(image.id, app=producer)
+    except Exception:
+        log.warning("could not queue an explanation", exc_info=True)

@@ -1,0 +1,240 @@
+"""``/v1/jobs``: score a folder on the server (under the configured import roots)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from core import producer as tasks_out
+from core import repository as repo
+from core import tasks
+from core.errors import Forbidden, InvalidInput, NotFound
+from core.schemas import Accepted, JobStatus
+from core.settings import Settings
+from core.tables import ScoringJob
+from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
+from services.errors import error_responses
+from services.views import image_results
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    folder: str = Field(
+        min_length=1, max_length=4096, description="absolute folder path under an import root"
+    )
+    explain: bool = Field(default=False, description="also draw Grad-CAM heatmaps for every photograph")
+
+
+class JobResultRow(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    file: str
+    status: str
+    image_id: str | None = None
+    patient_id: str | None = None
+    eye: str | None = None
+    grade: int | None = None
+    referable: bool | None = None
+    gradable: bool | None = None
+    probabilities: list[float] | None = None
+    model_version: str | None = None
+    error: str | None = None
+
+
+class JobResultsPage(BaseModel):
+    job_id: str
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
+    items: list[JobResultRow]
+
+
+def resolve_import_folder(raw: str, settings: Settings) -> Path:
+    """The real folder ``raw`` names, refused unless it lies under an import root.
+
+    ``..`` is refused outright, and the containment check is made on the fully resolved path, so a
+    symlink inside a root that points elsewhere is refused too. Paths outside the roots get the
+    same answer whether or not they exist (no probing of the server's filesystem)."""
+    roots = settings.import_root_paths
+    if not roots:
+        raise Forbidden("folder jobs are disabled: no import roots are configured (DRSCREEN_IMPORT_ROOTS)")
+    if "\x00" in raw:
+        raise InvalidInput("folder contains a NUL character")
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        raise InvalidInput("folder must be an absolute path")
+    if ".." in path.parts:
+        raise Forbidden("folder must not contain '..'")
+    resolved = path.resolve()
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        raise Forbidden("folder is outside the import roots")
+    if not resolved.is_dir():
+        raise InvalidInput("folder does not exist or is not a folder")
+    return resolved
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Accepted,
+    summary="Score every photograph of a folder on the server",
+    responses=error_responses(401, 403, 422, 429),
+)
+def create_job(
+    body: JobRequest,
+    session: SessionDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    producer: ProducerDep,
+) -> JSONResponse:
+    folder = resolve_import_folder(body.folder, settings)
+    job = repo.create_job(session, principal.clinic_id, str(folder))
+    audit(
+        session,
+        principal,
+        "job.create",
+        target_type="job",
+        target_id=job.id,
+        detail={"explain": body.explain},
+    )
+    session.commit()
+    try:
+        tasks_out.send(tasks.EXPAND_FOLDER, [job.id], {"explain": body.explain}, app=producer)
+    except Exception:
+        log.warning("could not queue job %s; the sweep will re-queue it", job.id, exc_info=True)
+    return JSONResponse(Accepted(id=job.id, status="queued").model_dump(mode="json"), 202)
+
+
+def load_job(session: SessionDep, principal: PrincipalDep, job_id: str) -> ScoringJob:
+    job = repo.get_job(session, job_id, principal.clinic_id)
+    if job is None:
+        raise NotFound("no such job")
+    return job
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobStatus,
+    summary="Progress of a folder job and its counts per grade",
+    responses=error_responses(401, 404, 429),
+)
+def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobStatus:
+    job = load_job(session, principal, job_id)
+    if job.status in ("queued", "running"):
+        job = repo.refresh_job_counts(session, job.id)
+    audit(
+        session,
+        principal,
+        "job.read",
+        target_type="job",
+        target_id=job.id,
+    )
+    return JobStatus(
+        id=job.id,
+        status=job.status,
+        folder=job.folder,
+        total=job.total,
+        done=job.done,
+        failed=job.failed,
+        grades=repo.job_grade_counts(session, job.id),
+        error=job.error,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+    )
+
+
+def _rows(
+    session: SessionDep, job: ScoringJob, offset: int, limit: int | None
+) -> tuple[int, list[JobResultRow]]:
+    items = repo.job_items(session, job.id)
+    page = items[offset : None if limit is None else offset + limit]
+    results = {
+        r.id: r
+        for r in image_results(session, repo.get_images(session, [i.image_id for i in page if i.image_id]))
+    }
+    rows = []
+    for item in page:
+        res = results.get(item.image_id) if item.image_id else None
+        row = JobResultRow(
+            file=item.path,
+            status=res.status if res is not None and item.status != "failed" else item.status,
+            image_id=item.image_id,
+            patient_id=item.patient_external_id,
+            eye=item.eye,
+            error=item.error or (res.error if res is not None else None),
+        )
+        if res is not None:
+            row.grade, row.referable, row.gradable = res.grade, res.referable, res.gradable
+            row.probabilities, row.model_version = res.probabilities, res.model_version
+        rows.append(row)
+    return len(items), rows
+
+
+CSV_COLUMNS = ["file", "image_id", "patient_id", "eye", "status", "grade", "referable", "gradable"]
+
+
+def _csv(rows: list[JobResultRow]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow([*CSV_COLUMNS, "p0", "p1", "p2", "p3", "p4", "model_version", "error"])
+    for r in rows:
+        probs: list[Any] = [f"{p:.6f}" for p in r.probabilities] if r.probabilities else [""] * 5
+        values = [getattr(r, c) for c in CSV_COLUMNS]
+        writer.writerow(
+            ["" if v is None else v for v in values] + probs + [r.model_version or "", r.error or ""]
+        )
+    return buf.getvalue()
+
+
+@router.get(
+    "/{job_id}/results",
+    response_model=JobResultsPage,
+    summary="Per-photograph results (JSON pages, or all of them as CSV)",
+    responses={
+        200: {"content": {"text/csv": {}}, "description": "JSON page, or CSV with `format=csv`"},
+        **error_responses(401, 404, 422, 429),
+    },
+)
+def get_job_results(
+    job_id: str,
+    session: SessionDep,
+    principal: PrincipalDep,
+    api: ApiSettingsDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    format: Annotated[Literal["json", "csv"], Query(description="`csv`: every row, no paging")] = "json",
+) -> Any:
+    job = load_job(session, principal, job_id)
+    audit(
+        session,
+        principal,
+        "job.results.read",
+        target_type="job",
+        target_id=job.id,
+    )
+    if format == "csv":
+        _, rows = _rows(session, job, 0, None)
+        return Response(
+            _csv(rows),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="job-{job.id}.csv"'},
+        )
+    limit = min(limit, api.max_page_size)
+    total, rows = _rows(session, job, offset, limit)
+    next_offset = offset + limit if offset + limit < total else None
+    return JobResultsPage(
+        job_id=job.id, total=total, offset=offset, limit=limit, next_offset=next_offset, items=rows
+    )

@@ -1,0 +1,112 @@
+"""Validation of uploaded photographs at the edge, before anything is written.
+
+Every file is read with a hard size cap and fully decoded (``ml.imageio.decode_image``: empty,
+not-an-image, truncated, corrupt, decompression bombs, too small). Only then is it stored
+(content addressed: the same bytes are kept once) and does a row get created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+from fastapi import UploadFile
+from sqlalchemy.orm import Session
+
+from core import repository as repo
+from core.errors import InvalidImage, TooLarge
+from core.store import FileStore, StoredFile
+from core.tables import Image
+from ml.imageio import TOO_LARGE, ImageDecodeError, decode_image, sniff_format
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A validated photograph, not stored yet."""
+
+    field: str
+    data: bytes
+    fmt: str
+    width: int
+    height: int
+    filename: str | None
+    content_type: str | None
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def read_capped(upload: UploadFile, limit: int, field: str) -> bytes:
+    """The upload's bytes; ``TooLarge`` as soon as more than ``limit`` bytes arrive."""
+    parts: list[bytes] = []
+    size = 0
+    upload.file.seek(0)
+    while chunk := upload.file.read(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(
+                f"{field}: the file is larger than {limit // (1024 * 1024)} MiB",
+                {"field": field, "reason": "too_large"},
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def validate_photo(upload: UploadFile, field: str, *, max_bytes: int, max_pixels: int) -> Photo:
+    data = read_capped(upload, max_bytes, field)
+    try:
+        rgb = decode_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        detail = {"field": field, "reason": exc.reason}
+        if exc.reason == TOO_LARGE:
+            raise TooLarge(f"{field}: {exc.detail}", detail) from None
+        raise InvalidImage(f"{field}: {exc.detail}", detail) from None
+    height, width = int(rgb.shape[0]), int(rgb.shape[1])
+    del rgb  # only the size is needed here; the worker decodes again from the store
+    fmt = sniff_format(data) or "bin"
+    return Photo(field, data, fmt, width, height, _safe_name(upload.filename), upload.content_type)
+
+
+def _safe_name(filename: str | None) -> str | None:
+    """The client's file name, for display only: no folders, bounded length."""
+    if not filename:
+        return None
+    return filename.replace("\\", "/").rsplit("/", 1)[-1][:255] or None
+
+
+def store_photo(store: FileStore, photo: Photo) -> StoredFile:
+    ext = "jpg" if photo.fmt == "jpeg" else photo.fmt
+    return store.put_bytes(photo.data, ext)
+
+
+def record_photo(
+    session: Session,
+    *,
+    clinic_id: int,
+    patient_id: int,
+    eye: str,
+    photo: Photo,
+    stored: StoredFile,
+    bundle_id: str | None = None,
+) -> Image:
+    """The image row of a validated, stored photograph (status ``queued``)."""
+    return repo.create_image(
+        session,
+        clinic_id=clinic_id,
+        patient_id=patient_id,
+        eye=eye,
+        sha256=stored.sha256,
+        stored_path=stored.relpath,
+        size_bytes=stored.size_bytes,
+        width=photo.width,
+        height=photo.height,
+        filename=photo.filename,
+        content_type=photo.content_type,
+        bundle_id=bundle_id,
+    )

@@ -1,0 +1,124 @@
+"""Rows -> the contract's JSON shapes (``core.schemas``). Read-only; no commits here."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from core import repository as repo
+from core.schemas import EyeSummary, ImageResult, PatientHistoryEntry, PatientSummary
+from core.tables import EYES, Image, Patient, PatientResult
+
+
+def explanation_url(image_id: str) -> str:
+    return f"/v1/images/{image_id}/explanation"
+
+
+def _model_ref(session: Session, model_version_id: int | None, cache: dict[int, str]) -> str | None:
+    if model_version_id is None:
+        return None
+    if model_version_id not in cache:
+        row = repo.get_model_version(session, model_version_id)
+        cache[model_version_id] = row.ref if row is not None else ""
+    return cache[model_version_id] or None
+
+
+def image_results(session: Session, images: list[Image]) -> list[ImageResult]:
+    """Results of several images (one query for their predictions and one for their patients)."""
+    preds = repo.predictions_for_images(session, [im.id for im in images])
+    refs: dict[int, str] = {}
+    patients: dict[int, str] = {}
+    out = []
+    for im in images:
+        if im.patient_id not in patients:
+            patient = repo.get_patient_by_id(session, im.patient_id)
+            patients[im.patient_id] = patient.external_id if patient is not None else ""
+        result = ImageResult(
+            id=im.id,
+            status=im.status,
+            patient_id=patients[im.patient_id],
+            eye=im.eye,
+            error=im.error if im.status == "failed" else None,
+            created_at=im.created_at,
+        )
+        pred = preds.get(im.id)
+        if im.status == "done":
+            gradable = bool(im.gradable) and (pred is None or pred.gradable)
+            result.gradable = gradable
+            result.quality = im.quality
+            # Ungradable means "refer" for clinics, whatever the ensemble thought of the pixels.
+            result.referable = True if not gradable else (pred.referable if pred is not None else None)
+            if pred is not None:
+                result.grade = pred.grade if gradable else None
+                result.probabilities = pred.probabilities
+                result.members = pred.members
+                result.model_version = _model_ref(session, pred.model_version_id, refs)
+            result.explanation_url = explanation_url(im.id)
+        out.append(result)
+    return out
+
+
+def image_result(session: Session, image: Image) -> ImageResult:
+    return image_results(session, [image])[0]
+
+
+def _eyes_of(result: PatientResult) -> dict[str, EyeSummary]:
+    return {
+        e.eye: EyeSummary(
+            grade=e.grade, gradable=e.gradable, referable=e.referable, image_ids=[str(i) for i in e.image_ids]
+        )
+        for e in result.eyes
+    }
+
+
+def _history(
+    results: list[PatientResult], refs: dict[int, str], session: Session
+) -> list[PatientHistoryEntry]:
+    """One entry per screening: a worker may recompute a patient several times while the photographs
+    of one bundle or job come in, and those partial results share a ``trigger``; keep the newest of
+    each (results come newest first)."""
+    seen: set[str] = set()
+    entries = []
+    for r in results:
+        if r.trigger:
+            if r.trigger in seen:
+                continue
+            seen.add(r.trigger)
+        entries.append(
+            PatientHistoryEntry(
+                grade=r.grade,
+                referable=r.referable,
+                gradable=r.gradable,
+                model_version=_model_ref(session, r.model_version_id, refs),
+                computed_at=r.computed_at,
+                eyes=_eyes_of(r),
+            )
+        )
+    return entries
+
+
+def patient_summary(session: Session, patient: Patient) -> PatientSummary:
+    """The current aggregate with its history (newest first). Before any result exists the patient
+    is reported ungradable (grade null, referable true) with the image ids received so far."""
+    refs: dict[int, str] = {}
+    results = repo.patient_history(session, patient.id)
+    summary = PatientSummary(patient_id=patient.external_id)
+    if results:
+        current = results[0]
+        summary.grade = current.grade
+        summary.referable = current.referable
+        summary.gradable = current.gradable
+        summary.eyes = _eyes_of(current)
+        summary.model_version = _model_ref(session, current.model_version_id, refs)
+        summary.updated_at = current.computed_at
+        summary.history = _history(results, refs, session)
+    # Eyes whose photographs arrived after the last result (or before any) still list them.
+    for eye in EYES:
+        ids = [im.id for im in repo.list_patient_images(session, patient.id, eye)]
+        if not ids:
+            continue
+        known = summary.eyes.get(eye)
+        if known is None:
+            summary.eyes[eye] = EyeSummary(image_ids=ids)
+        else:
+            known.image_ids = known.image_ids + [i for i in ids if i not in known.image_ids]
+    return summary

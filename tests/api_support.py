@@ -1,0 +1,82 @@
+"""Helpers shared by the API tests (unit, integration, e2e): clinics and keys, sample photographs,
+bad files, and polling."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core import repository as repo
+from core.db import session_scope
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = REPO_ROOT / "samples"
+#: The small ensemble trained in the repository for tests (fast on CPU).
+DEV_MODEL = "drscreen-dev@0.1.0"
+
+
+@dataclass(frozen=True)
+class Key:
+    clinic_id: int
+    key_id: int
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def make_key(url: str, clinic: str) -> Key:
+    with session_scope(url) as session:
+        row_clinic = repo.get_or_create_clinic(session, clinic)
+        row, plaintext = repo.create_api_key(session, row_clinic)
+        return Key(row_clinic.id, row.id, plaintext)
+
+
+def revoke(url: str, key: Key) -> None:
+    with session_scope(url) as session:
+        repo.revoke_api_key(session, key.key_id)
+
+
+def sample(patient: str, eye: str) -> Path:
+    return SAMPLES / patient / f"{patient}_{eye}.jpg"
+
+
+def sample_bytes(patient: str, eye: str) -> bytes:
+    return sample(patient, eye).read_bytes()
+
+
+def png_bytes(width: int = 128, height: int = 96) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 40, 20)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bad_files() -> dict[str, bytes]:
+    """Uploads that must all be refused with a 4xx."""
+    jpeg = sample_bytes("19", "left")
+    return {
+        "empty": b"",
+        "text": b"patient notes: nothing to see here\n" * 20,
+        "truncated_jpeg": jpeg[: len(jpeg) // 2],
+        "corrupt_jpeg": jpeg[:600] + bytes(range(256)) * 8 + b"\xff\xd9",
+        "gif": b"GIF89a" + b"\x00" * 64,
+        "tiny_png": png_bytes(16, 16),
+    }
+
+
+def wait_for(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    value = fetch()
+    while not done(value):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s; last: {value}")
+        time.sleep(0.5)
+        value = fetch()
+    return value

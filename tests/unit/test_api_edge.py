@@ -1,0 +1,315 @@
+"""The API's edges on the embedded defaults (SQLite file, filesystem broker; no worker needed):
+auth, bad input leaving no rows, limits, import roots, idempotency, OpenAPI, health and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from core import migrate
+from core.db import session_scope
+from core.settings import get_settings
+from core.tables import Bundle, Image, Patient, ScoringJob
+from services.app import create_app
+from services.config import get_api_settings
+from tests.api_support import Key, bad_files, make_key, png_bytes, revoke, sample_bytes
+
+CONTRACT_PATHS = {
+    "/v1/images": {"post"},
+    "/v1/images/{image_id}": {"get"},
+    "/v1/images/{image_id}/explanation": {"get"},
+    "/v1/bundles": {"post"},
+    "/v1/bundles/{bundle_id}": {"get"},
+    "/v1/jobs": {"post"},
+    "/v1/jobs/{job_id}": {"get"},
+    "/v1/jobs/{job_id}/results": {"get"},
+    "/v1/patients/{patient_id}": {"get"},
+    "/v1/models": {"get"},
+    "/healthz": {"get"},
+    "/readyz": {"get"},
+    "/metrics": {"get"},
+}
+
+
+@pytest.fixture
+def url(isolated_settings: Path) -> str:
+    db_url = get_settings().database_url
+    migrate.upgrade(db_url)
+    return db_url
+
+
+@pytest.fixture
+def client(url: str) -> Iterator[TestClient]:
+    get_api_settings.cache_clear()
+    with TestClient(create_app()) as c:
+        yield c
+    get_api_settings.cache_clear()
+
+
+@pytest.fixture
+def key(url: str) -> Key:
+    return make_key(url, "North clinic")
+
+
+def _count(url: str, table: type) -> int:
+    with session_scope(url) as s:
+        return int(s.scalar(select(func.count()).select_from(table)) or 0)
+
+
+def _upload(client: TestClient, key: Key, data: bytes, **form: str) -> Any:
+    fields = {"patient_id": "p-1", "eye": "left"} | form
+    return client.post("/v1/images", headers=key.headers, data=fields, files={"file": ("x.jpg", data)})
+
+
+def test_health_and_openapi(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    spec = client.get("/openapi.json").json()
+    for path, methods in CONTRACT_PATHS.items():
+        assert methods <= set(spec["paths"][path]), path
+    assert spec["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
+    get_image = spec["paths"]["/v1/images/{image_id}"]["get"]
+    assert {"200", "401", "404"} <= set(get_image["responses"])
+    assert get_image["security"] == [{"ApiKey": []}]
+    assert "200" in spec["paths"]["/v1/images"]["post"]["responses"]  # the `wait` answer
+
+
+def test_every_v1_endpoint_needs_a_valid_key(client: TestClient, url: str, key: Key) -> None:
+    revoked = make_key(url, "North clinic")
+    revoke(url, revoked)
+    calls = [
+        ("post", "/v1/images"),
+        ("get", "/v1/images/abc"),
+        ("get", "/v1/images/abc/explanation"),
+        ("post", "/v1/bundles"),
+        ("get", "/v1/bundles/abc"),
+        ("post", "/v1/jobs"),
+        ("get", "/v1/jobs/abc"),
+        ("get", "/v1/jobs/abc/results"),
+        ("get", "/v1/patients/p-1"),
+        ("get", "/v1/models"),
+    ]
+    for headers in (
+        {},
+        {"Authorization": "Bearer drs_not-a-key"},
+        revoked.headers,
+        {"Authorization": "Basic x"},
+    ):
+        for method, path in calls:
+            resp = client.request(method, path, headers=headers)
+            assert resp.status_code == 401, (method, path, headers, resp.text)
+            assert resp.json()["error"] == "unauthorized"
+            assert resp.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("name", sorted(bad_files()))
+def test_bad_photographs_are_refused_and_write_nothing(
+    client: TestClient, url: str, key: Key, name: str
+) -> None:
+    resp = _upload(client, key, bad_files()[name])
+    assert 400 <= resp.status_code < 500, resp.text
+    body = resp.json()
+    assert body["error"] in {"invalid_image", "too_large"}
+    assert body["detail"]["field"] == "file"
+    assert _count(url, Image) == 0 and _count(url, Patient) == 0
+
+
+def test_bad_fields_are_refused(client: TestClient, url: str, key: Key) -> None:
+    good = sample_bytes("19", "left")
+    cases: list[Any] = [
+        client.post("/v1/images", headers=key.headers, data={"eye": "left"}, files={"file": ("a.jpg", good)}),
+        client.post("/v1/images", headers=key.headers, data={"patient_id": "p", "eye": "left"}),
+        _upload(client, key, good, eye="middle"),
+        _upload(client, key, good, patient_id="../etc"),
+        _upload(client, key, good, patient_id=""),
+        _upload(client, key, good, colour="blue"),
+        client.post("/v1/images", headers=key.headers, json={"patient_id": "p", "eye": "left"}),
+        client.post("/v1/bundles", headers=key.headers, data={"patient_id": "p"}),
+        client.post(
+            "/v1/bundles", headers=key.headers, data={"patient_id": "p"}, files={"left1": ("a.jpg", good)}
+        ),
+        client.post("/v1/jobs", headers=key.headers, json={}),
+        client.post("/v1/jobs", headers=key.headers, json={"folder": "/tmp", "extra": 1}),
+        client.post("/v1/jobs", headers=key.headers, content=b"not json", params={}),
+        client.get("/v1/jobs/abc/results", headers=key.headers, params={"limit": 0}),
+    ]
+    for resp in cases:
+        assert resp.status_code == 422 or resp.status_code == 404, resp.text
+        assert "error" in resp.json() and "detail" in resp.json()
+    assert _count(url, Image) == 0 and _count(url, Bundle) == 0 and _count(url, ScoringJob) == 0
+
+
+def test_one_bad_file_refuses_the_whole_bundle(client: TestClient, url: str, key: Key) -> None:
+    files = {
+        "left_1": ("l.jpg", sample_bytes("19", "left")),
+        "right_1": ("r.jpg", sample_bytes("19", "right")),
+        "right_2": ("r2.jpg", bad_files()["truncated_jpeg"]),
+    }
+    resp = client.post("/v1/bundles", headers=key.headers, data={"patient_id": "p-9"}, files=files)
+    assert resp.status_code == 422
+    assert resp.json()["detail"]["field"] == "right_2"
+    assert _count(url, Image) == 0 and _count(url, Bundle) == 0 and _count(url, Patient) == 0
+
+
+def test_upload_limits(url: str, key: Key, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRSCREEN_MAX_UPLOAD_MB", "1")
+    monkeypatch.setenv("DRSCREEN_MAX_IMAGE_PIXELS", "100000")
+    get_settings.cache_clear()
+    with TestClient(create_app()) as client:
+        big = os.urandom(1024 * 1024 + 10)
+        resp = _upload(client, key, big)
+        assert resp.status_code == 413 and resp.json()["error"] == "too_large"
+        # Over the whole-request limit (4 files + slack): refused from Content-Length, before parsing.
+        resp = _upload(client, key, os.urandom(6 * 1024 * 1024))
+        assert resp.status_code == 413
+        # A "decompression bomb": small file, too many pixels.
+        resp = _upload(client, key, png_bytes(1000, 1000))
+        assert resp.status_code == 413 and resp.json()["detail"]["reason"] == "too_large"
+    assert _count(url, Image) == 0
+
+
+def test_streamed_body_over_the_limit_is_refused(url: str, key: Key, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRSCREEN_MAX_UPLOAD_MB", "1")
+    get_settings.cache_clear()
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(8):
+            yield b"x" * (1024 * 1024)
+
+    with TestClient(create_app()) as client:
+        resp = client.post(
+            "/v1/images",
+            headers=key.headers | {"Content-Type": "multipart/form-data; boundary=zz"},
+            content=chunks(),
+        )
+    assert resp.status_code == 413
+
+
+def test_upload_is_accepted_stored_and_queued(client: TestClient, url: str, key: Key) -> None:
+    data = sample_bytes("16", "left")
+    resp = _upload(client, key, data, patient_id="16")
+    assert resp.status_code == 202, resp.text
+    body = resp.json()
+    assert body["status"] == "queued"
+    got = client.get(f"/v1/images/{body['id']}", headers=key.headers).json()
+    assert got["status"] == "queued" and got["patient_id"] == "16" and got["eye"] == "left"
+    assert client.get(f"/v1/images/{body['id']}/explanation", headers=key.headers).status_code == 409
+    queue = get_settings().broker_dir / "queue"
+    assert any(p.name.endswith(".scoring.msg") for p in queue.iterdir())
+    # Same bytes again: a second image row, one stored file (content addressed).
+    assert _upload(client, key, data, patient_id="16").status_code == 202
+    stored = [p for p in get_settings().store_path.rglob("*.jpg")]
+    assert len(stored) == 1 and _count(url, Image) == 2
+
+
+def test_idempotency_key(client: TestClient, url: str, key: Key) -> None:
+    data = sample_bytes("19", "right")
+    headers = key.headers | {"Idempotency-Key": "visit-42"}
+    files = {"file": ("r.jpg", data)}
+    first = client.post("/v1/images", headers=headers, data={"patient_id": "19", "eye": "right"}, files=files)
+    again = client.post("/v1/images", headers=headers, data={"patient_id": "19", "eye": "right"}, files=files)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    other = client.post("/v1/images", headers=headers, data={"patient_id": "19", "eye": "left"}, files=files)
+    assert other.status_code == 409
+    assert _count(url, Image) == 1
+
+
+def test_folder_jobs_stay_inside_the_import_roots(
+    url: str, key: Key, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "imports"
+    (root / "visit").mkdir(parents=True)
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)
+    monkeypatch.setenv("DRSCREEN_IMPORT_ROOTS", str(root))
+    get_settings.cache_clear()
+    with TestClient(create_app()) as client:
+        refused = {
+            str(outside): 403,
+            f"{root}/visit/../../private": 403,
+            str(root / "escape"): 403,
+            "/etc": 403,
+            "relative/path": 422,
+            str(root / "missing"): 422,
+        }
+        for folder, status in refused.items():
+            resp = client.post("/v1/jobs", headers=key.headers, json={"folder": folder})
+            assert resp.status_code == status, (folder, resp.text)
+        assert _count(url, ScoringJob) == 0
+        resp = client.post("/v1/jobs", headers=key.headers, json={"folder": str(root / "visit")})
+        assert resp.status_code == 202
+        job = client.get(f"/v1/jobs/{resp.json()['id']}", headers=key.headers).json()
+        assert job["status"] == "queued" and job["folder"] == str((root / "visit").resolve())
+
+
+def test_no_import_roots_means_no_folder_jobs(client: TestClient, key: Key, tmp_path: Path) -> None:
+    resp = client.post("/v1/jobs", headers=key.headers, json={"folder": str(tmp_path)})
+    assert resp.status_code == 403 and resp.json()["error"] == "forbidden"
+
+
+def test_rate_limit_per_key(url: str, key: Key, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRSCREEN_RATE_LIMIT_PER_MINUTE", "6")
+    monkeypatch.setenv("DRSCREEN_RATE_LIMIT_BURST", "3")
+    get_api_settings.cache_clear()
+    other = make_key(url, "South clinic")
+    try:
+        with TestClient(create_app()) as client:
+            codes = [client.get("/v1/patients/x", headers=key.headers).status_code for _ in range(4)]
+            assert codes == [404, 404, 404, 429]
+            limited = client.get("/v1/patients/x", headers=key.headers)
+            assert limited.json()["error"] == "rate_limited" and int(limited.headers["retry-after"]) >= 1
+            assert client.get("/v1/patients/x", headers=other.headers).status_code == 404
+    finally:
+        get_api_settings.cache_clear()
+
+
+def _fake_release(models_dir: Path) -> None:
+    folder = models_dir / "ensembles" / "drscreen-test" / "0.2.0"
+    folder.mkdir(parents=True)
+    manifest = {
+        "name": "drscreen-test",
+        "version": "0.2.0",
+        "members": [{"ref": "m-a@0.1.0"}, {"ref": "m-b@0.1.0"}],
+        "combination": {"rule": "weighted_average"},
+        "card": {
+            "chosen_rule": "weighted_average",
+            "metrics": {"m-a@0.1.0": {"test": {"qwk": 0.5}}, "rule:weighted_average": {"test": {"qwk": 0.6}}},
+        },
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_models_readiness_and_metrics(
+    url: str, key: Key, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRSCREEN_MODELS_DIR", str(tmp_path / "models"))
+    get_settings.cache_clear()
+    with TestClient(create_app()) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"] == {"database": True, "broker": True, "model": False}
+        assert client.get("/v1/models", headers=key.headers).status_code == 503
+        _fake_release(tmp_path / "models")
+        assert client.get("/readyz").status_code == 200
+        info = client.get("/v1/models", headers=key.headers).json()
+        assert info["version"] == "drscreen-test@0.2.0"
+        assert [m["ref"] for m in info["members"]] == ["m-a@0.1.0", "m-b@0.1.0"]
+        assert info["members"][0]["metrics"]["test"]["qwk"] == 0.5
+        assert info["metrics"]["test"]["qwk"] == 0.6
+        _upload(client, key, sample_bytes("19", "left"))
+        text = client.get("/metrics").text
+    assert 'drscreen_http_requests_total{method="GET",route="/v1/models",status="200"}' in text
+    assert "drscreen_http_request_duration_seconds_bucket" in text
+    assert 'drscreen_queue_depth{queue="scoring"} 1.0' in text
+    assert 'drscreen_images{status="queued"} 1.0' in text
+    assert 'drscreen_predictions_by_grade{grade="ungradable"}' in text
+    assert 'drscreen_model_info{version="drscreen-test@0.2.0"} 1.0' in text
+    assert "drscreen_images_scored" in text
