@@ -118,7 +118,10 @@ def plan_folder(folder: Path, roots: Sequence[Path] | None) -> list[PlannedFile]
     else:
         for rel_name in files:
             m = match_name(rel_name)
-            if m is None:
+            if m is None and (problem := _not_a_photo(folder / rel_name)) is not None:
+                # Say what the file is before complaining about its name.
+                planned.append(PlannedFile(rel_name, None, None, problem))
+            elif m is None:
                 planned.append(
                     PlannedFile(
                         rel_name,
@@ -134,6 +137,23 @@ def plan_folder(folder: Path, roots: Sequence[Path] | None) -> list[PlannedFile]
         real_roots = [r.resolve() for r in roots]
         planned = [_check_link(folder, p, real_roots) for p in planned]
     return planned
+
+
+def _not_a_photo(path: Path) -> str | None:
+    """Why the file's signature is not an accepted photograph, or None (reads 32 bytes)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(32)
+    except OSError as exc:
+        return f"cannot read the file: {exc.strerror or exc}"
+    fmt = sniff_format(head) if head else None
+    if not head:
+        return "empty: the file is empty"
+    if fmt is None:
+        return "not_an_image: the file is not a recognised image format"
+    if fmt not in SUPPORTED_FORMATS:
+        return f"unsupported_format: {fmt} images are not accepted"
+    return None
 
 
 def _check_link(folder: Path, item: PlannedFile, roots: Sequence[Path]) -> PlannedFile:

@@ -1,0 +1,216 @@
+"""Folder jobs, the sweep, the task error mapping and ``drscreen score`` on SQLite (no broker)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from core import repository as repo
+from core import tasks
+from core.db import session_scope
+from core.settings import get_settings
+from core.store import FileStore
+from core.tables import Image, ScoringJobItem, utcnow
+from tests.unit.test_workers_scoring import PHOTOS, Sent, StubEnsemble, ens, sent, store, url
+from workers import folders, scoring
+from workers import sweep as sweep_mod
+
+__all__ = ["ens", "sent", "store", "url"]  # fixtures shared with the scoring tests
+
+NAMES = ["16_left.jpg", "16_right.jpg", "17_left.jpg", "17_right.jpg", "102_left.jpg", "102_right.jpg"]
+
+
+def make_folder(root: Path, names: list[str] = NAMES) -> Path:
+    folder = root / "batch"
+    folder.mkdir(parents=True)
+    for name in names:
+        (folder / name).write_bytes((PHOTOS / name).read_bytes())
+    (folder / "notes.txt").write_text("not a photograph\n")
+    good = (PHOTOS / "1012_left.jpg").read_bytes()
+    (folder / "21_left.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    (folder / "holiday.jpg").write_bytes(good)  # no patient/eye in the name
+    return folder
+
+
+@pytest.fixture
+def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "imports"
+    root.mkdir()
+    monkeypatch.setenv("DRSCREEN_IMPORT_ROOTS", str(root))
+    get_settings.cache_clear()
+    return root
+
+
+def new_job(url: str, folder: Path | str) -> str:
+    with session_scope(url) as s:
+        clinic = repo.get_or_create_clinic(s, "North")
+        return repo.create_job(s, clinic.id, str(folder)).id
+
+
+def items_by_path(url: str, job_id: str) -> dict[str, ScoringJobItem]:
+    with session_scope(url) as s:
+        return {i.path: i for i in repo.job_items(s, job_id)}
+
+
+def test_plan_names_and_links(tmp_path: Path, roots: Path) -> None:
+    folder = make_folder(roots)
+    (tmp_path / "secret.jpg").write_bytes(b"x")
+    os.symlink(tmp_path / "secret.jpg", folder / "30_left.jpg")
+    os.symlink(folder / "16_left.jpg", folder / "31_right.jpg")  # a link inside the roots is fine
+    plan = {p.path: p for p in folders.plan_folder(folder, [roots])}
+    assert (plan["16_left.jpg"].patient_id, plan["16_left.jpg"].eye) == ("16", "left")
+    assert plan["31_right.jpg"].error is None
+    assert "outside the import roots" in (plan["30_left.jpg"].error or "")
+    assert "cannot tell patient and eye" in (plan["holiday.jpg"].error or "")
+    assert plan["notes.txt"].error is not None
+
+
+def test_manifest_wins(roots: Path) -> None:
+    folder = make_folder(roots, ["16_left.jpg", "17_left.jpg"])
+    (folder / "manifest.csv").write_text(
+        "image,patient_id,eye\n16_left.jpg,A,right\nholiday.jpg,B,L\nmissing.jpg,C,left\n../x.jpg,D,left\n"
+    )
+    plan = {p.path: p for p in folders.plan_folder(folder, [roots])}
+    assert (plan["16_left.jpg"].patient_id, plan["16_left.jpg"].eye) == ("A", "right")
+    assert (plan["holiday.jpg"].patient_id, plan["holiday.jpg"].eye) == ("B", "left")
+    assert plan["17_left.jpg"].error == "not listed in manifest.csv"
+    assert "leaves the job folder" in (plan["../x.jpg"].error or "")
+    assert "manifest.csv" not in plan
+
+
+def test_expand_folder(url: str, store: FileStore, roots: Path, ens: StubEnsemble) -> None:
+    folder = make_folder(roots)
+    job_id = new_job(url, folder)
+    sent = Sent()
+    summary = folders.expand_folder(job_id, db_url=url, store=store, enqueue=sent, chunk=4)
+
+    items = items_by_path(url, job_id)
+    assert summary.items == len(items) == len(NAMES) + 3
+    assert items["notes.txt"].status == "failed" and "not_an_image" in (items["notes.txt"].error or "")
+    assert items["holiday.jpg"].status == "failed"
+    assert items["21_left.jpg"].status == "queued"  # truncation is found when it is decoded
+    # Chunks of at most 4 ids, every queued image exactly once, explanations off for the job.
+    published = [i for _, args, _ in sent for i in args[0]]
+    assert all(name == tasks.SCORE_IMAGES and kw == {"explain": False} for name, _, kw in sent)
+    assert all(len(args[0]) <= 4 for _, args, _ in sent)
+    assert sorted(published) == sorted(i.image_id for i in items.values() if i.image_id)
+
+    # A redelivered expansion adds no item and no image.
+    with session_scope(url) as s:
+        n_images = s.scalar(select(func.count()).select_from(Image))
+    folders.expand_folder(job_id, db_url=url, store=store, enqueue=Sent(), chunk=4)
+    with session_scope(url) as s:
+        assert s.scalar(select(func.count()).select_from(Image)) == n_images
+    assert len(items_by_path(url, job_id)) == len(items)
+
+    # Score the published chunks: the truncated file is reported against its own item.
+    for _, args, kw in sent:
+        scoring.score_images(
+            args[0], explain=kw["explain"], ensemble=ens, store=store, db_url=url, enqueue=Sent()
+        )
+    items = items_by_path(url, job_id)
+    truncated = items["21_left.jpg"]
+    assert truncated.status == "failed" and (truncated.error or "").startswith("truncated")
+    assert items["16_left.jpg"].status == "done"
+    with session_scope(url) as s:
+        job = repo.get_job(s, job_id)
+        assert job is not None and job.status == "done"
+        assert (job.total, job.done, job.failed) == (len(NAMES) + 3, len(NAMES), 3)
+
+
+def test_expand_folder_refuses_outside_roots(url: str, store: FileStore, tmp_path: Path, roots: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    link = roots / "sneaky"
+    os.symlink(outside, link)  # under the roots by name, outside by its real path
+    for folder in (outside, link, roots / "missing"):
+        job_id = new_job(url, folder)
+        summary = folders.expand_folder(job_id, db_url=url, store=store, enqueue=Sent())
+        assert summary.error is not None and not summary.sent
+        with session_scope(url) as s:
+            job = repo.get_job(s, job_id)
+            assert job is not None and job.status == "failed" and job.error
+
+
+def test_same_photo_twice_is_one_image(url: str, store: FileStore, roots: Path) -> None:
+    folder = make_folder(roots, ["16_left.jpg"])
+    (folder / "16_left_copy.jpg").write_bytes((PHOTOS / "16_left.jpg").read_bytes())
+    job_id = new_job(url, folder)
+    folders.expand_folder(job_id, db_url=url, store=store, enqueue=Sent())
+    items = items_by_path(url, job_id)
+    assert items["16_left.jpg"].image_id == items["16_left_copy.jpg"].image_id is not None
+
+
+def test_sweep_requeues_stale(url: str, store: FileStore) -> None:
+    from tests.unit.test_workers_scoring import add_images, photo
+
+    ids = add_images(url, store, "P1", [photo(n) for n in NAMES[:3]])
+    old = utcnow() - timedelta(hours=2)
+    with session_scope(url) as s:
+        a, b, _c = repo.get_images(s, ids)
+        a.updated_at = old  # queued long ago: its message was lost
+        b.status, b.updated_at = "running", old  # its worker died
+    sent = Sent()
+    summary = sweep_mod.sweep(db_url=url, enqueue=sent)
+    assert sorted(summary.requeued) == sorted(ids[:2])
+    assert sent == [(tasks.SCORE_IMAGES, [ids[:2]], {})] or sent == [(tasks.SCORE_IMAGES, [ids[1::-1]], {})]
+    # Touched: a second sweep right away sends nothing.
+    again = Sent()
+    assert sweep_mod.sweep(db_url=url, enqueue=again).requeued == [] and again == []
+    # A short running timeout still leaves a fresh row alone.
+    assert sweep_mod.sweep(db_url=url, enqueue=Sent(), running_after=timedelta(hours=1)).requeued == []
+
+
+def test_transient_errors() -> None:
+    import redis
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from workers.tasks import backoff, is_transient
+
+    assert is_transient(OperationalError("SELECT 1", {}, Exception("server closed the connection")))
+    assert is_transient(redis.exceptions.ConnectionError("down"))
+    assert not is_transient(IntegrityError("INSERT", {}, Exception("duplicate")))
+    assert not is_transient(ValueError("bug"))
+    assert 1.0 <= backoff(0) <= 2.0 and backoff(20) <= 300.0
+
+
+def test_score_path_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import bulk, model
+
+    folder = make_folder(tmp_path, NAMES[:4])
+    monkeypatch.setattr(model, "_ensemble", StubEnsemble())
+    out_json = tmp_path / "out" / "results.json"
+    assert bulk.score_path(folder, out_json, explain=True) == 0
+    data = json.loads(out_json.read_text())
+    by_file = {r["file"]: r for r in data["images"]}
+    assert data["model_version"] == "stub-ensemble@0.0.1"
+    assert by_file["notes.txt"]["status"] == "failed"
+    assert by_file["holiday.jpg"]["status"] == "done" and by_file["holiday.jpg"]["eye"] is None
+    assert by_file["21_left.jpg"]["status"] == "failed"
+    patients = {p["patient_id"]: p for p in data["patients"]}
+    assert set(patients) == {"16", "17", "21", "holiday"}
+    # Patient 21's only photo could not be read: ungradable, so referred.
+    assert patients["21"]["grade"] is None and patients["21"]["referable"] is True
+    heatmaps = [r["heatmap"] for r in data["images"] if r["heatmap"]]
+    assert heatmaps and all(Path(h).is_file() for h in heatmaps)
+
+    out_csv = tmp_path / "out" / "results.csv"
+    assert bulk.score_path(folder, out_csv, explain=False) == 0
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 7 and {"p0", "p4", "grade", "referable"} <= set(rows[0])
+    assert (tmp_path / "out" / "results_patients.csv").is_file()
+
+    sub = tmp_path / "out" / "my_submission.csv"
+    assert bulk.score_path(folder, sub) == 0
+    lines = sub.read_text().splitlines()
+    assert lines[0] == "ID,TARGET" and any(line.startswith("16_left,") for line in lines)
+    assert all(line.split(",")[1].isdigit() for line in lines[1:])
+
+    single = bulk.run(folder / "16_left.jpg", ensemble=StubEnsemble())
+    assert [(r.patient_id, r.eye) for r in single.images] == [("16", "left")]
