@@ -13,7 +13,6 @@ from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore, get_store
 from ml.imageio import ImageDecodeError, decode_image
-from ml.inference.overlay import overlay_png
 from workers.model import EnsembleLike, get_ensemble
 
 log = logging.getLogger(__name__)
@@ -51,6 +50,9 @@ def explain_image(
     except (FileNotFoundError, ImageDecodeError) as exc:
         log.warning("explain_image: cannot read the photograph of %s: %s", image_id, exc)
         return None
+    # Imported here: ml.inference pulls in torch, which the Celery parent process must not load.
+    from ml.inference.overlay import overlay_png
+
     heat = ens.explain(rgb)
     stored = store.put_bytes(overlay_png(rgb, heat), "png")
 
