@@ -48,12 +48,13 @@ MAX_FILES_PER_REQUEST = 4
 
 
 def create_app(settings: Settings | None = None, api_settings: ApiSettings | None = None) -> FastAPI:
-    """Build the app. ``settings`` default to the process environment (read at start-up)."""
-    base = settings or get_settings()
-    api = api_settings or get_api_settings()
+    """Build the app. ``settings`` default to the process environment, read at start-up (in the
+    lifespan), not when the app object is built."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        base = settings or get_settings()
+        api = api_settings or get_api_settings()
         app.state.settings = base
         app.state.api_settings = api
         app.state.sessionmaker = db.get_sessionmaker(base.database_url)
@@ -88,9 +89,8 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
 
     metrics = Metrics()
     app.state.metrics = metrics
-    max_body = base.max_upload_bytes * MAX_FILES_PER_REQUEST + MULTIPART_SLACK_BYTES
     # Added last = outermost: oversized bodies are refused before routing, and still counted.
-    app.add_middleware(BodySizeLimit, max_bytes=max_body)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.get("/healthz", tags=["operations"], summary="The process is up")
@@ -105,10 +105,17 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     )
     async def readyz(request: Request) -> JSONResponse:
         checks = await run_in_threadpool(_readiness, request.app)
-        ok = all(checks.values())
-        return JSONResponse(
-            {"status": "ready" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
-        )
+        if all(checks.values()):
+            return JSONResponse({"status": "ready", "checks": checks})
+        failing = ", ".join(name for name, ok in checks.items() if not ok)
+        # The error shape of every other answer, plus the individual checks.
+        body = {
+            "status": "unavailable",
+            "checks": checks,
+            "error": "unavailable",
+            "detail": f"not ready: {failing}",
+        }
+        return JSONResponse(body, status_code=503)
 
     @app.get(
         "/metrics",
@@ -122,6 +129,13 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         return await run_in_threadpool(metrics.render)
 
     return app
+
+
+def max_body_bytes(app: Any) -> int:
+    """Largest request body: a bundle's photographs plus the multipart overhead."""
+    # Before start-up (a schema fetched without the lifespan) the environment's settings apply.
+    settings: Settings = getattr(app.state, "settings", None) or get_settings()
+    return settings.max_upload_bytes * MAX_FILES_PER_REQUEST + MULTIPART_SLACK_BYTES
 
 
 def _readiness(app: Any) -> dict[str, bool]:

@@ -7,6 +7,7 @@ spool gigabytes to disk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,26 +20,28 @@ class _TooLarge(Exception):
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """``max_bytes(app)`` gives the limit; it is read per request because the settings are only
+    known once the app has started."""
+
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[Any], int]) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            413, "too_large", f"request body larger than {self.max_bytes // (1024 * 1024)} MiB"
-        )
+    async def _refuse(self, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, "too_large", f"request body larger than {limit // (1024 * 1024)} MiB")
         await response(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_bytes(scope["app"])
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
-                if int(declared) > self.max_bytes:
-                    await self._refuse(scope, receive, send)
+                if int(declared) > limit:
+                    await self._refuse(limit, scope, receive, send)
                     return
             except ValueError:
                 pass
@@ -50,7 +53,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     state["too_large"] = True
                     raise _TooLarge
             return message
@@ -71,4 +74,4 @@ class BodySizeLimit:
             if not state["too_large"]:
                 raise
         if state["too_large"] and not state["started"]:
-            await self._refuse(scope, receive, send)
+            await self._refuse(limit, scope, receive, send)
