@@ -21,6 +21,7 @@ from core.settings import Settings, get_settings
 from services.config import ApiSettings, get_api_settings
 from services.errors import install_error_handlers
 from services.limits import BodySizeLimit
+from services.logfilter import install_access_log_filter
 from services.metrics import Metrics, MetricsMiddleware
 from services.modelinfo import active_ref
 from services.ratelimit import RateLimiter
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         app.state.rate_limiter = RateLimiter(api.rate_limit_per_minute, api.rate_limit_burst)
         app.state.explain_requested = {}
         metrics.attach(base, app.state.sessionmaker)
+        install_access_log_filter()
         log.info("API ready (model %s)", active_ref(base) or "none installed")
         try:
             yield

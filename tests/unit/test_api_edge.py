@@ -313,3 +313,16 @@ def test_models_readiness_and_metrics(
     assert 'drscreen_predictions_by_grade{grade="ungradable"}' in text
     assert 'drscreen_model_info{version="drscreen-test@0.2.0"} 1.0' in text
     assert "drscreen_images_scored" in text
+
+
+def test_access_log_hides_patient_ids() -> None:
+    import logging
+
+    from services.logfilter import RedactPatientIds
+
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/v1/patients/JOHN-DOE-1931?x=1", "1.1", 200), None,
+    )  # fmt: skip
+    assert RedactPatientIds().filter(record)
+    assert "JOHN-DOE" not in record.getMessage() and "/v1/patients/<redacted>?x=1" in record.getMessage()
