@@ -108,17 +108,31 @@ def running_worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Po
         _stop_process_group(proc)
 
 
-def _stop_process_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_process_group(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """TERM the worker's whole group (Celery's warm shutdown), then KILL whatever is left: pool
+    children can outlive their parent for a moment, and none may outlive the demo."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    deadline = time.monotonic() + grace
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    # Orphaned pool children are reaped by init a moment later.
+    deadline = time.monotonic() + 5
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _wait_worker_ready(proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
@@ -282,6 +296,8 @@ def _demo_key(settings: Settings) -> str:
 def run_demo() -> None:
     """Run the demo on the configured (default: embedded) settings; see the module docstring."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # kombu warns that the file broker has no hostname: true, and of no use to the person waiting.
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)
     console = Console()
     base = get_settings()
     roots = ":".join(filter(None, [base.import_roots, str(SAMPLES_DIR)]))
@@ -299,7 +315,8 @@ def run_demo() -> None:
     key = _demo_key(settings)
     console.print(
         f"drscreen demo: {len(patients)} sample patients, model {active_ref(settings)}, "
-        f"data under {settings.var_dir}"
+        f"data under {settings.var_dir}",
+        soft_wrap=True,
     )
     worker_log = demo_dir / "worker.log"
     deadline = time.monotonic() + DEADLINE_SECONDS

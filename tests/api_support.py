@@ -4,6 +4,7 @@ bad files, and polling."""
 from __future__ import annotations
 
 import io
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = REPO_ROOT / "samples"
 #: The small ensemble trained in the repository for tests (fast on CPU).
 DEV_MODEL = "drscreen-dev@0.1.0"
+
+
+def model_env() -> dict[str, str]:
+    """``DRSCREEN_MODEL`` for the tests, and ``DRSCREEN_MODELS_DIR`` when
+    ``DRSCREEN_TEST_MODELS_DIR`` points the tests at another models folder."""
+    env = {"DRSCREEN_MODEL": os.environ.get("DRSCREEN_TEST_MODEL", DEV_MODEL)}
+    if os.environ.get("DRSCREEN_TEST_MODELS_DIR"):
+        env["DRSCREEN_MODELS_DIR"] = os.environ["DRSCREEN_TEST_MODELS_DIR"]
+    return env
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from core.db import session_scope
 from core.settings import get_settings
 from core.tables import AuditEvent, Bundle, Image, ScoringJob
 from services.app import create_app
-from tests.api_support import DEV_MODEL, SAMPLES, Key, bad_files, make_key, revoke, sample, wait_for
+from tests.api_support import SAMPLES, Key, bad_files, make_key, model_env, revoke, sample, wait_for
 from tests.conftest import WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -38,8 +38,8 @@ def env(pg_url: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
         "DRSCREEN_BROKER_URL": broker,
         "DRSCREEN_STORE_DIR": str(tmp_path / "store"),
         "DRSCREEN_VAR_DIR": str(tmp_path / "var"),
-        "DRSCREEN_MODEL": DEV_MODEL,
         "DRSCREEN_IMPORT_ROOTS": str(SAMPLES),
+        **model_env(),
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -82,7 +82,7 @@ def _screen_bundle(client: TestClient, key: Key, patient: str) -> dict[str, Any]
 
 def _assert_scored(image: dict[str, Any]) -> None:
     assert image["status"] == "done", image
-    assert image["model_version"] == DEV_MODEL
+    assert image["model_version"] == model_env()["DRSCREEN_MODEL"]
     assert len(image["probabilities"]) == 5 and abs(sum(image["probabilities"]) - 1) < 1e-3
     assert isinstance(image["gradable"], bool) and isinstance(image["referable"], bool)
     assert image["quality"] and "gradable" in image["quality"]
@@ -108,7 +108,7 @@ def test_screening_through_the_api(
     for image in first["images"]:
         _assert_scored(image)
     patient = first["patient"]
-    assert patient["patient_id"] == "16" and patient["model_version"] == DEV_MODEL
+    assert patient["patient_id"] == "16" and patient["model_version"] == model_env()["DRSCREEN_MODEL"]
     assert set(patient["eyes"]) == {"left", "right"}
     graded_eyes = [e["grade"] for e in patient["eyes"].values() if e["grade"] is not None]
     assert patient["grade"] == (max(graded_eyes) if graded_eyes else None)
@@ -167,7 +167,9 @@ def test_screening_through_the_api(
     csv_resp = client.get(f"/v1/jobs/{job_id}/results", headers=north.headers, params={"format": "csv"})
     assert csv_resp.headers["content-type"].startswith("text/csv")
     table = list(csv.DictReader(io.StringIO(csv_resp.text)))
-    assert len(table) == 2 and all(r["status"] == "done" and r["model_version"] == DEV_MODEL for r in table)
+    assert len(table) == 2 and all(
+        r["status"] == "done" and r["model_version"] == model_env()["DRSCREEN_MODEL"] for r in table
+    )
 
     # Another clinic sees none of it: every id answers 404.
     foreign = [
