@@ -108,7 +108,7 @@ def running_worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Po
         _stop_process_group(proc)
 
 
-def _group_alive(pgid: int) -> bool:
+def process_group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -124,14 +124,14 @@ def _stop_process_group(proc: subprocess.Popen[bytes], grace: float = 20.0) -> N
     deadline = time.monotonic() + grace
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while process_group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     # Orphaned pool children are reaped by init a moment later.
     deadline = time.monotonic() + 5
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while process_group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from services.demo import process_group_alive
 from tests.api_support import REPO_ROOT, model_env, wait_for
 from tests.conftest import DRSCREEN_BIN
 
@@ -46,12 +47,4 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert str(path) in proc.stdout, context
     # Nothing left running: the worker's whole process group is gone.
     pid = int((var / "demo" / "worker.pid").read_text())
-    assert wait_for(lambda: _group_gone(pid), bool, 10, "worker process group gone")
-
-
-def _group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    assert wait_for(lambda: not process_group_alive(pid), bool, 10, "worker process group gone")
