@@ -220,6 +220,16 @@ def test_idempotency_key(client: TestClient, url: str, key: Key) -> None:
     assert other.status_code == 409
     assert _count(url, Image) == 1
 
+    bundle_headers = key.headers | {"Idempotency-Key": "visit-43"}
+    bundle_files = {"left_1": ("l.jpg", sample_bytes("19", "left")), "right_1": ("r.jpg", data)}
+    ids = {
+        client.post(
+            "/v1/bundles", headers=bundle_headers, data={"patient_id": "19"}, files=bundle_files
+        ).json()["id"]
+        for _ in range(2)
+    }
+    assert len(ids) == 1 and _count(url, Bundle) == 1 and _count(url, Image) == 3
+
 
 def test_folder_jobs_stay_inside_the_import_roots(
     url: str, key: Key, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
