@@ -1,0 +1,174 @@
+"""`drscreen evaluate`: score a labelled set with a released ensemble (or one member) and
+report the contract's metrics; `--report DIR` adds a confusion matrix, ROC curve and a
+Markdown/HTML report.
+
+Labels CSV: columns `image` (path relative to the CSV's folder) and `grade`, optionally
+`patient_id` and `eye`. With patient ids, patient-level referable figures are added (a
+patient is referable when either eye is, using the contract's worse-eye rule).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from ml.inference.combine import CombineRule
+from ml.inference.ensemble import Ensemble, Member, load_ensemble
+from ml.metrics import grading_report, referable_metrics
+from ml.release import load_checkpoint, member_dir, models_root_has_member
+
+log = logging.getLogger(__name__)
+
+
+def load_model(ref: str | None) -> Ensemble:
+    """An ensemble by name@version, or a single released member wrapped as a 1-member ensemble."""
+    if ref and models_root_has_member(ref):
+        model, pre, config = load_checkpoint(member_dir(ref))
+        return Ensemble(ref, [Member(ref, model, pre, config)], CombineRule("weighted_average", [1.0]), {})
+    return load_ensemble(ref)
+
+
+def read_labels(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "image" not in rows[0] or "grade" not in rows[0]:
+        raise SystemExit(f"{path}: needs columns 'image' and 'grade'")
+    return rows
+
+
+def evaluate(labels: Path, ref: str | None, batch: int = 16) -> dict[str, Any]:
+    rows = read_labels(labels)
+    ens = load_model(ref)
+    base = labels.parent
+    probs: list[list[float]] = []
+    grades: list[int] = []
+    for start in tqdm(range(0, len(rows), batch), desc="evaluating", unit="batch", file=sys.stderr):
+        chunk = rows[start : start + batch]
+        images = [np.asarray(Image.open(base / r["image"]).convert("RGB")) for r in chunk]
+        for p in ens.predict(images):
+            probs.append(p.probabilities)
+            grades.append(p.grade)
+    y = np.array([int(r["grade"]) for r in rows])
+    p = np.array(probs)
+    report = grading_report(y, grades, p[:, 2:].sum(axis=1))
+    report["model"] = ens.ref
+    if rows and rows[0].get("patient_id"):
+        report["patient"] = patient_metrics(rows, ens, p, y)
+    return report
+
+
+def patient_metrics(
+    rows: list[dict[str, str]], ens: Ensemble, probs: np.ndarray, y: np.ndarray
+) -> dict[str, Any]:
+    """Worse-eye rule: eye grade from its images' mean probabilities; patient = worse eye."""
+    eyes: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        eyes[(r["patient_id"], r.get("eye") or str(i))].append(i)
+    truth: dict[str, int] = defaultdict(int)
+    pred: dict[str, int] = defaultdict(int)
+    score: dict[str, float] = defaultdict(float)
+    for (pid, _), idx in eyes.items():
+        mean = probs[idx].mean(axis=0)
+        truth[pid] = max(truth[pid], int(y[idx].max()))
+        pred[pid] = max(pred[pid], ens.grade_from_probabilities(mean.tolist()))
+        score[pid] = max(score[pid], float(mean[2:].sum()))
+    pids = sorted(truth)
+    out: dict[str, Any] = {"n_patients": len(pids)}
+    out.update(referable_metrics([truth[p] for p in pids], [pred[p] for p in pids], [score[p] for p in pids]))
+    return out
+
+
+def write_report(report: dict[str, Any], out: Path, y_true: list[int] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    matrix = np.array(report["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(5):
+        for j in range(5):
+            ax.text(
+                j,
+                i,
+                str(matrix[i, j]),
+                ha="center",
+                va="center",
+                color="black" if matrix[i, j] < matrix.max() / 2 else "white",
+            )
+    ax.set_xlabel("predicted grade")
+    ax.set_ylabel("reference grade")
+    ax.set_title(f"{report['model']}\nQWK {report['qwk']:.3f}")
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=100)
+    plt.close(fig)
+    keys = ["n_images", "qwk", "accuracy", "referable_sensitivity", "referable_specificity", "referable_auc"]
+    md = [f"# Evaluation of {report['model']}", "", "| metric | value |", "|---|---|"]
+    md += [
+        f"| {k} | {report[k]:.3f} |" if isinstance(report[k], float) else f"| {k} | {report[k]} |"
+        for k in keys
+    ]
+    md += [
+        "",
+        "Per-class recall: "
+        + ", ".join(f"grade {g}: {r:.2f}" for g, r in enumerate(report["per_class_recall"])),
+        "",
+    ]
+    if "patient" in report:
+        md += ["Patient level: " + json.dumps(report["patient"]), ""]
+    md += ["![confusion matrix](confusion_matrix.png)", ""]
+    (out / "report.md").write_text("\n".join(md))
+    (out / "report.html").write_text(
+        "<html><body><pre>"
+        + html.escape("\n".join(md[:-2]))
+        + '</pre><img src="confusion_matrix.png"></body></html>'
+    )
+
+
+def nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nan_to_none(v) for v in value]
+    return value
+
+
+def evaluate_cli(labels: Path, model: str | None, as_json: bool, report_dir: Path | None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    report = evaluate(Path(labels), model)
+    if report_dir:
+        write_report(report, Path(report_dir))
+    out = sys.stdout
+    for key in (
+        "n_images",
+        "qwk",
+        "accuracy",
+        "referable_sensitivity",
+        "referable_specificity",
+        "referable_auc",
+    ):
+        value = report[key]
+        out.write(f"{key:>24}: {value:.4f}\n" if isinstance(value, float) else f"{key:>24}: {value}\n")
+    out.write(
+        f"{'per_class_recall':>24}: " + ", ".join(f"{r:.3f}" for r in report["per_class_recall"]) + "\n"
+    )
+    if "patient" in report:
+        out.write(f"{'patient level':>24}: " + json.dumps(report["patient"]) + "\n")
+    if as_json:
+        # the LAST line of stdout is one JSON object (NaN -> null so any JSON parser reads it)
+        out.write(json.dumps(nan_to_none(report)) + "\n")
+    return 0

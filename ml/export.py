@@ -1,0 +1,285 @@
+"""`drscreen export`: promote training runs to releases and fit the ensemble.
+
+    drscreen export member RUN_DIR --name NAME --version 1.0.0 [--half]
+    drscreen export ensemble --member NAME@VER ... --name NAME --version 1.0.0 [--rule auto]
+    drscreen export onnx --model NAME@VER [--quantize]
+
+The ensemble step is where every combination rule meets every member on the same natural-colour
+validation patients: weights, thresholds and the stacking model are fitted there, the rule
+with the best validation QWK is chosen, and all of it is also measured on the natural-colour
+test patients that no member was trained or tuned on. The figures go into the manifest and the
+model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from tqdm import tqdm
+
+from ml.inference.combine import CombineRule, combine, expected
+from ml.inference.ensemble import Ensemble, Member
+from ml.metrics import fit_thresholds, grading_report
+from ml.release import default_models_dir, ensemble_dir, load_checkpoint, member_dir, sha256_file
+from ml.training.config import DataConfig, TrainConfig
+from ml.training.data import Sample, load_rgb
+from ml.training.train import natural_split
+
+log = logging.getLogger(__name__)
+SENSITIVITY_FLOOR = 0.85  # referable sensitivity the operating point must keep on validation
+
+
+def export_member(run_dir: Path, name: str, version: str, half: bool, models_dir: Path) -> Path:
+    """Copy a run's best checkpoint into models/members/<name>/<version> (optionally fp16)."""
+    from ml.release import save_checkpoint
+
+    src = run_dir / "best"
+    model, pre, config = load_checkpoint(src)
+    meta = config["metadata"]
+    meta.pop("history", None)
+    meta.update({"changelog": f"{version}: trained by run {run_dir.name}", "run": run_dir.name})
+    dst = models_dir / "members" / name / version
+    if dst.exists():
+        shutil.rmtree(dst)
+    save_checkpoint(
+        dst,
+        model,
+        pre,
+        name,
+        version,
+        {k: v for k, v in meta.items() if k not in ("name", "version", "libraries", "weights_sha256")},
+        half=half,
+    )
+    for extra in ("curves.png", "metrics.jsonl", "config.json"):
+        if (run_dir / extra).exists():
+            shutil.copy(run_dir / extra, dst / ("train_" + extra if extra == "config.json" else extra))
+    log.info("exported %s -> %s (%.1f MB)", run_dir, dst, (dst / "model.safetensors").stat().st_size / 1e6)
+    return dst
+
+
+def member_probs(members: list[Member], samples: list[Sample]) -> np.ndarray:
+    """(M, N, 5) member probabilities for labelled samples."""
+    ens = Ensemble("fit", members, CombineRule(), {})
+    out = []
+    for start in tqdm(range(0, len(samples), 16), desc="scoring", unit="batch"):
+        batch = [load_rgb(s.path) for s in samples[start : start + 16]]
+        out.append(ens.member_probabilities(ens.pixel_inputs(batch)))
+    return np.concatenate(out, axis=1)
+
+
+def keep_sensitivity(thresholds: tuple[float, ...], score: np.ndarray, y: np.ndarray) -> list[float]:
+    """Lower the 1|2 cut until validation referable sensitivity reaches the floor."""
+    cuts = list(thresholds)
+    referable = y >= 2
+    while referable.any() and ((score >= cuts[1]) & referable).sum() / referable.sum() < SENSITIVITY_FLOOR:
+        if cuts[1] - 0.02 <= cuts[0]:
+            break
+        cuts[1] = round(cuts[1] - 0.02, 4)
+    return cuts
+
+
+def fit_rules(val: np.ndarray, y: np.ndarray, weight_grid: float = 0.25) -> dict[str, CombineRule]:
+    """Fit every combination rule on validation probabilities (M, N, 5)."""
+    m = val.shape[0]
+    steps = np.arange(0, 1 + 1e-9, weight_grid)
+    best_w, best_q = [1.0] * m, -1.0
+    for w in itertools.product(steps, repeat=m):
+        if sum(w) == 0:
+            continue
+        rule = CombineRule("weighted_average", list(map(float, w)))
+        _, score, _ = combine(rule, val)
+        cuts = fit_thresholds(score, y, rounds=1)
+        q = grading_report(y, np.searchsorted(cuts, score, side="right"))["qwk"]
+        assert isinstance(q, float)
+        if q > best_q + 1e-9:
+            best_q, best_w = q, list(map(float, w))
+    rules: dict[str, CombineRule] = {}
+    wa = CombineRule("weighted_average", best_w)
+    _, score, _ = combine(wa, val)
+    wa.thresholds = keep_sensitivity(fit_thresholds(score, y), score, y)
+    rules["weighted_average"] = wa
+    member_cuts = [
+        keep_sensitivity(fit_thresholds(expected(val[i]), y), expected(val[i]), y) for i in range(m)
+    ]
+    rules["max_vote"] = CombineRule("max_vote", [1.0] * m, wa.thresholds, member_cuts)
+    features = val.transpose(1, 0, 2).reshape(val.shape[1], -1)
+    present = np.unique(y)
+    clf = LogisticRegression(C=0.5, max_iter=2000, class_weight="balanced").fit(features, y)
+    coef = np.zeros((5, features.shape[1]))
+    intercept = np.full(5, -30.0)  # grades absent from validation are never predicted
+    coef[present], intercept[present] = (
+        clf.coef_ if len(present) > 2 else np.vstack([-clf.coef_, clf.coef_]),
+        clf.intercept_ if len(present) > 2 else np.array([-clf.intercept_[0], clf.intercept_[0]]),
+    )
+    rules["stacking"] = CombineRule(
+        "stacking",
+        [1.0] * m,
+        wa.thresholds,
+        stacking_coef=coef.tolist(),
+        stacking_intercept=intercept.tolist(),
+    )
+    return rules
+
+
+def evaluate_probs(rule: CombineRule, probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    combined, _, grade = combine(rule, probs)
+    referable_score = combined[:, 2:].sum(axis=1)
+    return grading_report(y, grade, referable_score)
+
+
+def export_ensemble(
+    member_refs: list[str], name: str, version: str, rule_name: str, data: DataConfig, models_dir: Path
+) -> Path:
+    members = []
+    for ref in member_refs:
+        model, pre, config = load_checkpoint(member_dir(ref, models_dir))
+        members.append(Member(ref, model, pre, config))
+    split = natural_split(TrainConfig(data=data), Path.cwd())
+    val, test = split["val"], split["test"]
+    y_val, y_test = np.array([s.grade for s in val]), np.array([s.grade for s in test])
+    p_val, p_test = member_probs(members, val), member_probs(members, test)
+    rules = fit_rules(p_val, y_val)
+    table: dict[str, dict[str, Any]] = {}
+    for i, ref in enumerate(member_refs):
+        single = CombineRule("weighted_average", [1.0], rules["max_vote"].member_thresholds[i])
+        table[ref] = {
+            "validation": evaluate_probs(single, p_val[i : i + 1], y_val),
+            "test": evaluate_probs(single, p_test[i : i + 1], y_test),
+        }
+    for rname, rule in rules.items():
+        table[f"rule:{rname}"] = {
+            "validation": evaluate_probs(rule, p_val, y_val),
+            "test": evaluate_probs(rule, p_test, y_test),
+        }
+    chosen = (
+        rule_name
+        if rule_name != "auto"
+        else max(rules, key=lambda r: table[f"rule:{r}"]["validation"]["qwk"])
+    )
+    folder = ensemble_dir(f"{name}@{version}", models_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "name": name,
+        "version": version,
+        "members": [
+            {"ref": r, "weights_sha256": sha256_file(member_dir(r, models_dir) / "model.safetensors")}
+            for r in member_refs
+        ],
+        "combination": rules[chosen].to_dict(),
+        "card": {
+            "chosen_rule": chosen,
+            "sensitivity_floor_on_validation": SENSITIVITY_FLOOR,
+            "validation": {"set": "natural-colour validation patients", "n_images": len(val)},
+            "test": {
+                "set": "natural-colour test patients (never trained or tuned on)",
+                "n_images": len(test),
+            },
+            "metrics": table,
+        },
+    }
+    quality = Path(__file__).with_name("quality_thresholds.json")
+    if quality.exists():
+        manifest["quality_thresholds"] = json.loads(quality.read_text())
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
+    (folder / "MODEL_CARD.md").write_text(model_card(manifest))
+    log.info(
+        "ensemble %s@%s: rule %s, test QWK %.3f",
+        name,
+        version,
+        chosen,
+        table[f"rule:{chosen}"]["test"]["qwk"],
+    )
+    return folder
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+
+
+CARD_INTRO = (
+    "Grades colour fundus photographs on the ICDR scale (0 none ... 4 proliferative DR); "
+    "referable = grade >= 2."
+)
+CARD_LIMITS = [
+    "- Trained on EyePACS (Kaggle 2015) photographs: stage 1 on ~5,200 colour-equalised 256 px "
+    "photographs, stage 2 on natural-colour patients; split by patient.",
+    "- The test set is small (about 58 patients): its figures carry wide confidence intervals, "
+    "and grades 3 and 4 are rare in it.",
+    "- One population and camera family; other cameras (e.g. DRIVE) were only checked by the "
+    "quality gate, not graded.",
+    "- Not a medical device. Ungradable photographs get no grade and the eye is reported as "
+    "ungradable (refer).",
+]
+CARD_COLUMNS = (
+    "| model or rule | val QWK | test QWK | test accuracy | test referable sens. "
+    "| test referable spec. | test referable AUC |"
+)
+
+
+def model_card(manifest: dict[str, Any]) -> str:
+    card = manifest["card"]
+    combination = manifest["combination"]
+    lines = [f"# Model card: {manifest['name']}@{manifest['version']}", "", CARD_INTRO, "", "## Members", ""]
+    lines += [f"- `{m['ref']}`" for m in manifest["members"]]
+    lines += [
+        "",
+        f"Combination rule: **{card['chosen_rule']}** (chosen by validation QWK), weights "
+        f"{combination['weights']}, thresholds {combination['thresholds']}; the 1|2 cut is lowered "
+        f"until validation referable sensitivity >= {card['sensitivity_floor_on_validation']}.",
+        "",
+        f"## Figures ({card['validation']['n_images']} validation / "
+        f"{card['test']['n_images']} test natural-colour photographs)",
+        "",
+        CARD_COLUMNS,
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, row in card["metrics"].items():
+        t = row["test"]
+        cells = [row["validation"]["qwk"], t["qwk"], t["accuracy"]]
+        cells += [t["referable_sensitivity"], t["referable_specificity"], t["referable_auc"]]
+        lines.append(f"| {key} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    lines += ["", "## Data and limits", "", *CARD_LIMITS]
+    return "\n".join(lines) + "\n"
+
+
+def export_cli(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="drscreen export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    pm = sub.add_parser("member", help="promote a training run")
+    pm.add_argument("run_dir", type=Path)
+    pm.add_argument("--name", required=True)
+    pm.add_argument("--version", required=True)
+    pm.add_argument("--half", action="store_true", help="store weights as float16")
+    pe = sub.add_parser("ensemble", help="fit and write an ensemble manifest")
+    pe.add_argument("--member", action="append", required=True, help="NAME@VERSION (repeat)")
+    pe.add_argument("--name", required=True)
+    pe.add_argument("--version", required=True)
+    pe.add_argument("--rule", default="auto", choices=["auto", "weighted_average", "max_vote", "stacking"])
+    pe.add_argument("--natural-dir", default=DataConfig().natural_dir)
+    po = sub.add_parser("onnx", help="export an ensemble's members to ONNX")
+    po.add_argument("--model", default=None, help="ensemble NAME@VERSION (default newest)")
+    po.add_argument("--quantize", action="store_true")
+    for p in (pm, pe, po):
+        p.add_argument("--models-dir", type=Path, default=default_models_dir())
+    ns = parser.parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if ns.what == "member":
+        export_member(ns.run_dir, ns.name, ns.version, ns.half, ns.models_dir)
+    elif ns.what == "ensemble":
+        export_ensemble(
+            ns.member, ns.name, ns.version, ns.rule, DataConfig(natural_dir=ns.natural_dir), ns.models_dir
+        )
+    else:
+        from ml.onnx_export import export_onnx
+
+        export_onnx(ns.model, ns.models_dir, quantize=ns.quantize)

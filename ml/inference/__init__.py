@@ -1,0 +1,8 @@
+"""Serving-side ML: load a released ensemble, grade photographs, explain the grade.
+
+Never imports ml.training (serving must not depend on training code).
+"""
+
+from ml.inference.ensemble import Ensemble, EnsemblePrediction, load_ensemble
+
+__all__ = ["Ensemble", "EnsemblePrediction", "load_ensemble"]

@@ -1,0 +1,84 @@
+"""Combination rules that turn the members' outputs into one grade distribution and grade.
+
+- ``weighted_average``: weighted mean of the members' probabilities; the grade is that
+  distribution's expected grade cut at thresholds fitted on validation. The same cut applies
+  to an eye's pooled distribution, so a one-photo eye always gets its photo's grade.
+- ``max_vote``: each member votes its own (thresholded) grade; ties go to the worse grade
+  (a screening service prefers over- to under-calling).
+- ``stacking``: a multinomial logistic regression over the members' probabilities, fitted on
+  validation; its coefficients live in the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+RULES = ("weighted_average", "max_vote", "stacking")
+NUM_GRADES = 5
+
+
+@dataclass
+class CombineRule:
+    rule: str = "weighted_average"
+    weights: list[float] = field(default_factory=list)
+    thresholds: list[float] = field(default_factory=lambda: [0.5, 1.5, 2.5, 3.5])
+    member_thresholds: list[list[float]] = field(default_factory=list)
+    stacking_coef: list[list[float]] | None = None
+    stacking_intercept: list[float] | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CombineRule:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def cut(scores: np.ndarray, thresholds: list[float]) -> np.ndarray:
+    return np.searchsorted(np.asarray(sorted(thresholds)), scores, side="right").astype(int)
+
+
+def expected(probs: np.ndarray) -> np.ndarray:
+    return np.asarray(probs) @ np.arange(NUM_GRADES)
+
+
+def combine(rule: CombineRule, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """probs (M,N,5) of M members -> (combined probs (N,5), expected grade (N,), grade (N,))."""
+    m = probs.shape[0]
+    w = np.asarray(rule.weights or [1.0] * m, dtype=np.float64)
+    w = w / w.sum()
+    mean_probs = np.tensordot(w, probs, axes=1)
+    scores = expected(probs)  # (M,N)
+    score = expected(mean_probs)
+    if rule.rule == "weighted_average":
+        grade = cut(score, rule.thresholds)
+    elif rule.rule == "max_vote":
+        member_cuts = rule.member_thresholds or [rule.thresholds] * m
+        votes = np.stack([cut(scores[i], member_cuts[i]) for i in range(m)])  # (M,N)
+        counts = np.stack([(np.where(votes == g, w[:, None], 0)).sum(0) for g in range(NUM_GRADES)], axis=1)
+        best = counts.max(axis=1, keepdims=True)
+        grade = np.where(counts >= best - 1e-12, np.arange(NUM_GRADES), -1).max(axis=1)
+    elif rule.rule == "stacking":
+        if rule.stacking_coef is None or rule.stacking_intercept is None:
+            raise ValueError("stacking rule needs fitted coefficients")
+        features = probs.transpose(1, 0, 2).reshape(probs.shape[1], -1)
+        logits = features @ np.asarray(rule.stacking_coef).T + np.asarray(rule.stacking_intercept)
+        logits -= logits.max(axis=1, keepdims=True)
+        stacked = np.exp(logits)
+        mean_probs = stacked / stacked.sum(axis=1, keepdims=True)
+        score = expected(mean_probs)
+        grade = mean_probs.argmax(axis=1)
+    else:
+        raise ValueError(f"unknown combination rule {rule.rule!r}; choose from {RULES}")
+    return mean_probs, score, grade
+
+
+def grade_from_probabilities(rule: CombineRule, probs: np.ndarray) -> int:
+    """Grade of a pooled distribution (used per eye: mean of its images' probabilities)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if rule.rule == "stacking":
+        return int(p.argmax())
+    return int(cut(np.array([expected(p)]), rule.thresholds)[0])

@@ -1,0 +1,24 @@
+"""Heatmap over photograph, as the PNG that clinicians look at."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+from PIL import Image
+
+
+def overlay(photo: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a JET-coloured heatmap over the photo where the map is non-negligible."""
+    if heat.shape != photo.shape[:2]:
+        raise ValueError(f"heatmap {heat.shape} does not match photo {photo.shape[:2]}")
+    colored = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
+    a = (alpha * np.clip(heat * 1.5, 0, 1))[..., None]
+    return (photo * (1 - a) + colored * a).astype(np.uint8)
+
+
+def overlay_png(photo: np.ndarray, heat: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(overlay(photo, heat)).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()

@@ -1,0 +1,137 @@
+"""Fundus photograph -> model input. The settings travel inside each checkpoint's config.json,
+so serving applies exactly what training applied.
+
+Steps: find the fundus disc (the bright region on a dark surround), crop to it, pad to a
+square, resize, then optional enhancements from the DR literature:
+- ``ben``: Ben Graham's local average subtraction (4*img - 4*blur(img) + 128); it removes
+  camera colour and illumination, which is what lets equalised EyePACS training transfer to
+  natural-colour photographs.
+- ``clahe``: contrast-limited histogram equalisation on the L channel.
+- ``blur`` / ``sharpen``: mild Gaussian smoothing or unsharp masking.
+- ``circle_mask``: blank everything outside the inscribed circle (drops border artefacts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+ENHANCEMENTS = ("ben", "clahe", "blur", "sharpen")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    size: int = 256
+    crop_to_disc: bool = True
+    circle_mask: bool = True
+    enhancements: tuple[str, ...] = ("ben",)
+    ben_sigma_fraction: float = 1 / 30  # Gaussian sigma as a fraction of the image side
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.enhancements if e not in ENHANCEMENTS]
+        if unknown:
+            raise ValueError(f"unknown enhancements {unknown}; choose from {ENHANCEMENTS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["enhancements"] = list(self.enhancements)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("enhancements", "mean", "std"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+    def cache_key(self) -> str:
+        """Identifies the pixel pipeline (normalisation excluded) for on-disk caches."""
+        data = self.to_dict()
+        data.pop("mean"), data.pop("std")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def disc_bbox(rgb: np.ndarray, threshold: int = 15) -> tuple[int, int, int, int]:
+    """Bounding box (y0, y1, x0, x1) of the fundus disc; the whole image if none is found."""
+    gray = rgb.max(axis=2) if rgb.ndim == 3 else rgb
+    mask = gray > threshold
+    rows = np.flatnonzero(mask.mean(axis=1) > 0.02)
+    cols = np.flatnonzero(mask.mean(axis=0) > 0.02)
+    h, w = gray.shape[:2]
+    if rows.size < h * 0.2 or cols.size < w * 0.2:
+        return 0, h, 0, w
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def crop_square(rgb: np.ndarray, crop_to_disc: bool) -> np.ndarray:
+    """Crop to the disc and pad the shorter side with black so the disc stays round."""
+    if crop_to_disc:
+        y0, y1, x0, x1 = disc_bbox(rgb)
+        rgb = rgb[y0:y1, x0:x1]
+    h, w = rgb.shape[:2]
+    side = max(h, w)
+    out = np.zeros((side, side, 3), dtype=rgb.dtype)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top : top + h, left : left + w] = rgb
+    return out
+
+
+def _circle(size: int, margin: float = 0.96) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=np.uint8)
+    cv2.circle(mask, (size // 2, size // 2), int(size / 2 * margin), 1, thickness=-1)
+    return mask
+
+
+def enhance(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Apply the configured enhancements to a square uint8 RGB image."""
+    for step in cfg.enhancements:
+        if step == "ben":
+            sigma = max(1.0, cfg.size * cfg.ben_sigma_fraction)
+            blurred = cv2.GaussianBlur(img, (0, 0), sigma)
+            img = cv2.addWeighted(img, 4, blurred, -4, 128)
+        elif step == "clahe":
+            lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB)
+            clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+            lab[..., 0] = clahe.apply(lab[..., 0])
+            img = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+        elif step == "blur":
+            img = cv2.GaussianBlur(img, (0, 0), 1.0)
+        elif step == "sharpen":
+            blurred = cv2.GaussianBlur(img, (0, 0), 2.0)
+            img = cv2.addWeighted(img, 1.5, blurred, -0.5, 0)
+    return img
+
+
+def prepare_pixels(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Decoded photo (H,W,3 uint8) -> square enhanced uint8 image of cfg.size (cacheable)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {rgb.shape} {rgb.dtype}")
+    square = crop_square(rgb, cfg.crop_to_disc)
+    interp = cv2.INTER_AREA if square.shape[0] > cfg.size else cv2.INTER_LINEAR
+    img = cv2.resize(square, (cfg.size, cfg.size), interpolation=interp)
+    img = enhance(img, cfg)
+    if cfg.circle_mask:
+        fill = 128 if "ben" in cfg.enhancements else 0
+        mask = _circle(cfg.size)[..., None]
+        img = np.where(mask > 0, img, np.uint8(fill)).astype(np.uint8)
+    return img
+
+
+def to_input(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """uint8 HWC -> normalised float32 CHW, ready for torch.from_numpy / ONNX Runtime."""
+    x = pixels.astype(np.float32) / 255.0
+    x = (x - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    return to_input(prepare_pixels(rgb, cfg), cfg)

@@ -1,0 +1,152 @@
+"""Release folders: the only form in which a trained model leaves `runs/`.
+
+A member release is ``models/members/<name>/<version>/`` with ``config.json`` (architecture,
+head, preprocessing, labels), ``model.safetensors`` (weights only) and ``metadata.json``
+(version, changelog, metrics, data-split hash, library versions, weights sha256).
+An ensemble release is ``models/ensembles/<name>/<version>/manifest.json`` naming its members
+(as ``name@version``), their weights, the combination rule and grade thresholds, plus
+``MODEL_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ml.models import GradingNet, ModelSpec, build_model
+from ml.preprocess import PreprocessConfig
+
+GRADE_LABELS = ["no DR", "mild NPDR", "moderate NPDR", "severe NPDR", "proliferative DR"]
+
+
+def default_models_dir() -> Path:
+    """The repository's models/ folder (shipped next to the packages)."""
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import timm
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    name, sep, version = ref.partition("@")
+    if not sep or not name or not version:
+        raise ValueError(f"expected NAME@VERSION, got {ref!r}")
+    return name, version
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+
+
+def save_checkpoint(
+    folder: Path,
+    model: GradingNet,
+    preprocess: PreprocessConfig,
+    name: str,
+    version: str,
+    metadata: dict[str, Any],
+    half: bool = False,
+) -> Path:
+    """Write config.json + model.safetensors + metadata.json for one model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    weights = folder / "model.safetensors"
+    save_file(state, str(weights))
+    config = {
+        "name": name,
+        "version": version,
+        "model": model.spec.to_dict(),
+        "preprocess": preprocess.to_dict(),
+        "labels": GRADE_LABELS,
+        "weights_dtype": "float16" if half else "float32",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    meta = {
+        "name": name,
+        "version": version,
+        "libraries": library_versions(),
+        "weights_sha256": sha256_file(weights),
+        **metadata,
+    }
+    (folder / "metadata.json").write_text(json.dumps(meta, indent=2, default=float))
+    return folder
+
+
+def load_checkpoint(folder: Path, device: str = "cpu") -> tuple[GradingNet, PreprocessConfig, dict[str, Any]]:
+    """Rebuild the network from the factory and load its weights (strict), verifying sha256."""
+    config = json.loads((folder / "config.json").read_text())
+    meta_path = folder / "metadata.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    weights = folder / "model.safetensors"
+    expected = meta.get("weights_sha256")
+    if expected and sha256_file(weights) != expected:
+        raise ValueError(f"{weights} does not match the sha256 recorded in its metadata")
+    model = build_model(ModelSpec.from_dict(config["model"]), pretrained=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    model.load_state_dict(state, strict=True)
+    model.eval().to(device)
+    return model, PreprocessConfig.from_dict(config["preprocess"]), {**config, "metadata": meta}
+
+
+def member_dir(ref: str, models_dir: Path | None = None) -> Path:
+    name, version = split_ref(ref)
+    return (models_dir or default_models_dir()) / "members" / name / version
+
+
+def ensemble_dir(ref: str, models_dir: Path | None = None) -> Path:
+    name, version = split_ref(ref)
+    return (models_dir or default_models_dir()) / "ensembles" / name / version
+
+
+def list_ensembles(models_dir: Path | None = None) -> list[str]:
+    """Every shipped ensemble as name@version, oldest first."""
+    root = (models_dir or default_models_dir()) / "ensembles"
+    refs = [(p.parent.name, p.name) for p in root.glob("*/*") if (p / "manifest.json").exists()]
+    refs.sort(key=lambda nv: (nv[0], version_key(nv[1])))
+    return [f"{n}@{v}" for n, v in refs]
+
+
+def newest_ensemble(models_dir: Path | None = None) -> str:
+    refs = list_ensembles(models_dir)
+    if not refs:
+        raise FileNotFoundError(
+            f"no released ensemble under {(models_dir or default_models_dir()) / 'ensembles'}"
+        )
+    return max(refs, key=lambda r: version_key(split_ref(r)[1]))
+
+
+def read_manifest(ref: str, models_dir: Path | None = None) -> dict[str, Any]:
+    manifest: dict[str, Any] = json.loads((ensemble_dir(ref, models_dir) / "manifest.json").read_text())
+    return manifest
+
+
+def models_root_has_member(ref: str, models_dir: Path | None = None) -> bool:
+    try:
+        return (member_dir(ref, models_dir) / "config.json").exists()
+    except ValueError:
+        return False

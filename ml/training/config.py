@@ -1,0 +1,88 @@
+"""Training configuration: a TOML file in configs/ resolved into typed dataclasses."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ml.models import ModelSpec
+from ml.preprocess import PreprocessConfig
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 4
+    samples_per_epoch: int = 0  # 0 = every training image once per epoch
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    freeze_epochs: int = 0  # epochs with a frozen backbone (head and attention only)
+    patience: int = 3  # early stopping on validation QWK
+    balance_power: float = 0.5  # sampling weight = class_frequency ** -power (0 = natural)
+    augment_strength: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    equalized_dir: str = "../shared/data/eyepacs-equalized-256"
+    natural_dir: str = "../shared/data/eyepacs-natural-512"
+    split_seed: int = 20261123
+    # natural-colour patients: fine-tuning / validation (thresholds, ensemble) / untouched test
+    natural_fractions: dict[str, float] = field(
+        default_factory=lambda: {"train": 0.5, "val": 0.25, "test": 0.25}
+    )
+    equalized_val_fraction: float = 0.1
+    cache_dir: str = "var/cache"
+
+
+@dataclass
+class LossConfig:
+    class_weight_power: float = 0.0
+    regression_weight: float = 1.0
+    classification_weight: float = 1.0
+    ordinal_weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    name: str = "member"
+    seed: int = 0
+    threads: int = 2
+    out_dir: str = "runs"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=6, lr=2e-4, warmup_steps=10))
+    two_stage: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["model"] = self.model.to_dict()
+        data["preprocess"] = self.preprocess.to_dict()
+        return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    raw = tomllib.loads(Path(path).read_text())
+    for key, value in (overrides or {}).items():
+        section, _, name = key.rpartition(".")
+        target = raw.setdefault(section, {}) if section else raw
+        target[name] = value
+    return TrainConfig(
+        name=raw.get("name", "member"),
+        seed=raw.get("seed", 0),
+        threads=raw.get("threads", 2),
+        out_dir=raw.get("out_dir", "runs"),
+        model=ModelSpec.from_dict(raw.get("model", {})),
+        preprocess=PreprocessConfig.from_dict(raw.get("preprocess", {})),
+        data=DataConfig(**raw.get("data", {})),
+        loss=LossConfig(**raw.get("loss", {})),
+        stage1=StageConfig(**raw.get("stage1", {})),
+        stage2=StageConfig(**{"epochs": 6, "lr": 2e-4, "warmup_steps": 10, **raw.get("stage2", {})}),
+        two_stage=raw.get("two_stage", True),
+    )

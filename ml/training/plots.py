@@ -1,0 +1,41 @@
+"""Training curves as PNG (loss, accuracy, QWK per epoch, both stages on one axis)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def plot_curves(history: list[dict[str, Any]], out: Path) -> None:
+    if not history:
+        return
+    x = list(range(1, len(history) + 1))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (train_key, val_key, title) in zip(
+        axes,
+        [
+            ("train_loss", "val_loss", "loss (val: mean |grade error|)"),
+            ("train_accuracy", "val_accuracy", "accuracy"),
+            (None, "val_qwk", "validation QWK"),
+        ],
+        strict=True,
+    ):
+        if train_key:
+            ax.plot(x, [h[train_key] for h in history], "o-", label="train")
+        ax.plot(x, [h[val_key] for h in history], "s-", label="validation")
+        stage2 = [i + 1 for i, h in enumerate(history) if h["stage"] == "stage2"]
+        if stage2:
+            ax.axvline(stage2[0] - 0.5, color="grey", ls="--", lw=1)
+            ax.text(stage2[0] - 0.4, ax.get_ylim()[1], "natural colour", va="top", fontsize=8, color="grey")
+        ax.set_title(title)
+        ax.set_xlabel("epoch (both stages)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)

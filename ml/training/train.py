@@ -1,0 +1,302 @@
+"""The training loop: `drscreen train --config configs/<member>.toml`.
+
+Two stages: (1) the large equalised EyePACS set, starting with a frozen-backbone phase;
+(2) fine-tuning on the natural-colour patients of the training part. Early stopping on
+validation QWK in each stage (stage 1 on equalised validation patients, stage 2 on the
+natural-colour validation patients). Every epoch writes `last.pt`, so `--resume` continues
+an interrupted run; the run folder holds the resolved config, metrics per epoch, curves and
+the best checkpoint (as a release-style folder that `drscreen export` promotes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ml.metrics import DEFAULT_THRESHOLDS, apply_thresholds, qwk
+from ml.models import GradingNet, build_model, expected_grade, grade_probabilities
+from ml.release import save_checkpoint
+from ml.training.config import StageConfig, TrainConfig, load_config
+from ml.training.data import Sample, augment, cached_pixels, read_labels, split_hash, split_patients, to_batch
+from ml.training.losses import grading_loss
+from ml.training.plots import plot_curves
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    samples: list[Sample]
+    pixels: np.ndarray
+
+    @property
+    def grades(self) -> np.ndarray:
+        return np.array([s.grade for s in self.samples])
+
+
+@dataclass
+class Datasets:
+    eq_train: Split
+    eq_val: Split
+    nat_train: Split
+    nat_val: Split
+    split_hash: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def resolve(path: str, base: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def prepare_data(cfg: TrainConfig, base: Path) -> Datasets:
+    """Patient-level splits of both domains and their cached, preprocessed pixels."""
+    eq_dir = resolve(cfg.data.equalized_dir, base)
+    cache = resolve(cfg.data.cache_dir, base)
+    eq = split_patients(
+        read_labels(eq_dir),
+        {"train": 1 - cfg.data.equalized_val_fraction, "val": cfg.data.equalized_val_fraction},
+        cfg.data.split_seed,
+    )
+    nat = natural_split(cfg, base)
+    splits = {f"eq_{k}": v for k, v in eq.items()} | {f"nat_{k}": v for k, v in nat.items()}
+
+    def make(tag: str) -> Split:
+        return Split(splits[tag], cached_pixels(splits[tag], cfg.preprocess, cache, tag))
+
+    return Datasets(
+        make("eq_train"),
+        make("eq_val"),
+        make("nat_train"),
+        make("nat_val"),
+        split_hash=split_hash(splits),
+        counts={k: len(v) for k, v in splits.items()},
+    )
+
+
+def natural_split(cfg: TrainConfig, base: Path) -> dict[str, list[Sample]]:
+    """The natural-colour patients' train/val/test parts (the test part is never trained on)."""
+    return split_patients(
+        read_labels(resolve(cfg.data.natural_dir, base)), cfg.data.natural_fractions, cfg.data.split_seed
+    )
+
+
+def sampling_order(grades: np.ndarray, n: int, power: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices for one epoch, over-sampling rare grades by class_frequency ** -power."""
+    if n <= 0:
+        n = len(grades)
+    freq = np.bincount(grades, minlength=5).astype(float)
+    weights = np.where(freq[grades] > 0, freq[grades] ** -power, 0.0)
+    return rng.choice(len(grades), size=n, replace=power > 0 or n > len(grades), p=weights / weights.sum())
+
+
+@torch.inference_mode()
+def predict(
+    model: GradingNet, split: Split, cfg: TrainConfig, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """(continuous grade, 5-class probabilities) for every image of a split."""
+    model.eval()
+    scores, probs = [], []
+    for start in range(0, len(split.samples), batch_size):
+        x = to_batch(split.pixels[start : start + batch_size], cfg.preprocess).to(
+            memory_format=torch.channels_last
+        )
+        out = model(x)
+        scores.append(expected_grade(out).float().numpy())
+        probs.append(grade_probabilities(out).float().numpy())
+    return np.concatenate(scores), np.concatenate(probs)
+
+
+def set_backbone_frozen(model: GradingNet, frozen: bool) -> None:
+    for p in model.backbone.parameters():
+        p.requires_grad = not frozen
+
+
+def run_stage(
+    model: GradingNet,
+    stage: StageConfig,
+    train: Split,
+    val: Split,
+    cfg: TrainConfig,
+    name: str,
+    run_dir: Path,
+    history: list[dict[str, Any]],
+    start_epoch: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Train one stage; returns the best state (by validation QWK) and appends to history."""
+    rng = np.random.default_rng(cfg.seed + (0 if name == "stage1" else 1000))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    per_epoch = stage.samples_per_epoch or len(train.samples)
+    steps_total = stage.epochs * math.ceil(per_epoch / stage.batch_size)
+    optimizer = torch.optim.AdamW(
+        (p for p in model.parameters()), lr=stage.lr, weight_decay=stage.weight_decay
+    )
+
+    def lr_at(step: int) -> float:
+        if step < stage.warmup_steps:
+            return (step + 1) / stage.warmup_steps
+        progress = (step - stage.warmup_steps) / max(1, steps_total - stage.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    class_weight = None
+    if cfg.loss.class_weight_power > 0:
+        freq = np.bincount(train.grades, minlength=5).astype(float).clip(min=1)
+        w = freq**-cfg.loss.class_weight_power
+        class_weight = torch.tensor(w / w.mean(), dtype=torch.float32)
+    best_qwk, best_state, bad_epochs = -1.0, {k: v.clone() for k, v in model.state_dict().items()}, 0
+    for epoch in range(stage.epochs):
+        order = sampling_order(train.grades, per_epoch, stage.balance_power, rng)
+        if epoch < start_epoch:  # resumed: replay the RNG and the schedule, skip the work
+            for _ in range(math.ceil(per_epoch / stage.batch_size)):
+                scheduler.step()
+            continue
+        frozen = epoch < stage.freeze_epochs
+        set_backbone_frozen(model, frozen)
+        model.train()
+        losses, correct, seen = [], 0, 0
+        t0 = time.time()
+        bar = tqdm(
+            range(0, len(order), stage.batch_size),
+            desc=f"{name} epoch {epoch + 1}/{stage.epochs}{' (frozen)' if frozen else ''}",
+            unit="batch",
+        )
+        for start in bar:
+            idx = np.sort(order[start : start + stage.batch_size])
+            x = augment(to_batch(train.pixels[idx], cfg.preprocess), gen, stage.augment_strength)
+            x = x.to(memory_format=torch.channels_last)
+            y = torch.from_numpy(train.grades[idx]).long()
+            out = model(x)
+            loss = grading_loss(out, y, cfg.loss, class_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            pred = apply_thresholds(expected_grade(out).detach().numpy(), DEFAULT_THRESHOLDS)
+            correct += int((pred == y.numpy()).sum())
+            seen += len(idx)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        scores, _ = predict(model, val, cfg)
+        val_pred = apply_thresholds(scores, DEFAULT_THRESHOLDS)
+        val_qwk = qwk(val.grades, val_pred)
+        row = {
+            "stage": name,
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "train_accuracy": correct / max(1, seen),
+            "val_loss": float(np.mean(np.abs(scores - val.grades))),
+            "val_accuracy": float((val_pred == val.grades).mean()),
+            "val_qwk": val_qwk,
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": round(time.time() - t0, 1),
+        }
+        history.append(row)
+        log.info("%s", json.dumps(row))
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if val_qwk > best_qwk:
+            best_qwk, bad_epochs = val_qwk, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        torch.save(
+            {
+                "stage": name,
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "best": best_state,
+                "best_qwk": best_qwk,
+                "history": history,
+            },
+            run_dir / "last.pt",
+        )
+        plot_curves(history, run_dir / "curves.png")
+        if bad_epochs >= stage.patience:
+            log.info("early stop in %s after epoch %d (best val QWK %.3f)", name, epoch + 1, best_qwk)
+            break
+    return best_state
+
+
+def train_from_config(
+    path: str | Path, resume: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Path:
+    """Run a whole training (both stages) and return the run folder."""
+    cfg = load_config(path, overrides)
+    base = Path.cwd()
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    if resume:
+        run_dir = Path(resume)
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = resolve(cfg.out_dir, base) / f"{stamp}-{cfg.model.arch}-{cfg.preprocess.size}-{cfg.name}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    data = prepare_data(cfg, base)
+    log.info("data: %s split %s", data.counts, data.split_hash)
+    model = build_model(cfg.model, pretrained=not resume).to(memory_format=torch.channels_last)
+    history: list[dict[str, Any]] = []
+    done_stage, done_epoch = None, 0
+    if resume and (run_dir / "last.pt").exists():
+        state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        history, done_stage, done_epoch = state["history"], state["stage"], state["epoch"]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    best = model.state_dict()
+    if done_stage in (None, "stage1"):
+        best = run_stage(
+            model,
+            cfg.stage1,
+            data.eq_train,
+            data.eq_val,
+            cfg,
+            "stage1",
+            run_dir,
+            history,
+            done_epoch if done_stage == "stage1" else 0,
+        )
+        model.load_state_dict(best)
+        save_member(model, cfg, data, run_dir / "stage1", history)
+    if cfg.two_stage:
+        start = done_epoch if done_stage == "stage2" else 0
+        best = run_stage(
+            model, cfg.stage2, data.nat_train, data.nat_val, cfg, "stage2", run_dir, history, start
+        )
+        model.load_state_dict(best)
+    save_member(model, cfg, data, run_dir / "best", history)
+    log.info("run finished: %s", run_dir)
+    return run_dir
+
+
+def save_member(
+    model: GradingNet, cfg: TrainConfig, data: Datasets, folder: Path, history: list[dict[str, Any]]
+) -> None:
+    scores, _ = predict(model, data.nat_val, cfg)
+    val_qwk = qwk(data.nat_val.grades, apply_thresholds(scores, DEFAULT_THRESHOLDS))
+    save_checkpoint(
+        folder,
+        model,
+        cfg.preprocess,
+        cfg.name,
+        "0.0.0",
+        {
+            "metrics": {"natural_val_qwk_default_thresholds": val_qwk},
+            "data_split_hash": data.split_hash,
+            "split_counts": data.counts,
+            "train_config": cfg.to_dict(),
+            "history": history,
+        },
+    )

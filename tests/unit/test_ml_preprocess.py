@@ -1,0 +1,93 @@
+"""Preprocessing on real sample photographs and on synthetic edge cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ml.preprocess import PreprocessConfig, disc_bbox, prepare_pixels, preprocess
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fundus_like(h: int, w: int, radius: float = 0.45) -> np.ndarray:
+    """A bright reddish disc on black, off-centre in a non-square frame (like a camera photo)."""
+    yy, xx = np.mgrid[:h, :w]
+    r = min(h, w) * radius
+    disc = (yy - h / 2) ** 2 + (xx - w * 0.55) ** 2 < r**2
+    img = np.zeros((h, w, 3), dtype=np.uint8)
+    img[disc] = (180, 90, 40)
+    return img
+
+
+def sample_photos() -> list[Path]:
+    photos = sorted((REPO / "samples").glob("**/*.jpg"))
+    assert photos, "samples/ must ship a few photographs"
+    return photos
+
+
+def test_disc_bbox_finds_the_disc_not_the_black_border() -> None:
+    img = fundus_like(300, 500)
+    y0, y1, x0, x1 = disc_bbox(img)
+    assert 0 <= y0 < 30 and 270 < y1 <= 300
+    assert 130 < x0 < 170 and 380 < x1 < 420
+
+
+@pytest.mark.parametrize("shape", [(300, 500), (500, 300), (256, 256), (64, 90)])
+def test_any_shape_becomes_a_square_of_the_configured_size(shape: tuple[int, int]) -> None:
+    cfg = PreprocessConfig(size=128)
+    x = preprocess(fundus_like(*shape), cfg)
+    assert x.shape == (3, 128, 128) and x.dtype == np.float32
+    assert np.isfinite(x).all()
+
+
+def test_black_image_does_not_crash_and_keeps_full_frame() -> None:
+    out = prepare_pixels(np.zeros((100, 120, 3), np.uint8), PreprocessConfig(size=64))
+    assert out.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("enh", [(), ("ben",), ("clahe",), ("blur",), ("sharpen",), ("clahe", "sharpen")])
+def test_every_enhancement_runs_and_changes_pixels_deterministically(enh: tuple[str, ...]) -> None:
+    cfg = PreprocessConfig(size=96, enhancements=enh, circle_mask=False)
+    rng = np.random.default_rng(0)
+    img = np.clip(fundus_like(200, 240).astype(int) + rng.integers(0, 40, (200, 240, 3)), 0, 255).astype(
+        np.uint8
+    )
+    a, b = prepare_pixels(img, cfg), prepare_pixels(img, cfg)
+    assert np.array_equal(a, b)
+    plain = prepare_pixels(img, PreprocessConfig(size=96, enhancements=(), circle_mask=False))
+    assert enh == () or not np.array_equal(a, plain)
+
+
+def test_ben_graham_fills_outside_the_circle_with_grey() -> None:
+    out = prepare_pixels(fundus_like(200, 200), PreprocessConfig(size=64, enhancements=("ben",)))
+    assert (out[0, 0] == 128).all()
+
+
+def test_unknown_enhancement_is_refused() -> None:
+    with pytest.raises(ValueError):
+        PreprocessConfig(enhancements=("sepia",))
+
+
+def test_config_round_trips_through_dict() -> None:
+    cfg = PreprocessConfig(size=200, enhancements=("clahe", "ben"), mean=(0.1, 0.2, 0.3))
+    assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.cache_key() == PreprocessConfig.from_dict(cfg.to_dict()).cache_key()
+
+
+def test_grey_or_wrong_dtype_input_is_rejected_clearly() -> None:
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        prepare_pixels(np.zeros((10, 10), np.uint8), PreprocessConfig())
+
+
+def test_shipped_sample_photographs_preprocess_to_a_centred_disc() -> None:
+    from PIL import Image
+
+    cfg = PreprocessConfig(size=128)
+    for path in sample_photos():
+        out = prepare_pixels(np.asarray(Image.open(path).convert("RGB")), cfg)
+        assert out.shape == (128, 128, 3)
+        centre = out[32:96, 32:96].astype(float)
+        assert centre.std() > 3, f"{path.name}: centre of the disc has no detail"
