@@ -8,6 +8,7 @@ process, exactly as the API does it.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -50,8 +51,10 @@ def stack(
     monkeypatch: pytest.MonkeyPatch,
     start_worker: Callable[..., WorkerProcess],
 ) -> Iterator[Stack]:
-    if not (REPO_ROOT / "models" / "ensembles" / "drscreen-dev" / "0.1.0" / "manifest.json").is_file():
-        pytest.fail(f"{DEV_MODEL} is not released under models/", pytrace=False)
+    # DRSCREEN_TEST_MODELS_DIR points the tests at another models folder (as in tests/api_support).
+    models_dir = Path(os.environ.get("DRSCREEN_TEST_MODELS_DIR") or REPO_ROOT / "models")
+    if not (models_dir / "ensembles" / "drscreen-dev" / "0.1.0" / "manifest.json").is_file():
+        pytest.fail(f"{DEV_MODEL} is not released under {models_dir}", pytrace=False)
     import_root = tmp_path / "imports"
     import_root.mkdir()
     env = {
@@ -61,6 +64,7 @@ def stack(
         "DRSCREEN_STORE_DIR": str(tmp_path / "store"),
         "DRSCREEN_IMPORT_ROOTS": str(import_root),
         "DRSCREEN_MODEL": DEV_MODEL,
+        "DRSCREEN_MODELS_DIR": str(models_dir),
         "DRSCREEN_TORCH_THREADS": "1",
         "DRSCREEN_SWEEP_INTERVAL_S": "0",  # the test sends its own sweep
         "OMP_NUM_THREADS": "1",
