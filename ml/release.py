@@ -77,6 +77,7 @@ def save_checkpoint(
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     weights = folder / "model.safetensors"
     save_file(state, str(weights))
+    weights.chmod(0o644)  # safetensors writes 0600; releases are read by other users (containers)
     config = {
         "name": name,
         "version": version,
