@@ -80,7 +80,11 @@ def regression_to_probabilities(score: torch.Tensor, sharpness: float = 2.0) -> 
 def ordinal_to_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """P(grade > k) for k=0..3 -> P(grade = k) for k=0..4, kept monotone."""
     above = torch.sigmoid(logits)
-    above = torch.cummin(above, dim=-1).values
+    # running minimum written out (4 columns): same values as torch.cummin, which ONNX lacks
+    running = [above[..., :1]]
+    for k in range(1, above.shape[-1]):
+        running.append(torch.minimum(running[-1], above[..., k : k + 1]))
+    above = torch.cat(running, dim=-1)
     ones = torch.ones_like(above[..., :1])
     zeros = torch.zeros_like(above[..., :1])
     cumulative = torch.cat([ones, above, zeros], dim=-1)

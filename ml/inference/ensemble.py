@@ -142,7 +142,11 @@ class Ensemble:
 
 
 def load_ensemble(
-    ref: str | None = None, models_dir: Path | None = None, device: str = "cpu", runtime: str = "torch"
+    ref: str | None = None,
+    models_dir: Path | None = None,
+    device: str = "cpu",
+    runtime: str = "torch",
+    quantized: bool = False,
 ) -> Ensemble:
     """Load a released ensemble by name@version (None = newest shipped)."""
     ref = ref or newest_ensemble(models_dir)
@@ -156,6 +160,13 @@ def load_ensemble(
     if runtime == "onnx":
         from ml.inference.onnx_runtime import OnnxMembers
 
-        onnx = OnnxMembers.load(ensemble_dir(ref, models_dir), [m.ref for m in members], models_dir)
+        onnx = OnnxMembers.load(
+            ensemble_dir(ref, models_dir),
+            [m.ref for m in members],
+            models_dir,
+            models={m.ref: m.model for m in members},
+            sizes={m.ref: m.preprocess.size for m in members},
+            quantized=quantized,
+        )
     log.info("loaded ensemble %s (%d members, rule %s, runtime %s)", ref, len(members), rule.rule, runtime)
     return Ensemble(ref, members, rule, manifest, runtime=onnx)
