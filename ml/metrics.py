@@ -54,7 +54,7 @@ def referable_metrics(
 ) -> dict[str, float]:
     """Sensitivity/specificity of grade>=2 decisions and the AUC of a referable score."""
     truth = np.asarray(y_true) >= REFERABLE_GRADE
-    called = np.asarray(y_pred) >= REFERABLE_GRADE
+    called = np.asarray(y_pred) >= REFERABLE_GRADE if len(y_pred) else np.zeros_like(truth)
     tp = int((truth & called).sum())
     tn = int((~truth & ~called).sum())
     sens = tp / truth.sum() if truth.sum() else float("nan")

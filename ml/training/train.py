@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ml.metrics import DEFAULT_THRESHOLDS, apply_thresholds, qwk
+from ml.metrics import DEFAULT_THRESHOLDS, apply_thresholds, qwk, referable_metrics
 from ml.models import GradingNet, build_model, expected_grade, grade_probabilities
 from ml.release import save_checkpoint
 from ml.training.config import StageConfig, TrainConfig, load_config
@@ -284,8 +284,9 @@ def train_from_config(
 def save_member(
     model: GradingNet, cfg: TrainConfig, data: Datasets, folder: Path, history: list[dict[str, Any]]
 ) -> None:
-    scores, _ = predict(model, data.nat_val, cfg)
+    scores, probs = predict(model, data.nat_val, cfg)
     val_qwk = qwk(data.nat_val.grades, apply_thresholds(scores, DEFAULT_THRESHOLDS))
+    val_auc = referable_metrics(data.nat_val.grades, [], probs[:, 2:].sum(axis=1))["referable_auc"]
     save_checkpoint(
         folder,
         model,
@@ -293,7 +294,7 @@ def save_member(
         cfg.name,
         "0.0.0",
         {
-            "metrics": {"natural_val_qwk_default_thresholds": val_qwk},
+            "metrics": {"natural_val_qwk_default_thresholds": val_qwk, "natural_val_referable_auc": val_auc},
             "data_split_hash": data.split_hash,
             "split_counts": data.counts,
             "train_config": cfg.to_dict(),
