@@ -11,6 +11,7 @@ on Ctrl-C or failure.
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import os
 import signal
@@ -257,6 +258,15 @@ def wait_for_results(
             time.sleep(1.0)
 
 
+def reference_grades(folder: Path = SAMPLES_DIR) -> dict[str, int]:
+    """Each sample patient's reference grade (worse eye) from ``samples/labels.csv``."""
+    grades: dict[str, int] = {}
+    with open(folder / "labels.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            grades[row["patient_id"]] = max(grades.get(row["patient_id"], 0), int(row["grade"]))
+    return grades
+
+
 def _grade(value: Any) -> str:
     return "ungradable" if value is None else str(value)
 
@@ -265,8 +275,9 @@ def render(
     client: httpx.Client, submissions: list[Submission], heatmaps: dict[str, Path], console: Console
 ) -> None:
     table = Table(title="drscreen demo: sample patients")
-    for column in ("patient", "via", "left", "right", "patient grade", "referable", "gradable"):
+    for column in ("patient", "via", "left", "right", "patient grade", "referable", "gradable", "reference"):
         table.add_column(column)
+    reference = reference_grades()
     for sub in submissions:
         p = _check(client.get(f"/v1/patients/{sub.patient}"))
         eyes = p.get("eyes", {})
@@ -278,8 +289,10 @@ def render(
             _grade(p["grade"]),
             "yes" if p["referable"] else "no",
             "yes" if p["gradable"] else "no",
+            str(reference.get(sub.patient, "-")),
         )
     console.print(table)
+    console.print("reference: the patient's grade from the EyePACS labels (samples/README.md)")
     console.print(f"model: {p.get('model_version')}")
     console.print("heatmaps (Grad-CAM over each photograph):")
     for path in sorted(str(h) for h in heatmaps.values() if str(h) != "-"):
