@@ -1,0 +1,10 @@
+"""The web interface for clinicians and operators, served at ``/`` by the API process.
+
+Server-rendered (Jinja2), a small CSS file and a little vanilla JS (polling), nothing fetched from
+the internet. It signs in with an API key kept in an HttpOnly cookie and calls the same route
+functions as ``/v1`` (same validation, storage, queueing, clinic isolation and audit).
+"""
+
+from services.web.routes import router
+
+__all__ = ["router"]

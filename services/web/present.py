@@ -1,0 +1,200 @@
+"""What the pages show, computed from the API's own result shapes (``core.schemas``).
+
+The referral verdict is decided here once, so every page says the same thing: REFER for a
+referable grade, for an ungradable patient/eye/photograph, and for a screening that could not be
+scored at all; "no referral" only for a gradable, non-referable result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from core.schemas import ImageResult, PatientSummary
+
+GRADE_NAMES = (
+    "No DR",
+    "Mild NPDR",
+    "Moderate NPDR",
+    "Severe NPDR",
+    "Proliferative DR",
+)
+QUALITY_SCORES = (
+    ("focus", "Focus"),
+    ("exposure", "Exposure"),
+    ("field_of_view", "Field of view"),
+    ("fundus", "Looks like a fundus"),
+)
+REASON_TEXT = {
+    "not_fundus": "does not look like a fundus photograph",
+    "poor_field_of_view": "poor field of view (retina cut off or too small)",
+    "underexposed": "too dark",
+    "overexposed": "too bright",
+    "out_of_focus": "out of focus",
+}
+FINAL = ("done", "failed")
+
+Tone = Literal["refer", "ok", "pending"]
+
+
+def grade_label(grade: int | None) -> str:
+    if grade is None:
+        return "ungradable"
+    if 0 <= grade < len(GRADE_NAMES):
+        return f"{grade} · {GRADE_NAMES[grade]}"
+    return str(grade)
+
+
+def reason_text(code: str) -> str:
+    return REASON_TEXT.get(code, code.replace("_", " "))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The banner: ``tone`` picks the colour (refer = red, ok = green, pending = grey)."""
+
+    tone: Tone
+    headline: str
+    detail: str
+    grade: int | None = None
+    ungradable: bool = False
+
+
+def pending_verdict(finished: int, total: int) -> Verdict:
+    return Verdict("pending", "Scoring…", f"{finished} of {total} photograph(s) scored so far")
+
+
+def patient_verdict(patient: PatientSummary | None, any_failed: bool) -> Verdict:
+    """The patient-level decision of a finished screening."""
+    if patient is None or patient.updated_at is None:
+        why = "some photographs could not be scored" if any_failed else "no result was recorded"
+        return Verdict("refer", "REFER", f"Not graded: {why}. Treat as ungradable.", None, True)
+    if not patient.gradable:
+        return Verdict(
+            "refer",
+            "REFER — UNGRADABLE",
+            "No gradable photograph: the patient cannot be graded. Refer (or re-photograph).",
+            None,
+            True,
+        )
+    if patient.referable:
+        return Verdict(
+            "refer",
+            "REFER",
+            f"Referable diabetic retinopathy: grade {grade_label(patient.grade)} (worse eye).",
+            patient.grade,
+        )
+    return Verdict(
+        "ok",
+        "No referral",
+        f"Grade {grade_label(patient.grade)} (worse eye): not referable. Re-screen as usual.",
+        patient.grade,
+    )
+
+
+def image_verdict(image: ImageResult) -> Verdict:
+    """The decision for one photograph on its own (the single-photograph page)."""
+    if image.status not in FINAL:
+        return Verdict("pending", "Scoring…", f"the photograph is {image.status}")
+    if image.status == "failed":
+        return Verdict(
+            "refer", "REFER", f"Not graded: scoring failed ({image.error or 'error'}).", None, True
+        )
+    if not image.gradable:
+        reasons = ", ".join(reason_text(r) for r in (image.quality or {}).get("reasons", []))
+        return Verdict(
+            "refer",
+            "REFER — UNGRADABLE",
+            f"This photograph cannot be graded{': ' + reasons if reasons else ''}.",
+            None,
+            True,
+        )
+    if image.referable:
+        return Verdict(
+            "refer",
+            "REFER",
+            f"Referable diabetic retinopathy: grade {grade_label(image.grade)}.",
+            image.grade,
+        )
+    return Verdict("ok", "No referral", f"Grade {grade_label(image.grade)}: not referable.", image.grade)
+
+
+@dataclass(frozen=True)
+class Bar:
+    label: str
+    value: float  # 0..1
+    highlight: bool = False
+
+    @property
+    def percent(self) -> float:
+        return round(max(0.0, min(1.0, self.value)) * 100, 1)
+
+
+@dataclass
+class PhotoView:
+    image: ImageResult
+    probabilities: list[Bar] = field(default_factory=list)
+    quality: list[Bar] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    heatmap_ready: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.image.status in FINAL
+
+
+def photo_view(image: ImageResult, heatmap_ready: bool) -> PhotoView:
+    view = PhotoView(image=image, heatmap_ready=heatmap_ready)
+    if image.probabilities:
+        view.probabilities = [
+            Bar(f"{g} {GRADE_NAMES[g]}", float(p), highlight=(g == image.grade))
+            for g, p in enumerate(image.probabilities[: len(GRADE_NAMES)])
+        ]
+    quality: dict[str, Any] = image.quality or {}
+    view.quality = [
+        Bar(label, float(quality[key]))
+        for key, label in QUALITY_SCORES
+        if isinstance(quality.get(key), int | float)
+    ]
+    view.reasons = [reason_text(str(r)) for r in quality.get("reasons", [])]
+    return view
+
+
+@dataclass
+class EyeView:
+    eye: str
+    grade: int | None
+    gradable: bool
+    referable: bool
+    known: bool
+    photos: list[PhotoView]
+
+
+def eye_views(patient: PatientSummary | None, photos: list[PhotoView]) -> list[EyeView]:
+    """Left then right, each with this screening's photographs of that eye."""
+    out = []
+    for eye in ("left", "right"):
+        mine = [p for p in photos if p.image.eye == eye]
+        if not mine:
+            continue
+        summary = patient.eyes.get(eye) if patient is not None else None
+        known = summary is not None and patient is not None and patient.updated_at is not None
+        out.append(
+            EyeView(
+                eye=eye,
+                grade=summary.grade if summary is not None else None,
+                gradable=summary.gradable if summary is not None else False,
+                referable=summary.referable if summary is not None else True,
+                known=known,
+                photos=mine,
+            )
+        )
+    return out
+
+
+def fmt_metric(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "—" if value is None else str(value)
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)

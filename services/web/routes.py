@@ -1,0 +1,679 @@
+"""Pages of the web interface (``/``), left out of the OpenAPI document (it describes ``/v1``).
+
+Uploads and reads go through the ``/v1`` route functions themselves (``services.routes.*``),
+called in-process with the principal of the signed-in key: the same validation, storage,
+queueing, clinic isolation and audit as the JSON API, with no second code path to drift. The key
+never reaches the page's scripts (the cookie is HttpOnly), so the browser does not call ``/v1``;
+its only script polls a small progress route and reloads the page when the result is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from markdown_it import MarkdownIt
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core import repository as repo
+from core.errors import DomainError, NotFound
+from core.schemas import PatientSummary
+from core.store import FileStore
+from core.tables import Bundle, Image, Patient, ScoringJob
+from services.deps import (
+    ApiSettingsDep,
+    Principal,
+    ProducerDep,
+    SessionDep,
+    SettingsDep,
+    audit,
+)
+from services.errors import NotReady
+from services.modelinfo import active_ref, model_info, read_manifest, released_ensembles
+from services.routes import bundles as bundle_routes
+from services.routes import images as image_routes
+from services.routes import jobs as job_routes
+from services.routes import patients as patient_routes
+from services.web import auth, present
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+STATIC_DIR = HERE / "static"
+STATIC_FILES = {"app.css": "text/css", "app.js": "text/javascript"}
+#: Photographs a browser shows as they are; anything else (TIFF) is converted to PNG.
+BROWSER_IMAGE_TYPES = {"jpg": "image/jpeg", "png": "image/png", "bmp": "image/bmp", "webp": "image/webp"}
+RECENT_LIMIT = 12
+JOBS_LIMIT = 50
+
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+templates.env.filters["grade_label"] = present.grade_label
+templates.env.filters["metric"] = present.fmt_metric
+_markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
+
+#: Pages show patient data: never cached, never framed, nothing loaded from elsewhere.
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+router = APIRouter(include_in_schema=False)
+
+
+def _web_principal(request: Request, session: SessionDep) -> Principal | None:
+    return auth.principal_from_cookie(request, session)
+
+
+WebPrincipal = Annotated[Principal | None, Depends(_web_principal)]
+OptionalUpload = Annotated[UploadFile | None, File()]
+
+
+def _page(
+    request: Request,
+    name: str,
+    context: dict[str, Any],
+    *,
+    principal: Principal | None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    response = templates.TemplateResponse(
+        request, name, {"signed_in": principal is not None, **context}, status_code=status_code
+    )
+    response.headers.update(PAGE_HEADERS)
+    return response
+
+
+def _not_found(request: Request, principal: Principal | None, what: str) -> HTMLResponse:
+    return _page(
+        request, "message.html", {"title": "Not found", "message": what}, principal=principal, status_code=404
+    )
+
+
+def _error_text(exc: DomainError) -> str:
+    return exc.message
+
+
+def _given(upload: UploadFile | None) -> UploadFile | None:
+    """A file input left empty arrives as a part with no file name: treat it as absent."""
+    if upload is None or not upload.filename:
+        return None
+    return upload
+
+
+def _accepted_id(response: Response) -> str:
+    body: dict[str, Any] = json.loads(bytes(response.body))
+    return str(body["id"])
+
+
+# --------------------------------------------------------------------------------- sign in/out
+
+
+@router.get("/login")
+def login_form(request: Request, principal: WebPrincipal, next: str | None = None) -> Response:
+    if principal is not None:
+        return RedirectResponse(auth.safe_next(next), status_code=303)
+    return _page(request, "login.html", {"next": auth.safe_next(next), "error": None}, principal=None)
+
+
+@router.post("/login")
+def login(
+    request: Request,
+    session: SessionDep,
+    api_key: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "/",
+) -> Response:
+    if not auth.same_origin(request):
+        return _page(request, "message.html", _forbidden_origin(), principal=None, status_code=403)
+    if not auth.key_is_valid(session, api_key):
+        context = {"next": auth.safe_next(next), "error": "Unknown or revoked API key."}
+        return _page(request, "login.html", context, principal=None, status_code=401)
+    response = RedirectResponse(auth.safe_next(next), status_code=303)
+    auth.set_key_cookie(response, request, api_key)
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request) -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    auth.clear_key_cookie(response, request)
+    return response
+
+
+def _forbidden_origin() -> dict[str, str]:
+    return {"title": "Refused", "message": "This form was sent from another site."}
+
+
+# ------------------------------------------------------------------------------- home, uploads
+
+
+def _recent_screenings(session: Session, clinic_id: int) -> list[dict[str, Any]]:
+    """The clinic's latest bundles (a read only this page needs, so it lives here)."""
+    rows = session.execute(
+        select(Bundle.id, Bundle.status, Bundle.created_at, Patient.external_id)
+        .join(Patient, Patient.id == Bundle.patient_id)
+        .where(Bundle.clinic_id == clinic_id)
+        .order_by(Bundle.created_at.desc())
+        .limit(RECENT_LIMIT)
+    ).all()
+    return [{"id": r[0], "status": r[1], "created_at": r[2], "patient_id": r[3]} for r in rows]
+
+
+def _home(
+    request: Request,
+    session: Session,
+    principal: Principal,
+    *,
+    error: str | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    context = {
+        "error": error,
+        "recent": _recent_screenings(session, principal.clinic_id),
+        "slots": bundle_routes.SLOTS,
+        "patient_pattern": image_routes.PATIENT_ID_PATTERN,
+    }
+    return _page(request, "home.html", context, principal=principal, status_code=status_code)
+
+
+@router.get("/")
+def home(request: Request, session: SessionDep, principal: WebPrincipal) -> Response:
+    if principal is None:
+        return auth.login_redirect(request)
+    return _home(request, session, principal)
+
+
+def _check_patient_id(patient_id: str) -> str | None:
+    if not re.fullmatch(image_routes.PATIENT_ID_PATTERN, patient_id.strip()):
+        return "Patient ID: 1 to 128 letters, digits, '.', '_' or '-' (starting with a letter or digit)."
+    return None
+
+
+@router.post("/screenings/bundle")
+def upload_bundle(
+    request: Request,
+    session: SessionDep,
+    principal: WebPrincipal,
+    settings: SettingsDep,
+    producer: ProducerDep,
+    patient_id: Annotated[str, Form()] = "",
+    left_1: OptionalUpload = None,
+    left_2: OptionalUpload = None,
+    right_1: OptionalUpload = None,
+    right_2: OptionalUpload = None,
+) -> Response:
+    if principal is None:
+        return auth.login_redirect(request)
+    if not auth.same_origin(request):
+        return _page(request, "message.html", _forbidden_origin(), principal=principal, status_code=403)
+    problem = _check_patient_id(patient_id)
+    if problem:
+        return _home(request, session, principal, error=problem, status_code=422)
+    try:
+        accepted = bundle_routes.create_bundle(
+            session,
+            principal,
+            settings,
+            producer,
+            patient_id.strip(),
+            left_1=_given(left_1),
+            left_2=_given(left_2),
+            right_1=_given(right_1),
+            right_2=_given(right_2),
+            idempotency_key=None,
+        )
+    except DomainError as exc:
+        session.rollback()
+        return _home(request, session, principal, error=_error_text(exc), status_code=422)
+    return RedirectResponse(f"/bundles/{_accepted_id(accepted)}", status_code=303)
+
+
+@router.post("/screenings/image")
+def upload_image(
+    request: Request,
+    session: SessionDep,
+    principal: WebPrincipal,
+    settings: SettingsDep,
+    api: ApiSettingsDep,
+    producer: ProducerDep,
+    patient_id: Annotated[str, Form()] = "",
+    eye: Annotated[str, Form()] = "",
+    file: OptionalUpload = None,
+) -> Response:
+    if principal is None:
+        return auth.login_redirect(request)
+    if not auth.same_origin(request):
+        return _page(request, "message.html", _forbidden_origin(), principal=principal, status_code=403)
+    problem = _check_patient_id(patient_id)
+    if eye not in ("left", "right"):
+        problem = problem or "Choose the eye (left or right)."
+    upload = _given(file)
+    if upload is None:
+        problem = problem or "Choose a photograph."
+    if problem or upload is None:
+        return _home(request, session, principal, error=problem, status_code=422)
+    try:
+        accepted = image_routes.create_image(
+            session,
+            principal,
+            settings,
+            api,
+            producer,
+            upload,
+            patient_id.strip(),
+            "left" if eye == "left" else "right",
+            idempotency_key=None,
+            wait=None,
+        )
+    except DomainError as exc:
+        session.rollback()
+        return _home(request, session, principal, error=_error_text(exc), status_code=422)
+    return RedirectResponse(f"/images/{_accepted_id(accepted)}", status_code=303)
+
+
+# ---------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Progress:
+    total: int
+    finished: int
+    failed: int
+    heatmaps_missing: int
+    patient_result: bool
+
+    @property
+    def scored(self) -> bool:
+        return self.finished == self.total
+
+    @property
+    def complete(self) -> bool:
+        """Nothing more will change: every photograph finished, the patient aggregated (in the same
+        transaction as the last grade) and every heatmap drawn."""
+        return self.scored and self.heatmaps_missing == 0 and (self.patient_result or self.failed > 0)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "finished": self.finished,
+            "failed": self.failed,
+            "heatmaps_missing": self.heatmaps_missing,
+            "scored": self.scored,
+            "complete": self.complete,
+        }
+
+
+def _heatmap_ready(session: Session, images: list[Image]) -> dict[str, bool]:
+    return {im.id: im.status == "done" and repo.get_explanation(session, im.id) is not None for im in images}
+
+
+def _progress(session: Session, images: list[Image], patient_id: int) -> Progress:
+    ready = _heatmap_ready(session, images)
+    return Progress(
+        total=len(images),
+        finished=sum(im.status in present.FINAL for im in images),
+        failed=sum(im.status == "failed" for im in images),
+        heatmaps_missing=sum(im.status == "done" and not ready[im.id] for im in images),
+        patient_result=repo.get_current_patient_result(session, patient_id) is not None,
+    )
+
+
+@router.get("/bundles/{bundle_id}")
+def bundle_page(bundle_id: str, request: Request, session: SessionDep, principal: WebPrincipal) -> Response:
+    if principal is None:
+        return auth.login_redirect(request)
+    try:
+        result = bundle_routes.get_bundle(bundle_id, session, principal)
+    except NotFound:
+        return _not_found(request, principal, "No such screening (or it belongs to another clinic).")
+    rows = repo.bundle_images(session, bundle_id)
+    bundle = repo.get_bundle(session, bundle_id, principal.clinic_id)
+    assert bundle is not None  # get_bundle above found it
+    progress = _progress(session, rows, bundle.patient_id)
+    ready = _heatmap_ready(session, rows)
+    photos = [present.photo_view(im, ready.get(im.id, False)) for im in result.images]
+    if progress.scored:
+        verdict = present.patient_verdict(result.patient, progress.failed > 0)
+    else:
+        verdict = present.pending_verdict(progress.finished, progress.total)
+    context = {
+        "kind": "bundle",
+        "id": bundle_id,
+        "status": result.status,
+        "patient": result.patient,
+        "verdict": verdict,
+        "eyes": present.eye_views(result.patient if progress.scored else None, photos),
+        "progress": progress,
+        "progress_url": f"/bundles/{bundle_id}/progress",
+    }
+    return _page(request, "result.html", context, principal=principal)
+
+
+@router.get("/bundles/{bundle_id}/progress")
+def bundle_progress(bundle_id: str, session: SessionDep, principal: WebPrincipal) -> JSONResponse:
+    if principal is None:
+        return JSONResponse({"error": "unauthorized"}, status_code=401)
+    bundle = repo.get_bundle(session, bundle_id, principal.clinic_id)
+    if bundle is None:
+        return JSONResponse({"error": "not_found"}, status_code=404)
+    progress = _progress(session, repo.bundle_images(session, bundle.id), bundle.patient_id)
+    return JSONResponse(progress.as_json(), headers={"Cache-Control": "no-store"})
+
+
+@router.get("/images/{image_id}")
+def image_page(image_id: str, request: Request, session: SessionDep, principal: WebPrincipal) -> Response:
+    if principal is None:
+        return auth.login_redirect(request)
+    try:
+        result = image_routes.get_image(image_id, session, principal)
+    except NotFound:
+        return _not_found(request, principal, "No such photograph (or it belongs to another clinic).")
+    row = image_routes.load_image(session, principal, image_id)
+    ready = _heatmap_ready(session, [row])
+    progress = _progress(session, [row], row.patient_id)
+    photo = present.photo_view(result, ready[row.id])
+    context = {
+        "kind": "image",
+        "id": image_id,
+        "status": result.status,
+        "patient": None,
+        "patient_id": result.patient_id,
+        "verdict": present.image_verdict(result),
+        "eyes": [
+            present.EyeView(
+                eye=result.eye,
+                grade=result.grade,
+                gradable=bool(result.gradable),
+                referable=result.referable is not False,
+                known=progress.scored,
+                photos=[photo],
+            )
+        ],
+        "progress": progress,
+        "progress_url": f"/images/{image_id}/progress",
+    }
+    return _page(request, "result.html", context, principal=principal)
+
+
+@router.get("/images/{image_id}/progress")
+def image_progress(image_id: str, session: SessionDep, principal: WebPrincipal) -> JSONResponse:
+    if principal is None:
+        return JSONResponse({"error": "unauthorized"}, status_code=401)
+    row = repo.get_image(session, image_id, principal.clinic_id)
+    if row is None:
+        return JSONResponse({"error": "not_found"}, status_code=404)
+    progress = _progress(session, [row], row.patient_id)
+    return JSONResponse(progress.as_json(), headers={"Cache-Control": "no-store"})
+
+
+@router.get("/images/{image_id}/photo")
+def original_photo(
+    image_id: str, request: Request, session: SessionDep, settings: SettingsDep, principal: WebPrincipal
+) -> Response:
+    """The uploaded photograph itself (the API serves only its heatmap)."""
+    if principal is None:
+        return Response("sign in first", status_code=401, media_type="text/plain")
+    row = repo.get_image(session, image_id, principal.clinic_id)
+    store = FileStore(settings.store_path)
+    if row is None or not store.exists(row.stored_path):
+        return Response("no such photograph", status_code=404, media_type="text/plain")
+    data = store.read_bytes(row.stored_path)
+    ext = row.stored_path.rsplit(".", 1)[-1].lower()
+    media_type = BROWSER_IMAGE_TYPES.get(ext)
+    if media_type is None:  # e.g. TIFF: browsers cannot show it
+        data, media_type = _as_png(data), "image/png"
+    audit(session, principal, "photo.read", patient_id=row.patient_id, target_type="image", target_id=row.id)
+    return Response(data, media_type=media_type, headers=_image_headers())
+
+
+def _as_png(data: bytes) -> bytes:
+    import io
+
+    from PIL import Image as PILImage
+
+    from ml.imageio import decode_image
+
+    buf = io.BytesIO()
+    PILImage.fromarray(decode_image(data)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _image_headers() -> dict[str, str]:
+    return {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
+
+
+@router.get("/images/{image_id}/heatmap")
+def heatmap(
+    image_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    producer: ProducerDep,
+    principal: WebPrincipal,
+) -> Response:
+    """``GET /v1/images/{id}/explanation`` for the signed-in key."""
+    if principal is None:
+        return Response("sign in first", status_code=401, media_type="text/plain")
+    try:
+        png = image_routes.get_explanation(request, image_id, session, principal, settings, producer)
+    except NotReady:
+        return Response(
+            "not ready yet", status_code=409, media_type="text/plain", headers={"Retry-After": "2"}
+        )
+    except NotFound as exc:
+        return Response(exc.message, status_code=404, media_type="text/plain")
+    png.headers.update(_image_headers())
+    return png
+
+
+# ---------------------------------------------------------------------------------- patients
+
+
+@router.get("/patients")
+def patient_form(request: Request, principal: WebPrincipal) -> Response:
+    if principal is None:
+        return auth.login_redirect(request)
+    return _page(request, "patient.html", {"query": "", "summary": None, "error": None}, principal=principal)
+
+
+@router.post("/patients")
+def patient_lookup(
+    request: Request,
+    session: SessionDep,
+    principal: WebPrincipal,
+    patient_id: Annotated[str, Form()] = "",
+) -> Response:
+    """A POST, so patient identifiers stay out of URLs, browser history and access logs."""
+    if principal is None:
+        return auth.login_redirect(request)
+    if not auth.same_origin(request):
+        return _page(request, "message.html", _forbidden_origin(), principal=principal, status_code=403)
+    query = patient_id.strip()
+    summary: PatientSummary | None = None
+    error = _check_patient_id(query)
+    if error is None:
+        try:
+            summary = patient_routes.get_patient(query, session, principal)
+        except NotFound:
+            error = "No patient with this ID in your clinic."
+    context = {
+        "query": query,
+        "summary": summary,
+        "error": error,
+        "verdict": present.patient_verdict(summary, False) if summary is not None else None,
+    }
+    return _page(request, "patient.html", context, principal=principal, status_code=200 if summary else 404)
+
+
+# -------------------------------------------------------------------------------------- jobs
+
+
+def _jobs(session: Session, clinic_id: int) -> list[dict[str, Any]]:
+    """The clinic's latest folder jobs with fresh counts (the listing only this page needs)."""
+    jobs = session.scalars(
+        select(ScoringJob)
+        .where(ScoringJob.clinic_id == clinic_id)
+        .order_by(ScoringJob.created_at.desc())
+        .limit(JOBS_LIMIT)
+    ).all()
+    out = []
+    for job in jobs:
+        if job.status in ("queued", "running"):
+            job = repo.refresh_job_counts(session, job.id)
+        finished = job.done + job.failed
+        out.append(
+            {
+                "job": job,
+                "finished": finished,
+                "percent": round(100 * finished / job.total, 1) if job.total else 0.0,
+                "grades": repo.job_grade_counts(session, job.id),
+            }
+        )
+    return out
+
+
+def _jobs_page(
+    request: Request,
+    session: Session,
+    principal: Principal,
+    settings: SettingsDep,
+    *,
+    error: str | None = None,
+    folder: str = "",
+    status_code: int = 200,
+) -> HTMLResponse:
+    listed = _jobs(session, principal.clinic_id)
+    context = {
+        "jobs": listed,
+        "active": any(j["job"].status in ("queued", "running") for j in listed),
+        "roots": [str(p) for p in settings.import_root_paths],
+        "error": error,
+        "folder": folder,
+    }
+    return _page(request, "jobs.html", context, principal=principal, status_code=status_code)
+
+
+@router.get("/jobs")
+def jobs_page(
+    request: Request, session: SessionDep, settings: SettingsDep, principal: WebPrincipal
+) -> Response:
+    if principal is None:
+        return auth.login_redirect(request)
+    return _jobs_page(request, session, principal, settings)
+
+
+@router.post("/jobs")
+def start_job(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    producer: ProducerDep,
+    principal: WebPrincipal,
+    folder: Annotated[str, Form()] = "",
+    explain: Annotated[bool, Form()] = False,
+) -> Response:
+    if principal is None:
+        return auth.login_redirect(request)
+    if not auth.same_origin(request):
+        return _page(request, "message.html", _forbidden_origin(), principal=principal, status_code=403)
+    folder = folder.strip()
+    if not folder or len(folder) > 4096:
+        return _jobs_page(request, session, principal, settings, error="Give a folder path.", status_code=422)
+    try:
+        job_routes.create_job(
+            job_routes.JobRequest(folder=folder, explain=explain), session, principal, settings, producer
+        )
+    except DomainError as exc:
+        session.rollback()
+        return _jobs_page(
+            request, session, principal, settings, error=_error_text(exc), folder=folder, status_code=422
+        )
+    return RedirectResponse("/jobs", status_code=303)
+
+
+@router.get("/jobs/{job_id}/results.csv")
+def job_csv(job_id: str, session: SessionDep, api: ApiSettingsDep, principal: WebPrincipal) -> Response:
+    """``GET /v1/jobs/{id}/results?format=csv`` for the signed-in key."""
+    if principal is None:
+        return Response("sign in first", status_code=401, media_type="text/plain")
+    try:
+        response: Response = job_routes.get_job_results(
+            job_id, session, principal, api, offset=0, limit=1, format="csv"
+        )
+    except NotFound:
+        return Response("no such job", status_code=404, media_type="text/plain")
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+# ------------------------------------------------------------------------------------- model
+
+
+def _metric_rows(card: dict[str, Any]) -> list[dict[str, Any]]:
+    chosen = card.get("chosen_rule")
+    rows = []
+    for name, splits in (card.get("metrics") or {}).items():
+        if not isinstance(splits, dict):
+            continue
+        rows.append(
+            {
+                "name": name,
+                "chosen": name == f"rule:{chosen}",
+                "validation": splits.get("validation") or {},
+                "test": splits.get("test") or {},
+            }
+        )
+    return rows
+
+
+@router.get("/model")
+def model_page(request: Request, settings: SettingsDep, principal: WebPrincipal) -> Response:
+    if principal is None:
+        return auth.login_redirect(request)
+    info = model_info(settings)
+    ref = active_ref(settings)
+    manifest = read_manifest(settings, ref) if ref else None
+    card: dict[str, Any] = (manifest or {}).get("card") or {}
+    card_html = None
+    if ref is not None:
+        card_path = released_ensembles(settings.models_dir)[ref].parent / "MODEL_CARD.md"
+        if card_path.is_file():
+            card_html = _markdown.render(card_path.read_text(encoding="utf-8"))
+    rows = _metric_rows(card)
+    chosen = next((r for r in rows if r["chosen"]), None)
+    context = {
+        "info": info,
+        "card": card,
+        "rows": rows,
+        "chosen": chosen,
+        "grade_names": present.GRADE_NAMES,
+        "card_html": card_html,
+        "combination": (manifest or {}).get("combination") or {},
+    }
+    return _page(request, "model.html", context, principal=principal)
+
+
+# ------------------------------------------------------------------------------------ static
+
+
+@router.get("/static/{name}")
+def static(name: str) -> Response:
+    media_type = STATIC_FILES.get(name)
+    if media_type is None:
+        return Response("not found", status_code=404, media_type="text/plain")
+    return FileResponse(
+        STATIC_DIR / name, media_type=media_type, headers={"Cache-Control": "public, max-age=300"}
+    )

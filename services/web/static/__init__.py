@@ -1,0 +1,1 @@
+"""CSS and JS of the web interface (a package so that they ship as package data)."""
