@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from core import db
 from core.producer import broker_reachable, make_producer_app
 from core.settings import Settings, get_settings
+from services import web
 from services.config import ApiSettings, get_api_settings
 from services.errors import install_error_handlers
 from services.limits import BodySizeLimit
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     install_error_handlers(app)
     for router in (images.router, bundles.router, jobs.router, patients.router, models.router):
         app.include_router(router, prefix="/v1")
+    app.include_router(web.router)  # the web interface at `/` (not in the OpenAPI document)
 
     metrics = Metrics()
     app.state.metrics = metrics
