@@ -36,6 +36,7 @@ class DataConfig:
     )
     equalized_val_fraction: float = 0.1
     cache_dir: str = "var/cache"
+    limit_per_split: int = 0  # >0: keep only the first N photographs of each part (smoke tests)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from ml.training.losses import grading_loss
 from ml.training.plots import plot_curves
 
 log = logging.getLogger(__name__)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -71,6 +72,9 @@ def prepare_data(cfg: TrainConfig, base: Path) -> Datasets:
     nat = natural_split(cfg, base)
     splits = {f"eq_{k}": v for k, v in eq.items()} | {f"nat_{k}": v for k, v in nat.items()}
 
+    if cfg.data.limit_per_split > 0:
+        splits = {k: v[: cfg.data.limit_per_split] for k, v in splits.items()}
+
     def make(tag: str) -> Split:
         return Split(splits[tag], cached_pixels(splits[tag], cfg.preprocess, cache, tag))
 
@@ -108,12 +112,10 @@ def predict(
     model.eval()
     scores, probs = [], []
     for start in range(0, len(split.samples), batch_size):
-        x = to_batch(split.pixels[start : start + batch_size], cfg.preprocess).to(
-            memory_format=torch.channels_last
-        )
-        out = model(x)
-        scores.append(expected_grade(out).float().numpy())
-        probs.append(grade_probabilities(out).float().numpy())
+        x = to_batch(split.pixels[start : start + batch_size], cfg.preprocess)
+        out = model(x.to(DEVICE, memory_format=torch.channels_last))
+        scores.append(expected_grade(out).float().cpu().numpy())
+        probs.append(grade_probabilities(out).float().cpu().numpy())
     return np.concatenate(scores), np.concatenate(probs)
 
 
@@ -149,12 +151,13 @@ def run_stage(
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    scaler = torch.amp.GradScaler(DEVICE.type, enabled=DEVICE.type == "cuda")
     class_weight = None
     if cfg.loss.class_weight_power > 0:
         freq = np.bincount(train.grades, minlength=5).astype(float).clip(min=1)
         w = freq**-cfg.loss.class_weight_power
-        class_weight = torch.tensor(w / w.mean(), dtype=torch.float32)
-    best_qwk, best_state, bad_epochs = -1.0, {k: v.clone() for k, v in model.state_dict().items()}, 0
+        class_weight = torch.tensor(w / w.mean(), dtype=torch.float32, device=DEVICE)
+    best_qwk, best_state, bad_epochs = -1.0, {k: v.detach().clone() for k, v in model.state_dict().items()}, 0
     for epoch in range(stage.epochs):
         order = sampling_order(train.grades, per_epoch, stage.balance_power, rng)
         if epoch < start_epoch:  # resumed: replay the RNG and the schedule, skip the work
@@ -174,18 +177,22 @@ def run_stage(
         for start in bar:
             idx = np.sort(order[start : start + stage.batch_size])
             x = augment(to_batch(train.pixels[idx], cfg.preprocess), gen, stage.augment_strength)
-            x = x.to(memory_format=torch.channels_last)
-            y = torch.from_numpy(train.grades[idx]).long()
-            out = model(x)
-            loss = grading_loss(out, y, cfg.loss, class_weight)
+            x = x.to(DEVICE, memory_format=torch.channels_last)
+            y = torch.from_numpy(train.grades[idx]).long().to(DEVICE)
+            # mixed precision where it pays (CUDA); CPU autocast is slower for these nets
+            with torch.autocast(device_type=DEVICE.type, enabled=DEVICE.type == "cuda"):
+                out = model(x)
+                loss = grading_loss(out, y, cfg.loss, class_weight)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             losses.append(float(loss.detach()))
-            pred = apply_thresholds(expected_grade(out).detach().numpy(), DEFAULT_THRESHOLDS)
-            correct += int((pred == y.numpy()).sum())
+            pred = apply_thresholds(expected_grade(out).detach().float().cpu().numpy(), DEFAULT_THRESHOLDS)
+            correct += int((pred == y.cpu().numpy()).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         scores, _ = predict(model, val, cfg)
@@ -247,7 +254,7 @@ def train_from_config(
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     data = prepare_data(cfg, base)
     log.info("data: %s split %s", data.counts, data.split_hash)
-    model = build_model(cfg.model, pretrained=not resume).to(memory_format=torch.channels_last)
+    model = build_model(cfg.model, pretrained=not resume).to(DEVICE, memory_format=torch.channels_last)
     history: list[dict[str, Any]] = []
     done_stage, done_epoch = None, 0
     if resume and (run_dir / "last.pt").exists():

@@ -1,0 +1,138 @@
+"""A tiny real training run on real photographs, resume, export and evaluate with known metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ml.training.data import read_labels, split_patients
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    if not (DATA / "eyepacs-natural-512" / "labels.csv").exists():
+        pytest.fail(f"training data missing at {DATA}: the shared/ folder must sit beside the repo")
+    return DATA
+
+
+def test_patient_split_never_shares_a_patient(data_dir: Path) -> None:
+    samples = read_labels(data_dir / "eyepacs-natural-512")
+    parts = split_patients(samples, {"train": 0.5, "val": 0.25, "test": 0.25}, seed=3)
+    ids = {k: {s.patient_id for s in v} for k, v in parts.items()}
+    assert (
+        not (ids["train"] & ids["val"])
+        and not (ids["train"] & ids["test"])
+        and not (ids["val"] & ids["test"])
+    )
+    assert sum(len(v) for v in parts.values()) == len(samples)
+    again = split_patients(samples, {"train": 0.5, "val": 0.25, "test": 0.25}, seed=3)
+    assert {k: [s.path for s in v] for k, v in again.items()} == {
+        k: [s.path for s in v] for k, v in parts.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    from ml.training.train import train_from_config
+
+    out = tmp_path_factory.mktemp("runs")
+    overrides = {
+        "out_dir": str(out),
+        "data.cache_dir": str(out / "cache"),
+        "data.equalized_dir": str(data_dir / "eyepacs-equalized-256"),
+        "data.natural_dir": str(data_dir / "eyepacs-natural-512"),
+    }
+    return train_from_config(REPO / "configs" / "smoke.toml", overrides=overrides)
+
+
+def test_smoke_training_writes_every_artefact(smoke_run: Path) -> None:
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "curves.png",
+        "last.pt",
+        "best/model.safetensors",
+        "stage1/config.json",
+    ):
+        assert (smoke_run / name).exists(), name
+    rows = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["stage1", "stage1", "stage2", "stage2"][: len(rows)]
+    assert all(np.isfinite(r["train_loss"]) for r in rows)
+    meta = json.loads((smoke_run / "best" / "metadata.json").read_text())
+    assert len(meta["data_split_hash"]) == 16 and meta["weights_sha256"]
+    resolved = json.loads((smoke_run / "config.json").read_text())
+    assert resolved["model"]["attention"] == "se" and resolved["preprocess"]["size"] == 64
+
+
+def test_resume_continues_from_last_checkpoint(smoke_run: Path, tmp_path: Path) -> None:
+    from ml.training.train import train_from_config
+
+    copy = tmp_path / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    before = len((copy / "metrics.jsonl").read_text().splitlines())
+    train_from_config(REPO / "configs" / "smoke.toml", resume=copy, overrides=_overrides_from(smoke_run))
+    after = (copy / "metrics.jsonl").read_text().splitlines()
+    assert len(after) == before  # every epoch was done: resuming repeats none
+    assert (copy / "best" / "model.safetensors").exists()
+
+
+def _overrides_from(run: Path) -> dict[str, str]:
+    cfg = json.loads((run / "config.json").read_text())
+    keep = ("cache_dir", "equalized_dir", "natural_dir")
+    return {f"data.{k}": str(v) for k, v in cfg["data"].items() if k in keep} | {"out_dir": str(run.parent)}
+
+
+def test_export_and_evaluate_report_known_metrics(
+    smoke_run: Path,
+    tmp_path: Path,
+    data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Evaluate's figures must equal metrics recomputed from the model's own predictions."""
+    from PIL import Image
+
+    import ml.release as release
+    from ml.evaluation import evaluate_cli
+    from ml.export import export_member
+    from ml.inference.combine import CombineRule
+    from ml.inference.ensemble import Ensemble, Member
+    from ml.metrics import grading_report
+    from ml.release import load_checkpoint
+
+    models = tmp_path / "models"
+    folder = export_member(smoke_run, "smoke", "0.0.1", half=False, models_dir=models)
+    samples = read_labels(data_dir / "eyepacs-natural-512")[:12]
+    (tmp_path / "photos").mkdir()
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "grade", "patient_id", "eye"])
+        for s in samples:
+            shutil.copy(s.path, tmp_path / "photos" / s.path.name)
+            writer.writerow([f"photos/{s.path.name}", s.grade, s.patient_id, s.eye])
+    model, pre, config = load_checkpoint(folder)
+    member = Member("smoke@0.0.1", model, pre, config)
+    ens = Ensemble("smoke@0.0.1", [member], CombineRule("weighted_average", [1.0]), {})
+    preds = ens.predict([np.asarray(Image.open(s.path).convert("RGB")) for s in samples])
+    truth = [s.grade for s in samples]
+    expected = grading_report(truth, [p.grade for p in preds], [sum(p.probabilities[2:]) for p in preds])
+    monkeypatch.setattr(release, "default_models_dir", lambda: models)
+    assert evaluate_cli(labels, "smoke@0.0.1", True, tmp_path / "report") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["n_images"] == 12
+    assert report["qwk"] == pytest.approx(expected["qwk"])
+    assert report["accuracy"] == pytest.approx(expected["accuracy"])
+    assert len(report["per_class_recall"]) == 5
+    assert report["patient"]["n_patients"] == len({s.patient_id for s in samples})
+    assert (tmp_path / "report" / "confusion_matrix.png").exists() and (
+        tmp_path / "report" / "report.md"
+    ).exists()
