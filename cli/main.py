@@ -71,9 +71,16 @@ def score(
     path: Path = typer.Argument(..., exists=True, help="An image or a folder of images."),
     out: Path | None = typer.Option(None, "--out", help="Write results to FILE.csv or FILE.json."),
     explain: bool = typer.Option(False, "--explain", help="Also write Grad-CAM heatmaps."),
+    submission: bool = typer.Option(
+        False,
+        "--submission",
+        help="Write --out as a Kaggle-style ID,TARGET file (the default for names ending in submission.csv).",
+    ),
 ) -> None:
     """Score one image or a folder (embedded), with per-image and per-patient results."""
-    _finish(_load("workers.bulk:score_path")(path, out, explain))
+    if submission and out is None:
+        raise typer.BadParameter("--submission needs --out FILE.csv", param_hint="--submission")
+    _finish(_load("workers.bulk:score_path")(path, out, explain, submission=True if submission else None))
 
 
 @app.command()
@@ -90,9 +97,13 @@ def evaluate(
 @app.command()
 def train(
     config: Path = typer.Option(..., "--config", exists=True, help="Training config file."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
 ) -> None:
     """Train a model from a config; writes a run folder under runs/."""
-    _finish(_load("ml.training.train:train_from_config")(config))
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _finish(_load("ml.training.train:train_from_config")(config, resume=resume))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

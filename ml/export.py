@@ -27,8 +27,15 @@ from tqdm import tqdm
 
 from ml.inference.combine import CombineRule, combine, expected
 from ml.inference.ensemble import Ensemble, Member
-from ml.metrics import fit_thresholds, grading_report
-from ml.release import default_models_dir, ensemble_dir, load_checkpoint, member_dir, sha256_file
+from ml.metrics import DEFAULT_THRESHOLDS, fit_thresholds, grading_report
+from ml.release import (
+    default_models_dir,
+    ensemble_dir,
+    load_checkpoint,
+    member_dir,
+    save_checkpoint,
+    sha256_file,
+)
 from ml.training.config import DataConfig, TrainConfig
 from ml.training.data import Sample, load_rgb
 from ml.training.train import natural_split
@@ -37,32 +44,67 @@ log = logging.getLogger(__name__)
 SENSITIVITY_FLOOR = 0.85  # referable sensitivity the operating point must keep on validation
 
 
-def export_member(run_dir: Path, name: str, version: str, half: bool, models_dir: Path) -> Path:
-    """Copy a run's best checkpoint into models/members/<name>/<version> (optionally fp16)."""
-    from ml.release import save_checkpoint
+def export_member(
+    run_dir: Path, name: str, version: str, half: bool, models_dir: Path, check: list[Sample] | None = None
+) -> Path:
+    """Copy a run's best checkpoint into models/members/<name>/<version>.
 
+    With ``half``, weights are stored as float16 only if that changes no grade (default cuts on
+    the expected grade) on the ``check`` photographs (the natural-colour validation patients
+    unless given); otherwise float32 is kept and the metadata says why.
+    """
     src = run_dir / "best"
     model, pre, config = load_checkpoint(src)
-    meta = config["metadata"]
+    meta = {
+        k: v
+        for k, v in config["metadata"].items()
+        if k not in ("name", "version", "libraries", "weights_sha256")
+    }
     meta.pop("history", None)
     meta.update({"changelog": f"{version}: trained by run {run_dir.name}", "run": run_dir.name})
     dst = models_dir / "members" / name / version
     if dst.exists():
         shutil.rmtree(dst)
-    save_checkpoint(
-        dst,
-        model,
-        pre,
-        name,
-        version,
-        {k: v for k, v in meta.items() if k not in ("name", "version", "libraries", "weights_sha256")},
-        half=half,
-    )
+    save_checkpoint(dst, model, pre, name, version, meta, half=half)
+    if half:
+        if check is None:
+            train_cfg = meta.get("train_config", {})
+            data = DataConfig(
+                **{k: v for k, v in train_cfg.get("data", {}).items() if k in DataConfig.__dataclass_fields__}
+            )
+            check = natural_split(TrainConfig(data=data), Path.cwd())["val"]
+        report = half_precision_check(src, dst, name, check)
+        if report["grades_changed"]:
+            log.warning("float16 changed %d grades: keeping float32", report["grades_changed"])
+            save_checkpoint(
+                dst, model, pre, name, version, meta | {"half_precision_check": report}, half=False
+            )
+        else:
+            save_checkpoint(
+                dst, model, pre, name, version, meta | {"half_precision_check": report}, half=True
+            )
     for extra in ("curves.png", "metrics.jsonl", "config.json"):
         if (run_dir / extra).exists():
             shutil.copy(run_dir / extra, dst / ("train_" + extra if extra == "config.json" else extra))
     log.info("exported %s -> %s (%.1f MB)", run_dir, dst, (dst / "model.safetensors").stat().st_size / 1e6)
     return dst
+
+
+def half_precision_check(full: Path, half: Path, name: str, samples: list[Sample]) -> dict[str, Any]:
+    """Compare a float32 checkpoint with its float16 copy on real photographs."""
+    loaded = []
+    for folder in (full, half):
+        model, pre, config = load_checkpoint(folder)
+        loaded.append(Member(name, model, pre, config))
+    p32, p16 = member_probs(loaded[:1], samples)[0], member_probs(loaded[1:], samples)[0]
+    cuts = list(DEFAULT_THRESHOLDS)
+    g32 = np.searchsorted(cuts, expected(p32), side="right")
+    g16 = np.searchsorted(cuts, expected(p16), side="right")
+    return {
+        "n_images": len(samples),
+        "grades_changed": int((g32 != g16).sum()),
+        "max_abs_probability_diff": float(np.abs(p32 - p16).max()),
+    }
 
 
 def member_probs(members: list[Member], samples: list[Sample]) -> np.ndarray:
