@@ -335,7 +335,10 @@ def expand_folder(
         with session_scope(db_url) as session:
             image_ids: list[str] = []
             for item_id in id_chunk:
-                row = session.get(ScoringJobItem, item_id)
+                # Row lock (PostgreSQL): a second expansion of the same job (a redelivery, or
+                # one the sweep re-sent) waits here and then sees the item is no longer
+                # pending, instead of storing the same file as a second image.
+                row = session.get(ScoringJobItem, item_id, with_for_update=True)
                 if row is None or row.status != "pending":
                     continue
                 image_id = ingest_item(

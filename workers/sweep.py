@@ -4,8 +4,10 @@ Re-queues images whose message was lost: ``queued`` rows older than ``DRSCREEN_S
 (committed but never published, or the message vanished) and ``running`` rows older than
 ``DRSCREEN_STALE_RUNNING_MINUTES`` (their worker died). Each re-queued row's ``updated_at`` is
 touched, so a row still waiting behind a long queue gets at most one extra message per period;
-an extra message is harmless because scoring skips ``done`` images. Also prunes the embedded
-broker's claimed-message files.
+an extra message is harmless because scoring skips ``done`` images. Folder jobs whose
+``jobs.expand_folder`` message was lost (the API could not publish it, or the broker lost it) or
+whose expansion died with items still ``pending`` get their expansion re-sent the same way
+(expansion is idempotent). Also prunes the embedded broker's claimed-message files.
 
 Schedule: each worker's main process publishes ``maintenance.sweep`` every
 ``DRSCREEN_SWEEP_INTERVAL_S`` seconds (see ``workers.app``); several workers sweeping is safe.
@@ -18,12 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
 from core import repository as repo
 from core import tasks
 from core.celery_config import prune_processed
 from core.db import session_scope
 from core.settings import get_settings
-from core.tables import utcnow
+from core.tables import ScoringJob, ScoringJobItem, utcnow
 from workers.scoring import Enqueue, send_by_name
 from workers.settings import get_worker_settings
 
@@ -33,7 +38,23 @@ log = logging.getLogger(__name__)
 @dataclass
 class SweepSummary:
     requeued: list[str] = field(default_factory=list)
+    jobs: list[str] = field(default_factory=list)  # folder jobs whose expansion was re-sent
     pruned: int = 0
+
+
+def _stale_jobs(session: Session, older_than: timedelta) -> list[ScoringJob]:
+    """Unfinished jobs untouched for ``older_than`` that still need expanding: no items yet (the
+    expansion message never arrived) or items still ``pending`` (the expansion stopped midway)."""
+    items = select(ScoringJobItem.id).where(ScoringJobItem.job_id == ScoringJob.id)
+    return list(
+        session.scalars(
+            select(ScoringJob).where(
+                ScoringJob.status.in_(["queued", "running"]),
+                ScoringJob.updated_at < utcnow() - older_than,
+                or_(~items.exists(), items.where(ScoringJobItem.status == "pending").exists()),
+            )
+        )
+    )
 
 
 def sweep(
@@ -70,7 +91,16 @@ def sweep(
         for image in stale:
             image.updated_at = now
             groups[image.job_id is not None].append(image.id)
+        # Before this sweep existed for jobs, a job whose expand message was lost stayed
+        # ``queued`` for ever although the API promised "the sweep will re-queue it".
+        jobs = _stale_jobs(session, queued_after)
+        for job in jobs:
+            job.updated_at = now
+        job_ids = [job.id for job in jobs]
         session.flush()
+    for job_id in job_ids:
+        send(tasks.EXPAND_FOLDER, [job_id], {"explain": False})
+        summary.jobs.append(job_id)
     # Published after the commit, like every other task.
     for in_job, ids in groups.items():
         for start in range(0, len(ids), size):
@@ -78,8 +108,11 @@ def sweep(
             send(tasks.SCORE_IMAGES, [list(part)], {"explain": False} if in_job else {})
             summary.requeued.extend(part)
     summary.pruned = prune_processed(get_settings())
-    if summary.requeued or summary.pruned:
+    if summary.requeued or summary.jobs or summary.pruned:
         log.info(
-            "sweep: re-queued %d image(s), pruned %d broker file(s)", len(summary.requeued), summary.pruned
+            "sweep: re-queued %d image(s) and %d folder job(s), pruned %d broker file(s)",
+            len(summary.requeued),
+            len(summary.jobs),
+            summary.pruned,
         )
     return summary

@@ -167,6 +167,30 @@ def test_sweep_requeues_stale(url: str, store: FileStore) -> None:
     assert sweep_mod.sweep(db_url=url, enqueue=Sent(), running_after=timedelta(hours=1)).requeued == []
 
 
+def test_sweep_resends_lost_folder_jobs(url: str, store: FileStore, roots: Path) -> None:
+    # The API commits the job, then publishes jobs.expand_folder; when that message is lost the job
+    # must not stay "queued" for ever. Neither must a job whose expansion stopped midway.
+    folder = make_folder(roots, ["16_left.jpg", "17_left.jpg"])
+    never_sent, half_done, expanded = new_job(url, folder), new_job(url, folder), new_job(url, folder)
+    folders.expand_folder(expanded, db_url=url, store=store, enqueue=Sent())
+    with session_scope(url) as s:
+        repo.add_job_items(s, half_done, [repo.JobItemSpec("16_left.jpg", "16", "left")])
+    old = utcnow() - timedelta(hours=2)
+    with session_scope(url) as s:
+        for job_id in (never_sent, half_done, expanded):
+            job = repo.get_job(s, job_id)
+            assert job is not None
+            job.updated_at = old
+    sent = Sent()
+    summary = sweep_mod.sweep(db_url=url, enqueue=sent)
+    assert sorted(summary.jobs) == sorted([never_sent, half_done])
+    assert sorted(args[0] for name, args, _ in sent if name == tasks.EXPAND_FOLDER) == sorted(summary.jobs)
+    # Touched: not re-sent again right away; and the re-sent expansion finishes the job.
+    assert sweep_mod.sweep(db_url=url, enqueue=Sent()).jobs == []
+    folders.expand_folder(half_done, db_url=url, store=store, enqueue=Sent())
+    assert {i.status for i in items_by_path(url, half_done).values()} <= {"queued", "done", "failed"}
+
+
 def test_transient_errors() -> None:
     import redis
     from sqlalchemy.exc import IntegrityError, OperationalError
