@@ -45,6 +45,9 @@ celery_app.conf.update(
     worker_prefetch_multiplier=1,
     # One scoring batch can take a while on CPU; recycle children now and then to bound memory.
     worker_max_tasks_per_child=500,
+    # A child reports "up" only after worker_process_init has loaded the ensemble (seconds, more on
+    # a busy machine); Celery kills children that take longer than this, 4 s unless set.
+    worker_proc_alive_timeout=get_worker_settings().child_start_timeout_s,
     beat_schedule={
         "sweep": {"task": tasks.SWEEP, "schedule": 300.0, "options": {"queue": tasks.QUEUE_SCORING}}
     },

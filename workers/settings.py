@@ -29,6 +29,10 @@ class WorkerSettings(BaseSettings):
     #: A photograph whose scoring was started this many times is failed instead of retried again
     #: (a poison pill that kills its worker must not loop forever).
     max_attempts: int = Field(default=5, ge=1)
+    #: Seconds a new pool child may take to start (it loads torch and the ensemble) before the
+    #: Celery parent gives up on it and kills it. Celery's own default (4 s) is far too short:
+    #: a child replacing a crashed or recycled one would be killed over and over while loading.
+    child_start_timeout_s: float = Field(default=600.0, gt=0)
 
 
 @lru_cache(maxsize=1)

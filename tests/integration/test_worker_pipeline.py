@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +34,11 @@ from tests.conftest import WorkerProcess
 PHOTOS = Path("/work/shared/data/eyepacs-natural-512/images")
 DEV_MODEL = "drscreen-dev@0.1.0"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Generous: the pool child imports torch and loads the ensemble, and CI boxes are often busy.
+WORKER_READY_S = 180
+WAIT_S = 300
+
+pytestmark = pytest.mark.timeout(1200)
 
 
 @dataclass
@@ -72,14 +79,14 @@ def stack(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
-    worker = start_worker(env=env)
+    worker = start_worker(env=env, ready_timeout=WORKER_READY_S)
     settings = Settings()
     yield Stack(
         pg_url, FileStore(settings.store_path), producer.make_producer_app(settings), worker, import_root
     )
 
 
-def wait_for(check: Callable[[], bool], worker: WorkerProcess, what: str, timeout: float = 120) -> None:
+def wait_for(check: Callable[[], bool], worker: WorkerProcess, what: str, timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -219,7 +226,7 @@ def test_folder_job_of_three_dozen_photographs(stack: Stack) -> None:
             job = repo.get_job(s, job_id)
             return job is not None and job.status in ("done", "failed")
 
-    wait_for(job_done, stack.worker, "the folder job", timeout=240)
+    wait_for(job_done, stack.worker, "the folder job", timeout=2 * WAIT_S)
     with session_scope(stack.url) as s:
         job = repo.get_job(s, job_id)
         assert job is not None and job.status == "done", job.error if job else None
@@ -259,3 +266,20 @@ def test_sweep_requeues_a_stuck_image(stack: Stack) -> None:
     producer.send_sweep(app=stack.app)
     wait_for(all_finished(stack.url, [stuck]), stack.worker, "the swept image")
     assert statuses(stack.url, [stuck]) == {stuck: "done"}
+
+
+def test_a_killed_pool_child_is_replaced_and_keeps_scoring(stack: Stack) -> None:
+    # The replacement child loads torch and the ensemble again before it reports "up"; Celery
+    # must wait for it (worker_proc_alive_timeout) instead of killing it after 4 s, over and over.
+    served = re.compile(r"worker process (\d+) serves")
+    wait_for(lambda: bool(served.search(stack.worker.output())), stack.worker, "the pool child")
+    [first_pid] = served.findall(stack.worker.output())
+    os.kill(int(first_pid), signal.SIGKILL)
+    wait_for(lambda: len(served.findall(stack.worker.output())) >= 2, stack.worker, "a new pool child")
+    [image] = add_photos(stack, "Crash clinic", "C-1", ["1012_left.jpg"])
+    producer.send_score_images([image], app=stack.app)
+    wait_for(all_finished(stack.url, [image]), stack.worker, "the image after the crash")
+    assert statuses(stack.url, [image]) == {image: "done"}
+    log = stack.worker.output()
+    assert "Timed out waiting for UP message" not in log, log[-3000:]
+    assert len(set(served.findall(log))) == 2, log[-3000:]

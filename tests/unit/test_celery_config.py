@@ -49,3 +49,12 @@ def test_prune_processed(isolated_settings: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "old.msg").write_text("x")
     assert prune_processed(s, max_age_seconds=-1) == 1
+
+
+def test_worker_waits_for_a_pool_child_loading_the_ensemble(isolated_settings: Path) -> None:
+    # Celery kills a new pool child that has not reported "up" after worker_proc_alive_timeout
+    # (4 s by default); ours load torch and the ensemble first, so a replacement child would be
+    # killed over and over on a busy machine.
+    from workers.app import celery_app
+
+    assert celery_app.conf.worker_proc_alive_timeout >= 60

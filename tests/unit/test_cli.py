@@ -73,3 +73,24 @@ def test_keys_create_and_revoke(isolated_settings: Path) -> None:
         assert row is not None and row.clinic.name == "C" and row.key_hash != key
     assert runner.invoke(app, ["keys", "revoke", key]).exit_code == 0
     assert runner.invoke(app, ["keys", "revoke", key]).exit_code == 1
+
+
+def test_score_submission_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import bulk
+
+    calls: list[tuple[object, ...]] = []
+
+    def fake_score_path(*args: object, **kwargs: object) -> int:
+        calls.append((*args, kwargs))
+        return 0
+
+    monkeypatch.setattr(bulk, "score_path", fake_score_path)
+    photo = tmp_path / "1_left.jpg"
+    photo.write_bytes(b"x")
+    out = tmp_path / "grades.csv"
+    assert runner.invoke(app, ["score", str(photo), "--out", str(out), "--submission"]).exit_code == 0
+    assert runner.invoke(app, ["score", str(photo), "--out", str(out)]).exit_code == 0
+    # Without the flag the file name decides (None); with it the Kaggle format is forced.
+    assert [c[-1] for c in calls] == [{"submission": True}, {"submission": None}]
+    result = runner.invoke(app, ["score", str(photo), "--submission"])
+    assert result.exit_code != 0 and len(calls) == 2
