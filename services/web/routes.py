@@ -13,6 +13,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,7 +28,7 @@ from core import repository as repo
 from core.errors import DomainError, NotFound
 from core.schemas import PatientSummary
 from core.store import FileStore
-from core.tables import Bundle, Image, Patient, ScoringJob
+from core.tables import Bundle, Image, Patient, ScoringJob, utcnow
 from services.deps import (
     ApiSettingsDep,
     Principal,
@@ -53,6 +54,8 @@ STATIC_FILES = {"app.css": "text/css", "app.js": "text/javascript"}
 BROWSER_IMAGE_TYPES = {"jpg": "image/jpeg", "png": "image/png", "bmp": "image/bmp", "webp": "image/webp"}
 RECENT_LIMIT = 12
 JOBS_LIMIT = 50
+#: How long a result page waits for the heatmaps of graded photographs before showing it anyway.
+HEATMAP_WAIT_SECONDS = 180.0
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.filters["grade_label"] = present.grade_label
@@ -320,13 +323,26 @@ def _heatmap_ready(session: Session, images: list[Image]) -> dict[str, bool]:
     return {im.id: im.status == "done" and repo.get_explanation(session, im.id) is not None for im in images}
 
 
+def _heatmap_expected(image: Image) -> bool:
+    """Workers draw heatmaps for graded photographs only, right after the grade; after a while
+    without one, stop waiting (the page then says it is missing; the heatmap route asks again)."""
+    if image.status != "done" or not image.gradable:
+        return False
+    finished = image.finished_at
+    if finished is None:
+        return True
+    if finished.tzinfo is None:  # SQLite hands back naive UTC datetimes
+        finished = finished.replace(tzinfo=UTC)
+    return (utcnow() - finished).total_seconds() < HEATMAP_WAIT_SECONDS
+
+
 def _progress(session: Session, images: list[Image], patient_id: int) -> Progress:
     ready = _heatmap_ready(session, images)
     return Progress(
         total=len(images),
         finished=sum(im.status in present.FINAL for im in images),
         failed=sum(im.status == "failed" for im in images),
-        heatmaps_missing=sum(im.status == "done" and not ready[im.id] for im in images),
+        heatmaps_missing=sum(_heatmap_expected(im) and not ready[im.id] for im in images),
         patient_result=repo.get_current_patient_result(session, patient_id) is not None,
     )
 

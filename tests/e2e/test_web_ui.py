@@ -1,0 +1,305 @@
+"""The web interface in a real headless Chromium (Debian's ``chromium``, driven by Playwright), against
+the API in a uvicorn subprocess and a real worker process on PostgreSQL and Redis.
+
+Signs in, uploads a visit of sample photographs, waits for the page to show the result, checks that
+the grades shown are the API's for the same visit, then a non-fundus photograph (ungradable: REFER),
+the patient's history, a folder job with its CSV, the model page, and signing out. Screenshots go
+to ``docs/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from PIL import Image as PILImage
+
+from tests.api_support import SAMPLES, Key, make_key, model_env, sample
+from tests.conftest import REPO_ROOT, WorkerProcess
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+CHROMIUM = Path(os.environ.get("DRSCREEN_TEST_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
+#: Everything is slow on a shared 2-core machine: generous limits.
+SCORING_TIMEOUT_MS = 420_000
+STEP_TIMEOUT_MS = 90_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def env(pg_url: str, redis_url: str, tmp_path: Path) -> dict[str, str]:
+    # A Redis database of its own, so no other test module's worker takes these messages.
+    broker = redis_url.rsplit("/", 1)[0] + "/12"
+    redis.Redis.from_url(broker).flushdb()
+    return {
+        "DRSCREEN_DATABASE_URL": pg_url,
+        "DRSCREEN_BROKER_URL": broker,
+        "DRSCREEN_STORE_DIR": str(tmp_path / "store"),  # shared by the API and the worker
+        "DRSCREEN_VAR_DIR": str(tmp_path / "var"),
+        "DRSCREEN_IMPORT_ROOTS": str(SAMPLES),
+        "OMP_NUM_THREADS": "1",
+        **model_env(),
+    }
+
+
+@pytest.fixture
+def api_url(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """``uvicorn --factory services.app:create_app`` in a subprocess, as operators run it."""
+    port = _free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DRSCREEN_")}
+    full_env.update(env)
+    full_env["PYTHONPATH"] = str(REPO_ROOT)
+    log = tmp_path / "api.log"
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "services.app:create_app"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            cmd, env=full_env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"API exited with {proc.returncode}:\n{log.read_text()}", pytrace=False)
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"API not up after 120 s:\n{log.read_text()}", pytrace=False)
+            time.sleep(0.3)
+        yield base
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def browser_page() -> Iterator[Any]:
+    """A fresh Chromium page (Debian's binary: Playwright downloads no browser)."""
+    if not CHROMIUM.exists() or shutil.which("chromedriver") is None:
+        pytest.fail(
+            f"{CHROMIUM} not found: apt-get install -y chromium chromium-driver (.ci/run does)",
+            pytrace=False,
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+            page = context.new_page()
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            page.set_default_navigation_timeout(STEP_TIMEOUT_MS)
+            yield page
+            context.close()
+        finally:
+            browser.close()
+
+
+def _shot(page: Any, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def _api(api_url: str, key: Key, path: str) -> Any:
+    resp = httpx.get(f"{api_url}{path}", headers=key.headers, timeout=30)
+    assert resp.status_code == 200, (path, resp.status_code, resp.text)
+    return resp.json()
+
+
+def _wait_complete(page: Any) -> None:
+    """The page polls and reloads itself; wait for the version that says it is complete."""
+    page.wait_for_selector('[data-testid=result][data-complete="true"]', timeout=SCORING_TIMEOUT_MS)
+    page.wait_for_load_state("load")
+
+
+def _shown_grade(attr: str | None) -> int | None:
+    return None if attr in (None, "") else int(attr)
+
+
+def _all_images_loaded(page: Any) -> bool:
+    loaded: bool = page.evaluate(
+        "() => Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
+    )
+    return loaded
+
+
+def _non_fundus_photo(path: Path) -> Path:
+    """A flat grey card with a few stripes: decodes fine, but is no fundus photograph."""
+    img = PILImage.new("RGB", (480, 360), (150, 150, 150))
+    for x in range(0, 480, 40):
+        img.paste((90, 90, 90), (x, 0, x + 12, 360))
+    img.save(path, format="PNG")
+    return path
+
+
+def test_web_interface_in_chromium(
+    env: dict[str, str],
+    api_url: str,
+    browser_page: Any,
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    page = browser_page
+    worker = start_worker(env=env, ready_timeout=180)
+    key = make_key(env["DRSCREEN_DATABASE_URL"], "North")
+
+    # Signed out: every page leads to the login form.
+    page.goto(f"{api_url}/jobs")
+    assert page.url.startswith(f"{api_url}/login")
+    page.fill("#api_key", "drs_not-a-key")
+    page.click("#login-form button[type=submit]")
+    assert "Unknown or revoked" in page.inner_text("[role=alert]")
+    page.fill("#api_key", key.key)
+    _shot(page, "web-login.png")
+    page.click("#login-form button[type=submit]")
+    page.wait_for_url(f"{api_url}/jobs")
+    cookie = next(c for c in page.context.cookies() if c["name"] == "drscreen_key")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]
+
+    # A visit of patient 229: one photograph per eye.
+    page.goto(f"{api_url}/")
+    page.fill("#bundle-patient", "229")
+    page.set_input_files("#left_1", str(sample("229", "left")))
+    page.set_input_files("#right_1", str(sample("229", "right")))
+    _shot(page, "web-upload.png")
+    page.click("#bundle-form button[type=submit]")
+    page.wait_for_url(f"{api_url}/bundles/*")
+    bundle_id = page.url.rsplit("/", 1)[-1]
+    _wait_complete(page)
+    context = f"worker log:\n{worker.output()[-3000:]}"
+
+    # What the page shows is what the API answers for the same visit.
+    api = _api(api_url, key, f"/v1/bundles/{bundle_id}")
+    assert api["status"] == "done", context
+    patient = api["patient"]
+    assert page.get_attribute("[data-testid=result]", "data-status") == "done"
+    assert _shown_grade(page.get_attribute("[data-testid=patient-grade]", "data-grade")) == patient["grade"]
+    assert page.inner_text("[data-testid=patient-referable]") == ("yes" if patient["referable"] else "no")
+    tone = page.get_attribute("[data-testid=verdict]", "data-tone")
+    assert tone == ("refer" if patient["referable"] or not patient["gradable"] else "ok")
+    headline = page.inner_text("[data-testid=verdict-headline]")
+    assert headline.startswith("REFER") if tone == "refer" else headline == "No referral"
+    for eye, summary in patient["eyes"].items():
+        shown = page.locator(f"[data-testid=eye-{eye}-grade]")
+        assert _shown_grade(shown.get_attribute("data-grade")) == (
+            summary["grade"] if summary["gradable"] else None
+        )
+    photos = page.locator("[data-testid=photo]")
+    assert photos.count() == len(api["images"]) == 2
+    for image in api["images"]:
+        card = page.locator(f"[data-testid=photo][data-image-id='{image['id']}']")
+        assert (
+            _shown_grade(card.locator("[data-testid=photo-grade]").get_attribute("data-grade"))
+            == image["grade"]
+        )
+        assert card.locator(".probs .bar-row").count() == 5
+        assert card.locator("[data-testid=heatmap]").count() == 1
+    page.wait_for_function(
+        "() => Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)",
+        timeout=STEP_TIMEOUT_MS,
+    )
+    assert _all_images_loaded(page)  # originals and heatmaps, through the cookie-authenticated routes
+    _shot(page, "web-result.png")
+
+    # One photograph that is no fundus: ungradable, so REFER, impossible to miss.
+    page.goto(f"{api_url}/")
+    page.fill("#image-patient", "QA-1")
+    page.check("input[name=eye][value=right]")
+    page.set_input_files("#image-file", str(_non_fundus_photo(tmp_path / "card.png")))
+    page.click("#image-form button[type=submit]")
+    page.wait_for_url(f"{api_url}/images/*")
+    image_id = page.url.rsplit("/", 1)[-1]
+    _wait_complete(page)
+    single = _api(api_url, key, f"/v1/images/{image_id}")
+    assert single["status"] == "done" and single["gradable"] is False, single
+    assert page.get_attribute("[data-testid=verdict]", "data-tone") == "refer"
+    assert page.inner_text("[data-testid=verdict-headline]") == "REFER — UNGRADABLE"
+    assert page.inner_text("[data-testid=photo-grade]") == "UNGRADABLE"
+    assert page.locator("[data-testid=reasons] li").count() == len(single["quality"]["reasons"]) > 0
+    _shot(page, "web-ungradable.png")
+
+    # The patient's history.
+    page.goto(f"{api_url}/patients")
+    page.fill("#patient-query", "229")
+    page.click("#patient-form button[type=submit]")
+    history = _api(api_url, key, "/v1/patients/229")["history"]
+    assert page.locator("[data-testid=history] tbody tr").count() == len(history) >= 1
+    assert "229" not in page.url  # looked up by POST: no patient id in URLs or access logs
+    _shot(page, "web-patient.png")
+
+    # A folder job: progress, then its CSV.
+    page.goto(f"{api_url}/jobs")
+    page.fill("#job-folder", str(SAMPLES / "19"))
+    page.click("#job-form button[type=submit]")
+    page.wait_for_selector("[data-testid=job]")
+    job_id = page.get_attribute("[data-testid=job]", "data-job-id")
+    page.wait_for_selector(
+        f'[data-testid=job][data-job-id="{job_id}"][data-status="done"]', timeout=SCORING_TIMEOUT_MS
+    )
+    assert _api(api_url, key, f"/v1/jobs/{job_id}")["done"] == 2
+    _shot(page, "web-jobs.png")
+    with page.expect_download() as download_info:
+        page.click(f'[data-job-id="{job_id}"] [data-testid=csv-link]')
+    rows = list(csv.DictReader(io.StringIO(Path(download_info.value.path()).read_text())))
+    assert sorted(r["patient_id"] for r in rows) == ["19", "19"]
+    api_rows = {r["image_id"]: r for r in _api(api_url, key, f"/v1/jobs/{job_id}/results")["items"]}
+    for row in rows:
+        expected = api_rows[row["image_id"]]["grade"]
+        assert row["grade"] == ("" if expected is None else str(expected))
+
+    # The model in use and its card.
+    page.goto(f"{api_url}/model")
+    models = _api(api_url, key, "/v1/models")
+    assert (
+        page.inner_text("[data-testid=model-version]") == models["version"] == model_env()["DRSCREEN_MODEL"]
+    )
+    assert page.locator("[data-testid=metrics] tbody tr").count() >= len(models["members"])
+    assert page.locator("[data-testid=model-card] table").count() >= 1
+    _shot(page, "web-model.png")
+
+    # Signing out ends the session.
+    page.click("header button:has-text('Sign out')")
+    page.wait_for_url(f"{api_url}/login")
+    page.goto(f"{api_url}/bundles/{bundle_id}")
+    assert page.url.startswith(f"{api_url}/login")
+    assert httpx.get(f"{api_url}/images/{image_id}/photo", timeout=10).status_code == 401
