@@ -43,6 +43,9 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """A new engine for ``url`` (SQLite: parent folder created, pragmas set on connect)."""
     parsed = make_url(url)
+    # Statement parameters hold patient ids and file names; keep them out of exception messages,
+    # which end up in logs (Celery logs a retried task's exception with its full message).
+    kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
