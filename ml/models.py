@@ -104,9 +104,9 @@ class GradingNet(nn.Module):
         backbone = timm.create_model(spec.arch, pretrained=False, num_classes=1000)
         if pretrained:
             load_imagenet_weights(backbone, spec.arch)
-        backbone.reset_classifier(0, global_pool="")
+        backbone.reset_classifier(0, global_pool="")  # type: ignore[operator]  # timm models define it
         self.backbone = backbone
-        channels = int(backbone.num_features)
+        channels = int(backbone.num_features)  # type: ignore[arg-type]
         self.attention: nn.Module = (
             SqueezeExcite(channels)
             if spec.attention == "se"
@@ -127,7 +127,8 @@ class GradingNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Last feature map (after attention): the layer Grad-CAM looks at."""
-        return self.attention(self.backbone.forward_features(x))
+        fmap: torch.Tensor = self.backbone.forward_features(x)  # type: ignore[operator]
+        return self.attention(fmap)
 
     def heads(self, fmap: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = self.dropout(fmap.mean((2, 3)))

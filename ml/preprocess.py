@@ -128,8 +128,8 @@ def prepare_pixels(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 
 def to_input(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """uint8 HWC -> normalised float32 CHW, ready for torch.from_numpy / ONNX Runtime."""
-    x = pixels.astype(np.float32) / 255.0
-    x = (x - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
+    scaled = pixels.astype(np.float32) / np.float32(255.0)
+    x: np.ndarray = (scaled - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 

@@ -13,7 +13,8 @@ def overlay(photo: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndar
     """Blend a JET-coloured heatmap over the photo where the map is non-negligible."""
     if heat.shape != photo.shape[:2]:
         raise ValueError(f"heatmap {heat.shape} does not match photo {photo.shape[:2]}")
-    colored = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
+    levels = (np.clip(heat, 0, 1) * 255).astype(np.uint8)
+    colored = np.asarray(cv2.applyColorMap(levels, cv2.COLORMAP_JET))[..., ::-1]
     a = (alpha * np.clip(heat * 1.5, 0, 1))[..., None]
     return (photo * (1 - a) + colored * a).astype(np.uint8)
 
