@@ -147,8 +147,13 @@ def load_ensemble(
     device: str = "cpu",
     runtime: str = "torch",
     quantized: bool = False,
+    threads: int | None = None,
 ) -> Ensemble:
-    """Load a released ensemble by name@version (None = newest shipped)."""
+    """Load a released ensemble by name@version (None = newest shipped).
+
+    ``runtime="onnx"`` scores with ONNX Runtime sessions of ``threads`` intra-op threads each
+    (int8 graphs with ``quantized``); Grad-CAM keeps using the PyTorch members.
+    """
     ref = ref or newest_ensemble(models_dir)
     manifest = read_manifest(ref, models_dir)
     members = []
@@ -167,6 +172,7 @@ def load_ensemble(
             models={m.ref: m.model for m in members},
             sizes={m.ref: m.preprocess.size for m in members},
             quantized=quantized,
+            threads=threads,
         )
     log.info("loaded ensemble %s (%d members, rule %s, runtime %s)", ref, len(members), rule.rule, runtime)
     return Ensemble(ref, members, rule, manifest, runtime=onnx)

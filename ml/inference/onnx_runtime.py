@@ -49,6 +49,7 @@ def export_member_onnx(model: GradingNet, size: int, out: Path) -> Path:
         opset_version=OPSET,
         dynamo=False,
     )
+    model.eval()  # the TorchScript exporter leaves the module in training mode (BatchNorm!)
     tmp.rename(out)
     return out
 

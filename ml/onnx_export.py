@@ -1,0 +1,324 @@
+"""`drscreen export onnx`: ONNX files of an ensemble's members, checked against PyTorch.
+
+For each member of the ensemble:
+
+1. export to ONNX (opset ``OPSET``, dynamic batch axis) into the cache that workers read
+   (``ml.inference.onnx_runtime.onnx_path_for``: named by the weights' sha256);
+2. parity on the natural-colour validation patients: every probability within ``PARITY_TOL`` of
+   PyTorch and the same ensemble grade for every photograph (else the export fails);
+3. with ``quantize``: int8 by ONNX Runtime static quantization (QDQ, per-channel weights,
+   calibrated on ``CALIBRATION_IMAGES`` natural-colour training photographs) and dynamic
+   quantization; the static int8 graph is kept (written as the ``.int8.onnx`` cache file that
+   ``load_ensemble(..., quantized=True)`` reads) only if the ensemble's grades change on at most
+   ``MAX_GRADE_CHANGE`` of the validation photographs and QWK drops by at most ``MAX_QWK_DROP``.
+
+Speed (ensemble images/s at batch 8, dynamic vs static batch axis, fp32 vs int8) and accuracy are
+written either way to a JSON report in the cache folder and under ``docs/perf/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ml.inference.combine import combine
+from ml.inference.ensemble import Ensemble, load_ensemble
+from ml.inference.onnx_runtime import OPSET, ProbabilityHead, cache_dir, export_member_onnx, onnx_path_for
+from ml.metrics import grading_report
+from ml.training.config import TrainConfig
+from ml.training.data import Sample, load_rgb
+from ml.training.train import natural_split
+
+log = logging.getLogger(__name__)
+
+PARITY_TOL = 1e-3
+MAX_GRADE_CHANGE = 0.01
+MAX_QWK_DROP = 0.01
+CALIBRATION_IMAGES = 100
+SPEED_BATCH = 8
+
+
+def _sessions(paths: dict[str, Path], threads: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    cpu = ["CPUExecutionProvider"]
+    return {ref: ort.InferenceSession(str(p), opts, providers=cpu) for ref, p in paths.items()}
+
+
+def _run(session: Any, x: np.ndarray) -> np.ndarray:
+    return np.asarray(session.run(["probabilities"], {"input": np.ascontiguousarray(x, np.float32)})[0])
+
+
+def _inputs(ens: Ensemble, samples: list[Sample], batch: int = 16) -> Iterator[dict[str, np.ndarray]]:
+    for start in range(0, len(samples), batch):
+        yield ens.pixel_inputs([load_rgb(s.path) for s in samples[start : start + batch]])
+
+
+def _timed(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Best-of-``repeats`` seconds of one call (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _speed(sessions: dict[str, Any], sizes: dict[str, int], batch: int = SPEED_BATCH) -> float:
+    """Ensemble images/s (every member once per image) on random inputs of ``batch`` images."""
+    rng = np.random.default_rng(0)
+    xs = {ref: rng.standard_normal((batch, 3, s, s)).astype(np.float32) for ref, s in sizes.items()}
+
+    def once() -> None:
+        for ref, sess in sessions.items():
+            _run(sess, xs[ref])
+
+    return batch / _timed(once)
+
+
+def _export_static(ens: Ensemble, ref: str, out: Path, batch: int = SPEED_BATCH) -> Path:
+    """The same member with a fixed batch axis (only to measure static vs dynamic)."""
+    member = next(m for m in ens._members if m.ref == ref)
+    size = member.preprocess.size
+    torch.onnx.export(
+        ProbabilityHead(member.model.eval()),
+        (torch.randn(batch, 3, size, size),),
+        str(out),
+        input_names=["input"],
+        output_names=["probabilities"],
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    member.model.eval()  # the exporter leaves the module in training mode
+    return out
+
+
+class _Calibration:
+    """ONNX Runtime CalibrationDataReader over pre-processed training photographs."""
+
+    def __init__(self, x: np.ndarray, batch: int = 10) -> None:
+        self._batches = [x[i : i + batch] for i in range(0, len(x), batch)]
+        self._it = iter(self._batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        nxt = next(self._it, None)
+        return None if nxt is None else {"input": np.ascontiguousarray(nxt, np.float32)}
+
+    def rewind(self) -> None:
+        self._it = iter(self._batches)
+
+
+def quantize_member(src: Path, out: Path, calibration: np.ndarray | None) -> Path:
+    """int8 copy of one member: static QDQ per-channel (given calibration inputs) or dynamic."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out.with_suffix(".prep.onnx")
+    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+    try:
+        if calibration is None:
+            quantize_dynamic(
+                str(prepared),
+                str(out),
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["Conv"],
+            )
+        else:
+            quantize_static(
+                str(prepared),
+                str(out),
+                _Calibration(calibration),  # type: ignore[arg-type]
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                # the convolutions carry the time; the small heads that turn pooled features into
+                # grade probabilities stay float (quantizing them moved grades for nothing)
+                op_types_to_quantize=["Conv"],
+            )
+    finally:
+        prepared.unlink(missing_ok=True)
+    return out
+
+
+def _grades_and_qwk(ens: Ensemble, probs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    _, _, grade = combine(ens.rule, probs)
+    qwk = grading_report(y.tolist(), grade.tolist())["qwk"]
+    return grade, float(qwk) if isinstance(qwk, (int, float)) else float("nan")
+
+
+def export_onnx(
+    ref: str | None,
+    models_dir: Path | None,
+    quantize: bool = False,
+    val: list[Sample] | None = None,
+    train: list[Sample] | None = None,
+    report_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Export, check and (optionally) quantize every member; returns the report (also written)."""
+    threads = int(os.environ.get("DRSCREEN_TORCH_THREADS", "0") or 0) or (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    ens = load_ensemble(ref, models_dir=models_dir)
+    members = ens._members
+    sizes = {m.ref: m.preprocess.size for m in members}
+    if val is None or (quantize and train is None):
+        split = natural_split(TrainConfig(), Path.cwd())
+        val = split["val"] if val is None else val
+        train = split["train"] if train is None else train
+    fp32 = {}
+    for m in members:
+        path = onnx_path_for(m.ref, models_dir)
+        export_member_onnx(m.model, m.preprocess.size, path)
+        fp32[m.ref] = path
+    sessions = _sessions(fp32, threads)
+
+    y = np.array([s.grade for s in val])
+    p_torch, p_onnx, inputs_cache = [], [], []
+    for inputs in _inputs(ens, val):
+        p_torch.append(ens.member_probabilities(inputs))
+        p_onnx.append(np.stack([_run(sessions[m.ref], inputs[m.ref]) for m in members]))
+        if quantize:
+            inputs_cache.append(inputs)
+    pt, po = np.concatenate(p_torch, axis=1), np.concatenate(p_onnx, axis=1)
+    g_torch, qwk_torch = _grades_and_qwk(ens, pt, y)
+    g_onnx, qwk_onnx = _grades_and_qwk(ens, po, y)
+    per_member_diff = {m.ref: float(np.abs(pt[i] - po[i]).max()) for i, m in enumerate(members)}
+    parity = {
+        "n_images": len(val),
+        "max_abs_probability_diff": float(np.abs(pt - po).max()),
+        "per_member_max_abs_diff": per_member_diff,
+        "grades_changed": int((g_torch != g_onnx).sum()),
+        "qwk_torch": qwk_torch,
+        "qwk_onnx": qwk_onnx,
+        "ok": bool(np.abs(pt - po).max() <= PARITY_TOL and (g_torch == g_onnx).all()),
+    }
+    log.info("ONNX parity: %s", parity)
+
+    speed: dict[str, Any] = {"threads": threads, "batch": SPEED_BATCH}
+    speed["fp32_dynamic_batch_ips"] = _speed(sessions, sizes)
+    static_paths = {m.ref: _export_static(ens, m.ref, fp32[m.ref].with_suffix(".b8.onnx")) for m in members}
+    try:
+        speed["fp32_static_batch8_ips"] = _speed(_sessions(static_paths, threads), sizes)
+    finally:
+        for p in static_paths.values():
+            p.unlink(missing_ok=True)
+
+    report: dict[str, Any] = {
+        "ensemble": ens.ref,
+        "opset": OPSET,
+        "batch_axis": "dynamic",
+        "members": {m.ref: str(fp32[m.ref]) for m in members},
+        "parity": parity,
+        "speed": speed,
+        "machine": {"cpus": os.cpu_count(), "onnxruntime": _ort_version(), "torch": torch.__version__},
+    }
+    if quantize:
+        report["quantization"] = _quantize_all(
+            ens, fp32, inputs_cache, train or [], y, po, threads, sizes, models_dir
+        )
+    if report_dir is None and (Path.cwd() / "docs").is_dir():
+        report_dir = Path.cwd() / "docs" / "perf"
+    _write_report(report, ens.ref, report_dir)
+    if not parity["ok"]:
+        raise RuntimeError(f"ONNX parity failed: {parity}")
+    return report
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return str(ort.__version__)
+
+
+def _quantize_all(
+    ens: Ensemble,
+    fp32: dict[str, Path],
+    val_inputs: list[dict[str, np.ndarray]],
+    train: list[Sample],
+    y: np.ndarray,
+    p_fp32: np.ndarray,
+    threads: int,
+    sizes: dict[str, int],
+    models_dir: Path | None,
+) -> dict[str, Any]:
+    members = ens._members
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False)
+    calib_samples = [train[i] for i in sorted(pick)]
+    calib: dict[str, list[np.ndarray]] = {m.ref: [] for m in members}
+    for inputs in _inputs(ens, calib_samples):
+        for m in members:
+            calib[m.ref].append(inputs[m.ref])
+    g_fp32, qwk_fp32 = _grades_and_qwk(ens, p_fp32, y)
+    out: dict[str, Any] = {
+        "calibration_images": len(calib_samples),
+        "calibration_set": "natural-colour training patients",
+        "criteria": {"max_grade_change_fraction": MAX_GRADE_CHANGE, "max_qwk_drop": MAX_QWK_DROP},
+    }
+    for kind in ("static", "dynamic"):
+        paths: dict[str, Path] = {}
+        try:
+            for m in members:
+                target = onnx_path_for(m.ref, models_dir, quantized=True)
+                target = target if kind == "static" else target.with_suffix(".dyn.onnx")
+                x = np.concatenate(calib[m.ref]) if kind == "static" else None
+                paths[m.ref] = quantize_member(fp32[m.ref], target, x)
+            sessions = _sessions(paths, threads)
+            probs = np.concatenate(
+                [np.stack([_run(sessions[m.ref], inp[m.ref]) for m in members]) for inp in val_inputs], axis=1
+            )
+            grades, qwk = _grades_and_qwk(ens, probs, y)
+            changed = int((grades != g_fp32).sum())
+            keep = changed <= MAX_GRADE_CHANGE * len(y) and qwk_fp32 - qwk <= MAX_QWK_DROP
+            out[kind] = {
+                "grades_changed": changed,
+                "grades_changed_fraction": changed / max(1, len(y)),
+                "qwk_fp32": qwk_fp32,
+                "qwk_int8": qwk,
+                "max_abs_probability_diff": float(np.abs(probs - p_fp32).max()),
+                "ensemble_ips_batch8": _speed(sessions, sizes),
+                "passes_criteria": bool(keep),
+            }
+        except Exception as exc:  # a quantizer failure is a result to report, not a crash
+            log.exception("%s int8 quantization failed", kind)
+            out[kind] = {"error": f"{type(exc).__name__}: {exc}", "passes_criteria": False}
+        log.info("int8 %s: %s", kind, out[kind])
+        if kind == "dynamic" or not out[kind]["passes_criteria"]:
+            for p in paths.values():
+                p.unlink(missing_ok=True)
+    kept = out["static"].get("passes_criteria", False)
+    out["kept"] = "static" if kept else None
+    return out
+
+
+def _write_report(report: dict[str, Any], ref: str, report_dir: Path | None) -> None:
+    name = f"onnx-report-{ref.replace('@', '-')}.json"
+    text = json.dumps(report, indent=2, default=float)
+    targets = [cache_dir() / name]
+    if report_dir is not None:
+        targets.append(report_dir / name)
+    for path in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        log.info("wrote %s", path)
