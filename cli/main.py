@@ -113,9 +113,12 @@ def export(ctx: typer.Context) -> None:
 
 
 @app.command()
-def bench(as_json: bool = typer.Option(False, "--json", help="Print results as JSON.")) -> None:
-    """Measure scoring throughput and latency."""
-    _finish(_load("services.bench:run_bench")(as_json))
+def bench(
+    as_json: bool = typer.Option(False, "--json", help="End with the figures as one JSON line."),
+    quick: bool = typer.Option(False, "--quick", help="A small run (a minute or two): smoke check only."),
+) -> None:
+    """Measure scoring throughput and latency (docs/performance.md)."""
+    _finish(_load("cli.bench:run_bench")(as_json, quick))
 
 
 @app.command()

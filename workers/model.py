@@ -73,10 +73,16 @@ def load(settings: Settings | None = None) -> EnsembleLike:
     """Load the configured ensemble (``DRSCREEN_MODEL``, newest shipped when unset) and keep it."""
     global _ensemble
     settings = settings or get_settings()
+    import torch
+
     from ml.inference import load_ensemble
 
+    # ONNX Runtime gets the intra-op thread count configure_torch chose for this process
+    threads = torch.get_num_threads()
     with _lock:
-        ens = load_ensemble(settings.model, models_dir=settings.models_dir, runtime=settings.runtime)
+        ens = load_ensemble(
+            settings.model, models_dir=settings.models_dir, runtime=settings.runtime, threads=threads
+        )
         _ensemble = ens
     log.info("worker process %d serves %s", os.getpid(), ens.ref)
     return ens

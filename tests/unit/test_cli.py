@@ -53,7 +53,7 @@ def test_help_is_fast_and_imports_nothing_heavy() -> None:
 
 
 def test_missing_part_gives_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "services.bench", None)  # import of it raises ImportError
+    monkeypatch.setitem(sys.modules, "cli.bench", None)  # import of it raises ImportError
     result = runner.invoke(app, ["bench"])
     assert result.exit_code != 0
 

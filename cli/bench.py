@@ -1,0 +1,496 @@
+"""``drscreen bench [--json] [--quick]``: how fast the shipped ensemble scores real photographs.
+
+Figures (the last line with ``--json`` is one JSON object holding all of them):
+
+- ``forward_ips_torch`` / ``forward_ips_onnx``: ensemble images/s on pre-decoded, pre-processed
+  tensors at batch 8 (PyTorch: the best of the settings tried, listed under ``torch_settings``);
+- ``latency_ms_torch_b1`` / ``latency_ms_onnx_b1``: one image through the ensemble (median);
+- ``e2e_ips``: a folder job of real photographs through the API, the broker, a worker and the
+  database, explanations off (timed from ``POST /v1/jobs`` to the job's ``done``);
+- ``e2e_ips_explain``: the same with explanations on (until every heatmap is stored);
+- ``scaling_ratio``: seconds per image of a large job over those of a small one;
+- ``worker_rss_mb``: peak resident memory of the worker's pool child (ensemble loaded, scoring);
+- ``api_p95_ms``: single-image ``POST /v1/images?wait=30`` requests from 4 concurrent clients.
+
+The API (``drscreen serve``) and the worker (``drscreen worker``) run as subprocesses on a fresh
+embedded installation (SQLite, file broker, file store) in a temporary folder, with the runtime
+and thread settings of this environment (``DRSCREEN_RUNTIME``...). Every photograph is a real
+natural-colour fundus photograph; repeated ones get a JPEG comment so their bytes differ (the store
+would otherwise dedupe them). Heavy imports happen inside the functions (``drscreen --help`` stays
+instant).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+NATURAL = Path(os.environ.get("DRSCREEN_BENCH_PHOTOS", "/work/shared/data/eyepacs-natural-512/images"))
+BATCH = 8
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much work each figure gets (``--quick`` shrinks everything)."""
+
+    forward_repeats: int = 5
+    latency_repeats: int = 15
+    e2e_images: int = 240
+    explain_images: int = 200
+    scaling_small: int = 100
+    scaling_large: int = 1000
+    api_requests: int = 100
+    api_clients: int = 4
+
+
+QUICK = Plan(
+    forward_repeats=2,
+    latency_repeats=3,
+    e2e_images=24,
+    explain_images=8,
+    scaling_small=8,
+    scaling_large=24,
+    api_requests=8,
+)
+
+
+# ------------------------------------------------------------------------------ figures (pure)
+
+
+def images_per_second(n_images: int, seconds: float) -> float:
+    return n_images / seconds if seconds > 0 else float("inf")
+
+
+def scaling_ratio(small: tuple[int, float], large: tuple[int, float]) -> float:
+    """(images, seconds) of a large job vs a small one: seconds per image, large ÷ small."""
+    return (large[1] / large[0]) / (small[1] / small[0])
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up (ONNX Runtime and oneDNN pick kernels on the first call)
+    return min(_timed(fn) for _ in range(max(1, repeats)))
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    return statistics.median(_timed(fn) for _ in range(max(1, repeats)))
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def distinct_jpeg(data: bytes, tag: str) -> bytes:
+    """The same JPEG with a comment segment (COM) after SOI: decodes to the same pixels, other bytes."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG")
+    comment = tag.encode()
+    return data[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + data[2:]
+
+
+def photo_sources(folder: Path = NATURAL) -> list[Path]:
+    photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+    if not photos:
+        raise SystemExit(f"drscreen bench: no photographs under {folder} (DRSCREEN_BENCH_PHOTOS)")
+    return photos
+
+
+def make_folder(dst: Path, sources: list[Path], n: int, tag: str) -> Path:
+    """``n`` distinct photographs named ``<tag>p<i>_<left|right>.jpeg`` (EyePACS naming)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        src = sources[i % len(sources)]
+        eye = "left" if i % 2 == 0 else "right"
+        (dst / f"{tag}p{i // 2}_{eye}.jpeg").write_bytes(distinct_jpeg(src.read_bytes(), f"{tag}-{i}"))
+    return dst
+
+
+# --------------------------------------------------------------------------- model-level figures
+
+
+def forward_figures(plan: Plan, sources: list[Path], log: Callable[[str], None]) -> dict[str, Any]:
+    """Ensemble forward speed on pre-processed photographs: PyTorch settings vs ONNX Runtime."""
+    import torch
+
+    from core.settings import get_settings
+    from ml.imageio import decode_image
+    from ml.inference import load_ensemble
+
+    settings = get_settings()
+    cpus = os.cpu_count() or 1
+    ens = load_ensemble(settings.model, models_dir=settings.models_dir)
+    images = [decode_image(p.read_bytes()) for p in sources[:BATCH]]
+    inputs = ens.pixel_inputs(images)
+    one = {k: v[:1] for k, v in inputs.items()}
+    members = ens._members
+    out: dict[str, Any] = {"ensemble": ens.ref, "members": ens.members, "cpus": cpus}
+
+    def torch_forward(xs: dict[str, Any], channels_last: bool) -> None:
+        with torch.inference_mode():
+            for m in members:
+                t = torch.from_numpy(xs[m.ref])
+                if channels_last:
+                    t = t.contiguous(memory_format=torch.channels_last)
+                m.model(t)
+
+    settings_tried: dict[str, float] = {}
+    for threads in sorted({1, cpus}):
+        torch.set_num_threads(threads)
+        for channels_last in (False, True):
+            for m in members:
+                m.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            secs = best_time(partial(torch_forward, inputs, channels_last), plan.forward_repeats)
+            key = f"threads={threads},channels_last={channels_last},inference_mode"
+            settings_tried[key] = images_per_second(BATCH, secs)
+            log(f"  torch {key}: {settings_tried[key]:.2f} images/s")
+    best = max(settings_tried, key=lambda k: settings_tried[k])
+    threads = int(best.split(",")[0].split("=")[1])
+    channels_last = "channels_last=True" in best
+    torch.set_num_threads(threads)
+    for m in members:
+        m.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out["torch_settings"] = settings_tried
+    out["torch_best_setting"] = best
+    out["forward_ips_torch"] = settings_tried[best]
+    out["latency_ms_torch_b1"] = 1000 * median_time(
+        lambda: torch_forward(one, channels_last), plan.latency_repeats
+    )
+
+    onnx = load_ensemble(settings.model, models_dir=settings.models_dir, runtime="onnx", threads=cpus)
+    assert onnx.runtime is not None
+    runtime = onnx.runtime
+
+    def onnx_forward(xs: dict[str, Any]) -> None:
+        for m in members:
+            runtime.run(m.ref, xs[m.ref])
+
+    out["onnx_threads"] = cpus
+    out["forward_ips_onnx"] = images_per_second(
+        BATCH, best_time(lambda: onnx_forward(inputs), plan.forward_repeats)
+    )
+    out["latency_ms_onnx_b1"] = 1000 * median_time(lambda: onnx_forward(one), plan.latency_repeats)
+    out["onnx_speedup"] = out["forward_ips_onnx"] / out["forward_ips_torch"]
+
+    # Explanations: Grad-CAM of every member (one forward to the feature map + the head's backward)
+    # relative to one ensemble forward of the same single image (PyTorch, the explain path).
+    explain_s = median_time(lambda: ens.explain(images[0]), plan.latency_repeats)
+    forward_s = median_time(
+        lambda: ens.member_probabilities(ens.pixel_inputs(images[:1])), plan.latency_repeats
+    )
+    out["explain_ms"] = 1000 * explain_s
+    out["explain_forward_passes"] = explain_s / forward_s
+    return out
+
+
+# ----------------------------------------------------------------------------- the live service
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _drscreen() -> list[str]:
+    exe = Path(sys.executable).with_name("drscreen")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.main"]
+
+
+class Service:
+    """API + worker subprocesses on a temporary embedded installation."""
+
+    def __init__(self, root: Path, imports: Path, concurrency: int) -> None:
+        from core import migrate
+        from core import repository as repo
+        from core.db import session_scope
+        from core.settings import Settings
+
+        self.root = root
+        self.settings = Settings(var_dir=root / "var", import_roots=str(imports))
+        self.env = dict(os.environ)
+        self.env.update(
+            {
+                "DRSCREEN_VAR_DIR": str(self.settings.var_dir),
+                "DRSCREEN_DATABASE_URL": self.settings.database_url,
+                "DRSCREEN_BROKER_URL": self.settings.broker_url,
+                "DRSCREEN_STORE_DIR": str(self.settings.store_path),
+                "DRSCREEN_IMPORT_ROOTS": str(imports),
+                "DRSCREEN_MODELS_DIR": str(self.settings.models_dir),
+                "DRSCREEN_RATE_LIMIT_PER_MINUTE": "0",  # the bench is one client sending a lot
+                "DRSCREEN_LOG_LEVEL": "WARNING",
+            }
+        )
+        # share the ONNX cache of this checkout (exported once, by `drscreen export onnx`)
+        self.env.setdefault(
+            "DRSCREEN_ONNX_CACHE", str(Path(os.environ.get("DRSCREEN_VAR_DIR", "var")).resolve() / "onnx")
+        )
+        migrate.upgrade(self.settings.database_url)
+        with session_scope(self.settings.database_url) as session:
+            clinic = repo.get_or_create_clinic(session, "Bench clinic")
+            _row, self.key = repo.create_api_key(session, clinic, label="drscreen bench")
+        self.port = _free_port()
+        self.concurrency = concurrency
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.worker_log = root / "worker.log"
+
+    def start(self, timeout: float = 300.0) -> None:
+        api_log = open(self.root / "api.log", "wb")  # noqa: SIM115 (closed with the process)
+        self.procs.append(
+            subprocess.Popen(
+                [*_drscreen(), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.env,
+                stdout=api_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        worker_log = open(self.worker_log, "wb")  # noqa: SIM115
+        self.worker = subprocess.Popen(
+            [*_drscreen(), "worker", "--concurrency", str(self.concurrency), "--loglevel", "WARNING"],
+            env=self.env,
+            stdout=worker_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(self.worker)
+        deadline = time.monotonic() + timeout
+        import httpx
+
+        while time.monotonic() < deadline:
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"a bench subprocess exited ({p.args!r}); logs in {self.root}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code < 500 and self._children():
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"the bench service did not start in {timeout:.0f}s (logs in {self.root})")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _children(self) -> list[int]:
+        """Pool children of the worker (they hold the ensemble)."""
+        try:
+            text = Path(f"/proc/{self.worker.pid}/task/{self.worker.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def child_rss_mb(self, field: str = "VmRSS") -> float:
+        best = 0.0
+        for pid in self._children():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith(field + ":"):
+                        best = max(best, int(line.split()[1]) / 1024)
+        return best
+
+    def stop(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_service(root: Path, imports: Path, concurrency: int) -> Iterator[Service]:
+    service = Service(root, imports, concurrency)
+    try:
+        service.start()
+        yield service
+    finally:
+        service.stop()
+
+
+def _explained(service: Service, job_id: str) -> int:
+    from sqlalchemy import func, select
+
+    from core.db import session_scope
+    from core.tables import Explanation, Image
+
+    with session_scope(service.settings.database_url) as session:
+        q = select(func.count()).select_from(Explanation).join(Image, Image.id == Explanation.image_id)
+        return int(session.scalar(q.where(Image.job_id == job_id)) or 0)
+
+
+def run_job(service: Service, client: Any, folder: Path, explain: bool, timeout: float = 3600) -> float:
+    """Seconds from submitting a folder job to its last grade (and last heatmap with ``explain``)."""
+    n = sum(1 for _ in folder.iterdir())
+    t0 = time.perf_counter()
+    resp = client.post("/v1/jobs", json={"folder": str(folder), "explain": explain})
+    resp.raise_for_status()
+    job_id = resp.json()["id"]
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("done", "failed"):
+            if job["failed"]:
+                raise RuntimeError(f"bench job {job_id}: {job['failed']} photographs failed")
+            if not explain or _explained(service, job_id) >= n:
+                return time.perf_counter() - t0
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"bench job {job_id} did not finish in {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def api_latencies(service: Service, sources: list[Path], n: int, clients: int) -> list[float]:
+    """Milliseconds of ``n`` single-image ``wait`` requests from ``clients`` concurrent clients."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {service.key}"}
+    payloads = [distinct_jpeg(sources[i % len(sources)].read_bytes(), f"api-{i}") for i in range(n)]
+    local = threading.local()
+
+    def one(i: int) -> float:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=service.base_url, headers=headers, timeout=60)
+        t0 = time.perf_counter()
+        resp = local.client.post(
+            "/v1/images",
+            params={"wait": 30},
+            data={"patient_id": f"api{i}", "eye": "left"},
+            files={"file": (f"api{i}.jpeg", payloads[i], "image/jpeg")},
+        )
+        elapsed = 1000 * (time.perf_counter() - t0)
+        if resp.status_code != 200:
+            raise RuntimeError(f"POST /v1/images?wait=30 -> {resp.status_code}: {resp.text[:300]}")
+        return elapsed
+
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, range(n)))
+
+
+class _RssSampler:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, self.service.child_rss_mb())
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.service.child_rss_mb("VmHWM"))
+
+
+def service_figures(plan: Plan, sources: list[Path], log: Callable[[str], None]) -> dict[str, Any]:
+    import httpx
+
+    from core.settings import get_settings
+
+    settings = get_settings()
+    concurrency = int(os.environ.get("DRSCREEN_BENCH_CONCURRENCY", "1"))
+    out: dict[str, Any] = {"runtime": settings.runtime, "worker_concurrency": concurrency}
+    root = Path(tempfile.mkdtemp(prefix="drscreen-bench-"))
+    try:
+        imports = root / "photos"
+        folders = {
+            "warm": make_folder(imports / "warm", sources, 16, "warm"),
+            "e2e": make_folder(imports / "e2e", sources, plan.e2e_images, "e2e"),
+            "small": make_folder(imports / "small", sources, plan.scaling_small, "small"),
+            "large": make_folder(imports / "large", sources, plan.scaling_large, "large"),
+            "explain": make_folder(imports / "explain", sources, plan.explain_images, "explain"),
+        }
+        with running_service(root, imports, concurrency) as service:
+            headers = {"Authorization": f"Bearer {service.key}"}
+            with (
+                httpx.Client(base_url=service.base_url, headers=headers, timeout=60) as client,
+                _RssSampler(service) as rss,
+            ):
+                run_job(service, client, folders["warm"], explain=False)
+                secs = run_job(service, client, folders["e2e"], explain=False)
+                out["e2e_images"] = plan.e2e_images
+                out["e2e_ips"] = images_per_second(plan.e2e_images, secs)
+                log(f"  e2e: {plan.e2e_images} photographs in {secs:.1f}s = {out['e2e_ips']:.2f}/s")
+                small = run_job(service, client, folders["small"], explain=False)
+                large = run_job(service, client, folders["large"], explain=False)
+                out["scaling_jobs"] = {
+                    "small": [plan.scaling_small, small],
+                    "large": [plan.scaling_large, large],
+                }
+                out["scaling_ratio"] = scaling_ratio((plan.scaling_small, small), (plan.scaling_large, large))
+                log(f"  scaling: {plan.scaling_small} in {small:.1f}s, {plan.scaling_large} in {large:.1f}s")
+                secs = run_job(service, client, folders["explain"], explain=True)
+                out["e2e_explain_images"] = plan.explain_images
+                out["e2e_ips_explain"] = images_per_second(plan.explain_images, secs)
+                log(f"  e2e with heatmaps: {plan.explain_images} in {secs:.1f}s")
+                lat = api_latencies(service, sources, plan.api_requests, plan.api_clients)
+                out["api_requests"] = len(lat)
+                out["api_p50_ms"] = percentile(lat, 50)
+                out["api_p95_ms"] = percentile(lat, 95)
+            out["worker_rss_mb"] = rss.peak
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def run_bench(as_json: bool, quick: bool = False) -> int:
+    """Measure and print every figure; with ``as_json`` the last line is one JSON object."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    plan = QUICK if quick else Plan()
+    sources = photo_sources()
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    t0 = time.perf_counter()
+    kind = "quick" if quick else "full"
+    log(f"drscreen bench ({kind}) on {os.cpu_count()} CPUs, {len(sources)} photographs")
+    figures: dict[str, Any] = {"quick": quick}
+    log("model forward (pre-decoded photographs, batch 8):")
+    figures.update(forward_figures(plan, sources, log))
+    for key in ("forward_ips_torch", "forward_ips_onnx", "latency_ms_torch_b1", "latency_ms_onnx_b1"):
+        log(f"  {key}: {figures[key]:.2f}")
+    log("service (API + broker + worker + database):")
+    figures.update(service_figures(plan, sources, log))
+    runtime_ips = figures["forward_ips_onnx" if figures["runtime"] == "onnx" else "forward_ips_torch"]
+    figures["e2e_over_forward"] = figures["e2e_ips"] / runtime_ips
+    figures["bench_seconds"] = time.perf_counter() - t0
+    for key in ("e2e_ips", "e2e_ips_explain", "scaling_ratio", "worker_rss_mb", "api_p95_ms"):
+        log(f"  {key}: {figures[key]:.2f}")
+    if as_json:
+        print(json.dumps(figures, default=float), flush=True)
+    return 0
