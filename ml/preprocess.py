@@ -62,7 +62,8 @@ class PreprocessConfig:
 
 def disc_bbox(rgb: np.ndarray, threshold: int = 15) -> tuple[int, int, int, int]:
     """Bounding box (y0, y1, x0, x1) of the fundus disc; the whole image if none is found."""
-    gray = rgb.max(axis=2) if rgb.ndim == 3 else rgb
+    # np.maximum over the channels: the same as rgb.max(axis=2), many times faster
+    gray = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) if rgb.ndim == 3 else rgb
     mask = gray > threshold
     rows = np.flatnonzero(mask.mean(axis=1) > 0.02)
     cols = np.flatnonzero(mask.mean(axis=0) > 0.02)

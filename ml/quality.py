@@ -126,9 +126,14 @@ def _resize(rgb: np.ndarray) -> np.ndarray:
     return cv2.resize(rgb, size, interpolation=interp)
 
 
+def _channel_max(img: np.ndarray) -> np.ndarray:
+    """Same values as ``img.max(axis=2)``, ~30x faster (numpy reduces a 3-long last axis slowly)."""
+    return np.maximum(np.maximum(img[..., 0], img[..., 1]), img[..., 2])
+
+
 def _disc_mask(rgb: np.ndarray) -> np.ndarray:
     """Bright foreground (the fundus disc): largest blob above a dark-background threshold."""
-    v = cv2.medianBlur(np.ascontiguousarray(rgb.max(axis=2)), 5)
+    v = cv2.medianBlur(_channel_max(rgb), 5)
     otsu, _ = cv2.threshold(v, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     # Half of Otsu keeps the vignetted rim of the disc; the clamp keeps dark photos workable.
     thr = float(min(max(otsu * 0.5, 6.0), 30.0))
@@ -209,7 +214,7 @@ def measure(rgb: np.ndarray) -> dict[str, float]:
     f = img.astype(np.float32)
     r_ch, g_ch, b_ch = f[..., 0], f[..., 1], f[..., 2]
     luma = 0.299 * r_ch + 0.587 * g_ch + 0.114 * b_ch
-    vmax = f.max(axis=2)
+    vmax = _channel_max(f)
     li = luma[inner]
     out["mean_luma"] = float(li.mean())
     # Luminance, not the max channel: a saturated red channel alone is normal in fundus photos.
@@ -225,7 +230,7 @@ def measure(rgb: np.ndarray) -> dict[str, float]:
         out["surround_darkness"] = 0.0
     # Colour: fundus pixels are mostly red >= blue (less so after equalisation), never grey.
     out["red_over_blue"] = float((r_ch[inner] + 2 >= b_ch[inner]).mean())
-    sat = (vmax[inner] - f.min(axis=2)[inner]) / (vmax[inner] + 1.0)
+    sat = (vmax[inner] - np.minimum(np.minimum(r_ch, g_ch), b_ch)[inner]) / (vmax[inner] + 1.0)
     out["saturation"] = float(sat.mean())
 
     # Focus: fine band (sigma 0.7 -> 2) vs coarse band (2 -> 8) energy on the green channel.
