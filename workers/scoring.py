@@ -6,8 +6,8 @@ One call handles a batch of image ids in three steps:
    image to ``running``; ids already ``done`` are skipped, so a redelivered task does nothing.
    Committing here makes ``running`` visible to clients and to the sweep (a worker that dies now
    leaves ``running`` rows the sweep re-queues).
-2. **compute** (no transaction open): read, decode, quality gate, and ONE ``ensemble.predict``
-   over the gradable photographs. Holding no database transaction during inference keeps SQLite
+2. **compute** (no transaction open): read, decode, quality gate (on a helper thread, running
+   ahead) and ``ensemble.predict`` over the gradable photographs in batches of ``PREDICT_BATCH``. Holding no database transaction during inference keeps SQLite
    writers (the API) unblocked and PostgreSQL free of long idle-in-transaction sessions.
 3. **write** (one transaction for the whole batch): predictions (upserts unique on image and model
    version), image status, job items, the patients' aggregates, bundle and job counts. Rows another
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,39 +125,60 @@ def _refresh_groups(session: Session, rows: Sequence[Image], claimed: Sequence[_
         repo.refresh_job_counts(session, job_id)
 
 
+#: Photographs per ``ensemble.predict`` call inside a task: the next ones are read, decoded and
+#: quality-checked on a helper thread while these are graded (ONNX Runtime and OpenCV release the
+#: GIL), so the CPU-side work hides behind inference instead of adding to it (docs/performance.md).
+PREDICT_BATCH = 8
+
+
+def _prepare(it: _Claimed, store: FileStore, max_pixels: int, thresholds: Any) -> _Claimed:
+    """Read, decode and quality-check one photograph (fills rgb/quality/error in place)."""
+    try:
+        data = store.read_bytes(it.stored_path)
+    except (FileNotFoundError, ValueError) as exc:
+        it.error = f"stored photograph is missing: {exc}"
+        return it
+    try:
+        it.rgb = decode_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        it.error = f"{exc.reason}: {exc.detail}"
+        return it
+    try:
+        it.quality = assess_quality(it.rgb, thresholds)
+    except Exception as exc:  # a gate bug on one odd photo must not sink the batch
+        log.exception("quality gate failed on image %s", it.image_id)
+        it.error = f"quality check failed: {exc}"
+    return it
+
+
+def _predict(batch: list[_Claimed], ens: EnsembleLike) -> None:
+    try:
+        preds = ens.predict([it.rgb for it in batch if it.rgb is not None])
+    except Exception as exc:
+        # Not a property of one photo: fail these visibly rather than leave them ``running``.
+        log.exception("ensemble %s failed on a batch of %d", ens.ref, len(batch))
+        for it in batch:
+            it.error = f"scoring failed: {type(exc).__name__}: {exc}"
+        return
+    for it, pred in zip(batch, preds, strict=True):
+        it.prediction = pred
+
+
 def _compute(items: list[_Claimed], ens: EnsembleLike, store: FileStore) -> None:
     """Fill rgb/quality/error/prediction in place. A bad photo fails alone, not the batch."""
     max_pixels = get_settings().max_image_pixels
     thresholds = quality_thresholds(ens)
-    for it in items:
-        try:
-            data = store.read_bytes(it.stored_path)
-        except (FileNotFoundError, ValueError) as exc:
-            it.error = f"stored photograph is missing: {exc}"
-            continue
-        try:
-            it.rgb = decode_image(data, max_pixels=max_pixels)
-        except ImageDecodeError as exc:
-            it.error = f"{exc.reason}: {exc.detail}"
-            continue
-        try:
-            it.quality = assess_quality(it.rgb, thresholds)
-        except Exception as exc:  # a gate bug on one odd photo must not sink the batch
-            log.exception("quality gate failed on image %s", it.image_id)
-            it.error = f"quality check failed: {exc}"
-    gradable = [it for it in items if it.error is None and it.quality is not None and it.quality.gradable]
-    if not gradable:
-        return
-    try:
-        preds = ens.predict([it.rgb for it in gradable if it.rgb is not None])
-    except Exception as exc:
-        # Not a property of one photo: fail these visibly rather than leave them ``running``.
-        log.exception("ensemble %s failed on a batch of %d", ens.ref, len(gradable))
-        for it in gradable:
-            it.error = f"scoring failed: {type(exc).__name__}: {exc}"
-        return
-    for it, pred in zip(gradable, preds, strict=True):
-        it.prediction = pred
+    batch: list[_Claimed] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="drscreen-prepare") as pool:
+        # map() runs ahead on its thread while this one grades the previous batch
+        for it in pool.map(lambda c: _prepare(c, store, max_pixels, thresholds), items):
+            if it.error is None and it.quality is not None and it.quality.gradable:
+                batch.append(it)
+            if len(batch) >= PREDICT_BATCH:
+                _predict(batch, ens)
+                batch = []
+    if batch:
+        _predict(batch, ens)
 
 
 def _trigger(it: _Claimed) -> str:
