@@ -16,7 +16,11 @@ from ml.preprocess import PreprocessConfig, disc_bbox
 
 
 def member_cam(model: GradingNet, x: torch.Tensor) -> np.ndarray:
-    """(size, size) Grad-CAM of the model's expected grade for one input (1, 3, S, S)."""
+    """(size, size) Grad-CAM of the model's expected grade for one input (1, 3, S, S).
+
+    All zeros when no region pushes the grade up (typical of a confident grade 0): the map shows
+    evidence for disease, and there is none to show.
+    """
     model.eval()
     with torch.enable_grad():
         fmap = model.features(x).detach().requires_grad_(True)
@@ -41,4 +45,7 @@ def to_photo_frame(cam: np.ndarray, photo: np.ndarray, cfg: PreprocessConfig) ->
     top, left = (side - ch) // 2, (side - cw) // 2
     out = np.zeros((h, w), dtype=np.float32)
     out[y0:y1, x0:x1] = square[top : top + ch, left : left + cw]
-    return np.clip(out, 0.0, 1.0)
+    # the network sees the black surround only as padding: evidence there is an artefact
+    fundus = (photo.max(axis=2) > 15).astype(np.uint8)
+    fundus = cv2.erode(fundus, np.ones((5, 5), np.uint8))
+    return np.clip(out * fundus, 0.0, 1.0)
