@@ -1,0 +1,44 @@
+"""Grad-CAM on a released member: the map lies over the photograph and over the fundus only."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ml.inference.combine import CombineRule
+from ml.inference.ensemble import Ensemble, Member
+from ml.inference.overlay import overlay_png
+from ml.release import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+MEMBER = REPO / "models" / "members" / "lite0-multitask" / "1.0.0"
+
+
+def test_heatmap_of_a_proliferative_eye_is_on_the_fundus_and_photo_sized() -> None:
+    model, pre, config = load_checkpoint(MEMBER)
+    ens = Ensemble("t", [Member("lite0", model, pre, config)], CombineRule("weighted_average", [1.0]), {})
+    photo = np.asarray(Image.open(REPO / "samples" / "16" / "16_left.jpg").convert("RGB"))
+    heat = ens.explain(photo)
+    assert heat.shape == photo.shape[:2] and heat.dtype == np.float32
+    assert heat.min() >= 0.0 and heat.max() <= 1.0
+    assert heat.max() > 0.5, "a grade-4 eye must show evidence somewhere"
+    surround = photo.max(axis=2) <= 15
+    assert heat[surround].max() == 0.0
+    png = Image.open(io.BytesIO(overlay_png(photo, heat)))
+    assert png.size == (photo.shape[1], photo.shape[0]) and png.format == "PNG"
+
+
+def test_explaining_many_images_leaves_no_state_behind() -> None:
+    """No hooks, no retained graphs: repeated explanations give identical maps."""
+    model, pre, config = load_checkpoint(MEMBER)
+    ens = Ensemble("t", [Member("lite0", model, pre, config)], CombineRule("weighted_average", [1.0]), {})
+    photo = np.asarray(Image.open(REPO / "samples" / "229" / "229_right.jpg").convert("RGB"))
+    first = ens.explain(photo)
+    for _ in range(5):
+        ens.explain(photo)
+    assert np.array_equal(first, ens.explain(photo))
+    assert not model._forward_hooks and not model._backward_hooks
+    assert all(p.grad is None for p in model.parameters())
