@@ -418,10 +418,13 @@ def service_figures(plan: Plan, sources: list[Path], log: Callable[[str], None])
     import httpx
 
     from core.settings import get_settings
+    from workers.model import resolve_runtime
 
     settings = get_settings()
-    concurrency = int(os.environ.get("DRSCREEN_BENCH_CONCURRENCY", "1"))
-    out: dict[str, Any] = {"runtime": settings.runtime, "worker_concurrency": concurrency}
+    # 2 cores: two pool children of one intra-op thread each beat one child of two threads
+    # (docs/performance.md); DRSCREEN_BENCH_CONCURRENCY overrides.
+    concurrency = int(os.environ.get("DRSCREEN_BENCH_CONCURRENCY", "0") or 0) or (os.cpu_count() or 1)
+    out: dict[str, Any] = {"runtime": resolve_runtime(settings), "worker_concurrency": concurrency}
     root = Path(tempfile.mkdtemp(prefix="drscreen-bench-"))
     try:
         imports = root / "photos"

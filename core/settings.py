@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     import_roots: str = ""
     #: Released ensemble workers load, ``name@version``; None = the newest shipped under models_dir.
     model: str | None = None
-    #: Inference runtime used by workers.
-    runtime: Literal["torch", "onnx"] = "torch"
+    #: Inference runtime used by workers; ``auto`` = ONNX Runtime on CPU (measured ~3x faster,
+    #: docs/performance.md), PyTorch when a GPU is present. Grad-CAM always uses PyTorch.
+    runtime: Literal["auto", "torch", "onnx"] = "auto"
     #: Largest accepted upload, in MiB.
     max_upload_mb: int = Field(default=25, gt=0)
     #: Largest accepted photograph, in pixels (width * height); guards against decompression bombs.

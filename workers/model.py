@@ -69,6 +69,15 @@ def configure_torch(concurrency: int | None) -> int:
     return threads
 
 
+def resolve_runtime(settings: Settings) -> str:
+    """``DRSCREEN_RUNTIME``; ``auto`` is ONNX Runtime on CPU and PyTorch when CUDA is there."""
+    if settings.runtime != "auto":
+        return settings.runtime
+    import torch
+
+    return "torch" if torch.cuda.is_available() else "onnx"
+
+
 def load(settings: Settings | None = None) -> EnsembleLike:
     """Load the configured ensemble (``DRSCREEN_MODEL``, newest shipped when unset) and keep it."""
     global _ensemble
@@ -81,7 +90,7 @@ def load(settings: Settings | None = None) -> EnsembleLike:
     threads = torch.get_num_threads()
     with _lock:
         ens = load_ensemble(
-            settings.model, models_dir=settings.models_dir, runtime=settings.runtime, threads=threads
+            settings.model, models_dir=settings.models_dir, runtime=resolve_runtime(settings), threads=threads
         )
         _ensemble = ens
     log.info("worker process %d serves %s", os.getpid(), ens.ref)

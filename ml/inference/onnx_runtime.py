@@ -36,7 +36,7 @@ class ProbabilityHead(nn.Module):
 def export_member_onnx(model: GradingNet, size: int, out: Path) -> Path:
     """Export with a dynamic batch axis (measured: as fast as static batch 8 on CPU)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.onnx")
+    tmp = out.with_suffix(f".{os.getpid()}.tmp.onnx")  # pool children may export at once
     wrapper = ProbabilityHead(model.eval())
     dummy = torch.randn(2, 3, size, size)
     torch.onnx.export(

@@ -13,7 +13,7 @@ def test_embedded_defaults(isolated_settings: Path) -> None:
     assert s.database_url == f"sqlite:///{isolated_settings.resolve() / 'drscreen.db'}"
     assert s.broker_url == "filesystem://" and s.is_embedded_broker
     assert s.store_path == isolated_settings.resolve() / "store"
-    assert s.model is None and s.runtime == "torch"
+    assert s.model is None and s.runtime == "auto"
     assert s.models_dir == PROJECT_ROOT / "models"
     assert s.import_root_paths == []
 
