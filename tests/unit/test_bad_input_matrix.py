@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -52,12 +51,12 @@ def _jpeg_without_end() -> bytes:
     return data[: data.rindex(b"\xff\xd9")]
 
 
-def _one(client: TestClient, key: Key, data: bytes, **form: str) -> httpx.Response:
+def _one(client: TestClient, key: Key, data: bytes, **form: str) -> Any:
     fields = {"patient_id": "m-1", "eye": "left"} | form
     return client.post("/v1/images", headers=key.headers, data=fields, files={"file": ("x.jpg", data)})
 
 
-Case = tuple[str, int, str, Callable[[TestClient, Key], httpx.Response]]
+Case = tuple[str, int, str, Callable[[TestClient, Key], Any]]
 
 
 def _cases(root: Path, outside: Path) -> list[Case]:
@@ -176,11 +175,11 @@ def _cases(root: Path, outside: Path) -> list[Case]:
     return cases
 
 
-def _job(client: TestClient, key: Key, folder: str) -> httpx.Response:
+def _job(client: TestClient, key: Key, folder: str) -> Any:
     return client.post("/v1/jobs", headers=key.headers, json={"folder": folder})
 
 
-def _reuse(client: TestClient, key: Key, good: bytes) -> httpx.Response:
+def _reuse(client: TestClient, key: Key, good: bytes) -> Any:
     headers = key.headers | {"Idempotency-Key": "matrix-1"}
     first = client.post(
         "/v1/images", headers=headers, data={"patient_id": "m-2", "eye": "left"}, files={"file": ("a", good)}
