@@ -121,8 +121,27 @@ class _Calibration:
         self._it = iter(self._batches)
 
 
-def quantize_member(src: Path, out: Path, calibration: np.ndarray | None) -> Path:
-    """int8 copy of one member: static QDQ per-channel (given calibration inputs) or dynamic."""
+def conv_nodes(path: Path) -> list[str]:
+    """Names of the graph's Conv nodes, in graph (topological) order."""
+    import onnx
+
+    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+
+
+#: Static int8 attempts, most quantized first: (label, fraction of the first convolutions kept in
+#: float32). Measured on EfficientNet-Lite0 at 256 px: quantizing the stem alone moved the expected
+#: grade by ~0.4 on average (the Ben-Graham input's range); the later layers quantize well.
+STATIC_LADDER = (("stem and head conv fp32", 0.0), ("first quarter fp32", 0.25), ("first half fp32", 0.5))
+
+
+def quantize_member(
+    src: Path, out: Path, calibration: np.ndarray | None, float_fraction: float = 0.0
+) -> Path:
+    """int8 copy of one member: static QDQ per-channel (given calibration inputs) or dynamic.
+
+    Static: the stem convolution, the last (head) convolution and the first ``float_fraction`` of
+    the convolutions stay float32.
+    """
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -144,10 +163,12 @@ def quantize_member(src: Path, out: Path, calibration: np.ndarray | None) -> Pat
                 op_types_to_quantize=["Conv"],
             )
         else:
+            convs = conv_nodes(prepared)
+            keep_float = convs[: max(1, int(len(convs) * float_fraction))] + convs[-1:]
             quantize_static(
                 str(prepared),
                 str(out),
-                _Calibration(calibration),  # type: ignore[arg-type]
+                _Calibration(calibration),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
@@ -156,6 +177,7 @@ def quantize_member(src: Path, out: Path, calibration: np.ndarray | None) -> Pat
                 # the convolutions carry the time; the small heads that turn pooled features into
                 # grade probabilities stay float (quantizing them moved grades for nothing)
                 op_types_to_quantize=["Conv"],
+                nodes_to_exclude=keep_float,
             )
     finally:
         prepared.unlink(missing_ok=True)
@@ -276,22 +298,28 @@ def _quantize_all(
         "calibration_set": "natural-colour training patients",
         "criteria": {"max_grade_change_fraction": MAX_GRADE_CHANGE, "max_qwk_drop": MAX_QWK_DROP},
     }
-    for kind in ("static", "dynamic"):
+    attempts = [(f"static: {label}", "static", frac) for label, frac in STATIC_LADDER]
+    attempts.append(("dynamic", "dynamic", 0.0))
+    kept_label: str | None = None
+    for label, kind, frac in attempts:
+        if kind == "static" and kept_label is not None:
+            continue  # a more quantized variant already passed
         paths: dict[str, Path] = {}
         try:
             for m in members:
                 target = onnx_path_for(m.ref, models_dir, quantized=True)
                 target = target if kind == "static" else target.with_suffix(".dyn.onnx")
                 x = np.concatenate(calib[m.ref]) if kind == "static" else None
-                paths[m.ref] = quantize_member(fp32[m.ref], target, x)
+                paths[m.ref] = quantize_member(fp32[m.ref], target, x, frac)
             sessions = _sessions(paths, threads)
             probs = np.concatenate(
-                [np.stack([_run(sessions[m.ref], inp[m.ref]) for m in members]) for inp in val_inputs], axis=1
+                [np.stack([_run(sessions[m.ref], inp[m.ref]) for m in members]) for inp in val_inputs],
+                axis=1,
             )
             grades, qwk = _grades_and_qwk(ens, probs, y)
             changed = int((grades != g_fp32).sum())
             keep = changed <= MAX_GRADE_CHANGE * len(y) and qwk_fp32 - qwk <= MAX_QWK_DROP
-            out[kind] = {
+            out[label] = {
                 "grades_changed": changed,
                 "grades_changed_fraction": changed / max(1, len(y)),
                 "qwk_fp32": qwk_fp32,
@@ -301,14 +329,16 @@ def _quantize_all(
                 "passes_criteria": bool(keep),
             }
         except Exception as exc:  # a quantizer failure is a result to report, not a crash
-            log.exception("%s int8 quantization failed", kind)
-            out[kind] = {"error": f"{type(exc).__name__}: {exc}", "passes_criteria": False}
-        log.info("int8 %s: %s", kind, out[kind])
-        if kind == "dynamic" or not out[kind]["passes_criteria"]:
+            log.exception("%s int8 quantization failed", label)
+            out[label] = {"error": f"{type(exc).__name__}: {exc}", "passes_criteria": False}
+        log.info("int8 %s: %s", label, out[label])
+        if kind == "static" and out[label]["passes_criteria"]:
+            kept_label = label
+        else:
             for p in paths.values():
                 p.unlink(missing_ok=True)
-    kept = out["static"].get("passes_criteria", False)
-    out["kept"] = "static" if kept else None
+    out["fp32_ips_batch8"] = _speed(_sessions(fp32, threads), sizes)  # same moment, same load
+    out["kept"] = kept_label
     return out
 
 
