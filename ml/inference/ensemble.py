@@ -79,10 +79,15 @@ class Ensemble:
             key = m.preprocess.cache_key()
             if key not in cache:
                 cache[key] = [prepare_pixels(img, m.preprocess) for img in images]
-        return {
-            m.ref: np.stack([to_input(p, m.preprocess) for p in cache[m.preprocess.cache_key()]])
-            for m in self._members
-        }
+        # Members with the same pixel pipeline and normalisation share one input array.
+        inputs: dict[tuple[str, tuple[float, ...], tuple[float, ...]], np.ndarray] = {}
+        out = {}
+        for m in self._members:
+            norm = (m.preprocess.cache_key(), tuple(m.preprocess.mean), tuple(m.preprocess.std))
+            if norm not in inputs:
+                inputs[norm] = np.stack([to_input(p, m.preprocess) for p in cache[norm[0]]])
+            out[m.ref] = inputs[norm]
+        return out
 
     def member_probabilities(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """(M, N, 5) probabilities of every member on pre-processed inputs."""
