@@ -31,7 +31,14 @@ import torch
 
 from ml.inference.combine import combine
 from ml.inference.ensemble import Ensemble, load_ensemble
-from ml.inference.onnx_runtime import OPSET, ProbabilityHead, cache_dir, export_member_onnx, onnx_path_for
+from ml.inference.onnx_runtime import (
+    OPSET,
+    ProbabilityHead,
+    cache_dir,
+    export_member_onnx,
+    onnx_path_for,
+    with_static_padding,
+)
 from ml.metrics import grading_report
 from ml.training.config import TrainConfig
 from ml.training.data import Sample, load_rgb
@@ -94,7 +101,7 @@ def _export_static(ens: Ensemble, ref: str, out: Path, batch: int = SPEED_BATCH)
     member = next(m for m in ens._members if m.ref == ref)
     size = member.preprocess.size
     torch.onnx.export(
-        ProbabilityHead(member.model.eval()),
+        ProbabilityHead(with_static_padding(member.model, size)),
         (torch.randn(batch, 3, size, size),),
         str(out),
         input_names=["input"],
