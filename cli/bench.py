@@ -209,8 +209,7 @@ def forward_figures(plan: Plan, sources: list[Path], log: Callable[[str], None])
     runtime = onnx.runtime
 
     def onnx_forward(xs: dict[str, Any]) -> None:
-        for m in members:
-            runtime.run(m.ref, xs[m.ref])
+        runtime.run_many([m.ref for m in members], xs)
 
     out["onnx_threads"] = cpus
     out["forward_ips_onnx"] = images_per_second(

@@ -91,12 +91,11 @@ class Ensemble:
 
     def member_probabilities(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """(M, N, 5) probabilities of every member on pre-processed inputs."""
+        if self.runtime is not None:
+            return np.stack(self.runtime.run_many([m.ref for m in self._members], inputs))
         out = []
         for m in self._members:
             x = inputs[m.ref]
-            if self.runtime is not None:
-                out.append(self.runtime.run(m.ref, x))
-                continue
             parts = []
             with torch.inference_mode():
                 for start in range(0, len(x), self.batch_size):
