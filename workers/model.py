@@ -90,7 +90,11 @@ def load(settings: Settings | None = None) -> EnsembleLike:
     threads = torch.get_num_threads()
     with _lock:
         ens = load_ensemble(
-            settings.model, models_dir=settings.models_dir, runtime=resolve_runtime(settings), threads=threads
+            settings.model,
+            models_dir=settings.models_dir,
+            runtime=resolve_runtime(settings),
+            threads=threads,
+            quantized=None,  # int8 only where the export kept it (docs/performance.md)
         )
         _ensemble = ens
     log.info("worker process %d serves %s", os.getpid(), ens.ref)

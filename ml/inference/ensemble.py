@@ -150,13 +150,14 @@ def load_ensemble(
     models_dir: Path | None = None,
     device: str = "cpu",
     runtime: str = "torch",
-    quantized: bool = False,
+    quantized: bool | None = False,
     threads: int | None = None,
 ) -> Ensemble:
     """Load a released ensemble by name@version (None = newest shipped).
 
-    ``runtime="onnx"`` scores with ONNX Runtime sessions of ``threads`` intra-op threads each
-    (int8 graphs with ``quantized``); Grad-CAM keeps using the PyTorch members.
+    ``runtime="onnx"`` scores with ONNX Runtime on ``threads`` threads (int8 graphs with
+    ``quantized``; None = int8 when `drscreen export onnx --quantize` kept them); Grad-CAM keeps
+    using the PyTorch members.
     """
     ref = ref or newest_ensemble(models_dir)
     manifest = read_manifest(ref, models_dir)
@@ -167,7 +168,10 @@ def load_ensemble(
     rule = CombineRule.from_dict(manifest["combination"])
     onnx = None
     if runtime == "onnx":
-        from ml.inference.onnx_runtime import OnnxMembers
+        from ml.inference.onnx_runtime import OnnxMembers, int8_available
+
+        if quantized is None:
+            quantized = int8_available([m.ref for m in members], models_dir)
 
         onnx = OnnxMembers.load(
             ensemble_dir(ref, models_dir),

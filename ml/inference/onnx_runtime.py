@@ -126,6 +126,12 @@ def onnx_path_for(ref: str, models_dir: Path | None, quantized: bool = False) ->
     return cache_dir() / name
 
 
+def int8_available(refs: list[str], models_dir: Path | None = None) -> bool:
+    """True when `drscreen export onnx --quantize` kept an int8 graph for every member (it writes
+    them only when the ensemble's grades and QWK stay within the acceptance limits)."""
+    return all(onnx_path_for(ref, models_dir, quantized=True).exists() for ref in refs)
+
+
 class OnnxMembers:
     """One ONNX Runtime session per member, each single-threaded; ``threads`` > 1 runs the
     (member, slice of the batch) pieces on a thread pool of that size instead.
