@@ -66,6 +66,10 @@ def configure_torch(concurrency: int | None) -> int:
 
     threads = torch_threads_for(concurrency, get_worker_settings().torch_threads)
     torch.set_num_threads(threads)
+    import cv2
+
+    # OpenCV's own pool (resize, blurs of the quality gate and preprocessing) gets the same share
+    cv2.setNumThreads(threads)
     return threads
 
 
