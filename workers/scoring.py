@@ -7,8 +7,9 @@ One call handles a batch of image ids in three steps:
    Committing here makes ``running`` visible to clients and to the sweep (a worker that dies now
    leaves ``running`` rows the sweep re-queues).
 2. **compute** (no transaction open): read, decode, quality gate (on a helper thread, running
-   ahead) and ``ensemble.predict`` over the gradable photographs in batches of ``PREDICT_BATCH``. Holding no database transaction during inference keeps SQLite
-   writers (the API) unblocked and PostgreSQL free of long idle-in-transaction sessions.
+   ahead) and ``ensemble.predict`` over the gradable photographs in batches of
+   ``PREDICT_BATCH``. Holding no database transaction during inference keeps SQLite writers
+   (the API) unblocked and PostgreSQL free of long idle-in-transaction sessions.
 3. **write** (one transaction for the whole batch): predictions (upserts unique on image and model
    version), image status, job items, the patients' aggregates, bundle and job counts. Rows another
    delivery finished meanwhile are skipped, so no duplicate history row is written.
