@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,8 @@ def test_web_interface_in_chromium(
 ) -> None:
     page = browser_page
     worker = start_worker(env=env, ready_timeout=180)
-    key = make_key(env["DRSCREEN_DATABASE_URL"], "North")
+    # a clinic of its own: the session's database is shared with tests that screen the same samples
+    key = make_key(env["DRSCREEN_DATABASE_URL"], f"North-web-{uuid.uuid4().hex[:8]}")
 
     # Signed out: every page leads to the login form.
     page.goto(f"{api_url}/jobs")

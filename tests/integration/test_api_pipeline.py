@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,9 @@ def test_screening_through_the_api(
 ) -> None:
     url = env["DRSCREEN_DATABASE_URL"]
     worker = start_worker(env=env | {"OMP_NUM_THREADS": "1"})
-    north, south = make_key(url, "North"), make_key(url, "South")
+    # clinics of their own: the session's database is shared with other tests that screen the samples
+    tag = uuid.uuid4().hex[:8]
+    north, south = make_key(url, f"North-{tag}"), make_key(url, f"South-{tag}")
 
     # A bundle, end to end: both eyes scored, the patient aggregated.
     first = _screen_bundle(client, north, "16")
