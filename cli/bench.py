@@ -526,12 +526,14 @@ def run_bench(as_json: bool, quick: bool = False) -> int:
     kind = "quick" if quick else "full"
     log(f"drscreen bench ({kind}) on {os.cpu_count()} CPUs, {len(sources)} photographs")
     figures: dict[str, Any] = {"quick": quick}
+    # The service first: what the model figures leave in this process (torch's OpenMP pool,
+    # inductor's compile workers) measurably slowed the worker subprocesses that followed.
+    log("service (API + broker + worker + database):")
+    figures.update(service_figures(plan, sources, log))
     log("model forward (pre-decoded photographs, batch 8):")
     figures.update(forward_figures(plan, sources, log))
     for key in ("forward_ips_torch", "forward_ips_onnx", "latency_ms_torch_b1", "latency_ms_onnx_b1"):
         log(f"  {key}: {figures[key]:.2f}")
-    log("service (API + broker + worker + database):")
-    figures.update(service_figures(plan, sources, log))
     runtime_ips = figures["forward_ips_onnx" if figures["runtime"] == "onnx" else "forward_ips_torch"]
     figures["e2e_over_forward"] = figures["e2e_ips"] / runtime_ips
     figures["bench_seconds"] = time.perf_counter() - t0
