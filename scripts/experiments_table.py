@@ -49,8 +49,37 @@ def main() -> None:
         lines.append(
             f"| {name} | {best['natural_val_qwk_default_thresholds']:.3f} | "
             f"{'-' if auc is None else f'{auc:.3f}'} | "
-            f"{s1.get('natural_val_qwk_default_thresholds', float('nan')):.3f} | `drscreen train --config {cfg}` |"
+            f"{s1.get('natural_val_qwk_default_thresholds', float('nan')):.3f} | "
+            f"`drscreen train --config {cfg}` |"
         )
+    members = sorted(p for p in (ROOT / "runs").glob("*") if "-exp-" not in p.name and "smoke" not in p.name)
+    members = [
+        p
+        for p in members
+        if (p / "stage1" / "metadata.json").exists() and (p / "best" / "metadata.json").exists()
+    ]
+    if members:
+        lines += [
+            "",
+            "## One stage vs two stages, on the released members (256 px)",
+            "",
+            "Stage 1 only = the member after the equalised set;",
+            "two stages = after natural-colour fine-tuning.",
+            "Natural-colour validation QWK, default thresholds.",
+            "",
+            "| run | stage 1 only | two stages | command |",
+            "|---|---|---|---|",
+        ]
+        for run in members:
+            s1 = json.loads((run / "stage1" / "metadata.json").read_text())["metrics"]
+            s2 = json.loads((run / "best" / "metadata.json").read_text())["metrics"]
+            name = run.name.split("-256-", 1)[-1]
+            config = {"lite1-cbam-multitask": "member-lite1-cbam"}.get(name, f"member-{name}")
+            lines.append(
+                f"| {run.name} | {s1['natural_val_qwk_default_thresholds']:.3f} | "
+                f"{s2['natural_val_qwk_default_thresholds']:.3f} | "
+                f"`drscreen train --config configs/{config}.toml` |"
+            )
     if args.ensemble:
         name, version = args.ensemble.split("@")
         manifest = json.loads((ROOT / "models" / "ensembles" / name / version / "manifest.json").read_text())
@@ -58,8 +87,8 @@ def main() -> None:
             "",
             f"## Members and combination rules of {args.ensemble}",
             "",
-            "Thresholds/weights fitted on natural-colour validation; test = natural-colour patients no member",
-            "was trained or tuned on. Reproduce: `make release` (see README).",
+            "Thresholds/weights fitted on natural-colour validation; test = natural-colour patients",
+            "no member was trained or tuned on. Reproduce: `scripts/release.sh 1.0.0`.",
             "",
             "| member or rule | val QWK | test QWK | test referable AUC | test referable sens. | test referable spec. |",
             "|---|---|---|---|---|---|",
