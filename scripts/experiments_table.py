@@ -90,7 +90,8 @@ def main() -> None:
             "Thresholds/weights fitted on natural-colour validation; test = natural-colour patients",
             "no member was trained or tuned on. Reproduce: `scripts/release.sh 1.0.0`.",
             "",
-            "| member or rule | val QWK | test QWK | test referable AUC | test referable sens. | test referable spec. |",
+            "| member or rule | val QWK | test QWK | test referable AUC "
+            "| test referable sens. | test referable spec. |",
             "|---|---|---|---|---|---|",
         ]
         for key, row in manifest["card"]["metrics"].items():
