@@ -100,6 +100,9 @@ def main() -> None:
                 f"| {key} | {v['qwk']:.3f} | {t['qwk']:.3f} | {t['referable_auc']:.3f} | "
                 f"{t['referable_sensitivity']:.3f} | {t['referable_specificity']:.3f} |"
             )
+    findings = ROOT / "docs" / "experiments-findings.md"  # hand-written conclusions, kept on rerun
+    if findings.exists():
+        lines += ["", findings.read_text().rstrip()]
     args.out.write_text("\n".join(lines) + "\n")
     print(args.out.read_text())  # noqa: T201 - a report script
 
