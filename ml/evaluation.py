@@ -28,6 +28,15 @@ from ml.metrics import grading_report, referable_metrics
 from ml.release import load_checkpoint, member_dir, models_root_has_member
 
 log = logging.getLogger(__name__)
+# the figures printed first and tabulated in the report, in this order
+HEADLINE_KEYS = (
+    "n_images",
+    "qwk",
+    "accuracy",
+    "referable_sensitivity",
+    "referable_specificity",
+    "referable_auc",
+)
 
 
 def load_model(ref: str | None) -> Ensemble:
@@ -55,12 +64,12 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16) -> dict[str, Any]:
     for start in tqdm(range(0, len(rows), batch), desc="evaluating", unit="batch", file=sys.stderr):
         chunk = rows[start : start + batch]
         images = [np.asarray(Image.open(base / r["image"]).convert("RGB")) for r in chunk]
-        for p in ens.predict(images):
-            probs.append(p.probabilities)
-            grades.append(p.grade)
+        for pred in ens.predict(images):
+            probs.append(pred.probabilities)
+            grades.append(pred.grade)
     y = np.array([int(r["grade"]) for r in rows])
     p = np.array(probs)
-    report = grading_report(y, grades, p[:, 2:].sum(axis=1))
+    report = grading_report(y.tolist(), grades, p[:, 2:].sum(axis=1).tolist())
     report["model"] = ens.ref
     if rows and rows[0].get("patient_id"):
         report["patient"] = patient_metrics(rows, ens, p, y)
@@ -114,11 +123,10 @@ def write_report(report: dict[str, Any], out: Path, y_true: list[int] | None = N
     fig.tight_layout()
     fig.savefig(out / "confusion_matrix.png", dpi=100)
     plt.close(fig)
-    keys = ["n_images", "qwk", "accuracy", "referable_sensitivity", "referable_specificity", "referable_auc"]
     md = [f"# Evaluation of {report['model']}", "", "| metric | value |", "|---|---|"]
     md += [
         f"| {k} | {report[k]:.3f} |" if isinstance(report[k], float) else f"| {k} | {report[k]} |"
-        for k in keys
+        for k in HEADLINE_KEYS
     ]
     md += [
         "",
@@ -153,14 +161,7 @@ def evaluate_cli(labels: Path, model: str | None, as_json: bool, report_dir: Pat
     if report_dir:
         write_report(report, Path(report_dir))
     out = sys.stdout
-    for key in (
-        "n_images",
-        "qwk",
-        "accuracy",
-        "referable_sensitivity",
-        "referable_specificity",
-        "referable_auc",
-    ):
+    for key in HEADLINE_KEYS:
         value = report[key]
         out.write(f"{key:>24}: {value:.4f}\n" if isinstance(value, float) else f"{key:>24}: {value}\n")
     out.write(

@@ -74,15 +74,13 @@ def export_member(
             )
             check = natural_split(TrainConfig(data=data), Path.cwd())["val"]
         report = half_precision_check(src, dst, name, check)
-        if report["grades_changed"]:
+        keep_half = report["grades_changed"] == 0
+        if not keep_half:
             log.warning("float16 changed %d grades: keeping float32", report["grades_changed"])
-            save_checkpoint(
-                dst, model, pre, name, version, meta | {"half_precision_check": report}, half=False
-            )
-        else:
-            save_checkpoint(
-                dst, model, pre, name, version, meta | {"half_precision_check": report}, half=True
-            )
+        # rewritten either way so the metadata carries the check's figures
+        save_checkpoint(
+            dst, model, pre, name, version, meta | {"half_precision_check": report}, half=keep_half
+        )
     for extra in ("curves.png", "metrics.jsonl", "config.json"):
         if (run_dir / extra).exists():
             shutil.copy(run_dir / extra, dst / ("train_" + extra if extra == "config.json" else extra))

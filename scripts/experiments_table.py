@@ -74,11 +74,10 @@ def main() -> None:
             s1 = json.loads((run / "stage1" / "metadata.json").read_text())["metrics"]
             s2 = json.loads((run / "best" / "metadata.json").read_text())["metrics"]
             name = run.name.split("-256-", 1)[-1]
-            config = {"lite1-cbam-multitask": "member-lite1-cbam"}.get(name, f"member-{name}")
             lines.append(
                 f"| {run.name} | {s1['natural_val_qwk_default_thresholds']:.3f} | "
                 f"{s2['natural_val_qwk_default_thresholds']:.3f} | "
-                f"`drscreen train --config configs/{config}.toml` |"
+                f"`drscreen train --config configs/member-{name}.toml` |"
             )
     if args.ensemble:
         name, version = args.ensemble.split("@")

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: scripts/release.sh VERSION [--skip-training]}
 members=(lite0-multitask mnv2-regression lite1-cbam-multitask)
-configs=(configs/member-lite0-multitask.toml configs/member-mnv2-regression.toml configs/member-lite1-cbam.toml)
+configs=(configs/member-lite0-multitask.toml configs/member-mnv2-regression.toml configs/member-lite1-cbam-multitask.toml)
 if [[ "${2:-}" != "--skip-training" ]]; then
   for cfg in "${configs[@]}"; do .venv/bin/drscreen train --config "$cfg"; done
 fi
