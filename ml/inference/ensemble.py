@@ -134,10 +134,10 @@ class Ensemble:
         """
         weights = np.asarray(self.rule.weights or [1.0] * len(self._members), dtype=np.float64)
         weights = weights / weights.sum()
+        inputs = self.pixel_inputs([image])  # shared pipelines run once, as in predict
         total: np.ndarray | None = None
         for w, m in zip(weights, self._members, strict=True):
-            x = torch.from_numpy(to_input(prepare_pixels(image, m.preprocess), m.preprocess))[None]
-            cam = member_cam(m.model, x)
+            cam = member_cam(m.model, torch.from_numpy(inputs[m.ref]))
             total = cam * w if total is None else total + cam * w
         assert total is not None
         if total.max() > 0:
