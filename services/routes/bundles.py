@@ -7,16 +7,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 
 from core import repository as repo
 from core.errors import InvalidInput, NotFound
 from core.schemas import Accepted, BundleResult
 from core.store import FileStore
+from core.tables import Bundle
 from services import idempotency
 from services.deps import PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
 from services.errors import error_responses
 from services.formcheck import reject_unknown_fields
-from services.routes.images import IdempotencyKey, PatientIdForm, enqueue_scoring
+from services.routes.images import IdempotencyKey, PatientIdForm, commit_and_enqueue
 from services.uploads import Photo, record_photo, store_photo, validate_photo
 from services.views import image_results, patient_summary
 
@@ -26,6 +28,13 @@ router = APIRouter(prefix="/bundles", tags=["bundles"])
 
 SLOTS = ("left_1", "left_2", "right_1", "right_2")
 OptionalPhoto = Annotated[UploadFile | None, File(description="a photograph of that eye (optional)")]
+
+
+def load_bundle(session: Session, principal: PrincipalDep, bundle_id: str) -> Bundle:
+    bundle = repo.get_bundle(session, bundle_id, principal.clinic_id)
+    if bundle is None:
+        raise NotFound("no such bundle")
+    return bundle
 
 
 @router.post(
@@ -62,9 +71,7 @@ def create_bundle(
     fingerprint = idempotency.fingerprint(patient_id, *(f"{p.field}={p.sha256}" for p in photos))
     existing = key and idempotency.find(session, principal.clinic_id, "bundle", key, fingerprint)
     if existing:
-        found = repo.get_bundle(session, existing, principal.clinic_id)
-        if found is None:
-            raise NotFound("no such bundle")
+        found = load_bundle(session, principal, existing)
         return JSONResponse(Accepted(id=found.id, status=found.status).model_dump(mode="json"), 202)
 
     store = FileStore(settings.store_path)
@@ -83,28 +90,19 @@ def create_bundle(
             bundle_id=bundle.id,
         )
         image_ids.append(image.id)
-    audit(
+    # One task for the whole visit: the worker scores the photographs as one batch.
+    commit_and_enqueue(
         session,
         principal,
-        "bundle.create",
+        producer,
+        kind="bundle",
+        resource_id=bundle.id,
         patient_id=patient.id,
-        target_type="bundle",
-        target_id=bundle.id,
+        image_ids=image_ids,
+        key=key,
+        fingerprint=fingerprint,
         detail={"images": image_ids},
     )
-    if key:
-        idempotency.remember(
-            session,
-            clinic_id=principal.clinic_id,
-            api_key_id=principal.api_key_id,
-            kind="bundle",
-            key=key,
-            request_fingerprint=fingerprint,
-            resource_id=bundle.id,
-        )
-    session.commit()  # rows first, then the message
-    # One task for the whole visit: the worker scores the photographs as one batch.
-    enqueue_scoring(producer, image_ids)
     log.info("bundle %s queued with %d photograph(s)", bundle.id, len(image_ids))
     return JSONResponse(Accepted(id=bundle.id, status="queued").model_dump(mode="json"), 202)
 
@@ -116,9 +114,7 @@ def create_bundle(
     responses=error_responses(401, 404, 429),
 )
 def get_bundle(bundle_id: str, session: SessionDep, principal: PrincipalDep) -> BundleResult:
-    bundle = repo.get_bundle(session, bundle_id, principal.clinic_id)
-    if bundle is None:
-        raise NotFound("no such bundle")
+    bundle = load_bundle(session, principal, bundle_id)
     images = repo.bundle_images(session, bundle.id)
     patient = repo.get_patient_by_id(session, bundle.patient_id)
     audit(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
@@ -59,6 +59,45 @@ def enqueue_scoring(producer: ProducerDep, image_ids: list[str]) -> None:
         log.warning(
             "could not queue %d image(s); the sweep will re-queue them", len(image_ids), exc_info=True
         )
+
+
+def commit_and_enqueue(
+    session: Session,
+    principal: PrincipalDep,
+    producer: ProducerDep,
+    *,
+    kind: Literal["image", "bundle"],
+    resource_id: str,
+    patient_id: int,
+    image_ids: list[str],
+    key: str | None,
+    fingerprint: str,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Finish an accepted upload whose rows are written: audit ``{kind}.create``, remember its
+    ``Idempotency-Key``, commit, and only then queue its photographs (a worker is never told about
+    rows that do not exist yet)."""
+    audit(
+        session,
+        principal,
+        f"{kind}.create",
+        patient_id=patient_id,
+        target_type=kind,
+        target_id=resource_id,
+        detail=detail,
+    )
+    if key:
+        idempotency.remember(
+            session,
+            clinic_id=principal.clinic_id,
+            api_key_id=principal.api_key_id,
+            kind=kind,
+            key=key,
+            request_fingerprint=fingerprint,
+            resource_id=resource_id,
+        )
+    session.commit()
+    enqueue_scoring(producer, image_ids)
 
 
 def load_image(session: Session, principal: PrincipalDep, image_id: str) -> Image:
@@ -122,26 +161,17 @@ def create_image(
         image = record_photo(
             session, clinic_id=principal.clinic_id, patient_id=patient.id, eye=eye, photo=photo, stored=stored
         )
-        audit(
+        commit_and_enqueue(
             session,
             principal,
-            "image.create",
+            producer,
+            kind="image",
+            resource_id=image.id,
             patient_id=patient.id,
-            target_type="image",
-            target_id=image.id,
+            image_ids=[image.id],
+            key=key,
+            fingerprint=fingerprint,
         )
-        if key:
-            idempotency.remember(
-                session,
-                clinic_id=principal.clinic_id,
-                api_key_id=principal.api_key_id,
-                kind="image",
-                key=key,
-                request_fingerprint=fingerprint,
-                resource_id=image.id,
-            )
-        session.commit()  # the row exists before any worker can be told about it
-        enqueue_scoring(producer, [image.id])
         log.info("image %s queued", image.id)
 
     if wait:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
@@ -347,6 +348,37 @@ def _progress(session: Session, images: list[Image], patient_id: int) -> Progres
     )
 
 
+#: A result's photographs and the row id of their patient.
+Photos = tuple[list[Image], int]
+
+
+def _bundle_photos(session: Session, clinic_id: int, bundle_id: str) -> Photos | None:
+    bundle = repo.get_bundle(session, bundle_id, clinic_id)
+    return None if bundle is None else (repo.bundle_images(session, bundle.id), bundle.patient_id)
+
+
+def _image_photos(session: Session, clinic_id: int, image_id: str) -> Photos | None:
+    row = repo.get_image(session, image_id, clinic_id)
+    return None if row is None else ([row], row.patient_id)
+
+
+def _progress_response(
+    session: Session,
+    principal: Principal | None,
+    find: Callable[[Session, int, str], Photos | None],
+    result_id: str,
+) -> JSONResponse:
+    """What the result page's script polls: 401 when signed out, 404 when ``find`` sees no such
+    result in the clinic, else the progress of its photographs (never cached)."""
+    if principal is None:
+        return JSONResponse({"error": "unauthorized"}, status_code=401)
+    found = find(session, principal.clinic_id, result_id)
+    if found is None:
+        return JSONResponse({"error": "not_found"}, status_code=404)
+    progress = _progress(session, *found)
+    return JSONResponse(progress.as_json(), headers={"Cache-Control": "no-store"})
+
+
 @router.get("/bundles/{bundle_id}")
 def bundle_page(bundle_id: str, request: Request, session: SessionDep, principal: WebPrincipal) -> Response:
     if principal is None:
@@ -356,8 +388,7 @@ def bundle_page(bundle_id: str, request: Request, session: SessionDep, principal
     except NotFound:
         return _not_found(request, principal, "No such screening (or it belongs to another clinic).")
     rows = repo.bundle_images(session, bundle_id)
-    bundle = repo.get_bundle(session, bundle_id, principal.clinic_id)
-    assert bundle is not None  # get_bundle above found it
+    bundle = bundle_routes.load_bundle(session, principal, bundle_id)
     progress = _progress(session, rows, bundle.patient_id)
     ready = _heatmap_ready(session, rows)
     photos = [present.photo_view(im, ready.get(im.id, False)) for im in result.images]
@@ -380,13 +411,7 @@ def bundle_page(bundle_id: str, request: Request, session: SessionDep, principal
 
 @router.get("/bundles/{bundle_id}/progress")
 def bundle_progress(bundle_id: str, session: SessionDep, principal: WebPrincipal) -> JSONResponse:
-    if principal is None:
-        return JSONResponse({"error": "unauthorized"}, status_code=401)
-    bundle = repo.get_bundle(session, bundle_id, principal.clinic_id)
-    if bundle is None:
-        return JSONResponse({"error": "not_found"}, status_code=404)
-    progress = _progress(session, repo.bundle_images(session, bundle.id), bundle.patient_id)
-    return JSONResponse(progress.as_json(), headers={"Cache-Control": "no-store"})
+    return _progress_response(session, principal, _bundle_photos, bundle_id)
 
 
 @router.get("/images/{image_id}")
@@ -426,13 +451,7 @@ def image_page(image_id: str, request: Request, session: SessionDep, principal: 
 
 @router.get("/images/{image_id}/progress")
 def image_progress(image_id: str, session: SessionDep, principal: WebPrincipal) -> JSONResponse:
-    if principal is None:
-        return JSONResponse({"error": "unauthorized"}, status_code=401)
-    row = repo.get_image(session, image_id, principal.clinic_id)
-    if row is None:
-        return JSONResponse({"error": "not_found"}, status_code=404)
-    progress = _progress(session, [row], row.patient_id)
-    return JSONResponse(progress.as_json(), headers={"Cache-Control": "no-store"})
+    return _progress_response(session, principal, _image_photos, image_id)
 
 
 @router.get("/images/{image_id}/photo")

@@ -1,5 +1,6 @@
 """The API's edges on the embedded defaults (SQLite file, filesystem broker; no worker needed):
-auth, bad input leaving no rows, limits, import roots, idempotency, OpenAPI, health and metrics."""
+auth, bad input leaving no rows, limits, import roots, idempotency, the audit of uploads, the web
+progress route, OpenAPI, health and metrics."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from sqlalchemy import func, select
 from core import migrate
 from core.db import session_scope
 from core.settings import get_settings
-from core.tables import Bundle, Image, Patient, ScoringJob
+from core.tables import AuditEvent, Bundle, Image, Patient, ScoringJob
 from services.app import create_app
 from services.config import get_api_settings
+from services.web.auth import COOKIE_NAME
 from tests.api_support import Key, bad_files, make_key, png_bytes, revoke, sample_bytes
 
 CONTRACT_PATHS = {
@@ -229,6 +231,58 @@ def test_idempotency_key(client: TestClient, url: str, key: Key) -> None:
         for _ in range(2)
     }
     assert len(ids) == 1 and _count(url, Bundle) == 1 and _count(url, Image) == 3
+
+
+def test_uploads_are_audited_and_their_keys_remembered(client: TestClient, url: str, key: Key) -> None:
+    image = client.post(
+        "/v1/images",
+        headers=key.headers | {"Idempotency-Key": "img-1"},
+        data={"patient_id": "19", "eye": "right"},
+        files={"file": ("r.jpg", sample_bytes("19", "right"))},
+    ).json()["id"]
+    bundle = client.post(
+        "/v1/bundles",
+        headers=key.headers,  # no key: nothing to remember
+        data={"patient_id": "19"},
+        files={"left_1": ("l.jpg", sample_bytes("19", "left"))},
+    ).json()["id"]
+    with session_scope(url) as s:
+        rows = s.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+        events = [(r.action, r.target_type, r.detail) for r in rows if r.action.endswith(".create")]
+        [bundle_image] = s.scalars(select(Image.id).where(Image.bundle_id == bundle)).all()
+        remembered = [r.detail for r in rows if r.action == "idempotency_key"]
+        assert all(r.clinic_id == key.clinic_id and r.api_key_id == key.key_id for r in rows)
+    assert events == [
+        ("image.create", "image", None),
+        ("bundle.create", "bundle", {"images": [bundle_image]}),
+    ]
+    assert len(remembered) == 1 and remembered[0] is not None and remembered[0]["id"] == image
+    queue = get_settings().broker_dir / "queue"
+    assert len([p for p in queue.iterdir() if p.name.endswith(".scoring.msg")]) == 2
+
+
+def test_web_progress_answers(client: TestClient, key: Key) -> None:
+    bundle = client.post(
+        "/v1/bundles",
+        headers=key.headers,
+        data={"patient_id": "19"},
+        files={
+            "left_1": ("l.jpg", sample_bytes("19", "left")),
+            "right_1": ("r.jpg", sample_bytes("19", "right")),
+        },
+    ).json()["id"]
+    image = _upload(client, key, sample_bytes("16", "left")).json()["id"]
+    cookie = {"Cookie": f"{COOKIE_NAME}={key.key}"}
+    pending = {"finished": 0, "failed": 0, "heatmaps_missing": 0, "scored": False, "complete": False}
+    for path, total in ((f"/bundles/{bundle}/progress", 2), (f"/images/{image}/progress", 1)):
+        resp = client.get(path, headers=cookie)
+        assert resp.status_code == 200 and resp.json() == {"total": total, **pending}, path
+        assert resp.headers["cache-control"] == "no-store"
+        signed_out = client.get(path)
+        assert signed_out.status_code == 401 and signed_out.json() == {"error": "unauthorized"}
+    for path in ("/bundles/nope/progress", f"/bundles/{image}/progress", f"/images/{bundle}/progress"):
+        resp = client.get(path, headers=cookie)
+        assert resp.status_code == 404 and resp.json() == {"error": "not_found"}, path
 
 
 def test_folder_jobs_stay_inside_the_import_roots(
