@@ -14,13 +14,15 @@ import hashlib
 import json
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from ml.models import GradingNet, ModelSpec, build_model
 from ml.preprocess import PreprocessConfig
+
+if TYPE_CHECKING:
+    from ml.models import GradingNet
+
+# torch, safetensors.torch and ml.models (timm) are imported inside the functions that use them:
+# a worker scoring with ONNX Runtime reads releases but never needs torch (~700 MB resident).
 
 GRADE_LABELS = ["no DR", "mild NPDR", "moderate NPDR", "severe NPDR", "proliferative DR"]
 
@@ -41,6 +43,7 @@ def sha256_file(path: Path) -> str:
 def library_versions() -> dict[str, str]:
     import numpy
     import timm
+    import torch
 
     return {
         "python": platform.python_version(),
@@ -71,6 +74,8 @@ def save_checkpoint(
     half: bool = False,
 ) -> Path:
     """Write config.json + model.safetensors + metadata.json for one model."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if half:
@@ -100,6 +105,10 @@ def save_checkpoint(
 
 def load_checkpoint(folder: Path, device: str = "cpu") -> tuple[GradingNet, PreprocessConfig, dict[str, Any]]:
     """Rebuild the network from the factory and load its weights (strict), verifying sha256."""
+    from safetensors.torch import load_file
+
+    from ml.models import ModelSpec, build_model
+
     config = json.loads((folder / "config.json").read_text())
     meta_path = folder / "metadata.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}

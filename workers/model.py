@@ -1,13 +1,16 @@
 """The process's ensemble: loaded once per worker process (after the fork), lazily elsewhere.
 
 ``torch`` is imported only inside these functions, so importing ``workers`` (which the Celery
-parent process does) never initialises torch threads or CUDA before the pool forks.
+parent process does) never initialises torch threads or CUDA before the pool forks. With the ONNX
+Runtime path a pool child does not import torch at all until it draws its first heatmap (torch
+and timm are ~700 MB of its resident memory; docs/performance.md).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from functools import cache
@@ -61,11 +64,17 @@ def torch_threads_for(concurrency: int | None, configured: int = 0) -> int:
     return max(1, cpus // max(1, concurrency or 1))
 
 
-def configure_torch(concurrency: int | None) -> int:
-    import torch
+_threads: int | None = None  # this process's intra-op thread count, set by configure_torch
 
+
+def configure_torch(concurrency: int | None) -> int:
+    """Give this process its share of the cores: OpenCV now, torch now if it is already imported,
+    else when loading the ensemble first imports it (``load_ensemble(threads=...)``)."""
+    global _threads
     threads = torch_threads_for(concurrency, get_worker_settings().torch_threads)
-    torch.set_num_threads(threads)
+    _threads = threads
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
     import cv2
 
     # OpenCV's own pool (resize, blurs of the quality gate and preprocessing) gets the same share
@@ -73,10 +82,20 @@ def configure_torch(concurrency: int | None) -> int:
     return threads
 
 
+#: Device files without which torch cannot see a GPU (NVIDIA CUDA, AMD ROCm, CUDA on WSL2).
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
 def resolve_runtime(settings: Settings) -> str:
-    """``DRSCREEN_RUNTIME``; ``auto`` is ONNX Runtime on CPU and PyTorch when CUDA is there."""
+    """``DRSCREEN_RUNTIME``; ``auto`` is ONNX Runtime on CPU and PyTorch when CUDA is there.
+
+    Without any GPU device file the answer is known without importing torch (which would cost
+    an ONNX Runtime worker ~700 MB for nothing); with one, torch decides.
+    """
     if settings.runtime != "auto":
         return settings.runtime
+    if not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
+        return "onnx"
     import torch
 
     return "torch" if torch.cuda.is_available() else "onnx"
@@ -86,18 +105,16 @@ def load(settings: Settings | None = None) -> EnsembleLike:
     """Load the configured ensemble (``DRSCREEN_MODEL``, newest shipped when unset) and keep it."""
     global _ensemble
     settings = settings or get_settings()
-    import torch
-
     from ml.inference import load_ensemble
 
-    # ONNX Runtime gets the intra-op thread count configure_torch chose for this process
-    threads = torch.get_num_threads()
     with _lock:
         ens = load_ensemble(
             settings.model,
             models_dir=settings.models_dir,
             runtime=resolve_runtime(settings),
-            threads=threads,
+            # ONNX Runtime (and torch, if loading imports it) get the share configure_torch chose;
+            # the CLI path does not call it: ONNX Runtime takes every CPU, torch its own default
+            threads=_threads,
             quantized=None,  # int8 only where the export kept it (docs/performance.md)
         )
         _ensemble = ens

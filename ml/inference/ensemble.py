@@ -1,31 +1,109 @@
-"""A released ensemble, loaded once per worker process and used for every photograph."""
+"""A released ensemble, loaded once per worker process and used for every photograph.
+
+With the ONNX Runtime path the PyTorch members are not loaded (nor torch imported) until a
+heatmap is asked for: torch and timm alone hold ~700 MB of resident memory per worker process,
+and Grad-CAM is the only thing that needs them there (docs/performance.md).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ml.inference.combine import CombineRule, combine, grade_from_probabilities
-from ml.inference.gradcam import member_cam, to_photo_frame
-from ml.models import GradingNet, grade_probabilities
+from ml.inference.onnx_runtime import OnnxMembers, int8_available
 from ml.preprocess import PreprocessConfig, prepare_pixels, to_input
-from ml.release import ensemble_dir, load_checkpoint, member_dir, newest_ensemble, read_manifest
+from ml.release import ensemble_dir, member_dir, newest_ensemble, read_manifest, sha256_file
+
+if TYPE_CHECKING:
+    from ml.models import GradingNet
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+def _import_torch(threads: int | None) -> Any:
+    """torch, given ``threads`` intra-op threads if this call is the process's first import of it
+    (a worker shares the cores out among its processes before anything is loaded)."""
+    first = "torch" not in sys.modules
+    import torch
+
+    if first and threads:
+        torch.set_num_threads(threads)
+    return torch
+
+
 class Member:
-    ref: str
-    model: GradingNet
-    preprocess: PreprocessConfig
-    config: dict[str, Any]
+    """One member: its preprocessing, and its PyTorch network, given or loaded on first use.
+
+    A member made with ``model=None`` and its release ``folder`` reads the network from there the
+    first time ``model`` is used.
+    """
+
+    def __init__(
+        self,
+        ref: str,
+        model: GradingNet | None,
+        preprocess: PreprocessConfig,
+        config: dict[str, Any],
+        folder: Path | None = None,
+        threads: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        if model is None and folder is None:
+            raise ValueError(f"member {ref}: give its network or the folder to load it from")
+        self.ref = ref
+        self._model = model
+        self.preprocess = preprocess
+        self.config = config
+        self.folder = folder
+        self.threads = threads
+        self.device = device
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_release(
+        cls, ref: str, models_dir: Path | None = None, threads: int | None = None, device: str = "cpu"
+    ) -> Member:
+        """The member's preprocessing and config now, its network only when ``model`` is used."""
+        folder = member_dir(ref, models_dir)
+        config = json.loads((folder / "config.json").read_text())
+        meta_path = folder / "metadata.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        # the check load_checkpoint makes, made now: a bad release fails at load, not at a heatmap
+        expected = meta.get("weights_sha256")
+        if expected and sha256_file(folder / "model.safetensors") != expected:
+            raise ValueError(f"{folder / 'model.safetensors'} does not match the sha256 in its metadata")
+        pre = PreprocessConfig.from_dict(config["preprocess"])
+        config = {**config, "metadata": meta}
+        return cls(ref, None, pre, config, folder=folder, threads=threads, device=device)
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self) -> GradingNet:
+        with self._lock:
+            if self._model is None:
+                assert self.folder is not None
+                _import_torch(self.threads)
+                from ml.release import load_checkpoint
+
+                log.info("loading the PyTorch network of %s", self.ref)
+                self._model, _, _ = load_checkpoint(self.folder, self.device)
+            return self._model
+
+    @model.setter
+    def model(self, value: GradingNet) -> None:
+        self._model = value
 
 
 @dataclass
@@ -93,6 +171,9 @@ class Ensemble:
         """(M, N, 5) probabilities of every member on pre-processed inputs."""
         if self.runtime is not None:
             return np.stack(self.runtime.run_many([m.ref for m in self._members], inputs))
+        torch = _import_torch(None)
+        from ml.models import grade_probabilities
+
         out = []
         for m in self._members:
             x = inputs[m.ref]
@@ -135,6 +216,9 @@ class Ensemble:
         weights = np.asarray(self.rule.weights or [1.0] * len(self._members), dtype=np.float64)
         weights = weights / weights.sum()
         inputs = self.pixel_inputs([image])  # shared pipelines run once, as in predict
+        torch = _import_torch(None)
+        from ml.inference.gradcam import member_cam, to_photo_frame
+
         total: np.ndarray | None = None
         for w, m in zip(weights, self._members, strict=True):
             cam = member_cam(m.model, torch.from_numpy(inputs[m.ref]))
@@ -157,30 +241,27 @@ def load_ensemble(
 
     ``runtime="onnx"`` scores with ONNX Runtime on ``threads`` threads (int8 graphs with
     ``quantized``; None = int8 when `drscreen export onnx --quantize` kept them); Grad-CAM keeps
-    using the PyTorch members.
+    using the PyTorch members, which this runtime loads only on the first ``explain`` (a missing
+    ONNX file is exported by a child process). ``threads`` is also torch's intra-op thread count
+    when loading the members is what first imports torch.
     """
     ref = ref or newest_ensemble(models_dir)
     manifest = read_manifest(ref, models_dir)
-    members = []
-    for entry in manifest["members"]:
-        model, pre, config = load_checkpoint(member_dir(entry["ref"], models_dir), device)
-        members.append(Member(entry["ref"], model, pre, config))
+    refs = [entry["ref"] for entry in manifest["members"]]
     rule = CombineRule.from_dict(manifest["combination"])
     onnx = None
     if runtime == "onnx":
-        from ml.inference.onnx_runtime import OnnxMembers, int8_available
-
+        members = [Member.from_release(r, models_dir, threads, device) for r in refs]
         if quantized is None:
-            quantized = int8_available([m.ref for m in members], models_dir)
-
+            quantized = int8_available(refs, models_dir)
+        # a missing graph is exported by a child process: the networks stay unloaded here
         onnx = OnnxMembers.load(
-            ensemble_dir(ref, models_dir),
-            [m.ref for m in members],
-            models_dir,
-            models={m.ref: m.model for m in members},
-            sizes={m.ref: m.preprocess.size for m in members},
-            quantized=quantized,
-            threads=threads,
+            ensemble_dir(ref, models_dir), refs, models_dir, quantized=quantized, threads=threads
         )
+    else:
+        _import_torch(threads)
+        from ml.release import load_checkpoint
+
+        members = [Member(r, *load_checkpoint(member_dir(r, models_dir), device)) for r in refs]
     log.info("loaded ensemble %s (%d members, rule %s, runtime %s)", ref, len(members), rule.rule, runtime)
     return Ensemble(ref, members, rule, manifest, runtime=onnx)

@@ -1,0 +1,92 @@
+"""ONNX Runtime ensembles keep no PyTorch network (nor torch itself) until a heatmap is asked for.
+
+Uses the small dev ensemble; ``DRSCREEN_TEST_MODEL`` / ``DRSCREEN_TEST_MODELS_DIR`` point it
+elsewhere, as in the API tests.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from ml.inference import load_ensemble
+
+PHOTOS = Path("/work/shared/data/eyepacs-natural-512/images")
+MODEL = os.environ.get("DRSCREEN_TEST_MODEL", "drscreen-dev@0.1.0")
+_DIR = os.environ.get("DRSCREEN_TEST_MODELS_DIR")
+MODELS_DIR = Path(_DIR) if _DIR else None
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _photos(n: int) -> list[np.ndarray]:
+    from ml.imageio import decode_image
+
+    paths = sorted(PHOTOS.glob("*.jpg"))[:n]
+    if len(paths) < n:
+        pytest.skip("natural-colour photographs not available")
+    return [decode_image(p.read_bytes()) for p in paths]
+
+
+def _networks() -> int:
+    from ml.models import GradingNet
+
+    gc.collect()
+    return sum(issubclass(type(o), GradingNet) for o in gc.get_objects())  # type(): no __class__ lookups
+
+
+def test_onnx_predict_leaves_pytorch_members_unloaded_until_explain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRSCREEN_ONNX_CACHE", str(tmp_path / "onnx"))
+    images = _photos(4)
+    before = _networks()
+    # the cache is empty: loading exports every member (in a child process)
+    ens = load_ensemble(MODEL, MODELS_DIR, runtime="onnx", threads=1)
+    preds = ens.predict(images)
+    assert not any(m.loaded for m in ens._members)
+    assert _networks() == before
+
+    reference = load_ensemble(MODEL, MODELS_DIR).predict(images)  # PyTorch, loaded eagerly
+    assert [p.grade for p in preds] == [p.grade for p in reference]
+    diff = np.abs(np.array([p.probabilities for p in preds]) - np.array([p.probabilities for p in reference]))
+    assert diff.max() <= 1e-3
+
+    heatmap = ens.explain(images[0])
+    assert all(m.loaded and not m.model.training for m in ens._members)
+    assert heatmap.shape == images[0].shape[:2]
+
+
+def test_onnx_worker_process_never_imports_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the memory figure rests on: loading (exporting the missing ONNX files, here the cache is
+    empty) and predicting import neither torch nor timm; the first explain does."""
+    monkeypatch.setenv("DRSCREEN_ONNX_CACHE", str(tmp_path / "onnx"))
+    images = _photos(2)
+    np.save(tmp_path / "images.npy", np.stack([images[0], images[0]]))
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from ml.inference import load_ensemble
+        import workers.tasks  # everything a pool child imports
+        models_dir = {str(MODELS_DIR)!r} if {MODELS_DIR is not None} else None
+        ens = load_ensemble({MODEL!r}, models_dir, runtime="onnx", threads=1)
+        images = list(np.load({str(tmp_path / "images.npy")!r}))
+        ens.predict(images)
+        print(sorted(m for m in ("torch", "timm") if m in sys.modules))
+        ens.explain(images[0])
+        print(sorted(m for m in ("torch", "timm") if m in sys.modules))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.split("\n")[:2] == ["[]", "['timm', 'torch']"]
