@@ -98,12 +98,22 @@ def evaluate(
 def train(
     config: Path = typer.Option(..., "--config", exists=True, help="Training config file."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
+    settings: list[str] = typer.Option(
+        [], "--set", help="Override a config value, e.g. --set threads=1 --set stage1.epochs=2 (TOML values)."
+    ),
 ) -> None:
     """Train a model from a config; writes a run folder under runs/."""
     import logging
+    import tomllib
 
+    overrides = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
+        overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    _finish(_load("ml.training.train:train_from_config")(config, resume=resume))
+    _finish(_load("ml.training.train:train_from_config")(config, resume=resume, overrides=overrides))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -60,6 +60,9 @@ class TrainConfig:
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=6, lr=2e-4, warmup_steps=10))
     two_stage: bool = True
+    # warm start: a released member folder (e.g. "models/members/x/1.0.0") whose weights replace
+    # the ImageNet initialisation; its architecture and pixel pipeline must match this config
+    init_from: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -86,4 +89,5 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
         stage1=StageConfig(**raw.get("stage1", {})),
         stage2=StageConfig(**{"epochs": 6, "lr": 2e-4, "warmup_steps": 10, **raw.get("stage2", {})}),
         two_stage=raw.get("two_stage", True),
+        init_from=raw.get("init_from", ""),
     )

@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from ml.metrics import DEFAULT_THRESHOLDS, apply_thresholds, qwk, referable_metrics
-from ml.models import GradingNet, build_model, expected_grade, grade_probabilities
-from ml.release import save_checkpoint
+from ml.models import GradingNet, ModelSpec, build_model, expected_grade, grade_probabilities
+from ml.release import load_checkpoint, save_checkpoint
 from ml.training.config import StageConfig, TrainConfig, load_config
 from ml.training.data import Sample, augment, cached_pixels, read_labels, split_hash, split_patients, to_batch
 from ml.training.losses import grading_loss
@@ -254,7 +254,7 @@ def train_from_config(
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     data = prepare_data(cfg, base)
     log.info("data: %s split %s", data.counts, data.split_hash)
-    model = build_model(cfg.model, pretrained=not resume).to(DEVICE, memory_format=torch.channels_last)
+    model = initial_model(cfg, base, resume is not None).to(DEVICE, memory_format=torch.channels_last)
     history: list[dict[str, Any]] = []
     done_stage, done_epoch = None, 0
     if resume and (run_dir / "last.pt").exists():
@@ -286,6 +286,20 @@ def train_from_config(
     save_member(model, cfg, data, run_dir / "best", history)
     log.info("run finished: %s", run_dir)
     return run_dir
+
+
+def initial_model(cfg: TrainConfig, base: Path, resuming: bool) -> GradingNet:
+    """ImageNet-initialised network, or a released member's weights when the config warm-starts."""
+    if not cfg.init_from:
+        return build_model(cfg.model, pretrained=not resuming)
+    folder = resolve(cfg.init_from, base)
+    model, pre, config = load_checkpoint(folder)
+    if ModelSpec.from_dict(config["model"]) != cfg.model:
+        raise ValueError(f"init_from {folder}: architecture {config['model']} differs from the config's")
+    if pre.to_dict() != cfg.preprocess.to_dict():
+        raise ValueError(f"init_from {folder}: its preprocessing differs from the config's")
+    log.info("warm start from %s", folder)
+    return model
 
 
 def save_member(

@@ -1,0 +1,191 @@
+"""Fitting the ensemble's combination rules on the natural-colour validation patients.
+
+The validation set is small (about 57 patients, 114 photographs), and 1.0.0 showed what that
+costs: cut points searched to maximise QWK on it (max_vote: [0.475, 0.53, 1.54, 1.88]) scored
+0.685 there and 0.558 on the test patients. So, from 1.1.0:
+
+- **cut points are bagged**: searched on bootstrap resamples of the validation *patients* and
+  the median of each cut kept, which removes most of the noise a single search fits;
+- **weights and the choice of rule are judged out of fold**: every candidate is fitted on
+  4/5 of the validation patients and graded on the remaining fifth (patient-grouped, repeated
+  with several shuffles); the out-of-fold QWK decides, never the in-sample one;
+- **the operating point** is the 1|2 cut, lowered until validation referable sensitivity reaches
+  SENSITIVITY_FLOOR; a rule is only eligible if its out-of-fold referable sensitivity and
+  specificity meet the screening targets (when none does, the best QWK wins and the card says so).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from ml.inference.combine import CombineRule, combine, cut, expected
+from ml.metrics import fit_thresholds, qwk, referable_metrics
+
+SENSITIVITY_FLOOR = 0.85  # referable sensitivity the operating point must keep on validation
+TARGET_SENSITIVITY, TARGET_SPECIFICITY = 0.80, 0.70  # the screening targets a rule must meet out of fold
+BOOTSTRAPS = 25
+FOLDS, REPEATS = 5, 4
+WEIGHT_STEP = 0.25
+
+Fitter = Callable[[np.ndarray, np.ndarray, np.ndarray], CombineRule]
+
+
+@dataclass
+class CrossValidated:
+    qwk: float
+    sensitivity: float
+    specificity: float
+
+    @property
+    def meets_targets(self) -> bool:
+        return self.sensitivity >= TARGET_SENSITIVITY and self.specificity >= TARGET_SPECIFICITY
+
+
+def patient_folds(groups: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """k held-out index sets; both photographs of a patient always fall in the same one."""
+    patients = np.unique(groups)
+    np.random.default_rng(seed).shuffle(patients)
+    fold_of = {p: i % k for i, p in enumerate(patients)}
+    labels = np.array([fold_of[g] for g in groups])
+    return [np.flatnonzero(labels == i) for i in range(k)]
+
+
+def bagged_thresholds(score: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0) -> list[float]:
+    """Median of the QWK-optimal cut points over bootstrap resamples of the patients."""
+    patients = np.unique(groups)
+    rows = {p: np.flatnonzero(groups == p) for p in patients}
+    rng = np.random.default_rng(seed)
+    fits = []
+    for _ in range(BOOTSTRAPS):
+        pick = np.concatenate([rows[p] for p in rng.choice(patients, size=len(patients))])
+        fits.append(fit_thresholds(score[pick], y[pick], rounds=2))
+    return sorted(round(float(c), 4) for c in np.median(np.array(fits), axis=0))
+
+
+def keep_sensitivity(thresholds: list[float], score: np.ndarray, y: np.ndarray) -> list[float]:
+    """Lower the 1|2 cut until validation referable sensitivity reaches the floor."""
+    cuts = list(thresholds)
+    referable = y >= 2
+    while referable.any() and ((score >= cuts[1]) & referable).sum() / referable.sum() < SENSITIVITY_FLOOR:
+        if cuts[1] - 0.02 <= cuts[0]:
+            break
+        cuts[1] = round(cuts[1] - 0.02, 4)
+    return cuts
+
+
+def screening_cuts(score: np.ndarray, y: np.ndarray, groups: np.ndarray) -> list[float]:
+    return keep_sensitivity(bagged_thresholds(score, y, groups), score, y)
+
+
+def fit_weighted_average(weights: list[float]) -> Fitter:
+    def fit(probs: np.ndarray, y: np.ndarray, groups: np.ndarray) -> CombineRule:
+        rule = CombineRule("weighted_average", list(weights))
+        _, score, _ = combine(rule, probs)
+        rule.thresholds = screening_cuts(score, y, groups)
+        return rule
+
+    return fit
+
+
+def fit_max_vote(probs: np.ndarray, y: np.ndarray, groups: np.ndarray) -> CombineRule:
+    m = probs.shape[0]
+    member_cuts = [screening_cuts(expected(probs[i]), y, groups) for i in range(m)]
+    pooled = fit_weighted_average([1.0] * m)(probs, y, groups)  # cut for an eye's pooled distribution
+    return CombineRule("max_vote", [1.0] * m, pooled.thresholds, member_cuts)
+
+
+def fit_stacking(probs: np.ndarray, y: np.ndarray, groups: np.ndarray) -> CombineRule:
+    """Multinomial logistic regression over all members' probabilities (argmax grade)."""
+    features = probs.transpose(1, 0, 2).reshape(probs.shape[1], -1)
+    present = np.unique(y)
+    coef = np.zeros((5, features.shape[1]))
+    intercept = np.full(5, -30.0)  # grades absent from the fitting set are never predicted
+    if len(present) < 2:
+        intercept[present] = 0.0
+    else:
+        clf = LogisticRegression(C=0.5, max_iter=2000, class_weight="balanced").fit(features, y)
+        binary = len(present) == 2
+        coef[present] = np.vstack([-clf.coef_, clf.coef_]) if binary else clf.coef_
+        intercept[present] = np.array([-clf.intercept_[0], clf.intercept_[0]]) if binary else clf.intercept_
+    return CombineRule(
+        "stacking",
+        [1.0] * probs.shape[0],
+        fit_weighted_average([1.0] * probs.shape[0])(probs, y, groups).thresholds,
+        stacking_coef=coef.tolist(),
+        stacking_intercept=intercept.tolist(),
+    )
+
+
+def out_of_fold(fitter: Fitter, probs: np.ndarray, y: np.ndarray, groups: np.ndarray) -> CrossValidated:
+    """Mean out-of-fold QWK / referable sensitivity / specificity over repeated patient folds."""
+    results = []
+    for repeat in range(REPEATS):
+        grades = np.zeros_like(y)
+        for held in patient_folds(groups, FOLDS, seed=repeat):
+            train = np.setdiff1d(np.arange(len(y)), held)
+            rule = fitter(probs[:, train], y[train], groups[train])
+            grades[held] = combine(rule, probs[:, held])[2]
+        ref = referable_metrics(y, grades, None)
+        results.append((qwk(y, grades), ref["referable_sensitivity"], ref["referable_specificity"]))
+    q, sens, spec = np.nanmean(np.array(results, dtype=float), axis=0)
+    return CrossValidated(float(q), float(sens), float(spec))
+
+
+def quick_weighted_qwk(
+    weights: tuple[float, ...], probs: np.ndarray, y: np.ndarray, groups: np.ndarray
+) -> float:
+    """Out-of-fold QWK of a weight vector with one (unbagged) cut search per fold: the cheap
+    criterion used to rank the weight grid."""
+    rule = CombineRule("weighted_average", list(weights))
+    score = combine(rule, probs)[1]
+    totals = []
+    for repeat in range(REPEATS):
+        grades = np.zeros_like(y)
+        for held in patient_folds(groups, FOLDS, seed=repeat):
+            train = np.setdiff1d(np.arange(len(y)), held)
+            grades[held] = cut(score[held], list(fit_thresholds(score[train], y[train], rounds=1)))
+        totals.append(qwk(y, grades))
+    return float(np.mean(totals))
+
+
+def best_weights(probs: np.ndarray, y: np.ndarray, groups: np.ndarray) -> list[float]:
+    """Weight vector (grid of WEIGHT_STEP) with the best out-of-fold QWK; ties keep equal weights."""
+    m = probs.shape[0]
+    candidates = {tuple([1.0] * m)}
+    for w in itertools.product(np.arange(0, 1 + 1e-9, WEIGHT_STEP), repeat=m):
+        if sum(w) > 0:
+            candidates.add(tuple(round(float(v) / max(w), 4) for v in w))
+    ranked = sorted(candidates, key=lambda w: (-quick_weighted_qwk(w, probs, y, groups), np.std(w)))
+    return list(ranked[0])
+
+
+def fit_rules(
+    probs: np.ndarray, y: np.ndarray, groups: np.ndarray
+) -> tuple[dict[str, CombineRule], dict[str, CrossValidated]]:
+    """Every rule fitted on all validation patients, and its out-of-fold figures."""
+    weights = best_weights(probs, y, groups)
+    fitters: dict[str, Fitter] = {
+        "weighted_average": fit_weighted_average(weights),
+        "max_vote": fit_max_vote,
+        "stacking": fit_stacking,
+    }
+    rules = {name: fitter(probs, y, groups) for name, fitter in fitters.items()}
+    checks = {name: out_of_fold(fitter, probs, y, groups) for name, fitter in fitters.items()}
+    return rules, checks
+
+
+def member_checks(probs: np.ndarray, y: np.ndarray, groups: np.ndarray) -> list[CrossValidated]:
+    """Each member alone, fitted the same way (so 'the ensemble beats its best member' is fair)."""
+    single = fit_weighted_average([1.0])
+    return [out_of_fold(single, probs[i : i + 1], y, groups) for i in range(probs.shape[0])]
+
+
+def choose_rule(checks: dict[str, CrossValidated]) -> str:
+    """Best out-of-fold QWK among the rules that meet the screening targets out of fold."""
+    eligible = [name for name, c in checks.items() if c.meets_targets] or list(checks)
+    return max(eligible, key=lambda name: checks[name].qwk)

@@ -1,0 +1,100 @@
+"""Ensemble fitting: patient-grouped folds, bagged cut points, out-of-fold rule choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ml.ensemble_fit import (
+    CrossValidated,
+    bagged_thresholds,
+    choose_rule,
+    fit_rules,
+    fit_weighted_average,
+    keep_sensitivity,
+    member_checks,
+    out_of_fold,
+    patient_folds,
+)
+from ml.inference.combine import combine
+
+
+def one_hot_probs(scores: np.ndarray) -> np.ndarray:
+    """Probabilities whose expected grade equals the (0..4) score: mass split between neighbours."""
+    lo = np.floor(scores).astype(int).clip(0, 4)
+    hi = (lo + 1).clip(0, 4)
+    frac = scores - lo
+    p = np.zeros((len(scores), 5))
+    p[np.arange(len(scores)), lo] += 1 - frac
+    p[np.arange(len(scores)), hi] += frac
+    return p
+
+
+def synthetic(n_patients: int = 60, noise: tuple[float, ...] = (0.3, 0.5, 0.8), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.choice(5, size=2 * n_patients, p=[0.6, 0.1, 0.18, 0.06, 0.06])
+    groups = np.repeat([f"p{i}" for i in range(n_patients)], 2)
+    probs = np.stack([one_hot_probs((y + rng.normal(0, s, len(y))).clip(0, 4)) for s in noise])
+    return probs, y, groups
+
+
+def test_patient_folds_keep_patients_together_and_cover_everything() -> None:
+    groups = np.repeat([f"p{i}" for i in range(23)], 2)
+    folds = patient_folds(groups, 5, seed=1)
+    held = np.concatenate(folds)
+    assert sorted(held.tolist()) == list(range(len(groups)))
+    for fold in folds:
+        inside = set(groups[fold])
+        outside = set(groups[np.setdiff1d(np.arange(len(groups)), fold)])
+        assert not inside & outside
+
+
+def test_bagged_thresholds_find_the_natural_cuts_on_clean_scores() -> None:
+    probs, y, groups = synthetic(noise=(0.05,))
+    cuts = bagged_thresholds(probs[0] @ np.arange(5), y, groups)
+    assert cuts == sorted(cuts)
+    assert np.allclose(cuts, [0.5, 1.5, 2.5, 3.5], atol=0.45)
+
+
+def test_keep_sensitivity_lowers_only_the_referable_cut() -> None:
+    y = np.array([0, 0, 1, 2, 2, 2, 3])
+    score = np.array([0.0, 0.2, 1.0, 1.2, 1.3, 2.2, 3.0])
+    cuts = keep_sensitivity([0.5, 1.5, 2.5, 3.5], score, y)
+    assert cuts[0] == 0.5 and cuts[2:] == [2.5, 3.5]
+    assert cuts[1] <= 1.2  # every referable photograph is now called referable
+
+
+def test_out_of_fold_rewards_the_better_member() -> None:
+    probs, y, groups = synthetic()
+    good, bad = member_checks(probs, y, groups)[0], member_checks(probs, y, groups)[2]
+    assert good.qwk > bad.qwk
+    assert 0.0 <= good.sensitivity <= 1.0
+
+
+def test_fit_rules_fits_every_rule_and_they_grade() -> None:
+    probs, y, groups = synthetic()
+    rules, checks = fit_rules(probs, y, groups)
+    assert set(rules) == set(checks) == {"weighted_average", "max_vote", "stacking"}
+    for rule in rules.values():
+        grades = combine(rule, probs)[2]
+        assert grades.min() >= 0 and grades.max() <= 4
+    # the weighting cannot favour the noisiest member over the cleanest
+    w = rules["weighted_average"].weights
+    assert w[0] >= w[2]
+
+
+def test_choose_rule_prefers_rules_that_meet_the_screening_targets() -> None:
+    checks = {
+        "a": CrossValidated(qwk=0.70, sensitivity=0.70, specificity=0.90),
+        "b": CrossValidated(qwk=0.65, sensitivity=0.85, specificity=0.75),
+    }
+    assert choose_rule(checks) == "b"
+    checks["b"] = CrossValidated(qwk=0.65, sensitivity=0.60, specificity=0.75)
+    assert choose_rule(checks) == "a"  # none eligible: best QWK
+
+
+@pytest.mark.parametrize("noise", [(0.05,), (1.5,)])
+def test_out_of_fold_of_a_single_member_tracks_its_quality(noise: tuple[float, ...]) -> None:
+    probs, y, groups = synthetic(noise=noise)
+    result = out_of_fold(fit_weighted_average([1.0]), probs, y, groups)
+    assert (result.qwk > 0.9) if noise[0] < 0.1 else (result.qwk < 0.8)
