@@ -122,16 +122,19 @@ def prepare_pixels(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     img = enhance(img, cfg)
     if cfg.circle_mask:
         fill = 128 if "ben" in cfg.enhancements else 0
-        mask = _circle(cfg.size)[..., None]
-        img = np.where(mask > 0, img, np.uint8(fill)).astype(np.uint8)
+        img[_circle(cfg.size) == 0] = fill  # in place: img is this function's own array
     return img
 
 
 def to_input(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """uint8 HWC -> normalised float32 CHW, ready for torch.from_numpy / ONNX Runtime."""
-    scaled = pixels.astype(np.float32) / np.float32(255.0)
-    x: np.ndarray = (scaled - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    # One CHW float32 copy, then in-place arithmetic: the same float32 operations as
+    # (x / 255 - mean) / std on HWC, without three temporaries and a final transposing copy.
+    x = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+    x /= np.float32(255.0)
+    x -= np.asarray(cfg.mean, dtype=np.float32)[:, None, None]
+    x /= np.asarray(cfg.std, dtype=np.float32)[:, None, None]
+    return x
 
 
 def preprocess(rgb: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:

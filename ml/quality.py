@@ -131,9 +131,12 @@ def _channel_max(img: np.ndarray) -> np.ndarray:
     return np.maximum(np.maximum(img[..., 0], img[..., 1]), img[..., 2])
 
 
-def _disc_mask(rgb: np.ndarray) -> np.ndarray:
-    """Bright foreground (the fundus disc): largest blob above a dark-background threshold."""
-    v = cv2.medianBlur(_channel_max(rgb), 5)
+def _disc_mask(vmax: np.ndarray) -> np.ndarray:
+    """Bright foreground (the fundus disc): largest blob above a dark-background threshold.
+
+    ``vmax`` is the photograph's uint8 channel maximum.
+    """
+    v = cv2.medianBlur(vmax, 5)
     otsu, _ = cv2.threshold(v, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     # Half of Otsu keeps the vignetted rim of the disc; the clamp keeps dark photos workable.
     thr = float(min(max(otsu * 0.5, 6.0), 30.0))
@@ -141,15 +144,34 @@ def _disc_mask(rgb: np.ndarray) -> np.ndarray:
     fg = cv2.morphologyEx(
         (v > thr).astype(np.uint8), cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (11, 11))
     )
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    n, labels = cv2.connectedComponents(fg, connectivity=8)
     if n <= 1:
         return np.zeros(v.shape, dtype=bool)
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    # Blob areas by counting labels: connectedComponentsWithStats spends ~3x as long computing
+    # statistics of which only the area is used.
+    largest = 1 + int(np.argmax(np.bincount(labels.ravel(), minlength=n)[1:]))
     blob = (labels == largest).astype(np.uint8)
     contours, _ = cv2.findContours(blob, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     filled = np.zeros_like(blob)
     cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)  # fill holes (dark lesions)
     return filled.astype(bool)
+
+
+def _percentile_u8(values: np.ndarray, where: np.ndarray, q: float) -> float:
+    """``np.percentile(values[where], q)`` (linear method) of a uint8 image, from its histogram.
+
+    The two order statistics around position ``(n - 1) * q / 100`` are read off the cumulative
+    histogram instead of partitioning ~10^5 values (~5x faster). For q = 50 and 75 the fraction
+    between them is a multiple of 1/4, so the interpolation is exact, as numpy's is.
+    """
+    hist = cv2.calcHist([values], [0], where.view(np.uint8), [256], [0, 256]).ravel()
+    cum = np.cumsum(hist)
+    n = int(cum[-1])
+    pos = (n - 1) * (q / 100)
+    lo = math.floor(pos)
+    a = int(np.searchsorted(cum, lo, side="right"))  # the lo-th smallest value (from 0)
+    b = int(np.searchsorted(cum, min(lo + 1, n - 1), side="right"))
+    return a + (b - a) * (pos - lo)
 
 
 def _fit_circle(mask: np.ndarray) -> tuple[float, float, float] | None:
@@ -179,67 +201,92 @@ def _fit_circle(mask: np.ndarray) -> tuple[float, float, float] | None:
     return cx, cy, math.sqrt(r2)
 
 
+def _share(flags: np.ndarray) -> float:
+    """``float(flags.mean())`` of a boolean array (the same value), without a float64 copy."""
+    return np.count_nonzero(flags) / flags.size
+
+
+def _blur_sigma8(b2: np.ndarray) -> np.ndarray:
+    """``GaussianBlur(g, sigma=8)`` from ``b2 = GaussianBlur(g, sigma=2)``, ~7x cheaper.
+
+    Gaussians compose (8^2 = 2^2 + 60), and b2 keeps almost nothing above half its Nyquist
+    frequency, so the remaining sigma-sqrt(60) blur runs on a half-size copy that cubic
+    interpolation brings back. On the 942 images of scripts/quality_report.py this moved
+    ``focus_log_ratio`` by a median 0.0003 (at most 0.04) and changed no decision.
+    """
+    h, w = b2.shape
+    small = cv2.resize(b2, (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), math.sqrt(60.0) / 2)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
 def measure(rgb: np.ndarray) -> dict[str, float]:
     """Raw, threshold-free measurements of an RGB uint8 photo (exposed for calibration)."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError("expected an H x W x 3 uint8 RGB array")
     img = _resize(rgb)
     h, w = img.shape[:2]
-    mask = _disc_mask(img)
-    out: dict[str, float] = {"frame_coverage": float(mask.mean())}
+    vmax_u8 = _channel_max(img)
+    mask = _disc_mask(vmax_u8)
+    out: dict[str, float] = {"frame_coverage": _share(mask)}
 
     circle = _fit_circle(mask) if mask.any() else None
     if circle is not None and circle[2] > 8:
         cx, cy, r = circle
-        yy, xx = np.mgrid[0:h, 0:w]
-        d2 = (xx - cx) ** 2 + (yy - cy) ** 2
+        # Squared distance to the centre by broadcasting a column and a row: the same float64
+        # values as from a full np.mgrid grid, at a fifth of the cost.
+        d2 = (np.arange(w) - cx) ** 2 + (np.arange(h)[:, None] - cy) ** 2
         in_circle = d2 <= r * r
-        inter = float(np.logical_and(in_circle, mask).sum())
-        union = float(np.logical_or(in_circle, mask).sum())
+        inter = float(np.count_nonzero(in_circle & mask))
+        union = float(np.count_nonzero(in_circle | mask))
         out["circle_fit_iou"] = inter / union if union else 0.0
-        out["disc_visible"] = min(1.0, float(in_circle.sum()) / (math.pi * r * r))
+        out["disc_visible"] = min(1.0, float(np.count_nonzero(in_circle)) / (math.pi * r * r))
         out["radius_frac"] = r / max(h, w)
         out["centre_offset"] = math.hypot(cx - w / 2, cy - h / 2) / r
         outside = d2 > (1.08 * r) ** 2  # a margin past the rim avoids its glow
-        out["outside_frac"] = float(outside.mean())
+        out["outside_frac"] = _share(outside)
     else:
         out.update(circle_fit_iou=0.0, disc_visible=0.0, radius_frac=0.0, centre_offset=9.0)
         outside = ~mask
-        out["outside_frac"] = float(outside.mean())
+        out["outside_frac"] = _share(outside)
 
     # Analyse inside a slightly eroded disc so the rim's dark falloff does not count.
     inner = cv2.erode(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
-    if inner.sum() < 0.02 * h * w:
+    if np.count_nonzero(inner) < 0.02 * h * w:
         inner = np.ones((h, w), dtype=bool) if not mask.any() else mask
-    f = img.astype(np.float32)
-    r_ch, g_ch, b_ch = f[..., 0], f[..., 1], f[..., 2]
-    luma = 0.299 * r_ch + 0.587 * g_ch + 0.114 * b_ch
-    vmax = _channel_max(f)
-    li = luma[inner]
+    # Only the disc's pixels, gathered once per channel (uint8, then float32 as before).
+    channels = cv2.split(img)
+    r_in, g_in, b_in = (c[inner].astype(np.float32) for c in channels)
+    vmax = vmax_u8[inner].astype(np.float32)
+    li = 0.299 * r_in + 0.587 * g_in + 0.114 * b_in
     out["mean_luma"] = float(li.mean())
     # Luminance, not the max channel: a saturated red channel alone is normal in fundus photos.
-    out["clipped_bright"] = float((li >= 240).mean())
-    out["clipped_dark"] = float((li <= 8).mean())
+    out["clipped_bright"] = _share(li >= 240)
+    out["clipped_dark"] = _share(li <= 8)
 
     # Dark surround: brightness outside relative to inside (1 = pitch black surround).
     if out["outside_frac"] >= 0.03:
-        v_out = float(np.percentile(vmax[outside], 75))
-        v_in = float(np.median(vmax[inner])) + 1.0
+        v_out = _percentile_u8(vmax_u8, outside, 75)
+        v_in = _percentile_u8(vmax_u8, inner, 50) + 1.0
         out["surround_darkness"] = max(0.0, 1.0 - v_out / v_in)
     else:
         out["surround_darkness"] = 0.0
     # Colour: fundus pixels are mostly red >= blue (less so after equalisation), never grey.
-    out["red_over_blue"] = float((r_ch[inner] + 2 >= b_ch[inner]).mean())
-    sat = (vmax[inner] - np.minimum(np.minimum(r_ch, g_ch), b_ch)[inner]) / (vmax[inner] + 1.0)
+    out["red_over_blue"] = _share(r_in + 2 >= b_in)
+    sat = (vmax - np.minimum(np.minimum(r_in, g_in), b_in)) / (vmax + 1.0)
     out["saturation"] = float(sat.mean())
 
     # Focus: fine band (sigma 0.7 -> 2) vs coarse band (2 -> 8) energy on the green channel.
-    g = g_ch if float(g_ch[inner].std()) > 1.0 else luma
+    if float(g_in.std()) > 1.0:
+        g = channels[1].astype(np.float32)
+    else:
+        f = img.astype(np.float32)
+        g = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
     b1 = cv2.GaussianBlur(g, (0, 0), 0.7)
     b2 = cv2.GaussianBlur(g, (0, 0), 2.0)
-    b3 = cv2.GaussianBlur(g, (0, 0), 8.0)
+    b3 = _blur_sigma8(b2)
     core = cv2.erode(inner.astype(np.uint8), np.ones((25, 25), np.uint8)).astype(bool)
-    if core.sum() < 0.02 * h * w:
+    if np.count_nonzero(core) < 0.02 * h * w:
         core = inner
     fine = float(np.mean((b1 - b2)[core] ** 2))
     coarse = float(np.mean((b2 - b3)[core] ** 2)) + 1e-6

@@ -129,3 +129,30 @@ def test_custom_thresholds_change_the_decision() -> None:
 def test_rejects_wrong_array() -> None:
     with pytest.raises(ValueError):
         assess_quality(np.zeros((10, 10), np.uint8))
+
+
+@pytest.mark.parametrize("q", [50, 75])
+def test_histogram_percentile_equals_numpy(q: float) -> None:
+    """The gate reads percentiles off a histogram; they must be numpy's, to the bit."""
+    from ml.quality import _percentile_u8
+
+    rng = np.random.default_rng(q)
+    for n in (1, 2, 3, 4, 5, 17, 1000, 4097):
+        values = rng.integers(0, 256, (1, n), dtype=np.uint8)
+        where = rng.random((1, n)) < 0.7
+        where[0, 0] = True
+        want = float(np.percentile(values[where].astype(np.float32), q))
+        assert _percentile_u8(values, where, q) == want
+
+
+def test_half_size_sigma8_blur_matches_full_size() -> None:
+    """The sigma-8 blur taken from the sigma-2 one on a half-size copy stays close to the real one
+    (the coarse band's energy is what the focus score uses)."""
+    from ml.quality import _blur_sigma8
+
+    g = synthetic_fundus()[..., 1].astype(np.float32)
+    b2 = cv2.GaussianBlur(g, (0, 0), 2.0)
+    full, fast = b2 - cv2.GaussianBlur(g, (0, 0), 8.0), b2 - _blur_sigma8(b2)
+    inner = (slice(40, -40), slice(40, -40))
+    ratio = float(np.mean(fast[inner] ** 2) / np.mean(full[inner] ** 2))
+    assert abs(np.log10(ratio)) < 0.01
