@@ -20,9 +20,11 @@ Explanations are enqueued only after that commit (the row must exist before the 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -58,7 +60,8 @@ class _Claimed:
     stored_path: str
     bundle_id: str | None
     job_id: str | None
-    rgb: np.ndarray | None = None
+    rgb: np.ndarray | None = None  # dropped once graded (a clinic photograph can be ~36 MB)
+    size: tuple[int, int] | None = None  # (height, width), kept for the image row
     quality: QualityReport | None = None
     error: str | None = None
     prediction: Any = None
@@ -144,11 +147,14 @@ def _prepare(it: _Claimed, store: FileStore, max_pixels: int, thresholds: Any) -
     except ImageDecodeError as exc:
         it.error = f"{exc.reason}: {exc.detail}"
         return it
+    it.size = (int(it.rgb.shape[0]), int(it.rgb.shape[1]))
     try:
         it.quality = assess_quality(it.rgb, thresholds)
     except Exception as exc:  # a gate bug on one odd photo must not sink the batch
         log.exception("quality gate failed on image %s", it.image_id)
         it.error = f"quality check failed: {exc}"
+    if it.error is not None or it.quality is None or not it.quality.gradable:
+        it.rgb = None  # nothing more to do with the pixels
     return it
 
 
@@ -163,16 +169,27 @@ def _predict(batch: list[_Claimed], ens: EnsembleLike) -> None:
         return
     for it, pred in zip(batch, preds, strict=True):
         it.prediction = pred
+    for it in batch:
+        it.rgb = None  # graded: only the prediction is written
 
 
 def _compute(items: list[_Claimed], ens: EnsembleLike, store: FileStore) -> None:
-    """Fill rgb/quality/error/prediction in place. A bad photo fails alone, not the batch."""
+    """Fill size/quality/error/prediction in place. A bad photo fails alone, not the batch."""
     max_pixels = get_settings().max_image_pixels
     thresholds = quality_thresholds(ens)
     batch: list[_Claimed] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="drscreen-prepare") as pool:
-        # map() runs ahead on its thread while this one grades the previous batch
-        for it in pool.map(lambda c: _prepare(c, store, max_pixels, thresholds), items):
+        # The helper thread runs at most PREDICT_BATCH photographs ahead while this one grades
+        # the previous batch (pool.map would decode the whole task's photographs at once).
+        todo = iter(items)
+        ahead = deque(
+            pool.submit(_prepare, c, store, max_pixels, thresholds) for c in islice(todo, PREDICT_BATCH)
+        )
+        while ahead:
+            it = ahead.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                ahead.append(pool.submit(_prepare, nxt, store, max_pixels, thresholds))
             if it.error is None and it.quality is not None and it.quality.gradable:
                 batch.append(it)
             if len(batch) >= PREDICT_BATCH:
@@ -197,18 +214,26 @@ def _write(
     written: list[_Claimed] = []
     with session_scope(db_url) as session:
         mv = repo.get_or_create_model_version(session, ens.ref, ens.card)
+        # Row locks on PostgreSQL, all in one statement and in id order: a concurrent delivery
+        # of the same ids waits here, then sees ``done`` and skips (SQLite serialises writers).
+        locked = {
+            r.id: r
+            for r in session.scalars(
+                select(Image)
+                .where(Image.id.in_([it.image_id for it in items]))
+                .order_by(Image.id)
+                .with_for_update()
+            )
+        }
         rows: list[Image] = []
+        done_ids: list[str] = []
         for it in items:
-            # Row lock on PostgreSQL: a concurrent delivery of the same id waits here, then sees
-            # ``done`` and skips (SQLite serialises writers anyway).
-            row = session.scalars(
-                select(Image).where(Image.id == it.image_id).with_for_update()
-            ).one_or_none()
+            row = locked.get(it.image_id)
             if row is None or row.status == "done":
                 summary.skipped.append(it.image_id)
                 continue
-            if it.rgb is not None and (row.width is None or row.height is None):
-                row.height, row.width = int(it.rgb.shape[0]), int(it.rgb.shape[1])
+            if it.size is not None and (row.width is None or row.height is None):
+                row.height, row.width = it.size
             if it.error is not None:
                 repo.mark_image_failed(session, row, it.error)
                 _sync_job_items(session, [row.id], "failed", it.error)
@@ -229,10 +254,11 @@ def _write(
                     gradable=gradable,
                 )
                 repo.mark_image_done(session, row, quality=it.quality.as_dict(), gradable=gradable)
-                _sync_job_items(session, [row.id], "done", None)
+                done_ids.append(row.id)
                 (summary.scored if gradable else summary.ungradable).append(row.id)
             rows.append(row)
             written.append(it)
+        _sync_job_items(session, done_ids, "done", None)  # one UPDATE for the batch
         # Aggregates: failed images count as ungradable for their eye, so recompute for them too.
         triggers: dict[int, str] = {}
         for it in written:

@@ -280,6 +280,31 @@ def test_explain_skips_unscored(url: str, store: FileStore, ens: StubEnsemble) -
     assert explain_mod.explain_image("f" * 32, ensemble=ens, store=store, db_url=url) is None
 
 
+def test_decoded_photographs_are_not_all_held(
+    url: str, store: FileStore, ens: StubEnsemble, sent: Sent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper thread runs a bounded distance ahead and pixels are dropped once graded: a task
+    of full-size clinic photographs must not hold every decoded one at once."""
+    names = sorted(p.name for p in PHOTOS.glob("*.jpg"))[:24]
+    ids = add_images(url, store, "P4", [photo(n) for n in names])
+    prepared: list[Any] = []
+    alive: list[int] = []
+    original = scoring._prepare
+
+    def counting(it: Any, *args: Any) -> Any:
+        alive.append(sum(p.rgb is not None for p in prepared))
+        prepared.append(it)
+        return original(it, *args)
+
+    monkeypatch.setattr(scoring, "_prepare", counting)
+    summary = scoring.score_images(ids, ensemble=ens, store=store, db_url=url, enqueue=sent)
+    assert len(summary.scored) + len(summary.ungradable) == len(ids) > 2 * scoring.PREDICT_BATCH
+    assert max(alive) <= 2 * scoring.PREDICT_BATCH
+    assert all(p.rgb is None and p.size is not None for p in prepared)
+    with session_scope(url) as s:
+        assert all(im.width and im.height for im in repo.get_images(s, ids))
+
+
 @pytest.fixture(autouse=True)
 def _no_global_ensemble(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Nothing here may fall back to loading the released ensemble."""
