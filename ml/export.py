@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ml.ensemble_fit import SENSITIVITY_FLOOR, choose_rule, fit_rules, member_checks
+from ml.ensemble_fit import choose_rule, fit_rules, member_checks
 from ml.inference.combine import CombineRule, combine, expected
 from ml.inference.ensemble import Ensemble, Member
 from ml.metrics import DEFAULT_THRESHOLDS, grading_report
@@ -161,7 +161,7 @@ def export_ensemble(
         "combination": rules[chosen].to_dict(),
         "card": {
             "chosen_rule": chosen,
-            "sensitivity_floor_on_validation": SENSITIVITY_FLOOR,
+            "sensitivity_floor_on_validation": checks[chosen].floor if chosen in checks else None,
             "validation": {"set": "natural-colour validation patients", "n_images": len(val)},
             "test": {
                 "set": "natural-colour test patients (never trained or tuned on)",

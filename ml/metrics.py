@@ -10,9 +10,11 @@ from sklearn.metrics import roc_auc_score
 NUM_GRADES = 5
 REFERABLE_GRADE = 2
 DEFAULT_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
+Labels = Sequence[int] | np.ndarray  # grades, as a list or a numpy array
+Scores = Sequence[float] | np.ndarray
 
 
-def qwk(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+def qwk(y_true: Labels, y_pred: Labels) -> float:
     """Quadratic weighted kappa over the 5 ICDR grades (0.0 when undefined).
 
     Same value as sklearn's cohen_kappa_score(weights="quadratic"), computed with numpy because
@@ -74,16 +76,14 @@ def fit_thresholds(scores: np.ndarray, y_true: np.ndarray, rounds: int = 3) -> t
     return tuple(round(c, 4) for c in cuts)
 
 
-def confusion(y_true: Sequence[int], y_pred: Sequence[int]) -> np.ndarray:
+def confusion(y_true: Labels, y_pred: Labels) -> np.ndarray:
     matrix = np.zeros((NUM_GRADES, NUM_GRADES), dtype=int)
     for t, p in zip(y_true, y_pred, strict=True):
         matrix[int(t), int(p)] += 1
     return matrix
 
 
-def referable_metrics(
-    y_true: Sequence[int], y_pred: Sequence[int], referable_score: Sequence[float] | None
-) -> dict[str, float]:
+def referable_metrics(y_true: Labels, y_pred: Labels, referable_score: Scores | None) -> dict[str, float]:
     """Sensitivity/specificity of grade>=2 decisions and the AUC of a referable score."""
     truth = np.asarray(y_true) >= REFERABLE_GRADE
     called = np.asarray(y_pred) >= REFERABLE_GRADE if len(y_pred) else np.zeros_like(truth)
@@ -98,7 +98,7 @@ def referable_metrics(
 
 
 def grading_report(
-    y_true: Sequence[int], y_pred: Sequence[int], referable_score: Sequence[float] | None = None
+    y_true: Labels, y_pred: Labels, referable_score: Scores | None = None
 ) -> dict[str, object]:
     """Every image-level figure the contract's `evaluate --json` promises."""
     matrix = confusion(y_true, y_pred)
@@ -116,9 +116,7 @@ def grading_report(
     return report
 
 
-def operating_point(
-    y_true: Sequence[int], referable_score: Sequence[float], min_sensitivity: float = 0.85
-) -> float:
+def operating_point(y_true: Labels, referable_score: Scores, min_sensitivity: float = 0.85) -> float:
     """Highest referable-score cut that still keeps sensitivity >= min_sensitivity."""
     truth = np.asarray(y_true) >= REFERABLE_GRADE
     scores = np.asarray(referable_score)

@@ -103,7 +103,7 @@ def main() -> None:
     if findings.exists():
         lines += ["", findings.read_text().rstrip()]
     args.out.write_text("\n".join(lines) + "\n")
-    print(args.out.read_text())  # noqa: T201 - a report script
+    print(args.out.read_text())
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def test_bagged_thresholds_find_the_natural_cuts_on_clean_scores() -> None:
 def test_keep_sensitivity_lowers_only_the_referable_cut() -> None:
     y = np.array([0, 0, 1, 2, 2, 2, 3])
     score = np.array([0.0, 0.2, 1.0, 1.2, 1.3, 2.2, 3.0])
-    cuts = keep_sensitivity([0.5, 1.5, 2.5, 3.5], score, y)
+    cuts = keep_sensitivity([0.5, 1.5, 2.5, 3.5], score, y, floor=0.85)
     assert cuts[0] == 0.5 and cuts[2:] == [2.5, 3.5]
     assert cuts[1] <= 1.2  # every referable photograph is now called referable
 
@@ -96,5 +96,5 @@ def test_choose_rule_prefers_rules_that_meet_the_screening_targets() -> None:
 @pytest.mark.parametrize("noise", [(0.05,), (1.5,)])
 def test_out_of_fold_of_a_single_member_tracks_its_quality(noise: tuple[float, ...]) -> None:
     probs, y, groups = synthetic(noise=noise)
-    result = out_of_fold(fit_weighted_average([1.0]), probs, y, groups)
+    result = out_of_fold(fit_weighted_average([1.0]), probs, y, groups, floor=0.85)
     assert (result.qwk > 0.9) if noise[0] < 0.1 else (result.qwk < 0.8)

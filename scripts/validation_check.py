@@ -1,0 +1,63 @@
+"""Out-of-fold validation figures of candidate members and of ensembles built from them.
+
+Looks only at the natural-colour VALIDATION patients (never the test part), so it can be used to
+pick members before a release without tuning to the test patients:
+
+    .venv/bin/python scripts/validation_check.py lite1-cbam-multitask@1.0.0 lite1-cbam-multitask@1.1.0 ...
+
+Prints each member alone and every combination rule over each subset of three or more members.
+Member probabilities are cached in var/validation-probs/ (keyed by the weights' sha256).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ml.ensemble_fit import fit_rules, member_checks
+from ml.export import member_probs
+from ml.inference.ensemble import Member
+from ml.release import load_checkpoint, member_dir, sha256_file
+from ml.training.config import TrainConfig
+from ml.training.train import natural_split
+
+CACHE = Path("var/validation-probs")
+
+
+def cached_probs(ref: str, samples: list) -> np.ndarray:
+    folder = member_dir(ref)
+    path = CACHE / f"{sha256_file(folder / 'model.safetensors')[:16]}.npy"
+    if path.exists():
+        return np.load(path)
+    model, pre, config = load_checkpoint(folder)
+    probs = member_probs([Member(ref, model, pre, config)], samples)[0]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.save(path, probs)
+    return probs
+
+
+def main(refs: list[str]) -> None:
+    val = natural_split(TrainConfig(), Path.cwd())["val"]
+    y = np.array([s.grade for s in val])
+    groups = np.array([s.patient_id for s in val])
+    probs = np.stack([cached_probs(r, val) for r in refs])
+    print(f"{len(val)} validation photographs, {len(set(groups))} patients (out-of-fold figures)")
+    for ref, check in zip(refs, member_checks(probs, y, groups), strict=True):
+        print(f"  {ref:40s} QWK {check.qwk:.3f}  sens {check.sensitivity:.3f}  spec {check.specificity:.3f}")
+    for size in range(3, len(refs) + 1):
+        for subset in itertools.combinations(range(len(refs)), size):
+            rules, checks = fit_rules(probs[list(subset)], y, groups)
+            names = " + ".join(refs[i] for i in subset)
+            for rule, check in checks.items():
+                extra = f" weights {rules[rule].weights}" if rule == "weighted_average" else ""
+                print(
+                    f"  [{names}] {rule:16s} QWK {check.qwk:.3f}  sens {check.sensitivity:.3f}"
+                    f"  spec {check.specificity:.3f}{extra}"
+                )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
