@@ -60,6 +60,10 @@ def test_onnx_predict_leaves_pytorch_members_unloaded_until_explain(
     diff = np.abs(np.array([p.probabilities for p in preds]) - np.array([p.probabilities for p in reference]))
     assert diff.max() <= 1e-3
 
+    # a second ensemble in the process shares the arena registered by the first (registered once)
+    again = load_ensemble(MODEL, MODELS_DIR, runtime="onnx", threads=2).predict(images)
+    assert [p.probabilities for p in again] == [p.probabilities for p in preds]
+
     heatmap = ens.explain(images[0])
     assert all(m.loaded and not m.model.training for m in ens._members)
     assert heatmap.shape == images[0].shape[:2]
