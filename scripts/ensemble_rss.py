@@ -25,7 +25,7 @@ PHOTOS = Path("/work/shared/data/eyepacs-natural-512/images")
 def memory(stage: str) -> None:
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     rss, peak = (int(status[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
-    sys.stdout.write(f"{stage:<12} VmRSS {rss:6.0f} MB   VmHWM {peak:6.0f} MB\n")
+    sys.stdout.write(f"{stage:<30} VmRSS {rss:6.0f} MB   VmHWM {peak:6.0f} MB\n")
     sys.stdout.flush()
 
 

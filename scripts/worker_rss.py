@@ -21,14 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PHOTOS = Path("/work/shared/data/eyepacs-natural-512/images")
 
-
-def memory(stage: str) -> None:
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    rss, peak = (int(status[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
-    sys.stdout.write(f"{stage:<30} VmRSS {rss:6.0f} MB   VmHWM {peak:6.0f} MB\n")
-    sys.stdout.flush()
+from ensemble_rss import PHOTOS, memory  # noqa: E402  (this folder is on sys.path)
 
 
 def main() -> None:
