@@ -1,20 +1,34 @@
 #!/usr/bin/env bash
-# Reproduce the released ensemble from scratch: train every member, export each as float16
-# (kept only if it changes no validation grade), then fit and write the ensemble.
+# Reproduce a released ensemble: train its members, export each as float16 (kept only if it
+# changes no validation grade), then fit and write the ensemble (ml/ensemble_fit.py).
 #   scripts/release.sh VERSION [--skip-training]
-# Training three members takes about 45-60 minutes on 2 CPU cores.
+# 1.0.0: three members from ImageNet weights (~45-60 min on 2 CPU cores).
+# 1.1.0: Lite1+CBAM warm-started from its 1.0.0 weights, a new Lite2+SE member, and MobileNetV2
+#        1.0.0 unchanged (members picked out of fold on validation: docs/experiments.md); ~40 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: scripts/release.sh VERSION [--skip-training]}
-members=(lite0-multitask mnv2-regression lite1-cbam-multitask)
-configs=(configs/member-lite0-multitask.toml configs/member-mnv2-regression.toml configs/member-lite1-cbam-multitask.toml)
+case "$version" in
+  1.0.0)
+    members=(lite0-multitask mnv2-regression lite1-cbam-multitask)
+    configs=(configs/member-lite0-multitask.toml configs/member-mnv2-regression.toml configs/member-lite1-cbam-multitask.toml)
+    versions=(1.0.0 1.0.0 1.0.0) ;;
+  1.1.0)
+    members=(mnv2-regression lite1-cbam-multitask lite2-se-multitask)
+    configs=("" configs/member-lite1-cbam-multitask-1.1.toml configs/member-lite2-se-multitask.toml)
+    versions=(1.0.0 1.1.0 1.1.0) ;;
+  *) echo "no member list for release $version: add one to $0" >&2; exit 2 ;;
+esac
 if [[ "${2:-}" != "--skip-training" ]]; then
-  for cfg in "${configs[@]}"; do .venv/bin/drscreen train --config "$cfg"; done
+  for cfg in "${configs[@]}"; do [[ -z "$cfg" ]] || .venv/bin/drscreen train --config "$cfg"; done
 fi
 refs=()
-for name in "${members[@]}"; do
-  run=$(ls -d runs/*-"$name" | sort | tail -1)   # newest run of that member
-  .venv/bin/drscreen export member "$run" --name "$name" --version "$version" --half
-  refs+=(--member "$name@$version")
+for i in "${!members[@]}"; do
+  name=${members[$i]} member_version=${versions[$i]}
+  if [[ -n "${configs[$i]}" && "$member_version" == "$version" ]]; then
+    run=$(ls -d runs/*-"$name" | sort | tail -1)   # newest run of that member
+    .venv/bin/drscreen export member "$run" --name "$name" --version "$version" --half
+  fi
+  refs+=(--member "$name@$member_version")
 done
 .venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version"

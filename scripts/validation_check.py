@@ -5,7 +5,8 @@ pick members before a release without tuning to the test patients:
 
     .venv/bin/python scripts/validation_check.py lite1-cbam-multitask@1.0.0 lite1-cbam-multitask@1.1.0 ...
 
-Prints each member alone and every combination rule over each subset of three or more members.
+Prints each member alone and (unless --members-only) every combination rule over each subset of
+three or more members.
 Member probabilities are cached in var/validation-probs/ (keyed by the weights' sha256).
 """
 
@@ -39,7 +40,7 @@ def cached_probs(ref: str, samples: list) -> np.ndarray:
     return probs
 
 
-def main(refs: list[str]) -> None:
+def main(refs: list[str], members_only: bool = False) -> None:
     val = natural_split(TrainConfig(), Path.cwd())["val"]
     y = np.array([s.grade for s in val])
     groups = np.array([s.patient_id for s in val])
@@ -47,7 +48,7 @@ def main(refs: list[str]) -> None:
     print(f"{len(val)} validation photographs, {len(set(groups))} patients (out-of-fold figures)")
     for ref, check in zip(refs, member_checks(probs, y, groups), strict=True):
         print(f"  {ref:40s} QWK {check.qwk:.3f}  sens {check.sensitivity:.3f}  spec {check.specificity:.3f}")
-    for size in range(3, len(refs) + 1):
+    for size in range(3, 0 if members_only else len(refs) + 1):
         for subset in itertools.combinations(range(len(refs)), size):
             rules, checks = fit_rules(probs[list(subset)], y, groups)
             names = " + ".join(refs[i] for i in subset)
@@ -60,4 +61,5 @@ def main(refs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    main([a for a in args if a != "--members-only"], members_only="--members-only" in args)
