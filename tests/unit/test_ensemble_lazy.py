@@ -94,3 +94,19 @@ def test_onnx_worker_process_never_imports_torch(tmp_path: Path, monkeypatch: py
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
     )
     assert out.stdout.split("\n")[:2] == ["[]", "['timm', 'torch']"]
+
+
+def test_torch_is_held_to_the_thread_share_even_if_imported_first() -> None:
+    """Grad-CAM or another module may import torch before a member loads its network; the
+    worker's share of the cores must still apply (else pool children oversubscribe the cores)."""
+    import torch
+
+    from ml.inference.ensemble import _import_torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _import_torch(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
