@@ -31,14 +31,8 @@ import torch
 
 from ml.inference.combine import combine
 from ml.inference.ensemble import Ensemble, load_ensemble
-from ml.inference.onnx_runtime import (
-    OPSET,
-    ProbabilityHead,
-    cache_dir,
-    export_member_onnx,
-    onnx_path_for,
-    with_static_padding,
-)
+from ml.inference.onnx_graph import ProbabilityHead, export_member_onnx, with_static_padding
+from ml.inference.onnx_runtime import OPSET, cache_dir, onnx_path_for
 from ml.metrics import grading_report
 from ml.training.config import TrainConfig
 from ml.training.data import Sample, load_rgb

@@ -158,16 +158,3 @@ class OnnxMembers:
         session = self.sessions[ref]
         out = session.run(["probabilities"], {"input": np.ascontiguousarray(x, dtype=np.float32)})  # type: ignore[attr-defined]
         return np.asarray(out[0])
-
-
-#: The exporter's names, importable from here as before the split (``ml.onnx_export`` uses them);
-#: resolved on first use so that importing this module does not import torch.
-_GRAPH_NAMES = ("ProbabilityHead", "StaticSamePad", "export_member_onnx", "with_static_padding")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _GRAPH_NAMES:
-        from ml.inference import onnx_graph
-
-        return getattr(onnx_graph, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
