@@ -23,11 +23,7 @@ def qwk(y_true: Labels, y_pred: Labels) -> float:
     t, p = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     if len(t) == 0:
         return 0.0
-    observed = np.bincount(t * NUM_GRADES + p, minlength=NUM_GRADES**2).reshape(NUM_GRADES, NUM_GRADES)
-    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / len(t)
-    weights = np.subtract.outer(np.arange(NUM_GRADES), np.arange(NUM_GRADES)) ** 2
-    denominator = float((weights * expected).sum())
-    return 0.0 if denominator == 0 else 1.0 - float((weights * observed).sum()) / denominator
+    return float(qwk_many(t, p[None, :])[0])
 
 
 def apply_thresholds(scores: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
