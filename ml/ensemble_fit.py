@@ -130,17 +130,32 @@ def fit_stacking(probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: fl
     )
 
 
+def out_of_fold_grades(
+    groups: np.ndarray, grade_fold: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> list[np.ndarray]:
+    """One grade per photograph for each shuffle, each given by ``grade_fold(train, held)``: a fit
+    on the other folds' rows that never saw the held-out patients."""
+    rows = np.arange(len(groups))
+    shuffles = []
+    for repeat in range(REPEATS):
+        grades = np.zeros(len(groups), dtype=int)
+        for held in patient_folds(groups, FOLDS, seed=repeat):
+            grades[held] = grade_fold(np.setdiff1d(rows, held), held)
+        shuffles.append(grades)
+    return shuffles
+
+
 def out_of_fold(
     fitter: Fitter, probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: float
 ) -> CrossValidated:
     """Mean out-of-fold QWK / referable sensitivity / specificity over repeated patient folds."""
+
+    def grade_fold(train: np.ndarray, held: np.ndarray) -> np.ndarray:
+        rule = fitter(probs[:, train], y[train], groups[train], floor)
+        return combine(rule, probs[:, held])[2]
+
     results = []
-    for repeat in range(REPEATS):
-        grades = np.zeros_like(y)
-        for held in patient_folds(groups, FOLDS, seed=repeat):
-            train = np.setdiff1d(np.arange(len(y)), held)
-            rule = fitter(probs[:, train], y[train], groups[train], floor)
-            grades[held] = combine(rule, probs[:, held])[2]
+    for grades in out_of_fold_grades(groups, grade_fold):
         ref = referable_metrics(y, grades, None)
         results.append((qwk(y, grades), ref["referable_sensitivity"], ref["referable_specificity"]))
     q, sens, spec = np.nanmean(np.array(results, dtype=float), axis=0)
@@ -158,16 +173,12 @@ def quick_weighted_qwk(
 ) -> float:
     """Out-of-fold QWK of a weight vector with one (unbagged) cut search per fold: the cheap
     criterion used to rank the weight grid."""
-    rule = CombineRule("weighted_average", list(weights))
-    score = combine(rule, probs)[1]
-    totals = []
-    for repeat in range(REPEATS):
-        grades = np.zeros_like(y)
-        for held in patient_folds(groups, FOLDS, seed=repeat):
-            train = np.setdiff1d(np.arange(len(y)), held)
-            grades[held] = cut(score[held], list(fit_thresholds(score[train], y[train], rounds=1)))
-        totals.append(qwk(y, grades))
-    return float(np.mean(totals))
+    score = combine(CombineRule("weighted_average", list(weights)), probs)[1]
+
+    def grade_fold(train: np.ndarray, held: np.ndarray) -> np.ndarray:
+        return cut(score[held], list(fit_thresholds(score[train], y[train], rounds=1)))
+
+    return float(np.mean([qwk(y, grades) for grades in out_of_fold_grades(groups, grade_fold)]))
 
 
 def best_weights(probs: np.ndarray, y: np.ndarray, groups: np.ndarray) -> list[float]:
