@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from ml.inference.combine import CombineRule, combine, cut, expected
-from ml.metrics import fit_thresholds, qwk, referable_metrics
+from ml.metrics import DEFAULT_THRESHOLDS, fit_thresholds, qwk, referable_metrics
 
 # in-sample validation sensitivity the 1|2 cut must keep (0: the QWK cuts as fitted)
 SENSITIVITY_FLOORS = (0.0, 0.80, 0.85, 0.90)
@@ -109,7 +109,8 @@ def fit_max_vote(probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: fl
 
 
 def fit_stacking(probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: float) -> CombineRule:
-    """Multinomial logistic regression over all members' probabilities (argmax grade)."""
+    """Multinomial logistic regression over all members' probabilities (argmax grade; ``groups``
+    and ``floor`` are unused, kept for the common fitter signature)."""
     features = probs.transpose(1, 0, 2).reshape(probs.shape[1], -1)
     present = np.unique(y)
     coef = np.zeros((5, features.shape[1]))
@@ -121,10 +122,12 @@ def fit_stacking(probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: fl
         binary = len(present) == 2
         coef[present] = np.vstack([-clf.coef_, clf.coef_]) if binary else clf.coef_
         intercept[present] = np.array([-clf.intercept_[0], clf.intercept_[0]]) if binary else clf.intercept_
+    # the grade is the argmax of the stacked distribution: cut points would never be read, so
+    # none are fitted (and the sensitivity floor cannot act on this rule)
     return CombineRule(
         "stacking",
         [1.0] * probs.shape[0],
-        fit_weighted_average([1.0] * probs.shape[0])(probs, y, groups, floor).thresholds,
+        list(DEFAULT_THRESHOLDS),
         stacking_coef=coef.tolist(),
         stacking_intercept=intercept.tolist(),
     )
