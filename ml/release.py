@@ -103,12 +103,9 @@ def save_checkpoint(
     return folder
 
 
-def load_checkpoint(folder: Path, device: str = "cpu") -> tuple[GradingNet, PreprocessConfig, dict[str, Any]]:
-    """Rebuild the network from the factory and load its weights (strict), verifying sha256."""
-    from safetensors.torch import load_file
-
-    from ml.models import ModelSpec, build_model
-
+def read_release(folder: Path) -> tuple[PreprocessConfig, dict[str, Any]]:
+    """A release folder's preprocessing and config (with its metadata under "metadata"), after
+    checking the weights against the sha256 the metadata records; needs no torch."""
     config = json.loads((folder / "config.json").read_text())
     meta_path = folder / "metadata.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -116,11 +113,22 @@ def load_checkpoint(folder: Path, device: str = "cpu") -> tuple[GradingNet, Prep
     expected = meta.get("weights_sha256")
     if expected and sha256_file(weights) != expected:
         raise ValueError(f"{weights} does not match the sha256 recorded in its metadata")
+    return PreprocessConfig.from_dict(config["preprocess"]), {**config, "metadata": meta}
+
+
+def load_checkpoint(folder: Path, device: str = "cpu") -> tuple[GradingNet, PreprocessConfig, dict[str, Any]]:
+    """Rebuild the network from the factory and load its weights (strict), verifying sha256."""
+    from safetensors.torch import load_file
+
+    from ml.models import ModelSpec, build_model
+
+    pre, config = read_release(folder)
     model = build_model(ModelSpec.from_dict(config["model"]), pretrained=False)
+    weights = folder / "model.safetensors"
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     model.load_state_dict(state, strict=True)
     model.eval().to(device)
-    return model, PreprocessConfig.from_dict(config["preprocess"]), {**config, "metadata": meta}
+    return model, pre, config
 
 
 def member_dir(ref: str, models_dir: Path | None = None) -> Path:

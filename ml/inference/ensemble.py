@@ -7,7 +7,6 @@ and Grad-CAM is the only thing that needs them there (docs/performance.md).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import numpy as np
 from ml.inference.combine import CombineRule, combine, grade_from_probabilities
 from ml.inference.onnx_runtime import OnnxMembers, int8_available
 from ml.preprocess import PreprocessConfig, prepare_pixels, to_input
-from ml.release import ensemble_dir, member_dir, newest_ensemble, read_manifest, sha256_file
+from ml.release import ensemble_dir, member_dir, newest_ensemble, read_manifest, read_release
 
 if TYPE_CHECKING:
     from ml.models import GradingNet
@@ -74,15 +73,8 @@ class Member:
     ) -> Member:
         """The member's preprocessing and config now, its network only when ``model`` is used."""
         folder = member_dir(ref, models_dir)
-        config = json.loads((folder / "config.json").read_text())
-        meta_path = folder / "metadata.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        # the check load_checkpoint makes, made now: a bad release fails at load, not at a heatmap
-        expected = meta.get("weights_sha256")
-        if expected and sha256_file(folder / "model.safetensors") != expected:
-            raise ValueError(f"{folder / 'model.safetensors'} does not match the sha256 in its metadata")
-        pre = PreprocessConfig.from_dict(config["preprocess"])
-        config = {**config, "metadata": meta}
+        # the sha256 check load_checkpoint makes, made now: a bad release fails at load, not at a heatmap
+        pre, config = read_release(folder)
         return cls(ref, None, pre, config, folder=folder, threads=threads, device=device)
 
     @property
