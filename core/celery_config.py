@@ -67,7 +67,9 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
             "store_processed": True,
             "processed_folder": str(folders["processed"]),
             "control_folder": str(folders["control"]),
-            "polling_interval": 0.2,
+            # 0.2 s left each pool child idle between chunks: 29.2 -> 31.5 images/s on a
+            # 480-photo folder job at 0.05 s (scripts/e2e_cpu.py); listing a folder is cheap
+            "polling_interval": 0.05,
         }
         # No remote control / events on the file broker: nothing listens and it only adds files.
         conf["worker_enable_remote_control"] = False

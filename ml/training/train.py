@@ -76,6 +76,11 @@ def prepare_data(cfg: TrainConfig, base: Path) -> Datasets:
         splits = {k: v[: cfg.data.limit_per_split] for k, v in splits.items()}
 
     def make(tag: str) -> Split:
+        if tag.startswith("eq_") and cfg.stage1.epochs == 0:
+            # natural-colour-only run (e.g. a warm-started member at a higher resolution): the
+            # equalised photographs are neither trained on nor worth caching at this size
+            size = cfg.preprocess.size
+            return Split([], np.zeros((0, size, size, 3), np.uint8))
         return Split(splits[tag], cached_pixels(splits[tag], cfg.preprocess, cache, tag))
 
     return Datasets(
@@ -263,7 +268,7 @@ def train_from_config(
         history, done_stage, done_epoch = state["history"], state["stage"], state["epoch"]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     best = model.state_dict()
-    if done_stage in (None, "stage1"):
+    if done_stage in (None, "stage1") and cfg.stage1.epochs > 0:
         best = run_stage(
             model,
             cfg.stage1,
@@ -296,7 +301,9 @@ def initial_model(cfg: TrainConfig, base: Path, resuming: bool) -> GradingNet:
     model, pre, config = load_checkpoint(folder)
     if ModelSpec.from_dict(config["model"]) != cfg.model:
         raise ValueError(f"init_from {folder}: architecture {config['model']} differs from the config's")
-    if pre.to_dict() != cfg.preprocess.to_dict():
+    # the input size may change (a convolutional network with global pooling takes any size);
+    # every other pixel setting must match what the weights were trained on
+    if {**pre.to_dict(), "size": 0} != {**cfg.preprocess.to_dict(), "size": 0}:
         raise ValueError(f"init_from {folder}: its preprocessing differs from the config's")
     log.info("warm start from %s", folder)
     return model

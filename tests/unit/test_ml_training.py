@@ -84,6 +84,33 @@ def test_resume_continues_from_last_checkpoint(smoke_run: Path, tmp_path: Path) 
     assert (copy / "best" / "model.safetensors").exists()
 
 
+def test_natural_only_warm_start_at_another_size(smoke_run: Path) -> None:
+    """stage1.epochs = 0 trains on natural-colour photographs only (no equalised stage, none of
+    its photographs cached), warm-started from a member trained at another input size."""
+    from ml.training.train import train_from_config
+
+    overrides: dict[str, object] = {
+        **_overrides_from(smoke_run),
+        "init_from": str(smoke_run / "best"),
+        "preprocess.size": 96,
+        "stage1.epochs": 0,
+    }
+    run = train_from_config(REPO / "configs" / "smoke.toml", overrides=overrides)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and {r["stage"] for r in rows} == {"stage2"}
+    assert not (run / "stage1").exists()
+    assert json.loads((run / "best" / "config.json").read_text())["preprocess"]["size"] == 96
+    cache = Path(overrides["data.cache_dir"])  # type: ignore[arg-type]
+    assert not [f for f in cache.iterdir() if f.name.startswith("eq_") and "-96-" in f.name]
+    assert [f for f in cache.iterdir() if f.name.startswith("nat_train-96-")]
+
+    with pytest.raises(ValueError, match="preprocessing differs"):
+        train_from_config(
+            REPO / "configs" / "smoke.toml",
+            overrides={**overrides, "preprocess.enhancements": ["clahe"]},
+        )
+
+
 def _overrides_from(run: Path) -> dict[str, str]:
     cfg = json.loads((run / "config.json").read_text())
     keep = ("cache_dir", "equalized_dir", "natural_dir")
