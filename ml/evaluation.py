@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ml.inference.combine import CombineRule
 from ml.inference.ensemble import Ensemble, Member, load_ensemble
-from ml.metrics import grading_report, referable_metrics
+from ml.metrics import bootstrap_intervals, grading_report, referable_metrics
 from ml.release import load_checkpoint, member_dir, models_root_has_member
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,21 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16) -> dict[str, Any]:
     p = np.array(probs)
     report = grading_report(y.tolist(), grades, p[:, 2:].sum(axis=1).tolist())
     report["model"] = ens.ref
-    if rows and rows[0].get("patient_id"):
+    with_patients = bool(rows and rows[0].get("patient_id"))
+    # resample patients, not photographs, when they are known (two eyes are not two patients)
+    report["intervals_95"] = bootstrap_intervals(
+        y, grades, p[:, 2:].sum(axis=1), [r["patient_id"] for r in rows] if with_patients else None
+    )
+    report["intervals_resampled"] = "patients" if with_patients else "images"
+    if with_patients:
         report["patient"] = patient_metrics(rows, ens, p, y)
     return report
+
+
+def interval_lines(report: dict[str, Any]) -> list[str]:
+    """'key: lo .. hi' for the headline figures that have a bootstrap interval."""
+    intervals = report.get("intervals_95", {})
+    return [f"{k}: {intervals[k][0]:.3f} .. {intervals[k][1]:.3f}" for k in HEADLINE_KEYS if k in intervals]
 
 
 def patient_metrics(
@@ -134,6 +146,12 @@ def write_report(report: dict[str, Any], out: Path, y_true: list[int] | None = N
         + ", ".join(f"grade {g}: {r:.2f}" for g, r in enumerate(report["per_class_recall"])),
         "",
     ]
+    if "intervals_95" in report:
+        md += [
+            f"95% bootstrap intervals (resampling {report['intervals_resampled']}): "
+            + "; ".join(interval_lines(report)),
+            "",
+        ]
     if "patient" in report:
         md += ["Patient level: " + json.dumps(report["patient"]), ""]
     md += ["![confusion matrix](confusion_matrix.png)", ""]
@@ -167,6 +185,9 @@ def evaluate_cli(labels: Path, model: str | None, as_json: bool, report_dir: Pat
     out.write(
         f"{'per_class_recall':>24}: " + ", ".join(f"{r:.3f}" for r in report["per_class_recall"]) + "\n"
     )
+    if "intervals_95" in report:
+        out.write(f"{'95% interval':>24}: " + "; ".join(interval_lines(report)))
+        out.write(f" (bootstrap over {report['intervals_resampled']})\n")
     if "patient" in report:
         out.write(f"{'patient level':>24}: " + json.dumps(report["patient"]) + "\n")
     if as_json:

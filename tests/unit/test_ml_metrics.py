@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ml.metrics import apply_thresholds, confusion, fit_thresholds, grading_report, qwk
+from ml.metrics import (
+    apply_thresholds,
+    bootstrap_intervals,
+    confusion,
+    fit_thresholds,
+    grading_report,
+    qwk,
+)
 
 
 def test_qwk_perfect_and_known_value() -> None:
@@ -40,3 +47,35 @@ def test_thresholds_cut_and_fit() -> None:
         qwk(y, apply_thresholds(scores, fitted))
         > qwk(y, apply_thresholds(scores, (0.5, 1.5, 2.5, 3.5))) + 0.1
     )
+
+
+def test_bootstrap_intervals_perfect_grading_is_certain() -> None:
+    y = [0, 0, 1, 2, 2, 3, 4, 0, 1, 4]
+    out = bootstrap_intervals(y, y, [float(g >= 2) for g in y], n_resamples=200)
+    assert out["qwk"] == [1.0, 1.0] and out["accuracy"] == [1.0, 1.0]
+    assert out["referable_sensitivity"] == [1.0, 1.0] and out["referable_auc"] == [1.0, 1.0]
+
+
+def test_bootstrap_intervals_bracket_the_estimate_and_widen_with_fewer_patients() -> None:
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 5, 400)
+    pred = np.where(rng.random(400) < 0.6, y, rng.integers(0, 5, 400))
+    score = (pred >= 2) + rng.random(400)
+    full = bootstrap_intervals(y, pred, score, n_resamples=300, seed=1)
+    assert full == bootstrap_intervals(y, pred, score, n_resamples=300, seed=1)  # seeded
+    assert full["qwk"][0] < qwk(y, pred) < full["qwk"][1]
+    small = bootstrap_intervals(y[:40], pred[:40], score[:40], n_resamples=300, seed=1)
+    assert np.diff(small["qwk"])[0] > 2 * np.diff(full["qwk"])[0]
+
+
+def test_bootstrap_intervals_resample_whole_patients() -> None:
+    # three patients of ten photographs; one patient's are all wrong. Drawing patients, a third
+    # of the resamples lose or double that patient (accuracy 0, 1/3, 2/3 or 1); drawing
+    # photographs, accuracy stays near 2/3.
+    y = np.zeros(30, dtype=int)
+    pred = np.r_[np.zeros(20, dtype=int), np.full(10, 3)]
+    groups = [str(i // 10) for i in range(30)]
+    by_patient = bootstrap_intervals(y, pred, pred.astype(float), groups=groups, n_resamples=500)
+    by_photo = bootstrap_intervals(y, pred, pred.astype(float), n_resamples=500)
+    assert by_patient["accuracy"][0] <= 1 / 3 + 1e-9 and by_patient["accuracy"][1] == 1.0
+    assert by_photo["accuracy"][0] > 0.45 and by_photo["accuracy"][1] < 0.85

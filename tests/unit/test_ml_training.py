@@ -160,6 +160,9 @@ def test_export_and_evaluate_report_known_metrics(
     assert report["accuracy"] == pytest.approx(expected["accuracy"])
     assert len(report["per_class_recall"]) == 5
     assert report["patient"]["n_patients"] == len({s.patient_id for s in samples})
+    lo, hi = report["intervals_95"]["accuracy"]
+    assert report["intervals_resampled"] == "patients" and lo <= report["accuracy"] <= hi
+    assert "95% bootstrap intervals" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "confusion_matrix.png").exists() and (
         tmp_path / "report" / "report.md"
     ).exists()
