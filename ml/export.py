@@ -37,6 +37,7 @@ from ml.release import (
     sha256_file,
 )
 from ml.training.config import DataConfig, TrainConfig
+from ml.training.crossval import OOF_FILE
 from ml.training.data import Sample, load_rgb
 from ml.training.train import natural_split
 
@@ -71,7 +72,10 @@ def export_member(
             data = DataConfig(
                 **{k: v for k, v in train_cfg.get("data", {}).items() if k in DataConfig.__dataclass_fields__}
             )
-            check = natural_split(TrainConfig(data=data), Path.cwd())["val"]
+            split = natural_split(TrainConfig(data=data), Path.cwd())
+            # a cross-validated final run has no validation part: check on its training photographs
+            # (this is a numerical comparison of two precisions, not a measure of accuracy)
+            check = split["val"] or split["train"]
         report = half_precision_check(src, dst, name, check)
         keep_half = report["grades_changed"] == 0
         if not keep_half:
@@ -80,7 +84,7 @@ def export_member(
         save_checkpoint(
             dst, model, pre, name, version, meta | {"half_precision_check": report}, half=keep_half
         )
-    for extra in ("curves.png", "metrics.jsonl", "config.json"):
+    for extra in ("curves.png", "metrics.jsonl", "config.json", OOF_FILE, "cv.json"):
         if (run_dir / extra).exists():
             shutil.copy(run_dir / extra, dst / ("train_" + extra if extra == "config.json" else extra))
     log.info("exported %s -> %s (%.1f MB)", run_dir, dst, (dst / "model.safetensors").stat().st_size / 1e6)
@@ -129,9 +133,20 @@ def export_ensemble(
         members.append(Member(ref, model, pre, config))
     split = natural_split(TrainConfig(data=data), Path.cwd())
     val, test = split["val"], split["test"]
-    y_val, y_test = np.array([s.grade for s in val]), np.array([s.grade for s in test])
-    p_val, p_test = member_probs(members, val), member_probs(members, test)
-    groups = np.array([s.patient_id for s in val])
+    y_test = np.array([s.grade for s in test])
+    p_test = member_probs(members, test)
+    fit_set = out_of_fold_set(member_refs, models_dir)
+    if fit_set is not None:
+        # every member was cross-validated (ml/training/crossval.py): fit on their out-of-fold
+        # probabilities of the pooled train+validation patients
+        p_val, y_val, groups = fit_set
+        fit_desc = (
+            "natural-colour train+validation patients, out-of-fold probabilities of cross-validated members"
+        )
+    else:
+        y_val, groups = np.array([s.grade for s in val]), np.array([s.patient_id for s in val])
+        p_val = member_probs(members, val)
+        fit_desc = "natural-colour validation patients"
     rules, checks = fit_rules(p_val, y_val, groups)
     singles = member_checks(p_val, y_val, groups)
     table: dict[str, dict[str, Any]] = {}
@@ -162,7 +177,7 @@ def export_ensemble(
         "card": {
             "chosen_rule": chosen,
             "sensitivity_floor_on_validation": checks[chosen].floor if chosen in checks else None,
-            "validation": {"set": "natural-colour validation patients", "n_images": len(val)},
+            "validation": {"set": fit_desc, "n_images": len(y_val)},
             "test": {
                 "set": "natural-colour test patients (never trained or tuned on)",
                 "n_images": len(test),
@@ -183,6 +198,22 @@ def export_ensemble(
         table[f"rule:{chosen}"]["test"]["qwk"],
     )
     return folder
+
+
+def out_of_fold_set(
+    member_refs: list[str], models_dir: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(M, N, 5) out-of-fold probabilities, grades and patients when every member carries them
+    for the same photographs in the same order; otherwise None."""
+    files = [member_dir(ref, models_dir) / OOF_FILE for ref in member_refs]
+    if not all(f.exists() for f in files):
+        return None
+    loaded = [np.load(f) for f in files]
+    first = loaded[0]
+    if any(not np.array_equal(d["paths"], first["paths"]) for d in loaded[1:]):
+        log.warning("members' out-of-fold photographs differ: fitting on the validation patients")
+        return None
+    return np.stack([d["probs"] for d in loaded]), first["grades"], first["patients"]
 
 
 def _fmt(value: Any) -> str:
@@ -217,8 +248,8 @@ def model_card(manifest: dict[str, Any]) -> str:
     lines += [
         "",
         f"Combination rule: **{card['chosen_rule']}**, weights {combination['weights']}, thresholds "
-        f"{combination['thresholds']}. Chosen by out-of-fold QWK on the validation patients "
-        "(5 patient-grouped folds x 4 shuffles) among the rules whose out-of-fold referable "
+        f"{combination['thresholds']}. Fitted on {card['validation']['set']} and chosen by "
+        "out-of-fold QWK (5 patient-grouped folds x 4 shuffles) among the rules whose out-of-fold referable "
         "sensitivity/specificity meet 0.80/0.70; cut points are the median of bootstrap fits, and "
         f"the 1|2 cut is lowered until validation referable sensitivity >= "
         f"{card['sensitivity_floor_on_validation']}.",

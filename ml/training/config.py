@@ -34,6 +34,12 @@ class DataConfig:
     natural_fractions: dict[str, float] = field(
         default_factory=lambda: {"train": 0.5, "val": 0.25, "test": 0.25}
     )
+    # Cross-validated natural stage (scripts/natural_cv.py): with natural_folds = K > 0 the train
+    # and val patients are pooled and re-split into K patient folds; natural_fold = k holds fold k
+    # out as validation, -1 trains on the whole pool with no validation (the stage then keeps
+    # its last epoch). The test patients are the same either way.
+    natural_folds: int = 0
+    natural_fold: int = 0
     equalized_val_fraction: float = 0.1
     cache_dir: str = "var/cache"
     limit_per_split: int = 0  # >0: keep only the first N photographs of each part (smoke tests)

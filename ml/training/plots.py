@@ -27,7 +27,10 @@ def plot_curves(history: list[dict[str, Any]], out: Path) -> None:
     ):
         if train_key:
             ax.plot(x, [h[train_key] for h in history], "o-", label="train")
-        ax.plot(x, [h[val_key] for h in history], "s-", label="validation")
+        # a final cross-validated run has no validation photographs (None: a gap in the curve)
+        ax.plot(
+            x, [float("nan") if h[val_key] is None else h[val_key] for h in history], "s-", label="validation"
+        )
         stage2 = [i + 1 for i, h in enumerate(history) if h["stage"] == "stage2"]
         if stage2:
             ax.axvline(stage2[0] - 0.5, color="grey", ls="--", lw=1)

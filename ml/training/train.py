@@ -76,6 +76,8 @@ def prepare_data(cfg: TrainConfig, base: Path) -> Datasets:
         splits = {k: v[: cfg.data.limit_per_split] for k, v in splits.items()}
 
     def make(tag: str) -> Split:
+        if not splits[tag]:
+            return Split([], np.zeros((0, cfg.preprocess.size, cfg.preprocess.size, 3), np.uint8))
         if tag.startswith("eq_") and cfg.stage1.epochs == 0:
             # natural-colour-only run (e.g. a warm-started member at a higher resolution): the
             # equalised photographs are neither trained on nor worth caching at this size
@@ -95,9 +97,25 @@ def prepare_data(cfg: TrainConfig, base: Path) -> Datasets:
 
 def natural_split(cfg: TrainConfig, base: Path) -> dict[str, list[Sample]]:
     """The natural-colour patients' train/val/test parts (the test part is never trained on)."""
-    return split_patients(
+    parts = split_patients(
         read_labels(resolve(cfg.data.natural_dir, base)), cfg.data.natural_fractions, cfg.data.split_seed
     )
+    k, fold = cfg.data.natural_folds, cfg.data.natural_fold
+    if k <= 0:
+        return parts
+    if not -1 <= fold < k:
+        raise ValueError(f"data.natural_fold must be -1 or 0..{k - 1}, got {fold}")
+    folds = natural_folds(parts["train"] + parts["val"], k, cfg.data.split_seed)
+    if fold == -1:
+        return {"train": [s for f in folds for s in f], "val": [], "test": parts["test"]}
+    train = [s for i, f in enumerate(folds) if i != fold for s in f]
+    return {"train": train, "val": folds[fold], "test": parts["test"]}
+
+
+def natural_folds(pool: list[Sample], k: int, seed: int) -> list[list[Sample]]:
+    """``k`` patient folds of the pooled train+val photographs, stratified by worst grade."""
+    parts = split_patients(pool, {f"fold{i}": 1 / k for i in range(k)}, seed + 1)
+    return [parts[f"fold{i}"] for i in range(k)]
 
 
 def sampling_order(grades: np.ndarray, n: int, power: float, rng: np.random.Generator) -> np.ndarray:
@@ -200,17 +218,19 @@ def run_stage(
             correct += int((pred == y.cpu().numpy()).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        scores, _ = predict(model, val, cfg)
+        scores, _ = predict(model, val, cfg) if val.samples else (np.zeros(0), None)
         val_pred = apply_thresholds(scores, DEFAULT_THRESHOLDS)
-        val_qwk = qwk(val.grades, val_pred)
+        # without validation photographs (a final cross-validated run) every epoch "improves",
+        # so the stage keeps its last epoch and never stops early
+        val_qwk = qwk(val.grades, val_pred) if val.samples else float(epoch)
         row = {
             "stage": name,
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)),
             "train_accuracy": correct / max(1, seen),
-            "val_loss": float(np.mean(np.abs(scores - val.grades))),
-            "val_accuracy": float((val_pred == val.grades).mean()),
-            "val_qwk": val_qwk,
+            "val_loss": float(np.mean(np.abs(scores - val.grades))) if val.samples else None,
+            "val_accuracy": float((val_pred == val.grades).mean()) if val.samples else None,
+            "val_qwk": val_qwk if val.samples else None,
             "lr": scheduler.get_last_lr()[0],
             "seconds": round(time.time() - t0, 1),
         }
@@ -312,9 +332,11 @@ def initial_model(cfg: TrainConfig, base: Path, resuming: bool) -> GradingNet:
 def save_member(
     model: GradingNet, cfg: TrainConfig, data: Datasets, folder: Path, history: list[dict[str, Any]]
 ) -> None:
-    scores, probs = predict(model, data.nat_val, cfg)
-    val_qwk = qwk(data.nat_val.grades, apply_thresholds(scores, DEFAULT_THRESHOLDS))
-    val_auc = referable_metrics(data.nat_val.grades, [], probs[:, 2:].sum(axis=1))["referable_auc"]
+    val_qwk = val_auc = None
+    if data.nat_val.samples:
+        scores, probs = predict(model, data.nat_val, cfg)
+        val_qwk = qwk(data.nat_val.grades, apply_thresholds(scores, DEFAULT_THRESHOLDS))
+        val_auc = referable_metrics(data.nat_val.grades, [], probs[:, 2:].sum(axis=1))["referable_auc"]
     save_checkpoint(
         folder,
         model,

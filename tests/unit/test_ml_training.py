@@ -166,3 +166,36 @@ def test_export_and_evaluate_report_known_metrics(
     assert (tmp_path / "report" / "confusion_matrix.png").exists() and (
         tmp_path / "report" / "report.md"
     ).exists()
+
+
+def test_cross_validated_natural_stage_feeds_the_ensemble_fit(smoke_run: Path, tmp_path: Path) -> None:
+    """Every pooled train+val photograph gets one out-of-fold probability from a fold model that
+    never saw its patient; the exported members carry them and the ensemble is fitted on them."""
+    from ml.export import export_ensemble, export_member, out_of_fold_set
+    from ml.training.config import DataConfig, TrainConfig
+    from ml.training.crossval import OOF_FILE, cross_validate
+    from ml.training.train import natural_split
+
+    overrides = {**_overrides_from(smoke_run), "out_dir": str(tmp_path / "runs")}
+    final = cross_validate(REPO / "configs" / "smoke.toml", smoke_run / "best", folds=2, overrides=overrides)
+
+    data = DataConfig(natural_dir=overrides["data.natural_dir"])
+    plain = natural_split(TrainConfig(data=data), REPO)
+    oof = np.load(final / OOF_FILE)
+    assert sorted(oof["paths"]) == sorted(s.path.name for s in plain["train"] + plain["val"])
+    assert oof["probs"].shape == (len(oof["paths"]), 5)
+    assert np.allclose(oof["probs"].sum(axis=1), 1, atol=1e-4)
+    assert not set(oof["paths"]) & {s.path.name for s in plain["test"]}
+    summary = json.loads((final / "cv.json").read_text())
+    assert len(summary["fold_best_epochs"]) == 2 and summary["final_epochs"] >= 1
+    rows = [json.loads(line) for line in (final / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["stage"] == "stage2" and r["val_qwk"] is None for r in rows)
+
+    models = tmp_path / "models"
+    for name in ("cv-a", "cv-b"):
+        assert (export_member(final, name, "0.0.1", half=True, models_dir=models) / OOF_FILE).exists()
+    fit = out_of_fold_set(["cv-a@0.0.1", "cv-b@0.0.1"], models)
+    assert fit is not None and fit[0].shape == (2, len(oof["paths"]), 5)
+    folder = export_ensemble(["cv-a@0.0.1", "cv-b@0.0.1"], "cv", "0.0.1", "auto", data, models)
+    card = json.loads((folder / "manifest.json").read_text())["card"]
+    assert card["validation"]["n_images"] == len(oof["paths"]) and "out-of-fold" in card["validation"]["set"]
