@@ -113,7 +113,8 @@ def train(
             raise typer.BadParameter(f"--set expects key=value, got {item!r}")
         overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    _finish(_load("ml.training.train:train_from_config")(config, resume=resume, overrides=overrides))
+    run_dir = _load("ml.training.train:train_from_config")(config, resume=resume, overrides=overrides)
+    typer.echo(run_dir)  # the last stdout line: scripts take the run folder from it
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

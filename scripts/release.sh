@@ -5,9 +5,38 @@
 # 1.0.0: three members from ImageNet weights (~45-60 min on 2 CPU cores).
 # 1.1.0: Lite1+CBAM warm-started from its 1.0.0 weights, a new Lite2+SE member, and MobileNetV2
 #        1.0.0 unchanged (members picked out of fold on validation: docs/experiments.md); ~40 min.
+# 1.2.0: three members from ImageNet weights, each a stage 1 on the equalised set and then the
+#        cross-validated natural stage (ml/training/crossval.py, 4 patient folds over the train +
+#        validation patients); the ensemble is fitted on the members' out-of-fold probabilities
+#        (~75 min with the three members in parallel, 1 thread each, on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: scripts/release.sh VERSION [--skip-training]}
+if [[ "$version" == "1.2.0" ]]; then
+  members=(lite0-multitask mnv2-regression lite1-cbam-multitask)
+  if [[ "${2:-}" != "--skip-training" ]]; then
+    # the stage-1 runs share one pixel cache: build it before starting them side by side
+    .venv/bin/python -c "from pathlib import Path; from ml.training.config import load_config; \
+from ml.training.train import prepare_data; prepare_data(load_config('configs/member-lite0-multitask.toml'), Path.cwd())"
+    for name in "${members[@]}"; do
+      (
+        run=$(.venv/bin/drscreen train --config "configs/member-$name.toml" --set threads=1 \
+                --set two_stage=false --set 'out_dir="runs/cv"' | tail -1)
+        .venv/bin/python -m ml.training.crossval --config "configs/member-$name.toml" \
+          --stage1 "$run/best" --folds 4 --set threads=1 --set 'out_dir="runs/cv"'
+      ) &
+    done
+    wait
+  fi
+  refs=()
+  for name in "${members[@]}"; do
+    final=$(ls -d runs/cv/*-cv4-"$name"/*/ | sort | tail -1)   # the last run of the newest cross-validation
+    .venv/bin/drscreen export member "${final%/}" --name "$name" --version "$version" --half
+    refs+=(--member "$name@$version")
+  done
+  .venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version"
+  exit 0
+fi
 case "$version" in
   1.0.0)
     members=(lite0-multitask mnv2-regression lite1-cbam-multitask)
