@@ -521,8 +521,8 @@ class JobItemSpec:
     eye: str | None
 
 
-def create_job(session: Session, clinic_id: int, folder: str) -> ScoringJob:
-    row = ScoringJob(clinic_id=clinic_id, folder=folder, status="queued")
+def create_job(session: Session, clinic_id: int, folder: str, explain: bool = False) -> ScoringJob:
+    row = ScoringJob(clinic_id=clinic_id, folder=folder, status="queued", explain=explain)
     session.add(row)
     session.flush()
     return row

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -106,6 +107,9 @@ class ScoringJob(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     clinic_id: Mapped[int] = mapped_column(ForeignKey("clinic.id", ondelete="CASCADE"), index=True)
     folder: Mapped[str] = mapped_column(Text)
+    # the job's "draw heatmaps" option, kept so that a re-sent expansion or re-queued photograph
+    # (workers/sweep.py) honours it
+    explain: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     total: Mapped[int] = mapped_column(Integer, default=0)
     done: Mapped[int] = mapped_column(Integer, default=0)

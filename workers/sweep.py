@@ -57,6 +57,13 @@ def _stale_jobs(session: Session, older_than: timedelta) -> list[ScoringJob]:
     )
 
 
+def _job_explain(session: Session, job_ids: set[str]) -> dict[str, bool]:
+    if not job_ids:
+        return {}
+    rows = session.execute(select(ScoringJob.id, ScoringJob.explain).where(ScoringJob.id.in_(job_ids)))
+    return {job_id: bool(explain) for job_id, explain in rows}
+
+
 def sweep(
     *,
     queued_after: timedelta | None = None,
@@ -85,27 +92,28 @@ def sweep(
             limit = running_after if image.status == "running" else queued_after
             if age >= limit:
                 stale.append(image)
-        # Job images keep explanations off, like the job's own fan-out (the job option is not
-        # stored); other images follow the worker's default.
-        groups: dict[bool, list[str]] = {True: [], False: []}
+        # Job images follow their job's explain option, as its own fan-out did; other images
+        # follow the worker's default (no explicit option).
+        explain_of = _job_explain(session, {i.job_id for i in stale if i.job_id})
+        groups: dict[bool | None, list[str]] = {}
         for image in stale:
             image.updated_at = now
-            groups[image.job_id is not None].append(image.id)
+            groups.setdefault(explain_of[image.job_id] if image.job_id else None, []).append(image.id)
         # Before this sweep existed for jobs, a job whose expand message was lost stayed
         # ``queued`` for ever although the API promised "the sweep will re-queue it".
         jobs = _stale_jobs(session, queued_after)
         for job in jobs:
             job.updated_at = now
-        job_ids = [job.id for job in jobs]
+        resend = [(job.id, job.explain) for job in jobs]
         session.flush()
-    for job_id in job_ids:
-        send(tasks.EXPAND_FOLDER, [job_id], {"explain": False})
+    for job_id, job_explain in resend:
+        send(tasks.EXPAND_FOLDER, [job_id], {"explain": job_explain})
         summary.jobs.append(job_id)
     # Published after the commit, like every other task.
-    for in_job, ids in groups.items():
+    for explain, ids in groups.items():
         for start in range(0, len(ids), size):
             part: Sequence[str] = ids[start : start + size]
-            send(tasks.SCORE_IMAGES, [list(part)], {"explain": False} if in_job else {})
+            send(tasks.SCORE_IMAGES, [list(part)], {} if explain is None else {"explain": explain})
             summary.requeued.extend(part)
     summary.pruned = prune_processed(get_settings())
     if summary.requeued or summary.jobs or summary.pruned:

@@ -101,7 +101,7 @@ def create_job(
     producer: ProducerDep,
 ) -> JSONResponse:
     folder = resolve_import_folder(body.folder, settings)
-    job = repo.create_job(session, principal.clinic_id, str(folder))
+    job = repo.create_job(session, principal.clinic_id, str(folder), explain=body.explain)
     audit(
         session,
         principal,

@@ -48,3 +48,30 @@ def test_cli_db_upgrade_and_alembic_check_command(tmp_path: Path) -> None:
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "No new upgrade operations detected" in check.stdout + check.stderr
+
+
+def test_job_explain_column_added_to_existing_jobs(tmp_path: Path) -> None:
+    """A job created before the explain option was stored reads back as explain = false."""
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    migrate.upgrade(url, "94695bce9b50")  # the initial schema
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO clinic (id, name, created_at) VALUES (1, 'Old', '2026-11-23')"))
+            conn.execute(
+                text(
+                    "INSERT INTO scoring_job (id, clinic_id, folder, status, total, done, failed,"
+                    " created_at, updated_at)"
+                    " VALUES ('j1', 1, '/x', 'done', 0, 0, 0, '2026-11-23', '2026-11-23')"
+                )
+            )
+        migrate.upgrade(url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT explain FROM scoring_job WHERE id = 'j1'")).scalar_one() in (
+                0,
+                False,
+            )
+    finally:
+        engine.dispose()

@@ -191,6 +191,29 @@ def test_sweep_resends_lost_folder_jobs(url: str, store: FileStore, roots: Path)
     assert {i.status for i in items_by_path(url, half_done).values()} <= {"queued", "done", "failed"}
 
 
+def test_sweep_keeps_each_jobs_explain_option(url: str, store: FileStore, roots: Path) -> None:
+    # A job asked for heatmaps: its lost expansion and its stale photographs are re-sent with
+    # explain on; another job's with explain off.
+    with session_scope(url) as s:
+        clinic = repo.get_or_create_clinic(s, "North")
+        with_maps = repo.create_job(s, clinic.id, str(make_folder(roots, ["16_left.jpg"])), explain=True).id
+        without = repo.create_job(s, clinic.id, str(roots), explain=False).id
+    folders.expand_folder(with_maps, db_url=url, store=store, enqueue=Sent())
+    old = utcnow() - timedelta(hours=2)
+    with session_scope(url) as s:
+        image_id = items_by_path(url, with_maps)["16_left.jpg"].image_id
+        image = repo.get_images(s, [image_id])[0]
+        image.updated_at = old
+        for job_id in (without,):
+            job = repo.get_job(s, job_id)
+            assert job is not None
+            job.updated_at = old
+    sent = Sent()
+    sweep_mod.sweep(db_url=url, enqueue=sent)
+    assert (tasks.SCORE_IMAGES, [[image_id]], {"explain": True}) in sent
+    assert (tasks.EXPAND_FOLDER, [without], {"explain": False}) in sent
+
+
 def test_transient_errors() -> None:
     import redis
     from sqlalchemy.exc import IntegrityError, OperationalError
