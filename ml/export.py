@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ml.ensemble_fit import choose_rule, fit_rules, member_checks
 from ml.inference.combine import CombineRule, combine, expected
 from ml.inference.ensemble import Ensemble, Member
-from ml.metrics import DEFAULT_THRESHOLDS, grading_report
+from ml.metrics import DEFAULT_THRESHOLDS, bootstrap_intervals, grading_report
 from ml.release import (
     default_models_dir,
     ensemble_dir,
@@ -164,6 +164,10 @@ def export_ensemble(
             "test": evaluate_probs(rule, p_test, y_test),
         }
     chosen = rule_name if rule_name != "auto" else choose_rule(checks)
+    combined, _, chosen_grades = combine(rules[chosen], p_test)
+    test_intervals = bootstrap_intervals(
+        y_test, chosen_grades, combined[:, 2:].sum(axis=1), [s.patient_id for s in test]
+    )
     folder = ensemble_dir(f"{name}@{version}", models_dir)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -181,6 +185,7 @@ def export_ensemble(
             "test": {
                 "set": "natural-colour test patients (never trained or tuned on)",
                 "n_images": len(test),
+                "chosen_rule_intervals_95": test_intervals,
             },
             "metrics": table,
         },
@@ -267,6 +272,15 @@ def model_card(manifest: dict[str, Any]) -> str:
         cells += [_fmt(t[k]) for k in ("qwk", "accuracy", "referable_sensitivity")]
         cells += [_fmt(t[k]) for k in ("referable_specificity", "referable_auc")]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    intervals = card["test"].get("chosen_rule_intervals_95")
+    if intervals:
+        lines += [
+            "",
+            "95% bootstrap intervals of the chosen rule's test figures (2,000 resamples of the "
+            "test patients): "
+            + "; ".join(f"{k} {_fmt(v[0])} .. {_fmt(v[1])}" for k, v in intervals.items())
+            + ".",
+        ]
     lines += ["", "## Data and limits", "", *CARD_LIMITS]
     return "\n".join(lines) + "\n"
 
