@@ -37,7 +37,7 @@ from ml.release import (
     sha256_file,
 )
 from ml.training.config import DataConfig, TrainConfig
-from ml.training.crossval import OOF_FILE
+from ml.training.crossval import CURVES_FILE, OOF_FILE
 from ml.training.data import Sample, load_rgb
 from ml.training.train import natural_split
 
@@ -84,7 +84,7 @@ def export_member(
         save_checkpoint(
             dst, model, pre, name, version, meta | {"half_precision_check": report}, half=keep_half
         )
-    for extra in ("curves.png", "metrics.jsonl", "config.json", OOF_FILE, "cv.json"):
+    for extra in ("curves.png", "metrics.jsonl", "config.json", OOF_FILE, "cv.json", CURVES_FILE):
         if (run_dir / extra).exists():
             shutil.copy(run_dir / extra, dst / ("train_" + extra if extra == "config.json" else extra))
     log.info("exported %s -> %s (%.1f MB)", run_dir, dst, (dst / "model.safetensors").stat().st_size / 1e6)

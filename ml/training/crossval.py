@@ -33,16 +33,21 @@ import numpy as np
 from ml.metrics import qwk, referable_metrics
 from ml.release import load_checkpoint
 from ml.training.config import load_config
+from ml.training.plots import plot_cv_curves
 from ml.training.train import natural_split, resolve, train_from_config
 
 log = logging.getLogger(__name__)
 OOF_FILE = "cv_oof.npz"
+CURVES_FILE = "cv_curves.png"
+
+
+def history(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def best_epoch(run_dir: Path) -> int:
     """The natural-stage epoch with the best validation QWK (the one the run kept)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["stage"] == "stage2" and r["val_qwk"] is not None]
+    rows = [r for r in history(run_dir) if r["stage"] == "stage2" and r["val_qwk"] is not None]
     return int(max(rows, key=lambda r: r["val_qwk"])["epoch"])
 
 
@@ -72,6 +77,7 @@ def cross_validate(config: Path, stage1: Path, folds: int, overrides: dict[str, 
     samples: list = []
     probs: list[np.ndarray] = []
     epochs: list[int] = []
+    runs: list[Path] = []
     for k in range(folds):
         fold = {**common, "data.natural_fold": k}
         run = train_from_config(config, overrides=fold)
@@ -79,6 +85,7 @@ def cross_validate(config: Path, stage1: Path, folds: int, overrides: dict[str, 
         samples += held_out
         probs.append(p)
         epochs.append(best_epoch(run))
+        runs.append(run)
         log.info("fold %d/%d: best epoch %d, %s", k + 1, folds, epochs[-1], run)
     final_epochs = max(1, round(statistics.median(epochs)))
     final = train_from_config(
@@ -103,6 +110,7 @@ def cross_validate(config: Path, stage1: Path, folds: int, overrides: dict[str, 
         probs=oof,
     )
     (final / "cv.json").write_text(json.dumps(summary, indent=2))
+    plot_cv_curves([history(r) for r in runs], history(final), final / CURVES_FILE)
     log.info("cross-validated %s: %s", base_cfg.name, summary)
     return final
 

@@ -42,3 +42,23 @@ def plot_curves(history: list[dict[str, Any]], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
+
+
+def plot_cv_curves(folds: list[list[dict[str, Any]]], final: list[dict[str, Any]], out: Path) -> None:
+    """A cross-validated natural stage: each fold's held-out QWK and every run's training loss."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k, history in enumerate(folds):
+        rows = [h for h in history if h["stage"] == "stage2"]
+        epochs = [h["epoch"] for h in rows]
+        left.plot(epochs, [h["val_qwk"] for h in rows], "o-", label=f"fold {k + 1}")
+        right.plot(epochs, [h["train_loss"] for h in rows], "o-", label=f"fold {k + 1}")
+    right.plot([h["epoch"] for h in final], [h["train_loss"] for h in final], "k^-", label="final (all)")
+    left.set_title("held-out fold QWK (default cuts)")
+    right.set_title("training loss")
+    for ax in (left, right):
+        ax.set_xlabel("natural-stage epoch")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)

@@ -193,7 +193,8 @@ def test_cross_validated_natural_stage_feeds_the_ensemble_fit(smoke_run: Path, t
 
     models = tmp_path / "models"
     for name in ("cv-a", "cv-b"):
-        assert (export_member(final, name, "0.0.1", half=True, models_dir=models) / OOF_FILE).exists()
+        member = export_member(final, name, "0.0.1", half=True, models_dir=models)
+        assert (member / OOF_FILE).exists() and (member / "cv_curves.png").exists()
     fit = out_of_fold_set(["cv-a@0.0.1", "cv-b@0.0.1"], models)
     assert fit is not None and fit[0].shape == (2, len(oof["paths"]), 5)
     folder = export_ensemble(["cv-a@0.0.1", "cv-b@0.0.1"], "cv", "0.0.1", "auto", data, models)
