@@ -5,10 +5,13 @@
 # 1.0.0: three members from ImageNet weights (~45-60 min on 2 CPU cores).
 # 1.1.0: Lite1+CBAM warm-started from its 1.0.0 weights, a new Lite2+SE member, and MobileNetV2
 #        1.0.0 unchanged (members picked out of fold on validation: docs/experiments.md); ~40 min.
-# 1.2.0: three members from ImageNet weights, each a stage 1 on the equalised set and then the
-#        cross-validated natural stage (ml/training/crossval.py, 4 patient folds over the train +
-#        validation patients); the ensemble is fitted on the members' out-of-fold probabilities
-#        (~75 min with the three members in parallel, 1 thread each, on 2 cores).
+# 1.2.0: EXPERIMENT, NOT SHIPPED (its out-of-fold figures miss the specificity target and it
+#        does not beat 1.1.0; docs/experiments-findings.md, session 3). Three members from
+#        ImageNet weights, each a stage 1 on the equalised set and then the cross-validated
+#        natural stage (ml/training/crossval.py, 4 patient folds over the train + validation
+#        patients); the ensemble is fitted on the members' out-of-fold probabilities (~45 min
+#        with the three members in parallel, 1 thread each, on 2 cores). It writes into models/,
+#        where the newest ensemble becomes the default: move it out unless it is to be shipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: scripts/release.sh VERSION [--skip-training]}

@@ -90,7 +90,10 @@ def test_choose_rule_prefers_rules_that_meet_the_screening_targets() -> None:
     }
     assert choose_rule(checks) == "b"
     checks["b"] = CrossValidated(qwk=0.65, sensitivity=0.60, specificity=0.75)
-    assert choose_rule(checks) == "a"  # none eligible: best QWK
+    assert choose_rule(checks) == "a"  # none eligible, none sensitive enough: best QWK
+    # none meets both targets: the one that keeps sensitivity wins over a better QWK
+    checks["c"] = CrossValidated(qwk=0.45, sensitivity=0.82, specificity=0.60)
+    assert choose_rule(checks) == "c"
 
 
 @pytest.mark.parametrize("noise", [(0.05,), (1.5,)])
