@@ -14,7 +14,6 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from core import migrate
 from core.db import session_scope
 from core.settings import get_settings
 from core.tables import AuditEvent, Bundle, Image, Patient, ScoringJob
@@ -38,21 +37,6 @@ CONTRACT_PATHS = {
     "/readyz": {"get"},
     "/metrics": {"get"},
 }
-
-
-@pytest.fixture
-def url(isolated_settings: Path) -> str:
-    db_url = get_settings().database_url
-    migrate.upgrade(db_url)
-    return db_url
-
-
-@pytest.fixture
-def client(url: str) -> Iterator[TestClient]:
-    get_api_settings.cache_clear()
-    with TestClient(create_app()) as c:
-        yield c
-    get_api_settings.cache_clear()
 
 
 @pytest.fixture

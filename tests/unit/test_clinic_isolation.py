@@ -8,20 +8,15 @@ writes with North's patient ids and Idempotency-Key create South's own rows and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from core import migrate
 from core import repository as repo
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore
-from services.app import create_app
-from services.config import get_api_settings
 from services.web.auth import COOKIE_NAME
 from tests.api_support import Key, make_key, sample_bytes
 from tests.unit.test_workers_scoring import PHOTOS, Sent, StubEnsemble, add_images
@@ -38,21 +33,6 @@ class NorthData:
     bundle: str
     job: str
     job_image: str
-
-
-@pytest.fixture
-def url(isolated_settings: Path) -> str:
-    db_url = get_settings().database_url
-    migrate.upgrade(db_url)
-    return db_url
-
-
-@pytest.fixture
-def client(url: str) -> Iterator[TestClient]:
-    get_api_settings.cache_clear()
-    with TestClient(create_app()) as c:
-        yield c
-    get_api_settings.cache_clear()
 
 
 @pytest.fixture
