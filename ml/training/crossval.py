@@ -33,6 +33,7 @@ import numpy as np
 from ml.metrics import qwk, referable_metrics
 from ml.release import load_checkpoint
 from ml.training.config import load_config
+from ml.training.data import Sample
 from ml.training.plots import plot_cv_curves
 from ml.training.train import natural_split, resolve, train_from_config
 
@@ -51,7 +52,9 @@ def best_epoch(run_dir: Path) -> int:
     return int(max(rows, key=lambda r: r["val_qwk"])["epoch"])
 
 
-def fold_probabilities(run_dir: Path, cfg_overrides: dict[str, Any], config: Path) -> tuple[list, np.ndarray]:
+def fold_probabilities(
+    run_dir: Path, cfg_overrides: dict[str, Any], config: Path
+) -> tuple[list[Sample], np.ndarray]:
     """(held-out samples, their probabilities) of one fold's kept checkpoint."""
     from ml.export import member_probs
     from ml.inference.ensemble import Member
@@ -74,7 +77,7 @@ def cross_validate(config: Path, stage1: Path, folds: int, overrides: dict[str, 
         "data.natural_folds": folds,
         "out_dir": str(out),
     }
-    samples: list = []
+    samples: list[Sample] = []
     probs: list[np.ndarray] = []
     epochs: list[int] = []
     runs: list[Path] = []
