@@ -27,17 +27,21 @@ def plot_curves(history: list[dict[str, Any]], out: Path) -> None:
     ):
         if train_key:
             ax.plot(x, [h[train_key] for h in history], "o-", label="train")
-        # a final cross-validated run has no validation photographs (None: a gap in the curve)
-        ax.plot(
-            x, [float("nan") if h[val_key] is None else h[val_key] for h in history], "s-", label="validation"
-        )
+        # a final cross-validated run has no validation photographs (its folds' curves are in
+        # cv_curves.png); None marks an epoch without them
+        if any(h[val_key] is not None for h in history):
+            val = [float("nan") if h[val_key] is None else h[val_key] for h in history]
+            ax.plot(x, val, "s-", label="validation")
+        elif not train_key:
+            ax.text(0.5, 0.5, "no validation part\n(see cv_curves.png)", ha="center", transform=ax.transAxes)
         stage2 = [i + 1 for i, h in enumerate(history) if h["stage"] == "stage2"]
         if stage2:
             ax.axvline(stage2[0] - 0.5, color="grey", ls="--", lw=1)
             ax.text(stage2[0] - 0.4, ax.get_ylim()[1], "natural colour", va="top", fontsize=8, color="grey")
         ax.set_title(title)
         ax.set_xlabel("epoch (both stages)")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
