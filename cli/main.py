@@ -104,14 +104,11 @@ def train(
 ) -> None:
     """Train a model from a config; writes a run folder under runs/."""
     import logging
-    import tomllib
 
-    overrides = {}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
-        overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+    try:
+        overrides = _load("ml.training.config:parse_overrides")(settings)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     run_dir = _load("ml.training.train:train_from_config")(config, resume=resume, overrides=overrides)
     typer.echo(run_dir)  # the last stdout line: scripts take the run folder from it

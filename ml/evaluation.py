@@ -69,12 +69,13 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16) -> dict[str, Any]:
             grades.append(pred.grade)
     y = np.array([int(r["grade"]) for r in rows])
     p = np.array(probs)
-    report = grading_report(y.tolist(), grades, p[:, 2:].sum(axis=1).tolist())
+    referable_score = p[:, 2:].sum(axis=1)
+    report = grading_report(y.tolist(), grades, referable_score.tolist())
     report["model"] = ens.ref
     with_patients = bool(rows and rows[0].get("patient_id"))
     # resample patients, not photographs, when they are known (two eyes are not two patients)
     report["intervals_95"] = bootstrap_intervals(
-        y, grades, p[:, 2:].sum(axis=1), [r["patient_id"] for r in rows] if with_patients else None
+        y, grades, referable_score, [r["patient_id"] for r in rows] if with_patients else None
     )
     report["intervals_resampled"] = "patients" if with_patients else "images"
     if with_patients:

@@ -77,6 +77,17 @@ class TrainConfig:
         return data
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` strings (values in TOML syntax, e.g. ``stage1.epochs=2``, ``out_dir="x"``)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+    return overrides
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     raw = tomllib.loads(Path(path).read_text())
     for key, value in (overrides or {}).items():

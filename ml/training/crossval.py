@@ -32,7 +32,7 @@ import numpy as np
 
 from ml.metrics import qwk, referable_metrics
 from ml.release import load_checkpoint
-from ml.training.config import load_config
+from ml.training.config import load_config, parse_overrides
 from ml.training.data import Sample
 from ml.training.plots import plot_cv_curves
 from ml.training.train import natural_split, resolve, train_from_config
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="key=value overrides (TOML values)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    import tomllib
-
-    overrides = {k: tomllib.loads(f"v = {v}")["v"] for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = parse_overrides(args.set)
     sys.stdout.write(f"{cross_validate(args.config, args.stage1, args.folds, overrides)}\n")
     return 0
 

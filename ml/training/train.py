@@ -76,11 +76,9 @@ def prepare_data(cfg: TrainConfig, base: Path) -> Datasets:
         splits = {k: v[: cfg.data.limit_per_split] for k, v in splits.items()}
 
     def make(tag: str) -> Split:
-        if not splits[tag]:
-            return Split([], np.zeros((0, cfg.preprocess.size, cfg.preprocess.size, 3), np.uint8))
-        if tag.startswith("eq_") and cfg.stage1.epochs == 0:
-            # natural-colour-only run (e.g. a warm-started member at a higher resolution): the
-            # equalised photographs are neither trained on nor worth caching at this size
+        # empty parts (a final cross-validated run has no validation part), and the equalised
+        # parts of a natural-colour-only run, which are neither trained on nor worth caching
+        if not splits[tag] or (tag.startswith("eq_") and cfg.stage1.epochs == 0):
             size = cfg.preprocess.size
             return Split([], np.zeros((0, size, size, 3), np.uint8))
         return Split(splits[tag], cached_pixels(splits[tag], cfg.preprocess, cache, tag))
@@ -140,6 +138,20 @@ def predict(
         scores.append(expected_grade(out).float().cpu().numpy())
         probs.append(grade_probabilities(out).float().cpu().numpy())
     return np.concatenate(scores), np.concatenate(probs)
+
+
+def validation_figures(model: GradingNet, val: Split, cfg: TrainConfig) -> dict[str, float | None]:
+    """val_loss (mean |grade error|), val_accuracy and val_qwk at the default cuts; None each
+    when the split is empty."""
+    if not val.samples:
+        return dict.fromkeys(("val_loss", "val_accuracy", "val_qwk"))
+    scores, _ = predict(model, val, cfg)
+    pred = apply_thresholds(scores, DEFAULT_THRESHOLDS)
+    return {
+        "val_loss": float(np.mean(np.abs(scores - val.grades))),
+        "val_accuracy": float((pred == val.grades).mean()),
+        "val_qwk": qwk(val.grades, pred),
+    }
 
 
 def set_backbone_frozen(model: GradingNet, frozen: bool) -> None:
@@ -218,19 +230,12 @@ def run_stage(
             correct += int((pred == y.cpu().numpy()).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        scores, _ = predict(model, val, cfg) if val.samples else (np.zeros(0), None)
-        val_pred = apply_thresholds(scores, DEFAULT_THRESHOLDS)
-        # without validation photographs (a final cross-validated run) every epoch "improves",
-        # so the stage keeps its last epoch and never stops early
-        val_qwk = qwk(val.grades, val_pred) if val.samples else float(epoch)
         row = {
             "stage": name,
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)),
             "train_accuracy": correct / max(1, seen),
-            "val_loss": float(np.mean(np.abs(scores - val.grades))) if val.samples else None,
-            "val_accuracy": float((val_pred == val.grades).mean()) if val.samples else None,
-            "val_qwk": val_qwk if val.samples else None,
+            **validation_figures(model, val, cfg),
             "lr": scheduler.get_last_lr()[0],
             "seconds": round(time.time() - t0, 1),
         }
@@ -238,8 +243,11 @@ def run_stage(
         log.info("%s", json.dumps(row))
         with open(run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        if val_qwk > best_qwk:
-            best_qwk, bad_epochs = val_qwk, 0
+        val_qwk = row["val_qwk"]
+        # without validation photographs (a final cross-validated run) every epoch counts as an
+        # improvement: the stage keeps its last epoch and never stops early
+        if val_qwk is None or val_qwk > best_qwk:
+            best_qwk, bad_epochs = (best_qwk if val_qwk is None else val_qwk), 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
