@@ -105,9 +105,8 @@ def stage_shares(raw: Path) -> Counter[str]:
     counts: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        stage = next((name for key, name in STAGES if key in stack), "other (celery, broker, idle threads)")
-        if "idle" in stack.rsplit(";", 1)[-1]:
-            continue
+        # py-spy records only threads that are running (no --idle), so every sample is CPU work
+        stage = next((name for key, name in STAGES if key in stack), "other (celery, broker)")
         counts[stage] += int(n)
     return counts
 
