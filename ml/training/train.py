@@ -64,12 +64,12 @@ def prepare_data(cfg: TrainConfig, base: Path) -> Datasets:
     """Patient-level splits of both domains and their cached, preprocessed pixels."""
     eq_dir = resolve(cfg.data.equalized_dir, base)
     cache = resolve(cfg.data.cache_dir, base)
+    nat = natural_split(cfg, base)
     eq = split_patients(
-        read_labels(eq_dir),
+        equalized_without(read_labels(eq_dir), nat),
         {"train": 1 - cfg.data.equalized_val_fraction, "val": cfg.data.equalized_val_fraction},
         cfg.data.split_seed,
     )
-    nat = natural_split(cfg, base)
     splits = {f"eq_{k}": v for k, v in eq.items()} | {f"nat_{k}": v for k, v in nat.items()}
 
     if cfg.data.limit_per_split > 0:
@@ -91,6 +91,20 @@ def prepare_data(cfg: TrainConfig, base: Path) -> Datasets:
         split_hash=split_hash(splits),
         counts={k: len(v) for k, v in splits.items()},
     )
+
+
+def equalized_without(equalized: list[Sample], natural: dict[str, list[Sample]]) -> list[Sample]:
+    """The equalised photographs of patients who are not in the natural-colour folder.
+
+    41 patients are in both folders: their equalised photographs are the natural ones after
+    the third party's colour processing. Left in stage 1, they let a member train on natural
+    validation and test patients (and on every cross-validation fold's held-out patients).
+    """
+    natural_ids = {s.patient_id for part in natural.values() for s in part}
+    kept = [s for s in equalized if s.patient_id not in natural_ids]
+    if len(kept) < len(equalized):
+        log.info("stage 1: left out %d equalised photographs of natural-colour patients", len(equalized) - len(kept))
+    return kept
 
 
 def natural_split(cfg: TrainConfig, base: Path) -> dict[str, list[Sample]]:

@@ -39,6 +39,25 @@ def test_patient_split_never_shares_a_patient(data_dir: Path) -> None:
     }
 
 
+def test_stage1_never_sees_a_natural_colour_patient(data_dir: Path) -> None:
+    """Some patients are in both folders; their equalised copies must not reach stage 1."""
+    from ml.training.config import load_config
+    from ml.training.train import equalized_without, natural_split
+
+    cfg = load_config(
+        REPO / "configs" / "member-lite1-cbam-multitask.toml",
+        {"data.natural_dir": str(data_dir / "eyepacs-natural-512")},
+    )
+    natural = natural_split(cfg, REPO)
+    natural_ids = {s.patient_id for part in natural.values() for s in part}
+    equalized = read_labels(data_dir / "eyepacs-equalized-256")
+    shared = {s.patient_id for s in equalized} & natural_ids
+    assert shared, "the data no longer has patients in both folders: this test checks nothing"
+    kept = equalized_without(equalized, natural)
+    assert not {s.patient_id for s in kept} & natural_ids
+    assert len(kept) == len(equalized) - sum(s.patient_id in shared for s in equalized)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     from ml.training.train import train_from_config
