@@ -103,7 +103,7 @@ def equalized_without(equalized: list[Sample], natural: dict[str, list[Sample]])
     natural_ids = {s.patient_id for part in natural.values() for s in part}
     kept = [s for s in equalized if s.patient_id not in natural_ids]
     if len(kept) < len(equalized):
-        log.info("stage 1: left out %d equalised photographs of natural-colour patients", len(equalized) - len(kept))
+        log.info("stage 1 leaves out %d equalised copies of natural photographs", len(equalized) - len(kept))
     return kept
 
 
