@@ -21,6 +21,7 @@ __all__ = [
     "SUPPORTED_FORMATS",
     "ImageDecodeError",
     "decode_image",
+    "decode_scaled",
     "sniff_format",
 ]
 
@@ -115,6 +116,21 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
     unsupported, truncated or corrupt files, decompression bombs (more than ``max_pixels``
     pixels, checked from the header before decoding) and images with a side under 64 px.
     """
+    return decode_scaled(data, max_pixels)[0]
+
+
+def decode_scaled(
+    data: bytes, max_pixels: int = 40_000_000, min_side: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Like :func:`decode_image`, but a JPEG may come out smaller: (pixels, full (height, width)).
+
+    With ``min_side``, a JPEG whose sides are both at least twice that is decoded at 1/2, 1/4
+    or 1/8 scale in the DCT (Pillow's draft mode) while both sides stay >= ``min_side``: a
+    camera's 3888 x 2592 photograph costs a fraction of a full decode, and nothing downstream
+    looks at more than 512 px (quality gate) or 256 px (the networks). Every byte is still
+    entropy-decoded, so corrupt and truncated files fail as before. Other formats and smaller
+    JPEGs decode in full. The returned size is the full image's, after EXIF orientation.
+    """
     if not data:
         raise ImageDecodeError(EMPTY, "the file is empty")
     fmt = sniff_format(data)
@@ -145,12 +161,17 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
                 raise ImageDecodeError(
                     TOO_SMALL, f"{width}x{height}: each side must be at least {MIN_SIDE} px"
                 )
+            if min_side is not None and fmt == "jpeg" and min(width, height) >= 2 * min_side:
+                scale = min(width, height) / min_side
+                img.draft(None, (max(1, int(width / scale)), max(1, int(height / scale))))
             img.load()  # full decode: corrupt entropy data fails here
             shown: Image.Image = img
             try:
                 shown = ImageOps.exif_transpose(img)
             except Exception as exc:  # a broken EXIF block should not lose the photograph
                 log.debug("ignoring unreadable EXIF orientation: %s", exc)
+            swapped = (shown.size[0] > shown.size[1]) != (img.size[0] > img.size[1])
+            full = (width, height) if swapped else (height, width)
             rgb = _to_rgb_array(shown)
     except ImageDecodeError:
         raise
@@ -165,4 +186,4 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
         reason = TRUNCATED if "truncated" in msg.lower() else CORRUPT
         raise ImageDecodeError(reason, f"cannot decode the {fmt} image: {msg}") from exc
 
-    return rgb
+    return rgb, full

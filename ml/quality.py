@@ -28,6 +28,7 @@ import numpy as np
 
 __all__ = [
     "ANALYSIS_SIZE",
+    "DECODE_MIN_SIDE",
     "QualityReport",
     "QualityThresholds",
     "assess_quality",
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 ANALYSIS_SIZE = 512
+#: Workers may decode a big JPEG at a reduced DCT scale down to this shorter side
+#: (``ml.imageio.decode_scaled``): twice what the gate analyses, far above the networks' 256 px.
+DECODE_MIN_SIDE = 2 * ANALYSIS_SIZE
 DEFAULT_THRESHOLDS_PATH = Path(__file__).with_name("quality_thresholds.json")
 
 # The gate runs beside other CPU work (workers, training); one OpenCV thread is plenty at 512 px.

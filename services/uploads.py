@@ -18,7 +18,7 @@ from core import repository as repo
 from core.errors import InvalidImage, TooLarge
 from core.store import FileStore, StoredFile
 from core.tables import Image
-from ml.imageio import TOO_LARGE, ImageDecodeError, decode_image, sniff_format
+from ml.imageio import TOO_LARGE, ImageDecodeError, decode_scaled, sniff_format
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,14 @@ def read_capped(upload: UploadFile, limit: int, field: str) -> bytes:
 def validate_photo(upload: UploadFile, field: str, *, max_bytes: int, max_pixels: int) -> Photo:
     data = read_capped(upload, max_bytes, field)
     try:
-        rgb = decode_image(data, max_pixels=max_pixels)
+        # Only the size is kept here (the worker decodes again from the store), so a big JPEG
+        # is decoded at a reduced DCT scale: every byte is still checked.
+        _, (height, width) = decode_scaled(data, max_pixels=max_pixels, min_side=256)
     except ImageDecodeError as exc:
         detail = {"field": field, "reason": exc.reason}
         if exc.reason == TOO_LARGE:
             raise TooLarge(f"{field}: {exc.detail}", detail) from None
         raise InvalidImage(f"{field}: {exc.detail}", detail) from None
-    height, width = int(rgb.shape[0]), int(rgb.shape[1])
-    del rgb  # only the size is needed here; the worker decodes again from the store
     fmt = sniff_format(data) or "bin"
     return Photo(field, data, fmt, width, height, _safe_name(upload.filename), upload.content_type)
 

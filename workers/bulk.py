@@ -36,7 +36,8 @@ from core.db import dispose_engines, get_engine, session_scope
 from core.settings import get_settings
 from core.store import FileStore
 from core.tables import Image, metadata
-from ml.imageio import ImageDecodeError, decode_image
+from ml.imageio import ImageDecodeError, decode_scaled
+from ml.quality import DECODE_MIN_SIDE
 from workers import explain as explain_mod
 from workers import folders, scoring
 from workers.model import EnsembleLike, get_ensemble
@@ -259,7 +260,8 @@ def _collect(
 def _grade_anyway(store: FileStore, stored_path: str, ens: EnsembleLike) -> int | None:
     """A grade for an ungradable photograph, for submission files only (they need one per row)."""
     try:
-        rgb = decode_image(store.read_bytes(stored_path), max_pixels=get_settings().max_image_pixels)
+        data = store.read_bytes(stored_path)
+        rgb, _ = decode_scaled(data, max_pixels=get_settings().max_image_pixels, min_side=DECODE_MIN_SIDE)
     except (FileNotFoundError, ImageDecodeError):
         return None
     return int(ens.predict([rgb])[0].grade)

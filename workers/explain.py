@@ -12,7 +12,8 @@ from core import repository as repo
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore, get_store
-from ml.imageio import ImageDecodeError, decode_image
+from ml.imageio import ImageDecodeError, decode_scaled
+from ml.quality import DECODE_MIN_SIDE
 from workers.model import EnsembleLike, get_ensemble
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def explain_image(
 
     # Grad-CAM runs outside any transaction (it takes seconds with the full ensemble).
     try:
-        rgb = decode_image(store.read_bytes(stored_path), max_pixels=get_settings().max_image_pixels)
+        data = store.read_bytes(stored_path)
+        rgb, _ = decode_scaled(data, max_pixels=get_settings().max_image_pixels, min_side=DECODE_MIN_SIDE)
     except (FileNotFoundError, ImageDecodeError) as exc:
         log.warning("explain_image: cannot read the photograph of %s: %s", image_id, exc)
         return None

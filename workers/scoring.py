@@ -38,8 +38,8 @@ from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore, get_store
 from core.tables import Image, ScoringJobItem, utcnow
-from ml.imageio import ImageDecodeError, decode_image
-from ml.quality import QualityReport, assess_quality
+from ml.imageio import ImageDecodeError, decode_scaled
+from ml.quality import DECODE_MIN_SIDE, QualityReport, assess_quality
 from workers.model import EnsembleLike, get_ensemble, quality_thresholds
 from workers.settings import get_worker_settings
 
@@ -143,11 +143,10 @@ def _prepare(it: _Claimed, store: FileStore, max_pixels: int, thresholds: Any) -
         it.error = f"stored photograph is missing: {exc}"
         return it
     try:
-        it.rgb = decode_image(data, max_pixels=max_pixels)
+        it.rgb, it.size = decode_scaled(data, max_pixels=max_pixels, min_side=DECODE_MIN_SIDE)
     except ImageDecodeError as exc:
         it.error = f"{exc.reason}: {exc.detail}"
         return it
-    it.size = (int(it.rgb.shape[0]), int(it.rgb.shape[1]))
     try:
         it.quality = assess_quality(it.rgb, thresholds)
     except Exception as exc:  # a gate bug on one odd photo must not sink the batch

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml.imageio import ImageDecodeError, decode_image, sniff_format
+from ml.imageio import ImageDecodeError, decode_image, decode_scaled, sniff_format
 
 
 def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -140,3 +140,31 @@ def test_imageio_does_not_import_heavy_or_service_code() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_big_jpeg_decodes_at_a_reduced_scale_with_its_full_size() -> None:
+    img = _gradient(2400, 2100)
+    data = _encode(img, "JPEG", quality=92)
+    small, full = decode_scaled(data, min_side=512)
+    assert full == (2100, 2400)
+    assert small.shape == (525, 600, 3)  # 1/4 keeps the shorter side >= 512, 1/8 would not
+    reference = np.asarray(Image.fromarray(decode_image(data)).resize((600, 525), Image.BOX))
+    assert np.abs(small.astype(int) - reference.astype(int)).mean() < 2.0
+    # PNG and JPEGs under twice min_side decode in full
+    assert decode_scaled(_encode(img, "PNG"), min_side=512)[0].shape == (2100, 2400, 3)
+    assert decode_scaled(data, min_side=1200)[0].shape == (2100, 2400, 3)
+
+
+def test_reduced_scale_keeps_orientation_and_rejects_truncation() -> None:
+    img = Image.new("RGB", (2400, 1600), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 400, 400))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+    small, full = decode_scaled(data, min_side=256)
+    assert full == (2400, 1600)
+    assert small.shape[0] > small.shape[1] and min(small.shape[:2]) >= 256
+    assert small[10, -10, 0] > 200 and small[10, -10, 2] < 60  # red top-right, as in full decode
+    with pytest.raises(ImageDecodeError) as ei:
+        decode_scaled(data[: len(data) // 2], min_side=256)
+    assert ei.value.reason == "truncated"
