@@ -6,13 +6,15 @@ pick members before a release without tuning to the test patients:
     .venv/bin/python scripts/validation_check.py lite1-cbam-multitask@1.0.0 lite1-cbam-multitask@1.1.0 ...
 
 Prints each member alone and (unless --members-only) every combination rule over each subset of
-three or more members.
+three or more members. Members are looked up in models/ unless DRSCREEN_MODELS_DIR names another
+folder (candidates exported with `drscreen export member ... --models-dir DIR`).
 Member probabilities are cached in var/validation-probs/ (keyed by the weights' sha256).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +31,9 @@ CACHE = Path("var/validation-probs")
 
 
 def cached_probs(ref: str, samples: list) -> np.ndarray:
-    folder = member_dir(ref)
+    folder = member_dir(
+        ref, Path(os.environ["DRSCREEN_MODELS_DIR"]) if "DRSCREEN_MODELS_DIR" in os.environ else None
+    )
     path = CACHE / f"{sha256_file(folder / 'model.safetensors')[:16]}.npy"
     if path.exists():
         return np.load(path)
