@@ -12,9 +12,43 @@
 #        patients); the ensemble is fitted on the members' out-of-fold probabilities (~45 min
 #        with the three members in parallel, 1 thread each, on 2 cores). It writes into models/,
 #        where the newest ensemble becomes the default: move it out unless it is to be shipped.
+# 1.3.0: the three members of 1.1.0 retrained from ImageNet weights with stage 1 leaving out the
+#        natural-colour patients' equalised copies (the leak of releases <= 1.2.0, docs/model.md);
+#        each: stage 1 + the plain natural stage (runs/clean), and the cross-validated natural
+#        stage from the same stage-1 checkpoint (runs/clean-cv). VARIANT=plain|cv picks which
+#        members are exported (~60 min of training with the three in parallel on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: scripts/release.sh VERSION [--skip-training]}
+if [[ "$version" == "1.3.0" ]]; then
+  members=(mnv2-regression lite1-cbam-multitask lite2-se-multitask)
+  variant=${VARIANT:-__CHOSEN__}
+  if [[ "${2:-}" != "--skip-training" ]]; then
+    .venv/bin/python -c "from pathlib import Path; from ml.training.config import load_config; \
+from ml.training.train import prepare_data; prepare_data(load_config('configs/member-mnv2-regression.toml'), Path.cwd())"
+    for name in "${members[@]}"; do
+      (
+        run=$(.venv/bin/drscreen train --config "configs/member-$name.toml" --set threads=1 \
+                --set 'out_dir="runs/clean"' | tail -1)
+        .venv/bin/python -m ml.training.crossval --config "configs/member-$name.toml" \
+          --stage1 "$run/stage1" --folds 4 --set threads=1 --set 'out_dir="runs/clean-cv"'
+      ) &
+    done
+    wait
+  fi
+  refs=()
+  for name in "${members[@]}"; do
+    if [[ "$variant" == "cv" ]]; then
+      run=$(ls -d runs/clean-cv/*-cv4-"$name"/*/ | sort | tail -1)   # the final run of the newest
+    else
+      run=$(ls -d runs/clean/*-"$name" | sort | tail -1)
+    fi
+    .venv/bin/drscreen export member "${run%/}" --name "$name" --version "$version" --half
+    refs+=(--member "$name@$version")
+  done
+  .venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version"
+  exit 0
+fi
 if [[ "$version" == "1.2.0" ]]; then
   members=(lite0-multitask mnv2-regression lite1-cbam-multitask)
   if [[ "${2:-}" != "--skip-training" ]]; then

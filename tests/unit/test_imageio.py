@@ -168,3 +168,24 @@ def test_reduced_scale_keeps_orientation_and_rejects_truncation() -> None:
     with pytest.raises(ImageDecodeError) as ei:
         decode_scaled(data[: len(data) // 2], min_side=256)
     assert ei.value.reason == "truncated"
+
+
+def test_api_validation_keeps_the_full_size_of_a_big_jpeg() -> None:
+    """services.uploads decodes big JPEGs at a reduced scale to validate them; the recorded
+    size is still the photograph's own, and a truncated one is still refused."""
+    from fastapi import UploadFile
+
+    from services.uploads import InvalidImage, validate_photo
+
+    data = _encode(_gradient(3000, 2000), "JPEG", quality=90)
+    photo = validate_photo(
+        UploadFile(io.BytesIO(data), filename="big.jpg"), "file", max_bytes=1 << 26, max_pixels=40_000_000
+    )
+    assert (photo.width, photo.height) == (3000, 2000) and photo.data == data
+    with pytest.raises(InvalidImage):
+        validate_photo(
+            UploadFile(io.BytesIO(data[: len(data) // 2]), filename="big.jpg"),
+            "file",
+            max_bytes=1 << 26,
+            max_pixels=40_000_000,
+        )

@@ -305,6 +305,31 @@ def test_decoded_photographs_are_not_all_held(
         assert all(im.width and im.height for im in repo.get_images(s, ids))
 
 
+def test_camera_size_jpeg_is_graded_from_a_reduced_decode_and_keeps_its_size(
+    url: str, store: FileStore, sent: Sent
+) -> None:
+    """A 3888 x 2592 camera photograph reaches the ensemble decoded at half scale (shorter side
+    still >= 1024, ml.quality.DECODE_MIN_SIDE); the image row keeps the photograph's own size."""
+    with PILImage.open(PHOTOS / "16_left.jpg") as im:
+        big = im.convert("RGB").resize((3888, 2592), PILImage.LANCZOS)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=90)
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(StubEnsemble):
+        def predict(self, images: Sequence[np.ndarray]) -> list[StubPrediction]:
+            seen.extend(img.shape for img in images)
+            return super().predict(images)
+
+    [image_id] = add_images(url, store, "P10", [("camera_left.jpg", buf.getvalue(), "left")])
+    summary = scoring.score_images([image_id], ensemble=Recording(), store=store, db_url=url, enqueue=sent)
+    assert summary.scored == [image_id], "the gate should pass an enlarged real photograph"
+    assert seen == [(1296, 1944, 3)]
+    with session_scope(url) as s:
+        row = repo.get_image(s, image_id)
+        assert row is not None and (row.width, row.height) == (3888, 2592)
+
+
 @pytest.fixture(autouse=True)
 def _no_global_ensemble(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Nothing here may fall back to loading the released ensemble."""
