@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,11 @@ GRADE_LABELS = ["no DR", "mild NPDR", "moderate NPDR", "severe NPDR", "prolifera
 
 
 def default_models_dir() -> Path:
-    """The repository's models/ folder (shipped next to the packages)."""
+    """``DRSCREEN_MODELS_DIR`` when set (as core.settings reads it for the service), else the
+    repository's models/ folder (shipped next to the packages)."""
+    configured = os.environ.get("DRSCREEN_MODELS_DIR")
+    if configured:
+        return Path(configured).expanduser().resolve()
     return Path(__file__).resolve().parent.parent / "models"
 
 

@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 version=${1:?usage: scripts/release.sh VERSION [--skip-training]}
 if [[ "$version" == "1.3.0" ]]; then
   members=(mnv2-regression lite1-cbam-multitask lite2-se-multitask)
-  variant=${VARIANT:-__CHOSEN__}
+  variant=${VARIANT:-plain}   # plain: chosen by the rule in docs/experiments.md (session 4)
   if [[ "${2:-}" != "--skip-training" ]]; then
     .venv/bin/python -c "from pathlib import Path; from ml.training.config import load_config; \
 from ml.training.train import prepare_data; prepare_data(load_config('configs/member-mnv2-regression.toml'), Path.cwd())"

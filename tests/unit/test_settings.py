@@ -60,3 +60,14 @@ def test_bad_values_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRSCREEN_MAX_UPLOAD_MB", "0")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_models_dir_setting_reaches_the_ml_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """drscreen evaluate/export load releases through ml.release, which must see the same folder
+    as the service's DRSCREEN_MODELS_DIR."""
+    from ml.release import default_models_dir
+
+    monkeypatch.setenv("DRSCREEN_MODELS_DIR", str(tmp_path))
+    assert default_models_dir() == tmp_path.resolve()
+    monkeypatch.delenv("DRSCREEN_MODELS_DIR")
+    assert default_models_dir() == Path(__file__).resolve().parents[2] / "models"
