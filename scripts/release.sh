@@ -20,12 +20,30 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: scripts/release.sh VERSION [--skip-training]}
+
+# runs started side by side share one pixel cache: build it (for config $1) before starting them
+build_cache() {
+  .venv/bin/python -c "from pathlib import Path; from ml.training.config import load_config; \
+from ml.training.train import prepare_data; prepare_data(load_config('$1'), Path.cwd())"
+}
+newest_run() { ls -d "$1"/*-"$2" | sort | tail -1; }                 # newest run of member $2 in $1
+final_cv_run() { ls -d "$1"/*-cv4-"$2"/*/ | sort | tail -1; }       # final run of its newest cross-validation
+# export_release FINDER DIR: each of ${members[@]} from the run `FINDER DIR NAME` names, then the ensemble
+export_release() {
+  local refs=() name run
+  for name in "${members[@]}"; do
+    run=$("$1" "$2" "$name")
+    .venv/bin/drscreen export member "${run%/}" --name "$name" --version "$version" --half
+    refs+=(--member "$name@$version")
+  done
+  .venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version"
+}
+
 if [[ "$version" == "1.3.0" ]]; then
   members=(mnv2-regression lite1-cbam-multitask lite2-se-multitask)
   variant=${VARIANT:-plain}   # plain: chosen by the rule in docs/experiments.md (session 4)
   if [[ "${2:-}" != "--skip-training" ]]; then
-    .venv/bin/python -c "from pathlib import Path; from ml.training.config import load_config; \
-from ml.training.train import prepare_data; prepare_data(load_config('configs/member-mnv2-regression.toml'), Path.cwd())"
+    build_cache configs/member-mnv2-regression.toml
     for name in "${members[@]}"; do
       (
         run=$(.venv/bin/drscreen train --config "configs/member-$name.toml" --set threads=1 \
@@ -36,25 +54,13 @@ from ml.training.train import prepare_data; prepare_data(load_config('configs/me
     done
     wait
   fi
-  refs=()
-  for name in "${members[@]}"; do
-    if [[ "$variant" == "cv" ]]; then
-      run=$(ls -d runs/clean-cv/*-cv4-"$name"/*/ | sort | tail -1)   # the final run of the newest
-    else
-      run=$(ls -d runs/clean/*-"$name" | sort | tail -1)
-    fi
-    .venv/bin/drscreen export member "${run%/}" --name "$name" --version "$version" --half
-    refs+=(--member "$name@$version")
-  done
-  .venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version"
+  if [[ "$variant" == "cv" ]]; then export_release final_cv_run runs/clean-cv; else export_release newest_run runs/clean; fi
   exit 0
 fi
 if [[ "$version" == "1.2.0" ]]; then
   members=(lite0-multitask mnv2-regression lite1-cbam-multitask)
   if [[ "${2:-}" != "--skip-training" ]]; then
-    # the stage-1 runs share one pixel cache: build it before starting them side by side
-    .venv/bin/python -c "from pathlib import Path; from ml.training.config import load_config; \
-from ml.training.train import prepare_data; prepare_data(load_config('configs/member-lite0-multitask.toml'), Path.cwd())"
+    build_cache configs/member-lite0-multitask.toml
     for name in "${members[@]}"; do
       (
         run=$(.venv/bin/drscreen train --config "configs/member-$name.toml" --set threads=1 \
@@ -65,13 +71,7 @@ from ml.training.train import prepare_data; prepare_data(load_config('configs/me
     done
     wait
   fi
-  refs=()
-  for name in "${members[@]}"; do
-    final=$(ls -d runs/cv/*-cv4-"$name"/*/ | sort | tail -1)   # the last run of the newest cross-validation
-    .venv/bin/drscreen export member "${final%/}" --name "$name" --version "$version" --half
-    refs+=(--member "$name@$version")
-  done
-  .venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version"
+  export_release final_cv_run runs/cv
   exit 0
 fi
 case "$version" in
@@ -92,7 +92,7 @@ refs=()
 for i in "${!members[@]}"; do
   name=${members[$i]} member_version=${versions[$i]}
   if [[ -n "${configs[$i]}" && "$member_version" == "$version" ]]; then
-    run=$(ls -d runs/*-"$name" | sort | tail -1)   # newest run of that member
+    run=$(newest_run runs "$name")
     .venv/bin/drscreen export member "$run" --name "$name" --version "$version" --half
   fi
   refs+=(--member "$name@$member_version")
