@@ -14,7 +14,6 @@ Member probabilities are cached in var/validation-probs/ (keyed by the weights' 
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 from pathlib import Path
 
@@ -31,9 +30,7 @@ CACHE = Path("var/validation-probs")
 
 
 def cached_probs(ref: str, samples: list) -> np.ndarray:
-    folder = member_dir(
-        ref, Path(os.environ["DRSCREEN_MODELS_DIR"]) if "DRSCREEN_MODELS_DIR" in os.environ else None
-    )
+    folder = member_dir(ref)  # models/, or DRSCREEN_MODELS_DIR (ml.release.default_models_dir)
     path = CACHE / f"{sha256_file(folder / 'model.safetensors')[:16]}.npy"
     if path.exists():
         return np.load(path)
