@@ -200,14 +200,17 @@ def list_patient_images(session: Session, patient_id: int, eye: str | None = Non
     return list(session.scalars(stmt))
 
 
-def claim_image(session: Session, image_id: str) -> Image | None:
-    """Status guard for workers: move a not-yet-done image to ``running``. Returns None when the
-    image is missing or already ``done`` (a redelivered message then does nothing)."""
+def claim_image(session: Session, image_id: str, worker: str | None = None) -> Image | None:
+    """Status guard for workers: move a not-yet-done image to ``running``, claimed by ``worker``
+    (a Celery node name). Returns None when the image is missing or already ``done`` (a
+    redelivered message then does nothing)."""
     now = utcnow()
     result = session.execute(
         update(Image)
         .where(Image.id == image_id, Image.status != "done")
-        .values(status="running", started_at=now, updated_at=now, attempts=Image.attempts + 1)
+        .values(
+            status="running", started_at=now, updated_at=now, attempts=Image.attempts + 1, claimed_by=worker
+        )
         .execution_options(synchronize_session=False)
     )
     if not getattr(result, "rowcount", 0):
@@ -237,6 +240,24 @@ def mark_image_failed(session: Session, image: Image, error: str) -> Image:
     image.finished_at = utcnow()
     session.flush()
     return image
+
+
+def orphaned_images(
+    session: Session, live_workers: Iterable[str], claimed_before: datetime, worker: str | None = None
+) -> list[Image]:
+    """``running`` images claimed before ``claimed_before`` by a worker not in ``live_workers``
+    (or, with ``worker``, by that worker)."""
+    claimer = Image.claimed_by == worker if worker is not None else Image.claimed_by.is_not(None)
+    return list(
+        session.scalars(
+            select(Image).where(
+                Image.status == "running",
+                claimer,
+                Image.claimed_by.not_in(list(live_workers)),
+                Image.started_at < claimed_before,
+            )
+        )
+    )
 
 
 def stale_running_images(session: Session, older_than: timedelta) -> list[Image]:

@@ -148,6 +148,9 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None]
+    # Celery node name of the worker that last claimed it (None outside Celery): lets the sweep
+    # re-queue the claims of a worker that no longer answers a ping without waiting for staleness.
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
     finished_at: Mapped[datetime | None]
 
 

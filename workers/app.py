@@ -8,7 +8,7 @@ so heatmaps never wait in front of grades.
 Process model: the parent (prefork pool master) imports no torch state; each pool child, after the
 fork, drops inherited database engines, sets its torch thread count and loads the ensemble once.
 
-Periodic sweep: the worker's main process publishes ``maintenance.sweep`` every
+Periodic sweep: the worker's main process publishes ``maintenance.sweep`` at start and every
 ``DRSCREEN_SWEEP_INTERVAL_S`` seconds (default 300; 0 disables) from a daemon timer. This works with
 the embedded file broker and needs no separate ``celery beat`` process; ``beat_schedule`` carries
 the same entry for operators who prefer beat (then set the interval to 0).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
@@ -27,6 +28,7 @@ from core import tasks
 from core.celery_config import build_celery_config
 from core.db import dispose_engines
 from core.settings import get_settings
+from core.tables import utcnow
 from workers import model
 from workers.model import get_ensemble
 from workers.settings import get_worker_settings
@@ -53,15 +55,23 @@ celery_app.conf.update(
     },
 )
 
-# Concurrency of this worker, noted in the parent (celeryd_init) and inherited by the children.
+# Concurrency and start time of this worker, noted in the parent (celeryd_init) and inherited by
+# the children.
 _concurrency: int | None = None
+_started_at: datetime | None = None
 
 
 @celeryd_init.connect
 def _note_concurrency(options: dict[str, Any] | None = None, **_: Any) -> None:
-    global _concurrency
+    global _concurrency, _started_at
     value = (options or {}).get("concurrency")
     _concurrency = int(value) if value else None
+    _started_at = utcnow()
+
+
+def worker_started_at() -> datetime | None:
+    """When this worker (its parent process) started; None outside a worker."""
+    return _started_at
 
 
 @worker_process_init.connect
@@ -92,11 +102,15 @@ class _SweepTimer:
         from core.producer import make_producer_app, send
 
         app = make_producer_app(get_settings())
-        while not self._stop.wait(self.interval):
+        # The first sweep goes out at start: a worker restarted after a crash re-queues the
+        # photographs its previous run left ``running`` (workers.sweep) without waiting a period.
+        while True:
             try:
                 send(tasks.SWEEP, [], app=app)
             except Exception:  # the broker may be down for a moment; try again next period
                 log.warning("could not publish the maintenance sweep", exc_info=True)
+            if self._stop.wait(self.interval):
+                return
 
 
 _timer: _SweepTimer | None = None

@@ -5,7 +5,7 @@ One call handles a batch of image ids in three steps:
 1. **claim** (short transaction, committed): the status guard ``repository.claim_image`` moves each
    image to ``running``; ids already ``done`` are skipped, so a redelivered task does nothing.
    Committing here makes ``running`` visible to clients and to the sweep (a worker that dies now
-   leaves ``running`` rows the sweep re-queues).
+   leaves ``running`` rows, claimed in its node name, that the sweep re-queues).
 2. **compute** (no transaction open): read, decode, quality gate (on a helper thread, running
    ahead) and ``ensemble.predict`` over the gradable photographs in batches of
    ``PREDICT_BATCH``. Holding no database transaction during inference keeps SQLite writers
@@ -96,13 +96,15 @@ def _sync_job_items(session: Session, image_ids: Sequence[str], status: str, err
     )
 
 
-def _claim(image_ids: Sequence[str], db_url: str | None, summary: ScoreSummary) -> list[_Claimed]:
+def _claim(
+    image_ids: Sequence[str], db_url: str | None, summary: ScoreSummary, worker: str | None
+) -> list[_Claimed]:
     max_attempts = get_worker_settings().max_attempts
     claimed: list[_Claimed] = []
     gave_up: list[Image] = []
     with session_scope(db_url) as session:
         for image_id in image_ids:
-            row = repo.claim_image(session, image_id)
+            row = repo.claim_image(session, image_id, worker)
             if row is None:
                 summary.skipped.append(image_id)
                 continue
@@ -290,18 +292,20 @@ def score_images(
     store: FileStore | None = None,
     db_url: str | None = None,
     enqueue: Enqueue | None = None,
+    worker: str | None = None,
 ) -> ScoreSummary:
     """Score a batch of images by id (idempotent; see the module docstring).
 
     ``explain``: True/False forces heatmaps on/off; None = on for single images and bundles when
     ``DRSCREEN_EXPLAIN`` is on (the default), off for folder-job images.
     ``enqueue`` publishes the explanation tasks (default: by name through ``core.producer``).
+    ``worker``: the Celery node name recorded on the claimed rows (see ``workers.sweep``).
     """
     summary = ScoreSummary()
     ids = _unique(image_ids)
     if not ids:
         return summary
-    claimed = _claim(ids, db_url, summary)
+    claimed = _claim(ids, db_url, summary, worker)
     if not claimed:
         log.info("score_images: nothing to do for %d id(s)", len(ids))
         return summary

@@ -9,6 +9,15 @@ an extra message is harmless because scoring skips ``done`` images. Folder jobs 
 whose expansion died with items still ``pending`` get their expansion re-sent the same way
 (expansion is idempotent). Also prunes the embedded broker's claimed-message files.
 
+Dead workers are found sooner than by staleness: each claim records the worker's Celery node name
+(``image.claimed_by``), and the sweep task pings the workers first (``ping_workers``); ``running``
+rows claimed more than ``CLAIM_MARGIN`` before the ping by a node that did not answer are
+re-queued at once. A worker killed outright (SIGKILL, power loss) leaves its messages
+unacknowledged in Redis for the visibility timeout (an hour) and its rows ``running``; with this
+its photographs come back within one sweep interval instead of ``DRSCREEN_STALE_RUNNING_MINUTES``.
+When the answer cannot be trusted (the broker carries no broadcasts, as the embedded file broker,
+or the sweeping worker did not hear itself), only the staleness rule applies.
+
 Schedule: each worker's main process publishes ``maintenance.sweep`` every
 ``DRSCREEN_SWEEP_INTERVAL_S`` seconds (see ``workers.app``); several workers sweeping is safe.
 """
@@ -18,7 +27,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -35,9 +45,44 @@ from workers.settings import get_worker_settings
 log = logging.getLogger(__name__)
 
 
+#: Claims younger than this before a ping are never treated as orphaned: a worker that started
+#: after the ping, or a clock a little behind, must not lose its photographs to a second delivery.
+CLAIM_MARGIN = timedelta(seconds=30)
+PING_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class LiveWorkers:
+    """Node names that answered a ping sent at ``asked_at``; the asking worker ``me`` has run
+    since ``me_since``, so its node name's claims from before then belong to an earlier run
+    (a worker restarted under the same name after a crash answers for it)."""
+
+    names: frozenset[str]
+    asked_at: datetime
+    me: str | None = None
+    me_since: datetime | None = None
+
+
+def ping_workers(
+    app: Any, me: str | None, since: datetime | None = None, timeout: float = PING_TIMEOUT_S
+) -> LiveWorkers | None:
+    """Ping every worker through the broker; None when the answer cannot be trusted."""
+    asked_at = utcnow()
+    try:
+        replies = app.control.ping(timeout=timeout) or []
+    except Exception:  # no broadcast support or the broker is down: fall back to staleness
+        log.debug("worker ping failed", exc_info=True)
+        return None
+    names = frozenset(name for reply in replies for name in reply)
+    if not me or me not in names:
+        return None  # the asking worker did not hear itself: broadcasts are not delivered here
+    return LiveWorkers(names, asked_at, me, since)
+
+
 @dataclass
 class SweepSummary:
     requeued: list[str] = field(default_factory=list)
+    orphaned: list[str] = field(default_factory=list)  # of requeued: claimed by a worker now gone
     jobs: list[str] = field(default_factory=list)  # folder jobs whose expansion was re-sent
     pruned: int = 0
 
@@ -71,6 +116,7 @@ def sweep(
     db_url: str | None = None,
     enqueue: Enqueue | None = None,
     chunk: int | None = None,
+    live: LiveWorkers | None = None,
 ) -> SweepSummary:
     ws = get_worker_settings()
     queued_after = queued_after if queued_after is not None else timedelta(minutes=ws.stale_queued_minutes)
@@ -92,6 +138,16 @@ def sweep(
             limit = running_after if image.status == "running" else queued_after
             if age >= limit:
                 stale.append(image)
+        if live is not None:
+            seen = {image.id for image in stale}
+            orphans = repo.orphaned_images(session, live.names, live.asked_at - CLAIM_MARGIN)
+            if live.me is not None and live.me_since is not None:
+                orphans += repo.orphaned_images(session, [], live.me_since, worker=live.me)
+            for image in orphans:
+                if image.id not in seen:
+                    seen.add(image.id)
+                    stale.append(image)
+                    summary.orphaned.append(image.id)
         # Job images follow their job's explain option, as its own fan-out did; other images
         # follow the worker's default (no explicit option).
         explain_of = _job_explain(session, {i.job_id for i in stale if i.job_id})
@@ -118,8 +174,10 @@ def sweep(
     summary.pruned = prune_processed(get_settings())
     if summary.requeued or summary.jobs or summary.pruned:
         log.info(
-            "sweep: re-queued %d image(s) and %d folder job(s), pruned %d broker file(s)",
+            "sweep: re-queued %d image(s) (%d of a worker gone) and %d folder job(s), "
+            "pruned %d broker file(s)",
             len(summary.requeued),
+            len(summary.orphaned),
             len(summary.jobs),
             summary.pruned,
         )

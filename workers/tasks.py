@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core import tasks
 from workers import explain, folders, scoring, sweep
-from workers.app import celery_app
+from workers.app import celery_app, worker_started_at
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ def _flag(value: Any) -> bool | None:
 
 @celery_app.task(name=tasks.SCORE_IMAGES, bind=True, acks_late=True, ignore_result=True)
 def score_images_task(self: Task, image_ids: Any, explain: Any = None) -> dict[str, int]:
-    summary = _run(self, scoring.score_images, _ids(image_ids), explain=_flag(explain))
+    summary = _run(
+        self, scoring.score_images, _ids(image_ids), explain=_flag(explain), worker=self.request.hostname
+    )
     return {
         "scored": len(summary.scored),
         "ungradable": len(summary.ungradable),
@@ -96,5 +98,6 @@ def expand_folder_task(self: Task, job_id: Any, explain: Any = False) -> int:
 
 @celery_app.task(name=tasks.SWEEP, bind=True, acks_late=True, ignore_result=True)
 def sweep_task(self: Task) -> int:
-    summary = _run(self, sweep.sweep)
+    live = sweep.ping_workers(celery_app, self.request.hostname, since=worker_started_at())
+    summary = _run(self, sweep.sweep, live=live)
     return len(summary.requeued)

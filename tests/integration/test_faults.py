@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -394,6 +395,38 @@ def test_worker_killed_mid_folder_job(stack: Stack) -> None:
     figures = exactly_once(stack.url, job_id, N_PHOTOS)
     no_identifiers_in_logs(stack.worker_logs() + stack.api.logs(), [key.key])
     report("worker_sigkill", figures | {"at_kill": at_kill, "seconds": round(time.monotonic() - started)})
+
+
+def test_whole_worker_killed_comes_back_without_waiting_for_staleness(stack: Stack) -> None:
+    # As (b) above, but with hour-long staleness limits: only the claim check of the sweep
+    # (workers/sweep.py: the restarted worker's own node name, claims from before it started)
+    # can bring the killed chunk back; its Redis message stays unacknowledged for an hour.
+    started = time.monotonic()
+    slow = stack.env | {"DRSCREEN_STALE_QUEUED_MINUTES": "60", "DRSCREEN_STALE_RUNNING_MINUTES": "60"}
+    key = stack.key("Fault clinic 1b")
+    worker = stack.start_worker(env=slow, ready_timeout=WORKER_READY_S)
+    stack.workers.append(worker)
+    job_id = submit_job(stack, key, stack.folder("kill-all"))
+    wait_until(lambda: images_by_status(stack.url, job_id).get("running", 0) > 0, "a chunk running", stack)
+    os.killpg(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait(timeout=10)
+    at_kill = images_by_status(stack.url, job_id)
+    assert at_kill.get("running", 0) > 0 and at_kill.get("done", 0) < N_PHOTOS, at_kill
+
+    stack.workers.append(stack.start_worker(env=slow, ready_timeout=WORKER_READY_S))
+    recovered_s = wait_until(lambda: job_status(stack.url, job_id) == "done", "the job after the kill", stack)
+    figures = exactly_once(stack.url, job_id, N_PHOTOS)
+    gone = re.search(r"\(([1-9][0-9]*) of a worker gone\)", stack.worker_logs())
+    assert gone, "not re-queued by the claim check"
+    report(
+        "worker_sigkill_no_staleness",
+        figures
+        | {
+            "at_kill": at_kill,
+            "recovered_s": round(recovered_s),
+            "seconds": round(time.monotonic() - started),
+        },
+    )
 
 
 def test_redis_restarted_mid_job(stack: Stack) -> None:

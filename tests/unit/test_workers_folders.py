@@ -167,6 +167,65 @@ def test_sweep_requeues_stale(url: str, store: FileStore) -> None:
     assert sweep_mod.sweep(db_url=url, enqueue=Sent(), running_after=timedelta(hours=1)).requeued == []
 
 
+def test_sweep_requeues_claims_of_workers_that_did_not_answer(url: str, store: FileStore) -> None:
+    from tests.unit.test_workers_scoring import add_images, photo
+
+    ids = add_images(url, store, "P1", [photo(n) for n in NAMES[:4]])
+    with session_scope(url) as s:
+        for image_id, worker in zip(ids, ["celery@gone", "celery@alive", "celery@gone", None], strict=True):
+            assert repo.claim_image(s, image_id, worker) is not None
+    with session_scope(url) as s:
+        claimers = [i.claimed_by for i in repo.get_images(s, ids)]
+        assert claimers == ["celery@gone", "celery@alive", "celery@gone", None]
+        repo.get_images(s, [ids[2]])[0].started_at = utcnow() + timedelta(minutes=5)  # claimed after the ping
+    asked_at = utcnow() + sweep_mod.CLAIM_MARGIN + timedelta(seconds=1)
+    ping = sweep_mod.LiveWorkers(frozenset({"celery@alive"}), asked_at)
+    # No ping answer to trust: fresh running rows are left to the staleness rule.
+    assert sweep_mod.sweep(db_url=url, enqueue=Sent()).requeued == []
+    sent = Sent()
+    summary = sweep_mod.sweep(db_url=url, enqueue=sent, live=ping)
+    # Only the row claimed before the ping by the node that did not answer; not the live node's,
+    # not one claimed after the ping, not one claimed outside Celery.
+    assert summary.requeued == summary.orphaned == [ids[0]]
+    assert sent == [(tasks.SCORE_IMAGES, [[ids[0]]], {})]
+    # The re-sent photograph is scored by the next worker, which claims it in its own name.
+    scoring.score_images(
+        [ids[0]], ensemble=StubEnsemble(), store=store, db_url=url, enqueue=Sent(), worker="celery@new"
+    )
+    with session_scope(url) as s:
+        row = repo.get_images(s, [ids[0]])[0]
+        assert (row.status, row.claimed_by) == ("done", "celery@new")
+    assert sweep_mod.sweep(db_url=url, enqueue=Sent(), live=ping).requeued == []
+    # The live node restarted under the same name: its claims from before the restart are orphans.
+    restarted = sweep_mod.LiveWorkers(ping.names, ping.asked_at, me="celery@alive", me_since=utcnow())
+    assert sweep_mod.sweep(db_url=url, enqueue=Sent(), live=restarted).orphaned == [ids[1]]
+
+
+class _Control:
+    def __init__(self, replies: list[dict[str, object]] | Exception) -> None:
+        self.replies = replies
+
+    def ping(self, timeout: float) -> list[dict[str, object]]:
+        if isinstance(self.replies, Exception):
+            raise self.replies
+        return self.replies
+
+
+class _App:
+    def __init__(self, replies: list[dict[str, object]] | Exception) -> None:
+        self.control = _Control(replies)
+
+
+def test_ping_workers_trusts_only_an_answer_that_includes_the_asker() -> None:
+    answered = [{"celery@a": {"ok": "pong"}}, {"celery@b": {"ok": "pong"}}]
+    live = sweep_mod.ping_workers(_App(answered), "celery@a")
+    assert live is not None and live.names == {"celery@a", "celery@b"}
+    assert sweep_mod.ping_workers(_App(answered), "celery@c") is None  # did not hear itself
+    assert sweep_mod.ping_workers(_App([]), "celery@a") is None  # no broadcasts on this broker
+    assert sweep_mod.ping_workers(_App(ConnectionError("down")), "celery@a") is None
+    assert sweep_mod.ping_workers(_App(answered), None) is None
+
+
 def test_sweep_resends_lost_folder_jobs(url: str, store: FileStore, roots: Path) -> None:
     # The API commits the job, then publishes jobs.expand_folder; when that message is lost the job
     # must not stay "queued" for ever. Neither must a job whose expansion stopped midway.
