@@ -154,6 +154,8 @@ def sweep(
         groups: dict[bool | None, list[str]] = {}
         for image in stale:
             image.updated_at = now
+            # Until the re-sent message is claimed, only the staleness rule may send it again.
+            image.claimed_by = None
             groups.setdefault(explain_of[image.job_id] if image.job_id else None, []).append(image.id)
         # Before this sweep existed for jobs, a job whose expand message was lost stayed
         # ``queued`` for ever although the API promised "the sweep will re-queue it".

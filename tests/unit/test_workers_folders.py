@@ -188,6 +188,8 @@ def test_sweep_requeues_claims_of_workers_that_did_not_answer(url: str, store: F
     # not one claimed after the ping, not one claimed outside Celery.
     assert summary.requeued == summary.orphaned == [ids[0]]
     assert sent == [(tasks.SCORE_IMAGES, [[ids[0]]], {})]
+    # Not re-sent at every sweep while its new message waits in the queue.
+    assert sweep_mod.sweep(db_url=url, enqueue=Sent(), live=ping).requeued == []
     # The re-sent photograph is scored by the next worker, which claims it in its own name.
     scoring.score_images(
         [ids[0]], ensemble=StubEnsemble(), store=store, db_url=url, enqueue=Sent(), worker="celery@new"
