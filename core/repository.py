@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -243,21 +243,20 @@ def mark_image_failed(session: Session, image: Image, error: str) -> Image:
 
 
 def orphaned_images(
-    session: Session, live_workers: Iterable[str], claimed_before: datetime, worker: str | None = None
+    session: Session,
+    live_workers: Iterable[str],
+    claimed_before: datetime,
+    restarted: tuple[str, datetime] | None = None,
 ) -> list[Image]:
-    """``running`` images claimed before ``claimed_before`` by a worker not in ``live_workers``
-    (or, with ``worker``, by that worker)."""
-    claimer = Image.claimed_by == worker if worker is not None else Image.claimed_by.is_not(None)
-    return list(
-        session.scalars(
-            select(Image).where(
-                Image.status == "running",
-                claimer,
-                Image.claimed_by.not_in(list(live_workers)),
-                Image.started_at < claimed_before,
-            )
-        )
-    )
+    """``running`` images claimed before ``claimed_before`` by a worker not in ``live_workers``;
+    with ``restarted=(node, since)`` also those ``node`` claimed before ``since`` (an earlier run
+    of a worker now running again under the same name)."""
+    orphaned = and_(Image.claimed_by.not_in(list(live_workers)), Image.started_at < claimed_before)
+    if restarted is not None:
+        node, since = restarted
+        orphaned = or_(orphaned, and_(Image.claimed_by == node, Image.started_at < since))
+    claimed = and_(Image.status == "running", Image.claimed_by.is_not(None))
+    return list(session.scalars(select(Image).where(claimed, orphaned)))
 
 
 def stale_running_images(session: Session, older_than: timedelta) -> list[Image]:

@@ -62,7 +62,7 @@ _started_at: datetime | None = None
 
 
 @celeryd_init.connect
-def _note_concurrency(options: dict[str, Any] | None = None, **_: Any) -> None:
+def _note_worker(options: dict[str, Any] | None = None, **_: Any) -> None:
     global _concurrency, _started_at
     value = (options or {}).get("concurrency")
     _concurrency = int(value) if value else None

@@ -140,12 +140,9 @@ def sweep(
                 stale.append(image)
         if live is not None:
             seen = {image.id for image in stale}
-            orphans = repo.orphaned_images(session, live.names, live.asked_at - CLAIM_MARGIN)
-            if live.me is not None and live.me_since is not None:
-                orphans += repo.orphaned_images(session, [], live.me_since, worker=live.me)
-            for image in orphans:
+            restarted = (live.me, live.me_since) if live.me and live.me_since else None
+            for image in repo.orphaned_images(session, live.names, live.asked_at - CLAIM_MARGIN, restarted):
                 if image.id not in seen:
-                    seen.add(image.id)
                     stale.append(image)
                     summary.orphaned.append(image.id)
         # Job images follow their job's explain option, as its own fan-out did; other images
