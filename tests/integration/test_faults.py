@@ -245,8 +245,15 @@ def stack(
         rs.kill()
 
 
-def wait_until(check: Callable[[], bool], what: str, stack: Stack, timeout: float = JOB_TIMEOUT_S) -> float:
-    """Poll ``check``; returns the seconds it took. Fails with the workers' log tails."""
+def wait_until(
+    check: Callable[[], bool],
+    what: str,
+    stack: Stack,
+    timeout: float = JOB_TIMEOUT_S,
+    state: Callable[[], object] | None = None,
+) -> float:
+    """Poll ``check``; returns the seconds it took. Fails with ``state()`` and the workers' log
+    tails (the lines about scoring first: periodic sweeps would otherwise fill the tail)."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         try:
@@ -255,14 +262,37 @@ def wait_until(check: Callable[[], bool], what: str, stack: Stack, timeout: floa
         except Exception:  # the database may be down on purpose for a moment
             pass
         time.sleep(0.5)
-    tails = "\n----\n".join(w.output()[-2500:] for w in stack.workers)
-    pytest.fail(f"{what}: not within {timeout}s\n{tails}", pytrace=False)
+    seen = f"state: {state()}\n" if state is not None else ""
+    tails = "\n----\n".join(_log_tail(w.output()) for w in stack.workers)
+    pytest.fail(f"{what}: not within {timeout}s\n{seen}{tails}", pytrace=False)
+
+
+def _log_tail(log: str) -> str:
+    lines = [line for line in log.splitlines() if "maintenance.sweep" not in line]
+    return "\n".join(lines)[-4000:]
 
 
 def job_status(url: str, job_id: str) -> str:
     with session_scope(url) as s:
         job = s.get(ScoringJob, job_id)
         return job.status if job else "missing"
+
+
+def progress(url: str, job_id: str) -> tuple[str, dict[str, int]]:
+    return job_status(url, job_id), images_by_status(url, job_id)
+
+
+def wait_running(stack: Stack, job_id: str, what: str) -> None:
+    """Wait until some of the job's photographs are being scored; fails at once, with the job's
+    state, if the job ends first (the fault would hit nothing)."""
+
+    def running_or_over() -> bool:
+        status, counts = progress(stack.url, job_id)
+        return counts.get("running", 0) > 0 or status in ("done", "failed")
+
+    wait_until(running_or_over, what, stack, state=lambda: progress(stack.url, job_id))
+    status, counts = progress(stack.url, job_id)
+    assert counts.get("running", 0) > 0, f"{what}: the job ended first ({status}, {counts})"
 
 
 def images_by_status(url: str, job_id: str) -> dict[str, int]:
@@ -375,7 +405,7 @@ def test_worker_killed_mid_folder_job(stack: Stack) -> None:
 
     # (a) SIGKILL the pool child while it scores: the parent rejects the message back to the queue
     # (task_reject_on_worker_lost) and a new child takes it.
-    wait_until(lambda: images_by_status(stack.url, job_id).get("running", 0) > 0, "a chunk running", stack)
+    wait_running(stack, job_id, "a chunk running")
     [child] = pool_children(worker.proc.pid)
     os.kill(child, signal.SIGKILL)
     wait_until(
@@ -384,7 +414,7 @@ def test_worker_killed_mid_folder_job(stack: Stack) -> None:
 
     # (b) SIGKILL the whole worker (parent and child) in the middle of a chunk: its message stays
     # unacknowledged in Redis for the visibility timeout (an hour); the sweep re-queues the rows.
-    wait_until(lambda: images_by_status(stack.url, job_id).get("running", 0) > 0, "another chunk", stack)
+    wait_running(stack, job_id, "another chunk")
     os.killpg(worker.proc.pid, signal.SIGKILL)
     worker.proc.wait(timeout=10)
     at_kill = images_by_status(stack.url, job_id)
@@ -407,7 +437,7 @@ def test_whole_worker_killed_comes_back_without_waiting_for_staleness(stack: Sta
     worker = stack.start_worker(env=slow, ready_timeout=WORKER_READY_S)
     stack.workers.append(worker)
     job_id = submit_job(stack, key, stack.folder("kill-all"))
-    wait_until(lambda: images_by_status(stack.url, job_id).get("running", 0) > 0, "a chunk running", stack)
+    wait_running(stack, job_id, "a chunk running")
     os.killpg(worker.proc.pid, signal.SIGKILL)
     worker.proc.wait(timeout=10)
     at_kill = images_by_status(stack.url, job_id)
