@@ -23,6 +23,10 @@ class StageConfig:
     patience: int = 3  # early stopping on validation QWK
     balance_power: float = 0.5  # sampling weight = class_frequency ** -power (0 = natural)
     augment_strength: float = 1.0
+    # Stage 2 only: share of each epoch drawn from the equalised training photographs (0 = natural
+    # colour only). The natural stage has 230 photographs and overfits within a few epochs;
+    # mixing the large domain back in is the usual remedy when fine-tuning on a tiny target set.
+    mix_equalized: float = 0.0
 
 
 @dataclass

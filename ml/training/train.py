@@ -78,7 +78,7 @@ def prepare_data(cfg: TrainConfig, base: Path) -> Datasets:
     def make(tag: str) -> Split:
         # empty parts (a final cross-validated run has no validation part), and the equalised
         # parts of a natural-colour-only run, which are neither trained on nor worth caching
-        if not splits[tag] or (tag.startswith("eq_") and cfg.stage1.epochs == 0):
+        if not splits[tag] or (tag.startswith("eq_") and not uses_equalized(cfg)):
             size = cfg.preprocess.size
             return Split([], np.zeros((0, size, size, 3), np.uint8))
         return Split(splits[tag], cached_pixels(splits[tag], cfg.preprocess, cache, tag))
@@ -91,6 +91,11 @@ def prepare_data(cfg: TrainConfig, base: Path) -> Datasets:
         split_hash=split_hash(splits),
         counts={k: len(v) for k, v in splits.items()},
     )
+
+
+def uses_equalized(cfg: TrainConfig) -> bool:
+    """Whether any stage trains on the equalised photographs (else they are not even cached)."""
+    return cfg.stage1.epochs > 0 or (cfg.two_stage and cfg.stage2.mix_equalized > 0)
 
 
 def equalized_without(equalized: list[Sample], natural: dict[str, list[Sample]]) -> list[Sample]:
@@ -139,6 +144,24 @@ def sampling_order(grades: np.ndarray, n: int, power: float, rng: np.random.Gene
     return rng.choice(len(grades), size=n, replace=power > 0 or n > len(grades), p=weights / weights.sum())
 
 
+def extra_draws(n: int, share: float) -> int:
+    """Draws from the extra set that make up ``share`` of an epoch with ``n`` main draws."""
+    return round(n * share / (1 - share))
+
+
+def mixed_order(
+    grades: np.ndarray, extra_grades: np.ndarray, n: int, share: float, power: float, rng: np.random.Generator
+) -> np.ndarray:
+    """One epoch of ``n`` draws over ``grades`` (as ``sampling_order``) shuffled together with
+    ``extra_draws(n, share)`` draws over ``extra_grades``, whose indices follow the main ones."""
+    main = sampling_order(grades, n, power, rng)
+    n_extra = extra_draws(n, share)
+    extra = sampling_order(extra_grades, n_extra, power, rng) + len(grades) if n_extra else main[:0]
+    order = np.concatenate([main, extra])
+    rng.shuffle(order)
+    return order
+
+
 @torch.inference_mode()
 def predict(
     model: GradingNet, split: Split, cfg: TrainConfig, batch_size: int = 32
@@ -183,12 +206,29 @@ def run_stage(
     run_dir: Path,
     history: list[dict[str, Any]],
     start_epoch: int = 0,
+    extra: Split | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Train one stage; returns the best state (by validation QWK) and appends to history."""
+    """Train one stage; returns the best state (by validation QWK) and appends to history.
+    With ``extra`` and ``stage.mix_equalized`` > 0, that share of each epoch comes from ``extra``."""
     rng = np.random.default_rng(cfg.seed + (0 if name == "stage1" else 1000))
     gen = torch.Generator().manual_seed(cfg.seed)
     per_epoch = stage.samples_per_epoch or len(train.samples)
-    steps_total = stage.epochs * math.ceil(per_epoch / stage.batch_size)
+    share = stage.mix_equalized if extra is not None and extra.samples else 0.0
+    n_main = len(train.samples)
+    if share > 0:
+        if not 0 < share < 1:
+            raise ValueError(f"mix_equalized must be in [0, 1), got {share}")
+        assert extra is not None
+        train = Split(train.samples + extra.samples, np.concatenate([train.pixels, extra.pixels]))
+
+    def epoch_order() -> np.ndarray:
+        if share > 0:
+            main, rest = train.grades[:n_main], train.grades[n_main:]
+            return mixed_order(main, rest, per_epoch, share, stage.balance_power, rng)
+        return sampling_order(train.grades, per_epoch, stage.balance_power, rng)
+
+    draws = per_epoch + (extra_draws(per_epoch, share) if share > 0 else 0)
+    steps_total = stage.epochs * math.ceil(draws / stage.batch_size)
     optimizer = torch.optim.AdamW(
         (p for p in model.parameters()), lr=stage.lr, weight_decay=stage.weight_decay
     )
@@ -208,9 +248,9 @@ def run_stage(
         class_weight = torch.tensor(w / w.mean(), dtype=torch.float32, device=DEVICE)
     best_qwk, best_state, bad_epochs = -1.0, {k: v.detach().clone() for k, v in model.state_dict().items()}, 0
     for epoch in range(stage.epochs):
-        order = sampling_order(train.grades, per_epoch, stage.balance_power, rng)
+        order = epoch_order()
         if epoch < start_epoch:  # resumed: replay the RNG and the schedule, skip the work
-            for _ in range(math.ceil(per_epoch / stage.batch_size)):
+            for _ in range(math.ceil(draws / stage.batch_size)):
                 scheduler.step()
             continue
         frozen = epoch < stage.freeze_epochs
@@ -249,6 +289,7 @@ def run_stage(
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)),
             "train_accuracy": correct / max(1, seen),
+            "train_samples": seen,
             **validation_figures(model, val, cfg),
             "lr": scheduler.get_last_lr()[0],
             "seconds": round(time.time() - t0, 1),
@@ -327,7 +368,16 @@ def train_from_config(
     if cfg.two_stage:
         start = done_epoch if done_stage == "stage2" else 0
         best = run_stage(
-            model, cfg.stage2, data.nat_train, data.nat_val, cfg, "stage2", run_dir, history, start
+            model,
+            cfg.stage2,
+            data.nat_train,
+            data.nat_val,
+            cfg,
+            "stage2",
+            run_dir,
+            history,
+            start,
+            data.eq_train,
         )
         model.load_state_dict(best)
     save_member(model, cfg, data, run_dir / "best", history)

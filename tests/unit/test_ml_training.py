@@ -130,6 +130,37 @@ def test_natural_only_warm_start_at_another_size(smoke_run: Path) -> None:
         )
 
 
+def test_mixed_epoch_draws_the_asked_share_from_the_extra_set() -> None:
+    from ml.training.train import mixed_order
+
+    rng = np.random.default_rng(0)
+    grades, extra = np.array([0] * 30 + [2] * 10), np.array([0] * 500 + [4] * 20)
+    order = mixed_order(grades, extra, 40, 0.25, 0.5, rng)
+    from_extra = order >= len(grades)
+    assert len(order) == 40 + round(40 * 0.25 / 0.75) and from_extra.sum() == 13
+    assert order.max() < len(grades) + len(extra) and order.min() >= 0
+    assert from_extra[:20].any() and from_extra[20:].any(), "the two sets are not shuffled together"
+    assert (mixed_order(grades, extra, 40, 0.0, 0.5, rng) < len(grades)).all()  # share 0: main only
+
+
+def test_natural_stage_mixed_with_equalised_photographs(smoke_run: Path) -> None:
+    """stage2.mix_equalized = 0.5 on a natural-only warm start: the equalised training photographs
+    are cached for it and make up half of each epoch."""
+    from ml.training.train import train_from_config
+
+    overrides: dict[str, object] = {
+        **_overrides_from(smoke_run),
+        "init_from": str(smoke_run / "best"),
+        "stage1.epochs": 0,
+        "stage2.mix_equalized": 0.5,
+    }
+    run = train_from_config(REPO / "configs" / "smoke.toml", overrides=overrides)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["stage"] == "stage2" and r["train_samples"] == 32 for r in rows)  # 16 + 16
+    resolved = json.loads((run / "config.json").read_text())
+    assert resolved["stage2"]["mix_equalized"] == 0.5
+
+
 def _overrides_from(run: Path) -> dict[str, str]:
     cfg = json.loads((run / "config.json").read_text())
     keep = ("cache_dir", "equalized_dir", "natural_dir")
