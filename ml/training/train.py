@@ -239,7 +239,9 @@ def run_stage(
         progress = (step - stage.warmup_steps) / max(1, steps_total - stage.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    # a resumed stage starts its schedule where the interrupted run stopped
+    skipped = start_epoch * math.ceil(draws / stage.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step + skipped))
     scaler = torch.amp.GradScaler(DEVICE.type, enabled=DEVICE.type == "cuda")
     class_weight = None
     if cfg.loss.class_weight_power > 0:
@@ -249,9 +251,7 @@ def run_stage(
     best_qwk, best_state, bad_epochs = -1.0, {k: v.detach().clone() for k, v in model.state_dict().items()}, 0
     for epoch in range(stage.epochs):
         order = epoch_order()
-        if epoch < start_epoch:  # resumed: replay the RNG and the schedule, skip the work
-            for _ in range(math.ceil(draws / stage.batch_size)):
-                scheduler.step()
+        if epoch < start_epoch:  # resumed: replay the sampling RNG, skip the work
             continue
         frozen = epoch < stage.freeze_epochs
         set_backbone_frozen(model, frozen)
