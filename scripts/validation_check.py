@@ -9,6 +9,8 @@ Prints each member alone and (unless --members-only) every combination rule over
 three or more members. Members are looked up in models/ unless DRSCREEN_MODELS_DIR names another
 folder (candidates exported with `drscreen export member ... --models-dir DIR`).
 Member probabilities are cached in var/validation-probs/ (keyed by the weights' sha256).
+With --nested the weighted average's out-of-fold figures are also given with its weights chosen
+inside each fold (ml.ensemble_fit.nested_out_of_fold: the honest estimate; a few minutes a subset).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ml.ensemble_fit import fit_rules, member_checks
+from ml.ensemble_fit import fit_rules, member_checks, nested_out_of_fold
 from ml.export import member_probs
 from ml.inference.ensemble import Member
 from ml.release import load_checkpoint, member_dir, sha256_file
@@ -41,7 +43,7 @@ def cached_probs(ref: str, samples: list) -> np.ndarray:
     return probs
 
 
-def main(refs: list[str], members_only: bool = False) -> None:
+def main(refs: list[str], members_only: bool = False, nested: bool = False) -> None:
     val = natural_split(TrainConfig(), Path.cwd())["val"]
     y = np.array([s.grade for s in val])
     groups = np.array([s.patient_id for s in val])
@@ -59,8 +61,17 @@ def main(refs: list[str], members_only: bool = False) -> None:
                     f"  [{names}] {rule:16s} QWK {check.qwk:.3f}  sens {check.sensitivity:.3f}"
                     f"  spec {check.specificity:.3f}{extra}"
                 )
+            if nested:
+                check = nested_out_of_fold(probs[list(subset)], y, groups, checks["weighted_average"].floor)
+                print(
+                    f"  [{names}] {'weighted (nested)':16s} QWK {check.qwk:.3f}  sens {check.sensitivity:.3f}"
+                    f"  spec {check.specificity:.3f}"
+                )
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main([a for a in args if a != "--members-only"], members_only="--members-only" in args)
+    flags = {"--members-only", "--nested"}
+    main(
+        [a for a in args if a not in flags], members_only="--members-only" in args, nested="--nested" in args
+    )

@@ -13,6 +13,7 @@ from ml.ensemble_fit import (
     fit_weighted_average,
     keep_sensitivity,
     member_checks,
+    nested_out_of_fold,
     out_of_fold,
     patient_folds,
 )
@@ -101,3 +102,19 @@ def test_out_of_fold_of_a_single_member_tracks_its_quality(noise: tuple[float, .
     probs, y, groups = synthetic(noise=noise)
     result = out_of_fold(fit_weighted_average([1.0]), probs, y, groups, floor=0.85)
     assert (result.qwk > 0.9) if noise[0] < 0.1 else (result.qwk < 0.8)
+
+
+def test_nested_out_of_fold_of_one_member_is_the_plain_one() -> None:
+    """With one member there is no weight to choose, so nesting must change nothing."""
+    probs, y, groups = synthetic(noise=(0.5,))
+    plain = out_of_fold(fit_weighted_average([1.0]), probs, y, groups, floor=0.8)
+    assert nested_out_of_fold(probs, y, groups, floor=0.8) == plain
+
+
+def test_nested_out_of_fold_finds_the_informative_member_inside_each_fold() -> None:
+    probs, y, groups = synthetic(noise=(0.3,))
+    rng = np.random.default_rng(5)
+    noise_member = one_hot_probs(rng.uniform(0, 4, len(y)))
+    nested = nested_out_of_fold(np.stack([probs[0], noise_member]), y, groups, floor=0.0)
+    alone = out_of_fold(fit_weighted_average([1.0]), probs, y, groups, floor=0.0)
+    assert nested.qwk > 0.8 and abs(nested.qwk - alone.qwk) < 0.1
