@@ -125,8 +125,16 @@ def evaluate_probs(rule: CombineRule, probs: np.ndarray, y: np.ndarray) -> dict[
 
 
 def export_ensemble(
-    member_refs: list[str], name: str, version: str, rule_name: str, data: DataConfig, models_dir: Path
+    member_refs: list[str],
+    name: str,
+    version: str,
+    rule_name: str,
+    data: DataConfig,
+    models_dir: Path,
+    nested: bool = True,
 ) -> Path:
+    """Fit the combination rules on validation, choose one, write manifest and model card.
+    ``nested=False``: the weighted average judged as up to 1.4.0 (``ml.ensemble_fit.fit_rules``)."""
     members = []
     for ref in member_refs:
         model, pre, config = load_checkpoint(member_dir(ref, models_dir))
@@ -147,7 +155,7 @@ def export_ensemble(
         y_val, groups = np.array([s.grade for s in val]), np.array([s.patient_id for s in val])
         p_val = member_probs(members, val)
         fit_desc = "natural-colour validation patients"
-    rules, checks = fit_rules(p_val, y_val, groups)
+    rules, checks = fit_rules(p_val, y_val, groups, nested=nested)
     singles = member_checks(p_val, y_val, groups)
     table: dict[str, dict[str, Any]] = {}
     for i, ref in enumerate(member_refs):
@@ -181,6 +189,7 @@ def export_ensemble(
         "card": {
             "chosen_rule": chosen,
             "sensitivity_floor_on_validation": checks[chosen].floor if chosen in checks else None,
+            "weighted_average_check": "nested" if nested else "plain",
             "validation": {"set": fit_desc, "n_images": len(y_val)},
             "test": {
                 "set": "natural-colour test patients (never trained or tuned on)",
@@ -245,6 +254,13 @@ CARD_COLUMNS = (
 )
 
 
+WEIGHT_CHECKS = {
+    "nested": "The weighted average's out-of-fold figures choose its weights inside each fold.",
+    "plain": "The weighted average's weights were picked and judged on the same folds (before "
+    "session 6): its out-of-fold figures flatter it.",
+}
+
+
 def model_card(manifest: dict[str, Any]) -> str:
     card = manifest["card"]
     combination = manifest["combination"]
@@ -257,7 +273,8 @@ def model_card(manifest: dict[str, Any]) -> str:
         "out-of-fold QWK (5 patient-grouped folds x 4 shuffles) among the rules whose out-of-fold referable "
         "sensitivity/specificity meet 0.80/0.70; cut points are the median of bootstrap fits, and "
         f"the 1|2 cut is lowered until validation referable sensitivity >= "
-        f"{card['sensitivity_floor_on_validation']}.",
+        f"{card['sensitivity_floor_on_validation']}. "
+        + WEIGHT_CHECKS[card.get("weighted_average_check", "plain")],
         "",
         f"## Figures ({card['validation']['n_images']} validation / "
         f"{card['test']['n_images']} test natural-colour photographs)",
@@ -301,6 +318,11 @@ def export_cli(args: list[str]) -> None:
     pe.add_argument("--version", required=True)
     pe.add_argument("--rule", default="auto", choices=["auto", "weighted_average", "max_vote", "stacking"])
     pe.add_argument("--natural-dir", default=DataConfig().natural_dir)
+    pe.add_argument(
+        "--plain-weight-check",
+        action="store_true",
+        help="judge the weighted average as releases up to 1.4.0 were (weights not chosen inside each fold)",
+    )
     po = sub.add_parser("onnx", help="export an ensemble's members to ONNX")
     po.add_argument("--model", default=None, help="ensemble NAME@VERSION (default newest)")
     po.add_argument("--quantize", action="store_true")
@@ -311,8 +333,9 @@ def export_cli(args: list[str]) -> None:
     if ns.what == "member":
         export_member(ns.run_dir, ns.name, ns.version, ns.half, ns.models_dir)
     elif ns.what == "ensemble":
+        data = DataConfig(natural_dir=ns.natural_dir)
         export_ensemble(
-            ns.member, ns.name, ns.version, ns.rule, DataConfig(natural_dir=ns.natural_dir), ns.models_dir
+            ns.member, ns.name, ns.version, ns.rule, data, ns.models_dir, nested=not ns.plain_weight_check
         )
     else:
         from ml.onnx_export import export_onnx

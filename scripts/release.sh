@@ -18,6 +18,8 @@
 #        stage from the same stage-1 checkpoint (runs/clean-cv). VARIANT=plain|cv picks which
 #        members are exported (~60 min of training with the three in parallel on 2 cores).
 # 1.4.0: 1.3.0 with its 0-weight Lite1+CBAM member retrained with stage 1 of 8 x 2000 instead of 4.
+# 1.4.1: 1.4.0's members, re-fitted with the weighted average judged nested (session 6; no training).
+# Releases up to 1.4.0 were fitted with --plain-weight-check (docs/experiments.md, session 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: scripts/release.sh VERSION [--skip-training]}
@@ -37,9 +39,15 @@ export_release() {
     .venv/bin/drscreen export member "${run%/}" --name "$name" --version "$version" --half
     refs+=(--member "$name@$version")
   done
-  .venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version"
+  .venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version" \
+    --plain-weight-check
 }
 
+if [[ "$version" == "1.4.1" ]]; then
+  .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member lite1-cbam-multitask@1.4.0 \
+    --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version"
+  exit 0
+fi
 if [[ "$version" == "1.4.0" ]]; then
   # MobileNetV2 and Lite2+SE of 1.3.0 unchanged; Lite1+CBAM retrained with a longer clean stage 1
   # (chosen by the rule in docs/experiments.md, session 5; ~45 min on 1 thread).
@@ -51,7 +59,8 @@ if [[ "$version" == "1.4.0" ]]; then
   .venv/bin/drscreen export member "$(newest_run runs/s5 lite1-cbam-multitask)" \
     --name lite1-cbam-multitask --version "$version" --half
   .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member "lite1-cbam-multitask@$version" \
-    --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version"
+    --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version" \
+    --plain-weight-check
   exit 0
 fi
 if [[ "$version" == "1.3.0" ]]; then
@@ -112,4 +121,5 @@ for i in "${!members[@]}"; do
   fi
   refs+=(--member "$name@$member_version")
 done
-.venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version"
+.venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version" \
+    --plain-weight-check

@@ -118,3 +118,15 @@ def test_nested_out_of_fold_finds_the_informative_member_inside_each_fold() -> N
     nested = nested_out_of_fold(np.stack([probs[0], noise_member]), y, groups, floor=0.0)
     alone = out_of_fold(fit_weighted_average([1.0]), probs, y, groups, floor=0.0)
     assert nested.qwk > 0.8 and abs(nested.qwk - alone.qwk) < 0.1
+
+
+def test_plain_weight_check_flatters_where_nested_does_not() -> None:
+    """One weak member and two of pure noise: picking weights and judging them on the same folds
+    finds noise that happens to help there; choosing them inside each fold cannot."""
+    probs, y, groups = synthetic(n_patients=40, noise=(1.0,), seed=3)
+    rng = np.random.default_rng(103)
+    noise = [one_hot_probs(rng.uniform(0, 4, len(y))) for _ in range(2)]
+    members = np.stack([probs[0], *noise])
+    plain = fit_rules(members, y, groups, nested=False)[1]["weighted_average"]
+    nested = fit_rules(members, y, groups, nested=True)[1]["weighted_average"]
+    assert plain.qwk > nested.qwk + 0.02
