@@ -206,7 +206,8 @@ def nested_weighted_average() -> Fitter:
     """The weighted average with its weights chosen by ``best_weights`` on the rows it is fitted
     on. Inside ``out_of_fold`` that means inside each fold: the honest figure. ``fit_rules``
     with only a fixed weight vector ranks the grid by out-of-fold QWK and then reports the
-    winner's out-of-fold QWK, the same folds picking and judging (1.4.0: 0.702 so, 0.579 nested).
+    winner's out-of-fold QWK, the same folds picking and judging (1.4.0's members: 0.702 that way,
+    0.579 nested).
     Weights do not depend on the sensitivity floor, so each fold's are kept for the next floor."""
     chosen: dict[tuple[str, ...], list[float]] = {}
 
