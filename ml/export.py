@@ -2,13 +2,15 @@
 
     drscreen export member RUN_DIR --name NAME --version 1.0.0 [--half]
     drscreen export ensemble --member NAME@VER ... --name NAME --version 1.0.0 [--rule auto]
+                             [--validation-only] [--plain-weight-check]
     drscreen export onnx --model NAME@VER [--quantize]
 
 The ensemble step is where every combination rule meets every member on the same natural-colour
 validation patients: weights, thresholds and the stacking model are fitted there, the rule
 with the best validation QWK is chosen, and all of it is also measured on the natural-colour
 test patients that no member was trained or tuned on. The figures go into the manifest and the
-model card.
+model card. ``--validation-only`` leaves the test part out (not even scored): for candidates that
+a rule fixed beforehand must choose between, so no test figure is on screen before the choice.
 """
 
 from __future__ import annotations
@@ -132,17 +134,21 @@ def export_ensemble(
     data: DataConfig,
     models_dir: Path,
     nested: bool = True,
+    measure_test: bool = True,
 ) -> Path:
     """Fit the combination rules on validation, choose one, write manifest and model card.
-    ``nested=False``: the weighted average judged as up to 1.4.0 (``ml.ensemble_fit.fit_rules``)."""
+    ``nested=False``: the weighted average judged as up to 1.4.0 (``ml.ensemble_fit.fit_rules``);
+    ``measure_test=False``: the test patients are neither scored nor reported."""
     members = []
     for ref in member_refs:
         model, pre, config = load_checkpoint(member_dir(ref, models_dir))
         members.append(Member(ref, model, pre, config))
     split = natural_split(TrainConfig(data=data), Path.cwd())
     val, test = split["val"], split["test"]
+    if not measure_test:
+        test = []
     y_test = np.array([s.grade for s in test])
-    p_test = member_probs(members, test)
+    p_test = member_probs(members, test) if test else None
     fit_set = out_of_fold_set(member_refs, models_dir)
     if fit_set is not None:
         # every member was cross-validated (ml/training/crossval.py): fit on their out-of-fold
@@ -163,19 +169,23 @@ def export_ensemble(
         table[ref] = {
             "validation": evaluate_probs(single, p_val[i : i + 1], y_val),
             "validation_out_of_fold": asdict(singles[i]),
-            "test": evaluate_probs(single, p_test[i : i + 1], y_test),
         }
+        if p_test is not None:
+            table[ref]["test"] = evaluate_probs(single, p_test[i : i + 1], y_test)
     for rname, rule in rules.items():
         table[f"rule:{rname}"] = {
             "validation": evaluate_probs(rule, p_val, y_val),
             "validation_out_of_fold": asdict(checks[rname]),
-            "test": evaluate_probs(rule, p_test, y_test),
         }
+        if p_test is not None:
+            table[f"rule:{rname}"]["test"] = evaluate_probs(rule, p_test, y_test)
     chosen = rule_name if rule_name != "auto" else choose_rule(checks)
-    combined, _, chosen_grades = combine(rules[chosen], p_test)
-    test_intervals = bootstrap_intervals(
-        y_test, chosen_grades, combined[:, 2:].sum(axis=1), [s.patient_id for s in test]
-    )
+    test_intervals = None
+    if p_test is not None:
+        combined, _, chosen_grades = combine(rules[chosen], p_test)
+        test_intervals = bootstrap_intervals(
+            y_test, chosen_grades, combined[:, 2:].sum(axis=1), [s.patient_id for s in test]
+        )
     folder = ensemble_dir(f"{name}@{version}", models_dir)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -192,7 +202,9 @@ def export_ensemble(
             "weighted_average_check": "nested" if nested else "plain",
             "validation": {"set": fit_desc, "n_images": len(y_val)},
             "test": {
-                "set": "natural-colour test patients (never trained or tuned on)",
+                "set": "natural-colour test patients (never trained or tuned on)"
+                if measure_test
+                else "not measured (--validation-only)",
                 "n_images": len(test),
                 "chosen_rule_intervals_95": test_intervals,
             },
@@ -204,12 +216,14 @@ def export_ensemble(
         manifest["quality_thresholds"] = json.loads(quality.read_text())
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
     (folder / "MODEL_CARD.md").write_text(model_card(manifest))
+    oof = checks.get(chosen)
     log.info(
-        "ensemble %s@%s: rule %s, test QWK %.3f",
+        "ensemble %s@%s: rule %s, out-of-fold QWK %s, sensitivity %s, specificity %s%s",
         name,
         version,
         chosen,
-        table[f"rule:{chosen}"]["test"]["qwk"],
+        *(_fmt(getattr(oof, k, None)) for k in ("qwk", "sensitivity", "specificity")),
+        "" if measure_test else " (test part not measured)",
     )
     return folder
 
@@ -277,17 +291,18 @@ def model_card(manifest: dict[str, Any]) -> str:
         + WEIGHT_CHECKS[card.get("weighted_average_check", "plain")],
         "",
         f"## Figures ({card['validation']['n_images']} validation / "
-        f"{card['test']['n_images']} test natural-colour photographs)",
+        + (f"{card['test']['n_images']} test" if card["test"]["n_images"] else "no (not measured)")
+        + " natural-colour photographs)",
         "",
         CARD_COLUMNS,
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, row in card["metrics"].items():
-        t, oof = row["test"], row.get("validation_out_of_fold")
+        t, oof = row.get("test") or {}, row.get("validation_out_of_fold")
         sens_spec = f"{_fmt(oof['sensitivity'])} / {_fmt(oof['specificity'])}" if oof else "-"
         cells = [_fmt(row["validation"]["qwk"]), _fmt(oof["qwk"] if oof else None), sens_spec]
-        cells += [_fmt(t[k]) for k in ("qwk", "accuracy", "referable_sensitivity")]
-        cells += [_fmt(t[k]) for k in ("referable_specificity", "referable_auc")]
+        cells += [_fmt(t.get(k)) for k in ("qwk", "accuracy", "referable_sensitivity")]
+        cells += [_fmt(t.get(k)) for k in ("referable_specificity", "referable_auc")]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     intervals = card["test"].get("chosen_rule_intervals_95")
     if intervals:
@@ -323,6 +338,11 @@ def export_cli(args: list[str]) -> None:
         action="store_true",
         help="judge the weighted average as releases up to 1.4.0 were (weights not chosen inside each fold)",
     )
+    pe.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="leave the test patients out (a candidate for a rule fixed beforehand to choose)",
+    )
     po = sub.add_parser("onnx", help="export an ensemble's members to ONNX")
     po.add_argument("--model", default=None, help="ensemble NAME@VERSION (default newest)")
     po.add_argument("--quantize", action="store_true")
@@ -335,7 +355,14 @@ def export_cli(args: list[str]) -> None:
     elif ns.what == "ensemble":
         data = DataConfig(natural_dir=ns.natural_dir)
         export_ensemble(
-            ns.member, ns.name, ns.version, ns.rule, data, ns.models_dir, nested=not ns.plain_weight_check
+            ns.member,
+            ns.name,
+            ns.version,
+            ns.rule,
+            data,
+            ns.models_dir,
+            nested=not ns.plain_weight_check,
+            measure_test=not ns.validation_only,
         )
     else:
         from ml.onnx_export import export_onnx

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml.training.data import read_labels, split_patients
+from ml.training.data import Sample, read_labels, split_patients
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
@@ -218,7 +218,9 @@ def test_export_and_evaluate_report_known_metrics(
     ).exists()
 
 
-def test_cross_validated_natural_stage_feeds_the_ensemble_fit(smoke_run: Path, tmp_path: Path) -> None:
+def test_cross_validated_natural_stage_feeds_the_ensemble_fit(
+    smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every pooled train+val photograph gets one out-of-fold probability from a fold model that
     never saw its patient; the exported members carry them and the ensemble is fitted on them."""
     from ml.export import export_ensemble, export_member, out_of_fold_set
@@ -250,3 +252,23 @@ def test_cross_validated_natural_stage_feeds_the_ensemble_fit(smoke_run: Path, t
     folder = export_ensemble(["cv-a@0.0.1", "cv-b@0.0.1"], "cv", "0.0.1", "auto", data, models)
     card = json.loads((folder / "manifest.json").read_text())["card"]
     assert card["validation"]["n_images"] == len(oof["paths"]) and "out-of-fold" in card["validation"]["set"]
+    assert all("test" in row for row in card["metrics"].values())
+
+    # a candidate for a rule fixed beforehand: the test photographs are not even scored
+    import ml.export
+
+    scored: list[str] = []
+    real_member_probs = ml.export.member_probs
+
+    def recording(members: list[object], samples: list[Sample]) -> np.ndarray:
+        scored.extend(s.path.name for s in samples)
+        return real_member_probs(members, samples)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ml.export, "member_probs", recording)
+    blind = export_ensemble(
+        ["cv-a@0.0.1", "cv-b@0.0.1"], "cv-blind", "0.0.1", "auto", data, models, measure_test=False
+    )
+    card = json.loads((blind / "manifest.json").read_text())["card"]
+    assert not any("test" in row for row in card["metrics"].values()) and card["test"]["n_images"] == 0
+    assert not set(scored) & {s.path.name for s in plain["test"]}
+    assert "not measured" in (blind / "MODEL_CARD.md").read_text()
