@@ -230,14 +230,19 @@ def fit_rules(
 ) -> tuple[dict[str, CombineRule], dict[str, CrossValidated]]:
     """Every rule fitted on all validation patients, and its out-of-fold figures.
 
-    ``nested=False`` judges the weighted average with the weights picked on all validation
-    patients (how releases up to 1.4.0 were chosen; flattering, see ``nested_weighted_average``)."""
+    ``equal_average`` is the weighted average with every weight 1: nothing is picked, so its
+    out-of-fold figures need no nesting, and on 57 validation patients it beat the picked
+    weights (docs/experiments.md, session 6). ``nested=False`` is the fitter of releases up to
+    1.4.0: the weighted average judged with the weights picked on all validation patients
+    (flattering, see ``nested_weighted_average``) and no ``equal_average``."""
     weights = best_weights(probs, y, groups)
     fitters: dict[str, Fitter] = {
         "weighted_average": fit_weighted_average(weights),
         "max_vote": fit_max_vote,
         "stacking": fit_stacking,
     }
+    if nested:
+        fitters["equal_average"] = fit_weighted_average([1.0] * probs.shape[0])
     judges = fitters | ({"weighted_average": nested_weighted_average()} if nested else {})
     checks = {name: best_floor(judge, probs, y, groups) for name, judge in judges.items()}
     rules = {name: fitter(probs, y, groups, checks[name].floor) for name, fitter in fitters.items()}

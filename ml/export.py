@@ -331,7 +331,11 @@ def export_cli(args: list[str]) -> None:
     pe.add_argument("--member", action="append", required=True, help="NAME@VERSION (repeat)")
     pe.add_argument("--name", required=True)
     pe.add_argument("--version", required=True)
-    pe.add_argument("--rule", default="auto", choices=["auto", "weighted_average", "max_vote", "stacking"])
+    pe.add_argument(
+        "--rule",
+        default="auto",
+        choices=["auto", "weighted_average", "equal_average", "max_vote", "stacking"],
+    )
     pe.add_argument("--natural-dir", default=DataConfig().natural_dir)
     pe.add_argument(
         "--plain-weight-check",

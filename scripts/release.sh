@@ -19,6 +19,7 @@
 #        members are exported (~60 min of training with the three in parallel on 2 cores).
 # 1.4.0: 1.3.0 with its 0-weight Lite1+CBAM member retrained with stage 1 of 8 x 2000 instead of 4.
 # 1.4.1: 1.4.0's members, re-fitted with the weighted average judged nested (session 6; no training).
+# 1.4.2: the same members, with the equal-weight average as a candidate rule (session 6; no training).
 # Releases up to 1.4.0 were fitted with --plain-weight-check (docs/experiments.md, session 6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,9 +44,11 @@ export_release() {
     --plain-weight-check
 }
 
-if [[ "$version" == "1.4.1" ]]; then
+if [[ "$version" == "1.4.1" || "$version" == "1.4.2" ]]; then
+  # 1.4.1 was chosen before the equal_average candidate existed (it would now be outranked): pin it
+  pin=(); [[ "$version" == "1.4.1" ]] && pin=(--rule max_vote)
   .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member lite1-cbam-multitask@1.4.0 \
-    --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version"
+    --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version" "${pin[@]}"
   exit 0
 fi
 if [[ "$version" == "1.4.0" ]]; then

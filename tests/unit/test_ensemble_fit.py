@@ -75,7 +75,8 @@ def test_out_of_fold_rewards_the_better_member() -> None:
 def test_fit_rules_fits_every_rule_and_they_grade() -> None:
     probs, y, groups = synthetic()
     rules, checks = fit_rules(probs, y, groups)
-    assert set(rules) == set(checks) == {"weighted_average", "max_vote", "stacking"}
+    assert set(rules) == set(checks) == {"weighted_average", "equal_average", "max_vote", "stacking"}
+    assert rules["equal_average"].rule == "weighted_average" and rules["equal_average"].weights == [1.0] * 3
     for rule in rules.values():
         grades = combine(rule, probs)[2]
         assert grades.min() >= 0 and grades.max() <= 4
