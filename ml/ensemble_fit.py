@@ -209,10 +209,10 @@ def nested_weighted_average() -> Fitter:
     winner's out-of-fold QWK, the same folds picking and judging (1.4.0's members: 0.702 that way,
     0.579 nested).
     Weights do not depend on the sensitivity floor, so each fold's are kept for the next floor."""
-    chosen: dict[tuple[str, ...], list[float]] = {}
+    chosen: dict[tuple[bytes, bytes], list[float]] = {}
 
     def fit(probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: float) -> CombineRule:
-        key = (str(probs.shape), str(hash(probs.tobytes())), *map(str, groups))
+        key = (probs.tobytes(), groups.tobytes())  # the fold's rows
         if key not in chosen:
             chosen[key] = best_weights(probs, y, groups)
         return fit_weighted_average(chosen[key])(probs, y, groups, floor)

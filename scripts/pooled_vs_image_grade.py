@@ -8,7 +8,6 @@ by construction; with max vote they need not (docs/model.md).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,14 +18,13 @@ from validation_check import cached_probs
 
 from ml.inference.combine import CombineRule, combine, grade_from_probabilities
 from ml.metrics import qwk, referable_metrics
-from ml.release import ensemble_dir
+from ml.release import newest_ensemble, read_manifest
 from ml.training.config import TrainConfig
 from ml.training.train import natural_split
 
 
 def main(ref: str | None) -> None:
-    folder = ensemble_dir(ref) if ref else sorted(Path("models/ensembles/drscreen-ensemble").iterdir())[-1]
-    m = json.loads((Path(folder) / "manifest.json").read_text())
+    m = read_manifest(ref or newest_ensemble())
     rule = CombineRule(**m["combination"])
     val = natural_split(TrainConfig(), Path.cwd())["val"]
     probs = np.stack([cached_probs(r["ref"], val) for r in m["members"]])

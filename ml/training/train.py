@@ -220,12 +220,13 @@ def run_stage(
             raise ValueError(f"mix_equalized must be in [0, 1), got {share}")
         assert extra is not None
         train = Split(train.samples + extra.samples, np.concatenate([train.pixels, extra.pixels]))
+    grades = train.grades
 
     def epoch_order() -> np.ndarray:
         if share > 0:
-            main, rest = train.grades[:n_main], train.grades[n_main:]
+            main, rest = grades[:n_main], grades[n_main:]
             return mixed_order(main, rest, per_epoch, share, stage.balance_power, rng)
-        return sampling_order(train.grades, per_epoch, stage.balance_power, rng)
+        return sampling_order(grades, per_epoch, stage.balance_power, rng)
 
     draws = per_epoch + (extra_draws(per_epoch, share) if share > 0 else 0)
     steps_total = stage.epochs * math.ceil(draws / stage.batch_size)
@@ -245,7 +246,7 @@ def run_stage(
     scaler = torch.amp.GradScaler(DEVICE.type, enabled=DEVICE.type == "cuda")
     class_weight = None
     if cfg.loss.class_weight_power > 0:
-        freq = np.bincount(train.grades, minlength=5).astype(float).clip(min=1)
+        freq = np.bincount(grades, minlength=5).astype(float).clip(min=1)
         w = freq**-cfg.loss.class_weight_power
         class_weight = torch.tensor(w / w.mean(), dtype=torch.float32, device=DEVICE)
     best_qwk, best_state, bad_epochs = -1.0, {k: v.detach().clone() for k, v in model.state_dict().items()}, 0
@@ -267,7 +268,7 @@ def run_stage(
             idx = np.sort(order[start : start + stage.batch_size])
             x = augment(to_batch(train.pixels[idx], cfg.preprocess), gen, stage.augment_strength)
             x = x.to(DEVICE, memory_format=torch.channels_last)
-            y = torch.from_numpy(train.grades[idx]).long().to(DEVICE)
+            y = torch.from_numpy(grades[idx]).long().to(DEVICE)
             # mixed precision where it pays (CUDA); CPU autocast is slower for these nets
             with torch.autocast(device_type=DEVICE.type, enabled=DEVICE.type == "cuda"):
                 out = model(x)

@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_smoke_training_writes_every_artefact(smoke_run: Path) -> None:
         "stage1/config.json",
     ):
         assert (smoke_run / name).exists(), name
-    rows = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(smoke_run)
     assert [r["stage"] for r in rows] == ["stage1", "stage1", "stage2", "stage2"][: len(rows)]
     assert all(np.isfinite(r["train_loss"]) for r in rows)
     meta = json.loads((smoke_run / "best" / "metadata.json").read_text())
@@ -108,14 +109,9 @@ def test_natural_only_warm_start_at_another_size(smoke_run: Path) -> None:
     its photographs cached), warm-started from a member trained at another input size."""
     from ml.training.train import train_from_config
 
-    overrides: dict[str, object] = {
-        **_overrides_from(smoke_run),
-        "init_from": str(smoke_run / "best"),
-        "preprocess.size": 96,
-        "stage1.epochs": 0,
-    }
+    overrides = _natural_only_from(smoke_run, {"preprocess.size": 96})
     run = train_from_config(REPO / "configs" / "smoke.toml", overrides=overrides)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(run)
     assert rows and {r["stage"] for r in rows} == {"stage2"}
     assert not (run / "stage1").exists()
     assert json.loads((run / "best" / "config.json").read_text())["preprocess"]["size"] == 96
@@ -148,17 +144,21 @@ def test_natural_stage_mixed_with_equalised_photographs(smoke_run: Path) -> None
     are cached for it and make up half of each epoch."""
     from ml.training.train import train_from_config
 
-    overrides: dict[str, object] = {
-        **_overrides_from(smoke_run),
-        "init_from": str(smoke_run / "best"),
-        "stage1.epochs": 0,
-        "stage2.mix_equalized": 0.5,
-    }
+    overrides = _natural_only_from(smoke_run, {"stage2.mix_equalized": 0.5})
     run = train_from_config(REPO / "configs" / "smoke.toml", overrides=overrides)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(run)
     assert rows and all(r["stage"] == "stage2" and r["train_samples"] == 32 for r in rows)  # 16 + 16
     resolved = json.loads((run / "config.json").read_text())
     assert resolved["stage2"]["mix_equalized"] == 0.5
+
+
+def _natural_only_from(run: Path, settings: dict[str, object]) -> dict[str, object]:
+    """Overrides for a natural-colour-only run (no stage 1) warm-started from ``run``'s best."""
+    return {**_overrides_from(run), "init_from": str(run / "best"), "stage1.epochs": 0, **settings}
+
+
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _overrides_from(run: Path) -> dict[str, str]:
@@ -240,7 +240,7 @@ def test_cross_validated_natural_stage_feeds_the_ensemble_fit(
     assert not set(oof["paths"]) & {s.path.name for s in plain["test"]}
     summary = json.loads((final / "cv.json").read_text())
     assert len(summary["fold_best_epochs"]) == 2 and summary["final_epochs"] >= 1
-    rows = [json.loads(line) for line in (final / "metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(final)
     assert rows and all(r["stage"] == "stage2" and r["val_qwk"] is None for r in rows)
 
     models = tmp_path / "models"
