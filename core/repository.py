@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -286,6 +286,10 @@ def get_or_create_model_version(
 
 def get_model_version(session: Session, model_version_id: int) -> ModelVersion | None:
     return session.get(ModelVersion, model_version_id)
+
+
+def get_model_version_by_ref(session: Session, ref: str) -> ModelVersion | None:
+    return session.scalars(select(ModelVersion).where(ModelVersion.ref == ref)).first()
 
 
 def latest_model_version(session: Session) -> ModelVersion | None:
@@ -623,21 +627,22 @@ def refresh_job_counts(session: Session, job_id: str) -> ScoringJob:
 
 
 def job_grade_counts(session: Session, job_id: str) -> dict[str, int]:
-    """Counts of the newest prediction's grade over the job's images: keys "0".."4" and "ungradable"."""
-    image_ids = [
-        i for i in session.scalars(select(Image.id).where(Image.job_id == job_id, Image.status == "done"))
-    ]
+    """Counts of the newest prediction's grade over the job's images: keys "0".."4" and "ungradable".
+
+    The images are those the job's items point at, which includes photographs first submitted by
+    an earlier job (dedupe links them instead of storing a second copy)."""
+    image_ids = list(
+        session.scalars(
+            select(Image.id)
+            .join(ScoringJobItem, ScoringJobItem.image_id == Image.id)
+            .where(ScoringJobItem.job_id == job_id, Image.status == "done")
+            .distinct()
+        )
+    )
     counts = {str(g): 0 for g in range(5)} | {"ungradable": 0}
     for pred in predictions_for_images(session, image_ids).values():
         counts["ungradable" if pred.grade is None else str(pred.grade)] += 1
     return counts
-
-
-def count_images_by_status(session: Session, job_id: str) -> dict[str, int]:
-    rows = session.execute(
-        select(Image.status, func.count()).where(Image.job_id == job_id).group_by(Image.status)
-    ).all()
-    return {status: int(n) for status, n in rows}
 
 
 # ----------------------------------------------------------------------------------------- audit

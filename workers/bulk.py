@@ -159,6 +159,7 @@ def _run(
                     item=item,
                     store=store,
                     max_bytes=settings.max_upload_bytes,
+                    model_ref=ens.ref,
                 )
         image_ids = list(
             dict.fromkeys(i.image_id for i in repo.job_items(session, job_id, status="queued") if i.image_id)

@@ -35,6 +35,7 @@ from core.settings import get_settings
 from core.store import FileStore, get_store
 from core.tables import Image, ScoringJob, ScoringJobItem, utcnow
 from ml.imageio import SUPPORTED_FORMATS, sniff_format
+from workers.model import serving_ref
 from workers.naming import MANIFEST_NAME, ManifestError, match_name, parse_manifest
 from workers.scoring import Enqueue, send_by_name
 from workers.settings import get_worker_settings
@@ -196,7 +197,7 @@ def read_photo(path: Path, max_bytes: int) -> LoadedFile | str:
 def _existing_image(session: Session, clinic_id: int, patient_id: int, eye: str, sha256: str) -> Image | None:
     """The clinic's image with the same bytes for the same patient and eye (dedupe: a photograph
     submitted twice is scored once and counts once in the eye's mean)."""
-    return session.scalars(
+    image: Image | None = session.scalars(
         select(Image)
         .where(
             Image.clinic_id == clinic_id,
@@ -208,6 +209,22 @@ def _existing_image(session: Session, clinic_id: int, patient_id: int, eye: str,
         .order_by(Image.created_at)
         .limit(1)
     ).first()
+    return image
+
+
+def _requeue_if_scored_by_another_model(session: Session, image: Image, model_ref: str) -> None:
+    """A photograph already scored, but not by the model this worker serves (a release came out
+    since), is scored again: without this a clinic re-submitting it would get the old release's
+    grade back. The earlier prediction stays (predictions are kept per model version)."""
+    if image.status != "done":
+        return
+    version = repo.get_model_version_by_ref(session, model_ref)
+    if version is not None and repo.get_prediction(session, image.id, version.id) is not None:
+        return
+    image.status = "queued"
+    image.attempts = 0  # a fresh scoring, not a retry of a photograph that kept failing
+    image.claimed_by = None
+    session.flush()
 
 
 def ingest_item(
@@ -219,9 +236,11 @@ def ingest_item(
     item: ScoringJobItem,
     store: FileStore,
     max_bytes: int,
+    model_ref: str,
 ) -> str | None:
-    """Store one pending item's file and link it to an image (new or an identical existing one).
-    Returns the image id, or None when the item failed (its error recorded)."""
+    """Store one pending item's file and link it to an image (new or an identical existing one,
+    queued again when ``model_ref`` has not scored it yet). Returns the image id, or None when the
+    item failed (its error recorded)."""
     if item.patient_external_id is None or item.eye is None:
         repo.set_job_item(session, item, status="failed", error=item.error or "no patient or eye")
         return None
@@ -245,6 +264,8 @@ def ingest_item(
             content_type=_CONTENT_TYPES.get(loaded.fmt),
             job_id=job_id,
         )
+    else:
+        _requeue_if_scored_by_another_model(session, image, model_ref)
     status = "done" if image.status == "done" else "queued"
     repo.set_job_item(session, item, status=status, image_id=image.id)
     return image.id
@@ -280,11 +301,13 @@ def expand_folder(
     store: FileStore | None = None,
     enqueue: Enqueue | None = None,
     chunk: int | None = None,
+    model_ref: str | None = None,
 ) -> ExpandSummary:
     """Expand a folder job into items and images and enqueue their scoring (see module doc).
 
     ``explain``: draw heatmaps for this job's gradable photographs (a job option; off by default
-    because a folder can hold thousands of photographs).
+    because a folder can hold thousands of photographs). ``model_ref``: the release scoring them
+    (default: the one this worker serves); photographs it has not scored yet are queued.
     """
     settings = get_settings()
     store = store if store is not None else get_store()
@@ -329,6 +352,7 @@ def expand_folder(
         pending_ids = [item.id for item in pending if item.path not in errors]
         repo.refresh_job_counts(session, job_id)
 
+    model_ref = model_ref or serving_ref(settings)
     # Chunks commit one at a time so scoring starts while the rest of a large folder is read.
     sent: set[str] = set()
     for id_chunk in _chunks(pending_ids, size):
@@ -349,6 +373,7 @@ def expand_folder(
                     item=row,
                     store=store,
                     max_bytes=settings.max_upload_bytes,
+                    model_ref=model_ref,
                 )
                 if image_id is not None and row.status == "queued":
                     image_ids.append(image_id)

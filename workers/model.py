@@ -130,6 +130,19 @@ def get_ensemble() -> EnsembleLike:
     return ens
 
 
+def serving_ref(settings: Settings | None = None) -> str:
+    """The ensemble this process scores with (``name@version``), without loading it when it is not
+    loaded yet: folder expansion uses it to tell a photograph scored by this model from one scored
+    by an earlier release."""
+    ens = _ensemble
+    if ens is not None:
+        return ens.ref
+    settings = settings or get_settings()
+    from ml.release import newest_ensemble
+
+    return settings.model or newest_ensemble(settings.models_dir)
+
+
 def set_ensemble(ens: EnsembleLike | None) -> None:
     """Install (or forget, with None) the process's ensemble; for tests and the embedded CLI."""
     global _ensemble

@@ -16,7 +16,7 @@ from core import tasks
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore
-from core.tables import Image, ScoringJobItem, utcnow
+from core.tables import Image, Prediction, ScoringJobItem, utcnow
 from tests.unit.test_workers_scoring import PHOTOS, Sent, StubEnsemble, ens, sent, store, url
 from workers import folders, scoring
 from workers import sweep as sweep_mod
@@ -145,6 +145,57 @@ def test_same_photo_twice_is_one_image(url: str, store: FileStore, roots: Path) 
     folders.expand_folder(job_id, db_url=url, store=store, enqueue=Sent())
     items = items_by_path(url, job_id)
     assert items["16_left.jpg"].image_id == items["16_left_copy.jpg"].image_id is not None
+
+
+def test_photos_scored_by_an_earlier_release_are_scored_again(
+    url: str, store: FileStore, roots: Path
+) -> None:
+    """Re-submitting a folder: photographs the serving release already scored are linked and not
+    scored twice; after a new release they are queued again and the job reports the new grades."""
+    folder = make_folder(roots, NAMES[:2])
+    (folder / "holiday.jpg").unlink()
+    (folder / "21_left.jpg").unlink()
+    old, new = StubEnsemble(ref="stub-ensemble@1.0.0"), StubEnsemble(ref="stub-ensemble@2.0.0")
+
+    def run_job(ens: StubEnsemble) -> tuple[str, Sent]:
+        job_id = new_job(url, folder)
+        sent = Sent()
+        folders.expand_folder(job_id, db_url=url, store=store, enqueue=sent, model_ref=ens.ref)
+        for _, args, kw in sent:
+            scoring.score_images(args[0], ensemble=ens, store=store, db_url=url, enqueue=Sent(), **kw)
+        return job_id, sent
+
+    first, sent_first = run_job(old)
+    assert sum(len(args[0]) for _, args, _ in sent_first) == 2
+    again, sent_again = run_job(old)  # same release: nothing to score, the job still counts both
+    assert sent_again == []
+    first_items, again_items = items_by_path(url, first), items_by_path(url, again)
+    assert {p: i.image_id for p, i in again_items.items()} == {p: i.image_id for p, i in first_items.items()}
+    with session_scope(url) as s:
+        assert sum(repo.job_grade_counts(s, again).values()) == 2
+        assert repo.refresh_job_counts(s, again).status == "done"
+
+    upgraded, sent_upgraded = run_job(new)
+    assert sorted(i for _, args, _ in sent_upgraded for i in args[0]) == sorted(
+        i.image_id for i in first_items.values() if i.image_id
+    )
+    with session_scope(url) as s:
+        assert repo.refresh_job_counts(s, upgraded).status == "done"
+        assert sum(repo.job_grade_counts(s, upgraded).values()) == 2
+        photos = [i for i in repo.job_items(s, upgraded) if i.path != "notes.txt"]
+        assert len(photos) == 2
+        for item in photos:
+            assert item.status == "done" and item.image_id is not None
+            refs = {
+                repo.get_model_version(s, p.model_version_id).ref  # type: ignore[union-attr]
+                for p in s.scalars(select(Prediction).where(Prediction.image_id == item.image_id))
+            }
+            assert refs == {old.ref, new.ref}  # the earlier release's prediction is kept
+        patient = repo.get_patient(s, repo.get_or_create_clinic(s, "North").id, "16")
+        assert patient is not None
+        result = repo.get_current_patient_result(s, patient.id)
+        version = repo.get_model_version_by_ref(s, new.ref)
+        assert result is not None and version is not None and result.model_version_id == version.id
 
 
 def test_sweep_requeues_stale(url: str, store: FileStore) -> None:
