@@ -40,8 +40,8 @@ format: ## Apply ruff formatting and fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-typecheck: ## mypy on the service code
-	$(BIN)/mypy core cli $$(for d in services workers ml/inference; do [ -d $$d ] && echo $$d; done)
+typecheck: ## mypy on all the code (services, workers, ml with training, scripts)
+	$(BIN)/mypy core cli services workers ml scripts
 
 migrate: ## Apply database migrations (DRSCREEN_DATABASE_URL)
 	$(BIN)/drscreen db upgrade

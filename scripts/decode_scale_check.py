@@ -38,7 +38,7 @@ PHOTOS = ROOT.parent / "shared" / "data" / "eyepacs-natural-512" / "images"
 def camera_jpeg(path: Path, side: int) -> bytes:
     with Image.open(path) as im:
         w, h = im.size
-        big = im.convert("RGB").resize((side, round(h * side / w)), Image.LANCZOS)
+        big = im.convert("RGB").resize((side, round(h * side / w)), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     big.save(buf, "JPEG", quality=95)
     return buf.getvalue()

@@ -138,7 +138,7 @@ class IdleSampler:
         t_first, t_last = self.samples[0][0], self.samples[-1][0]
         lines = []
         for k, pid in enumerate(self.pids):
-            idle = Counter[str]()
+            idle: dict[str, float] = {"start": 0.0, "middle": 0.0, "end": 0.0}
             for (t0, a), (t1, b) in zip(self.samples, self.samples[1:], strict=False):
                 if b[k] - a[k] < 0.5 * (t1 - t0):
                     part = "start" if t0 - t_first < 1 else "end" if t_last - t1 < 1 else "middle"

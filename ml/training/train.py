@@ -285,13 +285,15 @@ def run_stage(
             correct += int((pred == y.cpu().numpy()).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        figures = validation_figures(model, val, cfg)
+        val_qwk = figures["val_qwk"]
         row = {
             "stage": name,
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)),
             "train_accuracy": correct / max(1, seen),
             "train_samples": seen,
-            **validation_figures(model, val, cfg),
+            **figures,
             "lr": scheduler.get_last_lr()[0],
             "seconds": round(time.time() - t0, 1),
         }
@@ -299,7 +301,6 @@ def run_stage(
         log.info("%s", json.dumps(row))
         with open(run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        val_qwk = row["val_qwk"]
         # without validation photographs (a final cross-validated run) every epoch counts as an
         # improvement: the stage keeps its last epoch and never stops early
         if val_qwk is None or val_qwk > best_qwk:
@@ -343,7 +344,7 @@ def train_from_config(
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     data = prepare_data(cfg, base)
     log.info("data: %s split %s", data.counts, data.split_hash)
-    model = initial_model(cfg, base, resume is not None).to(DEVICE, memory_format=torch.channels_last)
+    model = initial_model(cfg, base, resume is not None).to(DEVICE).to(memory_format=torch.channels_last)
     history: list[dict[str, Any]] = []
     done_stage, done_epoch = None, 0
     if resume and (run_dir / "last.pt").exists():
