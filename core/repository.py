@@ -234,6 +234,50 @@ def mark_image_done(
     return image
 
 
+def requeue_image(session: Session, image: Image) -> None:
+    """Queue a finished image again to be scored by another model version (a fresh scoring, not a
+    retry: its attempt count starts over)."""
+    image.status = "queued"
+    image.attempts = 0
+    image.claimed_by = None
+    image.updated_at = utcnow()
+    session.flush()
+
+
+def _scored_by_version_or_later(model_version_id: int) -> Any:
+    return select(Prediction.image_id).where(Prediction.model_version_id >= model_version_id)
+
+
+def images_to_rescore(session: Session, patient_id: int, model_version_id: int) -> list[Image]:
+    """The patient's finished images that only earlier model versions scored (versions are ordered
+    by when the database first saw them). Not those a later version scored: while workers of two
+    releases share a queue the older one leaves the newer one's grades alone, so nothing
+    ping-pongs between them."""
+    return list(
+        session.scalars(
+            select(Image)
+            .where(
+                Image.patient_id == patient_id,
+                Image.status == "done",
+                Image.id.not_in(_scored_by_version_or_later(model_version_id)),
+            )
+            .order_by(Image.created_at)
+        )
+    )
+
+
+def needs_rescoring(session: Session, image: Image, model_ref: str) -> bool:
+    """A finished image that the model ``model_ref`` (or a version seen after it) has not scored.
+    A version the database has never seen counts as the newest."""
+    if image.status != "done":
+        return False
+    version = get_model_version_by_ref(session, model_ref)
+    if version is None:
+        return True
+    later = _scored_by_version_or_later(version.id).where(Prediction.image_id == image.id)
+    return session.scalars(later.limit(1)).first() is None
+
+
 def mark_image_failed(session: Session, image: Image, error: str) -> Image:
     image.status = "failed"
     image.error = error[:4000]

@@ -197,7 +197,7 @@ def read_photo(path: Path, max_bytes: int) -> LoadedFile | str:
 def _existing_image(session: Session, clinic_id: int, patient_id: int, eye: str, sha256: str) -> Image | None:
     """The clinic's image with the same bytes for the same patient and eye (dedupe: a photograph
     submitted twice is scored once and counts once in the eye's mean)."""
-    image: Image | None = session.scalars(
+    return session.scalars(
         select(Image)
         .where(
             Image.clinic_id == clinic_id,
@@ -209,22 +209,6 @@ def _existing_image(session: Session, clinic_id: int, patient_id: int, eye: str,
         .order_by(Image.created_at)
         .limit(1)
     ).first()
-    return image
-
-
-def _requeue_if_scored_by_another_model(session: Session, image: Image, model_ref: str) -> None:
-    """A photograph already scored, but not by the model this worker serves (a release came out
-    since), is scored again: without this a clinic re-submitting it would get the old release's
-    grade back. The earlier prediction stays (predictions are kept per model version)."""
-    if image.status != "done":
-        return
-    version = repo.get_model_version_by_ref(session, model_ref)
-    if version is not None and repo.get_prediction(session, image.id, version.id) is not None:
-        return
-    image.status = "queued"
-    image.attempts = 0  # a fresh scoring, not a retry of a photograph that kept failing
-    image.claimed_by = None
-    session.flush()
 
 
 def ingest_item(
@@ -264,8 +248,10 @@ def ingest_item(
             content_type=_CONTENT_TYPES.get(loaded.fmt),
             job_id=job_id,
         )
-    else:
-        _requeue_if_scored_by_another_model(session, image, model_ref)
+    elif repo.needs_rescoring(session, image, model_ref):
+        # scored, but by an earlier release: without this a clinic re-submitting the photograph
+        # would get the earlier release's grade back (that prediction stays, kept per version)
+        repo.requeue_image(session, image)
     status = "done" if image.status == "done" else "queued"
     repo.set_job_item(session, item, status=status, image_id=image.id)
     return image.id

@@ -12,7 +12,9 @@ One call handles a batch of image ids in three steps:
    (the API) unblocked and PostgreSQL free of long idle-in-transaction sessions.
 3. **write** (one transaction for the whole batch): predictions (upserts unique on image and model
    version), image status, job items, the patients' aggregates, bundle and job counts. Rows another
-   delivery finished meanwhile are skipped, so no duplicate history row is written.
+   delivery finished meanwhile are skipped, so no duplicate history row is written. The same
+   patients' photographs that an earlier release scored are queued again for this one (a
+   patient's result comes from one release) and sent as one more task after the commit.
 
 Explanations are enqueued only after that commit (the row must exist before the message).
 """
@@ -77,6 +79,8 @@ class ScoreSummary:
     skipped: list[str] = field(default_factory=list)  # unknown, already done, or taken by another
     patients: list[int] = field(default_factory=list)  # patients whose aggregate was recomputed
     explain_sent: list[str] = field(default_factory=list)
+    # the same patients' images an earlier release scored, queued again for this one
+    rescore: list[str] = field(default_factory=list)
 
 
 def _unique(ids: Sequence[str]) -> list[str]:
@@ -265,6 +269,12 @@ def _write(
         for it in written:
             triggers.setdefault(it.patient_id, _trigger(it))
         for patient_id, trigger in triggers.items():
+            # One patient, one release: the patient's photographs an earlier release scored are
+            # scored again by this one (the aggregate reads one version's predictions only, so
+            # they would otherwise count as ungradable in it).
+            for older in repo.images_to_rescore(session, patient_id, mv.id):
+                repo.requeue_image(session, older)
+                summary.rescore.append(older.id)
             repo.recompute_patient(
                 session,
                 patient_id,
@@ -313,6 +323,8 @@ def score_images(
     _compute(claimed, ens, store if store is not None else get_store())
     written = _write(claimed, ens, db_url, summary)
     send = enqueue if enqueue is not None else send_by_name
+    if summary.rescore:
+        send(tasks.SCORE_IMAGES, [summary.rescore], {})
     for it in written:
         if it.prediction is not None and _wants_explanation(it, explain):
             send(tasks.EXPLAIN_IMAGE, [it.image_id], {})

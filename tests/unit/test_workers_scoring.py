@@ -340,3 +340,36 @@ def _no_global_ensemble(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     monkeypatch.setattr(model, "load", refuse)
     yield
+
+
+def test_a_new_release_rescores_the_patients_earlier_photographs(url: str, store: FileStore) -> None:
+    """A patient's result comes from one release: when a new release scores a photograph of a
+    patient, that patient's photographs an earlier release scored are queued again for it; a worker
+    still serving the earlier release leaves the newer release's grades alone."""
+    old, new = StubEnsemble(ref="stub-ensemble@1.0.0"), StubEnsemble(ref="stub-ensemble@2.0.0")
+    first = add_images(url, store, "P1", [photo("16_left.jpg"), photo("16_right.jpg")])
+    assert scoring.score_images(first, ensemble=old, store=store, db_url=url, enqueue=Sent()).rescore == []
+
+    later = add_images(url, store, "P1", [photo("17_left.jpg")])
+    sent = Sent()
+    summary = scoring.score_images(later, ensemble=new, store=store, db_url=url, enqueue=sent)
+    assert sorted(summary.rescore) == sorted(first)
+    assert (tasks.SCORE_IMAGES, [summary.rescore], {}) in sent
+    with session_scope(url) as s:
+        assert {im.status for im in repo.get_images(s, first)} == {"queued"}
+
+    again = scoring.score_images(first, ensemble=new, store=store, db_url=url, enqueue=Sent())
+    assert again.rescore == [] and sorted(again.scored + again.ungradable) == sorted(first)
+    with session_scope(url) as s:
+        images = repo.get_images(s, [*first, *later])
+        result = repo.get_current_patient_result(s, images[0].patient_id)
+        version = repo.get_model_version_by_ref(s, new.ref)
+        assert result is not None and version is not None and result.model_version_id == version.id
+        counted = {i for eye in result.eyes for i in eye.image_ids}
+        assert counted == {im.id for im in images if im.gradable} and len(counted) >= 2
+        assert all(len(repo.predictions_for_images(s, [i], version.id)) == 1 for i in first)
+
+    # A worker still on the earlier release scores one more photograph: nothing is re-queued.
+    extra = add_images(url, store, "P1", [photo("17_right.jpg")])
+    stale = scoring.score_images(extra, ensemble=old, store=store, db_url=url, enqueue=(sent := Sent()))
+    assert stale.rescore == [] and all(name != tasks.SCORE_IMAGES for name, _, _ in sent)
