@@ -138,9 +138,9 @@ def serving_ref(settings: Settings | None = None) -> str:
     if ens is not None:
         return ens.ref
     settings = settings or get_settings()
-    from ml.release import newest_ensemble
+    from ml.inference import resolve_ref
 
-    return settings.model or newest_ensemble(settings.models_dir)
+    return resolve_ref(settings.model, settings.models_dir)
 
 
 def set_ensemble(ens: EnsembleLike | None) -> None:

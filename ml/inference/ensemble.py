@@ -221,6 +221,11 @@ class Ensemble:
         return to_photo_frame(total.astype(np.float32), image, self._members[0].preprocess)
 
 
+def resolve_ref(ref: str | None = None, models_dir: Path | None = None) -> str:
+    """The ensemble ``load_ensemble(ref)`` would load, as name@version, without loading it."""
+    return ref or newest_ensemble(models_dir)
+
+
 def load_ensemble(
     ref: str | None = None,
     models_dir: Path | None = None,
@@ -237,7 +242,7 @@ def load_ensemble(
     ONNX file is exported by a child process). ``threads`` is also torch's intra-op thread count
     when loading the members is what first imports torch.
     """
-    ref = ref or newest_ensemble(models_dir)
+    ref = resolve_ref(ref, models_dir)
     manifest = read_manifest(ref, models_dir)
     refs = [entry["ref"] for entry in manifest["members"]]
     rule = CombineRule.from_dict(manifest["combination"])
