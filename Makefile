@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-unit test-integration lint format typecheck migrate api worker bench train evaluate
+.PHONY: help setup demo test test-unit test-integration lint format typecheck migrate api worker screenshots bench train evaluate
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-16s %s\n", $$1, $$2}'
@@ -51,6 +51,10 @@ api: ## Run the HTTP API on 127.0.0.1:8000
 
 worker: ## Run a worker (scoring + explain queues)
 	$(BIN)/drscreen worker --concurrency 1
+
+screenshots: ## Re-take docs/screenshots with the web e2e test on the shipped ensemble (slow on CPU)
+	DRSCREEN_TEST_MODEL=$$($(BIN)/python -c 'from ml.inference import resolve_ref; print(resolve_ref())') \
+	DRSCREEN_TEST_SCREENSHOTS_DIR=$(CURDIR)/docs/screenshots $(BIN)/pytest -q tests/e2e/test_web_ui.py
 
 bench: ## Throughput/latency benchmark
 	$(BIN)/drscreen bench
