@@ -104,6 +104,23 @@ def test_resume_continues_from_last_checkpoint(smoke_run: Path, tmp_path: Path) 
     assert (copy / "best" / "model.safetensors").exists()
 
 
+def test_same_seed_same_run(smoke_run: Path, tmp_path: Path) -> None:
+    """Reproducible from a seed: the same config on the same machine gives the same metrics and
+    weights, byte for byte (docs/model.md says why other CPUs may not)."""
+    from ml.training.train import train_from_config
+
+    again = train_from_config(
+        REPO / "configs" / "smoke.toml", overrides={**_overrides_from(smoke_run), "out_dir": str(tmp_path)}
+    )
+
+    def untimed(run: Path) -> list[dict[str, Any]]:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in _metrics(run)]
+
+    assert untimed(again) == untimed(smoke_run)
+    first, second = (json.loads((r / "best" / "metadata.json").read_text()) for r in (smoke_run, again))
+    assert second["weights_sha256"] == first["weights_sha256"]
+
+
 def test_natural_only_warm_start_at_another_size(smoke_run: Path) -> None:
     """stage1.epochs = 0 trains on natural-colour photographs only (no equalised stage, none of
     its photographs cached), warm-started from a member trained at another input size."""
