@@ -244,8 +244,14 @@ def requeue_image(session: Session, image: Image) -> None:
     session.flush()
 
 
-def _scored_by_version_or_later(model_version_id: int) -> Any:
-    return select(Prediction.image_id).where(Prediction.model_version_id >= model_version_id)
+def _scored_by_version_or_later(image_id: Any, model_version_id: int) -> Any:
+    """EXISTS a prediction of the image by this version or a later one. Correlated on the image, so
+    it reads the (image_id, model_version_id) unique index, not every prediction of the release."""
+    return (
+        select(Prediction.id)
+        .where(Prediction.image_id == image_id, Prediction.model_version_id >= model_version_id)
+        .exists()
+    )
 
 
 def images_to_rescore(session: Session, patient_id: int, model_version_id: int) -> list[Image]:
@@ -259,7 +265,7 @@ def images_to_rescore(session: Session, patient_id: int, model_version_id: int) 
             .where(
                 Image.patient_id == patient_id,
                 Image.status == "done",
-                Image.id.not_in(_scored_by_version_or_later(model_version_id)),
+                ~_scored_by_version_or_later(Image.id, model_version_id),
             )
             .order_by(Image.created_at)
         )
@@ -274,8 +280,7 @@ def needs_rescoring(session: Session, image: Image, model_ref: str) -> bool:
     version = get_model_version_by_ref(session, model_ref)
     if version is None:
         return True
-    later = _scored_by_version_or_later(version.id).where(Prediction.image_id == image.id)
-    return session.scalars(later.limit(1)).first() is None
+    return not session.scalar(select(_scored_by_version_or_later(image.id, version.id)))
 
 
 def mark_image_failed(session: Session, image: Image, error: str) -> Image:
