@@ -97,3 +97,46 @@ def test_jobs_and_foreign_clinic(pg_url: str) -> None:
         repo.set_job_item(s, items[0], status="failed", error="not an image")
         counts = repo.refresh_job_counts(s, job_id)
         assert (counts.total, counts.done, counts.failed, counts.status) == (3, 0, 1, "running")
+
+
+def test_rescore_queries_on_postgresql(session: Session) -> None:
+    """Which finished photographs a release must (re-)score: those only earlier versions scored."""
+    clinic_id = _clinic(session)
+    patient = repo.get_or_create_patient(session, clinic_id, "P-rescore")
+    suffix = uuid.uuid4().hex[:8]  # versions are shared by the whole test database
+    old, new, newer = (
+        repo.get_or_create_model_version(session, f"ens-{suffix}@{v}") for v in ("1", "2", "3")
+    )
+    images = []
+    for i, scored_by in enumerate(([old], [old, new], [newer], [])):
+        im = repo.create_image(
+            session,
+            clinic_id=clinic_id,
+            patient_id=patient.id,
+            eye="left",
+            sha256=f"{i}" * 64,
+            stored_path=f"r/{i}.png",
+            size_bytes=10,
+        )
+        for mv in scored_by:
+            repo.upsert_prediction(
+                session,
+                image_id=im.id,
+                model_version_id=mv.id,
+                grade=0,
+                probabilities=[1, 0, 0, 0, 0],
+                members=None,
+                referable=False,
+            )
+        if scored_by:
+            repo.mark_image_done(session, im, quality=None, gradable=True)
+        images.append(im)
+    only_old, old_and_new, only_newer, queued = images
+
+    assert [im.id for im in repo.images_to_rescore(session, patient.id, new.id)] == [only_old.id]
+    assert [im.id for im in repo.images_to_rescore(session, patient.id, old.id)] == []
+    assert repo.needs_rescoring(session, only_old, new.ref)
+    assert not repo.needs_rescoring(session, old_and_new, new.ref)
+    assert not repo.needs_rescoring(session, only_newer, new.ref)  # a later release's grade stays
+    assert not repo.needs_rescoring(session, queued, new.ref)  # not finished: scored anyway
+    assert repo.needs_rescoring(session, old_and_new, f"ens-{suffix}@unseen")
