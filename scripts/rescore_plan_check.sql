@@ -4,6 +4,7 @@
 --                       psql -h 127.0.0.1 -U postgres plancheck -f scripts/rescore_plan_check.sql
 create table image (id text primary key, patient_id int not null, eye text, status text);
 create index ix_image_patient_id_eye on image(patient_id, eye);
+create index ix_image_status on image(status);
 create table prediction (id serial primary key, image_id text references image(id), model_version_id int,
                          unique (image_id, model_version_id));
 create index ix_prediction_mv on prediction(model_version_id);

@@ -106,7 +106,7 @@ def test_resume_continues_from_last_checkpoint(smoke_run: Path, tmp_path: Path) 
 
 def test_same_seed_same_run(smoke_run: Path, tmp_path: Path) -> None:
     """Reproducible from a seed: the same config on the same machine gives the same metrics and
-    weights, byte for byte (docs/model.md says why other CPUs may not)."""
+    weights, byte for byte (docs/model.md: another machine may not)."""
     from ml.training.train import train_from_config
 
     again = train_from_config(
