@@ -151,9 +151,10 @@ def _disc_mask(vmax: np.ndarray) -> np.ndarray:
     n, labels = cv2.connectedComponents(fg, connectivity=8)
     if n <= 1:
         return np.zeros(v.shape, dtype=bool)
-    # Blob areas by counting labels: connectedComponentsWithStats spends ~3x as long computing
-    # statistics of which only the area is used.
-    largest = 1 + int(np.argmax(np.bincount(labels.ravel(), minlength=n)[1:]))
+    # One blob (most photographs, after the opening) needs no counting: the count costs ~0.8 ms.
+    # Otherwise areas by counting labels: connectedComponentsWithStats spends ~3x as long
+    # computing statistics of which only the area is used.
+    largest = 1 if n == 2 else 1 + int(np.argmax(np.bincount(labels.ravel(), minlength=n)[1:]))
     blob = (labels == largest).astype(np.uint8)
     contours, _ = cv2.findContours(blob, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     filled = np.zeros_like(blob)

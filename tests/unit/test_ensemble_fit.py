@@ -11,10 +11,12 @@ from ml.ensemble_fit import (
     choose_rule,
     fit_rules,
     fit_weighted_average,
+    fitted_out_of_fold_grades,
     keep_sensitivity,
     member_checks,
     nested_out_of_fold,
     out_of_fold,
+    paired_qwk_difference,
     patient_folds,
 )
 from ml.inference.combine import combine
@@ -131,3 +133,19 @@ def test_plain_weight_check_flatters_where_nested_does_not() -> None:
     plain = fit_rules(members, y, groups, nested=False)[1]["weighted_average"]
     nested = fit_rules(members, y, groups, nested=True)[1]["weighted_average"]
     assert plain.qwk > nested.qwk + 0.02
+
+
+def test_paired_difference_separates_a_better_member_and_not_a_copy() -> None:
+    probs, y, groups = synthetic(n_patients=80, noise=(0.2, 1.2))
+    single = fit_weighted_average([1.0])
+    good, bad = (fitted_out_of_fold_grades(single, probs[i : i + 1], y, groups, 0.0) for i in (0, 1))
+    diff, lo, hi = paired_qwk_difference(y, groups, good, bad, n_resamples=300)
+    assert lo <= diff <= hi
+    assert lo > 0  # the clearly better member is better on every resample
+    assert np.isclose(
+        diff,
+        out_of_fold(single, probs[:1], y, groups, 0.0).qwk
+        - out_of_fold(single, probs[1:], y, groups, 0.0).qwk,
+    )
+    same = paired_qwk_difference(y, groups, good, good, n_resamples=50)
+    assert same == (0.0, 0.0, 0.0)

@@ -91,3 +91,29 @@ def test_shipped_sample_photographs_preprocess_to_a_centred_disc() -> None:
         assert out.shape == (128, 128, 3)
         centre = out[32:96, 32:96].astype(float)
         assert centre.std() > 3, f"{path.name}: centre of the disc has no detail"
+
+
+@pytest.mark.parametrize("size", [64, 256, 384])
+def test_ben_blur_is_opencvs_gaussian_up_to_rounding(size: int) -> None:
+    """The fast blur keeps GaussianBlur's kernel size, sigma and border: every blurred value
+    within one grey level of it, nearly all equal (a wrong kernel size, sigma or border fails)."""
+    import cv2
+    from PIL import Image
+
+    from ml.preprocess import ben_blur
+
+    photo = np.asarray(Image.open(sample_photos()[0]).convert("RGB"))
+    img = cv2.resize(photo, (size, size), interpolation=cv2.INTER_AREA)
+    sigma = size / 30
+    reference = cv2.GaussianBlur(img, (0, 0), sigma).astype(int)
+    diff = np.abs(ben_blur(img, sigma).astype(int) - reference)
+    assert diff.max() <= 1
+    assert np.count_nonzero(diff) / diff.size < 0.1
+
+
+def test_pixel_caches_are_keyed_by_the_pipelines_revision(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ml.preprocess
+
+    before = PreprocessConfig().cache_key()
+    monkeypatch.setattr(ml.preprocess, "PIXELS_REVISION", ml.preprocess.PIXELS_REVISION + 1)
+    assert PreprocessConfig().cache_key() != before
