@@ -8,7 +8,8 @@ pick members before a release without tuning to the test patients:
 Prints each member alone and (unless --members-only) every combination rule over each subset of
 three or more members. Members are looked up in models/ unless DRSCREEN_MODELS_DIR names another
 folder (candidates exported with `drscreen export member ... --models-dir DIR`).
-Member probabilities are cached in var/validation-probs/ (keyed by the weights' sha256).
+Member probabilities are cached in var/validation-probs/ (keyed by the weights' sha256 and the
+pixel pipeline's revision).
 The weighted average is judged nested (its weights chosen inside each fold, as `drscreen export
 ensemble` judges it since session 6). With --plain its figures are also given as releases up to
 1.4.0 were judged (weights picked and judged on the same folds) and, at that check's floor, nested:
@@ -26,6 +27,7 @@ import numpy as np
 from ml.ensemble_fit import best_floor, fit_rules, fit_weighted_average, member_checks, nested_out_of_fold
 from ml.export import member_probs
 from ml.inference.ensemble import Member
+from ml.preprocess import PIXELS_REVISION
 from ml.release import load_checkpoint, member_dir, sha256_file
 from ml.training.config import TrainConfig
 from ml.training.train import natural_split
@@ -35,7 +37,8 @@ CACHE = Path("var/validation-probs")
 
 def cached_probs(ref: str, samples: list) -> np.ndarray:
     folder = member_dir(ref)  # models/, or DRSCREEN_MODELS_DIR (ml.release.default_models_dir)
-    path = CACHE / f"{sha256_file(folder / 'model.safetensors')[:16]}.npy"
+    # keyed by the weights and the pixel pipeline's revision (ml.preprocess.PIXELS_REVISION)
+    path = CACHE / f"{sha256_file(folder / 'model.safetensors')[:16]}-r{PIXELS_REVISION}.npy"
     if path.exists():
         return np.load(path)
     model, pre, config = load_checkpoint(folder)
