@@ -33,6 +33,10 @@ SENSITIVITY_FLOORS = (0.0, 0.80, 0.85, 0.90)
 TARGET_SENSITIVITY, TARGET_SPECIFICITY = 0.80, 0.70  # the screening targets a rule must meet out of fold
 BOOTSTRAPS = 25
 FOLDS, REPEATS = 5, 4
+# Shuffles of the folds that judge a release (drscreen export ensemble --repeats): with 4 the
+# sensitivity floor picked for 1.4.2's members swung with the shuffle seeds (docs/experiments.md,
+# session 9). Fitting helpers keep REPEATS: the weight grid and the unit tests need the speed.
+RELEASE_REPEATS = 20
 WEIGHT_STEP = 0.25
 
 Fitter = Callable[[np.ndarray, np.ndarray, np.ndarray, float], CombineRule]
@@ -141,13 +145,13 @@ def fit_stacking(probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: fl
 
 
 def out_of_fold_grades(
-    groups: np.ndarray, grade_fold: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    groups: np.ndarray, grade_fold: Callable[[np.ndarray, np.ndarray], np.ndarray], repeats: int = REPEATS
 ) -> list[np.ndarray]:
     """One grade per photograph for each shuffle, each given by ``grade_fold(train, held)``: a fit
     on the other folds' rows that never saw the held-out patients."""
     rows = np.arange(len(groups))
     shuffles = []
-    for repeat in range(REPEATS):
+    for repeat in range(repeats):
         grades = np.zeros(len(groups), dtype=int)
         for held in patient_folds(groups, FOLDS, seed=repeat):
             grades[held] = grade_fold(np.setdiff1d(rows, held), held)
@@ -156,7 +160,7 @@ def out_of_fold_grades(
 
 
 def fitted_out_of_fold_grades(
-    fitter: Fitter, probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: float
+    fitter: Fitter, probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: float, repeats: int = REPEATS
 ) -> list[np.ndarray]:
     """``out_of_fold_grades`` of a fitter: each fold's rule fitted on the other folds' patients."""
 
@@ -164,7 +168,7 @@ def fitted_out_of_fold_grades(
         rule = fitter(probs[:, train], y[train], groups[train], floor)
         return combine(rule, probs[:, held])[2]
 
-    return out_of_fold_grades(groups, grade_fold)
+    return out_of_fold_grades(groups, grade_fold, repeats)
 
 
 def paired_qwk_difference(
@@ -199,20 +203,22 @@ def paired_qwk_difference(
 
 
 def out_of_fold(
-    fitter: Fitter, probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: float
+    fitter: Fitter, probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: float, repeats: int = REPEATS
 ) -> CrossValidated:
     """Mean out-of-fold QWK / referable sensitivity / specificity over repeated patient folds."""
     results = []
-    for grades in fitted_out_of_fold_grades(fitter, probs, y, groups, floor):
+    for grades in fitted_out_of_fold_grades(fitter, probs, y, groups, floor, repeats):
         ref = referable_metrics(y, grades, None)
         results.append((qwk(y, grades), ref["referable_sensitivity"], ref["referable_specificity"]))
     q, sens, spec = np.nanmean(np.array(results, dtype=float), axis=0)
     return CrossValidated(float(q), float(sens), float(spec), floor)
 
 
-def best_floor(fitter: Fitter, probs: np.ndarray, y: np.ndarray, groups: np.ndarray) -> CrossValidated:
+def best_floor(
+    fitter: Fitter, probs: np.ndarray, y: np.ndarray, groups: np.ndarray, repeats: int = REPEATS
+) -> CrossValidated:
     """The sensitivity floor whose out-of-fold figures are best (CrossValidated.preference)."""
-    tried = [out_of_fold(fitter, probs, y, groups, floor) for floor in SENSITIVITY_FLOORS]
+    tried = [out_of_fold(fitter, probs, y, groups, floor, repeats) for floor in SENSITIVITY_FLOORS]
     return max(tried, key=CrossValidated.preference)
 
 
@@ -258,13 +264,15 @@ def nested_weighted_average() -> Fitter:
     return fit
 
 
-def nested_out_of_fold(probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: float) -> CrossValidated:
+def nested_out_of_fold(
+    probs: np.ndarray, y: np.ndarray, groups: np.ndarray, floor: float, repeats: int = REPEATS
+) -> CrossValidated:
     """Out-of-fold figures of the weighted average with its weights chosen inside each fold."""
-    return out_of_fold(nested_weighted_average(), probs, y, groups, floor)
+    return out_of_fold(nested_weighted_average(), probs, y, groups, floor, repeats)
 
 
 def fit_rules(
-    probs: np.ndarray, y: np.ndarray, groups: np.ndarray, nested: bool = True
+    probs: np.ndarray, y: np.ndarray, groups: np.ndarray, nested: bool = True, repeats: int = REPEATS
 ) -> tuple[dict[str, CombineRule], dict[str, CrossValidated]]:
     """Every rule fitted on all validation patients, and its out-of-fold figures.
 
@@ -272,7 +280,8 @@ def fit_rules(
     out-of-fold figures need no nesting, and on 57 validation patients it beat the picked
     weights (docs/experiments.md, session 6). ``nested=False`` is the fitter of releases up to
     1.4.0: the weighted average judged with the weights picked on all validation patients
-    (flattering, see ``nested_weighted_average``) and no ``equal_average``."""
+    (flattering, see ``nested_weighted_average``) and no ``equal_average``. ``repeats``: shuffles
+    of the folds that judge each rule and floor."""
     weights = best_weights(probs, y, groups)
     fitters: dict[str, Fitter] = {
         "weighted_average": fit_weighted_average(weights),
@@ -282,15 +291,17 @@ def fit_rules(
     if nested:
         fitters["equal_average"] = fit_weighted_average([1.0] * probs.shape[0])
     judges = fitters | ({"weighted_average": nested_weighted_average()} if nested else {})
-    checks = {name: best_floor(judge, probs, y, groups) for name, judge in judges.items()}
+    checks = {name: best_floor(judge, probs, y, groups, repeats) for name, judge in judges.items()}
     rules = {name: fitter(probs, y, groups, checks[name].floor) for name, fitter in fitters.items()}
     return rules, checks
 
 
-def member_checks(probs: np.ndarray, y: np.ndarray, groups: np.ndarray) -> list[CrossValidated]:
+def member_checks(
+    probs: np.ndarray, y: np.ndarray, groups: np.ndarray, repeats: int = REPEATS
+) -> list[CrossValidated]:
     """Each member alone, fitted the same way (so 'the ensemble beats its best member' is fair)."""
     single = fit_weighted_average([1.0])
-    return [best_floor(single, probs[i : i + 1], y, groups) for i in range(probs.shape[0])]
+    return [best_floor(single, probs[i : i + 1], y, groups, repeats) for i in range(probs.shape[0])]
 
 
 def choose_rule(checks: dict[str, CrossValidated]) -> str:

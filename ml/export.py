@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ml.ensemble_fit import choose_rule, fit_rules, member_checks
+from ml.ensemble_fit import RELEASE_REPEATS, choose_rule, fit_rules, member_checks
 from ml.inference.combine import CombineRule, combine, expected
 from ml.inference.ensemble import Ensemble, Member
 from ml.metrics import DEFAULT_THRESHOLDS, bootstrap_intervals, grading_report
@@ -135,10 +135,12 @@ def export_ensemble(
     models_dir: Path,
     nested: bool = True,
     measure_test: bool = True,
+    repeats: int = RELEASE_REPEATS,
 ) -> Path:
     """Fit the combination rules on validation, choose one, write manifest and model card.
     ``nested=False``: the weighted average judged as up to 1.4.0 (``ml.ensemble_fit.fit_rules``);
-    ``measure_test=False``: the test patients are neither scored nor reported."""
+    ``measure_test=False``: the test patients are neither scored nor reported; ``repeats``:
+    shuffles of the patient folds that judge rules, floors and members (4 up to 1.4.2)."""
     members = []
     for ref in member_refs:
         model, pre, config = load_checkpoint(member_dir(ref, models_dir))
@@ -161,8 +163,8 @@ def export_ensemble(
         y_val, groups = np.array([s.grade for s in val]), np.array([s.patient_id for s in val])
         p_val = member_probs(members, val)
         fit_desc = "natural-colour validation patients"
-    rules, checks = fit_rules(p_val, y_val, groups, nested=nested)
-    singles = member_checks(p_val, y_val, groups)
+    rules, checks = fit_rules(p_val, y_val, groups, nested=nested, repeats=repeats)
+    singles = member_checks(p_val, y_val, groups, repeats)
     table: dict[str, dict[str, Any]] = {}
     for i, ref in enumerate(member_refs):
         single = CombineRule("weighted_average", [1.0], rules["max_vote"].member_thresholds[i])
@@ -200,6 +202,7 @@ def export_ensemble(
             "chosen_rule": chosen,
             "sensitivity_floor_on_validation": checks[chosen].floor if chosen in checks else None,
             "weighted_average_check": "nested" if nested else "plain",
+            "out_of_fold_repeats": repeats,
             "validation": {"set": fit_desc, "n_images": len(y_val)},
             "test": {
                 "set": "natural-colour test patients (never trained or tuned on)"
@@ -284,7 +287,8 @@ def model_card(manifest: dict[str, Any]) -> str:
         "",
         f"Combination rule: **{card['chosen_rule']}**, weights {combination['weights']}, thresholds "
         f"{combination['thresholds']}. Fitted on {card['validation']['set']} and chosen by "
-        "out-of-fold QWK (5 patient-grouped folds x 4 shuffles) among the rules whose out-of-fold referable "
+        f"out-of-fold QWK (5 patient-grouped folds x {card.get('out_of_fold_repeats', 4)} shuffles) "
+        "among the rules whose out-of-fold referable "
         "sensitivity/specificity meet 0.80/0.70; cut points are the median of bootstrap fits, and "
         f"the 1|2 cut is lowered until validation referable sensitivity >= "
         f"{card['sensitivity_floor_on_validation']}. "
@@ -343,6 +347,12 @@ def export_cli(args: list[str]) -> None:
         help="judge the weighted average as releases up to 1.4.0 were (weights not chosen inside each fold)",
     )
     pe.add_argument(
+        "--repeats",
+        type=int,
+        default=RELEASE_REPEATS,
+        help=f"patient-fold shuffles judging rules and floors (default {RELEASE_REPEATS}; 4 up to 1.4.2)",
+    )
+    pe.add_argument(
         "--validation-only",
         action="store_true",
         help="leave the test patients out (a candidate for a rule fixed beforehand to choose)",
@@ -367,6 +377,7 @@ def export_cli(args: list[str]) -> None:
             ns.models_dir,
             nested=not ns.plain_weight_check,
             measure_test=not ns.validation_only,
+            repeats=ns.repeats,
         )
     else:
         from ml.onnx_export import export_onnx

@@ -20,7 +20,12 @@
 # 1.4.0: 1.3.0 with its 0-weight Lite1+CBAM member retrained with stage 1 of 8 x 2000 instead of 4.
 # 1.4.1: 1.4.0's members, re-fitted with the weighted average judged nested (session 6; no training).
 # 1.4.2: the same members, with the equal-weight average as a candidate rule (session 6; no training).
-# Releases up to 1.4.0 were fitted with --plain-weight-check (docs/experiments.md, session 6).
+# 1.4.3: the same members, rules and floors judged on 20 shuffles of the patient folds instead of 4
+#        (session 9; no training): 1.4.2's sensitivity floor swung with the shuffle seeds.
+# Releases up to 1.4.0 were fitted with --plain-weight-check (docs/experiments.md, session 6), and
+# releases up to 1.4.2 with --repeats 4 and the pixels of revision 1 (cv2.GaussianBlur in Ben
+# Graham's filter, ml/preprocess.py before session 9): with today's pixels their members retrain
+# and their fits re-run within noise, not byte for byte (docs/experiments.md, session 9).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: scripts/release.sh VERSION [--skip-training]}
@@ -41,14 +46,15 @@ export_release() {
     refs+=(--member "$name@$version")
   done
   .venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version" \
-    --plain-weight-check
+    --plain-weight-check --repeats 4
 }
 
-if [[ "$version" == "1.4.1" || "$version" == "1.4.2" ]]; then
+if [[ "$version" == "1.4.1" || "$version" == "1.4.2" || "$version" == "1.4.3" ]]; then
   # 1.4.1 was chosen before the equal_average candidate existed (it would now be outranked): pin it
   pin=(); [[ "$version" == "1.4.1" ]] && pin=(--rule max_vote)
+  repeats=(--repeats 4); [[ "$version" == "1.4.3" ]] && repeats=(--repeats 20)
   .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member lite1-cbam-multitask@1.4.0 \
-    --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version" "${pin[@]}"
+    --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version" "${pin[@]}" "${repeats[@]}"
   exit 0
 fi
 if [[ "$version" == "1.4.0" ]]; then
@@ -63,7 +69,7 @@ if [[ "$version" == "1.4.0" ]]; then
     --name lite1-cbam-multitask --version "$version" --half
   .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member "lite1-cbam-multitask@$version" \
     --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version" \
-    --plain-weight-check
+    --plain-weight-check --repeats 4
   exit 0
 fi
 if [[ "$version" == "1.3.0" ]]; then
@@ -125,4 +131,4 @@ for i in "${!members[@]}"; do
   refs+=(--member "$name@$member_version")
 done
 .venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version" \
-    --plain-weight-check
+    --plain-weight-check --repeats 4

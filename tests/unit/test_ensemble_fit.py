@@ -20,6 +20,7 @@ from ml.ensemble_fit import (
     patient_folds,
 )
 from ml.inference.combine import combine
+from ml.metrics import qwk
 
 
 def one_hot_probs(scores: np.ndarray) -> np.ndarray:
@@ -149,3 +150,14 @@ def test_paired_difference_separates_a_better_member_and_not_a_copy() -> None:
     )
     same = paired_qwk_difference(y, groups, good, good, n_resamples=50)
     assert same == (0.0, 0.0, 0.0)
+
+
+def test_more_shuffles_judge_on_more_fold_draws_and_extend_the_first_ones() -> None:
+    probs, y, groups = synthetic()
+    single = fit_weighted_average([1.0])
+    four = fitted_out_of_fold_grades(single, probs[:1], y, groups, 0.0)
+    seven = fitted_out_of_fold_grades(single, probs[:1], y, groups, 0.0, repeats=7)
+    assert len(four) == 4 and len(seven) == 7
+    assert all(np.array_equal(a, b) for a, b in zip(four, seven[:4], strict=False))
+    one = out_of_fold(single, probs[:1], y, groups, 0.0, repeats=1)
+    assert np.isclose(one.qwk, qwk(y, four[0]))

@@ -266,8 +266,9 @@ def test_cross_validated_natural_stage_feeds_the_ensemble_fit(
         assert (member / OOF_FILE).exists() and (member / "cv_curves.png").exists()
     fit = out_of_fold_set(["cv-a@0.0.1", "cv-b@0.0.1"], models)
     assert fit is not None and fit[0].shape == (2, len(oof["paths"]), 5)
-    folder = export_ensemble(["cv-a@0.0.1", "cv-b@0.0.1"], "cv", "0.0.1", "auto", data, models)
+    folder = export_ensemble(["cv-a@0.0.1", "cv-b@0.0.1"], "cv", "0.0.1", "auto", data, models, repeats=2)
     card = json.loads((folder / "manifest.json").read_text())["card"]
+    assert card["out_of_fold_repeats"] == 2 and "folds x 2 shuffles" in (folder / "MODEL_CARD.md").read_text()
     assert card["validation"]["n_images"] == len(oof["paths"]) and "out-of-fold" in card["validation"]["set"]
     assert all("test" in row for row in card["metrics"].values())
 
@@ -283,7 +284,7 @@ def test_cross_validated_natural_stage_feeds_the_ensemble_fit(
 
     monkeypatch.setattr(ml.export, "member_probs", recording)
     blind = export_ensemble(
-        ["cv-a@0.0.1", "cv-b@0.0.1"], "cv-blind", "0.0.1", "auto", data, models, measure_test=False
+        ["cv-a@0.0.1", "cv-b@0.0.1"], "cv-blind", "0.0.1", "auto", data, models, measure_test=False, repeats=2
     )
     card = json.loads((blind / "manifest.json").read_text())["card"]
     assert not any("test" in row for row in card["metrics"].values()) and card["test"]["n_images"] == 0
