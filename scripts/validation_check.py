@@ -11,7 +11,8 @@ folder (candidates exported with `drscreen export member ... --models-dir DIR`).
 Member probabilities are cached in var/validation-probs/ (keyed by the weights' sha256 and the
 pixel pipeline's revision).
 The weighted average is judged nested (its weights chosen inside each fold, as `drscreen export
-ensemble` judges it since session 6). With --plain its figures are also given as releases up to
+ensemble` judges it since session 6), everything on RELEASE_REPEATS shuffles of the folds (as the
+export since session 9). With --plain its figures are also given as releases up to
 1.4.0 were judged (weights picked and judged on the same folds) and, at that check's floor, nested:
 the pair that shows how much the plain check flatters (a minute or two more per subset).
 """
@@ -24,7 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ml.ensemble_fit import best_floor, fit_rules, fit_weighted_average, member_checks, nested_out_of_fold
+from ml.ensemble_fit import (
+    RELEASE_REPEATS,
+    best_floor,
+    fit_rules,
+    fit_weighted_average,
+    member_checks,
+    nested_out_of_fold,
+)
 from ml.export import member_probs
 from ml.inference.ensemble import Member
 from ml.preprocess import PIXELS_REVISION
@@ -54,11 +62,11 @@ def main(refs: list[str], members_only: bool = False, plain: bool = False) -> No
     groups = np.array([s.patient_id for s in val])
     probs = np.stack([cached_probs(r, val) for r in refs])
     print(f"{len(val)} validation photographs, {len(set(groups))} patients (out-of-fold figures)")
-    for ref, check in zip(refs, member_checks(probs, y, groups), strict=True):
+    for ref, check in zip(refs, member_checks(probs, y, groups, RELEASE_REPEATS), strict=True):
         print(f"  {ref:40s} QWK {check.qwk:.3f}  sens {check.sensitivity:.3f}  spec {check.specificity:.3f}")
     for size in range(3, 0 if members_only else len(refs) + 1):
         for subset in itertools.combinations(range(len(refs)), size):
-            rules, checks = fit_rules(probs[list(subset)], y, groups)
+            rules, checks = fit_rules(probs[list(subset)], y, groups, repeats=RELEASE_REPEATS)
             names = " + ".join(refs[i] for i in subset)
             for rule, check in checks.items():
                 extra = f" weights {rules[rule].weights}" if rule == "weighted_average" else ""
@@ -68,8 +76,10 @@ def main(refs: list[str], members_only: bool = False, plain: bool = False) -> No
                 )
             if plain:
                 picked = fit_weighted_average(rules["weighted_average"].weights)
-                flattering = best_floor(picked, probs[list(subset)], y, groups)
-                same_floor = nested_out_of_fold(probs[list(subset)], y, groups, flattering.floor)
+                flattering = best_floor(picked, probs[list(subset)], y, groups, RELEASE_REPEATS)
+                same_floor = nested_out_of_fold(
+                    probs[list(subset)], y, groups, flattering.floor, RELEASE_REPEATS
+                )
                 for label, check in (("weighted (plain)", flattering), ("  nested, same floor", same_floor)):
                     print(
                         f"  [{names}] {label:16s} QWK {check.qwk:.3f}  sens {check.sensitivity:.3f}"
