@@ -10,6 +10,7 @@ the best checkpoint (as a release-style folder that `drscreen export` promotes).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -326,6 +327,21 @@ def run_stage(
     return best_state
 
 
+def new_run_dir(parent: Path, label: str) -> Path:
+    """A new ``<stamp>-<label>`` folder; runs started in the same second (side by side, as
+    scripts/release.sh starts them) get ``<stamp>-2-<label>`` and so on instead of crashing."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        run_dir = parent / (f"{stamp}-{label}" if n == 1 else f"{stamp}-{n}-{label}")
+        try:
+            run_dir.mkdir()  # atomic: of two processes only one creates it
+            return run_dir
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
 def train_from_config(
     path: str | Path, resume: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Path:
@@ -338,9 +354,9 @@ def train_from_config(
     if resume:
         run_dir = Path(resume)
     else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = resolve(cfg.out_dir, base) / f"{stamp}-{cfg.model.arch}-{cfg.preprocess.size}-{cfg.name}"
-        run_dir.mkdir(parents=True, exist_ok=False)
+        run_dir = new_run_dir(
+            resolve(cfg.out_dir, base), f"{cfg.model.arch}-{cfg.preprocess.size}-{cfg.name}"
+        )
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     data = prepare_data(cfg, base)
     log.info("data: %s split %s", data.counts, data.split_hash)

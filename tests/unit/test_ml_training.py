@@ -290,3 +290,22 @@ def test_cross_validated_natural_stage_feeds_the_ensemble_fit(
     assert not any("test" in row for row in card["metrics"].values()) and card["test"]["n_images"] == 0
     assert not set(scored) & {s.path.name for s in plain["test"]}
     assert "not measured" in (blind / "MODEL_CARD.md").read_text()
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime as dt
+
+    import ml.training.train
+    from ml.training.train import new_run_dir
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz: dt.tzinfo | None = None) -> Frozen:
+            return cls(2026, 12, 4, 19, 31, 25)
+
+    monkeypatch.setattr(ml.training.train, "datetime", Frozen)
+    first, second = new_run_dir(tmp_path / "runs", "arch-256-x"), new_run_dir(tmp_path / "runs", "arch-256-x")
+    assert first != second and first.is_dir() and second.is_dir()
+    assert first.name.endswith("-arch-256-x") and second.name.endswith("-arch-256-x")  # release.sh's glob
