@@ -179,16 +179,18 @@ def predict(
 
 
 def validation_figures(model: GradingNet, val: Split, cfg: TrainConfig) -> dict[str, float | None]:
-    """val_loss (mean |grade error|), val_accuracy and val_qwk at the default cuts; None each
-    when the split is empty."""
+    """val_loss (mean |grade error|), val_accuracy and val_qwk at the default cuts, and the
+    referable AUC of P(grade >= 2); None each when the split is empty (or the AUC undefined)."""
     if not val.samples:
-        return dict.fromkeys(("val_loss", "val_accuracy", "val_qwk"))
-    scores, _ = predict(model, val, cfg)
+        return dict.fromkeys(("val_loss", "val_accuracy", "val_qwk", "val_referable_auc"))
+    scores, probs = predict(model, val, cfg)
     pred = apply_thresholds(scores, DEFAULT_THRESHOLDS)
+    auc = referable_metrics(val.grades, pred, probs[:, 2:].sum(axis=1))["referable_auc"]
     return {
         "val_loss": float(np.mean(np.abs(scores - val.grades))),
         "val_accuracy": float((pred == val.grades).mean()),
         "val_qwk": qwk(val.grades, pred),
+        "val_referable_auc": None if math.isnan(auc) else auc,
     }
 
 
@@ -250,7 +252,11 @@ def run_stage(
         freq = np.bincount(grades, minlength=5).astype(float).clip(min=1)
         w = freq**-cfg.loss.class_weight_power
         class_weight = torch.tensor(w / w.mean(), dtype=torch.float32, device=DEVICE)
-    best_qwk, best_state, bad_epochs = -1.0, {k: v.detach().clone() for k, v in model.state_dict().items()}, 0
+    best_score, best_state, bad_epochs = (
+        -1.0,
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        0,
+    )
     for epoch in range(stage.epochs):
         order = epoch_order()
         if epoch < start_epoch:  # resumed: replay the sampling RNG, skip the work
@@ -287,7 +293,7 @@ def run_stage(
             seen += len(idx)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         figures = validation_figures(model, val, cfg)
-        val_qwk = figures["val_qwk"]
+        score = figures[f"val_{stage.monitor}"]
         row = {
             "stage": name,
             "epoch": epoch + 1,
@@ -304,8 +310,8 @@ def run_stage(
             fh.write(json.dumps(row) + "\n")
         # without validation photographs (a final cross-validated run) every epoch counts as an
         # improvement: the stage keeps its last epoch and never stops early
-        if val_qwk is None or val_qwk > best_qwk:
-            best_qwk, bad_epochs = (best_qwk if val_qwk is None else val_qwk), 0
+        if score is None or score > best_score:
+            best_score, bad_epochs = (best_score if score is None else score), 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
@@ -315,14 +321,20 @@ def run_stage(
                 "epoch": epoch + 1,
                 "model": model.state_dict(),
                 "best": best_state,
-                "best_qwk": best_qwk,
+                "best_score": best_score,
                 "history": history,
             },
             run_dir / "last.pt",
         )
         plot_curves(history, run_dir / "curves.png")
         if bad_epochs >= stage.patience:
-            log.info("early stop in %s after epoch %d (best val QWK %.3f)", name, epoch + 1, best_qwk)
+            log.info(
+                "early stop in %s after epoch %d (best val %s %.3f)",
+                name,
+                epoch + 1,
+                stage.monitor,
+                best_score,
+            )
             break
     return best_state
 

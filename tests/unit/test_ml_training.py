@@ -143,6 +143,29 @@ def test_natural_only_warm_start_at_another_size(smoke_run: Path) -> None:
         )
 
 
+def test_early_stopping_can_watch_the_referable_auc(smoke_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stage2.monitor = "referable_auc": the stage stops at the first epoch whose AUC does not
+    beat the best so far (patience 1), whatever QWK does; an unknown monitor is refused."""
+    import ml.training.train
+    from ml.training.train import train_from_config
+
+    overrides = _natural_only_from(
+        smoke_run, {"stage2.monitor": "referable_auc", "stage2.patience": 1, "stage2.epochs": 6}
+    )
+    real = ml.training.train.validation_figures
+    aucs = iter([0.6, 0.7, 0.8, 0.75, 0.9, 0.95])  # QWK stays flat: the "qwk" monitor stops at 2
+
+    def scripted(*args: object) -> dict[str, float | None]:
+        return real(*args) | {"val_qwk": 0.5, "val_referable_auc": next(aucs)}  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ml.training.train, "validation_figures", scripted)
+    run = train_from_config(REPO / "configs" / "smoke.toml", overrides=overrides)
+    assert [r["val_referable_auc"] for r in _metrics(run)] == [0.6, 0.7, 0.8, 0.75]
+
+    with pytest.raises(ValueError, match="monitor"):
+        train_from_config(REPO / "configs" / "smoke.toml", overrides={**overrides, "stage2.monitor": "kappa"})
+
+
 def test_mixed_epoch_draws_the_asked_share_from_the_extra_set() -> None:
     from ml.training.train import mixed_order
 
