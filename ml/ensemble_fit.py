@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from ml.inference.combine import CombineRule, combine, cut, expected
-from ml.metrics import DEFAULT_THRESHOLDS, fit_thresholds, qwk, qwk_many, referable_metrics
+from ml.metrics import DEFAULT_THRESHOLDS, fit_thresholds, group_resamples, qwk, qwk_many, referable_metrics
 
 # in-sample validation sensitivity the 1|2 cut must keep (0: the QWK cuts as fitted)
 SENSITIVITY_FLOORS = (0.0, 0.80, 0.85, 0.90)
@@ -185,19 +185,16 @@ def paired_qwk_difference(
     its shuffles, so the interval is of the difference itself: on 57 validation patients a
     single candidate's QWK swings by about ±0.1, far more than the differences being compared.
     """
-    _, cluster = np.unique(groups, return_inverse=True)
-    rows = [np.flatnonzero(cluster == c) for c in range(cluster.max() + 1)]
-    rng = np.random.default_rng(seed)
 
     def mean_qwk(shuffles: list[np.ndarray], idx: np.ndarray) -> float:
         return float(qwk_many(y[idx], np.stack([g[idx] for g in shuffles])).mean())
 
     everyone = np.arange(len(y))
     diff = mean_qwk(grades_a, everyone) - mean_qwk(grades_b, everyone)
-    draws = []
-    for _ in range(n_resamples):
-        idx = np.concatenate([rows[c] for c in rng.integers(0, len(rows), len(rows))])
-        draws.append(mean_qwk(grades_a, idx) - mean_qwk(grades_b, idx))
+    draws = [
+        mean_qwk(grades_a, idx) - mean_qwk(grades_b, idx)
+        for idx in group_resamples(groups, n_resamples, seed)
+    ]
     lo, hi = np.percentile(draws, [2.5, 97.5])
     return diff, float(lo), float(hi)
 

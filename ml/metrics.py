@@ -123,6 +123,21 @@ def operating_point(y_true: Labels, referable_score: Scores, min_sensitivity: fl
     return best
 
 
+def group_resamples(groups: Sequence[str] | np.ndarray, n_resamples: int, seed: int = 0) -> list[np.ndarray]:
+    """Row indices of ``n_resamples`` bootstrap resamples that draw whole groups (patients) with
+    replacement; none when there are no rows."""
+    keys = np.asarray(groups)
+    if not len(keys):
+        return []
+    _, cluster = np.unique(keys, return_inverse=True)
+    members = [np.flatnonzero(cluster == c) for c in range(cluster.max() + 1)]
+    rng = np.random.default_rng(seed)
+    return [
+        np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
+        for _ in range(n_resamples)
+    ]
+
+
 def bootstrap_intervals(
     y_true: Labels,
     y_pred: Labels,
@@ -141,13 +156,7 @@ def bootstrap_intervals(
     t, p = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     s = np.asarray(referable_score, dtype=float)
     keys = np.asarray(groups if groups is not None else np.arange(len(t)).astype(str))
-    _, cluster = np.unique(keys, return_inverse=True)
-    members = [np.flatnonzero(cluster == c) for c in range(cluster.max() + 1)] if len(t) else []
-    rng = np.random.default_rng(seed)
-    draws = [
-        np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
-        for _ in range(n_resamples if members else 0)
-    ]
+    draws = group_resamples(keys, n_resamples, seed)
     values: dict[str, list[float]] = {k: [] for k in ("qwk", "accuracy", *referable_metrics([], [], None))}
     for idx in draws:
         values["accuracy"].append(float((t[idx] == p[idx]).mean()))
