@@ -122,26 +122,51 @@ class _Calibration:
         self._it = iter(self._batches)
 
 
-def conv_nodes(path: Path) -> list[str]:
-    """Names of the graph's Conv nodes, in graph (topological) order."""
+def conv_nodes(path: Path) -> list[tuple[str, bool]]:
+    """(name, is depthwise) of the graph's Conv nodes, in graph (topological) order."""
     import onnx
 
-    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    def groups(node: Any) -> int:
+        return next((int(a.i) for a in node.attribute if a.name == "group"), 1)
+
+    return [(n.name, groups(n) > 1) for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+
+
+def float_convs(convs: list[tuple[str, bool]], float_fraction: float, depthwise_float: bool) -> list[str]:
+    """Convolutions an int8 variant keeps in float32: the stem, the last (head) convolution, the
+    first ``float_fraction`` of them and, with ``depthwise_float``, every depthwise one."""
+    names = [name for name, _ in convs]
+    keep = names[: max(1, int(len(names) * float_fraction))] + names[-1:]
+    if depthwise_float:
+        keep += [name for name, depthwise in convs if depthwise and name not in keep]
+    return keep
 
 
 #: Static int8 attempts, most quantized first: (label, fraction of the first convolutions kept in
-#: float32). Measured on EfficientNet-Lite0 at 256 px: quantizing the stem alone moved the expected
-#: grade by ~0.4 on average (the Ben-Graham input's range); the later layers quantize well.
-STATIC_LADDER = (("stem and head conv fp32", 0.0), ("first quarter fp32", 0.25), ("first half fp32", 0.5))
+#: float32, depthwise convolutions kept in float32). Measured on EfficientNet-Lite0 at 256 px:
+#: quantizing the stem alone moved the expected grade by ~0.4 on average (the Ben-Graham input's
+#: range); the later layers quantize well. Depthwise convolutions are the usual suspects for
+#: MobileNet-style int8 losses (per-channel ranges that differ widely): session 10 tried keeping
+#: them float too (docs/performance.md).
+STATIC_LADDER = (
+    ("stem and head conv fp32", 0.0, False),
+    ("stem, head and depthwise convs fp32", 0.0, True),
+    ("first quarter fp32", 0.25, False),
+    ("first quarter and depthwise convs fp32", 0.25, True),
+    ("first half fp32", 0.5, False),
+)
 
 
 def quantize_member(
-    src: Path, out: Path, calibration: np.ndarray | None, float_fraction: float = 0.0
+    src: Path,
+    out: Path,
+    calibration: np.ndarray | None,
+    float_fraction: float = 0.0,
+    depthwise_float: bool = False,
 ) -> Path:
     """int8 copy of one member: static QDQ per-channel (given calibration inputs) or dynamic.
 
-    Static: the stem convolution, the last (head) convolution and the first ``float_fraction`` of
-    the convolutions stay float32.
+    Static: the convolutions ``float_convs`` names stay float32.
     """
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -164,8 +189,7 @@ def quantize_member(
                 op_types_to_quantize=["Conv"],
             )
         else:
-            convs = conv_nodes(prepared)
-            keep_float = convs[: max(1, int(len(convs) * float_fraction))] + convs[-1:]
+            keep_float = float_convs(conv_nodes(prepared), float_fraction, depthwise_float)
             quantize_static(
                 str(prepared),
                 str(out),
@@ -299,10 +323,10 @@ def _quantize_all(
         "calibration_set": "natural-colour training patients",
         "criteria": {"max_grade_change_fraction": MAX_GRADE_CHANGE, "max_qwk_drop": MAX_QWK_DROP},
     }
-    attempts = [(f"static: {label}", "static", frac) for label, frac in STATIC_LADDER]
-    attempts.append(("dynamic", "dynamic", 0.0))
+    attempts = [(f"static: {label}", "static", frac, dw) for label, frac, dw in STATIC_LADDER]
+    attempts.append(("dynamic", "dynamic", 0.0, False))
     kept_label: str | None = None
-    for label, kind, frac in attempts:
+    for label, kind, frac, depthwise in attempts:
         if kind == "static" and kept_label is not None:
             continue  # a more quantized variant already passed
         paths: dict[str, Path] = {}
@@ -311,7 +335,7 @@ def _quantize_all(
                 target = onnx_path_for(m.ref, models_dir, quantized=True)
                 target = target if kind == "static" else target.with_suffix(".dyn.onnx")
                 x = np.concatenate(calib[m.ref]) if kind == "static" else None
-                paths[m.ref] = quantize_member(fp32[m.ref], target, x, frac)
+                paths[m.ref] = quantize_member(fp32[m.ref], target, x, frac, depthwise)
             sessions = _sessions(paths, threads)
             probs = np.concatenate(
                 [np.stack([_run(sessions[m.ref], inp[m.ref]) for m in members]) for inp in val_inputs],

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from ml.inference import load_ensemble
-from ml.onnx_export import PARITY_TOL, export_onnx
+from ml.onnx_export import PARITY_TOL, conv_nodes, export_onnx, float_convs, quantize_member
 from ml.training.data import Sample, read_labels
 
 NATURAL = Path("/work/shared/data/eyepacs-natural-512")
@@ -49,3 +49,29 @@ def test_onnx_runtime_ensemble_matches_torch(tmp_path: Path, monkeypatch: pytest
     assert [p.grade for p in a] == [p.grade for p in b]
     diff = np.abs(np.array([p.probabilities for p in a]) - np.array([p.probabilities for p in b]))
     assert diff.max() <= PARITY_TOL
+
+
+def test_int8_variant_keeps_the_named_convolutions_float(tmp_path: Path) -> None:
+    """The depthwise-float ladder step quantizes only pointwise convolutions (not stem, not head)."""
+    import onnx
+
+    from ml.inference.onnx_graph import export_member_onnx
+
+    member = load_ensemble(DEV)._members[0]  # MobileNetV2: depthwise and pointwise convolutions
+    size = member.preprocess.size
+    fp32 = export_member_onnx(member.model, size, tmp_path / "m.onnx")
+    convs = conv_nodes(fp32)
+    depthwise = [name for name, dw in convs if dw]
+    assert depthwise and not convs[0][1]  # the stem is a full convolution
+    keep = float_convs(convs, 0.0, depthwise_float=True)
+    assert set(keep) == {convs[0][0], convs[-1][0], *depthwise}
+    assert float_convs(convs, 0.0, depthwise_float=False) == [convs[0][0], convs[-1][0]]
+
+    calibration = np.random.default_rng(0).normal(size=(4, 3, size, size)).astype(np.float32)
+    out = quantize_member(fp32, tmp_path / "m.int8.onnx", calibration, 0.0, depthwise_float=True)
+    graph = onnx.load(str(out)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    int8_weights = [
+        n for n in graph.node if n.op_type == "Conv" and producer.get(n.input[1]) == "DequantizeLinear"
+    ]
+    assert len(int8_weights) == len(convs) - len(keep)
