@@ -163,10 +163,12 @@ def quantize_member(
     calibration: np.ndarray | None,
     float_fraction: float = 0.0,
     depthwise_float: bool = False,
+    method: Any = None,
 ) -> Path:
     """int8 copy of one member: static QDQ per-channel (given calibration inputs) or dynamic.
 
-    Static: the convolutions ``float_convs`` names stay float32.
+    Static: the convolutions ``float_convs`` names stay float32; ``method`` is an ONNX Runtime
+    ``CalibrationMethod`` (MinMax unless given; Percentile uses the 99.99th percentile).
     """
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -198,7 +200,8 @@ def quantize_member(
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
+                calibrate_method=method or CalibrationMethod.MinMax,
+                extra_options={"CalibPercentile": 99.99} if method == CalibrationMethod.Percentile else {},
                 # the convolutions carry the time; the small heads that turn pooled features into
                 # grade probabilities stay float (quantizing them moved grades for nothing)
                 op_types_to_quantize=["Conv"],
