@@ -22,9 +22,6 @@
 # 1.4.2: the same members, with the equal-weight average as a candidate rule (session 6; no training).
 # 1.4.3: the same members, rules and floors judged on 20 shuffles of the patient folds instead of 4
 #        (session 9; no training): 1.4.2's sensitivity floor swung with the shuffle seeds.
-# 1.5.0: the three members retrained with the head-only natural stage (configs/member-*-1.6.toml,
-#        members versioned 1.6.0; session 10): stage 1 from ImageNet weights, then the natural stage
-#        with the backbone frozen (~45 min with the three side by side on 2 cores).
 # Releases up to 1.4.0 were fitted with --plain-weight-check (docs/experiments.md, session 6), and
 # releases up to 1.4.2 with --repeats 4 and the pixels of revision 1 (cv2.GaussianBlur in Ben
 # Graham's filter, ml/preprocess.py before session 9): with today's pixels their members retrain
@@ -58,24 +55,6 @@ if [[ "$version" == "1.4.1" || "$version" == "1.4.2" || "$version" == "1.4.3" ]]
   repeats=(--repeats 4); [[ "$version" == "1.4.3" ]] && repeats=(--repeats 20)
   .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member lite1-cbam-multitask@1.4.0 \
     --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version" "${pin[@]}" "${repeats[@]}"
-  exit 0
-fi
-if [[ "$version" == "1.5.0" ]]; then
-  members=(mnv2-regression lite1-cbam-multitask lite2-se-multitask)
-  if [[ "${2:-}" != "--skip-training" ]]; then
-    build_cache configs/member-mnv2-regression-1.6.toml
-    for name in "${members[@]}"; do
-      .venv/bin/drscreen train --config "configs/member-$name-1.6.toml" --set threads=1 \
-        --set 'out_dir="runs/s10h"' &
-    done
-    wait
-  fi
-  refs=()
-  for name in "${members[@]}"; do
-    .venv/bin/drscreen export member "$(newest_run runs/s10h "$name")" --name "$name" --version 1.6.0 --half
-    refs+=(--member "$name@1.6.0")
-  done
-  .venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version"
   exit 0
 fi
 if [[ "$version" == "1.4.0" ]]; then
