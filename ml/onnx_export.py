@@ -67,6 +67,27 @@ def _inputs(ens: Ensemble, samples: list[Sample], batch: int = 16) -> Iterator[d
         yield ens.pixel_inputs([load_rgb(s.path) for s in samples[start : start + batch]])
 
 
+def onnx_probabilities(
+    sessions: dict[str, Any], members: list[Any], batches: list[dict[str, np.ndarray]]
+) -> np.ndarray:
+    """(members, photographs, 5) probabilities of ONNX Runtime sessions over pre-processed batches."""
+    chunks = [np.stack([_run(sessions[m.ref], inputs[m.ref]) for m in members]) for inputs in batches]
+    return np.concatenate(chunks, axis=1)
+
+
+def calibration_inputs(ens: Ensemble, train: list[Sample]) -> dict[str, np.ndarray]:
+    """Each member's pre-processed int8 calibration photographs: ``CALIBRATION_IMAGES`` training
+    photographs drawn with a fixed seed, so every attempt (and scripts/int8_check.py) sees the same."""
+    pick = np.random.default_rng(0).choice(
+        len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False
+    )
+    calib: dict[str, list[np.ndarray]] = {m.ref: [] for m in ens._members}
+    for inputs in _inputs(ens, [train[i] for i in sorted(pick)]):
+        for ref, batch in calib.items():
+            batch.append(inputs[ref])
+    return {ref: np.concatenate(batches) for ref, batches in calib.items()}
+
+
 def _timed(fn: Callable[[], object], repeats: int = 5) -> float:
     """Best-of-``repeats`` seconds of one call (after one warm-up call)."""
     fn()
@@ -313,16 +334,10 @@ def _quantize_all(
     models_dir: Path | None,
 ) -> dict[str, Any]:
     members = ens._members
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False)
-    calib_samples = [train[i] for i in sorted(pick)]
-    calib: dict[str, list[np.ndarray]] = {m.ref: [] for m in members}
-    for inputs in _inputs(ens, calib_samples):
-        for m in members:
-            calib[m.ref].append(inputs[m.ref])
+    calib = calibration_inputs(ens, train)
     g_fp32, qwk_fp32 = _grades_and_qwk(ens, p_fp32, y)
     out: dict[str, Any] = {
-        "calibration_images": len(calib_samples),
+        "calibration_images": min(CALIBRATION_IMAGES, len(train)),
         "calibration_set": "natural-colour training patients",
         "criteria": {"max_grade_change_fraction": MAX_GRADE_CHANGE, "max_qwk_drop": MAX_QWK_DROP},
     }
@@ -337,13 +352,10 @@ def _quantize_all(
             for m in members:
                 target = onnx_path_for(m.ref, models_dir, quantized=True)
                 target = target if kind == "static" else target.with_suffix(".dyn.onnx")
-                x = np.concatenate(calib[m.ref]) if kind == "static" else None
+                x = calib[m.ref] if kind == "static" else None
                 paths[m.ref] = quantize_member(fp32[m.ref], target, x, frac, depthwise)
             sessions = _sessions(paths, threads)
-            probs = np.concatenate(
-                [np.stack([_run(sessions[m.ref], inp[m.ref]) for m in members]) for inp in val_inputs],
-                axis=1,
-            )
+            probs = onnx_probabilities(sessions, members, val_inputs)
             grades, qwk = _grades_and_qwk(ens, probs, y)
             changed = int((grades != g_fp32).sum())
             keep = changed <= MAX_GRADE_CHANGE * len(y) and qwk_fp32 - qwk <= MAX_QWK_DROP

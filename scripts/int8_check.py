@@ -21,13 +21,13 @@ from onnxruntime.quantization import CalibrationMethod
 from ml.inference.ensemble import load_ensemble
 from ml.inference.onnx_runtime import onnx_path_for
 from ml.onnx_export import (
-    CALIBRATION_IMAGES,
     STATIC_LADDER,
     _grades_and_qwk,
     _inputs,
-    _run,
     _sessions,
     _speed,
+    calibration_inputs,
+    onnx_probabilities,
     quantize_member,
 )
 from ml.training.config import TrainConfig
@@ -41,19 +41,12 @@ def main(ref: str) -> None:
     split = natural_split(TrainConfig(), Path.cwd())
     y = np.array([s.grade for s in split["val"]])
     val_inputs = list(_inputs(ens, split["val"]))
-    pick = np.random.default_rng(0).choice(len(split["train"]), size=CALIBRATION_IMAGES, replace=False)
-    calibration: dict[str, list[np.ndarray]] = {
-        m.ref: [] for m in members
-    }  # the export's calibration photographs
-    for inputs in _inputs(ens, [split["train"][i] for i in sorted(pick)]):
-        for m in members:
-            calibration[m.ref].append(inputs[m.ref])
+    calibration = calibration_inputs(ens, split["train"])  # the export's calibration photographs
     fp32 = {m.ref: onnx_path_for(m.ref, None) for m in members}
 
     def probabilities(paths: dict[str, Path]) -> tuple[np.ndarray, dict]:
         sessions = _sessions(paths, 1)
-        chunks = [np.stack([_run(sessions[m.ref], i[m.ref]) for m in members]) for i in val_inputs]
-        return np.concatenate(chunks, axis=1), sessions
+        return onnx_probabilities(sessions, members, val_inputs), sessions
 
     p32, s32 = probabilities(fp32)
     g32, q32 = _grades_and_qwk(ens, p32, y)
@@ -67,7 +60,7 @@ def main(ref: str) -> None:
                     m.ref: quantize_member(
                         fp32[m.ref],
                         Path(tmp) / f"{m.ref}.int8.onnx",
-                        np.concatenate(calibration[m.ref]),
+                        calibration[m.ref],
                         fraction,
                         depthwise,
                         method,
