@@ -210,9 +210,11 @@ def run_stage(
     history: list[dict[str, Any]],
     start_epoch: int = 0,
     extra: Split | None = None,
+    resumed_best: tuple[dict[str, torch.Tensor], float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train one stage; returns the best state (by validation QWK) and appends to history.
-    With ``extra`` and ``stage.mix_equalized`` > 0, that share of each epoch comes from ``extra``."""
+    With ``extra`` and ``stage.mix_equalized`` > 0, that share of each epoch comes from ``extra``.
+    ``resumed_best``: the best state and score a resumed stage had reached before it stopped."""
     rng = np.random.default_rng(cfg.seed + (0 if name == "stage1" else 1000))
     gen = torch.Generator().manual_seed(cfg.seed)
     per_epoch = stage.samples_per_epoch or len(train.samples)
@@ -257,6 +259,9 @@ def run_stage(
         {k: v.detach().clone() for k, v in model.state_dict().items()},
         0,
     )
+    if resumed_best is not None and start_epoch > 0:
+        best_state, best_score = resumed_best
+        bad_epochs = epochs_since_best([r for r in history if r["stage"] == name], f"val_{stage.monitor}")
     for epoch in range(stage.epochs):
         order = epoch_order()
         if epoch < start_epoch:  # resumed: replay the sampling RNG, skip the work
@@ -339,6 +344,12 @@ def run_stage(
     return best_state
 
 
+def epochs_since_best(rows: list[dict[str, Any]], key: str) -> int:
+    """Epochs after the first best score (the early-stopping count a resumed stage carries on)."""
+    scores = [r[key] for r in rows if r.get(key) is not None]
+    return len(scores) - 1 - scores.index(max(scores)) if scores else 0
+
+
 def new_run_dir(parent: Path, label: str) -> Path:
     """A new ``<stamp>-<label>`` folder; runs started in the same second (side by side, as
     scripts/release.sh starts them) get ``<stamp>-2-<label>`` and so on instead of crashing."""
@@ -375,10 +386,14 @@ def train_from_config(
     model = initial_model(cfg, base, resume is not None).to(DEVICE).to(memory_format=torch.channels_last)
     history: list[dict[str, Any]] = []
     done_stage, done_epoch = None, 0
+    resumed_best = None
     if resume and (run_dir / "last.pt").exists():
         state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         history, done_stage, done_epoch = state["history"], state["stage"], state["epoch"]
+        # the interrupted stage's best so far; without it a resumed stage would keep only the
+        # best of the epochs after the resume (or, if it had finished, its last epoch)
+        resumed_best = (state["best"], state["best_score"])
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     best = model.state_dict()
     if done_stage in (None, "stage1") and cfg.stage1.epochs > 0:
@@ -392,6 +407,7 @@ def train_from_config(
             run_dir,
             history,
             done_epoch if done_stage == "stage1" else 0,
+            resumed_best=resumed_best if done_stage == "stage1" else None,
         )
         model.load_state_dict(best)
         save_member(model, cfg, data, run_dir / "stage1", history)
@@ -408,6 +424,7 @@ def train_from_config(
             history,
             start,
             data.eq_train,
+            resumed_best=resumed_best if done_stage == "stage2" else None,
         )
         model.load_state_dict(best)
     save_member(model, cfg, data, run_dir / "best", history)

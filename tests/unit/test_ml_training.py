@@ -104,6 +104,34 @@ def test_resume_continues_from_last_checkpoint(smoke_run: Path, tmp_path: Path) 
     assert (copy / "best" / "model.safetensors").exists()
 
 
+def test_resume_keeps_the_best_state_reached_before_the_interruption(smoke_run: Path, tmp_path: Path) -> None:
+    """A resumed stage must keep the best state saved in last.pt, not restart its search from the
+    weights of the last epoch: the saved best is made different from every epoch's weights here."""
+    import torch
+
+    from ml.release import load_checkpoint
+    from ml.training.train import train_from_config
+
+    copy = tmp_path / smoke_run.name
+    shutil.copytree(smoke_run, copy)
+    state = torch.load(copy / "last.pt", map_location="cpu", weights_only=False)
+    marked = {k: v + 0.25 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save({**state, "best": marked, "best_score": 1.0}, copy / "last.pt")
+    train_from_config(REPO / "configs" / "smoke.toml", resume=copy, overrides=_overrides_from(smoke_run))
+    resumed, _, _ = load_checkpoint(copy / "best")
+    got = resumed.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in marked.items())
+
+
+def test_epochs_since_best_counts_from_the_first_best() -> None:
+    from ml.training.train import epochs_since_best
+
+    rows = [{"val_qwk": q} for q in (0.2, 0.5, 0.4, 0.5, 0.3)]
+    assert epochs_since_best(rows, "val_qwk") == 3
+    assert epochs_since_best([{"val_qwk": None}], "val_qwk") == 0
+    assert epochs_since_best([], "val_qwk") == 0
+
+
 def test_same_seed_same_run(smoke_run: Path, tmp_path: Path) -> None:
     """Reproducible from a seed: the same config on the same machine gives the same metrics and
     weights, byte for byte (docs/model.md: another machine may not)."""
