@@ -1,6 +1,7 @@
 """`drscreen export`: promote training runs to releases and fit the ensemble.
 
     drscreen export member RUN_DIR --name NAME --version 1.0.0 [--half]
+    drscreen export soup RUN_DIR RUN_DIR ... --out SOUP_RUN_DIR   (then export it as a member)
     drscreen export ensemble --member NAME@VER ... --name NAME --version 1.0.0 [--rule auto]
                              [--validation-only] [--plain-weight-check]
     drscreen export onnx --model NAME@VER [--quantize]
@@ -331,6 +332,9 @@ def export_cli(args: list[str]) -> None:
     pm.add_argument("--name", required=True)
     pm.add_argument("--version", required=True)
     pm.add_argument("--half", action="store_true", help="store weights as float16")
+    ps = sub.add_parser("soup", help="average the weights of several runs into one run folder (ml/soup.py)")
+    ps.add_argument("run_dirs", type=Path, nargs="+")
+    ps.add_argument("--out", type=Path, required=True)
     pe = sub.add_parser("ensemble", help="fit and write an ensemble manifest")
     pe.add_argument("--member", action="append", required=True, help="NAME@VERSION (repeat)")
     pe.add_argument("--name", required=True)
@@ -366,6 +370,10 @@ def export_cli(args: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if ns.what == "member":
         export_member(ns.run_dir, ns.name, ns.version, ns.half, ns.models_dir)
+    elif ns.what == "soup":
+        from ml.soup import make_soup
+
+        make_soup(ns.run_dirs, ns.out)
     elif ns.what == "ensemble":
         data = DataConfig(natural_dir=ns.natural_dir)
         export_ensemble(
