@@ -36,7 +36,10 @@ class Settings(BaseSettings):
     model: str | None = None
     #: Inference runtime used by workers; ``auto`` = ONNX Runtime on CPU (measured ~3x faster,
     #: docs/performance.md), PyTorch when a GPU is present. Grad-CAM always uses PyTorch.
-    runtime: Literal["auto", "torch", "onnx"] = "auto"
+    runtime: Literal["auto", "torch", "onnx", "openvino"] = "auto"
+    #: OpenVINO's precision (``runtime = "openvino"``): ``auto`` = bfloat16 where `drscreen export
+    #: onnx` accepted it for the ensemble's weights (issue 7's accuracy rule), float32 otherwise.
+    openvino_precision: Literal["auto", "f32", "bf16"] = "auto"
     #: Largest accepted upload, in MiB.
     max_upload_mb: int = Field(default=25, gt=0)
     #: Largest accepted photograph, in pixels (width * height); guards against decompression bombs.

@@ -10,7 +10,10 @@ For each member of the ensemble:
    calibrated on ``CALIBRATION_IMAGES`` natural-colour training photographs) and dynamic
    quantization; the static int8 graph is kept (written as the ``.int8.onnx`` cache file that
    ``load_ensemble(..., quantized=True)`` reads) only if the ensemble's grades change on at most
-   ``MAX_GRADE_CHANGE`` of the validation photographs and QWK drops by at most ``MAX_QWK_DROP``.
+   ``MAX_GRADE_CHANGE`` of the validation photographs and QWK drops by at most ``MAX_QWK_DROP``;
+4. where OpenVINO is installed: the same graphs run by OpenVINO in float32 and bfloat16, judged
+   by the same rule; bfloat16 is recorded as accepted for these weights only if it passes
+   (``ml.inference.openvino_runtime.accepted_precision``, what ``DRSCREEN_RUNTIME=openvino`` serves).
 
 Speed (ensemble images/s at batch 8, dynamic vs static batch axis, fp32 vs int8) and accuracy are
 written either way to a JSON report in the cache folder and under ``docs/perf/``.
@@ -33,6 +36,7 @@ from ml.inference.combine import combine
 from ml.inference.ensemble import Ensemble, load_ensemble
 from ml.inference.onnx_graph import ProbabilityHead, export_member_onnx, with_static_padding
 from ml.inference.onnx_runtime import OPSET, cache_dir, onnx_path_for
+from ml.inference.openvino_runtime import PRECISIONS, OpenVinoSession, openvino_available, record_bf16_verdict
 from ml.metrics import grading_report
 from ml.training.config import TrainConfig
 from ml.training.data import Sample, load_rgb
@@ -239,6 +243,32 @@ def _grades_and_qwk(ens: Ensemble, probs: np.ndarray, y: np.ndarray) -> tuple[np
     return grade, float(qwk) if isinstance(qwk, (int, float)) else float("nan")
 
 
+def judge_reduced_precision(
+    ens: Ensemble,
+    sessions: dict[str, Any],
+    val_inputs: list[dict[str, np.ndarray]],
+    y: np.ndarray,
+    p_fp32: np.ndarray,
+    sizes: dict[str, int],
+) -> dict[str, Any]:
+    """A reduced-precision variant (int8 graphs, OpenVINO bf16) against float32 on the validation
+    photographs: kept only if at most ``MAX_GRADE_CHANGE`` of the grades change and QWK drops by at
+    most ``MAX_QWK_DROP``. Speed: ensemble images/s at batch 8 with these sessions' threads."""
+    g_fp32, qwk_fp32 = _grades_and_qwk(ens, p_fp32, y)
+    probs = onnx_probabilities(sessions, ens._members, val_inputs)
+    grades, qwk = _grades_and_qwk(ens, probs, y)
+    changed = int((grades != g_fp32).sum())
+    return {
+        "grades_changed": changed,
+        "grades_changed_fraction": changed / max(1, len(y)),
+        "qwk_fp32": qwk_fp32,
+        "qwk": qwk,
+        "max_abs_probability_diff": float(np.abs(probs - p_fp32).max()),
+        "ensemble_ips_batch8": _speed(sessions, sizes),
+        "passes_criteria": bool(changed <= MAX_GRADE_CHANGE * len(y) and qwk_fp32 - qwk <= MAX_QWK_DROP),
+    }
+
+
 def export_onnx(
     ref: str | None,
     models_dir: Path | None,
@@ -269,8 +299,7 @@ def export_onnx(
     for inputs in _inputs(ens, val):
         p_torch.append(ens.member_probabilities(inputs))
         p_onnx.append(np.stack([_run(sessions[m.ref], inputs[m.ref]) for m in members]))
-        if quantize:
-            inputs_cache.append(inputs)
+        inputs_cache.append(inputs)  # ~270 MB for 114 photographs: reused by the int8 and bf16 checks
     pt, po = np.concatenate(p_torch, axis=1), np.concatenate(p_onnx, axis=1)
     g_torch, qwk_torch = _grades_and_qwk(ens, pt, y)
     g_onnx, qwk_onnx = _grades_and_qwk(ens, po, y)
@@ -304,6 +333,8 @@ def export_onnx(
         "speed": speed,
         "machine": {"cpus": os.cpu_count(), "onnxruntime": _ort_version(), "torch": torch.__version__},
     }
+    if openvino_available():
+        report["openvino"] = _openvino_check(ens, fp32, inputs_cache, y, po, sizes, models_dir)
     if quantize:
         report["quantization"] = _quantize_all(
             ens, fp32, inputs_cache, train or [], y, po, threads, sizes, models_dir
@@ -314,6 +345,32 @@ def export_onnx(
     if not parity["ok"]:
         raise RuntimeError(f"ONNX parity failed: {parity}")
     return report
+
+
+def _openvino_check(
+    ens: Ensemble,
+    fp32: dict[str, Path],
+    val_inputs: list[dict[str, np.ndarray]],
+    y: np.ndarray,
+    p_fp32: np.ndarray,
+    sizes: dict[str, int],
+    models_dir: Path | None,
+) -> dict[str, Any]:
+    """OpenVINO at each precision against ONNX Runtime float32 on the validation photographs; bf16
+    is recorded as accepted for these graphs only if it meets the int8 rule (workers read that)."""
+    import openvino as ov
+
+    out: dict[str, Any] = {
+        "openvino": ov.__version__,
+        "criteria": {"max_grade_change_fraction": MAX_GRADE_CHANGE, "max_qwk_drop": MAX_QWK_DROP},
+        "onnxruntime_fp32_ips_batch8_one_thread": _speed(_sessions(fp32, 1), sizes),
+    }
+    for precision in PRECISIONS:
+        sessions = {ref: OpenVinoSession(path, precision) for ref, path in fp32.items()}
+        out[precision] = judge_reduced_precision(ens, sessions, val_inputs, y, p_fp32, sizes)
+        log.info("OpenVINO %s: %s", precision, out[precision])
+    record_bf16_verdict(ens.ref, [m.ref for m in ens._members], models_dir, out["bf16"])
+    return out
 
 
 def _ort_version() -> str:
@@ -335,7 +392,6 @@ def _quantize_all(
 ) -> dict[str, Any]:
     members = ens._members
     calib = calibration_inputs(ens, train)
-    g_fp32, qwk_fp32 = _grades_and_qwk(ens, p_fp32, y)
     out: dict[str, Any] = {
         "calibration_images": min(CALIBRATION_IMAGES, len(train)),
         "calibration_set": "natural-colour training patients",
@@ -354,20 +410,7 @@ def _quantize_all(
                 target = target if kind == "static" else target.with_suffix(".dyn.onnx")
                 x = calib[m.ref] if kind == "static" else None
                 paths[m.ref] = quantize_member(fp32[m.ref], target, x, frac, depthwise)
-            sessions = _sessions(paths, threads)
-            probs = onnx_probabilities(sessions, members, val_inputs)
-            grades, qwk = _grades_and_qwk(ens, probs, y)
-            changed = int((grades != g_fp32).sum())
-            keep = changed <= MAX_GRADE_CHANGE * len(y) and qwk_fp32 - qwk <= MAX_QWK_DROP
-            out[label] = {
-                "grades_changed": changed,
-                "grades_changed_fraction": changed / max(1, len(y)),
-                "qwk_fp32": qwk_fp32,
-                "qwk_int8": qwk,
-                "max_abs_probability_diff": float(np.abs(probs - p_fp32).max()),
-                "ensemble_ips_batch8": _speed(sessions, sizes),
-                "passes_criteria": bool(keep),
-            }
+            out[label] = judge_reduced_precision(ens, _sessions(paths, threads), val_inputs, y, p_fp32, sizes)
         except Exception as exc:  # a quantizer failure is a result to report, not a crash
             log.exception("%s int8 quantization failed", label)
             out[label] = {"error": f"{type(exc).__name__}: {exc}", "passes_criteria": False}

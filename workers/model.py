@@ -116,6 +116,7 @@ def load(settings: Settings | None = None) -> EnsembleLike:
             # the CLI path does not call it: ONNX Runtime takes every CPU, torch its own default
             threads=_threads,
             quantized=None,  # int8 only where the export kept it (docs/performance.md)
+            precision=settings.openvino_precision,
         )
         _ensemble = ens
     log.info("worker process %d serves %s", os.getpid(), ens.ref)

@@ -233,11 +233,14 @@ def load_ensemble(
     runtime: str = "torch",
     quantized: bool | None = False,
     threads: int | None = None,
+    precision: str = "auto",
 ) -> Ensemble:
     """Load a released ensemble by name@version (None = newest shipped).
 
     ``runtime="onnx"`` scores with ONNX Runtime on ``threads`` threads (int8 graphs with
-    ``quantized``; None = int8 when `drscreen export onnx --quantize` kept them); Grad-CAM keeps
+    ``quantized``; None = int8 when `drscreen export onnx --quantize` kept them);
+    ``runtime="openvino"`` runs the same graphs with OpenVINO at ``precision`` (``auto``: bfloat16
+    where `drscreen export onnx` accepted it for these weights, float32 otherwise). Grad-CAM keeps
     using the PyTorch members, which this runtime loads only on the first ``explain`` (a missing
     ONNX file is exported by a child process). ``threads`` is also torch's intra-op thread count
     when loading the members is what first imports torch.
@@ -255,6 +258,21 @@ def load_ensemble(
         onnx = OnnxMembers.load(
             ensemble_dir(ref, models_dir), refs, models_dir, quantized=quantized, threads=threads
         )
+    elif runtime == "openvino":
+        from ml.inference.openvino_runtime import accepted_precision
+
+        members = [Member.from_release(r, models_dir, threads, device) for r in refs]
+        if precision == "auto":
+            precision = accepted_precision(ref, refs, models_dir)
+        onnx = OnnxMembers.load(
+            ensemble_dir(ref, models_dir),
+            refs,
+            models_dir,
+            threads=threads,
+            engine="openvino",
+            precision=precision,
+        )
+        runtime = f"openvino {precision}"
     else:
         _import_torch(threads)
         from ml.release import load_checkpoint

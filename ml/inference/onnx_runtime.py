@@ -114,17 +114,32 @@ class OnnxMembers:
         export: bool = True,
         quantized: bool = False,
         threads: int | None = None,
+        engine: str = "onnxruntime",
+        precision: str = "f32",
     ) -> OnnxMembers:
-        import onnxruntime as ort
-
+        """Sessions of every member's graph: ONNX Runtime's, or with ``engine="openvino"`` the same
+        graphs compiled by OpenVINO at ``precision`` (``ml.inference.openvino_runtime``)."""
         threads = threads or int(os.environ.get("DRSCREEN_TORCH_THREADS", "0") or 0) or (os.cpu_count() or 1)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if SHARED_ARENA:
-            _register_shared_arena(ort)
-            opts.add_session_config_entry("session.use_env_allocators", "1")
+        if engine == "openvino":
+            from ml.inference.openvino_runtime import OpenVinoSession
+
+            def new_session(path: Path) -> object:
+                return OpenVinoSession(path, precision)
+        elif engine == "onnxruntime":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if SHARED_ARENA:
+                _register_shared_arena(ort)
+                opts.add_session_config_entry("session.use_env_allocators", "1")
+
+            def new_session(path: Path) -> object:
+                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        else:
+            raise ValueError(f"unknown engine {engine!r}: onnxruntime or openvino")
         sessions: dict[str, object] = {}
         for ref in refs:
             path = onnx_path_for(ref, models_dir, quantized)
@@ -136,7 +151,7 @@ class OnnxMembers:
                 if quantized:
                     raise FileNotFoundError(f"{path} missing: run `drscreen export onnx --quantize`")
             if ref not in sessions:
-                sessions[ref] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                sessions[ref] = new_session(path)
         return cls(sessions, threads)
 
     def run(self, ref: str, x: np.ndarray) -> np.ndarray:

@@ -62,6 +62,16 @@ def test_bad_values_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings()
 
 
+def test_openvino_runtime_and_its_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRSCREEN_RUNTIME", "openvino")
+    assert Settings().runtime == "openvino" and Settings().openvino_precision == "auto"
+    monkeypatch.setenv("DRSCREEN_OPENVINO_PRECISION", "bf16")
+    assert Settings().openvino_precision == "bf16"
+    monkeypatch.setenv("DRSCREEN_OPENVINO_PRECISION", "int8")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
 def test_models_dir_setting_reaches_the_ml_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """drscreen evaluate/export load releases through ml.release, which must see the same folder
     as the service's DRSCREEN_MODELS_DIR."""

@@ -1,0 +1,93 @@
+"""OpenVINO execution of the exported ONNX members (an alternative CPU engine to ONNX Runtime).
+
+OpenVINO reads the same ``.onnx`` files the ONNX Runtime path caches (``onnx_runtime.cache_dir``)
+and compiles them for the CPU it runs on. Two precisions:
+
+- ``f32``: the exported graph's numbers (probabilities within ~1e-6 of ONNX Runtime);
+- ``bf16``: on CPUs with AVX-512 BF16 or AMX, convolutions run in bfloat16 with float32
+  accumulation. Faster, but not the same numbers: it is held to the rule issue 7 sets for any
+  reduced precision (grades changed on at most 1% of the natural-colour validation photographs,
+  QWK drop at most 0.01; ``scripts/precision_check.py``). On a CPU without bf16 support OpenVINO
+  runs f32 whatever is asked.
+
+A session here answers ONNX Runtime's ``run(output_names, feeds)`` call, so ``OnnxMembers`` and
+the export's checks use either engine unchanged. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml.inference.onnx_runtime import cache_dir, onnx_path_for
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("f32", "bf16")
+
+
+class OpenVinoSession:
+    """One ONNX graph compiled by OpenVINO for the CPU, with a single-threaded stream (workers
+    run members in parallel themselves, as they do with ONNX Runtime sessions)."""
+
+    def __init__(self, path: Path, precision: str = "f32", threads: int = 1) -> None:
+        import openvino as ov
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"OpenVINO precision {precision!r}: choose from {PRECISIONS}")
+        config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": threads,
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        self.precision = precision
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self._outputs = {name: port for port in self.compiled.outputs for name in port.get_names()}
+
+    def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        # one request per call: sessions are shared by the worker's threads
+        request = self.compiled.create_infer_request()
+        result: Any = request.infer({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})
+        return [np.asarray(result[self._outputs[name]]) for name in output_names]
+
+
+def acceptance_path(ensemble_ref: str) -> Path:
+    return cache_dir() / f"openvino-bf16-{ensemble_ref.replace('@', '-')}.json"
+
+
+def record_bf16_verdict(
+    ensemble_ref: str, refs: list[str], models_dir: Path | None, figures: dict[str, Any]
+) -> None:
+    """Written by `drscreen export onnx` after its bf16 check: bf16 is served only for the graphs
+    (named by their weights' sha256) that passed; a failed check removes an earlier acceptance."""
+    path = acceptance_path(ensemble_ref)
+    if not figures.get("passes_criteria"):
+        path.unlink(missing_ok=True)
+        return
+    graphs = [onnx_path_for(ref, models_dir).name for ref in refs]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"ensemble": ensemble_ref, "graphs": graphs, "figures": figures}, indent=2))
+
+
+def accepted_precision(ensemble_ref: str, refs: list[str], models_dir: Path | None) -> str:
+    """``bf16`` when the export's check accepted it for exactly these graphs, else ``f32``."""
+    path = acceptance_path(ensemble_ref)
+    if not path.exists():
+        return "f32"
+    record = json.loads(path.read_text())
+    if record.get("graphs") != [onnx_path_for(ref, models_dir).name for ref in refs]:
+        log.warning("%s was written for other weights: serving OpenVINO f32", path)
+        return "f32"
+    return "bf16"
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True

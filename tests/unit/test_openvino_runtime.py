@@ -1,0 +1,72 @@
+"""OpenVINO over the exported ONNX graphs (ml/inference/openvino_runtime.py), on the dev ensemble.
+The export's OpenVINO check is tested with the export itself (tests/unit/test_onnx_export.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ml.inference import load_ensemble
+from ml.inference.onnx_runtime import onnx_path_for
+from ml.inference.openvino_runtime import (
+    OpenVinoSession,
+    acceptance_path,
+    accepted_precision,
+    record_bf16_verdict,
+)
+from ml.training.data import load_rgb, read_labels
+
+NATURAL = Path("/work/shared/data/eyepacs-natural-512")
+DEV = "drscreen-dev@0.1.0"
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DRSCREEN_ONNX_CACHE", str(tmp_path / "onnx"))
+    return tmp_path / "onnx"
+
+
+def _photos(n: int) -> list[np.ndarray]:
+    if not (NATURAL / "labels.csv").exists():
+        pytest.fail(f"natural-colour photographs missing at {NATURAL}")
+    return [load_rgb(s.path) for s in read_labels(NATURAL)[:n]]
+
+
+def test_openvino_f32_predicts_what_onnx_runtime_predicts(cache: Path) -> None:
+    images = _photos(6)
+    ort = load_ensemble(DEV, runtime="onnx", threads=1).predict(images)
+    ens = load_ensemble(DEV, runtime="openvino", threads=1)  # precision auto: nothing accepted here
+    assert isinstance(next(iter(ens.runtime.sessions.values())), OpenVinoSession)  # type: ignore[union-attr]
+    assert next(iter(ens.runtime.sessions.values())).precision == "f32"  # type: ignore[union-attr]
+    ov = ens.predict(images)
+    assert [p.grade for p in ov] == [p.grade for p in ort]
+    diff = np.abs(np.array([p.probabilities for p in ov]) - np.array([p.probabilities for p in ort]))
+    assert diff.max() < 1e-4
+
+
+def test_bf16_session_runs_and_stays_near_float32(cache: Path) -> None:
+    load_ensemble(DEV, runtime="onnx", threads=1)  # exports the graph into the cache
+    path = onnx_path_for("dev-mnv2-64@0.1.0", None)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    f32 = OpenVinoSession(path, "f32").run(["probabilities"], {"input": x})[0]
+    bf16 = OpenVinoSession(path, "bf16").run(["probabilities"], {"input": x})[0]
+    assert f32.shape == bf16.shape == (2, 5)
+    assert np.allclose(bf16.sum(axis=1), 1, atol=1e-2) and np.abs(bf16 - f32).max() < 0.2
+    with pytest.raises(ValueError, match="precision"):
+        OpenVinoSession(path, "int4")
+
+
+def test_bf16_is_served_only_for_the_graphs_the_check_accepted(cache: Path, tmp_path: Path) -> None:
+    refs = ["dev-mnv2-64@0.1.0"]
+    assert accepted_precision(DEV, refs, None) == "f32"
+    record_bf16_verdict(DEV, refs, None, {"passes_criteria": True, "grades_changed": 0})
+    assert accepted_precision(DEV, refs, None) == "bf16"
+    record = json.loads(acceptance_path(DEV).read_text())
+    record["graphs"] = ["dev-mnv2-64-0.1.0-0000000000000000-g2.onnx"]  # other weights
+    acceptance_path(DEV).write_text(json.dumps(record))
+    assert accepted_precision(DEV, refs, None) == "f32"
+    record_bf16_verdict(DEV, refs, None, {"passes_criteria": False, "grades_changed": 9})
+    assert not acceptance_path(DEV).exists() and accepted_precision(DEV, refs, None) == "f32"
