@@ -5,6 +5,10 @@ Figures (the last line with ``--json`` is one JSON object holding all of them):
 - ``forward_ips_torch`` / ``forward_ips_onnx``: ensemble images/s on pre-decoded, pre-processed
   tensors at batch 8 (PyTorch: the best of the settings tried, listed under ``torch_settings``);
 - ``latency_ms_torch_b1`` / ``latency_ms_onnx_b1``: one image through the ensemble (median);
+- ``forward_ips_openvino`` / ``latency_ms_openvino_b1`` (``openvino_precision``): the same ONNX
+  graphs run by OpenVINO, bfloat16 where `drscreen export onnx` accepted it for these weights;
+  ``forward_ips_torch_bf16``: PyTorch's best setting under bfloat16 autocast, the like-for-like
+  comparison for a bfloat16 figure (reduced precision: not a candidate for ``forward_ips_torch``);
 - ``e2e_ips``: a folder job of real photographs through the API, the broker, a worker and the
   database, explanations off (timed from ``POST /v1/jobs`` to the job's ``done``);
 - ``e2e_ips_explain``: the same with explanations on (until every heatmap is stored);
@@ -92,6 +96,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
+def forward_key(runtime: str) -> str:
+    """The forward figure of the runtime the service's worker used (``e2e_over_forward``'s divisor)."""
+    return {"onnx": "forward_ips_onnx", "openvino": "forward_ips_openvino"}.get(runtime, "forward_ips_torch")
+
+
 def best_time(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up (ONNX Runtime and oneDNN pick kernels on the first call)
     return min(_timed(fn) for _ in range(max(1, repeats)))
@@ -155,12 +164,15 @@ def forward_figures(plan: Plan, sources: list[Path], log: Callable[[str], None])
 
     pool = ThreadPoolExecutor(cpus)
 
-    def torch_forward(xs: dict[str, Any], channels_last: bool, pieces: bool = False) -> None:
+    def torch_forward(
+        xs: dict[str, Any], channels_last: bool, pieces: bool = False, bf16: bool = False
+    ) -> None:
         """Every member on its input; with ``pieces``, (member, half batch) pieces run on a pool of
         ``cpus`` threads (single-threaded ops), the way the ONNX Runtime path runs."""
 
         def run(model: Any, x: Any) -> None:
-            with torch.inference_mode():
+            # autocast is per thread: entered here, inside each piece
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 t = torch.from_numpy(x)
                 if channels_last:
                     t = t.contiguous(memory_format=torch.channels_last)
@@ -224,6 +236,10 @@ def forward_figures(plan: Plan, sources: list[Path], log: Callable[[str], None])
         median_time(lambda: torch_forward(one, channels_last), plan.latency_repeats),
         median_time(lambda: torch_forward(one, channels_last, pieces), plan.latency_repeats),
     )
+    bf16_secs = best_time(partial(torch_forward, inputs, channels_last, pieces, True), plan.forward_repeats)
+    out["forward_ips_torch_bf16"] = images_per_second(BATCH, bf16_secs)
+    eager_best = best.replace(",torch.compile", "")
+    log(f"  torch {eager_best},bf16 autocast: {out['forward_ips_torch_bf16']:.2f} images/s")
 
     onnx = load_ensemble(settings.model, models_dir=settings.models_dir, runtime="onnx", threads=cpus)
     assert onnx.runtime is not None
@@ -238,6 +254,19 @@ def forward_figures(plan: Plan, sources: list[Path], log: Callable[[str], None])
     )
     out["latency_ms_onnx_b1"] = 1000 * median_time(lambda: onnx_forward(one), plan.latency_repeats)
     out["onnx_speedup"] = out["forward_ips_onnx"] / out["forward_ips_torch"]
+
+    vino = load_ensemble(settings.model, models_dir=settings.models_dir, runtime="openvino", threads=cpus)
+    assert vino.runtime is not None
+    vino_runtime = vino.runtime
+    out["openvino_precision"] = next(iter(vino_runtime.sessions.values())).precision
+
+    def openvino_forward(xs: dict[str, Any]) -> None:
+        vino_runtime.run_many([m.ref for m in members], xs)
+
+    out["forward_ips_openvino"] = images_per_second(
+        BATCH, best_time(lambda: openvino_forward(inputs), plan.forward_repeats)
+    )
+    out["latency_ms_openvino_b1"] = 1000 * median_time(lambda: openvino_forward(one), plan.latency_repeats)
 
     # Explanations: Grad-CAM of every member (one forward to the feature map + the head's backward)
     # relative to one ensemble forward of the same single image (PyTorch, the explain path).
@@ -532,10 +561,17 @@ def run_bench(as_json: bool, quick: bool = False) -> int:
     figures.update(service_figures(plan, sources, log))
     log("model forward (pre-decoded photographs, batch 8):")
     figures.update(forward_figures(plan, sources, log))
-    for key in ("forward_ips_torch", "forward_ips_onnx", "latency_ms_torch_b1", "latency_ms_onnx_b1"):
+    for key in (
+        "forward_ips_torch",
+        "forward_ips_onnx",
+        "forward_ips_openvino",
+        "forward_ips_torch_bf16",
+        "latency_ms_torch_b1",
+        "latency_ms_onnx_b1",
+        "latency_ms_openvino_b1",
+    ):
         log(f"  {key}: {figures[key]:.2f}")
-    runtime_ips = figures["forward_ips_onnx" if figures["runtime"] == "onnx" else "forward_ips_torch"]
-    figures["e2e_over_forward"] = figures["e2e_ips"] / runtime_ips
+    figures["e2e_over_forward"] = figures["e2e_ips"] / figures[forward_key(figures["runtime"])]
     figures["bench_seconds"] = time.perf_counter() - t0
     for key in ("e2e_ips", "e2e_ips_explain", "scaling_ratio", "worker_rss_mb", "api_p95_ms"):
         log(f"  {key}: {figures[key]:.2f}")

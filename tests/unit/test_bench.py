@@ -64,6 +64,9 @@ def test_json_line_holds_every_figure(
         "forward_ips_onnx": 40.0,
         "latency_ms_torch_b1": 100.0,
         "latency_ms_onnx_b1": 20.0,
+        "forward_ips_openvino": 70.0,
+        "forward_ips_torch_bf16": 25.0,
+        "latency_ms_openvino_b1": 12.0,
     }
     service = {
         "runtime": "onnx",
@@ -83,3 +86,9 @@ def test_json_line_holds_every_figure(
         assert isinstance(figures[key], (int, float, str)), key
     assert figures["e2e_over_forward"] == pytest.approx(35.0 / 40.0)
     assert figures["quick"] is True
+
+
+def test_e2e_is_compared_with_the_forward_pass_of_the_runtime_in_use() -> None:
+    assert bench.forward_key("onnx") == "forward_ips_onnx"
+    assert bench.forward_key("openvino") == "forward_ips_openvino"
+    assert bench.forward_key("torch") == "forward_ips_torch"
