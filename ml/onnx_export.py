@@ -38,6 +38,7 @@ from ml.inference.onnx_graph import ProbabilityHead, export_member_onnx, with_st
 from ml.inference.onnx_runtime import OPSET, cache_dir, onnx_path_for
 from ml.inference.openvino_runtime import PRECISIONS, OpenVinoSession, openvino_available, record_bf16_verdict
 from ml.metrics import grading_report
+from ml.release import ensemble_dir
 from ml.training.config import TrainConfig
 from ml.training.data import Sample, load_rgb
 from ml.training.train import natural_split
@@ -276,8 +277,10 @@ def export_onnx(
     val: list[Sample] | None = None,
     train: list[Sample] | None = None,
     report_dir: Path | None = None,
+    verdict_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Export, check and (optionally) quantize every member; returns the report (also written)."""
+    """Export, check and (optionally) quantize every member; returns the report (also written).
+    ``verdict_dir``: where the OpenVINO bf16 verdict goes (default: the ensemble's release folder)."""
     threads = int(os.environ.get("DRSCREEN_TORCH_THREADS", "0") or 0) or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     ens = load_ensemble(ref, models_dir=models_dir)
@@ -335,6 +338,8 @@ def export_onnx(
     }
     if openvino_available():
         report["openvino"] = _openvino_check(ens, fp32, inputs_cache, y, po, sizes, models_dir)
+        verdict_folder = verdict_dir or ensemble_dir(ens.ref, models_dir)
+        record_bf16_verdict(verdict_folder, [m.ref for m in members], models_dir, report["openvino"]["bf16"])
     if quantize:
         report["quantization"] = _quantize_all(
             ens, fp32, inputs_cache, train or [], y, po, threads, sizes, models_dir
@@ -356,8 +361,7 @@ def _openvino_check(
     sizes: dict[str, int],
     models_dir: Path | None,
 ) -> dict[str, Any]:
-    """OpenVINO at each precision against ONNX Runtime float32 on the validation photographs; bf16
-    is recorded as accepted for these graphs only if it meets the int8 rule (workers read that)."""
+    """OpenVINO at each precision against ONNX Runtime float32 on the validation photographs."""
     import openvino as ov
 
     out: dict[str, Any] = {
@@ -369,7 +373,6 @@ def _openvino_check(
         sessions = {ref: OpenVinoSession(path, precision) for ref, path in fp32.items()}
         out[precision] = judge_reduced_precision(ens, sessions, val_inputs, y, p_fp32, sizes)
         log.info("OpenVINO %s: %s", precision, out[precision])
-    record_bf16_verdict(ens.ref, [m.ref for m in ens._members], models_dir, out["bf16"])
     return out
 
 

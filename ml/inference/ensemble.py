@@ -263,7 +263,7 @@ def load_ensemble(
 
         members = [Member.from_release(r, models_dir, threads, device) for r in refs]
         if precision == "auto":
-            precision = accepted_precision(ref, refs, models_dir)
+            precision = accepted_precision(ensemble_dir(ref, models_dir), refs, models_dir)
         onnx = OnnxMembers.load(
             ensemble_dir(ref, models_dir),
             refs,

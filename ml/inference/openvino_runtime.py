@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ml.inference.onnx_runtime import cache_dir, onnx_path_for
+from ml.inference.onnx_runtime import onnx_path_for
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("f32", "bf16")
@@ -55,27 +55,26 @@ class OpenVinoSession:
         return [np.asarray(result[self._outputs[name]]) for name in output_names]
 
 
-def acceptance_path(ensemble_ref: str) -> Path:
-    return cache_dir() / f"openvino-bf16-{ensemble_ref.replace('@', '-')}.json"
+VERDICT_FILE = "openvino-bf16.json"
 
 
 def record_bf16_verdict(
-    ensemble_ref: str, refs: list[str], models_dir: Path | None, figures: dict[str, Any]
+    folder: Path, refs: list[str], models_dir: Path | None, figures: dict[str, Any]
 ) -> None:
-    """Written by `drscreen export onnx` after its bf16 check: bf16 is served only for the graphs
-    (named by their weights' sha256) that passed; a failed check removes an earlier acceptance."""
-    path = acceptance_path(ensemble_ref)
+    """Written into the ensemble's release folder by `drscreen export onnx` after its bf16 check, so
+    the verdict ships with the release: bf16 is served only for the graphs (named by their weights'
+    sha256) that passed; a failed check removes an earlier acceptance."""
+    path = folder / VERDICT_FILE
     if not figures.get("passes_criteria"):
         path.unlink(missing_ok=True)
         return
     graphs = [onnx_path_for(ref, models_dir).name for ref in refs]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"ensemble": ensemble_ref, "graphs": graphs, "figures": figures}, indent=2))
+    path.write_text(json.dumps({"graphs": graphs, "figures": figures}, indent=2, default=float) + "\n")
 
 
-def accepted_precision(ensemble_ref: str, refs: list[str], models_dir: Path | None) -> str:
+def accepted_precision(folder: Path, refs: list[str], models_dir: Path | None) -> str:
     """``bf16`` when the export's check accepted it for exactly these graphs, else ``f32``."""
-    path = acceptance_path(ensemble_ref)
+    path = folder / VERDICT_FILE
     if not path.exists():
         return "f32"
     record = json.loads(path.read_text())

@@ -25,7 +25,11 @@ def _photos(n: int) -> list[Sample]:
 
 def test_export_parity_on_dev_ensemble(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRSCREEN_ONNX_CACHE", str(tmp_path / "onnx"))
-    report = export_onnx(DEV, None, quantize=False, val=_photos(16), report_dir=tmp_path / "docs")
+    verdicts = tmp_path / "release"
+    verdicts.mkdir()
+    report = export_onnx(
+        DEV, None, quantize=False, val=_photos(16), report_dir=tmp_path / "docs", verdict_dir=verdicts
+    )
     parity = report["parity"]
     assert parity["ok"]
     assert parity["max_abs_probability_diff"] <= PARITY_TOL
@@ -34,14 +38,14 @@ def test_export_parity_on_dev_ensemble(tmp_path: Path, monkeypatch: pytest.Monke
     assert (tmp_path / "docs" / "onnx-report-drscreen-dev-0.1.0.json").exists()
     assert all(Path(p).exists() for p in report["members"].values())
     # OpenVINO on the same graphs, judged by the int8 rule; bf16 accepted for workers only if it passed
-    from ml.inference.openvino_runtime import acceptance_path
+    from ml.inference.openvino_runtime import VERDICT_FILE
 
     ov = report["openvino"]
     assert ov["f32"]["grades_changed"] == 0 and ov["f32"]["max_abs_probability_diff"] <= PARITY_TOL
     bf16 = ov["bf16"]
     rule = bf16["grades_changed"] <= 0.01 * 16 and bf16["qwk_fp32"] - bf16["qwk"] <= 0.01
     assert bf16["passes_criteria"] == rule
-    assert acceptance_path(DEV).exists() == rule
+    assert (verdicts / VERDICT_FILE).exists() == rule
 
 
 def test_onnx_runtime_ensemble_matches_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

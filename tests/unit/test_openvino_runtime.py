@@ -12,8 +12,8 @@ import pytest
 from ml.inference import load_ensemble
 from ml.inference.onnx_runtime import onnx_path_for
 from ml.inference.openvino_runtime import (
+    VERDICT_FILE,
     OpenVinoSession,
-    acceptance_path,
     accepted_precision,
     record_bf16_verdict,
 )
@@ -59,14 +59,14 @@ def test_bf16_session_runs_and_stays_near_float32(cache: Path) -> None:
         OpenVinoSession(path, "int4")
 
 
-def test_bf16_is_served_only_for_the_graphs_the_check_accepted(cache: Path, tmp_path: Path) -> None:
+def test_bf16_is_served_only_for_the_graphs_the_check_accepted(tmp_path: Path) -> None:
     refs = ["dev-mnv2-64@0.1.0"]
-    assert accepted_precision(DEV, refs, None) == "f32"
-    record_bf16_verdict(DEV, refs, None, {"passes_criteria": True, "grades_changed": 0})
-    assert accepted_precision(DEV, refs, None) == "bf16"
-    record = json.loads(acceptance_path(DEV).read_text())
+    assert accepted_precision(tmp_path, refs, None) == "f32"
+    record_bf16_verdict(tmp_path, refs, None, {"passes_criteria": True, "grades_changed": 0})
+    assert accepted_precision(tmp_path, refs, None) == "bf16"
+    record = json.loads((tmp_path / VERDICT_FILE).read_text())
     record["graphs"] = ["dev-mnv2-64-0.1.0-0000000000000000-g2.onnx"]  # other weights
-    acceptance_path(DEV).write_text(json.dumps(record))
-    assert accepted_precision(DEV, refs, None) == "f32"
-    record_bf16_verdict(DEV, refs, None, {"passes_criteria": False, "grades_changed": 9})
-    assert not acceptance_path(DEV).exists() and accepted_precision(DEV, refs, None) == "f32"
+    (tmp_path / VERDICT_FILE).write_text(json.dumps(record))
+    assert accepted_precision(tmp_path, refs, None) == "f32"
+    record_bf16_verdict(tmp_path, refs, None, {"passes_criteria": False, "grades_changed": 9})
+    assert not (tmp_path / VERDICT_FILE).exists() and accepted_precision(tmp_path, refs, None) == "f32"
