@@ -12,8 +12,9 @@ For each member of the ensemble:
    ``load_ensemble(..., quantized=True)`` reads) only if the ensemble's grades change on at most
    ``MAX_GRADE_CHANGE`` of the validation photographs and QWK drops by at most ``MAX_QWK_DROP``;
 4. where OpenVINO is installed: the same graphs run by OpenVINO in float32 and bfloat16, judged
-   by the same rule; bfloat16 is recorded as accepted for these weights only if it passes
-   (``ml.inference.openvino_runtime.accepted_precision``, what ``DRSCREEN_RUNTIME=openvino`` serves).
+   by the same rule, and the fastest choice of bfloat16 members that passes it, recorded in the
+   ensemble's release folder for these weights (``ml.inference.openvino_runtime``: what
+   ``DRSCREEN_RUNTIME=openvino`` serves).
 
 Speed (ensemble images/s at batch 8, dynamic vs static batch axis, fp32 vs int8) and accuracy are
 written either way to a JSON report in the cache folder and under ``docs/perf/``.
@@ -21,6 +22,7 @@ written either way to a JSON report in the cache folder and under ``docs/perf/``
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -36,7 +38,7 @@ from ml.inference.combine import combine
 from ml.inference.ensemble import Ensemble, load_ensemble
 from ml.inference.onnx_graph import ProbabilityHead, export_member_onnx, with_static_padding
 from ml.inference.onnx_runtime import OPSET, cache_dir, onnx_path_for
-from ml.inference.openvino_runtime import PRECISIONS, OpenVinoSession, openvino_available, record_bf16_verdict
+from ml.inference.openvino_runtime import PRECISIONS, OpenVinoSession, openvino_available, record_precisions
 from ml.metrics import grading_report
 from ml.release import ensemble_dir
 from ml.training.config import TrainConfig
@@ -245,18 +247,12 @@ def _grades_and_qwk(ens: Ensemble, probs: np.ndarray, y: np.ndarray) -> tuple[np
 
 
 def judge_reduced_precision(
-    ens: Ensemble,
-    sessions: dict[str, Any],
-    val_inputs: list[dict[str, np.ndarray]],
-    y: np.ndarray,
-    p_fp32: np.ndarray,
-    sizes: dict[str, int],
+    ens: Ensemble, probs: np.ndarray, y: np.ndarray, p_fp32: np.ndarray
 ) -> dict[str, Any]:
-    """A reduced-precision variant (int8 graphs, OpenVINO bf16) against float32 on the validation
-    photographs: kept only if at most ``MAX_GRADE_CHANGE`` of the grades change and QWK drops by at
-    most ``MAX_QWK_DROP``. Speed: ensemble images/s at batch 8 with these sessions' threads."""
+    """A reduced-precision variant's (members, photographs, 5) probabilities (int8 graphs, OpenVINO
+    bf16) against float32 on the validation photographs: kept only if at most ``MAX_GRADE_CHANGE``
+    of the grades change and QWK drops by at most ``MAX_QWK_DROP``."""
     g_fp32, qwk_fp32 = _grades_and_qwk(ens, p_fp32, y)
-    probs = onnx_probabilities(sessions, ens._members, val_inputs)
     grades, qwk = _grades_and_qwk(ens, probs, y)
     changed = int((grades != g_fp32).sum())
     return {
@@ -265,9 +261,27 @@ def judge_reduced_precision(
         "qwk_fp32": qwk_fp32,
         "qwk": qwk,
         "max_abs_probability_diff": float(np.abs(probs - p_fp32).max()),
-        "ensemble_ips_batch8": _speed(sessions, sizes),
         "passes_criteria": bool(changed <= MAX_GRADE_CHANGE * len(y) and qwk_fp32 - qwk <= MAX_QWK_DROP),
     }
+
+
+def fastest_passing_mix(
+    ens: Ensemble, p_bf16: np.ndarray, p_fp32: np.ndarray, y: np.ndarray, ips: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """Which members to run in bfloat16: of every subset (2^members, recombined from the two runs'
+    probabilities, no new inference), the one whose ensemble passes ``judge_reduced_precision``
+    with the highest estimated speed (``ips[ref][precision]``: each member's images/s alone).
+    The empty subset (all float32) always passes."""
+    refs = [m.ref for m in ens._members]
+    best: dict[str, Any] = {}
+    for mask in itertools.product((False, True), repeat=len(refs)):
+        probs = np.where(np.array(mask)[:, None, None], p_bf16, p_fp32)
+        figures = judge_reduced_precision(ens, probs, y, p_fp32)
+        precisions = {ref: "bf16" if bf16 else "f32" for ref, bf16 in zip(refs, mask, strict=True)}
+        speed = 1 / sum(1 / ips[ref][precisions[ref]] for ref in refs)
+        if figures["passes_criteria"] and speed > best.get("ensemble_ips_batch8_estimated", 0):
+            best = {"precisions": precisions, "ensemble_ips_batch8_estimated": speed, **figures}
+    return best
 
 
 def export_onnx(
@@ -337,9 +351,9 @@ def export_onnx(
         "machine": {"cpus": os.cpu_count(), "onnxruntime": _ort_version(), "torch": torch.__version__},
     }
     if openvino_available():
-        report["openvino"] = _openvino_check(ens, fp32, inputs_cache, y, po, sizes, models_dir)
+        report["openvino"] = _openvino_check(ens, fp32, inputs_cache, y, po, sizes)
         verdict_folder = verdict_dir or ensemble_dir(ens.ref, models_dir)
-        record_bf16_verdict(verdict_folder, [m.ref for m in members], models_dir, report["openvino"]["bf16"])
+        record_precisions(verdict_folder, models_dir, report["openvino"]["mix"])
     if quantize:
         report["quantization"] = _quantize_all(
             ens, fp32, inputs_cache, train or [], y, po, threads, sizes, models_dir
@@ -359,9 +373,9 @@ def _openvino_check(
     y: np.ndarray,
     p_fp32: np.ndarray,
     sizes: dict[str, int],
-    models_dir: Path | None,
 ) -> dict[str, Any]:
-    """OpenVINO at each precision against ONNX Runtime float32 on the validation photographs."""
+    """OpenVINO at each precision against ONNX Runtime float32 on the validation photographs, and
+    the fastest per-member mix of the two that passes the rule (``fastest_passing_mix``)."""
     import openvino as ov
 
     out: dict[str, Any] = {
@@ -369,10 +383,21 @@ def _openvino_check(
         "criteria": {"max_grade_change_fraction": MAX_GRADE_CHANGE, "max_qwk_drop": MAX_QWK_DROP},
         "onnxruntime_fp32_ips_batch8_one_thread": _speed(_sessions(fp32, 1), sizes),
     }
+    probs: dict[str, np.ndarray] = {}
+    ips: dict[str, dict[str, float]] = {ref: {} for ref in fp32}
     for precision in PRECISIONS:
         sessions = {ref: OpenVinoSession(path, precision) for ref, path in fp32.items()}
-        out[precision] = judge_reduced_precision(ens, sessions, val_inputs, y, p_fp32, sizes)
+        probs[precision] = onnx_probabilities(sessions, ens._members, val_inputs)
+        for ref, session in sessions.items():
+            ips[ref][precision] = _speed({ref: session}, {ref: sizes[ref]})
+        out[precision] = {
+            **judge_reduced_precision(ens, probs[precision], y, p_fp32),
+            "ensemble_ips_batch8": _speed(sessions, sizes),
+        }
         log.info("OpenVINO %s: %s", precision, out[precision])
+    out["member_ips_batch8"] = ips
+    out["mix"] = fastest_passing_mix(ens, probs["bf16"], probs["f32"], y, ips)
+    log.info("OpenVINO per-member precisions: %s", out["mix"])
     return out
 
 
@@ -413,7 +438,12 @@ def _quantize_all(
                 target = target if kind == "static" else target.with_suffix(".dyn.onnx")
                 x = calib[m.ref] if kind == "static" else None
                 paths[m.ref] = quantize_member(fp32[m.ref], target, x, frac, depthwise)
-            out[label] = judge_reduced_precision(ens, _sessions(paths, threads), val_inputs, y, p_fp32, sizes)
+            sessions = _sessions(paths, threads)
+            probs = onnx_probabilities(sessions, members, val_inputs)
+            out[label] = {
+                **judge_reduced_precision(ens, probs, y, p_fp32),
+                "ensemble_ips_batch8": _speed(sessions, sizes),
+            }
         except Exception as exc:  # a quantizer failure is a result to report, not a crash
             log.exception("%s int8 quantization failed", label)
             out[label] = {"error": f"{type(exc).__name__}: {exc}", "passes_criteria": False}

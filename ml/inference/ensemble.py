@@ -240,10 +240,10 @@ def load_ensemble(
     ``runtime="onnx"`` scores with ONNX Runtime on ``threads`` threads (int8 graphs with
     ``quantized``; None = int8 when `drscreen export onnx --quantize` kept them);
     ``runtime="openvino"`` runs the same graphs with OpenVINO at ``precision`` (``auto``: bfloat16
-    where `drscreen export onnx` accepted it for these weights, float32 otherwise). Grad-CAM keeps
-    using the PyTorch members, which this runtime loads only on the first ``explain`` (a missing
-    ONNX file is exported by a child process). ``threads`` is also torch's intra-op thread count
-    when loading the members is what first imports torch.
+    for the members `drscreen export onnx` accepted it for, with these weights; float32 otherwise).
+    Grad-CAM keeps using the PyTorch members, which these runtimes load only on the first
+    ``explain`` (a missing ONNX file is exported by a child process). ``threads`` is also torch's
+    intra-op thread count when loading the members is what first imports torch.
     """
     ref = resolve_ref(ref, models_dir)
     manifest = read_manifest(ref, models_dir)
@@ -259,20 +259,23 @@ def load_ensemble(
             ensemble_dir(ref, models_dir), refs, models_dir, quantized=quantized, threads=threads
         )
     elif runtime == "openvino":
-        from ml.inference.openvino_runtime import accepted_precision
+        from ml.inference.openvino_runtime import accepted_precisions
 
         members = [Member.from_release(r, models_dir, threads, device) for r in refs]
-        if precision == "auto":
-            precision = accepted_precision(ensemble_dir(ref, models_dir), refs, models_dir)
+        precisions = (
+            accepted_precisions(ensemble_dir(ref, models_dir), refs, models_dir)
+            if precision == "auto"
+            else dict.fromkeys(refs, precision)
+        )
         onnx = OnnxMembers.load(
             ensemble_dir(ref, models_dir),
             refs,
             models_dir,
             threads=threads,
             engine="openvino",
-            precision=precision,
+            precision=precisions,
         )
-        runtime = f"openvino {precision}"
+        runtime = "openvino " + ",".join(sorted(set(precisions.values())))
     else:
         _import_torch(threads)
         from ml.release import load_checkpoint

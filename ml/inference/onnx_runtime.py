@@ -115,16 +115,17 @@ class OnnxMembers:
         quantized: bool = False,
         threads: int | None = None,
         engine: str = "onnxruntime",
-        precision: str = "f32",
+        precision: str | dict[str, str] = "f32",
     ) -> OnnxMembers:
         """Sessions of every member's graph: ONNX Runtime's, or with ``engine="openvino"`` the same
-        graphs compiled by OpenVINO at ``precision`` (``ml.inference.openvino_runtime``)."""
+        graphs compiled by OpenVINO at ``precision`` (one for all, or per member ref;
+        ``ml.inference.openvino_runtime``)."""
         threads = threads or int(os.environ.get("DRSCREEN_TORCH_THREADS", "0") or 0) or (os.cpu_count() or 1)
         if engine == "openvino":
             from ml.inference.openvino_runtime import OpenVinoSession
 
-            def new_session(path: Path) -> object:
-                return OpenVinoSession(path, precision)
+            def new_session(path: Path, ref: str) -> object:
+                return OpenVinoSession(path, precision if isinstance(precision, str) else precision[ref])
         elif engine == "onnxruntime":
             import onnxruntime as ort
 
@@ -136,7 +137,7 @@ class OnnxMembers:
                 _register_shared_arena(ort)
                 opts.add_session_config_entry("session.use_env_allocators", "1")
 
-            def new_session(path: Path) -> object:
+            def new_session(path: Path, ref: str) -> object:
                 return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         else:
             raise ValueError(f"unknown engine {engine!r}: onnxruntime or openvino")
@@ -151,7 +152,7 @@ class OnnxMembers:
                 if quantized:
                     raise FileNotFoundError(f"{path} missing: run `drscreen export onnx --quantize`")
             if ref not in sessions:
-                sessions[ref] = new_session(path)
+                sessions[ref] = new_session(path, ref)
         return cls(sessions, threads)
 
     def run(self, ref: str, x: np.ndarray) -> np.ndarray:

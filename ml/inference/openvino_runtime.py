@@ -1,14 +1,15 @@
 """OpenVINO execution of the exported ONNX members (an alternative CPU engine to ONNX Runtime).
 
 OpenVINO reads the same ``.onnx`` files the ONNX Runtime path caches (``onnx_runtime.cache_dir``)
-and compiles them for the CPU it runs on. Two precisions:
+and compiles them for the CPU it runs on. Two precisions, chosen per member:
 
 - ``f32``: the exported graph's numbers (probabilities within ~1e-6 of ONNX Runtime);
 - ``bf16``: on CPUs with AVX-512 BF16 or AMX, convolutions run in bfloat16 with float32
   accumulation. Faster, but not the same numbers: it is held to the rule issue 7 sets for any
   reduced precision (grades changed on at most 1% of the natural-colour validation photographs,
-  QWK drop at most 0.01; ``scripts/precision_check.py``). On a CPU without bf16 support OpenVINO
-  runs f32 whatever is asked.
+  QWK drop at most 0.01). `drscreen export onnx` picks the fastest set of members that may run
+  in bf16 under that rule and records it in the release folder (``VERDICT_FILE``). On a CPU
+  without bf16 support OpenVINO runs f32 whatever is asked.
 
 A session here answers ONNX Runtime's ``run(output_names, feeds)`` call, so ``OnnxMembers`` and
 the export's checks use either engine unchanged. This module does not import torch.
@@ -55,33 +56,34 @@ class OpenVinoSession:
         return [np.asarray(result[self._outputs[name]]) for name in output_names]
 
 
-VERDICT_FILE = "openvino-bf16.json"
+VERDICT_FILE = "openvino-precisions.json"
 
 
-def record_bf16_verdict(
-    folder: Path, refs: list[str], models_dir: Path | None, figures: dict[str, Any]
-) -> None:
-    """Written into the ensemble's release folder by `drscreen export onnx` after its bf16 check, so
-    the verdict ships with the release: bf16 is served only for the graphs (named by their weights'
-    sha256) that passed; a failed check removes an earlier acceptance."""
+def record_precisions(folder: Path, models_dir: Path | None, mix: dict[str, Any]) -> None:
+    """Written into the ensemble's release folder by `drscreen export onnx` (so it ships with the
+    release): each member's precision in the fastest mix that passed the accuracy rule, tied to
+    its graph (named by the weights' sha256). Nothing is written when every member stays float32."""
     path = folder / VERDICT_FILE
-    if not figures.get("passes_criteria"):
+    precisions: dict[str, str] = mix.get("precisions", {})
+    if "bf16" not in precisions.values():
         path.unlink(missing_ok=True)
         return
-    graphs = [onnx_path_for(ref, models_dir).name for ref in refs]
-    path.write_text(json.dumps({"graphs": graphs, "figures": figures}, indent=2, default=float) + "\n")
+    graphs = {ref: onnx_path_for(ref, models_dir).name for ref in precisions}
+    path.write_text(json.dumps({"precisions": precisions, "graphs": graphs, "figures": mix}, indent=2) + "\n")
 
 
-def accepted_precision(folder: Path, refs: list[str], models_dir: Path | None) -> str:
-    """``bf16`` when the export's check accepted it for exactly these graphs, else ``f32``."""
+def accepted_precisions(folder: Path, refs: list[str], models_dir: Path | None) -> dict[str, str]:
+    """Each member's precision: ``bf16`` where the export's check accepted it for exactly this
+    member's graph, ``f32`` otherwise."""
     path = folder / VERDICT_FILE
-    if not path.exists():
-        return "f32"
-    record = json.loads(path.read_text())
-    if record.get("graphs") != [onnx_path_for(ref, models_dir).name for ref in refs]:
-        log.warning("%s was written for other weights: serving OpenVINO f32", path)
-        return "f32"
-    return "bf16"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    out = {}
+    for ref in refs:
+        same_graph = record.get("graphs", {}).get(ref) == onnx_path_for(ref, models_dir).name
+        if record and not same_graph:
+            log.warning("%s: written for other weights of %s, which runs in f32", path, ref)
+        out[ref] = record["precisions"].get(ref, "f32") if same_graph else "f32"
+    return out
 
 
 def openvino_available() -> bool:

@@ -38,14 +38,32 @@ def test_export_parity_on_dev_ensemble(tmp_path: Path, monkeypatch: pytest.Monke
     assert (tmp_path / "docs" / "onnx-report-drscreen-dev-0.1.0.json").exists()
     assert all(Path(p).exists() for p in report["members"].values())
     # OpenVINO on the same graphs, judged by the int8 rule; bf16 accepted for workers only if it passed
-    from ml.inference.openvino_runtime import VERDICT_FILE
+    from ml.inference.openvino_runtime import VERDICT_FILE, accepted_precisions
 
     ov = report["openvino"]
     assert ov["f32"]["grades_changed"] == 0 and ov["f32"]["max_abs_probability_diff"] <= PARITY_TOL
     bf16 = ov["bf16"]
     rule = bf16["grades_changed"] <= 0.01 * 16 and bf16["qwk_fp32"] - bf16["qwk"] <= 0.01
     assert bf16["passes_criteria"] == rule
+    # one member: the mix is bf16 exactly when bf16 passed (it is faster), and that is what ships
+    assert ov["mix"]["precisions"] == {"dev-mnv2-64@0.1.0": "bf16" if rule else "f32"}
     assert (verdicts / VERDICT_FILE).exists() == rule
+    assert accepted_precisions(verdicts, ["dev-mnv2-64@0.1.0"], None) == ov["mix"]["precisions"]
+
+
+def test_fastest_passing_mix_keeps_float32_where_bf16_would_change_grades() -> None:
+    from ml.onnx_export import _grades_and_qwk, fastest_passing_mix
+
+    ens = load_ensemble(DEV)
+    rng = np.random.default_rng(0)
+    p32 = rng.dirichlet(np.ones(5), size=(1, 40)).astype(np.float32)
+    y = _grades_and_qwk(ens, p32, np.zeros(40, dtype=int))[0]  # labels = the float32 grades
+    ips = {"dev-mnv2-64@0.1.0": {"f32": 50.0, "bf16": 100.0}}
+    same = fastest_passing_mix(ens, p32 + 1e-6, p32, y, ips)
+    assert same["precisions"] == {"dev-mnv2-64@0.1.0": "bf16"} and same["grades_changed"] == 0
+    assert same["ensemble_ips_batch8_estimated"] == 100.0
+    scrambled = fastest_passing_mix(ens, p32[:, ::-1].copy(), p32, y, ips)
+    assert scrambled["precisions"] == {"dev-mnv2-64@0.1.0": "f32"}
 
 
 def test_onnx_runtime_ensemble_matches_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,8 +14,8 @@ from ml.inference.onnx_runtime import onnx_path_for
 from ml.inference.openvino_runtime import (
     VERDICT_FILE,
     OpenVinoSession,
-    accepted_precision,
-    record_bf16_verdict,
+    accepted_precisions,
+    record_precisions,
 )
 from ml.training.data import load_rgb, read_labels
 
@@ -61,12 +61,12 @@ def test_bf16_session_runs_and_stays_near_float32(cache: Path) -> None:
 
 def test_bf16_is_served_only_for_the_graphs_the_check_accepted(tmp_path: Path) -> None:
     refs = ["dev-mnv2-64@0.1.0"]
-    assert accepted_precision(tmp_path, refs, None) == "f32"
-    record_bf16_verdict(tmp_path, refs, None, {"passes_criteria": True, "grades_changed": 0})
-    assert accepted_precision(tmp_path, refs, None) == "bf16"
+    assert accepted_precisions(tmp_path, refs, None) == {refs[0]: "f32"}
+    record_precisions(tmp_path, None, {"precisions": {refs[0]: "bf16"}, "grades_changed": 0})
+    assert accepted_precisions(tmp_path, refs, None) == {refs[0]: "bf16"}
     record = json.loads((tmp_path / VERDICT_FILE).read_text())
-    record["graphs"] = ["dev-mnv2-64-0.1.0-0000000000000000-g2.onnx"]  # other weights
+    record["graphs"][refs[0]] = "dev-mnv2-64-0.1.0-0000000000000000-g2.onnx"  # other weights
     (tmp_path / VERDICT_FILE).write_text(json.dumps(record))
-    assert accepted_precision(tmp_path, refs, None) == "f32"
-    record_bf16_verdict(tmp_path, refs, None, {"passes_criteria": False, "grades_changed": 9})
-    assert not (tmp_path / VERDICT_FILE).exists() and accepted_precision(tmp_path, refs, None) == "f32"
+    assert accepted_precisions(tmp_path, refs, None) == {refs[0]: "f32"}
+    record_precisions(tmp_path, None, {"precisions": {refs[0]: "f32"}})  # nothing passed in bf16
+    assert not (tmp_path / VERDICT_FILE).exists()
