@@ -258,7 +258,7 @@ def forward_figures(plan: Plan, sources: list[Path], log: Callable[[str], None])
     vino = load_ensemble(settings.model, models_dir=settings.models_dir, runtime="openvino", threads=cpus)
     assert vino.runtime is not None
     vino_runtime = vino.runtime
-    out["openvino_precision"] = next(iter(vino_runtime.sessions.values())).precision
+    out["openvino_precision"] = {ref: s.precision for ref, s in vino_runtime.sessions.items()}
 
     def openvino_forward(xs: dict[str, Any]) -> None:
         vino_runtime.run_many([m.ref for m in members], xs)

@@ -125,7 +125,9 @@ class OnnxMembers:
             from ml.inference.openvino_runtime import OpenVinoSession
 
             def new_session(path: Path, ref: str) -> object:
-                return OpenVinoSession(path, precision if isinstance(precision, str) else precision[ref])
+                return OpenVinoSession(
+                    path, precision if isinstance(precision, str) else precision[ref], threads
+                )
         elif engine == "onnxruntime":
             import onnxruntime as ort
 

@@ -81,3 +81,14 @@ def test_models_dir_setting_reaches_the_ml_package(monkeypatch: pytest.MonkeyPat
     assert default_models_dir() == tmp_path.resolve()
     monkeypatch.delenv("DRSCREEN_MODELS_DIR")
     assert default_models_dir() == Path(__file__).resolve().parents[2] / "models"
+
+
+def test_auto_runtime_is_openvino_on_a_cpu_machine_that_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ml.inference import openvino_runtime
+    from workers import model
+
+    monkeypatch.setattr(model, "GPU_DEVICE_FILES", ())  # this machine, or any without a GPU
+    assert model.resolve_runtime(Settings(runtime="auto")) == "openvino"
+    monkeypatch.setattr(openvino_runtime, "openvino_available", lambda: False)
+    assert model.resolve_runtime(Settings(runtime="auto")) == "onnx"
+    assert model.resolve_runtime(Settings(runtime="torch")) == "torch"
