@@ -54,6 +54,11 @@ class OpenVinoSession:
         self.precision = precision
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self._outputs = {name: port for port in self.compiled.outputs for name in port.get_names()}
+        # pybind11 sets up its NumPy bridge on first use; two pool threads making that first call
+        # at once deadlocked a worker (session 11): one warm-up call here, in the loading thread
+        first = self.compiled.inputs[0]
+        shape = [1 if dim.is_dynamic else dim.get_length() for dim in first.get_partial_shape()]
+        self.run(list(self._outputs)[:1], {first.get_any_name(): np.zeros(shape, np.float32)})
 
     def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         # one request per call: sessions are shared by the worker's threads

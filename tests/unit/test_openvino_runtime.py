@@ -4,6 +4,7 @@ The export's OpenVINO check is tested with the export itself (tests/unit/test_on
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,20 @@ def test_bf16_is_served_only_for_the_graphs_the_check_accepted(tmp_path: Path) -
     assert accepted_precisions(tmp_path, refs, None) == {refs[0]: "f32"}
     record_precisions(tmp_path, None, {"precisions": {refs[0]: "f32"}})  # nothing passed in bf16
     assert not (tmp_path / VERDICT_FILE).exists()
+
+
+def test_a_session_makes_its_first_call_while_loading(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pybind11 sets up OpenVINO's NumPy bridge on the first call; two pool threads making that
+    first call at once deadlocked a worker in the test suite (once in a few runs; 30 fresh
+    processes here did not hit it). The remedy is a warm-up call in the loading thread: checked."""
+    load_ensemble(DEV, runtime="onnx", threads=1)  # exports the graph into the cache
+    calls: list[str] = []
+    original = OpenVinoSession.run
+
+    def counted(self: OpenVinoSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        calls.append(threading.current_thread().name)
+        return original(self, names, feeds)
+
+    monkeypatch.setattr(OpenVinoSession, "run", counted)
+    OpenVinoSession(onnx_path_for("dev-mnv2-64@0.1.0", None), "f32", threads=2)
+    assert calls == [threading.current_thread().name]
