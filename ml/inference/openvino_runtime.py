@@ -8,8 +8,10 @@ and compiles them for the CPU it runs on. Two precisions, chosen per member:
   accumulation. Faster, but not the same numbers: it is held to the rule issue 7 sets for any
   reduced precision (grades changed on at most 1% of the natural-colour validation photographs,
   QWK drop at most 0.01). `drscreen export onnx` picks the fastest set of members that may run
-  in bf16 under that rule and records it in the release folder (``VERDICT_FILE``). On a CPU
-  without bf16 support OpenVINO runs f32 whatever is asked.
+  in bf16 under that rule and records it in the release folder (``VERDICT_FILE``). The verdict
+  was measured on the exporting machine (AVX-512 BF16 here); bf16 kernels differ between CPUs
+  (OpenVINO's docs describe a slow emulation on AVX-512 CPUs without BF16), so on other hardware
+  re-run `drscreen export onnx` there or set ``DRSCREEN_OPENVINO_PRECISION=f32``.
 
 A session here answers ONNX Runtime's ``run(output_names, feeds)`` call, so ``OnnxMembers`` and
 the export's checks use either engine unchanged. This module does not import torch.
