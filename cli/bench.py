@@ -241,32 +241,25 @@ def forward_figures(plan: Plan, sources: list[Path], log: Callable[[str], None])
     eager_best = best.replace(",torch.compile", "")
     log(f"  torch {eager_best},bf16 autocast: {out['forward_ips_torch_bf16']:.2f} images/s")
 
-    onnx = load_ensemble(settings.model, models_dir=settings.models_dir, runtime="onnx", threads=cpus)
-    assert onnx.runtime is not None
-    runtime = onnx.runtime
+    def runtime_figures(runtime: str) -> Any:
+        """forward_ips_<runtime> and latency_ms_<runtime>_b1 of the ONNX graphs under ``runtime``."""
+        loaded = load_ensemble(settings.model, models_dir=settings.models_dir, runtime=runtime, threads=cpus)
+        sessions = loaded.runtime
+        assert sessions is not None
 
-    def onnx_forward(xs: dict[str, Any]) -> None:
-        runtime.run_many([m.ref for m in members], xs)
+        def forward(xs: dict[str, Any]) -> None:
+            sessions.run_many([m.ref for m in members], xs)
+
+        secs = best_time(lambda: forward(inputs), plan.forward_repeats)
+        out[f"forward_ips_{runtime}"] = images_per_second(BATCH, secs)
+        out[f"latency_ms_{runtime}_b1"] = 1000 * median_time(lambda: forward(one), plan.latency_repeats)
+        return sessions
 
     out["onnx_threads"] = cpus
-    out["forward_ips_onnx"] = images_per_second(
-        BATCH, best_time(lambda: onnx_forward(inputs), plan.forward_repeats)
-    )
-    out["latency_ms_onnx_b1"] = 1000 * median_time(lambda: onnx_forward(one), plan.latency_repeats)
+    runtime_figures("onnx")
     out["onnx_speedup"] = out["forward_ips_onnx"] / out["forward_ips_torch"]
-
-    vino = load_ensemble(settings.model, models_dir=settings.models_dir, runtime="openvino", threads=cpus)
-    assert vino.runtime is not None
-    vino_runtime = vino.runtime
-    out["openvino_precision"] = {ref: s.precision for ref, s in vino_runtime.sessions.items()}
-
-    def openvino_forward(xs: dict[str, Any]) -> None:
-        vino_runtime.run_many([m.ref for m in members], xs)
-
-    out["forward_ips_openvino"] = images_per_second(
-        BATCH, best_time(lambda: openvino_forward(inputs), plan.forward_repeats)
-    )
-    out["latency_ms_openvino_b1"] = 1000 * median_time(lambda: openvino_forward(one), plan.latency_repeats)
+    vino = runtime_figures("openvino")
+    out["openvino_precision"] = {ref: s.precision for ref, s in vino.sessions.items()}
 
     # Explanations: Grad-CAM of every member (one forward to the feature map + the head's backward)
     # relative to one ensemble forward of the same single image (PyTorch, the explain path).

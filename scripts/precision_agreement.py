@@ -17,8 +17,9 @@ import numpy as np
 
 from ml.inference import load_ensemble
 from ml.inference.combine import combine
+from ml.onnx_export import _inputs
 from ml.training.config import TrainConfig
-from ml.training.data import load_rgb, read_labels
+from ml.training.data import read_labels
 from ml.training.train import natural_split, resolve
 
 
@@ -30,12 +31,10 @@ def main(ref: str) -> None:
     cfg = TrainConfig()
     samples = read_labels(resolve(cfg.data.natural_dir, Path.cwd()))
     val = {s.path for s in natural_split(cfg, Path.cwd())["val"]}
-    refs = [m.ref for m in ort._members]
     p_ort, p_vino = [], []
-    for start in range(0, len(samples), 16):
-        inputs = ort.pixel_inputs([load_rgb(s.path) for s in samples[start : start + 16]])
-        p_ort.append(np.stack(ort.runtime.run_many(refs, inputs)))
-        p_vino.append(np.stack(vino.runtime.run_many(refs, inputs)))
+    for inputs in _inputs(ort, samples):
+        p_ort.append(ort.member_probabilities(inputs))
+        p_vino.append(vino.member_probabilities(inputs))
     a, b = np.concatenate(p_ort, axis=1), np.concatenate(p_vino, axis=1)
     grades_a, grades_b = combine(ort.rule, a)[2], combine(vino.rule, b)[2]
     changed = grades_a != grades_b
