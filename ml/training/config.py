@@ -32,6 +32,9 @@ class StageConfig:
     # colour only). The natural stage has 230 photographs and overfits within a few epochs;
     # mixing the large domain back in is the usual remedy when fine-tuning on a tiny target set.
     mix_equalized: float = 0.0
+    # >0: validate and keep an exponential moving average of the weights (this decay per
+    # optimiser step) instead of the live weights; 0 = off (ml/training/ema.py)
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.monitor not in MONITORS:

@@ -29,6 +29,7 @@ from ml.models import GradingNet, ModelSpec, build_model, expected_grade, grade_
 from ml.release import load_checkpoint, save_checkpoint
 from ml.training.config import StageConfig, TrainConfig, load_config
 from ml.training.data import Sample, augment, cached_pixels, read_labels, split_hash, split_patients, to_batch
+from ml.training.ema import WeightAverage
 from ml.training.losses import grading_loss
 from ml.training.plots import plot_curves
 
@@ -211,10 +212,12 @@ def run_stage(
     start_epoch: int = 0,
     extra: Split | None = None,
     resumed_best: tuple[dict[str, torch.Tensor], float] | None = None,
+    resumed_average: tuple[dict[str, torch.Tensor], int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train one stage; returns the best state (by validation QWK) and appends to history.
     With ``extra`` and ``stage.mix_equalized`` > 0, that share of each epoch comes from ``extra``.
-    ``resumed_best``: the best state and score a resumed stage had reached before it stopped."""
+    ``resumed_best``: the best state and score a resumed stage had reached before it stopped;
+    ``resumed_average``: its weight average and update count (with ``stage.ema_decay`` > 0)."""
     rng = np.random.default_rng(cfg.seed + (0 if name == "stage1" else 1000))
     gen = torch.Generator().manual_seed(cfg.seed)
     per_epoch = stage.samples_per_epoch or len(train.samples)
@@ -259,9 +262,12 @@ def run_stage(
         {k: v.detach().clone() for k, v in model.state_dict().items()},
         0,
     )
+    average = WeightAverage(model, stage.ema_decay) if stage.ema_decay > 0 else None
     if resumed_best is not None and start_epoch > 0:
         best_state, best_score = resumed_best
         bad_epochs = epochs_since_best([r for r in history if r["stage"] == name], f"val_{stage.monitor}")
+    if average is not None and resumed_average is not None and start_epoch > 0:
+        average.state, average.updates = resumed_average
     for epoch in range(stage.epochs):
         order = epoch_order()
         if epoch < start_epoch:  # resumed: replay the sampling RNG, skip the work
@@ -292,12 +298,18 @@ def run_stage(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if average is not None:
+                average.update(model)
             losses.append(float(loss.detach()))
             pred = apply_thresholds(expected_grade(out).detach().float().cpu().numpy(), DEFAULT_THRESHOLDS)
             correct += int((pred == y.cpu().numpy()).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         figures = validation_figures(model, val, cfg)
+        if average is not None:  # the average is what is validated and kept; the live net for comparison
+            live = {f"live_{k}": v for k, v in figures.items()}
+            with average.swapped_in(model):
+                figures = validation_figures(model, val, cfg) | live
         score = figures[f"val_{stage.monitor}"]
         row = {
             "stage": name,
@@ -317,7 +329,11 @@ def run_stage(
         # improvement: the stage keeps its last epoch and never stops early
         if score is None or score > best_score:
             best_score, bad_epochs = (best_score if score is None else score), 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = (
+                average.snapshot()
+                if average is not None
+                else {k: v.detach().clone() for k, v in model.state_dict().items()}
+            )
         else:
             bad_epochs += 1
         torch.save(
@@ -328,6 +344,7 @@ def run_stage(
                 "best": best_state,
                 "best_score": best_score,
                 "history": history,
+                "average": None if average is None else (average.state, average.updates),
             },
             run_dir / "last.pt",
         )
@@ -386,7 +403,7 @@ def train_from_config(
     model = initial_model(cfg, base, resume is not None).to(DEVICE).to(memory_format=torch.channels_last)
     history: list[dict[str, Any]] = []
     done_stage, done_epoch = None, 0
-    resumed_best = None
+    resumed_best = resumed_average = None
     if resume and (run_dir / "last.pt").exists():
         state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
@@ -394,6 +411,7 @@ def train_from_config(
         # the interrupted stage's best so far; without it a resumed stage would keep only the
         # best of the epochs after the resume (or, if it had finished, its last epoch)
         resumed_best = (state["best"], state["best_score"])
+        resumed_average = state.get("average")
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     best = model.state_dict()
     if done_stage in (None, "stage1") and cfg.stage1.epochs > 0:
@@ -408,6 +426,7 @@ def train_from_config(
             history,
             done_epoch if done_stage == "stage1" else 0,
             resumed_best=resumed_best if done_stage == "stage1" else None,
+            resumed_average=resumed_average if done_stage == "stage1" else None,
         )
         model.load_state_dict(best)
         save_member(model, cfg, data, run_dir / "stage1", history)
@@ -425,6 +444,7 @@ def train_from_config(
             start,
             data.eq_train,
             resumed_best=resumed_best if done_stage == "stage2" else None,
+            resumed_average=resumed_average if done_stage == "stage2" else None,
         )
         model.load_state_dict(best)
     save_member(model, cfg, data, run_dir / "best", history)

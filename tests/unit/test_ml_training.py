@@ -220,6 +220,46 @@ def test_natural_stage_mixed_with_equalised_photographs(smoke_run: Path) -> None
     assert resolved["stage2"]["mix_equalized"] == 0.5
 
 
+def test_weight_average_is_what_a_stage_validates_and_keeps(smoke_run: Path) -> None:
+    """With stage2.ema_decay the kept state is the average (not the live weights), and every
+    epoch logs the live network's figures beside it."""
+    import torch
+
+    from ml.release import load_checkpoint
+    from ml.training.train import train_from_config
+
+    overrides = _natural_only_from(smoke_run, {"stage2.ema_decay": 0.5, "stage2.epochs": 1})
+    run = train_from_config(REPO / "configs" / "smoke.toml", overrides=overrides)
+    rows = _metrics(run)
+    assert len(rows) == 1 and {"val_qwk", "live_val_qwk", "live_val_loss"} <= rows[0].keys()
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    average, updates = last["average"]
+    assert updates == 2  # 16 photographs in batches of 8
+    kept = load_checkpoint(run / "best")[0].state_dict()
+    floats = [k for k, v in average.items() if v.is_floating_point()]
+    assert all(torch.allclose(kept[k], average[k]) for k in floats)
+    assert any(not torch.allclose(kept[k], last["model"][k]) for k in floats)
+
+
+def test_resume_carries_the_weight_average_on(smoke_run: Path, tmp_path: Path) -> None:
+    """An interrupted stage resumes its average (and its update count) from last.pt instead of
+    starting a new one from the resumed weights."""
+    import torch
+
+    from ml.training.train import train_from_config
+
+    overrides = _natural_only_from(smoke_run, {"stage2.ema_decay": 0.5, "out_dir": str(tmp_path)})
+    run = train_from_config(REPO / "configs" / "smoke.toml", overrides=overrides)
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    assert state["epoch"] == 2 and state["average"][1] == 4
+    # pretend the run stopped after its first epoch (2 updates)
+    first = state["history"][:1]
+    torch.save({**state, "epoch": 1, "history": first, "average": (state["average"][0], 2)}, run / "last.pt")
+    train_from_config(REPO / "configs" / "smoke.toml", resume=run, overrides=overrides)
+    resumed = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["average"][1] == 4  # 2 carried + 2 of epoch 2
+
+
 def _natural_only_from(run: Path, settings: dict[str, object]) -> dict[str, object]:
     """Overrides for a natural-colour-only run (no stage 1) warm-started from ``run``'s best."""
     return {**_overrides_from(run), "init_from": str(run / "best"), "stage1.epochs": 0, **settings}
