@@ -60,6 +60,15 @@ def max_spread(states: list[dict[str, torch.Tensor]], prefix: str) -> float:
     return spread
 
 
+def repo_relative(path: Path) -> str:
+    """``path`` relative to the working directory (the repository, where commands run) when it
+    lies inside it: released metadata should not carry one machine's absolute paths."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def make_soup(run_dirs: list[Path], out_dir: Path) -> Path:
     """Average the ``best/`` checkpoints of ``run_dirs`` into ``out_dir/best`` (a run folder)."""
     loaded = [load_checkpoint(run / "best") for run in run_dirs]
@@ -78,7 +87,7 @@ def make_soup(run_dirs: list[Path], out_dir: Path) -> Path:
     meta = dict(first_config["metadata"])
     for key in ("name", "version", "libraries", "weights_sha256", "history", "metrics"):
         meta.pop(key, None)
-    meta["soup_of"] = [str(run) for run in run_dirs]
+    meta["soup_of"] = [repo_relative(run) for run in run_dirs]
     meta["soup_backbone_max_abs_diff"] = backbone_spread
     save_checkpoint(out_dir / "best", first_model, first_pre, first_config["name"], "0.0.0", meta)
     train_config = meta.get("train_config", {})

@@ -38,8 +38,12 @@ def _run(folder: Path, model: GradingNet) -> Path:
     return folder
 
 
-def test_soup_of_head_only_draws_averages_the_heads_and_keeps_the_backbone(tmp_path: Path) -> None:
-    """Two draws that share a backbone and differ in their heads, as a head-only stage leaves them."""
+def test_soup_of_head_only_draws_averages_the_heads_and_keeps_the_backbone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two draws that share a backbone and differ in their heads, as a head-only stage leaves them;
+    the runs are recorded relative to the working directory (no machine's absolute path)."""
+    monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     first = build_model(SPEC)
     second = build_model(SPEC)
@@ -47,7 +51,7 @@ def test_soup_of_head_only_draws_averages_the_heads_and_keeps_the_backbone(tmp_p
     runs = [_run(tmp_path / "a", first), _run(tmp_path / "b", second)]
     out = make_soup(runs, tmp_path / "soup")
     soup, pre, config = load_checkpoint(out / "best")
-    assert pre.size == 64 and config["metadata"]["soup_of"] == [str(r) for r in runs]
+    assert pre.size == 64 and config["metadata"]["soup_of"] == ["a", "b"]
     assert config["metadata"]["soup_backbone_max_abs_diff"] == 0.0
     got = soup.state_dict()
     for key, value in first.state_dict().items():
