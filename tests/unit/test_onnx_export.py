@@ -64,6 +64,13 @@ def test_fastest_passing_mix_keeps_float32_where_bf16_would_change_grades() -> N
     assert same["ensemble_ips_batch8_estimated"] == 100.0
     scrambled = fastest_passing_mix(ens, p32[:, ::-1].copy(), p32, y, ips)
     assert scrambled["precisions"] == {"dev-mnv2-64@0.1.0": "f32"}
+    # judged against the reference (ONNX Runtime f32), not the runtime's own f32: when even that
+    # disagrees with the reference, everything stays float32 and the mix says it did not pass
+    scrambled32 = p32[:, ::-1].copy()
+    off = fastest_passing_mix(ens, p32, scrambled32, y, ips, reference=p32)
+    assert off["precisions"] == {"dev-mnv2-64@0.1.0": "bf16"} and off["passes_criteria"]
+    drifted = fastest_passing_mix(ens, scrambled32, scrambled32, y, ips, reference=p32)
+    assert drifted["precisions"] == {"dev-mnv2-64@0.1.0": "f32"} and not drifted["passes_criteria"]
 
 
 def test_onnx_runtime_ensemble_matches_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
