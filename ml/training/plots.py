@@ -29,9 +29,18 @@ def plot_curves(history: list[dict[str, Any]], out: Path) -> None:
             ax.plot(x, [h[train_key] for h in history], "o-", label="train")
         # a final cross-validated run has no validation photographs (its folds' curves are in
         # cv_curves.png); None marks an epoch without them
+        averaged = any(h.get(f"live_{val_key}") is not None for h in history)
         if any(h[val_key] is not None for h in history):
-            val = [float("nan") if h[val_key] is None else h[val_key] for h in history]
-            ax.plot(x, val, "s-", label="validation")
+            ax.plot(
+                x,
+                _series(history, val_key),
+                "s-",
+                label="validation (weight average)" if averaged else "validation",
+            )
+        if averaged:  # stageN.ema_decay: the live network's figures, logged beside the average's
+            ax.plot(
+                x, _series(history, f"live_{val_key}"), "s--", alpha=0.6, label="validation (live weights)"
+            )
         elif not train_key:
             ax.text(0.5, 0.5, "no validation part\n(see cv_curves.png)", ha="center", transform=ax.transAxes)
         stage2 = [i + 1 for i, h in enumerate(history) if h["stage"] == "stage2"]
@@ -46,6 +55,10 @@ def plot_curves(history: list[dict[str, Any]], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
+
+
+def _series(history: list[dict[str, Any]], key: str) -> list[float]:
+    return [float("nan") if h.get(key) is None else float(h[key]) for h in history]
 
 
 def plot_cv_curves(folds: list[list[dict[str, Any]]], final: list[dict[str, Any]], out: Path) -> None:
