@@ -9,11 +9,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 
 def plot_curves(history: list[dict[str, Any]], out: Path) -> None:
     if not history:
         return
+    fig = curves_figure(history)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def curves_figure(history: list[dict[str, Any]]) -> Figure:
+    """Loss, accuracy and validation QWK per epoch (the figure ``plot_curves`` saves)."""
     x = list(range(1, len(history) + 1))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (train_key, val_key, title) in zip(
@@ -31,18 +39,13 @@ def plot_curves(history: list[dict[str, Any]], out: Path) -> None:
         # cv_curves.png); None marks an epoch without them
         averaged = any(h.get(f"live_{val_key}") is not None for h in history)
         if any(h[val_key] is not None for h in history):
-            ax.plot(
-                x,
-                _series(history, val_key),
-                "s-",
-                label="validation (weight average)" if averaged else "validation",
-            )
-        if averaged:  # stageN.ema_decay: the live network's figures, logged beside the average's
-            ax.plot(
-                x, _series(history, f"live_{val_key}"), "s--", alpha=0.6, label="validation (live weights)"
-            )
+            label = "validation (weight average)" if averaged else "validation"
+            ax.plot(x, _series(history, val_key), "s-", label=label)
         elif not train_key:
             ax.text(0.5, 0.5, "no validation part\n(see cv_curves.png)", ha="center", transform=ax.transAxes)
+        if averaged:  # stageN.ema_decay: the live network's figures, logged beside the average's
+            live = _series(history, f"live_{val_key}")
+            ax.plot(x, live, "s--", alpha=0.6, label="validation (live weights)")
         stage2 = [i + 1 for i, h in enumerate(history) if h["stage"] == "stage2"]
         if stage2:
             ax.axvline(stage2[0] - 0.5, color="grey", ls="--", lw=1)
@@ -53,8 +56,7 @@ def plot_curves(history: list[dict[str, Any]], out: Path) -> None:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def _series(history: list[dict[str, Any]], key: str) -> list[float]:
