@@ -45,9 +45,12 @@ def test_export_parity_on_dev_ensemble(tmp_path: Path, monkeypatch: pytest.Monke
     bf16 = ov["bf16"]
     rule = bf16["grades_changed"] <= 0.01 * 16 and bf16["qwk_fp32"] - bf16["qwk"] <= 0.01
     assert bf16["passes_criteria"] == rule
-    # one member: the mix is bf16 exactly when bf16 passed (it is faster), and that is what ships
-    assert ov["mix"]["precisions"] == {"dev-mnv2-64@0.1.0": "bf16" if rule else "f32"}
-    assert (verdicts / VERDICT_FILE).exists() == rule
+    # one member: the mix is bf16 exactly when bf16 passed and measured faster, and that is what
+    # ships (a CPU without BF16 instructions runs the bf16 hint as f32, no faster: f32 is chosen)
+    ips = ov["member_ips_batch8"]["dev-mnv2-64@0.1.0"]
+    chosen = rule and ips["bf16"] > ips["f32"]
+    assert ov["mix"]["precisions"] == {"dev-mnv2-64@0.1.0": "bf16" if chosen else "f32"}
+    assert (verdicts / VERDICT_FILE).exists() == chosen
     assert accepted_precisions(verdicts, ["dev-mnv2-64@0.1.0"], None) == ov["mix"]["precisions"]
 
 
