@@ -11,6 +11,7 @@ from ml.models import ModelSpec
 from ml.preprocess import PreprocessConfig
 
 MONITORS = ("qwk", "referable_auc")
+SELECT_ON = ("own", "natural")
 
 
 @dataclass
@@ -35,10 +36,25 @@ class StageConfig:
     # >0: validate and keep an exponential moving average of the weights (this decay per
     # optimiser step) instead of the live weights; 0 = off (ml/training/ema.py)
     ema_decay: float = 0.0
+    # Which validation part early stopping reads: "own" (the stage's: equalised for stage 1) or
+    # "natural" (stage 1 only: the natural-colour validation patients, whose figures stage 1 logs
+    # as nat_val_* anyway). Equalised-validation QWK did not rank stage-1 checkpoints by how
+    # they transfer to natural colour (docs/experiments.md, session 12).
+    select_on: str = "own"
+    # save every epoch's validated weights as a member folder <stage>-epochNN/ (to compare
+    # stage-1 checkpoints after the fact)
+    save_epochs: bool = False
 
     def __post_init__(self) -> None:
         if self.monitor not in MONITORS:
             raise ValueError(f"monitor {self.monitor!r}: choose from {MONITORS}")
+        if self.select_on not in SELECT_ON:
+            raise ValueError(f"select_on {self.select_on!r}: choose from {SELECT_ON}")
+
+    @property
+    def monitor_key(self) -> str:
+        """The metrics.jsonl key early stopping reads."""
+        return f"{'nat_' if self.select_on == 'natural' else ''}val_{self.monitor}"
 
 
 @dataclass

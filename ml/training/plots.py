@@ -43,6 +43,8 @@ def curves_figure(history: list[dict[str, Any]]) -> Figure:
             ax.plot(x, _series(history, val_key), "s-", label=label)
         elif not train_key:
             ax.text(0.5, 0.5, "no validation part\n(see cv_curves.png)", ha="center", transform=ax.transAxes)
+        if any(h.get(f"nat_{val_key}") is not None for h in history):  # stage 1 watches natural colour too
+            ax.plot(x, _series(history, f"nat_{val_key}"), "^:", label="natural-colour validation")
         if averaged:  # stageN.ema_decay: the live network's figures, logged beside the average's
             live = _series(history, f"live_{val_key}")
             ax.plot(x, live, "s--", alpha=0.6, label="validation (live weights)")

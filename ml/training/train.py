@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -195,6 +196,17 @@ def validation_figures(model: GradingNet, val: Split, cfg: TrainConfig) -> dict[
     }
 
 
+def epoch_figures(
+    model: GradingNet, val: Split, watch: Split | None, cfg: TrainConfig
+) -> dict[str, float | None]:
+    """``validation_figures`` on the stage's own validation part, plus ``nat_``-prefixed ones
+    on ``watch`` (stage 1: the natural-colour validation patients) when given."""
+    figures = validation_figures(model, val, cfg)
+    if watch is not None and watch.samples:
+        figures |= {f"nat_{k}": v for k, v in validation_figures(model, watch, cfg).items()}
+    return figures
+
+
 def set_backbone_frozen(model: GradingNet, frozen: bool) -> None:
     for p in model.backbone.parameters():
         p.requires_grad = not frozen
@@ -213,11 +225,21 @@ def run_stage(
     extra: Split | None = None,
     resumed_best: tuple[dict[str, torch.Tensor], float] | None = None,
     resumed_average: tuple[dict[str, torch.Tensor], int] | None = None,
+    watch: Split | None = None,
+    on_epoch_end: Callable[[GradingNet, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Train one stage; returns the best state (by validation QWK) and appends to history.
+    """Train one stage; returns the best state (by ``stage.monitor_key``) and appends to history.
     With ``extra`` and ``stage.mix_equalized`` > 0, that share of each epoch comes from ``extra``.
     ``resumed_best``: the best state and score a resumed stage had reached before it stopped;
-    ``resumed_average``: its weight average and update count (with ``stage.ema_decay`` > 0)."""
+    ``resumed_average``: its weight average and update count (with ``stage.ema_decay`` > 0);
+    ``watch``: a second validation part logged as ``nat_val_*`` (and monitored with
+    ``stage.select_on = "natural"``); ``on_epoch_end(model, epoch)`` is called with the validated
+    weights in place (the average's, if any)."""
+    if stage.select_on == "natural" and (watch is None or not watch.samples):
+        raise ValueError(
+            f"{name}: select_on = 'natural' needs the natural-colour validation photographs "
+            "beside the stage's own (stage 1 only)"
+        )
     rng = np.random.default_rng(cfg.seed + (0 if name == "stage1" else 1000))
     gen = torch.Generator().manual_seed(cfg.seed)
     per_epoch = stage.samples_per_epoch or len(train.samples)
@@ -265,7 +287,7 @@ def run_stage(
     average = WeightAverage(model, stage.ema_decay) if stage.ema_decay > 0 else None
     if resumed_best is not None and start_epoch > 0:
         best_state, best_score = resumed_best
-        bad_epochs = epochs_since_best([r for r in history if r["stage"] == name], f"val_{stage.monitor}")
+        bad_epochs = epochs_since_best([r for r in history if r["stage"] == name], stage.monitor_key)
     if average is not None and resumed_average is not None and start_epoch > 0:
         average.state, average.updates = resumed_average
     for epoch in range(stage.epochs):
@@ -305,12 +327,16 @@ def run_stage(
             correct += int((pred == y.cpu().numpy()).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        figures = validation_figures(model, val, cfg)
+        figures = epoch_figures(model, val, watch, cfg)
         if average is not None:  # the average is what is validated and kept; the live net for comparison
             live = {f"live_{k}": v for k, v in figures.items()}
             with average.swapped_in(model):
-                figures = validation_figures(model, val, cfg) | live
-        score = figures[f"val_{stage.monitor}"]
+                figures = epoch_figures(model, val, watch, cfg) | live
+                if on_epoch_end is not None:
+                    on_epoch_end(model, epoch + 1)
+        elif on_epoch_end is not None:
+            on_epoch_end(model, epoch + 1)
+        score = figures[stage.monitor_key]
         row = {
             "stage": name,
             "epoch": epoch + 1,
@@ -427,6 +453,8 @@ def train_from_config(
             done_epoch if done_stage == "stage1" else 0,
             resumed_best=resumed_best if done_stage == "stage1" else None,
             resumed_average=resumed_average if done_stage == "stage1" else None,
+            watch=data.nat_val,
+            on_epoch_end=epoch_saver(cfg, cfg.stage1, data, run_dir, "stage1", history),
         )
         model.load_state_dict(best)
         save_member(model, cfg, data, run_dir / "stage1", history)
@@ -445,11 +473,31 @@ def train_from_config(
             data.eq_train,
             resumed_best=resumed_best if done_stage == "stage2" else None,
             resumed_average=resumed_average if done_stage == "stage2" else None,
+            on_epoch_end=epoch_saver(cfg, cfg.stage2, data, run_dir, "stage2", history),
         )
         model.load_state_dict(best)
     save_member(model, cfg, data, run_dir / "best", history)
     log.info("run finished: %s", run_dir)
     return run_dir
+
+
+def epoch_saver(
+    cfg: TrainConfig,
+    stage_cfg: StageConfig,
+    data: Datasets,
+    run_dir: Path,
+    stage: str,
+    history: list[dict[str, Any]],
+) -> Callable[[GradingNet, int], None] | None:
+    """With ``stageN.save_epochs``, a callback that saves each epoch's validated weights as the
+    member folder <stage>-epochNN/; else None."""
+    if not stage_cfg.save_epochs:
+        return None
+
+    def save(model: GradingNet, epoch: int) -> None:
+        save_member(model, cfg, data, run_dir / f"{stage}-epoch{epoch:02d}", history)
+
+    return save
 
 
 def initial_model(cfg: TrainConfig, base: Path, resuming: bool) -> GradingNet:
