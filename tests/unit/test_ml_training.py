@@ -260,6 +260,69 @@ def test_resume_carries_the_weight_average_on(smoke_run: Path, tmp_path: Path) -
     assert resumed["epoch"] == 2 and resumed["average"][1] == 4  # 2 carried + 2 of epoch 2
 
 
+def test_stage1_can_keep_the_epoch_natural_colour_validation_ranks_best(
+    smoke_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stage1.select_on = "natural": stage 1 logs the natural-colour validation figures beside its
+    own, keeps the epoch with the best natural referable AUC (not the best equalised QWK), and
+    with save_epochs every epoch's weights are a member folder of their own."""
+    import torch
+
+    import ml.training.train
+    from ml.release import load_checkpoint
+    from ml.training.train import train_from_config
+
+    real = ml.training.train.validation_figures
+    real_prepare = ml.training.train.prepare_data
+    own_qwk, natural_auc = iter([0.1, 0.2, 0.3]), iter([0.6, 0.9, 0.7])
+    datasets: list[Any] = []
+
+    def remember(*args: Any) -> Any:
+        datasets.append(real_prepare(*args))
+        return datasets[-1]
+
+    def scripted(model: Any, split: Any, cfg: Any) -> dict[str, float | None]:
+        figures = real(model, split, cfg)
+        if split is datasets[-1].nat_val:
+            return figures | {"val_referable_auc": next(natural_auc)}
+        return figures | {"val_qwk": next(own_qwk)}
+
+    monkeypatch.setattr(ml.training.train, "validation_figures", scripted)
+    monkeypatch.setattr(ml.training.train, "prepare_data", remember)
+    overrides = _overrides_from(smoke_run) | {
+        "two_stage": False,
+        "stage1.epochs": 3,
+        "stage1.patience": 3,
+        "stage1.monitor": "referable_auc",
+        "stage1.select_on": "natural",
+        "stage1.save_epochs": True,
+    }
+    run = train_from_config(REPO / "configs" / "smoke.toml", overrides=overrides)
+    rows = _metrics(run)
+    assert [r["val_qwk"] for r in rows] == [0.1, 0.2, 0.3]
+    assert [r["nat_val_referable_auc"] for r in rows] == [0.6, 0.9, 0.7]
+    weights = {
+        name: load_checkpoint(run / name)[0].state_dict()
+        for name in ("stage1", "stage1-epoch01", "stage1-epoch02", "stage1-epoch03")
+    }
+    floats = [k for k, v in weights["stage1"].items() if v.is_floating_point()]
+
+    def same(a: str, b: str) -> bool:
+        return all(torch.equal(weights[a][k], weights[b][k]) for k in floats)
+
+    assert same("stage1", "stage1-epoch02"), "not the epoch with the best natural-colour AUC"
+    assert not same("stage1", "stage1-epoch03") and not same("stage1", "stage1-epoch01")
+
+
+def test_select_on_is_checked() -> None:
+    from ml.training.config import StageConfig
+
+    assert StageConfig().monitor_key == "val_qwk"
+    assert StageConfig(select_on="natural", monitor="referable_auc").monitor_key == "nat_val_referable_auc"
+    with pytest.raises(ValueError, match="select_on"):
+        StageConfig(select_on="equalised")
+
+
 def _natural_only_from(run: Path, settings: dict[str, object]) -> dict[str, object]:
     """Overrides for a natural-colour-only run (no stage 1) warm-started from ``run``'s best."""
     return {**_overrides_from(run), "init_from": str(run / "best"), "stage1.epochs": 0, **settings}

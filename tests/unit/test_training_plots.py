@@ -54,3 +54,11 @@ def test_run_without_validation_says_so_on_the_qwk_panel() -> None:
     rows = [r | {"val_loss": None, "val_accuracy": None, "val_qwk": None} for r in _rows(live=False)]
     texts = _labels_and_texts(rows)[2][1]
     assert any("no validation part" in t for t in texts)
+
+
+def test_stage1_watching_natural_colour_draws_its_validation_too() -> None:
+    rows = [r | {"nat_val_loss": 0.8, "nat_val_accuracy": 0.6, "nat_val_qwk": 0.4} for r in _rows(live=False)]
+    for labels, _ in _labels_and_texts(rows):
+        assert {"validation", "natural-colour validation"} <= set(labels)
+    for labels, _ in _labels_and_texts(_rows(live=False)):
+        assert "natural-colour validation" not in labels
