@@ -25,6 +25,9 @@
 # 1.5.0: 1.4.3's MobileNetV2 and Lite2+SE; Lite1+CBAM is a weight soup (ml/soup.py) of three
 #        head-only natural stages (seeds 36/37/38) from one stage 1 (seed 33) of
 #        configs/member-lite1-cbam-multitask-1.6.toml (docs/experiments.md, session 11; ~60 min).
+# 1.6.0: 1.5.0 with its Lite1+CBAM soup rebuilt from the same stage-1 run, but from the stage-1 epoch
+#        with the best natural-colour validation referable AUC (configs/member-lite1-cbam-multitask-1.8.toml,
+#        stage1.select_on = "natural"; docs/experiments.md, session 13; ~35 min on an AVX-512 CPU).
 # Releases up to 1.4.0 were fitted with --plain-weight-check (docs/experiments.md, session 6), and
 # releases up to 1.4.2 with --repeats 4 and the pixels of revision 1 (cv2.GaussianBlur in Ben
 # Graham's filter, ml/preprocess.py before session 9): with today's pixels their members retrain
@@ -52,6 +55,23 @@ export_release() {
     --plain-weight-check --repeats 4
 }
 
+if [[ "$version" == "1.6.0" ]]; then
+  cfg=configs/member-lite1-cbam-multitask-1.8.toml
+  if [[ "${2:-}" != "--skip-training" ]]; then
+    build_cache "$cfg"
+    base=$(.venv/bin/drscreen train --config "$cfg" --set two_stage=false --set 'out_dir="runs/s13"' | tail -1)
+    for seed in 36 37 38; do
+      .venv/bin/drscreen train --config "$cfg" --set threads=1 --set 'out_dir="runs/s13-B"' \
+        --set "init_from=\"$base/stage1\"" --set stage1.epochs=0 --set seed=$seed | tail -1 >"runs/s13/draw-$seed" &
+    done
+    wait
+    .venv/bin/drscreen export soup $(cat runs/s13/draw-36 runs/s13/draw-37 runs/s13/draw-38) --out runs/s13/soup-B
+  fi
+  .venv/bin/drscreen export member runs/s13/soup-B --name lite1-cbam-multitask --version 1.8.0 --half
+  .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member lite1-cbam-multitask@1.8.0 \
+    --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version"
+  exit 0
+fi
 if [[ "$version" == "1.5.0" ]]; then
   cfg=configs/member-lite1-cbam-multitask-1.6.toml
   if [[ "${2:-}" != "--skip-training" ]]; then
