@@ -55,38 +55,32 @@ export_release() {
     --plain-weight-check --repeats 4
 }
 
-if [[ "$version" == "1.6.0" ]]; then
-  cfg=configs/member-lite1-cbam-multitask-1.8.toml
-  if [[ "${2:-}" != "--skip-training" ]]; then
+# soup_release CONFIG DIR MEMBER_VERSION [--skip-training]: a stage 1 of CONFIG, three head-only
+# natural stages (seeds 36/37/38, 1 thread each) from its kept stage1/, their weight soup exported as
+# lite1-cbam-multitask@MEMBER_VERSION, and the ensemble with 1.4.3's MobileNetV2 and Lite2+SE
+soup_release() {
+  local cfg=$1 dir=$2 member=$3 base seed
+  if [[ "${4:-}" != "--skip-training" ]]; then
     build_cache "$cfg"
-    base=$(.venv/bin/drscreen train --config "$cfg" --set two_stage=false --set 'out_dir="runs/s13"' | tail -1)
+    base=$(.venv/bin/drscreen train --config "$cfg" --set two_stage=false --set "out_dir=\"$dir\"" | tail -1)
     for seed in 36 37 38; do
-      .venv/bin/drscreen train --config "$cfg" --set threads=1 --set 'out_dir="runs/s13-B"' \
-        --set "init_from=\"$base/stage1\"" --set stage1.epochs=0 --set seed=$seed | tail -1 >"runs/s13/draw-$seed" &
+      .venv/bin/drscreen train --config "$cfg" --set threads=1 --set "out_dir=\"$dir\"" \
+        --set "init_from=\"$base/stage1\"" --set stage1.epochs=0 --set seed=$seed | tail -1 >"$dir/draw-$seed" &
     done
     wait
-    .venv/bin/drscreen export soup $(cat runs/s13/draw-36 runs/s13/draw-37 runs/s13/draw-38) --out runs/s13/soup-B
+    .venv/bin/drscreen export soup $(cat "$dir/draw-36" "$dir/draw-37" "$dir/draw-38") --out "$dir/soup"
   fi
-  .venv/bin/drscreen export member runs/s13/soup-B --name lite1-cbam-multitask --version 1.8.0 --half
-  .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member lite1-cbam-multitask@1.8.0 \
+  .venv/bin/drscreen export member "$dir/soup" --name lite1-cbam-multitask --version "$member" --half
+  .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member "lite1-cbam-multitask@$member" \
     --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version"
+}
+
+if [[ "$version" == "1.6.0" ]]; then
+  soup_release configs/member-lite1-cbam-multitask-1.8.toml runs/s13 1.8.0 "${2:-}"
   exit 0
 fi
 if [[ "$version" == "1.5.0" ]]; then
-  cfg=configs/member-lite1-cbam-multitask-1.6.toml
-  if [[ "${2:-}" != "--skip-training" ]]; then
-    build_cache "$cfg"
-    base=$(.venv/bin/drscreen train --config "$cfg" --set two_stage=false --set 'out_dir="runs/s11"' | tail -1)
-    for seed in 36 37 38; do
-      .venv/bin/drscreen train --config "$cfg" --set threads=1 --set 'out_dir="runs/s11"' \
-        --set "init_from=\"$base/stage1\"" --set stage1.epochs=0 --set seed=$seed | tail -1 >"runs/s11/draw-$seed" &
-    done
-    wait
-    .venv/bin/drscreen export soup $(cat runs/s11/draw-36 runs/s11/draw-37 runs/s11/draw-38) --out runs/s11/soup
-  fi
-  .venv/bin/drscreen export member runs/s11/soup --name lite1-cbam-multitask --version 1.6.0 --half
-  .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member lite1-cbam-multitask@1.6.0 \
-    --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version"
+  soup_release configs/member-lite1-cbam-multitask-1.6.toml runs/s11 1.6.0 "${2:-}"
   exit 0
 fi
 if [[ "$version" == "1.4.1" || "$version" == "1.4.2" || "$version" == "1.4.3" ]]; then
