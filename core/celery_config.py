@@ -6,10 +6,11 @@ Usage::
     app.conf.update(build_celery_config(get_settings()))
 
 Embedded mode (``DRSCREEN_BROKER_URL`` unset or ``filesystem://``) uses kombu's filesystem
-transport: messages are files under ``<var_dir>/broker/queue``; a real ``drscreen worker`` process
-consumes them. Claiming a message is a ``rename`` into ``<var_dir>/broker/processed`` (atomic on one
-filesystem, so two worker processes never take the same file); :func:`prune_processed` deletes old
-claimed files (the maintenance sweep calls it).
+transport with an atomic publish (:mod:`core.filebroker`): messages are files under
+``<var_dir>/broker/queue``; a real ``drscreen worker`` process consumes them. Claiming a message
+is a ``rename`` into ``<var_dir>/broker/processed`` (atomic on one filesystem, so two worker
+processes never take the same file); :func:`prune_processed` deletes old claimed files (the
+maintenance sweep calls it).
 
 The database is the source of truth for status, so there is no result backend.
 """
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.filebroker import TRANSPORT_PATH
 from core.settings import Settings
 from core.tasks import ALL_QUEUES, TASK_QUEUES
 
@@ -60,6 +62,8 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.is_embedded_broker:
         ensure_broker_folders(settings)
+        # kombu's filesystem transport with an atomic publish (core.filebroker)
+        conf["broker_transport"] = TRANSPORT_PATH
         folders = broker_folders(settings)
         conf["broker_transport_options"] = {
             "data_folder_in": str(folders["queue"]),
