@@ -92,3 +92,18 @@ def test_e2e_is_compared_with_the_forward_pass_of_the_runtime_in_use() -> None:
     assert bench.forward_key("onnx") == "forward_ips_onnx"
     assert bench.forward_key("openvino") == "forward_ips_openvino"
     assert bench.forward_key("torch") == "forward_ips_torch"
+
+
+def test_runtime_figures_are_the_median_of_fresh_processes() -> None:
+    runs = [
+        {"forward_ips": 40.6, "latency_ms_b1": 24.0, "precision": {"a@1": "bf16"}},
+        {"forward_ips": 64.9, "latency_ms_b1": 27.0, "precision": {"a@1": "bf16"}},
+        {"forward_ips": 60.0, "latency_ms_b1": 20.0, "precision": {"a@1": "bf16"}},
+    ]
+    out = bench.summarise_runtime_runs("openvino", runs)
+    assert out["forward_ips_openvino"] == 60.0
+    assert out["forward_ips_openvino_runs"] == [40.6, 64.9, 60.0]
+    assert out["latency_ms_openvino_b1"] == 24.0
+    assert out["openvino_precision"] == {"a@1": "bf16"}
+    assert "openvino_precision" not in bench.summarise_runtime_runs("onnx", runs)
+    assert bench.Plan().runtime_processes >= 3
