@@ -10,6 +10,7 @@ the best checkpoint (as a release-style folder that `drscreen export` promotes).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -327,15 +328,15 @@ def run_stage(
             correct += int((pred == y.cpu().numpy()).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        figures = epoch_figures(model, val, watch, cfg)
-        if average is not None:  # the average is what is validated and kept; the live net for comparison
-            live = {f"live_{k}": v for k, v in figures.items()}
-            with average.swapped_in(model):
-                figures = epoch_figures(model, val, watch, cfg) | live
-                if on_epoch_end is not None:
-                    on_epoch_end(model, epoch + 1)
-        elif on_epoch_end is not None:
-            on_epoch_end(model, epoch + 1)
+        # With a weight average, the average is what is validated and kept; the live net's figures
+        # are logged beside it for comparison.
+        live: dict[str, float | None] = {}
+        if average is not None:
+            live = {f"live_{k}": v for k, v in epoch_figures(model, val, watch, cfg).items()}
+        with average.swapped_in(model) if average is not None else contextlib.nullcontext():
+            figures = epoch_figures(model, val, watch, cfg) | live
+            if on_epoch_end is not None:
+                on_epoch_end(model, epoch + 1)
         score = figures[stage.monitor_key]
         row = {
             "stage": name,
