@@ -8,7 +8,9 @@ import pytest
 from ml.ensemble_fit import (
     CrossValidated,
     bagged_thresholds,
+    best_weights,
     choose_rule,
+    coordinate_weights,
     fit_rules,
     fit_weighted_average,
     fitted_out_of_fold_grades,
@@ -18,6 +20,7 @@ from ml.ensemble_fit import (
     out_of_fold,
     paired_qwk_difference,
     patient_folds,
+    quick_weighted_qwk,
 )
 from ml.inference.combine import combine
 from ml.metrics import qwk
@@ -161,3 +164,38 @@ def test_more_shuffles_judge_on_more_fold_draws_and_extend_the_first_ones() -> N
     assert all(np.array_equal(a, b) for a, b in zip(four, seven[:4], strict=False))
     one = out_of_fold(single, probs[:1], y, groups, 0.0, repeats=1)
     assert np.isclose(one.qwk, qwk(y, four[0]))
+
+
+def five_members_one_informative(seed: int = 7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    probs, y, groups = synthetic(noise=(0.3,))
+    rng = np.random.default_rng(seed)
+    noise = [one_hot_probs(rng.uniform(0, 4, len(y))) for _ in range(4)]
+    return np.stack([*noise[:2], probs[0], *noise[2:]]), y, groups
+
+
+def test_coordinate_weights_find_the_informative_member_among_five() -> None:
+    members, y, groups = five_members_one_informative()
+    weights = coordinate_weights(members, y, groups)
+    assert weights[2] == 1.0 and max(weights[:2] + weights[3:]) <= 0.5
+    equal = quick_weighted_qwk(tuple([1.0] * 5), members, y, groups)
+    assert quick_weighted_qwk(tuple(weights), members, y, groups) > equal + 0.05
+
+
+def test_best_weights_searches_five_members_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The full grid would score 3,125 vectors (hours inside 20 shuffles of nested folds)."""
+    import ml.ensemble_fit as fit
+
+    calls = []
+    real = fit.quick_weighted_qwk
+
+    def counting(*args: object) -> float:
+        calls.append(args[0])
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fit, "quick_weighted_qwk", counting)
+    members, y, groups = five_members_one_informative()
+    assert best_weights(members, y, groups)[2] == 1.0
+    assert 0 < len(set(calls)) <= 4 * 5 * 5
+    calls.clear()
+    best_weights(members[:3], y, groups)  # three members: still the whole grid
+    assert len(set(calls)) > 4 * 5 * 5 // 2
