@@ -88,3 +88,35 @@ def test_a_session_makes_its_first_call_while_loading(cache: Path, monkeypatch: 
     monkeypatch.setattr(OpenVinoSession, "run", counted)
     OpenVinoSession(onnx_path_for("dev-mnv2-64@0.1.0", None), "f32", threads=2)
     assert calls == [threading.current_thread().name]
+
+
+def test_each_thread_keeps_its_request_and_results_are_not_overwritten(cache: Path) -> None:
+    """Requests are kept per thread (a new one per call left the two pieces of a batch running one
+    after the other in ~1 of 3 processes): threads must not share one, and a returned array must
+    survive the same thread's next call."""
+    load_ensemble(DEV, runtime="onnx", threads=1)
+    session = OpenVinoSession(onnx_path_for("dev-mnv2-64@0.1.0", None), "f32", threads=2)
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((3, 3, 64, 64)).astype(np.float32) for _ in range(2)]
+    alone = [session.run(["probabilities"], {"input": x})[0] for x in xs]
+    assert not np.allclose(alone[0], alone[1])
+    first = session.run(["probabilities"], {"input": xs[0]})[0]
+    session.run(["probabilities"], {"input": xs[1]})
+    assert np.array_equal(first, alone[0])  # not overwritten by the next call
+
+    results: dict[int, list[np.ndarray]] = {0: [], 1: []}
+    requests: dict[int, object] = {}
+
+    def work(i: int) -> None:
+        for _ in range(20):
+            results[i].append(session.run(["probabilities"], {"input": xs[i]})[0])
+        requests[i] = session._request()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert requests[0] is not requests[1]
+    for i in (0, 1):
+        assert all(np.allclose(r, alone[i], atol=1e-6) for r in results[i])
