@@ -38,6 +38,7 @@ FOLDS, REPEATS = 5, 4
 # session 9). Fitting helpers keep REPEATS: the weight grid and the unit tests need the speed.
 RELEASE_REPEATS = 20
 WEIGHT_STEP = 0.25
+WEIGHT_GRID = tuple(float(v) for v in np.arange(0, 1 + 1e-9, WEIGHT_STEP))  # 0, 0.25, ..., 1
 GRID_MEMBERS = 4  # beyond this many members the weight grid is searched one member at a time
 
 Fitter = Callable[[np.ndarray, np.ndarray, np.ndarray, float], CombineRule]
@@ -247,7 +248,7 @@ def best_weights(probs: np.ndarray, y: np.ndarray, groups: np.ndarray) -> list[f
     if m > GRID_MEMBERS:
         return coordinate_weights(probs, y, groups)
     candidates = {tuple([1.0] * m)}
-    for w in itertools.product(np.arange(0, 1 + 1e-9, WEIGHT_STEP), repeat=m):
+    for w in itertools.product(WEIGHT_GRID, repeat=m):
         if sum(w) > 0:
             candidates.add(_normalised(w))
     ranked = sorted(candidates, key=lambda w: (-quick_weighted_qwk(w, probs, y, groups), np.std(w)))
@@ -261,7 +262,6 @@ def coordinate_weights(
     takes the grid value with the best out-of-fold QWK (a change must beat the current vector),
     until a round changes nothing. Same criterion as the full grid, ~m x 5 x rounds evaluations."""
     m = probs.shape[0]
-    steps = [float(v) for v in np.arange(0, 1 + 1e-9, WEIGHT_STEP)]
     scores: dict[tuple[float, ...], float] = {}
 
     def score(w: tuple[float, ...]) -> float:
@@ -273,7 +273,7 @@ def coordinate_weights(
     for _ in range(max_rounds):
         changed = False
         for i in range(m):
-            for v in steps:
+            for v in WEIGHT_GRID:
                 trial = list(current)
                 trial[i] = v
                 if sum(trial) == 0:
