@@ -22,8 +22,12 @@ def member_cam(model: GradingNet, x: torch.Tensor) -> np.ndarray:
     evidence for disease, and there is none to show.
     """
     model.eval()
+    # The gradient is only needed from the head back to the feature map: running the backbone
+    # without autograd keeps it from saving every activation for a backward pass never taken.
+    with torch.no_grad():
+        fmap = model.features(x)
     with torch.enable_grad():
-        fmap = model.features(x).detach().requires_grad_(True)
+        fmap.requires_grad_(True)
         target = expected_grade(model.heads(fmap)).sum()
         (grads,) = torch.autograd.grad(target, fmap)
     weights = grads.mean(dim=(2, 3), keepdim=True)

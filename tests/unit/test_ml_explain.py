@@ -42,3 +42,26 @@ def test_explaining_many_images_leaves_no_state_behind() -> None:
     assert np.array_equal(first, ens.explain(photo))
     assert not model._forward_hooks and not model._backward_hooks
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_cam_saves_activations_for_the_head_only() -> None:
+    """The backbone runs without autograd: a backward through it was never taken, and the
+    activations it saved cost a heatmap worker ~100 MB (docs/performance.md, session 15)."""
+    import torch
+
+    from ml.inference.gradcam import member_cam
+
+    model, pre, _ = load_checkpoint(MEMBER)
+    x = torch.zeros(1, 3, pre.size, pre.size)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        member_cam(model, x)
+    fmap_numel = model.features(x).numel()
+    # the head saves a few tensors the size of the feature map at most; the backbone alone
+    # would save dozens, several times larger than it
+    assert sum(saved) <= 4 * fmap_numel, (len(saved), sum(saved), fmap_numel)
