@@ -16,7 +16,9 @@ Figures (the last line with ``--json`` is one JSON object holding all of them):
 - ``e2e_ips_explain``: the same with explanations on (until every heatmap is stored);
 - ``scaling_ratio``: seconds per image of a large job over those of a small one;
 - ``worker_rss_mb``: peak resident memory of the worker's pool child (ensemble loaded, scoring);
-- ``api_p95_ms``: single-image ``POST /v1/images?wait=30`` requests from 4 concurrent clients.
+- ``api_p95_ms``: single-image ``POST /v1/images?wait=30`` requests from 4 concurrent clients;
+- ``explain_forward_passes`` (PyTorch) and ``explain_forward_passes_<runtime>``: one heatmap's
+  time over one forward pass of the same photograph, preprocessing included in both.
 
 The API (``drscreen serve``) and the worker (``drscreen worker``) run as subprocesses on a fresh
 embedded installation (SQLite, file broker, file store) in a temporary folder, with the runtime
@@ -122,6 +124,8 @@ def summarise_runtime_runs(runtime: str, runs: list[dict[str, Any]]) -> dict[str
         f"forward_ips_{runtime}": statistics.median(ips),
         f"forward_ips_{runtime}_runs": [round(v, 2) for v in ips],
         f"latency_ms_{runtime}_b1": statistics.median(r["latency_ms_b1"] for r in runs),
+        f"explain_ms_{runtime}": statistics.median(r["explain_ms"] for r in runs),
+        f"explain_forward_passes_{runtime}": statistics.median(r["explain_forward_passes"] for r in runs),
     }
     if runtime == "openvino":
         out["openvino_precision"] = runs[0]["precision"]
@@ -150,6 +154,13 @@ def runtime_forward(runtime: str, forward_repeats: int, latency_repeats: int) ->
         "forward_ips": images_per_second(BATCH, best_time(lambda: forward(inputs), forward_repeats)),
         "latency_ms_b1": 1000 * median_time(lambda: forward(one), latency_repeats),
     }
+    # A worker's heatmap on this runtime (the members' feature-map graphs, ml.inference.cam)
+    # against its forward pass of the same photograph, preprocessing included in both.
+    photo = decode_image(photo_sources()[0].read_bytes())
+    explain_s = median_time(lambda: ens.explain(photo), latency_repeats)
+    forward_s = median_time(lambda: ens.member_probabilities(ens.pixel_inputs([photo])), latency_repeats)
+    out["explain_ms"] = 1000 * explain_s
+    out["explain_forward_passes"] = explain_s / forward_s
     if runtime == "openvino":
         out["precision"] = {ref: s.precision for ref, s in sessions.sessions.items()}
     return out
@@ -312,8 +323,9 @@ def forward_figures(plan: Plan, sources: list[Path], log: Callable[[str], None])
         log(f"  {runtime} in {len(runs)} fresh processes: {out[f'forward_ips_{runtime}_runs']} images/s")
     out["onnx_speedup"] = out["forward_ips_onnx"] / out["forward_ips_torch"]
 
-    # Explanations: Grad-CAM of every member (one forward to the feature map + the head's backward)
-    # relative to one ensemble forward of the same single image (PyTorch, the explain path).
+    # Explanations on PyTorch (GPU workers, or DRSCREEN_RUNTIME=torch): Grad-CAM of every member
+    # (the backbone without autograd + the head's backward) relative to one ensemble forward of
+    # the same single image. The CPU runtimes' figures come from their fresh processes above.
     torch.set_num_threads(cpus)
     explain_s = median_time(lambda: ens.explain(images[0]), plan.latency_repeats)
     forward_s = median_time(
@@ -617,7 +629,16 @@ def run_bench(as_json: bool, quick: bool = False) -> int:
         log(f"  {key}: {figures[key]:.2f}")
     figures["e2e_over_forward"] = figures["e2e_ips"] / figures[forward_key(figures["runtime"])]
     figures["bench_seconds"] = time.perf_counter() - t0
-    for key in ("e2e_ips", "e2e_ips_explain", "scaling_ratio", "worker_rss_mb", "api_p95_ms"):
+    for key in (
+        "e2e_ips",
+        "e2e_ips_explain",
+        "scaling_ratio",
+        "worker_rss_mb",
+        "api_p95_ms",
+        "explain_forward_passes",
+        "explain_forward_passes_onnx",
+        "explain_forward_passes_openvino",
+    ):
         log(f"  {key}: {figures[key]:.2f}")
     if as_json:
         print(json.dumps(figures, default=float), flush=True)

@@ -321,6 +321,10 @@ def export_onnx(
         path = onnx_path_for(m.ref, models_dir)
         export_member_onnx(m.model, m.preprocess.size, path)
         fp32[m.ref] = path
+        # the heatmaps' graph too, so that no worker has to export it on its first heatmap
+        export_member_onnx(
+            m.model, m.preprocess.size, onnx_path_for(m.ref, models_dir, features=True), features=True
+        )
     sessions = _sessions(fp32, threads)
 
     y = np.array([s.grade for s in val])

@@ -1,8 +1,9 @@
 """A released ensemble, loaded once per worker process and used for every photograph.
 
-With the ONNX Runtime path the PyTorch members are not loaded (nor torch imported) until a
-heatmap is asked for: torch and timm alone hold ~700 MB of resident memory per worker process,
-and Grad-CAM is the only thing that needs them there (docs/performance.md).
+With the ONNX Runtime and OpenVINO paths the PyTorch members are not loaded, nor torch imported:
+torch and timm alone hold ~700 MB of resident memory per worker process (docs/performance.md).
+Heatmaps there come from each member's feature-map graph (ml.inference.cam); only a member
+without a regression head would make ``explain`` load its PyTorch network for autograd.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ml.inference.cam import regression_cam, regression_weight, to_photo_frame
 from ml.inference.combine import CombineRule, combine, grade_from_probabilities
-from ml.inference.onnx_runtime import OnnxMembers, int8_available
+from ml.inference.onnx_runtime import FeatureMaps, OnnxMembers, int8_available
 from ml.preprocess import PreprocessConfig, prepare_pixels, to_input
 from ml.release import ensemble_dir, member_dir, newest_ensemble, read_manifest, read_release
 
@@ -82,6 +84,13 @@ class Member:
         return self._model is not None
 
     @property
+    def regression_weight(self) -> np.ndarray | None:
+        """The regression head's weights, read from the release (None: no such head, or no folder)."""
+        if not hasattr(self, "_regression_weight"):
+            self._regression_weight = regression_weight(self.folder) if self.folder is not None else None
+        return self._regression_weight
+
+    @property
     def model(self) -> GradingNet:
         with self._lock:
             if self._model is None:
@@ -121,6 +130,7 @@ class Ensemble:
         manifest: dict[str, Any],
         batch_size: int = 8,
         runtime: Any = None,
+        feature_maps: FeatureMaps | None = None,
     ) -> None:
         self.ref = ref
         self._members = members
@@ -128,6 +138,7 @@ class Ensemble:
         self.manifest = manifest
         self.batch_size = batch_size
         self.runtime = runtime  # optional ONNX Runtime sessions (ml.inference.onnx_runtime)
+        self.feature_maps = feature_maps  # heatmaps without PyTorch, where every member allows it
 
     @property
     def members(self) -> list[str]:
@@ -208,17 +219,29 @@ class Ensemble:
         weights = np.asarray(self.rule.weights or [1.0] * len(self._members), dtype=np.float64)
         weights = weights / weights.sum()
         inputs = self.pixel_inputs([image])  # shared pipelines run once, as in predict
-        torch = _import_torch(None)
-        from ml.inference.gradcam import member_cam, to_photo_frame
-
         total: np.ndarray | None = None
-        for w, m in zip(weights, self._members, strict=True):
-            cam = member_cam(m.model, torch.from_numpy(inputs[m.ref]))
+        for w, cam in zip(weights, self._member_cams(inputs), strict=True):
             total = cam * w if total is None else total + cam * w
         assert total is not None
         if total.max() > 0:
             total = total / total.max()
         return to_photo_frame(total.astype(np.float32), image, self._members[0].preprocess)
+
+    def _member_cams(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Each member's map: from its feature-map graph when every member has a regression head
+        and the ensemble runs on ONNX graphs, else by autograd on the PyTorch networks."""
+        heads = [m.regression_weight for m in self._members]
+        if self.feature_maps is not None and all(h is not None for h in heads):
+            fm = self.feature_maps
+            return [
+                regression_cam(fm.run(m.ref, inputs[m.ref]), h, m.preprocess.size)
+                for m, h in zip(self._members, heads, strict=True)
+                if h is not None
+            ]
+        torch = _import_torch(None)
+        from ml.inference.gradcam import member_cam
+
+        return [member_cam(m.model, torch.from_numpy(inputs[m.ref])) for m in self._members]
 
 
 def resolve_ref(ref: str | None = None, models_dir: Path | None = None) -> str:
@@ -241,8 +264,9 @@ def load_ensemble(
     ``quantized``; None = int8 when `drscreen export onnx --quantize` kept them);
     ``runtime="openvino"`` runs the same graphs with OpenVINO at ``precision`` (``auto``: bfloat16
     for the members `drscreen export onnx` accepted it for, with these weights; float32 otherwise).
-    Grad-CAM keeps using the PyTorch members, which these runtimes load only on the first
-    ``explain`` (a missing ONNX file is exported by a child process). ``threads`` is also torch's
+    With either, heatmaps come from the members' feature-map graphs (ml.inference.cam), and the
+    PyTorch networks load only if a member has no regression head (a missing ONNX file is
+    exported by a child process). ``threads`` is also torch's
     intra-op thread count when loading the members is what first imports torch.
     """
     ref = resolve_ref(ref, models_dir)
@@ -282,4 +306,5 @@ def load_ensemble(
 
         members = [Member(r, *load_checkpoint(member_dir(r, models_dir), device)) for r in refs]
     log.info("loaded ensemble %s (%d members, rule %s, runtime %s)", ref, len(members), rule.rule, runtime)
-    return Ensemble(ref, members, rule, manifest, runtime=onnx)
+    maps = FeatureMaps(models_dir) if onnx is not None else None
+    return Ensemble(ref, members, rule, manifest, runtime=onnx, feature_maps=maps)

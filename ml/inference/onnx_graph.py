@@ -31,6 +31,18 @@ class ProbabilityHead(nn.Module):
         return grade_probabilities(self.model(x))
 
 
+class FeatureMapHead(nn.Module):
+    """Wraps a member so the exported graph outputs its last feature map (what Grad-CAM weighs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmap: torch.Tensor = self.model.features(x)  # type: ignore[operator]  # a GradingNet
+        return fmap
+
+
 class StaticSamePad(nn.Module):
     """A timm ``Conv2dSame`` with its TensorFlow-style "same" padding fixed for one input size.
 
@@ -83,19 +95,21 @@ def with_static_padding(model: GradingNet, size: int) -> nn.Module:
     return model
 
 
-def export_member_onnx(model: GradingNet, size: int, out: Path) -> Path:
-    """Export with a dynamic batch axis and constant "same" padding (see StaticSamePad)."""
+def export_member_onnx(model: GradingNet, size: int, out: Path, features: bool = False) -> Path:
+    """Export with a dynamic batch axis and constant "same" padding (see StaticSamePad): the
+    grade probabilities, or with ``features`` the last feature map (for heatmaps, ml.inference.cam)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp.onnx")  # pool children may export at once
-    wrapper = ProbabilityHead(with_static_padding(model, size))
+    wrapper = (FeatureMapHead if features else ProbabilityHead)(with_static_padding(model, size))
+    output = "features" if features else "probabilities"
     dummy = torch.randn(2, 3, size, size)
     torch.onnx.export(
         wrapper,
         (dummy,),
         str(tmp),
         input_names=["input"],
-        output_names=["probabilities"],
-        dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
+        output_names=[output],
+        dynamic_axes={"input": {0: "batch"}, output: {0: "batch"}},
         opset_version=OPSET,
         dynamo=False,
     )
@@ -104,21 +118,25 @@ def export_member_onnx(model: GradingNet, size: int, out: Path) -> Path:
     return out
 
 
-def export_release_member(ref: str, out: Path, models_dir: Path | None = None) -> Path:
+def export_release_member(
+    ref: str, out: Path, models_dir: Path | None = None, features: bool = False
+) -> Path:
     """Export a released member, read from its release folder, to ``out``."""
     from ml.release import load_checkpoint, member_dir
 
     model, pre, _ = load_checkpoint(member_dir(ref, models_dir))
-    return export_member_onnx(model, pre.size, out)
+    return export_member_onnx(model, pre.size, out, features=features)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m ml.inference.onnx_graph REF OUT [MODELS_DIR]``: the export a worker runs in a
-    child process (``ml.inference.onnx_runtime.export_in_child``)."""
+    """``python -m ml.inference.onnx_graph [--features] REF OUT [MODELS_DIR]``: the export a worker
+    runs in a child process (``ml.inference.onnx_runtime.export_in_child``)."""
     args = sys.argv[1:] if argv is None else argv
+    features = "--features" in args
+    args = [a for a in args if a != "--features"]
     if len(args) not in (2, 3):
-        raise SystemExit("usage: python -m ml.inference.onnx_graph REF OUT [MODELS_DIR]")
-    export_release_member(args[0], Path(args[1]), Path(args[2]) if len(args) == 3 else None)
+        raise SystemExit("usage: python -m ml.inference.onnx_graph [--features] REF OUT [MODELS_DIR]")
+    export_release_member(args[0], Path(args[1]), Path(args[2]) if len(args) == 3 else None, features)
 
 
 if __name__ == "__main__":

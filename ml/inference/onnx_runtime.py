@@ -2,7 +2,7 @@
 
 ONNX files are derived data: they are exported from the released safetensors (deterministic)
 into a cache folder the first time a worker needs them, so the repository ships each weight
-once. Grad-CAM still runs on the PyTorch members (it needs gradients).
+once. Heatmaps use a second graph per member, its last feature map (FeatureMaps, ml.inference.cam).
 
 This module does not import torch: a worker that scores with ONNX Runtime never loads it (about
 700 MB of resident memory with timm) unless a graph has to be exported or a heatmap is asked for.
@@ -38,20 +38,22 @@ def cache_dir() -> Path:
     )
 
 
-def onnx_path_for(ref: str, models_dir: Path | None, quantized: bool = False) -> Path:
-    """Cache file named by the weights' sha256, so a changed release never reuses a stale graph."""
+def onnx_path_for(ref: str, models_dir: Path | None, quantized: bool = False, features: bool = False) -> Path:
+    """Cache file named by the weights' sha256, so a changed release never reuses a stale graph.
+    ``features``: the graph of the member's last feature map, for heatmaps (ml.inference.cam)."""
     digest = sha256_file(member_dir(ref, models_dir) / "model.safetensors")[:16]
-    name = f"{ref.replace('@', '-')}-{digest}-g{GRAPH_VERSION}{'.int8' if quantized else ''}.onnx"
-    return cache_dir() / name
+    kind = ".int8" if quantized else ".features" if features else ""
+    return cache_dir() / f"{ref.replace('@', '-')}-{digest}-g{GRAPH_VERSION}{kind}.onnx"
 
 
-def export_in_child(ref: str, out: Path, models_dir: Path | None = None) -> Path:
+def export_in_child(ref: str, out: Path, models_dir: Path | None = None, features: bool = False) -> Path:
     """Export a released member to ``out`` in a child process.
 
     Exporting needs torch and the PyTorch network; in this process they would stay resident
     (~1.2 GB measured, freeing the network gives little back) long after the file exists.
     """
-    cmd = [sys.executable, "-m", "ml.inference.onnx_graph", ref, str(out)]
+    flags = ["--features"] if features else []
+    cmd = [sys.executable, "-m", "ml.inference.onnx_graph", *flags, ref, str(out)]
     if models_dir is not None:
         cmd.append(str(models_dir))
     root = str(Path(__file__).resolve().parents[2])  # importable without an installed package
@@ -175,4 +177,39 @@ class OnnxMembers:
     def _run_one(self, ref: str, x: np.ndarray) -> np.ndarray:
         session = self.sessions[ref]
         out = session.run(["probabilities"], {"input": np.ascontiguousarray(x, dtype=np.float32)})  # type: ignore[attr-defined]
+        return np.asarray(out[0])
+
+
+class FeatureMaps:
+    """Each member's last feature map from its own ONNX graph, run by ONNX Runtime in float32:
+    heatmaps without PyTorch (ml.inference.cam). Sessions open on first use, so a worker that
+    never draws a heatmap holds none; a missing graph is exported by a child process."""
+
+    def __init__(self, models_dir: Path | None = None) -> None:
+        self.models_dir = models_dir
+        self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _session(self, ref: str) -> Any:
+        with self._lock:
+            if ref not in self._sessions:
+                import onnxruntime as ort
+
+                path = onnx_path_for(ref, self.models_dir, features=True)
+                if not path.exists():
+                    log.info("exporting the feature map of %s to ONNX at %s", ref, path)
+                    export_in_child(ref, path, self.models_dir, features=True)
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = 1
+                opts.inter_op_num_threads = 1
+                if SHARED_ARENA:
+                    _register_shared_arena(ort)
+                    opts.add_session_config_entry("session.use_env_allocators", "1")
+                cpu = ["CPUExecutionProvider"]
+                self._sessions[ref] = ort.InferenceSession(str(path), opts, providers=cpu)
+            return self._sessions[ref]
+
+    def run(self, ref: str, x: np.ndarray) -> np.ndarray:
+        """The feature map (N, C, h, w) of member ``ref`` on its preprocessed input (N, 3, S, S)."""
+        out = self._session(ref).run(["features"], {"input": np.ascontiguousarray(x, dtype=np.float32)})
         return np.asarray(out[0])

@@ -67,6 +67,9 @@ def test_json_line_holds_every_figure(
         "forward_ips_openvino": 70.0,
         "forward_ips_torch_bf16": 25.0,
         "latency_ms_openvino_b1": 12.0,
+        "explain_forward_passes": 1.1,
+        "explain_forward_passes_onnx": 1.7,
+        "explain_forward_passes_openvino": 1.8,
     }
     service = {
         "runtime": "onnx",
@@ -100,10 +103,13 @@ def test_runtime_figures_are_the_median_of_fresh_processes() -> None:
         {"forward_ips": 64.9, "latency_ms_b1": 27.0, "precision": {"a@1": "bf16"}},
         {"forward_ips": 60.0, "latency_ms_b1": 20.0, "precision": {"a@1": "bf16"}},
     ]
+    for run, (ms, passes) in zip(runs, [(60.0, 2.0), (50.0, 1.8), (70.0, 2.4)], strict=True):
+        run.update(explain_ms=ms, explain_forward_passes=passes)
     out = bench.summarise_runtime_runs("openvino", runs)
     assert out["forward_ips_openvino"] == 60.0
     assert out["forward_ips_openvino_runs"] == [40.6, 64.9, 60.0]
     assert out["latency_ms_openvino_b1"] == 24.0
     assert out["openvino_precision"] == {"a@1": "bf16"}
+    assert out["explain_ms_openvino"] == 60.0 and out["explain_forward_passes_openvino"] == 2.0
     assert "openvino_precision" not in bench.summarise_runtime_runs("onnx", runs)
     assert bench.Plan().runtime_processes >= 3

@@ -1,4 +1,5 @@
-"""Grad-CAM on a released member: the map lies over the photograph and over the fundus only."""
+"""Grad-CAM on a released member: the map lies over the photograph and over the fundus only, and
+the map without autograd (ml.inference.cam) is the same map."""
 
 from __future__ import annotations
 
@@ -65,3 +66,43 @@ def test_grad_cam_saves_activations_for_the_head_only() -> None:
     # the head saves a few tensors the size of the feature map at most; the backbone alone
     # would save dozens, several times larger than it
     assert sum(saved) <= 4 * fmap_numel, (len(saved), sum(saved), fmap_numel)
+
+
+def test_regression_cam_without_autograd_is_grad_cam() -> None:
+    """For a member with a regression head, the closed form from the feature map equals Grad-CAM."""
+    import torch
+
+    from ml.inference.cam import regression_cam, regression_weight
+    from ml.inference.gradcam import member_cam
+    from ml.preprocess import prepare_pixels, to_input
+
+    model, pre, _ = load_checkpoint(MEMBER)
+    weight = regression_weight(MEMBER)
+    assert weight is not None and weight.shape == (model.reg_head.weight.shape[1],)  # type: ignore[union-attr]
+    for name in ("16/16_left.jpg", "229/229_right.jpg"):
+        photo = np.asarray(Image.open(REPO / "samples" / name).convert("RGB"))
+        x = torch.from_numpy(to_input(prepare_pixels(photo, pre), pre)[None])
+        expected = member_cam(model, x)
+        with torch.no_grad():
+            fmap = model.features(x).numpy()
+        got = regression_cam(fmap, weight, pre.size)
+        assert expected.max() > 0
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.max()))
+
+
+def test_a_member_without_a_regression_head_falls_back_to_autograd(tmp_path: Path) -> None:
+    """No regression score, no closed form: explain loads the network and uses Grad-CAM."""
+    from safetensors.torch import save_file
+
+    from ml.inference.onnx_runtime import FeatureMaps
+
+    model, pre, config = load_checkpoint(MEMBER)
+    model.reg_head = None  # a classification + ordinal member, and its release file without the head
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    maps = FeatureMaps(tmp_path)
+    member = Member("lite0", model, pre, config, folder=tmp_path)
+    ens = Ensemble("t", [member], CombineRule("weighted_average", [1.0]), {}, feature_maps=maps)
+    assert member.regression_weight is None
+    photo = np.asarray(Image.open(REPO / "samples" / "16" / "16_left.jpg").convert("RGB"))
+    assert ens.explain(photo).max() > 0.5
+    assert not maps._sessions  # the feature-map graphs were never opened
