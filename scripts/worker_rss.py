@@ -5,7 +5,7 @@
 
 Runs in a temporary var folder (SQLite, store): the child's start-up (``worker_process_init``:
 threads, ensemble), the real ``score_images`` over natural-colour photographs in tasks of
-``score_chunk`` (24), then ``explain_image`` for a few of them (Grad-CAM loads torch), printing
+``score_chunk`` (24), then ``explain_image`` for a few of them (feature-map graphs, no torch), printing
 VmRSS and the peak VmHWM after each phase. The ONNX files come from ``DRSCREEN_ONNX_CACHE``.
 docs/performance.md.
 """

@@ -52,7 +52,7 @@ def explain_image(
     except (FileNotFoundError, ImageDecodeError) as exc:
         log.warning("explain_image: cannot read the photograph of %s: %s", image_id, exc)
         return None
-    # Imported here: ml.inference pulls in torch, which the Celery parent process must not load.
+    # Imported here: ml.inference can pull in torch (PyTorch runtime), which the Celery parent must not load.
     from ml.inference.overlay import overlay_png
 
     heat = ens.explain(rgb)
