@@ -36,7 +36,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: scripts/release.sh VERSION [--skip-training]}
 
-# runs started side by side share one pixel cache: build it (for config $1) before starting them
+# runs started side by side share one pixel cache: build it (for config $1) first, so that each does not build its own copy
 build_cache() {
   .venv/bin/python -c "from pathlib import Path; from ml.training.config import load_config; \
 from ml.training.train import prepare_data; prepare_data(load_config('$1'), Path.cwd())"

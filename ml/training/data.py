@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,14 +89,18 @@ def cached_pixels(samples: list[Sample], cfg: PreprocessConfig, cache_dir: Path,
     if path.exists():
         return np.load(path, mmap_mode="r")
     cache_dir.mkdir(parents=True, exist_ok=True)
+    # A file of its own per builder: two runs started side by side used to open the same
+    # temporary file, truncating each other's mapping (a bus error) or losing it to the other's
+    # rename. Now each writes its own and renames it into place; the contents are identical.
+    tmp = path.with_suffix(f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npy")
     out = np.lib.format.open_memmap(
-        path.with_suffix(".tmp.npy"), mode="w+", dtype=np.uint8, shape=(len(samples), cfg.size, cfg.size, 3)
+        tmp, mode="w+", dtype=np.uint8, shape=(len(samples), cfg.size, cfg.size, 3)
     )
     for i, s in enumerate(tqdm(samples, desc=f"caching {tag}", unit="img")):
         out[i] = prepare_pixels(load_rgb(s.path), cfg)
     out.flush()
     del out
-    path.with_suffix(".tmp.npy").rename(path)
+    tmp.replace(path)
     return np.load(path, mmap_mode="r")
 
 

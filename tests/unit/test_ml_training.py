@@ -463,3 +463,38 @@ def test_runs_started_in_the_same_second_get_their_own_folders(
     first, second = new_run_dir(tmp_path / "runs", "arch-256-x"), new_run_dir(tmp_path / "runs", "arch-256-x")
     assert first != second and first.is_dir() and second.is_dir()
     assert first.name.endswith("-arch-256-x") and second.name.endswith("-arch-256-x")  # release.sh's glob
+
+
+def test_two_builders_of_one_pixel_cache_do_not_clobber_each_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs started side by side build the same cache file: here the second build runs in the
+    middle of the first (as a second process would). Both must finish with the right pixels;
+    with one shared temporary file the first lost its file to the second's rename."""
+    from PIL import Image
+
+    import ml.training.data as data
+    from ml.preprocess import PreprocessConfig
+
+    samples = []
+    for i in range(4):
+        photo = np.zeros((64, 64, 3), np.uint8)
+        photo[8:56, 8:56] = (40 * i + 20, 60, 30)
+        Image.fromarray(photo).save(tmp_path / f"{i}.png")
+        samples.append(Sample(tmp_path / f"{i}.png", str(i), "left", 0))
+    cfg = PreprocessConfig(size=32, enhancements=[])
+    cache = tmp_path / "cache"
+    real_prepare = data.prepare_pixels
+    nested: list[np.ndarray] = []
+
+    def prepare(rgb: np.ndarray, c: PreprocessConfig) -> np.ndarray:
+        if not nested:  # on the first photograph of the outer build, the other builder runs whole
+            nested.append(np.zeros(0, np.uint8))
+            nested[0] = np.array(data.cached_pixels(samples, cfg, cache, "t"))
+        return real_prepare(rgb, c)
+
+    monkeypatch.setattr(data, "prepare_pixels", prepare)
+    outer = np.array(data.cached_pixels(samples, cfg, cache, "t"))
+    expected = np.stack([real_prepare(data.load_rgb(s.path), cfg) for s in samples])
+    assert np.array_equal(outer, expected) and np.array_equal(nested[0], expected)
+    assert [p.name for p in cache.iterdir()] == [next(cache.glob("t-32-*.npy")).name]  # no leftovers
