@@ -132,6 +132,14 @@ def summarise_runtime_runs(runtime: str, runs: list[dict[str, Any]]) -> dict[str
     return out
 
 
+def explain_cost(ens: Any, photo: Any, repeats: int) -> dict[str, float]:
+    """One heatmap's time (median) and that time over one forward pass of the same photograph,
+    preprocessing included in both."""
+    explain_s = median_time(lambda: ens.explain(photo), repeats)
+    forward_s = median_time(lambda: ens.member_probabilities(ens.pixel_inputs([photo])), repeats)
+    return {"explain_ms": 1000 * explain_s, "explain_forward_passes": explain_s / forward_s}
+
+
 def runtime_forward(runtime: str, forward_repeats: int, latency_repeats: int) -> dict[str, Any]:
     """Forward figures of the shipped ensemble's ONNX graphs under ``runtime`` in this process:
     images/s at batch 8 (best of ``forward_repeats``) and the median batch-1 latency."""
@@ -144,7 +152,8 @@ def runtime_forward(runtime: str, forward_repeats: int, latency_repeats: int) ->
     ens = load_ensemble(settings.model, models_dir=settings.models_dir, runtime=runtime, threads=cpus)
     sessions = ens.runtime
     assert sessions is not None
-    inputs = ens.pixel_inputs([decode_image(p.read_bytes()) for p in photo_sources()[:BATCH]])
+    photos = [decode_image(p.read_bytes()) for p in photo_sources()[:BATCH]]
+    inputs = ens.pixel_inputs(photos)
     one = {k: v[:1] for k, v in inputs.items()}
 
     def forward(xs: dict[str, Any]) -> None:
@@ -154,13 +163,8 @@ def runtime_forward(runtime: str, forward_repeats: int, latency_repeats: int) ->
         "forward_ips": images_per_second(BATCH, best_time(lambda: forward(inputs), forward_repeats)),
         "latency_ms_b1": 1000 * median_time(lambda: forward(one), latency_repeats),
     }
-    # A worker's heatmap on this runtime (the members' feature-map graphs, ml.inference.cam)
-    # against its forward pass of the same photograph, preprocessing included in both.
-    photo = decode_image(photo_sources()[0].read_bytes())
-    explain_s = median_time(lambda: ens.explain(photo), latency_repeats)
-    forward_s = median_time(lambda: ens.member_probabilities(ens.pixel_inputs([photo])), latency_repeats)
-    out["explain_ms"] = 1000 * explain_s
-    out["explain_forward_passes"] = explain_s / forward_s
+    # a worker's heatmap on this runtime: the members' feature-map graphs (ml.inference.cam)
+    out.update(explain_cost(ens, photos[0], latency_repeats))
     if runtime == "openvino":
         out["precision"] = {ref: s.precision for ref, s in sessions.sessions.items()}
     return out
@@ -327,12 +331,7 @@ def forward_figures(plan: Plan, sources: list[Path], log: Callable[[str], None])
     # (the backbone without autograd + the head's backward) relative to one ensemble forward of
     # the same single image. The CPU runtimes' figures come from their fresh processes above.
     torch.set_num_threads(cpus)
-    explain_s = median_time(lambda: ens.explain(images[0]), plan.latency_repeats)
-    forward_s = median_time(
-        lambda: ens.member_probabilities(ens.pixel_inputs(images[:1])), plan.latency_repeats
-    )
-    out["explain_ms"] = 1000 * explain_s
-    out["explain_forward_passes"] = explain_s / forward_s
+    out.update(explain_cost(ens, images[0], plan.latency_repeats))
     return out
 
 

@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,12 +84,10 @@ class Member:
     def loaded(self) -> bool:
         return self._model is not None
 
-    @property
+    @cached_property
     def regression_weight(self) -> np.ndarray | None:
         """The regression head's weights, read from the release (None: no such head, or no folder)."""
-        if not hasattr(self, "_regression_weight"):
-            self._regression_weight = regression_weight(self.folder) if self.folder is not None else None
-        return self._regression_weight
+        return regression_weight(self.folder) if self.folder is not None else None
 
     @property
     def model(self) -> GradingNet:
@@ -230,13 +229,12 @@ class Ensemble:
     def _member_cams(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Each member's map: from its feature-map graph when every member has a regression head
         and the ensemble runs on ONNX graphs, else by autograd on the PyTorch networks."""
-        heads = [m.regression_weight for m in self._members]
-        if self.feature_maps is not None and all(h is not None for h in heads):
+        heads = [m.regression_weight for m in self._members if m.regression_weight is not None]
+        if self.feature_maps is not None and len(heads) == len(self._members):
             fm = self.feature_maps
             return [
                 regression_cam(fm.run(m.ref, inputs[m.ref]), h, m.preprocess.size)
                 for m, h in zip(self._members, heads, strict=True)
-                if h is not None
             ]
         torch = _import_torch(None)
         from ml.inference.gradcam import member_cam

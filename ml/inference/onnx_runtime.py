@@ -92,6 +92,20 @@ def int8_available(refs: list[str], models_dir: Path | None = None) -> bool:
     return all(onnx_path_for(ref, models_dir, quantized=True).exists() for ref in refs)
 
 
+def ort_session(path: Path) -> Any:
+    """An ONNX Runtime session on one thread, all graph optimisations, the shared arena."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if SHARED_ARENA:
+        _register_shared_arena(ort)
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxMembers:
     """One ONNX Runtime session per member, each single-threaded; ``threads`` > 1 runs the
     (member, slice of the batch) pieces on a thread pool of that size instead.
@@ -131,18 +145,9 @@ class OnnxMembers:
                     path, precision if isinstance(precision, str) else precision[ref], threads
                 )
         elif engine == "onnxruntime":
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = 1
-            opts.inter_op_num_threads = 1
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if SHARED_ARENA:
-                _register_shared_arena(ort)
-                opts.add_session_config_entry("session.use_env_allocators", "1")
 
             def new_session(path: Path, ref: str) -> object:
-                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                return ort_session(path)
         else:
             raise ValueError(f"unknown engine {engine!r}: onnxruntime or openvino")
         sessions: dict[str, object] = {}
@@ -193,20 +198,11 @@ class FeatureMaps:
     def _session(self, ref: str) -> Any:
         with self._lock:
             if ref not in self._sessions:
-                import onnxruntime as ort
-
                 path = onnx_path_for(ref, self.models_dir, features=True)
                 if not path.exists():
                     log.info("exporting the feature map of %s to ONNX at %s", ref, path)
                     export_in_child(ref, path, self.models_dir, features=True)
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = 1
-                opts.inter_op_num_threads = 1
-                if SHARED_ARENA:
-                    _register_shared_arena(ort)
-                    opts.add_session_config_entry("session.use_env_allocators", "1")
-                cpu = ["CPUExecutionProvider"]
-                self._sessions[ref] = ort.InferenceSession(str(path), opts, providers=cpu)
+                self._sessions[ref] = ort_session(path)
             return self._sessions[ref]
 
     def run(self, ref: str, x: np.ndarray) -> np.ndarray:
