@@ -18,7 +18,10 @@ Figures (the last line with ``--json`` is one JSON object holding all of them):
 - ``worker_rss_mb``: peak resident memory of the worker's pool child (ensemble loaded, scoring);
 - ``api_p95_ms``: single-image ``POST /v1/images?wait=30`` requests from 4 concurrent clients;
 - ``explain_forward_passes`` (PyTorch) and ``explain_forward_passes_<runtime>``: one heatmap's
-  time over one forward pass of the same photograph, preprocessing included in both.
+  time (``Ensemble.explain``, the explain queue's task) over one forward pass of the same
+  photograph, preprocessing included in both;
+- ``explain_in_pass_forward_passes_<runtime>``: ``predict`` of one photograph with its heatmap
+  over ``predict`` without it (the CPU runtimes draw it from the grading pass's feature maps).
 
 The API (``drscreen serve``) and the worker (``drscreen worker``) run as subprocesses on a fresh
 embedded installation (SQLite, file broker, file store) in a temporary folder, with the runtime
@@ -126,6 +129,10 @@ def summarise_runtime_runs(runtime: str, runs: list[dict[str, Any]]) -> dict[str
         f"latency_ms_{runtime}_b1": statistics.median(r["latency_ms_b1"] for r in runs),
         f"explain_ms_{runtime}": statistics.median(r["explain_ms"] for r in runs),
         f"explain_forward_passes_{runtime}": statistics.median(r["explain_forward_passes"] for r in runs),
+        f"explain_in_pass_ms_{runtime}": statistics.median(r["explain_in_pass_ms"] for r in runs),
+        f"explain_in_pass_forward_passes_{runtime}": statistics.median(
+            r["explain_in_pass_forward_passes"] for r in runs
+        ),
     }
     if runtime == "openvino":
         out["openvino_precision"] = runs[0]["precision"]
@@ -138,6 +145,13 @@ def explain_cost(ens: Any, photo: Any, repeats: int) -> dict[str, float]:
     explain_s = median_time(lambda: ens.explain(photo), repeats)
     forward_s = median_time(lambda: ens.member_probabilities(ens.pixel_inputs([photo])), repeats)
     return {"explain_ms": 1000 * explain_s, "explain_forward_passes": explain_s / forward_s}
+
+
+def explain_in_pass_cost(ens: Any, photo: Any, repeats: int) -> dict[str, float]:
+    """``predict`` of one photograph with its heatmap (median), and that over ``predict`` without."""
+    with_map_s = median_time(lambda: ens.predict([photo], heatmaps=[True]), repeats)
+    plain_s = median_time(lambda: ens.predict([photo]), repeats)
+    return {"explain_in_pass_ms": 1000 * with_map_s, "explain_in_pass_forward_passes": with_map_s / plain_s}
 
 
 def runtime_forward(runtime: str, forward_repeats: int, latency_repeats: int) -> dict[str, Any]:
@@ -163,8 +177,9 @@ def runtime_forward(runtime: str, forward_repeats: int, latency_repeats: int) ->
         "forward_ips": images_per_second(BATCH, best_time(lambda: forward(inputs), forward_repeats)),
         "latency_ms_b1": 1000 * median_time(lambda: forward(one), latency_repeats),
     }
-    # a worker's heatmap on this runtime: the members' feature-map graphs (ml.inference.cam)
+    # a heatmap on this runtime: drawn apart (the explain task), and with the grade (scoring)
     out.update(explain_cost(ens, photos[0], latency_repeats))
+    out.update(explain_in_pass_cost(ens, photos[0], latency_repeats))
     if runtime == "openvino":
         out["precision"] = {ref: s.precision for ref, s in sessions.sessions.items()}
     return out

@@ -36,8 +36,8 @@ import torch
 
 from ml.inference.combine import combine
 from ml.inference.ensemble import Ensemble, load_ensemble
-from ml.inference.onnx_graph import ProbabilityHead, export_member_onnx, with_static_padding
-from ml.inference.onnx_runtime import OPSET, cache_dir, onnx_path_for
+from ml.inference.onnx_graph import export_member_onnx
+from ml.inference.onnx_runtime import OPSET, PROBABILITIES, cache_dir, onnx_path_for
 from ml.inference.openvino_runtime import PRECISIONS, OpenVinoSession, openvino_available, record_precisions
 from ml.metrics import grading_report
 from ml.release import ensemble_dir
@@ -66,7 +66,7 @@ def _sessions(paths: dict[str, Path], threads: int) -> dict[str, Any]:
 
 
 def _run(session: Any, x: np.ndarray) -> np.ndarray:
-    return np.asarray(session.run(["probabilities"], {"input": np.ascontiguousarray(x, np.float32)})[0])
+    return np.asarray(session.run([PROBABILITIES], {"input": np.ascontiguousarray(x, np.float32)})[0])
 
 
 def _inputs(ens: Ensemble, samples: list[Sample], batch: int = 16) -> Iterator[dict[str, np.ndarray]]:
@@ -121,18 +121,7 @@ def _speed(sessions: dict[str, Any], sizes: dict[str, int], batch: int = SPEED_B
 def _export_static(ens: Ensemble, ref: str, out: Path, batch: int = SPEED_BATCH) -> Path:
     """The same member with a fixed batch axis (only to measure static vs dynamic)."""
     member = next(m for m in ens._members if m.ref == ref)
-    size = member.preprocess.size
-    torch.onnx.export(
-        ProbabilityHead(with_static_padding(member.model, size)),
-        (torch.randn(batch, 3, size, size),),
-        str(out),
-        input_names=["input"],
-        output_names=["probabilities"],
-        opset_version=OPSET,
-        dynamo=False,
-    )
-    member.model.eval()  # the exporter leaves the module in training mode
-    return out
+    return export_member_onnx(member.model, member.preprocess.size, out, batch=batch)
 
 
 class _Calibration:
@@ -321,10 +310,6 @@ def export_onnx(
         path = onnx_path_for(m.ref, models_dir)
         export_member_onnx(m.model, m.preprocess.size, path)
         fp32[m.ref] = path
-        # the heatmaps' graph too, so that no worker has to export it on its first heatmap
-        export_member_onnx(
-            m.model, m.preprocess.size, onnx_path_for(m.ref, models_dir, features=True), features=True
-        )
     sessions = _sessions(fp32, threads)
 
     y = np.array([s.grade for s in val])

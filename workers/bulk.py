@@ -170,7 +170,7 @@ def _run(
         for start in range(0, len(image_ids), chunk):
             part = image_ids[start : start + chunk]
             scoring.score_images(
-                part, explain=False, ensemble=ens, store=store, db_url=url, enqueue=_no_enqueue
+                part, explain=explain, ensemble=ens, store=store, db_url=url, enqueue=_no_enqueue
             )
             bar.update(len(part))
 
@@ -182,6 +182,7 @@ def _run(
             gradable = [
                 im.id for im in session.scalars(select(Image).where(Image.id.in_(image_ids))) if im.gradable
             ]
+        # those drawn with their grade are only looked up; the rest (PyTorch) are drawn here
         for image_id in tqdm(gradable, desc="heatmaps", unit="img", disable=None):
             rel = explain_mod.explain_image(image_id, ensemble=ens, store=store, db_url=url)
             if rel is not None:
@@ -191,7 +192,8 @@ def _run(
 
 
 def _no_enqueue(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
-    """Embedded runs draw heatmaps themselves, after scoring; nothing is published."""
+    """Embedded runs draw the heatmaps not drawn with the grades themselves, after scoring;
+    nothing is published."""
 
 
 def _collect(

@@ -1,7 +1,9 @@
 """Grad-CAM heatmaps: the plain function behind ``explain.explain_image``.
 
-Runs on its own queue so heatmaps never hold up grades. Idempotent: an explanation already stored
-for (image, model version) is not drawn again, and the row is an upsert.
+On the ONNX Runtime and OpenVINO paths ``scoring.score_images`` draws wanted heatmaps from the
+grading forward pass itself; this task, on its own queue, draws the rest: PyTorch workers'
+(autograd Grad-CAM), re-draws, and any the scoring step failed to draw. Idempotent: an
+explanation already stored for (image, model version) is not drawn again, and the row is an upsert.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``torch`` is imported only inside these functions, so importing ``workers`` (which the Celery
 parent process does) never initialises torch threads or CUDA before the pool forks. With the ONNX
-Runtime path a pool child does not import torch at all until it draws its first heatmap (torch
+Runtime and OpenVINO paths a pool child does not import torch at all, heatmaps included (torch
 and timm are ~700 MB of its resident memory; docs/performance.md).
 """
 
@@ -31,6 +31,7 @@ class Prediction(Protocol):
     probabilities: list[float]
     grade: int
     members: dict[str, list[float]]
+    heatmap: np.ndarray | None  # drawn in the same pass when asked for and cheap (else None)
 
 
 class EnsembleLike(Protocol):
@@ -44,7 +45,9 @@ class EnsembleLike(Protocol):
     @property
     def quality_thresholds(self) -> dict[str, float] | None: ...
 
-    def predict(self, images: Sequence[np.ndarray]) -> Sequence[Prediction]: ...
+    def predict(
+        self, images: Sequence[np.ndarray], heatmaps: Sequence[bool] | None = None
+    ) -> Sequence[Prediction]: ...
 
     def grade_from_probabilities(self, probs: Sequence[float]) -> int: ...
 

@@ -16,7 +16,11 @@ One call handles a batch of image ids in three steps:
    patients' photographs that an earlier release scored are queued again for this one (a
    patient's result comes from one release) and sent as one more task after the commit.
 
-Explanations are enqueued only after that commit (the row must exist before the message).
+Heatmaps: where the ensemble draws them from the grading forward pass itself (ONNX Runtime and
+OpenVINO: the graphs output the feature map too), step 2 draws and stores each wanted one and step
+3 records it in the same transaction as the grade, so a result and its heatmap appear together.
+Otherwise (PyTorch's autograd Grad-CAM, or a drawing that failed) the heatmap is enqueued on the
+explain queue only after that commit (the row must exist before the message).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from core import repository as repo
 from core.aggregation import is_referable
 from core.db import session_scope
 from core.settings import get_settings
-from core.store import FileStore, get_store
+from core.store import FileStore, StoredFile, get_store
 from core.tables import Image, ScoringJobItem, utcnow
 from ml.imageio import ImageDecodeError, decode_scaled
 from ml.quality import DECODE_MIN_SIDE, QualityReport, assess_quality
@@ -67,6 +71,8 @@ class _Claimed:
     quality: QualityReport | None = None
     error: str | None = None
     prediction: Any = None
+    wants_heatmap: bool = False
+    heatmap: StoredFile | None = None  # drawn with the grade (see the module docstring)
 
 
 @dataclass
@@ -78,7 +84,8 @@ class ScoreSummary:
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # unknown, already done, or taken by another
     patients: list[int] = field(default_factory=list)  # patients whose aggregate was recomputed
-    explain_sent: list[str] = field(default_factory=list)
+    explained: list[str] = field(default_factory=list)  # heatmap drawn and recorded with the grade
+    explain_sent: list[str] = field(default_factory=list)  # heatmap left to the explain queue
     # the same patients' images an earlier release scored, queued again for this one
     rescore: list[str] = field(default_factory=list)
 
@@ -163,9 +170,22 @@ def _prepare(it: _Claimed, store: FileStore, max_pixels: int, thresholds: Any) -
     return it
 
 
-def _predict(batch: list[_Claimed], ens: EnsembleLike) -> None:
+def _store_heatmap(it: _Claimed, heat: np.ndarray, store: FileStore) -> StoredFile | None:
+    """The heatmap over the photograph, stored as PNG; None (the explain queue draws it) on failure."""
+    from ml.inference.overlay import overlay_png  # ml.inference stays out of the Celery parent
+
     try:
-        preds = ens.predict([it.rgb for it in batch if it.rgb is not None])
+        assert it.rgb is not None
+        return store.put_bytes(overlay_png(it.rgb, heat), "png")
+    except Exception:
+        log.exception("drawing the heatmap of image %s failed; left to the explain queue", it.image_id)
+        return None
+
+
+def _predict(batch: list[_Claimed], ens: EnsembleLike, store: FileStore) -> None:
+    try:
+        images = [it.rgb for it in batch if it.rgb is not None]  # all of them: gradable photographs
+        preds = ens.predict(images, heatmaps=[it.wants_heatmap for it in batch])
     except Exception as exc:
         # Not a property of one photo: fail these visibly rather than leave them ``running``.
         log.exception("ensemble %s failed on a batch of %d", ens.ref, len(batch))
@@ -174,7 +194,9 @@ def _predict(batch: list[_Claimed], ens: EnsembleLike) -> None:
         return
     for it, pred in zip(batch, preds, strict=True):
         it.prediction = pred
-    for it in batch:
+        if pred.heatmap is not None:
+            it.heatmap = _store_heatmap(it, pred.heatmap, store)
+            pred.heatmap = None  # stored: the task holds no pixels past this point
         it.rgb = None  # graded: only the prediction is written
 
 
@@ -198,10 +220,10 @@ def _compute(items: list[_Claimed], ens: EnsembleLike, store: FileStore) -> None
             if it.error is None and it.quality is not None and it.quality.gradable:
                 batch.append(it)
             if len(batch) >= PREDICT_BATCH:
-                _predict(batch, ens)
+                _predict(batch, ens, store)
                 batch = []
     if batch:
-        _predict(batch, ens)
+        _predict(batch, ens, store)
 
 
 def _trigger(it: _Claimed) -> str:
@@ -258,6 +280,14 @@ def _write(
                     referable=is_referable(grade),
                     gradable=gradable,
                 )
+                if gradable and it.heatmap is not None:
+                    repo.upsert_explanation(
+                        session,
+                        image_id=row.id,
+                        model_version_id=mv.id,
+                        sha256=it.heatmap.sha256,
+                        stored_path=it.heatmap.relpath,
+                    )
                 repo.mark_image_done(session, row, quality=it.quality.as_dict(), gradable=gradable)
                 done_ids.append(row.id)
                 (summary.scored if gradable else summary.ungradable).append(row.id)
@@ -308,7 +338,8 @@ def score_images(
 
     ``explain``: True/False forces heatmaps on/off; None = on for single images and bundles when
     ``DRSCREEN_EXPLAIN`` is on (the default), off for folder-job images.
-    ``enqueue`` publishes the explanation tasks (default: by name through ``core.producer``).
+    ``enqueue`` publishes the tasks of heatmaps not drawn with the grade and of re-scores (default:
+    by name through ``core.producer``).
     ``worker``: the Celery node name recorded on the claimed rows (see ``workers.sweep``).
     """
     summary = ScoreSummary()
@@ -319,6 +350,8 @@ def score_images(
     if not claimed:
         log.info("score_images: nothing to do for %d id(s)", len(ids))
         return summary
+    for it in claimed:
+        it.wants_heatmap = _wants_explanation(it, explain)
     ens = ensemble if ensemble is not None else get_ensemble()
     _compute(claimed, ens, store if store is not None else get_store())
     written = _write(claimed, ens, db_url, summary)
@@ -326,7 +359,11 @@ def score_images(
     if summary.rescore:
         send(tasks.SCORE_IMAGES, [summary.rescore], {})
     for it in written:
-        if it.prediction is not None and _wants_explanation(it, explain):
+        if it.prediction is None or not it.wants_heatmap:
+            continue
+        if it.heatmap is not None:
+            summary.explained.append(it.image_id)
+        else:
             send(tasks.EXPLAIN_IMAGE, [it.image_id], {})
             summary.explain_sent.append(it.image_id)
     log.info(

@@ -4,9 +4,9 @@ Every shipped member has a regression head, and Grad-CAM of a regression score i
 autograd: the score is ``w · mean(F) + b`` over the last feature map ``F`` (C, h, w), so its
 gradient is ``w_c / (h·w)`` at every position, Grad-CAM's channel weights are that constant, and
 the map is ``relu(Σ_c w_c F_c) / (h·w)``. A worker that scores with ONNX Runtime or OpenVINO
-gets ``F`` from a second ONNX graph of the member (ml.inference.onnx_runtime.FeatureMaps) and
-never imports torch for a heatmap. ml.inference.gradcam keeps the autograd version for the
-PyTorch runtime and for heads without a regression score.
+gets ``F`` as the member graph's second output (ml.inference.onnx_runtime), in the forward pass
+that grades the photograph, and never imports torch for a heatmap. ml.inference.gradcam keeps
+the autograd version for the PyTorch runtime and for heads without a regression score.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 With the ONNX Runtime and OpenVINO paths the PyTorch members are not loaded, nor torch imported:
 torch and timm alone hold ~700 MB of resident memory per worker process (docs/performance.md).
-Heatmaps there come from each member's feature-map graph (ml.inference.cam); only a member
+Heatmaps there come from the feature map each member's graph outputs beside its probabilities
+(ml.inference.cam), in the same forward pass when ``predict`` is asked for them; only a member
 without a regression head would make ``explain`` load its PyTorch network for autograd.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from ml.inference.cam import regression_cam, regression_weight, to_photo_frame
 from ml.inference.combine import CombineRule, combine, grade_from_probabilities
-from ml.inference.onnx_runtime import FeatureMaps, OnnxMembers, int8_available
+from ml.inference.onnx_runtime import FEATURES, PROBABILITIES, OnnxMembers, int8_available
 from ml.preprocess import PreprocessConfig, prepare_pixels, to_input
 from ml.release import ensemble_dir, member_dir, newest_ensemble, read_manifest, read_release
 
@@ -112,6 +113,8 @@ class EnsemblePrediction:
     grade: int
     score: float  # expected grade under the combined distribution
     members: dict[str, list[float]] = field(default_factory=dict)
+    # (H, W) in [0, 1] over the photograph, when ``predict`` was asked for it and could draw it
+    heatmap: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def referable(self) -> bool:
@@ -129,15 +132,13 @@ class Ensemble:
         manifest: dict[str, Any],
         batch_size: int = 8,
         runtime: Any = None,
-        feature_maps: FeatureMaps | None = None,
     ) -> None:
         self.ref = ref
         self._members = members
         self.rule = rule
         self.manifest = manifest
         self.batch_size = batch_size
-        self.runtime = runtime  # optional ONNX Runtime sessions (ml.inference.onnx_runtime)
-        self.feature_maps = feature_maps  # heatmaps without PyTorch, where every member allows it
+        self.runtime = runtime  # optional ONNX Runtime / OpenVINO sessions (ml.inference.onnx_runtime)
 
     @property
     def members(self) -> list[str]:
@@ -169,6 +170,12 @@ class Ensemble:
             out[m.ref] = inputs[norm]
         return out
 
+    @property
+    def maps_from_graphs(self) -> bool:
+        """Heatmaps come from the graphs' feature maps (no autograd): the ensemble runs on ONNX
+        graphs and every member's expected grade is its regression score (ml.inference.cam)."""
+        return self.runtime is not None and all(m.regression_weight is not None for m in self._members)
+
     def member_probabilities(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """(M, N, 5) probabilities of every member on pre-processed inputs."""
         if self.runtime is not None:
@@ -189,10 +196,26 @@ class Ensemble:
             out.append(np.concatenate(parts))
         return np.stack(out)
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[EnsemblePrediction]:
+    def predict(
+        self, images: Sequence[np.ndarray], heatmaps: Sequence[bool] | None = None
+    ) -> list[EnsemblePrediction]:
+        """Grade ``images``. ``heatmaps`` (one flag per image) asks for the heatmap of those
+        images, drawn from the same forward pass where ``maps_from_graphs``; elsewhere (PyTorch)
+        ``heatmap`` stays None and ``explain`` draws it by autograd."""
         if not images:
             return []
-        probs = self.member_probabilities(self.pixel_inputs(images))
+        inputs = self.pixel_inputs(images)
+        wanted = [i for i, flag in enumerate(heatmaps or []) if flag] if self.maps_from_graphs else []
+        maps: dict[int, np.ndarray] = {}
+        if wanted:
+            refs = [m.ref for m in self._members]
+            outs = self.runtime.run_outputs(refs, inputs, [PROBABILITIES, FEATURES])
+            probs = np.stack([o[0] for o in outs])
+            for i in wanted:
+                cams = self._cams_from_features([o[1][i : i + 1] for o in outs])
+                maps[i] = self._heatmap(cams, images[i])
+        else:
+            probs = self.member_probabilities(inputs)
         combined, score, grade = combine(self.rule, probs)
         return [
             EnsemblePrediction(
@@ -202,6 +225,7 @@ class Ensemble:
                 members={
                     m.ref: [round(float(v), 6) for v in probs[j, i]] for j, m in enumerate(self._members)
                 },
+                heatmap=maps.get(i),
             )
             for i in range(len(images))
         ]
@@ -215,31 +239,32 @@ class Ensemble:
         Each member's map is taken for its expected grade (the quantity the decision
         thresholds), then the maps are combined with the ensemble weights.
         """
-        weights = np.asarray(self.rule.weights or [1.0] * len(self._members), dtype=np.float64)
-        weights = weights / weights.sum()
         inputs = self.pixel_inputs([image])  # shared pipelines run once, as in predict
-        total: np.ndarray | None = None
-        for w, cam in zip(weights, self._member_cams(inputs), strict=True):
-            total = cam * w if total is None else total + cam * w
-        assert total is not None
-        if total.max() > 0:
-            total = total / total.max()
-        return to_photo_frame(total.astype(np.float32), image, self._members[0].preprocess)
-
-    def _member_cams(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Each member's map: from its feature-map graph when every member has a regression head
-        and the ensemble runs on ONNX graphs, else by autograd on the PyTorch networks."""
-        heads = [m.regression_weight for m in self._members if m.regression_weight is not None]
-        if self.feature_maps is not None and len(heads) == len(self._members):
-            fm = self.feature_maps
-            return [
-                regression_cam(fm.run(m.ref, inputs[m.ref]), h, m.preprocess.size)
-                for m, h in zip(self._members, heads, strict=True)
-            ]
+        if self.maps_from_graphs:
+            outs = self.runtime.run_outputs([m.ref for m in self._members], inputs, [FEATURES])
+            return self._heatmap(self._cams_from_features([o[0] for o in outs]), image)
         torch = _import_torch(None)
         from ml.inference.gradcam import member_cam
 
-        return [member_cam(m.model, torch.from_numpy(inputs[m.ref])) for m in self._members]
+        cams = [member_cam(m.model, torch.from_numpy(inputs[m.ref])) for m in self._members]
+        return self._heatmap(cams, image)
+
+    def _cams_from_features(self, fmaps: list[np.ndarray]) -> list[np.ndarray]:
+        """Each member's map from its feature map (1, C, h, w) of one photograph."""
+        return [
+            regression_cam(fmap, m.regression_weight, m.preprocess.size)  # type: ignore[arg-type]
+            for m, fmap in zip(self._members, fmaps, strict=True)
+        ]
+
+    def _heatmap(self, cams: list[np.ndarray], image: np.ndarray) -> np.ndarray:
+        """The members' maps weighted as the ensemble weighs them, scaled to 1, in the photo's frame."""
+        weights = np.asarray(self.rule.weights or [1.0] * len(self._members), dtype=np.float64)
+        weights = weights / weights.sum()
+        total = sum(cam * w for w, cam in zip(weights, cams, strict=True))
+        assert isinstance(total, np.ndarray)
+        if total.max() > 0:
+            total = total / total.max()
+        return to_photo_frame(total.astype(np.float32), image, self._members[0].preprocess)
 
 
 def resolve_ref(ref: str | None = None, models_dir: Path | None = None) -> str:
@@ -262,7 +287,7 @@ def load_ensemble(
     ``quantized``; None = int8 when `drscreen export onnx --quantize` kept them);
     ``runtime="openvino"`` runs the same graphs with OpenVINO at ``precision`` (``auto``: bfloat16
     for the members `drscreen export onnx` accepted it for, with these weights; float32 otherwise).
-    With either, heatmaps come from the members' feature-map graphs (ml.inference.cam), and the
+    With either, heatmaps come from the feature maps the graphs output (ml.inference.cam), and the
     PyTorch networks load only if a member has no regression head (a missing ONNX file is
     exported by a child process). ``threads`` is also torch's
     intra-op thread count when loading the members is what first imports torch.
@@ -304,5 +329,4 @@ def load_ensemble(
 
         members = [Member(r, *load_checkpoint(member_dir(r, models_dir), device)) for r in refs]
     log.info("loaded ensemble %s (%d members, rule %s, runtime %s)", ref, len(members), rule.rule, runtime)
-    maps = FeatureMaps(models_dir) if onnx is not None else None
-    return Ensemble(ref, members, rule, manifest, runtime=onnx, feature_maps=maps)
+    return Ensemble(ref, members, rule, manifest, runtime=onnx)

@@ -16,31 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ml.inference.onnx_runtime import OPSET
+from ml.inference.onnx_runtime import FEATURES, OPSET, PROBABILITIES
 from ml.models import GradingNet, grade_probabilities
 
 
-class ProbabilityHead(nn.Module):
-    """Wraps a member so the exported graph outputs its 5 grade probabilities directly."""
+class ScoringHead(nn.Module):
+    """Wraps a member so the exported graph outputs its 5 grade probabilities and, beside them,
+    its last feature map: what a heatmap weighs (ml.inference.cam), so one forward pass gives both."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model = model  # a GradingNet (with_static_padding's copy)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return grade_probabilities(self.model(x))
-
-
-class FeatureMapHead(nn.Module):
-    """Wraps a member so the exported graph outputs its last feature map (what Grad-CAM weighs)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fmap: torch.Tensor = self.model.features(x)  # type: ignore[operator]  # a GradingNet
-        return fmap
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap: torch.Tensor = self.model.features(x)  # type: ignore[operator]
+        return grade_probabilities(self.model.heads(fmap)), fmap  # type: ignore[operator]
 
 
 class StaticSamePad(nn.Module):
@@ -95,21 +85,19 @@ def with_static_padding(model: GradingNet, size: int) -> nn.Module:
     return model
 
 
-def export_member_onnx(model: GradingNet, size: int, out: Path, features: bool = False) -> Path:
-    """Export with a dynamic batch axis and constant "same" padding (see StaticSamePad): the
-    grade probabilities, or with ``features`` the last feature map (for heatmaps, ml.inference.cam)."""
+def export_member_onnx(model: GradingNet, size: int, out: Path, batch: int | None = None) -> Path:
+    """Export the member's scoring graph (``ScoringHead``) with constant "same" padding (see
+    StaticSamePad) and a dynamic batch axis, or a fixed one of ``batch`` images."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp.onnx")  # pool children may export at once
-    wrapper = (FeatureMapHead if features else ProbabilityHead)(with_static_padding(model, size))
-    output = "features" if features else "probabilities"
-    dummy = torch.randn(2, 3, size, size)
+    outputs = [PROBABILITIES, FEATURES]
     torch.onnx.export(
-        wrapper,
-        (dummy,),
+        ScoringHead(with_static_padding(model, size)),
+        (torch.randn(batch or 2, 3, size, size),),
         str(tmp),
         input_names=["input"],
-        output_names=[output],
-        dynamic_axes={"input": {0: "batch"}, output: {0: "batch"}},
+        output_names=outputs,
+        dynamic_axes=None if batch else {name: {0: "batch"} for name in ["input", *outputs]},
         opset_version=OPSET,
         dynamo=False,
     )
@@ -118,25 +106,21 @@ def export_member_onnx(model: GradingNet, size: int, out: Path, features: bool =
     return out
 
 
-def export_release_member(
-    ref: str, out: Path, models_dir: Path | None = None, features: bool = False
-) -> Path:
+def export_release_member(ref: str, out: Path, models_dir: Path | None = None) -> Path:
     """Export a released member, read from its release folder, to ``out``."""
     from ml.release import load_checkpoint, member_dir
 
     model, pre, _ = load_checkpoint(member_dir(ref, models_dir))
-    return export_member_onnx(model, pre.size, out, features=features)
+    return export_member_onnx(model, pre.size, out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m ml.inference.onnx_graph [--features] REF OUT [MODELS_DIR]``: the export a worker
-    runs in a child process (``ml.inference.onnx_runtime.export_in_child``)."""
+    """``python -m ml.inference.onnx_graph REF OUT [MODELS_DIR]``: the export a worker runs in a
+    child process (``ml.inference.onnx_runtime.export_in_child``)."""
     args = sys.argv[1:] if argv is None else argv
-    features = "--features" in args
-    args = [a for a in args if a != "--features"]
     if len(args) not in (2, 3):
-        raise SystemExit("usage: python -m ml.inference.onnx_graph [--features] REF OUT [MODELS_DIR]")
-    export_release_member(args[0], Path(args[1]), Path(args[2]) if len(args) == 3 else None, features)
+        raise SystemExit("usage: python -m ml.inference.onnx_graph REF OUT [MODELS_DIR]")
+    export_release_member(args[0], Path(args[1]), Path(args[2]) if len(args) == 3 else None)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 ONNX files are derived data: they are exported from the released safetensors (deterministic)
 into a cache folder the first time a worker needs them, so the repository ships each weight
-once. Heatmaps use a second graph per member, its last feature map (FeatureMaps, ml.inference.cam).
+once. Each graph outputs the member's grade probabilities and its last feature map, from which a
+heatmap is a weighted sum (ml.inference.cam): asked for, the map comes with the same forward pass.
 
 This module does not import torch: a worker that scores with ONNX Runtime never loads it (about
-700 MB of resident memory with timm) unless a graph has to be exported or a heatmap is asked for.
+700 MB of resident memory with timm) unless a graph has to be exported.
 The exporter lives in :mod:`ml.inference.onnx_graph`; a missing file is exported by a child
 process, so that this one never holds torch for it.
 """
@@ -29,7 +30,11 @@ from ml.release import member_dir, sha256_file
 log = logging.getLogger(__name__)
 OPSET = 17
 #: Bumped when the exported graph's form changes (not its numbers), so caches are re-exported.
-GRAPH_VERSION = 2
+#: 3: the feature map became a second output (before, heatmaps ran a second graph per member).
+GRAPH_VERSION = 3
+#: The graphs' outputs: (N, 5) grade probabilities and the (N, C, h, w) last feature map.
+PROBABILITIES = "probabilities"
+FEATURES = "features"
 
 
 def cache_dir() -> Path:
@@ -38,22 +43,20 @@ def cache_dir() -> Path:
     )
 
 
-def onnx_path_for(ref: str, models_dir: Path | None, quantized: bool = False, features: bool = False) -> Path:
-    """Cache file named by the weights' sha256, so a changed release never reuses a stale graph.
-    ``features``: the graph of the member's last feature map, for heatmaps (ml.inference.cam)."""
+def onnx_path_for(ref: str, models_dir: Path | None, quantized: bool = False) -> Path:
+    """Cache file named by the weights' sha256, so a changed release never reuses a stale graph."""
     digest = sha256_file(member_dir(ref, models_dir) / "model.safetensors")[:16]
-    kind = ".int8" if quantized else ".features" if features else ""
+    kind = ".int8" if quantized else ""
     return cache_dir() / f"{ref.replace('@', '-')}-{digest}-g{GRAPH_VERSION}{kind}.onnx"
 
 
-def export_in_child(ref: str, out: Path, models_dir: Path | None = None, features: bool = False) -> Path:
+def export_in_child(ref: str, out: Path, models_dir: Path | None = None) -> Path:
     """Export a released member to ``out`` in a child process.
 
     Exporting needs torch and the PyTorch network; in this process they would stay resident
     (~1.2 GB measured, freeing the network gives little back) long after the file exists.
     """
-    flags = ["--features"] if features else []
-    cmd = [sys.executable, "-m", "ml.inference.onnx_graph", *flags, ref, str(out)]
+    cmd = [sys.executable, "-m", "ml.inference.onnx_graph", ref, str(out)]
     if models_dir is not None:
         cmd.append(str(models_dir))
     root = str(Path(__file__).resolve().parents[2])  # importable without an installed package
@@ -169,43 +172,27 @@ class OnnxMembers:
 
     def run_many(self, refs: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Probabilities (N, 5) of each member in ``refs`` on its input, in that order."""
+        return [outs[0] for outs in self.run_outputs(refs, inputs, [PROBABILITIES])]
+
+    def run_outputs(
+        self, refs: list[str], inputs: dict[str, np.ndarray], names: list[str]
+    ) -> list[list[np.ndarray]]:
+        """The outputs ``names`` (PROBABILITIES, FEATURES) of each member in ``refs`` on its input."""
         if self._pool is None:
-            return [self._run_one(ref, inputs[ref]) for ref in refs]
+            return [self._run_one(ref, inputs[ref], names) for ref in refs]
         pieces = []
         for ref in refs:
             x = inputs[ref]
             bounds = np.linspace(0, len(x), max(1, min(self.threads, len(x))) + 1).astype(int)
             submit = self._pool.submit
-            pieces.append([submit(self._run_one, ref, x[a:b]) for a, b in itertools.pairwise(bounds)])
-        return [np.concatenate([f.result() for f in futures]) for futures in pieces]
+            pieces.append([submit(self._run_one, ref, x[a:b], names) for a, b in itertools.pairwise(bounds)])
+        out = []
+        for futures in pieces:
+            parts = [f.result() for f in futures]
+            out.append([np.concatenate([p[k] for p in parts]) for k in range(len(names))])
+        return out
 
-    def _run_one(self, ref: str, x: np.ndarray) -> np.ndarray:
+    def _run_one(self, ref: str, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
         session = self.sessions[ref]
-        out = session.run(["probabilities"], {"input": np.ascontiguousarray(x, dtype=np.float32)})  # type: ignore[attr-defined]
-        return np.asarray(out[0])
-
-
-class FeatureMaps:
-    """Each member's last feature map from its own ONNX graph, run by ONNX Runtime in float32:
-    heatmaps without PyTorch (ml.inference.cam). Sessions open on first use, so a worker that
-    never draws a heatmap holds none; a missing graph is exported by a child process."""
-
-    def __init__(self, models_dir: Path | None = None) -> None:
-        self.models_dir = models_dir
-        self._sessions: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def _session(self, ref: str) -> Any:
-        with self._lock:
-            if ref not in self._sessions:
-                path = onnx_path_for(ref, self.models_dir, features=True)
-                if not path.exists():
-                    log.info("exporting the feature map of %s to ONNX at %s", ref, path)
-                    export_in_child(ref, path, self.models_dir, features=True)
-                self._sessions[ref] = ort_session(path)
-            return self._sessions[ref]
-
-    def run(self, ref: str, x: np.ndarray) -> np.ndarray:
-        """The feature map (N, C, h, w) of member ``ref`` on its preprocessed input (N, 3, S, S)."""
-        out = self._session(ref).run(["features"], {"input": np.ascontiguousarray(x, dtype=np.float32)})
-        return np.asarray(out[0])
+        out = session.run(names, {"input": np.ascontiguousarray(x, dtype=np.float32)})  # type: ignore[attr-defined]
+        return [np.asarray(o) for o in out]

@@ -105,11 +105,14 @@ def test_runtime_figures_are_the_median_of_fresh_processes() -> None:
     ]
     for run, (ms, passes) in zip(runs, [(60.0, 2.0), (50.0, 1.8), (70.0, 2.4)], strict=True):
         run.update(explain_ms=ms, explain_forward_passes=passes)
+        run.update(explain_in_pass_ms=ms / 2, explain_in_pass_forward_passes=passes / 2)
     out = bench.summarise_runtime_runs("openvino", runs)
     assert out["forward_ips_openvino"] == 60.0
     assert out["forward_ips_openvino_runs"] == [40.6, 64.9, 60.0]
     assert out["latency_ms_openvino_b1"] == 24.0
     assert out["openvino_precision"] == {"a@1": "bf16"}
     assert out["explain_ms_openvino"] == 60.0 and out["explain_forward_passes_openvino"] == 2.0
+    assert out["explain_in_pass_ms_openvino"] == 30.0
+    assert out["explain_in_pass_forward_passes_openvino"] == 1.0
     assert "openvino_precision" not in bench.summarise_runtime_runs("onnx", runs)
     assert bench.Plan().runtime_processes >= 3

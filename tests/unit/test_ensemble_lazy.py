@@ -64,14 +64,22 @@ def test_onnx_predict_and_explain_leave_pytorch_members_unloaded(
     again = load_ensemble(MODEL, MODELS_DIR, runtime="onnx", threads=2).predict(images)
     assert [p.probabilities for p in again] == [p.probabilities for p in preds]
 
-    # heatmaps come from the feature-map graphs (exported now, in a child process) and equal
-    # PyTorch's Grad-CAM
+    # heatmaps come from the feature maps the same graphs output, and equal PyTorch's Grad-CAM
     heatmap = ens.explain(images[0])
     assert not any(m.loaded for m in ens._members)
     assert _networks() == before
     expected = load_ensemble(MODEL, MODELS_DIR).explain(images[0])
     assert heatmap.shape == expected.shape == images[0].shape[:2]
     assert expected.max() > 0.5 and np.abs(heatmap - expected).max() <= 1e-4
+
+    # asked for, predict draws them from its own forward pass: the same maps, the same grades
+    drawn = ens.predict(images, heatmaps=[True, False, True, False])
+    assert [p.probabilities for p in drawn] == [p.probabilities for p in preds]
+    assert [p.heatmap is None for p in drawn] == [False, True, False, True]
+    assert drawn[0].heatmap is not None and drawn[2].heatmap is not None
+    assert np.abs(drawn[0].heatmap - heatmap).max() <= 1e-6
+    assert np.abs(drawn[2].heatmap - ens.explain(images[2])).max() <= 1e-6
+    assert not any(m.loaded for m in ens._members)
 
 
 def test_onnx_worker_process_never_imports_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,6 +100,7 @@ def test_onnx_worker_process_never_imports_torch(tmp_path: Path, monkeypatch: py
         ens.predict(images)
         print(sorted(m for m in ("torch", "timm") if m in sys.modules))
         ens.explain(images[0])
+        ens.predict(images, heatmaps=[True, True])
         print(sorted(m for m in ("torch", "timm") if m in sys.modules))
         """
     )

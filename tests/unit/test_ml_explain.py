@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -91,18 +92,30 @@ def test_regression_cam_without_autograd_is_grad_cam() -> None:
 
 
 def test_a_member_without_a_regression_head_falls_back_to_autograd(tmp_path: Path) -> None:
-    """No regression score, no closed form: explain loads the network and uses Grad-CAM."""
+    """No regression score, no closed form: explain loads the network and uses Grad-CAM, and
+    predict leaves the heatmap to it rather than reading the graphs' feature maps."""
     from safetensors.torch import save_file
 
-    from ml.inference.onnx_runtime import FeatureMaps
+    class Graphs:  # stands for the ONNX sessions: scores, never asked for a feature map
+        def __init__(self) -> None:
+            self.outputs: list[list[str]] = []
+
+        def run_many(self, refs: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+            return [np.full((len(inputs[r]), 5), 0.2, np.float32) for r in refs]
+
+        def run_outputs(self, refs: list[str], inputs: dict[str, np.ndarray], names: list[str]) -> Any:
+            self.outputs.append(names)
+            raise AssertionError("feature maps asked of a member without a regression head")
 
     model, pre, config = load_checkpoint(MEMBER)
     model.reg_head = None  # a classification + ordinal member, and its release file without the head
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    maps = FeatureMaps(tmp_path)
     member = Member("lite0", model, pre, config, folder=tmp_path)
-    ens = Ensemble("t", [member], CombineRule("weighted_average", [1.0]), {}, feature_maps=maps)
-    assert member.regression_weight is None
+    graphs = Graphs()
+    ens = Ensemble("t", [member], CombineRule("weighted_average", [1.0]), {}, runtime=graphs)
+    assert member.regression_weight is None and not ens.maps_from_graphs
     photo = np.asarray(Image.open(REPO / "samples" / "16" / "16_left.jpg").convert("RGB"))
+    [pred] = ens.predict([photo], heatmaps=[True])
+    assert pred.heatmap is None
     assert ens.explain(photo).max() > 0.5
-    assert not maps._sessions  # the feature-map graphs were never opened
+    assert graphs.outputs == []

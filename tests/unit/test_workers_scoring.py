@@ -36,23 +36,32 @@ class StubPrediction:
     probabilities: list[float]
     grade: int
     members: dict[str, list[float]]
+    heatmap: np.ndarray | None = None
 
 
 @dataclass
 class StubEnsemble:
+    """``maps_in_pass``: draws the heatmaps asked for with the grades, as the ONNX Runtime and
+    OpenVINO ensembles do (False: as the PyTorch one, leaving them to ``explain``)."""
+
     ref: str = "stub-ensemble@0.0.1"
     card: dict[str, Any] = field(default_factory=lambda: {"stub": True})
     quality_thresholds: dict[str, float] | None = None
     batches: list[int] = field(default_factory=list)
+    maps_in_pass: bool = False
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[StubPrediction]:
+    def predict(
+        self, images: Sequence[np.ndarray], heatmaps: Sequence[bool] | None = None
+    ) -> list[StubPrediction]:
         self.batches.append(len(images))
+        flags = list(heatmaps or [False] * len(images))
         out = []
-        for img in images:
+        for img, flag in zip(images, flags, strict=True):
             grade = int(img.mean()) % 5
             probs = [0.05] * 5
             probs[grade] = 0.8
-            out.append(StubPrediction(probs, grade, {"stub-member@0.0.1": probs}))
+            heat = self.explain(img) if flag and self.maps_in_pass else None
+            out.append(StubPrediction(probs, grade, {"stub-member@0.0.1": probs}, heat))
         return out
 
     def grade_from_probabilities(self, probs: Sequence[float]) -> int:
@@ -274,6 +283,49 @@ def test_explain_image_png_and_idempotent(url: str, store: FileStore, ens: StubE
     assert count(url, Explanation) == 1
 
 
+def test_heatmaps_drawn_with_the_grade_are_recorded_in_its_transaction(
+    url: str, store: FileStore, sent: Sent
+) -> None:
+    """An ensemble that draws heatmaps in the grading pass: each wanted one is stored and its row
+    written with the grade; no explain task is sent; folder-job images (not asked) get none."""
+    ens = StubEnsemble(maps_in_pass=True)
+    with session_scope(url) as s:
+        job_id = repo.create_job(s, repo.get_or_create_clinic(s, "North").id, "/nowhere").id
+    in_job = add_images(url, store, "P11", [photo("16_left.jpg")], job_id=job_id)
+    ids = add_images(url, store, "P12", [photo(n) for n in BUNDLE], bundle=True)
+    summary = scoring.score_images(in_job + ids, ensemble=ens, store=store, db_url=url, enqueue=sent)
+
+    gradable = [i for i in ids if i in summary.scored]
+    assert gradable and sorted(summary.explained) == sorted(gradable)
+    assert sent == [] and summary.explain_sent == []
+    with session_scope(url) as s:
+        rows = {e.image_id: e for e in s.scalars(select(Explanation))}
+        assert set(rows) == set(gradable)  # none for the job's photograph
+        for image_id, row in rows.items():
+            png = PILImage.open(io.BytesIO(store.read_bytes(row.stored_path)))
+            assert png.format == "PNG" and png.size == (512, 342), image_id
+    # the explain task finds them drawn: it neither draws again nor adds a row
+    first = gradable[0]
+    assert explain_mod.explain_image(first, ensemble=ens, store=store, db_url=url) == rows[first].stored_path
+    assert count(url, Explanation) == len(gradable)
+
+
+def test_a_heatmap_that_fails_to_draw_goes_to_the_explain_queue(
+    url: str, store: FileStore, sent: Sent
+) -> None:
+    class WrongShape(StubEnsemble):
+        def explain(self, image: np.ndarray) -> np.ndarray:
+            return np.zeros((3, 3), np.float32)  # overlay_png refuses a map of another size
+
+    [image_id] = add_images(url, store, "P13", [photo("16_left.jpg")])
+    summary = scoring.score_images(
+        [image_id], ensemble=WrongShape(maps_in_pass=True), store=store, db_url=url, enqueue=sent
+    )
+    assert summary.scored == [image_id] and summary.explained == []
+    assert sent == [(tasks.EXPLAIN_IMAGE, [image_id], {})]
+    assert count(url, Explanation) == 0
+
+
 def test_explain_skips_unscored(url: str, store: FileStore, ens: StubEnsemble) -> None:
     [image_id] = add_images(url, store, "P9", [photo("16_left.jpg")])
     assert explain_mod.explain_image(image_id, ensemble=ens, store=store, db_url=url) is None
@@ -317,9 +369,11 @@ def test_camera_size_jpeg_is_graded_from_a_reduced_decode_and_keeps_its_size(
     seen: list[tuple[int, ...]] = []
 
     class Recording(StubEnsemble):
-        def predict(self, images: Sequence[np.ndarray]) -> list[StubPrediction]:
+        def predict(
+            self, images: Sequence[np.ndarray], heatmaps: Sequence[bool] | None = None
+        ) -> list[StubPrediction]:
             seen.extend(img.shape for img in images)
-            return super().predict(images)
+            return super().predict(images, heatmaps)
 
     [image_id] = add_images(url, store, "P10", [("camera_left.jpg", buf.getvalue(), "left")])
     summary = scoring.score_images([image_id], ensemble=Recording(), store=store, db_url=url, enqueue=sent)
