@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1.6
 # Multi-stage build:
 #   api    : the HTTP API, base dependencies only (no torch)
-#   worker : Celery worker with torch and the released models (models/)
+#   worker : Celery worker with torch, ONNX Runtime and OpenVINO (both images carry models/)
 # The worker's torch wheel from PyPI is CUDA-enabled on linux/x86_64, so the same image uses a GPU
 # when the host exposes one (see docker-compose.yml) and falls back to CPU otherwise.
 
@@ -18,7 +18,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends libglib2.0-0 curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 drscreen \
- && mkdir -p /var/lib/drscreen/store && chown -R drscreen /var/lib/drscreen
+ && mkdir -p /var/lib/drscreen/store /var/lib/drscreen/onnx && chown -R drscreen /var/lib/drscreen
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY core ./core
@@ -27,9 +27,14 @@ COPY workers ./workers
 COPY ml ./ml
 COPY cli ./cli
 COPY migrations ./migrations
+# Both images: the API reads the released manifests and model cards (/readyz, /v1/models).
+COPY models ./models
+ENV DRSCREEN_MODELS_DIR=/app/models
 
+# Editable installs: the code runs from /app, where alembic.ini, migrations/ and models/ are
+# (a regular install would look for them next to the code in site-packages).
 FROM base AS api
-RUN pip install .
+RUN pip install -e .
 USER drscreen
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s CMD curl -fsS http://127.0.0.1:8000/healthz || exit 1
@@ -37,8 +42,6 @@ CMD ["drscreen", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM base AS worker
 RUN pip install torch==2.14.1 torchvision==0.29.1 \
- && pip install '.[ml]'
-COPY models ./models
-ENV DRSCREEN_MODELS_DIR=/app/models
+ && pip install -e '.[ml]'
 USER drscreen
 CMD ["drscreen", "worker", "--concurrency", "1"]

@@ -11,9 +11,16 @@ from core.settings import PROJECT_ROOT, get_settings
 
 
 def alembic_config(database_url: str | None = None) -> Config:
+    migrations = Path(PROJECT_ROOT) / "migrations"
+    if not migrations.is_dir():
+        # a regular (non-editable) install puts core/ in site-packages, away from migrations/
+        raise RuntimeError(
+            f"the Alembic migrations are not at {migrations}: run drscreen from the source folder's "
+            "editable install (pip install -e .), as the Dockerfile does"
+        )
     ini = PROJECT_ROOT / "alembic.ini"
     cfg = Config(str(ini)) if ini.is_file() else Config()
-    cfg.set_main_option("script_location", str(Path(PROJECT_ROOT) / "migrations"))
+    cfg.set_main_option("script_location", str(migrations))
     cfg.attributes["database_url"] = database_url or get_settings().database_url
     cfg.attributes["configure_logger"] = False
     return cfg

@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     #: Released ensemble workers load, ``name@version``; None = the newest shipped under models_dir.
     model: str | None = None
     #: Inference runtime used by workers; ``auto`` = PyTorch when a GPU is present, otherwise
-    #: OpenVINO where installed, else ONNX Runtime (docs/performance.md). Grad-CAM always uses PyTorch.
+    #: OpenVINO where installed, else ONNX Runtime (docs/performance.md). Heatmaps need PyTorch
+    #: (autograd) only with ``torch``; the CPU runtimes draw them from the graphs' feature maps.
     runtime: Literal["auto", "torch", "onnx", "openvino"] = "auto"
     #: OpenVINO's precision (``runtime = "openvino"``): ``auto`` = bfloat16 where `drscreen export
     #: onnx` accepted it for the ensemble's weights (issue 7's accuracy rule), float32 otherwise.

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import errors
@@ -116,6 +117,22 @@ def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, exc.detail, headers)
 
 
+#: Seconds a client is asked to wait before retrying when the database is down or saturated.
+DATABASE_RETRY_AFTER = 5
+
+
+def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """The database is unreachable, locked, or every pooled connection is busy: a dependency is
+    down or saturated, not a bug, so 503 and a retry hint (the transaction was rolled back)."""
+    log.warning("database unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[0][:200])
+    return error_response(
+        503,
+        "unavailable",
+        "the database is unavailable or busy; nothing was saved, retry shortly",
+        {"Retry-After": str(DATABASE_RETRY_AFTER)},
+    )
+
+
 def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the log; the client gets no internals.
     log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
@@ -126,6 +143,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(errors.DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    # connection refused or lost, SQLite locked, pool exhausted (sa_exc.TimeoutError)
+    app.add_exception_handler(sa_exc.OperationalError, _database_unavailable)
+    app.add_exception_handler(sa_exc.TimeoutError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)
 
 

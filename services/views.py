@@ -52,7 +52,8 @@ def image_results(session: Session, images: list[Image]) -> list[ImageResult]:
                 result.probabilities = pred.probabilities
                 result.members = pred.members
                 result.model_version = _model_ref(session, pred.model_version_id, refs)
-            result.explanation_url = explanation_url(im.id)
+            # an ungradable photograph has no heatmap (its endpoint answers 404)
+            result.explanation_url = explanation_url(im.id) if gradable else None
         out.append(result)
     return out
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from core import producer as tasks_out
@@ -108,18 +109,27 @@ def load_image(session: Session, principal: PrincipalDep, image_id: str) -> Imag
 
 
 def _wait_until_finished(session: Session, image_id: str, seconds: float, poll: float) -> Image | None:
-    """Re-read the row until it is done or failed, or ``seconds`` pass (None then)."""
+    """Re-read the row until it is done or failed, or ``seconds`` pass (None then, also when the
+    database stops answering: the photograph is already saved and queued, so the caller answers
+    202 rather than an error that a client would retry with a second upload)."""
     deadline = time.monotonic() + seconds
-    while True:
-        # End the read transaction so each poll sees what the worker committed since.
-        session.commit()
-        session.expire_all()
-        image = session.get(Image, image_id)
-        if image is not None and image.status in ("done", "failed"):
-            return image
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+    try:
+        while True:
+            session.expire_all()
+            image = session.get(Image, image_id)
+            if image is not None and image.status in ("done", "failed"):
+                return image
+            # End the read transaction: the next poll sees what the worker committed since, and
+            # the pooled connection goes back while this request sleeps (dozens of waiting
+            # requests held one each and exhausted the pool).
+            session.commit()
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+    except (sa_exc.OperationalError, sa_exc.TimeoutError):
+        log.warning("stopped waiting for image %s: the database did not answer", image_id)
+        session.rollback()
+        return None
 
 
 @router.post(
@@ -174,13 +184,14 @@ def create_image(
         )
         log.info("image %s queued", image.id)
 
+    accepted = Accepted(id=image.id, status=image.status)
     if wait:
         finished = _wait_until_finished(
             session, image.id, min(wait, api.max_wait_seconds), api.wait_poll_seconds
         )
         if finished is not None:
             return JSONResponse(image_result(session, finished).model_dump(mode="json"), status_code=200)
-    return JSONResponse(Accepted(id=image.id, status=image.status).model_dump(mode="json"), status_code=202)
+    return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
 
 
 @router.get(
@@ -224,6 +235,8 @@ def get_explanation(
     if row is None:
         if image.status == "failed":
             raise NotFound("the photograph could not be scored, so it has no explanation")
+        if image.status == "done" and not image.gradable:
+            raise NotFound("the photograph is ungradable, so it has no explanation")
         if image.status == "done":
             _request_explanation(request, producer, image)
         raise NotReady("the explanation is not ready yet; retry shortly")

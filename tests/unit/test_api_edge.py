@@ -374,3 +374,63 @@ def test_access_log_hides_patient_ids() -> None:
     )  # fmt: skip
     assert RedactPatientIds().filter(record)
     assert "JOHN-DOE" not in record.getMessage() and "/v1/patients/<redacted>?x=1" in record.getMessage()
+
+
+def test_an_ungradable_photograph_has_no_explanation(client: TestClient, url: str, key: Key) -> None:
+    """No heatmap is ever drawn for an ungradable photograph: no URL, and its endpoint answers
+    404 (not 409 "retry shortly" forever)."""
+    from core import repository as repo
+
+    resp = _upload(client, key, png_bytes(), patient_id="ug-1")
+    assert resp.status_code == 202, resp.text
+    image_id = resp.json()["id"]
+    with session_scope(url) as s:
+        row = repo.get_image(s, image_id)
+        assert row is not None
+        repo.mark_image_done(s, row, quality={"gradable": False, "reasons": ["not_fundus"]}, gradable=False)
+    got = client.get(f"/v1/images/{image_id}", headers=key.headers).json()
+    assert got["status"] == "done" and got["gradable"] is False and got["explanation_url"] is None
+    answer = client.get(f"/v1/images/{image_id}/explanation", headers=key.headers)
+    assert answer.status_code == 404 and "ungradable" in answer.json()["detail"]
+
+
+def test_waiting_requests_hand_their_database_connection_back_while_they_sleep(
+    client: TestClient, key: Key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``?wait`` polls the row; between polls the request holds no pooled connection (45 waiting
+    requests holding one each exhausted the pool: a 500 after the photograph was saved)."""
+    import services.routes.images as images_route
+    from core.db import get_engine
+
+    held: list[int] = []
+    real_sleep = images_route.time.sleep
+
+    def sleep(seconds: float) -> None:
+        held.append(get_engine().pool.checkedout())  # type: ignore[attr-defined]
+        real_sleep(seconds)
+
+    monkeypatch.setattr(images_route.time, "sleep", sleep)
+    resp = client.post(
+        "/v1/images?wait=0.6",
+        headers=key.headers,
+        data={"patient_id": "w-1", "eye": "left"},
+        files={"file": ("x.jpg", sample_bytes("16", "left"))},
+    )
+    assert resp.status_code == 202 and resp.json()["status"] == "queued"  # no worker runs here
+    assert held and set(held) == {0}
+
+
+def test_a_database_that_stops_answering_is_a_503_not_a_500(
+    client: TestClient, key: Key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import exc as sa_exc
+
+    import services.routes.patients as patients_route
+
+    def down(*_args: Any, **_kwargs: Any) -> Any:
+        raise sa_exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(patients_route.repo, "get_patient", down)
+    resp = client.get("/v1/patients/p-1", headers=key.headers)
+    assert resp.status_code == 503 and resp.json()["error"] == "unavailable"
+    assert resp.headers["Retry-After"] == "5"

@@ -92,3 +92,14 @@ def test_auto_runtime_is_openvino_on_a_cpu_machine_that_has_it(monkeypatch: pyte
     monkeypatch.setattr(openvino_runtime, "openvino_available", lambda: False)
     assert model.resolve_runtime(Settings(runtime="auto")) == "onnx"
     assert model.resolve_runtime(Settings(runtime="torch")) == "torch"
+
+
+def test_migrations_out_of_reach_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A regular install puts core/ in site-packages, away from migrations/: say so (the Docker
+    image's migrate step failed with Alembic's bare "Path doesn't exist")."""
+    from core import migrate
+
+    monkeypatch.setattr(migrate, "PROJECT_ROOT", tmp_path)
+    with pytest.raises(RuntimeError, match="pip install -e"):
+        migrate.alembic_config("sqlite:///:memory:")
+    assert (PROJECT_ROOT / "migrations").is_dir()
