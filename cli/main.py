@@ -155,13 +155,31 @@ def serve(
 def worker(
     concurrency: int = typer.Option(1, "--concurrency", "-c", help="Worker processes."),
     queues: str = typer.Option("scoring,explain", "--queues", "-Q", help="Comma-separated queues."),
-    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+    loglevel: str = typer.Option(None, "--loglevel", "-l", help="Default: DRSCREEN_LOG_LEVEL."),
+    hostname: str = typer.Option(
+        None,
+        "--hostname",
+        "-n",
+        help="Celery node name (default celery@<host>); give each worker on one host its own.",
+    ),
     celery_app: str = typer.Option(
         "workers.app:celery_app", "--app", hidden=True, help="module:attr of the Celery app."
     ),
 ) -> None:
     """Run a Celery worker consuming the scoring and explain queues."""
+    from core.settings import get_settings
+
+    settings = get_settings()
     application = _load(celery_app)
+    if celery_app == "workers.app:celery_app":
+        from workers.model import check_release
+
+        try:
+            ref = check_release(settings)
+        except (OSError, ValueError, KeyError) as exc:
+            typer.echo(f"drscreen worker: the model cannot be loaded, not starting: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        typer.echo(f"drscreen worker: serving {ref}")
     argv = [
         "worker",
         "--queues",
@@ -171,10 +189,12 @@ def worker(
         "--prefetch-multiplier",
         "1",
         "--loglevel",
-        loglevel,
+        loglevel or settings.log_level,
         "--without-gossip",
         "--without-mingle",
     ]
+    if hostname:
+        argv += ["--hostname", hostname]
     application.worker_main(argv=argv)
 
 

@@ -49,6 +49,17 @@ MULTIPART_SLACK_BYTES = 1024 * 1024
 MAX_FILES_PER_REQUEST = 4
 
 
+def configure_logging(level: str) -> None:
+    """The API's own loggers (services, core) at ``DRSCREEN_LOG_LEVEL``, with time, level and
+    name; uvicorn configures only its own. Left alone when logging is set up already (tests,
+    an embedding program)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("services", "core"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
 def create_app(settings: Settings | None = None, api_settings: ApiSettings | None = None) -> FastAPI:
     """Build the app. ``settings`` default to the process environment, read at start-up (in the
     lifespan), not when the app object is built."""
@@ -64,6 +75,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         app.state.rate_limiter = RateLimiter(api.rate_limit_per_minute, api.rate_limit_burst)
         app.state.explain_requested = {}
         metrics.attach(base, app.state.sessionmaker)
+        configure_logging(base.log_level)
         install_access_log_filter()
         log.info("API ready (model %s)", active_ref(base) or "none installed")
         try:

@@ -152,6 +152,22 @@ def serving_ref(settings: Settings | None = None) -> str:
     return resolve_ref(settings.model, settings.models_dir)
 
 
+def check_release(settings: Settings | None = None) -> str:
+    """The configured ensemble's ``name@version`` after checking, without torch or loading it,
+    that its manifest and every member's release (weights against their sha256) are there.
+
+    ``drscreen worker`` calls it before consuming anything: a pool child that cannot load its
+    model would otherwise take photographs off the queue and fail each one."""
+    settings = settings or get_settings()
+    from ml.inference import resolve_ref
+    from ml.release import member_dir, read_manifest, read_release
+
+    ref = resolve_ref(settings.model, settings.models_dir)
+    for entry in read_manifest(ref, settings.models_dir)["members"]:
+        read_release(member_dir(entry["ref"], settings.models_dir))
+    return ref
+
+
 def set_ensemble(ens: EnsembleLike | None) -> None:
     """Install (or forget, with None) the process's ensemble; for tests and the embedded CLI."""
     global _ensemble

@@ -346,13 +346,15 @@ def score_images(
     ids = _unique(image_ids)
     if not ids:
         return summary
+    # The model first: if it cannot load, the task fails with nothing claimed (the photographs
+    # stay ``queued`` for the sweep) instead of leaving them ``running`` under a live worker.
+    ens = ensemble if ensemble is not None else get_ensemble()
     claimed = _claim(ids, db_url, summary, worker)
     if not claimed:
         log.info("score_images: nothing to do for %d id(s)", len(ids))
         return summary
     for it in claimed:
         it.wants_heatmap = _wants_explanation(it, explain)
-    ens = ensemble if ensemble is not None else get_ensemble()
     _compute(claimed, ens, store if store is not None else get_store())
     written = _write(claimed, ens, db_url, summary)
     send = enqueue if enqueue is not None else send_by_name

@@ -94,3 +94,23 @@ def test_score_submission_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert [c[-1] for c in calls] == [{"submission": True}, {"submission": None}]
     result = runner.invoke(app, ["score", str(photo), "--submission"])
     assert result.exit_code != 0 and len(calls) == 2
+
+
+def test_worker_refuses_to_start_without_its_model(
+    isolated_settings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose model cannot load used to start, take photographs off the queue and leave
+    them ``running``: it now stops before consuming anything, saying why."""
+    from core.settings import get_settings
+
+    monkeypatch.setenv("DRSCREEN_MODEL", "drscreen-ensemble@9.9.9")
+    get_settings.cache_clear()
+    result = runner.invoke(app, ["worker"])
+    assert result.exit_code == 2
+    assert "cannot be loaded" in result.output and "9.9.9" in result.output
+
+
+def test_worker_checks_the_shipped_release(isolated_settings: Path) -> None:
+    from workers.model import check_release
+
+    assert check_release().startswith("drscreen-ensemble@")
