@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from core.aggregation import GradeFn, ImageScore, PatientAggregate, aggregate_patient
 from core.errors import InvalidInput, NotFound
+from core.settings import get_settings
 from core.tables import (
     EYES,
     ApiKey,
@@ -485,6 +486,16 @@ def record_patient_result(
     return result
 
 
+def latest_visit(images: Sequence[Image], window: timedelta) -> list[Image]:
+    """The images of the patient's latest screening visit: uploaded within ``window`` of the
+    newest one (all of them with a zero window). Upload time stands in for the visit's date,
+    which clinic software does not send."""
+    if not images or window <= timedelta(0):
+        return list(images)
+    newest = max(im.created_at for im in images)
+    return [im for im in images if im.created_at >= newest - window]
+
+
 def recompute_patient(
     session: Session,
     patient_id: int,
@@ -492,10 +503,15 @@ def recompute_patient(
     model_version_id: int,
     grade_fn: GradeFn,
     trigger: str | None = None,
+    visit_window: timedelta | None = None,
 ) -> PatientResult:
-    """Apply the contract's rule to every finished image of the patient scored by that model version
-    and record the result. Images not done yet, failed, or without a prediction count as ungradable."""
-    images = list_patient_images(session, patient_id)
+    """Apply the contract's rule to the finished images of the patient's latest visit
+    (``latest_visit``; ``visit_window`` default ``DRSCREEN_VISIT_WINDOW_HOURS``) scored by that
+    model version, and record the result; earlier visits' results stay in the history. Images not
+    done yet, failed, or without a prediction count as ungradable."""
+    if visit_window is None:
+        visit_window = timedelta(hours=get_settings().visit_window_hours)
+    images = latest_visit(list_patient_images(session, patient_id), visit_window)
     preds = predictions_for_images(session, [im.id for im in images], model_version_id)
     scores = []
     for im in images:

@@ -7,6 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: A clinic's patient identifier, wherever it comes from (upload field, folder file name,
+#: manifest): it appears in URLs (``/v1/patients/{patient_id}``).
+PATIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
 Eye = Literal["left", "right"]
 Status = Literal["queued", "running", "done", "failed"]
 

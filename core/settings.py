@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     models_dir: Path = PROJECT_ROOT / "models"
     #: Log level for the API and workers.
     log_level: str = "INFO"
+    #: A patient's current result comes from one screening visit: the photographs uploaded within
+    #: this many hours of their newest one (older visits stay in the history). 0 = every photograph.
+    visit_window_hours: float = Field(default=24.0, ge=0)
 
     @field_validator("model", mode="before")
     @classmethod

@@ -1,5 +1,6 @@
-"""Multipart requests with fields we do not know are refused (a typo such as ``left1`` must not be
-silently ignored: the photograph would never be screened)."""
+"""Multipart requests with fields we do not know, or with a field given twice, are refused (a typo
+such as ``left1``, or two photographs sent as ``left_1``, must not be silently ignored: a
+photograph would never be screened)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def reject_unknown_fields(*allowed: str) -> Any:
         if unknown:
             raise InvalidInput(
                 f"unknown form field(s): {', '.join(unknown)[:200]}", {"allowed": sorted(known)}
+            )
+        names = [name for name, _ in form.multi_items()]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise InvalidInput(
+                f"form field(s) given more than once: {', '.join(repeated)}; "
+                "send each photograph under its own field",
+                {"allowed": sorted(known)},
             )
 
     return Depends(_check)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -31,6 +32,7 @@ from sqlalchemy.orm import Session
 from core import repository as repo
 from core import tasks
 from core.db import session_scope
+from core.schemas import PATIENT_ID_PATTERN
 from core.settings import get_settings
 from core.store import FileStore, get_store
 from core.tables import Image, ScoringJob, ScoringJobItem, utcnow
@@ -134,10 +136,23 @@ def plan_folder(folder: Path, roots: Sequence[Path] | None) -> list[PlannedFile]
                 )
             else:
                 planned.append(PlannedFile(rel_name, m.patient_id, m.eye))
-    if roots is not None:
+    if roots is not None:  # the service (the local CLI scores any name, as its own patient)
         real_roots = [r.resolve() for r in roots]
-        planned = [_check_link(folder, p, real_roots) for p in planned]
+        planned = [_check_patient_id(_check_link(folder, p, real_roots)) for p in planned]
     return planned
+
+
+def _check_patient_id(p: PlannedFile) -> PlannedFile:
+    """The upload rule for patient ids holds for folder jobs too (the id appears in URLs)."""
+    if p.error is None and p.patient_id is not None and not re.fullmatch(PATIENT_ID_PATTERN, p.patient_id):
+        return PlannedFile(
+            p.path,
+            None,
+            None,
+            f"patient id {p.patient_id[:40]!r} is not 1-128 letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit)",
+        )
+    return p
 
 
 def _not_a_photo(path: Path) -> str | None:

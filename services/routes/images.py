@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from core import producer as tasks_out
 from core import repository as repo
 from core.errors import NotFound
-from core.schemas import Accepted, Eye, ImageResult
+from core.schemas import PATIENT_ID_PATTERN, Accepted, Eye, ImageResult
 from core.store import FileStore
 from core.tables import Image, utcnow
 from services import idempotency
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/images", tags=["images"])
 
-PATIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 PatientIdForm = Annotated[
     str,
     Form(

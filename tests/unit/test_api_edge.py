@@ -434,3 +434,23 @@ def test_a_database_that_stops_answering_is_a_503_not_a_500(
     resp = client.get("/v1/patients/p-1", headers=key.headers)
     assert resp.status_code == 503 and resp.json()["error"] == "unavailable"
     assert resp.headers["Retry-After"] == "5"
+
+
+def test_a_field_given_twice_is_refused_not_half_kept(client: TestClient, url: str, key: Key) -> None:
+    """Two photographs under one field name: one of them would silently never be screened."""
+    left, right = sample_bytes("16", "left"), sample_bytes("16", "right")
+    resp = client.post(
+        "/v1/images",
+        headers=key.headers,
+        data={"patient_id": "dup-1", "eye": "left"},
+        files=[("file", ("a.jpg", left)), ("file", ("b.jpg", right))],
+    )
+    assert resp.status_code == 422 and "more than once" in resp.json()["detail"]["message"]
+    resp = client.post(
+        "/v1/bundles",
+        headers=key.headers,
+        data={"patient_id": "dup-1"},
+        files=[("left_1", ("a.jpg", left)), ("left_1", ("b.jpg", right))],
+    )
+    assert resp.status_code == 422, resp.text
+    assert _count(url, Image) == 0 and _count(url, Bundle) == 0

@@ -147,3 +147,47 @@ def test_jobs(session: Session) -> None:
     j = repo.refresh_job_counts(session, job.id)
     assert (j.total, j.done, j.failed, j.status) == (2, 1, 1, "done")
     assert repo.job_grade_counts(session, job.id)["3"] == 1
+
+
+def test_a_patient_result_comes_from_the_latest_visit(session: Session) -> None:
+    """Photographs a year apart are two visits: a follow-up's result is not averaged with the
+    first visit's (the audit's patient with three grade-0 visits then a grade-4 eye got grade 2)."""
+    from datetime import timedelta
+
+    from core.tables import utcnow
+
+    clinic = repo.get_or_create_clinic(session, "V")
+    patient = repo.get_or_create_patient(session, clinic.id, "P")
+    mv = repo.get_or_create_model_version(session, "ens@1.0.0", {"members": ["m@1"]})
+
+    def visit(grades: dict[str, int], when: object) -> list[str]:
+        ids = []
+        for eye, grade in grades.items():
+            im = _image(session, clinic.id, patient.id, eye)
+            im.created_at = when  # type: ignore[assignment]
+            probs = [0.0] * 5
+            probs[grade] = 1.0
+            repo.upsert_prediction(
+                session, image_id=im.id, model_version_id=mv.id, grade=grade, probabilities=probs,
+                members=None, referable=grade >= 2, gradable=True,
+            )  # fmt: skip
+            repo.mark_image_done(session, im, quality={"gradable": True}, gradable=True)
+            ids.append(im.id)
+        return ids
+
+    now = utcnow()
+    for months in (36, 24, 12):
+        visit({"left": 0, "right": 0}, now - timedelta(days=30 * months))
+    latest = visit({"left": 4, "right": 3}, now)
+    result = repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    assert (result.grade, result.referable) == (4, True)
+    assert sorted(i for e in result.eyes for i in e.image_ids) == sorted(latest)
+
+    # the same day is the same visit; a zero window takes every photograph (the old behaviour)
+    again = visit({"left": 4}, now + timedelta(hours=2))
+    result = repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    assert result.grade == 4 and again[0] in {i for e in result.eyes for i in e.image_ids}
+    everything = repo.recompute_patient(
+        session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade, visit_window=timedelta(0)
+    )
+    assert len([i for e in everything.eyes for i in e.image_ids]) == 9

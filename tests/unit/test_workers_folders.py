@@ -71,6 +71,25 @@ def test_plan_names_and_links(tmp_path: Path, roots: Path) -> None:
     assert plan["notes.txt"].error is not None
 
 
+def test_patient_ids_follow_the_upload_rule(roots: Path) -> None:
+    """A folder job's patient ids (file names, manifest) obey the rule uploads do: they appear
+    in URLs. The local CLI (no roots) still scores any name."""
+    folder = make_folder(roots, ["16_left.jpg"])
+    src = (folder / "16_left.jpg").read_bytes()
+    for name in ("a b#c_left.jpg", "ünï_right.jpg", "x" * 200 + "_left.jpg", "ok.id-2_right.jpg"):
+        (folder / name).write_bytes(src)
+    plan = {p.path: p for p in folders.plan_folder(folder, [roots])}
+    assert plan["ok.id-2_right.jpg"].error is None and plan["16_left.jpg"].error is None
+    for name in ("a b#c_left.jpg", "ünï_right.jpg", "x" * 200 + "_left.jpg"):
+        assert "is not 1-128 letters" in (plan[name].error or ""), name
+        assert plan[name].patient_id is None
+    local = {p.path: p for p in folders.plan_folder(folder, None)}
+    assert local["a b#c_left.jpg"].patient_id == "a b#c"
+    (folder / "manifest.csv").write_text("image,patient_id,eye\n16_left.jpg,bad id!,left\n")
+    [row] = [p for p in folders.plan_folder(folder, [roots]) if p.path == "16_left.jpg"]
+    assert "is not 1-128 letters" in (row.error or "")
+
+
 def test_manifest_wins(roots: Path) -> None:
     folder = make_folder(roots, ["16_left.jpg", "17_left.jpg"])
     (folder / "manifest.csv").write_text(
