@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from ml.imageio import ImageDecodeError, decode_image
 from ml.inference.combine import CombineRule
 from ml.inference.ensemble import Ensemble, Member, load_ensemble
 from ml.metrics import bootstrap_intervals, grading_report, referable_metrics
@@ -47,12 +47,36 @@ def load_model(ref: str | None) -> Ensemble:
     return load_ensemble(ref)
 
 
+class LabelsError(ValueError):
+    """A labels file that cannot be evaluated as it is (said before any photograph is scored,
+    except for a photograph that turns out not to decode)."""
+
+
 def read_labels(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
+    """The rows of a labels CSV, each checked: an ``image`` that exists under the CSV's folder
+    and a ``grade`` that is an integer 0-4."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or "image" not in rows[0] or "grade" not in rows[0]:
-        raise SystemExit(f"{path}: needs columns 'image' and 'grade'")
+        raise LabelsError(f"{path}: needs a header with columns 'image' and 'grade', and rows")
+    problems = []
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        grade = (row.get("grade") or "").strip()
+        if grade not in {"0", "1", "2", "3", "4"}:
+            problems.append(f"line {line}: grade {grade!r} is not an ICDR grade 0-4")
+        if not (path.parent / (row.get("image") or "")).is_file() or not row.get("image"):
+            problems.append(f"line {line}: image {row.get('image')!r} not found under {path.parent}")
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise LabelsError(f"{path}: " + "; ".join(problems[:10]) + more)
     return rows
+
+
+def _decode(path: Path) -> np.ndarray:
+    try:
+        return decode_image(path.read_bytes())
+    except ImageDecodeError as exc:
+        raise LabelsError(f"{path}: cannot be read as a photograph ({exc.reason}: {exc.detail})") from exc
 
 
 def evaluate(labels: Path, ref: str | None, batch: int = 16) -> dict[str, Any]:
@@ -63,7 +87,7 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16) -> dict[str, Any]:
     grades: list[int] = []
     for start in tqdm(range(0, len(rows), batch), desc="evaluating", unit="batch", file=sys.stderr):
         chunk = rows[start : start + batch]
-        images = [np.asarray(Image.open(base / r["image"]).convert("RGB")) for r in chunk]
+        images = [_decode(base / r["image"]) for r in chunk]
         for pred in ens.predict(images):
             probs.append(pred.probabilities)
             grades.append(pred.grade)
@@ -176,7 +200,14 @@ def nan_to_none(value: Any) -> Any:
 
 def evaluate_cli(labels: Path, model: str | None, as_json: bool, report_dir: Path | None) -> int:
     logging.basicConfig(level=logging.WARNING)
-    report = evaluate(Path(labels), model)
+    try:
+        report = evaluate(Path(labels), model)
+    except LabelsError as exc:
+        sys.stderr.write(f"drscreen evaluate: {exc}\n")
+        return 2
+    except FileNotFoundError as exc:  # an unknown --model
+        sys.stderr.write(f"drscreen evaluate: no such model {model or '(newest)'}: {exc}\n")
+        return 2
     if report_dir:
         write_report(report, Path(report_dir))
     out = sys.stdout

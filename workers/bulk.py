@@ -100,6 +100,10 @@ def _plan(path: Path) -> tuple[Path, list[folders.PlannedFile]]:
     return folder, out
 
 
+#: Per-patient output key of the photographs whose eye the file name did not tell.
+UNKNOWN_EYE = "unknown"
+
+
 def _heatmap_dir(out: Path | None) -> Path:
     return out.parent / f"{out.stem}_heatmaps" if out is not None else Path.cwd() / "drscreen-heatmaps"
 
@@ -208,6 +212,7 @@ def _collect(
 ) -> ScoreResult:
     rows: list[ImageRow] = []
     patients: dict[int, str] = {}
+    known_eye: set[int] = set()  # patients with at least one photograph of a known eye
     with session_scope(url) as session:
         items = repo.job_items(session, job_id)
         images = {im.id: im for im in repo.get_images(session, [i.image_id for i in items if i.image_id])}
@@ -219,6 +224,8 @@ def _collect(
                 rows.append(ImageRow(item.path, item.patient_external_id, eye, "failed", error=item.error))
                 continue
             patients[image.patient_id] = item.patient_external_id or ""
+            if eye is not None:
+                known_eye.add(image.patient_id)
             pred = preds.get(image.id)
             row = ImageRow(
                 file=item.path,
@@ -252,7 +259,12 @@ def _collect(
                     referable=result.referable,
                     gradable=result.gradable,
                     eyes={
-                        e.eye: {"grade": e.grade, "gradable": e.gradable, "referable": e.referable}
+                        # the database needs an eye: "left" stood in for an unknown one
+                        (e.eye if patient_id in known_eye else UNKNOWN_EYE): {
+                            "grade": e.grade,
+                            "gradable": e.gradable,
+                            "referable": e.referable,
+                        }
                         for e in result.eyes
                     },
                 )
@@ -302,12 +314,11 @@ def write_csv(result: ScoreResult, out: Path) -> Path:
     patients_out = out.with_name(f"{out.stem}_patients.csv")
     with patients_out.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["patient_id", "grade", "referable", "gradable", "left_grade", "right_grade"])
+        w.writerow(["patient_id", "grade", "referable", "gradable", "left_grade", "right_grade",
+                    "unknown_eye_grade"])  # fmt: skip
         for p in result.patients:
-            w.writerow(
-                [p.patient_id, _cell(p.grade), _cell(p.referable), _cell(p.gradable),
-                 _cell(p.eyes.get("left", {}).get("grade")), _cell(p.eyes.get("right", {}).get("grade"))]
-            )  # fmt: skip
+            eye_grades = [_cell(p.eyes.get(eye, {}).get("grade")) for eye in ("left", "right", UNKNOWN_EYE)]
+            w.writerow([p.patient_id, _cell(p.grade), _cell(p.referable), _cell(p.gradable), *eye_grades])
     return patients_out
 
 
@@ -335,13 +346,13 @@ def _cell(value: Any) -> str:
 
 
 def format_table(result: ScoreResult) -> str:
-    lines = [f"{'patient':<24} {'grade':>5} {'referable':>9} {'left':>5} {'right':>5}"]
+    eyes = ("left", "right", UNKNOWN_EYE)
+    lines = [f"{'patient':<24} {'grade':>5} {'referable':>9} {'left':>5} {'right':>5} {'eye?':>5}"]
     for p in result.patients:
-        left = p.eyes.get("left", {}).get("grade")
-        right = p.eyes.get("right", {}).get("grade")
+        cells = [_show(p.eyes[e].get("grade")) if e in p.eyes else "-" for e in eyes]
         lines.append(
             f"{p.patient_id:<24} {_show(p.grade):>5} {('yes' if p.referable else 'no'):>9} "
-            f"{_show(left) if 'left' in p.eyes else '-':>5} {_show(right) if 'right' in p.eyes else '-':>5}"
+            + " ".join(f"{c:>5}" for c in cells)
         )
     failed = [r for r in result.images if r.status == "failed"]
     for r in failed:

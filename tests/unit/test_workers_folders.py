@@ -375,6 +375,12 @@ def test_score_path_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert set(patients) == {"16", "17", "21", "holiday"}
     # Patient 21's only photo could not be read: ungradable, so referred.
     assert patients["21"]["grade"] is None and patients["21"]["referable"] is True
+    # a photograph whose eye the name does not tell is not reported under the left eye
+    assert set(patients["holiday"]["eyes"]) == {bulk.UNKNOWN_EYE}
+    assert set(patients["16"]["eyes"]) <= {"left", "right"}
+    table = bulk.format_table(bulk.run(folder, ensemble=StubEnsemble()))
+    holiday = next(line for line in table.splitlines() if line.startswith("holiday"))
+    assert holiday.split()[3:5] == ["-", "-"]  # neither left nor right
     heatmaps = [r["heatmap"] for r in data["images"] if r["heatmap"]]
     assert heatmaps and all(Path(h).is_file() for h in heatmaps)
 
@@ -382,7 +388,9 @@ def test_score_path_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert bulk.score_path(folder, out_csv, explain=False) == 0
     rows = list(csv.DictReader(out_csv.open()))
     assert len(rows) == 7 and {"p0", "p4", "grade", "referable"} <= set(rows[0])
-    assert (tmp_path / "out" / "results_patients.csv").is_file()
+    patients_csv = (tmp_path / "out" / "results_patients.csv").open()
+    by_patient = {r["patient_id"]: r for r in csv.DictReader(patients_csv)}
+    assert by_patient["holiday"]["left_grade"] == "" and by_patient["holiday"]["unknown_eye_grade"] != ""
 
     sub = tmp_path / "out" / "my_submission.csv"
     assert bulk.score_path(folder, sub) == 0

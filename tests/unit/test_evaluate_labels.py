@@ -1,0 +1,48 @@
+"""``drscreen evaluate`` on labels it cannot use: a clear message and exit 2, never a traceback,
+and the labels are checked before any photograph is scored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ml.evaluation import LabelsError, evaluate_cli, read_labels
+
+SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "16" / "16_left.jpg"
+
+
+def _labels(folder: Path, body: str) -> Path:
+    (folder / "a.jpg").write_bytes(SAMPLE.read_bytes())
+    (folder / "broken.jpg").write_bytes(SAMPLE.read_bytes()[:2000])
+    path = folder / "labels.csv"
+    path.write_text("image,grade\n" + body)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("a.jpg,7\n", "grade '7' is not an ICDR grade 0-4"),
+        ("a.jpg,abc\n", "grade 'abc'"),
+        ("a.jpg,\n", "grade ''"),
+        ("missing.jpg,1\n", "image 'missing.jpg' not found"),
+    ],
+)
+def test_bad_rows_are_named_before_scoring(tmp_path: Path, body: str, message: str) -> None:
+    with pytest.raises(LabelsError, match=message) as info:
+        read_labels(_labels(tmp_path, body))
+    assert "line 2" in str(info.value)
+
+
+def test_exit_2_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert evaluate_cli(_labels(tmp_path, "a.jpg,7\n"), None, True, None) == 2
+    assert "not an ICDR grade" in capsys.readouterr().err
+    assert evaluate_cli(_labels(tmp_path, "a.jpg,0\n"), "nope@1.0.0", True, None) == 2
+    assert "no such model nope@1.0.0" in capsys.readouterr().err
+    broken = _labels(tmp_path, "a.jpg,0\nbroken.jpg,1\n")
+    assert evaluate_cli(broken, "drscreen-dev@0.1.0", True, None) == 2
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "truncated" in err
+    (tmp_path / "empty.csv").write_text("file,label\n")
+    assert evaluate_cli(tmp_path / "empty.csv", None, False, None) == 2
