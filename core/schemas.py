@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 #: A clinic's patient identifier, wherever it comes from (upload field, folder file name,
 #: manifest): it appears in URLs (``/v1/patients/{patient_id}``).
@@ -13,6 +13,19 @@ PATIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 Eye = Literal["left", "right"]
 Status = Literal["queued", "running", "done", "failed"]
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every timestamp the API stores is UTC
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+#: A timestamp always written with its UTC offset (naive database values are UTC).
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+Probabilities = Annotated[
+    list[float],
+    Field(min_length=5, max_length=5, description="P(grade 0), ..., P(grade 4); they sum to 1"),
+]
 
 
 class ErrorBody(BaseModel):
@@ -34,14 +47,21 @@ class ImageResult(BaseModel):
     eye: Eye
     error: str | None = None
     grade: int | None = Field(default=None, ge=0, le=4)
-    probabilities: list[float] | None = None
+    probabilities: Probabilities | None = Field(
+        default=None,
+        description="the ensemble's combined probabilities; null until done, and when ungradable",
+    )
     referable: bool | None = None
     gradable: bool | None = None
     quality: dict[str, Any] | None = None
     model_version: str | None = None
-    members: dict[str, list[float]] | None = None
-    explanation_url: str | None = None
-    created_at: datetime | None = None
+    members: dict[str, Probabilities] | None = Field(
+        default=None, description="each member's probabilities by name@version; null as probabilities"
+    )
+    explanation_url: str | None = Field(
+        default=None, description="the heatmap's URL once done and gradable (null otherwise)"
+    )
+    created_at: UtcDatetime | None = None
 
 
 class EyeSummary(BaseModel):
@@ -58,8 +78,8 @@ class PatientHistoryEntry(BaseModel):
     referable: bool
     gradable: bool
     model_version: str | None = None
-    computed_at: datetime
-    eyes: dict[str, EyeSummary] = Field(default_factory=dict)
+    computed_at: UtcDatetime
+    eyes: dict[Eye, EyeSummary] = Field(default_factory=dict)
 
 
 class PatientSummary(BaseModel):
@@ -69,9 +89,9 @@ class PatientSummary(BaseModel):
     grade: int | None = None
     referable: bool = True
     gradable: bool = False
-    eyes: dict[str, EyeSummary] = Field(default_factory=dict)
+    eyes: dict[Eye, EyeSummary] = Field(default_factory=dict)
     model_version: str | None = None
-    updated_at: datetime | None = None
+    updated_at: UtcDatetime | None = None
     history: list[PatientHistoryEntry] = Field(default_factory=list)
 
 
@@ -97,8 +117,8 @@ class JobStatus(BaseModel):
         default_factory=dict, description='counts per grade "0".."4", "ungradable"'
     )
     error: str | None = None
-    created_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: UtcDatetime | None = None
+    finished_at: UtcDatetime | None = None
 
 
 class ModelMember(BaseModel):
@@ -110,3 +130,10 @@ class ModelInfo(BaseModel):
     version: str
     members: list[ModelMember]
     metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, bool] = Field(description="database, broker, model: reachable or not")
+    error: str | None = Field(default=None, description="`unavailable` when not ready")
+    detail: str | None = None

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from core import db
 from core.producer import broker_reachable, make_producer_app
+from core.schemas import Readiness
 from core.settings import Settings, get_settings
 from services import web
 from services.config import ApiSettings, get_api_settings
@@ -25,6 +26,7 @@ from services.limits import BodySizeLimit
 from services.logfilter import install_access_log_filter
 from services.metrics import Metrics, MetricsMiddleware
 from services.modelinfo import active_ref
+from services.openapi_doc import install_openapi
 from services.ratelimit import RateLimiter
 from services.routes import bundles, images, jobs, models, patients
 
@@ -99,6 +101,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         ],
     )
     install_error_handlers(app)
+    install_openapi(app)
     for router in (images.router, bundles.router, jobs.router, patients.router, models.router):
         app.include_router(router, prefix="/v1")
     app.include_router(web.router)  # the web interface at `/` (not in the OpenAPI document)
@@ -109,15 +112,19 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
+    # async: answered on the event loop, even when every worker thread is busy (waiting uploads)
     @app.get("/healthz", tags=["operations"], summary="The process is up")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get(
         "/readyz",
         tags=["operations"],
         summary="Database, broker and a released model are reachable",
-        responses={503: {"description": "a dependency is not ready (see `checks`)"}},
+        responses={
+            200: {"model": Readiness, "description": "ready: every check passed"},
+            503: {"model": Readiness, "description": "a dependency is not ready (see `checks`)"},
+        },
     )
     async def readyz(request: Request) -> JSONResponse:
         checks = await run_in_threadpool(_readiness, request.app)

@@ -7,6 +7,7 @@ reported without the offending input (it may be a photograph or a patient identi
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -58,7 +59,9 @@ class RateLimited(errors.DomainError):
     code = "rate_limited"
 
     def __init__(self, retry_after: float) -> None:
-        super().__init__("too many requests for this API key", {"retry_after_seconds": round(retry_after, 1)})
+        # whole seconds, rounded up, as the Retry-After header says (0.0 told clients to retry at once)
+        self.retry_seconds = max(1, math.ceil(retry_after))
+        super().__init__("too many requests for this API key", {"retry_after_seconds": self.retry_seconds})
         self.retry_after = retry_after
 
 
@@ -85,7 +88,7 @@ def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, RateLimited):
-        headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
+        headers["Retry-After"] = str(exc.retry_seconds)
     if isinstance(exc, NotReady):
         headers["Retry-After"] = "2"
     detail: Any = exc.message

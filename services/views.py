@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+from typing import cast
+
 from sqlalchemy.orm import Session
 
 from core import repository as repo
-from core.schemas import EyeSummary, ImageResult, PatientHistoryEntry, PatientSummary
+from core.schemas import Eye, EyeSummary, ImageResult, PatientHistoryEntry, PatientSummary
+from core.settings import get_settings
 from core.tables import EYES, Image, Patient, PatientResult
 
 
@@ -62,9 +66,9 @@ def image_result(session: Session, image: Image) -> ImageResult:
     return image_results(session, [image])[0]
 
 
-def _eyes_of(result: PatientResult) -> dict[str, EyeSummary]:
+def _eyes_of(result: PatientResult) -> dict[Eye, EyeSummary]:
     return {
-        e.eye: EyeSummary(
+        cast(Eye, e.eye): EyeSummary(
             grade=e.grade, gradable=e.gradable, referable=e.referable, image_ids=[str(i) for i in e.image_ids]
         )
         for e in result.eyes
@@ -112,9 +116,13 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
         summary.model_version = _model_ref(session, current.model_version_id, refs)
         summary.updated_at = current.computed_at
         summary.history = _history(results, refs, session)
-    # Eyes whose photographs arrived after the last result (or before any) still list them.
-    for eye in EYES:
-        ids = [im.id for im in repo.list_patient_images(session, patient.id, eye)]
+    # Eyes whose photographs arrived after the last result (or before any) still list them; only
+    # the latest visit's, as the result (repository.latest_visit).
+    window = timedelta(hours=get_settings().visit_window_hours)
+    visit = repo.latest_visit(repo.list_patient_images(session, patient.id), window)
+    for name in EYES:
+        eye = cast(Eye, name)
+        ids = [im.id for im in visit if im.eye == eye]
         if not ids:
             continue
         known = summary.eyes.get(eye)

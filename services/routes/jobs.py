@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from core import producer as tasks_out
 from core import repository as repo
@@ -34,7 +34,8 @@ class JobRequest(BaseModel):
     folder: str = Field(
         min_length=1, max_length=4096, description="absolute folder path under an import root"
     )
-    explain: bool = Field(default=False, description="also draw Grad-CAM heatmaps for every photograph")
+    # strict: "yes" or 1 is refused rather than read as true (a typo must not start heatmaps)
+    explain: StrictBool = Field(default=False, description="also draw Grad-CAM heatmaps for every photograph")
 
 
 class JobResultRow(BaseModel):

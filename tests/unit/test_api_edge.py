@@ -314,6 +314,8 @@ def test_rate_limit_per_key(url: str, key: Key, monkeypatch: pytest.MonkeyPatch)
             assert codes == [404, 404, 404, 429]
             limited = client.get("/v1/patients/x", headers=key.headers)
             assert limited.json()["error"] == "rate_limited" and int(limited.headers["retry-after"]) >= 1
+            # the body says what the header says (it said 0.0 while the header said 1)
+            assert limited.json()["detail"]["retry_after_seconds"] == int(limited.headers["retry-after"])
             assert client.get("/v1/patients/x", headers=other.headers).status_code == 404
     finally:
         get_api_settings.cache_clear()
@@ -454,3 +456,38 @@ def test_a_field_given_twice_is_refused_not_half_kept(client: TestClient, url: s
     )
     assert resp.status_code == 422, resp.text
     assert _count(url, Image) == 0 and _count(url, Bundle) == 0
+
+
+def test_openapi_documents_the_errors_the_api_gives(client: TestClient, key: Key) -> None:
+    """Integrators read the contract from /openapi.json: error answers are ErrorBody (never
+    FastAPI's HTTPValidationError, which this API does not send), a path-id route cannot answer
+    422, every /v1 route can answer 503, uploads 400; /readyz has its schema."""
+    spec = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            responses = op["responses"]
+            for status, answer in responses.items():
+                if status.startswith(("4", "5")) and "content" in answer and path.startswith("/v1"):
+                    assert answer["content"]["application/json"]["schema"] == error_ref, (path, status)
+            if path.startswith("/v1/"):
+                assert "503" in responses, (method, path)
+    assert "422" not in spec["paths"]["/v1/images/{image_id}"]["get"]["responses"]
+    assert "422" in spec["paths"]["/v1/images"]["post"]["responses"]
+    assert "400" in spec["paths"]["/v1/bundles"]["post"]["responses"]
+    ready = spec["paths"]["/readyz"]["get"]["responses"]
+    assert ready["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Readiness"}
+    image = spec["components"]["schemas"]["ImageResult"]["properties"]
+    probs = next(s for s in image["probabilities"]["anyOf"] if s.get("type") == "array")
+    assert probs["minItems"] == probs["maxItems"] == 5
+
+    # timestamps carry their UTC offset, on SQLite too
+    body = _upload(client, key, sample_bytes("16", "left"), patient_id="ts-1").json()
+    created = client.get(f"/v1/images/{body['id']}", headers=key.headers).json()["created_at"]
+    assert created.endswith(("Z", "+00:00")), created
+
+
+def test_a_job_explain_flag_must_be_a_boolean(client: TestClient, key: Key) -> None:
+    resp = client.post("/v1/jobs", headers=key.headers, json={"folder": "/nowhere", "explain": "yes"})
+    assert resp.status_code == 422
