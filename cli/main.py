@@ -204,12 +204,14 @@ def worker(
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
     """Create or update the schema (DRSCREEN_DATABASE_URL) to the newest migration."""
-    from core.migrate import upgrade
+    from core.migrate import current_revision, upgrade
     from core.settings import get_settings
 
     url = get_settings().database_url
-    upgrade(url, revision)
-    typer.echo(f"database at {_redact(url)} is at {revision}")
+    with _db_errors():
+        upgrade(url, revision)
+    # the revision the database is at now (upgrading to an older one, e.g. "base", changes nothing)
+    typer.echo(f"database at {_redact(url)} is at {current_revision(url) or 'base (empty)'}")
 
 
 @db_app.command("check")
@@ -217,7 +219,8 @@ def db_check() -> None:
     """Fail when core.tables and the migrations differ (alembic check)."""
     from core.migrate import check
 
-    check()
+    with _db_errors():
+        check()
     typer.echo("schema and migrations agree")
 
 
@@ -285,7 +288,7 @@ def keys_list(clinic: str | None = typer.Option(None, "--clinic")) -> None:
 
 
 class _db_errors:
-    """Turn a missing schema into a hint instead of a traceback."""
+    """Turn a missing schema or an unreachable database into a one-line message, not a traceback."""
 
     def __enter__(self) -> None:
         return None
@@ -297,6 +300,13 @@ class _db_errors:
             isinstance(exc, ProgrammingError) and "does not exist" in str(exc)
         ):
             typer.echo("drscreen: the database has no schema yet; run `drscreen db upgrade`.", err=True)
+            raise typer.Exit(code=2)
+        if isinstance(exc, OperationalError):
+            from core.settings import get_settings
+
+            first = str(exc.orig or exc).strip().splitlines()[0][:300]
+            url = _redact(get_settings().database_url)
+            typer.echo(f"drscreen: cannot use the database at {url}: {first}", err=True)
             raise typer.Exit(code=2)
 
 

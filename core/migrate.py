@@ -33,3 +33,13 @@ def upgrade(database_url: str | None = None, revision: str = "head") -> None:
 def check(database_url: str | None = None) -> None:
     """Raise when the tables in core.tables and the migrations differ (``alembic check``)."""
     command.check(alembic_config(database_url))
+
+
+def current_revision(database_url: str | None = None) -> str | None:
+    """The Alembic revision the database is at (None: not migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    from core.db import get_engine
+
+    with get_engine(database_url or get_settings().database_url).connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

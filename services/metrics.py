@@ -63,8 +63,8 @@ class SystemCollector(Collector):
         try:
             for queue, n in queue_depths(self.settings).items():
                 depth.add_metric([queue], n)
-        except Exception:
-            log.warning("queue depth unavailable", exc_info=True)
+        except Exception as exc:  # a scrape every few seconds: one line each, not a traceback
+            log.warning("queue depth unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
         yield depth
 
         images = GaugeMetricFamily("drscreen_images", "photographs by status", labels=["status"])
@@ -89,8 +89,8 @@ class SystemCollector(Collector):
             for grade in range(5):
                 grades.add_metric([str(grade)], int(by_grade.get(grade, 0)))
             grades.add_metric(["ungradable"], int(by_grade.get(None, 0)))
-        except Exception:
-            log.warning("database counts unavailable", exc_info=True)
+        except Exception as exc:
+            log.warning("database counts unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
         yield images
         yield scored
         yield grades

@@ -114,3 +114,23 @@ def test_worker_checks_the_shipped_release(isolated_settings: Path) -> None:
     from workers.model import check_release
 
     assert check_release().startswith("drscreen-ensemble@")
+
+
+def test_an_unreachable_database_is_one_line_not_a_traceback(
+    isolated_settings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.settings import get_settings
+
+    monkeypatch.setenv("DRSCREEN_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+    get_settings.cache_clear()
+    for argv in (["keys", "list"], ["db", "upgrade"]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 2, (argv, result.output)
+        assert "cannot use the database at postgresql+psycopg://postgres@127.0.0.1:1/nowhere" in result.output
+        assert "Traceback" not in result.output
+
+
+def test_db_upgrade_says_where_the_database_is(isolated_settings: Path) -> None:
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    result = runner.invoke(app, ["db", "upgrade", "base"])  # an upgrade never goes back
+    assert result.exit_code == 0 and "is at base" not in result.output
