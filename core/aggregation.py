@@ -8,6 +8,8 @@
   (clinics treat ungradable as "refer").
 - A patient with one gradable eye and one ungradable eye is graded from the gradable eye but is
   still referable (the ungradable eye must be seen).
+- An eye with no photograph at all has no gradable image either: it is reported, ungradable, and
+  the patient is referable (an eye not photographed is an eye not screened).
 """
 
 from __future__ import annotations
@@ -92,15 +94,16 @@ def aggregate_eye(eye: str, images: Iterable[ImageScore], grade_fn: GradeFn) -> 
 def aggregate_patient(
     images: Iterable[ImageScore], grade_fn: GradeFn, eyes: Sequence[str] = ("left", "right")
 ) -> PatientAggregate:
-    """Apply the rule to every image of one patient. Eyes with no image at all are left out of
-    ``eyes`` in the result; the patient is graded from the eyes that have images."""
+    """Apply the rule to every image of one patient. Every eye of ``eyes`` is in the result: one
+    without images is ungradable (and makes the patient referable); the patient's grade is the
+    worse of the eyes that have one."""
     images = list(images)
-    by_eye: dict[str, list[ImageScore]] = {}
+    by_eye: dict[str, list[ImageScore]] = {eye: [] for eye in eyes}
     for im in images:
         if im.eye not in eyes:
             raise ValueError(f"unknown eye {im.eye!r}")
-        by_eye.setdefault(im.eye, []).append(im)
-    eye_results = {eye: aggregate_eye(eye, by_eye[eye], grade_fn) for eye in eyes if eye in by_eye}
+        by_eye[im.eye].append(im)
+    eye_results = {eye: aggregate_eye(eye, by_eye[eye], grade_fn) for eye in eyes}
     graded = [e.grade for e in eye_results.values() if e.grade is not None]
     grade = max(graded) if graded else None
     any_ungradable_eye = any(not e.gradable for e in eye_results.values())

@@ -252,23 +252,20 @@ def _collect(
             result = repo.get_current_patient_result(session, patient_id)
             if result is None:
                 continue
-            patient_rows.append(
-                PatientRow(
-                    patient_id=external_id,
-                    grade=result.grade,
-                    referable=result.referable,
-                    gradable=result.gradable,
-                    eyes={
-                        # the database needs an eye: "left" stood in for an unknown one
-                        (e.eye if patient_id in known_eye else UNKNOWN_EYE): {
-                            "grade": e.grade,
-                            "gradable": e.gradable,
-                            "referable": e.referable,
-                        }
-                        for e in result.eyes
-                    },
+            eyes = {
+                e.eye: {"grade": e.grade, "gradable": e.gradable, "referable": e.referable}
+                for e in result.eyes
+            }
+            summary = PatientRow(external_id, result.grade, result.referable, result.gradable, eyes)
+            if patient_id not in known_eye:
+                # one photograph of unknown eye, its own "patient": the database needed an eye and
+                # "left" stood in; report that photograph alone, not a right eye never photographed
+                only = eyes["left"]
+                grade = only["grade"]
+                summary = PatientRow(
+                    external_id, grade, bool(only["referable"]), bool(only["gradable"]), {UNKNOWN_EYE: only}
                 )
-            )
+            patient_rows.append(summary)
     return ScoreResult(model_version=ens.ref, images=rows, patients=patient_rows)
 
 

@@ -60,6 +60,16 @@ def test_eye_without_gradable_image_is_ungradable_and_referable() -> None:
     assert res.referable  # an ungradable eye must be seen
 
 
+def test_an_eye_never_photographed_is_ungradable_and_referable() -> None:
+    """The contract: an eye with no gradable image is ungradable and clinics refer; an eye with
+    no photograph at all has none (a visit with only the left eye did not refer before)."""
+    res = aggregate_patient([img("a", "left", P0)], argmax_grade)
+    assert set(res.eyes) == {"left", "right"}
+    right = res.eyes["right"]
+    assert (right.grade, right.gradable, right.referable, right.image_ids) == (None, False, True, [])
+    assert res.grade == 0 and res.gradable and res.referable
+
+
 def test_patient_without_any_gradable_image() -> None:
     res = aggregate_patient([img("a", "left", P0, gradable=False)], argmax_grade)
     assert (res.grade, res.gradable, res.referable) == (None, False, True)
