@@ -692,21 +692,24 @@ def refresh_job_counts(session: Session, job_id: str) -> ScoringJob:
 
 
 def job_grade_counts(session: Session, job_id: str) -> dict[str, int]:
-    """Counts of the newest prediction's grade over the job's images: keys "0".."4" and "ungradable".
+    """Counts of the newest prediction's grade over the job's done items: keys "0".."4" and
+    "ungradable"; they add up to the job's ``done`` (``refresh_job_counts``).
 
-    The images are those the job's items point at, which includes photographs first submitted by
-    an earlier job (dedupe links them instead of storing a second copy)."""
-    image_ids = list(
+    Per item, not per image: two byte-identical files of a folder are one stored image but two
+    items, and photographs first submitted by an earlier job are linked, not stored again."""
+    item_images = list(
         session.scalars(
             select(Image.id)
             .join(ScoringJobItem, ScoringJobItem.image_id == Image.id)
-            .where(ScoringJobItem.job_id == job_id, Image.status == "done")
-            .distinct()
+            .where(ScoringJobItem.job_id == job_id, Image.status == "done", ScoringJobItem.status != "failed")
         )
     )
     counts = {str(g): 0 for g in range(5)} | {"ungradable": 0}
-    for pred in predictions_for_images(session, image_ids).values():
-        counts["ungradable" if pred.grade is None else str(pred.grade)] += 1
+    preds = predictions_for_images(session, sorted(set(item_images)))
+    for image_id in item_images:
+        pred = preds.get(image_id)
+        if pred is not None:
+            counts["ungradable" if pred.grade is None else str(pred.grade)] += 1
     return counts
 
 

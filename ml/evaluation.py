@@ -181,11 +181,48 @@ def write_report(report: dict[str, Any], out: Path, y_true: list[int] | None = N
         md += ["Patient level: " + json.dumps(report["patient"]), ""]
     md += ["![confusion matrix](confusion_matrix.png)", ""]
     (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text(
-        "<html><body><pre>"
-        + html.escape("\n".join(md[:-2]))
-        + '</pre><img src="confusion_matrix.png"></body></html>'
+    (out / "report.html").write_text(html_report(report))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if np.isnan(value) else f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def html_report(report: dict[str, Any]) -> str:
+    """The evaluation as a page: headline metrics, per-grade recall, intervals, patient level and
+    the confusion matrix (``confusion_matrix.png`` beside it)."""
+    parts = [
+        f"<h1>Evaluation of {html.escape(str(report['model']))}</h1>",
+        _table(["metric", "value"], [[k, report[k]] for k in HEADLINE_KEYS]),
+        "<h2>Recall per reference grade</h2>",
+        _table([f"grade {g}" for g in range(5)], [list(report["per_class_recall"])]),
+    ]
+    if "intervals_95" in report:
+        rows = [[name, lo, hi] for name, (lo, hi) in report["intervals_95"].items()]
+        parts += [
+            f"<h2>95% bootstrap intervals (resampling {html.escape(report['intervals_resampled'])})</h2>",
+            _table(["metric", "low", "high"], rows),
+        ]
+    if "patient" in report:
+        parts += [
+            "<h2>Patient level (worse eye)</h2>",
+            _table(["metric", "value"], list(report["patient"].items())),
+        ]
+    parts += ['<h2>Confusion matrix</h2><img src="confusion_matrix.png" alt="confusion matrix">']
+    style = (
+        "body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "table{border-collapse:collapse}"
     )
+    head = f"<meta charset='utf-8'><title>drscreen evaluation</title><style>{style}</style>"
+    return f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>\n"
 
 
 def nan_to_none(value: Any) -> Any:

@@ -369,6 +369,10 @@ def score_path(
     out = Path(out) if out is not None else None
     if submission is None:
         submission = out is not None and out.name.lower().endswith("submission.csv")
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        # said before scoring, not after: an unknown suffix used to get CSV silently
+        sys.stderr.write(f"drscreen score: --out must end in .csv or .json, not {out.name!r}\n")
+        return 2
     heatmap_dir = _heatmap_dir(out) if explain else None
     result = run(path, explain=explain, heatmap_dir=heatmap_dir, submission_grades=submission)
     if out is not None:

@@ -383,6 +383,8 @@ def test_export_and_evaluate_report_known_metrics(
     assert report["patient"]["n_patients"] == len({s.patient_id for s in samples})
     lo, hi = report["intervals_95"]["accuracy"]
     assert report["intervals_resampled"] == "patients" and lo <= report["accuracy"] <= hi
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<table>" in page and 'src="confusion_matrix.png"' in page and "<pre>" not in page
     assert "95% bootstrap intervals" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "confusion_matrix.png").exists() and (
         tmp_path / "report" / "report.md"

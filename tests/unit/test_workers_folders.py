@@ -161,9 +161,16 @@ def test_same_photo_twice_is_one_image(url: str, store: FileStore, roots: Path) 
     folder = make_folder(roots, ["16_left.jpg"])
     (folder / "16_left_copy.jpg").write_bytes((PHOTOS / "16_left.jpg").read_bytes())
     job_id = new_job(url, folder)
-    folders.expand_folder(job_id, db_url=url, store=store, enqueue=Sent())
+    sent = Sent()
+    folders.expand_folder(job_id, db_url=url, store=store, enqueue=sent)
     items = items_by_path(url, job_id)
     assert items["16_left.jpg"].image_id == items["16_left_copy.jpg"].image_id is not None
+    for _, args, kw in sent:
+        scoring.score_images(args[0], ensemble=StubEnsemble(), store=store, db_url=url, enqueue=Sent(), **kw)
+    with session_scope(url) as s:
+        job = repo.refresh_job_counts(s, job_id)
+        # the counts per grade add up to the items done (they counted the one image once)
+        assert job.done == 2 and sum(repo.job_grade_counts(s, job_id).values()) == 2
 
 
 def test_photos_scored_by_an_earlier_release_are_scored_again(
@@ -397,6 +404,9 @@ def test_score_path_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     lines = sub.read_text().splitlines()
     assert lines[0] == "ID,TARGET" and any(line.startswith("16_left,") for line in lines)
     assert all(line.split(",")[1].isdigit() for line in lines[1:])
+
+    assert bulk.score_path(folder, tmp_path / "out" / "results.txt") == 2
+    assert not (tmp_path / "out" / "results.txt").exists()
 
     single = bulk.run(folder / "16_left.jpg", ensemble=StubEnsemble())
     assert [(r.patient_id, r.eye) for r in single.images] == [("16", "left")]
