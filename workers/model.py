@@ -159,13 +159,9 @@ def check_release(settings: Settings | None = None) -> str:
     ``drscreen worker`` calls it before consuming anything: a pool child that cannot load its
     model would otherwise take photographs off the queue and fail each one."""
     settings = settings or get_settings()
-    from ml.inference import resolve_ref
-    from ml.release import member_dir, read_manifest, read_release
+    from ml.inference import check_release as check
 
-    ref = resolve_ref(settings.model, settings.models_dir)
-    for entry in read_manifest(ref, settings.models_dir)["members"]:
-        read_release(member_dir(entry["ref"], settings.models_dir))
-    return ref
+    return check(settings.model, settings.models_dir)
 
 
 def set_ensemble(ens: EnsembleLike | None) -> None:

@@ -3,6 +3,6 @@
 Never imports ml.training (serving must not depend on training code).
 """
 
-from ml.inference.ensemble import Ensemble, EnsemblePrediction, load_ensemble, resolve_ref
+from ml.inference.ensemble import Ensemble, EnsemblePrediction, check_release, load_ensemble, resolve_ref
 
-__all__ = ["Ensemble", "EnsemblePrediction", "load_ensemble", "resolve_ref"]
+__all__ = ["Ensemble", "EnsemblePrediction", "check_release", "load_ensemble", "resolve_ref"]

@@ -272,6 +272,16 @@ def resolve_ref(ref: str | None = None, models_dir: Path | None = None) -> str:
     return ref or newest_ensemble(models_dir)
 
 
+def check_release(ref: str | None = None, models_dir: Path | None = None) -> str:
+    """The ensemble ``load_ensemble(ref)`` would load, after checking without torch that its
+    manifest and every member's release (weights against their recorded sha256) are there.
+    Raises OSError or ValueError saying what is missing or wrong."""
+    ref = resolve_ref(ref, models_dir)
+    for entry in read_manifest(ref, models_dir)["members"]:
+        read_release(member_dir(entry["ref"], models_dir))
+    return ref
+
+
 def load_ensemble(
     ref: str | None = None,
     models_dir: Path | None = None,
