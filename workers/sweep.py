@@ -73,7 +73,15 @@ def ping_workers(
     except Exception:  # no broadcast support or the broker is down: fall back to staleness
         log.debug("worker ping failed", exc_info=True)
         return None
-    names = frozenset(name for reply in replies for name in reply)
+    answered = [name for reply in replies for name in reply]
+    clashes = sorted({name for name in answered if answered.count(name) > 1})
+    if clashes:
+        # each answers for the other: if one dies, its photographs wait for the staleness limit
+        log.error(
+            "more than one worker answers as %s; start each with its own `drscreen worker --hostname`",
+            ", ".join(clashes),
+        )
+    names = frozenset(answered)
     if not me or me not in names:
         return None  # the asking worker did not hear itself: broadcasts are not delivered here
     return LiveWorkers(names, asked_at, me, since)

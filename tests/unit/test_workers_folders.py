@@ -305,6 +305,19 @@ def test_ping_workers_trusts_only_an_answer_that_includes_the_asker() -> None:
     assert sweep_mod.ping_workers(_App(answered), None) is None
 
 
+def test_two_workers_under_one_name_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    """Two workers started on one host without --hostname answer the ping under one name and
+    cover for each other's crashes: the sweep says so, loudly."""
+    clash = [{"celery@vm": {"ok": "pong"}}, {"celery@vm": {"ok": "pong"}}, {"celery@b": {"ok": "pong"}}]
+    with caplog.at_level("ERROR", logger="workers.sweep"):
+        assert sweep_mod.ping_workers(_App(clash), "celery@b") is not None
+    assert "more than one worker answers as celery@vm" in caplog.text and "--hostname" in caplog.text
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="workers.sweep"):
+        sweep_mod.ping_workers(_App([{"celery@a": {}}, {"celery@b": {}}]), "celery@a")
+    assert caplog.text == ""
+
+
 def test_sweep_resends_lost_folder_jobs(url: str, store: FileStore, roots: Path) -> None:
     # The API commits the job, then publishes jobs.expand_folder; when that message is lost the job
     # must not stay "queued" for ever. Neither must a job whose expansion stopped midway.
