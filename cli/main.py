@@ -114,7 +114,10 @@ def train(
     typer.echo(run_dir)  # the last stdout line: scripts take the run folder from it
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# --help goes through to ml.export's own parser, which knows the subcommands and their options
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+)
 def export(ctx: typer.Context) -> None:
     """Turn a training run into a released model (arguments are passed to ml.export)."""
     _finish(_load("ml.export:export_cli")(list(ctx.args)))

@@ -135,6 +135,10 @@ def route_template(scope: Scope) -> str:
     route = scope.get("route")
     own = getattr(route, "path", None)
     if not own:
+        # Starlette's plain routes (/openapi.json, /docs) set the endpoint but not the route; with
+        # no path parameters their path is their template
+        if scope.get("endpoint") is not None and not scope.get("path_params"):
+            return str(scope.get("path", "unmatched"))
         return "unmatched"
     path = str(scope.get("path", ""))
     try:

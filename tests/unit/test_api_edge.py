@@ -491,3 +491,11 @@ def test_openapi_documents_the_errors_the_api_gives(client: TestClient, key: Key
 def test_a_job_explain_flag_must_be_a_boolean(client: TestClient, key: Key) -> None:
     resp = client.post("/v1/jobs", headers=key.headers, json={"folder": "/nowhere", "explain": "yes"})
     assert resp.status_code == 422
+
+
+def test_plain_routes_are_counted_under_their_path(client: TestClient) -> None:
+    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/no/such/page").status_code == 404
+    text = client.get("/metrics").text
+    assert 'route="/openapi.json",status="200"' in text
+    assert 'route="unmatched",status="404"' in text

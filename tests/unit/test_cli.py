@@ -134,3 +134,9 @@ def test_db_upgrade_says_where_the_database_is(isolated_settings: Path) -> None:
     assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
     result = runner.invoke(app, ["db", "upgrade", "base"])  # an upgrade never goes back
     assert result.exit_code == 0 and "is at base" not in result.output
+
+
+def test_export_help_reaches_its_subcommands() -> None:
+    """`drscreen export onnx --help` used to print the generic export help (only -h worked)."""
+    result = runner.invoke(app, ["export", "onnx", "--help"])
+    assert result.exit_code == 0 and "--quantize" in result.output
