@@ -510,7 +510,7 @@ def recompute_patient(
     model version, and record the result; earlier visits' results stay in the history. Images not
     done yet, failed, or without a prediction count as ungradable."""
     if visit_window is None:
-        visit_window = timedelta(hours=get_settings().visit_window_hours)
+        visit_window = get_settings().visit_window
     images = latest_visit(list_patient_images(session, patient_id), visit_window)
     preds = predictions_for_images(session, [im.id for im in images], model_version_id)
     scores = []

@@ -6,6 +6,7 @@ under ``./var`` (relative to the current directory), so nothing needs a server.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -70,6 +71,11 @@ class Settings(BaseSettings):
         return self
 
     # Convenience views -------------------------------------------------------------------------
+
+    @property
+    def visit_window(self) -> timedelta:
+        """``visit_window_hours`` as the span ``repository.latest_visit`` takes."""
+        return timedelta(hours=self.visit_window_hours)
 
     @property
     def store_path(self) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import cast
 
 from sqlalchemy.orm import Session
@@ -118,8 +117,7 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
         summary.history = _history(results, refs, session)
     # Eyes whose photographs arrived after the last result (or before any) still list them; only
     # the latest visit's, as the result (repository.latest_visit).
-    window = timedelta(hours=get_settings().visit_window_hours)
-    visit = repo.latest_visit(repo.list_patient_images(session, patient.id), window)
+    visit = repo.latest_visit(repo.list_patient_images(session, patient.id), get_settings().visit_window)
     for name in EYES:
         eye = cast(Eye, name)
         ids = [im.id for im in visit if im.eye == eye]
