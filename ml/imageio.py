@@ -6,13 +6,15 @@ Every way an upload can be bad ends in one exception type, :class:`ImageDecodeEr
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
-from typing import Final
+from collections.abc import Callable, Iterator
+from typing import Final, TypeVar
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +22,7 @@ __all__ = [
     "MIN_SIDE",
     "SUPPORTED_FORMATS",
     "ImageDecodeError",
+    "check_image",
     "decode_image",
     "decode_scaled",
     "sniff_format",
@@ -89,24 +92,42 @@ def _check_container(fmt: str, data: bytes) -> None:
         raise ImageDecodeError(TRUNCATED, "PNG has no IEND chunk")
 
 
+# Rows converted at a time: the wide intermediates of a conversion stay a few MB whatever the
+# photograph's size (a 16-bit or transparent 50-megapixel upload once cost > 1 GB to convert).
+_ROWS: Final = 256
+_HIGH_DEPTH: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+_ALPHA: Final = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
     """Convert any Pillow mode to H x W x 3 uint8 RGB, scaling high bit depths down."""
     mode = img.mode
-    if mode in {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}:
-        arr = np.asarray(img).astype(np.float64)
+    if mode in _HIGH_DEPTH:
+        values = np.asarray(img)
         # 16-bit data is 0..65535 whatever the container type; float images are scaled by range.
-        top = 65535.0 if mode != "F" else max(float(arr.max()), 1.0)
-        gray = np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-    if mode in {"RGBA", "LA", "PA", "RGBa", "La"} or (mode == "P" and "transparency" in img.info):
+        top = 65535.0 if mode != "F" else max(float(values.max()), 1.0)
+        return _rows_to_rgb(
+            values, lambda block: np.clip(np.rint(block.astype(np.float32) / top * 255.0), 0, 255)[..., None]
+        )
+    if mode == "L":
+        return _rows_to_rgb(np.asarray(img), lambda block: block[..., None])
+    if mode in _ALPHA or (mode == "P" and "transparency" in img.info):
         # Transparent areas become black: the surround of a fundus photograph is black.
-        rgba = img.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(black, rgba)
+        rgba = np.asarray(img if mode == "RGBA" else img.convert("RGBA"))
+        return _rows_to_rgb(
+            rgba, lambda block: (block[..., :3].astype(np.uint16) * block[..., 3:4] + 127) // 255
+        )
     if img.mode != "RGB":
         img = img.convert("RGB")
-    arr = np.asarray(img, dtype=np.uint8)
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def _rows_to_rgb(values: np.ndarray, convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """H x W x 3 uint8 filled a band of rows at a time with ``convert(band)`` (broadcast to 3)."""
+    out = np.empty((values.shape[0], values.shape[1], 3), dtype=np.uint8)
+    for top in range(0, values.shape[0], _ROWS):
+        out[top : top + _ROWS] = convert(values[top : top + _ROWS])
+    return out
 
 
 def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
@@ -131,6 +152,30 @@ def decode_scaled(
     entropy-decoded, so corrupt and truncated files fail as before. Other formats and smaller
     JPEGs decode in full. The returned size is the full image's, after EXIF orientation.
     """
+    with _decoded(data, max_pixels, min_side) as (shown, full):
+        return _as_decode_error(lambda: _to_rgb_array(shown), _fmt(data)), full
+
+
+def check_image(data: bytes, max_pixels: int = 40_000_000, min_side: int | None = None) -> tuple[int, int]:
+    """Validate an upload as :func:`decode_scaled` does and return its full (height, width).
+
+    Every byte is decoded, but the pixels are not converted to RGB: the API only needs to know
+    that the photograph is whole, and the conversion of a 16-bit or transparent image is what
+    costs memory (several bytes per pixel and intermediate copies).
+    """
+    with _decoded(data, max_pixels, min_side) as (_, full):
+        return full
+
+
+def _fmt(data: bytes) -> str:
+    return sniff_format(data) or "image"
+
+
+@contextlib.contextmanager
+def _decoded(
+    data: bytes, max_pixels: int, min_side: int | None
+) -> Iterator[tuple[Image.Image, tuple[int, int]]]:
+    """The decoded, EXIF-oriented Pillow image and its full (height, width); closed on exit."""
     if not data:
         raise ImageDecodeError(EMPTY, "the file is empty")
     fmt = sniff_format(data)
@@ -143,7 +188,7 @@ def decode_scaled(
         # Someone flipped Pillow's global; our EOF checks above still reject truncated files.
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; truncated images may decode")
 
-    try:
+    def load() -> tuple[Image.Image, tuple[int, int]]:
         with warnings.catch_warnings():
             # Our own max_pixels check is the policy; Pillow's warning threshold is not.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -167,12 +212,29 @@ def decode_scaled(
             img.load()  # full decode: corrupt entropy data fails here
             shown: Image.Image = img
             try:
-                shown = ImageOps.exif_transpose(img)
+                # exif_transpose copies even an upright image: ask first (a copy of a big
+                # photograph is as large as its decode).
+                if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                    shown = ImageOps.exif_transpose(img)
             except Exception as exc:  # a broken EXIF block should not lose the photograph
                 log.debug("ignoring unreadable EXIF orientation: %s", exc)
             swapped = (shown.size[0] > shown.size[1]) != (img.size[0] > img.size[1])
-            full = (width, height) if swapped else (height, width)
-            rgb = _to_rgb_array(shown)
+            return shown, ((width, height) if swapped else (height, width))
+
+    shown, full = _as_decode_error(load, fmt)
+    try:
+        yield shown, full
+    finally:
+        shown.close()
+
+
+_T = TypeVar("_T")
+
+
+def _as_decode_error(step: Callable[[], _T], fmt: str) -> _T:
+    """Run one decoding step; whatever malformed input makes it raise becomes an ImageDecodeError."""
+    try:
+        return step()
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -185,5 +247,3 @@ def decode_scaled(
         msg = str(exc) or type(exc).__name__
         reason = TRUNCATED if "truncated" in msg.lower() else CORRUPT
         raise ImageDecodeError(reason, f"cannot decode the {fmt} image: {msg}") from exc
-
-    return rgb, full

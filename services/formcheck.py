@@ -4,6 +4,7 @@ photograph would never be screened)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from fastapi import Depends, Request
@@ -24,11 +25,11 @@ def reject_unknown_fields(*allowed: str) -> Any:
             raise InvalidInput(
                 f"unknown form field(s): {', '.join(unknown)[:200]}", {"allowed": sorted(known)}
             )
-        names = [name for name, _ in form.multi_items()]
-        repeated = sorted({name for name in names if names.count(name) > 1})
+        counts = Counter(name for name, _ in form.multi_items())
+        repeated = sorted(name for name, n in counts.items() if n > 1)
         if repeated:
             raise InvalidInput(
-                f"form field(s) given more than once: {', '.join(repeated)}; "
+                f"form field(s) given more than once: {', '.join(repeated)[:200]}; "
                 "send each photograph under its own field",
                 {"allowed": sorted(known)},
             )

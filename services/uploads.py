@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 from dataclasses import dataclass
 
 from fastapi import UploadFile
@@ -18,11 +20,15 @@ from core import repository as repo
 from core.errors import InvalidImage, TooLarge
 from core.store import FileStore, StoredFile
 from core.tables import Image
-from ml.imageio import TOO_LARGE, ImageDecodeError, decode_scaled, sniff_format
+from ml.imageio import TOO_LARGE, ImageDecodeError, check_image, sniff_format
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+# Decoding is the memory-heavy step of an upload (a 50-megapixel RGBA PNG of 200 kB decodes to
+# 200 MB): at most one decode per core runs at once, other uploads wait for a slot, so memory
+# stays bounded however many requests arrive together.
+DECODE_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 2)
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,9 @@ def validate_photo(upload: UploadFile, field: str, *, max_bytes: int, max_pixels
     data = read_capped(upload, max_bytes, field)
     try:
         # Only the size is kept here (the worker decodes again from the store), so a big JPEG
-        # is decoded at a reduced DCT scale: every byte is still checked.
-        _, (height, width) = decode_scaled(data, max_pixels=max_pixels, min_side=256)
+        # is decoded at a reduced DCT scale and nothing is converted: every byte is still checked.
+        with DECODE_SLOTS:
+            height, width = check_image(data, max_pixels=max_pixels, min_side=256)
     except ImageDecodeError as exc:
         detail = {"field": field, "reason": exc.reason}
         if exc.reason == TOO_LARGE:

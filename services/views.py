@@ -129,3 +129,8 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
         else:
             known.image_ids = known.image_ids + [i for i in ids if i not in known.image_ids]
     return summary
+
+
+def private_image_headers() -> dict[str, str]:
+    """Headers for a patient's photograph or heatmap: never cached by a proxy, never sniffed."""
+    return {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}

@@ -32,6 +32,7 @@ from sqlalchemy import select
 from tqdm import tqdm
 
 from core import repository as repo
+from core.csvcells import csv_cell as _cell
 from core.db import dispose_engines, get_engine, session_scope
 from core.settings import get_settings
 from core.store import FileStore
@@ -302,11 +303,10 @@ def write_csv(result: ScoreResult, out: Path) -> Path:
         w.writerow(["file", "patient_id", "eye", "status", "grade", "referable", "gradable",
                     *PROB_COLUMNS, "quality_reasons", "error", "heatmap", "model_version"])  # fmt: skip
         for r in result.images:
-            probs = [_cell(p) for p in r.probabilities] if r.probabilities else [""] * 5
+            probs: list[float | None] = [*r.probabilities] if r.probabilities else [None] * 5
             w.writerow(
-                [r.file, r.patient_id, r.eye or "", r.status, _cell(r.grade), _cell(r.referable),
-                 _cell(r.gradable), *probs, ";".join(r.quality_reasons),
-                 r.error or "", r.heatmap or "", result.model_version]
+                [_cell(v) for v in (r.file, r.patient_id, r.eye, r.status, r.grade, r.referable,
+                 r.gradable, *probs, ";".join(r.quality_reasons), r.error, r.heatmap, result.model_version)]
             )  # fmt: skip
     patients_out = out.with_name(f"{out.stem}_patients.csv")
     with patients_out.open("w", newline="", encoding="utf-8") as fh:
@@ -315,7 +315,7 @@ def write_csv(result: ScoreResult, out: Path) -> Path:
                     "unknown_eye_grade"])  # fmt: skip
         for p in result.patients:
             eye_grades = [_cell(p.eyes.get(eye, {}).get("grade")) for eye in ("left", "right", UNKNOWN_EYE)]
-            w.writerow([p.patient_id, _cell(p.grade), _cell(p.referable), _cell(p.gradable), *eye_grades])
+            w.writerow([_cell(v) for v in (p.patient_id, p.grade, p.referable, p.gradable)] + eye_grades)
     return patients_out
 
 
@@ -330,16 +330,8 @@ def write_submission(result: ScoreResult, out: Path) -> int:
             if r.grade is None:
                 missing += 1
                 log.warning("%s has no grade (%s); written as 0", r.file, r.error or r.status)
-            w.writerow([PurePosixPath(r.file).stem, r.grade if r.grade is not None else 0])
+            w.writerow([_cell(PurePosixPath(r.file).stem), r.grade if r.grade is not None else 0])
     return missing
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def format_table(result: ScoreResult) -> str:

@@ -23,7 +23,7 @@ from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep,
 from services.errors import NotReady, error_responses
 from services.formcheck import reject_unknown_fields
 from services.uploads import record_photo, store_photo, validate_photo
-from services.views import image_result
+from services.views import image_result, private_image_headers
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,8 @@ def get_explanation(
         target_type="image",
         target_id=image.id,
     )
-    return Response(store.read_bytes(row.stored_path), media_type="image/png")
+    png = store.read_bytes(row.stored_path)
+    return Response(png, media_type="image/png", headers=private_image_headers())
 
 
 def _request_explanation(request: Request, producer: ProducerDep, image: Image) -> None:

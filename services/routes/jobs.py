@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from core import producer as tasks_out
 from core import repository as repo
 from core import tasks
+from core.csvcells import csv_cell
 from core.errors import Forbidden, InvalidInput, NotFound
 from core.schemas import Accepted, JobStatus
 from core.settings import Settings
@@ -192,11 +193,9 @@ def _csv(rows: list[JobResultRow]) -> str:
     writer = csv.writer(buf)
     writer.writerow([*CSV_COLUMNS, "p0", "p1", "p2", "p3", "p4", "model_version", "error"])
     for r in rows:
-        probs: list[Any] = [f"{p:.6f}" for p in r.probabilities] if r.probabilities else [""] * 5
-        values = [getattr(r, c) for c in CSV_COLUMNS]
-        writer.writerow(
-            ["" if v is None else v for v in values] + probs + [r.model_version or "", r.error or ""]
-        )
+        probs: list[Any] = [f"{p:.6f}" for p in r.probabilities] if r.probabilities else [None] * 5
+        values = [getattr(r, c) for c in CSV_COLUMNS] + probs + [r.model_version, r.error]
+        writer.writerow([csv_cell(v) for v in values])
     return buf.getvalue()
 
 

@@ -44,6 +44,7 @@ from services.routes import bundles as bundle_routes
 from services.routes import images as image_routes
 from services.routes import jobs as job_routes
 from services.routes import patients as patient_routes
+from services.views import private_image_headers
 from services.web import auth, present
 
 log = logging.getLogger(__name__)
@@ -471,7 +472,7 @@ def original_photo(
     if media_type is None:  # e.g. TIFF: browsers cannot show it
         data, media_type = _as_png(data), "image/png"
     audit(session, principal, "photo.read", patient_id=row.patient_id, target_type="image", target_id=row.id)
-    return Response(data, media_type=media_type, headers=_image_headers())
+    return Response(data, media_type=media_type, headers=private_image_headers())
 
 
 def _as_png(data: bytes) -> bytes:
@@ -480,14 +481,12 @@ def _as_png(data: bytes) -> bytes:
     from PIL import Image as PILImage
 
     from ml.imageio import decode_image
+    from services.uploads import DECODE_SLOTS
 
     buf = io.BytesIO()
-    PILImage.fromarray(decode_image(data)).save(buf, format="PNG")
+    with DECODE_SLOTS:
+        PILImage.fromarray(decode_image(data)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _image_headers() -> dict[str, str]:
-    return {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"}
 
 
 @router.get("/images/{image_id}/heatmap")
@@ -510,7 +509,7 @@ def heatmap(
         )
     except NotFound as exc:
         return Response(exc.message, status_code=404, media_type="text/plain")
-    png.headers.update(_image_headers())
+    png.headers.update(private_image_headers())
     return png
 
 

@@ -125,6 +125,9 @@ def test_screening_through_the_api(
         "explanation",
     )
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    # a patient's picture: no shared cache keeps it, no browser sniffs it as something else
+    assert png.headers["cache-control"] == "private, no-store"
+    assert png.headers["x-content-type-options"] == "nosniff"
     with PILImage.open(io.BytesIO(png.content)) as heat:
         heat.load()
         with PILImage.open(sample("16", "left")) as photo:
@@ -173,6 +176,8 @@ def test_screening_through_the_api(
     assert len(table) == 2 and all(
         r["status"] == "done" and r["model_version"] == model_env()["DRSCREEN_MODEL"] for r in table
     )
+    # booleans as the CLI's CSV writes them
+    assert all(r["referable"] in ("true", "false") and r["gradable"] == "true" for r in table)
 
     # Another clinic sees none of it: every id answers 404.
     foreign = [
