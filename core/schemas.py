@@ -24,7 +24,12 @@ def _as_utc(value: datetime) -> datetime:
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 Probabilities = Annotated[
     list[float],
-    Field(min_length=5, max_length=5, description="P(grade 0), ..., P(grade 4); they sum to 1"),
+    Field(
+        min_length=5,
+        max_length=5,
+        description="the model's scores for grades 0..4 (sum 1): averaged softmax outputs, not "
+        "calibrated clinical probabilities",
+    ),
 ]
 
 
@@ -46,7 +51,14 @@ class ImageResult(BaseModel):
     patient_id: str
     eye: Eye
     error: str | None = None
-    grade: int | None = Field(default=None, ge=0, le=4)
+    grade: int | None = Field(
+        default=None,
+        ge=0,
+        le=4,
+        description="the screening decision: the expected grade under the probabilities, cut at "
+        "points fitted for referral sensitivity (the model card's operating point); it can differ "
+        "from the most probable grade, erring towards referral. Null when ungradable",
+    )
     probabilities: Probabilities | None = Field(
         default=None,
         description="the ensemble's combined probabilities; null until done, and when ungradable",
@@ -92,6 +104,12 @@ class PatientSummary(BaseModel):
     eyes: dict[Eye, EyeSummary] = Field(default_factory=dict)
     model_version: str | None = None
     updated_at: UtcDatetime | None = None
+    referral_reasons: list[str] = Field(
+        default_factory=list,
+        description="why the patient is referable, one code per cause: `<eye>_eye_referable_dr` "
+        "(that eye's grade >= 2), `<eye>_eye_ungradable`, `<eye>_eye_not_photographed`, or "
+        "`not_graded_yet`; empty when not referable",
+    )
     history: list[PatientHistoryEntry] = Field(default_factory=list)
 
 

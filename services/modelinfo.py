@@ -72,7 +72,9 @@ def model_info(settings: Settings) -> ModelInfo | None:
         version=ref,
         members=members,
         metrics={
-            "combination": (manifest.get("combination") or {}).get("rule", chosen),
+            # the card's name for the rule its figures are of ("equal_average" runs as a
+            # weighted average with equal weights: the manifest's rule would contradict the card)
+            "combination": chosen or (manifest.get("combination") or {}).get("rule"),
             **(ensemble_metrics or {}),
         },
     )

@@ -115,6 +115,8 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
         summary.model_version = _model_ref(session, current.model_version_id, refs)
         summary.updated_at = current.computed_at
         summary.history = _history(results, refs, session)
+    # from the result's own eyes, before photographs still being scored are listed below
+    summary.referral_reasons = referral_reasons(summary)
     # Eyes whose photographs arrived after the last result (or before any) still list them; only
     # the latest visit's, as the result (repository.latest_visit).
     visit = repo.latest_visit(repo.list_patient_images(session, patient.id), get_settings().visit_window)
@@ -129,6 +131,25 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
         else:
             known.image_ids = known.image_ids + [i for i in ids if i not in known.image_ids]
     return summary
+
+
+def referral_reasons(summary: PatientSummary) -> list[str]:
+    """Why a patient is referable, eye by eye (``PatientSummary.referral_reasons``): a clinic must
+    not read a "refer" next to a grade-0 eye as a grade-0 patient's referral for retinopathy."""
+    if summary.updated_at is None:
+        return ["not_graded_yet"]
+    if not summary.referable:
+        return []
+    reasons = []
+    for name in EYES:
+        eye = summary.eyes.get(cast(Eye, name))
+        if eye is None or not eye.image_ids:
+            reasons.append(f"{name}_eye_not_photographed")
+        elif not eye.gradable:
+            reasons.append(f"{name}_eye_ungradable")
+        elif eye.referable:
+            reasons.append(f"{name}_eye_referable_dr")
+    return reasons
 
 
 def private_image_headers() -> dict[str, str]:

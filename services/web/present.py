@@ -8,9 +8,9 @@ scored at all; "no referral" only for a gradable, non-referable result.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from core.schemas import ImageResult, PatientSummary
+from core.schemas import Eye, ImageResult, PatientSummary
 
 GRADE_NAMES = (
     "No DR",
@@ -78,18 +78,35 @@ def patient_verdict(patient: PatientSummary | None, any_failed: bool) -> Verdict
             True,
         )
     if patient.referable:
-        return Verdict(
-            "refer",
-            "REFER",
-            f"Referable diabetic retinopathy: grade {grade_label(patient.grade)} (worse eye).",
-            patient.grade,
-        )
+        return Verdict("refer", "REFER", referral_text(patient), patient.grade)
     return Verdict(
         "ok",
         "No referral",
         f"Grade {grade_label(patient.grade)} (worse eye): not referable. Re-screen as usual.",
         patient.grade,
     )
+
+
+_EYE_REASONS = {
+    "referable_dr": "referable diabetic retinopathy, grade {grade}",
+    "ungradable": "ungradable: no photograph could be graded (examine or re-photograph)",
+    "not_photographed": "not photographed in this screening (must be examined)",
+}
+
+
+def referral_text(patient: PatientSummary) -> str:
+    """The causes of a referral in words, eye by eye (``PatientSummary.referral_reasons``)."""
+    parts = []
+    for code in patient.referral_reasons:
+        eye, _, cause = code.partition("_eye_")
+        if cause not in _EYE_REASONS:
+            continue
+        summary = patient.eyes.get(cast(Eye, eye))
+        grade = grade_label(summary.grade if summary is not None else None)
+        parts.append(f"{eye.capitalize()} eye: " + _EYE_REASONS[cause].format(grade=grade))
+    if not parts:  # not expected: a referable patient always has a cause
+        return f"Referable: grade {grade_label(patient.grade)} (worse eye)."
+    return "; ".join(parts) + "."
 
 
 def image_verdict(image: ImageResult) -> Verdict:
@@ -173,12 +190,13 @@ class EyeView:
 def eye_views(patient: PatientSummary | None, photos: list[PhotoView]) -> list[EyeView]:
     """Left then right, each with this screening's photographs of that eye."""
     out = []
+    graded = patient is not None and patient.updated_at is not None
     for eye in ("left", "right"):
         mine = [p for p in photos if p.image.eye == eye]
-        if not mine:
-            continue
+        if not mine and not graded:
+            continue  # an eye without photographs is shown once the patient has a result
         summary = patient.eyes.get(eye) if patient is not None else None
-        known = summary is not None and patient is not None and patient.updated_at is not None
+        known = (summary is not None and graded) or not mine
         out.append(
             EyeView(
                 eye=eye,

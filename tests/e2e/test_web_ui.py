@@ -229,6 +229,10 @@ def test_web_interface_in_chromium(
     assert tone == ("refer" if patient["referable"] or not patient["gradable"] else "ok")
     headline = page.inner_text("[data-testid=verdict-headline]")
     assert headline.startswith("REFER") if tone == "refer" else headline == "No referral"
+    # the banner names the eye behind each of the API's referral reasons
+    detail = page.inner_text("[data-testid=verdict] .banner-detail")
+    for reason in patient["referral_reasons"]:
+        assert reason.split("_eye_")[0].capitalize() + " eye" in detail, (reason, detail)
     for eye, summary in patient["eyes"].items():
         shown = page.locator(f"[data-testid=eye-{eye}-grade]")
         assert _shown_grade(shown.get_attribute("data-grade")) == (

@@ -330,8 +330,9 @@ def _fake_release(models_dir: Path) -> None:
         "members": [{"ref": "m-a@0.1.0"}, {"ref": "m-b@0.1.0"}],
         "combination": {"rule": "weighted_average"},
         "card": {
-            "chosen_rule": "weighted_average",
-            "metrics": {"m-a@0.1.0": {"test": {"qwk": 0.5}}, "rule:weighted_average": {"test": {"qwk": 0.6}}},
+            # as in 1.6.0: the card's equal average runs as a weighted average of equal weights
+            "chosen_rule": "equal_average",
+            "metrics": {"m-a@0.1.0": {"test": {"qwk": 0.5}}, "rule:equal_average": {"test": {"qwk": 0.6}}},
         },
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -354,6 +355,7 @@ def test_models_readiness_and_metrics(
         assert [m["ref"] for m in info["members"]] == ["m-a@0.1.0", "m-b@0.1.0"]
         assert info["members"][0]["metrics"]["test"]["qwk"] == 0.5
         assert info["metrics"]["test"]["qwk"] == 0.6
+        assert info["metrics"]["combination"] == "equal_average"  # the card's name, not the runtime's
         _upload(client, key, sample_bytes("19", "left"))
         text = client.get("/metrics").text
     assert 'drscreen_http_requests_total{method="GET",route="/v1/models",status="200"}' in text

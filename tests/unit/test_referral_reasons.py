@@ -1,0 +1,78 @@
+"""Why a patient is referred is stated eye by eye, in the API and on the results page."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from core.schemas import EyeSummary, ImageResult, PatientSummary
+from services.views import referral_reasons
+from services.web.present import eye_views, patient_verdict, photo_view
+
+NOW = datetime(2026, 12, 6, tzinfo=UTC)
+
+
+def _eye(grade: int | None, *, photos: int = 1) -> EyeSummary:
+    gradable = grade is not None
+    return EyeSummary(
+        grade=grade,
+        gradable=gradable,
+        referable=not gradable or grade >= 2,  # type: ignore[operator]
+        image_ids=[f"im{i}" for i in range(photos)],
+    )
+
+
+def _patient(
+    left: EyeSummary | None, right: EyeSummary | None, grade: int | None, referable: bool
+) -> PatientSummary:
+    eyes = {name: eye for name, eye in (("left", left), ("right", right)) if eye is not None}
+    summary = PatientSummary(
+        patient_id="P1",
+        grade=grade,
+        referable=referable,
+        gradable=grade is not None,
+        eyes=eyes,
+        updated_at=NOW,
+    )
+    summary.referral_reasons = referral_reasons(summary)
+    return summary
+
+
+def test_not_referable_has_no_reason() -> None:
+    assert _patient(_eye(0), _eye(1), 1, False).referral_reasons == []
+
+
+def test_each_cause_is_named_by_eye() -> None:
+    assert _patient(_eye(2), _eye(0), 2, True).referral_reasons == ["left_eye_referable_dr"]
+    assert _patient(_eye(0), _eye(None), 0, True).referral_reasons == ["right_eye_ungradable"]
+    assert _patient(_eye(0), None, 0, True).referral_reasons == ["right_eye_not_photographed"]
+    assert _patient(_eye(3), _eye(None, photos=0), 3, True).referral_reasons == [
+        "left_eye_referable_dr",
+        "right_eye_not_photographed",
+    ]
+
+
+def test_no_result_yet() -> None:
+    assert referral_reasons(PatientSummary(patient_id="P1")) == ["not_graded_yet"]
+
+
+def test_banner_gives_the_eye_that_causes_the_referral_not_a_grade_0_as_retinopathy() -> None:
+    verdict = patient_verdict(_patient(_eye(0), _eye(None), 0, True), any_failed=False)
+    assert verdict.headline == "REFER"
+    assert "Right eye: ungradable" in verdict.detail and "retinopathy" not in verdict.detail
+    missing = patient_verdict(_patient(_eye(0), None, 0, True), any_failed=False)
+    assert "Right eye: not photographed" in missing.detail
+    dr = patient_verdict(_patient(_eye(0), _eye(2), 2, True), any_failed=False)
+    assert dr.detail == "Right eye: referable diabetic retinopathy, grade 2 · Moderate NPDR."
+
+
+def test_an_eye_without_photographs_is_shown_once_graded() -> None:
+    image = ImageResult(id="im0", status="done", patient_id="P1", eye="left", grade=0, gradable=True,
+                        referable=False, probabilities=[0.9, 0.1, 0, 0, 0])  # fmt: skip
+    photos = [photo_view(image, heatmap_ready=True)]
+    views = eye_views(_patient(_eye(0), None, 0, True), photos)
+    assert [(v.eye, len(v.photos), v.known, v.gradable) for v in views] == [
+        ("left", 1, True, True),
+        ("right", 0, True, False),
+    ]
+    # before any result only the eyes with photographs are listed
+    assert [v.eye for v in eye_views(None, photos)] == ["left"]
