@@ -514,9 +514,16 @@ def recompute_patient(
     images = latest_visit(list_patient_images(session, patient_id), visit_window)
     preds = predictions_for_images(session, [im.id for im in images], model_version_id)
     scores = []
+    counted: set[tuple[str, str]] = set()
     for im in images:
         pred = preds.get(im.id)
         usable = im.status == "done" and bool(im.gradable) and pred is not None and pred.gradable
+        if usable:
+            # The same bytes sent twice for one eye (a retry without Idempotency-Key) are one
+            # photograph: counted twice they would outweigh the eye's other photographs.
+            if (im.eye, im.sha256) in counted:
+                continue
+            counted.add((im.eye, im.sha256))
         scores.append(
             ImageScore(
                 image_id=im.id,

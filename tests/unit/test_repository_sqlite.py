@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,13 +49,15 @@ def test_api_keys(session: Session) -> None:
     assert repo.revoke_api_key(session, row.id) == 0
 
 
-def _image(session: Session, clinic_id: int, patient_id: int, eye: str, **kw: object) -> repo.Image:
+def _image(
+    session: Session, clinic_id: int, patient_id: int, eye: str, sha256: str | None = None, **kw: object
+) -> repo.Image:
     return repo.create_image(
         session,
         clinic_id=clinic_id,
         patient_id=patient_id,
         eye=eye,
-        sha256="0" * 64,
+        sha256=sha256 or uuid.uuid4().hex * 2,  # distinct photographs unless the test says
         stored_path="00/00/x.png",
         size_bytes=1,
         **kw,  # type: ignore[arg-type]
@@ -191,3 +194,35 @@ def test_a_patient_result_comes_from_the_latest_visit(session: Session) -> None:
         session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade, visit_window=timedelta(0)
     )
     assert len([i for e in everything.eyes for i in e.image_ids]) == 9
+
+
+def test_the_same_photograph_sent_twice_counts_once_in_its_eye(session: Session) -> None:
+    """A retry without Idempotency-Key stores a second image of the same bytes: it must not
+    outweigh the eye's other photograph (the audit's double-weighted mean)."""
+    clinic = repo.get_or_create_clinic(session, "D")
+    patient = repo.get_or_create_patient(session, clinic.id, "P")
+    mv = repo.get_or_create_model_version(session, "ens@1.0.0", {"members": ["m@1"]})
+
+    def scored(eye: str, sha: str, p_grade2: float) -> None:
+        im = _image(session, clinic.id, patient.id, eye, sha256=sha)
+        probs = [1.0 - p_grade2, 0.0, p_grade2, 0.0, 0.0]
+        repo.upsert_prediction(
+            session, image_id=im.id, model_version_id=mv.id, grade=0, probabilities=probs,
+            members=None, referable=False, gradable=True,
+        )  # fmt: skip
+        repo.mark_image_done(session, im, quality={"gradable": True}, gradable=True)
+
+    scored("left", "a" * 64, 0.8)  # grade 2 alone
+    scored("left", "b" * 64, 0.2)  # grade 0 alone
+    scored("left", "b" * 64, 0.2)  # the same bytes again
+    scored("right", "c" * 64, 0.0)
+    result = repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    left = next(e for e in result.eyes if e.eye == "left")
+    # counted once each: mean P(grade 2) = 0.5, so argmax is a tie resolved to grade 0; counted
+    # twice it would be 0.4. The probabilities say which.
+    assert left.probabilities is not None and abs(left.probabilities[2] - 0.5) < 1e-9
+    # the same bytes under the other eye are another photograph of that eye: counted there
+    scored("right", "b" * 64, 0.2)
+    result = repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    right = next(e for e in result.eyes if e.eye == "right")
+    assert right.probabilities is not None and abs(right.probabilities[2] - 0.1) < 1e-9
