@@ -25,6 +25,7 @@ from ml.imageio import ImageDecodeError, decode_image
 from ml.inference.combine import CombineRule
 from ml.inference.ensemble import Ensemble, Member, load_ensemble
 from ml.metrics import bootstrap_intervals, grading_report, referable_metrics
+from ml.quality import QualityThresholds, assess_quality
 from ml.release import load_checkpoint, member_dir, models_root_has_member
 
 log = logging.getLogger(__name__)
@@ -83,19 +84,37 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16) -> dict[str, Any]:
     rows = read_labels(labels)
     ens = load_model(ref)
     base = labels.parent
+    raw_thresholds = getattr(ens, "quality_thresholds", None)
+    gate = QualityThresholds.from_dict(raw_thresholds) if raw_thresholds else None
     probs: list[list[float]] = []
     grades: list[int] = []
+    ungradable: list[str] = []
     for start in tqdm(range(0, len(rows), batch), desc="evaluating", unit="batch", file=sys.stderr):
         chunk = rows[start : start + batch]
         images = [_decode(base / r["image"]) for r in chunk]
+        for r, rgb in zip(chunk, images, strict=True):
+            if not assess_quality(rgb, gate).gradable:
+                ungradable.append(r["image"])
         for pred in ens.predict(images):
             probs.append(pred.probabilities)
             grades.append(pred.grade)
     y = np.array([int(r["grade"]) for r in rows])
     p = np.array(probs)
     referable_score = p[:, 2:].sum(axis=1)
+    # The model's figures grade every photograph (comparable with the model card's); the service
+    # also runs the quality gate first and refers what it rejects, which is what "screening" says.
     report = grading_report(y.tolist(), grades, referable_score.tolist())
     report["model"] = ens.ref
+    report["n_ungradable"] = len(ungradable)
+    report["ungradable_images"] = ungradable
+    rejected = {r["image"] for r in rows} & set(ungradable)
+    as_served = [4 if r["image"] in rejected else g for r, g in zip(rows, grades, strict=True)]
+    served = referable_metrics(y.tolist(), as_served, None)
+    report["screening"] = {
+        "referable_sensitivity": served["referable_sensitivity"],
+        "referable_specificity": served["referable_specificity"],
+        "note": "as the service decides: photographs the quality gate rejects are referred",
+    }
     with_patients = bool(rows and rows[0].get("patient_id"))
     # resample patients, not photographs, when they are known (two eyes are not two patients)
     report["intervals_95"] = bootstrap_intervals(
@@ -257,6 +276,12 @@ def evaluate_cli(labels: Path, model: str | None, as_json: bool, report_dir: Pat
     if "intervals_95" in report:
         out.write(f"{'95% interval':>24}: " + "; ".join(interval_lines(report)))
         out.write(f" (bootstrap over {report['intervals_resampled']})\n")
+    screening = report["screening"]
+    out.write(
+        f"{'quality gate':>24}: {report['n_ungradable']} of {report['n_images']} photograph(s) "
+        f"ungradable; referring them as the service does: sensitivity "
+        f"{screening['referable_sensitivity']:.4f}, specificity {screening['referable_specificity']:.4f}\n"
+    )
     if "patient" in report:
         out.write(f"{'patient level':>24}: " + json.dumps(report["patient"]) + "\n")
     if as_json:

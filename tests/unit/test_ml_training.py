@@ -367,20 +367,33 @@ def test_export_and_evaluate_report_known_metrics(
         for s in samples:
             shutil.copy(s.path, tmp_path / "photos" / s.path.name)
             writer.writerow([f"photos/{s.path.name}", s.grade, s.patient_id, s.eye])
+        # a black frame labelled referable: the quality gate rejects it, the service refers it
+        Image.new("RGB", (512, 512)).save(tmp_path / "photos" / "black.png")
+        writer.writerow(["photos/black.png", 2, "blk", "left"])
+    paths = [s.path for s in samples] + [tmp_path / "photos" / "black.png"]
     model, pre, config = load_checkpoint(folder)
     member = Member("smoke@0.0.1", model, pre, config)
     ens = Ensemble("smoke@0.0.1", [member], CombineRule("weighted_average", [1.0]), {})
-    preds = ens.predict([np.asarray(Image.open(s.path).convert("RGB")) for s in samples])
-    truth = [s.grade for s in samples]
+    preds = ens.predict([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    truth = [s.grade for s in samples] + [2]
     expected = grading_report(truth, [p.grade for p in preds], [sum(p.probabilities[2:]) for p in preds])
     monkeypatch.setattr(release, "default_models_dir", lambda: models)
     assert evaluate_cli(labels, "smoke@0.0.1", True, tmp_path / "report") == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["n_images"] == 12
-    assert report["qwk"] == pytest.approx(expected["qwk"])
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["n_images"] == 13
+    assert report["qwk"] == pytest.approx(expected["qwk"])  # the model's figures grade everything
     assert report["accuracy"] == pytest.approx(expected["accuracy"])
+    # the service's decision: what the gate rejects is referred
+    assert "photos/black.png" in report["ungradable_images"]
+    assert report["n_ungradable"] == len(report["ungradable_images"]) and "quality gate" in out
+    rejected = {str(tmp_path / r) for r in report["ungradable_images"]}
+    served = [4 if str(p) in rejected else pr.grade for p, pr in zip(paths, preds, strict=True)]
+    positives = [i for i, t in enumerate(truth) if t >= 2]
+    sensitivity = sum(served[i] >= 2 for i in positives) / len(positives)
+    assert report["screening"]["referable_sensitivity"] == pytest.approx(sensitivity)
     assert len(report["per_class_recall"]) == 5
-    assert report["patient"]["n_patients"] == len({s.patient_id for s in samples})
+    assert report["patient"]["n_patients"] == len({s.patient_id for s in samples}) + 1
     lo, hi = report["intervals_95"]["accuracy"]
     assert report["intervals_resampled"] == "patients" and lo <= report["accuracy"] <= hi
     page = (tmp_path / "report" / "report.html").read_text()
