@@ -13,6 +13,15 @@ processes never take the same file); :func:`prune_processed` deletes old claimed
 maintenance sweep calls it).
 
 The database is the source of truth for status, so there is no result backend.
+
+Time limits (a safety net: a task stuck in a system call, e.g. on a hung network share, must not
+hold a pool child for ever). Every task gets a hard limit of :data:`TASK_TIME_LIMIT_S`; the pool
+kills the child and the message is acknowledged, and the usual recovery takes over (the sweep
+re-queues photographs left ``running`` and fails one after ``DRSCREEN_MAX_ATTEMPTS``). No global
+soft limit: ``SoftTimeLimitExceeded`` would be caught by scoring's per-batch ``except Exception``
+and fail a batch of good photographs while the task went on. ``jobs.expand_folder`` walks and
+copies whole folders, so it gets its own, far longer limits (:data:`EXPAND_FOLDER_TIME_LIMITS`)
+and a soft limit it handles (``workers.folders.expand_folder``).
 """
 
 from __future__ import annotations
@@ -23,7 +32,24 @@ from typing import Any
 
 from core.filebroker import TRANSPORT_PATH
 from core.settings import Settings
-from core.tasks import ALL_QUEUES, TASK_QUEUES
+from core.tasks import ALL_QUEUES, EXPAND_FOLDER, TASK_QUEUES
+
+#: Hard limit (seconds) of every task but ``jobs.expand_folder``. The longest of them, a
+#: ``scoring.score_images`` chunk (at most 256 photographs, ``DRSCREEN_SCORE_CHUNK``, 24 by default)
+#: with heatmaps, runs ~0.8 s a photograph per pool child in the slowest benchmark on record
+#: (2.6 photographs/s on two children, docs/performance.md): ~3.5 min, plus a model load of at most
+#: ``DRSCREEN_CHILD_START_TIMEOUT_S`` (10 min) if the child loads lazily. 55 min leaves a margin of
+#: ~4x over that worst case, and stays under Redis' visibility timeout (1 h, below), so a stuck
+#: task is killed and acknowledged before Redis hands its message to a second worker.
+TASK_TIME_LIMIT_S = 55 * 60
+
+#: (soft, hard) limits of ``jobs.expand_folder``. It plans the whole folder (walk, one stat per
+#: file, 32 bytes of unmatched names) and then stores every photograph in committed chunks: a
+#: 1000-photo job expands in seconds (folder expansion is ~6% of one child's time in the 480-photo
+#: e2e job), and even 100,000 photographs at 50 ms each take ~1.5 h. A planning stopped by the soft
+#: limit fails the job with a clear error (re-sending it would only plan again); a copy stopped
+#: later keeps its committed chunks and the sweep re-sends it to carry on.
+EXPAND_FOLDER_TIME_LIMITS = (4 * 3600, 4 * 3600 + 15 * 60)
 
 
 def broker_folders(settings: Settings) -> dict[str, Path]:
@@ -59,6 +85,16 @@ def build_celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "enable_utc": True,
         "timezone": "UTC",
+        # Safety net, see the module doc. Per-task values are task attributes set by annotation
+        # (the worker reads them; the producer app registers no tasks, so messages carry none).
+        "task_time_limit": TASK_TIME_LIMIT_S,
+        "task_soft_time_limit": None,
+        "task_annotations": {
+            EXPAND_FOLDER: {
+                "soft_time_limit": EXPAND_FOLDER_TIME_LIMITS[0],
+                "time_limit": EXPAND_FOLDER_TIME_LIMITS[1],
+            }
+        },
     }
     if settings.is_embedded_broker:
         ensure_broker_folders(settings)

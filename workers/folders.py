@@ -8,7 +8,13 @@ over every worker.
 
 Safety: the folder is re-checked against ``DRSCREEN_IMPORT_ROOTS`` when the job runs (the API
 checked it when the job was created, but links can change in between), and every file's real path
-(symlinks resolved) must lie under an import root too.
+(symlinks resolved) must lie under an import root too: checked first, for every item and for
+``manifest.csv``, before anything stats or reads the target, so links out of the roots all get one
+error whatever they point at (nothing to learn about files outside). Only regular files are ever
+opened (a FIFO, socket or device would block the worker or have side effects on open), with
+``O_NONBLOCK`` and a check of the opened descriptor, and a photograph is checked against the roots
+again when it is read (a link swapped after planning). ``manifest.csv`` is capped at
+:data:`MAX_MANIFEST_BYTES`.
 
 Idempotency: items are unique on (job, path) and inserted with ON CONFLICT DO NOTHING; only items
 still ``pending`` are processed, in chunks committed one at a time, and the store is content
@@ -21,11 +27,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -47,6 +55,24 @@ T = TypeVar("T")
 
 _EXT = {"jpeg": "jpg", "png": "png", "tiff": "tif", "bmp": "bmp", "webp": "webp"}
 _CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "tiff": "image/tiff", "bmp": "image/bmp"}
+
+#: Largest ``manifest.csv`` read (about 150,000 rows of typical length); larger ones fail the job.
+MAX_MANIFEST_BYTES = 8 * 1024 * 1024
+
+#: The one error of every item whose real path (links resolved) is not under an import root,
+#: whatever the link points at: a missing file, a text file, a photograph, a device.
+LINK_OUTSIDE = "links outside the import roots; refused"
+
+_CANNOT_TELL = (
+    "cannot tell patient and eye from the file name "
+    "(expected <patient>_<left|right> or <patient>_<l|r><n>, or a manifest.csv)"
+)
+
+# O_NONBLOCK: opening a FIFO does not wait for a writer (the S_ISREG checks refuse it anyway;
+# this covers one swapped in between). O_NOCTTY: a terminal device never becomes ours.
+_OPEN_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+)
 
 
 class FolderRefused(ValueError):
@@ -97,13 +123,16 @@ def plan_folder(folder: Path, roots: Sequence[Path] | None) -> list[PlannedFile]
     """Match every file of ``folder`` to a patient and eye (manifest first, else file names).
 
     ``roots``: real paths every file must resolve under (None = no check, for the local CLI).
-    Raises :class:`ManifestError` for a manifest that cannot be used at all.
+    Each item is checked against the roots first (:data:`LINK_OUTSIDE`), then must be a regular
+    file; only then may its first bytes be read. Raises :class:`ManifestError` for a manifest that
+    cannot be used at all (outside the roots, not a regular file, too large, not CSV).
     """
+    real_roots = None if roots is None else [r.resolve() for r in roots]
     files = _walk(folder)
-    manifest_path = folder / MANIFEST_NAME
+    manifest = _read_manifest(folder, real_roots)
     planned: list[PlannedFile] = []
-    if manifest_path.is_file():
-        rows = parse_manifest(manifest_path.read_bytes())
+    if manifest is not None:
+        rows = parse_manifest(manifest)
         listed: set[str] = set()
         for row in rows:
             rel = PurePosixPath(row.image.replace("\\", "/"))
@@ -114,32 +143,138 @@ def plan_folder(folder: Path, roots: Sequence[Path] | None) -> list[PlannedFile]
             if key in listed:
                 continue
             listed.add(key)
-            planned.append(PlannedFile(key, row.patient_id, row.eye, row.error))
+            where = _locate(folder, key, real_roots)
+            if isinstance(where, str):
+                planned.append(PlannedFile(key, row.patient_id, row.eye, where))
+            else:
+                planned.append(
+                    PlannedFile(key, row.patient_id, row.eye, row.error or _not_a_regular_file(where))
+                )
         for rel_name in files:
             if rel_name != MANIFEST_NAME and rel_name not in listed:
-                planned.append(PlannedFile(rel_name, None, None, "not listed in manifest.csv"))
+                where = _locate(folder, rel_name, real_roots)
+                error = where if isinstance(where, str) else "not listed in manifest.csv"
+                planned.append(PlannedFile(rel_name, None, None, error))
     else:
         for rel_name in files:
             m = match_name(rel_name)
-            if m is None and (problem := _not_a_photo(folder / rel_name)) is not None:
-                # Say what the file is before complaining about its name.
-                planned.append(PlannedFile(rel_name, None, None, problem))
-            elif m is None:
+            where = _locate(folder, rel_name, real_roots)
+            if isinstance(where, str):
                 planned.append(
-                    PlannedFile(
-                        rel_name,
-                        None,
-                        None,
-                        "cannot tell patient and eye from the file name "
-                        "(expected <patient>_<left|right> or <patient>_<l|r><n>, or a manifest.csv)",
-                    )
+                    PlannedFile(rel_name, m.patient_id if m else None, m.eye if m else None, where)
                 )
+            elif m is None:
+                # Say what the file is before complaining about its name.
+                planned.append(PlannedFile(rel_name, None, None, _not_a_photo(where) or _CANNOT_TELL))
             else:
-                planned.append(PlannedFile(rel_name, m.patient_id, m.eye))
+                planned.append(PlannedFile(rel_name, m.patient_id, m.eye, _not_a_regular_file(where)))
     if roots is not None:  # the service (the local CLI scores any name, as its own patient)
-        real_roots = [r.resolve() for r in roots]
-        planned = [_check_patient_id(_check_link(folder, p, real_roots)) for p in planned]
+        planned = [_check_patient_id(p) for p in planned]
     return planned
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> Path | None:
+    """``path``'s real path when it lies under one of ``roots`` (real paths), else None. Only
+    links are read (``readlink``); nothing is stat'ed or opened at the target."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # a link loop: no answer about the target either
+        return None
+    return real if _under(real, roots) else None
+
+
+def _locate(folder: Path, rel: str, roots: Sequence[Path] | None) -> Path | str:
+    """The path to open for ``rel`` (its real path, when ``roots`` are given) or
+    :data:`LINK_OUTSIDE`."""
+    if roots is None:
+        return folder / rel
+    return _inside(folder / rel, roots) or LINK_OUTSIDE
+
+
+def _cannot_read(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    return f"cannot read the file: {exc.strerror or exc}"
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
+def _mode_problem(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    return f"not_a_file: the path is {_kind(mode)}, not a regular file; not read"
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    """Why ``path`` (links followed) is not a regular file to read, or None. Stats only."""
+    try:
+        return _mode_problem(os.stat(path).st_mode)
+    except OSError as exc:
+        return _cannot_read(exc)
+
+
+def _open_regular(path: Path) -> tuple[BinaryIO, int] | str:
+    """``path`` opened for reading, with its size, when it is a regular file; else why not.
+
+    Never blocks: the type is checked before opening (a FIFO, socket or device is not opened at
+    all), the open is non-blocking and the opened descriptor is checked again (a file swapped
+    for a FIFO in between)."""
+    if (problem := _not_a_regular_file(path)) is not None:
+        return problem
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        return _cannot_read(exc)
+    try:
+        info = os.fstat(fd)
+        if (problem := _mode_problem(info.st_mode)) is not None:
+            os.close(fd)
+            return problem
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), info.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_manifest(folder: Path, roots: Sequence[Path] | None) -> bytes | None:
+    """The bytes of the folder's ``manifest.csv``; None when there is none (or it is a folder).
+
+    Raises ManifestError when it leads outside the roots, is not a regular file or is larger
+    than :data:`MAX_MANIFEST_BYTES`: the job fails rather than silently falling back to names."""
+    path = folder / MANIFEST_NAME
+    if not os.path.lexists(path):
+        return None
+    where = _locate(folder, MANIFEST_NAME, roots)
+    if isinstance(where, str):
+        raise ManifestError(f"{MANIFEST_NAME} {where}")
+    try:
+        if stat.S_ISDIR(os.stat(where).st_mode):
+            return None  # a folder that happens to be called manifest.csv (walked like others)
+    except OSError:
+        pass  # reported below
+    opened = _open_regular(where)
+    if isinstance(opened, str):
+        raise ManifestError(f"{MANIFEST_NAME} cannot be used: {opened}")
+    fh, size = opened
+    with fh:
+        data = b"" if size > MAX_MANIFEST_BYTES else fh.read(MAX_MANIFEST_BYTES + 1)
+    if size > MAX_MANIFEST_BYTES or len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"{MANIFEST_NAME} is too large ({max(size, len(data))} bytes; "
+            f"limit {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB): split the folder"
+        )
+    return data
 
 
 def _check_patient_id(p: PlannedFile) -> PlannedFile:
@@ -156,12 +291,17 @@ def _check_patient_id(p: PlannedFile) -> PlannedFile:
 
 
 def _not_a_photo(path: Path) -> str | None:
-    """Why the file's signature is not an accepted photograph, or None (reads 32 bytes)."""
+    """Why the file is not an accepted photograph (not a regular file, or by its signature), or
+    None (reads 32 bytes of a regular file; nothing else is opened)."""
+    opened = _open_regular(path)
+    if isinstance(opened, str):
+        return opened
+    fh, _ = opened
     try:
-        with path.open("rb") as fh:
+        with fh:
             head = fh.read(32)
     except OSError as exc:
-        return f"cannot read the file: {exc.strerror or exc}"
+        return _cannot_read(exc)
     fmt = sniff_format(head) if head else None
     if not head:
         return "empty: the file is empty"
@@ -172,33 +312,36 @@ def _not_a_photo(path: Path) -> str | None:
     return None
 
 
-def _check_link(folder: Path, item: PlannedFile, roots: Sequence[Path]) -> PlannedFile:
-    if item.error is not None:
-        return item
-    real = (folder / item.path).resolve()
-    if not _under(real, roots):
-        return PlannedFile(item.path, item.patient_id, item.eye, "links outside the import roots; refused")
-    return item
-
-
 @dataclass(frozen=True)
 class LoadedFile:
     data: bytes
     fmt: str
 
 
-def read_photo(path: Path, max_bytes: int) -> LoadedFile | str:
+def read_photo(path: Path, max_bytes: int, roots: Sequence[Path] | None = None) -> LoadedFile | str:
     """The file's bytes and sniffed format, or the reason it cannot be a photograph. Only the
-    signature is checked here; the full decode (truncation, corruption) happens when scoring."""
+    signature is checked here; the full decode (truncation, corruption) happens when scoring.
+
+    ``roots`` (real paths): the file must still resolve under one of them (a link may have been
+    swapped since the folder was planned). Only a regular file is opened, never blocking."""
+    if roots is not None:
+        real = _inside(path, roots)
+        if real is None:
+            return LINK_OUTSIDE
+        path = real
+    opened = _open_regular(path)
+    if isinstance(opened, str):
+        return opened
+    fh, size = opened
     try:
-        if not path.is_file():
-            return "file not found"
-        size = path.stat().st_size
-        if size > max_bytes:
-            return f"file too large ({size} bytes; limit {max_bytes})"
-        data = path.read_bytes()
+        with fh:
+            if size > max_bytes:
+                return f"file too large ({size} bytes; limit {max_bytes})"
+            data = fh.read(max_bytes + 1)
     except OSError as exc:
-        return f"cannot read the file: {exc.strerror or exc}"
+        return _cannot_read(exc)
+    if len(data) > max_bytes:  # grew after it was stat'ed
+        return f"file too large (more than {max_bytes} bytes; limit {max_bytes})"
     if not data:
         return "empty: the file is empty"
     fmt = sniff_format(data)
@@ -236,14 +379,15 @@ def ingest_item(
     store: FileStore,
     max_bytes: int,
     model_ref: str,
+    roots: Sequence[Path] | None = None,
 ) -> str | None:
     """Store one pending item's file and link it to an image (new or an identical existing one,
     queued again when ``model_ref`` has not scored it yet). Returns the image id, or None when the
-    item failed (its error recorded)."""
+    item failed (its error recorded). ``roots``: see :func:`read_photo` (None for the local CLI)."""
     if item.patient_external_id is None or item.eye is None:
         repo.set_job_item(session, item, status="failed", error=item.error or "no patient or eye")
         return None
-    loaded = read_photo(folder / item.path, max_bytes)
+    loaded = read_photo(folder / item.path, max_bytes, roots)
     if isinstance(loaded, str):
         repo.set_job_item(session, item, status="failed", error=loaded)
         return None
@@ -326,13 +470,23 @@ def expand_folder(
             summary.error = job.error
             return summary
         clinic_id, folder_text = job.clinic_id, job.folder
+    roots = settings.import_root_paths
     try:
-        folder = check_folder(folder_text, settings.import_root_paths)
-        plan = plan_folder(folder, settings.import_root_paths)
+        folder = check_folder(folder_text, roots)
+        plan = plan_folder(folder, roots)
     except (FolderRefused, ManifestError) as exc:
         log.warning("expand_folder: job %s refused: %s", job_id, exc)
         _fail_job(db_url, job_id, str(exc))
         summary.error = str(exc)
+        return summary
+    except SoftTimeLimitExceeded:
+        # The task's soft time limit (core.celery_config) hit before a single item was saved: a
+        # re-sent expansion would only plan again and be stopped again, so the job fails instead.
+        # Past this point a stopped expansion keeps the chunks it committed and the sweep resumes it.
+        error = "listing the folder took longer than the folder-job time limit; split it into smaller folders"
+        log.error("expand_folder: job %s: %s", job_id, error)
+        _fail_job(db_url, job_id, error)
+        summary.error = error
         return summary
     if not plan:
         _fail_job(db_url, job_id, "the folder holds no files")
@@ -375,6 +529,7 @@ def expand_folder(
                     store=store,
                     max_bytes=settings.max_upload_bytes,
                     model_ref=model_ref,
+                    roots=roots,
                 )
                 if image_id is not None and row.status == "queued":
                     image_ids.append(image_id)

@@ -4,7 +4,13 @@ import json
 from pathlib import Path
 
 from core import producer, tasks
-from core.celery_config import broker_folders, build_celery_config, prune_processed
+from core.celery_config import (
+    EXPAND_FOLDER_TIME_LIMITS,
+    TASK_TIME_LIMIT_S,
+    broker_folders,
+    build_celery_config,
+    prune_processed,
+)
 from core.settings import Settings, get_settings
 
 
@@ -58,3 +64,37 @@ def test_worker_waits_for_a_pool_child_loading_the_ensemble(isolated_settings: P
     from workers.app import celery_app
 
     assert celery_app.conf.worker_proc_alive_timeout >= 60
+
+
+def test_tasks_have_time_limits(isolated_settings: Path) -> None:
+    """A task stuck in a system call must not hold a pool child for ever; none that can
+    legitimately run may be stopped (docs in core.celery_config)."""
+    soft, hard = EXPAND_FOLDER_TIME_LIMITS
+    for settings in (get_settings(), Settings(broker_url="redis://127.0.0.1:6379/0")):
+        conf = build_celery_config(settings)
+        assert conf["task_time_limit"] == TASK_TIME_LIMIT_S
+        assert conf["task_soft_time_limit"] is None  # scoring's per-batch except would swallow it
+        assert conf["task_annotations"] == {
+            tasks.EXPAND_FOLDER: {"soft_time_limit": soft, "time_limit": hard}
+        }
+    # Generous: a 256-photo chunk with heatmaps is minutes; expansion of a big folder is hours.
+    assert 30 * 60 <= TASK_TIME_LIMIT_S < 3600  # and under Redis' visibility timeout
+    assert 2 * 3600 <= soft < hard <= soft + 30 * 60
+
+    # The worker's tasks carry them (annotations), the producer's messages do not override them.
+    import workers.tasks  # noqa: F401  (registers the tasks)
+    from workers.app import celery_app
+
+    limits = {
+        name: (celery_app.tasks[name].soft_time_limit, celery_app.tasks[name].time_limit)
+        for name in tasks.TASK_QUEUES
+    }
+    assert limits == {
+        tasks.SCORE_IMAGES: (None, TASK_TIME_LIMIT_S),
+        tasks.EXPLAIN_IMAGE: (None, TASK_TIME_LIMIT_S),
+        tasks.EXPAND_FOLDER: (soft, hard),
+        tasks.SWEEP: (None, TASK_TIME_LIMIT_S),
+    }
+    producer.send_expand_folder("job-1")
+    [message] = broker_folders(get_settings())["queue"].glob("*.scoring.msg")
+    assert json.loads(message.read_text())["headers"]["timelimit"] == [None, None]

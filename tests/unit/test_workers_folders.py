@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import threading
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, select
 
 from core import repository as repo
@@ -20,6 +25,7 @@ from core.tables import Image, Prediction, ScoringJobItem, utcnow
 from tests.unit.test_workers_scoring import PHOTOS, Sent, StubEnsemble, ens, sent, store, url
 from workers import folders, scoring
 from workers import sweep as sweep_mod
+from workers.naming import ManifestError
 
 __all__ = ["ens", "sent", "store", "url"]  # fixtures shared with the scoring tests
 
@@ -101,6 +107,189 @@ def test_manifest_wins(roots: Path) -> None:
     assert plan["17_left.jpg"].error == "not listed in manifest.csv"
     assert "leaves the job folder" in (plan["../x.jpg"].error or "")
     assert "manifest.csv" not in plan
+
+
+R = TypeVar("R")
+
+
+def finishes(fn: Callable[..., R], *args: Any, fifos: Sequence[Path] = (), timeout: float = 10.0) -> R:
+    """``fn(*args)`` run on a thread that must end within ``timeout`` seconds: code that opens a
+    FIFO blocks for ever waiting for a writer. On a hang, each FIFO is opened for writing once
+    (ending the blocked open) before the test fails, so no thread is left behind."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:  # re-raised in the test's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    hung = thread.is_alive()
+    for _ in range(20 if hung else 0):
+        for fifo in fifos:
+            with contextlib.suppress(OSError):  # ENXIO: no reader (yet) on this one
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(0.25)
+        if not thread.is_alive():
+            break
+    assert not hung, f"{getattr(fn, '__name__', fn)} blocked on a FIFO"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_fifos_and_other_non_files_are_reported_not_opened(tmp_path: Path, roots: Path) -> None:
+    """A named pipe used to hang the worker for ever: opening it waits for a writer. Nothing that
+    is not a regular file is opened, with or without a name rule, linked or not, CLI or service."""
+    folder = make_folder(roots, ["16_left.jpg"])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    fifos = [folder / "notes", folder / "17_left.jpg", outside / "pipe", roots / "pipe"]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    os.symlink(outside / "pipe", folder / "piped")  # out of the roots: refused before any stat
+    os.symlink(roots / "pipe", folder / "piped_inside")  # inside: still not a regular file
+    (folder / "subdir").mkdir()
+    (folder / "manifest.csv.txt").write_text("x")
+    plan = {p.path: p for p in finishes(folders.plan_folder, folder, [roots], fifos=fifos)}
+    for name in ("notes", "17_left.jpg", "piped_inside"):
+        assert (plan[name].error or "").startswith("not_a_file:"), (name, plan[name].error)
+        assert "named pipe (FIFO)" in (plan[name].error or "")
+    assert plan["piped"].error == folders.LINK_OUTSIDE
+    assert plan["16_left.jpg"].error is None and "not_an_image" in (plan["notes.txt"].error or "")
+    local = {p.path: p for p in finishes(folders.plan_folder, folder, None, fifos=fifos)}
+    assert all((local[n].error or "").startswith("not_a_file:") for n in ("notes", "17_left.jpg", "piped"))
+    # The read at ingestion checks again (a file swapped for a FIFO after planning).
+    loaded = finishes(folders.read_photo, folder / "17_left.jpg", 10**6, fifos=fifos)
+    assert isinstance(loaded, str) and loaded.startswith("not_a_file:")
+    assert "a folder" in str(folders.read_photo(folder / "subdir", 10**6))
+    # A manifest.csv that is a FIFO fails the job (it used to be opened as a photograph: a hang).
+    (folder / "manifest.csv").unlink(missing_ok=True)
+    os.mkfifo(folder / "manifest.csv")
+    with pytest.raises(ManifestError, match="not_a_file"):
+        finishes(folders.plan_folder, folder, [roots], fifos=[*fifos, folder / "manifest.csv"])
+
+
+def test_expand_folder_with_a_fifo_goes_on(url: str, store: FileStore, roots: Path) -> None:
+    folder = make_folder(roots, ["16_left.jpg"])
+    os.mkfifo(folder / "notes")
+    job_id = new_job(url, folder)
+    finishes(
+        lambda: folders.expand_folder(job_id, db_url=url, store=store, enqueue=Sent()),
+        fifos=[folder / "notes"],
+    )
+    items = items_by_path(url, job_id)
+    assert items["notes"].status == "failed" and (items["notes"].error or "").startswith("not_a_file:")
+    assert items["16_left.jpg"].status == "queued"
+
+
+def test_links_out_of_the_roots_all_get_one_error(tmp_path: Path, roots: Path) -> None:
+    """Whatever a link out of the roots points at (nothing, a text file, a photograph, a FIFO), the
+    item gets the same error: nothing to learn about what exists outside the roots."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "hostname").write_text("db-server-01\n")
+    (outside / "photo.jpg").write_bytes((PHOTOS / "16_left.jpg").read_bytes())
+    os.mkfifo(outside / "pipe")
+    folder = make_folder(roots, ["16_left.jpg"])
+    targets = {
+        "missing": outside / "nope",
+        "etc_hostname": outside / "hostname",
+        "photo.jpg": outside / "photo.jpg",
+        "pipe": outside / "pipe",
+        "40_left.jpg": outside / "nope",
+        "41_left.jpg": outside / "hostname",
+        "42_left.jpg": outside / "photo.jpg",
+    }
+    for name, target in targets.items():
+        os.symlink(target, folder / name)
+    fifos = [outside / "pipe"]
+    plan = {p.path: p for p in finishes(folders.plan_folder, folder, [roots], fifos=fifos)}
+    assert {name: plan[name].error for name in targets} == dict.fromkeys(targets, folders.LINK_OUTSIDE)
+
+    # The same through a manifest, listed or not.
+    rows = "".join(f"{name},P{i},left\n" for i, name in enumerate(["missing", "etc_hostname", "photo.jpg"]))
+    (folder / "manifest.csv").write_text("image,patient_id,eye\n16_left.jpg,A,left\n" + rows)
+    plan = {p.path: p for p in finishes(folders.plan_folder, folder, [roots], fifos=fifos)}
+    assert {name: plan[name].error for name in targets} == dict.fromkeys(targets, folders.LINK_OUTSIDE)
+    assert plan["16_left.jpg"].error is None
+
+    # A link swapped to the outside after planning is refused when the photograph is read.
+    os.symlink(folder / "16_left.jpg", folder / "43_left.jpg")
+    assert not isinstance(folders.read_photo(folder / "43_left.jpg", 10**8, [roots.resolve()]), str)
+    (folder / "43_left.jpg").unlink()
+    os.symlink(outside / "photo.jpg", folder / "43_left.jpg")
+    assert folders.read_photo(folder / "43_left.jpg", 10**8, [roots.resolve()]) == folders.LINK_OUTSIDE
+    assert not isinstance(folders.read_photo(folder / "43_left.jpg", 10**8), str)  # the local CLI
+
+
+def test_manifest_out_of_the_roots_is_refused(
+    url: str, store: FileStore, tmp_path: Path, roots: Path
+) -> None:
+    secret = tmp_path / "secret.csv"
+    secret.write_text("image,patient_id,eye\n16_left.jpg,SECRET-ROW,left\n")
+    folder = make_folder(roots, ["16_left.jpg"])
+    os.symlink(secret, folder / "manifest.csv")
+    with pytest.raises(ManifestError, match="outside the import roots"):
+        folders.plan_folder(folder, [roots])
+    job_id = new_job(url, folder)
+    summary = folders.expand_folder(job_id, db_url=url, store=store, enqueue=Sent())
+    assert summary.error is not None and "outside the import roots" in summary.error
+    assert items_by_path(url, job_id) == {}
+    with session_scope(url) as s:
+        job = repo.get_job(s, job_id)
+        assert job is not None and job.status == "failed" and "SECRET" not in (job.error or "")
+    # A dangling link out of the roots: the same answer (nothing told about what exists).
+    (folder / "manifest.csv").unlink()
+    os.symlink(tmp_path / "nope.csv", folder / "manifest.csv")
+    with pytest.raises(ManifestError, match="outside the import roots"):
+        folders.plan_folder(folder, [roots])
+    # A link to a manifest inside the roots is fine.
+    shared = roots / "shared.csv"
+    shared.write_text("image,patient_id,eye\n16_left.jpg,A,right\n")
+    (folder / "manifest.csv").unlink()
+    os.symlink(shared, folder / "manifest.csv")
+    plan = {p.path: p for p in folders.plan_folder(folder, [roots])}
+    assert (plan["16_left.jpg"].patient_id, plan["16_left.jpg"].eye) == ("A", "right")
+
+
+def test_oversized_manifest_is_refused(roots: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = make_folder(roots, ["16_left.jpg"])
+    with (folder / "manifest.csv").open("wb") as fh:
+        fh.write(b"image,patient_id,eye\n16_left.jpg,A,left\n")
+        fh.truncate(folders.MAX_MANIFEST_BYTES + 1)  # sparse: refused from its size, never read
+    for roots_arg in ([roots], None):
+        with pytest.raises(ManifestError, match="too large"):
+            folders.plan_folder(folder, roots_arg)
+    # The limit itself: at it the manifest is read, one byte over it is refused.
+    body = b"image,patient_id,eye\n16_left.jpg,A,left\n"
+    monkeypatch.setattr(folders, "MAX_MANIFEST_BYTES", len(body))
+    (folder / "manifest.csv").write_bytes(body)
+    assert [p.patient_id for p in folders.plan_folder(folder, [roots]) if p.path == "16_left.jpg"] == ["A"]
+    (folder / "manifest.csv").write_bytes(body + b"\n")
+    with pytest.raises(ManifestError, match="too large"):
+        folders.plan_folder(folder, [roots])
+
+
+def test_planning_stopped_by_the_soft_time_limit_fails_the_job(
+    url: str, store: FileStore, roots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-sending an expansion whose planning outlasted the limit would only plan again."""
+    folder = make_folder(roots, ["16_left.jpg"])
+    job_id = new_job(url, folder)
+
+    def slow(*_: object) -> list[folders.PlannedFile]:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(folders, "plan_folder", slow)
+    summary = folders.expand_folder(job_id, db_url=url, store=store, enqueue=Sent())
+    assert summary.error is not None and "time limit" in summary.error
+    with session_scope(url) as s:
+        job = repo.get_job(s, job_id)
+        assert job is not None and job.status == "failed" and "time limit" in (job.error or "")
 
 
 def test_expand_folder(url: str, store: FileStore, roots: Path, ens: StubEnsemble) -> None:
