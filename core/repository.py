@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
@@ -63,6 +64,12 @@ def get_or_create_clinic(session: Session, name: str) -> Clinic:
     session.execute(stmt.on_conflict_do_nothing(index_elements=["name"]))
     clinic = session.scalars(select(Clinic).where(Clinic.name == name)).one()
     return clinic
+
+
+def import_roots_of(session: Session, clinic_id: int) -> list[Path]:
+    """The import folders this clinic's folder jobs may read (``Settings.import_roots_for``)."""
+    clinic = session.get(Clinic, clinic_id)
+    return get_settings().import_roots_for(clinic.name) if clinic is not None else []
 
 
 def get_clinic_by_name(session: Session, name: str) -> Clinic | None:

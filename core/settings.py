@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     store_dir: Path | None = None
     #: Folders that ``POST /v1/jobs`` may read (colon separated in the environment).
     import_roots: str = ""
+    #: Give each clinic its own part of the import roots: a clinic's folder jobs may read only
+    #: ``<root>/<clinic name>/``. Off, every clinic may read every root (one clinic per server).
+    import_per_clinic: bool = False
     #: Released ensemble workers load, ``name@version``; None = the newest shipped under models_dir.
     model: str | None = None
     #: Inference runtime used by workers; ``auto`` = PyTorch when a GPU is present, otherwise
@@ -86,6 +89,15 @@ class Settings(BaseSettings):
     @property
     def import_root_paths(self) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in self.import_roots.split(":") if p.strip()]
+
+    def import_roots_for(self, clinic_name: str) -> list[Path]:
+        """The folders one clinic's jobs may read: every root, or with ``import_per_clinic`` each
+        root's ``<clinic name>`` subfolder (none for a name that is not one plain folder name)."""
+        if not self.import_per_clinic:
+            return self.import_root_paths
+        if clinic_name in ("", ".", "..") or any(c in clinic_name for c in "/\\\x00"):
+            return []
+        return [(root / clinic_name).resolve() for root in self.import_root_paths]
 
     @property
     def max_upload_bytes(self) -> int:

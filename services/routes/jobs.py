@@ -18,9 +18,8 @@ from core import tasks
 from core.csvcells import csv_cell
 from core.errors import Forbidden, InvalidInput, NotFound
 from core.schemas import Accepted, JobStatus
-from core.settings import Settings
 from core.tables import ScoringJob
-from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
+from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, audit
 from services.errors import error_responses
 from services.views import image_results
 
@@ -64,13 +63,13 @@ class JobResultsPage(BaseModel):
     items: list[JobResultRow]
 
 
-def resolve_import_folder(raw: str, settings: Settings) -> Path:
-    """The real folder ``raw`` names, refused unless it lies under an import root.
+def resolve_import_folder(raw: str, roots: list[Path]) -> Path:
+    """The real folder ``raw`` names, refused unless it lies under one of ``roots`` (the calling
+    clinic's import roots: ``repository.import_roots_of``).
 
     ``..`` is refused outright, and the containment check is made on the fully resolved path, so a
     symlink inside a root that points elsewhere is refused too. Paths outside the roots get the
     same answer whether or not they exist (no probing of the server's filesystem)."""
-    roots = settings.import_root_paths
     if not roots:
         raise Forbidden("folder jobs are disabled: no import roots are configured (DRSCREEN_IMPORT_ROOTS)")
     if "\x00" in raw:
@@ -99,10 +98,9 @@ def create_job(
     body: JobRequest,
     session: SessionDep,
     principal: PrincipalDep,
-    settings: SettingsDep,
     producer: ProducerDep,
 ) -> JSONResponse:
-    folder = resolve_import_folder(body.folder, settings)
+    folder = resolve_import_folder(body.folder, repo.import_roots_of(session, principal.clinic_id))
     job = repo.create_job(session, principal.clinic_id, str(folder), explain=body.explain)
     audit(
         session,

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from core.db import session_scope
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 from core.tables import AuditEvent, Bundle, Image, Patient, ScoringJob
 from services.app import create_app
 from services.config import get_api_settings
@@ -296,6 +296,42 @@ def test_folder_jobs_stay_inside_the_import_roots(
         assert resp.status_code == 202
         job = client.get(f"/v1/jobs/{resp.json()['id']}", headers=key.headers).json()
         assert job["status"] == "queued" and job["folder"] == str((root / "visit").resolve())
+
+
+def test_per_clinic_import_folders_keep_clinics_apart(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With DRSCREEN_IMPORT_PER_CLINIC a clinic reads only <root>/<its name>/ (the audit: clinic B
+    could import clinic A's exported folder and see A's photographs as its own)."""
+    root = tmp_path / "imports"
+    for clinic in ("North", "South"):
+        (root / clinic / "visit").mkdir(parents=True)
+    north, south = make_key(url, "North"), make_key(url, "South")
+    monkeypatch.setenv("DRSCREEN_IMPORT_ROOTS", str(root))
+    monkeypatch.setenv("DRSCREEN_IMPORT_PER_CLINIC", "true")
+    get_settings.cache_clear()
+    try:
+        with TestClient(create_app()) as client:
+            for key, folder, status in (
+                (north, root / "North" / "visit", 202),
+                (south, root / "South" / "visit", 202),
+                (south, root / "North" / "visit", 403),
+                (north, root / "South", 403),
+                (north, root, 403),
+            ):
+                resp = client.post("/v1/jobs", headers=key.headers, json={"folder": str(folder)})
+                assert resp.status_code == status, (folder, resp.text)
+    finally:
+        get_settings.cache_clear()
+
+
+def test_import_roots_for_a_clinic(tmp_path: Path) -> None:
+    shared = Settings(import_roots=f"{tmp_path}/a:{tmp_path}/b")
+    assert shared.import_roots_for("North") == [(tmp_path / "a").resolve(), (tmp_path / "b").resolve()]
+    own = Settings(import_roots=f"{tmp_path}/a", import_per_clinic=True)
+    assert own.import_roots_for("North") == [(tmp_path / "a" / "North").resolve()]
+    for unsafe in ("", ".", "..", "a/b", "a\\b", "x\x00"):
+        assert own.import_roots_for(unsafe) == []
 
 
 def test_no_import_roots_means_no_folder_jobs(client: TestClient, key: Key, tmp_path: Path) -> None:

@@ -346,6 +346,23 @@ def test_expand_folder_refuses_outside_roots(url: str, store: FileStore, tmp_pat
             assert job is not None and job.status == "failed" and job.error
 
 
+def test_expand_folder_keeps_to_the_clinics_own_folder(
+    url: str, store: FileStore, roots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With DRSCREEN_IMPORT_PER_CLINIC the worker re-checks the job against its clinic's folder
+    (``new_job``'s clinic is North): a job naming another clinic's folder fails."""
+    monkeypatch.setenv("DRSCREEN_IMPORT_PER_CLINIC", "true")
+    get_settings.cache_clear()
+    try:
+        own = make_folder(roots / "North", ["16_left.jpg"])
+        other = make_folder(roots / "South", ["16_left.jpg"])
+        assert not folders.expand_folder(new_job(url, own), db_url=url, store=store, enqueue=Sent()).error
+        refused = folders.expand_folder(new_job(url, other), db_url=url, store=store, enqueue=Sent())
+        assert refused.error is not None and not refused.sent
+    finally:
+        get_settings.cache_clear()
+
+
 def test_same_photo_twice_is_one_image(url: str, store: FileStore, roots: Path) -> None:
     folder = make_folder(roots, ["16_left.jpg"])
     (folder / "16_left_copy.jpg").write_bytes((PHOTOS / "16_left.jpg").read_bytes())
