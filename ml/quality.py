@@ -8,7 +8,8 @@ Four scores in [0, 1], each from a few interpretable measurements at a fixed ana
 - ``field_of_view``: how much of the fitted disc lies inside the frame and how centred it is.
 - ``exposure``: brightness inside the disc and the share of clipped dark/bright pixels.
 - ``focus``: fine-detail (vessel-edge) energy relative to coarser structure inside the disc,
-  which is contrast-independent and drops steeply with defocus blur.
+  which is contrast-independent and drops steeply with defocus blur, and the absolute fine-detail
+  energy, because under heavy blur the coarse structure fades too and the ratio recovers.
 
 Raw measurements map to scores through linear ramps whose end points, like the pass marks,
 live in :class:`QualityThresholds` so a released model can ship its own calibration as JSON.
@@ -70,8 +71,12 @@ class QualityThresholds:
     mean_luma_bright: tuple[float, float] = (240.0, 215.0)
     clipped_bright: tuple[float, float] = (0.25, 0.10)
     clipped_dark: tuple[float, float] = (0.50, 0.20)
-    # focus (log10 of fine/coarse band energy ratio)
+    # focus: log10 of the fine/coarse band energy ratio, and log10 of the fine band's energy.
+    # Both must pass; the energy ramp (added in version 2 of the JSON) catches heavy blur
+    # (sigma >= ~8 px at 512 px), where the coarse band empties too and the ratio climbs back.
+    # A file without it (version 1) gets this default, so older calibrations gain the check.
     focus_log_ratio: tuple[float, float] = (-1.6, -1.1)
+    focus_log_energy: tuple[float, float] = (-1.0, -0.4)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QualityThresholds:
@@ -296,7 +301,12 @@ def measure(rgb: np.ndarray) -> dict[str, float]:
     fine = float(np.mean((b1 - b2)[core] ** 2))
     coarse = float(np.mean((b2 - b3)[core] ** 2)) + 1e-6
     out["focus_log_ratio"] = math.log10(fine / coarse + 1e-9)
+    # Absolute fine-band energy (8-bit units^2 at the analysis size). Not contrast-independent,
+    # but the ratio alone is fooled by heavy blur, and this falls steadily with any blur.
     out["sharp_energy"] = fine
+    out["focus_log_energy"] = math.log10(fine + 1e-9)
+    # Diagnostic only: calibration compared it, and it separates blurred from sharp photos worse.
+    out["coarse_energy"] = coarse
     return out
 
 
@@ -323,7 +333,10 @@ def assess_quality(rgb: np.ndarray, thresholds: QualityThresholds | None = None)
     dark = min(_ramp(m["mean_luma"], t.mean_luma_dark), _ramp(m["clipped_dark"], t.clipped_dark))
     bright = min(_ramp(m["mean_luma"], t.mean_luma_bright), _ramp(m["clipped_bright"], t.clipped_bright))
     exposure = min(dark, bright)
-    focus = _ramp(m["focus_log_ratio"], t.focus_log_ratio)
+    # A sharp photograph must pass both: heavy blur fails the energy even where the ratio recovers.
+    focus_ratio = _ramp(m["focus_log_ratio"], t.focus_log_ratio)
+    focus_energy = _ramp(m["focus_log_energy"], t.focus_log_energy)
+    focus = min(focus_ratio, focus_energy)
 
     scores = {
         "focus": round(focus, 4),

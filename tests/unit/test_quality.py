@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image, ImageFilter
 
 from ml.imageio import decode_image
 from ml.quality import QualityReport, QualityThresholds, assess_quality, load_thresholds
@@ -100,6 +102,36 @@ def test_real_photos_gradable_and_degraded_rejected() -> None:
         assert not assess_quality((rgb * 0.15).astype(np.uint8)).gradable
 
 
+def pil_blur_jpeg(rgb: np.ndarray, sigma: float) -> np.ndarray:
+    """Blurred the way the audit did it: Pillow's Gaussian blur, then JPEG quality 90."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(sigma)).save(buf, "JPEG", quality=90)
+    return decode_image(buf.getvalue())
+
+
+# Shipped samples whose heavily blurred copies passed the ratio-only focus test (version 1):
+# the coarse band empties too, so the fine/coarse ratio climbs back above its pass mark.
+@pytest.mark.parametrize("sample", ["19/19_left.jpg", "178/178_right.jpg"])
+def test_heavily_blurred_sample_is_out_of_focus(sample: str) -> None:
+    rgb = decode_image((REPO / "samples" / sample).read_bytes())
+    q = assess_quality(rgb)
+    assert q.gradable, q.as_dict()
+    for sigma in (12, 16):
+        blurred = assess_quality(pil_blur_jpeg(rgb, sigma))
+        assert not blurred.gradable, (sigma, blurred.as_dict())
+        assert "out_of_focus" in blurred.reasons, (sigma, blurred.as_dict())
+
+
+def test_version1_thresholds_file_gains_the_energy_check(tmp_path: Path) -> None:
+    """A file calibrated before the absolute-energy ramp existed still loads, with its default."""
+    old = QualityThresholds().to_dict()
+    del old["focus_log_energy"]
+    p = tmp_path / "v1.json"
+    p.write_text(json.dumps({**old, "version": 1}))
+    assert load_thresholds(p).focus_log_energy == QualityThresholds().focus_log_energy
+    assert load_thresholds().focus_log_energy == QualityThresholds().focus_log_energy
+
+
 def test_fast_enough() -> None:
     rgb = real_photos("drive-ungraded", 1)[0]
     assess_quality(rgb)
@@ -132,7 +164,7 @@ def test_rejects_wrong_array() -> None:
 
 
 @pytest.mark.parametrize("q", [50, 75])
-def test_histogram_percentile_equals_numpy(q: float) -> None:
+def test_histogram_percentile_equals_numpy(q: int) -> None:
     """The gate reads percentiles off a histogram; they must be numpy's, to the bit."""
     from ml.quality import _percentile_u8
 
