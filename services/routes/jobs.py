@@ -50,6 +50,9 @@ class JobResultRow(BaseModel):
     referable: bool | None = None
     gradable: bool | None = None
     probabilities: list[float] | None = None
+    quality_reasons: list[str] | None = Field(
+        default=None, description="why the quality gate found the photograph ungradable (empty when gradable)"
+    )
     model_version: str | None = None
     error: str | None = None
 
@@ -179,6 +182,8 @@ def _rows(
         if res is not None:
             row.grade, row.referable, row.gradable = res.grade, res.referable, res.gradable
             row.probabilities, row.model_version = res.probabilities, res.model_version
+            if res.quality is not None:
+                row.quality_reasons = list(res.quality.get("reasons") or [])
         rows.append(row)
     return len(items), rows
 
@@ -189,10 +194,11 @@ CSV_COLUMNS = ["file", "image_id", "patient_id", "eye", "status", "grade", "refe
 def _csv(rows: list[JobResultRow]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow([*CSV_COLUMNS, "p0", "p1", "p2", "p3", "p4", "model_version", "error"])
+    writer.writerow([*CSV_COLUMNS, "p0", "p1", "p2", "p3", "p4", "quality_reasons", "model_version", "error"])
     for r in rows:
         probs: list[Any] = [f"{p:.6f}" for p in r.probabilities] if r.probabilities else [None] * 5
-        values = [getattr(r, c) for c in CSV_COLUMNS] + probs + [r.model_version, r.error]
+        reasons = None if r.quality_reasons is None else ";".join(r.quality_reasons)
+        values = [getattr(r, c) for c in CSV_COLUMNS] + probs + [reasons, r.model_version, r.error]
         writer.writerow([csv_cell(v) for v in values])
     return buf.getvalue()
 

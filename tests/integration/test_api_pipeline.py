@@ -178,6 +178,7 @@ def test_screening_through_the_api(
     )
     # booleans as the CLI's CSV writes them
     assert all(r["referable"] in ("true", "false") and r["gradable"] == "true" for r in table)
+    assert all(r["quality_reasons"] == "" for r in table)  # the column is there; gradable: no reason
 
     # Another clinic sees none of it: every id answers 404.
     foreign = [

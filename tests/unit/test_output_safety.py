@@ -46,7 +46,11 @@ def test_csv_cell(value: Any, cell: str) -> None:
 def test_job_results_csv_neutralises_formulas_and_writes_lowercase_booleans() -> None:
     row = JobResultRow(file=FORMULA, status="done", patient_id="7", eye="left", grade=0,
                        referable=False, gradable=True, probabilities=[0.9, 0.1, 0, 0, 0])  # fmt: skip
-    (parsed,) = list(csv.DictReader(io.StringIO(_csv([row]))))
+    blurred = JobResultRow(file="8_left.jpg", status="done", patient_id="8", eye="left", referable=True,
+                           gradable=False, quality_reasons=["out_of_focus", "underexposed"])  # fmt: skip
+    parsed, ungradable = list(csv.DictReader(io.StringIO(_csv([row, blurred]))))
+    # the CLI's column, with the gate's reasons (the HTTP CSV had none)
+    assert ungradable["quality_reasons"] == "out_of_focus;underexposed" and ungradable["p0"] == ""
     assert parsed["file"] == "'" + FORMULA
     assert (parsed["referable"], parsed["gradable"], parsed["grade"]) == ("false", "true", "0")
     assert parsed["p0"] == "0.900000" and parsed["error"] == ""
