@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from core.aggregation import GradeFn, ImageScore, PatientAggregate, aggregate_patient
 from core.errors import InvalidInput, NotFound
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 from core.tables import (
     EYES,
     ApiKey,
@@ -66,10 +66,10 @@ def get_or_create_clinic(session: Session, name: str) -> Clinic:
     return clinic
 
 
-def import_roots_of(session: Session, clinic_id: int) -> list[Path]:
+def import_roots_of(session: Session, clinic_id: int, settings: Settings) -> list[Path]:
     """The import folders this clinic's folder jobs may read (``Settings.import_roots_for``)."""
     clinic = session.get(Clinic, clinic_id)
-    return get_settings().import_roots_for(clinic.name) if clinic is not None else []
+    return settings.import_roots_for(clinic.name) if clinic is not None else []
 
 
 def get_clinic_by_name(session: Session, name: str) -> Clinic | None:

@@ -470,7 +470,7 @@ def expand_folder(
             summary.error = job.error
             return summary
         clinic_id, folder_text = job.clinic_id, job.folder
-        roots = repo.import_roots_of(session, clinic_id)  # re-checked: settings or links may change
+        roots = repo.import_roots_of(session, clinic_id, settings)  # re-checked: settings or links may change
     try:
         folder = check_folder(folder_text, roots)
         plan = plan_folder(folder, roots)

@@ -19,7 +19,7 @@ from core.csvcells import csv_cell
 from core.errors import Forbidden, InvalidInput, NotFound
 from core.schemas import Accepted, JobStatus
 from core.tables import ScoringJob
-from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, audit
+from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
 from services.errors import error_responses
 from services.views import image_results
 
@@ -101,9 +101,10 @@ def create_job(
     body: JobRequest,
     session: SessionDep,
     principal: PrincipalDep,
+    settings: SettingsDep,
     producer: ProducerDep,
 ) -> JSONResponse:
-    folder = resolve_import_folder(body.folder, repo.import_roots_of(session, principal.clinic_id))
+    folder = resolve_import_folder(body.folder, repo.import_roots_of(session, principal.clinic_id, settings))
     job = repo.create_job(session, principal.clinic_id, str(folder), explain=body.explain)
     audit(
         session,

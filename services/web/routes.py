@@ -593,7 +593,7 @@ def _jobs_page(
     context = {
         "jobs": listed,
         "active": any(j["job"].status in ("queued", "running") for j in listed),
-        "roots": [str(p) for p in repo.import_roots_of(session, principal.clinic_id)],
+        "roots": [str(p) for p in repo.import_roots_of(session, principal.clinic_id, settings)],
         "error": error,
         "folder": folder,
     }
@@ -628,7 +628,7 @@ def start_job(
         return _jobs_page(request, session, principal, settings, error="Give a folder path.", status_code=422)
     try:
         job_routes.create_job(
-            job_routes.JobRequest(folder=folder, explain=explain), session, principal, producer
+            job_routes.JobRequest(folder=folder, explain=explain), session, principal, settings, producer
         )
     except DomainError as exc:
         session.rollback()
