@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from ml.ensemble_fit import RELEASE_REPEATS, choose_rule, fit_rules, member_chec
 from ml.inference.combine import CombineRule, combine, expected
 from ml.inference.ensemble import Ensemble, Member
 from ml.metrics import DEFAULT_THRESHOLDS, bootstrap_intervals, grading_report
+from ml.publish import ReleaseError, check_name_version, publishing
 from ml.release import (
     default_models_dir,
     ensemble_dir,
@@ -48,14 +50,35 @@ log = logging.getLogger(__name__)
 
 
 def export_member(
-    run_dir: Path, name: str, version: str, half: bool, models_dir: Path, check: list[Sample] | None = None
+    run_dir: Path,
+    name: str,
+    version: str,
+    half: bool,
+    models_dir: Path,
+    check: list[Sample] | None = None,
+    force: bool = False,
 ) -> Path:
     """Copy a run's best checkpoint into models/members/<name>/<version>.
 
     With ``half``, weights are stored as float16 only if that changes no grade (default cuts on
     the expected grade) on the ``check`` photographs (the natural-colour validation patients
-    unless given); otherwise float32 is kept and the metadata says why.
+    unless given); otherwise float32 is kept and the metadata says why. An existing version is
+    refused unless ``force`` (``ml.publish``); nothing is written unless every step passes.
     """
+    check_name_version(name, version)
+    src = run_dir / "best"
+    if not (src / "config.json").exists():
+        raise ReleaseError(f"{run_dir} has no best checkpoint ({src}): not a finished training run")
+    with publishing(models_dir, "members", name, version, force) as staging:
+        _write_member(run_dir, staging, name, version, half, check)
+    dst = member_dir(f"{name}@{version}", models_dir)
+    log.info("exported %s -> %s (%.1f MB)", run_dir, dst, (dst / "model.safetensors").stat().st_size / 1e6)
+    return dst
+
+
+def _write_member(
+    run_dir: Path, dst: Path, name: str, version: str, half: bool, check: list[Sample] | None
+) -> None:
     src = run_dir / "best"
     model, pre, config = load_checkpoint(src)
     meta = {
@@ -65,9 +88,6 @@ def export_member(
     }
     meta.pop("history", None)
     meta.update({"changelog": f"{version}: trained by run {run_dir.name}", "run": run_dir.name})
-    dst = models_dir / "members" / name / version
-    if dst.exists():
-        shutil.rmtree(dst)
     save_checkpoint(dst, model, pre, name, version, meta, half=half)
     if half:
         if check is None:
@@ -90,8 +110,6 @@ def export_member(
     for extra in ("curves.png", "metrics.jsonl", "config.json", OOF_FILE, "cv.json", CURVES_FILE):
         if (run_dir / extra).exists():
             shutil.copy(run_dir / extra, dst / ("train_" + extra if extra == "config.json" else extra))
-    log.info("exported %s -> %s (%.1f MB)", run_dir, dst, (dst / "model.safetensors").stat().st_size / 1e6)
-    return dst
 
 
 def half_precision_check(full: Path, half: Path, name: str, samples: list[Sample]) -> dict[str, Any]:
@@ -137,11 +155,19 @@ def export_ensemble(
     nested: bool = True,
     measure_test: bool = True,
     repeats: int = RELEASE_REPEATS,
+    force: bool = False,
 ) -> Path:
     """Fit the combination rules on validation, choose one, write manifest and model card.
     ``nested=False``: the weighted average judged as up to 1.4.0 (``ml.ensemble_fit.fit_rules``);
     ``measure_test=False``: the test patients are neither scored nor reported; ``repeats``:
-    shuffles of the patient folds that judge rules, floors and members (4 up to 1.4.2)."""
+    shuffles of the patient folds that judge rules, floors and members (4 up to 1.4.2).
+    An existing version is refused unless ``force``; a member trained on any of the test patients
+    is refused (its test figures would not be of unseen patients)."""
+    check_name_version(name, version)
+    if ensemble_dir(f"{name}@{version}", models_dir).exists() and not force:
+        raise ReleaseError(
+            f"ensemble {name}@{version} exists: choose a new version (or --force for a candidate)"
+        )
     members = []
     for ref in member_refs:
         model, pre, config = load_checkpoint(member_dir(ref, models_dir))
@@ -150,6 +176,8 @@ def export_ensemble(
     val, test = split["val"], split["test"]
     if not measure_test:
         test = []
+    for member in members:
+        _check_not_trained_on(member, test)
     y_test = np.array([s.grade for s in test])
     p_test = member_probs(members, test) if test else None
     fit_set = out_of_fold_set(member_refs, models_dir)
@@ -189,8 +217,6 @@ def export_ensemble(
         test_intervals = bootstrap_intervals(
             y_test, chosen_grades, combined[:, 2:].sum(axis=1), [s.patient_id for s in test]
         )
-    folder = ensemble_dir(f"{name}@{version}", models_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     manifest = {
         "name": name,
         "version": version,
@@ -218,8 +244,10 @@ def export_ensemble(
     quality = Path(__file__).with_name("quality_thresholds.json")
     if quality.exists():
         manifest["quality_thresholds"] = json.loads(quality.read_text())
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
-    (folder / "MODEL_CARD.md").write_text(model_card(manifest))
+    with publishing(models_dir, "ensembles", name, version, force) as staging:
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
+        (staging / "MODEL_CARD.md").write_text(model_card(manifest))
+    folder = ensemble_dir(f"{name}@{version}", models_dir)
     oof = checks.get(chosen)
     log.info(
         "ensemble %s@%s: rule %s, out-of-fold QWK %s, sensitivity %s, specificity %s%s",
@@ -230,6 +258,26 @@ def export_ensemble(
         "" if measure_test else " (test part not measured)",
     )
     return folder
+
+
+def _check_not_trained_on(member: Member, test: list[Sample]) -> None:
+    """Refuse a member whose own split put any of ``test``'s patients in its training or
+    validation part (a member trained with another ``data.split_seed`` or fractions)."""
+    if not test:
+        return
+    trained = member.config.get("metadata", {}).get("train_config", {}).get("data")
+    if not trained:
+        return  # no record of its split (releases before metadata carried train_config)
+    data = DataConfig(**{k: v for k, v in trained.items() if k in DataConfig.__dataclass_fields__})
+    own = natural_split(TrainConfig(data=data), Path.cwd())
+    seen = {s.patient_id for part in ("train", "val") for s in own[part]}
+    leaked = sorted({s.patient_id for s in test} & seen)
+    if leaked:
+        raise ReleaseError(
+            f"{member.ref} was trained or tuned on {len(leaked)} of the test patients (its data "
+            f"split differs: e.g. patients {', '.join(leaked[:5])}); its test figures would not be "
+            "of unseen patients"
+        )
 
 
 def out_of_fold_set(
@@ -332,6 +380,7 @@ def export_cli(args: list[str]) -> None:
     pm.add_argument("--name", required=True)
     pm.add_argument("--version", required=True)
     pm.add_argument("--half", action="store_true", help="store weights as float16")
+    pm.add_argument("--force", action="store_true", help="replace an existing version (candidates only)")
     ps = sub.add_parser("soup", help="average the weights of several runs into one run folder (ml/soup.py)")
     ps.add_argument("run_dirs", type=Path, nargs="+")
     ps.add_argument("--out", type=Path, required=True)
@@ -361,6 +410,7 @@ def export_cli(args: list[str]) -> None:
         action="store_true",
         help="leave the test patients out (a candidate for a rule fixed beforehand to choose)",
     )
+    pe.add_argument("--force", action="store_true", help="replace an existing version (candidates only)")
     po = sub.add_parser("onnx", help="export an ensemble's members to ONNX")
     po.add_argument("--model", default=None, help="ensemble NAME@VERSION (default newest)")
     po.add_argument("--quantize", action="store_true")
@@ -368,8 +418,16 @@ def export_cli(args: list[str]) -> None:
         p.add_argument("--models-dir", type=Path, default=default_models_dir())
     ns = parser.parse_args(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        _run(ns)
+    except ReleaseError as exc:
+        sys.stderr.write(f"drscreen export: {exc}\n")
+        raise SystemExit(2) from None
+
+
+def _run(ns: argparse.Namespace) -> None:
     if ns.what == "member":
-        export_member(ns.run_dir, ns.name, ns.version, ns.half, ns.models_dir)
+        export_member(ns.run_dir, ns.name, ns.version, ns.half, ns.models_dir, force=ns.force)
     elif ns.what == "soup":
         from ml.soup import make_soup
 
@@ -386,6 +444,7 @@ def export_cli(args: list[str]) -> None:
             nested=not ns.plain_weight_check,
             measure_test=not ns.validation_only,
             repeats=ns.repeats,
+            force=ns.force,
         )
     else:
         from ml.onnx_export import export_onnx

@@ -48,10 +48,10 @@ export_release() {
   local refs=() name run
   for name in "${members[@]}"; do
     run=$("$1" "$2" "$name")
-    .venv/bin/drscreen export member "${run%/}" --name "$name" --version "$version" --half
+    .venv/bin/drscreen export member ${EXPORT_FORCE:-} "${run%/}" --name "$name" --version "$version" --half
     refs+=(--member "$name@$version")
   done
-  .venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version" \
+  .venv/bin/drscreen export ensemble ${EXPORT_FORCE:-} "${refs[@]}" --name drscreen-ensemble --version "$version" \
     --plain-weight-check --repeats 4
 }
 
@@ -70,8 +70,8 @@ soup_release() {
     wait
     .venv/bin/drscreen export soup $(cat "$dir/draw-36" "$dir/draw-37" "$dir/draw-38") --out "$dir/soup"
   fi
-  .venv/bin/drscreen export member "$dir/soup" --name lite1-cbam-multitask --version "$member" --half
-  .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member "lite1-cbam-multitask@$member" \
+  .venv/bin/drscreen export member ${EXPORT_FORCE:-} "$dir/soup" --name lite1-cbam-multitask --version "$member" --half
+  .venv/bin/drscreen export ensemble ${EXPORT_FORCE:-} --member mnv2-regression@1.3.0 --member "lite1-cbam-multitask@$member" \
     --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version"
 }
 
@@ -87,7 +87,7 @@ if [[ "$version" == "1.4.1" || "$version" == "1.4.2" || "$version" == "1.4.3" ]]
   # 1.4.1 was chosen before the equal_average candidate existed (it would now be outranked): pin it
   pin=(); [[ "$version" == "1.4.1" ]] && pin=(--rule max_vote)
   repeats=(--repeats 4); [[ "$version" == "1.4.3" ]] && repeats=(--repeats 20)
-  .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member lite1-cbam-multitask@1.4.0 \
+  .venv/bin/drscreen export ensemble ${EXPORT_FORCE:-} --member mnv2-regression@1.3.0 --member lite1-cbam-multitask@1.4.0 \
     --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version" "${pin[@]}" "${repeats[@]}"
   exit 0
 fi
@@ -99,9 +99,9 @@ if [[ "$version" == "1.4.0" ]]; then
     .venv/bin/drscreen train --config configs/member-lite1-cbam-multitask-1.4.toml --set threads=1 \
       --set 'out_dir="runs/s5"'
   fi
-  .venv/bin/drscreen export member "$(newest_run runs/s5 lite1-cbam-multitask)" \
+  .venv/bin/drscreen export member ${EXPORT_FORCE:-} "$(newest_run runs/s5 lite1-cbam-multitask)" \
     --name lite1-cbam-multitask --version "$version" --half
-  .venv/bin/drscreen export ensemble --member mnv2-regression@1.3.0 --member "lite1-cbam-multitask@$version" \
+  .venv/bin/drscreen export ensemble ${EXPORT_FORCE:-} --member mnv2-regression@1.3.0 --member "lite1-cbam-multitask@$version" \
     --member lite2-se-multitask@1.3.0 --name drscreen-ensemble --version "$version" \
     --plain-weight-check --repeats 4
   exit 0
@@ -160,9 +160,9 @@ for i in "${!members[@]}"; do
   name=${members[$i]} member_version=${versions[$i]}
   if [[ -n "${configs[$i]}" && "$member_version" == "$version" ]]; then
     run=$(newest_run runs "$name")
-    .venv/bin/drscreen export member "$run" --name "$name" --version "$version" --half
+    .venv/bin/drscreen export member ${EXPORT_FORCE:-} "$run" --name "$name" --version "$version" --half
   fi
   refs+=(--member "$name@$member_version")
 done
-.venv/bin/drscreen export ensemble "${refs[@]}" --name drscreen-ensemble --version "$version" \
+.venv/bin/drscreen export ensemble ${EXPORT_FORCE:-} "${refs[@]}" --name drscreen-ensemble --version "$version" \
     --plain-weight-check --repeats 4

@@ -9,6 +9,7 @@ without a regression head would make ``explain`` load its PyTorch network for au
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -279,7 +280,25 @@ def check_release(ref: str | None = None, models_dir: Path | None = None) -> str
     ref = resolve_ref(ref, models_dir)
     for entry in read_manifest(ref, models_dir)["members"]:
         read_release(member_dir(entry["ref"], models_dir))
+    check_manifest_members(ref, read_manifest(ref, models_dir), models_dir)
     return ref
+
+
+def check_manifest_members(ref: str, manifest: dict[str, Any], models_dir: Path | None) -> None:
+    """Each member's release must hold the weights the manifest was fitted with: a member
+    re-exported under its version would otherwise load silently with other weights (its own
+    metadata checks its file, not which file the ensemble meant)."""
+    for entry in manifest["members"]:
+        wanted = entry.get("weights_sha256") if isinstance(entry, dict) else None
+        if not wanted:
+            continue
+        meta_path = member_dir(entry["ref"], models_dir) / "metadata.json"
+        recorded = json.loads(meta_path.read_text()).get("weights_sha256") if meta_path.exists() else None
+        if recorded != wanted:
+            raise ValueError(
+                f"{ref}: member {entry['ref']} holds other weights than the ensemble was fitted with "
+                f"(sha256 {str(recorded)[:12]}..., manifest {wanted[:12]}...): re-exported under its version?"
+            )
 
 
 def load_ensemble(
@@ -304,6 +323,7 @@ def load_ensemble(
     """
     ref = resolve_ref(ref, models_dir)
     manifest = read_manifest(ref, models_dir)
+    check_manifest_members(ref, manifest, models_dir)
     refs = [entry["ref"] for entry in manifest["members"]]
     rule = CombineRule.from_dict(manifest["combination"])
     onnx = None

@@ -513,3 +513,65 @@ def test_two_builders_of_one_pixel_cache_do_not_clobber_each_other(
     expected = np.stack([real_prepare(data.load_rgb(s.path), cfg) for s in samples])
     assert np.array_equal(outer, expected) and np.array_equal(nested[0], expected)
     assert [p.name for p in cache.iterdir()] == [next(cache.glob("t-32-*.npy")).name]  # no leftovers
+
+
+def test_releases_are_immutable_all_or_nothing_and_checked(
+    smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit re-exported a member under its version: the ensemble fitted on the old weights
+    loaded it silently. Names, immutability, atomicity and the manifest's hashes are checked."""
+    import ml.export
+    from ml.export import export_ensemble, export_member
+    from ml.inference.ensemble import check_release
+    from ml.publish import ReleaseError
+    from ml.training.config import DataConfig
+
+    models = tmp_path / "models"
+    first = export_member(smoke_run, "imm", "0.0.1", half=False, models_dir=models)
+    sha = json.loads((first / "metadata.json").read_text())["weights_sha256"]
+    with pytest.raises(ReleaseError, match="exists"):
+        export_member(smoke_run, "imm", "0.0.1", half=False, models_dir=models)
+    for name, version in (
+        ("..", "0.0.1"),
+        ("../escape", "0.0.1"),
+        ("Imm", "0.0.1"),
+        ("imm", "1"),
+        ("imm", "../x"),
+    ):
+        with pytest.raises(ReleaseError):
+            export_member(smoke_run, name, version, half=False, models_dir=models)
+    assert [p.name for p in (models / "members").iterdir()] == ["imm"] and not (tmp_path / "escape").exists()
+
+    # a failed export (here: the disk fills while writing) leaves the release as it was
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ml.export, "save_checkpoint", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            export_member(smoke_run, "imm", "0.0.1", half=False, models_dir=models, force=True)
+    assert json.loads((first / "metadata.json").read_text())["weights_sha256"] == sha
+    assert (first / "model.safetensors").exists() and not list((models / ".staging").glob("*"))
+
+    data = DataConfig(natural_dir=_overrides_from(smoke_run)["data.natural_dir"])
+    ens = export_ensemble(
+        ["imm@0.0.1"], "imm-ens", "0.0.1", "equal_average", data, models, measure_test=False, repeats=2
+    )
+    assert check_release("imm-ens@0.0.1", models) == "imm-ens@0.0.1"
+    with pytest.raises(ReleaseError, match="exists"):
+        export_ensemble(["imm@0.0.1"], "imm-ens", "0.0.1", "equal_average", data, models, measure_test=False)
+
+    # a member whose weights are not the ones the manifest names is refused at load
+    manifest = json.loads((ens / "manifest.json").read_text())
+    manifest["members"][0]["weights_sha256"] = "0" * 64
+    (ens / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="other weights"):
+        check_release("imm-ens@0.0.1", models)
+
+    # a member trained on another split (some of these test patients in its training part)
+    meta_path = first / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["train_config"]["data"]["split_seed"] = meta["train_config"]["data"].get("split_seed", 0) + 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ReleaseError, match="test patients"):
+        export_ensemble(["imm@0.0.1"], "imm-ens", "0.0.2", "equal_average", data, models, repeats=2)

@@ -1,0 +1,66 @@
+"""Writing a release folder: validated names, immutable versions, all-or-nothing.
+
+A version, once written, is what workers and model cards refer to by ``name@version``; writing
+another model under the same name would change what an ensemble's manifest names without
+anything noticing (the session 17 audit re-exported a member under its version: the ensemble
+still loaded it, and its test QWK fell from 0.36 to 0.16). So an existing version is refused
+unless the caller forces it, and a release is built in a staging folder and renamed into place
+only when every step has passed: a failed export leaves the previous release as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+NAME: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")
+VERSION: Final = re.compile(r"\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?")
+STAGING: Final = ".staging"  # under the models folder: the same file system, so rename is atomic
+
+
+class ReleaseError(ValueError):
+    """A release cannot be written as asked (bad name or version, or the version exists)."""
+
+
+def check_name_version(name: str, version: str) -> None:
+    if not NAME.fullmatch(name) or ".." in name:
+        raise ReleaseError(f"release name {name!r}: lower-case letters, digits, '.', '_', '-' (not '..')")
+    if not VERSION.fullmatch(version):
+        raise ReleaseError(f"release version {version!r}: MAJOR.MINOR.PATCH, e.g. 1.7.0")
+
+
+@contextlib.contextmanager
+def publishing(models_dir: Path, kind: str, name: str, version: str, force: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder for ``models_dir/<kind>/<name>/<version>``; on a normal exit
+    it becomes that folder (replacing it only with ``force``), on an exception it is removed."""
+    check_name_version(name, version)
+    dst = models_dir / kind / name / version
+    if dst.exists() and not force:
+        raise ReleaseError(
+            f"{kind[:-1]} {name}@{version} exists ({dst}): a released version is never rewritten; "
+            "choose a new version (or --force for a candidate nothing ships)"
+        )
+    staging_root = models_dir / STAGING
+    staging_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{kind}-{name}-{version}-", dir=staging_root))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    replaced = None
+    if dst.exists():
+        replaced = staging_root / f"replaced-{kind}-{name}-{version}-{os.getpid()}"
+        dst.rename(replaced)
+    staging.rename(dst)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        staging_root.rmdir()  # only when empty
