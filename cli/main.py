@@ -110,7 +110,15 @@ def train(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    run_dir = _load("ml.training.train:train_from_config")(config, resume=resume, overrides=overrides)
+    from ml.training.config import ConfigError
+    from ml.training.train import ResumeError
+
+    try:
+        run_dir = _load("ml.training.train:train_from_config")(config, resume=resume, overrides=overrides)
+    except (ConfigError, ResumeError, FileNotFoundError) as exc:
+        # a config typo, a wrong --resume folder, a missing data folder: one line, nothing started
+        typer.echo(f"drscreen train: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(run_dir)  # the last stdout line: scripts take the run folder from it
 
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ml.models import ModelSpec
+from ml.models import ATTENTIONS, HEADS, ModelSpec
 from ml.preprocess import PreprocessConfig
 
 MONITORS = ("qwk", "referable_auc")
@@ -120,12 +120,80 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+class ConfigError(ValueError):
+    """A training config (or a ``--set``) names an unknown key or gives a value of the wrong type."""
+
+
+# The defaults of every section: their fields are the keys a config may set, their types the
+# types it must give (a typo such as ``sed = 3`` used to be ignored: the run went on with seed 0).
+_SECTIONS: dict[str, Any] = {
+    "model": ModelSpec(),
+    "preprocess": PreprocessConfig(),
+    "data": DataConfig(),
+    "loss": LossConfig(),
+    "stage1": StageConfig(),
+    "stage2": StageConfig(),
+}
+_TOP_KEYS = ("name", "seed", "threads", "out_dir", "two_stage", "init_from")
+_TOP = {k: getattr(TrainConfig(), k) for k in _TOP_KEYS}
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, tuple | list):
+        return isinstance(value, list | tuple)
+    return isinstance(value, type(default))
+
+
+def check_raw(raw: dict[str, Any]) -> None:
+    """Every key known and every value of its field's type; raises :class:`ConfigError`."""
+    problems = []
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                problems.append(f"[{key}] must be a table")
+                continue
+            fields = _SECTIONS[key].__dataclass_fields__
+            for name, item in value.items():
+                if name not in fields:
+                    problems.append(f"unknown key {key}.{name}")
+                elif not _type_ok(item, getattr(_SECTIONS[key], name)):
+                    kind = type(getattr(_SECTIONS[key], name)).__name__
+                    problems.append(f"{key}.{name} = {item!r}: expected {kind}")
+        elif key not in _TOP:
+            problems.append(f"unknown key {key}")
+        elif not _type_ok(value, _TOP[key]):
+            problems.append(f"{key} = {value!r}: expected {type(_TOP[key]).__name__}")
+    model = raw.get("model", {})
+    if isinstance(model, dict):
+        if model.get("head", HEADS[0]) not in HEADS:
+            problems.append(f"model.head {model['head']!r}: choose from {', '.join(HEADS)}")
+        if model.get("attention", ATTENTIONS[0]) not in ATTENTIONS:
+            problems.append(f"model.attention {model['attention']!r}: choose from {', '.join(ATTENTIONS)}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The config file with ``overrides`` applied, checked (:class:`ConfigError`)."""
     raw = tomllib.loads(Path(path).read_text())
     for key, value in (overrides or {}).items():
         section, _, name = key.rpartition(".")
         target = raw.setdefault(section, {}) if section else raw
         target[name] = value
+    check_raw(raw)
+    try:
+        return _build(raw)
+    except (TypeError, ValueError) as exc:  # e.g. an unknown monitor (StageConfig checks it)
+        raise ConfigError(str(exc)) from exc
+
+
+def _build(raw: dict[str, Any]) -> TrainConfig:
     return TrainConfig(
         name=raw.get("name", "member"),
         seed=raw.get("seed", 0),

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -289,6 +290,9 @@ def run_stage(
     if resumed_best is not None and start_epoch > 0:
         best_state, best_score = resumed_best
         bad_epochs = epochs_since_best([r for r in history if r["stage"] == name], stage.monitor_key)
+        if bad_epochs >= stage.patience:  # the interrupted run had stopped this stage early
+            log.info("%s had stopped early before the interruption: not trained further", name)
+            return best_state
     if average is not None and resumed_average is not None and start_epoch > 0:
         average.state, average.updates = resumed_average
     for epoch in range(stage.epochs):
@@ -363,6 +367,7 @@ def run_stage(
             )
         else:
             bad_epochs += 1
+        # written aside and renamed: a run killed while saving keeps its previous last.pt
         torch.save(
             {
                 "stage": name,
@@ -373,8 +378,9 @@ def run_stage(
                 "history": history,
                 "average": None if average is None else (average.state, average.updates),
             },
-            run_dir / "last.pt",
+            run_dir / "last.pt.tmp",
         )
+        os.replace(run_dir / "last.pt.tmp", run_dir / "last.pt")
         plot_curves(history, run_dir / "curves.png")
         if bad_epochs >= stage.patience:
             log.info(
@@ -386,6 +392,30 @@ def run_stage(
             )
             break
     return best_state
+
+
+# What may differ between a run and its resumption: the machine's share, not the experiment.
+_RESUME_MAY_CHANGE = ("threads",)
+
+
+class ResumeError(ValueError):
+    """``--resume`` was given a folder that is not this config's interrupted run."""
+
+
+def check_resumable(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume ``run_dir`` with another config (its config.json would be overwritten
+    and the checkpoint loaded into another network)."""
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        raise ResumeError(f"--resume {run_dir}: not a run folder (no config.json)")
+    saved = {k: v for k, v in json.loads(saved_path.read_text()).items() if k not in _RESUME_MAY_CHANGE}
+    wanted = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in _RESUME_MAY_CHANGE}
+    if saved != wanted:
+        differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+        raise ResumeError(
+            f"--resume {run_dir}: the run was started with another configuration (differs in "
+            f"{', '.join(differ)}); resume with the same --config and --set options"
+        )
 
 
 def epochs_since_best(rows: list[dict[str, Any]], key: str) -> int:
@@ -418,8 +448,12 @@ def train_from_config(
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
+    for folder in (cfg.data.natural_dir, cfg.data.equalized_dir):
+        if not (resolve(folder, base) / "labels.csv").exists():  # before a run folder is made
+            raise FileNotFoundError(f"no labels.csv in {resolve(folder, base)} (data folder of the config)")
     if resume:
         run_dir = Path(resume)
+        check_resumable(run_dir, cfg)
     else:
         run_dir = new_run_dir(
             resolve(cfg.out_dir, base), f"{cfg.model.arch}-{cfg.preprocess.size}-{cfg.name}"
@@ -427,11 +461,16 @@ def train_from_config(
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     data = prepare_data(cfg, base)
     log.info("data: %s split %s", data.counts, data.split_hash)
-    model = initial_model(cfg, base, resume is not None).to(DEVICE).to(memory_format=torch.channels_last)
+    # a run interrupted before its first epoch ended has no checkpoint: it starts over, from the
+    # ImageNet weights (it once resumed from random ones)
+    has_checkpoint = resume is not None and (run_dir / "last.pt").exists()
+    if resume is not None and not has_checkpoint:
+        log.warning("%s has no last.pt (stopped during its first epoch): starting it over", run_dir)
+    model = initial_model(cfg, base, has_checkpoint).to(DEVICE).to(memory_format=torch.channels_last)
     history: list[dict[str, Any]] = []
     done_stage, done_epoch = None, 0
     resumed_best = resumed_average = None
-    if resume and (run_dir / "last.pt").exists():
+    if has_checkpoint:
         state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         history, done_stage, done_epoch = state["history"], state["stage"], state["epoch"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -575,3 +576,63 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ReleaseError, match="test patients"):
         export_ensemble(["imm@0.0.1"], "imm-ens", "0.0.2", "equal_average", data, models, repeats=2)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"sed": 3}, "unknown key sed"),
+        ({"stage3.epochs": 1}, "unknown key stage3"),
+        ({"stage1.epoch": 1}, "unknown key stage1.epoch"),
+        ({"model.archh": "x"}, "unknown key model.archh"),
+        ({"threads": "two"}, "threads = 'two': expected int"),
+        ({"stage1.lr": "fast"}, "stage1.lr = 'fast': expected float"),
+        ({"model.head": "regresion"}, "model.head 'regresion'"),
+        ({"stage1.monitor": "auc"}, "monitor 'auc'"),
+    ],
+)
+def test_a_config_mistake_is_named_before_anything_runs(override: dict[str, object], message: str) -> None:
+    from ml.training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(REPO / "configs" / "smoke.toml", override)
+
+
+def test_every_shipped_config_is_valid() -> None:
+    from ml.training.config import load_config
+
+    for path in sorted((REPO / "configs").rglob("*.toml")):
+        load_config(path)
+
+
+def test_resume_refuses_another_config_and_restarts_a_run_without_checkpoint(
+    smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit: a run stopped in its first epoch resumed from random weights; resuming with
+    another config overwrote the run's config.json before failing."""
+    import ml.training.train as train_mod
+    from ml.training.config import load_config
+    from ml.training.train import ResumeError, train_from_config
+
+    config = REPO / "configs" / "smoke.toml"
+    overrides = _overrides_from(smoke_run)
+    saved = (smoke_run / "config.json").read_text()
+    with pytest.raises(ResumeError, match="another configuration"):
+        train_from_config(config, resume=smoke_run, overrides={**overrides, "seed": 12345})
+    assert (smoke_run / "config.json").read_text() == saved
+
+    stopped = tmp_path / "stopped-in-epoch-1"
+    stopped.mkdir()
+    (stopped / "config.json").write_text(json.dumps(load_config(config, overrides).to_dict()))
+    asked: list[bool] = []
+    real_build = train_mod.build_model
+
+    def recording(spec: object, pretrained: bool = False) -> object:
+        asked.append(pretrained)
+        raise RuntimeError("stop here")  # the initialisation is what this test is about
+
+    monkeypatch.setattr(train_mod, "build_model", recording)
+    with pytest.raises(RuntimeError, match="stop here"):
+        train_from_config(config, resume=stopped, overrides=overrides)
+    assert asked == [True]  # ImageNet weights, not a random network
+    monkeypatch.setattr(train_mod, "build_model", real_build)
