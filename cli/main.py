@@ -89,9 +89,14 @@ def evaluate(
     model: str | None = typer.Option(None, "--model", help="One model NAME@VERSION (default: ensemble)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON line (last)."),
     report: Path | None = typer.Option(None, "--report", help="Write a report with plots to DIR."),
+    runtime: str = typer.Option(
+        "torch",
+        "--runtime",
+        help="torch (float32, the model card's figures), onnx or openvino (what a CPU worker runs).",
+    ),
 ) -> None:
     """Score a labelled set and print metrics (QWK, accuracy, referable sensitivity/specificity/AUC)."""
-    _finish(_load("ml.evaluation:evaluate_cli")(labels, model, as_json, report))
+    _finish(_load("ml.evaluation:evaluate_cli")(labels, model, as_json, report, runtime))
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """`drscreen evaluate`: score a labelled set with a released ensemble (or one member) and
-report the contract's metrics; `--report DIR` adds a confusion matrix, ROC curve and a
-Markdown/HTML report.
+report the contract's metrics; `--report DIR` adds a confusion matrix and a Markdown/HTML
+report. Without `--model` it measures what the workers serve (`DRSCREEN_MODEL`, else the newest
+release); `--runtime onnx|openvino` runs the CPU workers' graphs instead of PyTorch float32.
 
 Labels CSV: columns `image` (path relative to the CSV's folder) and `grade`, optionally
 `patient_id` and `eye`. With patient ids, patient-level referable figures are added (a
@@ -13,6 +14,7 @@ import csv
 import html
 import json
 import logging
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -40,12 +42,27 @@ HEADLINE_KEYS = (
 )
 
 
-def load_model(ref: str | None) -> Ensemble:
-    """An ensemble by name@version, or a single released member wrapped as a 1-member ensemble."""
+RUNTIMES = ("torch", "onnx", "openvino")
+
+
+def load_model(ref: str | None, runtime: str = "torch") -> Ensemble:
+    """An ensemble by name@version, or a single released member wrapped as a 1-member ensemble.
+
+    No ``ref``: the ensemble the workers serve (``DRSCREEN_MODEL``, else the newest shipped).
+    ``runtime``: PyTorch float32 (the model card's figures), or the ONNX Runtime / OpenVINO path
+    a CPU worker runs (OpenVINO at its ``auto`` precision: bfloat16 where the release accepted it).
+    """
+    ref = ref or os.environ.get("DRSCREEN_MODEL") or None
     if ref and models_root_has_member(ref):
+        if runtime != "torch":
+            raise LabelsError(f"--runtime {runtime}: a single member is evaluated with PyTorch only")
         model, pre, config = load_checkpoint(member_dir(ref))
         return Ensemble(ref, [Member(ref, model, pre, config)], CombineRule("weighted_average", [1.0]), {})
-    return load_ensemble(ref)
+    if runtime not in RUNTIMES:
+        raise LabelsError(f"--runtime {runtime}: choose from {', '.join(RUNTIMES)}")
+    precision = os.environ.get("DRSCREEN_OPENVINO_PRECISION", "auto")
+    # quantized=None: int8 graphs only where the export kept them, as a worker loads them
+    return load_ensemble(ref, runtime=runtime, precision=precision, quantized=None)
 
 
 class LabelsError(ValueError):
@@ -80,9 +97,9 @@ def _decode(path: Path) -> np.ndarray:
         raise LabelsError(f"{path}: cannot be read as a photograph ({exc.reason}: {exc.detail})") from exc
 
 
-def evaluate(labels: Path, ref: str | None, batch: int = 16) -> dict[str, Any]:
+def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "torch") -> dict[str, Any]:
     rows = read_labels(labels)
-    ens = load_model(ref)
+    ens = load_model(ref, runtime)
     base = labels.parent
     raw_thresholds = getattr(ens, "quality_thresholds", None)
     gate = QualityThresholds.from_dict(raw_thresholds) if raw_thresholds else None
@@ -105,6 +122,7 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16) -> dict[str, Any]:
     # also runs the quality gate first and refers what it rejects, which is what "screening" says.
     report = grading_report(y.tolist(), grades, referable_score.tolist())
     report["model"] = ens.ref
+    report["runtime"] = runtime
     report["n_ungradable"] = len(ungradable)
     report["ungradable_images"] = ungradable
     rejected = {r["image"] for r in rows} & set(ungradable)
@@ -254,15 +272,20 @@ def nan_to_none(value: Any) -> Any:
     return value
 
 
-def evaluate_cli(labels: Path, model: str | None, as_json: bool, report_dir: Path | None) -> int:
+def evaluate_cli(
+    labels: Path, model: str | None, as_json: bool, report_dir: Path | None, runtime: str = "torch"
+) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
-        report = evaluate(Path(labels), model)
+        report = evaluate(Path(labels), model, runtime=runtime)
     except LabelsError as exc:
         sys.stderr.write(f"drscreen evaluate: {exc}\n")
         return 2
     except FileNotFoundError as exc:  # an unknown --model
         sys.stderr.write(f"drscreen evaluate: no such model {model or '(newest)'}: {exc}\n")
+        return 2
+    except ValueError as exc:  # a malformed name@version, or weights that fail their sha256
+        sys.stderr.write(f"drscreen evaluate: model {model or '(newest)'} cannot be used: {exc}\n")
         return 2
     if report_dir:
         write_report(report, Path(report_dir))

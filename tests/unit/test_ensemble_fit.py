@@ -199,3 +199,25 @@ def test_best_weights_searches_five_members_one_at_a_time(monkeypatch: pytest.Mo
     calls.clear()
     best_weights(members[:3], y, groups)  # three members: still the whole grid
     assert len(set(calls)) > 4 * 5 * 5 // 2
+
+
+def test_model_card_says_when_no_rule_met_the_screening_targets() -> None:
+    """The audit: a card claimed its rule was chosen among those meeting 0.80/0.70 when none had."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from ml.export import model_card
+
+    shipped = json.loads(
+        (
+            Path(__file__).resolve().parents[2] / "models/ensembles/drscreen-ensemble/1.6.0/manifest.json"
+        ).read_text()
+    )
+    assert "meet 0.80/0.70" in model_card(shipped) and "no rule met" not in model_card(shipped)
+    missed = copy.deepcopy(shipped)
+    missed["card"]["metrics"][f"rule:{missed['card']['chosen_rule']}"]["validation_out_of_fold"][
+        "specificity"
+    ] = 0.15
+    card = model_card(missed)
+    assert "no rule met the 0.80/0.70 screening targets" in card and "meet 0.80/0.70" not in card

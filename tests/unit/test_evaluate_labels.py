@@ -46,3 +46,25 @@ def test_exit_2_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "broken.jpg" in err and "truncated" in err
     (tmp_path / "empty.csv").write_text("file,label\n")
     assert evaluate_cli(tmp_path / "empty.csv", None, False, None) == 2
+
+
+def test_a_malformed_model_name_or_runtime_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = _labels(tmp_path, "a.jpg,0\n")
+    assert evaluate_cli(labels, "nope", True, None) == 2  # no @version: was a ValueError traceback
+    assert "cannot be used" in capsys.readouterr().err
+    assert evaluate_cli(labels, "drscreen-dev@0.1.0", True, None, runtime="tensorrt") == 2
+    assert "choose from torch, onnx, openvino" in capsys.readouterr().err
+
+
+def test_by_default_the_served_model_is_evaluated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit: with DRSCREEN_MODEL set, evaluate measured the newest release, not the served one."""
+    import json
+
+    monkeypatch.setenv("DRSCREEN_MODEL", "drscreen-dev@0.1.0")
+    assert evaluate_cli(_labels(tmp_path, "a.jpg,0\n"), None, True, None) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["model"] == "drscreen-dev@0.1.0" and report["runtime"] == "torch"
