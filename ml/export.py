@@ -177,7 +177,10 @@ def export_ensemble(
         )
     members = []
     for ref in member_refs:
-        model, pre, config = load_checkpoint(member_dir(ref, models_dir))
+        try:
+            model, pre, config = load_checkpoint(member_dir(ref, models_dir))
+        except (OSError, ValueError) as exc:  # unknown or malformed name@version, bad weights
+            raise ReleaseError(f"member {ref} cannot be loaded from {models_dir}: {exc}") from exc
         members.append(Member(ref, model, pre, config))
     split = natural_split(TrainConfig(data=data), Path.cwd())
     val, test = split["val"], split["test"]

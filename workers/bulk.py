@@ -41,7 +41,7 @@ from ml.imageio import ImageDecodeError, decode_scaled
 from ml.quality import DECODE_MIN_SIDE
 from workers import explain as explain_mod
 from workers import folders, scoring
-from workers.model import EnsembleLike, get_ensemble
+from workers.model import EnsembleLike, check_release, get_ensemble
 from workers.naming import match_name
 from workers.settings import get_worker_settings
 
@@ -364,6 +364,11 @@ def score_path(
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         # said before scoring, not after: an unknown suffix used to get CSV silently
         sys.stderr.write(f"drscreen score: --out must end in .csv or .json, not {out.name!r}\n")
+        return 2
+    try:
+        check_release()  # before anything is decoded or stored: one line, not a traceback
+    except (OSError, ValueError, KeyError) as exc:
+        sys.stderr.write(f"drscreen score: the model cannot be loaded: {exc}\n")
         return 2
     heatmap_dir = _heatmap_dir(out) if explain else None
     result = run(path, explain=explain, heatmap_dir=heatmap_dir, submission_grades=submission)

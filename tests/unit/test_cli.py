@@ -110,6 +110,24 @@ def test_worker_refuses_to_start_without_its_model(
     assert "cannot be loaded" in result.output and "9.9.9" in result.output
 
 
+def test_score_and_export_name_a_missing_model_in_one_line(
+    isolated_settings: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The ML audit: an unknown DRSCREEN_MODEL for `score`, an unknown member for `export
+    ensemble`, were tracebacks."""
+    from core.settings import get_settings
+
+    samples = Path(__file__).resolve().parents[2] / "samples" / "16"
+    monkeypatch.setenv("DRSCREEN_MODEL", "drscreen-ensemble@9.9.9")
+    get_settings.cache_clear()
+    result = runner.invoke(app, ["score", str(samples)])
+    assert result.exit_code == 2 and "cannot be loaded" in result.output and "9.9.9" in result.output
+    argv = ["export", "ensemble", "--member", "nope@1.0.0", "--name", "x", "--version", "0.0.1"]
+    result = runner.invoke(app, [*argv, "--models-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "member nope@1.0.0 cannot be loaded" in result.output
+    assert not (tmp_path / "ensembles").exists()
+
+
 def test_worker_checks_the_shipped_release(isolated_settings: Path) -> None:
     from workers.model import check_release
 
