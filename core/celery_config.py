@@ -20,8 +20,8 @@ kills the child and the message is acknowledged, and the usual recovery takes ov
 re-queues photographs left ``running`` and fails one after ``DRSCREEN_MAX_ATTEMPTS``). No global
 soft limit: ``SoftTimeLimitExceeded`` would be caught by scoring's per-batch ``except Exception``
 and fail a batch of good photographs while the task went on. ``jobs.expand_folder`` walks and
-copies whole folders, so it gets its own, far longer limits (:data:`EXPAND_FOLDER_TIME_LIMITS`)
-and a soft limit it handles (``workers.folders.expand_folder``).
+copies whole folders, so it gets its own limits (:data:`EXPAND_FOLDER_TIME_LIMITS`), with a soft
+limit it handles (``workers.folders.expand_folder``).
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ TASK_TIME_LIMIT_S = 55 * 60
 #: 1000-photo job expands in seconds (folder expansion is ~6% of one child's time in the 480-photo
 #: e2e job), and even 100,000 photographs at 50 ms each take ~1.5 h. A planning stopped by the soft
 #: limit fails the job with a clear error (re-sending it would only plan again); a copy stopped
-#: later keeps its committed chunks and the sweep re-sends it to carry on.
-EXPAND_FOLDER_TIME_LIMITS = (4 * 3600, 4 * 3600 + 15 * 60)
+#: later keeps its committed chunks and the sweep re-sends it to carry on. Both stay under Redis'
+#: visibility timeout (1 h), as the other tasks' limit does: a longer expansion would be handed to
+#: a second worker, then a third, while the first still runs (the session 17 review).
+EXPAND_FOLDER_TIME_LIMITS = (50 * 60, 55 * 60)
 
 
 def broker_folders(settings: Settings) -> dict[str, Path]:

@@ -6,7 +6,7 @@ from typing import Any
 
 # A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets: a file
 # name such as ``=HYPERLINK("http://...")_left.jpg`` would run when the results are opened.
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
 
 
 def csv_cell(value: Any) -> str:

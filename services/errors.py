@@ -91,6 +91,8 @@ def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_seconds)
     if isinstance(exc, NotReady):
         headers["Retry-After"] = "2"
+    if isinstance(exc, errors.Unavailable):
+        headers["Retry-After"] = str(DATABASE_RETRY_AFTER)
     detail: Any = exc.message
     if isinstance(exc.detail, dict):
         detail = {"message": exc.message, **exc.detail}

@@ -17,7 +17,7 @@ from fastapi import UploadFile
 from sqlalchemy.orm import Session
 
 from core import repository as repo
-from core.errors import InvalidImage, TooLarge
+from core.errors import InvalidImage, TooLarge, Unavailable
 from core.store import FileStore, StoredFile
 from core.tables import Image
 from ml.imageio import TOO_LARGE, ImageDecodeError, check_image, sniff_format
@@ -29,6 +29,9 @@ _CHUNK = 1 << 20
 # 200 MB): at most one decode per core runs at once, other uploads wait for a slot, so memory
 # stays bounded however many requests arrive together.
 DECODE_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 2)
+#: Longest an upload waits for a decode slot before it is answered 503 (a flood of slow uploads
+#: must not hold every request thread: the session 17 review saw another clinic's GET take 16 s).
+DECODE_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,14 @@ def validate_photo(upload: UploadFile, field: str, *, max_bytes: int, max_pixels
     try:
         # Only the size is kept here (the worker decodes again from the store), so a big JPEG
         # is decoded at a reduced DCT scale and nothing is converted: every byte is still checked.
-        with DECODE_SLOTS:
+        if not DECODE_SLOTS.acquire(timeout=DECODE_WAIT_S):
+            raise Unavailable(
+                f"{field}: too many photographs are being checked at once; nothing was saved, retry shortly"
+            )
+        try:
             height, width = check_image(data, max_pixels=max_pixels, min_side=256)
+        finally:
+            DECODE_SLOTS.release()
     except ImageDecodeError as exc:
         detail = {"field": field, "reason": exc.reason}
         if exc.reason == TOO_LARGE:

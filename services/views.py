@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import cast
 
 from sqlalchemy.orm import Session
@@ -115,11 +116,12 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
         summary.model_version = _model_ref(session, current.model_version_id, refs)
         summary.updated_at = current.computed_at
         summary.history = _history(results, refs, session)
-    # from the result's own eyes, before photographs still being scored are listed below
-    summary.referral_reasons = referral_reasons(summary)
     # Eyes whose photographs arrived after the last result (or before any) still list them; only
     # the latest visit's, as the result (repository.latest_visit).
     visit = repo.latest_visit(repo.list_patient_images(session, patient.id), get_settings().visit_window)
+    pending = {im.eye for im in visit if im.status in ("queued", "running")}
+    # from the result's own eyes (a photograph not in it yet is "pending", not "not photographed")
+    summary.referral_reasons = referral_reasons(summary, pending)
     for name in EYES:
         eye = cast(Eye, name)
         ids = [im.id for im in visit if im.eye == eye]
@@ -133,9 +135,10 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
     return summary
 
 
-def referral_reasons(summary: PatientSummary) -> list[str]:
+def referral_reasons(summary: PatientSummary, pending: Collection[str] = ()) -> list[str]:
     """Why a patient is referable, eye by eye (``PatientSummary.referral_reasons``): a clinic must
-    not read a "refer" next to a grade-0 eye as a grade-0 patient's referral for retinopathy."""
+    not read a "refer" next to a grade-0 eye as a grade-0 patient's referral for retinopathy.
+    ``pending``: eyes with a photograph still being scored (their cause is not known yet)."""
     if summary.updated_at is None:
         return ["not_graded_yet"]
     if not summary.referable:
@@ -143,7 +146,9 @@ def referral_reasons(summary: PatientSummary) -> list[str]:
     reasons = []
     for name in EYES:
         eye = summary.eyes.get(cast(Eye, name))
-        if eye is None or not eye.image_ids:
+        if name in pending and (eye is None or not eye.gradable):
+            reasons.append(f"{name}_eye_pending")
+        elif eye is None or not eye.image_ids:
             reasons.append(f"{name}_eye_not_photographed")
         elif not eye.gradable:
             reasons.append(f"{name}_eye_ungradable")

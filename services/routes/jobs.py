@@ -104,7 +104,13 @@ def create_job(
     settings: SettingsDep,
     producer: ProducerDep,
 ) -> JSONResponse:
-    folder = resolve_import_folder(body.folder, repo.import_roots_of(session, principal.clinic_id, settings))
+    roots = repo.import_roots_of(session, principal.clinic_id, settings)
+    if settings.import_per_clinic and settings.import_root_paths and not roots:
+        raise Forbidden(
+            "folder jobs: this clinic's name cannot be a folder name (DRSCREEN_IMPORT_PER_CLINIC "
+            "reads <root>/<clinic name>/; a name with '/' or '\\' has none)"
+        )
+    folder = resolve_import_folder(body.folder, roots)
     job = repo.create_job(session, principal.clinic_id, str(folder), explain=body.explain)
     audit(
         session,

@@ -91,6 +91,7 @@ _EYE_REASONS = {
     "referable_dr": "referable diabetic retinopathy, grade {grade}",
     "ungradable": "ungradable: no photograph could be graded (examine or re-photograph)",
     "not_photographed": "not photographed in this screening (must be examined)",
+    "pending": "still being scored",
 }
 
 
@@ -193,9 +194,11 @@ def eye_views(patient: PatientSummary | None, photos: list[PhotoView]) -> list[E
     graded = patient is not None and patient.updated_at is not None
     for eye in ("left", "right"):
         mine = [p for p in photos if p.image.eye == eye]
-        if not mine and not graded:
-            continue  # an eye without photographs is shown once the patient has a result
         summary = patient.eyes.get(eye) if patient is not None else None
+        # an eye without photographs on this page is shown (as "not photographed") only when the
+        # patient's visit has none of it either; one photographed outside this bundle is not
+        if not mine and (not graded or (summary is not None and summary.image_ids)):
+            continue
         known = (summary is not None and graded) or not mine
         out.append(
             EyeView(

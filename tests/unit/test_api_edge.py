@@ -321,6 +321,10 @@ def test_per_clinic_import_folders_keep_clinics_apart(
             ):
                 resp = client.post("/v1/jobs", headers=key.headers, json={"folder": str(folder)})
                 assert resp.status_code == status, (folder, resp.text)
+            # a clinic whose name is no folder name is told so (not "no import roots configured")
+            slashed = make_key(url, "Eye unit / St Mary")
+            resp = client.post("/v1/jobs", headers=slashed.headers, json={"folder": str(root)})
+            assert resp.status_code == 403 and "cannot be a folder name" in resp.text
     finally:
         get_settings.cache_clear()
 

@@ -149,3 +149,25 @@ def test_uploads_decode_a_bounded_number_at_once(monkeypatch: pytest.MonkeyPatch
     for t in threads:
         t.join(10)
     assert 1 <= most <= slots, (most, slots)
+
+
+def test_an_upload_that_cannot_get_a_decode_slot_is_told_to_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review: 45 slow uploads held every request thread (another clinic's GET took 16 s);
+    waiting for a slot is bounded and answered 503 + Retry-After."""
+    from core.errors import Unavailable
+
+    monkeypatch.setattr(uploads, "DECODE_WAIT_S", 0.05)
+    slots = uploads.DECODE_SLOTS._initial_value  # type: ignore[attr-defined]
+    for _ in range(slots):
+        assert uploads.DECODE_SLOTS.acquire(timeout=1)
+    try:
+        with pytest.raises(Unavailable, match="retry shortly"):
+            uploads.validate_photo(_Upload(b"x"), "file", max_bytes=10, max_pixels=10)
+    finally:
+        for _ in range(slots):
+            uploads.DECODE_SLOTS.release()
+
+
+@pytest.mark.parametrize("start", ["\n=1+1", "\r=1", "\t=1"])
+def test_csv_cell_line_breaks_before_a_formula(start: str) -> None:
+    assert csv_cell(start).startswith("'")

@@ -76,3 +76,28 @@ def test_an_eye_without_photographs_is_shown_once_graded() -> None:
     ]
     # before any result only the eyes with photographs are listed
     assert [v.eye for v in eye_views(None, photos)] == ["left"]
+
+
+def test_an_eye_still_being_scored_is_pending_not_missing_or_ungradable() -> None:
+    """The review: while a right-eye photograph was queued the API said the right eye was 'not
+    photographed' (before any result of it) or 'ungradable' (counted so while queued)."""
+    left_only = _patient(_eye(0), None, 0, True)
+    assert referral_reasons(left_only, pending={"right"}) == ["right_eye_pending"]
+    queued_as_ungradable = _patient(_eye(0), _eye(None), 0, True)
+    assert referral_reasons(queued_as_ungradable, pending={"right"}) == ["right_eye_pending"]
+    # a graded referable eye stays what it is while another photograph of it is scored
+    assert referral_reasons(_patient(_eye(0), _eye(3), 3, True), pending={"right"}) == [
+        "right_eye_referable_dr"
+    ]
+    pending = _patient(_eye(0), None, 0, True)
+    pending.referral_reasons = referral_reasons(pending, pending={"right"})
+    assert "Right eye: still being scored" in patient_verdict(pending, any_failed=False).detail
+
+
+def test_an_eye_photographed_outside_this_bundle_is_not_called_missing() -> None:
+    """The review: a bundle with only a left photograph, for a patient whose right eye was graded
+    in the same visit, said the right eye was 'not photographed'."""
+    image = ImageResult(id="im0", status="done", patient_id="P1", eye="left", grade=0, gradable=True,
+                        referable=False, probabilities=[0.9, 0.1, 0, 0, 0])  # fmt: skip
+    views = eye_views(_patient(_eye(0), _eye(0), 0, False), [photo_view(image, heatmap_ready=True)])
+    assert [v.eye for v in views] == ["left"]
