@@ -86,7 +86,9 @@ def score(
 @app.command()
 def evaluate(
     labels: Path = typer.Option(..., "--labels", exists=True, help="CSV with columns image, grade."),
-    model: str | None = typer.Option(None, "--model", help="One model NAME@VERSION (default: ensemble)."),
+    model: str | None = typer.Option(
+        None, "--model", help="An ensemble or one member, NAME@VERSION (default: what the workers serve)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON line (last)."),
     report: Path | None = typer.Option(None, "--report", help="Write a report with plots to DIR."),
     runtime: str = typer.Option(

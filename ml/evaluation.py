@@ -123,6 +123,8 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "tor
     report = grading_report(y.tolist(), grades, referable_score.tolist())
     report["model"] = ens.ref
     report["runtime"] = runtime
+    if runtime == "openvino":  # its grades depend on it (docs/performance.md, session 17)
+        report["openvino_precision"] = os.environ.get("DRSCREEN_OPENVINO_PRECISION", "auto")
     report["n_ungradable"] = len(ungradable)
     report["ungradable_images"] = ungradable
     rejected = {r["image"] for r in rows} & set(ungradable)

@@ -171,6 +171,7 @@ def export_ensemble(
     An existing version is refused unless ``force``; a member trained on any of the test patients
     is refused (its test figures would not be of unseen patients)."""
     check_name_version(name, version)
+    force = force or _is_validation_only(ensemble_dir(f"{name}@{version}", models_dir))
     if ensemble_dir(f"{name}@{version}", models_dir).exists() and not force:
         raise ReleaseError(
             f"ensemble {name}@{version} exists: choose a new version (or --force for a candidate)"
@@ -187,7 +188,7 @@ def export_ensemble(
     if not measure_test:
         test = []
     for member in members:
-        _check_not_trained_on(member, test)
+        _check_not_trained_on(member, test, data.natural_dir)
     y_test = np.array([s.grade for s in test])
     p_test = member_probs(members, test) if test else None
     fit_set = out_of_fold_set(member_refs, models_dir)
@@ -270,7 +271,17 @@ def export_ensemble(
     return folder
 
 
-def _check_not_trained_on(member: Member, test: list[Sample]) -> None:
+def _is_validation_only(folder: Path) -> bool:
+    """An ensemble exported with ``--validation-only`` is a candidate, never a release (its test
+    part unread): the export that adopts it, test part measured, may replace it (the documented
+    pre-registration sequence, docs/experiments.md)."""
+    try:
+        return json.loads((folder / "manifest.json").read_text())["card"]["test"]["n_images"] == 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _check_not_trained_on(member: Member, test: list[Sample], natural_dir: str) -> None:
     """Refuse a member whose own split put any of ``test``'s patients in its training or
     validation part (a member trained with another ``data.split_seed`` or fractions)."""
     if not test:
@@ -278,7 +289,10 @@ def _check_not_trained_on(member: Member, test: list[Sample]) -> None:
     trained = member.config.get("metadata", {}).get("train_config", {}).get("data")
     if not trained:
         return  # no record of its split (releases before metadata carried train_config)
-    data = DataConfig(**{k: v for k, v in trained.items() if k in DataConfig.__dataclass_fields__})
+    # the member's split parameters (seed, fractions, folds) over the photographs this export
+    # reads: its recorded folder may be relative to another directory, or moved since
+    own_data = {k: v for k, v in trained.items() if k in DataConfig.__dataclass_fields__}
+    data = DataConfig(**{**own_data, "natural_dir": natural_dir})
     own = natural_split(TrainConfig(data=data), Path.cwd())
     seen = {s.patient_id for part in ("train", "val") for s in own[part]}
     leaked = sorted({s.patient_id for s in test} & seen)

@@ -56,6 +56,9 @@ def publishing(models_dir: Path, kind: str, name: str, version: str, force: bool
         raise
     dst.parent.mkdir(parents=True, exist_ok=True)
     replaced = None
+    if dst.exists() and not force:  # another export of this version finished meanwhile
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ReleaseError(f"{kind[:-1]} {name}@{version} was written by another export meanwhile")
     if dst.exists():
         replaced = staging_root / f"replaced-{kind}-{name}-{version}-{os.getpid()}"
         dst.rename(replaced)

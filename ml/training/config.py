@@ -170,6 +170,11 @@ def check_raw(raw: dict[str, Any]) -> None:
         elif not _type_ok(value, _TOP[key]):
             problems.append(f"{key} = {value!r}: expected {type(_TOP[key]).__name__}")
     model = raw.get("model", {})
+    if isinstance(model, dict) and isinstance(model.get("arch"), str):
+        import timm  # here, not at import: reading a config needs no network library otherwise
+
+        if not timm.is_model(model["arch"]):
+            problems.append(f"model.arch {model['arch']!r}: not a timm architecture")
     if isinstance(model, dict):
         if model.get("head", HEADS[0]) not in HEADS:
             problems.append(f"model.head {model['head']!r}: choose from {', '.join(HEADS)}")

@@ -395,7 +395,7 @@ def run_stage(
 
 
 # What may differ between a run and its resumption: the machine's share, not the experiment.
-_RESUME_MAY_CHANGE = ("threads",)
+_RESUME_MAY_CHANGE = ("threads", "out_dir")
 
 
 class ResumeError(ValueError):

@@ -559,6 +559,15 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
         ["imm@0.0.1"], "imm-ens", "0.0.1", "equal_average", data, models, measure_test=False, repeats=2
     )
     assert check_release("imm-ens@0.0.1", models) == "imm-ens@0.0.1"
+    # a --validation-only candidate may be replaced by the export that measures the test part
+    # (the pre-registration sequence), and that one is then a release like any other
+    # the leak check reads the export's data folder, not the member's recorded (relative) one
+    monkeypatch.chdir(tmp_path)
+    recorded = json.loads((first / "metadata.json").read_text())
+    recorded["train_config"]["data"]["natural_dir"] = "../moved/away/eyepacs-natural-512"
+    (first / "metadata.json").write_text(json.dumps(recorded))
+    ens = export_ensemble(["imm@0.0.1"], "imm-ens", "0.0.1", "equal_average", data, models, repeats=2)
+    assert json.loads((ens / "manifest.json").read_text())["card"]["test"]["n_images"] > 0
     with pytest.raises(ReleaseError, match="exists"):
         export_ensemble(["imm@0.0.1"], "imm-ens", "0.0.1", "equal_average", data, models, measure_test=False)
 
@@ -589,6 +598,7 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
         ({"stage1.lr": "fast"}, "stage1.lr = 'fast': expected float"),
         ({"model.head": "regresion"}, "model.head 'regresion'"),
         ({"stage1.monitor": "auc"}, "monitor 'auc'"),
+        ({"model.arch": "mobilenetv9"}, "model.arch 'mobilenetv9': not a timm architecture"),
     ],
 )
 def test_a_config_mistake_is_named_before_anything_runs(override: dict[str, object], message: str) -> None:
