@@ -95,7 +95,9 @@ class PatientHistoryEntry(BaseModel):
 
 
 class PatientSummary(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
+    # validated on assignment too: services.views fills it field by field, and an assigned naive
+    # SQLite timestamp skipped UtcDatetime (updated_at came out without its offset)
+    model_config = ConfigDict(protected_namespaces=(), validate_assignment=True)
 
     patient_id: str
     grade: int | None = None

@@ -101,3 +101,11 @@ def test_an_eye_photographed_outside_this_bundle_is_not_called_missing() -> None
                         referable=False, probabilities=[0.9, 0.1, 0, 0, 0])  # fmt: skip
     views = eye_views(_patient(_eye(0), _eye(0), 0, False), [photo_view(image, heatmap_ready=True)])
     assert [v.eye for v in views] == ["left"]
+
+
+def test_updated_at_keeps_its_utc_offset_when_assigned() -> None:
+    """SQLite returns naive timestamps; assigned to the summary they skipped the UTC validator."""
+    summary = PatientSummary(patient_id="P1")
+    summary.updated_at = datetime(2026, 12, 6, 3, 0)  # naive, as SQLite gives it
+    assert summary.updated_at.tzinfo is not None
+    assert summary.model_dump(mode="json")["updated_at"].endswith(("Z", "+00:00"))
