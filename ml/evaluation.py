@@ -127,7 +127,7 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "tor
         report["openvino_precision"] = os.environ.get("DRSCREEN_OPENVINO_PRECISION", "auto")
     report["n_ungradable"] = len(ungradable)
     report["ungradable_images"] = ungradable
-    rejected = {r["image"] for r in rows} & set(ungradable)
+    rejected = set(ungradable)
     as_served = [4 if r["image"] in rejected else g for r, g in zip(rows, grades, strict=True)]
     served = referable_metrics(y.tolist(), as_served, None)
     report["screening"] = {

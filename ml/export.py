@@ -39,7 +39,7 @@ from ml.ensemble_fit import (
 from ml.inference.combine import CombineRule, combine, expected
 from ml.inference.ensemble import Ensemble, Member
 from ml.metrics import DEFAULT_THRESHOLDS, bootstrap_intervals, grading_report
-from ml.publish import ReleaseError, check_name_version, publishing
+from ml.publish import ReleaseError, publishing, writable
 from ml.release import (
     default_models_dir,
     ensemble_dir,
@@ -72,7 +72,6 @@ def export_member(
     unless given); otherwise float32 is kept and the metadata says why. An existing version is
     refused unless ``force`` (``ml.publish``); nothing is written unless every step passes.
     """
-    check_name_version(name, version)
     src = run_dir / "best"
     if not (src / "config.json").exists():
         raise ReleaseError(f"{run_dir} has no best checkpoint ({src}): not a finished training run")
@@ -170,12 +169,9 @@ def export_ensemble(
     shuffles of the patient folds that judge rules, floors and members (4 up to 1.4.2).
     An existing version is refused unless ``force``; a member trained on any of the test patients
     is refused (its test figures would not be of unseen patients)."""
-    check_name_version(name, version)
-    force = force or _is_validation_only(ensemble_dir(f"{name}@{version}", models_dir))
-    if ensemble_dir(f"{name}@{version}", models_dir).exists() and not force:
-        raise ReleaseError(
-            f"ensemble {name}@{version} exists: choose a new version (or --force for a candidate)"
-        )
+    folder = ensemble_dir(f"{name}@{version}", models_dir)
+    force = force or _is_validation_only(folder)
+    writable(models_dir, "ensembles", name, version, force)  # before the fitting, not after it
     members = []
     for ref in member_refs:
         try:
@@ -258,7 +254,6 @@ def export_ensemble(
     with publishing(models_dir, "ensembles", name, version, force) as staging:
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
         (staging / "MODEL_CARD.md").write_text(model_card(manifest))
-    folder = ensemble_dir(f"{name}@{version}", models_dir)
     oof = checks.get(chosen)
     log.info(
         "ensemble %s@%s: rule %s, out-of-fold QWK %s, sensitivity %s, specificity %s%s",
@@ -357,9 +352,8 @@ def model_card(manifest: dict[str, Any]) -> str:
     lines = [f"# Model card: {manifest['name']}@{manifest['version']}", "", CARD_INTRO, "", "## Members", ""]
     lines += [f"- `{m['ref']}`" for m in manifest["members"]]
     oof = card["metrics"].get(f"rule:{card['chosen_rule']}", {}).get("validation_out_of_fold", {})
-    met = (oof.get("sensitivity") or 0) >= TARGET_SENSITIVITY and (
-        oof.get("specificity") or 0
-    ) >= TARGET_SPECIFICITY
+    sensitivity, specificity = oof.get("sensitivity") or 0, oof.get("specificity") or 0
+    met = sensitivity >= TARGET_SENSITIVITY and specificity >= TARGET_SPECIFICITY
     among = (
         "among the rules whose out-of-fold referable sensitivity/specificity meet "
         f"{TARGET_SENSITIVITY:.2f}/{TARGET_SPECIFICITY:.2f}"

@@ -35,10 +35,9 @@ def check_name_version(name: str, version: str) -> None:
         raise ReleaseError(f"release version {version!r}: MAJOR.MINOR.PATCH, e.g. 1.7.0")
 
 
-@contextlib.contextmanager
-def publishing(models_dir: Path, kind: str, name: str, version: str, force: bool = False) -> Iterator[Path]:
-    """Yield an empty staging folder for ``models_dir/<kind>/<name>/<version>``; on a normal exit
-    it becomes that folder (replacing it only with ``force``), on an exception it is removed."""
+def writable(models_dir: Path, kind: str, name: str, version: str, force: bool = False) -> Path:
+    """``models_dir/<kind>/<name>/<version>`` after checking the name and that the version may be
+    written (it does not exist, or ``force``); callers with costly work ask before doing it."""
     check_name_version(name, version)
     dst = models_dir / kind / name / version
     if dst.exists() and not force:
@@ -46,6 +45,14 @@ def publishing(models_dir: Path, kind: str, name: str, version: str, force: bool
             f"{kind[:-1]} {name}@{version} exists ({dst}): a released version is never rewritten; "
             "choose a new version (or --force for a candidate nothing ships)"
         )
+    return dst
+
+
+@contextlib.contextmanager
+def publishing(models_dir: Path, kind: str, name: str, version: str, force: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder for ``models_dir/<kind>/<name>/<version>``; on a normal exit
+    it becomes that folder (replacing it only with ``force``), on an exception it is removed."""
+    dst = writable(models_dir, kind, name, version, force)
     staging_root = models_dir / STAGING
     staging_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{kind}-{name}-{version}-", dir=staging_root))

@@ -278,9 +278,10 @@ def check_release(ref: str | None = None, models_dir: Path | None = None) -> str
     manifest and every member's release (weights against their recorded sha256) are there.
     Raises OSError or ValueError saying what is missing or wrong."""
     ref = resolve_ref(ref, models_dir)
-    for entry in read_manifest(ref, models_dir)["members"]:
+    manifest = read_manifest(ref, models_dir)
+    for entry in manifest["members"]:
         read_release(member_dir(entry["ref"], models_dir))
-    check_manifest_members(ref, read_manifest(ref, models_dir), models_dir)
+    check_manifest_members(ref, manifest, models_dir)
     return ref
 
 
