@@ -27,7 +27,7 @@ from ml.imageio import ImageDecodeError, decode_image
 from ml.inference.combine import CombineRule
 from ml.inference.ensemble import Ensemble, Member, load_ensemble
 from ml.metrics import bootstrap_intervals, grading_report, referable_metrics
-from ml.quality import QualityThresholds, assess_quality
+from ml.quality import assess_quality, thresholds_for_manifest
 from ml.release import load_checkpoint, member_dir, models_root_has_member
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,12 @@ HEADLINE_KEYS = (
 RUNTIMES = ("torch", "onnx", "openvino")
 
 
-def load_model(ref: str | None, runtime: str = "torch") -> Ensemble:
+def load_model(ref: str | None, runtime: str = "torch", precision: str = "auto") -> Ensemble:
     """An ensemble by name@version, or a single released member wrapped as a 1-member ensemble.
 
     No ``ref``: the ensemble the workers serve (``DRSCREEN_MODEL``, else the newest shipped).
     ``runtime``: PyTorch float32 (the model card's figures), or the ONNX Runtime / OpenVINO path
-    a CPU worker runs (OpenVINO at its ``auto`` precision: bfloat16 where the release accepted it).
+    a CPU worker runs (OpenVINO at ``precision``; ``auto``: bfloat16 where the release accepted it).
     """
     ref = ref or os.environ.get("DRSCREEN_MODEL") or None
     if ref and models_root_has_member(ref):
@@ -60,7 +60,6 @@ def load_model(ref: str | None, runtime: str = "torch") -> Ensemble:
         return Ensemble(ref, [Member(ref, model, pre, config)], CombineRule("weighted_average", [1.0]), {})
     if runtime not in RUNTIMES:
         raise LabelsError(f"--runtime {runtime}: choose from {', '.join(RUNTIMES)}")
-    precision = os.environ.get("DRSCREEN_OPENVINO_PRECISION", "auto")
     # quantized=None: int8 graphs only where the export kept them, as a worker loads them
     return load_ensemble(ref, runtime=runtime, precision=precision, quantized=None)
 
@@ -99,10 +98,11 @@ def _decode(path: Path) -> np.ndarray:
 
 def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "torch") -> dict[str, Any]:
     rows = read_labels(labels)
-    ens = load_model(ref, runtime)
+    # read once: the precision OpenVINO runs at is also reported (its grades depend on it)
+    precision = os.environ.get("DRSCREEN_OPENVINO_PRECISION", "auto")
+    ens = load_model(ref, runtime, precision)
     base = labels.parent
-    raw_thresholds = getattr(ens, "quality_thresholds", None)
-    gate = QualityThresholds.from_dict(raw_thresholds) if raw_thresholds else None
+    gate = thresholds_for_manifest(getattr(ens, "quality_thresholds", None))
     probs: list[list[float]] = []
     grades: list[int] = []
     ungradable: list[str] = []
@@ -124,7 +124,7 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "tor
     report["model"] = ens.ref
     report["runtime"] = runtime
     if runtime == "openvino":  # its grades depend on it (docs/performance.md, session 17)
-        report["openvino_precision"] = os.environ.get("DRSCREEN_OPENVINO_PRECISION", "auto")
+        report["openvino_precision"] = precision
     report["n_ungradable"] = len(ungradable)
     report["ungradable_images"] = ungradable
     rejected = set(ungradable)

@@ -234,6 +234,8 @@ def export_ensemble(
         "combination": rules[chosen].to_dict(),
         "card": {
             "chosen_rule": chosen,
+            # --rule NAME: the user's choice, not the out-of-fold ranking's (the card says which)
+            "rule_pinned": rule_name != "auto",
             "sensitivity_floor_on_validation": checks[chosen].floor if chosen in checks else None,
             "weighted_average_check": "nested" if nested else "plain",
             "out_of_fold_repeats": repeats,
@@ -346,27 +348,54 @@ WEIGHT_CHECKS = {
 }
 
 
+def _meets_targets(row: dict[str, Any]) -> bool:
+    """A metrics row's out-of-fold referable sensitivity/specificity meet the screening targets."""
+    oof = row.get("validation_out_of_fold") or {}
+    sensitivity, specificity = oof.get("sensitivity") or 0, oof.get("specificity") or 0
+    return bool(sensitivity >= TARGET_SENSITIVITY and specificity >= TARGET_SPECIFICITY)
+
+
+def _pinned_verdict(card: dict[str, Any], met: bool, folds: str, targets: str) -> str:
+    """How a rule pinned with ``--rule`` fares against the screening targets, and, when it misses
+    them, whether another rule met them (the ranking would then have chosen among those)."""
+    oof = f"its out-of-fold referable sensitivity/specificity ({folds})"
+    if met:
+        return f"{oof} meet the {targets} screening targets"
+    others = [
+        f"`{key.removeprefix('rule:')}`"
+        for key, row in card["metrics"].items()
+        if key.startswith("rule:") and isinstance(row, dict) and _meets_targets(row)
+    ]
+    if others:
+        named = " and ".join([", ".join(others[:-1]), others[-1]] if len(others) > 1 else others)
+        return f"**{oof} miss the {targets} screening targets**, which {named} met"
+    return f"**no rule met the {targets} screening targets out of fold** ({folds}), this one included"
+
+
 def model_card(manifest: dict[str, Any]) -> str:
     card = manifest["card"]
     combination = manifest["combination"]
     lines = [f"# Model card: {manifest['name']}@{manifest['version']}", "", CARD_INTRO, "", "## Members", ""]
     lines += [f"- `{m['ref']}`" for m in manifest["members"]]
-    oof = card["metrics"].get(f"rule:{card['chosen_rule']}", {}).get("validation_out_of_fold", {})
-    sensitivity, specificity = oof.get("sensitivity") or 0, oof.get("specificity") or 0
-    met = sensitivity >= TARGET_SENSITIVITY and specificity >= TARGET_SPECIFICITY
-    among = (
-        "among the rules whose out-of-fold referable sensitivity/specificity meet "
-        f"{TARGET_SENSITIVITY:.2f}/{TARGET_SPECIFICITY:.2f}"
-        if met
-        else f"**no rule met the {TARGET_SENSITIVITY:.2f}/{TARGET_SPECIFICITY:.2f} screening targets out of "
-        "fold**: the rules were ranked by meeting the sensitivity target first, then QWK"
-    )
+    met = _meets_targets(card["metrics"].get(f"rule:{card['chosen_rule']}", {}))
+    folds = f"5 patient-grouped folds x {card.get('out_of_fold_repeats', 4)} shuffles"
+    targets = f"{TARGET_SENSITIVITY:.2f}/{TARGET_SPECIFICITY:.2f}"
+    if card.get("rule_pinned"):
+        pinned = f"pinned by `--rule {card['chosen_rule']}` at export, not chosen by out-of-fold QWK"
+        how = f"{pinned}: {_pinned_verdict(card, met, folds, targets)}"
+    else:
+        among = (
+            f"among the rules whose out-of-fold referable sensitivity/specificity meet {targets}"
+            if met
+            else f"**no rule met the {targets} screening targets out of fold**: the rules were ranked "
+            "by meeting the sensitivity target first, then QWK"
+        )
+        how = f"chosen by out-of-fold QWK ({folds}) {among}"
     lines += [
         "",
         f"Combination rule: **{card['chosen_rule']}**, weights {combination['weights']}, thresholds "
-        f"{combination['thresholds']}. Fitted on {card['validation']['set']} and chosen by "
-        f"out-of-fold QWK (5 patient-grouped folds x {card.get('out_of_fold_repeats', 4)} shuffles) "
-        f"{among}; cut points are the median of bootstrap fits, and "
+        f"{combination['thresholds']}. Fitted on {card['validation']['set']} and "
+        f"{how}; cut points are the median of bootstrap fits, and "
         f"the 1|2 cut is lowered until validation referable sensitivity >= "
         f"{card['sensitivity_floor_on_validation']}. "
         + WEIGHT_CHECKS[card.get("weighted_average_check", "plain")],

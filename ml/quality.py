@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "assess_quality",
     "load_thresholds",
     "measure",
+    "thresholds_for_manifest",
 ]
 
 ANALYSIS_SIZE = 512
@@ -104,6 +106,23 @@ def load_thresholds(path: str | Path | None = None) -> QualityThresholds:
     if path is None and not target.is_file():
         return QualityThresholds()
     return QualityThresholds.from_dict(json.loads(target.read_text(encoding="utf-8")))
+
+
+def thresholds_for_manifest(shipped: Mapping[str, Any] | None) -> QualityThresholds | None:
+    """The gate calibration a released ensemble ships (its manifest's ``quality_thresholds``,
+    e.g. ``Ensemble.quality_thresholds``), or None when it ships none (the gate's default then).
+
+    Built once per distinct calibration: workers ask for every batch they score."""
+    if not shipped:
+        return None
+    return _thresholds_from_items(
+        tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in shipped.items()))
+    )
+
+
+@functools.cache
+def _thresholds_from_items(items: tuple[tuple[str, Any], ...]) -> QualityThresholds:
+    return QualityThresholds.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in items})
 
 
 @dataclass

@@ -81,11 +81,10 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, errors.DomainError)
-    status = status_for(exc)
+def headers_for(exc: errors.DomainError) -> dict[str, str]:
+    """The HTTP headers a domain error's answer carries (JSON API and web pages alike)."""
     headers: dict[str, str] = {}
-    if status == 401:
+    if status_for(exc) == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(exc.retry_seconds)
@@ -93,6 +92,12 @@ def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = "2"
     if isinstance(exc, errors.Unavailable):
         headers["Retry-After"] = str(DATABASE_RETRY_AFTER)
+    return headers
+
+
+def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, errors.DomainError)
+    status, headers = status_for(exc), headers_for(exc)
     detail: Any = exc.message
     if isinstance(exc.detail, dict):
         detail = {"message": exc.message, **exc.detail}

@@ -11,6 +11,8 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from fastapi import UploadFile
@@ -32,6 +34,18 @@ DECODE_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 2)
 #: Longest an upload waits for a decode slot before it is answered 503 (a flood of slow uploads
 #: must not hold every request thread: the session 17 review saw another clinic's GET take 16 s).
 DECODE_WAIT_S = 10.0
+
+
+@contextmanager
+def decode_slot(busy: str) -> Iterator[None]:
+    """Hold one of ``DECODE_SLOTS`` while decoding; ``Unavailable`` (503 + Retry-After) saying
+    ``busy`` when none frees up within ``DECODE_WAIT_S``."""
+    if not DECODE_SLOTS.acquire(timeout=DECODE_WAIT_S):
+        raise Unavailable(busy)
+    try:
+        yield
+    finally:
+        DECODE_SLOTS.release()
 
 
 @dataclass(frozen=True)
@@ -72,14 +86,9 @@ def validate_photo(upload: UploadFile, field: str, *, max_bytes: int, max_pixels
     try:
         # Only the size is kept here (the worker decodes again from the store), so a big JPEG
         # is decoded at a reduced DCT scale and nothing is converted: every byte is still checked.
-        if not DECODE_SLOTS.acquire(timeout=DECODE_WAIT_S):
-            raise Unavailable(
-                f"{field}: too many photographs are being checked at once; nothing was saved, retry shortly"
-            )
-        try:
+        busy = f"{field}: too many photographs are being checked at once; nothing was saved, retry shortly"
+        with decode_slot(busy):
             height, width = check_image(data, max_pixels=max_pixels, min_side=256)
-        finally:
-            DECODE_SLOTS.release()
     except ImageDecodeError as exc:
         detail = {"field": field, "reason": exc.reason}
         if exc.reason == TOO_LARGE:

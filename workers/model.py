@@ -13,7 +13,6 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
-from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -171,17 +170,8 @@ def set_ensemble(ens: EnsembleLike | None) -> None:
         _ensemble = ens
 
 
-@cache
-def _thresholds_from_items(items: tuple[tuple[str, Any], ...]) -> QualityThresholds:
-    from ml.quality import QualityThresholds
-
-    return QualityThresholds.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in items})
-
-
 def quality_thresholds(ens: EnsembleLike) -> QualityThresholds | None:
     """The quality gate calibration shipped with the ensemble, or None (the gate's own default)."""
-    raw = getattr(ens, "quality_thresholds", None)
-    if not raw:
-        return None
-    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in raw.items()))
-    return _thresholds_from_items(frozen)
+    from ml.quality import thresholds_for_manifest
+
+    return thresholds_for_manifest(getattr(ens, "quality_thresholds", None))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -279,22 +279,35 @@ def check_release(ref: str | None = None, models_dir: Path | None = None) -> str
     Raises OSError or ValueError saying what is missing or wrong."""
     ref = resolve_ref(ref, models_dir)
     manifest = read_manifest(ref, models_dir)
-    for entry in manifest["members"]:
-        read_release(member_dir(entry["ref"], models_dir))
-    check_manifest_members(ref, manifest, models_dir)
+    metadata = {
+        entry["ref"]: read_release(member_dir(entry["ref"], models_dir))[1]["metadata"]
+        for entry in manifest["members"]
+    }
+    check_manifest_members(ref, manifest, models_dir, metadata)
     return ref
 
 
-def check_manifest_members(ref: str, manifest: dict[str, Any], models_dir: Path | None) -> None:
+def check_manifest_members(
+    ref: str,
+    manifest: dict[str, Any],
+    models_dir: Path | None,
+    metadata: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
     """Each member's release must hold the weights the manifest was fitted with: a member
     re-exported under its version would otherwise load silently with other weights (its own
-    metadata checks its file, not which file the ensemble meant)."""
+    metadata checks its file, not which file the ensemble meant).
+
+    ``metadata``: members' metadata already read (``read_release(...)[1]["metadata"]`` by ref);
+    a member not in it has its ``metadata.json`` read here."""
     for entry in manifest["members"]:
         wanted = entry.get("weights_sha256") if isinstance(entry, dict) else None
         if not wanted:
             continue
-        meta_path = member_dir(entry["ref"], models_dir) / "metadata.json"
-        recorded = json.loads(meta_path.read_text()).get("weights_sha256") if meta_path.exists() else None
+        if metadata is not None and entry["ref"] in metadata:
+            recorded = metadata[entry["ref"]].get("weights_sha256")
+        else:
+            meta_path = member_dir(entry["ref"], models_dir) / "metadata.json"
+            recorded = json.loads(meta_path.read_text()).get("weights_sha256") if meta_path.exists() else None
         if recorded != wanted:
             raise ValueError(
                 f"{ref}: member {entry['ref']} holds other weights than the ensemble was fitted with "

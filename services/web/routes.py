@@ -38,7 +38,7 @@ from services.deps import (
     SettingsDep,
     audit,
 )
-from services.errors import NotReady
+from services.errors import NotReady, headers_for, status_for
 from services.modelinfo import active_ref, model_info, read_manifest, released_ensembles
 from services.routes import bundles as bundle_routes
 from services.routes import images as image_routes
@@ -100,6 +100,15 @@ def _page(
     )
     response.headers.update(PAGE_HEADERS)
     return response
+
+
+def _refused(page: HTMLResponse, exc: DomainError) -> HTMLResponse:
+    """A form's page shown again with why the domain refused it, under the status and headers the
+    JSON API gives that error: 413 too large, 409 conflict, 503 + Retry-After busy (a page saying
+    "retry shortly" under 422 told browsers and proxies the request itself was wrong)."""
+    page.status_code = status_for(exc)
+    page.headers.update(headers_for(exc))
+    return page
 
 
 def _not_found(request: Request, principal: Principal | None, what: str) -> HTMLResponse:
@@ -242,7 +251,7 @@ def upload_bundle(
         )
     except DomainError as exc:
         session.rollback()
-        return _home(request, session, principal, error=_error_text(exc), status_code=422)
+        return _refused(_home(request, session, principal, error=_error_text(exc)), exc)
     return RedirectResponse(f"/bundles/{_accepted_id(accepted)}", status_code=303)
 
 
@@ -285,7 +294,7 @@ def upload_image(
         )
     except DomainError as exc:
         session.rollback()
-        return _home(request, session, principal, error=_error_text(exc), status_code=422)
+        return _refused(_home(request, session, principal, error=_error_text(exc)), exc)
     return RedirectResponse(f"/images/{_accepted_id(accepted)}", status_code=303)
 
 
@@ -481,10 +490,11 @@ def _as_png(data: bytes) -> bytes:
     from PIL import Image as PILImage
 
     from ml.imageio import decode_image
-    from services.uploads import DECODE_SLOTS
+    from services.uploads import decode_slot
 
     buf = io.BytesIO()
-    with DECODE_SLOTS:
+    # bounded like an upload's check: Unavailable, answered 503 + Retry-After (services.errors)
+    with decode_slot("too many photographs are being decoded at once; retry shortly"):
         PILImage.fromarray(decode_image(data)).save(buf, format="PNG")
     return buf.getvalue()
 
@@ -632,9 +642,8 @@ def start_job(
         )
     except DomainError as exc:
         session.rollback()
-        return _jobs_page(
-            request, session, principal, settings, error=_error_text(exc), folder=folder, status_code=422
-        )
+        page = _jobs_page(request, session, principal, settings, error=_error_text(exc), folder=folder)
+        return _refused(page, exc)
     return RedirectResponse("/jobs", status_code=303)
 
 

@@ -221,3 +221,49 @@ def test_model_card_says_when_no_rule_met_the_screening_targets() -> None:
     ] = 0.15
     card = model_card(missed)
     assert "no rule met the 0.80/0.70 screening targets" in card and "meet 0.80/0.70" not in card
+
+
+def test_model_card_of_a_pinned_rule_says_it_was_pinned_and_which_rules_met_the_targets() -> None:
+    """`--rule NAME` pins the rule: when it misses 0.80/0.70 while another rule meets them, the
+    card said "no rule met the screening targets" (false) and that it was chosen by out-of-fold QWK."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from ml.export import model_card
+
+    shipped = json.loads(
+        (
+            Path(__file__).resolve().parents[2] / "models/ensembles/drscreen-ensemble/1.6.0/manifest.json"
+        ).read_text()
+    )
+    chosen = shipped["card"]["chosen_rule"]
+    assert chosen == "equal_average"
+    pinned = copy.deepcopy(shipped)
+    pinned["card"]["rule_pinned"] = True
+    metrics = pinned["card"]["metrics"]
+    metrics[f"rule:{chosen}"]["validation_out_of_fold"]["specificity"] = 0.15
+    metrics["rule:weighted_average"]["validation_out_of_fold"]["specificity"] = 0.5
+    card = model_card(pinned)
+    assert "pinned by `--rule equal_average` at export, not chosen by out-of-fold QWK" in card
+    assert "miss the 0.80/0.70 screening targets**, which `max_vote` met;" in card
+    assert "no rule met" not in card and "chosen by out-of-fold QWK (" not in card
+
+    # pinned, and no rule meets them: now that is true
+    for row in metrics.values():
+        row["validation_out_of_fold"]["specificity"] = 0.15
+    card = model_card(pinned)
+    assert (
+        "not chosen by out-of-fold QWK: **no rule met the 0.80/0.70 screening targets out of fold**" in card
+    )
+
+    # pinned and meeting them
+    card = model_card(pinned | {"card": shipped["card"] | {"rule_pinned": True}})
+    assert (
+        "pinned by `--rule equal_average`" in card
+        and "shuffles) meet the 0.80/0.70 screening targets;" in card
+    )
+
+    # not pinned (recorded False, or a manifest from before it was recorded): the wording as it was
+    assert model_card(shipped | {"card": shipped["card"] | {"rule_pinned": False}}) == model_card(shipped)
+    assert "chosen by out-of-fold QWK (" in model_card(shipped) and "pinned" not in model_card(shipped)

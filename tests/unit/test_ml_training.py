@@ -439,6 +439,7 @@ def test_cross_validated_natural_stage_feeds_the_ensemble_fit(
     folder = export_ensemble(["cv-a@0.0.1", "cv-b@0.0.1"], "cv", "0.0.1", "auto", data, models, repeats=2)
     card = json.loads((folder / "manifest.json").read_text())["card"]
     assert card["out_of_fold_repeats"] == 2 and "folds x 2 shuffles" in (folder / "MODEL_CARD.md").read_text()
+    assert card["rule_pinned"] is False and "pinned" not in (folder / "MODEL_CARD.md").read_text()
     assert card["validation"]["n_images"] == len(oof["paths"]) and "out-of-fold" in card["validation"]["set"]
     assert all("test" in row for row in card["metrics"].values())
 
@@ -559,6 +560,9 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
         ["imm@0.0.1"], "imm-ens", "0.0.1", "equal_average", data, models, measure_test=False, repeats=2
     )
     assert check_release("imm-ens@0.0.1", models) == "imm-ens@0.0.1"
+    # the rule was given (--rule equal_average): recorded, and the card says it was pinned
+    assert json.loads((ens / "manifest.json").read_text())["card"]["rule_pinned"] is True
+    assert "pinned by `--rule equal_average`" in (ens / "MODEL_CARD.md").read_text()
     # a --validation-only candidate may be replaced by the export that measures the test part
     # (the pre-registration sequence), and that one is then a release like any other
     # the leak check reads the export's data folder, not the member's recorded (relative) one

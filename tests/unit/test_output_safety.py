@@ -168,6 +168,103 @@ def test_an_upload_that_cannot_get_a_decode_slot_is_told_to_retry(monkeypatch: p
             uploads.DECODE_SLOTS.release()
 
 
+def test_the_web_pages_tiff_conversion_waits_for_a_decode_slot_no_longer_than_an_upload(
+    client: Any, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`/images/{id}/photo` converts a TIFF to PNG in a decode slot: it used to wait without limit
+    (a request thread held as long as the slots were busy); it is now answered 503 + Retry-After
+    after DECODE_WAIT_S, like an upload."""
+    from core import repository as repo
+    from core.db import session_scope
+    from core.settings import get_settings
+    from core.store import FileStore
+    from services.web.auth import COOKIE_NAME
+    from tests.api_support import make_key
+
+    key = make_key(url, "North")
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (120, 40, 20)).save(buf, format="TIFF")
+    stored = FileStore(get_settings().store_path).put_bytes(buf.getvalue(), "tif")
+    with session_scope(url) as s:
+        patient = repo.get_or_create_patient(s, key.clinic_id, "P-TIFF")
+        image_id = repo.create_image(
+            s,
+            clinic_id=key.clinic_id,
+            patient_id=patient.id,
+            eye="left",
+            sha256=stored.sha256,
+            stored_path=stored.relpath,
+            size_bytes=stored.size_bytes,
+            filename="p.tif",
+        ).id
+    path, cookie = f"/images/{image_id}/photo", {"Cookie": f"{COOKIE_NAME}={key.key}"}
+
+    monkeypatch.setattr(uploads, "DECODE_WAIT_S", 0.05)
+    slots = uploads.DECODE_SLOTS._initial_value  # type: ignore[attr-defined]
+    for _ in range(slots):
+        assert uploads.DECODE_SLOTS.acquire(timeout=1)
+    lock, held = threading.Lock(), [True]
+
+    def free() -> None:
+        with lock:
+            if held[0]:
+                held[0] = False
+                for _ in range(slots):
+                    uploads.DECODE_SLOTS.release()
+
+    # the old code waited for as long as the slots were held: free them later so it answers
+    # (200, a failure here) instead of hanging the test
+    timer = threading.Timer(5.0, free)
+    timer.start()
+    try:
+        busy = client.get(path, headers=cookie)
+    finally:
+        timer.cancel()
+        free()
+    assert busy.status_code == 503, busy.status_code
+    assert busy.json()["error"] == "unavailable" and "retry shortly" in busy.text
+    assert int(busy.headers["Retry-After"]) >= 1
+    served = client.get(path, headers=cookie)  # a slot free: converted as before
+    assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(served.content)).size == (300, 200)
+
+
 @pytest.mark.parametrize("start", ["\n=1+1", "\r=1", "\t=1"])
 def test_csv_cell_line_breaks_before_a_formula(start: str) -> None:
     assert csv_cell(start).startswith("'")
+
+
+def test_a_web_upload_refused_for_want_of_a_decode_slot_is_a_503_page(
+    client: Any, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The web forms showed every refusal under 422; a page saying "retry shortly" is now a 503
+    with Retry-After, as the JSON API answers, and a photograph too big a 413."""
+    from services.web.auth import COOKIE_NAME
+    from tests.api_support import make_key
+
+    key = make_key(url, "North")
+    cookie = {"Cookie": f"{COOKIE_NAME}={key.key}"}
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300), (120, 40, 20)).save(buf, format="PNG")
+    form = {"patient_id": "P-BUSY", "eye": "left"}
+    photo = {"file": ("p.png", buf.getvalue(), "image/png")}
+
+    def post() -> Any:
+        return client.post(
+            "/screenings/image", data=form, files=photo, headers=cookie, follow_redirects=False
+        )
+
+    monkeypatch.setattr(uploads, "DECODE_WAIT_S", 0.05)
+    slots = uploads.DECODE_SLOTS._initial_value  # type: ignore[attr-defined]
+    for _ in range(slots):
+        assert uploads.DECODE_SLOTS.acquire(timeout=1)
+    try:
+        busy = post()
+    finally:
+        for _ in range(slots):
+            uploads.DECODE_SLOTS.release()
+    assert busy.status_code == 503, busy.status_code
+    assert "retry shortly" in busy.text and int(busy.headers["Retry-After"]) >= 1
+    assert busy.headers["content-type"].startswith("text/html")
+    accepted = post()
+    assert accepted.status_code == 303, accepted.status_code

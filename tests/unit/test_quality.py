@@ -188,3 +188,16 @@ def test_half_size_sigma8_blur_matches_full_size() -> None:
     inner = (slice(40, -40), slice(40, -40))
     ratio = float(np.mean(fast[inner] ** 2) / np.mean(full[inner] ** 2))
     assert abs(np.log10(ratio)) < 0.01
+
+
+def test_thresholds_for_manifest_is_the_shipped_calibration_or_none() -> None:
+    """Workers and `drscreen evaluate` build the gate of a release the same way (one helper)."""
+    from ml.quality import thresholds_for_manifest
+
+    assert thresholds_for_manifest(None) is None and thresholds_for_manifest({}) is None
+    shipped = json.loads((REPO / "ml" / "quality_thresholds.json").read_text())
+    built = thresholds_for_manifest(shipped)
+    assert built == QualityThresholds.from_dict(shipped)
+    assert thresholds_for_manifest(dict(shipped)) is built  # built once per calibration
+    with pytest.raises(ValueError, match="unknown quality threshold keys"):
+        thresholds_for_manifest({"min_focuss": 0.5})
