@@ -135,7 +135,10 @@ def summarise_runtime_runs(runtime: str, runs: list[dict[str, Any]]) -> dict[str
         ),
     }
     if runtime == "openvino":
+        from ml.inference.openvino_runtime import bf16_kernels
+
         out["openvino_precision"] = runs[0]["precision"]
+        out["bf16_kernels"] = bf16_kernels()  # which verdict chose the precisions
     return out
 
 

@@ -124,7 +124,10 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "tor
     report["model"] = ens.ref
     report["runtime"] = runtime
     if runtime == "openvino":  # its grades depend on it (docs/performance.md, session 17)
+        from ml.inference.openvino_runtime import bf16_kernels
+
         report["openvino_precision"] = precision
+        report["bf16_kernels"] = bf16_kernels()  # the CPU kind whose verdict "auto" follows
     report["n_ungradable"] = len(ungradable)
     report["ungradable_images"] = ungradable
     rejected = set(ungradable)

@@ -38,7 +38,13 @@ from ml.inference.combine import combine
 from ml.inference.ensemble import Ensemble, load_ensemble
 from ml.inference.onnx_graph import export_member_onnx
 from ml.inference.onnx_runtime import OPSET, PROBABILITIES, cache_dir, onnx_path_for
-from ml.inference.openvino_runtime import PRECISIONS, OpenVinoSession, openvino_available, record_precisions
+from ml.inference.openvino_runtime import (
+    PRECISIONS,
+    OpenVinoSession,
+    bf16_kernels,
+    openvino_available,
+    record_precisions,
+)
 from ml.metrics import grading_report
 from ml.release import ensemble_dir
 from ml.training.config import TrainConfig
@@ -346,12 +352,19 @@ def export_onnx(
         "members": {m.ref: str(fp32[m.ref]) for m in members},
         "parity": parity,
         "speed": speed,
-        "machine": {"cpus": os.cpu_count(), "onnxruntime": _ort_version(), "torch": torch.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "bf16_kernels": bf16_kernels(),
+            "onnxruntime": _ort_version(),
+            "torch": torch.__version__,
+        },
     }
     if openvino_available():
         report["openvino"] = _openvino_check(ens, fp32, inputs_cache, y, po, sizes)
         verdict_folder = verdict_dir or ensemble_dir(ens.ref, models_dir)
-        record_precisions(verdict_folder, models_dir, report["openvino"]["mix"])
+        record_precisions(
+            verdict_folder, models_dir, report["openvino"]["mix"], report["machine"]["bf16_kernels"]
+        )
     if quantize:
         report["quantization"] = _quantize_all(
             ens, fp32, inputs_cache, train or [], y, po, threads, sizes, models_dir

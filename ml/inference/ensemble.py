@@ -350,11 +350,11 @@ def load_ensemble(
             ensemble_dir(ref, models_dir), refs, models_dir, quantized=quantized, threads=threads
         )
     elif runtime == "openvino":
-        from ml.inference.openvino_runtime import accepted_precisions
+        from ml.inference.openvino_runtime import accepted_precisions, bf16_kernels
 
         members = [Member.from_release(r, models_dir, threads, device) for r in refs]
         precisions = (
-            accepted_precisions(ensemble_dir(ref, models_dir), refs, models_dir)
+            accepted_precisions(ensemble_dir(ref, models_dir), refs, models_dir, bf16_kernels())
             if precision == "auto"
             else dict.fromkeys(refs, precision)
         )

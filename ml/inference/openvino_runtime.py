@@ -8,10 +8,12 @@ and compiles them for the CPU it runs on. Two precisions, chosen per member:
   accumulation. Faster, but not the same numbers: it is held to the rule issue 7 sets for any
   reduced precision (grades changed on at most 1% of the natural-colour validation photographs,
   QWK drop at most 0.01). `drscreen export onnx` picks the fastest set of members that may run
-  in bf16 under that rule and records it in the release folder (``VERDICT_FILE``). The verdict
-  was measured on the exporting machine (AVX-512 BF16 here); bf16 kernels differ between CPUs
-  (OpenVINO's docs describe a slow emulation on AVX-512 CPUs without BF16), so on other hardware
-  re-run `drscreen export onnx` there or set ``DRSCREEN_OPENVINO_PRECISION=f32``.
+  in bf16 under that rule and records it in the release folder (``VERDICT_FILE``), **per kind of
+  bf16 kernel** (``bf16_kernels``: Intel AMX tiles or AVX-512 BF16 dot products): the two give
+  different numbers (1.6.0's chosen mix changed 0 validation grades on AVX-512 BF16 and 1 on AMX,
+  where all-bf16 changed 4; session 18), and the workers of one deployment may run on both. A
+  worker serves bf16 only from the verdict measured on its own kind of CPU; on another it runs
+  float32 and says so once (run `drscreen export onnx` on that CPU type to measure it there).
 
 A session here answers ONNX Runtime's ``run(output_names, feeds)`` call, so ``OnnxMembers`` and
 the export's checks use either engine unchanged. This module does not import torch.
@@ -82,26 +84,81 @@ class OpenVinoSession:
 
 
 VERDICT_FILE = "openvino-precisions.json"
+_CPUINFO = Path("/proc/cpuinfo")
+_warned: set[tuple[str, str]] = set()
 
 
-def record_precisions(folder: Path, models_dir: Path | None, mix: dict[str, Any]) -> None:
+def bf16_kernels(cpuinfo: str | None = None) -> str | None:
+    """The bfloat16 kernels OpenVINO runs on this CPU, which decide what bf16 does to the grades:
+    ``amx_bf16`` (Intel AMX tiles; such CPUs also have AVX-512 BF16), ``avx512_bf16`` (AVX-512
+    BF16 dot products) or None (no bf16 instructions: the hint has no effect, members run f32).
+    Read from the CPU flags in ``/proc/cpuinfo`` (Linux; elsewhere None, i.e. float32)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = _CPUINFO.read_text()
+        except OSError:
+            return None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            break
+    for kernels in ("amx_bf16", "avx512_bf16"):
+        if kernels in flags:
+            return kernels
+    return None
+
+
+def _verdicts(path: Path) -> dict[str, Any]:
+    """The verdict file's entries by kind of bf16 kernel ({} when there is none)."""
+    if not path.exists():
+        return {}
+    record = json.loads(path.read_text())
+    by_cpu = record.get("by_cpu")
+    if not isinstance(by_cpu, dict):  # written before verdicts were kept per kind of CPU
+        log.warning("%s: not kept per CPU type (an older export): every member runs in f32", path)
+        return {}
+    return by_cpu
+
+
+def record_precisions(
+    folder: Path, models_dir: Path | None, mix: dict[str, Any], kernels: str | None
+) -> None:
     """Written into the ensemble's release folder by `drscreen export onnx` (so it ships with the
-    release): each member's precision in the fastest mix that passed the accuracy rule, tied to
-    its graph (named by the weights' sha256). Nothing is written when every member stays float32."""
-    path = folder / VERDICT_FILE
-    precisions: dict[str, str] = mix.get("precisions", {})
-    if "bf16" not in precisions.values():
-        path.unlink(missing_ok=True)
+    release): each member's precision in the fastest mix that passed the accuracy rule on a CPU
+    with ``kernels`` (``bf16_kernels()``), tied to its graph (named by the weights' sha256).
+    Verdicts measured on other kinds of CPU are kept. Nothing is recorded for a CPU without bf16
+    instructions (its "bf16" runs were float32: nothing was measured)."""
+    if kernels is None:
         return
-    graphs = {ref: onnx_path_for(ref, models_dir).name for ref in precisions}
-    path.write_text(json.dumps({"precisions": precisions, "graphs": graphs, "figures": mix}, indent=2) + "\n")
-
-
-def accepted_precisions(folder: Path, refs: list[str], models_dir: Path | None) -> dict[str, str]:
-    """Each member's precision: ``bf16`` where the export's check accepted it for exactly this
-    member's graph, ``f32`` otherwise."""
     path = folder / VERDICT_FILE
-    record = json.loads(path.read_text()) if path.exists() else {}
+    by_cpu = _verdicts(path)
+    precisions: dict[str, str] = mix.get("precisions", {})
+    graphs = {ref: onnx_path_for(ref, models_dir).name for ref in precisions}
+    by_cpu[kernels] = {"precisions": precisions, "graphs": graphs, "figures": mix}
+    path.write_text(json.dumps({"by_cpu": dict(sorted(by_cpu.items()))}, indent=2) + "\n")
+
+
+def accepted_precisions(
+    folder: Path, refs: list[str], models_dir: Path | None, kernels: str | None
+) -> dict[str, str]:
+    """Each member's precision: ``bf16`` where the export's check accepted it for exactly this
+    member's graph on a CPU with these bf16 ``kernels`` (a worker passes ``bf16_kernels()``),
+    ``f32`` otherwise."""
+    if kernels is None:
+        return dict.fromkeys(refs, "f32")
+    path = folder / VERDICT_FILE
+    by_cpu = _verdicts(path)
+    record = by_cpu.get(kernels, {})
+    if by_cpu and not record and (str(path), kernels) not in _warned:
+        _warned.add((str(path), kernels))
+        log.warning(
+            "%s: bf16 was checked on %s CPUs, not on this one (%s): every member runs in f32; "
+            "`drscreen export onnx` on this CPU type checks it here",
+            path,
+            ", ".join(sorted(by_cpu)),
+            kernels,
+        )
     out = {}
     for ref in refs:
         same_graph = record.get("graphs", {}).get(ref) == onnx_path_for(ref, models_dir).name

@@ -16,6 +16,7 @@ from ml.inference.openvino_runtime import (
     VERDICT_FILE,
     OpenVinoSession,
     accepted_precisions,
+    bf16_kernels,
     record_precisions,
 )
 from ml.training.data import load_rgb, read_labels
@@ -62,15 +63,60 @@ def test_bf16_session_runs_and_stays_near_float32(cache: Path) -> None:
 
 def test_bf16_is_served_only_for_the_graphs_the_check_accepted(tmp_path: Path) -> None:
     refs = ["dev-mnv2-64@0.1.0"]
-    assert accepted_precisions(tmp_path, refs, None) == {refs[0]: "f32"}
-    record_precisions(tmp_path, None, {"precisions": {refs[0]: "bf16"}, "grades_changed": 0})
-    assert accepted_precisions(tmp_path, refs, None) == {refs[0]: "bf16"}
+    assert accepted_precisions(tmp_path, refs, None, "avx512_bf16") == {refs[0]: "f32"}
+    record_precisions(tmp_path, None, {"precisions": {refs[0]: "bf16"}, "grades_changed": 0}, "avx512_bf16")
+    assert accepted_precisions(tmp_path, refs, None, "avx512_bf16") == {refs[0]: "bf16"}
     record = json.loads((tmp_path / VERDICT_FILE).read_text())
-    record["graphs"][refs[0]] = "dev-mnv2-64-0.1.0-0000000000000000-g2.onnx"  # other weights
-    (tmp_path / VERDICT_FILE).write_text(json.dumps(record))
-    assert accepted_precisions(tmp_path, refs, None) == {refs[0]: "f32"}
-    record_precisions(tmp_path, None, {"precisions": {refs[0]: "f32"}})  # nothing passed in bf16
-    assert not (tmp_path / VERDICT_FILE).exists()
+    record["by_cpu"]["avx512_bf16"]["graphs"][refs[0]] = "dev-mnv2-64-0.1.0-0000000000000000-g2.onnx"
+    (tmp_path / VERDICT_FILE).write_text(json.dumps(record))  # written for other weights
+    assert accepted_precisions(tmp_path, refs, None, "avx512_bf16") == {refs[0]: "f32"}
+    record_precisions(tmp_path, None, {"precisions": {refs[0]: "f32"}}, "avx512_bf16")  # nothing passed
+    assert accepted_precisions(tmp_path, refs, None, "avx512_bf16") == {refs[0]: "f32"}
+
+
+def test_a_bf16_verdict_holds_only_on_the_kind_of_cpu_it_was_measured_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AMX and AVX-512 BF16 kernels give different numbers (1.6.0's mix: 0 validation grades
+    changed on one, 1 on the other; all-bf16 4 on AMX): one deployment's workers may run on both,
+    so a verdict is kept per kind of CPU and serves only there; a CPU with neither runs f32."""
+    refs = ["dev-mnv2-64@0.1.0"]
+    record_precisions(tmp_path, None, {"precisions": {refs[0]: "bf16"}}, "avx512_bf16")
+    with caplog.at_level("WARNING"):
+        assert accepted_precisions(tmp_path, refs, None, "amx_bf16") == {refs[0]: "f32"}
+    assert "not on this one (amx_bf16)" in caplog.text and "drscreen export onnx" in caplog.text
+    record_precisions(tmp_path, None, {"precisions": {refs[0]: "f32"}}, "amx_bf16")
+    assert accepted_precisions(tmp_path, refs, None, "amx_bf16") == {refs[0]: "f32"}
+    assert accepted_precisions(tmp_path, refs, None, "avx512_bf16") == {refs[0]: "bf16"}  # kept
+    assert accepted_precisions(tmp_path, refs, None, None) == {refs[0]: "f32"}
+    record_precisions(tmp_path, None, {"precisions": {refs[0]: "bf16"}}, None)  # nothing measured
+    assert set(json.loads((tmp_path / VERDICT_FILE).read_text())["by_cpu"]) == {"amx_bf16", "avx512_bf16"}
+    # a file from before verdicts were kept per CPU: not trusted on any
+    (tmp_path / VERDICT_FILE).write_text(json.dumps({"precisions": {refs[0]: "bf16"}, "graphs": {}}))
+    assert accepted_precisions(tmp_path, refs, None, "avx512_bf16") == {refs[0]: "f32"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "kernels"),
+    [
+        ("fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", "amx_bf16"),
+        ("fpu sse avx2 avx512f avx512_bf16 avx512_vnni", "avx512_bf16"),
+        ("fpu sse avx2 fma", None),
+    ],
+)
+def test_bf16_kernels_read_off_the_cpu_flags(flags: str, kernels: str | None) -> None:
+    cpuinfo = f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+    assert bf16_kernels(cpuinfo) == kernels
+
+
+def test_the_shipped_verdicts_name_the_cpus_they_were_measured_on() -> None:
+    from ml.release import ensemble_dir
+
+    for version in ("1.5.0", "1.6.0"):
+        record = json.loads((ensemble_dir(f"drscreen-ensemble@{version}", None) / VERDICT_FILE).read_text())
+        assert set(record["by_cpu"]) <= {"amx_bf16", "avx512_bf16"} and record["by_cpu"]
+        for verdict in record["by_cpu"].values():
+            assert verdict["figures"]["passes_criteria"]
 
 
 def test_a_session_makes_its_first_call_while_loading(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
