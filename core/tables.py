@@ -38,6 +38,7 @@ IMAGE_STATUSES = ("queued", "running", "done", "failed")
 JOB_STATUSES = ("queued", "running", "done", "failed")
 ITEM_STATUSES = ("pending", "queued", "done", "failed")
 EYES = ("left", "right")
+IDEMPOTENT_KINDS = ("image", "bundle")
 
 
 def utcnow() -> datetime:
@@ -257,3 +258,26 @@ class AuditEvent(Base):
     target_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[dict[str, Any] | None]
     at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """An ``Idempotency-Key`` of a POST that created work, with what it created (services/idempotency.py).
+
+    The unique (clinic, key) pair is what makes two concurrent first attempts create one resource:
+    the second INSERT fails (on PostgreSQL it first waits for the other transaction to end). The
+    key itself is not kept, only the sha256 of ``kind:key``."""
+
+    __tablename__ = "idempotency_key"
+    __table_args__ = (
+        UniqueConstraint("clinic_id", "key_hash"),
+        CheckConstraint(_in("kind", IDEMPOTENT_KINDS), name="kind"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinic.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    # sha256 of the request's parts (services/idempotency.fingerprint): the same key with another
+    # request is a conflict
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -3,10 +3,15 @@
 A retried POST with the same key (same clinic, within a day) answers the resource created the
 first time instead of creating another; the same key with a different request is a conflict.
 
-The keys are kept as rows of the audit table (action ``idempotency_key``, the key's sha256 as
-``target_id``) rather than in a table of their own: the audit table already records who wrote
-what, and it spares a migration. Two *concurrent* first attempts can still both go through; clients
-retry after a failure or a timeout, not in parallel, which is the case this covers.
+The keys live in the ``idempotency_key`` table (the sha256 of ``kind:key``, the request's
+fingerprint, the id created), UNIQUE on (clinic, key hash). :func:`find` answers a retry of a
+request that has committed; :func:`remember` inserts the key in the transaction that writes the
+work, so two *concurrent* first attempts cannot both commit: the second INSERT fails on the unique
+constraint (on PostgreSQL it first waits for the other transaction to end). The route then rolls
+its own work back, queues nothing, and answers as a retry would (:func:`find` again: the winner's
+resource, or a conflict when the winner was another request); see
+``services.routes.images.commit_and_enqueue``. A key expires after :data:`VALID_FOR`; its row is
+then replaced by the next request that uses the key.
 """
 
 from __future__ import annotations
@@ -14,14 +19,12 @@ from __future__ import annotations
 import hashlib
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from core import repository as repo
 from core.errors import Conflict, InvalidInput
-from core.tables import AuditEvent, utcnow
+from core.tables import IdempotencyKey, utcnow
 
-ACTION = "idempotency_key"
 VALID_FOR = timedelta(hours=24)
 MAX_KEY_LENGTH = 200
 
@@ -44,43 +47,56 @@ def fingerprint(*parts: str) -> str:
 
 
 def find(session: Session, clinic_id: int, kind: str, key: str, request_fingerprint: str) -> str | None:
-    """The id created earlier with this key, or None. Conflict when the key was used for another
-    request."""
+    """The id created earlier (and committed) with this key, or None. Conflict when the key was
+    used for another request."""
     row = session.scalars(
-        select(AuditEvent)
-        .where(
-            AuditEvent.clinic_id == clinic_id,
-            AuditEvent.action == ACTION,
-            AuditEvent.target_id == _key_hash(kind, key),
-            AuditEvent.at >= utcnow() - VALID_FOR,
+        select(IdempotencyKey).where(
+            IdempotencyKey.clinic_id == clinic_id,
+            IdempotencyKey.key_hash == _key_hash(kind, key),
+            IdempotencyKey.created_at >= utcnow() - VALID_FOR,
         )
-        .order_by(AuditEvent.id.desc())
-        .limit(1)
     ).first()
-    if row is None or not row.detail:
+    if row is None:
         return None
-    if row.detail.get("fingerprint") != request_fingerprint:
+    if row.fingerprint != request_fingerprint:
         raise Conflict("this Idempotency-Key was already used for a different request")
-    resource = row.detail.get("id")
-    return str(resource) if resource else None
+    return row.resource_id
 
 
 def remember(
     session: Session,
     *,
     clinic_id: int,
-    api_key_id: int,
     kind: str,
     key: str,
     request_fingerprint: str,
     resource_id: str,
 ) -> None:
-    repo.record_audit(
-        session,
-        action=ACTION,
-        clinic_id=clinic_id,
-        api_key_id=api_key_id,
-        target_type=kind,
-        target_id=_key_hash(kind, key),
-        detail={"id": resource_id, "fingerprint": request_fingerprint},
+    """Record the key with the resource it created, in the caller's transaction (flushed here).
+
+    Raises ``sqlalchemy.exc.IntegrityError`` when the key is already taken by a row that has not
+    expired: another request with this key committed since :func:`find` (on PostgreSQL, this waits
+    until a concurrent transaction holding the same key commits or rolls back)."""
+    key_hash = _key_hash(kind, key)
+    # An expired row of this key would block the INSERT: replace it. (The caller's find() saw no
+    # valid row, and the cut-off here is later than find()'s, so a row left now is a new one.)
+    session.execute(
+        delete(IdempotencyKey)
+        .where(
+            IdempotencyKey.clinic_id == clinic_id,
+            IdempotencyKey.key_hash == key_hash,
+            IdempotencyKey.created_at < utcnow() - VALID_FOR,
+        )
+        .execution_options(synchronize_session=False)
     )
+    session.add(
+        IdempotencyKey(
+            clinic_id=clinic_id,
+            kind=kind,
+            key_hash=key_hash,
+            fingerprint=request_fingerprint,
+            resource_id=resource_id,
+            created_at=utcnow(),
+        )
+    )
+    session.flush()

@@ -37,6 +37,12 @@ def load_bundle(session: Session, principal: PrincipalDep, bundle_id: str) -> Bu
     return bundle
 
 
+def _answer_existing(session: Session, principal: PrincipalDep, bundle_id: str) -> JSONResponse:
+    """The answer to a retry: the bundle created first with the request's Idempotency-Key."""
+    found = load_bundle(session, principal, bundle_id)
+    return JSONResponse(Accepted(id=found.id, status=found.status).model_dump(mode="json"), 202)
+
+
 @router.post(
     "",
     status_code=202,
@@ -71,8 +77,7 @@ def create_bundle(
     fingerprint = idempotency.fingerprint(patient_id, *(f"{p.field}={p.sha256}" for p in photos))
     existing = key and idempotency.find(session, principal.clinic_id, "bundle", key, fingerprint)
     if existing:
-        found = load_bundle(session, principal, existing)
-        return JSONResponse(Accepted(id=found.id, status=found.status).model_dump(mode="json"), 202)
+        return _answer_existing(session, principal, existing)
 
     store = FileStore(settings.store_path)
     stored = [(photo, store_photo(store, photo)) for photo in photos]
@@ -90,21 +95,24 @@ def create_bundle(
             bundle_id=bundle.id,
         )
         image_ids.append(image.id)
+    bundle_id = bundle.id
     # One task for the whole visit: the worker scores the photographs as one batch.
-    commit_and_enqueue(
+    answered = commit_and_enqueue(
         session,
         principal,
         producer,
         kind="bundle",
-        resource_id=bundle.id,
+        resource_id=bundle_id,
         patient_id=patient.id,
         image_ids=image_ids,
         key=key,
         fingerprint=fingerprint,
         detail={"images": image_ids},
     )
-    log.info("bundle %s queued with %d photograph(s)", bundle.id, len(image_ids))
-    return JSONResponse(Accepted(id=bundle.id, status="queued").model_dump(mode="json"), 202)
+    if answered != bundle_id:  # a concurrent request with the same key won: answer as to a retry
+        return _answer_existing(session, principal, answered)
+    log.info("bundle %s queued with %d photograph(s)", bundle_id, len(image_ids))
+    return JSONResponse(Accepted(id=bundle_id, status="queued").model_dump(mode="json"), 202)
 
 
 @router.get(

@@ -73,10 +73,16 @@ def commit_and_enqueue(
     key: str | None,
     fingerprint: str,
     detail: dict[str, Any] | None = None,
-) -> None:
+) -> str:
     """Finish an accepted upload whose rows are written: audit ``{kind}.create``, remember its
     ``Idempotency-Key``, commit, and only then queue its photographs (a worker is never told about
-    rows that do not exist yet)."""
+    rows that do not exist yet). Returns the id to answer: ``resource_id``.
+
+    When a concurrent request with the same key committed first (the key's unique constraint
+    refuses this one), everything this request wrote is rolled back, nothing is queued, and the
+    id returned is the winner's (or Conflict when the winner was a different request): the caller
+    answers as a retry would. The photographs already put in the file store stay there: the store
+    is content-addressed (by sha256), so they are the winner's files too or harmless leftovers."""
     audit(
         session,
         principal,
@@ -86,18 +92,28 @@ def commit_and_enqueue(
         target_id=resource_id,
         detail=detail,
     )
-    if key:
-        idempotency.remember(
-            session,
-            clinic_id=principal.clinic_id,
-            api_key_id=principal.api_key_id,
-            kind=kind,
-            key=key,
-            request_fingerprint=fingerprint,
-            resource_id=resource_id,
-        )
-    session.commit()
+    try:
+        if key:
+            idempotency.remember(
+                session,
+                clinic_id=principal.clinic_id,
+                kind=kind,
+                key=key,
+                request_fingerprint=fingerprint,
+                resource_id=resource_id,
+            )
+        session.commit()
+    except sa_exc.IntegrityError:
+        session.rollback()
+        # find() reads in a new transaction, which sees the winner's committed key; no key (or
+        # none found): the error was about something else
+        winner = key and idempotency.find(session, principal.clinic_id, kind, key, fingerprint)
+        if not winner:
+            raise
+        log.info("%s %s not kept: a concurrent request with its Idempotency-Key won", kind, resource_id)
+        return winner
     enqueue_scoring(producer, image_ids)
+    return resource_id
 
 
 def load_image(session: Session, principal: PrincipalDep, image_id: str) -> Image:
@@ -170,18 +186,22 @@ def create_image(
         image = record_photo(
             session, clinic_id=principal.clinic_id, patient_id=patient.id, eye=eye, photo=photo, stored=stored
         )
-        commit_and_enqueue(
+        image_id = image.id
+        answered = commit_and_enqueue(
             session,
             principal,
             producer,
             kind="image",
-            resource_id=image.id,
+            resource_id=image_id,
             patient_id=patient.id,
-            image_ids=[image.id],
+            image_ids=[image_id],
             key=key,
             fingerprint=fingerprint,
         )
-        log.info("image %s queued", image.id)
+        if answered == image_id:
+            log.info("image %s queued", image_id)
+        else:  # a concurrent request with the same key won: answer its image, as to a retry
+            image = load_image(session, principal, answered)
 
     accepted = Accepted(id=image.id, status=image.status)
     if wait:
