@@ -159,6 +159,7 @@ def serve(
 
     from core.settings import get_settings
 
+    _refuse_other_schema("drscreen serve")
     uvicorn.run(
         "services.app:create_app",
         factory=True,
@@ -189,7 +190,7 @@ def worker(
 
     settings = get_settings()
     application = _load(celery_app)
-    if celery_app == "workers.app:celery_app":
+    if celery_app == "workers.app:celery_app":  # (test apps without a database: --app)
         from workers.model import check_release
 
         try:
@@ -197,6 +198,7 @@ def worker(
         except (OSError, ValueError, KeyError) as exc:
             typer.echo(f"drscreen worker: the model cannot be loaded, not starting: {exc}", err=True)
             raise typer.Exit(2) from exc
+        _refuse_other_schema("drscreen worker")
         typer.echo(f"drscreen worker: serving {ref}")
     argv = [
         "worker",
@@ -214,6 +216,24 @@ def worker(
     if hostname:
         argv += ["--hostname", hostname]
     application.worker_main(argv=argv)
+
+
+def _refuse_other_schema(command: str) -> None:
+    """Exit 2 with one line when the database's schema is not this code's; start anyway (with a
+    warning) when the database cannot be reached yet: it may come up after the API or worker."""
+    from sqlalchemy.exc import OperationalError
+
+    from core.migrate import schema_problem
+
+    try:
+        problem = schema_problem()
+    except OperationalError as exc:
+        first = str(exc.orig or exc).strip().splitlines()[0][:300]
+        typer.echo(f"{command}: database not reachable now ({first}); schema not checked", err=True)
+        return
+    if problem:
+        typer.echo(f"{command}: not starting: {problem}", err=True)
+        raise typer.Exit(2)
 
 
 # ----------------------------------------------------------------------------------------- db

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -43,3 +44,29 @@ def current_revision(database_url: str | None = None) -> str | None:
 
     with get_engine(database_url or get_settings().database_url).connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+@functools.cache
+def head_revision() -> str:
+    """The newest migration this code ships (what its tables need)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None, "migrations/ holds no revision"
+    return head
+
+
+def schema_problem(database_url: str | None = None) -> str | None:
+    """One line saying why the database cannot serve this code, None when its schema is the
+    newest migration's. An API or worker on a database that is not migrated (or migrated by other
+    code) answered 500 to every upload while /readyz said ready (session 18's operator review).
+    Raises SQLAlchemy's OperationalError when the database cannot be reached."""
+    at, head = current_revision(database_url), head_revision()
+    if at == head:
+        return None
+    if at is None:
+        return "the database has no schema yet: run `drscreen db upgrade`"
+    return (
+        f"the database schema is at revision {at}, this code needs {head}: run `drscreen db upgrade` "
+        f"(if {at} is newer, this machine runs older code than the one that migrated the database)"
+    )

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from core import db
+from core.migrate import schema_problem
 from core.producer import broker_reachable, make_producer_app
 from core.schemas import Readiness
 from core.settings import Settings, get_settings
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         metrics.attach(base, app.state.sessionmaker)
         configure_logging(base.log_level)
         install_access_log_filter()
+        _check_schema(base)
         log.info("API ready (model %s)", active_ref(base) or "none installed")
         try:
             yield
@@ -120,7 +122,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     @app.get(
         "/readyz",
         tags=["operations"],
-        summary="Database, broker and a released model are reachable",
+        summary="Database (at this code's schema), broker and a released model are reachable",
         responses={
             200: {"model": Readiness, "description": "ready: every check passed"},
             503: {"model": Readiness, "description": "a dependency is not ready (see `checks`)"},
@@ -161,10 +163,34 @@ def max_body_bytes(app: Any) -> int:
     return settings.max_upload_bytes * MAX_FILES_PER_REQUEST + MULTIPART_SLACK_BYTES
 
 
+def _check_schema(settings: Settings) -> None:
+    """Refuse to start on a database whose schema is not this code's (every write would be a 500);
+    a database that cannot be reached yet is left to /readyz (it may come up after the API)."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        problem = schema_problem(settings.database_url)
+    except OperationalError as exc:
+        log.warning("database not reachable at start, schema not checked: %s", str(exc.orig or exc)[:200])
+        return
+    if problem:
+        log.error("not starting: %s", problem)
+        raise RuntimeError(problem)
+
+
+def _schema_ok(database_url: str) -> bool:
+    try:
+        return schema_problem(database_url) is None
+    except Exception:  # unreachable: the database check says so
+        return False
+
+
 def _readiness(app: Any) -> dict[str, bool]:
     settings: Settings = app.state.settings
+    reachable = db.ping(settings.database_url)
     return {
-        "database": db.ping(settings.database_url),
+        "database": reachable,
+        "schema": reachable and _schema_ok(settings.database_url),
         "broker": broker_reachable(timeout=2.0, app=app.state.producer),
         "model": active_ref(settings) is not None,
     }

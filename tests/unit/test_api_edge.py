@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from core.db import session_scope
 from core.settings import Settings, get_settings
-from core.tables import AuditEvent, Bundle, Image, Patient, ScoringJob
+from core.tables import AuditEvent, Bundle, IdempotencyKey, Image, Patient, ScoringJob
 from services.app import create_app
 from services.config import get_api_settings
 from services.web.auth import COOKIE_NAME
@@ -234,13 +234,14 @@ def test_uploads_are_audited_and_their_keys_remembered(client: TestClient, url: 
         rows = s.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
         events = [(r.action, r.target_type, r.detail) for r in rows if r.action.endswith(".create")]
         [bundle_image] = s.scalars(select(Image.id).where(Image.bundle_id == bundle)).all()
-        remembered = [r.detail for r in rows if r.action == "idempotency_key"]
         assert all(r.clinic_id == key.clinic_id and r.api_key_id == key.key_id for r in rows)
+        assert not [r for r in rows if r.action == "idempotency_key"]  # keys have a table of their own
+        remembered = [(r.clinic_id, r.kind, r.resource_id) for r in s.scalars(select(IdempotencyKey))]
     assert events == [
         ("image.create", "image", None),
         ("bundle.create", "bundle", {"images": [bundle_image]}),
     ]
-    assert len(remembered) == 1 and remembered[0] is not None and remembered[0]["id"] == image
+    assert remembered == [(key.clinic_id, "image", image)]
     queue = get_settings().broker_dir / "queue"
     assert len([p for p in queue.iterdir() if p.name.endswith(".scoring.msg")]) == 2
 
@@ -386,7 +387,7 @@ def test_models_readiness_and_metrics(
     with TestClient(create_app()) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503
-        assert ready.json()["checks"] == {"database": True, "broker": True, "model": False}
+        assert ready.json()["checks"] == {"database": True, "schema": True, "broker": True, "model": False}
         assert client.get("/v1/models", headers=key.headers).status_code == 503
         _fake_release(tmp_path / "models")
         assert client.get("/readyz").status_code == 200

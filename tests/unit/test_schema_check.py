@@ -1,0 +1,55 @@
+"""An API or worker refuses a database whose schema is not this code's (session 18's operator
+review: on an empty or one-migration-behind database every upload answered 500 while /readyz said
+ready, and a worker started and then failed in its sweep)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic import command
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from cli.main import app as cli
+from core import migrate
+from core.settings import get_settings
+from services.app import create_app
+
+
+def test_schema_problem_names_what_to_do(isolated_settings: Path) -> None:
+    url = get_settings().database_url
+    head = migrate.head_revision()
+    assert "no schema yet" in (migrate.schema_problem(url) or "")
+    migrate.upgrade(url)
+    assert migrate.current_revision(url) == head and migrate.schema_problem(url) is None
+    command.downgrade(migrate.alembic_config(url), "-1")
+    behind = migrate.schema_problem(url) or ""
+    assert f"needs {head}" in behind and "drscreen db upgrade" in behind
+
+
+def test_the_api_does_not_start_on_a_database_without_its_schema(isolated_settings: Path) -> None:
+    with pytest.raises(RuntimeError, match="no schema yet"), TestClient(create_app()):
+        pass
+
+
+def test_readiness_says_when_the_schema_falls_behind(url: str) -> None:
+    with TestClient(create_app()) as client:
+        assert client.get("/readyz").json()["checks"]["schema"] is True
+        command.downgrade(migrate.alembic_config(url), "-1")  # e.g. restored from an old backup
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["schema"] is False
+        assert "schema" in ready.json()["detail"]
+
+
+@pytest.mark.parametrize("command_name", ["serve", "worker"])
+def test_serve_and_worker_refuse_an_unmigrated_database_in_one_line(
+    isolated_settings: Path, command_name: str
+) -> None:
+    result = CliRunner().invoke(cli, [command_name])
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert (
+        message
+        == f"drscreen {command_name}: not starting: the database has no schema yet: run `drscreen db upgrade`"
+    )
