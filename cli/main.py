@@ -199,6 +199,15 @@ def worker(
             typer.echo(f"drscreen worker: the model cannot be loaded, not starting: {exc}", err=True)
             raise typer.Exit(2) from exc
         _refuse_other_schema("drscreen worker")
+        if not Path(settings.store_path).is_dir():
+            # not fatal (an embedded API creates it on its first upload), but on a machine of its
+            # own this is the usual mistake: photographs would be retried, then failed
+            typer.echo(
+                f"drscreen worker: warning: the file store {settings.store_path} does not exist; "
+                "photographs are read from the folder the API stores them in (DRSCREEN_STORE_DIR, "
+                "shared between machines)",
+                err=True,
+            )
         typer.echo(f"drscreen worker: serving {ref}")
     argv = [
         "worker",

@@ -252,6 +252,15 @@ def requeue_image(session: Session, image: Image) -> None:
     session.flush()
 
 
+def return_to_queue(session: Session, image: Image) -> None:
+    """Give a claimed image back unscored (its attempt counts: the claim's limit still applies);
+    the sweep sends it again once it has been queued for ``stale_queued_minutes``."""
+    image.status = "queued"
+    image.claimed_by = None
+    image.updated_at = utcnow()
+    session.flush()
+
+
 def _scored_by_version_or_later(image_id: Any, model_version_id: int) -> Any:
     """EXISTS a prediction of the image by this version or a later one. Correlated on the image, so
     it reads the (image_id, model_version_id) unique index, not every prediction of the release."""

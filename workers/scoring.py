@@ -70,6 +70,8 @@ class _Claimed:
     size: tuple[int, int] | None = None  # (height, width), kept for the image row
     quality: QualityReport | None = None
     error: str | None = None
+    # the stored file is not in this worker's store: the deployment's fault, not the photograph's
+    missing: bool = False
     prediction: Any = None
     wants_heatmap: bool = False
     heatmap: StoredFile | None = None  # drawn with the grade (see the module docstring)
@@ -88,6 +90,8 @@ class ScoreSummary:
     explain_sent: list[str] = field(default_factory=list)  # heatmap left to the explain queue
     # the same patients' images an earlier release scored, queued again for this one
     rescore: list[str] = field(default_factory=list)
+    # stored photograph not found: left queued for another attempt (the sweep sends it again)
+    missing: list[str] = field(default_factory=list)
 
 
 def _unique(ids: Sequence[str]) -> list[str]:
@@ -152,8 +156,20 @@ def _prepare(it: _Claimed, store: FileStore, max_pixels: int, thresholds: Any) -
     """Read, decode and quality-check one photograph (fills rgb/quality/error in place)."""
     try:
         data = store.read_bytes(it.stored_path)
-    except (FileNotFoundError, ValueError) as exc:
-        it.error = f"stored photograph is missing: {exc}"
+    except FileNotFoundError:
+        # The API stored it, so this worker does not see the API's store (DRSCREEN_STORE_DIR not
+        # the shared folder, a mount gone): retried, not judged; the path stays in the server log.
+        log.error(
+            "image %s: stored photograph %s is not in this worker's file store %s; is "
+            "DRSCREEN_STORE_DIR the folder the API writes to (shared between machines)?",
+            it.image_id,
+            it.stored_path,
+            store.root,
+        )
+        it.missing = True
+        return it
+    except ValueError:
+        it.error = "stored photograph path is outside the file store"
         return it
     try:
         it.rgb, it.size = decode_scaled(data, max_pixels=max_pixels, min_side=DECODE_MIN_SIDE)
@@ -239,6 +255,7 @@ def _write(
 ) -> list[_Claimed]:
     """Persist the batch in one transaction; returns the items actually written."""
     written: list[_Claimed] = []
+    max_attempts = get_worker_settings().max_attempts
     with session_scope(db_url) as session:
         mv = repo.get_or_create_model_version(session, ens.ref, ens.card)
         # Row locks on PostgreSQL, all in one statement and in id order: a concurrent delivery
@@ -261,6 +278,15 @@ def _write(
                 continue
             if it.size is not None and (row.width is None or row.height is None):
                 row.height, row.width = it.size
+            if it.missing and row.attempts < max_attempts:
+                repo.return_to_queue(session, row)
+                summary.missing.append(row.id)
+                continue
+            if it.missing:
+                it.error = (
+                    f"the stored photograph was not found by the workers in {max_attempts} attempts "
+                    "(a file-store problem of the server, not of the photograph: upload it again)"
+                )
             if it.error is not None:
                 repo.mark_image_failed(session, row, it.error)
                 _sync_job_items(session, [row.id], "failed", it.error)
@@ -369,11 +395,12 @@ def score_images(
             send(tasks.EXPLAIN_IMAGE, [it.image_id], {})
             summary.explain_sent.append(it.image_id)
     log.info(
-        "score_images: %d graded, %d ungradable, %d failed, %d skipped (%s)",
+        "score_images: %d graded, %d ungradable, %d failed, %d skipped, %d photographs missing (%s)",
         len(summary.scored),
         len(summary.ungradable),
         len(summary.failed),
         len(summary.skipped),
+        len(summary.missing),
         ens.ref,
     )
     return summary

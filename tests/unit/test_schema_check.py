@@ -53,3 +53,21 @@ def test_serve_and_worker_refuse_an_unmigrated_database_in_one_line(
         message
         == f"drscreen {command_name}: not starting: the database has no schema yet: run `drscreen db upgrade`"
     )
+
+
+def test_a_worker_warns_when_its_file_store_does_not_exist(
+    isolated_settings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker on another machine without the API's shared store: said at start (its photographs
+    would be retried and then failed, tests/unit/test_workers_scoring.py)."""
+    from workers.app import celery_app
+
+    migrate.upgrade(get_settings().database_url)
+    monkeypatch.setenv("DRSCREEN_STORE_DIR", str(isolated_settings / "not-mounted"))
+    get_settings.cache_clear()
+    started: list[list[str]] = []
+    monkeypatch.setattr(celery_app, "worker_main", lambda argv: started.append(argv))
+    result = CliRunner().invoke(cli, ["worker"])
+    assert result.exit_code == 0, result.output
+    assert "warning: the file store" in result.output and "not-mounted" in result.output
+    assert started, "the worker still starts (an embedded API creates the store on its first upload)"

@@ -427,3 +427,42 @@ def test_a_new_release_rescores_the_patients_earlier_photographs(url: str, store
     extra = add_images(url, store, "P1", [photo("17_right.jpg")])
     stale = scoring.score_images(extra, ensemble=old, store=store, db_url=url, enqueue=(sent := Sent()))
     assert stale.rescore == [] and all(name != tasks.SCORE_IMAGES for name, _, _ in sent)
+
+
+def test_a_photograph_missing_from_the_workers_store_is_retried_not_judged(
+    url: str,
+    store: FileStore,
+    ens: StubEnsemble,
+    sent: Sent,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The operator review: a worker whose DRSCREEN_STORE_DIR is not the API's failed every
+    photograph for good ("stored photograph is missing: <server path>") and the patient read as
+    ungradable. Now it stays queued for another worker and attempt, the path goes to the server
+    log only, and only after max_attempts is it failed, saying whose problem it is."""
+    [image_id] = add_images(url, store, "P-STORE", [photo("16_left.jpg")])
+    elsewhere = FileStore(tmp_path / "another-machines-store")
+    with caplog.at_level("ERROR"):
+        summary = scoring.score_images([image_id], ensemble=ens, store=elsewhere, db_url=url, enqueue=sent)
+    assert summary.missing == [image_id] and not summary.failed and summary.patients == []
+    assert "DRSCREEN_STORE_DIR" in caplog.text and str(elsewhere.root) in caplog.text
+    with session_scope(url) as s:
+        row = repo.get_image(s, image_id)
+        assert row is not None and row.status == "queued" and row.claimed_by is None and row.attempts == 1
+        assert repo.get_current_patient_result(s, row.patient_id) is None  # nothing judged
+    # the right store (the sweep sent it again): graded as usual
+    assert scoring.score_images([image_id], ensemble=ens, store=store, db_url=url, enqueue=sent).scored == [
+        image_id
+    ]
+    # a file gone for good: failed at the last attempt, with no server path in the clinic's error
+    [lost] = add_images(url, store, "P-LOST", [photo("17_left.jpg")])
+    for attempt in range(1, scoring.get_worker_settings().max_attempts + 1):
+        summary = scoring.score_images([lost], ensemble=ens, store=elsewhere, db_url=url, enqueue=sent)
+        assert (
+            summary.failed if attempt == scoring.get_worker_settings().max_attempts else summary.missing
+        ) == [lost]
+    with session_scope(url) as s:
+        row = repo.get_image(s, lost)
+        assert row is not None and row.status == "failed"
+        assert "file-store problem" in (row.error or "") and str(tmp_path) not in (row.error or "")
