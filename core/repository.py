@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -250,6 +250,23 @@ def requeue_image(session: Session, image: Image) -> None:
     image.claimed_by = None
     image.updated_at = utcnow()
     session.flush()
+
+
+def recent_releases(session: Session, last: int = 1000) -> dict[str, datetime]:
+    """The releases that wrote the newest ``last`` predictions, with the time of each one's newest.
+    More than one: workers serve different releases (each patient's result comes from one, so
+    results flip between them) or a rolling upgrade is under way. Read by primary key range, so
+    cheap on any table size."""
+    newest = session.scalar(select(func.max(Prediction.id)))
+    if newest is None:
+        return {}
+    rows = session.execute(
+        select(ModelVersion.ref, func.max(Prediction.created_at))
+        .join(Prediction, Prediction.model_version_id == ModelVersion.id)
+        .where(Prediction.id > newest - last)
+        .group_by(ModelVersion.ref)
+    ).all()
+    return {ref: at for ref, at in rows}
 
 
 def return_to_queue(session: Session, image: Image) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from datetime import UTC
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -21,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from core import repository as repo
 from core.celery_config import broker_folders
 from core.settings import Settings
 from core.tables import Image, Prediction
@@ -94,6 +96,20 @@ class SystemCollector(Collector):
         yield images
         yield scored
         yield grades
+
+        recent = GaugeMetricFamily(
+            "drscreen_recent_release_predictions",
+            "releases that wrote the newest 1000 predictions (more than one: workers serve different "
+            "releases, or a rolling upgrade); value: Unix time of each one's newest prediction",
+            labels=["version"],
+        )
+        try:
+            with self.sessions() as session:
+                for version, at in repo.recent_releases(session).items():
+                    recent.add_metric([version], at.replace(tzinfo=at.tzinfo or UTC).timestamp())
+        except Exception as exc:
+            log.warning("recent releases unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
+        yield recent
 
         info = GaugeMetricFamily("drscreen_model_info", "the active released ensemble", labels=["version"])
         ref = active_ref(self.settings)

@@ -26,6 +26,7 @@ explain queue only after that commit (the row must exist before the message).
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -257,6 +258,7 @@ def _write(
     written: list[_Claimed] = []
     max_attempts = get_worker_settings().max_attempts
     with session_scope(db_url) as session:
+        _check_one_release(session, ens.ref)
         mv = repo.get_or_create_model_version(session, ens.ref, ens.card)
         # Row locks on PostgreSQL, all in one statement and in id order: a concurrent delivery
         # of the same ids waits here, then sees ``done`` and skips (SQLite serialises writers).
@@ -341,6 +343,31 @@ def _write(
             summary.patients.append(patient_id)
         _refresh_groups(session, rows, [])
     return written
+
+
+#: Seconds between a process's checks that the other workers serve the same release.
+RELEASE_CHECK_INTERVAL_S = 300.0
+_release_checked_at = [float("-inf")]
+
+
+def _check_one_release(session: Session, ref: str) -> None:
+    """Say loudly when other workers serve another release: a patient's result is computed by
+    one release, so with two in use it flips with whichever worker scored last, and photographs
+    the other release graded count for nothing in it (session 18's operator review: no warning
+    anywhere). Throttled: a query every ``RELEASE_CHECK_INTERVAL_S`` per process."""
+    now = time.monotonic()
+    if now - _release_checked_at[0] < RELEASE_CHECK_INTERVAL_S:
+        return
+    _release_checked_at[0] = now
+    others = sorted(r for r in repo.recent_releases(session) if r != ref)
+    if others:
+        log.error(
+            "workers serve different releases: this one %s, others %s wrote recent predictions; set "
+            "DRSCREEN_MODEL to one name@version on every worker (expected only while a rolling "
+            "upgrade replaces the old workers)",
+            ref,
+            ", ".join(others),
+        )
 
 
 def _wants_explanation(it: _Claimed, explain: bool | None) -> bool:

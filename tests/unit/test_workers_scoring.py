@@ -466,3 +466,37 @@ def test_a_photograph_missing_from_the_workers_store_is_retried_not_judged(
         row = repo.get_image(s, lost)
         assert row is not None and row.status == "failed"
         assert "file-store problem" in (row.error or "") and str(tmp_path) not in (row.error or "")
+
+
+def test_workers_serving_different_releases_are_reported(
+    url: str, store: FileStore, sent: Sent, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator review: two workers on one broker with different DRSCREEN_MODEL flipped
+    patients' results between releases without a word in any log or metric."""
+    from prometheus_client import generate_latest
+
+    from core.db import get_sessionmaker
+    from core.settings import get_settings
+    from services.metrics import Metrics
+
+    monkeypatch.setattr(scoring, "_release_checked_at", [float("-inf")])
+    first, second = add_images(url, store, "P-MIX", [photo("16_left.jpg"), photo("16_right.jpg")])
+    with caplog.at_level("ERROR"):
+        scoring.score_images([first], ensemble=StubEnsemble(), store=store, db_url=url, enqueue=sent)
+    assert "different releases" not in caplog.text  # one release so far
+    monkeypatch.setattr(scoring, "_release_checked_at", [float("-inf")])
+    other = StubEnsemble(ref="stub-other@0.0.2")
+    with caplog.at_level("ERROR"):
+        scoring.score_images([second], ensemble=other, store=store, db_url=url, enqueue=sent)
+    assert (
+        "workers serve different releases: this one stub-other@0.0.2, others stub-ensemble@0.0.1"
+        in caplog.text
+    )
+    with session_scope(url) as s:
+        assert set(repo.recent_releases(s)) == {"stub-ensemble@0.0.1", "stub-other@0.0.2"}
+        assert set(repo.recent_releases(s, last=1)) <= {"stub-ensemble@0.0.1", "stub-other@0.0.2"}
+    metrics = Metrics()
+    metrics.attach(get_settings(), get_sessionmaker(url))
+    scraped = generate_latest(metrics.registry).decode()
+    assert 'drscreen_recent_release_predictions{version="stub-other@0.0.2"}' in scraped
+    assert 'drscreen_recent_release_predictions{version="stub-ensemble@0.0.1"}' in scraped
