@@ -28,7 +28,9 @@ COPY ml ./ml
 COPY cli ./cli
 COPY migrations ./migrations
 # Both images: the API reads the released manifests and model cards (/readyz, /v1/models).
-COPY models ./models
+# owned by the service user: `drscreen export onnx` on a new CPU type writes the release's
+# openvino-precisions.json there
+COPY --chown=drscreen:drscreen models ./models
 ENV DRSCREEN_MODELS_DIR=/app/models
 
 # Editable installs: the code runs from /app, where alembic.ini, migrations/ and models/ are
