@@ -159,6 +159,7 @@ def serve(
 
     from core.settings import get_settings
 
+    _warn_about_settings("drscreen serve")
     _refuse_other_schema("drscreen serve")
     uvicorn.run(
         "services.app:create_app",
@@ -198,6 +199,7 @@ def worker(
         except (OSError, ValueError, KeyError) as exc:
             typer.echo(f"drscreen worker: the model cannot be loaded, not starting: {exc}", err=True)
             raise typer.Exit(2) from exc
+        _warn_about_settings("drscreen worker")
         _refuse_other_schema("drscreen worker")
         if not Path(settings.store_path).is_dir():
             # not fatal (an embedded API creates it on its first upload), but on a machine of its
@@ -225,6 +227,40 @@ def worker(
     if hostname:
         argv += ["--hostname", hostname]
     application.worker_main(argv=argv)
+
+
+#: DRSCREEN_ names read outside the settings classes (scripts, the bench, the tests' own)
+_OTHER_NAMES = {"ONNX_CACHE", "BENCH_PHOTOS", "BENCH_CONCURRENCY", "DATA", "BIN"}
+
+
+def _warn_about_settings(command: str) -> None:
+    """Warnings for settings that are valid but almost certainly not meant (the operator review):
+    a misspelt DRSCREEN_ name is otherwise ignored in silence, and a PostgreSQL deployment still
+    on the embedded file broker publishes work that workers elsewhere never see."""
+    import os
+
+    from pydantic_settings import BaseSettings
+
+    from core.settings import Settings, get_settings
+
+    classes: list[type[BaseSettings]] = [Settings]
+    for module, name in (("services.config", "ApiSettings"), ("workers.settings", "WorkerSettings")):
+        try:
+            classes.append(getattr(importlib.import_module(module), name))
+        except ImportError:  # that part is not installed: its names are not checked
+            continue
+    known = {f.upper() for cls in classes for f in cls.model_fields} | _OTHER_NAMES
+    for name in sorted(os.environ):
+        rest = name.removeprefix("DRSCREEN_")
+        if rest != name and rest not in known and not rest.startswith("TEST_"):
+            typer.echo(f"{command}: warning: unknown setting {name} is ignored (misspelt?)", err=True)
+    settings = get_settings()
+    if settings.database_url.startswith("postgresql") and settings.is_embedded_broker:
+        typer.echo(
+            f"{command}: warning: PostgreSQL with the embedded file broker: work is queued in "
+            "this machine's folder, which workers elsewhere never see (set DRSCREEN_BROKER_URL)",
+            err=True,
+        )
 
 
 def _refuse_other_schema(command: str) -> None:

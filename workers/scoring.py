@@ -135,7 +135,24 @@ def _claim(
                 continue
             claimed.append(_Claimed(row.id, row.patient_id, row.stored_path, row.bundle_id, row.job_id))
         _refresh_groups(session, [*gave_up], claimed)
+        if summary.skipped:
+            _warn_unknown(session, summary.skipped)
     return claimed
+
+
+def _warn_unknown(session: Session, skipped: Sequence[str]) -> None:
+    """Skipped ids are normally done already or taken by another worker; ids this database has
+    never seen mean this worker reads another database than the API that queued them (the
+    operator review: the task "succeeded" and the photograph stayed queued, silently)."""
+    known = set(session.scalars(select(Image.id).where(Image.id.in_(list(skipped)))))
+    unknown = [i for i in skipped if i not in known]
+    if unknown:
+        log.warning(
+            "%d queued photograph id(s) unknown to this worker's database (e.g. %s): is "
+            "DRSCREEN_DATABASE_URL the API's?",
+            len(unknown),
+            unknown[0],
+        )
 
 
 def _refresh_groups(session: Session, rows: Sequence[Image], claimed: Sequence[_Claimed]) -> None:

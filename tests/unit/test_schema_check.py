@@ -7,10 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import typer
 from alembic import command
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from cli.main import _warn_about_settings
 from cli.main import app as cli
 from core import migrate
 from core.settings import get_settings
@@ -71,3 +73,26 @@ def test_a_worker_warns_when_its_file_store_does_not_exist(
     assert result.exit_code == 0, result.output
     assert "warning: the file store" in result.output and "not-mounted" in result.output
     assert started, "the worker still starts (an embedded API creates the store on its first upload)"
+
+
+def test_serve_and_worker_warn_about_a_misspelt_setting_and_a_lone_file_broker(
+    isolated_settings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A misspelt DRSCREEN_ name was ignored in silence; PostgreSQL with the embedded file broker
+    queued work where no worker on another machine looks."""
+    from workers.app import celery_app
+
+    migrate.upgrade(get_settings().database_url)
+    monkeypatch.setenv("DRSCREEN_VISIT_WINDOW_HOUR", "0")  # ...HOURS
+    monkeypatch.setenv("DRSCREEN_TEST_ANYTHING", "1")  # the tests' own names are known
+    monkeypatch.setattr(celery_app, "worker_main", lambda argv: None)
+    result = CliRunner().invoke(cli, ["worker"])
+    assert result.exit_code == 0, result.output
+    assert "unknown setting DRSCREEN_VISIT_WINDOW_HOUR is ignored" in result.output
+    assert "DRSCREEN_TEST_ANYTHING" not in result.output and "file broker" not in result.output
+
+    monkeypatch.setenv("DRSCREEN_DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    get_settings.cache_clear()
+    probe = typer.Typer()
+    probe.command()(lambda: _warn_about_settings("drscreen serve"))
+    assert "PostgreSQL with the embedded file broker" in CliRunner().invoke(probe, []).output

@@ -223,14 +223,21 @@ def test_bad_photos_fail_alone(url: str, store: FileStore, ens: StubEnsemble, se
         assert right.gradable is False and right.grade is None
 
 
-def test_missing_ids_and_attempt_cap(url: str, store: FileStore, ens: StubEnsemble, sent: Sent) -> None:
+def test_missing_ids_and_attempt_cap(
+    url: str, store: FileStore, ens: StubEnsemble, sent: Sent, caplog: pytest.LogCaptureFixture
+) -> None:
     [image_id] = add_images(url, store, "P3", [photo("16_left.jpg")])
     with session_scope(url) as s:
         row = repo.get_image(s, image_id)
         assert row is not None
         row.attempts = 5  # five earlier deliveries never finished
-    summary = scoring.score_images([image_id, "0" * 32], ensemble=ens, store=store, db_url=url, enqueue=sent)
+    with caplog.at_level("WARNING"):
+        summary = scoring.score_images(
+            [image_id, "0" * 32], ensemble=ens, store=store, db_url=url, enqueue=sent
+        )
     assert summary.failed == [image_id] and summary.skipped == ["0" * 32]
+    # an id this database never saw: said (a worker on another database than the API's)
+    assert "unknown to this worker's database" in caplog.text
     assert ens.batches == []
     with session_scope(url) as s:
         row = repo.get_image(s, image_id)
