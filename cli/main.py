@@ -21,8 +21,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of the clinics.", no_args_is_help=True)
+model_app = typer.Typer(help="The release the whole deployment serves.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.add_typer(model_app, name="model")
 
 
 def _load(target: str) -> Any:
@@ -201,6 +203,7 @@ def worker(
             raise typer.Exit(2) from exc
         _warn_about_settings("drscreen worker")
         _refuse_other_schema("drscreen worker")
+        _refuse_other_release(ref)
         if not Path(settings.store_path).is_dir():
             # not fatal (an embedded API creates it on its first upload), but on a machine of its
             # own this is the usual mistake: photographs would be retried, then failed
@@ -279,6 +282,61 @@ def _refuse_other_schema(command: str) -> None:
     if problem:
         typer.echo(f"{command}: not starting: {problem}", err=True)
         raise typer.Exit(2)
+
+
+def _refuse_other_release(ref: str) -> None:
+    """Exit 2 when the deployment has an active release (``drscreen model activate``) and this
+    worker would serve another: a patient's result comes from one release."""
+    from sqlalchemy.exc import OperationalError
+
+    from core import repository as repo
+    from core.db import session_scope
+
+    try:
+        with session_scope() as session:
+            active = repo.active_release(session)
+    except OperationalError:
+        return  # not reachable now: said by _refuse_other_schema; each task checks again
+    if active is not None and active != ref:
+        typer.echo(
+            f"drscreen worker: not starting: the deployment serves {active} (drscreen model "
+            f"activate) and this worker would serve {ref}: set DRSCREEN_MODEL={active}",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+# -------------------------------------------------------------------------------------- model
+
+
+@model_app.command("activate")
+def model_activate(ref: str = typer.Argument(..., help="Released ensemble NAME@VERSION.")) -> None:
+    """Make every worker serve this release: workers serving another one stop grading (their
+    photographs wait for a worker that serves it) and refuse to start. Run it after the new
+    release is on every worker machine, then restart the workers with DRSCREEN_MODEL set to it."""
+    from core import repository as repo
+    from core.db import session_scope
+    from core.settings import get_settings
+
+    try:
+        checked = _load("ml.inference:check_release")(ref, get_settings().models_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        typer.echo(f"drscreen model activate: {ref} cannot be served: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    with _db_errors(), session_scope() as session:
+        repo.activate_release(session, checked)
+    typer.echo(f"active release: {checked}")
+
+
+@model_app.command("active")
+def model_active() -> None:
+    """Print the release the deployment serves (none: each worker serves its DRSCREEN_MODEL)."""
+    from core import repository as repo
+    from core.db import session_scope
+
+    with _db_errors(), session_scope() as session:
+        active = repo.active_release(session)
+    typer.echo(active or "none activated: each worker serves its own DRSCREEN_MODEL")
 
 
 # ----------------------------------------------------------------------------------------- db

@@ -367,6 +367,24 @@ def get_or_create_model_version(
     return row
 
 
+def active_release(session: Session) -> str | None:
+    """The release the deployment serves (``drscreen model activate``), None when never set."""
+    return session.scalar(
+        select(ModelVersion.ref)
+        .where(ModelVersion.activated_at.is_not(None))
+        .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())
+        .limit(1)
+    )
+
+
+def activate_release(session: Session, ref: str, card: dict[str, Any] | None = None) -> ModelVersion:
+    """Make ``ref`` the release every worker must serve (earlier activations stay as history)."""
+    row = get_or_create_model_version(session, ref, card)
+    row.activated_at = utcnow()
+    session.flush()
+    return row
+
+
 def get_model_version(session: Session, model_version_id: int) -> ModelVersion | None:
     return session.get(ModelVersion, model_version_id)
 

@@ -179,6 +179,8 @@ class ModelVersion(Base):
     ref: Mapped[str] = mapped_column(String(200), unique=True)
     card: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # set by `drscreen model activate`: the most recent is the release every worker must serve
+    activated_at: Mapped[datetime | None]
 
 
 class Prediction(Base):

@@ -93,6 +93,8 @@ class ScoreSummary:
     rescore: list[str] = field(default_factory=list)
     # stored photograph not found: left queued for another attempt (the sweep sends it again)
     missing: list[str] = field(default_factory=list)
+    # not claimed: this worker does not serve the deployment's active release
+    other_release: list[str] = field(default_factory=list)
 
 
 def _unique(ids: Sequence[str]) -> list[str]:
@@ -419,6 +421,21 @@ def score_images(
     # The model first: if it cannot load, the task fails with nothing claimed (the photographs
     # stay ``queued`` for the sweep) instead of leaving them ``running`` under a live worker.
     ens = ensemble if ensemble is not None else get_ensemble()
+    with session_scope(db_url) as session:
+        active = repo.active_release(session)
+    if active is not None and active != ens.ref:
+        # Claimed by nobody: the sweep sends them again after stale_queued_minutes, and a worker
+        # serving the active release grades them (one release per patient result).
+        log.error(
+            "this worker serves %s, but the deployment's active release is %s (drscreen model "
+            "activate): %d photograph(s) left queued; restart it with DRSCREEN_MODEL=%s",
+            ens.ref,
+            active,
+            len(ids),
+            active,
+        )
+        summary.other_release.extend(ids)
+        return summary
     claimed = _claim(ids, db_url, summary, worker)
     if not claimed:
         log.info("score_images: nothing to do for %d id(s)", len(ids))

@@ -96,3 +96,25 @@ def test_serve_and_worker_warn_about_a_misspelt_setting_and_a_lone_file_broker(
     probe = typer.Typer()
     probe.command()(lambda: _warn_about_settings("drscreen serve"))
     assert "PostgreSQL with the embedded file broker" in CliRunner().invoke(probe, []).output
+
+
+def test_model_activate_pins_the_release_every_worker_serves(
+    isolated_settings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.app import celery_app
+
+    migrate.upgrade(get_settings().database_url)
+    runner = CliRunner()
+    assert "none activated" in runner.invoke(cli, ["model", "active"]).output
+    unknown = runner.invoke(cli, ["model", "activate", "drscreen-ensemble@9.9.9"])
+    assert unknown.exit_code == 2 and "cannot be served" in unknown.output
+    done = runner.invoke(cli, ["model", "activate", "drscreen-ensemble@1.6.0"])
+    assert done.exit_code == 0 and "active release: drscreen-ensemble@1.6.0" in done.output
+    assert runner.invoke(cli, ["model", "active"]).output.strip() == "drscreen-ensemble@1.6.0"
+    monkeypatch.setattr(celery_app, "worker_main", lambda argv: None)
+    monkeypatch.setenv("DRSCREEN_MODEL", "drscreen-ensemble@1.5.0")
+    get_settings.cache_clear()
+    refused = runner.invoke(cli, ["worker"])
+    assert refused.exit_code == 2
+    assert "not starting: the deployment serves drscreen-ensemble@1.6.0" in refused.output
+    assert "DRSCREEN_MODEL=drscreen-ensemble@1.6.0" in refused.output

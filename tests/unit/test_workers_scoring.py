@@ -507,3 +507,29 @@ def test_workers_serving_different_releases_are_reported(
     scraped = generate_latest(metrics.registry).decode()
     assert 'drscreen_recent_release_predictions{version="stub-other@0.0.2"}' in scraped
     assert 'drscreen_recent_release_predictions{version="stub-ensemble@0.0.1"}' in scraped
+
+
+def test_a_worker_not_serving_the_active_release_leaves_the_photographs_queued(
+    url: str, store: FileStore, ens: StubEnsemble, sent: Sent, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`drscreen model activate` names the one release the deployment serves: a worker still on
+    another claims nothing (a patient's result must come from one release)."""
+    [image_id] = add_images(url, store, "P-ACTIVE", [photo("16_left.jpg")])
+    with session_scope(url) as s:
+        repo.activate_release(s, "stub-other@0.0.2")
+    with caplog.at_level("ERROR"):
+        summary = scoring.score_images([image_id], ensemble=ens, store=store, db_url=url, enqueue=sent)
+    assert summary.other_release == [image_id] and not summary.scored and ens.batches == []
+    assert (
+        "active release is stub-other@0.0.2" in caplog.text
+        and "DRSCREEN_MODEL=stub-other@0.0.2" in caplog.text
+    )
+    with session_scope(url) as s:
+        row = repo.get_image(s, image_id)
+        assert row is not None and row.status == "queued" and row.attempts == 0
+        repo.activate_release(s, ens.ref)  # the operator switches back
+    with session_scope(url) as s:
+        assert repo.active_release(s) == ens.ref
+    assert scoring.score_images([image_id], ensemble=ens, store=store, db_url=url, enqueue=sent).scored == [
+        image_id
+    ]
