@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
 from core.settings import PROJECT_ROOT, get_settings
+
+log = logging.getLogger(__name__)
 
 
 def alembic_config(database_url: str | None = None) -> Config:
@@ -66,7 +69,25 @@ def schema_problem(database_url: str | None = None) -> str | None:
         return None
     if at is None:
         return "the database has no schema yet: run `drscreen db upgrade`"
-    return (
-        f"the database schema is at revision {at}, this code needs {head}: run `drscreen db upgrade` "
-        f"(if {at} is newer, this machine runs older code than the one that migrated the database)"
-    )
+    if at not in known_revisions():
+        # Migrated by newer code (the upgrade order: migrate, then replace APIs and workers): this
+        # machine's code keeps serving until it is replaced; refusing would take every old API
+        # out of the load balancer before a new one is up.
+        _warn_newer(at, head)
+        return None
+    return f"the database schema is at revision {at}, this code needs {head}: run `drscreen db upgrade`"
+
+
+@functools.cache
+def known_revisions() -> frozenset[str]:
+    """Every revision this code's migrations name."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return frozenset(rev.revision for rev in script.walk_revisions())
+
+
+@functools.cache
+def _warn_newer(at: str, head: str) -> None:
+    """Once per process (/readyz asks every few seconds)."""
+    log.warning("the database schema is at %s, newer than this code's %s: upgrade this machine", at, head)

@@ -255,15 +255,13 @@ def requeue_image(session: Session, image: Image) -> None:
 def recent_releases(session: Session, last: int = 1000) -> dict[str, datetime]:
     """The releases that wrote the newest ``last`` predictions, with the time of each one's newest.
     More than one: workers serve different releases (each patient's result comes from one, so
-    results flip between them) or a rolling upgrade is under way. Read by primary key range, so
-    cheap on any table size."""
-    newest = session.scalar(select(func.max(Prediction.id)))
-    if newest is None:
-        return {}
+    results flip between them) or a rolling upgrade is under way. Read backwards along the primary
+    key, so cheap on any table size."""
+    newest = select(Prediction.id).order_by(Prediction.id.desc()).limit(last).subquery()
     rows = session.execute(
         select(ModelVersion.ref, func.max(Prediction.created_at))
         .join(Prediction, Prediction.model_version_id == ModelVersion.id)
-        .where(Prediction.id > newest - last)
+        .where(Prediction.id.in_(select(newest.c.id)))
         .group_by(ModelVersion.ref)
     ).all()
     return {ref: at for ref, at in rows}

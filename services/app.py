@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         base = settings or get_settings()
         api = api_settings or get_api_settings()
+        _check_schema(base)  # first: nothing opened yet when it refuses
         app.state.settings = base
         app.state.api_settings = api
         app.state.sessionmaker = db.get_sessionmaker(base.database_url)
@@ -80,7 +81,6 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         metrics.attach(base, app.state.sessionmaker)
         configure_logging(base.log_level)
         install_access_log_filter()
-        _check_schema(base)
         log.info("API ready (model %s)", active_ref(base) or "none installed")
         try:
             yield
@@ -181,7 +181,8 @@ def _check_schema(settings: Settings) -> None:
 def _schema_ok(database_url: str) -> bool:
     try:
         return schema_problem(database_url) is None
-    except Exception:  # unreachable: the database check says so
+    except Exception as exc:  # unreachable (the database check says so), or migrations missing
+        log.warning("schema check failed: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
         return False
 
 

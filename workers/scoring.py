@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Any
 
@@ -277,7 +278,6 @@ def _write(
     written: list[_Claimed] = []
     max_attempts = get_worker_settings().max_attempts
     with session_scope(db_url) as session:
-        _check_one_release(session, ens.ref)
         mv = repo.get_or_create_model_version(session, ens.ref, ens.card)
         # Row locks on PostgreSQL, all in one statement and in id order: a concurrent delivery
         # of the same ids waits here, then sees ``done`` and skips (SQLite serialises writers).
@@ -302,6 +302,7 @@ def _write(
             if it.missing and row.attempts < max_attempts:
                 repo.return_to_queue(session, row)
                 summary.missing.append(row.id)
+                rows.append(row)  # its bundle/job no longer "running" on its account
                 continue
             if it.missing:
                 it.error = (
@@ -378,7 +379,10 @@ def _check_one_release(session: Session, ref: str) -> None:
     if now - _release_checked_at[0] < RELEASE_CHECK_INTERVAL_S:
         return
     _release_checked_at[0] = now
-    others = sorted(r for r in repo.recent_releases(session) if r != ref)
+    # recent = written since the last check but one: a release retired days ago still holds some
+    # of the newest 1000 predictions of a small clinic, and is no longer being served
+    since = utcnow() - timedelta(seconds=2 * RELEASE_CHECK_INTERVAL_S)
+    others = sorted(r for r, at in repo.recent_releases(session).items() if r != ref and _aware(at) >= since)
     if others:
         log.error(
             "workers serve different releases: this one %s, others %s wrote recent predictions; set "
@@ -387,6 +391,11 @@ def _check_one_release(session: Session, ref: str) -> None:
             ref,
             ", ".join(others),
         )
+
+
+def _aware(at: datetime) -> datetime:
+    """SQLite returns naive timestamps (stored as UTC)."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _wants_explanation(it: _Claimed, explain: bool | None) -> bool:
@@ -421,8 +430,9 @@ def score_images(
     # The model first: if it cannot load, the task fails with nothing claimed (the photographs
     # stay ``queued`` for the sweep) instead of leaving them ``running`` under a live worker.
     ens = ensemble if ensemble is not None else get_ensemble()
-    with session_scope(db_url) as session:
+    with session_scope(db_url) as session:  # diagnostics, apart from the write's transaction
         active = repo.active_release(session)
+        _check_one_release(session, ens.ref)
     if active is not None and active != ens.ref:
         # Claimed by nobody: the sweep sends them again after stale_queued_minutes, and a worker
         # serving the active release grades them (one release per patient result).

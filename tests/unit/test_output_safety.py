@@ -238,7 +238,7 @@ def test_a_web_upload_refused_for_want_of_a_decode_slot_is_a_503_page(
     client: Any, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The web forms showed every refusal under 422; a page saying "retry shortly" is now a 503
-    with Retry-After, as the JSON API answers, and a photograph too big a 413."""
+    with Retry-After, as the JSON API answers (services.errors.status_for for every refusal)."""
     from services.web.auth import COOKIE_NAME
     from tests.api_support import make_key
 

@@ -118,3 +118,21 @@ def test_model_activate_pins_the_release_every_worker_serves(
     assert refused.exit_code == 2
     assert "not starting: the deployment serves drscreen-ensemble@1.6.0" in refused.output
     assert "DRSCREEN_MODEL=drscreen-ensemble@1.6.0" in refused.output
+
+
+def test_a_database_migrated_by_newer_code_is_served_with_a_warning(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upgrade order is: migrate, then replace APIs and workers. Refusing a schema newer than
+    the code took every old API out of the load balancer before a new one was up (the review)."""
+    from sqlalchemy import text
+
+    from core.db import session_scope
+
+    with session_scope(url) as s:
+        s.execute(text("UPDATE alembic_version SET version_num = 'ffffffffffff'"))
+    with caplog.at_level("WARNING"):
+        assert migrate.schema_problem(url) is None
+    assert "newer than this code's" in caplog.text
+    with TestClient(create_app()) as client:
+        assert client.get("/readyz").json()["checks"]["schema"] is True

@@ -10,13 +10,14 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from core import repository as repo
 from core import tasks
@@ -501,12 +502,22 @@ def test_workers_serving_different_releases_are_reported(
     )
     with session_scope(url) as s:
         assert set(repo.recent_releases(s)) == {"stub-ensemble@0.0.1", "stub-other@0.0.2"}
-        assert set(repo.recent_releases(s, last=1)) <= {"stub-ensemble@0.0.1", "stub-other@0.0.2"}
+        assert set(repo.recent_releases(s, last=1)) == {"stub-other@0.0.2"}  # the newest prediction
     metrics = Metrics()
     metrics.attach(get_settings(), get_sessionmaker(url))
     scraped = generate_latest(metrics.registry).decode()
     assert 'drscreen_recent_release_predictions{version="stub-other@0.0.2"}' in scraped
     assert 'drscreen_recent_release_predictions{version="stub-ensemble@0.0.1"}' in scraped
+    # a release retired long ago, still among the newest 1000 predictions of a small clinic: no
+    # ERROR (the review: it fired every 5 minutes for days after an upgrade)
+    with session_scope(url) as s:
+        s.execute(update(Prediction).values(created_at=datetime.now(UTC) - timedelta(days=7)))
+    [third] = add_images(url, store, "P-MIX2", [photo("17_left.jpg")])
+    monkeypatch.setattr(scoring, "_release_checked_at", [float("-inf")])
+    caplog.clear()
+    with caplog.at_level("ERROR"):
+        scoring.score_images([third], ensemble=other, store=store, db_url=url, enqueue=sent)
+    assert "different releases" not in caplog.text
 
 
 def test_a_worker_not_serving_the_active_release_leaves_the_photographs_queued(
