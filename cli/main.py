@@ -54,6 +54,37 @@ def _load(target: str) -> Any:
         raise typer.Exit(code=2) from exc
 
 
+@app.callback()
+def _settings_first() -> None:
+    """Read the settings before any command: an invalid value is one line per setting, exit 2
+    (it was pydantic's 56-line traceback, wherever the command first read them)."""
+    from pydantic import ValidationError
+
+    from core.settings import get_settings
+
+    try:
+        get_settings()
+    except ValidationError as exc:
+        _invalid_settings(exc)
+
+
+def _invalid_settings(exc: Any) -> None:
+    for error in exc.errors():
+        name = "DRSCREEN_" + "_".join(str(part) for part in error["loc"]).upper()
+        typer.echo(f"drscreen: invalid setting {name}: {error['msg']}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _check_part_settings(target: str) -> None:
+    """The API's or the workers' own settings (``module:getter``), checked the same way."""
+    from pydantic import ValidationError
+
+    try:
+        _load(target)()
+    except ValidationError as exc:
+        _invalid_settings(exc)
+
+
 def _finish(result: Any) -> None:
     if isinstance(result, int) and not isinstance(result, bool) and result != 0:
         raise typer.Exit(code=result)
@@ -161,6 +192,7 @@ def serve(
 
     from core.settings import get_settings
 
+    _check_part_settings("services.config:get_api_settings")
     _warn_about_settings("drscreen serve")
     _refuse_other_schema("drscreen serve")
     uvicorn.run(
@@ -201,6 +233,7 @@ def worker(
         except (OSError, ValueError, KeyError) as exc:
             typer.echo(f"drscreen worker: the model cannot be loaded, not starting: {exc}", err=True)
             raise typer.Exit(2) from exc
+        _check_part_settings("workers.settings:get_worker_settings")
         _warn_about_settings("drscreen worker")
         _refuse_other_schema("drscreen worker")
         _refuse_other_release(ref)

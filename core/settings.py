@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 EMBEDDED_BROKER = "filesystem://"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Settings(BaseSettings):
@@ -61,6 +62,24 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_model_is_none(cls, value: object) -> object:
         return None if value in ("", None) else value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"one of {', '.join(LOG_LEVELS)}")
+        return level
+
+    @field_validator("database_url")
+    @classmethod
+    def _installed_postgres_driver(cls, value: str) -> str:
+        # postgres:// (Heroku-style) and plain postgresql:// name psycopg2, which is not installed;
+        # psycopg (3) is
+        for prefix in ("postgres://", "postgresql://"):
+            if value.startswith(prefix):
+                return "postgresql+psycopg://" + value.removeprefix(prefix)
+        return value
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

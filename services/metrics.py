@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -76,6 +76,11 @@ class SystemCollector(Collector):
             labels=["grade"],
         )
         scored = GaugeMetricFamily("drscreen_images_scored", "photographs scored (status done)")
+        oldest = GaugeMetricFamily(
+            "drscreen_oldest_queued_seconds",
+            "age of the longest-waiting queued photograph (since it was queued or last returned to "
+            "the queue); 0 when none waits. Growing: no worker takes the work",
+        )
         try:
             # Whole-table counts only the metrics need; kept here rather than in the repository.
             with self.sessions() as session:
@@ -85,17 +90,22 @@ class SystemCollector(Collector):
                 by_grade = dict(
                     session.execute(select(Prediction.grade, func.count()).group_by(Prediction.grade)).all()
                 )
+                since = session.scalar(select(func.min(Image.updated_at)).where(Image.status == "queued"))
             for status in ("queued", "running", "done", "failed"):
                 images.add_metric([status], int(by_status.get(status, 0)))
             scored.add_metric([], int(by_status.get("done", 0)))
             for grade in range(5):
                 grades.add_metric([str(grade)], int(by_grade.get(grade, 0)))
             grades.add_metric(["ungradable"], int(by_grade.get(None, 0)))
+            if since is not None and since.tzinfo is None:  # SQLite: naive, stored as UTC
+                since = since.replace(tzinfo=UTC)
+            oldest.add_metric([], (datetime.now(UTC) - since).total_seconds() if since else 0.0)
         except Exception as exc:
             log.warning("database counts unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
         yield images
         yield scored
         yield grades
+        yield oldest
 
         recent = GaugeMetricFamily(
             "drscreen_recent_release_predictions",

@@ -33,9 +33,32 @@ def released_ensembles(models_dir: Path) -> dict[str, Path]:
     }
 
 
+def activated_release(settings: Settings) -> str | None:
+    """The release ``drscreen model activate`` pinned for the deployment (None: never, or the
+    database cannot say now)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from core import repository as repo
+    from core.db import session_scope
+
+    try:
+        with session_scope(settings.database_url) as session:
+            return repo.active_release(session)
+    except SQLAlchemyError:
+        return None
+
+
 def active_ref(settings: Settings) -> str | None:
-    """What workers load: ``DRSCREEN_MODEL`` if that release exists, else the newest version."""
+    """What workers serve: the activated release (``drscreen model activate``) if there is one
+    (None when this machine's models folder lacks it: /readyz then says so), else
+    ``DRSCREEN_MODEL`` if that release exists, else the newest version."""
     found = released_ensembles(settings.models_dir)
+    activated = activated_release(settings)
+    if activated is not None:
+        if activated not in found:
+            log.warning("the deployment serves %s, which is not under %s", activated, settings.models_dir)
+            return None
+        return activated
     if settings.model:
         return settings.model if settings.model in found else None
     if not found:

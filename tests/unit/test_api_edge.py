@@ -406,6 +406,9 @@ def test_models_readiness_and_metrics(
     assert 'drscreen_predictions_by_grade{grade="ungradable"}' in text
     assert 'drscreen_model_info{version="drscreen-test@0.2.0"} 1.0' in text
     assert "drscreen_images_scored" in text
+    # the photograph just queued: waiting for seconds, not hours, and not 0 (none waiting)
+    oldest = next(line for line in text.splitlines() if line.startswith("drscreen_oldest_queued_seconds "))
+    assert 0 < float(oldest.split()[1]) < 600
 
 
 def test_access_log_hides_patient_ids() -> None:

@@ -17,6 +17,8 @@ from cli.main import app as cli
 from core import migrate
 from core.settings import get_settings
 from services.app import create_app
+from services.config import get_api_settings
+from workers.settings import get_worker_settings
 
 
 def test_schema_problem_names_what_to_do(isolated_settings: Path) -> None:
@@ -136,3 +138,58 @@ def test_a_database_migrated_by_newer_code_is_served_with_a_warning(
     assert "newer than this code's" in caplog.text
     with TestClient(create_app()) as client:
         assert client.get("/readyz").json()["checks"]["schema"] is True
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "command"),
+    [
+        ("DRSCREEN_MAX_UPLOAD_MB", "lots", ["db", "check"]),
+        ("DRSCREEN_LOG_LEVEL", "LOUD", ["db", "check"]),
+        ("DRSCREEN_SCORE_CHUNK", "0", ["worker"]),
+        ("DRSCREEN_RATE_LIMIT_BURST", "none", ["serve"]),
+    ],
+)
+def test_an_invalid_setting_is_one_line(
+    isolated_settings: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, command: list[str]
+) -> None:
+    """The operator review: a pydantic traceback of 56 lines (LOG_LEVEL=LOUD: a KeyError later)."""
+    monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    get_api_settings.cache_clear()
+    get_worker_settings.cache_clear()
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"drscreen: invalid setting {name}: "), lines
+
+
+def test_a_postgres_url_names_the_installed_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRSCREEN_DATABASE_URL", "postgres://u@db/drscreen")
+    get_settings.cache_clear()
+    assert get_settings().database_url == "postgresql+psycopg://u@db/drscreen"
+    monkeypatch.setenv("DRSCREEN_DATABASE_URL", "postgresql+psycopg://u@db/x")
+    get_settings.cache_clear()
+    assert get_settings().database_url == "postgresql+psycopg://u@db/x"
+    monkeypatch.setenv("DRSCREEN_LOG_LEVEL", "debug")
+    get_settings.cache_clear()
+    assert get_settings().log_level == "DEBUG"
+
+
+def test_the_api_describes_the_activated_release(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/v1/models, /readyz and the model metric said the API machine's own default even when the
+    deployment had activated another release."""
+    from core import repository as repo
+    from core.db import session_scope
+    from services.modelinfo import active_ref
+
+    settings = get_settings()
+    assert active_ref(settings) == "drscreen-ensemble@1.6.0"  # newest shipped, nothing activated
+    with session_scope(url) as s:
+        repo.activate_release(s, "drscreen-ensemble@1.5.0")
+    assert active_ref(settings) == "drscreen-ensemble@1.5.0"
+    with session_scope(url) as s:
+        repo.activate_release(s, "drscreen-ensemble@7.0.0")  # not on this machine
+    assert active_ref(settings) is None
+    with TestClient(create_app()) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["model"] is False
