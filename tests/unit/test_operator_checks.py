@@ -1,6 +1,6 @@
-"""An API or worker refuses a database whose schema is not this code's (session 18's operator
-review: on an empty or one-migration-behind database every upload answered 500 while /readyz said
-ready, and a worker started and then failed in its sweep)."""
+"""What an operator gets wrong, said at start (session 18's operator review): a database whose
+schema is not this code's (every upload answered 500 while /readyz said ready), invalid or
+misspelt settings, a missing file store, a worker serving another release than the activated one."""
 
 from __future__ import annotations
 
