@@ -1,6 +1,6 @@
 """CPU cost per photograph of each stage a scoring worker runs, on one thread, in one process.
 
-    python scripts/stage_costs.py [NAME@VERSION] [--photos N] [--runtime onnx|torch] [--explain]
+    python scripts/stage_costs.py [NAME@VERSION] [--photos N] [--runtime onnx|openvino|torch] [--explain]
 
 Decode, quality gate, preprocess (``Ensemble.pixel_inputs``) and forward
 (``Ensemble.member_probabilities``) over N natural-colour photographs in batches of 8, as
@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ref", nargs="?", default="drscreen-ensemble@1.0.0")
     parser.add_argument("--photos", type=int, default=96)
-    parser.add_argument("--runtime", default="onnx", choices=("onnx", "torch"))
+    parser.add_argument("--runtime", default="onnx", choices=("onnx", "openvino", "torch"))
     parser.add_argument("--explain", action="store_true", help="the stages of a heatmap instead")
     args = parser.parse_args()
     cv2.setNumThreads(1)
