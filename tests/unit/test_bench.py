@@ -12,6 +12,7 @@ from PIL import Image
 
 from cli import bench
 from ml.imageio import decode_image
+from ml.inference.openvino_runtime import bf16_kernels
 from workers.naming import match_name
 
 
@@ -111,8 +112,10 @@ def test_runtime_figures_are_the_median_of_fresh_processes() -> None:
     assert out["forward_ips_openvino_runs"] == [40.6, 64.9, 60.0]
     assert out["latency_ms_openvino_b1"] == 24.0
     assert out["openvino_precision"] == {"a@1": "bf16"}
+    assert out["bf16_kernels"] == bf16_kernels()  # whose verdict chose those precisions
     assert out["explain_ms_openvino"] == 60.0 and out["explain_forward_passes_openvino"] == 2.0
     assert out["explain_in_pass_ms_openvino"] == 30.0
     assert out["explain_in_pass_forward_passes_openvino"] == 1.0
     assert "openvino_precision" not in bench.summarise_runtime_runs("onnx", runs)
+    assert "bf16_kernels" not in bench.summarise_runtime_runs("onnx", runs)
     assert bench.Plan().runtime_processes >= 3
