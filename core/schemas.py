@@ -61,7 +61,10 @@ class ImageResult(BaseModel):
     )
     probabilities: Probabilities | None = Field(
         default=None,
-        description="the ensemble's combined probabilities; null until done, and when ungradable",
+        description="the ensemble's combined probabilities, once done (null before, and for a "
+        "photograph that failed). An ungradable photograph has them too (5 floats whenever done), "
+        "but they decide nothing: its grade is null, it is referable, and no eye or patient "
+        "result counts it",
     )
     referable: bool | None = None
     gradable: bool | None = None

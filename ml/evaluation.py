@@ -121,6 +121,7 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "tor
     # The model's figures grade every photograph (comparable with the model card's); the service
     # also runs the quality gate first and refers what it rejects, which is what "screening" says.
     report = grading_report(y.tolist(), grades, referable_score.tolist())
+    report["referable_roc"] = referable_roc(y >= 2, referable_score)
     report["model"] = ens.ref
     report["runtime"] = runtime
     if runtime == "openvino":  # its grades depend on it (docs/performance.md, session 17)
@@ -147,6 +148,16 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "tor
     if with_patients:
         report["patient"] = patient_metrics(rows, ens, p, y)
     return report
+
+
+def referable_roc(truth: np.ndarray, score: np.ndarray) -> dict[str, list[float]] | None:
+    """The referable ROC curve's points (None when the labels hold one class only)."""
+    if truth.all() or not truth.any():
+        return None
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(truth, score)
+    return {"fpr": [round(float(v), 4) for v in fpr], "tpr": [round(float(v), 4) for v in tpr]}
 
 
 def interval_lines(report: dict[str, Any]) -> list[str]:
@@ -202,6 +213,23 @@ def write_report(report: dict[str, Any], out: Path, y_true: list[int] | None = N
     fig.tight_layout()
     fig.savefig(out / "confusion_matrix.png", dpi=100)
     plt.close(fig)
+    with (out / "confusion_matrix.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["reference \\ predicted", *(f"grade {g}" for g in range(5))])
+        writer.writerows([f"grade {g}", *matrix[g].tolist()] for g in range(5))
+    plots = ["![confusion matrix](confusion_matrix.png)"]
+    roc = report.get("referable_roc")
+    if roc:
+        fig, ax = plt.subplots(figsize=(4.2, 4))
+        ax.plot(roc["fpr"], roc["tpr"], color="#c0392b")
+        ax.plot([0, 1], [0, 1], color="#999", linestyle=":")
+        ax.set_xlabel("1 - specificity (non-referable photographs referred)")
+        ax.set_ylabel("sensitivity (referable photographs found)")
+        ax.set_title(f"referable (grade >= 2): AUC {report['referable_auc']:.3f}")
+        fig.tight_layout()
+        fig.savefig(out / "roc_referable.png", dpi=100)
+        plt.close(fig)
+        plots.append("![referable ROC](roc_referable.png)")
     md = [f"# Evaluation of {report['model']}", "", "| metric | value |", "|---|---|"]
     md += [
         f"| {k} | {report[k]:.3f} |" if isinstance(report[k], float) else f"| {k} | {report[k]} |"
@@ -221,7 +249,7 @@ def write_report(report: dict[str, Any], out: Path, y_true: list[int] | None = N
         ]
     if "patient" in report:
         md += ["Patient level: " + json.dumps(report["patient"]), ""]
-    md += ["![confusion matrix](confusion_matrix.png)", ""]
+    md += [*plots, ""]
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text(html_report(report))
 
@@ -259,6 +287,8 @@ def html_report(report: dict[str, Any]) -> str:
             _table(["metric", "value"], list(report["patient"].items())),
         ]
     parts += ['<h2>Confusion matrix</h2><img src="confusion_matrix.png" alt="confusion matrix">']
+    if report.get("referable_roc"):
+        parts += ['<h2>Referable ROC</h2><img src="roc_referable.png" alt="referable ROC curve">']
     style = (
         "body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:4px 8px}"
         "table{border-collapse:collapse}"
@@ -314,5 +344,16 @@ def evaluate_cli(
         out.write(f"{'patient level':>24}: " + json.dumps(report["patient"]) + "\n")
     if as_json:
         # the LAST line of stdout is one JSON object (NaN -> null so any JSON parser reads it)
-        out.write(json.dumps(nan_to_none(report)) + "\n")
+        out.write(json.dumps(nan_to_none(json_report(report))) + "\n")
     return 0
+
+
+def json_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The ``--json`` object: the contract's ``per_class_recall`` is a list of 5 numbers, so the
+    recall of a grade with no photograph in the labels is 0.0 (scikit-learn's zero_division=0;
+    the text report says "n/a"), and ``per_class_support`` tells how many photographs each grade
+    had (0 there: no recall to speak of)."""
+    matrix = np.asarray(report["confusion_matrix"])
+    support = [int(n) for n in matrix.sum(axis=1)]
+    recall = [0.0 if n == 0 else float(r) for r, n in zip(report["per_class_recall"], support, strict=True)]
+    return {**report, "per_class_recall": recall, "per_class_support": support}

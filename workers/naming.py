@@ -5,7 +5,8 @@ Naming rules (case-insensitive, matched on the file name without its extension):
 - EyePACS: ``<patient>_<left|right>[<suffix>]`` e.g. ``10_left.jpeg``, ``10_left_2.jpg``;
 - DeepDRiD: ``<patient>_<l|r><n>`` e.g. ``317_l1.jpg``, ``317_r2.jpg``.
 
-A ``manifest.csv`` in the folder (columns ``image``, ``patient_id``, ``eye``) wins over names.
+A ``manifest.csv`` in the folder (columns ``image``, ``patient_id``, ``eye``; ``MANIFEST_COLUMNS``
+has the other names each is found under) wins over names.
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 MANIFEST_NAME = "manifest.csv"
+#: The manifest's columns (case-insensitive) and the other names each is found under: clinic
+#: exports call the file column "file" or "filename" as often as "image".
+MANIFEST_COLUMNS: dict[str, tuple[str, ...]] = {
+    "image": ("image", "file", "filename", "path"),
+    "patient_id": ("patient_id", "patient"),
+    "eye": ("eye", "laterality"),
+}
 
 # The patient part is lazy so the eye marker binds to the LAST "_left"/"_right" that fits, which
 # keeps patient ids containing underscores intact ("site_3_12_left" -> patient "site_3_12").
@@ -72,17 +80,25 @@ def parse_manifest(data: bytes) -> list[ManifestRow]:
     except UnicodeDecodeError as exc:
         raise ManifestError("manifest.csv is not UTF-8 text") from exc
     reader = csv.DictReader(io.StringIO(text))
-    columns = {(c or "").strip().lower(): c for c in (reader.fieldnames or [])}
-    missing = [c for c in ("image", "patient_id", "eye") if c not in columns]
+    given = {(c or "").strip().lower(): c for c in (reader.fieldnames or [])}
+    columns = {
+        name: next((given[alias] for alias in aliases if alias in given), None)
+        for name, aliases in MANIFEST_COLUMNS.items()
+    }
+    missing = [name for name, column in columns.items() if column is None]
     if missing:
-        raise ManifestError(f"manifest.csv lacks column(s): {', '.join(missing)}")
+        raise ManifestError(
+            "manifest.csv lacks column(s): "
+            + ", ".join(f"{name} (or {' / '.join(MANIFEST_COLUMNS[name][1:])})" for name in missing)
+        )
+    found = {name: column for name, column in columns.items() if column is not None}
     rows: list[ManifestRow] = []
     for raw in reader:
-        image = (raw.get(columns["image"]) or "").strip()
+        image = (raw.get(found["image"]) or "").strip()
         if not image:
             continue
-        patient = (raw.get(columns["patient_id"]) or "").strip() or None
-        eye_raw = (raw.get(columns["eye"]) or "").strip()
+        patient = (raw.get(found["patient_id"]) or "").strip() or None
+        eye_raw = (raw.get(found["eye"]) or "").strip()
         eye = normalise_eye(eye_raw) if eye_raw else None
         error = None
         if patient is None:

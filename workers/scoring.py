@@ -202,9 +202,15 @@ def _prepare(it: _Claimed, store: FileStore, max_pixels: int, thresholds: Any) -
     except Exception as exc:  # a gate bug on one odd photo must not sink the batch
         log.exception("quality gate failed on image %s", it.image_id)
         it.error = f"quality check failed: {exc}"
-    if it.error is not None or it.quality is None or not it.quality.gradable:
+    if it.error is not None or it.quality is None:
         it.rgb = None  # nothing more to do with the pixels
+    # an ungradable photograph is still run through the ensemble: the contract's result has 5
+    # probabilities whenever an image is done; its grade stays null and nothing counts it
     return it
+
+
+def _gradable(it: _Claimed) -> bool:
+    return it.quality is not None and it.quality.gradable
 
 
 def _store_heatmap(it: _Claimed, heat: np.ndarray, store: FileStore) -> StoredFile | None:
@@ -222,7 +228,7 @@ def _store_heatmap(it: _Claimed, heat: np.ndarray, store: FileStore) -> StoredFi
 def _predict(batch: list[_Claimed], ens: EnsembleLike, store: FileStore) -> None:
     try:
         images = [it.rgb for it in batch if it.rgb is not None]  # all of them: gradable photographs
-        preds = ens.predict(images, heatmaps=[it.wants_heatmap for it in batch])
+        preds = ens.predict(images, heatmaps=[it.wants_heatmap and _gradable(it) for it in batch])
     except Exception as exc:
         # Not a property of one photo: fail these visibly rather than leave them ``running``.
         log.exception("ensemble %s failed on a batch of %d", ens.ref, len(batch))
@@ -254,7 +260,7 @@ def _compute(items: list[_Claimed], ens: EnsembleLike, store: FileStore) -> None
             nxt = next(todo, None)
             if nxt is not None:
                 ahead.append(pool.submit(_prepare, nxt, store, max_pixels, thresholds))
-            if it.error is None and it.quality is not None and it.quality.gradable:
+            if it.error is None and it.quality is not None:
                 batch.append(it)
             if len(batch) >= PREDICT_BATCH:
                 _predict(batch, ens, store)
@@ -316,15 +322,15 @@ def _write(
             else:
                 assert it.quality is not None
                 pred = it.prediction
-                gradable = pred is not None
+                gradable = pred is not None and it.quality.gradable
                 grade = int(pred.grade) if gradable else None
                 repo.upsert_prediction(
                     session,
                     image_id=row.id,
                     model_version_id=mv.id,
                     grade=grade,
-                    probabilities=list(pred.probabilities) if gradable else None,
-                    members=dict(pred.members) if gradable else None,
+                    probabilities=list(pred.probabilities) if pred is not None else None,
+                    members=dict(pred.members) if pred is not None else None,
                     referable=is_referable(grade),
                     gradable=gradable,
                 )
@@ -458,7 +464,7 @@ def score_images(
     if summary.rescore:
         send(tasks.SCORE_IMAGES, [summary.rescore], {})
     for it in written:
-        if it.prediction is None or not it.wants_heatmap:
+        if it.prediction is None or not it.wants_heatmap or not _gradable(it):
             continue
         if it.heatmap is not None:
             summary.explained.append(it.image_id)

@@ -95,6 +95,18 @@ def resolve_import_folder(raw: str, roots: list[Path]) -> Path:
     status_code=202,
     response_model=Accepted,
     summary="Score every photograph of a folder on the server",
+    description=(
+        "`folder` must lie under one of the server's import roots (`DRSCREEN_IMPORT_ROOTS`; with "
+        "`DRSCREEN_IMPORT_PER_CLINIC`, under `<root>/<clinic name>/`), else 403. Every image file "
+        "in it and its subfolders is matched to a patient and an eye by its name, without the "
+        "extension, case-insensitive: EyePACS `<patient>_<left|right>[<suffix>]` (`10_left.jpeg`, "
+        "`10_left_2.jpg`) or DeepDRiD `<patient>_<l|r><n>` (`317_l1.jpg`). A `manifest.csv` in the "
+        "folder wins over names: columns `image` (also `file`, `filename` or `path`; the path "
+        "relative to the folder), `patient_id` (or `patient`) and `eye` (or `laterality`: `left`, "
+        "`right`, `l`, `r`, `OS`, `OD`). A file that matches nothing is a failed item of the job, "
+        "with the reason; the others are scored. Poll `GET /v1/jobs/{id}` and read "
+        "`GET /v1/jobs/{id}/results`."
+    ),
     responses=error_responses(401, 403, 422, 429),
 )
 def create_job(
@@ -225,7 +237,16 @@ def get_job_results(
     principal: PrincipalDep,
     api: ApiSettingsDep,
     offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    # a whole typical job in one answer (the contract says "per-image results"): paging is for
+    # folders of thousands
+    limit: Annotated[
+        int,
+        Query(
+            ge=1,
+            le=1000,
+            description="rows per page (at most DRSCREEN_MAX_PAGE_SIZE); `next_offset` continues",
+        ),
+    ] = 1000,
     format: Annotated[Literal["json", "csv"], Query(description="`csv`: every row, no paging")] = "json",
 ) -> Any:
     job = load_job(session, principal, job_id)

@@ -163,7 +163,7 @@ class PhotoView:
 
 def photo_view(image: ImageResult, heatmap_ready: bool) -> PhotoView:
     view = PhotoView(image=image, heatmap_ready=heatmap_ready)
-    if image.probabilities:
+    if image.probabilities and image.gradable is not False:  # an ungradable one's decide nothing
         view.probabilities = [
             Bar(f"{g} {GRADE_NAMES[g]}", float(p), highlight=(g == image.grade))
             for g, p in enumerate(image.probabilities[: len(GRADE_NAMES)])

@@ -68,3 +68,14 @@ def test_by_default_the_served_model_is_evaluated(
     assert evaluate_cli(_labels(tmp_path, "a.jpg,0\n"), None, True, None) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["model"] == "drscreen-dev@0.1.0" and report["runtime"] == "torch"
+
+
+def test_the_json_recall_is_five_numbers_when_a_grade_is_absent() -> None:
+    """The contract says "per_class_recall (list of 5)"; a grade missing from the labels was null."""
+    from ml.evaluation import json_report, nan_to_none
+    from ml.metrics import grading_report
+
+    report = json_report(grading_report([0, 0, 2, 4], [0, 1, 2, 2], [0.1, 0.2, 0.9, 0.8]))
+    out = nan_to_none(report)
+    assert out["per_class_recall"] == [0.5, 0.0, 1.0, 0.0, 0.0]
+    assert out["per_class_support"] == [2, 0, 1, 0, 1]

@@ -394,6 +394,9 @@ def test_export_and_evaluate_report_known_metrics(
     sensitivity = sum(served[i] >= 2 for i in positives) / len(positives)
     assert report["screening"]["referable_sensitivity"] == pytest.approx(sensitivity)
     assert len(report["per_class_recall"]) == 5
+    # five numbers even for a grade the labels lack (the contract audit: they were null)
+    assert all(isinstance(r, float) for r in report["per_class_recall"])
+    assert report["per_class_support"] == [sum(t == g for t in truth) for g in range(5)]
     assert report["patient"]["n_patients"] == len({s.patient_id for s in samples}) + 1
     lo, hi = report["intervals_95"]["accuracy"]
     assert report["intervals_resampled"] == "patients" and lo <= report["accuracy"] <= hi
@@ -403,6 +406,13 @@ def test_export_and_evaluate_report_known_metrics(
     assert (tmp_path / "report" / "confusion_matrix.png").exists() and (
         tmp_path / "report" / "report.md"
     ).exists()
+    # plots, plural (the contract audit: one plot only): the referable ROC, and the matrix as data
+    assert (tmp_path / "report" / "roc_referable.png").exists() and 'src="roc_referable.png"' in page
+    matrix_rows = (tmp_path / "report" / "confusion_matrix.csv").read_text().splitlines()
+    assert len(matrix_rows) == 6 and matrix_rows[1].split(",")[1:] == [
+        str(v) for v in report["confusion_matrix"][0]
+    ]
+    assert report["referable_roc"]["fpr"][0] == 0.0 and report["referable_roc"]["tpr"][-1] == 1.0
 
 
 def test_cross_validated_natural_stage_feeds_the_ensemble_fit(

@@ -63,3 +63,11 @@ def test_manifest_missing_columns() -> None:
         parse_manifest(b"image,patient_id\na.jpg,1\n")
     with pytest.raises(ManifestError):
         parse_manifest(b"\xff\xfe\x00bad")
+
+
+def test_manifest_columns_under_their_usual_other_names() -> None:
+    """The contract audit: a manifest whose file column was called "file" failed the whole job."""
+    rows = parse_manifest(b"File,Patient,Laterality\na.jpg,P1,OD\n")
+    assert [(r.image, r.patient_id, r.eye) for r in rows] == [("a.jpg", "P1", "right")]
+    with pytest.raises(ManifestError, match=r"image \(or file / filename / path\)"):
+        parse_manifest(b"name,patient_id,eye\na.jpg,1,left\n")

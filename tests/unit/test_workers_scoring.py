@@ -26,6 +26,7 @@ from core.db import session_scope
 from core.migrate import upgrade
 from core.store import FileStore
 from core.tables import Explanation, PatientResult, Prediction
+from services.views import image_result
 from workers import explain as explain_mod
 from workers import scoring
 
@@ -222,6 +223,13 @@ def test_bad_photos_fail_alone(url: str, store: FileStore, ens: StubEnsemble, se
         assert result is not None and result.referable is True
         right = next(e for e in result.eyes if e.eye == "right")
         assert right.gradable is False and right.grade is None
+        # the contract: 5 probabilities whenever an image is done, ungradable ones included (the
+        # contract audit: they were null); they decide nothing (grade null, referable, not counted)
+        shown = image_result(s, gray)
+        assert shown.probabilities is not None and len(shown.probabilities) == 5 and shown.members
+        assert shown.grade is None and shown.gradable is False and shown.referable is True
+        assert shown.explanation_url is None
+    assert ids[2] not in summary.explain_sent + summary.explained  # no heatmap for it
 
 
 def test_missing_ids_and_attempt_cap(
