@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from core.tables import as_utc
 
 #: A clinic's patient identifier, wherever it comes from (upload field, folder file name,
 #: manifest): it appears in URLs (``/v1/patients/{patient_id}``).
@@ -15,13 +17,8 @@ Eye = Literal["left", "right"]
 Status = Literal["queued", "running", "done", "failed"]
 
 
-def _as_utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; every timestamp the API stores is UTC
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 #: A timestamp always written with its UTC offset (naive database values are UTC).
-UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 Probabilities = Annotated[
     list[float],
     Field(

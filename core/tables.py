@@ -45,6 +45,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """A timestamp read back from the database, with its UTC offset: SQLite hands back naive
+    datetimes, and every timestamp drscreen stores is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import timedelta
 from typing import Annotated, Any
 
 from celery import Celery
@@ -16,7 +16,7 @@ from core import db
 from core import repository as repo
 from core.errors import Unauthorized
 from core.settings import Settings
-from core.tables import ApiKey, utcnow
+from core.tables import ApiKey, as_utc, utcnow
 from services.config import ApiSettings
 from services.errors import RateLimited
 from services.ratelimit import RateLimiter
@@ -94,9 +94,7 @@ def _touch(key: ApiKey) -> None:
     turn each read into a write (and hold SQLite's write lock for the whole request)."""
     now = utcnow()
     last = key.last_used_at
-    if last is not None and last.tzinfo is None:  # SQLite hands back naive UTC datetimes
-        last = last.replace(tzinfo=UTC)
-    if last is None or now - last > TOUCH_EVERY:
+    if last is None or now - as_utc(last) > TOUCH_EVERY:
         key.last_used_at = now
 
 

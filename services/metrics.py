@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -25,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from core import repository as repo
 from core.celery_config import broker_folders
 from core.settings import Settings
-from core.tables import Image, Prediction
+from core.tables import Image, Prediction, as_utc, utcnow
 from core.tasks import ALL_QUEUES
 from services.modelinfo import active_ref
 
@@ -97,9 +96,7 @@ class SystemCollector(Collector):
             for grade in range(5):
                 grades.add_metric([str(grade)], int(by_grade.get(grade, 0)))
             grades.add_metric(["ungradable"], int(by_grade.get(None, 0)))
-            if since is not None and since.tzinfo is None:  # SQLite: naive, stored as UTC
-                since = since.replace(tzinfo=UTC)
-            oldest.add_metric([], (datetime.now(UTC) - since).total_seconds() if since else 0.0)
+            oldest.add_metric([], (utcnow() - as_utc(since)).total_seconds() if since else 0.0)
         except Exception as exc:
             log.warning("database counts unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
         yield images
@@ -116,7 +113,7 @@ class SystemCollector(Collector):
         try:
             with self.sessions() as session:
                 for version, at in repo.recent_releases(session).items():
-                    recent.add_metric([version], at.replace(tzinfo=at.tzinfo or UTC).timestamp())
+                    recent.add_metric([version], as_utc(at).timestamp())
         except Exception as exc:
             log.warning("recent releases unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
         yield recent

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from itertools import islice
 from typing import Any
 
@@ -45,7 +45,7 @@ from core.aggregation import is_referable
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore, StoredFile, get_store
-from core.tables import Image, ScoringJobItem, utcnow
+from core.tables import Image, ScoringJobItem, as_utc, utcnow
 from ml.imageio import ImageDecodeError, decode_scaled
 from ml.quality import DECODE_MIN_SIDE, QualityReport, assess_quality
 from workers.model import EnsembleLike, get_ensemble, quality_thresholds
@@ -227,7 +227,7 @@ def _store_heatmap(it: _Claimed, heat: np.ndarray, store: FileStore) -> StoredFi
 
 def _predict(batch: list[_Claimed], ens: EnsembleLike, store: FileStore) -> None:
     try:
-        images = [it.rgb for it in batch if it.rgb is not None]  # all of them: gradable photographs
+        images = [it.rgb for it in batch if it.rgb is not None]  # all of them: every decoded one
         preds = ens.predict(images, heatmaps=[it.wants_heatmap and _gradable(it) for it in batch])
     except Exception as exc:
         # Not a property of one photo: fail these visibly rather than leave them ``running``.
@@ -388,7 +388,7 @@ def _check_one_release(session: Session, ref: str) -> None:
     # recent = written since the last check but one: a release retired days ago still holds some
     # of the newest 1000 predictions of a small clinic, and is no longer being served
     since = utcnow() - timedelta(seconds=2 * RELEASE_CHECK_INTERVAL_S)
-    others = sorted(r for r, at in repo.recent_releases(session).items() if r != ref and _aware(at) >= since)
+    others = sorted(r for r, at in repo.recent_releases(session).items() if r != ref and as_utc(at) >= since)
     if others:
         log.error(
             "workers serve different releases: this one %s, others %s wrote recent predictions; set "
@@ -397,11 +397,6 @@ def _check_one_release(session: Session, ref: str) -> None:
             ref,
             ", ".join(others),
         )
-
-
-def _aware(at: datetime) -> datetime:
-    """SQLite returns naive timestamps (stored as UTC)."""
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _wants_explanation(it: _Claimed, explain: bool | None) -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_, select
@@ -38,7 +38,7 @@ from core import tasks
 from core.celery_config import prune_processed
 from core.db import session_scope
 from core.settings import get_settings
-from core.tables import ScoringJob, ScoringJobItem, utcnow
+from core.tables import ScoringJob, ScoringJobItem, as_utc, utcnow
 from workers.scoring import Enqueue, send_by_name
 from workers.settings import get_worker_settings
 
@@ -139,10 +139,7 @@ def sweep(
         now = utcnow()
         stale = []
         for image in repo.stale_running_images(session, min(queued_after, running_after)):
-            updated = image.updated_at
-            if updated.tzinfo is None:  # SQLite hands back naive datetimes (stored as UTC)
-                updated = updated.replace(tzinfo=UTC)
-            age = now - updated
+            age = now - as_utc(image.updated_at)
             limit = running_after if image.status == "running" else queued_after
             if age >= limit:
                 stale.append(image)

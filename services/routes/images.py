@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
@@ -17,7 +16,7 @@ from core import repository as repo
 from core.errors import NotFound
 from core.schemas import PATIENT_ID_PATTERN, Accepted, Eye, ImageResult
 from core.store import FileStore
-from core.tables import Image, utcnow
+from core.tables import Image, as_utc, utcnow
 from services import idempotency
 from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
 from services.errors import NotReady, error_responses
@@ -278,9 +277,7 @@ def _request_explanation(request: Request, producer: ProducerDep, image: Image) 
     """Workers draw heatmaps on their own after scoring (except for folder jobs that did not ask);
     when one is still missing a while after the grade, ask for it, at most once a minute."""
     finished = image.finished_at
-    if finished is not None and finished.tzinfo is None:  # SQLite hands back naive UTC datetimes
-        finished = finished.replace(tzinfo=UTC)
-    if finished is not None and (utcnow() - finished).total_seconds() < EXPLAIN_GRACE_SECONDS:
+    if finished is not None and (utcnow() - as_utc(finished)).total_seconds() < EXPLAIN_GRACE_SECONDS:
         return
     asked: dict[str, float] = request.app.state.explain_requested
     now = time.monotonic()

@@ -14,7 +14,6 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,7 +28,7 @@ from core import repository as repo
 from core.errors import DomainError, NotFound
 from core.schemas import PatientSummary
 from core.store import FileStore
-from core.tables import Bundle, Image, Patient, ScoringJob, utcnow
+from core.tables import Bundle, Image, Patient, ScoringJob, as_utc, utcnow
 from services.deps import (
     ApiSettingsDep,
     Principal,
@@ -342,9 +341,7 @@ def _heatmap_expected(image: Image) -> bool:
     finished = image.finished_at
     if finished is None:
         return True
-    if finished.tzinfo is None:  # SQLite hands back naive UTC datetimes
-        finished = finished.replace(tzinfo=UTC)
-    return (utcnow() - finished).total_seconds() < HEATMAP_WAIT_SECONDS
+    return (utcnow() - as_utc(finished)).total_seconds() < HEATMAP_WAIT_SECONDS
 
 
 def _progress(session: Session, images: list[Image], patient_id: int) -> Progress:
