@@ -5,7 +5,8 @@ graphs `drscreen export onnx --quantize` would write) in f32 and bf16 around the
 
 Information for issue 7 on CPUs with int8/bf16 matrix units (Intel AMX, session 18): whether
 OpenVINO's int8 kernels would beat its bfloat16 ones. Speed only (batch 8, one thread, random
-inputs, best of 5 after a warm-up); what a precision does to the grades is the export's check.
+inputs, best of 5 after a warm-up: ``ml.onnx_export._speed``); what a precision does to the
+grades is the export's check.
 Needs the float32 graphs (`drscreen bench` or `drscreen export onnx` writes them).
 """
 
@@ -13,15 +14,12 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-
 from ml.inference.ensemble import load_ensemble
-from ml.inference.onnx_runtime import PROBABILITIES, onnx_path_for
+from ml.inference.onnx_runtime import onnx_path_for
 from ml.inference.openvino_runtime import OpenVinoSession, bf16_kernels
-from ml.onnx_export import calibration_inputs, quantize_member
+from ml.onnx_export import _speed, calibration_inputs, quantize_member
 from ml.training.config import TrainConfig
 from ml.training.train import natural_split
 
@@ -33,32 +31,21 @@ INT8_VARIANTS = (
 )
 
 
-def images_per_second(session: OpenVinoSession, x: np.ndarray, repeats: int = 5) -> float:
-    session.run([PROBABILITIES], {"input": x})
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        session.run([PROBABILITIES], {"input": x})
-        best = min(best, time.perf_counter() - t0)
-    return len(x) / best
-
-
 def main(ref: str) -> None:
     ens = load_ensemble(ref)
     calibration = calibration_inputs(ens, natural_split(TrainConfig(), Path.cwd())["train"])
-    rng = np.random.default_rng(0)
     print(f"{ref}, bf16 kernels: {bf16_kernels()}, images/s at batch 8 on one thread")
     with tempfile.TemporaryDirectory() as tmp:
         for m in ens._members:
-            size = m.preprocess.size
-            x = rng.standard_normal((8, 3, size, size)).astype(np.float32)
+            size = {m.ref: m.preprocess.size}
             fp32 = onnx_path_for(m.ref, None)
             graphs = [("float32 graph", fp32)]
             for label, fraction, depthwise in INT8_VARIANTS:
                 out = Path(tmp) / f"{m.ref}.{fraction}.int8.onnx"
                 graphs.append((label, quantize_member(fp32, out, calibration[m.ref], fraction, depthwise)))
             for label, path in graphs:
-                speeds = [images_per_second(OpenVinoSession(path, p, 1), x) for p in ("f32", "bf16")]
+                # the export's own timing: batch 8 of random inputs, best of 5 after a warm-up
+                speeds = [_speed({m.ref: OpenVinoSession(path, p, 1)}, size) for p in ("f32", "bf16")]
                 print(f"  {m.ref} {label}: f32 {speeds[0]:.1f}, bf16 {speeds[1]:.1f}", flush=True)
 
 
