@@ -92,6 +92,31 @@ def _check_container(fmt: str, data: bytes) -> None:
         raise ImageDecodeError(TRUNCATED, "PNG has no IEND chunk")
 
 
+#: libjpeg's fill for entropy data that ended early: every coefficient zero, i.e. mid-grey.
+_MISSING_DATA_GREY: Final = 128
+
+
+def _refuse_grey_tail(img: Image.Image) -> None:
+    """A JPEG cut short and closed with an FFD9 passes the end-marker check, and libjpeg decodes it
+    with only a warning (which Pillow drops), filling every block after the cut with flat grey 128.
+    A last row that is exactly that grey in every pixel and channel, in an image that is not grey
+    throughout, is that fill: a photograph's bottom edge is black surround or noisy tissue. (A cut
+    inside the last row of 8x8 blocks leaves part of that row and is not caught; the quality gate
+    sees the rest.) Checked on the decoded, not yet EXIF-rotated image, whose last row is the
+    last data the file held."""
+    if img.mode not in ("RGB", "L"):
+        return
+    width, height = img.size
+    last = np.asarray(img.crop((0, height - 1, width, height)))
+    if not (last == _MISSING_DATA_GREY).all():
+        return
+    if (np.asarray(img) == _MISSING_DATA_GREY).all():
+        return  # a grey picture, not a cut one: the quality gate judges it
+    raise ImageDecodeError(
+        TRUNCATED, "the JPEG's data ends early (its lower part decodes as flat grey): upload it again"
+    )
+
+
 # Rows converted at a time: the wide intermediates of a conversion stay a few MB whatever the
 # photograph's size (a 16-bit or transparent 50-megapixel upload once cost > 1 GB to convert).
 _ROWS: Final = 256
@@ -210,6 +235,8 @@ def _decoded(
                 scale = min(width, height) / min_side
                 img.draft(None, (max(1, int(width / scale)), max(1, int(height / scale))))
             img.load()  # full decode: corrupt entropy data fails here
+            if fmt == "jpeg":
+                _refuse_grey_tail(img)
             shown: Image.Image = img
             try:
                 # exif_transpose copies even an upright image: ask first (a copy of a big

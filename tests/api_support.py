@@ -75,6 +75,8 @@ def bad_files() -> dict[str, bytes]:
         "empty": b"",
         "text": b"patient notes: nothing to see here\n" * 20,
         "truncated_jpeg": jpeg[: len(jpeg) // 2],
+        # cut short, then closed with an end marker: decodes, with a flat grey lower half
+        "truncated_closed_jpeg": jpeg[: len(jpeg) // 2] + b"\xff\xd9",
         "corrupt_jpeg": jpeg[:600] + bytes(range(256)) * 8 + b"\xff\xd9",
         "gif": b"GIF89a" + b"\x00" * 64,
         "tiny_png": png_bytes(16, 16),

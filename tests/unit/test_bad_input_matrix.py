@@ -69,6 +69,12 @@ def _cases(root: Path, outside: Path) -> list[Case]:
         ("PDF document", 422, "invalid_image", lambda c, k: _one(c, k, _pdf())),
         ("GIF (unsupported format)", 422, "invalid_image", lambda c, k: _one(c, k, files["gif"])),
         ("JPEG truncated at half", 422, "invalid_image", lambda c, k: _one(c, k, files["truncated_jpeg"])),
+        (
+            "JPEG cut at half and closed with `FFD9` (session 19)",
+            422,
+            "invalid_image",
+            lambda c, k: _one(c, k, files["truncated_closed_jpeg"]),
+        ),
         ("JPEG without end marker", 422, "invalid_image", lambda c, k: _one(c, k, _jpeg_without_end())),
         ("JPEG with garbage scan data", 422, "invalid_image", lambda c, k: _one(c, k, files["corrupt_jpeg"])),
         ("PNG truncated", 422, "invalid_image", lambda c, k: _one(c, k, png_bytes(300, 300)[:200])),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +190,35 @@ def test_api_validation_keeps_the_full_size_of_a_big_jpeg() -> None:
             max_bytes=1 << 26,
             max_pixels=40_000_000,
         )
+
+
+SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "16" / "16_left.jpg"
+
+
+@pytest.mark.parametrize("kept", [0.3, 0.5, 0.9])
+def test_jpeg_cut_short_and_closed_with_ffd9_is_truncated(kept: float) -> None:
+    """A transfer that stopped part-way and a tool that closed the file with an EOI marker: libjpeg
+    decodes it with its lower part flat grey, and that photograph must not be graded."""
+    data = SAMPLE.read_bytes()
+    cut = data[: int(len(data) * kept)] + b"\xff\xd9"
+    for decode in (decode_image, lambda d: decode_scaled(d, min_side=128)[0]):
+        with pytest.raises(ImageDecodeError) as ei:
+            decode(cut)
+        assert ei.value.reason == "truncated"
+    # the big-photograph path (decoded at a reduced DCT scale) fills the same grey
+    big = _encode(Image.open(io.BytesIO(data)).resize((2048, 1368)), "JPEG", quality=90)
+    with pytest.raises(ImageDecodeError) as ei:
+        decode_scaled(big[: int(len(big) * kept)] + b"\xff\xd9", min_side=256)
+    assert ei.value.reason == "truncated"
+
+
+def test_grey_pictures_and_whole_photographs_are_not_called_truncated() -> None:
+    assert decode_image(SAMPLE.read_bytes()).shape == (342, 512, 3)
+    grey = _encode(Image.new("RGB", (200, 120), (128, 128, 128)), "JPEG")
+    assert (decode_image(grey) == 128).all()  # for the quality gate to judge, not the decoder
+    # a photograph whose last row is grey but not the decoder's flat 128 fill
+    img = np.asarray(_gradient(200, 120)).copy()
+    img[-8:] = 127
+    assert decode_image(_encode(Image.fromarray(img), "PNG")).shape == (120, 200, 3)
+    img[-8:] = 128  # a PNG holds what was written: only JPEG data ends in libjpeg's fill
+    assert decode_image(_encode(Image.fromarray(img), "PNG")).shape == (120, 200, 3)
