@@ -14,6 +14,9 @@ and compiles them for the CPU it runs on. Two precisions, chosen per member:
   where all-bf16 changed 4; session 18), and the workers of one deployment may run on both. A
   worker serves bf16 only from the verdict measured on its own kind of CPU; on another it runs
   float32 and says so once (run `drscreen export onnx` on that CPU type to measure it there).
+  The same holds for the **OpenVINO release** that measured it (``openvino_release``): another
+  release's kernels are not the measured ones, so a worker with another runs float32 until the
+  export is re-run with it (pyproject pins the release the shipped verdicts were measured with).
 
 A session here answers ONNX Runtime's ``run(output_names, feeds)`` call, so ``OnnxMembers`` and
 the export's checks use either engine unchanged. This module does not import torch.
@@ -21,6 +24,7 @@ the export's checks use either engine unchanged. This module does not import tor
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import threading
@@ -109,6 +113,17 @@ def bf16_kernels(cpuinfo: str | None = None) -> str | None:
     return None
 
 
+def openvino_release() -> str | None:
+    """The installed OpenVINO's release, "YEAR.N" (None when it is not installed). A bf16 verdict
+    holds for the kernels of the release that measured it: pyproject allows any newer OpenVINO,
+    and a new release may compute bf16 differently (as AMX and AVX-512 BF16 kernels do)."""
+    try:
+        version = importlib.metadata.version("openvino")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return ".".join(version.split(".")[:2])
+
+
 def _verdicts(path: Path) -> dict[str, Any]:
     """The verdict file's entries by kind of bf16 kernel ({} when there is none)."""
     if not path.exists():
@@ -135,7 +150,12 @@ def record_precisions(
     by_cpu = _verdicts(path)
     precisions: dict[str, str] = mix.get("precisions", {})
     graphs = {ref: onnx_path_for(ref, models_dir).name for ref in precisions}
-    by_cpu[kernels] = {"precisions": precisions, "graphs": graphs, "figures": mix}
+    by_cpu[kernels] = {
+        "precisions": precisions,
+        "graphs": graphs,
+        "openvino": openvino_release(),
+        "figures": mix,
+    }
     path.write_text(json.dumps({"by_cpu": dict(sorted(by_cpu.items()))}, indent=2) + "\n")
 
 
@@ -143,8 +163,8 @@ def accepted_precisions(
     folder: Path, refs: list[str], models_dir: Path | None, kernels: str | None
 ) -> dict[str, str]:
     """Each member's precision: ``bf16`` where the export's check accepted it for exactly this
-    member's graph on a CPU with these bf16 ``kernels`` (a worker passes ``bf16_kernels()``),
-    ``f32`` otherwise."""
+    member's graph on a CPU with these bf16 ``kernels`` (a worker passes ``bf16_kernels()``) with
+    this OpenVINO release, ``f32`` otherwise."""
     if kernels is None:
         return dict.fromkeys(refs, "f32")
     path = folder / VERDICT_FILE
@@ -159,6 +179,18 @@ def accepted_precisions(
             ", ".join(sorted(by_cpu)),
             kernels,
         )
+    measured_on = record.get("openvino")
+    if record and measured_on != openvino_release():
+        if (str(path), f"openvino {measured_on}") not in _warned:
+            _warned.add((str(path), f"openvino {measured_on}"))
+            log.warning(
+                "%s: bf16 was checked with OpenVINO %s, this is %s: every member runs in f32; "
+                "`drscreen export onnx` checks it with this release",
+                path,
+                measured_on or "(not recorded)",
+                openvino_release(),
+            )
+        return dict.fromkeys(refs, "f32")
     out = {}
     for ref in refs:
         same_graph = record.get("graphs", {}).get(ref) == onnx_path_for(ref, models_dir).name

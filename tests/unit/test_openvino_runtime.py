@@ -96,6 +96,49 @@ def test_a_bf16_verdict_holds_only_on_the_kind_of_cpu_it_was_measured_on(
     assert accepted_precisions(tmp_path, refs, None, "avx512_bf16") == {refs[0]: "f32"}
 
 
+def test_a_bf16_verdict_holds_only_for_the_openvino_release_that_measured_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyproject allowed any newer OpenVINO, whose bf16 kernels nobody measured: a verdict names
+    its release, and another release (or none recorded) serves float32 and says why once."""
+    from ml.inference import openvino_runtime
+
+    refs = ["dev-mnv2-64@0.1.0"]
+    record_precisions(tmp_path, None, {"precisions": {refs[0]: "bf16"}}, "avx512_bf16")
+    measured = json.loads((tmp_path / VERDICT_FILE).read_text())["by_cpu"]["avx512_bf16"]["openvino"]
+    assert measured == openvino_runtime.openvino_release() and measured.count(".") == 1
+    assert accepted_precisions(tmp_path, refs, None, "avx512_bf16") == {refs[0]: "bf16"}
+    monkeypatch.setattr(openvino_runtime, "openvino_release", lambda: "2099.1")
+    with caplog.at_level("WARNING"):
+        assert accepted_precisions(tmp_path, refs, None, "avx512_bf16") == {refs[0]: "f32"}
+        assert accepted_precisions(tmp_path, refs, None, "avx512_bf16") == {refs[0]: "f32"}
+    assert caplog.text.count(f"checked with OpenVINO {measured}, this is 2099.1") == 1
+    record = json.loads((tmp_path / VERDICT_FILE).read_text())
+    del record["by_cpu"]["avx512_bf16"]["openvino"]  # an export from before releases were recorded
+    (tmp_path / VERDICT_FILE).write_text(json.dumps(record))
+    monkeypatch.undo()
+    assert accepted_precisions(tmp_path, refs, None, "avx512_bf16") == {refs[0]: "f32"}
+
+
+def test_the_shipped_verdicts_were_measured_with_the_pinned_openvino() -> None:
+    """A new OpenVINO pin without a re-run export would turn every shipped bf16 verdict off."""
+    import tomllib
+
+    from ml.inference.openvino_runtime import openvino_release
+    from ml.release import ensemble_dir
+
+    pin = next(
+        d
+        for d in tomllib.loads(Path("pyproject.toml").read_text())["project"]["optional-dependencies"]["ml"]
+        if d.startswith("openvino")
+    )
+    for version in ("1.5.0", "1.6.0"):
+        record = json.loads((ensemble_dir(f"drscreen-ensemble@{version}", None) / VERDICT_FILE).read_text())
+        for kernels, verdict in record["by_cpu"].items():
+            assert f">={verdict['openvino']}," in pin, (version, kernels, pin)
+            assert verdict["openvino"] == openvino_release(), "installed OpenVINO is not the pinned release"
+
+
 @pytest.mark.parametrize(
     ("flags", "kernels"),
     [
