@@ -196,7 +196,7 @@ def serve(
     _warn_about_settings("drscreen serve")
     _refuse_other_schema("drscreen serve")
     uvicorn.run(
-        "services.app:create_app",
+        "services.app:create_app_for_cli",  # checked just above: the app does not check again
         factory=True,
         host=host,
         port=port,
@@ -300,21 +300,17 @@ def _warn_about_settings(command: str) -> None:
 
 
 def _refuse_other_schema(command: str) -> None:
-    """Exit 2 with one line when the database's schema is not this code's; start anyway (with a
+    """Exit 2 with one line when the database's schema is behind this code's; start anyway (with a
     warning) when the database cannot be reached yet: it may come up after the API or worker."""
-    from sqlalchemy.exc import OperationalError
-
-    from core.migrate import schema_problem
+    from core.migrate import SchemaBehind, check_schema_at_start
 
     try:
-        problem = schema_problem()
-    except OperationalError as exc:
-        first = str(exc.orig or exc).strip().splitlines()[0][:300]
-        typer.echo(f"{command}: database not reachable now ({first}); schema not checked", err=True)
-        return
-    if problem:
-        typer.echo(f"{command}: not starting: {problem}", err=True)
-        raise typer.Exit(2)
+        unreachable = check_schema_at_start()
+    except SchemaBehind as exc:
+        typer.echo(f"{command}: not starting: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if unreachable:
+        typer.echo(f"{command}: database not reachable now ({unreachable}); schema not checked", err=True)
 
 
 def _refuse_other_release(ref: str) -> None:
@@ -327,10 +323,10 @@ def _refuse_other_release(ref: str) -> None:
 
     try:
         with session_scope() as session:
-            active = repo.active_release(session)
+            active = repo.other_active_release(session, ref)
     except OperationalError:
         return  # not reachable now: said by _refuse_other_schema; each task checks again
-    if active is not None and active != ref:
+    if active is not None:
         typer.echo(
             f"drscreen worker: not starting: the deployment serves {active} (drscreen model "
             f"activate) and this worker would serve {ref}: set DRSCREEN_MODEL={active}",
@@ -391,10 +387,19 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
 @db_app.command("check")
 def db_check() -> None:
     """Fail when core.tables and the migrations differ (alembic check)."""
+    from alembic.util.exc import CommandError
+
     from core.migrate import check
 
-    with _db_errors():
-        check()
+    try:
+        with _db_errors():
+            check()
+    except CommandError as exc:  # alembic's verdict, not a crash: one line (was ~50 of traceback)
+        reason = (str(exc).strip().splitlines() or ["alembic check failed"])[0][:300]
+        if "not up to date" in reason:
+            reason += " (run `drscreen db upgrade`)"
+        typer.echo(f"drscreen db check: {reason}", err=True)
+        raise typer.Exit(1) from None
     typer.echo("schema and migrations agree")
 
 
@@ -459,6 +464,175 @@ def keys_list(clinic: str | None = typer.Option(None, "--clinic")) -> None:
         for k in repo.list_api_keys(session, clinic_id):
             state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
             typer.echo(f"{k.id}\t{k.prefix}\t{k.clinic.name}\t{state}\t{k.label or ''}")
+
+
+# --------------------------------------------------------------------------------------- data
+
+data_app = typer.Typer(help="Erase a patient's data; enforce a retention period.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _operator() -> str:
+    """Who ran a data command, for the audit row: the operating-system user."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name (e.g. a container's numeric uid)
+        return "cli"
+
+
+def _clinic_id(command: str, name: str) -> int:
+    from core import repository as repo
+    from core.db import session_scope
+
+    with _db_errors(), session_scope() as session:
+        clinic = repo.get_clinic_by_name(session, name)
+        found = clinic.id if clinic is not None else None
+    if found is None:
+        typer.echo(f"{command}: no clinic {name!r} (as named by `drscreen keys create --clinic`)", err=True)
+        raise typer.Exit(2)
+    return found
+
+
+def _retention(command: str, run: Any, *, commit: bool) -> tuple[Any, int]:
+    """Run ``run(session)`` (core.retention) in one transaction; commit and then remove the files
+    nothing references any more, or roll back (a dry run: the counts are the real run's).
+    Returns (outcome, files removed)."""
+    from core import retention
+    from core.db import get_sessionmaker
+    from core.errors import Conflict
+    from core.settings import get_settings
+    from core.store import FileStore
+
+    with _db_errors():
+        session = get_sessionmaker()()
+        try:
+            outcome = run(session)
+            if not commit:
+                session.rollback()
+                return outcome, 0
+            session.commit()
+            store = FileStore(get_settings().store_path)
+            removed = retention.remove_unreferenced_files(session, store, outcome.files)
+            session.commit()
+            return outcome, removed
+        except Conflict as exc:
+            typer.echo(f"{command}: {exc.message}, or add --force", err=True)
+            raise typer.Exit(1) from None
+        finally:
+            session.rollback()
+            session.close()
+
+
+def _print_counts(outcome: Any, files: int, files_label: str) -> None:
+    for table, n in outcome.rows.items():
+        typer.echo(f"  {table:<18}{n:>8}")
+    typer.echo(f"  {files_label:<18}{files:>8}")
+
+
+def _confirm(question: str) -> None:
+    if not typer.confirm(question, default=False):
+        typer.echo("nothing erased", err=True)
+        raise typer.Exit(1)
+
+
+@data_app.command("erase")
+def data_erase(
+    patient_id: str = typer.Argument(..., help="The clinic's patient id."),
+    clinic: str = typer.Option(..., "--clinic", help="Clinic name (as given to `keys create`)."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    force: bool = typer.Option(
+        False, "--force", help="Erase even while photographs of the patient are still being scored."
+    ),
+) -> None:
+    """Erase everything drscreen holds about one patient of one clinic (cannot be undone).
+
+    Photographs, heatmaps, results and history go; the audit log records the erasure with its
+    counts, not the patient id."""
+    import re
+
+    from core import retention
+    from core.schemas import PATIENT_ID_PATTERN
+
+    command = "drscreen data erase"
+    if not re.fullmatch(PATIENT_ID_PATTERN, patient_id):
+        typer.echo(f"{command}: {patient_id!r} is not a patient id (letters, digits, . _ -)", err=True)
+        raise typer.Exit(2)
+    _refuse_other_schema(command)
+    clinic_id = _clinic_id(command, clinic)
+
+    def run(session: Any, *, forced: bool = force) -> Any:
+        return retention.erase_patient(session, clinic_id, patient_id, force=forced, by=_operator())
+
+    if not yes:  # show what would go, then ask (the preview is rolled back)
+        preview, _ = _retention(command, lambda s: run(s, forced=True), commit=False)
+        if not preview.found:
+            typer.echo(f"no patient {patient_id!r} in clinic {clinic!r}: nothing to erase (0 rows)")
+            return
+        if preview.in_flight and not force:
+            typer.echo(
+                f"{command}: {preview.in_flight} photograph(s) of this patient are still being scored; "
+                "erase the patient once they are done, or add --force",
+                err=True,
+            )
+            raise typer.Exit(1)
+        _print_counts(preview, len(preview.files), "stored files")
+        _confirm(f"Erase patient {patient_id!r} of clinic {clinic!r} as listed above?")
+    outcome, removed = _retention(command, run, commit=True)
+    if not outcome.found:
+        typer.echo(f"no patient {patient_id!r} in clinic {clinic!r}: nothing to erase (0 rows)")
+        return
+    typer.echo(f"erased patient {patient_id!r} of clinic {clinic!r}: {outcome.total_rows} rows")
+    _print_counts(outcome, removed, "files removed")
+
+
+@data_app.command("purge")
+def data_purge(
+    older_than: int = typer.Option(
+        ..., "--older-than", metavar="DAYS", help="Erase the patients whose newest photograph is older."
+    ),
+    clinic: str | None = typer.Option(None, "--clinic", help="Only this clinic (default: every clinic)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be deleted; delete nothing."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+) -> None:
+    """Enforce a retention period: erase the patients whose newest photograph is older than DAYS.
+
+    A patient with a newer photograph keeps everything; finished folder jobs and records from
+    before then that no patient owns go too. Patients with photographs still being scored are
+    skipped."""
+    from datetime import timedelta
+
+    from core import retention
+    from core.tables import utcnow
+
+    command = "drscreen data purge"
+    if older_than < 1:
+        typer.echo(f"{command}: --older-than must be at least 1 day", err=True)
+        raise typer.Exit(2)
+    _refuse_other_schema(command)
+    clinic_id = _clinic_id(command, clinic) if clinic is not None else None
+    cutoff = utcnow() - timedelta(days=older_than)
+
+    def run(session: Any) -> Any:
+        return retention.purge_before(session, cutoff, clinic_id, by=_operator())
+
+    where = f"clinic {clinic!r}" if clinic is not None else "every clinic"
+    rule = f"{where}, patients whose newest photograph is older than {cutoff:%Y-%m-%d %H:%M} UTC"
+    if dry_run or not yes:
+        preview, _ = _retention(command, run, commit=False)
+        typer.echo(f"would delete ({rule}):")
+        _print_counts(preview, len(preview.files), "stored files")
+        if preview.skipped_patients:
+            typer.echo(f"  {preview.skipped_patients} patient(s) skipped: photographs still being scored")
+        if dry_run:
+            return
+        _confirm("Delete all of the above?")
+    outcome, removed = _retention(command, run, commit=True)
+    typer.echo(f"purged ({rule}): {outcome.total_rows} rows")
+    _print_counts(outcome, removed, "files removed")
+    if outcome.skipped_patients:
+        typer.echo(f"  {outcome.skipped_patients} patient(s) skipped: photographs still being scored")
 
 
 class _db_errors:

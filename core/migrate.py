@@ -78,6 +78,28 @@ def schema_problem(database_url: str | None = None) -> str | None:
     return f"the database schema is at revision {at}, this code needs {head}: run `drscreen db upgrade`"
 
 
+class SchemaBehind(RuntimeError):
+    """The database's schema is behind this code's migrations (or absent): do not start."""
+
+
+def check_schema_at_start(database_url: str | None = None) -> str | None:
+    """The start-up check of ``drscreen serve``, ``drscreen worker`` and the API's lifespan, each
+    saying it its own way. Raises :class:`SchemaBehind` (the one-line reason) when the schema is
+    behind; returns why nothing was checked when the database cannot be reached (one line: it may
+    come up after the API or worker, so that is not fatal; /readyz says ``schema`` later), None
+    when checked and fine (a newer schema is fine, with a warning: see :func:`schema_problem`)."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        problem = schema_problem(database_url)
+    except OperationalError as exc:
+        lines = str(exc.orig or exc).strip().splitlines()
+        return (lines[0] if lines else type(exc).__name__)[:300]
+    if problem:
+        raise SchemaBehind(problem)
+    return None
+
+
 @functools.cache
 def known_revisions() -> frozenset[str]:
     """Every revision this code's migrations name."""

@@ -375,6 +375,13 @@ def active_release(session: Session) -> str | None:
     )
 
 
+def other_active_release(session: Session, ref: str) -> str | None:
+    """The activated release when it is not ``ref`` (a worker serving ``ref`` must not grade: a
+    patient's result comes from one release), None when it is or when none was activated."""
+    active = active_release(session)
+    return active if active is not None and active != ref else None
+
+
 def activate_release(session: Session, ref: str, card: dict[str, Any] | None = None) -> ModelVersion:
     """Make ``ref`` the release every worker must serve (earlier activations stay as history)."""
     row = get_or_create_model_version(session, ref, card)

@@ -116,6 +116,30 @@ class PatientSummary(BaseModel):
     history: list[PatientHistoryEntry] = Field(default_factory=list)
 
 
+class ErasedRows(BaseModel):
+    """Rows deleted by an erasure, per table (core.retention)."""
+
+    explanation: int = Field(description="heatmap records")
+    prediction: int
+    scoring_job_item: int = Field(description="folder-job files of the patient")
+    idempotency_key: int
+    eye_result: int
+    patient_result: int
+    image: int = Field(description="photographs")
+    bundle: int
+    patient: int
+    scoring_job: int = Field(description="finished folder jobs left with no file")
+
+
+class PatientErasure(BaseModel):
+    patient_id: str
+    rows: ErasedRows
+    files: int = Field(
+        description="stored files removed (photographs and heatmaps that no other row shares: "
+        "the store keeps identical bytes once)"
+    )
+
+
 class BundleResult(BaseModel):
     id: str
     status: Status

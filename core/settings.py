@@ -22,7 +22,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DRSCREEN_", extra="ignore", env_file=None)
+    # env_ignore_empty: `DRSCREEN_X=` means "unset", the default (an empty broker URL was Celery's
+    # amqp://guest@localhost, an empty store folder the current directory)
+    model_config = SettingsConfigDict(
+        env_prefix="DRSCREEN_", extra="ignore", env_file=None, env_ignore_empty=True
+    )
 
     #: Root of every embedded-mode default (database file, broker folders, store).
     var_dir: Path = Path("var")

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from core import db
-from core.migrate import schema_problem
+from core.migrate import SchemaBehind, check_schema_at_start, schema_problem
 from core.producer import broker_reachable, make_producer_app
 from core.schemas import Readiness
 from core.settings import Settings, get_settings
@@ -63,15 +63,19 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(level.upper())
 
 
-def create_app(settings: Settings | None = None, api_settings: ApiSettings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, api_settings: ApiSettings | None = None, *, check_schema: bool = True
+) -> FastAPI:
     """Build the app. ``settings`` default to the process environment, read at start-up (in the
-    lifespan), not when the app object is built."""
+    lifespan), not when the app object is built. ``check_schema=False``: the caller has refused a
+    database behind this code's schema already (``drscreen serve``, :func:`create_app_for_cli`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         base = settings or get_settings()
         api = api_settings or get_api_settings()
-        _check_schema(base)  # first: nothing opened yet when it refuses
+        if check_schema:
+            _check_schema(base)  # first: nothing opened yet when it refuses
         app.state.settings = base
         app.state.api_settings = api
         app.state.sessionmaker = db.get_sessionmaker(base.database_url)
@@ -97,7 +101,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
             {"name": "images", "description": "single photographs"},
             {"name": "bundles", "description": "a patient's visit: up to two photographs per eye"},
             {"name": "jobs", "description": "folders on the server, scored in bulk"},
-            {"name": "patients", "description": "patient-level results and history"},
+            {"name": "patients", "description": "patient-level results and history; erasure of a patient"},
             {"name": "models", "description": "the released ensemble in use"},
             {"name": "operations", "description": "health, readiness and metrics"},
         ],
@@ -163,19 +167,23 @@ def max_body_bytes(app: Any) -> int:
     return settings.max_upload_bytes * MAX_FILES_PER_REQUEST + MULTIPART_SLACK_BYTES
 
 
-def _check_schema(settings: Settings) -> None:
-    """Refuse to start on a database whose schema is not this code's (every write would be a 500);
-    a database that cannot be reached yet is left to /readyz (it may come up after the API)."""
-    from sqlalchemy.exc import OperationalError
+def create_app_for_cli() -> FastAPI:
+    """The factory ``drscreen serve`` hands uvicorn: the command checked the schema just before
+    (one line, exit 2), so each app process does not check it again; uvicorn started on
+    :func:`create_app` directly still checks in the lifespan."""
+    return create_app(check_schema=False)
 
+
+def _check_schema(settings: Settings) -> None:
+    """Refuse to start on a database whose schema is behind this code's (every write would be a
+    500); a database that cannot be reached yet is left to /readyz (it may come up after the API)."""
     try:
-        problem = schema_problem(settings.database_url)
-    except OperationalError as exc:
-        log.warning("database not reachable at start, schema not checked: %s", str(exc.orig or exc)[:200])
-        return
-    if problem:
-        log.error("not starting: %s", problem)
-        raise RuntimeError(problem)
+        unreachable = check_schema_at_start(settings.database_url)
+    except SchemaBehind as exc:
+        log.error("not starting: %s", exc)
+        raise
+    if unreachable:
+        log.warning("database not reachable at start, schema not checked: %s", unreachable)
 
 
 def _schema_ok(database_url: str) -> bool:

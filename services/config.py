@@ -12,7 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ApiSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DRSCREEN_", extra="ignore", env_file=None)
+    model_config = SettingsConfigDict(
+        env_prefix="DRSCREEN_", extra="ignore", env_file=None, env_ignore_empty=True
+    )
 
     #: Requests per minute allowed for one API key (a token bucket refilled continuously); 0 = off.
     #: High enough for clinic software polling a result every 50 ms (the contract names no limit:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from core import repository as repo
+from core import retention
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore, get_store
@@ -61,12 +62,20 @@ def explain_image(
     stored = store.put_bytes(overlay_png(rgb, heat), "png")
 
     with session_scope(db_url) as session:
-        repo.upsert_explanation(
-            session,
-            image_id=image_id,
-            model_version_id=mv_id,
-            sha256=stored.sha256,
-            stored_path=stored.relpath,
-        )
+        # an erasure (core.retention) of the patient either waits for this lock or is done already
+        still_there = retention.lock_image(session, image_id)
+        if still_there:
+            repo.upsert_explanation(
+                session,
+                image_id=image_id,
+                model_version_id=mv_id,
+                sha256=stored.sha256,
+                stored_path=stored.relpath,
+            )
+    if not still_there:
+        with session_scope(db_url) as session:  # its heatmap must not outlive it in the store
+            retention.remove_unreferenced_files(session, store, [stored.relpath])
+        log.info("explain_image: %s was erased while its heatmap was drawn; heatmap discarded", image_id)
+        return None
     log.info("explain_image: %s -> %s", image_id, stored.relpath)
     return stored.relpath

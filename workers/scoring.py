@@ -61,6 +61,24 @@ def send_by_name(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
     producer.send(name, args, kwargs)
 
 
+#: Longest delay before a photograph missing from the store is sent again by its own task: a
+#: message waiting for its ETA is held unacknowledged by a worker, and Redis hands it to a second
+#: worker after its visibility timeout (1 h, core.celery_config).
+MISSING_RESEND_MAX_S = 30 * 60
+
+
+def _resend_missing_later(image_ids: list[str], explain: bool | None) -> None:
+    """With the sweep off (``DRSCREEN_SWEEP_INTERVAL_S=0``) nothing else sends a photograph
+    returned to the queue for a missing stored file, and it stayed ``queued`` for ever (session
+    18's review). Sent again after ``DRSCREEN_STALE_QUEUED_MINUTES`` (what the sweep would wait),
+    to whichever worker takes it; each claim counts an attempt, so it ends at
+    ``DRSCREEN_MAX_ATTEMPTS``, failed."""
+    delay = min(get_worker_settings().stale_queued_minutes * 60, MISSING_RESEND_MAX_S)
+    kwargs: dict[str, Any] = {} if explain is None else {"explain": explain}
+    producer.send(tasks.SCORE_IMAGES, [list(image_ids)], kwargs, countdown=delay)
+    log.info("%d photograph(s) missing from the store: sent again in %.0f s", len(image_ids), delay)
+
+
 @dataclass
 class _Claimed:
     image_id: str
@@ -92,7 +110,8 @@ class ScoreSummary:
     explain_sent: list[str] = field(default_factory=list)  # heatmap left to the explain queue
     # the same patients' images an earlier release scored, queued again for this one
     rescore: list[str] = field(default_factory=list)
-    # stored photograph not found: left queued for another attempt (the sweep sends it again)
+    # stored photograph not found: left queued for another attempt (the sweep sends it again, or
+    # this task after a delay when the sweep is off)
     missing: list[str] = field(default_factory=list)
     # not claimed: this worker does not serve the deployment's active release
     other_release: list[str] = field(default_factory=list)
@@ -432,9 +451,9 @@ def score_images(
     # stay ``queued`` for the sweep) instead of leaving them ``running`` under a live worker.
     ens = ensemble if ensemble is not None else get_ensemble()
     with session_scope(db_url) as session:  # diagnostics, apart from the write's transaction
-        active = repo.active_release(session)
+        active = repo.other_active_release(session, ens.ref)
         _check_one_release(session, ens.ref)
-    if active is not None and active != ens.ref:
+    if active is not None:
         # Claimed by nobody: the sweep sends them again after stale_queued_minutes, and a worker
         # serving the active release grades them (one release per patient result).
         log.error(
@@ -466,6 +485,9 @@ def score_images(
         else:
             send(tasks.EXPLAIN_IMAGE, [it.image_id], {})
             summary.explain_sent.append(it.image_id)
+    # an injected ``enqueue`` (embedded runs, tests) publishes nothing later
+    if summary.missing and enqueue is None and get_worker_settings().sweep_interval_s == 0:
+        _resend_missing_later(summary.missing, explain)
     log.info(
         "score_images: %d graded, %d ungradable, %d failed, %d skipped, %d photographs missing (%s)",
         len(summary.scored),

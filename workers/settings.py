@@ -12,7 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DRSCREEN_", extra="ignore", env_file=None)
+    model_config = SettingsConfigDict(
+        env_prefix="DRSCREEN_", extra="ignore", env_file=None, env_ignore_empty=True
+    )
 
     #: Draw Grad-CAM heatmaps for single images and bundles (folder jobs decide per job).
     explain: bool = True

@@ -1,13 +1,15 @@
-"""``/v1/patients/{patient_id}``: the patient-level result and its history."""
+"""``/v1/patients/{patient_id}``: the patient-level result and its history; erasure."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
 from core import repository as repo
+from core import retention
 from core.errors import NotFound
-from core.schemas import PatientSummary
-from services.deps import PrincipalDep, SessionDep, audit
+from core.schemas import ErasedRows, PatientErasure, PatientSummary
+from core.store import FileStore
+from services.deps import PrincipalDep, SessionDep, SettingsDep, audit
 from services.errors import error_responses
 from services.views import patient_summary
 
@@ -32,3 +34,28 @@ def get_patient(patient_id: str, session: SessionDep, principal: PrincipalDep) -
         target_type="patient",
     )
     return patient_summary(session, patient)
+
+
+@router.delete(
+    "/{patient_id}",
+    response_model=PatientErasure,
+    summary="Erase the patient: every photograph, heatmap, result and history entry (cannot be undone)",
+    description="Deletes everything drscreen holds about the patient of the calling clinic, in one "
+    "transaction, then the stored files no other row shares. Answers the counts. 404 when the "
+    "clinic has no such patient (so erasing twice answers 404 the second time); 409 while a "
+    "photograph of the patient is still queued or being scored (retry once it is done). The "
+    "erasure is recorded in the audit log with the counts, not the patient id.",
+    responses=error_responses(401, 404, 409, 429),
+)
+def erase_patient(
+    patient_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
+) -> PatientErasure:
+    outcome = retention.erase_patient(
+        session, principal.clinic_id, patient_id, api_key_id=principal.api_key_id, by="api"
+    )
+    if not outcome.found:
+        raise NotFound("no such patient")
+    # the rows first: a file is removed only once nothing can roll its rows back
+    session.commit()
+    removed = retention.remove_unreferenced_files(session, FileStore(settings.store_path), outcome.files)
+    return PatientErasure(patient_id=patient_id, rows=ErasedRows(**outcome.rows), files=removed)

@@ -193,3 +193,76 @@ def test_the_api_describes_the_activated_release(url: str, monkeypatch: pytest.M
     with TestClient(create_app()) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["model"] is False
+
+
+def test_one_schema_check_says_refuse_unreachable_or_fine(isolated_settings: Path) -> None:
+    """One helper for `drscreen serve`/`worker` and the API's lifespan (they were near-twins)."""
+    assert "port 1" in (migrate.check_schema_at_start("postgresql+psycopg://nobody@127.0.0.1:1/none") or "")
+    url = get_settings().database_url
+    with pytest.raises(migrate.SchemaBehind, match="no schema yet"):
+        migrate.check_schema_at_start(url)
+    migrate.upgrade(url)
+    assert migrate.check_schema_at_start(url) is None
+
+
+def test_serve_checks_the_schema_once(isolated_settings: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`drscreen serve` checked the schema, then the app's lifespan checked it again (once per
+    uvicorn worker process); the command's check is enough. uvicorn started on create_app without
+    the CLI still checks (test_the_api_does_not_start_on_a_database_without_its_schema)."""
+    import importlib
+
+    import uvicorn
+
+    migrate.upgrade(get_settings().database_url)
+    real = migrate.current_revision
+    checks: list[str | None] = []
+
+    def counted(database_url: str | None = None) -> str | None:
+        checks.append(database_url)
+        return real(database_url)
+
+    monkeypatch.setattr(migrate, "current_revision", counted)
+    started: list[tuple[str, dict[str, object]]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda target, **kw: started.append((target, kw)))
+    result = CliRunner().invoke(cli, ["serve"])
+    assert result.exit_code == 0, result.output
+    [(target, options)] = started
+    assert options["factory"] is True
+    module, _, name = target.partition(":")
+    with TestClient(getattr(importlib.import_module(module), name)()) as client:
+        assert client.get("/healthz").status_code == 200
+    assert len(checks) == 1
+
+    # a database not reachable yet: said in one line, and the API starts (/readyz tells)
+    monkeypatch.setenv("DRSCREEN_DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    get_settings.cache_clear()
+    result = CliRunner().invoke(cli, ["serve"])
+    assert result.exit_code == 0 and len(started) == 2, result.output
+    assert "drscreen serve: database not reachable now (" in result.output
+    assert "schema not checked" in result.output
+
+
+def test_the_compose_worker_has_a_healthcheck_that_pings_its_node() -> None:
+    """The operator review: the compose file's worker had no healthcheck. It pings the worker's
+    default node name (celery@<container hostname>), so the command must not rename the node."""
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
+    worker = compose["services"]["worker"]
+    check = worker["healthcheck"]
+    assert check["test"][0] == "CMD-SHELL" and "inspect ping -d celery@$$HOSTNAME" in check["test"][1]
+    assert "workers.app:celery_app" in check["test"][1]
+    assert (check["interval"], check["timeout"]) == ("60s", "20s")
+    assert not {"-n", "--hostname"} & set(worker["command"])
+
+
+def test_db_check_on_a_database_behind_is_one_line(isolated_settings: Path) -> None:
+    """The newcomer's walk-through: an unmigrated database made `drscreen db check` end in ~50
+    lines of alembic traceback."""
+    result = CliRunner().invoke(cli, ["db", "check"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "not up to date" in lines[0] and "drscreen db upgrade" in lines[0], lines
+    assert CliRunner().invoke(cli, ["db", "upgrade"]).exit_code == 0
+    result = CliRunner().invoke(cli, ["db", "check"])
+    assert result.exit_code == 0 and "schema and migrations agree" in result.output, result.output

@@ -226,3 +226,13 @@ def test_the_same_photograph_sent_twice_counts_once_in_its_eye(session: Session)
     result = repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
     right = next(e for e in result.eyes if e.eye == "right")
     assert right.probabilities is not None and abs(right.probabilities[2] - 0.1) < 1e-9
+
+
+def test_other_active_release(session: Session) -> None:
+    """The one comparison behind `drscreen worker`'s refusal and a scoring task's standing aside."""
+    assert repo.other_active_release(session, "a@1.0.0") is None  # nothing activated
+    repo.activate_release(session, "a@1.0.0")
+    assert repo.other_active_release(session, "a@1.0.0") is None
+    assert repo.other_active_release(session, "b@2.0.0") == "a@1.0.0"
+    repo.activate_release(session, "b@2.0.0")
+    assert repo.other_active_release(session, "a@1.0.0") == "b@2.0.0"

@@ -52,6 +52,19 @@ def test_empty_model_means_newest(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().model is None
 
 
+def test_an_empty_variable_is_an_unset_one(isolated_settings: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`DRSCREEN_BROKER_URL=` (e.g. an env file's blank line) was the broker URL "": Celery then
+    connected to amqp://guest@localhost; an empty DRSCREEN_STORE_DIR stored photographs in the
+    current folder. Empty means the documented default, as it already did for DATABASE_URL/MODEL."""
+    for name in ("BROKER_URL", "STORE_DIR", "DATABASE_URL", "MODEL", "MODELS_DIR", "LOG_LEVEL"):
+        monkeypatch.setenv(f"DRSCREEN_{name}", "")
+    s = Settings()
+    assert s.broker_url == "filesystem://" and s.is_embedded_broker
+    assert s.store_path == isolated_settings.resolve() / "store"
+    assert s.database_url == f"sqlite:///{isolated_settings.resolve() / 'drscreen.db'}"
+    assert s.model is None and s.models_dir == PROJECT_ROOT / "models" and s.log_level == "INFO"
+
+
 def test_bad_values_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRSCREEN_RUNTIME", "tensorflow")
     with pytest.raises(ValidationError):
@@ -103,3 +116,13 @@ def test_migrations_out_of_reach_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(RuntimeError, match="pip install -e"):
         migrate.alembic_config("sqlite:///:memory:")
     assert (PROJECT_ROOT / "migrations").is_dir()
+
+
+def test_an_empty_variable_is_unset_for_the_api_and_workers_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.config import ApiSettings
+    from workers.settings import WorkerSettings
+
+    monkeypatch.setenv("DRSCREEN_SCORE_CHUNK", "")
+    monkeypatch.setenv("DRSCREEN_RATE_LIMIT_BURST", "")
+    assert WorkerSettings().score_chunk == WorkerSettings.model_fields["score_chunk"].default
+    assert ApiSettings().rate_limit_burst == ApiSettings.model_fields["rate_limit_burst"].default

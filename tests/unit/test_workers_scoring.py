@@ -552,3 +552,48 @@ def test_a_worker_not_serving_the_active_release_leaves_the_photographs_queued(
     assert scoring.score_images([image_id], ensemble=ens, store=store, db_url=url, enqueue=sent).scored == [
         image_id
     ]
+
+
+def _queued_messages() -> list[dict[str, Any]]:
+    """The messages waiting in this test's embedded broker (its own DRSCREEN_VAR_DIR)."""
+    import base64
+    import json
+
+    from core.settings import get_settings
+
+    folder = get_settings().broker_dir / "queue"
+    out = []
+    for path in sorted(folder.glob("*.msg")) if folder.is_dir() else []:
+        message = json.loads(path.read_text())
+        args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        out.append({"headers": message["headers"], "args": args, "kwargs": kwargs})
+    return out
+
+
+def test_with_the_sweep_off_a_photograph_missing_from_the_store_is_sent_again_later(
+    url: str, store: FileStore, ens: StubEnsemble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 18's leftover: a photograph missing from the worker's store went back to the queue
+    for the sweep, and with DRSCREEN_SWEEP_INTERVAL_S=0 nothing sent it again: queued for ever.
+    The task now sends it itself, after the sweep's own wait, and the attempts still end it."""
+    from workers.settings import WorkerSettings
+
+    elsewhere = FileStore(tmp_path / "another-machines-store")
+    [image_id] = add_images(url, store, "P-NOSWEEP", [photo("16_left.jpg")])
+    # the sweep on (the default): it re-sends, the task publishes nothing
+    summary = scoring.score_images([image_id], ensemble=ens, store=elsewhere, db_url=url)
+    assert summary.missing == [image_id] and _queued_messages() == []
+
+    settings = WorkerSettings(sweep_interval_s=0, stale_queued_minutes=2, max_attempts=3)
+    monkeypatch.setattr(scoring, "get_worker_settings", lambda: settings)
+    before = datetime.now(UTC)
+    summary = scoring.score_images([image_id], explain=False, ensemble=ens, store=elsewhere, db_url=url)
+    assert summary.missing == [image_id]
+    [message] = _queued_messages()
+    assert message["headers"]["task"] == tasks.SCORE_IMAGES
+    assert message["args"] == [[image_id]] and message["kwargs"] == {"explain": False}
+    eta = datetime.fromisoformat(message["headers"]["eta"])
+    assert timedelta(seconds=115) < eta - before < timedelta(seconds=125)  # stale_queued_minutes
+    # the third attempt is the last: failed, nothing sent again
+    summary = scoring.score_images([image_id], ensemble=ens, store=elsewhere, db_url=url)
+    assert summary.failed == [image_id] and len(_queued_messages()) == 1

@@ -1,0 +1,144 @@
+"""Erasure and retention on real PostgreSQL: the SQLite tests of tests/unit/test_retention.py run
+again here (each on a fresh database of its own, ``drscreen_retention_test_<random>``), plus the
+row locks that only PostgreSQL has: an erasure waits for a worker writing a heatmap of the
+patient's photograph, and then erases that heatmap too."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from core import migrate, retention
+from core import repository as repo
+from core.db import dispose_engines, get_sessionmaker, session_scope
+from core.settings import get_settings
+from core.store import FileStore
+from core.tables import Explanation, Image
+from services.app import create_app
+from services.config import get_api_settings
+from tests.conftest import PG_ADMIN_URL
+from tests.retention_world import TARGET, World, build, files_of
+from tests.unit.test_retention import (  # noqa: F401  (collected here: the same tests on PostgreSQL)
+    erase,
+    test_a_failed_job_file_naming_the_patient_blocks_only_while_its_job_runs,
+    test_a_failure_before_the_commit_changes_nothing,
+    test_a_file_referenced_again_after_the_commit_stays,
+    test_cli_erase_asks_then_erases,
+    test_cli_failure_midway_removes_no_file,
+    test_cli_purge_dry_run_then_real,
+    test_delete_answers_409_while_scoring,
+    test_delete_is_scoped_to_the_clinic,
+    test_delete_that_fails_midway_leaves_everything,
+    test_erase_deletes_the_patient_and_nothing_else,
+    test_erase_refuses_while_a_photograph_is_being_scored,
+    test_erasing_again_is_a_noop,
+    test_explain_discards_the_heatmap_of_an_erased_photograph,
+    test_purge_erases_patients_whose_newest_photograph_is_older,
+    test_purge_leaves_patients_with_photographs_in_flight,
+    test_scoring_skips_photographs_erased_while_graded,
+)
+
+
+@pytest.fixture
+def url(isolated_settings: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh database per test (the tests erase and purge every clinic), set as the
+    deployment's: the API and the CLI use it too."""
+    name = f"drscreen_retention_test_{uuid.uuid4().hex[:10]}"
+    admin_url = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://", 1)
+    try:
+        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}", pytrace=False)
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    db_url = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
+    monkeypatch.setenv("DRSCREEN_DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    try:
+        migrate.upgrade(db_url)
+        yield db_url
+    finally:
+        dispose_engines()
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def store(url: str) -> FileStore:
+    return FileStore(get_settings().store_path)
+
+
+@pytest.fixture
+def world(url: str, store: FileStore) -> World:
+    return build(url, store)
+
+
+@pytest.fixture
+def client(url: str) -> Iterator[TestClient]:
+    get_api_settings.cache_clear()
+    with TestClient(create_app()) as c:
+        yield c
+    get_api_settings.cache_clear()
+
+
+def test_the_database_is_postgresql(world: World) -> None:
+    assert world.url.startswith("postgresql+psycopg://") and "drscreen_retention_test_" in world.url
+
+
+def test_an_erasure_waits_for_a_heatmap_being_written_then_erases_it(world: World) -> None:
+    """A worker holding an image's lock (workers.explain, via core.retention.lock_image) makes an
+    erasure of the patient wait; the erasure then deletes the heatmap written meanwhile and
+    counts its file. Without the lock the heatmap row would be cascaded away unseen, its file
+    left in the store."""
+    with session_scope(world.url) as s:
+        image_id = s.scalars(
+            select(Image.id).where(Image.patient_id == world.target, Image.gradable.is_(True))
+        ).first()
+        assert image_id is not None
+    heatmap = world.store.put_bytes(os.urandom(64), "png")  # a new file only this row will name
+    worker = get_sessionmaker(world.url)()
+    try:
+        assert retention.lock_image(worker, image_id)
+        mv = repo.get_or_create_model_version(worker, "late-release@9.9.9")
+        repo.upsert_explanation(
+            worker,
+            image_id=image_id,
+            model_version_id=mv.id,
+            sha256=heatmap.sha256,
+            stored_path=heatmap.relpath,
+        )
+        expected = files_of(world.url, world.target) | {heatmap.relpath}
+        result: dict[str, object] = {}
+        eraser = threading.Thread(target=lambda: result.update(outcome=erase(world)[0]))
+        eraser.start()
+        time.sleep(1.0)
+        assert eraser.is_alive(), "the erasure did not wait for the worker's lock"
+        worker.commit()
+    finally:
+        worker.close()
+    eraser.join(timeout=30)
+    outcome = result["outcome"]
+    assert isinstance(outcome, retention.Outcome)
+    assert heatmap.relpath in outcome.files and set(outcome.files) == expected
+    assert not world.store.exists(heatmap.relpath)
+    with session_scope(world.url) as s:
+        assert s.scalar(select(Explanation.id).where(Explanation.image_id == image_id)) is None
+        assert repo.get_patient(s, world.north, TARGET) is None
+
+
+def test_a_worker_after_the_erasure_finds_nothing_to_lock(world: World) -> None:
+    with session_scope(world.url) as s:
+        image_id = s.scalars(select(Image.id).where(Image.patient_id == world.target)).first()
+        assert image_id is not None
+    erase(world)
+    with session_scope(world.url) as s:
+        assert retention.lock_image(s, image_id) is False

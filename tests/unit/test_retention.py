@@ -1,0 +1,455 @@
+"""Erasure and retention (core.retention, ``drscreen data``, ``DELETE /v1/patients/{id}``) on
+SQLite. The world and the independent checks are in tests/retention_world.py; the same runs on
+PostgreSQL in tests/integration/test_retention_pg.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import delete, func, select, update
+from typer.testing import CliRunner
+
+from cli.main import app as cli_app
+from core import repository as repo
+from core import retention
+from core.db import get_sessionmaker, session_scope
+from core.errors import Conflict
+from core.settings import get_settings
+from core.store import FileStore
+from core.tables import Explanation, Image, Patient, ScoringJob, utcnow
+from tests.api_support import make_key
+from tests.retention_world import (
+    KEEP,
+    NORTH,
+    SOUTH,
+    TARGET,
+    World,
+    age,
+    assert_only_patient_gone,
+    audit_rows,
+    build,
+    dump,
+    files,
+    files_of,
+    owned_by,
+    shared_files_of,
+)
+from tests.unit.test_workers_scoring import PHOTOS, Sent, StubEnsemble, add_images
+from workers import explain as explain_mod
+from workers import scoring
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def store(url: str) -> FileStore:
+    return FileStore(get_settings().store_path)
+
+
+@pytest.fixture
+def world(url: str, store: FileStore) -> World:
+    return build(url, store)
+
+
+def erase(world: World, external_id: str = TARGET, **kwargs: Any) -> tuple[retention.Outcome, int]:
+    """Erase as the API and the CLI do: commit, then remove the files."""
+    with session_scope(world.url) as s:
+        out = retention.erase_patient(s, world.north, external_id, **kwargs)
+    with session_scope(world.url) as s:
+        removed = retention.remove_unreferenced_files(s, world.store, out.files)
+    return out, removed
+
+
+def new_photo(world: World, patient: str, name: str = "1012_left.jpg", clinic: str = NORTH) -> str:
+    [image_id] = add_images(world.url, world.store, patient, [(name, (PHOTOS / name).read_bytes(), "left")],
+                            clinic=clinic)  # fmt: skip
+    return image_id
+
+
+def count_rows(url: str, model: Any, *where: Any) -> int:
+    with session_scope(url) as s:
+        return int(s.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+# ------------------------------------------------------------------------------------- erasure
+
+
+def test_erase_deletes_the_patient_and_nothing_else(world: World) -> None:
+    gone = owned_by(world.url, world.target)
+    unique, shared = files_of(world.url, world.target), shared_files_of(world.url, world.target)
+    assert unique and shared  # the world has files of both kinds
+    before, stored = dump(world.url), files(world.store)
+
+    out, removed = erase(world)
+
+    after = dump(world.url)
+    assert_only_patient_gone(before, after, gone)
+    for table, keys in gone.items():
+        assert out.rows[table] == len(keys), table
+    assert out.found and out.in_flight == 0
+    # the job of the target's photograph only is gone; the one shared with KEEP-2 is recounted
+    assert out.rows["scoring_job"] == 1
+    assert set(after["scoring_job"]) == set(before["scoring_job"]) - {(world.target_job,)}
+    with session_scope(world.url) as s:
+        job = repo.get_job(s, world.job)
+        assert job is not None and (job.total, job.done, job.failed) == (1, 1, 0)
+    # files: the target's own are removed; those other rows share (KEEP-2's, South's) stay
+    assert removed == len(unique) and sorted(out.files) == sorted(unique)
+    assert files(world.store) == stored - unique
+    # the audit: counts and a digest of the patient id, never the id; earlier reads unlinked
+    [event] = audit_rows(world.url, "patient.erase")
+    assert event.clinic_id == world.north and event.patient_id is None and event.api_key_id is None
+    assert event.detail is not None and event.detail["rows"] == out.rows
+    assert event.detail["patient_sha256"] == hashlib.sha256(TARGET.encode()).hexdigest()
+    assert event.detail["files"] == len(unique) and event.detail["forced"] is False
+    assert TARGET not in json.dumps(event.detail)
+    reads = audit_rows(world.url, "patient.read")
+    assert sorted(r.patient_id or 0 for r in reads) == [0, world.south_target]
+
+
+def test_erasing_again_is_a_noop(world: World) -> None:
+    erase(world)
+    before, stored = dump(world.url), files(world.store)
+    out, removed = erase(world)
+    assert not out.found and out.total_rows == 0 and removed == 0 and out.files == []
+    assert dump(world.url) == before and files(world.store) == stored
+    assert len(audit_rows(world.url, "patient.erase")) == 1
+
+
+def test_erase_refuses_while_a_photograph_is_being_scored(world: World) -> None:
+    images = len(owned_by(world.url, world.target)["image"])
+    queued = new_photo(world, TARGET)
+    before, stored = dump(world.url), files(world.store)
+    with pytest.raises(Conflict, match="still being scored"):
+        erase(world)
+    assert dump(world.url) == before and files(world.store) == stored
+    with session_scope(world.url) as s:  # running counts too
+        s.execute(update(Image).where(Image.id == queued).values(status="running"))
+    with pytest.raises(Conflict):
+        erase(world)
+
+    out, _ = erase(world, force=True)
+    assert out.in_flight == 1 and out.rows["image"] == images + 1
+    assert count_rows(world.url, Image, Image.id == queued) == 0
+    [event] = audit_rows(world.url, "patient.erase")
+    assert event.detail is not None and event.detail["forced"] is True
+
+
+def test_a_failed_job_file_naming_the_patient_blocks_only_while_its_job_runs(world: World) -> None:
+    with session_scope(world.url) as s:
+        job = repo.create_job(s, world.north, "/exports/north-3")
+        job.status = "running"
+        repo.add_job_items(s, job.id, [repo.JobItemSpec("ERASE-1_left.jpg", TARGET, "left")])
+        job_id = job.id
+    with pytest.raises(Conflict):
+        erase(world)
+    with session_scope(world.url) as s:
+        s.execute(update(ScoringJob).where(ScoringJob.id == job_id).values(status="failed"))
+    out, _ = erase(world)
+    assert out.rows["scoring_job"] == 2  # that job too: finished, and its only file named the patient
+
+
+def test_a_file_referenced_again_after_the_commit_stays(world: World) -> None:
+    """The store deduplicates: an upload of the same bytes between the erasure's commit and the
+    removal of its files (another patient's, another clinic's) keeps the file."""
+    unique = sorted(files_of(world.url, world.target))
+    with session_scope(world.url) as s:
+        out = retention.erase_patient(s, world.north, TARGET)
+    with session_scope(world.url) as s:
+        photo = next(p for p in out.files if not p.endswith(".png"))
+        sha = photo.rsplit("/", 1)[-1].split(".")[0]
+        repo.create_image(s, clinic_id=world.south, patient_id=world.south_target, eye="left",
+                          sha256=sha, stored_path=photo, size_bytes=1)  # fmt: skip
+    with session_scope(world.url) as s:
+        removed = retention.remove_unreferenced_files(s, world.store, out.files)
+    assert sorted(out.files) == unique and removed == len(unique) - 1
+    assert world.store.exists(photo)
+
+
+@pytest.mark.parametrize("step", ["_settle_jobs", "_audit", "_remove"])
+def test_a_failure_before_the_commit_changes_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    before, stored = dump(world.url), files(world.store)
+    real = getattr(retention, step)
+    calls = {"n": 0}
+
+    def fails_later(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] >= 3 or step != "_remove":  # _remove: after two tables were deleted
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(retention, step, fails_later)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        erase(world)
+    assert dump(world.url) == before and files(world.store) == stored
+
+
+# --------------------------------------------------------------------------------------- purge
+
+
+def purge(url: str, store: FileStore, days: float, clinic_id: int | None) -> tuple[retention.Outcome, int]:
+    cutoff = utcnow() - timedelta(days=days)
+    with session_scope(url) as s:
+        out = retention.purge_before(s, cutoff, clinic_id)
+    with session_scope(url) as s:
+        return out, retention.remove_unreferenced_files(s, store, out.files)
+
+
+def dry_purge(url: str, days: float, clinic_id: int | None) -> retention.Outcome:
+    session = get_sessionmaker(url)()
+    try:
+        return retention.purge_before(session, utcnow() - timedelta(days=days), clinic_id)
+    finally:
+        session.rollback()
+        session.close()
+
+
+def test_purge_erases_patients_whose_newest_photograph_is_older(world: World) -> None:
+    for patient in (world.target, world.keep, world.south_target):
+        age(world.url, patient, days=400)
+    back = new_photo(world, KEEP)  # KEEP-2 came back: keeps every photograph, the old ones too
+    with session_scope(world.url) as s:  # scored (not in flight: the rule alone keeps KEEP-2)
+        s.execute(update(Image).where(Image.id == back).values(status="done"))
+    with session_scope(world.url) as s:
+        old = repo.create_job(s, world.north, "/exports/empty")  # finished, nothing in it
+        old.status, old.created_at = "done", utcnow() - timedelta(days=500)
+        old_id = old.id
+        recent = repo.create_job(s, world.north, "/exports/empty-too")
+        recent.status = "done"
+    gone = owned_by(world.url, world.target)
+    unique = files_of(world.url, world.target)
+    before, stored = dump(world.url), files(world.store)
+
+    preview = dry_purge(world.url, 365, world.north)
+    assert dump(world.url) == before  # the dry run was rolled back
+    out, removed = purge(world.url, world.store, 365, world.north)
+
+    assert (out.rows, sorted(out.files)) == (preview.rows, sorted(preview.files))
+    assert out.skipped_patients == 0
+    after = dump(world.url)
+    assert_only_patient_gone(before, after, gone)
+    assert out.rows["patient"] == 1 and out.rows["image"] == len(gone["image"])
+    assert out.rows["scoring_job"] == 2  # the target's only job, and the old empty one
+    assert set(before["scoring_job"]) - set(after["scoring_job"]) == {(world.target_job,), (old_id,)}
+    assert removed == len(unique) and files(world.store) == stored - unique
+    [event] = audit_rows(world.url, "data.purge")
+    assert event.clinic_id == world.north and event.detail is not None
+    assert event.detail["rows"] == out.rows and event.detail["cutoff"].startswith(
+        str((utcnow() - timedelta(days=365)).date())
+    )
+
+    # every clinic: South's old patient goes too; KEEP-2 still stays
+    out, _ = purge(world.url, world.store, 365, None)
+    assert out.rows["patient"] == 1
+    with session_scope(world.url) as s:
+        assert repo.get_patient(s, world.south, TARGET) is None
+        assert repo.get_patient(s, world.north, KEEP) is not None
+    assert count_rows(world.url, Image, Image.patient_id == world.keep) == 3
+    # and again: nothing left to purge, still audited
+    out, removed = purge(world.url, world.store, 365, None)
+    assert out.total_rows == 0 and removed == 0
+    assert len(audit_rows(world.url, "data.purge")) == 3
+
+
+def test_purge_leaves_patients_with_photographs_in_flight(world: World) -> None:
+    age(world.url, world.target, days=400)
+    with session_scope(world.url) as s:  # a photograph stuck in the queue for 400 days
+        first = s.scalars(select(Image.id).where(Image.patient_id == world.target)).first()
+        s.execute(update(Image).where(Image.id == first).values(status="queued"))
+    before = dump(world.url)
+    out, _ = purge(world.url, world.store, 365, None)
+    assert out.skipped_patients == 1 and out.rows["patient"] == 0
+    assert before["image"] == dump(world.url)["image"]
+
+
+# ----------------------------------------------------------------------------------------- API
+
+
+def test_delete_is_scoped_to_the_clinic(client: TestClient, world: World) -> None:
+    north, south = make_key(world.url, NORTH), make_key(world.url, SOUTH)
+    gone = owned_by(world.url, world.target)
+    before, stored = dump(world.url), files(world.store)
+    assert client.delete(f"/v1/patients/{KEEP}").status_code == 401
+    # South has no KEEP-2: 404, as GET answers; North's KEEP-2 is untouched
+    resp = client.delete(f"/v1/patients/{KEEP}", headers=south.headers)
+    assert resp.status_code == 404 and resp.json()["error"] == "not_found"
+    assert_only_patient_gone(before, dump(world.url), {}) and files(world.store) == stored
+
+    resp = client.delete(f"/v1/patients/{TARGET}", headers=north.headers)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["patient_id"] == TARGET
+    assert {t: body["rows"][t] for t in gone} == {t: len(k) for t, k in gone.items()}
+    assert body["files"] == len(stored - files(world.store)) > 0
+    assert_only_patient_gone(before, dump(world.url), gone)
+    assert client.get(f"/v1/patients/{TARGET}", headers=north.headers).status_code == 404
+    assert client.get(f"/v1/patients/{TARGET}", headers=south.headers).status_code == 200  # South's own
+    assert client.delete(f"/v1/patients/{TARGET}", headers=north.headers).status_code == 404
+    [event] = audit_rows(world.url, "patient.erase")
+    assert event.api_key_id == north.key_id and event.detail is not None and event.detail["by"] == "api"
+
+
+def test_delete_answers_409_while_scoring(client: TestClient, world: World) -> None:
+    north = make_key(world.url, NORTH)
+    new_photo(world, KEEP)
+    resp = client.delete(f"/v1/patients/{KEEP}", headers=north.headers)
+    assert resp.status_code == 409 and "still being scored" in resp.json()["detail"]
+    assert count_rows(world.url, Patient, Patient.id == world.keep) == 1
+
+
+def test_delete_that_fails_midway_leaves_everything(
+    client: TestClient, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    north = make_key(world.url, NORTH)
+    before, stored = dump(world.url), files(world.store)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("audit store unavailable")
+
+    monkeypatch.setattr(retention, "_audit", broken)
+    with pytest.raises(RuntimeError):
+        client.delete(f"/v1/patients/{TARGET}", headers=north.headers)
+    assert_only_patient_gone(before, dump(world.url), {})
+    assert files(world.store) == stored
+
+
+def test_openapi_documents_the_delete(client: TestClient) -> None:
+    op = client.get("/openapi.json").json()["paths"]["/v1/patients/{patient_id}"]["delete"]
+    assert {"200", "401", "404", "409", "503"} <= set(op["responses"])
+    assert op["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/PatientErasure"
+    }
+
+
+# ------------------------------------------------------------------------------------- workers
+
+
+class ErasingEnsemble(StubEnsemble):
+    """Erases a patient (forced) the moment the model runs: the worker is between claim and write."""
+
+    def __init__(self, erase_now: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.erase_now = erase_now
+
+    def predict(self, images: Sequence[np.ndarray], heatmaps: Sequence[bool] | None = None) -> Any:
+        self.erase_now()
+        return super().predict(images, heatmaps)
+
+    def explain(self, image: np.ndarray) -> np.ndarray:
+        self.erase_now()
+        return super().explain(image)
+
+
+def test_scoring_skips_photographs_erased_while_graded(world: World) -> None:
+    ids = [new_photo(world, KEEP), new_photo(world, "OTHER-3", "1017_left.jpg")]
+    ens = ErasingEnsemble(lambda: erase(world, KEEP, force=True))
+    summary = scoring.score_images(ids, ensemble=ens, store=world.store, db_url=world.url, enqueue=Sent())
+    assert ids[0] in summary.skipped and ids[1] in summary.scored + summary.ungradable
+    assert count_rows(world.url, Patient, Patient.id == world.keep) == 0
+    with session_scope(world.url) as s:  # the other patient's result was written as usual
+        other = repo.get_patient(s, world.north, "OTHER-3")
+        assert other is not None and repo.get_current_patient_result(s, other.id) is not None
+
+
+def test_explain_discards_the_heatmap_of_an_erased_photograph(world: World) -> None:
+    with session_scope(world.url) as s:
+        image_id = s.scalars(
+            select(Image.id).where(Image.patient_id == world.keep, Image.gradable.is_(True))
+        ).first()
+        assert image_id is not None
+        s.execute(delete(Explanation).where(Explanation.image_id == image_id))
+    stored = files(world.store)
+    ens = ErasingEnsemble(lambda: erase(world, KEEP))
+    assert explain_mod.explain_image(image_id, ensemble=ens, store=world.store, db_url=world.url) is None
+    assert files(world.store) <= stored  # the heatmap drawn meanwhile did not stay
+    assert count_rows(world.url, Explanation, Explanation.image_id == image_id) == 0
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_refuses_bad_input_in_one_line(world: World) -> None:
+    cases = [
+        (["data", "erase", "--clinic", "Nowhere", TARGET, "--yes"], "no clinic 'Nowhere'"),
+        (["data", "erase", "--clinic", NORTH, "../etc", "--yes"], "is not a patient id"),
+        (["data", "purge", "--older-than", "0", "--yes"], "at least 1 day"),
+        (["data", "purge", "--older-than", "30", "--clinic", "Nowhere"], "no clinic 'Nowhere'"),
+    ]
+    for argv, message in cases:
+        result = runner.invoke(cli_app, argv)
+        assert result.exit_code == 2, (argv, result.output)
+        assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_cli_erase_asks_then_erases(world: World) -> None:
+    gone = owned_by(world.url, world.target)
+    before = dump(world.url)
+    result = runner.invoke(cli_app, ["data", "erase", "--clinic", NORTH, TARGET], input="n\n")
+    assert result.exit_code == 1 and "nothing erased" in result.output
+    assert dump(world.url) == before  # the preview was rolled back (its audit row too)
+    result = runner.invoke(cli_app, ["data", "erase", "--clinic", NORTH, TARGET], input="y\n")
+    assert result.exit_code == 0, result.output
+    assert "erased patient" in result.output and _printed(result.output)["image"] == len(gone["image"])
+    assert_only_patient_gone(before, dump(world.url), gone)
+    [event] = audit_rows(world.url, "patient.erase")
+    assert event.detail is not None and str(event.detail["by"]).startswith("cli")
+    again = runner.invoke(cli_app, ["data", "erase", "--clinic", NORTH, TARGET, "--yes"])
+    assert again.exit_code == 0 and "nothing to erase" in again.output
+
+
+def test_cli_erase_of_a_patient_being_scored(world: World) -> None:
+    new_photo(world, KEEP)
+    result = runner.invoke(cli_app, ["data", "erase", "--clinic", NORTH, KEEP, "--yes"])
+    assert result.exit_code == 1 and "add --force" in result.output
+    assert count_rows(world.url, Patient, Patient.id == world.keep) == 1
+    result = runner.invoke(cli_app, ["data", "erase", "--clinic", NORTH, KEEP, "--yes", "--force"])
+    assert result.exit_code == 0, result.output
+    assert count_rows(world.url, Patient, Patient.id == world.keep) == 0
+
+
+def _printed(output: str) -> dict[str, int]:
+    counts = {}
+    for line in output.splitlines():
+        parts = line.rsplit(None, 1)
+        if line.startswith("  ") and len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0].strip()] = int(parts[1])
+    return counts
+
+
+def test_cli_purge_dry_run_then_real(world: World) -> None:
+    age(world.url, world.target, days=40)
+    gone = owned_by(world.url, world.target)
+    before, stored = dump(world.url), files(world.store)
+    dry = runner.invoke(cli_app, ["data", "purge", "--older-than", "30", "--clinic", NORTH, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert dump(world.url) == before and files(world.store) == stored
+    would = _printed(dry.output)
+    assert would["patient"] == 1 and would["image"] == len(gone["image"])
+
+    real = runner.invoke(cli_app, ["data", "purge", "--older-than", "30", "--yes"])
+    assert real.exit_code == 0, real.output
+    done = _printed(real.output)
+    assert {t: done[t] for t in retention.TABLES} == {t: would[t] for t in retention.TABLES}
+    assert done["files removed"] == would["stored files"] == len(stored - files(world.store)) > 0
+    assert_only_patient_gone(before, dump(world.url), gone)
+
+
+def test_cli_failure_midway_removes_no_file(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    before, stored = dump(world.url), files(world.store)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("audit store unavailable")
+
+    monkeypatch.setattr(retention, "_audit", broken)
+    result = runner.invoke(cli_app, ["data", "erase", "--clinic", NORTH, TARGET, "--yes"])
+    assert isinstance(result.exception, RuntimeError)
+    assert dump(world.url) == before and files(world.store) == stored
