@@ -39,7 +39,7 @@ import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core import producer, tasks
+from core import producer, retention, tasks
 from core import repository as repo
 from core.aggregation import is_referable
 from core.db import session_scope
@@ -418,6 +418,19 @@ def _check_one_release(session: Session, ref: str) -> None:
         )
 
 
+def _discard_unrecorded_heatmaps(
+    claimed: Sequence[_Claimed], written: Sequence[_Claimed], store: FileStore, db_url: str | None
+) -> None:
+    """Heatmaps drawn for photographs whose rows were not written (erased meanwhile with
+    ``drscreen data erase --force``, or finished by another delivery) would stay in the store with
+    nothing pointing at them: removed unless some row references the same file."""
+    done = {id(it) for it in written}
+    paths = [it.heatmap.relpath for it in claimed if it.heatmap is not None and id(it) not in done]
+    if paths:
+        with session_scope(db_url) as session:
+            retention.remove_unreferenced_files(session, store, paths)
+
+
 def _wants_explanation(it: _Claimed, explain: bool | None) -> bool:
     if explain is not None:
         return explain
@@ -472,8 +485,10 @@ def score_images(
         return summary
     for it in claimed:
         it.wants_heatmap = _wants_explanation(it, explain)
-    _compute(claimed, ens, store if store is not None else get_store())
+    store = store if store is not None else get_store()
+    _compute(claimed, ens, store)
     written = _write(claimed, ens, db_url, summary)
+    _discard_unrecorded_heatmaps(claimed, written, store, db_url)
     send = enqueue if enqueue is not None else send_by_name
     if summary.rescore:
         send(tasks.SCORE_IMAGES, [summary.rescore], {})

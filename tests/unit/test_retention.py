@@ -360,6 +360,23 @@ def test_scoring_skips_photographs_erased_while_graded(world: World) -> None:
         assert other is not None and repo.get_current_patient_result(s, other.id) is not None
 
 
+def test_scoring_discards_the_heatmap_drawn_for_a_photograph_erased_meanwhile(world: World) -> None:
+    """`data erase --force` between the claim and the write: the heatmap drawn in the grading pass
+    had no row left to record it and stayed in the store, pointed at by nothing."""
+    ids = [new_photo(world, KEEP), new_photo(world, "OTHER-3", "1017_left.jpg")]
+    before = files(world.store)
+    ens = ErasingEnsemble(lambda: erase(world, KEEP, force=True), maps_in_pass=True)
+    summary = scoring.score_images(
+        ids, explain=True, ensemble=ens, store=world.store, db_url=world.url, enqueue=Sent()
+    )
+    assert ids[0] in summary.skipped and summary.explained == [ids[1]], summary
+    with session_scope(world.url) as s:
+        recorded = set(s.scalars(select(Explanation.stored_path)))
+        photos = set(s.scalars(select(Image.stored_path)))
+    # every file in the store is a photograph or a recorded heatmap: nothing orphaned
+    assert files(world.store) <= recorded | photos | before, files(world.store) - recorded - photos - before
+
+
 def test_explain_discards_the_heatmap_of_an_erased_photograph(world: World) -> None:
     with session_scope(world.url) as s:
         image_id = s.scalars(
