@@ -70,6 +70,8 @@ TABLES = (
     "patient",
     "scoring_job",
 )
+#: The audit actions of an erasure and of a purge (:func:`erased_since` looks for them).
+ERASE_ACTION, PURGE_ACTION = "patient.erase", "data.purge"
 IN_FLIGHT_IMAGES = ("queued", "running")
 IN_FLIGHT_ITEMS = ("pending", "queued")
 OPEN_JOBS = ("queued", "running")
@@ -322,7 +324,7 @@ def _audit(
         action=action,
         clinic_id=clinic_id,
         api_key_id=api_key_id,
-        target_type="patient" if action == "patient.erase" else "retention",
+        target_type="patient" if action == ERASE_ACTION else "retention",
         detail=detail,
     )
 
@@ -357,7 +359,7 @@ def erase_patient(
     _erase_rows(session, ids, out)
     _audit(
         session,
-        "patient.erase",
+        ERASE_ACTION,
         out,
         clinic_id=clinic_id,
         api_key_id=api_key_id,
@@ -435,7 +437,7 @@ def purge_before(
     _old_leftovers(session, cutoff, clinic_id, out)
     _audit(
         session,
-        "data.purge",
+        PURGE_ACTION,
         out,
         clinic_id=clinic_id,
         api_key_id=None,
@@ -444,6 +446,19 @@ def purge_before(
         skipped_patients=out.skipped_patients,
     )
     return out
+
+
+def erased_since(session: Session, since: datetime) -> datetime | None:
+    """When the newest erasure or purge recorded since ``since`` (any clinic) took place, or None.
+    For a worker handed ids its database lacks: an erasure explains them. One query, newest audit
+    row first (the primary key's order), so a recent erasure is found after the few rows audited
+    since; with none, it reads the audit rows back to ``since``."""
+    return session.scalar(
+        select(AuditEvent.at)
+        .where(AuditEvent.action.in_((ERASE_ACTION, PURGE_ACTION)), AuditEvent.at >= since)
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    )
 
 
 # --------------------------------------------------------------------------------------- files

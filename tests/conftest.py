@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -52,14 +53,15 @@ def _psycopg_url(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database, migrated to head; dropped at the end of the session."""
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str = "drscreen_test") -> Iterator[str]:
+    """A new PostgreSQL database migrated to head, dropped on exit. Fails loudly when PostgreSQL
+    is down (CI must not skip what it cannot reach)."""
     import psycopg
 
     from core.migrate import upgrade
 
-    name = f"drscreen_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     try:
         admin = psycopg.connect(_psycopg_url(PG_ADMIN_URL), autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
@@ -77,6 +79,23 @@ def pg_url() -> Iterator[str]:
         dispose_engines()
         with psycopg.connect(_psycopg_url(PG_ADMIN_URL), autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database, migrated to head; dropped at the end of the session."""
+    with fresh_pg_database() as url:
+        yield url
+
+
+@pytest.fixture
+def own_pg_url(isolated_settings: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (tests that erase or purge every clinic), set as
+    the deployment's (DRSCREEN_DATABASE_URL): the API and the CLI use it too."""
+    with fresh_pg_database() as url:
+        monkeypatch.setenv("DRSCREEN_DATABASE_URL", url)
+        _clear_cached_settings()
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -157,24 +157,46 @@ def _claim(
                 continue
             claimed.append(_Claimed(row.id, row.patient_id, row.stored_path, row.bundle_id, row.job_id))
         _refresh_groups(session, [*gave_up], claimed)
-        if summary.skipped:
+    if summary.skipped:  # after the claims' commit: their locks are not held while it reads
+        with session_scope(db_url) as session:
             _warn_unknown(session, summary.skipped)
     return claimed
 
 
+#: How long ago an erasure may have been and still explain a message naming photographs this
+#: database lacks: a queued message normally waits minutes (a day covers workers down overnight).
+ERASURE_EXPLAINS_FOR = timedelta(days=1)
+
+
 def _warn_unknown(session: Session, skipped: Sequence[str]) -> None:
-    """Skipped ids are normally done already or taken by another worker; ids this database has
-    never seen mean this worker reads another database than the API that queued them (the
-    operator review: the task "succeeded" and the photograph stayed queued, silently)."""
+    """Skipped ids are normally done already or taken by another worker. Ids this database lacks
+    have two causes: the photograph was erased (``drscreen data erase --force``, a purge, or an
+    erasure after a duplicate delivery) while its message waited, which is expected and said at
+    INFO when this database recorded an erasure lately; or this worker reads another database
+    than the API that queued them (the operator review: the task "succeeded" and the photograph
+    stayed queued, silently), warned about, naming both causes."""
     known = set(session.scalars(select(Image.id).where(Image.id.in_(list(skipped)))))
     unknown = [i for i in skipped if i not in known]
-    if unknown:
-        log.warning(
-            "%d queued photograph id(s) unknown to this worker's database (e.g. %s): is "
-            "DRSCREEN_DATABASE_URL the API's?",
+    if not unknown:
+        return
+    erased_at = retention.erased_since(session, utcnow() - ERASURE_EXPLAINS_FOR)
+    if erased_at is not None:
+        log.info(
+            "%d queued photograph id(s) unknown to this worker's database (e.g. %s): erased meanwhile? "
+            "(an erasure or purge was recorded at %s)",
             len(unknown),
             unknown[0],
+            as_utc(erased_at).isoformat(timespec="seconds"),
         )
+        return
+    log.warning(
+        "%d queued photograph id(s) unknown to this worker's database (e.g. %s), and no erasure or "
+        "purge recorded in it in the last %d h: is DRSCREEN_DATABASE_URL the API's? (or they were "
+        "erased longer ago, while their message waited)",
+        len(unknown),
+        unknown[0],
+        ERASURE_EXPLAINS_FOR // timedelta(hours=1),
+    )
 
 
 def _refresh_groups(session: Session, rows: Sequence[Image], claimed: Sequence[_Claimed]) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from core import repository as repo
@@ -18,7 +19,7 @@ from services import idempotency
 from services.deps import PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
 from services.errors import error_responses
 from services.formcheck import reject_unknown_fields
-from services.routes.images import IdempotencyKey, PatientIdForm, commit_and_enqueue
+from services.routes.images import IdempotencyKey, PatientIdForm, commit_and_enqueue, refuse_if_erased
 from services.uploads import Photo, record_photo, store_photo, validate_photo
 from services.views import image_results, patient_summary
 
@@ -81,34 +82,38 @@ def create_bundle(
 
     store = FileStore(settings.store_path)
     stored = [(photo, store_photo(store, photo)) for photo in photos]
-    patient = repo.get_or_create_patient(session, principal.clinic_id, patient_id)
-    bundle = repo.create_bundle(session, principal.clinic_id, patient.id)
-    image_ids = []
-    for photo, file in stored:
-        image = record_photo(
+    patient_row_id = repo.get_or_create_patient(session, principal.clinic_id, patient_id).id
+    try:
+        bundle = repo.create_bundle(session, principal.clinic_id, patient_row_id)
+        image_ids = []
+        for photo, file in stored:
+            image = record_photo(
+                session,
+                clinic_id=principal.clinic_id,
+                patient_id=patient_row_id,
+                eye=photo.field.split("_", 1)[0],
+                photo=photo,
+                stored=file,
+                bundle_id=bundle.id,
+            )
+            image_ids.append(image.id)
+        bundle_id = bundle.id
+        # One task for the whole visit: the worker scores the photographs as one batch.
+        answered = commit_and_enqueue(
             session,
-            clinic_id=principal.clinic_id,
-            patient_id=patient.id,
-            eye=photo.field.split("_", 1)[0],
-            photo=photo,
-            stored=file,
-            bundle_id=bundle.id,
+            principal,
+            producer,
+            kind="bundle",
+            resource_id=bundle_id,
+            patient_id=patient_row_id,
+            image_ids=image_ids,
+            key=key,
+            fingerprint=fingerprint,
+            detail={"images": image_ids},
         )
-        image_ids.append(image.id)
-    bundle_id = bundle.id
-    # One task for the whole visit: the worker scores the photographs as one batch.
-    answered = commit_and_enqueue(
-        session,
-        principal,
-        producer,
-        kind="bundle",
-        resource_id=bundle_id,
-        patient_id=patient.id,
-        image_ids=image_ids,
-        key=key,
-        fingerprint=fingerprint,
-        detail={"images": image_ids},
-    )
+    except sa_exc.IntegrityError:  # 409 when an erasure of the patient won the race
+        refuse_if_erased(session, store, patient_row_id, [file.relpath for _, file in stored])
+        raise
     if answered != bundle_id:  # a concurrent request with the same key won: answer as to a retry
         return _answer_existing(session, principal, answered)
     log.info("bundle %s queued with %d photograph(s)", bundle_id, len(image_ids))

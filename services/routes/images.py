@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import producer as tasks_out
 from core import repository as repo
-from core.errors import NotFound
+from core import retention
+from core.errors import Conflict, NotFound
 from core.schemas import PATIENT_ID_PATTERN, Accepted, Eye, ImageResult
 from core.store import FileStore
-from core.tables import Image, as_utc, utcnow
+from core.tables import Image, Patient, as_utc, utcnow
 from services import idempotency
 from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
 from services.errors import NotReady, error_responses
@@ -115,6 +118,31 @@ def commit_and_enqueue(
     return resource_id
 
 
+ERASED_MEANWHILE = (
+    "the patient was being erased while this upload was saved, so nothing was kept; "
+    "send the photograph(s) again (they start a new record of the patient)"
+)
+
+
+def refuse_if_erased(session: Session, store: FileStore, patient_id: int, paths: Sequence[str]) -> None:
+    """Called on an IntegrityError while an upload's rows were written: raises Conflict (409)
+    when the patient row is gone, i.e. an erasure of the patient (core.retention) committed
+    between ``get_or_create_patient`` and the upload's INSERT, whose foreign key then failed
+    (PostgreSQL; on SQLite the write lock serialises the two). Returns otherwise: another
+    integrity error, which the caller re-raises.
+
+    Not retried with a new patient row: the erasure came first, and re-creating the patient
+    unasked would undo what the clinic had just asked for; a client that means it sends the
+    photograph again. The photographs this upload stored go unless a row references them, as the
+    erasure's own files did (workers treat heatmaps drawn for erased photographs the same way)."""
+    session.rollback()  # the failed transaction; the check below reads in a new one
+    if session.scalar(select(Patient.id).where(Patient.id == patient_id)) is not None:
+        return
+    removed = retention.remove_unreferenced_files(session, store, paths)
+    log.info("upload refused: its patient was erased meanwhile (%d stored file(s) removed)", removed)
+    raise Conflict(ERASED_MEANWHILE)
+
+
 def load_image(session: Session, principal: PrincipalDep, image_id: str) -> Image:
     image = repo.get_image(session, image_id, principal.clinic_id)
     if image is None:
@@ -180,23 +208,33 @@ def create_image(
     if existing:
         image = load_image(session, principal, existing)
     else:
-        stored = store_photo(FileStore(settings.store_path), photo)
-        patient = repo.get_or_create_patient(session, principal.clinic_id, patient_id)
-        image = record_photo(
-            session, clinic_id=principal.clinic_id, patient_id=patient.id, eye=eye, photo=photo, stored=stored
-        )
-        image_id = image.id
-        answered = commit_and_enqueue(
-            session,
-            principal,
-            producer,
-            kind="image",
-            resource_id=image_id,
-            patient_id=patient.id,
-            image_ids=[image_id],
-            key=key,
-            fingerprint=fingerprint,
-        )
+        store = FileStore(settings.store_path)
+        stored = store_photo(store, photo)
+        patient_row_id = repo.get_or_create_patient(session, principal.clinic_id, patient_id).id
+        try:
+            image = record_photo(
+                session,
+                clinic_id=principal.clinic_id,
+                patient_id=patient_row_id,
+                eye=eye,
+                photo=photo,
+                stored=stored,
+            )
+            image_id = image.id
+            answered = commit_and_enqueue(
+                session,
+                principal,
+                producer,
+                kind="image",
+                resource_id=image_id,
+                patient_id=patient_row_id,
+                image_ids=[image_id],
+                key=key,
+                fingerprint=fingerprint,
+            )
+        except sa_exc.IntegrityError:
+            refuse_if_erased(session, store, patient_row_id, [stored.relpath])
+            raise
         if answered == image_id:
             log.info("image %s queued", image_id)
         else:  # a concurrent request with the same key won: answer its image, as to a retry

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from sqlalchemy.orm import Session
 
 from core import repository as repo
 from core import retention
 from core.errors import NotFound
 from core.schemas import ErasedRows, PatientErasure, PatientSummary
+from core.settings import Settings
 from core.store import FileStore
-from services.deps import PrincipalDep, SessionDep, SettingsDep, audit
+from services.deps import Principal, PrincipalDep, SessionDep, SettingsDep, audit
 from services.errors import error_responses
 from services.views import patient_summary
 
@@ -50,8 +52,16 @@ def get_patient(patient_id: str, session: SessionDep, principal: PrincipalDep) -
 def erase_patient(
     patient_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
 ) -> PatientErasure:
+    return erase(session, principal, settings, patient_id, by="api")
+
+
+def erase(
+    session: Session, principal: Principal, settings: Settings, patient_id: str, *, by: str
+) -> PatientErasure:
+    """The erasure of ``DELETE`` and of the web interface's form (``by``: which one, in the audit
+    row): NotFound for no such patient in the clinic, Conflict while one is being scored."""
     outcome = retention.erase_patient(
-        session, principal.clinic_id, patient_id, api_key_id=principal.api_key_id, by="api"
+        session, principal.clinic_id, patient_id, api_key_id=principal.api_key_id, by=by
     )
     if not outcome.found:
         raise NotFound("no such patient")

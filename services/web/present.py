@@ -33,6 +33,20 @@ REASON_TEXT = {
     "out_of_focus": "out of focus",
 }
 FINAL = ("done", "failed")
+#: What an erasure deletes, in the words of the confirmation page (core.retention.TABLES), in the
+#: order a clinic thinks of them.
+ERASED_TABLES = (
+    ("image", "Photographs"),
+    ("prediction", "Gradings of photographs"),
+    ("explanation", "Heatmaps"),
+    ("bundle", "Visits"),
+    ("eye_result", "Eye results"),
+    ("patient_result", "Patient results (history)"),
+    ("scoring_job_item", "Folder-job files"),
+    ("scoring_job", "Folder jobs left with no file"),
+    ("idempotency_key", "Upload retry records (Idempotency-Key)"),
+    ("patient", "Patient record"),
+)
 
 Tone = Literal["refer", "ok", "pending"]
 
@@ -219,3 +233,9 @@ def fmt_metric(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
+
+
+def erasure_rows(rows: dict[str, int], files: int) -> list[tuple[str, str, int]]:
+    """(key, label, count) per table an erasure deletes from, then the stored files."""
+    listed = [(table, label, rows.get(table, 0)) for table, label in ERASED_TABLES]
+    return [*listed, ("files", "Stored files (photographs and heatmaps no other record shares)", files)]

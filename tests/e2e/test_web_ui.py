@@ -3,10 +3,10 @@ the API in a uvicorn subprocess and a real worker process on PostgreSQL and Redi
 
 Signs in, uploads a visit of sample photographs, waits for the page to show the result, checks that
 the grades shown are the API's for the same visit, then a non-fundus photograph (ungradable: REFER),
-the patient's history, a folder job with its CSV, the model page, and signing out. Screenshots go
-to a temporary folder, or to ``DRSCREEN_TEST_SCREENSHOTS_DIR`` when set: ``make screenshots`` sets it
-to ``docs/screenshots/`` and runs this test on the shipped ensemble (the suite itself runs on the
-tiny development model, whose figures must not end up in the documentation).
+the patient's history, a folder job with its CSV, the model page, erasing a patient, and signing
+out. Screenshots go to a temporary folder, or to ``DRSCREEN_TEST_SCREENSHOTS_DIR`` when set: ``make
+screenshots`` sets it to ``docs/screenshots/`` and runs this test on the shipped ensemble (the suite
+itself runs on the tiny development model, whose figures must not end up in the documentation).
 """
 
 from __future__ import annotations
@@ -310,6 +310,25 @@ def test_web_interface_in_chromium(
     assert page.locator("[data-testid=metrics] tbody tr").count() >= len(models["members"])
     assert page.locator("[data-testid=model-card] table").count() >= 1
     _shot(page, screenshots, "web-model.png")
+
+    # Erasing a patient (right to erasure): the counts, the id typed again, then gone.
+    page.goto(f"{api_url}/patients")
+    page.fill("#patient-query", "QA-1")
+    page.click("#patient-form button[type=submit]")
+    page.click("#erase-form button[type=submit]")
+    assert page.get_attribute("[data-table=image] [data-count]", "data-count") == "1"
+    page.fill("#erase-confirm", "QA-")  # not the id: nothing erased
+    page.click("#erase-confirm-form button[type=submit]")
+    assert "Nothing was erased" in page.inner_text("[data-testid=erase-error]")
+    assert _api(api_url, key, "/v1/patients/QA-1")["patient_id"] == "QA-1"
+    page.fill("#erase-confirm", "QA-1")
+    page.click("#erase-confirm-form button[type=submit]")
+    page.wait_for_url(f"{api_url}/patients?erased=1")
+    assert page.locator("[data-testid=patient-erased]").count() == 1
+    gone = httpx.get(f"{api_url}/v1/patients/QA-1", headers=key.headers, timeout=30)
+    assert gone.status_code == 404 and httpx.get(f"{api_url}/v1/images/{image_id}", headers=key.headers,
+                                                 timeout=30).status_code == 404  # fmt: skip
+    assert _api(api_url, key, "/v1/patients/229")["patient_id"] == "229"  # the other patient stays
 
     # Signing out ends the session.
     page.click("header button:has-text('Sign out')")

@@ -1,5 +1,5 @@
 """Erasure and retention on real PostgreSQL: the SQLite tests of tests/unit/test_retention.py run
-again here (each on a fresh database of its own, ``drscreen_retention_test_<random>``), plus the
+again here (each on a fresh database of its own: ``own_pg_url`` in tests/conftest.py), plus the
 row locks that only PostgreSQL has: an erasure waits for a worker writing a heatmap of the
 patient's photograph, and then erases that heatmap too."""
 
@@ -8,24 +8,20 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from core import migrate, retention
 from core import repository as repo
-from core.db import dispose_engines, get_sessionmaker, session_scope
+from core import retention
+from core.db import get_sessionmaker, session_scope
 from core.settings import get_settings
 from core.store import FileStore
 from core.tables import Explanation, Image
 from services.app import create_app
 from services.config import get_api_settings
-from tests.conftest import PG_ADMIN_URL
 from tests.retention_world import TARGET, World, build, files_of
 from tests.unit.test_retention import (  # noqa: F401  (collected here: the same tests on PostgreSQL)
     erase,
@@ -49,27 +45,8 @@ from tests.unit.test_retention import (  # noqa: F401  (collected here: the same
 
 
 @pytest.fixture
-def url(isolated_settings: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh database per test (the tests erase and purge every clinic), set as the
-    deployment's: the API and the CLI use it too."""
-    name = f"drscreen_retention_test_{uuid.uuid4().hex[:10]}"
-    admin_url = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://", 1)
-    try:
-        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}", pytrace=False)
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    db_url = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
-    monkeypatch.setenv("DRSCREEN_DATABASE_URL", db_url)
-    get_settings.cache_clear()
-    try:
-        migrate.upgrade(db_url)
-        yield db_url
-    finally:
-        dispose_engines()
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def url(own_pg_url: str) -> str:
+    return own_pg_url
 
 
 @pytest.fixture
@@ -91,7 +68,7 @@ def client(url: str) -> Iterator[TestClient]:
 
 
 def test_the_database_is_postgresql(world: World) -> None:
-    assert world.url.startswith("postgresql+psycopg://") and "drscreen_retention_test_" in world.url
+    assert world.url.startswith("postgresql+psycopg://") and "/drscreen_test_" in world.url
 
 
 def test_an_erasure_waits_for_a_heatmap_being_written_then_erases_it(world: World) -> None:
