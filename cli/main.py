@@ -368,6 +368,41 @@ def model_active() -> None:
     typer.echo(active or "none activated: each worker serves its own DRSCREEN_MODEL")
 
 
+# ------------------------------------------------------------------------------------- status
+
+
+@app.command()
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Show the active release, the queue and the workers (from their heartbeats), and WARN when a
+    worker serves another release or a setting that must be alike differs (between workers, or
+    from this machine's DRSCREEN_ settings). Exit 0: all well; 1: a warning; 2: database problem."""
+    import json
+
+    from core.migrate import SchemaBehind, check_schema_at_start
+    from core.settings import get_settings
+
+    try:
+        unreachable = check_schema_at_start()
+    except SchemaBehind as exc:
+        typer.echo(f"drscreen status: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if unreachable:  # one line, as _db_errors says it
+        url = _redact(get_settings().database_url)
+        typer.echo(f"drscreen: cannot use the database at {url}: {unreachable}", err=True)
+        raise typer.Exit(2)
+    with _db_errors():
+        report = _load("cli.status:gather")()
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        for line in _load("cli.status:render")(report):
+            typer.echo(line)
+    if report["warnings"]:
+        raise typer.Exit(1)
+
+
 # ----------------------------------------------------------------------------------------- db
 
 
@@ -470,6 +505,10 @@ def keys_list(clinic: str | None = typer.Option(None, "--clinic")) -> None:
 
 data_app = typer.Typer(help="Erase a patient's data; enforce a retention period.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+
+#: The longest retention period ``data purge`` takes (about 1,000 years).
+MAX_RETENTION_DAYS = 365_000
 
 
 def _operator() -> str:
@@ -609,6 +648,9 @@ def data_purge(
     command = "drscreen data purge"
     if older_than < 1:
         typer.echo(f"{command}: --older-than must be at least 1 day", err=True)
+        raise typer.Exit(2)
+    if older_than > MAX_RETENTION_DAYS:  # the cutoff would fall before year 1 (a traceback)
+        typer.echo(f"{command}: --older-than must be at most {MAX_RETENTION_DAYS} days", err=True)
         raise typer.Exit(2)
     _refuse_other_schema(command)
     clinic_id = _clinic_id(command, clinic) if clinic is not None else None

@@ -37,6 +37,7 @@ from core.tables import (
     Prediction,
     ScoringJob,
     ScoringJobItem,
+    WorkerHeartbeat,
     utcnow,
 )
 
@@ -687,6 +688,11 @@ def get_job(session: Session, job_id: str, clinic_id: int | None = None) -> Scor
     return row
 
 
+#: Rows per multi-row INSERT: one statement binds 7 values a row, and SQLite allows 32,766 bound
+#: values (a folder of 4,681 files failed with "too many SQL variables"), PostgreSQL 65,535.
+INSERT_BATCH_ROWS = 1000
+
+
 def add_job_items(session: Session, job_id: str, items: Iterable[JobItemSpec]) -> int:
     """Insert items (idempotent on (job, path): re-expanding a folder adds nothing twice)."""
     rows = [
@@ -701,8 +707,8 @@ def add_job_items(session: Session, job_id: str, items: Iterable[JobItemSpec]) -
         }
         for it in items
     ]
-    if rows:
-        stmt = _insert(session, ScoringJobItem).values(rows)
+    for start in range(0, len(rows), INSERT_BATCH_ROWS):
+        stmt = _insert(session, ScoringJobItem).values(rows[start : start + INSERT_BATCH_ROWS])
         session.execute(stmt.on_conflict_do_nothing(index_elements=["job_id", "path"]))
     session.flush()
     return len(rows)
@@ -814,4 +820,51 @@ def list_audit_events(session: Session, clinic_id: int, limit: int = 100) -> lis
             .order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
             .limit(limit)
         )
+    )
+
+
+# ----------------------------------------------------------------------------- worker heartbeats
+
+
+def record_heartbeat(session: Session, node: str, values: dict[str, Any]) -> None:
+    """Insert the worker ``node``'s row, or update only the columns in ``values`` (a pool child's
+    runtime report and the main process's beats each leave the other's columns alone). One
+    statement, so repeating it is harmless."""
+    stmt = _insert(session, WorkerHeartbeat).values(node=node, **values)
+    session.execute(stmt.on_conflict_do_update(index_elements=["node"], set_=values))
+
+
+def mark_worker_stopped(session: Session, node: str, pid: int, at: datetime) -> int:
+    """A warm shutdown of ``node``'s run in process ``pid`` (another process answering to the same
+    name, a mistake the sweep logs, keeps its row live)."""
+    result = session.execute(
+        update(WorkerHeartbeat)
+        .where(WorkerHeartbeat.node == node, WorkerHeartbeat.pid == pid)
+        .values(stopped_at=at, seen_at=at)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def worker_heartbeats(session: Session) -> list[WorkerHeartbeat]:
+    """Every worker row, by node name (one per node name ever started: a small table)."""
+    return list(session.scalars(select(WorkerHeartbeat).order_by(WorkerHeartbeat.node)))
+
+
+def count_failed_images_since(session: Session, since: datetime) -> int:
+    """Photographs that ended ``failed`` since ``since`` (their row last changed then)."""
+    return int(
+        session.scalar(
+            select(func.count()).select_from(Image).where(Image.status == "failed", Image.updated_at >= since)
+        )
+        or 0
+    )
+
+
+def count_open_jobs(session: Session) -> int:
+    """Folder jobs still ``queued`` or ``running``."""
+    return int(
+        session.scalar(
+            select(func.count()).select_from(ScoringJob).where(ScoringJob.status.in_(["queued", "running"]))
+        )
+        or 0
     )

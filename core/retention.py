@@ -14,7 +14,7 @@
 Erasing a patient deletes their photographs (``image``) with their predictions, heatmaps
 (``explanation``), the folder-job items that point at them or name the patient, the
 ``Idempotency-Key`` records of their uploads, their eye and patient results, bundles and the
-patient row; a finished folder job left with no item is deleted, the others are recounted.
+patient row; a folder job left with no item is deleted, the others are recounted.
 ``audit_event`` rows are kept (clinic, key and random ids, no patient data); their link to the
 erased patient is cleared, and the erasure itself is audited (counts, and the sha256 of the
 patient id, never the id or a photograph).
@@ -33,9 +33,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from core import repository as repo
@@ -157,12 +158,14 @@ def _images_of(patient_ids: Sequence[int]) -> Any:
 
 def _named_in(patient_ids: Sequence[int]) -> ColumnElement[bool]:
     """Items of the patients' clinics' folder jobs that name one of them (correlated on the item):
-    a file that failed has no photograph, but its item still carries the patient id and path."""
+    a file that failed has no photograph, but its item still carries the patient id and path.
+    The patients' (clinic, id) pairs are one list, looked up once per item: joined to the patient
+    table inside the correlated query instead, SQLite tried every patient of the chunk for every
+    item naming an existing patient (500 times the work; most of a purge's time)."""
+    named = select(Patient.clinic_id, Patient.external_id).where(Patient.id.in_(patient_ids))
     return exists().where(
-        Patient.id.in_(patient_ids),
-        ScoringJob.clinic_id == Patient.clinic_id,
         ScoringJob.id == ScoringJobItem.job_id,
-        ScoringJobItem.patient_external_id == Patient.external_id,
+        tuple_(ScoringJob.clinic_id, ScoringJobItem.patient_external_id).in_(named),
     )
 
 
@@ -233,7 +236,10 @@ def _files_left_over(session: Session, patient_ids: Sequence[int]) -> list[str]:
 
 
 def _jobs_emptied(session: Session, items: ColumnElement[bool]) -> tuple[set[str], set[str]]:
-    """(the folder jobs that lose items, those of them finished and left with none)."""
+    """(the folder jobs that lose items, those of them left with none). An unfinished job left
+    with no item (a forced erasure) goes too: nothing would ever finish it, and the sweep
+    re-sends the expansion of an unfinished job with no item, which read the folder again and
+    brought the erased patient back."""
     losing: dict[str, int] = {
         job: n
         for job, n in session.execute(
@@ -248,12 +254,12 @@ def _jobs_emptied(session: Session, items: ColumnElement[bool]) -> tuple[set[str
         .where(ScoringJob.id.in_(list(losing)))
         .group_by(ScoringJob.id, ScoringJob.status)
     )
-    emptied = {job for job, status, n in totals if status in FINISHED_JOBS and n == losing[job]}
+    emptied = {job for job, _status, n in totals if n == losing[job]}
     return set(losing), emptied
 
 
 def _settle_jobs(session: Session, touched: set[str], emptied: set[str]) -> None:
-    """Delete the finished jobs left empty; recount the others (their totals included the items)."""
+    """Delete the jobs left empty; recount the others (their totals included the items)."""
     for job_id in sorted(emptied):
         _remove(session, ScoringJob, ScoringJob.id == job_id)
     for job_id in sorted(touched - emptied):
@@ -364,7 +370,7 @@ def erase_patient(
         clinic_id=clinic_id,
         api_key_id=api_key_id,
         by=by,
-        patient_sha256=hashlib.sha256(external_id.encode("utf-8")).hexdigest(),
+        patient_sha256=patient_digest(external_id),
         forced=bool(out.in_flight),
     )
     return out
@@ -377,10 +383,12 @@ def _purgeable(
     session: Session, cutoff: datetime, clinic_id: int | None, within: Sequence[int] | None = None
 ) -> list[int]:
     """Patients whose newest photograph was uploaded before ``cutoff`` (or who have none and were
-    created before it)."""
-    newest = (
-        select(Image.patient_id, func.max(Image.created_at).label("at")).group_by(Image.patient_id).subquery()
-    )
+    created before it); among ``within`` only, when given (whose photographs alone are read: not
+    the whole image table once per chunk of a purge)."""
+    latest = select(Image.patient_id, func.max(Image.created_at).label("at")).group_by(Image.patient_id)
+    if within is not None:
+        latest = latest.where(Image.patient_id.in_(within))
+    newest = latest.subquery()
     stmt = (
         select(Patient.id)
         .outerjoin(newest, newest.c.patient_id == Patient.id)
@@ -468,15 +476,61 @@ def remove_unreferenced_files(session: Session, store: FileStore, paths: Iterabl
     """Delete the stored files among ``paths`` that no row references now; returns how many were
     removed. Call it after the erasure committed (a rolled-back erasure must find its files), in
     a new transaction: a row added meanwhile by another upload of the same bytes keeps its file.
-    A file that cannot be removed is logged and left (its rows are gone already)."""
+    A file that cannot be removed is logged and left (its rows are gone already).
+
+    A writer of the same bytes (an upload, a folder job, a heatmap) finds them stored, writes
+    nothing, and commits its row a moment later, unseen by the first look. So the unreferenced
+    files are first set aside (renamed: a writer from then on stores the bytes again), looked for
+    once more, and put back when a row committed meanwhile names them; the writers check that
+    their files are there once their rows are committed (a row committed after this second look
+    finds its file set aside, and writes it again)."""
     wanted = sorted(set(paths))
-    kept = _referenced(session, wanted)
+    aside: dict[str, Path] = {}
+    try:
+        for chunk in _chunks(wanted):
+            kept = _referenced(session, chunk)
+            for path in chunk:
+                if path in kept:
+                    continue
+                try:
+                    moved = store.set_aside(path)
+                except (OSError, ValueError) as exc:
+                    log.error("erasure: stored file %s could not be removed: %s", path, exc)
+                    continue
+                if moved is not None:
+                    aside[path] = moved
+        # each statement reads what is committed by then (PostgreSQL's READ COMMITTED; SQLite
+        # reads outside a transaction of its own after the caller's commit)
+        claimed = _referenced(session, list(aside))
+    except BaseException:  # the database went: every file back where it was, as if not looked at
+        for path, moved in aside.items():
+            store.put_back(moved, path)
+        raise
     removed = 0
-    for path in wanted:
-        if path in kept:
-            continue
+    for path, moved in aside.items():
         try:
-            removed += int(store.delete(path))
-        except (OSError, ValueError) as exc:
+            if path in claimed:
+                store.put_back(moved, path)
+            else:
+                moved.unlink()
+                removed += 1
+        except OSError as exc:
             log.error("erasure: stored file %s could not be removed: %s", path, exc)
     return removed
+
+
+def erased_patient_digests(session: Session, clinic_id: int, since: datetime) -> set[str]:
+    """The sha256 digests of the clinic's patient ids erased since ``since`` (their audit rows):
+    for a folder job accepted before an erasure, whose folder still holds the patient's files
+    (workers.folders leaves them out rather than record the patient again)."""
+    details = session.scalars(
+        select(AuditEvent.detail).where(
+            AuditEvent.clinic_id == clinic_id, AuditEvent.at >= since, AuditEvent.action == ERASE_ACTION
+        )
+    )
+    return {str(d["patient_sha256"]) for d in details if isinstance(d, dict) and d.get("patient_sha256")}
+
+
+def patient_digest(external_id: str) -> str:
+    """What the audit row of an erasure keeps of the patient id."""
+    return hashlib.sha256(external_id.strip().encode("utf-8")).hexdigest()

@@ -128,7 +128,7 @@ class ErasedRows(BaseModel):
     image: int = Field(description="photographs")
     bundle: int
     patient: int
-    scoring_job: int = Field(description="finished folder jobs left with no file")
+    scoring_job: int = Field(description="folder jobs left with no file")
 
 
 class PatientErasure(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,22 @@ class FileStore:
     def put_file(self, source: str | os.PathLike[str], ext: str | None = None) -> StoredFile:
         src = Path(source)
         return self.put_bytes(src.read_bytes(), ext or src.suffix or "bin")
+
+    def set_aside(self, relpath: str) -> Path | None:
+        """Rename a stored file to a hidden name beside it (atomic): nothing finds it at its path
+        any more (a writer of the same bytes writes them again), yet it can still be put back
+        (:meth:`put_back`) or removed (``unlink``). None when there was no file."""
+        path = self.path(relpath)
+        aside = path.with_name(f".aside-{uuid.uuid4().hex}-{path.name}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return None
+        return aside
+
+    def put_back(self, aside: Path, relpath: str) -> None:
+        """Undo :meth:`set_aside` (over a copy of the same bytes written meanwhile, if any)."""
+        os.replace(aside, self.path(relpath))
 
     def delete(self, relpath: str) -> bool:
         path = self.path(relpath)

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -141,7 +142,8 @@ class Image(Base):
     bundle_id: Mapped[str | None] = mapped_column(ForeignKey("bundle.id", ondelete="SET NULL"), index=True)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("scoring_job.id", ondelete="SET NULL"), index=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    stored_path: Mapped[str] = mapped_column(Text)
+    # indexed: erasure and purge ask whether any other row still references a stored file
+    stored_path: Mapped[str] = mapped_column(Text, index=True)
     filename: Mapped[str | None] = mapped_column(String(255))
     content_type: Mapped[str | None] = mapped_column(String(100))
     width: Mapped[int | None] = mapped_column(Integer)
@@ -250,7 +252,7 @@ class Explanation(Base):
     image_id: Mapped[str] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"))
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id"), index=True)
     sha256: Mapped[str] = mapped_column(String(64))
-    stored_path: Mapped[str] = mapped_column(Text)
+    stored_path: Mapped[str] = mapped_column(Text, index=True)  # see Image.stored_path
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -287,5 +289,31 @@ class IdempotencyKey(Base):
     # sha256 of the request's parts (services/idempotency.fingerprint): the same key with another
     # request is a conflict
     fingerprint: Mapped[str] = mapped_column(String(64))
-    resource_id: Mapped[str] = mapped_column(String(32))
+    resource_id: Mapped[str] = mapped_column(String(32), index=True)  # erasure finds a photo's keys
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WorkerHeartbeat(Base):
+    """One row per Celery node name, written by that worker (workers/heartbeat.py): alive, what it
+    serves, and the settings that must be alike across the deployment (``drscreen status`` and
+    ``/metrics`` compare them, core/heartbeat.py). A worker restarted under its name reuses the row."""
+
+    __tablename__ = "worker_heartbeat"
+    node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime]
+    seen_at: Mapped[datetime]
+    # set on warm shutdown; a worker that died leaves it NULL and simply stops being seen
+    stopped_at: Mapped[datetime | None]
+    # seconds between its heartbeats: readers judge staleness by each worker's own interval
+    interval_s: Mapped[float] = mapped_column(Float)
+    release: Mapped[str | None] = mapped_column(String(200))
+    # reported by a pool child once it has loaded the model (NULL until then): torch, onnx or
+    # openvino, and on OpenVINO each member's precision
+    runtime: Mapped[str | None] = mapped_column(String(32))
+    precisions: Mapped[dict[str, Any] | None]
+    concurrency: Mapped[int | None] = mapped_column(Integer)
+    code_version: Mapped[str | None] = mapped_column(String(64))
+    # values (never secrets) of the settings that must be alike, by name (core/heartbeat.py)
+    settings: Mapped[dict[str, Any] | None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -21,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from core import heartbeat
 from core import repository as repo
 from core.celery_config import broker_folders
 from core.settings import Settings
@@ -46,6 +48,16 @@ def queue_depths(settings: Settings) -> dict[str, int]:
         finally:
             client.close()
     return {}
+
+
+def image_counts(session: Session) -> tuple[dict[str, int], dict[int | None, int], datetime | None]:
+    """Photographs by status, predictions by grade (None: ungradable), and since when the
+    longest-waiting queued photograph waits (None: none). Whole-table counts only the metrics and
+    `drscreen status` need; kept here rather than in the repository."""
+    by_status = dict(session.execute(select(Image.status, func.count()).group_by(Image.status)).all())
+    by_grade = dict(session.execute(select(Prediction.grade, func.count()).group_by(Prediction.grade)).all())
+    since = session.scalar(select(func.min(Image.updated_at)).where(Image.status == "queued"))
+    return by_status, by_grade, since
 
 
 class SystemCollector(Collector):
@@ -81,15 +93,8 @@ class SystemCollector(Collector):
             "the queue); 0 when none waits. Growing: no worker takes the work",
         )
         try:
-            # Whole-table counts only the metrics need; kept here rather than in the repository.
             with self.sessions() as session:
-                by_status = dict(
-                    session.execute(select(Image.status, func.count()).group_by(Image.status)).all()
-                )
-                by_grade = dict(
-                    session.execute(select(Prediction.grade, func.count()).group_by(Prediction.grade)).all()
-                )
-                since = session.scalar(select(func.min(Image.updated_at)).where(Image.status == "queued"))
+                by_status, by_grade, since = image_counts(session)
             for status in ("queued", "running", "done", "failed"):
                 images.add_metric([status], int(by_status.get(status, 0)))
             scored.add_metric([], int(by_status.get("done", 0)))
@@ -117,6 +122,29 @@ class SystemCollector(Collector):
         except Exception as exc:
             log.warning("recent releases unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
         yield recent
+
+        live = GaugeMetricFamily(
+            "drscreen_workers_live",
+            f"workers whose heartbeat was seen within {heartbeat.LIVE_INTERVALS} of their heartbeat "
+            "intervals (drscreen status lists them)",
+        )
+        mismatch = GaugeMetricFamily(
+            "drscreen_worker_settings_mismatch",
+            "1 when a setting that must be alike (README, More machines) differs between live workers "
+            "or between a live worker and this API; drscreen status names it",
+        )
+        try:
+            with self.sessions() as session:
+                alive = heartbeat.live_workers(repo.worker_heartbeats(session), utcnow())
+                differ = heartbeat.settings_mismatches(alive, heartbeat.shared_settings(self.settings))
+            live.add_metric([], len(alive))
+            mismatch.add_metric([], 1 if differ else 0)
+        except Exception as exc:
+            log.warning(
+                "worker heartbeats unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1]
+            )
+        yield live
+        yield mismatch
 
         info = GaugeMetricFamily("drscreen_model_info", "the active released ensemble", labels=["version"])
         ref = active_ref(self.settings)

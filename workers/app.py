@@ -29,7 +29,7 @@ from core.celery_config import build_celery_config
 from core.db import dispose_engines
 from core.settings import get_settings
 from core.tables import utcnow
-from workers import model
+from workers import heartbeat, model
 from workers.model import get_ensemble
 from workers.settings import get_worker_settings
 
@@ -84,6 +84,7 @@ def _init_child(**_: Any) -> None:
     threads = model.configure_torch(_concurrency)
     ens = model.load()
     log.info("worker child ready: %s, %d torch thread(s)", ens.ref, threads)
+    heartbeat.report_loaded(ens)
 
 
 class _SweepTimer:
@@ -129,3 +130,24 @@ def _start_sweep_timer(**_: Any) -> None:
 def _stop_sweep_timer(**_: Any) -> None:
     if _timer is not None:
         _timer.stop()
+
+
+# Heartbeats (workers/heartbeat.py): the first one before the pool forks (celeryd_init's sender is
+# the node name, celery@host), then a daemon thread of the main process, like the sweep timer
+# but on whether or not the sweep is on.
+@celeryd_init.connect
+def _first_heartbeat(sender: Any = None, options: dict[str, Any] | None = None, **_: Any) -> None:
+    value = (options or {}).get("concurrency")
+    heartbeat.begin(
+        str(sender), started_at=worker_started_at() or utcnow(), concurrency=int(value) if value else None
+    )
+
+
+@worker_ready.connect
+def _start_heartbeat(**_: Any) -> None:
+    heartbeat.start_beating()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    heartbeat.end()

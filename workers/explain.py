@@ -58,8 +58,8 @@ def explain_image(
     # Imported here: ml.inference can pull in torch (PyTorch runtime), which the Celery parent must not load.
     from ml.inference.overlay import overlay_png
 
-    heat = ens.explain(rgb)
-    stored = store.put_bytes(overlay_png(rgb, heat), "png")
+    png = overlay_png(rgb, ens.explain(rgb))
+    stored = store.put_bytes(png, "png")
 
     with session_scope(db_url) as session:
         # an erasure (core.retention) of the patient either waits for this lock or is done already
@@ -77,5 +77,8 @@ def explain_image(
             retention.remove_unreferenced_files(session, store, [stored.relpath])
         log.info("explain_image: %s was erased while its heatmap was drawn; heatmap discarded", image_id)
         return None
+    # the same bytes stored before (another patient's heatmap of the same photograph) were not
+    # written again, and an erasure of theirs may have removed them before the row was committed
+    store.put_bytes(png, "png")
     log.info("explain_image: %s -> %s", image_id, stored.relpath)
     return stored.relpath

@@ -20,6 +20,11 @@ Idempotency: items are unique on (job, path) and inserted with ON CONFLICT DO NO
 still ``pending`` are processed, in chunks committed one at a time, and the store is content
 addressed. A redelivered or interrupted expansion therefore continues where it stopped and
 re-sends the images still queued (scoring is idempotent too).
+
+Erasure (core.retention): the files of a patient of the clinic erased after the job was accepted
+are left out (found by the sha256 of the patient id the erasure's audit row keeps), whether the
+job was not read yet when the erasure came or its expansion is resumed after it: the folder
+still holds them, and storing them again would bring the erased patient back.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import repository as repo
-from core import tasks
+from core import retention, tasks
 from core.db import session_scope
 from core.schemas import PATIENT_ID_PATTERN
 from core.settings import get_settings
@@ -424,6 +429,38 @@ class ExpandSummary:
     error: str | None = None
 
 
+def _of_erased(patient_id: str | None, erased: set[str]) -> bool:
+    return bool(erased) and patient_id is not None and retention.patient_digest(patient_id) in erased
+
+
+def _store_missing_again(
+    db_url: str | None,
+    store: FileStore,
+    folder: Path,
+    roots: Sequence[Path] | None,
+    max_bytes: int,
+    ingested: dict[str, str],
+) -> None:
+    """Once a chunk's rows are committed, store again the photographs whose files are not there:
+    bytes stored before (another patient's or clinic's) were not written by this job, and an
+    erasure of theirs may have removed them before the rows were committed
+    (core.retention.remove_unreferenced_files)."""
+    if not ingested:
+        return
+    with session_scope(db_url) as session:
+        rows = session.execute(
+            select(Image.id, Image.stored_path).where(Image.id.in_(list(ingested.values())))
+        )
+        paths = {image_id: relpath for image_id, relpath in rows}
+    for item_path, image_id in ingested.items():
+        relpath = paths.get(image_id)
+        if relpath is None or store.exists(relpath):
+            continue
+        loaded = read_photo(folder / item_path, max_bytes, roots)
+        if isinstance(loaded, LoadedFile):
+            store.put_bytes(loaded.data, _EXT[loaded.fmt])
+
+
 def _fail_job(db_url: str | None, job_id: str, error: str) -> None:
     with session_scope(db_url) as session:
         job = session.get(ScoringJob, job_id)
@@ -469,7 +506,7 @@ def expand_folder(
         if job.status == "failed":
             summary.error = job.error
             return summary
-        clinic_id, folder_text = job.clinic_id, job.folder
+        clinic_id, folder_text, accepted_at = job.clinic_id, job.folder, job.created_at
         roots = repo.import_roots_of(session, clinic_id, settings)  # re-checked: settings or links may change
     try:
         folder = check_folder(folder_text, roots)
@@ -494,6 +531,14 @@ def expand_folder(
         return summary
 
     with session_scope(db_url) as session:
+        erased = retention.erased_patient_digests(session, clinic_id, accepted_at)
+        plan = [p for p in plan if not _of_erased(p.patient_id, erased)]
+        if not plan:
+            session.rollback()
+            error = "every file of the folder names a patient erased since the job was sent"
+            _fail_job(db_url, job_id, error)
+            summary.error = error
+            return summary
         repo.add_job_items(
             session,
             job_id,
@@ -511,14 +556,21 @@ def expand_folder(
     # Chunks commit one at a time so scoring starts while the rest of a large folder is read.
     sent: set[str] = set()
     for id_chunk in _chunks(pending_ids, size):
+        ingested: dict[str, str] = {}
         with session_scope(db_url) as session:
             image_ids: list[str] = []
+            # an erasure after the items were written sees them pending and waits for them (or
+            # was forced); one committed before is read here
+            erased = retention.erased_patient_digests(session, clinic_id, accepted_at)
             for item_id in id_chunk:
                 # Row lock (PostgreSQL): a second expansion of the same job (a redelivery, or
                 # one the sweep re-sent) waits here and then sees the item is no longer
                 # pending, instead of storing the same file as a second image.
                 row = session.get(ScoringJobItem, item_id, with_for_update=True)
                 if row is None or row.status != "pending":
+                    continue
+                if _of_erased(row.patient_external_id, erased):
+                    session.delete(row)  # neither read nor named
                     continue
                 image_id = ingest_item(
                     session,
@@ -531,9 +583,12 @@ def expand_folder(
                     model_ref=model_ref,
                     roots=roots,
                 )
+                if image_id is not None:
+                    ingested[row.path] = image_id
                 if image_id is not None and row.status == "queued":
                     image_ids.append(image_id)
             repo.refresh_job_counts(session, job_id)
+        _store_missing_again(db_url, store, folder, roots, settings.max_upload_bytes, ingested)
         new_ids = [i for i in dict.fromkeys(image_ids) if i not in sent]
         if new_ids:
             send(tasks.SCORE_IMAGES, [new_ids], {"explain": explain})

@@ -517,7 +517,10 @@ def score_images(
     for it in written:
         if it.prediction is None or not it.wants_heatmap or not _gradable(it):
             continue
-        if it.heatmap is not None:
+        # the file checked once its row is committed: bytes already stored (the same photograph's
+        # heatmap, of another patient) were not written again, and an erasure of theirs may have
+        # removed them meanwhile (core.retention.remove_unreferenced_files); drawn again then
+        if it.heatmap is not None and store.exists(it.heatmap.relpath):
             summary.explained.append(it.image_id)
         else:
             send(tasks.EXPLAIN_IMAGE, [it.image_id], {})

@@ -35,6 +35,9 @@ class WorkerSettings(BaseSettings):
     #: Celery parent gives up on it and kills it. Celery's own default (4 s) is far too short:
     #: a child replacing a crashed or recycled one would be killed over and over while loading.
     child_start_timeout_s: float = Field(default=600.0, gt=0)
+    #: Seconds between the heartbeats each worker's main process writes to the database (its row
+    #: in ``worker_heartbeat``; ``drscreen status``); independent of the sweep, which may be off.
+    heartbeat_interval_s: float = Field(default=60.0, gt=0)
 
 
 @lru_cache(maxsize=1)

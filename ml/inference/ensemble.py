@@ -125,6 +125,11 @@ class EnsemblePrediction:
 class Ensemble:
     """Members + combination rule. `predict` batches internally; `explain` runs Grad-CAM."""
 
+    #: What load_ensemble chose (a worker reports it in its heartbeat): the runtime, and on
+    #: OpenVINO each member's precision.
+    served_runtime: str = "torch"
+    precisions: dict[str, str] | None = None
+
     def __init__(
         self,
         ref: str,
@@ -341,6 +346,8 @@ def load_ensemble(
     refs = [entry["ref"] for entry in manifest["members"]]
     rule = CombineRule.from_dict(manifest["combination"])
     onnx = None
+    served = runtime
+    precisions: dict[str, str] | None = None  # set on OpenVINO only
     if runtime == "onnx":
         members = [Member.from_release(r, models_dir, threads, device) for r in refs]
         if quantized is None:
@@ -373,4 +380,6 @@ def load_ensemble(
 
         members = [Member(r, *load_checkpoint(member_dir(r, models_dir), device)) for r in refs]
     log.info("loaded ensemble %s (%d members, rule %s, runtime %s)", ref, len(members), rule.rule, runtime)
-    return Ensemble(ref, members, rule, manifest, runtime=onnx)
+    ensemble = Ensemble(ref, members, rule, manifest, runtime=onnx)
+    ensemble.served_runtime, ensemble.precisions = served, precisions
+    return ensemble

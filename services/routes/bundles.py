@@ -110,6 +110,8 @@ def create_bundle(
             key=key,
             fingerprint=fingerprint,
             detail={"images": image_ids},
+            store=store,
+            photos=photos,
         )
     except sa_exc.IntegrityError:  # 409 when an erasure of the patient won the race
         refuse_if_erased(session, store, patient_row_id, [file.relpath for _, file in stored])

@@ -24,7 +24,7 @@ from services import idempotency
 from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
 from services.errors import NotReady, error_responses
 from services.formcheck import reject_unknown_fields
-from services.uploads import record_photo, store_photo, validate_photo
+from services.uploads import Photo, record_photo, store_photo, validate_photo
 from services.views import image_result, private_image_headers
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,17 @@ def commit_and_enqueue(
     key: str | None,
     fingerprint: str,
     detail: dict[str, Any] | None = None,
+    store: FileStore | None = None,
+    photos: Sequence[Photo] = (),
 ) -> str:
     """Finish an accepted upload whose rows are written: audit ``{kind}.create``, remember its
     ``Idempotency-Key``, commit, and only then queue its photographs (a worker is never told about
     rows that do not exist yet). Returns the id to answer: ``resource_id``.
+
+    ``photos`` are stored again in ``store`` once the rows are committed, when their files are
+    not there: bytes another patient or clinic had stored were not written by this upload, and an
+    erasure of theirs may have removed them before these rows were committed
+    (core.retention.remove_unreferenced_files).
 
     When a concurrent request with the same key committed first (the key's unique constraint
     refuses this one), everything this request wrote is rolled back, nothing is queued, and the
@@ -114,6 +121,12 @@ def commit_and_enqueue(
             raise
         log.info("%s %s not kept: a concurrent request with its Idempotency-Key won", kind, resource_id)
         return winner
+    if store is not None:
+        try:
+            for photo in photos:
+                store_photo(store, photo)  # a stat when the file is there
+        except OSError:  # committed already: a worker finding the file missing tries again later
+            log.warning("could not check the stored photographs of %s %s", kind, resource_id, exc_info=True)
     enqueue_scoring(producer, image_ids)
     return resource_id
 
@@ -231,6 +244,8 @@ def create_image(
                 image_ids=[image_id],
                 key=key,
                 fingerprint=fingerprint,
+                store=store,
+                photos=[photo],
             )
         except sa_exc.IntegrityError:
             refuse_if_erased(session, store, patient_row_id, [stored.relpath])

@@ -140,3 +140,14 @@ def test_rescore_queries_on_postgresql(session: Session) -> None:
     assert not repo.needs_rescoring(session, only_newer, new.ref)  # a later release's grade stays
     assert not repo.needs_rescoring(session, queued, new.ref)  # not finished: scored anyway
     assert repo.needs_rescoring(session, old_and_new, f"ens-{suffix}@unseen")
+
+
+def test_a_folder_of_more_files_than_postgresql_binds_in_one_statement(pg_url: str) -> None:
+    """10,000 items x 7 values passed PostgreSQL's 65,535 bound parameters in one INSERT."""
+    with session_scope(pg_url) as s:
+        job = repo.create_job(s, _clinic(s), "/data/big")
+        specs = [repo.JobItemSpec(f"{i}_left.jpg", str(i), "left") for i in range(10_000)]
+        repo.add_job_items(s, job.id, specs)
+        job_id = job.id
+    with session_scope(pg_url) as s:
+        assert len(repo.job_items(s, job_id)) == 10_000

@@ -236,3 +236,20 @@ def test_other_active_release(session: Session) -> None:
     assert repo.other_active_release(session, "b@2.0.0") == "a@1.0.0"
     repo.activate_release(session, "b@2.0.0")
     assert repo.other_active_release(session, "a@1.0.0") == "b@2.0.0"
+
+
+def test_a_folder_of_thousands_of_files_is_one_job(session: Session) -> None:
+    """One multi-row INSERT of 4,681+ items passed SQLite's 32,766 bound values ("too many SQL
+    variables": the whole folder job failed)."""
+    import sqlite3
+
+    # SQLite's default build allows 32,766 (this Debian build 250,000): hold it to the default
+    raw = session.connection().connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32766)
+    c = repo.get_or_create_clinic(session, "Big")
+    job = repo.create_job(session, c.id, "/data/big")
+    specs = [repo.JobItemSpec(f"{i}_left.jpg", str(i), "left") for i in range(6000)]
+    assert repo.add_job_items(session, job.id, specs) == 6000
+    repo.add_job_items(session, job.id, specs[:2500])  # idempotent across batches too
+    assert len(repo.job_items(session, job.id)) == 6000

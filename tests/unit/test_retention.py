@@ -8,6 +8,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,12 +19,13 @@ from typer.testing import CliRunner
 
 from cli.main import app as cli_app
 from core import repository as repo
-from core import retention
+from core import retention, tasks
 from core.db import get_sessionmaker, session_scope
 from core.errors import Conflict
 from core.settings import get_settings
 from core.store import FileStore
-from core.tables import Explanation, Image, Patient, ScoringJob, utcnow
+from core.tables import Explanation, Image, Patient, ScoringJob, ScoringJobItem, utcnow
+from services.routes import images as image_routes
 from tests.api_support import make_key
 from tests.retention_world import (
     KEEP,
@@ -41,9 +43,9 @@ from tests.retention_world import (
     owned_by,
     shared_files_of,
 )
-from tests.unit.test_workers_scoring import PHOTOS, Sent, StubEnsemble, add_images
+from tests.unit.test_workers_scoring import PHOTOS, Sent, StubEnsemble, add_images, photo
 from workers import explain as explain_mod
-from workers import scoring
+from workers import folders, scoring
 
 runner = CliRunner()
 
@@ -470,3 +472,308 @@ def test_cli_failure_midway_removes_no_file(world: World, monkeypatch: pytest.Mo
     result = runner.invoke(cli_app, ["data", "erase", "--clinic", NORTH, TARGET, "--yes"])
     assert isinstance(result.exception, RuntimeError)
     assert dump(world.url) == before and files(world.store) == stored
+
+
+# ------------------------------------------------------------- review: writers of the same bytes
+#
+# The store keeps identical bytes once. A writer (an upload, a folder job, a heatmap) that finds
+# its bytes already stored writes nothing, and its row commits a moment later: a removal of the
+# erased patient's files in between found no row referencing the file and deleted it, and the
+# writer's row then named a file that was gone (another patient's or clinic's photograph lost).
+
+
+def _unique_graded_photo(world: World) -> tuple[str, bytes]:
+    """A photograph of the target with a heatmap, neither shared by another row: (path, bytes)."""
+    unique = files_of(world.url, world.target)
+    with session_scope(world.url) as s:
+        rows = s.execute(
+            select(Image.stored_path, Explanation.stored_path)
+            .join(Explanation, Explanation.image_id == Image.id)
+            .where(Image.patient_id == world.target)
+        ).all()
+    path = next(p for p, heatmap in sorted(rows) if p in unique and heatmap in unique)
+    return path, world.store.read_bytes(path)
+
+
+def test_an_upload_of_bytes_the_erased_patient_had_keeps_them_when_the_files_go_meanwhile(
+    client: TestClient, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    south = make_key(world.url, SOUTH)
+    path, data = _unique_graded_photo(world)
+    with session_scope(world.url) as s:
+        out = retention.erase_patient(s, world.north, TARGET)
+    assert path in out.files
+    real = image_routes.record_photo
+
+    def files_removed_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        row = real(*args, **kwargs)  # the upload's row is written, not committed yet
+        with session_scope(world.url) as s:
+            retention.remove_unreferenced_files(s, world.store, out.files)
+        return row
+
+    monkeypatch.setattr(image_routes, "record_photo", files_removed_meanwhile)
+    resp = client.post(
+        "/v1/images",
+        headers=south.headers,
+        data={"patient_id": "NEW-7", "eye": "right"},
+        files={"file": ("x.jpg", data, "image/jpeg")},
+    )
+    assert resp.status_code == 202, resp.text
+    with session_scope(world.url) as s:
+        image = repo.get_image(s, resp.json()["id"])
+        assert image is not None and image.stored_path == path
+    assert world.store.exists(path), "the upload's photograph is gone from the store"
+    assert not any(world.store.exists(p) for p in out.files if p != path)
+
+
+def test_a_heatmap_the_erased_patient_shared_is_in_the_store_after_scoring(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, data = _unique_graded_photo(world)
+    [other] = add_images(world.url, world.store, "OTHER-4", [("o.jpg", data, "right")], clinic=NORTH)
+    real = scoring._write
+
+    def erased_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        erase(world)  # after the heatmap was stored (it already was: the target's), before its row
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_write", erased_meanwhile)
+    ens, sent = StubEnsemble(maps_in_pass=True), Sent()
+    summary = scoring.score_images(
+        [other], explain=True, ensemble=ens, store=world.store, db_url=world.url, enqueue=sent
+    )
+    assert summary.scored + summary.ungradable == [other]
+    for name, args, _ in sent:  # what the worker queued, run
+        if name == tasks.EXPLAIN_IMAGE:
+            explain_mod.explain_image(args[0], ensemble=ens, store=world.store, db_url=world.url)
+    with session_scope(world.url) as s:
+        row = repo.get_explanation(s, other)
+        assert row is not None
+    assert world.store.exists(row.stored_path), "the heatmap recorded for OTHER-4 is not in the store"
+
+
+def test_a_heatmap_drawn_again_for_the_erased_patients_bytes_is_in_the_store(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, data = _unique_graded_photo(world)
+    [other] = add_images(world.url, world.store, "OTHER-4", [("o.jpg", data, "right")], clinic=NORTH)
+    ens = StubEnsemble()  # heatmaps left to the explain task
+    scoring.score_images(
+        [other], explain=True, ensemble=ens, store=world.store, db_url=world.url, enqueue=Sent()
+    )
+    real = retention.lock_image
+
+    def erased_meanwhile(session: Any, image_id: str) -> bool:
+        erase(world)  # the heatmap is stored (already was), its row not written yet
+        return real(session, image_id)
+
+    monkeypatch.setattr(retention, "lock_image", erased_meanwhile)
+    relpath = explain_mod.explain_image(other, ensemble=ens, store=world.store, db_url=world.url)
+    assert relpath is not None and world.store.exists(relpath)
+
+
+def _folder(roots: Path, name: str, files: dict[str, bytes]) -> Path:
+    folder = roots / name
+    folder.mkdir()
+    for file_name, data in files.items():
+        (folder / file_name).write_bytes(data)
+    return folder
+
+
+def _new_job(world: World, folder: Path | str, status: str = "queued") -> str:
+    with session_scope(world.url) as s:
+        job = repo.create_job(s, world.north, str(folder))
+        job.status = status
+        return job.id
+
+
+def test_a_folder_job_file_with_the_erased_patients_bytes_keeps_them(
+    world: World, roots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, data = _unique_graded_photo(world)
+    job = _new_job(world, _folder(roots, "north", {"51_right.jpg": data}))
+    with session_scope(world.url) as s:
+        out = retention.erase_patient(s, world.north, TARGET)
+    real = folders.ingest_item
+
+    def files_removed_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        image_id = real(*args, **kwargs)  # its row written, not committed yet
+        with session_scope(world.url) as s:
+            retention.remove_unreferenced_files(s, world.store, out.files)
+        return image_id
+
+    monkeypatch.setattr(folders, "ingest_item", files_removed_meanwhile)
+    folders.expand_folder(job, db_url=world.url, store=world.store, enqueue=Sent())
+    with session_scope(world.url) as s:
+        [item] = repo.job_items(s, job)
+        image = repo.get_image(s, item.image_id or "")
+        assert image is not None and image.stored_path == path
+    assert world.store.exists(path), "the folder job's photograph is gone from the store"
+
+
+# --------------------------------------------------------------- review: folder jobs bring back
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop(*args: Any) -> None:
+    raise _Stopped("the expansion stopped here (a time limit, a worker gone)")
+
+
+def _named(world: World, job: str) -> set[str | None]:
+    with session_scope(world.url) as s:
+        return {i.patient_external_id for i in repo.job_items(s, job)}
+
+
+def test_a_resumed_folder_expansion_does_not_bring_an_erased_patient_back(world: World, roots: Path) -> None:
+    """An expansion stopped after its first chunk (31's file stored and scored; 32's pending) is
+    resumed later (the sweep re-sends it): it planned the folder again and re-added every file
+    missing from the job, so the files of 31, erased meanwhile, came back with the patient."""
+    folder = _folder(
+        roots, "north", {"31_left.jpg": PHOTOS.joinpath("16_left.jpg").read_bytes(),
+                         "32_left.jpg": PHOTOS.joinpath("17_left.jpg").read_bytes()},
+    )  # fmt: skip
+    job = _new_job(world, folder)
+    with pytest.raises(_Stopped):
+        folders.expand_folder(job, db_url=world.url, store=world.store, enqueue=_stop, chunk=1)
+    with session_scope(world.url) as s:
+        patient = repo.get_patient(s, world.north, "31")
+        assert patient is not None
+        ids = [i.id for i in repo.list_patient_images(s, patient.id)]
+    scoring.score_images(ids, ensemble=StubEnsemble(), store=world.store, db_url=world.url, enqueue=Sent())
+    out, _ = erase(world, "31")  # nothing of 31's in flight: allowed
+    assert out.found and out.rows["scoring_job_item"] == 1
+
+    folders.expand_folder(job, db_url=world.url, store=world.store, enqueue=Sent(), chunk=1)
+    with session_scope(world.url) as s:
+        assert repo.get_patient(s, world.north, "31") is None, "the erased patient is back"
+        assert repo.get_patient(s, world.north, "32") is not None
+    assert _named(world, job) == {"32"}
+
+
+def test_a_folder_job_sent_before_an_erasure_does_not_bring_the_patient_back(
+    world: World, roots: Path
+) -> None:
+    """The job was accepted, its folder not read yet (no file in the job: nothing in flight), when
+    patient 33 was erased; its expansion then stored 33's photographs as a new record. A patient
+    erased *before* the job was sent (34) is a new record of the folder's photographs, as an upload."""
+    first, second = PHOTOS.joinpath("16_left.jpg").read_bytes(), PHOTOS.joinpath("17_left.jpg").read_bytes()
+    add_images(world.url, world.store, "34", [("a.jpg", first, "left")], clinic=NORTH)
+    erase(world, "34", force=True)
+    add_images(world.url, world.store, "33", [("b.jpg", second, "left")], clinic=NORTH)
+    with session_scope(world.url) as s:
+        s.execute(update(Image).where(Image.stored_path.is_not(None)).values(status="done"))
+    job = _new_job(world, _folder(roots, "north", {"33_left.jpg": second, "34_left.jpg": first}))
+    out, _ = erase(world, "33")
+    assert out.found and out.in_flight == 0
+
+    folders.expand_folder(job, db_url=world.url, store=world.store, enqueue=Sent())
+    with session_scope(world.url) as s:
+        assert repo.get_patient(s, world.north, "33") is None, "the erased patient is back"
+        assert repo.get_patient(s, world.north, "34") is not None
+    assert _named(world, job) == {"34"}
+
+
+def test_a_forced_erasure_deletes_the_open_folder_job_it_empties(world: World) -> None:
+    """Left ``running`` with no file, the job was never finished, and the sweep re-sends the
+    expansion of an unfinished job with no file: the folder, read again, brought the patient back."""
+    job = _new_job(world, "/exports/north-4", status="running")
+    [image] = add_images(world.url, world.store, KEEP, [photo("1012_left.jpg")], clinic=NORTH, job_id=job)
+    with session_scope(world.url) as s:
+        repo.add_job_items(s, job, [repo.JobItemSpec("KEEP-2_left.jpg", KEEP, "left")])
+        [item] = repo.job_items(s, job)
+        repo.set_job_item(s, item, status="queued", image_id=image)
+    out, _ = erase(world, KEEP, force=True)
+    assert out.in_flight == 1
+    with session_scope(world.url) as s:
+        assert repo.get_job(s, job) is None
+        assert repo.get_job(s, world.job) is not None  # it still has the target's files
+    assert out.rows["scoring_job"] == 1
+
+
+# ------------------------------------------------------------------------- review: input, SQL
+
+
+def test_cli_purge_refuses_a_period_beyond_the_calendar(world: World) -> None:
+    for days in ("1000000", "99999999999"):
+        result = runner.invoke(cli_app, ["data", "purge", "--older-than", days, "--dry-run"])
+        assert result.exit_code == 2, result.output
+        assert "at most" in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def _vm_steps(session: Any, run: Callable[[], Any]) -> int:
+    """SQLite virtual-machine instructions (in hundreds) spent by ``run``'s statements in
+    ``session``: a measure of work that does not depend on the machine's speed."""
+    raw = session.connection().connection.driver_connection
+    steps = [0]
+
+    def tick() -> int:
+        steps[0] += 1
+        return 0
+
+    raw.set_progress_handler(tick, 100)
+    try:
+        run()
+    finally:
+        raw.set_progress_handler(None, 100)
+    return steps[0]
+
+
+def test_finding_the_folder_job_files_of_patients_costs_the_same_per_file_for_more_patients(url: str) -> None:
+    """The purge looks for the files naming its patients 500 patients at a time. On SQLite that
+    query tried every patient of the chunk for every file naming an existing patient: 500 times
+    the work per file (a 20,000-photograph purge spent 6 of its 8 s there)."""
+    with session_scope(url) as s:
+        clinic = repo.get_or_create_clinic(s, NORTH).id
+        job = repo.create_job(s, clinic, "/exports/many").id
+        ids = [repo.get_or_create_patient(s, clinic, f"N-{i}").id for i in range(400)]
+        repo.add_job_items(
+            s, job, [repo.JobItemSpec(f"N-{i}_left.jpg", f"N-{i}", "left") for i in range(400)]
+        )
+    count = select(func.count()).select_from(ScoringJobItem)
+    with session_scope(url) as s:
+        few = _vm_steps(s, lambda: s.scalar(count.where(retention._items_of(ids[:40]))))
+        many = _vm_steps(s, lambda: s.scalar(count.where(retention._items_of(ids))))
+    assert many < 3 * few, (few, many)
+
+
+def test_the_purge_looks_again_at_a_chunk_of_patients_without_reading_every_photograph(url: str) -> None:
+    """Each chunk of 500 patients is looked at again once locked; that second look computed the
+    newest photograph of every patient of the database (a GROUP BY over the whole image table per
+    chunk: quadratic in a large purge), not of the chunk's patients."""
+    with session_scope(url) as s:
+        clinic = repo.get_or_create_clinic(s, NORTH).id
+        ids = [repo.get_or_create_patient(s, clinic, f"N-{i}").id for i in range(400)]
+        for patient in ids:
+            repo.create_image(s, clinic_id=clinic, patient_id=patient, eye="left", sha256="0" * 64,
+                              stored_path="00/00/x.jpg", size_bytes=1)  # fmt: skip
+        s.execute(update(Image).values(created_at=utcnow() - timedelta(days=400)))
+    cutoff = utcnow() - timedelta(days=365)
+    with session_scope(url) as s:
+        every = _vm_steps(s, lambda: retention._purgeable(s, cutoff, None))
+        chunk = _vm_steps(s, lambda: retention._purgeable(s, cutoff, None, within=ids[:5]))
+    assert chunk * 5 < every, (chunk, every)
+
+
+def test_a_database_failure_while_the_files_are_removed_leaves_them_where_they_were(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files are set aside before their second look: a failure then must not leave them
+    under hidden names (erased data nobody would find, or a shared file lost to its readers)."""
+    stored = files(world.store)
+    with session_scope(world.url) as s:
+        out = retention.erase_patient(s, world.north, TARGET)
+    real, calls = retention._referenced, {"n": 0}
+
+    def fails_second_look(*args: Any, **kwargs: Any) -> set[str]:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("database gone")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(retention, "_referenced", fails_second_look)
+    with pytest.raises(RuntimeError), session_scope(world.url) as s:
+        retention.remove_unreferenced_files(s, world.store, out.files)
+    assert files(world.store) == stored

@@ -44,15 +44,6 @@ def make_folder(root: Path, names: list[str] = NAMES) -> Path:
     return folder
 
 
-@pytest.fixture
-def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "imports"
-    root.mkdir()
-    monkeypatch.setenv("DRSCREEN_IMPORT_ROOTS", str(root))
-    get_settings.cache_clear()
-    return root
-
-
 def new_job(url: str, folder: Path | str) -> str:
     with session_scope(url) as s:
         clinic = repo.get_or_create_clinic(s, "North")

@@ -1,0 +1,145 @@
+"""``drscreen status``: the deployment as one operator sees it: the active release, the queue, the
+workers (their heartbeats, ``workers/heartbeat.py``) and what is wrong between them.
+
+Heavy imports inside the functions (cli rule: ``drscreen --help`` stays instant).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+#: Workers not seen for longer are not listed (a container's node name changes with it: rows of
+#: long-gone nodes would pile up); they are counted.
+LISTED_FOR = timedelta(hours=24)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(max(0.0, seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 2 * 86400:
+        return f"{s // 3600} h"
+    return f"{s // 86400} d"
+
+
+def gather(now: datetime | None = None) -> dict[str, Any]:
+    """The report as plain values (what ``--json`` prints). Raises SQLAlchemy's errors when the
+    database cannot be read (the command turns them into one line)."""
+    from core import heartbeat
+    from core import repository as repo
+    from core.db import session_scope
+    from core.settings import get_settings
+    from core.tables import as_utc, utcnow
+    from services.metrics import image_counts, queue_depths
+
+    settings = get_settings()
+    now = now or utcnow()
+    own = heartbeat.shared_settings(settings)
+    with session_scope() as session:
+        active = repo.active_release(session)
+        by_status, _, oldest = image_counts(session)
+        failed = repo.count_failed_images_since(session, now - timedelta(hours=24))
+        open_jobs = repo.count_open_jobs(session)
+        rows = repo.worker_heartbeats(session)
+        listed = [row for row in rows if now - as_utc(row.seen_at) <= LISTED_FOR]
+        warnings = heartbeat.warnings(rows, own, active, now)
+        workers = [
+            {
+                "node": row.node,
+                "host": row.host,
+                "pid": row.pid,
+                "state": heartbeat.state(row, now),
+                "release": row.release,
+                "runtime": row.runtime,
+                "precisions": row.precisions,
+                "concurrency": row.concurrency,
+                "code_version": row.code_version,
+                "started_at": as_utc(row.started_at).isoformat(),
+                "seen_at": as_utc(row.seen_at).isoformat(),
+                "seen_seconds_ago": round((now - as_utc(row.seen_at)).total_seconds(), 1),
+                "heartbeat_interval_s": row.interval_s,
+                "settings": row.settings,
+                "settings_fingerprint": heartbeat.fingerprint(row.settings),
+            }
+            for row in listed
+        ]
+    try:
+        depths: dict[str, int] | str = queue_depths(settings)
+    except Exception as exc:  # the broker is the API's and the workers' concern: shown, not fatal
+        depths = f"unavailable ({type(exc).__name__})"
+    return {
+        "active_release": active,
+        "queue": {
+            "queued": int(by_status.get("queued", 0)),
+            "running": int(by_status.get("running", 0)),
+            "failed_last_24h": failed,
+            "oldest_queued_seconds": round((now - as_utc(oldest)).total_seconds(), 1) if oldest else None,
+            "open_folder_jobs": open_jobs,
+            "broker": depths,
+        },
+        "workers": workers,
+        "workers_not_listed": len(rows) - len(listed),
+        "settings": own,
+        "warnings": warnings,
+    }
+
+
+def _runtime(worker: dict[str, Any]) -> str:
+    # NULL until a pool child has loaded the model (or for good, if none could)
+    runtime = worker["runtime"] or ("loading" if worker["state"] == "live" else "-")
+    precisions = worker["precisions"] or {}
+    if precisions:  # as the worker's log says it: "openvino bf16,f32"
+        runtime += " " + ",".join(sorted(set(precisions.values())))
+    return runtime
+
+
+def render(report: dict[str, Any]) -> list[str]:
+    """The report as text lines for a person."""
+    queue = report["queue"]
+    active = report["active_release"] or "none activated (each worker serves its own DRSCREEN_MODEL)"
+    lines = [f"active release: {active}"]
+    oldest = queue["oldest_queued_seconds"]
+    waiting = f" (oldest waits {_age(oldest)})" if oldest is not None else ""
+    lines.append(
+        f"photographs: {queue['queued']} queued{waiting}, {queue['running']} running, "
+        f"{queue['failed_last_24h']} failed in the last 24 h; open folder jobs: {queue['open_folder_jobs']}"
+    )
+    broker = queue["broker"]
+    if isinstance(broker, dict):
+        shown = ", ".join(f"{name} {n}" for name, n in broker.items()) or "not counted for this broker"
+    else:
+        shown = broker
+    lines.append(f"broker queues: {shown}")
+    workers = report["workers"]
+    live = sum(1 for w in workers if w["state"] == "live")
+    lines.append(f"workers: {live} live of {len(workers)} seen in the last 24 h")
+    if workers:
+        table = [("NODE", "HOST", "RELEASE", "RUNTIME", "SEEN", "STATE", "SETTINGS")]
+        table += [
+            (
+                w["node"],
+                w["host"],
+                w["release"] or "-",
+                _runtime(w),
+                _age(w["seen_seconds_ago"]) + " ago",
+                w["state"],
+                w["settings_fingerprint"],
+            )
+            for w in workers
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        lines += [
+            "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in table
+        ]
+    if report["workers_not_listed"]:
+        lines.append(f"  ({report['workers_not_listed']} not seen for more than 24 h, not listed)")
+    if report["warnings"]:
+        lines.append("WARNING:")
+        lines += [f"  - {warning}" for warning in report["warnings"]]
+    return lines
