@@ -169,3 +169,13 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     yield _start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An import root for folder jobs (DRSCREEN_IMPORT_ROOTS), empty."""
+    root = tmp_path / "imports"
+    root.mkdir()
+    monkeypatch.setenv("DRSCREEN_IMPORT_ROOTS", str(root))
+    _clear_cached_settings()
+    return root

@@ -25,7 +25,6 @@ from services.config import get_api_settings
 from tests.retention_world import TARGET, World, build, files_of
 from tests.unit.test_retention import (  # noqa: F401  (collected here: the same tests on PostgreSQL)
     erase,
-    roots,
     test_a_failed_job_file_naming_the_patient_blocks_only_while_its_job_runs,
     test_a_failure_before_the_commit_changes_nothing,
     test_a_file_referenced_again_after_the_commit_stays,

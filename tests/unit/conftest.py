@@ -30,13 +30,3 @@ def client(url: str) -> Iterator[TestClient]:
     with TestClient(create_app()) as c:
         yield c
     get_api_settings.cache_clear()
-
-
-@pytest.fixture
-def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An import root for folder jobs (DRSCREEN_IMPORT_ROOTS), empty."""
-    root = tmp_path / "imports"
-    root.mkdir()
-    monkeypatch.setenv("DRSCREEN_IMPORT_ROOTS", str(root))
-    get_settings.cache_clear()
-    return root
