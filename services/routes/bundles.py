@@ -82,7 +82,8 @@ def create_bundle(
 
     store = FileStore(settings.store_path)
     stored = [(photo, store_photo(store, photo)) for photo in photos]
-    patient_row_id = repo.get_or_create_patient(session, principal.clinic_id, patient_id).id
+    patient, created = repo.ensure_patient(session, principal.clinic_id, patient_id)
+    patient_row_id = patient.id
     try:
         bundle = repo.create_bundle(session, principal.clinic_id, patient_row_id)
         image_ids = []
@@ -114,7 +115,7 @@ def create_bundle(
             photos=photos,
         )
     except sa_exc.IntegrityError:  # 409 when an erasure of the patient won the race
-        refuse_if_erased(session, store, patient_row_id, [file.relpath for _, file in stored])
+        refuse_if_erased(session, store, patient_row_id, created, [file.relpath for _, file in stored])
         raise
     if answered != bundle_id:  # a concurrent request with the same key won: answer as to a retry
         return _answer_existing(session, principal, answered)

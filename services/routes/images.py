@@ -137,7 +137,9 @@ ERASED_MEANWHILE = (
 )
 
 
-def refuse_if_erased(session: Session, store: FileStore, patient_id: int, paths: Sequence[str]) -> None:
+def refuse_if_erased(
+    session: Session, store: FileStore, patient_id: int, created: bool, paths: Sequence[str]
+) -> None:
     """Called on an IntegrityError while an upload's rows were written: raises Conflict (409)
     when the patient row is gone, i.e. an erasure of the patient (core.retention) committed
     between ``get_or_create_patient`` and the upload's INSERT, whose foreign key then failed
@@ -149,6 +151,8 @@ def refuse_if_erased(session: Session, store: FileStore, patient_id: int, paths:
     photograph again. The photographs this upload stored go unless a row references them, as the
     erasure's own files did (workers treat heatmaps drawn for erased photographs the same way)."""
     session.rollback()  # the failed transaction; the check below reads in a new one
+    if created:  # this request's own patient row: no erasure could see it, so it is another error
+        return
     if session.scalar(select(Patient.id).where(Patient.id == patient_id)) is not None:
         return
     removed = retention.remove_unreferenced_files(session, store, paths)
@@ -223,7 +227,8 @@ def create_image(
     else:
         store = FileStore(settings.store_path)
         stored = store_photo(store, photo)
-        patient_row_id = repo.get_or_create_patient(session, principal.clinic_id, patient_id).id
+        patient, created = repo.ensure_patient(session, principal.clinic_id, patient_id)
+        patient_row_id = patient.id
         try:
             image = record_photo(
                 session,
@@ -248,7 +253,7 @@ def create_image(
                 photos=[photo],
             )
         except sa_exc.IntegrityError:
-            refuse_if_erased(session, store, patient_row_id, [stored.relpath])
+            refuse_if_erased(session, store, patient_row_id, created, [stored.relpath])
             raise
         if answered == image_id:
             log.info("image %s queued", image_id)

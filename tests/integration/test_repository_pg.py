@@ -151,3 +151,11 @@ def test_a_folder_of_more_files_than_postgresql_binds_in_one_statement(pg_url: s
         job_id = job.id
     with session_scope(pg_url) as s:
         assert len(repo.job_items(s, job_id)) == 10_000
+
+
+def test_ensure_patient_says_whether_it_created_the_row(pg_url: str) -> None:
+    with session_scope(pg_url) as s:
+        clinic = _clinic(s)
+        assert repo.ensure_patient(s, clinic, "P-9")[1]
+    with session_scope(pg_url) as s:
+        assert not repo.ensure_patient(s, clinic, "P-9")[1]

@@ -75,14 +75,14 @@ def _erase_after_lookup(monkeypatch: pytest.MonkeyPatch, url: str, key: Key, *, 
     """Make the next upload's patient lookup be followed by an erasure of that patient in another
     connection: ``committed``, before the upload writes; else still holding its locks, and
     committed a moment later by a thread (the upload's INSERT waits for it)."""
-    real = repo.get_or_create_patient
+    real = repo.ensure_patient
     race = Race()
     happened = race.happened
 
-    def lookup_then_erasure(session: Any, clinic_id: int, external_id: str) -> Patient:
-        patient = real(session, clinic_id, external_id)
+    def lookup_then_erasure(session: Any, clinic_id: int, external_id: str) -> tuple[Patient, bool]:
+        found = real(session, clinic_id, external_id)
         if happened:  # only the first upload races
-            return patient
+            return found
         eraser = get_sessionmaker(url)()
         outcome = retention.erase_patient(eraser, clinic_id, external_id, api_key_id=key.key_id, by="api")
         assert outcome.found and outcome.rows["patient"] == 1
@@ -99,9 +99,9 @@ def _erase_after_lookup(monkeypatch: pytest.MonkeyPatch, url: str, key: Key, *, 
         else:
             race.threads.append(threading.Timer(1.0, commit))
             race.threads[-1].start()
-        return patient
+        return found
 
-    monkeypatch.setattr(repo, "get_or_create_patient", lookup_then_erasure)
+    monkeypatch.setattr(repo, "ensure_patient", lookup_then_erasure)
     return race
 
 

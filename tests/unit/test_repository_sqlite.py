@@ -253,3 +253,12 @@ def test_a_folder_of_thousands_of_files_is_one_job(session: Session) -> None:
     assert repo.add_job_items(session, job.id, specs) == 6000
     repo.add_job_items(session, job.id, specs[:2500])  # idempotent across batches too
     assert len(repo.job_items(session, job.id)) == 6000
+
+
+def test_ensure_patient_says_whether_it_created_the_row(session: Session) -> None:
+    """The upload's erasure-race check trusts it: an erasure cannot delete a row this transaction
+    created (an unrelated IntegrityError on a new patient was answered 409 "erased meanwhile")."""
+    c = repo.get_or_create_clinic(session, "E")
+    first, created = repo.ensure_patient(session, c.id, "P-9")
+    again, created_again = repo.ensure_patient(session, c.id, " P-9 ")
+    assert created and not created_again and first.id == again.id
