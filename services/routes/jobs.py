@@ -77,12 +77,18 @@ def resolve_import_folder(raw: str, roots: list[Path]) -> Path:
         raise Forbidden("folder jobs are disabled: no import roots are configured (DRSCREEN_IMPORT_ROOTS)")
     if "\x00" in raw:
         raise InvalidInput("folder contains a NUL character")
-    path = Path(raw).expanduser()
+    try:
+        path = Path(raw).expanduser()
+    except RuntimeError:  # "~name" of a user this server does not have (the fuzzer's "~0": a 500)
+        raise InvalidInput("folder names the home folder of an unknown user") from None
     if not path.is_absolute():
         raise InvalidInput("folder must be an absolute path")
     if ".." in path.parts:
         raise Forbidden("folder must not contain '..'")
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise InvalidInput("folder cannot be resolved (a symbolic link loop?)") from None
     if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         raise Forbidden("folder is outside the import roots")
     if not resolved.is_dir():

@@ -278,6 +278,7 @@ def test_folder_jobs_stay_inside_the_import_roots(
     outside = tmp_path / "private"
     outside.mkdir()
     (root / "escape").symlink_to(outside)
+    (root / "loop").symlink_to(root / "loop")
     monkeypatch.setenv("DRSCREEN_IMPORT_ROOTS", str(root))
     get_settings.cache_clear()
     with TestClient(create_app()) as client:
@@ -288,6 +289,9 @@ def test_folder_jobs_stay_inside_the_import_roots(
             "/etc": 403,
             "relative/path": 422,
             str(root / "missing"): 422,
+            "~0": 422,  # the fuzzer's: the home of an unknown user was a 500
+            "~no-such-user-here/visit": 422,
+            str(root / "loop"): 422,  # a symbolic link loop
         }
         for folder, status in refused.items():
             resp = client.post("/v1/jobs", headers=key.headers, json={"folder": folder})
