@@ -17,8 +17,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("DRSCREEN_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -179,3 +183,18 @@ def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("DRSCREEN_IMPORT_ROOTS", str(root))
     _clear_cached_settings()
     return root
+
+
+@pytest.fixture
+def client(url: str) -> Iterator[TestClient]:
+    """A client of the real app on the requesting module's ``url`` database (tests/unit/conftest.py
+    migrates an embedded one; the PostgreSQL modules give their own)."""
+    from fastapi.testclient import TestClient
+
+    from services.app import create_app
+    from services.config import get_api_settings
+
+    get_api_settings.cache_clear()
+    with TestClient(create_app()) as c:
+        yield c
+    get_api_settings.cache_clear()

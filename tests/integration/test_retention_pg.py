@@ -8,10 +8,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from core import repository as repo
@@ -20,8 +18,6 @@ from core.db import get_sessionmaker, session_scope
 from core.settings import get_settings
 from core.store import FileStore
 from core.tables import Explanation, Image
-from services.app import create_app
-from services.config import get_api_settings
 from tests.retention_world import TARGET, World, build, files_of
 from tests.unit.test_retention import (  # noqa: F401  (collected here: the same tests on PostgreSQL)
     erase,
@@ -65,14 +61,6 @@ def store(url: str) -> FileStore:
 @pytest.fixture
 def world(url: str, store: FileStore) -> World:
     return build(url, store)
-
-
-@pytest.fixture
-def client(url: str) -> Iterator[TestClient]:
-    get_api_settings.cache_clear()
-    with TestClient(create_app()) as c:
-        yield c
-    get_api_settings.cache_clear()
 
 
 def test_the_database_is_postgresql(world: World) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +25,6 @@ from core.db import get_sessionmaker, session_scope
 from core.settings import get_settings
 from core.store import FileStore
 from core.tables import Bundle, Image, Patient
-from services.app import create_app
-from services.config import get_api_settings
 from tests.api_support import Key, make_key, sample_bytes
 
 CLINIC, PATIENT = "Race clinic", "RACE-7"
@@ -36,14 +33,6 @@ CLINIC, PATIENT = "Race clinic", "RACE-7"
 @pytest.fixture
 def url(own_pg_url: str) -> str:
     return own_pg_url
-
-
-@pytest.fixture
-def client(url: str) -> Iterator[TestClient]:
-    get_api_settings.cache_clear()
-    with TestClient(create_app()) as c:
-        yield c
-    get_api_settings.cache_clear()
 
 
 @pytest.fixture
