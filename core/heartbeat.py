@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from core import deployment_key
 from core.settings import Settings
 from core.tables import WorkerHeartbeat, as_utc
 
@@ -41,6 +42,8 @@ def shared_settings(settings: Settings) -> dict[str, Any]:
         "import_per_clinic": settings.import_per_clinic,
         "max_image_pixels": settings.max_image_pixels,
         "store_dir": str(settings.store_path),
+        # the same path written on two machines can be two disks: the store's key tells them apart
+        STORE_IDENTITY: deployment_key.fingerprint(settings.store_path),
     }
 
 
@@ -63,7 +66,14 @@ def live_workers(rows: Iterable[WorkerHeartbeat], now: datetime) -> list[WorkerH
     return [row for row in rows if state(row, now) == "live"]
 
 
+#: The shared "setting" that is no environment variable: the fingerprint of the store's key file.
+STORE_IDENTITY = "store_identity"
+
+
 def env_name(setting: str) -> str:
+    """How a setting is named to the operator (its environment variable)."""
+    if setting == STORE_IDENTITY:
+        return f"the store folder's key ({deployment_key.KEY_FILE}: another disk at the same path?)"
     return "DRSCREEN_" + setting.upper()
 
 

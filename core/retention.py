@@ -16,8 +16,9 @@ Erasing a patient deletes their photographs (``image``) with their predictions, 
 ``Idempotency-Key`` records of their uploads, their eye and patient results, bundles and the
 patient row; a folder job left with no item is deleted, the others are recounted.
 ``audit_event`` rows are kept (clinic, key and random ids, no patient data); their link to the
-erased patient is cleared, and the erasure itself is audited (counts, and the sha256 of the
-patient id, never the id or a photograph).
+erased patient is cleared, and the erasure itself is audited (counts, and a keyed digest of the
+patient id, ``HMAC(deployment key, sha256(id))`` (core.deployment_key): never the id, a
+photograph, or a digest that a copy of the database alone could reverse).
 
 Like core.repository, these functions take the caller's Session and never commit. A photograph
 still ``queued`` or ``running`` (or a folder-job file not read yet) makes an erasure refuse
@@ -27,7 +28,6 @@ writing into rows being deleted would be racing the erasure.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,8 +39,10 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
+from core import deployment_key
 from core import repository as repo
 from core.errors import Conflict
+from core.settings import get_settings
 from core.store import FileStore
 from core.tables import (
     AuditEvent,
@@ -343,13 +345,15 @@ def erase_patient(
     force: bool = False,
     api_key_id: int | None = None,
     by: str = "cli",
+    key: bytes | None = None,
 ) -> Outcome:
     """Delete everything about the clinic's patient ``external_id`` (see the module docstring).
 
     ``found`` is False (and every count 0) when the clinic has no such patient: erasing twice is
     a no-op, and audits nothing. Raises Conflict while photographs of the patient are being
     scored, unless ``force`` (a worker then skips the rows that vanished). ``api_key_id`` / ``by``
-    say who asked, in the audit row. The caller commits (or rolls back: a dry run), then passes
+    say who asked, in the audit row; ``key`` is the deployment key (default: the configured
+    store's, :func:`store_key`). The caller commits (or rolls back: a dry run), then passes
     ``files`` to :func:`remove_unreferenced_files`."""
     _lock_database(session)
     patient = repo.get_patient(session, clinic_id, external_id)
@@ -357,6 +361,7 @@ def erase_patient(
     if not ids:  # no such patient (or erased by someone else meanwhile)
         return Outcome(found=False)
     out = Outcome(in_flight=sum(_in_flight(session, ids).values()))
+    key = key if key is not None else store_key()
     if out.in_flight and not force:
         raise Conflict(
             f"{out.in_flight} photograph(s) of this patient are still being scored; erase the "
@@ -370,9 +375,12 @@ def erase_patient(
         clinic_id=clinic_id,
         api_key_id=api_key_id,
         by=by,
-        patient_sha256=patient_digest(external_id),
+        **{DIGEST_FIELD: patient_digest(external_id, key)},
         forced=bool(out.in_flight),
     )
+    # rows audited before there was a key hold a plain sha256: the first erasure after the
+    # upgrade seals them (it runs where the store, and so the key, is)
+    seal_audit_digests(session, key)
     return out
 
 
@@ -520,17 +528,54 @@ def remove_unreferenced_files(session: Session, store: FileStore, paths: Iterabl
 
 
 def erased_patient_digests(session: Session, clinic_id: int, since: datetime) -> set[str]:
-    """The sha256 digests of the clinic's patient ids erased since ``since`` (their audit rows):
-    for a folder job accepted before an erasure, whose folder still holds the patient's files
-    (workers.folders leaves them out rather than record the patient again)."""
+    """The digests (:func:`patient_digest`) of the clinic's patient ids erased since ``since``
+    (their audit rows): for a folder job accepted before an erasure, whose folder still holds the
+    patient's files (workers.folders leaves them out rather than record the patient again).
+    Rows written before the key existed hold a plain sha256 until :func:`seal_audit_digests`; they
+    are returned sealed, so one comparison serves both."""
     details = session.scalars(
         select(AuditEvent.detail).where(
             AuditEvent.clinic_id == clinic_id, AuditEvent.at >= since, AuditEvent.action == ERASE_ACTION
         )
     )
-    return {str(d["patient_sha256"]) for d in details if isinstance(d, dict) and d.get("patient_sha256")}
+    found: set[str] = set()
+    key: bytes | None = None
+    for detail in details:
+        if not isinstance(detail, dict):
+            continue
+        if detail.get(DIGEST_FIELD):
+            found.add(str(detail[DIGEST_FIELD]))
+        elif detail.get(LEGACY_DIGEST_FIELD):
+            key = key if key is not None else store_key()
+            found.add(deployment_key.seal(key, str(detail[LEGACY_DIGEST_FIELD])))
+    return found
 
 
-def patient_digest(external_id: str) -> str:
-    """What the audit row of an erasure keeps of the patient id."""
-    return hashlib.sha256(external_id.strip().encode("utf-8")).hexdigest()
+#: The audit detail's field for the keyed digest, and the unkeyed one that versions up to 1.x wrote.
+DIGEST_FIELD, LEGACY_DIGEST_FIELD = "patient_hmac", "patient_sha256"
+
+
+def store_key() -> bytes:
+    """The deployment key of the configured store (created on first use)."""
+    return deployment_key.deployment_key(get_settings().store_path)
+
+
+def patient_digest(external_id: str, key: bytes) -> str:
+    """What the audit row of an erasure keeps of the patient id (keyed: see the module docstring)."""
+    return deployment_key.keyed_digest(key, external_id.strip())
+
+
+def seal_audit_digests(session: Session, key: bytes) -> int:
+    """Replace the plain sha256 that older erasure audit rows hold by its keyed digest; returns how
+    many rows changed. Idempotent (a sealed row has no plain digest left). The caller commits."""
+    sealed = 0
+    rows = session.scalars(select(AuditEvent).where(AuditEvent.action == ERASE_ACTION))
+    for event in rows:
+        detail = event.detail
+        if not isinstance(detail, dict) or not detail.get(LEGACY_DIGEST_FIELD):
+            continue
+        updated = {k: v for k, v in detail.items() if k != LEGACY_DIGEST_FIELD}
+        updated[DIGEST_FIELD] = deployment_key.seal(key, str(detail[LEGACY_DIGEST_FIELD]))
+        event.detail = updated  # a new dict: the JSON column sees the change
+        sealed += 1
+    return sealed

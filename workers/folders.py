@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session
 from core import repository as repo
 from core import retention, tasks
 from core.db import session_scope
+from core.deployment_key import deployment_key
 from core.schemas import PATIENT_ID_PATTERN
 from core.settings import get_settings
 from core.store import FileStore, get_store
@@ -429,8 +430,10 @@ class ExpandSummary:
     error: str | None = None
 
 
-def _of_erased(patient_id: str | None, erased: set[str]) -> bool:
-    return bool(erased) and patient_id is not None and retention.patient_digest(patient_id) in erased
+def _of_erased(patient_id: str | None, erased: set[str], store: FileStore) -> bool:
+    if not erased or patient_id is None:
+        return False
+    return retention.patient_digest(patient_id, deployment_key(store.root)) in erased
 
 
 def _store_missing_again(
@@ -532,7 +535,7 @@ def expand_folder(
 
     with session_scope(db_url) as session:
         erased = retention.erased_patient_digests(session, clinic_id, accepted_at)
-        plan = [p for p in plan if not _of_erased(p.patient_id, erased)]
+        plan = [p for p in plan if not _of_erased(p.patient_id, erased, store)]
         if not plan:
             session.rollback()
             error = "every file of the folder names a patient erased since the job was sent"
@@ -569,7 +572,7 @@ def expand_folder(
                 row = session.get(ScoringJobItem, item_id, with_for_update=True)
                 if row is None or row.status != "pending":
                     continue
-                if _of_erased(row.patient_external_id, erased):
+                if _of_erased(row.patient_external_id, erased, store):
                     session.delete(row)  # neither read nor named
                     continue
                 image_id = ingest_item(

@@ -22,6 +22,7 @@ import threading
 from datetime import datetime
 from typing import Any
 
+from core import deployment_key
 from core import repository as repo
 from core.db import session_scope
 from core.heartbeat import shared_settings
@@ -82,6 +83,10 @@ class Heartbeat:
         self.db_url = db_url
         self.pid = os.getpid()  # the main process's: children report under it
         settings = get_settings()
+        try:  # created now, so that every process of the deployment reports the same fingerprint
+            deployment_key.deployment_key(settings.store_path)
+        except (OSError, deployment_key.DeploymentKeyError) as exc:
+            log.error("the store's deployment key is not usable: %s", _one_line(exc))
         #: written with every beat (a deleted row comes back whole); fixed for the run
         self.static: dict[str, Any] = {
             "host": socket.gethostname(),

@@ -26,6 +26,7 @@ from core.settings import get_settings
 from core.store import FileStore
 from core.tables import Bundle, Image, Patient
 from tests.api_support import Key, make_key, sample_bytes
+from tests.retention_world import files
 
 CLINIC, PATIENT = "Race clinic", "RACE-7"
 
@@ -140,7 +141,7 @@ def test_an_upload_racing_an_erasure_answers_409_and_keeps_nothing(
         assert time.monotonic() - started >= 0.9  # the upload's INSERT waited for the erasure
     # nothing of the upload kept: no patient, photograph, bundle or stored file
     assert _count(url, Patient) == 0 and _count(url, Image) == 0 and _count(url, Bundle) == 0
-    assert not store.root.exists() or not any(p.is_file() for p in store.root.rglob("*"))
+    assert not files(store), "a photograph of the refused upload was kept"
 
     # sent again (with the same Idempotency-Key too): accepted, for a new record of the patient
     again = _upload(client, key, kind, idem)

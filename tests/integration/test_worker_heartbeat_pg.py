@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app as cli
+from core import deployment_key
 from core import repository as repo
 from core.db import session_scope
 from core.settings import get_settings
@@ -43,6 +44,7 @@ def _row(url: str) -> dict[str, Any] | None:
             "seen_at": rows[0].seen_at,
             "stopped_at": rows[0].stopped_at,
             "pid": rows[0].pid,
+            "settings": rows[0].settings or {},
         }
 
 
@@ -96,6 +98,8 @@ def test_a_real_worker_beats_and_drscreen_status_lists_it(
     assert first["release"] == DEV_MODEL and first["node"].startswith("celery@")
     assert first["runtime"] in {"torch", "onnx", "openvino"} and first["stopped_at"] is None
     assert first["pid"] == worker.proc.pid  # the main process (`drscreen worker`), not the child
+    # the worker made the store's deployment key at start: a process on another disk would differ
+    assert first["settings"]["store_identity"] == deployment_key.fingerprint(tmp_path / "store") != "none"
     # later beats come from the main process's timer, with the sweep off
     _wait(lambda: (row := _row(own_pg_url)) and row["seen_at"] > first["seen_at"], worker, "a later beat")
 

@@ -5,6 +5,7 @@ PostgreSQL in tests/integration/test_retention_pg.py."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -18,13 +19,13 @@ from sqlalchemy import delete, func, select, update
 from typer.testing import CliRunner
 
 from cli.main import app as cli_app
+from core import deployment_key, retention, tasks
 from core import repository as repo
-from core import retention, tasks
 from core.db import get_sessionmaker, session_scope
 from core.errors import Conflict
 from core.settings import get_settings
 from core.store import FileStore
-from core.tables import Explanation, Image, Patient, ScoringJob, ScoringJobItem, utcnow
+from core.tables import AuditEvent, Explanation, Image, Patient, ScoringJob, ScoringJobItem, utcnow
 from services.routes import images as image_routes
 from tests.api_support import make_key
 from tests.retention_world import (
@@ -109,7 +110,10 @@ def test_erase_deletes_the_patient_and_nothing_else(world: World) -> None:
     [event] = audit_rows(world.url, "patient.erase")
     assert event.clinic_id == world.north and event.patient_id is None and event.api_key_id is None
     assert event.detail is not None and event.detail["rows"] == out.rows
-    assert event.detail["patient_sha256"] == hashlib.sha256(TARGET.encode()).hexdigest()
+    key = deployment_key.deployment_key(world.store.root)
+    plain = hashlib.sha256(TARGET.encode()).hexdigest()
+    assert event.detail["patient_hmac"] == hmac.new(key, plain.encode(), hashlib.sha256).hexdigest()
+    assert plain not in json.dumps(event.detail), "a plain digest of a guessable id is reversible"
     assert event.detail["files"] == len(unique) and event.detail["forced"] is False
     assert TARGET not in json.dumps(event.detail)
     reads = audit_rows(world.url, "patient.read")
@@ -674,6 +678,42 @@ def test_a_folder_job_sent_before_an_erasure_does_not_bring_the_patient_back(
         assert repo.get_patient(s, world.north, "33") is None, "the erased patient is back"
         assert repo.get_patient(s, world.north, "34") is not None
     assert _named(world, job) == {"34"}
+
+
+def test_erasures_audited_before_the_deployment_key_still_keep_the_patient_out_and_get_sealed(
+    world: World, roots: Path
+) -> None:
+    """Audit rows written before the key existed hold the plain sha256 of the patient id: a folder
+    job accepted before such an erasure must still leave the patient out, and the next erasure
+    replaces every plain digest by its keyed one (no reversible digest stays in the database)."""
+    second = PHOTOS.joinpath("17_left.jpg").read_bytes()
+    add_images(world.url, world.store, "35", [("b.jpg", second, "left")], clinic=NORTH)
+    with session_scope(world.url) as s:
+        s.execute(update(Image).where(Image.stored_path.is_not(None)).values(status="done"))
+    job = _new_job(world, _folder(roots, "north", {"35_left.jpg": second}))
+    erase(world, "35")
+    plain = hashlib.sha256(b"35").hexdigest()
+    with session_scope(world.url) as s:  # as the previous version wrote it
+        [event] = audit_rows(world.url, "patient.erase")
+        row = s.get(AuditEvent, event.id)
+        assert row is not None and row.detail is not None
+        row.detail = {k: v for k, v in row.detail.items() if k != "patient_hmac"} | {"patient_sha256": plain}
+
+    summary = folders.expand_folder(job, db_url=world.url, store=world.store, enqueue=Sent())
+    assert summary.error is not None and "erased since the job was sent" in summary.error
+    with session_scope(world.url) as s:
+        assert repo.get_patient(s, world.north, "35") is None, "the erased patient is back"
+
+    erase(world)  # the next erasure seals the old row
+    details = [e.detail or {} for e in audit_rows(world.url, "patient.erase")]
+    assert plain not in json.dumps(details)
+    key = deployment_key.deployment_key(world.store.root)
+    assert {d["patient_hmac"] for d in details} == {
+        retention.patient_digest("35", key),
+        retention.patient_digest(TARGET, key),
+    }
+    with session_scope(world.url) as s:
+        assert retention.seal_audit_digests(s, key) == 0  # idempotent
 
 
 def test_a_forced_erasure_deletes_the_open_folder_job_it_empties(world: World) -> None:
