@@ -26,6 +26,9 @@ from core.tables import WorkerHeartbeat, as_utc
 #: machine or a database hiccup must not make it look dead).
 LIVE_INTERVALS = 3
 
+#: A worker row not seen for this long is deleted when any worker starts (its node name is gone).
+FORGOTTEN_AFTER = timedelta(days=30)
+
 #: What `drscreen status` tells "this process" by in its findings.
 THIS_PROCESS = "this process"
 

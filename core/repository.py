@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -42,6 +42,8 @@ from core.tables import (
 )
 
 API_KEY_PREFIX = "drs_"
+#: A folder job's states until it ends (``done`` or ``failed``).
+OPEN_JOB_STATES = ("queued", "running")
 
 
 def _insert(session: Session, table: Any) -> Any:
@@ -74,7 +76,8 @@ def import_roots_of(session: Session, clinic_id: int, settings: Settings) -> lis
 
 
 def get_clinic_by_name(session: Session, name: str) -> Clinic | None:
-    return session.scalars(select(Clinic).where(Clinic.name == name)).one_or_none()
+    """The clinic of that name, as `get_or_create_clinic` stored it (trimmed)."""
+    return session.scalars(select(Clinic).where(Clinic.name == name.strip())).one_or_none()
 
 
 def hash_api_key(key: str) -> str:
@@ -760,7 +763,7 @@ def refresh_job_counts(session: Session, job_id: str) -> ScoringJob:
     failed = sum(1 for item_status, img_status in rows if item_status == "failed" or img_status == "failed")
     done = sum(1 for item_status, img_status in rows if img_status == "done" and item_status != "failed")
     job.total, job.done, job.failed = total, done, failed
-    if job.status in ("queued", "running") and total and done + failed >= total:
+    if job.status in OPEN_JOB_STATES and total and done + failed >= total:
         job.status = "done"
         job.finished_at = utcnow()
     elif job.status == "queued" and total:
@@ -854,8 +857,16 @@ def mark_worker_stopped(session: Session, node: str, pid: int, at: datetime) -> 
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def forget_workers_unseen_since(session: Session, before: datetime) -> int:
+    """Delete the rows of workers not seen since ``before`` (node names of machines or containers
+    long gone: with generated host names there is a new one per start); returns how many."""
+    result = session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.seen_at < before))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def worker_heartbeats(session: Session) -> list[WorkerHeartbeat]:
-    """Every worker row, by node name (one per node name ever started: a small table)."""
+    """Every worker row, by node name (one per node name seen in the last
+    ``core.heartbeat.FORGOTTEN_AFTER``: each worker's start forgets older ones)."""
     return list(session.scalars(select(WorkerHeartbeat).order_by(WorkerHeartbeat.node)))
 
 
@@ -873,7 +884,7 @@ def count_open_jobs(session: Session) -> int:
     """Folder jobs still ``queued`` or ``running``."""
     return int(
         session.scalar(
-            select(func.count()).select_from(ScoringJob).where(ScoringJob.status.in_(["queued", "running"]))
+            select(func.count()).select_from(ScoringJob).where(ScoringJob.status.in_(OPEN_JOB_STATES))
         )
         or 0
     )

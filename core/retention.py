@@ -77,7 +77,7 @@ TABLES = (
 ERASE_ACTION, PURGE_ACTION = "patient.erase", "data.purge"
 IN_FLIGHT_IMAGES = ("queued", "running")
 IN_FLIGHT_ITEMS = ("pending", "queued")
-OPEN_JOBS = ("queued", "running")
+OPEN_JOBS = repo.OPEN_JOB_STATES
 FINISHED_JOBS = ("done", "failed")
 #: Patients (and stored paths) per statement: keeps IN lists far below SQLite's variable limit.
 CHUNK = 500

@@ -25,7 +25,7 @@ from typing import Any
 from core import deployment_key
 from core import repository as repo
 from core.db import session_scope
-from core.heartbeat import shared_settings
+from core.heartbeat import FORGOTTEN_AFTER, shared_settings
 from core.settings import get_settings
 from core.tables import utcnow
 from workers.settings import WorkerSettings, get_worker_settings
@@ -112,11 +112,24 @@ class Heartbeat:
 
     def beat(self, *, first: bool = False, now: datetime | None = None) -> bool:
         """Refresh ``seen_at``; ``first`` (the run's start) also clears the runtime an earlier run
-        under this node name reported. False when it could not be written (logged)."""
-        values: dict[str, Any] = {"seen_at": now or utcnow(), "stopped_at": None}
+        under this node name reported, and forgets workers unseen for ``FORGOTTEN_AFTER``. False
+        when it could not be written (logged)."""
+        now = now or utcnow()
+        values: dict[str, Any] = {"seen_at": now, "stopped_at": None}
         if first:
             values |= {"runtime": None, "precisions": None}
+            self._forget_old(now)
         return self._write(values, "start" if first else "beat")
+
+    def _forget_old(self, now: datetime) -> None:
+        try:
+            with session_scope(self.db_url) as session:
+                gone = repo.forget_workers_unseen_since(session, now - FORGOTTEN_AFTER)
+        except Exception as exc:  # housekeeping only: never in the way of the start
+            log.warning("old worker rows not forgotten: %s", _one_line(exc))
+            return
+        if gone:
+            log.info("forgot %d worker(s) not seen for %s", gone, FORGOTTEN_AFTER)
 
     def report_runtime(
         self, runtime: str, precisions: dict[str, str] | None, now: datetime | None = None

@@ -419,7 +419,8 @@ def test_cli_erase_asks_then_erases(world: World) -> None:
     result = runner.invoke(cli_app, ["data", "erase", "--clinic", NORTH, TARGET], input="n\n")
     assert result.exit_code == 1 and "nothing erased" in result.output
     assert dump(world.url) == before  # the preview was rolled back (its audit row too)
-    result = runner.invoke(cli_app, ["data", "erase", "--clinic", NORTH, TARGET], input="y\n")
+    # the clinic as typed with stray spaces: names are stored trimmed (`keys create`), and found so
+    result = runner.invoke(cli_app, ["data", "erase", "--clinic", f" {NORTH} ", TARGET], input="y\n")
     assert result.exit_code == 0, result.output
     assert "erased patient" in result.output and _printed(result.output)["image"] == len(gone["image"])
     assert_only_patient_gone(before, dump(world.url), gone)

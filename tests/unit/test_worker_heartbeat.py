@@ -110,6 +110,22 @@ def test_a_worker_has_one_row_that_each_beat_refreshes(url: str, monkeypatch: py
     assert row["concurrency"] == 1 and row["started_at"].replace(tzinfo=UTC) == T0 + timedelta(minutes=5)
 
 
+def test_a_worker_start_forgets_workers_unseen_for_a_month(url: str) -> None:
+    """One row per node name: with generated host names (containers) a new one per start, so the
+    table grew for ever. A start deletes the rows not seen for FORGOTTEN_AFTER, and only those."""
+    old = _heartbeat("celery@gone")
+    assert old.beat(first=True, now=T0 - hb.FORGOTTEN_AFTER - timedelta(minutes=1))
+    recent = _heartbeat("celery@recent")
+    assert recent.beat(first=True, now=T0 - hb.FORGOTTEN_AFTER + timedelta(minutes=1))
+    assert recent.stopped(now=T0 - hb.FORGOTTEN_AFTER + timedelta(minutes=2))  # stopped, still listed
+    assert {r["node"] for r in _rows(url)} == {"celery@gone", "celery@recent"}
+    assert _heartbeat().beat(now=T0)  # a beat that is not a start forgets nothing
+    assert {r["node"] for r in _rows(url)} == {"celery@gone", "celery@recent", "celery@a"}
+
+    assert _heartbeat("celery@new").beat(first=True, now=T0)
+    assert {r["node"] for r in _rows(url)} == {"celery@recent", "celery@a", "celery@new"}
+
+
 def test_a_heartbeat_never_raises_when_the_database_is_away(
     isolated_settings: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
