@@ -253,7 +253,7 @@ def forward_figures(plan: Plan, sources: list[Path], log: Callable[[str], None])
     images = [decode_image(p.read_bytes()) for p in sources[:BATCH]]
     inputs = ens.pixel_inputs(images)
     one = {k: v[:1] for k, v in inputs.items()}
-    members = ens._members
+    members = ens.member_objects
     out: dict[str, Any] = {"ensemble": ens.ref, "members": ens.members, "cpus": cpus}
 
     pool = ThreadPoolExecutor(cpus)

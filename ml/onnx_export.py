@@ -94,7 +94,7 @@ def calibration_inputs(ens: Ensemble, train: list[Sample]) -> dict[str, np.ndarr
     pick = np.random.default_rng(0).choice(
         len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False
     )
-    calib: dict[str, list[np.ndarray]] = {m.ref: [] for m in ens._members}
+    calib: dict[str, list[np.ndarray]] = {m.ref: [] for m in ens.member_objects}
     for inputs in _inputs(ens, [train[i] for i in sorted(pick)]):
         for ref, batch in calib.items():
             batch.append(inputs[ref])
@@ -126,7 +126,7 @@ def _speed(sessions: dict[str, Any], sizes: dict[str, int], batch: int = SPEED_B
 
 def _export_static(ens: Ensemble, ref: str, out: Path, batch: int = SPEED_BATCH) -> Path:
     """The same member with a fixed batch axis (only to measure static vs dynamic)."""
-    member = next(m for m in ens._members if m.ref == ref)
+    member = next(m for m in ens.member_objects if m.ref == ref)
     return export_member_onnx(member.model, member.preprocess.size, out, batch=batch)
 
 
@@ -274,7 +274,7 @@ def fastest_passing_mix(
     speed (``ips[ref][precision]``: each member's images/s alone). If no subset passes (not even
     all float32: the runtime itself disagrees with the reference), all float32 is returned with
     ``passes_criteria`` False, so nothing runs in bfloat16."""
-    refs = [m.ref for m in ens._members]
+    refs = [m.ref for m in ens.member_objects]
     reference = p_fp32 if reference is None else reference
     best: dict[str, Any] = {}
     for mask in itertools.product((False, True), repeat=len(refs)):
@@ -305,7 +305,7 @@ def export_onnx(
     threads = int(os.environ.get("DRSCREEN_TORCH_THREADS", "0") or 0) or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     ens = load_ensemble(ref, models_dir=models_dir)
-    members = ens._members
+    members = ens.member_objects
     sizes = {m.ref: m.preprocess.size for m in members}
     if val is None or (quantize and train is None):
         split = natural_split(TrainConfig(), Path.cwd())
@@ -398,7 +398,7 @@ def _openvino_check(
     ips: dict[str, dict[str, float]] = {ref: {} for ref in fp32}
     for precision in PRECISIONS:
         sessions = {ref: OpenVinoSession(path, precision) for ref, path in fp32.items()}
-        probs[precision] = onnx_probabilities(sessions, ens._members, val_inputs)
+        probs[precision] = onnx_probabilities(sessions, ens.member_objects, val_inputs)
         for ref, session in sessions.items():
             ips[ref][precision] = _speed({ref: session}, {ref: sizes[ref]})
         out[precision] = {
@@ -430,7 +430,7 @@ def _quantize_all(
     sizes: dict[str, int],
     models_dir: Path | None,
 ) -> dict[str, Any]:
-    members = ens._members
+    members = ens.member_objects
     calib = calibration_inputs(ens, train)
     out: dict[str, Any] = {
         "calibration_images": min(CALIBRATION_IMAGES, len(train)),

@@ -36,7 +36,7 @@ from ml.training.train import natural_split
 
 def main(ref: str) -> None:
     ens = load_ensemble(ref)
-    members = ens._members
+    members = ens.member_objects
     sizes = {m.ref: m.preprocess.size for m in members}
     split = natural_split(TrainConfig(), Path.cwd())
     y = np.array([s.grade for s in split["val"]])

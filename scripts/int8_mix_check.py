@@ -39,7 +39,7 @@ from ml.training.train import natural_split
 
 def main(ref: str, threads: int) -> None:
     ens = load_ensemble(ref)
-    members = ens._members
+    members = ens.member_objects
     split = natural_split(TrainConfig(), Path.cwd())
     y = np.array([s.grade for s in split["val"]])
     val_inputs = list(_inputs(ens, split["val"]))

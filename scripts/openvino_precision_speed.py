@@ -36,7 +36,7 @@ def main(ref: str) -> None:
     calibration = calibration_inputs(ens, natural_split(TrainConfig(), Path.cwd())["train"])
     print(f"{ref}, bf16 kernels: {bf16_kernels()}, images/s at batch 8 on one thread")
     with tempfile.TemporaryDirectory() as tmp:
-        for m in ens._members:
+        for m in ens.member_objects:
             size = {m.ref: m.preprocess.size}
             fp32 = onnx_path_for(m.ref, None)
             graphs = [("float32 graph", fp32)]

@@ -151,6 +151,11 @@ class Ensemble:
         return [m.ref for m in self._members]
 
     @property
+    def member_objects(self) -> list[Member]:
+        """The members themselves (preprocessing, networks), for export, checks and benchmarks."""
+        return list(self._members)
+
+    @property
     def card(self) -> dict[str, Any]:
         card: dict[str, Any] = self.manifest.get("card", {})
         return card

@@ -52,7 +52,7 @@ def test_onnx_predict_and_explain_leave_pytorch_members_unloaded(
     # the cache is empty: loading exports every member (in a child process)
     ens = load_ensemble(MODEL, MODELS_DIR, runtime="onnx", threads=1)
     preds = ens.predict(images)
-    assert not any(m.loaded for m in ens._members)
+    assert not any(m.loaded for m in ens.member_objects)
     assert _networks() == before
 
     reference = load_ensemble(MODEL, MODELS_DIR).predict(images)  # PyTorch, loaded eagerly
@@ -66,7 +66,7 @@ def test_onnx_predict_and_explain_leave_pytorch_members_unloaded(
 
     # heatmaps come from the feature maps the same graphs output, and equal PyTorch's Grad-CAM
     heatmap = ens.explain(images[0])
-    assert not any(m.loaded for m in ens._members)
+    assert not any(m.loaded for m in ens.member_objects)
     assert _networks() == before
     expected = load_ensemble(MODEL, MODELS_DIR).explain(images[0])
     assert heatmap.shape == expected.shape == images[0].shape[:2]
@@ -79,7 +79,7 @@ def test_onnx_predict_and_explain_leave_pytorch_members_unloaded(
     assert drawn[0].heatmap is not None and drawn[2].heatmap is not None
     assert np.abs(drawn[0].heatmap - heatmap).max() <= 1e-6
     assert np.abs(drawn[2].heatmap - ens.explain(images[2])).max() <= 1e-6
-    assert not any(m.loaded for m in ens._members)
+    assert not any(m.loaded for m in ens.member_objects)
 
 
 def test_onnx_worker_process_never_imports_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -88,7 +88,7 @@ def test_onnx_runtime_ensemble_matches_torch(tmp_path: Path, monkeypatch: pytest
     images = [load_rgb(s.path) for s in _photos(6)]
     torch_ens = load_ensemble(DEV)
     onnx_ens = load_ensemble(DEV, runtime="onnx", threads=1)
-    assert all(not m.model.training for m in onnx_ens._members)
+    assert all(not m.model.training for m in onnx_ens.member_objects)
     a, b = torch_ens.predict(images), onnx_ens.predict(images)
     assert [p.grade for p in a] == [p.grade for p in b]
     diff = np.abs(np.array([p.probabilities for p in a]) - np.array([p.probabilities for p in b]))
@@ -101,7 +101,7 @@ def test_int8_variant_keeps_the_named_convolutions_float(tmp_path: Path) -> None
 
     from ml.inference.onnx_graph import export_member_onnx
 
-    member = load_ensemble(DEV)._members[0]  # MobileNetV2: depthwise and pointwise convolutions
+    member = load_ensemble(DEV).member_objects[0]  # MobileNetV2: depthwise and pointwise convolutions
     size = member.preprocess.size
     fp32 = export_member_onnx(member.model, size, tmp_path / "m.onnx")
     convs = conv_nodes(fp32)
