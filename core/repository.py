@@ -280,6 +280,16 @@ def recent_releases(session: Session, last: int = 1000) -> dict[str, datetime]:
     return {ref: at for ref, at in rows}
 
 
+def unclaim_image(session: Session, image: Image) -> None:
+    """Give a claimed image back as if it had not been claimed (the attempt does not count: it was
+    not tried, e.g. its worker's release stopped being the active one while it was graded)."""
+    image.status = "queued"
+    image.attempts = max(0, image.attempts - 1)
+    image.claimed_by = None
+    image.updated_at = utcnow()
+    session.flush()
+
+
 def return_to_queue(session: Session, image: Image) -> None:
     """Give a claimed image back unscored (its attempt counts: the claim's limit still applies);
     the sweep sends it again once it has been queued for ``stale_queued_minutes``."""
@@ -396,11 +406,23 @@ def other_active_release(session: Session, ref: str) -> str | None:
 
 
 def activate_release(session: Session, ref: str, card: dict[str, Any] | None = None) -> ModelVersion:
-    """Make ``ref`` the release every worker must serve (earlier activations stay as history)."""
+    """Make ``ref`` the release every worker must serve (earlier activations stay as history).
+
+    On PostgreSQL it first locks every release row: a worker writing grades holds its release's
+    row (:func:`lock_release_for_writing`), so the activation waits for grades being written
+    and a write that starts meanwhile waits for it, then sees the new active release."""
+    session.execute(select(ModelVersion.id).order_by(ModelVersion.id).with_for_update())
     row = get_or_create_model_version(session, ref, card)
     row.activated_at = utcnow()
     session.flush()
     return row
+
+
+def lock_release_for_writing(session: Session, release: ModelVersion) -> str | None:
+    """Hold ``release``'s row (shared, PostgreSQL) while its grades are written, then say which
+    other release is active (None: this one, or none activated). See :func:`activate_release`."""
+    session.execute(select(ModelVersion.id).where(ModelVersion.id == release.id).with_for_update(read=True))
+    return other_active_release(session, release.ref)
 
 
 def get_model_version(session: Session, model_version_id: int) -> ModelVersion | None:

@@ -318,6 +318,32 @@ def _trigger(it: _Claimed) -> str:
     return f"image:{it.image_id}"
 
 
+def _give_back(
+    session: Session,
+    items: list[_Claimed],
+    locked: dict[str, Image],
+    ref: str,
+    active: str,
+    summary: ScoreSummary,
+) -> None:
+    """The batch was graded by a release that is no longer the active one: nothing is written,
+    and the photographs go back to the queue for a worker serving ``active``."""
+    log.error(
+        "release %s was activated while this worker graded %d photograph(s) with %s: they are "
+        "queued again for a worker serving it; restart this one with DRSCREEN_MODEL=%s",
+        active,
+        len(items),
+        ref,
+        active,
+    )
+    for it in items:
+        row = locked.get(it.image_id)
+        if row is not None and row.status == "running":
+            repo.unclaim_image(session, row)
+            summary.other_release.append(row.id)
+    _refresh_groups(session, [locked[it.image_id] for it in items if it.image_id in locked], [])
+
+
 def _write(
     items: list[_Claimed], ens: EnsembleLike, db_url: str | None, summary: ScoreSummary
 ) -> list[_Claimed]:
@@ -326,6 +352,9 @@ def _write(
     max_attempts = get_worker_settings().max_attempts
     with session_scope(db_url) as session:
         mv = repo.get_or_create_model_version(session, ens.ref, ens.card)
+        # checked again here: an activation while the batch was graded would otherwise mix
+        # releases in patients' results; the lock makes an activation wait for this commit
+        active = repo.lock_release_for_writing(session, mv)
         # Row locks on PostgreSQL, all in one statement and in id order: a concurrent delivery
         # of the same ids waits here, then sees ``done`` and skips (SQLite serialises writers).
         locked = {
@@ -339,6 +368,9 @@ def _write(
         }
         rows: list[Image] = []
         done_ids: list[str] = []
+        if active is not None:
+            _give_back(session, items, locked, ens.ref, active, summary)
+            return written
         for it in items:
             row = locked.get(it.image_id)
             if row is None or row.status == "done":

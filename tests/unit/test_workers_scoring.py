@@ -583,6 +583,40 @@ def test_a_worker_not_serving_the_active_release_leaves_the_photographs_queued(
     ]
 
 
+def test_an_activation_while_a_batch_is_graded_writes_nothing_of_the_old_release(
+    url: str,
+    store: FileStore,
+    ens: StubEnsemble,
+    sent: Sent,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The release was checked only before the claim: `drscreen model activate` during the seconds
+    a batch is graded let the old release write its grades (and the patient's result) after the
+    switch. The write checks again: nothing written, the photographs queued again, untried."""
+    ids = add_images(url, store, "P-SWITCH", [photo("16_left.jpg"), photo("16_right.jpg")])
+    compute = scoring._compute
+
+    def activated_meanwhile(*args: Any, **kwargs: Any) -> None:
+        compute(*args, **kwargs)
+        with session_scope(url) as s:
+            repo.activate_release(s, "stub-next@0.0.3")
+
+    monkeypatch.setattr(scoring, "_compute", activated_meanwhile)
+    with caplog.at_level("ERROR"):
+        summary = scoring.score_images(ids, ensemble=ens, store=store, db_url=url, enqueue=sent)
+    assert ens.batches, "the batch was graded"
+    assert sorted(summary.other_release) == sorted(ids) and not summary.scored and not summary.patients
+    assert "release stub-next@0.0.3 was activated" in caplog.text
+    with session_scope(url) as s:
+        for image_id in ids:
+            row = repo.get_image(s, image_id)
+            assert row is not None and (row.status, row.attempts, row.claimed_by) == ("queued", 0, None)
+        assert s.scalar(select(func.count()).select_from(Prediction)) == 0
+        assert s.scalar(select(func.count()).select_from(PatientResult)) == 0
+    assert sent == [], "no heatmap or rescore sent for grades not written"
+
+
 def _queued_messages() -> list[dict[str, Any]]:
     """The messages waiting in this test's embedded broker (its own DRSCREEN_VAR_DIR)."""
     import base64
