@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from ml.release import load_checkpoint, save_checkpoint
+from ml.training.config import config_from_dict
+from ml.training.train import member_metrics, natural_validation
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,10 @@ def repo_relative(path: Path) -> str:
         return str(path)
 
 
-def make_soup(run_dirs: list[Path], out_dir: Path) -> Path:
-    """Average the ``best/`` checkpoints of ``run_dirs`` into ``out_dir/best`` (a run folder)."""
+def make_soup(run_dirs: list[Path], out_dir: Path, base: Path | None = None) -> Path:
+    """Average the ``best/`` checkpoints of ``run_dirs`` into ``out_dir/best`` (a run folder).
+    The soup is measured on its runs' natural-colour validation photographs (paths relative to
+    ``base``, default the working directory), as a trained member is."""
     loaded = [load_checkpoint(run / "best") for run in run_dirs]
     first_model, first_pre, first_config = loaded[0]
     for run, (_, pre, config) in zip(run_dirs[1:], loaded[1:], strict=True):
@@ -89,6 +93,11 @@ def make_soup(run_dirs: list[Path], out_dir: Path) -> Path:
         meta.pop(key, None)
     meta["soup_of"] = [repo_relative(run) for run in run_dirs]
     meta["soup_backbone_max_abs_diff"] = backbone_spread
+    if "train_config" in meta:
+        cfg = config_from_dict(meta["train_config"])
+        meta["metrics"] = member_metrics(first_model, cfg, natural_validation(cfg, base or Path.cwd()))
+    else:  # not made by `drscreen train`: nothing says which photographs validate it
+        log.warning("the runs carry no training config: the soup's metadata has no metrics")
     save_checkpoint(out_dir / "best", first_model, first_pre, first_config["name"], "0.0.0", meta)
     train_config = meta.get("train_config", {})
     (out_dir / "config.json").write_text(json.dumps(train_config | {"soup_of": meta["soup_of"]}, indent=2))

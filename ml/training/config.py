@@ -198,6 +198,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
         raise ConfigError(str(exc)) from exc
 
 
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """A config as ``TrainConfig.to_dict`` wrote it (a run's or a release's ``train_config``)."""
+    check_raw(raw)
+    return _build(raw)
+
+
 def _build(raw: dict[str, Any]) -> TrainConfig:
     return TrainConfig(
         name=raw.get("name", "member"),

@@ -556,14 +556,29 @@ def initial_model(cfg: TrainConfig, base: Path, resuming: bool) -> GradingNet:
     return model
 
 
+def member_metrics(model: GradingNet, cfg: TrainConfig, nat_val: Split) -> dict[str, float | None]:
+    """What a released member's metadata says of it: the natural-colour validation QWK at the
+    default cuts and the referable AUC (None without validation photographs)."""
+    val_qwk = val_auc = None
+    if nat_val.samples:
+        scores, probs = predict(model, nat_val, cfg)
+        val_qwk = qwk(nat_val.grades, apply_thresholds(scores, DEFAULT_THRESHOLDS))
+        val_auc = referable_metrics(nat_val.grades, [], probs[:, 2:].sum(axis=1))["referable_auc"]
+    return {"natural_val_qwk_default_thresholds": val_qwk, "natural_val_referable_auc": val_auc}
+
+
+def natural_validation(cfg: TrainConfig, base: Path) -> Split:
+    """The natural-colour validation part of ``cfg``'s split, with its cached pixels."""
+    samples = natural_split(cfg, base)["val"]
+    if cfg.data.limit_per_split > 0:
+        samples = samples[: cfg.data.limit_per_split]
+    cache = resolve(cfg.data.cache_dir, base)
+    return Split(samples, cached_pixels(samples, cfg.preprocess, cache, "nat_val"))
+
+
 def save_member(
     model: GradingNet, cfg: TrainConfig, data: Datasets, folder: Path, history: list[dict[str, Any]]
 ) -> None:
-    val_qwk = val_auc = None
-    if data.nat_val.samples:
-        scores, probs = predict(model, data.nat_val, cfg)
-        val_qwk = qwk(data.nat_val.grades, apply_thresholds(scores, DEFAULT_THRESHOLDS))
-        val_auc = referable_metrics(data.nat_val.grades, [], probs[:, 2:].sum(axis=1))["referable_auc"]
     save_checkpoint(
         folder,
         model,
@@ -571,7 +586,7 @@ def save_member(
         cfg.name,
         "0.0.0",
         {
-            "metrics": {"natural_val_qwk_default_thresholds": val_qwk, "natural_val_referable_auc": val_auc},
+            "metrics": member_metrics(model, cfg, data.nat_val),
             "data_split_hash": data.split_hash,
             "split_counts": data.counts,
             "train_config": cfg.to_dict(),

@@ -46,3 +46,21 @@ def test_check_release_reads_each_members_metadata_once(monkeypatch: pytest.Monk
     ref = ens_mod.check_release("drscreen-dev@0.1.0")
     members = ens_mod.read_manifest(ref)["members"]
     assert len(reads) == len(members) == len(set(reads))
+
+
+REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+#: What issue 6 asks each released member's metadata to hold.
+RELEASE_FIELDS = ("name", "version", "metrics", "data_split_hash", "libraries", "weights_sha256")
+
+
+def test_every_shipped_member_says_what_a_release_must_say() -> None:
+    """Weight soups were exported without metrics (1.6.0 and 1.8.0 of Lite1+CBAM, session 20)."""
+    folders = sorted(REPO_MODELS.glob("members/*/*/metadata.json"))
+    assert len(folders) >= 12
+    for path in folders:
+        meta = json.loads(path.read_text())
+        missing = [key for key in RELEASE_FIELDS if not meta.get(key)]
+        assert not missing, f"{path.parent}: no {', '.join(missing)}"
+        assert f"{meta['name']}/{meta['version']}" == f"{path.parent.parent.name}/{path.parent.name}"
+        # (the referable AUC joined the metrics after the first releases)
+        assert meta["metrics"].get("natural_val_qwk_default_thresholds") is not None, path.parent

@@ -93,6 +93,18 @@ def test_smoke_training_writes_every_artefact(smoke_run: Path) -> None:
     assert resolved["model"]["attention"] == "se" and resolved["preprocess"]["size"] == 64
 
 
+def test_a_soup_is_measured_like_the_members_it_averages(smoke_run: Path, tmp_path: Path) -> None:
+    """The soup's metadata had no metrics (the card had them, the member's own release did not).
+    A soup of one run twice is that run, so its metrics must be the run's exactly."""
+    from ml.soup import make_soup
+
+    soup = make_soup([smoke_run, smoke_run], tmp_path / "soup")
+    run_meta = json.loads((smoke_run / "best" / "metadata.json").read_text())
+    soup_meta = json.loads((soup / "best" / "metadata.json").read_text())
+    assert soup_meta["metrics"] == run_meta["metrics"]
+    assert run_meta["metrics"]["natural_val_qwk_default_thresholds"] is not None
+
+
 def test_resume_continues_from_last_checkpoint(smoke_run: Path, tmp_path: Path) -> None:
     from ml.training.train import train_from_config
 

@@ -31,10 +31,21 @@ def test_average_states_refuses_mismatched_states() -> None:
         average_states([{"w": torch.zeros(2)}, {"w": torch.zeros(3)}])
 
 
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
 def _run(folder: Path, model: GradingNet) -> Path:
-    save_checkpoint(
-        folder / "best", model, PreprocessConfig(size=64), "m", "0.0.0", {"train_config": {"seed": 1}}
-    )
+    """A run folder as `drscreen train` leaves it; its config validates on 4 natural photographs."""
+    config = {
+        "seed": 1,
+        "preprocess": {"size": 64},
+        "data": {
+            "natural_dir": str(DATA / "eyepacs-natural-512"),
+            "cache_dir": str(folder.parent / "cache"),
+            "limit_per_split": 4,
+        },
+    }
+    save_checkpoint(folder / "best", model, PreprocessConfig(size=64), "m", "0.0.0", {"train_config": config})
     return folder
 
 
@@ -59,6 +70,10 @@ def test_soup_of_head_only_draws_averages_the_heads_and_keeps_the_backbone(
         assert torch.allclose(got[key], expected), key
     assert not torch.equal(got["cls_head.weight"], first.state_dict()["cls_head.weight"])
     assert json.loads((out / "config.json").read_text())["seed"] == 1
+    # measured as a trained member is (ml.training.train.member_metrics), on its runs' split
+    metrics = config["metadata"]["metrics"]
+    assert set(metrics) == {"natural_val_qwk_default_thresholds", "natural_val_referable_auc"}
+    assert metrics["natural_val_qwk_default_thresholds"] is not None
 
 
 def test_soup_records_a_backbone_that_moved(tmp_path: Path) -> None:
