@@ -284,19 +284,36 @@ def progress(url: str, job_id: str) -> tuple[str, dict[str, int]]:
     return job_status(url, job_id), images_by_status(url, job_id)
 
 
-def wait_running(stack: Stack, job_id: str, what: str) -> None:
+def wait_running(stack: Stack, job_id: str, what: str, freeze: int | None = None) -> dict[str, int]:
     """Wait until some of the job's photographs are being scored; fails at once, with the job's
     state, if the job ends first (the fault would hit nothing). Polled every 20 ms: with the dev
     model a 48-photograph job can finish in well under a second (session 9's CI run saw it
-    queued at one 0.5 s poll and done at the next)."""
+    queued at one 0.5 s poll and done at the next).
+
+    ``freeze``: a worker's process group, stopped (SIGSTOP) once a chunk is seen running and left
+    stopped for the caller's kill. Checked again once stopped, and let go to try again when the
+    chunk finished in between: on a loaded machine the gap between two chunks was caught (8 done,
+    40 queued, none running), and the kill then hit nothing (session 20)."""
+    observed: list[tuple[str, dict[str, int]]] = []
 
     def running_or_over() -> bool:
-        status, counts = progress(stack.url, job_id)
+        observed.append(progress(stack.url, job_id))
+        status, counts = observed[-1]
         return counts.get("running", 0) > 0 or status in ("done", "failed")
 
-    wait_until(running_or_over, what, stack, state=lambda: progress(stack.url, job_id), interval=0.02)
-    status, counts = progress(stack.url, job_id)
-    assert counts.get("running", 0) > 0, f"{what}: the job ended first ({status}, {counts})"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        wait_until(running_or_over, what, stack, state=lambda: progress(stack.url, job_id), interval=0.02)
+        status, counts = observed[-1]
+        assert counts.get("running", 0) > 0, f"{what}: the job ended first ({status}, {counts})"
+        if freeze is None:
+            return counts
+        os.killpg(freeze, signal.SIGSTOP)
+        status, counts = progress(stack.url, job_id)
+        if counts.get("running", 0) > 0:
+            return counts
+        os.killpg(freeze, signal.SIGCONT)
+        assert time.monotonic() < deadline, f"{what}: never caught running while stopped ({status}, {counts})"
 
 
 def images_by_status(url: str, job_id: str) -> dict[str, int]:
@@ -409,16 +426,17 @@ def test_worker_killed_mid_folder_job(stack: Stack) -> None:
 
     # (a) SIGKILL the pool child while it scores: the parent rejects the message back to the queue
     # (task_reject_on_worker_lost) and a new child takes it.
-    wait_running(stack, job_id, "a chunk running")
+    wait_running(stack, job_id, "a chunk running", freeze=worker.proc.pid)
     [child] = pool_children(worker.proc.pid)
     os.kill(child, signal.SIGKILL)
+    os.killpg(worker.proc.pid, signal.SIGCONT)
     wait_until(
         lambda: images_by_status(stack.url, job_id).get("done", 0) >= 8, "8 done after a child died", stack
     )
 
     # (b) SIGKILL the whole worker (parent and child) in the middle of a chunk: its message stays
     # unacknowledged in Redis for the visibility timeout (an hour); the sweep re-queues the rows.
-    wait_running(stack, job_id, "another chunk")
+    wait_running(stack, job_id, "another chunk", freeze=worker.proc.pid)
     os.killpg(worker.proc.pid, signal.SIGKILL)
     worker.proc.wait(timeout=10)
     at_kill = images_by_status(stack.url, job_id)
@@ -441,7 +459,7 @@ def test_whole_worker_killed_comes_back_without_waiting_for_staleness(stack: Sta
     worker = stack.start_worker(env=slow, ready_timeout=WORKER_READY_S)
     stack.workers.append(worker)
     job_id = submit_job(stack, key, stack.folder("kill-all"))
-    wait_running(stack, job_id, "a chunk running")
+    wait_running(stack, job_id, "a chunk running", freeze=worker.proc.pid)
     os.killpg(worker.proc.pid, signal.SIGKILL)
     worker.proc.wait(timeout=10)
     at_kill = images_by_status(stack.url, job_id)
