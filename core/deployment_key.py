@@ -38,7 +38,13 @@ def key_path(store_dir: Path) -> Path:
 
 
 def _read(path: Path) -> bytes:
-    text = path.read_text(encoding="ascii").strip()
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (PermissionError, UnicodeDecodeError) as exc:
+        raise DeploymentKeyError(
+            f"{path} cannot be read by this process (uid {os.getuid()}): the API and every worker "
+            "must run as one user, as they must for the store's photographs"
+        ) from exc
     if len(text) != _KEY_HEX_CHARS or any(c not in "0123456789abcdef" for c in text):
         raise DeploymentKeyError(f"{path} is not a drscreen deployment key (64 hex digits)")
     return bytes.fromhex(text)
