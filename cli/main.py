@@ -540,7 +540,7 @@ def _retention(command: str, run: Any, *, commit: bool) -> tuple[Any, int]:
     Returns (outcome, files removed)."""
     from core import retention
     from core.db import get_sessionmaker
-    from core.errors import Conflict
+    from core.errors import Conflict, Unavailable
     from core.settings import get_settings
     from core.store import FileStore
 
@@ -559,6 +559,9 @@ def _retention(command: str, run: Any, *, commit: bool) -> tuple[Any, int]:
         except Conflict as exc:
             typer.echo(f"{command}: {exc.message}, or add --force", err=True)
             raise typer.Exit(1) from None
+        except Unavailable as exc:
+            typer.echo(f"{command}: {exc.message}", err=True)
+            raise typer.Exit(2) from None
         finally:
             session.rollback()
             session.close()

@@ -61,10 +61,25 @@ def _create(path: Path) -> None:
             fh.write(secrets.token_hex(_KEY_HEX_CHARS // 2) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        with contextlib.suppress(FileExistsError):
+        try:
             os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a share without hard links (some SMB/FUSE mounts): create in place
+            with contextlib.suppress(FileExistsError):
+                _create_in_place(path, tmp.read_text(encoding="ascii"))
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _create_in_place(path: Path, text: str) -> None:
+    """O_EXCL on the final name: one creator wins; a reader in the instant before the write ends
+    sees a short file and is refused (DeploymentKeyError), never a wrong key."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def deployment_key(store_dir: Path) -> bytes:
@@ -85,6 +100,11 @@ def fingerprint(store_dir: Path) -> str:
         key = _read(path)
     except (OSError, DeploymentKeyError):
         return "unreadable"
+    return key_fingerprint(key)
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A short public digest of ``key`` (which key a digest was made with, without the key)."""
     return hmac.new(key, b"drscreen store fingerprint", hashlib.sha256).hexdigest()[:12]
 
 

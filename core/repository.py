@@ -411,7 +411,8 @@ def activate_release(session: Session, ref: str, card: dict[str, Any] | None = N
     On PostgreSQL it first locks every release row: a worker writing grades holds its release's
     row (:func:`lock_release_for_writing`), so the activation waits for grades being written
     and a write that starts meanwhile waits for it, then sees the new active release."""
-    session.execute(select(ModelVersion.id).order_by(ModelVersion.id).with_for_update())
+    # NO KEY UPDATE: conflicts with the writers' FOR SHARE, not with inserts referencing the rows
+    session.execute(select(ModelVersion.id).order_by(ModelVersion.id).with_for_update(key_share=True))
     row = get_or_create_model_version(session, ref, card)
     row.activated_at = utcnow()
     session.flush()

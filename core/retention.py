@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from core import deployment_key
 from core import repository as repo
-from core.errors import Conflict
+from core.errors import Conflict, Unavailable
 from core.settings import get_settings
 from core.store import FileStore
 from core.tables import (
@@ -361,7 +361,11 @@ def erase_patient(
     if not ids:  # no such patient (or erased by someone else meanwhile)
         return Outcome(found=False)
     out = Outcome(in_flight=sum(_in_flight(session, ids).values()))
-    key = key if key is not None else store_key()
+    if key is None:
+        try:
+            key = store_key()
+        except (OSError, deployment_key.DeploymentKeyError) as exc:  # before anything is deleted
+            raise Unavailable(f"the store's deployment key cannot be used: {exc}") from exc
     if out.in_flight and not force:
         raise Conflict(
             f"{out.in_flight} photograph(s) of this patient are still being scored; erase the "
@@ -375,12 +379,12 @@ def erase_patient(
         clinic_id=clinic_id,
         api_key_id=api_key_id,
         by=by,
-        **{DIGEST_FIELD: patient_digest(external_id, key)},
+        **{
+            DIGEST_FIELD: patient_digest(external_id, key),
+            KEY_ID_FIELD: deployment_key.key_fingerprint(key),
+        },
         forced=bool(out.in_flight),
     )
-    # rows audited before there was a key hold a plain sha256: the first erasure after the
-    # upgrade seals them (it runs where the store, and so the key, is)
-    seal_audit_digests(session, key)
     return out
 
 
@@ -527,32 +531,66 @@ def remove_unreferenced_files(session: Session, store: FileStore, paths: Iterabl
     return removed
 
 
-def erased_patient_digests(session: Session, clinic_id: int, since: datetime) -> set[str]:
-    """The digests (:func:`patient_digest`) of the clinic's patient ids erased since ``since``
-    (their audit rows): for a folder job accepted before an erasure, whose folder still holds the
-    patient's files (workers.folders leaves them out rather than record the patient again).
-    Rows written before the key existed hold a plain sha256 until :func:`seal_audit_digests`; they
-    are returned sealed, so one comparison serves both."""
-    details = session.scalars(
-        select(AuditEvent.detail).where(
-            AuditEvent.clinic_id == clinic_id, AuditEvent.at >= since, AuditEvent.action == ERASE_ACTION
+class ErasureKeyMismatch(RuntimeError):
+    """An erasure was recorded with another deployment key than this process's: this process
+    cannot tell that patient's files (its store is not the deployment's)."""
+
+
+@dataclass(frozen=True)
+class ErasedPatients:
+    """The patients of one clinic erased since some time, known by their keyed digests."""
+
+    digests: frozenset[str] = frozenset()
+    key: bytes = b""
+
+    def named(self, external_id: str | None) -> bool:
+        """Whether ``external_id`` is one of them."""
+        if not self.digests or external_id is None:
+            return False
+        return patient_digest(external_id, self.key) in self.digests
+
+
+def erased_patients(
+    session: Session, clinic_id: int, since: datetime, store_dir: Path | None = None
+) -> ErasedPatients:
+    """The clinic's patients erased since ``since`` (their audit rows): for a folder job accepted
+    before an erasure, whose folder still holds the patient's files (workers.folders leaves them
+    out rather than record the patient again). ``store_dir``: whose deployment key (default the
+    configured store's). Rows written before the key existed hold a plain sha256 (until a worker's
+    start seals them, :func:`seal_audit_digests`) and are compared sealed. Raises
+    :class:`ErasureKeyMismatch` for a row made with another key: failing closed, since the
+    patient could not be recognised."""
+    details = [
+        d
+        for d in session.scalars(
+            select(AuditEvent.detail).where(
+                AuditEvent.clinic_id == clinic_id, AuditEvent.at >= since, AuditEvent.action == ERASE_ACTION
+            )
         )
-    )
+        if isinstance(d, dict)
+    ]
+    if not details:
+        return ErasedPatients()
+    key = deployment_key.deployment_key(store_dir if store_dir is not None else get_settings().store_path)
+    own = deployment_key.key_fingerprint(key)
     found: set[str] = set()
-    key: bytes | None = None
     for detail in details:
-        if not isinstance(detail, dict):
-            continue
         if detail.get(DIGEST_FIELD):
+            if detail.get(KEY_ID_FIELD, own) != own:
+                raise ErasureKeyMismatch(
+                    "an erasure since this job was sent was recorded with another deployment key "
+                    f"({detail[KEY_ID_FIELD]}, this worker's {own}): this worker's store folder is not "
+                    "the deployment's (check DRSCREEN_STORE_DIR; drscreen status compares them)"
+                )
             found.add(str(detail[DIGEST_FIELD]))
         elif detail.get(LEGACY_DIGEST_FIELD):
-            key = key if key is not None else store_key()
             found.add(deployment_key.seal(key, str(detail[LEGACY_DIGEST_FIELD])))
-    return found
+    return ErasedPatients(frozenset(found), key)
 
 
-#: The audit detail's field for the keyed digest, and the unkeyed one that versions up to 1.x wrote.
-DIGEST_FIELD, LEGACY_DIGEST_FIELD = "patient_hmac", "patient_sha256"
+#: The audit detail's keyed digest, the fingerprint of the key that made it, and the unkeyed
+#: digest written before the deployment key existed.
+DIGEST_FIELD, KEY_ID_FIELD, LEGACY_DIGEST_FIELD = "patient_hmac", "key_id", "patient_sha256"
 
 
 def store_key() -> bytes:
@@ -567,7 +605,8 @@ def patient_digest(external_id: str, key: bytes) -> str:
 
 def seal_audit_digests(session: Session, key: bytes) -> int:
     """Replace the plain sha256 that older erasure audit rows hold by its keyed digest; returns how
-    many rows changed. Idempotent (a sealed row has no plain digest left). The caller commits."""
+    many rows changed. Idempotent (a sealed row has no plain digest left). Each worker's start
+    runs it (workers.app: where the store, and so the key, is). The caller commits."""
     sealed = 0
     rows = session.scalars(select(AuditEvent).where(AuditEvent.action == ERASE_ACTION))
     for event in rows:
@@ -576,6 +615,7 @@ def seal_audit_digests(session: Session, key: bytes) -> int:
             continue
         updated = {k: v for k, v in detail.items() if k != LEGACY_DIGEST_FIELD}
         updated[DIGEST_FIELD] = deployment_key.seal(key, str(detail[LEGACY_DIGEST_FIELD]))
+        updated[KEY_ID_FIELD] = deployment_key.key_fingerprint(key)
         event.detail = updated  # a new dict: the JSON column sees the change
         sealed += 1
     return sealed

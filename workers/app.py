@@ -24,9 +24,9 @@ from typing import Any
 from celery import Celery
 from celery.signals import celeryd_init, worker_process_init, worker_ready, worker_shutdown
 
-from core import tasks
+from core import retention, tasks
 from core.celery_config import build_celery_config
-from core.db import dispose_engines
+from core.db import dispose_engines, session_scope
 from core.settings import get_settings
 from core.tables import utcnow
 from workers import heartbeat, model
@@ -146,6 +146,20 @@ def _first_heartbeat(sender: Any = None, options: dict[str, Any] | None = None, 
 @worker_ready.connect
 def _start_heartbeat(**_: Any) -> None:
     heartbeat.start_beating()
+
+
+@worker_ready.connect
+def _seal_old_audit_rows(**_: Any) -> None:
+    """Erasure audit rows written before the deployment key existed hold a plain sha256 of the
+    patient id: sealed here, where the store (and so the key) is, once per start."""
+    try:
+        with session_scope() as session:
+            sealed = retention.seal_audit_digests(session, retention.store_key())
+    except Exception as exc:  # housekeeping: never in the way of the start
+        log.warning("erasure audit rows not sealed: %s: %s", type(exc).__name__, str(exc)[:200])
+        return
+    if sealed:
+        log.info("sealed the patient digests of %d erasure audit row(s) with the deployment key", sealed)
 
 
 @worker_shutdown.connect

@@ -45,7 +45,6 @@ from sqlalchemy.orm import Session
 from core import repository as repo
 from core import retention, tasks
 from core.db import session_scope
-from core.deployment_key import deployment_key
 from core.schemas import PATIENT_ID_PATTERN
 from core.settings import get_settings
 from core.store import FileStore, get_store
@@ -430,12 +429,6 @@ class ExpandSummary:
     error: str | None = None
 
 
-def _of_erased(patient_id: str | None, erased: set[str], store: FileStore) -> bool:
-    if not erased or patient_id is None:
-        return False
-    return retention.patient_digest(patient_id, deployment_key(store.root)) in erased
-
-
 def _store_missing_again(
     db_url: str | None,
     store: FileStore,
@@ -534,8 +527,14 @@ def expand_folder(
         return summary
 
     with session_scope(db_url) as session:
-        erased = retention.erased_patient_digests(session, clinic_id, accepted_at)
-        plan = [p for p in plan if not _of_erased(p.patient_id, erased, store)]
+        try:
+            erased = retention.erased_patients(session, clinic_id, accepted_at, store.root)
+        except retention.ErasureKeyMismatch as exc:
+            session.rollback()
+            _fail_job(db_url, job_id, str(exc))
+            summary.error = str(exc)
+            return summary
+        plan = [p for p in plan if not erased.named(p.patient_id)]
         if not plan:
             session.rollback()
             error = "every file of the folder names a patient erased since the job was sent"
@@ -564,7 +563,13 @@ def expand_folder(
             image_ids: list[str] = []
             # an erasure after the items were written sees them pending and waits for them (or
             # was forced); one committed before is read here
-            erased = retention.erased_patient_digests(session, clinic_id, accepted_at)
+            try:
+                erased = retention.erased_patients(session, clinic_id, accepted_at, store.root)
+            except retention.ErasureKeyMismatch as exc:  # fail closed: the patient is not knowable
+                session.rollback()
+                _fail_job(db_url, job_id, str(exc))
+                summary.error = str(exc)
+                return summary
             for item_id in id_chunk:
                 # Row lock (PostgreSQL): a second expansion of the same job (a redelivery, or
                 # one the sweep re-sent) waits here and then sees the item is no longer
@@ -572,7 +577,7 @@ def expand_folder(
                 row = session.get(ScoringJobItem, item_id, with_for_update=True)
                 if row is None or row.status != "pending":
                     continue
-                if _of_erased(row.patient_external_id, erased, store):
+                if erased.named(row.patient_external_id):
                     session.delete(row)  # neither read nor named
                     continue
                 image_id = ingest_item(

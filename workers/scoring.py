@@ -67,16 +67,16 @@ def send_by_name(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
 MISSING_RESEND_MAX_S = 30 * 60
 
 
-def _resend_missing_later(image_ids: list[str], explain: bool | None) -> None:
-    """With the sweep off (``DRSCREEN_SWEEP_INTERVAL_S=0``) nothing else sends a photograph
-    returned to the queue for a missing stored file, and it stayed ``queued`` for ever (session
-    18's review). Sent again after ``DRSCREEN_STALE_QUEUED_MINUTES`` (what the sweep would wait),
-    to whichever worker takes it; each claim counts an attempt, so it ends at
-    ``DRSCREEN_MAX_ATTEMPTS``, failed."""
+def _send_again_later(image_ids: list[str], explain: bool | None, why: str) -> None:
+    """With the sweep off (``DRSCREEN_SWEEP_INTERVAL_S=0``) nothing else sends a photograph this
+    worker gave back to the queue, and it stayed ``queued`` for ever (session 18's review: a
+    missing stored file; session 20's: a release activated meanwhile). Sent again after
+    ``DRSCREEN_STALE_QUEUED_MINUTES`` (what the sweep would wait), to whichever worker takes it;
+    a missing file's claims count attempts, so it ends at ``DRSCREEN_MAX_ATTEMPTS``, failed."""
     delay = min(get_worker_settings().stale_queued_minutes * 60, MISSING_RESEND_MAX_S)
     kwargs: dict[str, Any] = {} if explain is None else {"explain": explain}
     producer.send(tasks.SCORE_IMAGES, [list(image_ids)], kwargs, countdown=delay)
-    log.info("%d photograph(s) missing from the store: sent again in %.0f s", len(image_ids), delay)
+    log.info("%d photograph(s) %s: sent again in %.0f s", len(image_ids), why, delay)
 
 
 @dataclass
@@ -532,6 +532,8 @@ def score_images(
             active,
         )
         summary.other_release.extend(ids)
+        if enqueue is None and get_worker_settings().sweep_interval_s == 0:
+            _send_again_later(ids, explain, "left for a worker serving the active release")
         return summary
     claimed = _claim(ids, db_url, summary, worker)
     if not claimed:
@@ -558,8 +560,11 @@ def score_images(
             send(tasks.EXPLAIN_IMAGE, [it.image_id], {})
             summary.explain_sent.append(it.image_id)
     # an injected ``enqueue`` (embedded runs, tests) publishes nothing later
-    if summary.missing and enqueue is None and get_worker_settings().sweep_interval_s == 0:
-        _resend_missing_later(summary.missing, explain)
+    if enqueue is None and get_worker_settings().sweep_interval_s == 0:
+        if summary.missing:
+            _send_again_later(summary.missing, explain, "missing from the store")
+        if summary.other_release:
+            _send_again_later(summary.other_release, explain, "left for a worker serving the active release")
     log.info(
         "score_images: %d graded, %d ungradable, %d failed, %d skipped, %d photographs missing (%s)",
         len(summary.scored),

@@ -198,8 +198,17 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
         raise ConfigError(str(exc)) from exc
 
 
+#: Keys older runs and releases wrote that no longer exist (read, then ignored).
+_RETIRED = {"preprocess": ("extra",)}
+
+
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
-    """A config as ``TrainConfig.to_dict`` wrote it (a run's or a release's ``train_config``)."""
+    """A config as ``TrainConfig.to_dict`` wrote it (a run's or a release's ``train_config``,
+    of any age: keys since retired are dropped)."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for section, keys in _RETIRED.items():
+        for key in keys:
+            raw.get(section, {}).pop(key, None)
     check_raw(raw)
     return _build(raw)
 

@@ -105,6 +105,18 @@ def test_a_soup_is_measured_like_the_members_it_averages(smoke_run: Path, tmp_pa
     assert run_meta["metrics"]["natural_val_qwk_default_thresholds"] is not None
 
 
+def test_every_shipped_members_training_config_still_reads() -> None:
+    """A soup re-reads its runs' training config; runs and releases written before a key was
+    retired (``preprocess.extra``, session 20) must still read."""
+    from ml.training.config import config_from_dict
+
+    paths = sorted((REPO / "models" / "members").glob("*/*/metadata.json"))
+    assert paths
+    for path in paths:
+        raw = json.loads(path.read_text())["train_config"]
+        assert config_from_dict(raw).name, path
+
+
 def test_resume_continues_from_last_checkpoint(smoke_run: Path, tmp_path: Path) -> None:
     from ml.training.train import train_from_config
 

@@ -681,40 +681,69 @@ def test_a_folder_job_sent_before_an_erasure_does_not_bring_the_patient_back(
     assert _named(world, job) == {"34"}
 
 
+def _audited_as_before_the_key(world: World, external_id: str) -> str:
+    """Rewrite the newest erasure's audit row as the previous version wrote it (plain sha256)."""
+    plain = hashlib.sha256(external_id.encode()).hexdigest()
+    with session_scope(world.url) as s:
+        event = audit_rows(world.url, "patient.erase")[-1]
+        row = s.get(AuditEvent, event.id)
+        assert row is not None and row.detail is not None
+        kept = {k: v for k, v in row.detail.items() if k not in ("patient_hmac", "key_id")}
+        row.detail = kept | {"patient_sha256": plain}
+    return plain
+
+
+def _job_of_one_erased_patient(world: World, roots: Path, patient: str) -> str:
+    """A folder job sent while ``patient``'s photograph was there; the patient erased since."""
+    second = PHOTOS.joinpath("17_left.jpg").read_bytes()
+    add_images(world.url, world.store, patient, [("b.jpg", second, "left")], clinic=NORTH)
+    with session_scope(world.url) as s:
+        s.execute(update(Image).where(Image.stored_path.is_not(None)).values(status="done"))
+    job = _new_job(world, _folder(roots, f"north-{patient}", {f"{patient}_left.jpg": second}))
+    erase(world, patient)
+    return job
+
+
 def test_erasures_audited_before_the_deployment_key_still_keep_the_patient_out_and_get_sealed(
     world: World, roots: Path
 ) -> None:
     """Audit rows written before the key existed hold the plain sha256 of the patient id: a folder
-    job accepted before such an erasure must still leave the patient out, and the next erasure
+    job accepted before such an erasure must still leave the patient out, and a worker's start
     replaces every plain digest by its keyed one (no reversible digest stays in the database)."""
-    second = PHOTOS.joinpath("17_left.jpg").read_bytes()
-    add_images(world.url, world.store, "35", [("b.jpg", second, "left")], clinic=NORTH)
-    with session_scope(world.url) as s:
-        s.execute(update(Image).where(Image.stored_path.is_not(None)).values(status="done"))
-    job = _new_job(world, _folder(roots, "north", {"35_left.jpg": second}))
-    erase(world, "35")
-    plain = hashlib.sha256(b"35").hexdigest()
-    with session_scope(world.url) as s:  # as the previous version wrote it
-        [event] = audit_rows(world.url, "patient.erase")
-        row = s.get(AuditEvent, event.id)
-        assert row is not None and row.detail is not None
-        row.detail = {k: v for k, v in row.detail.items() if k != "patient_hmac"} | {"patient_sha256": plain}
+    job = _job_of_one_erased_patient(world, roots, "35")
+    plain = _audited_as_before_the_key(world, "35")
 
     summary = folders.expand_folder(job, db_url=world.url, store=world.store, enqueue=Sent())
     assert summary.error is not None and "erased since the job was sent" in summary.error
     with session_scope(world.url) as s:
         assert repo.get_patient(s, world.north, "35") is None, "the erased patient is back"
 
-    erase(world)  # the next erasure seals the old row
-    details = [e.detail or {} for e in audit_rows(world.url, "patient.erase")]
-    assert plain not in json.dumps(details)
     key = deployment_key.deployment_key(world.store.root)
-    assert {d["patient_hmac"] for d in details} == {
-        retention.patient_digest("35", key),
-        retention.patient_digest(TARGET, key),
-    }
+    with session_scope(world.url) as s:  # as workers.app does at each worker's start
+        assert retention.seal_audit_digests(s, key) == 1
+    [detail] = [e.detail or {} for e in audit_rows(world.url, "patient.erase")]
+    assert plain not in json.dumps(detail)
+    assert detail["patient_hmac"] == retention.patient_digest("35", key)
+    assert detail["key_id"] == deployment_key.key_fingerprint(key)
     with session_scope(world.url) as s:
         assert retention.seal_audit_digests(s, key) == 0  # idempotent
+
+
+def test_a_worker_with_another_deployment_key_fails_the_folder_job_rather_than_guess(
+    world: World, roots: Path, tmp_path: Path
+) -> None:
+    """Its store is another disk (or lost its key and made a new one): it could not recognise the
+    erased patient, and would record the patient again from the folder. The job fails instead."""
+    job = _job_of_one_erased_patient(world, roots, "36")
+    elsewhere = FileStore(tmp_path / "other-disk")
+    summary = folders.expand_folder(job, db_url=world.url, store=elsewhere, enqueue=Sent())
+    assert summary.error is not None and "another deployment key" in summary.error
+    with session_scope(world.url) as s:
+        failed = repo.get_job(s, job)
+        assert (
+            failed is not None and failed.status == "failed" and "DRSCREEN_STORE_DIR" in (failed.error or "")
+        )
+        assert repo.get_patient(s, world.north, "36") is None, "the erased patient is back"
 
 
 def test_a_forced_erasure_deletes_the_open_folder_job_it_empties(world: World) -> None:
