@@ -55,26 +55,24 @@ def _create(path: Path) -> None:
     second process creating one at the same moment gets FileExistsError and reads the winner's."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    text = secrets.token_hex(_KEY_HEX_CHARS // 2) + "\n"
     try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(secrets.token_hex(_KEY_HEX_CHARS // 2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_new(tmp, text)
         try:
             os.link(tmp, path)
         except FileExistsError:
             pass
         except OSError:  # a share without hard links (some SMB/FUSE mounts): create in place
+            # O_EXCL on the final name: one creator wins; a reader in the instant before the
+            # write ends sees a short file and is refused (DeploymentKeyError), never a wrong key
             with contextlib.suppress(FileExistsError):
-                _create_in_place(path, tmp.read_text(encoding="ascii"))
+                _write_new(path, text)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _create_in_place(path: Path, text: str) -> None:
-    """O_EXCL on the final name: one creator wins; a reader in the instant before the write ends
-    sees a short file and is refused (DeploymentKeyError), never a wrong key."""
+def _write_new(path: Path, text: str) -> None:
+    """Create ``path`` (failing if it exists), owner-only, with ``text`` on disk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as fh:
         fh.write(text)

@@ -280,20 +280,14 @@ def recent_releases(session: Session, last: int = 1000) -> dict[str, datetime]:
     return {ref: at for ref, at in rows}
 
 
-def unclaim_image(session: Session, image: Image) -> None:
-    """Give a claimed image back as if it had not been claimed (the attempt does not count: it was
-    not tried, e.g. its worker's release stopped being the active one while it was graded)."""
+def return_to_queue(session: Session, image: Image, *, count_attempt: bool = True) -> None:
+    """Give a claimed image back unscored; the sweep sends it again once it has been queued for
+    ``stale_queued_minutes``. Its attempt counts (the claim's limit still applies) unless
+    ``count_attempt`` is False: it was not tried (its worker's release stopped being the active
+    one while it was graded)."""
     image.status = "queued"
-    image.attempts = max(0, image.attempts - 1)
-    image.claimed_by = None
-    image.updated_at = utcnow()
-    session.flush()
-
-
-def return_to_queue(session: Session, image: Image) -> None:
-    """Give a claimed image back unscored (its attempt counts: the claim's limit still applies);
-    the sweep sends it again once it has been queued for ``stale_queued_minutes``."""
-    image.status = "queued"
+    if not count_attempt:
+        image.attempts = max(0, image.attempts - 1)
     image.claimed_by = None
     image.updated_at = utcnow()
     session.flush()

@@ -571,7 +571,7 @@ def erased_patients(
     ]
     if not details:
         return ErasedPatients()
-    key = deployment_key.deployment_key(store_dir if store_dir is not None else get_settings().store_path)
+    key = store_key(store_dir)
     own = deployment_key.key_fingerprint(key)
     found: set[str] = set()
     for detail in details:
@@ -593,9 +593,9 @@ def erased_patients(
 DIGEST_FIELD, KEY_ID_FIELD, LEGACY_DIGEST_FIELD = "patient_hmac", "key_id", "patient_sha256"
 
 
-def store_key() -> bytes:
-    """The deployment key of the configured store (created on first use)."""
-    return deployment_key.deployment_key(get_settings().store_path)
+def store_key(store_dir: Path | None = None) -> bytes:
+    """The deployment key of ``store_dir``, default the configured store (created on first use)."""
+    return deployment_key.deployment_key(store_dir if store_dir is not None else get_settings().store_path)
 
 
 def patient_digest(external_id: str, key: bytes) -> str:

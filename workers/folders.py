@@ -466,6 +466,13 @@ def _fail_job(db_url: str | None, job_id: str, error: str) -> None:
             job.finished_at = utcnow()
 
 
+def _failed(summary: ExpandSummary, db_url: str | None, job_id: str, error: str) -> ExpandSummary:
+    """The job failed with ``error``: recorded on the job and in the summary returned."""
+    _fail_job(db_url, job_id, error)
+    summary.error = error
+    return summary
+
+
 def _chunks(ids: Sequence[T], size: int) -> Iterable[list[T]]:
     for start in range(0, len(ids), size):
         yield list(ids[start : start + size])
@@ -509,38 +516,28 @@ def expand_folder(
         plan = plan_folder(folder, roots)
     except (FolderRefused, ManifestError) as exc:
         log.warning("expand_folder: job %s refused: %s", job_id, exc)
-        _fail_job(db_url, job_id, str(exc))
-        summary.error = str(exc)
-        return summary
+        return _failed(summary, db_url, job_id, str(exc))
     except SoftTimeLimitExceeded:
         # The task's soft time limit (core.celery_config) hit before a single item was saved: a
         # re-sent expansion would only plan again and be stopped again, so the job fails instead.
         # Past this point a stopped expansion keeps the chunks it committed and the sweep resumes it.
         error = "listing the folder took longer than the folder-job time limit; split it into smaller folders"
         log.error("expand_folder: job %s: %s", job_id, error)
-        _fail_job(db_url, job_id, error)
-        summary.error = error
-        return summary
+        return _failed(summary, db_url, job_id, error)
     if not plan:
-        _fail_job(db_url, job_id, "the folder holds no files")
-        summary.error = "the folder holds no files"
-        return summary
+        return _failed(summary, db_url, job_id, "the folder holds no files")
 
     with session_scope(db_url) as session:
         try:
             erased = retention.erased_patients(session, clinic_id, accepted_at, store.root)
         except retention.ErasureKeyMismatch as exc:
             session.rollback()
-            _fail_job(db_url, job_id, str(exc))
-            summary.error = str(exc)
-            return summary
+            return _failed(summary, db_url, job_id, str(exc))
         plan = [p for p in plan if not erased.named(p.patient_id)]
         if not plan:
             session.rollback()
             error = "every file of the folder names a patient erased since the job was sent"
-            _fail_job(db_url, job_id, error)
-            summary.error = error
-            return summary
+            return _failed(summary, db_url, job_id, error)
         repo.add_job_items(
             session,
             job_id,
@@ -567,9 +564,7 @@ def expand_folder(
                 erased = retention.erased_patients(session, clinic_id, accepted_at, store.root)
             except retention.ErasureKeyMismatch as exc:  # fail closed: the patient is not knowable
                 session.rollback()
-                _fail_job(db_url, job_id, str(exc))
-                summary.error = str(exc)
-                return summary
+                return _failed(summary, db_url, job_id, str(exc))
             for item_id in id_chunk:
                 # Row lock (PostgreSQL): a second expansion of the same job (a redelivery, or
                 # one the sweep re-sent) waits here and then sees the item is no longer

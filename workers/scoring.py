@@ -339,7 +339,7 @@ def _give_back(
     for it in items:
         row = locked.get(it.image_id)
         if row is not None and row.status == "running":
-            repo.unclaim_image(session, row)
+            repo.return_to_queue(session, row, count_attempt=False)
             summary.other_release.append(row.id)
     _refresh_groups(session, [locked[it.image_id] for it in items if it.image_id in locked], [])
 
