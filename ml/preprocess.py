@@ -6,6 +6,10 @@ square, resize, then optional enhancements from the DR literature:
 - ``ben``: Ben Graham's local average subtraction (4*img - 4*blur(img) + 128); it removes
   camera colour and illumination, which is what lets equalised EyePACS training transfer to
   natural-colour photographs.
+- ``equalize``: histogram equalisation of each colour channel over the disc. It reproduces the
+  third party's processing of the equalised EyePACS folder (on the 82 photographs in both
+  folders, correlation 0.985 / 0.979 / 0.952 per channel with the equalised copy), so a
+  natural-colour photograph enters the network looking like the stage-1 training photographs.
 - ``clahe``: contrast-limited histogram equalisation on the L channel.
 - ``blur`` / ``sharpen``: mild Gaussian smoothing or unsharp masking.
 - ``circle_mask``: blank everything outside the inscribed circle (drops border artefacts).
@@ -22,7 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-ENHANCEMENTS = ("ben", "clahe", "blur", "sharpen")
+ENHANCEMENTS = ("equalize", "ben", "clahe", "blur", "sharpen")
 #: Bumped when the pixels a config produces change (2: Ben Graham's blur by ``ben_blur``).
 PIXELS_REVISION = 2
 
@@ -112,10 +116,29 @@ def ben_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.sepFilter2D(img, -1, k, k, borderType=cv2.BORDER_REFLECT_101)
 
 
+def equalize_channels(img: np.ndarray, threshold: int = 15) -> np.ndarray:
+    """Histogram-equalise each channel over the disc (channel maximum above ``threshold``,
+    as :func:`disc_bbox`); the dark surround stays black and does not count."""
+    disc = np.maximum(np.maximum(img[..., 0], img[..., 1]), img[..., 2]) > threshold
+    n = int(disc.sum())
+    out = np.zeros_like(img)
+    if n == 0:
+        return out
+    for c in range(3):
+        channel = img[..., c]
+        cdf = np.cumsum(np.bincount(channel[disc], minlength=256))
+        lut = np.round(cdf * (255.0 / n)).astype(np.uint8)  # value -> share of disc pixels at or below
+        out[..., c] = lut[channel]
+    out[~disc] = 0
+    return out
+
+
 def enhance(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """Apply the configured enhancements to a square uint8 RGB image."""
     for step in cfg.enhancements:
-        if step == "ben":
+        if step == "equalize":
+            img = equalize_channels(img)
+        elif step == "ben":
             sigma = max(1.0, cfg.size * cfg.ben_sigma_fraction)
             img = cv2.addWeighted(img, 4, ben_blur(img, sigma), -4, 128)
         elif step == "clahe":

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml.preprocess import PreprocessConfig, disc_bbox, prepare_pixels, preprocess
+from ml.preprocess import PreprocessConfig, disc_bbox, equalize_channels, prepare_pixels, preprocess
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,9 @@ def test_black_image_does_not_crash_and_keeps_full_frame() -> None:
     assert out.shape == (64, 64, 3)
 
 
-@pytest.mark.parametrize("enh", [(), ("ben",), ("clahe",), ("blur",), ("sharpen",), ("clahe", "sharpen")])
+@pytest.mark.parametrize(
+    "enh", [(), ("ben",), ("clahe",), ("blur",), ("sharpen",), ("clahe", "sharpen"), ("equalize", "ben")]
+)
 def test_every_enhancement_runs_and_changes_pixels_deterministically(enh: tuple[str, ...]) -> None:
     cfg = PreprocessConfig(size=96, enhancements=enh, circle_mask=False)
     rng = np.random.default_rng(0)
@@ -59,6 +61,30 @@ def test_every_enhancement_runs_and_changes_pixels_deterministically(enh: tuple[
     assert np.array_equal(a, b)
     plain = prepare_pixels(img, PreprocessConfig(size=96, enhancements=(), circle_mask=False))
     assert enh == () or not np.array_equal(a, plain)
+
+
+def test_equalize_spreads_each_channel_over_the_disc_and_leaves_the_surround_black() -> None:
+    rng = np.random.default_rng(1)
+    img = fundus_like(200, 240)
+    disc = img.max(axis=2) > 15
+    # a dim, low-contrast disc: red 60..99, green 20..39, blue 16..25
+    img[disc] = np.stack(
+        [rng.integers(60, 100, disc.sum()), rng.integers(20, 40, disc.sum()), rng.integers(16, 26, disc.sum())], -1
+    )
+    out = equalize_channels(img)
+    assert (out[~disc] == 0).all()
+    for c in range(3):
+        values = out[..., c][disc]
+        assert values.max() == 255 and values.min() < 40  # the disc's range now spans the scale
+        # equalised: each quarter of the scale holds about a quarter of the disc's pixels
+        shares = np.histogram(values, bins=4, range=(0, 256))[0] / values.size
+        assert np.all(np.abs(shares - 0.25) < 0.1), shares
+    again = equalize_channels(out)
+    assert np.abs(again.astype(int) - out).mean() < 3  # equalising twice changes little
+
+
+def test_equalize_of_a_black_image_is_black() -> None:
+    assert not equalize_channels(np.zeros((40, 50, 3), np.uint8)).any()
 
 
 def test_ben_graham_fills_outside_the_circle_with_grey() -> None:
