@@ -55,7 +55,8 @@ def main() -> None:
         v = np.array(rows)
         print(
             f"{label:18s} correlation median {np.round(np.median(v[:, :3], 0), 3)} "
-            f"lowest {np.round(v[:, :3].min(0), 2)}; mean |difference| median {np.round(np.median(v[:, 3:], 0), 1)}"
+            f"lowest {np.round(v[:, :3].min(0), 2)}; "
+            f"mean |difference| median {np.round(np.median(v[:, 3:], 0), 1)}"
         )
 
 

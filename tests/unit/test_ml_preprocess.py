@@ -68,9 +68,8 @@ def test_equalize_spreads_each_channel_over_the_disc_and_leaves_the_surround_bla
     img = fundus_like(200, 240)
     disc = img.max(axis=2) > 15
     # a dim, low-contrast disc: red 60..99, green 20..39, blue 16..25
-    img[disc] = np.stack(
-        [rng.integers(60, 100, disc.sum()), rng.integers(20, 40, disc.sum()), rng.integers(16, 26, disc.sum())], -1
-    )
+    n = int(disc.sum())
+    img[disc] = np.stack([rng.integers(60, 100, n), rng.integers(20, 40, n), rng.integers(16, 26, n)], -1)
     out = equalize_channels(img)
     assert (out[~disc] == 0).all()
     for c in range(3):
