@@ -67,6 +67,12 @@ def send_by_name(name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
 MISSING_RESEND_MAX_S = 30 * 60
 
 
+def _nothing_else_resends(enqueue: Enqueue | None) -> bool:
+    """The sweep is off and this task publishes for real (an injected ``enqueue``, in embedded
+    runs and tests, publishes nothing later): photographs given back must be re-sent by it."""
+    return enqueue is None and get_worker_settings().sweep_interval_s == 0
+
+
 def _send_again_later(image_ids: list[str], explain: bool | None, why: str) -> None:
     """With the sweep off (``DRSCREEN_SWEEP_INTERVAL_S=0``) nothing else sends a photograph this
     worker gave back to the queue, and it stayed ``queued`` for ever (session 18's review: a
@@ -532,7 +538,7 @@ def score_images(
             active,
         )
         summary.other_release.extend(ids)
-        if enqueue is None and get_worker_settings().sweep_interval_s == 0:
+        if _nothing_else_resends(enqueue):
             _send_again_later(ids, explain, "left for a worker serving the active release")
         return summary
     claimed = _claim(ids, db_url, summary, worker)
@@ -559,8 +565,7 @@ def score_images(
         else:
             send(tasks.EXPLAIN_IMAGE, [it.image_id], {})
             summary.explain_sent.append(it.image_id)
-    # an injected ``enqueue`` (embedded runs, tests) publishes nothing later
-    if enqueue is None and get_worker_settings().sweep_interval_s == 0:
+    if _nothing_else_resends(enqueue):
         if summary.missing:
             _send_again_later(summary.missing, explain, "missing from the store")
         if summary.other_release:
