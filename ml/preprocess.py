@@ -8,8 +8,10 @@ square, resize, then optional enhancements from the DR literature:
   natural-colour photographs.
 - ``equalize``: histogram equalisation of each colour channel over the disc. It reproduces the
   third party's processing of the equalised EyePACS folder (on the 82 photographs in both
-  folders, correlation 0.985 / 0.979 / 0.952 per channel with the equalised copy), so a
-  natural-colour photograph enters the network looking like the stage-1 training photographs.
+  folders, correlation 0.986 / 0.981 / 0.952 per channel with the equalised copy:
+  scripts/equalize_check.py), so a natural-colour photograph enters the network looking like the
+  stage-1 training photographs. Members retrained with it were no better (docs/experiments.md,
+  session 21); no shipped member uses it.
 - ``clahe``: contrast-limited histogram equalisation on the L channel.
 - ``blur`` / ``sharpen``: mild Gaussian smoothing or unsharp masking.
 - ``circle_mask``: blank everything outside the inscribed circle (drops border artefacts).
@@ -118,7 +120,8 @@ def ben_blur(img: np.ndarray, sigma: float) -> np.ndarray:
 
 def equalize_channels(img: np.ndarray, threshold: int = 15) -> np.ndarray:
     """Histogram-equalise each channel over the disc (channel maximum above ``threshold``,
-    as :func:`disc_bbox`); the dark surround stays black and does not count."""
+    as :func:`disc_bbox`); the dark surround, and any pixel as dark inside the disc, becomes
+    black and does not count."""
     disc = np.maximum(np.maximum(img[..., 0], img[..., 1]), img[..., 2]) > threshold
     n = int(disc.sum())
     out = np.zeros_like(img)
