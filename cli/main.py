@@ -632,7 +632,10 @@ def data_erase(
 @data_app.command("purge")
 def data_purge(
     older_than: int = typer.Option(
-        ..., "--older-than", metavar="DAYS", help="Erase the patients whose newest photograph is older."
+        ...,
+        "--older-than",
+        metavar="DAYS",
+        help="Erase the patients whose newest photograph (uploaded, or sent again by a folder job) is older.",
     ),
     clinic: str | None = typer.Option(None, "--clinic", help="Only this clinic (default: every clinic)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be deleted; delete nothing."),

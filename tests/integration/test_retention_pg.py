@@ -29,6 +29,7 @@ from tests.unit.test_retention import (  # noqa: F401  (collected here: the same
     test_a_forced_erasure_deletes_the_open_folder_job_it_empties,
     test_a_heatmap_drawn_again_for_the_erased_patients_bytes_is_in_the_store,
     test_a_heatmap_the_erased_patient_shared_is_in_the_store_after_scoring,
+    test_a_photograph_sent_again_by_a_folder_job_restarts_the_purge_clock,
     test_a_resumed_folder_expansion_does_not_bring_an_erased_patient_back,
     test_an_upload_of_bytes_the_erased_patient_had_keeps_them_when_the_files_go_meanwhile,
     test_cli_erase_asks_then_erases,

@@ -277,6 +277,41 @@ def test_purge_leaves_patients_with_photographs_in_flight(world: World) -> None:
     assert before["image"] == dump(world.url)["image"]
 
 
+def test_a_photograph_sent_again_by_a_folder_job_restarts_the_purge_clock(world: World, roots: Path) -> None:
+    """A folder job that sends a patient's old photograph again links it to the existing row (one
+    photograph, scored once): the purge read only the row's first upload date, and erased a
+    patient screened again today."""
+    age(world.url, world.target, days=400)
+    with session_scope(world.url) as s:
+        eye, path = s.execute(
+            select(Image.eye, Image.stored_path)
+            .where(Image.patient_id == world.target, Image.status == "done", Image.clinic_id == world.north)
+            .limit(1)
+        ).one()
+    images = count_rows(world.url, Image)
+    job = _new_job(world, _folder(roots, "north", {f"{TARGET}_{eye}.jpg": world.store.read_bytes(path)}))
+    folders.expand_folder(job, db_url=world.url, store=world.store, enqueue=Sent())
+    with session_scope(world.url) as s:
+        [item] = repo.job_items(s, job)
+        reused = repo.get_image(s, item.image_id or "")
+        assert reused is not None and reused.patient_id == world.target
+    assert count_rows(world.url, Image) == images  # the row was reused, not copied
+    scoring.score_images(
+        [reused.id], ensemble=StubEnsemble(), store=world.store, db_url=world.url, enqueue=Sent()
+    )
+    with session_scope(world.url) as s:  # scored: not in flight, so the clock alone keeps the patient
+        assert s.scalar(select(Image.status).where(Image.id == reused.id)) == "done"
+
+    out, _ = purge(world.url, world.store, 365, world.north)
+    assert out.skipped_patients == 0 and out.rows["patient"] == 0
+    with session_scope(world.url) as s:
+        assert repo.get_patient(s, world.north, TARGET) is not None
+    # a year after the job, the patient goes
+    age(world.url, world.target, days=400)
+    out, _ = purge(world.url, world.store, 365, world.north)
+    assert out.rows["patient"] == 1
+
+
 # ----------------------------------------------------------------------------------------- API
 
 
