@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, tuple_, union_all, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from core import deployment_key
@@ -394,22 +394,14 @@ def erase_patient(
 def _purgeable(
     session: Session, cutoff: datetime, clinic_id: int | None, within: Sequence[int] | None = None
 ) -> list[int]:
-    """Patients whose newest photograph was submitted before ``cutoff`` (or who have none and were
-    created before it); among ``within`` only, when given (whose photographs alone are read: not
-    the whole image table once per chunk of a purge). A folder job that sends a photograph again
-    links its item to the existing row (folders.ingest_item), so the item's time counts too: else
-    a patient re-screened today would be purged by the first upload's date."""
-    uploaded = select(Image.patient_id, Image.created_at.label("at"))
-    resent = select(Image.patient_id, ScoringJobItem.created_at.label("at")).join(
-        ScoringJobItem, ScoringJobItem.image_id == Image.id
-    )
+    """Patients whose newest photograph was sent before ``cutoff`` (``Image.sent_at``: a folder
+    job sending a photograph again restarts its clock) or who have none and were created before
+    it; among ``within`` only, when given (whose photographs alone are read: not the whole image
+    table once per chunk of a purge)."""
+    latest = select(Image.patient_id, func.max(Image.sent_at).label("at")).group_by(Image.patient_id)
     if within is not None:
-        uploaded = uploaded.where(Image.patient_id.in_(within))
-        resent = resent.where(Image.patient_id.in_(within))
-    times = union_all(uploaded, resent).subquery()
-    newest = (
-        select(times.c.patient_id, func.max(times.c.at).label("at")).group_by(times.c.patient_id).subquery()
-    )
+        latest = latest.where(Image.patient_id.in_(within))
+    newest = latest.subquery()
     stmt = (
         select(Patient.id)
         .outerjoin(newest, newest.c.patient_id == Patient.id)

@@ -155,6 +155,10 @@ class Image(Base):
     gradable: Mapped[bool | None] = mapped_column(Boolean)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # when the photograph was last sent: its upload, or a folder job sending the same bytes again
+    # (the row is reused, workers/folders.py). The visit and the purge clock read this, not
+    # created_at: else a re-sent photograph fell out of today's visit and its patient was purged.
+    sent_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None]
     # Celery node name of the worker that last claimed it (None outside Celery): lets the sweep

@@ -43,6 +43,7 @@ from ml.publish import ReleaseError, publishing, writable
 from ml.release import (
     default_models_dir,
     ensemble_dir,
+    is_candidate,
     load_checkpoint,
     member_dir,
     save_checkpoint,
@@ -170,7 +171,9 @@ def export_ensemble(
     An existing version is refused unless ``force``; a member trained on any of the test patients
     is refused (its test figures would not be of unseen patients)."""
     folder = ensemble_dir(f"{name}@{version}", models_dir)
-    force = force or _is_validation_only(folder)
+    # a candidate may be replaced by the export that adopts it, test part measured (the documented
+    # pre-registration sequence, docs/experiments.md)
+    force = force or is_candidate(folder)
     writable(models_dir, "ensembles", name, version, force)  # before the fitting, not after it
     members = []
     for ref in member_refs:
@@ -266,16 +269,6 @@ def export_ensemble(
         "" if measure_test else " (test part not measured)",
     )
     return folder
-
-
-def _is_validation_only(folder: Path) -> bool:
-    """An ensemble exported with ``--validation-only`` is a candidate, never a release (its test
-    part unread): the export that adopts it, test part measured, may replace it (the documented
-    pre-registration sequence, docs/experiments.md)."""
-    try:
-        return json.loads((folder / "manifest.json").read_text())["card"]["test"]["n_images"] == 0
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def _check_not_trained_on(member: Member, test: list[Sample], natural_dir: str) -> None:

@@ -154,8 +154,19 @@ def list_ensembles(models_dir: Path | None = None) -> list[str]:
     return [f"{n}@{v}" for n, v in refs]
 
 
+def is_candidate(folder: Path) -> bool:
+    """An ensemble exported with ``--validation-only``: a candidate, never a release (its test part
+    was not read, so its model card has no test figures)."""
+    try:
+        return json.loads((folder / "manifest.json").read_text())["card"]["test"]["n_images"] == 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def newest_ensemble(models_dir: Path | None = None) -> str:
-    refs = list_ensembles(models_dir)
+    """The default model (``DRSCREEN_MODEL`` unset): the highest version among the releases, never
+    a candidate that happens to carry a higher number (it is served only when named)."""
+    refs = [r for r in list_ensembles(models_dir) if not is_candidate(ensemble_dir(r, models_dir))]
     if not refs:
         raise FileNotFoundError(
             f"no released ensemble under {(models_dir or default_models_dir()) / 'ensembles'}"

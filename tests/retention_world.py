@@ -240,13 +240,10 @@ def shared_files_of(url: str, patient: int) -> set[str]:
 
 
 def age(url: str, patient: int, days: float) -> None:
-    """Make every photograph of the patient, the folder-job items sending them, and the patient's
-    row ``days`` old."""
+    """Make every photograph (uploaded and last sent) and the row of the patient ``days`` old."""
     at = utcnow() - timedelta(days=days)
     with session_scope(url) as s:
-        s.execute(update(Image).where(Image.patient_id == patient).values(created_at=at))
-        mine = select(Image.id).where(Image.patient_id == patient)
-        s.execute(update(ScoringJobItem).where(ScoringJobItem.image_id.in_(mine)).values(created_at=at))
+        s.execute(update(Image).where(Image.patient_id == patient).values(created_at=at, sent_at=at))
         s.execute(update(Patient).where(Patient.id == patient).values(created_at=at))
 
 

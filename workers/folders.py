@@ -412,10 +412,12 @@ def ingest_item(
             content_type=_CONTENT_TYPES.get(loaded.fmt),
             job_id=job_id,
         )
-    elif repo.needs_rescoring(session, image, model_ref):
-        # scored, but by an earlier release: without this a clinic re-submitting the photograph
-        # would get the earlier release's grade back (that prediction stays, kept per version)
-        repo.requeue_image(session, image)
+    else:
+        image.sent_at = utcnow()  # sent today: today's visit, and the purge clock starts again
+        if repo.needs_rescoring(session, image, model_ref):
+            # scored, but by an earlier release: without this a clinic re-submitting the photograph
+            # would get the earlier release's grade back (that prediction stays, kept per version)
+            repo.requeue_image(session, image)
     status = "done" if image.status == "done" else "queued"
     repo.set_job_item(session, item, status=status, image_id=image.id)
     return image.id

@@ -75,3 +75,38 @@ def test_job_explain_column_added_to_existing_jobs(tmp_path: Path) -> None:
             )
     finally:
         engine.dispose()
+
+
+def test_image_sent_at_starts_as_the_upload_time(tmp_path: Path) -> None:
+    """Photographs stored before ``image.sent_at`` existed keep their visit and purge clock: the
+    column starts as ``created_at``, which both read until then."""
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    migrate.upgrade(url, "5e0c2b7d9a41")  # the revision before sent_at
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO clinic (id, name, created_at) VALUES (1, 'Old', '2026-11-23')"))
+            conn.execute(
+                text(
+                    "INSERT INTO patient (id, clinic_id, external_id, created_at)"
+                    " VALUES (1, 1, 'P', '2026-11-23')"
+                )
+            )
+            for image_id, at in (("a", "2025-01-02 03:04:05"), ("b", "2026-11-23 10:00:00")):
+                conn.execute(
+                    text(
+                        "INSERT INTO image (id, clinic_id, patient_id, eye, sha256, stored_path, size_bytes,"
+                        " status, attempts, created_at, updated_at)"
+                        " VALUES (:id, 1, 1, 'left', :sha, 'x.jpg', 1, 'done', 1, :at, :at)"
+                    ),
+                    {"id": image_id, "sha": image_id * 64, "at": at},
+                )
+        migrate.upgrade(url)
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, created_at, sent_at FROM image ORDER BY id")).all()
+        assert [(r[0], r[2]) for r in rows] == [(r[0], r[1]) for r in rows] and len(rows) == 2
+        migrate.check(url)
+    finally:
+        engine.dispose()

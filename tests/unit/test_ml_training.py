@@ -560,6 +560,7 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
     from ml.export import export_ensemble, export_member
     from ml.inference.ensemble import check_release
     from ml.publish import ReleaseError
+    from ml.release import newest_ensemble
     from ml.training.config import DataConfig
 
     models = tmp_path / "models"
@@ -594,6 +595,8 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
         ["imm@0.0.1"], "imm-ens", "0.0.1", "equal_average", data, models, measure_test=False, repeats=2
     )
     assert check_release("imm-ens@0.0.1", models) == "imm-ens@0.0.1"
+    with pytest.raises(FileNotFoundError, match="no released ensemble"):
+        newest_ensemble(models)  # a candidate is never the default model
     # the rule was given (--rule equal_average): recorded, and the card says it was pinned
     assert json.loads((ens / "manifest.json").read_text())["card"]["rule_pinned"] is True
     assert "pinned by `--rule equal_average`" in (ens / "MODEL_CARD.md").read_text()
@@ -608,6 +611,12 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
     assert json.loads((ens / "manifest.json").read_text())["card"]["test"]["n_images"] > 0
     with pytest.raises(ReleaseError, match="exists"):
         export_ensemble(["imm@0.0.1"], "imm-ens", "0.0.1", "equal_average", data, models, measure_test=False)
+    assert newest_ensemble(models) == "imm-ens@0.0.1"
+    # a candidate with a higher version does not become the default (DRSCREEN_MODEL unset) either
+    export_ensemble(
+        ["imm@0.0.1"], "imm-ens", "0.0.9", "equal_average", data, models, measure_test=False, repeats=2
+    )
+    assert newest_ensemble(models) == "imm-ens@0.0.1"
 
     # a member whose weights are not the ones the manifest names is refused at load
     manifest = json.loads((ens / "manifest.json").read_text())

@@ -167,7 +167,7 @@ def test_a_patient_result_comes_from_the_latest_visit(session: Session) -> None:
         ids = []
         for eye, grade in grades.items():
             im = _image(session, clinic.id, patient.id, eye)
-            im.created_at = when  # type: ignore[assignment]
+            im.created_at = im.sent_at = when  # type: ignore[assignment]
             probs = [0.0] * 5
             probs[grade] = 1.0
             repo.upsert_prediction(

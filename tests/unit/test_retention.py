@@ -854,7 +854,11 @@ def test_the_purge_looks_again_at_a_chunk_of_patients_without_reading_every_phot
         for patient in ids:
             repo.create_image(s, clinic_id=clinic, patient_id=patient, eye="left", sha256="0" * 64,
                               stored_path="00/00/x.jpg", size_bytes=1)  # fmt: skip
-        s.execute(update(Image).values(created_at=utcnow() - timedelta(days=400)))
+        s.execute(
+            update(Image).values(
+                created_at=utcnow() - timedelta(days=400), sent_at=utcnow() - timedelta(days=400)
+            )
+        )
     cutoff = utcnow() - timedelta(days=365)
     with session_scope(url) as s:
         every = _vm_steps(s, lambda: retention._purgeable(s, cutoff, None))

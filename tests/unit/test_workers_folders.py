@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from core import repository as repo
 from core import tasks
@@ -419,6 +419,46 @@ def test_photos_scored_by_an_earlier_release_are_scored_again(
         result = repo.get_current_patient_result(s, patient.id)
         version = repo.get_model_version_by_ref(s, new.ref)
         assert result is not None and version is not None and result.model_version_id == version.id
+
+
+def test_a_photograph_sent_again_a_month_later_is_part_of_the_new_visit(
+    url: str, store: FileStore, roots: Path
+) -> None:
+    """A follow-up folder sends a new left photograph and the unchanged right one (same bytes: the
+    row is reused, not scored again). The visit was read from the row's first upload date, so the
+    right eye fell out of today's visit: 'right_eye_not_photographed' for an eye graded today."""
+    first = roots / "visit-1"
+    first.mkdir()
+    for name in ("16_left.jpg", "16_right.jpg"):
+        (first / name).write_bytes((PHOTOS / name).read_bytes())
+    second = roots / "visit-2"
+    second.mkdir()
+    (second / "16_left.jpg").write_bytes((PHOTOS / "17_left.jpg").read_bytes())  # a new photograph
+    (second / "16_right.jpg").write_bytes((PHOTOS / "16_right.jpg").read_bytes())  # the same one
+
+    def run_job(folder: Path) -> dict[str, ScoringJobItem]:
+        job_id, sent = new_job(url, folder), Sent()
+        folders.expand_folder(job_id, db_url=url, store=store, enqueue=sent)
+        for _, args, kw in sent:
+            scoring.score_images(
+                args[0], ensemble=StubEnsemble(), store=store, db_url=url, enqueue=Sent(), **kw
+            )
+        return items_by_path(url, job_id)
+
+    right = run_job(first)["16_right.jpg"].image_id
+    a_month_ago = utcnow() - timedelta(days=30)
+    with session_scope(url) as s:
+        s.execute(update(Image).values(created_at=a_month_ago, sent_at=a_month_ago))
+    items = run_job(second)
+    assert items["16_right.jpg"].image_id == right  # reused, and not scored again
+    with session_scope(url) as s:
+        patient = repo.get_patient(s, repo.get_or_create_clinic(s, "North").id, "16")
+        assert patient is not None
+        result = repo.get_current_patient_result(s, patient.id)
+        assert result is not None
+        eyes = {e.eye: e for e in result.eyes}
+        assert eyes["right"].gradable and eyes["right"].image_ids == [right]
+        assert eyes["left"].image_ids == [items["16_left.jpg"].image_id]  # not last month's left
 
 
 def test_sweep_requeues_stale(url: str, store: FileStore) -> None:
