@@ -214,6 +214,7 @@ def _collect(
     rows: list[ImageRow] = []
     patients: dict[int, str] = {}
     known_eye: set[int] = set()  # patients with at least one photograph of a known eye
+    unread: dict[str, set[str | None]] = {}  # patient -> eyes of the files that could not be read
     with session_scope(url) as session:
         items = repo.job_items(session, job_id)
         images = {im.id: im for im in repo.get_images(session, [i.image_id for i in items if i.image_id])}
@@ -223,6 +224,8 @@ def _collect(
             eye = None if item.path in unknown_eye else item.eye
             if image is None:
                 rows.append(ImageRow(item.path, item.patient_external_id, eye, "failed", error=item.error))
+                if item.patient_external_id is not None:
+                    unread.setdefault(item.patient_external_id, set()).add(eye)
                 continue
             patients[image.patient_id] = item.patient_external_id or ""
             if eye is not None:
@@ -267,7 +270,19 @@ def _collect(
                     external_id, grade, bool(only["referable"]), bool(only["gradable"]), {UNKNOWN_EYE: only}
                 )
             patient_rows.append(summary)
+    graded = {row.patient_id for row in patient_rows}
+    patient_rows += [_unread_patient(pid, eyes) for pid, eyes in unread.items() if pid not in graded]
+    patient_rows.sort(key=lambda row: row.patient_id)
     return ScoreResult(model_version=ens.ref, images=rows, patients=patient_rows)
+
+
+def _unread_patient(patient_id: str, eyes: set[str | None]) -> PatientRow:
+    """A patient none of whose files could be read: no gradable photograph, so ungradable and
+    referable (the contract's rule), and in the per-patient output: a clinic working from that
+    list would otherwise never see the patient."""
+    ungradable = {"grade": None, "gradable": False, "referable": True}
+    names = ("left", "right") if eyes - {None} else (UNKNOWN_EYE,)
+    return PatientRow(patient_id, None, True, False, {eye: dict(ungradable) for eye in names})
 
 
 def _grade_anyway(store: FileStore, stored_path: str, ens: EnsembleLike) -> int | None:

@@ -619,6 +619,7 @@ def test_score_path_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     from workers import bulk, model
 
     folder = make_folder(tmp_path, NAMES[:4])
+    (folder / "99_left.jpg").write_bytes(b"a text file named as a photograph")  # refused when read
     monkeypatch.setattr(model, "_ensemble", StubEnsemble())
     out_json = tmp_path / "out" / "results.json"
     assert bulk.score_path(folder, out_json, explain=True) == 0
@@ -629,9 +630,17 @@ def test_score_path_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert by_file["holiday.jpg"]["status"] == "done" and by_file["holiday.jpg"]["eye"] is None
     assert by_file["21_left.jpg"]["status"] == "failed"
     patients = {p["patient_id"]: p for p in data["patients"]}
-    assert set(patients) == {"16", "17", "21", "holiday"}
+    assert set(patients) == {"16", "17", "21", "99", "holiday"}
     # Patient 21's only photo could not be read: ungradable, so referred.
     assert patients["21"]["grade"] is None and patients["21"]["referable"] is True
+    # 99's only file is not an image at all: still a patient to refer, not left out of the list
+    assert by_file["99_left.jpg"]["status"] == "failed"
+    assert (patients["99"]["grade"], patients["99"]["referable"], patients["99"]["gradable"]) == (
+        None,
+        True,
+        False,
+    )
+    assert set(patients["99"]["eyes"]) == {"left", "right"}
     # a photograph whose eye the name does not tell is not reported under the left eye
     assert set(patients["holiday"]["eyes"]) == {bulk.UNKNOWN_EYE}
     assert set(patients["16"]["eyes"]) <= {"left", "right"}
@@ -644,9 +653,10 @@ def test_score_path_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     out_csv = tmp_path / "out" / "results.csv"
     assert bulk.score_path(folder, out_csv, explain=False) == 0
     rows = list(csv.DictReader(out_csv.open()))
-    assert len(rows) == 7 and {"p0", "p4", "grade", "referable"} <= set(rows[0])
+    assert len(rows) == 8 and {"p0", "p4", "grade", "referable"} <= set(rows[0])
     patients_csv = (tmp_path / "out" / "results_patients.csv").open()
     by_patient = {r["patient_id"]: r for r in csv.DictReader(patients_csv)}
+    assert by_patient["99"]["grade"] == "" and by_patient["99"]["referable"] in ("True", "true", "1")
     assert by_patient["holiday"]["left_grade"] == "" and by_patient["holiday"]["unknown_eye_grade"] != ""
 
     sub = tmp_path / "out" / "my_submission.csv"
