@@ -53,7 +53,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-NATURAL = Path(os.environ.get("DRSCREEN_BENCH_PHOTOS", "/work/shared/data/eyepacs-natural-512/images"))
+from ml.environment import env_setting
+from ml.inference.onnx_runtime import cache_dir as onnx_cache_dir
+
+NATURAL = Path(env_setting("DRSCREEN_BENCH_PHOTOS", "/work/shared/data/eyepacs-natural-512/images"))
 BATCH = 8
 
 
@@ -392,9 +395,7 @@ class Service:
             }
         )
         # share the ONNX cache of this checkout (exported once, by `drscreen export onnx`)
-        self.env.setdefault(
-            "DRSCREEN_ONNX_CACHE", str(Path(os.environ.get("DRSCREEN_VAR_DIR", "var")).resolve() / "onnx")
-        )
+        self.env["DRSCREEN_ONNX_CACHE"] = str(onnx_cache_dir().resolve())
         migrate.upgrade(self.settings.database_url)
         with session_scope(self.settings.database_url) as session:
             clinic = repo.get_or_create_clinic(session, "Bench clinic")

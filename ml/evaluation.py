@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ml.environment import env_setting
 from ml.imageio import ImageDecodeError, decode_image
 from ml.inference.combine import CombineRule
 from ml.inference.ensemble import Ensemble, Member, load_ensemble
@@ -99,7 +100,7 @@ def _decode(path: Path) -> np.ndarray:
 def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "torch") -> dict[str, Any]:
     rows = read_labels(labels)
     # read once: the precision OpenVINO runs at is also reported (its grades depend on it)
-    precision = os.environ.get("DRSCREEN_OPENVINO_PRECISION", "auto")
+    precision = env_setting("DRSCREEN_OPENVINO_PRECISION", "auto")
     ens = load_model(ref, runtime, precision)
     base = labels.parent
     gate = thresholds_for_manifest(getattr(ens, "quality_thresholds", None))

@@ -380,6 +380,10 @@ def score_path(
         # said before scoring, not after: an unknown suffix used to get CSV silently
         sys.stderr.write(f"drscreen score: --out must end in .csv or .json, not {out.name!r}\n")
         return 2
+    if submission and (out is None or out.suffix.lower() != ".csv"):
+        # a submission is CSV: written into a .json name it was a CSV file under the wrong name
+        sys.stderr.write("drscreen score: --submission needs --out ending in .csv\n")
+        return 2
     try:
         check_release()  # before anything is decoded or stored: one line, not a traceback
     except (OSError, ValueError, KeyError) as exc:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ml.environment import env_setting
 from ml.release import member_dir, sha256_file
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ FEATURES = "features"
 
 def cache_dir() -> Path:
     return Path(
-        os.environ.get("DRSCREEN_ONNX_CACHE", Path(os.environ.get("DRSCREEN_VAR_DIR", "var")) / "onnx")
+        env_setting("DRSCREEN_ONNX_CACHE", str(Path(env_setting("DRSCREEN_VAR_DIR", "var")) / "onnx"))
     )
 
 

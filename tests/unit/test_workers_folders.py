@@ -667,6 +667,9 @@ def test_score_path_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
     assert bulk.score_path(folder, tmp_path / "out" / "results.txt") == 2
     assert not (tmp_path / "out" / "results.txt").exists()
+    assert bulk.score_path(folder, tmp_path / "out" / "sub.json", submission=True) == 2
+    assert bulk.score_path(folder, None, submission=True) == 2
+    assert not (tmp_path / "out" / "sub.json").exists()
 
     single = bulk.run(folder / "16_left.jpg", ensemble=StubEnsemble())
     assert [(r.patient_id, r.eye) for r in single.images] == [("16", "left")]
