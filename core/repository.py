@@ -303,16 +303,22 @@ def _scored_by_version_or_later(image_id: Any, model_version_id: int) -> Any:
     )
 
 
-def images_to_rescore(session: Session, patient_id: int, model_version_id: int) -> list[Image]:
-    """The patient's finished images that only earlier model versions scored (versions are ordered
-    by when the database first saw them). Not those a later version scored: while workers of two
-    releases share a queue the older one leaves the newer one's grades alone, so nothing
-    ping-pongs between them."""
+def images_to_rescore(
+    session: Session, patient_id: int, model_version_id: int, visit_window: timedelta | None = None
+) -> list[Image]:
+    """The finished images of the patient's latest visit (``latest_visit``: the only one the
+    patient's result reads) that only earlier model versions scored (versions are ordered by when
+    the database first saw them). An earlier visit keeps its release's grades and its entry in the
+    history. Not those a later version scored: while workers of two releases share a queue the
+    older one leaves the newer one's grades alone, so nothing ping-pongs between them."""
+    if visit_window is None:
+        visit_window = get_settings().visit_window
+    visit = [im.id for im in latest_visit(list_patient_images(session, patient_id), visit_window)]
     return list(
         session.scalars(
             select(Image)
             .where(
-                Image.patient_id == patient_id,
+                Image.id.in_(visit),
                 Image.status == "done",
                 ~_scored_by_version_or_later(Image.id, model_version_id),
             )

@@ -25,7 +25,7 @@ from core.aggregation import argmax_grade
 from core.db import session_scope
 from core.migrate import upgrade
 from core.store import FileStore
-from core.tables import AuditEvent, Explanation, PatientResult, Prediction, utcnow
+from core.tables import AuditEvent, Explanation, Image, PatientResult, Prediction, utcnow
 from services.views import image_result
 from workers import explain as explain_mod
 from workers import scoring
@@ -456,6 +456,11 @@ def test_a_new_release_rescores_the_patients_earlier_photographs(url: str, store
     assert (tasks.SCORE_IMAGES, [summary.rescore], {}) in sent
     with session_scope(url) as s:
         assert {im.status for im in repo.get_images(s, first)} == {"queued"}
+        # no result while they wait: it would count them as ungradable, for good, in the history
+        patient_id = repo.get_images(s, later)[0].patient_id
+        assert {r.model_version_id for r in repo.patient_history(s, patient_id)} == {
+            repo.get_model_version_by_ref(s, old.ref).id  # type: ignore[union-attr]
+        }
 
     again = scoring.score_images(first, ensemble=new, store=store, db_url=url, enqueue=Sent())
     assert again.rescore == [] and sorted(again.scored + again.ungradable) == sorted(first)
@@ -472,6 +477,30 @@ def test_a_new_release_rescores_the_patients_earlier_photographs(url: str, store
     extra = add_images(url, store, "P1", [photo("17_right.jpg")])
     stale = scoring.score_images(extra, ensemble=old, store=store, db_url=url, enqueue=(sent := Sent()))
     assert stale.rescore == [] and all(name != tasks.SCORE_IMAGES for name, _, _ in sent)
+
+
+def test_a_new_release_leaves_an_earlier_visit_as_it_was_graded(url: str, store: FileStore) -> None:
+    """Only the latest visit is the patient's result, so only its photographs are scored again by a
+    new release. Re-scoring a visit of a month ago put its photographs back in the queue, its
+    bundle back to running, and replaced its entry in the history by the new release's recompute."""
+    old, new = StubEnsemble(ref="stub-ensemble@1.0.0"), StubEnsemble(ref="stub-ensemble@2.0.0")
+    first = add_images(url, store, "P1", [photo("16_left.jpg"), photo("16_right.jpg")], bundle=True)
+    scoring.score_images(first, ensemble=old, store=store, db_url=url, enqueue=Sent())
+    a_month_ago = utcnow() - timedelta(days=30)
+    with session_scope(url) as s:
+        s.execute(update(Image).values(created_at=a_month_ago, sent_at=a_month_ago))
+        s.execute(update(PatientResult).values(computed_at=a_month_ago))
+    later = add_images(url, store, "P1", [photo("17_left.jpg"), photo("17_right.jpg")], bundle=True)
+    summary = scoring.score_images(later, ensemble=new, store=store, db_url=url, enqueue=Sent())
+    assert summary.rescore == []
+    with session_scope(url) as s:
+        images = repo.get_images(s, first)
+        assert {im.status for im in images} == {"done"}
+        history = repo.patient_history(s, images[0].patient_id)
+        refs = [repo.get_model_version(s, r.model_version_id).ref for r in history]  # type: ignore[union-attr]
+        assert refs[0] == new.ref and old.ref in refs  # the month-old visit's entry is still there
+        newest = {i for eye in history[0].eyes for i in eye.image_ids}
+        assert newest == set(later)
 
 
 def test_a_photograph_missing_from_the_workers_store_is_retried_not_judged(
