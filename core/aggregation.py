@@ -2,7 +2,8 @@
 
 - An eye's grade comes from the mean of the ensemble's combined probabilities over that eye's
   *gradable* images, turned into a grade by ``grade_fn`` (the ensemble's
-  ``grade_from_probabilities``).
+  ``grade_from_probabilities``); or, given ``eye_grade_fn`` (the ensemble's ``grade_eye``), from
+  that mean and each member's mean, for rules whose grade is a vote of the members.
 - The patient's grade is the worse eye.
 - An eye (or patient) with no gradable image is ungradable: grade ``None`` and referable ``True``
   (clinics treat ungradable as "refer").
@@ -14,13 +15,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 REFERABLE_GRADE = 2
 N_GRADES = 5
 
 GradeFn = Callable[[Sequence[float]], int]
+#: (pooled combined probabilities, pooled probabilities of each member by ref) -> grade
+EyeGradeFn = Callable[[Sequence[float], Mapping[str, Sequence[float]] | None], int]
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class ImageScore:
     eye: str
     gradable: bool
     probabilities: Sequence[float] | None = None
+    members: Mapping[str, Sequence[float]] | None = None  # each member's probabilities, by ref
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,30 @@ def mean_probabilities(rows: Iterable[Sequence[float]]) -> list[float] | None:
     return [sum(r[i] for r in rows) / len(rows) for i in range(width)]
 
 
-def aggregate_eye(eye: str, images: Iterable[ImageScore], grade_fn: GradeFn) -> EyeAggregate:
+def pooled_members(images: Sequence[ImageScore]) -> dict[str, list[float]] | None:
+    """Each member's mean probabilities over ``images`` (None unless every image has the same
+    members: a photograph graded without them, or by other members, cannot be pooled)."""
+    if not images or any(im.members is None for im in images):
+        return None
+    refs = set(images[0].members or {})
+    if any(set(im.members or {}) != refs for im in images):
+        return None
+    pooled = {ref: mean_probabilities((im.members or {})[ref] for im in images) for ref in sorted(refs)}
+    return {ref: probs for ref, probs in pooled.items() if probs is not None}
+
+
+def aggregate_eye(
+    eye: str, images: Iterable[ImageScore], grade_fn: GradeFn, eye_grade_fn: EyeGradeFn | None = None
+) -> EyeAggregate:
     images = list(images)
     usable = [im for im in images if im.gradable and im.probabilities is not None]
     probs = mean_probabilities(im.probabilities for im in usable if im.probabilities is not None)
-    grade = int(grade_fn(probs)) if probs is not None else None
+    if probs is None:
+        grade = None
+    elif eye_grade_fn is not None:
+        grade = int(eye_grade_fn(probs, pooled_members(usable)))
+    else:
+        grade = int(grade_fn(probs))
     return EyeAggregate(
         eye=eye,
         grade=grade,
@@ -92,7 +115,10 @@ def aggregate_eye(eye: str, images: Iterable[ImageScore], grade_fn: GradeFn) -> 
 
 
 def aggregate_patient(
-    images: Iterable[ImageScore], grade_fn: GradeFn, eyes: Sequence[str] = ("left", "right")
+    images: Iterable[ImageScore],
+    grade_fn: GradeFn,
+    eyes: Sequence[str] = ("left", "right"),
+    eye_grade_fn: EyeGradeFn | None = None,
 ) -> PatientAggregate:
     """Apply the rule to every image of one patient. Every eye of ``eyes`` is in the result: one
     without images is ungradable (and makes the patient referable); the patient's grade is the
@@ -103,7 +129,7 @@ def aggregate_patient(
         if im.eye not in eyes:
             raise ValueError(f"unknown eye {im.eye!r}")
         by_eye[im.eye].append(im)
-    eye_results = {eye: aggregate_eye(eye, by_eye[eye], grade_fn) for eye in eyes}
+    eye_results = {eye: aggregate_eye(eye, by_eye[eye], grade_fn, eye_grade_fn) for eye in eyes}
     graded = [e.grade for e in eye_results.values() if e.grade is not None]
     grade = max(graded) if graded else None
     any_ungradable_eye = any(not e.gradable for e in eye_results.values())

@@ -19,7 +19,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from core.aggregation import GradeFn, ImageScore, PatientAggregate, aggregate_patient
+from core.aggregation import EyeGradeFn, GradeFn, ImageScore, PatientAggregate, aggregate_patient
 from core.errors import InvalidInput, NotFound
 from core.settings import Settings, get_settings
 from core.tables import (
@@ -596,6 +596,7 @@ def recompute_patient(
     grade_fn: GradeFn,
     trigger: str | None = None,
     visit_window: timedelta | None = None,
+    eye_grade_fn: EyeGradeFn | None = None,
 ) -> PatientResult:
     """Apply the contract's rule to the finished images of the patient's latest visit
     (``latest_visit``; ``visit_window`` default ``DRSCREEN_VISIT_WINDOW_HOURS``) scored by that
@@ -622,9 +623,10 @@ def recompute_patient(
                 eye=im.eye,
                 gradable=usable,
                 probabilities=pred.probabilities if (usable and pred is not None) else None,
+                members=pred.members if (usable and pred is not None) else None,
             )
         )
-    aggregate = aggregate_patient(scores, grade_fn)
+    aggregate = aggregate_patient(scores, grade_fn, eye_grade_fn=eye_grade_fn)
     return record_patient_result(
         session, patient_id, aggregate, model_version_id=model_version_id, trigger=trigger
     )

@@ -105,6 +105,7 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "tor
     base = labels.parent
     gate = thresholds_for_manifest(getattr(ens, "quality_thresholds", None))
     probs: list[list[float]] = []
+    member_probs: list[dict[str, list[float]]] = []
     grades: list[int] = []
     ungradable: list[str] = []
     for start in tqdm(range(0, len(rows), batch), desc="evaluating", unit="batch", file=sys.stderr):
@@ -115,6 +116,7 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "tor
                 ungradable.append(r["image"])
         for pred in ens.predict(images):
             probs.append(pred.probabilities)
+            member_probs.append(pred.members)
             grades.append(pred.grade)
     y = np.array([int(r["grade"]) for r in rows])
     p = np.array(probs)
@@ -147,7 +149,7 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "tor
     )
     report["intervals_resampled"] = "patients" if with_patients else "images"
     if with_patients:
-        report["patient"] = patient_metrics(rows, ens, p, y)
+        report["patient"] = patient_metrics(rows, ens, p, y, member_probs)
     return report
 
 
@@ -168,9 +170,14 @@ def interval_lines(report: dict[str, Any]) -> list[str]:
 
 
 def patient_metrics(
-    rows: list[dict[str, str]], ens: Ensemble, probs: np.ndarray, y: np.ndarray
+    rows: list[dict[str, str]],
+    ens: Ensemble,
+    probs: np.ndarray,
+    y: np.ndarray,
+    members: list[dict[str, list[float]]] | None = None,
 ) -> dict[str, Any]:
-    """Worse-eye rule: eye grade from its images' mean probabilities; patient = worse eye."""
+    """Worse-eye rule, as the service applies it: eye grade from its images' mean probabilities
+    (and each member's mean, for max_vote: ``Ensemble.grade_eye``); patient = worse eye."""
     eyes: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         eyes[(r["patient_id"], r.get("eye") or str(i))].append(i)
@@ -180,7 +187,12 @@ def patient_metrics(
     for (pid, _), idx in eyes.items():
         mean = probs[idx].mean(axis=0)
         truth[pid] = max(truth[pid], int(y[idx].max()))
-        pred[pid] = max(pred[pid], ens.grade_from_probabilities(mean.tolist()))
+        pooled = (
+            {ref: np.mean([members[i][ref] for i in idx], axis=0).tolist() for ref in members[idx[0]]}
+            if members
+            else None
+        )
+        pred[pid] = max(pred[pid], ens.grade_eye(mean.tolist(), pooled))
         score[pid] = max(score[pid], float(mean[2:].sum()))
     pids = sorted(truth)
     out: dict[str, Any] = {"n_patients": len(pids)}

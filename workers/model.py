@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -49,6 +49,10 @@ class EnsembleLike(Protocol):
     ) -> Sequence[Prediction]: ...
 
     def grade_from_probabilities(self, probs: Sequence[float]) -> int: ...
+
+    def grade_eye(
+        self, probabilities: Sequence[float], members: Mapping[str, Sequence[float]] | None
+    ) -> int: ...
 
     def explain(self, image: np.ndarray) -> np.ndarray: ...
 

@@ -448,6 +448,7 @@ def _write(
                 patient_id,
                 model_version_id=mv.id,
                 grade_fn=ens.grade_from_probabilities,
+                eye_grade_fn=ens.grade_eye,
                 trigger=trigger,
             )
             summary.patients.append(patient_id)

@@ -4,7 +4,10 @@
   distribution's expected grade cut at thresholds fitted on validation. The same cut applies
   to an eye's pooled distribution, so a one-photo eye always gets its photo's grade.
 - ``max_vote``: each member votes its own (thresholded) grade; ties go to the worse grade
-  (a screening service prefers over- to under-calling).
+  (a screening service prefers over- to under-calling). The grade is not a function of the
+  combined distribution, so an eye votes on its members' pooled distributions
+  (``grade_from_members``): cutting the pooled combined distribution gave a one-photograph eye
+  another grade than its photograph (a referable photograph in a not-referable patient).
 - ``stacking``: a multinomial logistic regression over the members' probabilities, fitted on
   validation; its coefficients live in the manifest.
 """
@@ -74,6 +77,12 @@ def combine(rule: CombineRule, probs: np.ndarray) -> tuple[np.ndarray, np.ndarra
     else:
         raise ValueError(f"unknown combination rule {rule.rule!r}; choose from {RULES}")
     return mean_probs, score, grade
+
+
+def grade_from_members(rule: CombineRule, members: np.ndarray) -> int:
+    """Grade by the rule from each member's distribution (M, 5), e.g. pooled over an eye's
+    photographs: for one photograph, that photograph's grade."""
+    return int(combine(rule, np.asarray(members, dtype=np.float64)[:, None, :])[2][0])
 
 
 def grade_from_probabilities(rule: CombineRule, probs: np.ndarray) -> int:

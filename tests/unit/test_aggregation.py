@@ -1,7 +1,10 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core.aggregation import (
@@ -12,6 +15,11 @@ from core.aggregation import (
     is_referable,
     mean_probabilities,
 )
+from ml.inference.combine import CombineRule, combine
+from ml.inference.ensemble import Ensemble, Member
+from ml.preprocess import PreprocessConfig
+
+MODELS = Path(__file__).resolve().parents[2] / "models" / "ensembles" / "drscreen-ensemble"
 
 P0 = [0.9, 0.1, 0.0, 0.0, 0.0]
 P1 = [0.1, 0.8, 0.1, 0.0, 0.0]
@@ -89,3 +97,85 @@ def test_helpers_and_errors() -> None:
         mean_probabilities([[0.5, 0.5], [1.0]])
     with pytest.raises(ValueError):
         aggregate_patient([img("a", "middle", P0)], argmax_grade)
+
+
+# ------------------------------------------------- rules whose grade is a vote of the members
+
+
+def _shipped_rule(version: str) -> CombineRule:
+    manifest = json.loads((MODELS / version / "manifest.json").read_text())
+    return CombineRule.from_dict(manifest["combination"])
+
+
+def _ensemble(rule: CombineRule, n: int) -> Ensemble:
+    members = [Member(f"m{i}@1.0.0", None, PreprocessConfig(), {}, folder=Path("unused")) for i in range(n)]
+    return Ensemble("test@1.0.0", members, rule, {})
+
+
+def _one_photograph_eye(ens: Ensemble, member_probs: np.ndarray) -> tuple[int, int]:
+    """(the photograph's grade, its eye's grade) as the worker computes them."""
+    combined, _, grade = combine(ens.rule, member_probs[:, None, :])
+    by_ref = {m: list(member_probs[i]) for i, m in enumerate(ens.members)}
+    score = ImageScore("a", "left", True, list(combined[0]), by_ref)
+    eye = aggregate_eye("left", [score], ens.grade_from_probabilities, ens.grade_eye)
+    assert eye.grade is not None
+    return int(grade[0]), eye.grade
+
+
+def test_a_max_vote_eye_of_one_photograph_has_that_photographs_grade() -> None:
+    """drscreen-ensemble@1.1.0 (max_vote): the members vote 0, 2, 2, so the photograph is grade 2
+    (referable); the eye cut the pooled combined distribution (expected grade 0.485) at 0.5 and was
+    grade 0, and the patient not referable (the helper review's case)."""
+    ens = _ensemble(_shipped_rule("1.1.0"), 3)
+    votes = np.array(
+        [
+            [0.664, 0.268, 0.023, 0.031, 0.015],
+            [0.677, 0.221, 0.058, 0.015, 0.028],
+            [0.715, 0.13, 0.118, 0.02, 0.017],
+        ]
+    )
+    photograph, eye = _one_photograph_eye(ens, votes)
+    assert photograph == 2 and eye == 2
+    combined = combine(ens.rule, votes[:, None, :])[0][0]
+    assert ens.grade_from_probabilities(list(combined)) == 0  # what the eye got before
+    other = ImageScore(
+        "b", "right", True, [0.9, 0.1, 0.0, 0.0, 0.0], {m: [0.9, 0.1, 0, 0, 0] for m in ens.members}
+    )
+    left = ImageScore(
+        "a", "left", True, list(combined), {m: list(votes[i]) for i, m in enumerate(ens.members)}
+    )
+    patient = aggregate_patient([left, other], ens.grade_from_probabilities, eye_grade_fn=ens.grade_eye)
+    assert patient.grade == 2 and patient.referable
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.1.0", "1.4.1", "1.6.0"])
+def test_every_shipped_rule_grades_a_one_photograph_eye_as_its_photograph(version: str) -> None:
+    rule = _shipped_rule(version)
+    n = len(json.loads((MODELS / version / "manifest.json").read_text())["members"])
+    ens = _ensemble(rule, n)
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        member_probs = rng.dirichlet(np.full(5, 0.6), size=n)
+        photograph, eye = _one_photograph_eye(ens, member_probs)
+        assert photograph == eye
+
+
+def test_an_eye_of_several_photographs_votes_on_each_members_mean() -> None:
+    ens = _ensemble(_shipped_rule("1.1.0"), 3)
+    seen: list[dict[str, list[float]] | None] = []
+
+    def grader(probabilities: Sequence[float], members: Mapping[str, Sequence[float]] | None) -> int:
+        seen.append(None if members is None else {k: list(v) for k, v in members.items()})
+        return ens.grade_eye(probabilities, members)
+
+    a = {m: [1.0, 0, 0, 0, 0] for m in ens.members}
+    b = {m: [0, 0, 1.0, 0, 0] for m in ens.members}
+    images = [
+        ImageScore("a", "left", True, [1.0, 0, 0, 0, 0], a),
+        ImageScore("b", "left", True, [0, 0, 1.0, 0, 0], b),
+    ]
+    aggregate_eye("left", images, argmax_grade, grader)
+    assert seen == [{m: [0.5, 0.0, 0.5, 0.0, 0.0] for m in ens.members}]
+    # a photograph graded without its members' outputs: nothing to pool, the combined one is graded
+    aggregate_eye("left", [images[0], ImageScore("c", "left", True, [0, 1.0, 0, 0, 0])], argmax_grade, grader)
+    assert seen[-1] is None

@@ -8,7 +8,7 @@ the real models are exercised by the integration tests.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -68,6 +68,9 @@ class StubEnsemble:
 
     def grade_from_probabilities(self, probs: Sequence[float]) -> int:
         return argmax_grade(probs)
+
+    def grade_eye(self, probabilities: Sequence[float], members: Mapping[str, Sequence[float]] | None) -> int:
+        return argmax_grade(probabilities)
 
     def explain(self, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
