@@ -24,6 +24,7 @@ import json
 import logging
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -83,7 +84,9 @@ class ScoreResult:
 
 
 def _plan(path: Path) -> tuple[Path, list[folders.PlannedFile]]:
-    """(folder, planned files). Unmatched names become their own patient with eye unknown."""
+    """(folder, planned files). Unmatched names become their own patient with eye unknown: named
+    by the file's stem, or by its path when another file has that patient id or stem (``16.jpg``
+    beside ``16_left.jpg`` was pooled into patient 16's left eye)."""
     if path.is_file():
         folder, plan = path.parent, [folders.PlannedFile(path.name, None, None, "unmatched")]
     else:
@@ -98,7 +101,13 @@ def _plan(path: Path) -> tuple[Path, list[folders.PlannedFile]]:
                 # The schema needs an eye; "left" is a placeholder reported as unknown.
                 p = folders.PlannedFile(p.path, PurePosixPath(p.path).stem, "left", "eye-unknown")
         out.append(p)
-    return folder, out
+    known = Counter(p.patient_id for p in out if p.patient_id is not None)
+    return folder, [
+        folders.PlannedFile(p.path, p.path, p.eye, p.error)
+        if p.error == "eye-unknown" and known[p.patient_id or ""] > 1
+        else p
+        for p in out
+    ]
 
 
 #: Per-patient output key of the photographs whose eye the file name did not tell.

@@ -620,6 +620,7 @@ def test_score_path_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
     folder = make_folder(tmp_path, NAMES[:4])
     (folder / "99_left.jpg").write_bytes(b"a text file named as a photograph")  # refused when read
+    (folder / "17.jpg").write_bytes((PHOTOS / "16_right.jpg").read_bytes())  # 17, but which eye?
     monkeypatch.setattr(model, "_ensemble", StubEnsemble())
     out_json = tmp_path / "out" / "results.json"
     assert bulk.score_path(folder, out_json, explain=True) == 0
@@ -630,7 +631,11 @@ def test_score_path_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert by_file["holiday.jpg"]["status"] == "done" and by_file["holiday.jpg"]["eye"] is None
     assert by_file["21_left.jpg"]["status"] == "failed"
     patients = {p["patient_id"]: p for p in data["patients"]}
-    assert set(patients) == {"16", "17", "21", "99", "holiday"}
+    assert set(patients) == {"16", "17", "17.jpg", "21", "99", "holiday"}
+    # 17.jpg is its own patient, named by its file: not pooled into patient 17's left eye
+    assert by_file["17.jpg"]["patient_id"] == "17.jpg" and set(patients["17.jpg"]["eyes"]) == {
+        bulk.UNKNOWN_EYE
+    }
     # Patient 21's only photo could not be read: ungradable, so referred.
     assert patients["21"]["grade"] is None and patients["21"]["referable"] is True
     # 99's only file is not an image at all: still a patient to refer, not left out of the list
@@ -653,7 +658,7 @@ def test_score_path_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     out_csv = tmp_path / "out" / "results.csv"
     assert bulk.score_path(folder, out_csv, explain=False) == 0
     rows = list(csv.DictReader(out_csv.open()))
-    assert len(rows) == 8 and {"p0", "p4", "grade", "referable"} <= set(rows[0])
+    assert len(rows) == 9 and {"p0", "p4", "grade", "referable"} <= set(rows[0])
     patients_csv = (tmp_path / "out" / "results_patients.csv").open()
     by_patient = {r["patient_id"]: r for r in csv.DictReader(patients_csv)}
     assert by_patient["99"]["grade"] == "" and by_patient["99"]["referable"] in ("True", "true", "1")
