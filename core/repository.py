@@ -579,13 +579,15 @@ def record_patient_result(
 
 
 def latest_visit(images: Sequence[Image], window: timedelta) -> list[Image]:
-    """The images of the patient's latest screening visit: sent within ``window`` of the newest
-    one (all of them with a zero window). The time a photograph was last sent (``Image.sent_at``)
-    stands in for the visit's date, which clinic software does not send."""
+    """The images of the patient's latest screening visit: uploaded within ``window`` of the
+    newest one (all of them with a zero window). Upload time stands in for the visit's date,
+    which clinic software does not send; a photograph a folder job sends again keeps its first
+    upload's (``Image.sent_at`` is the purge's clock, not the visit's): a clinic's export that
+    holds every past visit would otherwise pool them all into today's."""
     if not images or window <= timedelta(0):
         return list(images)
-    newest = max(im.sent_at for im in images)
-    return [im for im in images if im.sent_at >= newest - window]
+    newest = max(im.created_at for im in images)
+    return [im for im in images if im.created_at >= newest - window]
 
 
 def recompute_patient(

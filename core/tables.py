@@ -156,9 +156,11 @@ class Image(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # when the photograph was last sent: its upload, or a folder job sending the same bytes again
-    # (the row is reused, workers/folders.py). The visit and the purge clock read this, not
-    # created_at: else a re-sent photograph fell out of today's visit and its patient was purged.
-    sent_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # (the row is reused, workers/folders.py). The purge clock reads this: a patient re-sent today
+    # is not purged by the first upload's date. The visit stays created_at (when it was taken, as
+    # near as we know): a clinic's export of every past visit must not pool them. Nullable in the
+    # schema only (migration 7d2e4c9a1b36 says why); always written.
+    sent_at: Mapped[datetime] = mapped_column(default=utcnow, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None]
     # Celery node name of the worker that last claimed it (None outside Celery): lets the sweep

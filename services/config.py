@@ -27,8 +27,8 @@ class ApiSettings(BaseSettings):
     #: How often a waiting request re-reads the database.
     wait_poll_seconds: float = Field(default=0.25, gt=0)
     #: Largest page of ``GET /v1/jobs/{id}/results``; it can only lower the route's own cap of
-    #: 1000 (a larger value used to be accepted and did nothing).
-    max_page_size: int = Field(default=1000, ge=1, le=1000)
+    #: 1000 (a larger value acts as 1000; refusing it would stop an upgraded API that has one).
+    max_page_size: int = Field(default=1000, ge=1)
 
 
 @lru_cache(maxsize=1)

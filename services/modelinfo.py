@@ -33,6 +33,15 @@ def released_ensembles(models_dir: Path) -> dict[str, Path]:
     }
 
 
+def is_candidate(manifest: Path) -> bool:
+    """An ensemble exported with ``--validation-only`` (no test figures): never the default model.
+    The rule of ``ml.release.is_candidate``, read here as plain JSON (the API imports no ``ml``)."""
+    try:
+        return json.loads(manifest.read_text())["card"]["test"]["n_images"] == 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def activated_release(settings: Settings) -> str | None:
     """The release ``drscreen model activate`` pinned for the deployment (None: never, or the
     database cannot say now)."""
@@ -51,7 +60,8 @@ def activated_release(settings: Settings) -> str | None:
 def active_ref(settings: Settings) -> str | None:
     """What workers serve: the activated release (``drscreen model activate``) if there is one
     (None when this machine's models folder lacks it: /readyz then says so), else
-    ``DRSCREEN_MODEL`` if that release exists, else the newest version."""
+    ``DRSCREEN_MODEL`` if that release exists, else the newest version that is not a candidate
+    (as workers choose, ``ml.release.newest_ensemble``)."""
     found = released_ensembles(settings.models_dir)
     activated = activated_release(settings)
     if activated is not None:
@@ -61,9 +71,10 @@ def active_ref(settings: Settings) -> str | None:
         return activated
     if settings.model:
         return settings.model if settings.model in found else None
-    if not found:
+    releases = [ref for ref, manifest in found.items() if not is_candidate(manifest)]
+    if not releases:
         return None
-    return max(found, key=lambda ref: _version_key(ref.partition("@")[2]))
+    return max(releases, key=lambda ref: _version_key(ref.partition("@")[2]))
 
 
 def read_manifest(settings: Settings, ref: str) -> dict[str, Any] | None:

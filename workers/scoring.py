@@ -435,14 +435,12 @@ def _write(
             # One patient, one release: the patient's photographs an earlier release scored are
             # scored again by this one (the aggregate reads one version's predictions only, so
             # they would otherwise count as ungradable in it).
-            older = repo.images_to_rescore(session, patient_id, mv.id)
-            for image in older:
+            # Recorded at once all the same, with those photographs counted as ungradable (so
+            # referable) until they are in: waiting would leave the previous release's result,
+            # maybe "not referable", standing for as long as they take, or for good if they fail.
+            for image in repo.images_to_rescore(session, patient_id, mv.id):
                 repo.requeue_image(session, image)
                 summary.rescore.append(image.id)
-            if older:
-                # the result waits for them (their task records it): recorded now, it counted them
-                # as ungradable and stayed in the history as a screening that never happened
-                continue
             repo.recompute_patient(
                 session,
                 patient_id,

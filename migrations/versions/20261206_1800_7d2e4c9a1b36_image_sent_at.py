@@ -5,9 +5,12 @@ Revises: 5e0c2b7d9a41
 Create Date: 2026-12-06 18:00:00+00:00
 
 A folder job that sends a photograph again (same bytes, clinic, patient and eye) reuses its row;
-the visit and the purge clock read created_at, so the re-sent photograph fell out of the latest
-visit and its patient could be purged the day after being screened again. Existing rows start
-with sent_at = created_at (what was read until now).
+the purge clock read created_at, so a patient could be purged the day after being screened
+again. Existing rows start with sent_at = created_at (what was read until now).
+
+Nullable on purpose (the code always writes it): NOT NULL would make Alembic rebuild the image
+table on SQLite, and its DROP TABLE, with foreign keys on, cascades to every prediction and
+heatmap row (found by the review before this landed).
 """
 
 from collections.abc import Sequence
@@ -25,10 +28,9 @@ def upgrade() -> None:
     with op.batch_alter_table("image", schema=None) as batch_op:
         batch_op.add_column(sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True))
     op.execute("UPDATE image SET sent_at = created_at")
-    with op.batch_alter_table("image", schema=None) as batch_op:
-        batch_op.alter_column("sent_at", existing_type=sa.DateTime(timezone=True), nullable=False)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("image", schema=None) as batch_op:
-        batch_op.drop_column("sent_at")
+    # not batch_alter_table's drop_column: it rebuilds the table on SQLite (the cascade above);
+    # SQLite 3.35+ drops a plain column in place, as PostgreSQL does
+    op.execute("ALTER TABLE image DROP COLUMN sent_at")

@@ -227,19 +227,24 @@ class Ensemble:
                 maps[i] = self._heatmap(cams, images[i])
         else:
             probs = self.member_probabilities(inputs)
-        combined, score, grade = combine(self.rule, probs)
-        return [
-            EnsemblePrediction(
-                probabilities=[round(float(v), 6) for v in combined[i]],
-                grade=int(grade[i]),
-                score=float(score[i]),
-                members={
-                    m.ref: [round(float(v), 6) for v in probs[j, i]] for j, m in enumerate(self._members)
-                },
-                heatmap=maps.get(i),
+        combined, score, _ = combine(self.rule, probs)
+        out = []
+        for i in range(len(images)):
+            stored = [round(float(v), 6) for v in combined[i]]
+            members = {m.ref: [round(float(v), 6) for v in probs[j, i]] for j, m in enumerate(self._members)}
+            # graded from the values stored, as the photograph's eye is (core.aggregation): from
+            # the unrounded ones, a member within 1e-6 of a cut could vote otherwise for the eye
+            grade = self.grade_eye(stored, members)
+            out.append(
+                EnsemblePrediction(
+                    probabilities=stored,
+                    grade=grade,
+                    score=float(score[i]),
+                    members=members,
+                    heatmap=maps.get(i),
+                )
             )
-            for i in range(len(images))
-        ]
+        return out
 
     def grade_from_probabilities(self, probs: Sequence[float]) -> int:
         return grade_from_probabilities(self.rule, np.asarray(probs))

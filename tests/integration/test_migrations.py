@@ -103,10 +103,41 @@ def test_image_sent_at_starts_as_the_upload_time(tmp_path: Path) -> None:
                     ),
                     {"id": image_id, "sha": image_id * 64, "at": at},
                 )
+            # what hangs off an image: a rebuilt image table (NOT NULL on SQLite) cascaded them away
+            conn.execute(
+                text("INSERT INTO model_version (id, ref, created_at) VALUES (1, 'e@1', '2026-11-23')")
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO prediction (image_id, model_version_id, grade, probabilities, referable,"
+                    " gradable, created_at) VALUES ('a', 1, 2, '[0,0,1,0,0]', 1, 1, '2026-11-23')"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO scoring_job (id, clinic_id, folder, status, total, done, failed,"
+                    " created_at, updated_at)"
+                    " VALUES ('j1', 1, '/x', 'done', 1, 1, 0, '2026-11-23', '2026-11-23')"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO scoring_job_item (job_id, path, image_id, status, created_at, updated_at)"
+                    " VALUES ('j1', 'a.jpg', 'a', 'done', '2026-11-23', '2026-11-23')"
+                )
+            )
         migrate.upgrade(url)
         with engine.connect() as conn:
             rows = conn.execute(text("SELECT id, created_at, sent_at FROM image ORDER BY id")).all()
+            assert conn.execute(text("SELECT count(*) FROM prediction")).scalar_one() == 1
+            assert conn.execute(text("SELECT image_id FROM scoring_job_item")).scalar_one() == "a"
         assert [(r[0], r[2]) for r in rows] == [(r[0], r[1]) for r in rows] and len(rows) == 2
         migrate.check(url)
+        from alembic import command
+
+        command.downgrade(migrate.alembic_config(url), "5e0c2b7d9a41")  # and back: nothing lost either
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM prediction")).scalar_one() == 1
+            assert conn.execute(text("SELECT count(*) FROM image")).scalar_one() == 2
     finally:
         engine.dispose()

@@ -195,6 +195,22 @@ def test_the_api_describes_the_activated_release(url: str, monkeypatch: pytest.M
         assert ready.status_code == 503 and ready.json()["checks"]["model"] is False
 
 
+def test_the_api_and_the_workers_take_the_same_default_model(url: str, tmp_path: Path) -> None:
+    """Nothing activated, DRSCREEN_MODEL unset: a --validation-only candidate with a higher
+    version is neither what workers serve nor what the API reports (they disagreed)."""
+    import json
+
+    from ml.release import newest_ensemble
+    from services.modelinfo import active_ref
+
+    for version, n_test in (("1.1.0", 12), ("1.2.0", 0)):
+        folder = tmp_path / "models" / "ensembles" / "e" / version
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"card": {"test": {"n_images": n_test}}}))
+    settings = get_settings().model_copy(update={"models_dir": tmp_path / "models", "model": None})
+    assert active_ref(settings) == newest_ensemble(tmp_path / "models") == "e@1.1.0"
+
+
 def test_one_schema_check_says_refuse_unreachable_or_fine(isolated_settings: Path) -> None:
     """One helper for `drscreen serve`/`worker` and the API's lifespan (they were near-twins)."""
     assert "port 1" in (migrate.check_schema_at_start("postgresql+psycopg://nobody@127.0.0.1:1/none") or "")

@@ -421,20 +421,20 @@ def test_photos_scored_by_an_earlier_release_are_scored_again(
         assert result is not None and version is not None and result.model_version_id == version.id
 
 
-def test_a_photograph_sent_again_a_month_later_is_part_of_the_new_visit(
-    url: str, store: FileStore, roots: Path
-) -> None:
-    """A follow-up folder sends a new left photograph and the unchanged right one (same bytes: the
-    row is reused, not scored again). The visit was read from the row's first upload date, so the
-    right eye fell out of today's visit: 'right_eye_not_photographed' for an eye graded today."""
+def test_a_clinic_export_of_every_visit_does_not_pool_them(url: str, store: FileStore, roots: Path) -> None:
+    """A clinic's export that holds a patient's every photograph sends last month's again with
+    today's. Those rows are reused (scored once) and keep their visit: pooled into today's, the
+    result would average a month-old eye with today's (what the visit window exists to stop).
+    Their purge clock restarts (``sent_at``)."""
     first = roots / "visit-1"
     first.mkdir()
     for name in ("16_left.jpg", "16_right.jpg"):
         (first / name).write_bytes((PHOTOS / name).read_bytes())
     second = roots / "visit-2"
     second.mkdir()
-    (second / "16_left.jpg").write_bytes((PHOTOS / "17_left.jpg").read_bytes())  # a new photograph
-    (second / "16_right.jpg").write_bytes((PHOTOS / "16_right.jpg").read_bytes())  # the same one
+    for eye in ("left", "right"):
+        (second / f"16_{eye}_old.jpg").write_bytes((PHOTOS / f"16_{eye}.jpg").read_bytes())
+        (second / f"16_{eye}_new.jpg").write_bytes((PHOTOS / f"17_{eye}.jpg").read_bytes())
 
     def run_job(folder: Path) -> dict[str, ScoringJobItem]:
         job_id, sent = new_job(url, folder), Sent()
@@ -445,20 +445,22 @@ def test_a_photograph_sent_again_a_month_later_is_part_of_the_new_visit(
             )
         return items_by_path(url, job_id)
 
-    right = run_job(first)["16_right.jpg"].image_id
+    old = {item.path: item.image_id for item in run_job(first).values()}
     a_month_ago = utcnow() - timedelta(days=30)
     with session_scope(url) as s:
         s.execute(update(Image).values(created_at=a_month_ago, sent_at=a_month_ago))
     items = run_job(second)
-    assert items["16_right.jpg"].image_id == right  # reused, and not scored again
+    assert items["16_left_old.jpg"].image_id == old["16_left.jpg"]  # reused, not scored again
     with session_scope(url) as s:
         patient = repo.get_patient(s, repo.get_or_create_clinic(s, "North").id, "16")
         assert patient is not None
         result = repo.get_current_patient_result(s, patient.id)
         assert result is not None
-        eyes = {e.eye: e for e in result.eyes}
-        assert eyes["right"].gradable and eyes["right"].image_ids == [right]
-        assert eyes["left"].image_ids == [items["16_left.jpg"].image_id]  # not last month's left
+        counted = {i for eye in result.eyes for i in eye.image_ids}
+        assert counted == {items["16_left_new.jpg"].image_id, items["16_right_new.jpg"].image_id}
+        sent_today = s.scalars(select(Image.sent_at).where(Image.id.in_(old.values()))).all()
+        yesterday = (utcnow() - timedelta(days=1)).replace(tzinfo=None)  # SQLite gives naive times
+        assert all(at.replace(tzinfo=None) > yesterday for at in sent_today)  # the purge's clock
 
 
 def test_sweep_requeues_stale(url: str, store: FileStore) -> None:
