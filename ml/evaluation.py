@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from ml.environment import env_setting
 from ml.imageio import ImageDecodeError, decode_image
 from ml.inference.combine import CombineRule
 from ml.inference.ensemble import Ensemble, Member, load_ensemble
-from ml.metrics import bootstrap_intervals, grading_report, referable_metrics
+from ml.metrics import bootstrap_intervals, grading_report, patient_referable_metrics, referable_metrics
 from ml.quality import assess_quality, thresholds_for_manifest
 from ml.release import load_checkpoint, member_dir, models_root_has_member
 
@@ -142,14 +141,14 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "tor
         "referable_specificity": served["referable_specificity"],
         "note": "as the service decides: photographs the quality gate rejects are referred",
     }
-    with_patients = bool(rows and rows[0].get("patient_id"))
+    with_patients = any(r.get("patient_id") for r in rows)
     # resample patients, not photographs, when they are known (two eyes are not two patients)
     report["intervals_95"] = bootstrap_intervals(
-        y, grades, referable_score, [r["patient_id"] for r in rows] if with_patients else None
+        y, grades, referable_score, _patient_ids(rows) if with_patients else None
     )
     report["intervals_resampled"] = "patients" if with_patients else "images"
     if with_patients:
-        report["patient"] = patient_metrics(rows, ens, p, y, member_probs)
+        report["patient"] = patient_metrics(rows, ens, member_probs, y)
     return report
 
 
@@ -170,34 +169,19 @@ def interval_lines(report: dict[str, Any]) -> list[str]:
 
 
 def patient_metrics(
-    rows: list[dict[str, str]],
-    ens: Ensemble,
-    probs: np.ndarray,
-    y: np.ndarray,
-    members: list[dict[str, list[float]]] | None = None,
+    rows: list[dict[str, str]], ens: Ensemble, members: list[dict[str, list[float]]], y: np.ndarray
 ) -> dict[str, Any]:
-    """Worse-eye rule, as the service applies it: eye grade from its images' mean probabilities
-    (and each member's mean, for max_vote: ``Ensemble.grade_eye``); patient = worse eye."""
-    eyes: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        eyes[(r["patient_id"], r.get("eye") or str(i))].append(i)
-    truth: dict[str, int] = defaultdict(int)
-    pred: dict[str, int] = defaultdict(int)
-    score: dict[str, float] = defaultdict(float)
-    for (pid, _), idx in eyes.items():
-        mean = probs[idx].mean(axis=0)
-        truth[pid] = max(truth[pid], int(y[idx].max()))
-        pooled = (
-            {ref: np.mean([members[i][ref] for i in idx], axis=0).tolist() for ref in members[idx[0]]}
-            if members
-            else None
-        )
-        pred[pid] = max(pred[pid], ens.grade_eye(mean.tolist(), pooled))
-        score[pid] = max(score[pid], float(mean[2:].sum()))
-    pids = sorted(truth)
-    out: dict[str, Any] = {"n_patients": len(pids)}
-    out.update(referable_metrics([truth[p] for p in pids], [pred[p] for p in pids], [score[p] for p in pids]))
-    return out
+    """Referable figures per patient, as the service decides (``ml.metrics.patient_referable_metrics``
+    on the members' stored outputs). Rows without a patient id are each their own patient (a blank
+    id pooled every such row into one patient)."""
+    member_probs = np.array([[m[ref] for m in members] for ref in ens.members])
+    eyes = [r.get("eye") or "" for r in rows]
+    return patient_referable_metrics(ens.rule, member_probs, _patient_ids(rows), eyes, y)
+
+
+def _patient_ids(rows: list[dict[str, str]]) -> list[str]:
+    """Each row's patient; a row without one is a patient of its own (not one blank patient)."""
+    return [r.get("patient_id") or f"image:{r['image']}" for r in rows]
 
 
 def write_report(report: dict[str, Any], out: Path, y_true: list[int] | None = None) -> None:

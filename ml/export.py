@@ -38,7 +38,7 @@ from ml.ensemble_fit import (
 )
 from ml.inference.combine import CombineRule, combine, expected
 from ml.inference.ensemble import Ensemble, Member
-from ml.metrics import DEFAULT_THRESHOLDS, bootstrap_intervals, grading_report
+from ml.metrics import DEFAULT_THRESHOLDS, bootstrap_intervals, grading_report, patient_referable_metrics
 from ml.publish import ReleaseError, publishing, writable
 from ml.release import (
     default_models_dir,
@@ -221,11 +221,14 @@ def export_ensemble(
         if p_test is not None:
             table[f"rule:{rname}"]["test"] = evaluate_probs(rule, p_test, y_test)
     chosen = rule_name if rule_name != "auto" else choose_rule(checks)
-    test_intervals = None
+    test_intervals = patient_level = None
     if p_test is not None:
         combined, _, chosen_grades = combine(rules[chosen], p_test)
         test_intervals = bootstrap_intervals(
             y_test, chosen_grades, combined[:, 2:].sum(axis=1), [s.patient_id for s in test]
+        )
+        patient_level = patient_referable_metrics(
+            rules[chosen], p_test, [s.patient_id for s in test], [s.eye for s in test], y_test
         )
     manifest = {
         "name": name,
@@ -249,6 +252,7 @@ def export_ensemble(
                 else "not measured (--validation-only)",
                 "n_images": len(test),
                 "chosen_rule_intervals_95": test_intervals,
+                "chosen_rule_patient_level": patient_level,
             },
             "metrics": table,
         },
@@ -332,6 +336,12 @@ CARD_COLUMNS = (
     "| model or rule | val QWK (in sample) | val QWK (out of fold) | val sens. / spec. (out of fold) "
     "| test QWK | test accuracy | test referable sens. | test referable spec. | test referable AUC |"
 )
+CARD_PER_PHOTOGRAPH = "Every figure in this table is per photograph; the service refers per patient (below)."
+CARD_SELECTION = (
+    "- The out-of-fold figures also chose among the rules and sensitivity floors on the same "
+    "validation patients (and members' stage-1 checkpoints may have been chosen on them): the "
+    "chosen rule's out-of-fold figure is optimistic; the test figures are the unbiased ones."
+)
 
 
 WEIGHT_CHECKS = {
@@ -397,6 +407,8 @@ def model_card(manifest: dict[str, Any]) -> str:
         + (f"{card['test']['n_images']} test" if card["test"]["n_images"] else "no (not measured)")
         + " natural-colour photographs)",
         "",
+        CARD_PER_PHOTOGRAPH,
+        "",
         CARD_COLUMNS,
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -416,8 +428,51 @@ def model_card(manifest: dict[str, Any]) -> str:
             + "; ".join(f"{k} {_fmt(v[0])} .. {_fmt(v[1])}" for k, v in intervals.items())
             + ".",
         ]
-    lines += ["", "## Data and limits", "", *CARD_LIMITS]
+    lines += _patient_level_lines(card["test"].get("chosen_rule_patient_level"))
+    lines += ["", "## Data and limits", "", *CARD_LIMITS, CARD_SELECTION, *_grade_one_limit(manifest)]
     return "\n".join(lines) + "\n"
+
+
+def _patient_level_lines(figures: dict[str, Any] | None) -> list[str]:
+    """The chosen rule's test figures per patient, and whether they keep the screening targets."""
+    if not figures:
+        return []
+    sens, spec = figures["referable_sensitivity"], figures["referable_specificity"]
+    verdict = (
+        "they meet the screening targets at patient level too."
+        if sens >= TARGET_SENSITIVITY and spec >= TARGET_SPECIFICITY
+        else f"**below the {TARGET_SENSITIVITY:.2f}/{TARGET_SPECIFICITY:.2f} screening targets at patient "
+        "level**: the operating point was chosen per photograph, and a patient has two chances to be "
+        "referred."
+    )
+    return [
+        "",
+        "Per patient, as the service decides (an eye graded from its photographs pooled; referred when "
+        f"either eye is referable; the quality gate not applied), on the {figures['n_patients']} test "
+        "patients: "
+        f"referable sensitivity {_fmt(sens)}, specificity {_fmt(spec)}, "
+        f"AUC {_fmt(figures['referable_auc'])}; {verdict}",
+    ]
+
+
+def _grade_one_limit(manifest: dict[str, Any]) -> list[str]:
+    """A limit line when the chosen cut points leave grade 1 (mild) all but unreachable: the
+    sensitivity floor drags the 0|1 cut down with the 1|2 cut (ml.ensemble_fit)."""
+    card, cuts = manifest["card"], manifest["combination"].get("thresholds") or []
+    row = card["metrics"].get(f"rule:{card['chosen_rule']}", {})
+    graded_one = {
+        name: sum(r[1] for r in part["confusion_matrix"])
+        for name in ("validation", "test")
+        if (part := row.get(name)) and part.get("confusion_matrix")
+    }
+    if len(cuts) < 2 or (cuts[1] - cuts[0] >= 0.05 and any(graded_one.values())):
+        return []
+    counts = ", ".join(f"{n} {name}" for name, n in graded_one.items())
+    return [
+        f"- Grade 1 (mild) is all but never given: the 0|1 and 1|2 cut points are {_fmt(cuts[0])} and "
+        f"{_fmt(cuts[1])} (photographs graded 1: {counts}). Mild disease is reported as 0 or 2: the "
+        "referral decision is what the rule was fitted for."
+    ]
 
 
 def export_cli(args: list[str]) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
+
+from ml.inference.combine import CombineRule, combine, eye_grade
 
 NUM_GRADES = 5
 REFERABLE_GRADE = 2
@@ -17,8 +20,9 @@ Scores = Sequence[float] | np.ndarray
 def qwk(y_true: Labels, y_pred: Labels) -> float:
     """Quadratic weighted kappa over the 5 ICDR grades (0.0 when undefined).
 
-    Same value as sklearn's cohen_kappa_score(weights="quadratic"), computed with numpy because
-    ensemble fitting evaluates it hundreds of thousands of times.
+    Same value as sklearn's cohen_kappa_score(weights="quadratic", labels=range(5)) (without
+    ``labels`` sklearn weighs by the grades present only), computed with numpy because ensemble
+    fitting evaluates it hundreds of thousands of times.
     """
     t, p = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     if len(t) == 0:
@@ -112,17 +116,6 @@ def grading_report(
     return report
 
 
-def operating_point(y_true: Labels, referable_score: Scores, min_sensitivity: float = 0.85) -> float:
-    """Highest referable-score cut that still keeps sensitivity >= min_sensitivity."""
-    truth = np.asarray(y_true) >= REFERABLE_GRADE
-    scores = np.asarray(referable_score)
-    best = float(scores.min())
-    for cut in np.unique(scores):
-        if truth.sum() and ((scores >= cut) & truth).sum() / truth.sum() >= min_sensitivity:
-            best = float(cut)
-    return best
-
-
 def group_resamples(groups: Sequence[str] | np.ndarray, n_resamples: int, seed: int = 0) -> list[np.ndarray]:
     """Row indices of ``n_resamples`` bootstrap resamples that draw whole groups (patients) with
     replacement; none when there are no rows."""
@@ -174,4 +167,36 @@ def bootstrap_intervals(
             if len(finite)
             else [float("nan"), float("nan")]
         )
+    return out
+
+
+def patient_referable_metrics(
+    rule: CombineRule,
+    member_probs: np.ndarray,
+    patient_ids: Sequence[str],
+    eyes: Sequence[str],
+    y_true: Labels,
+) -> dict[str, float]:
+    """Referable figures per patient, as the service decides: an eye graded from its photographs
+    pooled (``combine.eye_grade``), the patient referable when either eye is; the score is the
+    worse eye's referable probability. ``member_probs`` (M, N, 5) for N photographs. The
+    image-level operating point does not carry over: a patient has two chances to be referred."""
+    probs = np.asarray(member_probs, dtype=np.float64)
+    combined = combine(rule, probs)[0]
+    y = np.asarray(y_true)
+    by_eye: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, (pid, eye) in enumerate(zip(patient_ids, eyes, strict=True)):
+        by_eye[(pid, eye or str(i))].append(i)  # an eye not named: its photograph alone
+    truth: dict[str, int] = defaultdict(int)
+    called: dict[str, int] = defaultdict(int)
+    score: dict[str, float] = defaultdict(float)
+    for (pid, _), idx in by_eye.items():
+        truth[pid] = max(truth[pid], int(y[idx].max()))
+        called[pid] = max(called[pid], eye_grade(rule, probs[:, idx, :]))
+        score[pid] = max(score[pid], float(combined[idx].mean(axis=0)[REFERABLE_GRADE:].sum()))
+    pids = sorted(truth)
+    out: dict[str, float] = {"n_patients": len(pids)}
+    out.update(
+        referable_metrics([truth[p] for p in pids], [called[p] for p in pids], [score[p] for p in pids])
+    )
     return out

@@ -85,6 +85,16 @@ def grade_from_members(rule: CombineRule, members: np.ndarray) -> int:
     return int(combine(rule, np.asarray(members, dtype=np.float64)[:, None, :])[2][0])
 
 
+def eye_grade(rule: CombineRule, member_probs: np.ndarray) -> int:
+    """The service's eye rule (``Ensemble.grade_eye``) on one eye's photographs, (M, K, 5) member
+    probabilities: max_vote votes on each member's mean, the other rules grade the mean of the
+    combined distributions."""
+    probs = np.asarray(member_probs, dtype=np.float64)
+    if rule.rule == "max_vote":
+        return grade_from_members(rule, probs.mean(axis=1))
+    return grade_from_probabilities(rule, combine(rule, probs)[0].mean(axis=0))
+
+
 def grade_from_probabilities(rule: CombineRule, probs: np.ndarray) -> int:
     """Grade of a pooled distribution (used per eye: mean of its images' probabilities)."""
     p = np.asarray(probs, dtype=np.float64)

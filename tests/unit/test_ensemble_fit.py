@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -267,3 +269,75 @@ def test_model_card_of_a_pinned_rule_says_it_was_pinned_and_which_rules_met_the_
     # not pinned (recorded False, or a manifest from before it was recorded): the wording as it was
     assert model_card(shipped | {"card": shipped["card"] | {"rule_pinned": False}}) == model_card(shipped)
     assert "chosen by out-of-fold QWK (" in model_card(shipped) and "pinned" not in model_card(shipped)
+
+
+def _shipped_manifest() -> dict[str, Any]:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "models/ensembles/drscreen-ensemble/1.6.0/manifest.json"
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    return manifest
+
+
+def test_model_card_gives_the_patient_level_figures_and_says_when_they_miss_the_targets() -> None:
+    """The audit: the card's sensitivity/specificity were per photograph and said so nowhere, while
+    the service refers per patient, where 1.6.0's test specificity is 0.659 (below 0.70)."""
+    import copy
+
+    from ml.export import model_card
+
+    manifest = copy.deepcopy(_shipped_manifest())
+    figures = {
+        "n_patients": 58,
+        "referable_sensitivity": 0.857,
+        "referable_specificity": 0.659,
+        "referable_auc": 0.87,
+    }
+    manifest["card"]["test"]["chosen_rule_patient_level"] = figures
+    card = model_card(manifest)
+    assert "Every figure in this table is per photograph" in card
+    assert "on the 58 test patients: referable sensitivity 0.857, specificity 0.659" in card
+    assert "**below the 0.80/0.70 screening targets at patient level**" in card
+    figures["referable_specificity"] = 0.75
+    assert "meet the screening targets at patient level too" in model_card(manifest)
+    del manifest["card"]["test"]["chosen_rule_patient_level"]
+    assert "Per patient" not in model_card(manifest)  # an older manifest: nothing invented
+
+
+def test_model_card_says_when_grade_one_is_all_but_never_given() -> None:
+    import copy
+
+    from ml.export import model_card
+
+    manifest = _shipped_manifest()
+    assert manifest["combination"]["thresholds"][:2] == [0.4675, 0.4775]
+    assert "- Grade 1 (mild) is all but never given: the 0|1 and 1|2 cut points are 0.468 and 0.477" in (
+        model_card(manifest)
+    )
+    apart = copy.deepcopy(manifest)
+    apart["combination"]["thresholds"] = [0.5, 1.5, 2.5, 3.5]
+    assert "Grade 1 (mild)" not in model_card(apart)  # the cuts apart and grade 1 given (validation)
+    assert "chosen rule's out-of-fold figure is optimistic" in model_card(apart)
+
+
+def test_patient_level_figures_pool_an_eyes_photographs_and_take_the_worse_eye() -> None:
+    from ml.inference.combine import CombineRule
+    from ml.metrics import patient_referable_metrics
+
+    rule = CombineRule("weighted_average", [1.0], [0.5, 1.5, 2.5, 3.5])
+    g0, g2 = [1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0]
+    half = [0.5, 0, 0.5, 0, 0]  # expected grade 1.0: grade 1 alone, not referable
+    # A: left pooled from g2 + g0 (mean expected 1.0 -> grade 1), right g0; truth 2 on the left
+    # B: left g0, right g2 -> referable; truth 0 both (a false referral)
+    # C: both g0, truth 0
+    probs = np.array([[g2, g0, g0, g0, g2, g0, g0]])
+    ids = ["A", "A", "A", "B", "B", "C", "C"]
+    eyes = ["left", "left", "right", "left", "right", "left", "right"]
+    y = [2, 0, 0, 0, 0, 0, 0]
+    out = patient_referable_metrics(rule, probs, ids, eyes, y)
+    assert out["n_patients"] == 3
+    assert out["referable_sensitivity"] == 0.0  # A's left pooled to grade 1: missed
+    assert out["referable_specificity"] == 0.5  # B referred, C not
+    pooled = patient_referable_metrics(rule, np.array([[half]]), ["A"], ["left"], [2])
+    assert pooled["referable_sensitivity"] == 0.0

@@ -79,3 +79,25 @@ def test_the_json_recall_is_five_numbers_when_a_grade_is_absent() -> None:
     out = nan_to_none(report)
     assert out["per_class_recall"] == [0.5, 0.0, 1.0, 0.0, 0.0]
     assert out["per_class_support"] == [2, 0, 1, 0, 1]
+
+
+def test_rows_without_a_patient_id_are_each_their_own_patient() -> None:
+    """The audit: rows with a blank patient_id were pooled into one patient ("")."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ml.evaluation import patient_metrics
+    from ml.inference.combine import CombineRule
+
+    ens = SimpleNamespace(members=["m@1"], rule=CombineRule("weighted_average", [1.0]))
+    g0, g3 = [1.0, 0, 0, 0, 0], [0, 0, 0, 1.0, 0]
+    rows = [
+        {"image": "a.jpg", "patient_id": "P", "eye": "left"},
+        {"image": "b.jpg", "patient_id": "P", "eye": "right"},
+        *({"image": f"x{i}.jpg", "patient_id": "", "eye": ""} for i in range(4)),
+    ]
+    members = [{"m@1": g} for g in (g0, g0, g3, g0, g0, g0)]
+    out = patient_metrics(rows, ens, members, np.array([0, 0, 3, 0, 0, 0]))  # type: ignore[arg-type]
+    assert out["n_patients"] == 5
+    assert out["referable_sensitivity"] == 1.0 and out["referable_specificity"] == 1.0
