@@ -53,10 +53,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ml.environment import env_setting
-from ml.inference.onnx_runtime import cache_dir as onnx_cache_dir
-
-NATURAL = Path(env_setting("DRSCREEN_BENCH_PHOTOS", "/work/shared/data/eyepacs-natural-512/images"))
+# empty counts as unset, as for every DRSCREEN_ name (ml.environment.env_setting; cli imports no
+# ml at module level)
+NATURAL = Path(
+    os.environ.get("DRSCREEN_BENCH_PHOTOS", "").strip() or "/work/shared/data/eyepacs-natural-512/images"
+)
 BATCH = 8
 
 
@@ -395,6 +396,8 @@ class Service:
             }
         )
         # share the ONNX cache of this checkout (exported once, by `drscreen export onnx`)
+        from ml.inference.onnx_runtime import cache_dir as onnx_cache_dir
+
         self.env["DRSCREEN_ONNX_CACHE"] = str(onnx_cache_dir().resolve())
         migrate.upgrade(self.settings.database_url)
         with session_scope(self.settings.database_url) as session:
