@@ -148,7 +148,8 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "tor
     )
     report["intervals_resampled"] = "patients" if with_patients else "images"
     if with_patients:
-        report["patient"] = patient_metrics(rows, ens, member_probs, y)
+        gradable = [r["image"] not in rejected for r in rows]
+        report["patient"] = patient_metrics(rows, ens, member_probs, y, gradable)
     return report
 
 
@@ -169,14 +170,19 @@ def interval_lines(report: dict[str, Any]) -> list[str]:
 
 
 def patient_metrics(
-    rows: list[dict[str, str]], ens: Ensemble, members: list[dict[str, list[float]]], y: np.ndarray
+    rows: list[dict[str, str]],
+    ens: Ensemble,
+    members: list[dict[str, list[float]]],
+    y: np.ndarray,
+    gradable: list[bool] | None = None,
 ) -> dict[str, Any]:
     """Referable figures per patient, as the service decides (``ml.metrics.patient_referable_metrics``
-    on the members' stored outputs). Rows without a patient id are each their own patient (a blank
-    id pooled every such row into one patient)."""
+    on the members' stored outputs; photographs the quality gate rejects are not pooled, and an eye
+    left with none is referred). Rows without a patient id are each their own patient (a blank id
+    pooled every such row into one patient)."""
     member_probs = np.array([[m[ref] for m in members] for ref in ens.members])
     eyes = [r.get("eye") or "" for r in rows]
-    return patient_referable_metrics(ens.rule, member_probs, _patient_ids(rows), eyes, y)
+    return patient_referable_metrics(ens.rule, member_probs, _patient_ids(rows), eyes, y, gradable)
 
 
 def _patient_ids(rows: list[dict[str, str]]) -> list[str]:

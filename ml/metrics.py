@@ -176,11 +176,14 @@ def patient_referable_metrics(
     patient_ids: Sequence[str],
     eyes: Sequence[str],
     y_true: Labels,
+    gradable: Sequence[bool] | None = None,
 ) -> dict[str, float]:
-    """Referable figures per patient, as the service decides: an eye graded from its photographs
-    pooled (``combine.eye_grade``), the patient referable when either eye is; the score is the
-    worse eye's referable probability. ``member_probs`` (M, N, 5) for N photographs. The
-    image-level operating point does not carry over: a patient has two chances to be referred."""
+    """Referable figures per patient, as the service decides: an eye graded from its gradable
+    photographs pooled (``combine.eye_grade``), an eye with none referred, the patient referable
+    when either eye is; the score is the worse eye's referable probability (1 for an eye with no
+    gradable photograph). ``member_probs`` (M, N, 5) for N photographs; ``gradable`` what the
+    quality gate let through (default all). The image-level operating point does not carry over:
+    a patient has two chances to be referred."""
     probs = np.asarray(member_probs, dtype=np.float64)
     combined = combine(rule, probs)[0]
     y = np.asarray(y_true)
@@ -192,8 +195,12 @@ def patient_referable_metrics(
     score: dict[str, float] = defaultdict(float)
     for (pid, _), idx in by_eye.items():
         truth[pid] = max(truth[pid], int(y[idx].max()))
-        called[pid] = max(called[pid], eye_grade(rule, probs[:, idx, :]))
-        score[pid] = max(score[pid], float(combined[idx].mean(axis=0)[REFERABLE_GRADE:].sum()))
+        usable = [i for i in idx if gradable is None or gradable[i]]
+        if not usable:  # ungradable eye: referred (the contract's rule)
+            called[pid], score[pid] = NUM_GRADES - 1, 1.0
+            continue
+        called[pid] = max(called[pid], eye_grade(rule, probs[:, usable, :]))
+        score[pid] = max(score[pid], float(combined[usable].mean(axis=0)[REFERABLE_GRADE:].sum()))
     pids = sorted(truth)
     out: dict[str, float] = {"n_patients": len(pids)}
     out.update(

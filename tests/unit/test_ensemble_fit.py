@@ -341,3 +341,8 @@ def test_patient_level_figures_pool_an_eyes_photographs_and_take_the_worse_eye()
     assert out["referable_specificity"] == 0.5  # B referred, C not
     pooled = patient_referable_metrics(rule, np.array([[half]]), ["A"], ["left"], [2])
     assert pooled["referable_sensitivity"] == 0.0
+    # the quality gate: A's g0 left photograph rejected leaves g2 alone (caught); C's right eye
+    # with no gradable photograph is referred, as the service refers an ungradable eye
+    gate = [True, False, True, True, True, True, False]
+    out = patient_referable_metrics(rule, probs, ids, eyes, y, gate)
+    assert out["referable_sensitivity"] == 1.0 and out["referable_specificity"] == 0.0
