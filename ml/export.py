@@ -186,11 +186,13 @@ def export_ensemble(
     val, test = split["val"], split["test"]
     if not measure_test:
         test = []
+    fit_set = out_of_fold_set(member_refs, models_dir)
     for member in members:
-        _check_not_trained_on(member, test, data.natural_dir)
+        # cross-validated members trained on validation patients by design (their out-of-fold
+        # probabilities are what the rules are fitted on); any other member must not have
+        _check_not_trained_on(member, test, [] if fit_set is not None else val, data.natural_dir)
     y_test = np.array([s.grade for s in test])
     p_test = member_probs(members, test) if test else None
-    fit_set = out_of_fold_set(member_refs, models_dir)
     if fit_set is not None:
         # every member was cross-validated (ml/training/crossval.py): fit on their out-of-fold
         # probabilities of the pooled train+validation patients
@@ -275,10 +277,12 @@ def export_ensemble(
     return folder
 
 
-def _check_not_trained_on(member: Member, test: list[Sample], natural_dir: str) -> None:
+def _check_not_trained_on(member: Member, test: list[Sample], val: list[Sample], natural_dir: str) -> None:
     """Refuse a member whose own split put any of ``test``'s patients in its training or
-    validation part (a member trained with another ``data.split_seed`` or fractions)."""
-    if not test:
+    validation part, or any of ``val``'s (the patients the rules and cut points are fitted and
+    judged on) in its training part: a member trained with another ``data.split_seed`` or
+    fractions. Its figures would not be of unseen patients."""
+    if not test and not val:
         return
     trained = member.config.get("metadata", {}).get("train_config", {}).get("data")
     if not trained:
@@ -295,6 +299,13 @@ def _check_not_trained_on(member: Member, test: list[Sample], natural_dir: str) 
             f"{member.ref} was trained or tuned on {len(leaked)} of the test patients (its data "
             f"split differs: e.g. patients {', '.join(leaked[:5])}); its test figures would not be "
             "of unseen patients"
+        )
+    trained_on = sorted({s.patient_id for s in val} & {s.patient_id for s in own["train"]})
+    if trained_on:
+        raise ReleaseError(
+            f"{member.ref} was trained on {len(trained_on)} of the validation patients the rules are "
+            f"fitted on (its data split differs: e.g. patients {', '.join(trained_on[:5])}); its "
+            "validation and out-of-fold figures would flatter it"
         )
 
 

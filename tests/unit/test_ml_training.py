@@ -633,6 +633,18 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
     with pytest.raises(ReleaseError, match="test patients"):
         export_ensemble(["imm@0.0.1"], "imm-ens", "0.0.2", "equal_average", data, models, repeats=2)
 
+    # the same test part, but a training part that took some of the validation patients the
+    # rules are fitted on (its validation figures would flatter it): refused, candidates too
+    meta["train_config"]["data"]["split_seed"] -= 1
+    meta["train_config"]["data"]["natural_fractions"] = {"train": 0.6, "val": 0.15, "test": 0.25}
+    meta_path.write_text(json.dumps(meta))
+    for measure_test in (True, False):
+        with pytest.raises(ReleaseError, match="validation patients"):
+            export_ensemble(
+                ["imm@0.0.1"], "imm-ens", "0.0.2", "equal_average", data, models, repeats=2,
+                measure_test=measure_test,
+            )  # fmt: skip
+
 
 @pytest.mark.parametrize(
     ("override", "message"),
