@@ -413,7 +413,8 @@ def ingest_item(
             job_id=job_id,
         )
     else:
-        image.sent_at = utcnow()  # sent today: today's visit, and the purge clock starts again
+        # sent again today: the purge's clock restarts (the visit stays the first upload's)
+        image.sent_at = utcnow()
         if repo.needs_rescoring(session, image, model_ref):
             # scored, but by an earlier release: without this a clinic re-submitting the photograph
             # would get the earlier release's grade back (that prediction stays, kept per version)

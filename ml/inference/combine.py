@@ -85,14 +85,19 @@ def grade_from_members(rule: CombineRule, members: np.ndarray) -> int:
     return int(combine(rule, np.asarray(members, dtype=np.float64)[:, None, :])[2][0])
 
 
+def grade_pooled(rule: CombineRule, combined: np.ndarray, members: np.ndarray | None) -> int:
+    """The eye rule: the grade of an eye's photographs pooled, from the mean of their combined
+    distributions and, when known, each member's mean (M, 5). max_vote votes on the members' (its
+    grade is not a function of the combined distribution); the other rules grade the combined one."""
+    if rule.rule == "max_vote" and members is not None:
+        return grade_from_members(rule, members)
+    return grade_from_probabilities(rule, combined)
+
+
 def eye_grade(rule: CombineRule, member_probs: np.ndarray) -> int:
-    """The service's eye rule (``Ensemble.grade_eye``) on one eye's photographs, (M, K, 5) member
-    probabilities: max_vote votes on each member's mean, the other rules grade the mean of the
-    combined distributions."""
+    """:func:`grade_pooled` on one eye's photographs given as (M, K, 5) member probabilities."""
     probs = np.asarray(member_probs, dtype=np.float64)
-    if rule.rule == "max_vote":
-        return grade_from_members(rule, probs.mean(axis=1))
-    return grade_from_probabilities(rule, combine(rule, probs)[0].mean(axis=0))
+    return grade_pooled(rule, combine(rule, probs)[0].mean(axis=0), probs.mean(axis=1))
 
 
 def grade_from_probabilities(rule: CombineRule, probs: np.ndarray) -> int:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import Connection, create_engine, inspect, text
 
 from core import migrate
 from core.tables import metadata
@@ -50,23 +50,32 @@ def test_cli_db_upgrade_and_alembic_check_command(tmp_path: Path) -> None:
     assert "No new upgrade operations detected" in check.stdout + check.stderr
 
 
+def _old_clinic(conn: Connection) -> None:
+    conn.execute(text("INSERT INTO clinic (id, name, created_at) VALUES (1, 'Old', '2026-11-23')"))
+
+
+def _old_job(conn: Connection, done: int = 0) -> None:
+    """Job ``j1`` of clinic 1, finished with ``done`` photographs, as written before the migrations
+    under test."""
+    conn.execute(
+        text(
+            "INSERT INTO scoring_job (id, clinic_id, folder, status, total, done, failed,"
+            " created_at, updated_at)"
+            " VALUES ('j1', 1, '/x', 'done', :done, :done, 0, '2026-11-23', '2026-11-23')"
+        ),
+        {"done": done},
+    )
+
+
 def test_job_explain_column_added_to_existing_jobs(tmp_path: Path) -> None:
     """A job created before the explain option was stored reads back as explain = false."""
-    from sqlalchemy import text
-
     url = f"sqlite:///{tmp_path / 'old.db'}"
     migrate.upgrade(url, "94695bce9b50")  # the initial schema
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("INSERT INTO clinic (id, name, created_at) VALUES (1, 'Old', '2026-11-23')"))
-            conn.execute(
-                text(
-                    "INSERT INTO scoring_job (id, clinic_id, folder, status, total, done, failed,"
-                    " created_at, updated_at)"
-                    " VALUES ('j1', 1, '/x', 'done', 0, 0, 0, '2026-11-23', '2026-11-23')"
-                )
-            )
+            _old_clinic(conn)
+            _old_job(conn)
         migrate.upgrade(url)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT explain FROM scoring_job WHERE id = 'j1'")).scalar_one() in (
@@ -80,14 +89,12 @@ def test_job_explain_column_added_to_existing_jobs(tmp_path: Path) -> None:
 def test_image_sent_at_starts_as_the_upload_time(tmp_path: Path) -> None:
     """Photographs stored before ``image.sent_at`` existed keep their visit and purge clock: the
     column starts as ``created_at``, which both read until then."""
-    from sqlalchemy import text
-
     url = f"sqlite:///{tmp_path / 'old.db'}"
     migrate.upgrade(url, "5e0c2b7d9a41")  # the revision before sent_at
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("INSERT INTO clinic (id, name, created_at) VALUES (1, 'Old', '2026-11-23')"))
+            _old_clinic(conn)
             conn.execute(
                 text(
                     "INSERT INTO patient (id, clinic_id, external_id, created_at)"
@@ -113,13 +120,7 @@ def test_image_sent_at_starts_as_the_upload_time(tmp_path: Path) -> None:
                     " gradable, created_at) VALUES ('a', 1, 2, '[0,0,1,0,0]', 1, 1, '2026-11-23')"
                 )
             )
-            conn.execute(
-                text(
-                    "INSERT INTO scoring_job (id, clinic_id, folder, status, total, done, failed,"
-                    " created_at, updated_at)"
-                    " VALUES ('j1', 1, '/x', 'done', 1, 1, 0, '2026-11-23', '2026-11-23')"
-                )
-            )
+            _old_job(conn, done=1)
             conn.execute(
                 text(
                     "INSERT INTO scoring_job_item (job_id, path, image_id, status, created_at, updated_at)"
