@@ -101,13 +101,26 @@ def _history(
     return entries
 
 
+def grades_visit(result: PatientResult, visit: Collection[Image]) -> bool:
+    """Whether ``result`` grades ``visit`` (the patient's latest): it holds one of its photographs.
+    While a follow-up's first photographs wait for a worker, the current result is still the
+    previous visit's."""
+    graded = {str(i) for eye in result.eyes for i in eye.image_ids}
+    return not graded or any(im.id in graded for im in visit)
+
+
 def patient_summary(session: Session, patient: Patient) -> PatientSummary:
-    """The current aggregate with its history (newest first). Before any result exists the patient
-    is reported ungradable (grade null, referable true) with the image ids received so far."""
+    """The latest visit's aggregate with the history (newest first). Until a result of that visit
+    exists the patient is reported ungradable (grade null, referable true) with the image ids
+    received so far: an earlier visit's result, shown beside today's waiting photographs, read as
+    today's grade (it stays in the history)."""
     refs: dict[int, str] = {}
     results = repo.patient_history(session, patient.id)
     summary = PatientSummary(patient_id=patient.external_id)
+    visit = repo.latest_visit(repo.list_patient_images(session, patient.id), get_settings().visit_window)
     if results:
+        summary.history = _history(results, refs, session)
+    if results and grades_visit(results[0], visit):
         current = results[0]
         summary.grade = current.grade
         summary.referable = current.referable
@@ -115,10 +128,8 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
         summary.eyes = _eyes_of(current)
         summary.model_version = _model_ref(session, current.model_version_id, refs)
         summary.updated_at = current.computed_at
-        summary.history = _history(results, refs, session)
     # Eyes whose photographs arrived after the last result (or before any) still list them; only
     # the latest visit's, as the result (repository.latest_visit).
-    visit = repo.latest_visit(repo.list_patient_images(session, patient.id), get_settings().visit_window)
     pending = {im.eye for im in visit if im.status in ("queued", "running")}
     # from the result's own eyes (a photograph not in it yet is "pending", not "not photographed")
     summary.referral_reasons = referral_reasons(summary, pending)

@@ -196,6 +196,53 @@ def test_a_patient_result_comes_from_the_latest_visit(session: Session) -> None:
     assert len([i for e in everything.eyes for i in e.image_ids]) == 9
 
 
+def test_a_follow_up_waiting_for_a_worker_does_not_show_the_last_visits_grade(session: Session) -> None:
+    """The review: while a follow-up's photograph was queued, GET /v1/patients showed last year's
+    grade 0, not referable, beside today's image id, as if it were today's result."""
+    from datetime import timedelta
+
+    from core.tables import utcnow
+    from services.views import patient_summary
+
+    clinic = repo.get_or_create_clinic(session, "F")
+    patient = repo.get_or_create_patient(session, clinic.id, "P")
+    mv = repo.get_or_create_model_version(session, "ens@1.0.0", {"members": ["m@1"]})
+    last_year = []
+    for eye in ("left", "right"):
+        im = _image(session, clinic.id, patient.id, eye)
+        im.created_at = im.sent_at = utcnow() - timedelta(days=365)  # type: ignore[assignment]
+        repo.upsert_prediction(
+            session, image_id=im.id, model_version_id=mv.id, grade=0, probabilities=[1.0, 0, 0, 0, 0],
+            members=None, referable=False, gradable=True,
+        )  # fmt: skip
+        repo.mark_image_done(session, im, quality={"gradable": True}, gradable=True)
+        last_year.append(im.id)
+    session.flush()
+    session.expire_all()  # timestamps as the database gives them back
+    repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    assert (patient_summary(session, patient).grade, patient_summary(session, patient).referable) == (0, False)
+
+    today = _image(session, clinic.id, patient.id, "left")  # queued
+    session.flush()
+    session.expire_all()  # timestamps as the database gives them back
+    summary = patient_summary(session, patient)
+    assert (summary.grade, summary.referable, summary.updated_at, summary.model_version) == (None, True, None, None)
+    assert summary.referral_reasons == ["not_graded_yet"]
+    assert {eye: e.image_ids for eye, e in summary.eyes.items()} == {"left": [today.id]}
+    assert [entry.grade for entry in summary.history] == [0]  # last year's result is history
+
+    repo.upsert_prediction(
+        session, image_id=today.id, model_version_id=mv.id, grade=2, probabilities=[0, 0, 1.0, 0, 0],
+        members=None, referable=True, gradable=True,
+    )  # fmt: skip
+    repo.mark_image_done(session, today, quality={"gradable": True}, gradable=True)
+    repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    summary = patient_summary(session, patient)
+    assert (summary.grade, summary.referable) == (2, True)
+    assert summary.referral_reasons == ["left_eye_referable_dr", "right_eye_not_photographed"]
+    assert [entry.grade for entry in summary.history] == [2, 0]
+
+
 def test_the_same_photograph_sent_twice_counts_once_in_its_eye(session: Session) -> None:
     """A retry without Idempotency-Key stores a second image of the same bytes: it must not
     outweigh the eye's other photograph (the audit's double-weighted mean)."""
