@@ -788,7 +788,7 @@ def refresh_job_counts(session: Session, job_id: str) -> ScoringJob:
     ).all()
     total = len(rows)
     failed = sum(1 for item_status, img_status in rows if item_status == "failed" or img_status == "failed")
-    done = sum(1 for item_status, img_status in rows if img_status == "done" and item_status != "failed")
+    done = sum(1 for item_status, img_status in rows if _item_graded(item_status, img_status))
     job.total, job.done, job.failed = total, done, failed
     if job.status in OPEN_JOB_STATES and total and done + failed >= total:
         job.status = "done"
@@ -799,19 +799,29 @@ def refresh_job_counts(session: Session, job_id: str) -> ScoringJob:
     return job
 
 
+def _item_graded(item_status: str | None, image_status: str | None) -> bool:
+    """A job item counts as done once its photograph was graded: the image is done, or the item
+    is (its photograph is being graded again by a newer release: the earlier grade stands until
+    then, and a finished job's counts keep adding up). A failure on either side wins."""
+    if item_status == "failed" or image_status == "failed":
+        return False
+    return image_status == "done" or item_status == "done"
+
+
 def job_grade_counts(session: Session, job_id: str) -> dict[str, int]:
     """Counts of the newest prediction's grade over the job's done items: keys "0".."4" and
     "ungradable"; they add up to the job's ``done`` (``refresh_job_counts``).
 
     Per item, not per image: two byte-identical files of a folder are one stored image but two
     items, and photographs first submitted by an earlier job are linked, not stored again."""
-    item_images = list(
-        session.scalars(
-            select(Image.id)
-            .join(ScoringJobItem, ScoringJobItem.image_id == Image.id)
-            .where(ScoringJobItem.job_id == job_id, Image.status == "done", ScoringJobItem.status != "failed")
-        )
-    )
+    rows = session.execute(
+        select(Image.id, ScoringJobItem.status, Image.status)
+        .join(ScoringJobItem, ScoringJobItem.image_id == Image.id)
+        .where(ScoringJobItem.job_id == job_id)
+    ).all()
+    item_images = [
+        image_id for image_id, item_status, img_status in rows if _item_graded(item_status, img_status)
+    ]
     counts = {str(g): 0 for g in range(5)} | {"ungradable": 0}
     preds = predictions_for_images(session, sorted(set(item_images)))
     for image_id in item_images:

@@ -147,9 +147,32 @@ def test_jobs(session: Session) -> None:
         referable=True,
     )
     repo.mark_image_done(session, im, quality=None, gradable=True)
+    repo.set_job_item(session, items[0], status="done")  # as the worker's scoring does
     j = repo.refresh_job_counts(session, job.id)
     assert (j.total, j.done, j.failed, j.status) == (2, 1, 1, "done")
     assert repo.job_grade_counts(session, job.id)["3"] == 1
+
+    # A newer release grades the patient again (scoring.py requeues the photograph; its item stays
+    # done): the finished job's grade counts kept dropping the photograph until then, no longer
+    # adding up to ``done`` (session 22's known leftover).
+    repo.requeue_image(session, im)
+    j = repo.refresh_job_counts(session, job.id)
+    assert (j.done, j.failed) == (1, 1)
+    assert repo.job_grade_counts(session, job.id) == {"0": 0, "1": 0, "2": 0, "3": 1, "4": 0, "ungradable": 0}
+    newer = repo.get_or_create_model_version(session, "ens@2")
+    repo.upsert_prediction(
+        session, image_id=im.id, model_version_id=newer.id, grade=1, probabilities=[0, 1, 0, 0, 0],
+        members=None, referable=False,
+    )  # fmt: skip
+    repo.mark_image_done(session, im, quality=None, gradable=True)
+    assert (
+        repo.job_grade_counts(session, job.id)["1"] == 1 and repo.job_grade_counts(session, job.id)["3"] == 0
+    )
+    repo.mark_image_failed(session, im, "the newer release could not read it")
+    assert (
+        repo.refresh_job_counts(session, job.id).done,
+        sum(repo.job_grade_counts(session, job.id).values()),
+    ) == (0, 0)
 
 
 def test_a_patient_result_comes_from_the_latest_visit(session: Session) -> None:
@@ -220,13 +243,21 @@ def test_a_follow_up_waiting_for_a_worker_does_not_show_the_last_visits_grade(se
     session.flush()
     session.expire_all()  # timestamps as the database gives them back
     repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
-    assert (patient_summary(session, patient).grade, patient_summary(session, patient).referable) == (0, False)
+    assert (patient_summary(session, patient).grade, patient_summary(session, patient).referable) == (
+        0,
+        False,
+    )
 
     today = _image(session, clinic.id, patient.id, "left")  # queued
     session.flush()
     session.expire_all()  # timestamps as the database gives them back
     summary = patient_summary(session, patient)
-    assert (summary.grade, summary.referable, summary.updated_at, summary.model_version) == (None, True, None, None)
+    assert (summary.grade, summary.referable, summary.updated_at, summary.model_version) == (
+        None,
+        True,
+        None,
+        None,
+    )
     assert summary.referral_reasons == ["not_graded_yet"]
     assert {eye: e.image_ids for eye, e in summary.eyes.items()} == {"left": [today.id]}
     assert [entry.grade for entry in summary.history] == [0]  # last year's result is history
