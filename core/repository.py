@@ -590,6 +590,14 @@ def latest_visit(images: Sequence[Image], window: timedelta) -> list[Image]:
     return [im for im in images if im.created_at >= newest - window]
 
 
+def same_photograph_both_eyes(images: Sequence[Image]) -> set[str]:
+    """The sha256 of every photograph among ``images`` stored under both eyes."""
+    eyes_of: dict[str, set[str]] = {}
+    for im in images:
+        eyes_of.setdefault(im.sha256, set()).add(im.eye)
+    return {sha for sha, eyes in eyes_of.items() if len(eyes) > 1}
+
+
 def recompute_patient(
     session: Session,
     patient_id: int,
@@ -610,9 +618,13 @@ def recompute_patient(
     preds = predictions_for_images(session, [im.id for im in images], model_version_id)
     scores = []
     counted: set[tuple[str, str]] = set()
+    both_eyes = same_photograph_both_eyes(images)
     for im in images:
         pred = preds.get(im.id)
         usable = im.status == "done" and bool(im.gradable) and pred is not None and pred.gradable
+        # One photograph sent as the left and the right eye shows one eye, and nothing says which:
+        # graded for both, the other eye was never screened and read "no referral".
+        usable = usable and im.sha256 not in both_eyes
         if usable:
             # The same bytes sent twice for one eye (a retry without Idempotency-Key) are one
             # photograph: counted twice they would outweigh the eye's other photographs.

@@ -44,6 +44,20 @@ def _answer_existing(session: Session, principal: PrincipalDep, bundle_id: str) 
     return JSONResponse(Accepted(id=found.id, status=found.status).model_dump(mode="json"), 202)
 
 
+def _refuse_one_photograph_as_both_eyes(photos: list[Photo]) -> None:
+    """The same file as a left and a right photograph is one eye sent twice (a slip in the clinic's
+    software): graded as both, the other eye would read "screened" without ever being seen."""
+    eyes_of: dict[str, list[str]] = {}
+    for photo in photos:
+        eyes_of.setdefault(photo.sha256, []).append(photo.field)
+    for fields in eyes_of.values():
+        if len({field.split("_", 1)[0] for field in fields}) > 1:
+            raise InvalidInput(
+                "the same photograph was sent as the left and the right eye: send each eye's own photograph",
+                {"fields": fields},
+            )
+
+
 @router.post(
     "",
     status_code=202,
@@ -75,6 +89,7 @@ def create_bundle(
         for slot, up in uploads.items()
         if up is not None
     ]
+    _refuse_one_photograph_as_both_eyes(photos)
     fingerprint = idempotency.fingerprint(patient_id, *(f"{p.field}={p.sha256}" for p in photos))
     existing = key and idempotency.find(session, principal.clinic_id, "bundle", key, fingerprint)
     if existing:

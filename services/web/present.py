@@ -81,7 +81,11 @@ def pending_verdict(finished: int, total: int) -> Verdict:
 def patient_verdict(patient: PatientSummary | None, any_failed: bool) -> Verdict:
     """The patient-level decision of a finished screening."""
     if patient is None or patient.updated_at is None:
-        why = "some photographs could not be scored" if any_failed else "no result of this visit is recorded yet"
+        why = (
+            "some photographs could not be scored"
+            if any_failed
+            else "no result of this visit is recorded yet"
+        )
         return Verdict("refer", "REFER", f"Not graded: {why}. Treat as ungradable.", None, True)
     if not patient.gradable:
         return Verdict(

@@ -143,6 +143,26 @@ def test_one_bad_file_refuses_the_whole_bundle(client: TestClient, url: str, key
     assert _count(url, Image) == 0 and _count(url, Bundle) == 0 and _count(url, Patient) == 0
 
 
+def test_one_photograph_as_both_eyes_refuses_the_bundle(client: TestClient, url: str, key: Key) -> None:
+    """The walkthrough: the same file as left_1 and right_1 was accepted, and the patient came back
+    "no referral" with one eye never photographed."""
+    photo = sample_bytes("19", "left")
+    files = {"left_1": ("l.jpg", photo), "right_1": ("r.jpg", photo)}
+    resp = client.post("/v1/bundles", headers=key.headers, data={"patient_id": "p-9"}, files=files)
+    assert resp.status_code == 422, resp.text
+    body = resp.json()
+    assert body["error"] == "invalid_input" and "left and the right eye" in body["detail"]["message"]
+    assert _count(url, Image) == 0 and _count(url, Bundle) == 0 and _count(url, Patient) == 0
+    # the same file twice for one eye is one photograph of it (counted once), not refused
+    same_eye = {"left_1": ("l.jpg", photo), "left_2": ("l2.jpg", photo)}
+    assert (
+        client.post(
+            "/v1/bundles", headers=key.headers, data={"patient_id": "p-9"}, files=same_eye
+        ).status_code
+        == 202
+    )
+
+
 def test_upload_limits(url: str, key: Key, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRSCREEN_MAX_UPLOAD_MB", "1")
     monkeypatch.setenv("DRSCREEN_MAX_IMAGE_PIXELS", "100000")

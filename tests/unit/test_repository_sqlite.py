@@ -274,6 +274,36 @@ def test_a_follow_up_waiting_for_a_worker_does_not_show_the_last_visits_grade(se
     assert [entry.grade for entry in summary.history] == [2, 0]
 
 
+def test_one_photograph_stored_as_both_eyes_grades_neither(session: Session) -> None:
+    """The walkthrough: byte-identical D7_left.jpg and D7_right.jpg in a folder (or two single
+    uploads) made a grade-0, not-referable patient with one eye never photographed."""
+    clinic = repo.get_or_create_clinic(session, "B")
+    patient = repo.get_or_create_patient(session, clinic.id, "P")
+    mv = repo.get_or_create_model_version(session, "ens@1.0.0", {"members": ["m@1"]})
+
+    def scored(eye: str, sha: str) -> None:
+        im = _image(session, clinic.id, patient.id, eye, sha256=sha)
+        repo.upsert_prediction(
+            session, image_id=im.id, model_version_id=mv.id, grade=0, probabilities=[1.0, 0, 0, 0, 0],
+            members=None, referable=False, gradable=True,
+        )  # fmt: skip
+        repo.mark_image_done(session, im, quality={"gradable": True}, gradable=True)
+
+    scored("left", "a" * 64)
+    scored("right", "a" * 64)
+    result = repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    assert (result.grade, result.gradable, result.referable) == (None, False, True)
+    assert {e.eye: (e.gradable, e.referable) for e in result.eyes} == {
+        "left": (False, True),
+        "right": (False, True),
+    }
+    # each eye's own photograph grades it again
+    scored("left", "b" * 64)
+    scored("right", "c" * 64)
+    result = repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    assert (result.grade, result.referable) == (0, False)
+
+
 def test_the_same_photograph_sent_twice_counts_once_in_its_eye(session: Session) -> None:
     """A retry without Idempotency-Key stores a second image of the same bytes: it must not
     outweigh the eye's other photograph (the audit's double-weighted mean)."""
@@ -299,11 +329,13 @@ def test_the_same_photograph_sent_twice_counts_once_in_its_eye(session: Session)
     # counted once each: mean P(grade 2) = 0.5, so argmax is a tie resolved to grade 0; counted
     # twice it would be 0.4. The probabilities say which.
     assert left.probabilities is not None and abs(left.probabilities[2] - 0.5) < 1e-9
-    # the same bytes under the other eye are another photograph of that eye: counted there
+    # the same bytes under the other eye too: one eye sent as both, and nothing says which, so
+    # neither eye counts them (session 23; they were counted in both)
     scored("right", "b" * 64, 0.2)
     result = repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
-    right = next(e for e in result.eyes if e.eye == "right")
-    assert right.probabilities is not None and abs(right.probabilities[2] - 0.1) < 1e-9
+    eyes = {e.eye: e.probabilities for e in result.eyes}
+    assert eyes["left"] is not None and abs(eyes["left"][2] - 0.8) < 1e-9
+    assert eyes["right"] is not None and abs(eyes["right"][2] - 0.0) < 1e-9
 
 
 def test_other_active_release(session: Session) -> None:
