@@ -34,7 +34,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, TypeVar
 
@@ -51,7 +51,7 @@ from core.store import FileStore, get_store
 from core.tables import Image, ScoringJob, ScoringJobItem, utcnow
 from ml.imageio import SUPPORTED_FORMATS, sniff_format
 from workers.model import serving_ref
-from workers.naming import MANIFEST_NAME, ManifestError, match_name, parse_manifest
+from workers.naming import MANIFEST_NAME, ManifestError, ManifestRow, match_name, parse_manifest
 from workers.scoring import Enqueue, send_by_name
 from workers.settings import get_worker_settings
 
@@ -138,16 +138,22 @@ def plan_folder(folder: Path, roots: Sequence[Path] | None) -> list[PlannedFile]
     planned: list[PlannedFile] = []
     if manifest is not None:
         rows = parse_manifest(manifest)
-        listed: set[str] = set()
+        listed: dict[str, int] = {}  # a file's key -> its place in ``planned``
         for row in rows:
+            if not row.image:
+                planned.append(
+                    PlannedFile(f"{MANIFEST_NAME} line {row.line}", row.patient_id, row.eye, row.error)
+                )
+                continue
             rel = PurePosixPath(row.image.replace("\\", "/"))
             if rel.is_absolute() or ".." in rel.parts:
                 planned.append(PlannedFile(row.image, None, None, "manifest path leaves the job folder"))
                 continue
             key = rel.as_posix()
             if key in listed:
+                _listed_again(planned, listed[key], row)
                 continue
-            listed.add(key)
+            listed[key] = len(planned)
             where = _locate(folder, key, real_roots)
             if isinstance(where, str):
                 planned.append(PlannedFile(key, row.patient_id, row.eye, where))
@@ -176,6 +182,23 @@ def plan_folder(folder: Path, roots: Sequence[Path] | None) -> list[PlannedFile]
     if roots is not None:  # the service (the local CLI scores any name, as its own patient)
         planned = [_check_patient_id(p) for p in planned]
     return planned
+
+
+def _listed_again(planned: list[PlannedFile], first: int, row: ManifestRow) -> None:
+    """A file the manifest lists again. For the same patient and eye the row adds nothing; for
+    another, nothing says which is right: the file is scored for neither, and the other row is a
+    failed item of its own, so its patient is not silently missing from the job."""
+    earlier = planned[first]
+    if (earlier.patient_id, earlier.eye) == (row.patient_id, row.eye):
+        return
+    conflict = (
+        f"manifest.csv lists this file more than once: for {earlier.patient_id} {earlier.eye} "
+        f"and, on line {row.line}, for {row.patient_id} {row.eye}"
+    )
+    planned[first] = replace(earlier, error=earlier.error or conflict)
+    planned.append(
+        PlannedFile(f"{earlier.path} ({MANIFEST_NAME} line {row.line})", row.patient_id, row.eye, conflict)
+    )
 
 
 def _inside(path: Path, roots: Sequence[Path]) -> Path | None:

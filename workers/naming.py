@@ -66,6 +66,7 @@ class ManifestRow:
     patient_id: str | None
     eye: str | None
     error: str | None = None  # why this row cannot be used (missing patient, bad eye)
+    line: int = 0  # its line in manifest.csv, to name a row that gives no file
 
 
 class ManifestError(ValueError):
@@ -95,15 +96,18 @@ def parse_manifest(data: bytes) -> list[ManifestRow]:
     rows: list[ManifestRow] = []
     for raw in reader:
         image = (raw.get(found["image"]) or "").strip()
-        if not image:
-            continue
         patient = (raw.get(found["patient_id"]) or "").strip() or None
         eye_raw = (raw.get(found["eye"]) or "").strip()
         eye = normalise_eye(eye_raw) if eye_raw else None
         error = None
-        if patient is None:
+        if not image:
+            if patient is None and not eye_raw:
+                continue  # a blank line
+            # a patient's row without its file: reported, so the patient is not silently missing
+            error = "manifest.csv gives no file name on this line"
+        elif patient is None:
             error = "manifest.csv gives no patient_id for this file"
         elif eye is None:
             error = f"manifest.csv gives eye {eye_raw!r}; expected left or right"
-        rows.append(ManifestRow(image=image, patient_id=patient, eye=eye, error=error))
+        rows.append(ManifestRow(image=image, patient_id=patient, eye=eye, error=error, line=reader.line_num))
     return rows

@@ -100,6 +100,28 @@ def test_manifest_wins(roots: Path) -> None:
     assert "manifest.csv" not in plan
 
 
+def test_no_manifest_row_is_silently_dropped(roots: Path) -> None:
+    """The walkthrough: a file listed twice for two patients and a row without a file name left
+    M29 and M30 out of the job altogether (total 2, failed 0, and GET /v1/patients/M29 a 404)."""
+    folder = make_folder(roots, [])
+    for name in ("a.jpg", "b.jpg"):
+        (folder / name).write_bytes((folder / "holiday.jpg").read_bytes())
+    (folder / "manifest.csv").write_text(
+        "image,patient_id,eye\na.jpg,M21,left\na.jpg,M29,right\n,M30,left\nb.jpg,M21,right\nb.jpg,M21,right\n"
+    )
+    plan = {p.path: p for p in folders.plan_folder(folder, [roots])}
+    assert {"a.jpg", "a.jpg (manifest.csv line 3)", "manifest.csv line 4", "b.jpg"} <= set(plan)
+    assert len([p for p in plan if p.startswith("b.jpg")]) == 1
+    # nothing says whether a.jpg is M21's left or M29's right eye: scored for neither
+    assert "more than once" in (plan["a.jpg"].error or "") and "M29" in (plan["a.jpg"].error or "")
+    again = plan["a.jpg (manifest.csv line 3)"]
+    assert (again.patient_id, again.eye) == ("M29", "right") and again.error == plan["a.jpg"].error
+    assert plan["manifest.csv line 4"].patient_id == "M30" and "no file name" in (
+        plan["manifest.csv line 4"].error or ""
+    )
+    assert plan["b.jpg"].error is None  # listed twice the same way: one item
+
+
 R = TypeVar("R")
 
 

@@ -45,17 +45,17 @@ def test_normalise_eye() -> None:
 
 
 def test_manifest_rows_and_row_errors() -> None:
-    data = (
-        b"\xef\xbb\xbfImage,Patient_ID,Eye\na.jpg,P1,left\nb.jpg,P1,R\nc.jpg,,left\nd.jpg,P2,both\n,P3,left\n"
-    )
+    data = b"\xef\xbb\xbfImage,Patient_ID,Eye\na.jpg,P1,left\nb.jpg,P1,R\nc.jpg,,left\nd.jpg,P2,both\n,P3,left\n,,\n"
     rows = parse_manifest(data)
-    assert [(r.image, r.patient_id, r.eye, r.error is None) for r in rows] == [
-        ("a.jpg", "P1", "left", True),
-        ("b.jpg", "P1", "right", True),
-        ("c.jpg", None, "left", False),
-        ("d.jpg", "P2", None, False),
-    ]
+    assert [(r.image, r.patient_id, r.eye, r.error is None, r.line) for r in rows] == [
+        ("a.jpg", "P1", "left", True, 2),
+        ("b.jpg", "P1", "right", True, 3),
+        ("c.jpg", None, "left", False, 4),
+        ("d.jpg", "P2", None, False, 5),
+        ("", "P3", "left", False, 6),  # a patient's row without its file is reported (it was dropped)
+    ]  # the blank line is skipped
     assert "patient_id" in (rows[2].error or "") and "both" in (rows[3].error or "")
+    assert "no file name" in (rows[4].error or "")
 
 
 def test_manifest_missing_columns() -> None:
