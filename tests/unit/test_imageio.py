@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml.imageio import ImageDecodeError, decode_image, decode_scaled, sniff_format
+from ml.imageio import ImageDecodeError, check_image, decode_image, decode_scaled, sniff_format
 
 
 def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -222,3 +222,28 @@ def test_grey_pictures_and_whole_photographs_are_not_called_truncated() -> None:
     assert decode_image(_encode(Image.fromarray(img), "PNG")).shape == (120, 200, 3)
     img[-8:] = 128  # a PNG holds what was written: only JPEG data ends in libjpeg's fill
     assert decode_image(_encode(Image.fromarray(img), "PNG")).shape == (120, 200, 3)
+
+
+@pytest.mark.parametrize(("where", "fill"), [(0.2, b"\x00" * 16), (0.5, b"\x55" * 16), (0.7, b"\xaa" * 8)])
+def test_damaged_entropy_data_that_pillow_decodes_is_corrupt(where: float, fill: bytes) -> None:
+    """The walkthrough: bytes overwritten inside a JPEG's scan decode without an error (libjpeg warns,
+    Pillow drops the warning) and the photograph was graded. libjpeg-turbo's strict mode refuses it."""
+    data = SAMPLE.read_bytes()
+    scan = data.find(b"\xff\xda")
+    at = scan + int((len(data) - scan) * where)
+    damaged = data[:at] + fill + data[at + len(fill) :]
+    Image.open(io.BytesIO(damaged)).load()  # Pillow alone takes it
+    for decode in (decode_image, lambda d: decode_scaled(d, min_side=128)[0], check_image):
+        with pytest.raises(ImageDecodeError) as ei:
+            decode(damaged)
+        assert ei.value.reason == "corrupt" and "damaged" in str(ei.value)
+
+
+def test_the_strict_check_passes_every_shipped_sample_and_other_encodings() -> None:
+    for photo in sorted(SAMPLE.parents[1].glob("*/*.jpg")):
+        assert check_image(photo.read_bytes())[0] > 0, photo
+    rgb = Image.open(SAMPLE).convert("RGB")
+    for kw in ({"progressive": True}, {"subsampling": 0}, {"subsampling": 1}, {"quality": 40}):
+        assert decode_image(_encode(rgb, "JPEG", **kw)).shape == (342, 512, 3), kw
+    assert decode_image(_encode(rgb.convert("L"), "JPEG")).shape == (342, 512, 3)
+    assert decode_image(_encode(rgb.convert("CMYK"), "JPEG")).shape == (342, 512, 3)
