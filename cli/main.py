@@ -183,7 +183,8 @@ def bench(
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    # click refuses a port out of range (exit 2): uvicorn took 70000 as 70000 - 65536 = 4464
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
     workers: int = typer.Option(1, "--workers", help="Uvicorn worker processes."),
 ) -> None:
     """Run the HTTP API (uvicorn, services.app:create_app)."""
@@ -347,6 +348,9 @@ def model_activate(ref: str = typer.Argument(..., help="Released ensemble NAME@V
     from core.db import session_scope
     from core.settings import get_settings
 
+    if not ref.strip():  # a blank ref (an unset "$REF") meant the default: the newest release got pinned
+        typer.echo("drscreen model activate: give the release as NAME@VERSION", err=True)
+        raise typer.Exit(2)
     try:
         checked = _load("ml.inference:check_release")(ref, get_settings().models_dir)
     except (OSError, ValueError, KeyError) as exc:
@@ -409,12 +413,19 @@ def status(
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
     """Create or update the schema (DRSCREEN_DATABASE_URL) to the newest migration."""
+    from alembic.util.exc import CommandError
+
     from core.migrate import current_revision, upgrade
     from core.settings import get_settings
 
     url = get_settings().database_url
-    with _db_errors():
-        upgrade(url, revision)
+    try:
+        with _db_errors():
+            upgrade(url, revision)
+    except CommandError as exc:  # an unknown or impossible revision: one line, as `db check` says it
+        reason = (str(exc).strip().splitlines() or ["alembic upgrade failed"])[0][:300]
+        typer.echo(f"drscreen db upgrade: {reason}", err=True)
+        raise typer.Exit(2) from None
     # the revision the database is at now (upgrading to an older one, e.g. "base", changes nothing)
     typer.echo(f"database at {_redact(url)} is at {current_revision(url) or 'base (empty)'}")
 
@@ -455,13 +466,22 @@ def keys_create(
     """Create an API key for a clinic and print it ONCE (only its hash is stored)."""
     from core import repository as repo
     from core.db import session_scope
+    from core.errors import InvalidInput
 
-    with _db_errors(), session_scope() as session:
-        row_clinic = repo.get_or_create_clinic(session, clinic)
-        row, plaintext = repo.create_api_key(session, row_clinic, label=label)
-        key_id, prefix = row.id, row.prefix
+    try:
+        with _db_errors(), session_scope() as session:
+            row_clinic = repo.get_or_create_clinic(session, clinic)
+            row, plaintext = repo.create_api_key(session, row_clinic, label=label)
+            key_id, prefix = row.id, row.prefix
+    except InvalidInput as exc:  # e.g. a blank clinic name: one line, nothing written
+        typer.echo(f"drscreen keys create: {exc.message}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(plaintext)
     typer.echo(f"key id {key_id} (prefix {prefix}) for clinic {clinic!r}; it is not shown again.", err=True)
+
+
+#: The largest key id a database holds (a signed 64-bit integer).
+_MAX_KEY_ID = 2**63 - 1
 
 
 @keys_app.command("revoke")
@@ -474,6 +494,8 @@ def keys_revoke(key: str = typer.Argument(..., help="Key id, key prefix or the k
         if key.startswith(repo.API_KEY_PREFIX) and len(key) > 12:
             found = repo.authenticate_api_key(session, key, touch=False)
             n = repo.revoke_api_key(session, found.id) if found else 0
+        elif key.isdigit() and not (key.isascii() and int(key) <= _MAX_KEY_ID):
+            n = 0  # no such id (the database driver's OverflowError, or int("²"), was a traceback)
         else:
             n = repo.revoke_api_key(session, key)
     if not n:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 import tempfile
 from collections import Counter
@@ -43,7 +44,7 @@ from ml.quality import DECODE_MIN_SIDE
 from workers import explain as explain_mod
 from workers import folders, scoring
 from workers.model import EnsembleLike, check_release, get_ensemble
-from workers.naming import match_name
+from workers.naming import ManifestError, match_name
 from workers.settings import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,14 @@ class ScoreResult:
     patients: list[PatientRow]
 
 
-def _plan(path: Path) -> tuple[Path, list[folders.PlannedFile]]:
-    """(folder, planned files). Unmatched names become their own patient with eye unknown: named
-    by the file's stem, or by its path when another file has that patient id or stem (``16.jpg``
-    beside ``16_left.jpg`` was pooled into patient 16's left eye)."""
+Plan = tuple[Path, list[folders.PlannedFile]]
+
+
+def _plan(path: Path) -> Plan:
+    """(folder, planned files); ManifestError for a manifest.csv that cannot be used. Unmatched
+    names become their own patient with eye unknown: named by the file's stem, or by its path
+    when another file has that patient id or stem (``16.jpg`` beside ``16_left.jpg`` was pooled
+    into patient 16's left eye)."""
     if path.is_file():
         folder, plan = path.parent, [folders.PlannedFile(path.name, None, None, "unmatched")]
     else:
@@ -125,8 +130,10 @@ def run(
     heatmap_dir: Path | None = None,
     ensemble: EnsembleLike | None = None,
     submission_grades: bool = False,
+    plan: Plan | None = None,
 ) -> ScoreResult:
-    """Score ``path`` (a photograph or a folder) embedded; returns per-image and per-patient rows."""
+    """Score ``path`` (a photograph or a folder) embedded; returns per-image and per-patient rows.
+    ``plan``: ``_plan(path)`` when the caller has made it already."""
     settings = get_settings()
     ens = ensemble if ensemble is not None else get_ensemble()
     scratch_root = settings.var_dir / "tmp"
@@ -137,14 +144,15 @@ def run(
         metadata.create_all(get_engine(url))
         store = FileStore(Path(scratch) / "store")
         try:
-            return _run(path, url, store, ens, explain, heatmap_dir, submission_grades)
+            planned = plan if plan is not None else _plan(path.resolve())
+            return _run(planned, url, store, ens, explain, heatmap_dir, submission_grades)
         finally:
             get_engine(url).dispose()
             dispose_engines()
 
 
 def _run(
-    path: Path,
+    planned: Plan,
     url: str,
     store: FileStore,
     ens: EnsembleLike,
@@ -153,7 +161,7 @@ def _run(
     submission_grades: bool,
 ) -> ScoreResult:
     settings = get_settings()
-    folder, plan = _plan(path.resolve())
+    folder, plan = planned
     unknown_eye = {p.path for p in plan if p.error == "eye-unknown"}
     with session_scope(url) as session:
         clinic = repo.get_or_create_clinic(session, LOCAL_CLINIC)
@@ -332,7 +340,7 @@ def write_csv(result: ScoreResult, out: Path) -> Path:
                 [_cell(v) for v in (r.file, r.patient_id, r.eye, r.status, r.grade, r.referable,
                  r.gradable, *probs, ";".join(r.quality_reasons), r.error, r.heatmap, result.model_version)]
             )  # fmt: skip
-    patients_out = out.with_name(f"{out.stem}_patients.csv")
+    patients_out = _patients_csv(out)
     with patients_out.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["patient_id", "grade", "referable", "gradable", "left_grade", "right_grade",
@@ -341,6 +349,10 @@ def write_csv(result: ScoreResult, out: Path) -> Path:
             eye_grades = [_cell(p.eyes.get(eye, {}).get("grade")) for eye in ("left", "right", UNKNOWN_EYE)]
             w.writerow([_cell(v) for v in (p.patient_id, p.grade, p.referable, p.gradable)] + eye_grades)
     return patients_out
+
+
+def _patients_csv(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_patients.csv")
 
 
 def write_submission(result: ScoreResult, out: Path) -> int:
@@ -377,6 +389,29 @@ def _show(grade: int | None) -> str:
     return "ungr." if grade is None else str(grade)
 
 
+def _output_problem(out: Path | None, submission: bool, heatmap_dir: Path | None) -> str | None:
+    """Why the results could not be written (None: they can). Missing folders are made now, as
+    the writers always did; then a file must be creatable in each (a probe: permission bits say
+    nothing for root or /proc) and no output file may be a folder or read-only."""
+    files: list[Path] = []
+    if out is not None:
+        files = [out] if submission or out.suffix.lower() == ".json" else [out, _patients_csv(out)]
+    for file in files:
+        if file.is_dir():
+            return f"{file} is a folder"
+        if file.exists() and not os.access(file, os.W_OK):
+            return f"{file} is read-only"
+    folders_needed = [file.parent for file in files] + ([heatmap_dir] if heatmap_dir else [])
+    for folder in dict.fromkeys(folders_needed):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".drscreen-check-"):
+                pass  # removed on closing
+        except OSError as exc:
+            return f"no file can be made in {folder} ({exc.strerror or exc})"
+    return None
+
+
 def score_path(
     path: Path, out: Path | None = None, explain: bool = False, submission: bool | None = None
 ) -> int:
@@ -393,15 +428,28 @@ def score_path(
         # a submission is CSV: written into a .json name it was a CSV file under the wrong name
         sys.stderr.write("drscreen score: --submission needs --out ending in .csv\n")
         return 2
+    # The folder, its manifest and the outputs are checked before scoring, each in one line (a
+    # bad manifest was a traceback; an unwritable --out one after the whole folder was scored).
+    try:
+        plan = _plan(path.resolve())
+    except ManifestError as exc:  # the API's folder job fails with the same message
+        sys.stderr.write(f"drscreen score: {exc}\n")
+        return 2
+    if not plan[1]:  # nothing to score (README: exit 1), said rather than an empty table
+        sys.stderr.write(f"drscreen score: no photographs found in {path}\n")
+        return 1
+    heatmap_dir = _heatmap_dir(out) if explain else None
+    problem = _output_problem(out, submission, heatmap_dir)
+    if problem is not None:
+        sys.stderr.write(f"drscreen score: cannot write the results: {problem}\n")
+        return 2
     try:
         check_release()  # before anything is decoded or stored: one line, not a traceback
     except (OSError, ValueError, KeyError) as exc:
         sys.stderr.write(f"drscreen score: the model cannot be loaded: {exc}\n")
         return 2
-    heatmap_dir = _heatmap_dir(out) if explain else None
-    result = run(path, explain=explain, heatmap_dir=heatmap_dir, submission_grades=submission)
+    result = run(path, explain=explain, heatmap_dir=heatmap_dir, submission_grades=submission, plan=plan)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         if submission:
             write_submission(result, out)
         elif out.suffix.lower() == ".json":

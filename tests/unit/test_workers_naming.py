@@ -45,7 +45,10 @@ def test_normalise_eye() -> None:
 
 
 def test_manifest_rows_and_row_errors() -> None:
-    data = b"\xef\xbb\xbfImage,Patient_ID,Eye\na.jpg,P1,left\nb.jpg,P1,R\nc.jpg,,left\nd.jpg,P2,both\n,P3,left\n,,\n"
+    data = (
+        b"\xef\xbb\xbfImage,Patient_ID,Eye\na.jpg,P1,left\nb.jpg,P1,R\nc.jpg,,left\nd.jpg,P2,both\n"
+        b",P3,left\n,,\n"
+    )
     rows = parse_manifest(data)
     assert [(r.image, r.patient_id, r.eye, r.error is None, r.line) for r in rows] == [
         ("a.jpg", "P1", "left", True, 2),
