@@ -68,6 +68,12 @@ def png_bytes(width: int = 128, height: int = 96) -> bytes:
     return buf.getvalue()
 
 
+def _overwritten_in_scan(jpeg: bytes, where: float, fill: bytes) -> bytes:
+    scan = jpeg.find(b"\xff\xda")
+    at = scan + int((len(jpeg) - scan) * where)
+    return jpeg[:at] + fill + jpeg[at + len(fill) :]
+
+
 def bad_files() -> dict[str, bytes]:
     """Uploads that must all be refused with a 4xx."""
     jpeg = sample_bytes("19", "left")
@@ -78,6 +84,8 @@ def bad_files() -> dict[str, bytes]:
         # cut short, then closed with an end marker: decodes, with a flat grey lower half
         "truncated_closed_jpeg": jpeg[: len(jpeg) // 2] + b"\xff\xd9",
         "corrupt_jpeg": jpeg[:600] + bytes(range(256)) * 8 + b"\xff\xd9",
+        # 16 bytes overwritten inside the scan: Pillow decodes it silently, libjpeg warns (session 23)
+        "damaged_scan_jpeg": _overwritten_in_scan(jpeg, 0.7, b"\x55" * 16),
         "gif": b"GIF89a" + b"\x00" * 64,
         "tiny_png": png_bytes(16, 16),
     }

@@ -77,6 +77,12 @@ def _cases(root: Path, outside: Path) -> list[Case]:
         ),
         ("JPEG without end marker", 422, "invalid_image", lambda c, k: _one(c, k, _jpeg_without_end())),
         ("JPEG with garbage scan data", 422, "invalid_image", lambda c, k: _one(c, k, files["corrupt_jpeg"])),
+        (
+            "JPEG with 16 bytes overwritten in its scan",
+            422,
+            "invalid_image",
+            lambda c, k: _one(c, k, files["damaged_scan_jpeg"]),
+        ),
         ("PNG truncated", 422, "invalid_image", lambda c, k: _one(c, k, png_bytes(300, 300)[:200])),
         ("PNG with a bad CRC", 422, "invalid_image", lambda c, k: _one(c, k, _corrupt_png())),
         ("image under 64 px", 422, "invalid_image", lambda c, k: _one(c, k, files["tiny_png"])),
