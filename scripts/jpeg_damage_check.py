@@ -6,7 +6,8 @@ in strict mode) and, when accepted, compared with the intact photograph's decode
     python scripts/jpeg_damage_check.py [--photos 200] [--copies 4] [--seed 12345]
 
 Prints the counts: refused, and accepted split by the share of pixels that changed by more than 10
-grey levels (under 1%: hardly visible; 1-5%: slightly; over 5%: visibly damaged).
+grey levels (under 1%: hardly visible; 1-5%: slightly; over 5%: visibly damaged) and by the quality
+gate's verdict (``ml.quality.assess_quality``: an ungradable photograph is referred, not graded).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ml.imageio import ImageDecodeError, check_image, decode_image
+from ml.quality import assess_quality
 
 NATURAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eyepacs-natural-512" / "images"
 
@@ -51,10 +53,13 @@ def verdict(original: np.ndarray, data: bytes) -> str:
         check_image(data)
     except ImageDecodeError:
         return "refused"
-    changed = float((np.abs(decode_image(data).astype(np.int16) - original).max(axis=2) > 10).mean())
+    rgb = decode_image(data)
+    changed = float((np.abs(rgb.astype(np.int16) - original).max(axis=2) > 10).mean())
+    gate = "gradable" if assess_quality(rgb).gradable else "ungradable"
     if changed < 0.01:
-        return "accepted, hardly visible (<1% of pixels changed)"
-    return "accepted, slightly damaged (1-5%)" if changed <= 0.05 else "accepted, visibly damaged (>5%)"
+        return f"accepted, hardly visible (<1% of pixels changed), {gate}"
+    seen = "slightly damaged (1-5%)" if changed <= 0.05 else "visibly damaged (>5%)"
+    return f"accepted, {seen}, {gate}"
 
 
 def main() -> None:
