@@ -247,3 +247,19 @@ def test_the_strict_check_passes_every_shipped_sample_and_other_encodings() -> N
         assert decode_image(_encode(rgb, "JPEG", **kw)).shape == (342, 512, 3), kw
     assert decode_image(_encode(rgb.convert("L"), "JPEG")).shape == (342, 512, 3)
     assert decode_image(_encode(rgb.convert("CMYK"), "JPEG")).shape == (342, 512, 3)
+
+
+def test_padding_libjpeg_warns_about_is_not_damage() -> None:
+    """The review: stray bytes before the end marker or between header segments made libjpeg warn
+    ("N extraneous bytes before marker") and whole photographs were refused as damaged; graded
+    before, they would have failed on the next release's re-grade."""
+    data = SAMPLE.read_bytes()
+    header_end = data.find(b"\xff\xdb")
+    padded = {
+        "one byte before EOI (a known encoder quirk)": data[:-2] + b"\x5a" + data[-2:],
+        "a run of zeros before EOI": data[:-2] + b"\x00" * 8 + data[-2:],
+        "a byte between header segments": data[:header_end] + b"\x00" + data[header_end:],
+    }
+    whole = decode_image(data)
+    for name, photo in padded.items():
+        assert (decode_image(photo) == whole).all(), name
