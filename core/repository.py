@@ -800,9 +800,12 @@ def refresh_job_counts(session: Session, job_id: str) -> ScoringJob:
     ).all()
     total = len(rows)
     failed = sum(1 for item_status, img_status in rows if item_status == "failed" or img_status == "failed")
-    done = sum(1 for item_status, img_status in rows if _item_graded(item_status, img_status))
+    job_open = job.status in OPEN_JOB_STATES
+    done = sum(
+        1 for item_status, img_status in rows if _item_graded(item_status, img_status, job_open=job_open)
+    )
     job.total, job.done, job.failed = total, done, failed
-    if job.status in OPEN_JOB_STATES and total and done + failed >= total:
+    if job_open and total and done + failed >= total:
         job.status = "done"
         job.finished_at = utcnow()
     elif job.status == "queued" and total:
@@ -811,13 +814,15 @@ def refresh_job_counts(session: Session, job_id: str) -> ScoringJob:
     return job
 
 
-def _item_graded(item_status: str | None, image_status: str | None) -> bool:
-    """A job item counts as done once its photograph was graded: the image is done, or the item
-    is (its photograph is being graded again by a newer release: the earlier grade stands until
-    then, and a finished job's counts keep adding up). A failure on either side wins."""
+def _item_graded(item_status: str | None, image_status: str | None, *, job_open: bool) -> bool:
+    """Whether a job item counts as done. While the job is open, once its image is done: a job
+    finishes when every photograph is graded (a photograph a newer release grades again is not,
+    until it is). Once finished, also when the item is done: its photograph is being graded again
+    by a newer release, its earlier grade stands until then, and the job's counts keep adding up to
+    its ``done``. A failure on either side wins."""
     if item_status == "failed" or image_status == "failed":
         return False
-    return image_status == "done" or item_status == "done"
+    return image_status == "done" or (not job_open and item_status == "done")
 
 
 def job_grade_counts(session: Session, job_id: str) -> dict[str, int]:
@@ -826,13 +831,17 @@ def job_grade_counts(session: Session, job_id: str) -> dict[str, int]:
 
     Per item, not per image: two byte-identical files of a folder are one stored image but two
     items, and photographs first submitted by an earlier job are linked, not stored again."""
+    job = session.get(ScoringJob, job_id)
+    job_open = job is None or job.status in OPEN_JOB_STATES
     rows = session.execute(
         select(Image.id, ScoringJobItem.status, Image.status)
         .join(ScoringJobItem, ScoringJobItem.image_id == Image.id)
         .where(ScoringJobItem.job_id == job_id)
     ).all()
     item_images = [
-        image_id for image_id, item_status, img_status in rows if _item_graded(item_status, img_status)
+        image_id
+        for image_id, item_status, img_status in rows
+        if _item_graded(item_status, img_status, job_open=job_open)
     ]
     counts = {str(g): 0 for g in range(5)} | {"ungradable": 0}
     preds = predictions_for_images(session, sorted(set(item_images)))

@@ -136,74 +136,89 @@ def _border_step(z: np.ndarray, mcu_h: int, min_step: float) -> bool:
     n = seq.shape[1]
     if n < 2:
         return False
-    # Split i (1 .. n-1) gives the runs seq[:i] and seq[i:]. Medians of all of them with two sorts:
-    # pushing the other run's values past the end of each row leaves the wanted run first, in order.
+    # Split i (1 .. n-1) gives the runs seq[:i] and seq[i:]: the medians of all of them from two
+    # in-place sorts, after pushing the other run's values past the end of each row. In units of
+    # 1/2 (seq holds means of 1 or 2 bytes) int16 is exact and half the memory of float32.
     size = np.arange(1, n)
     first = np.arange(n) < size[:, None]  # (n - 1, n): in the first run
-    push = np.float32(1e6) * first[:, None, :]  # values are 0 .. 255
-    ahead, behind = np.sort(seq + (1e6 - push), -1), np.sort(seq + push, -1)  # (n - 1, C, n)
+    twice = (2 * seq).astype(np.int16)
+    ahead = np.where(first[:, None], twice, np.int16(1024))  # (n - 1, C, n)
+    behind = np.where(first[:, None], np.int16(1024), twice)
+    ahead.sort(-1)
+    behind.sort(-1)
     i = size - 1
-    m1 = (ahead[i, :, (size - 1) // 2] + ahead[i, :, size // 2]) / 2  # (n - 1, C)
-    m2 = (behind[i, :, (n - size - 1) // 2] + behind[i, :, (n - size) // 2]) / 2
-    step = np.abs(m2 - m1)
+    m1 = (ahead[i, :, (size - 1) // 2] + ahead[i, :, size // 2]) / 4  # (n - 1, C) exact medians
+    m2 = (behind[i, :, (n - size - 1) // 2] + behind[i, :, (n - size) // 2]) / 4
+    step = np.abs(m2 - m1).astype(np.float32)
     cand = np.flatnonzero(step.max(1) >= min_step)
     if cand.size == 0:
         return False
     # Both runs must be flat, relative to the step: >= 90 % of the values near their run's median.
     tol = np.maximum(3.0, 0.15 * step[cand])[:, :, None]
-    ref = np.where(first[cand][:, None, :], m1[cand][:, :, None], m2[cand][:, :, None])  # (M, C, n)
+    ref = np.where(first[cand][:, None], m1[cand][:, :, None], m2[cand][:, :, None])  # (M, C, n)
     flat = (np.abs(seq - ref) <= tol).all(1).mean(1)
     return bool((flat >= 0.9).any())
 
 
 def _interior_step(z: np.ndarray, mcu_h: int, mcu_w: int, min_step: float) -> bool:
     """Is there a staircase step of >= min_step across MCU-row boundary r (right) / r + 1 (left)?"""
-    _, H, W = z.shape
+    C, H, W = z.shape
     bnd = np.arange(mcu_h, H, mcu_h)  # first block row of every MCU row but the first
     if bnd.size == 0:
         return False
-    below, above = z[:, bnd], z[:, bnd - 1]  # (C, K, W): K boundaries
-    if mcu_h >= 2:  # gradients inside the MCUs either side, to detrend the step
-        grad_up = above - z[:, bnd - 2]
-        nxt = np.minimum(bnd + 1, H - 1)
-        grad_dn = np.where((nxt > bnd)[:, None], z[:, nxt] - below, 0)
-    else:
-        grad_up = grad_dn = np.zeros_like(above)
-    valid = (np.abs(grad_up) <= 10) & (np.abs(grad_dn) <= 10)  # a DC shift is sharp
+    below, above = z[:, bnd], z[:, bnd - 1]  # (C, K, W): the K boundaries
+    # Gradients inside the MCUs either side, to detrend the step (0 for one-block-high MCUs and
+    # for a last MCU row one block high).
+    grad_up = above - z[:, bnd - 2] if mcu_h >= 2 else np.zeros_like(above)
+    grad_dn = z[:, np.minimum(bnd + 1, H - 1)] - below if mcu_h >= 2 else np.zeros_like(above)
+    valid = np.abs(grad_up) <= 10
+    valid &= np.abs(grad_dn) <= 10  # a DC shift is sharp
     valid[0] &= (below[0] > 4) & (below[0] < 251) & (above[0] > 4) & (above[0] < 251)  # Y unclipped
-    # step = below - above - (grad_up + grad_dn) / 2, with the row above slipped sideways by whole
-    # MCUs. All terms are multiples of 1/2 well inside float32's exact range: regrouping is exact.
-    lower = np.where(valid, below - 0.5 * grad_dn, np.nan)
+    # step = below - above - (grad_up + grad_dn) / 2 = lower - upper, the row above slipped sideways
+    # by whole MCUs. All terms are multiples of 1/2, far inside float32's exact range: the regrouping
+    # changes nothing. (The arrays are built in place: at 3000x2000 fresh temporaries cost more in
+    # page faults than the arithmetic.)
+    lower = np.multiply(grad_dn, -0.5, out=grad_dn)
+    lower += below
+    lower[~valid] = np.nan
     pad = _MAX_SLIP * mcu_w
-    upper = np.pad(above + 0.5 * grad_up, ((0, 0), (0, 0), (pad, pad)), constant_values=np.nan)
+    upper = np.full((C, len(bnd), W + 2 * pad), np.nan, np.float32)
+    np.multiply(grad_up, 0.5, out=upper[..., pad : pad + W])
+    upper[..., pad : pad + W] += above
     windows = np.lib.stride_tricks.sliding_window_view(upper, W, axis=2)[:, :, ::mcu_w]  # (C, K, S, W)
-    steps = lower[:, :, None] - windows  # slip j moves the row above by pad - j * mcu_w columns
-    slip = np.abs(pad - mcu_w * np.arange(steps.shape[2]))
+    # windows[:, :, j] is the row above moved right by pad - j * mcu_w columns (NaN where moved in).
 
     # Candidate d: median over the right half of boundary r (the damage starts left of the middle)
     # or the left half of boundary r + 1 (starts right of it). Only |d| >= min_step matters, and
     # such a median needs at least half of the (>= valid - slip) values that far out: count first.
     half = W // 2
-    picked: list[tuple[int, tuple[np.ndarray, ...], np.ndarray]] = []
-    for side, cols in ((0, slice(half, None)), (1, slice(None, half))):
-        part = steps[..., cols]
+    halves = (slice(half, None), slice(None, half))
+    valid_n = [np.count_nonzero(valid[..., cols], -1) for cols in halves]
+    far_n = np.zeros((2, C, len(bnd), windows.shape[2]), np.int64)
+    step = np.empty_like(lower)
+    for j in range(windows.shape[2]):
+        np.subtract(lower, windows[:, :, j], out=step)
         with np.errstate(invalid="ignore"):
-            far = np.count_nonzero(np.abs(part) >= min_step, -1)
-        least = np.count_nonzero(valid[..., cols], -1)[..., None] - slip
-        idx = np.nonzero((far > 0) & (2 * far >= least))
+            far = np.abs(step, out=step) >= min_step
+        for side, cols in enumerate(halves):
+            far_n[side, ..., j] = np.count_nonzero(far[..., cols], -1)
+    slip = np.abs(pad - mcu_w * np.arange(windows.shape[2]))
+    picked = []
+    for side, cols in enumerate(halves):
+        idx = np.nonzero((far_n[side] > 0) & (2 * far_n[side] >= valid_n[side][..., None] - slip))
         if idx[0].size:
-            d = _nanmedian_rows(part[idx])
+            d = _nanmedian_rows(_steps(lower, windows, *idx)[:, cols])
             keep = np.abs(d) >= min_step
             picked.append((side, tuple(i[keep] for i in idx), d[keep]))
-    if not any(d.size for _, _, d in picked):
-        return False
 
     # Check every candidate at every x0 on the MCU grid: boundary r's steps from x0 on and boundary
-    # r + 1's left of x0 (`steps` boundary b is the top of MCU row b + 1; a side-0 candidate came from
+    # r + 1's left of x0 (boundary b is the top of MCU row b + 1; a side-0 candidate came from
     # boundary r, a side-1 one from r + 1).
     splits = np.arange(0, W, mcu_w)
     for side, (c, b, j), d in picked:
-        at_r, at_next = _boundary(steps, c, b - side, j), _boundary(steps, c, b - side + 1, j)
+        if not d.size:
+            continue
+        at_r, at_next = _steps(lower, windows, c, b - side, j), _steps(lower, windows, c, b - side + 1, j)
         tol = np.maximum(4.0, 0.2 * np.abs(d))[:, None]
         judged = _count_left(~np.isnan(at_next), splits) + _count_right(~np.isnan(at_r), splits)
         with np.errstate(invalid="ignore"):
@@ -214,10 +229,12 @@ def _interior_step(z: np.ndarray, mcu_h: int, mcu_w: int, min_step: float) -> bo
     return False
 
 
-def _boundary(steps: np.ndarray, c: np.ndarray, b: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Rows steps[c, b, j]: all NaN where boundary b is outside the image (nothing to judge)."""
-    rows = steps[c, np.clip(b, 0, steps.shape[1] - 1), j]
-    rows[(b < 0) | (b >= steps.shape[1])] = np.nan
+def _steps(lower: np.ndarray, windows: np.ndarray, c: np.ndarray, b: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """(M, W) steps of channel c across boundary b with slip j; NaN rows where b is out of range."""
+    inside = (b >= 0) & (b < lower.shape[1])
+    bb = np.clip(b, 0, lower.shape[1] - 1)
+    rows = lower[c, bb] - windows[c, bb, j]
+    rows[~inside] = np.nan
     return rows
 
 

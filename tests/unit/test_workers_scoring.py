@@ -506,6 +506,34 @@ def test_a_new_release_leaves_an_earlier_visit_as_it_was_graded(url: str, store:
         assert newest == set(later)
 
 
+def test_a_job_waits_for_a_photograph_a_newer_release_grades_again(url: str, store: FileStore) -> None:
+    """The review: with a job's items counted done by their own status, a job whose photograph a newer
+    release re-queued finished while that photograph waited (its result row "queued", no grade)."""
+    old, new = StubEnsemble(ref="stub-ensemble@1.0.0"), StubEnsemble(ref="stub-ensemble@2.0.0")
+    with session_scope(url) as s:
+        clinic = repo.get_or_create_clinic(s, "North")
+        job_id = repo.create_job(s, clinic.id, "/data").id
+        repo.add_job_items(s, job_id, [repo.JobItemSpec("16_left.jpg", "J", "left"),
+                                       repo.JobItemSpec("16_right.jpg", "J", "right")])  # fmt: skip
+    left, right = add_images(url, store, "J", [photo("16_left.jpg"), photo("16_right.jpg")], job_id=job_id)
+    with session_scope(url) as s:
+        for item, image_id in zip(repo.job_items(s, job_id), (left, right), strict=True):
+            repo.set_job_item(s, item, status="queued", image_id=image_id)
+    scoring.score_images([left], ensemble=old, store=store, db_url=url, enqueue=Sent())
+    # a newer release grades the right eye and queues the left one again, the job still open
+    assert scoring.score_images([right], ensemble=new, store=store, db_url=url, enqueue=Sent()).rescore == [
+        left
+    ]
+    with session_scope(url) as s:
+        job = repo.refresh_job_counts(s, job_id)
+        assert (job.status, job.done) == ("running", 1)
+        assert sum(repo.job_grade_counts(s, job_id).values()) == 1
+    scoring.score_images([left], ensemble=new, store=store, db_url=url, enqueue=Sent())
+    with session_scope(url) as s:
+        job = repo.refresh_job_counts(s, job_id)
+        assert (job.status, job.done) == ("done", 2) and sum(repo.job_grade_counts(s, job_id).values()) == 2
+
+
 def test_a_photograph_missing_from_the_workers_store_is_retried_not_judged(
     url: str,
     store: FileStore,
