@@ -419,10 +419,15 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     from core.settings import get_settings
 
     url = get_settings().database_url
+    if not revision.strip():
+        typer.echo("drscreen db upgrade: give a revision (or none, for head)", err=True)
+        raise typer.Exit(2)
     try:
         with _db_errors():
             upgrade(url, revision)
-    except CommandError as exc:  # an unknown or impossible revision: one line, as `db check` says it
+    # an unknown or impossible revision: one line, as `db check` says it (alembic raises an
+    # AssertionError for some relative forms, e.g. "head+5")
+    except (CommandError, AssertionError) as exc:
         reason = (str(exc).strip().splitlines() or ["alembic upgrade failed"])[0][:300]
         typer.echo(f"drscreen db upgrade: {reason}", err=True)
         raise typer.Exit(2) from None
@@ -494,7 +499,7 @@ def keys_revoke(key: str = typer.Argument(..., help="Key id, key prefix or the k
         if key.startswith(repo.API_KEY_PREFIX) and len(key) > 12:
             found = repo.authenticate_api_key(session, key, touch=False)
             n = repo.revoke_api_key(session, found.id) if found else 0
-        elif key.isdigit() and not (key.isascii() and int(key) <= _MAX_KEY_ID):
+        elif key.isdigit() and not (key.isascii() and len(key) <= 19 and int(key) <= _MAX_KEY_ID):
             n = 0  # no such id (the database driver's OverflowError, or int("²"), was a traceback)
         else:
             n = repo.revoke_api_key(session, key)

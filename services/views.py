@@ -102,11 +102,12 @@ def _history(
 
 
 def grades_visit(result: PatientResult, visit: Collection[Image]) -> bool:
-    """Whether ``result`` grades ``visit`` (the patient's latest): it holds one of its photographs.
-    While a follow-up's first photographs wait for a worker, the current result is still the
-    previous visit's."""
+    """Whether ``result`` grades ``visit`` (the patient's latest): every photograph it holds is one
+    of the visit's. While a follow-up's first photographs wait for a worker, the current result is
+    still the previous visit's; with a sliding window it may share some photographs with today's
+    (A 30 h ago and B 10 h ago graded together, C now: the visit is B and C)."""
     graded = {str(i) for eye in result.eyes for i in eye.image_ids}
-    return not graded or any(im.id in graded for im in visit)
+    return graded <= {im.id for im in visit}
 
 
 def patient_summary(session: Session, patient: Patient) -> PatientSummary:

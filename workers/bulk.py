@@ -98,11 +98,14 @@ def _plan(path: Path) -> Plan:
         folder, plan = path, folders.plan_folder(path, roots=None)
     out = []
     for p in plan:
-        if p.patient_id is None and p.eye is None:
+        # Only a photograph whose file name said nothing is scored anyway, as its own patient: a
+        # manifest's refused rows keep their reason (a row without patient, a file listed for two
+        # patients or eyes, one outside the folder or not listed), as in a folder job.
+        if p.error is not None and ("cannot tell" in p.error or p.error == "unmatched"):
             m = match_name(p.path)
             if m is not None:
                 p = folders.PlannedFile(p.path, m.patient_id, m.eye)
-            elif p.error is not None and ("cannot tell" in p.error or p.error == "unmatched"):
+            else:
                 # The schema needs an eye; "left" is a placeholder reported as unknown.
                 p = folders.PlannedFile(p.path, PurePosixPath(p.path).stem, "left", "eye-unknown")
         out.append(p)

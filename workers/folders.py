@@ -141,9 +141,7 @@ def plan_folder(folder: Path, roots: Sequence[Path] | None) -> list[PlannedFile]
         listed: dict[str, int] = {}  # a file's key -> its place in ``planned``
         for row in rows:
             if not row.image:
-                planned.append(
-                    PlannedFile(f"{MANIFEST_NAME} line {row.line}", row.patient_id, row.eye, row.error)
-                )
+                planned.append(PlannedFile(manifest_row_key(row.line), row.patient_id, row.eye, row.error))
                 continue
             rel = PurePosixPath(row.image.replace("\\", "/"))
             if rel.is_absolute() or ".." in rel.parts:
@@ -192,13 +190,21 @@ def _listed_again(planned: list[PlannedFile], first: int, row: ManifestRow) -> N
     if (earlier.patient_id, earlier.eye) == (row.patient_id, row.eye):
         return
     conflict = (
-        f"manifest.csv lists this file more than once: for {earlier.patient_id} {earlier.eye} "
-        f"and, on line {row.line}, for {row.patient_id} {row.eye}"
+        f"manifest.csv lists this file more than once: for {_whose(earlier.patient_id, earlier.eye)} "
+        f"and, on line {row.line}, for {_whose(row.patient_id, row.eye)}"
     )
     planned[first] = replace(earlier, error=earlier.error or conflict)
-    planned.append(
-        PlannedFile(f"{earlier.path} ({MANIFEST_NAME} line {row.line})", row.patient_id, row.eye, conflict)
-    )
+    planned.append(PlannedFile(manifest_row_key(row.line, earlier.path), row.patient_id, row.eye, conflict))
+
+
+def _whose(patient_id: str | None, eye: str | None) -> str:
+    return f"patient {patient_id or '(none)'}, eye {eye or '(none)'}"
+
+
+def manifest_row_key(line: int, path: str = "") -> str:
+    """The item key of a manifest row that is not a file of its own (no file name, or a file listed
+    again). Under ``manifest.csv/``, which no file of the folder can be: the manifest is a file."""
+    return f"{MANIFEST_NAME}/line {line}" + (f": {path}" if path else "")
 
 
 def _inside(path: Path, roots: Sequence[Path]) -> Path | None:
@@ -306,16 +312,20 @@ def _read_manifest(folder: Path, roots: Sequence[Path] | None) -> bytes | None:
 
 
 def _check_patient_id(p: PlannedFile) -> PlannedFile:
-    """The upload rule for patient ids holds for folder jobs too (the id appears in URLs)."""
-    if p.error is None and p.patient_id is not None and not re.fullmatch(PATIENT_ID_PATTERN, p.patient_id):
-        return PlannedFile(
-            p.path,
-            None,
-            None,
-            f"patient id {p.patient_id[:40]!r} is not 1-128 letters, digits, '.', '_' or '-' "
-            "(starting with a letter or digit)",
-        )
-    return p
+    """The upload rule for patient ids holds for folder jobs too (the id appears in URLs). A row
+    failed already keeps its reason and loses an id that breaks the rule (one over the column's 128
+    characters stopped the whole job on PostgreSQL)."""
+    if p.patient_id is None or re.fullmatch(PATIENT_ID_PATTERN, p.patient_id):
+        return p
+    if p.error is not None:
+        return replace(p, patient_id=None)
+    return PlannedFile(
+        p.path,
+        None,
+        None,
+        f"patient id {p.patient_id[:40]!r} is not 1-128 letters, digits, '.', '_' or '-' "
+        "(starting with a letter or digit)",
+    )
 
 
 def _not_a_photo(path: Path) -> str | None:

@@ -80,6 +80,13 @@ def parse_manifest(data: bytes) -> list[ManifestRow]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ManifestError("manifest.csv is not UTF-8 text") from exc
+    try:
+        return _manifest_rows(text)
+    except csv.Error as exc:  # e.g. a field over the csv module's limit: the manifest is unusable
+        raise ManifestError(f"manifest.csv cannot be read as CSV: {exc}") from exc
+
+
+def _manifest_rows(text: str) -> list[ManifestRow]:
     reader = csv.DictReader(io.StringIO(text))
     given = {(c or "").strip().lower(): c for c in (reader.fieldnames or [])}
     columns = {

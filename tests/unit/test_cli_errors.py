@@ -125,6 +125,8 @@ def test_keys_revoke_of_a_huge_id_matches_nothing(isolated_settings: Path) -> No
     assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
     result = runner.invoke(app, ["keys", "revoke", "9" * 30])  # was SQLite's OverflowError
     _one_line_error(result, 1, "no active key matched")
+    result = runner.invoke(app, ["keys", "revoke", "9" * 5000])  # int() refuses over 4300 digits
+    _one_line_error(result, 1, "no active key matched")
 
 
 @pytest.mark.parametrize("ref", ["", "  "])
@@ -141,3 +143,9 @@ def test_db_upgrade_to_an_unknown_revision_is_one_line(isolated_settings: Path, 
     result = runner.invoke(app, ["db", "upgrade", "--", revision])
     _one_line_error(result, 2, "drscreen db upgrade: ")
     assert revision in result.stderr
+
+
+@pytest.mark.parametrize("revision", ["head+5", "", " "])
+def test_db_upgrade_to_an_impossible_revision_is_one_line(isolated_settings: Path, revision: str) -> None:
+    """The review: alembic raised AssertionError for these (a traceback)."""
+    _one_line_error(runner.invoke(app, ["db", "upgrade", "--", revision]), 2, "drscreen db upgrade: ")

@@ -274,6 +274,39 @@ def test_a_follow_up_waiting_for_a_worker_does_not_show_the_last_visits_grade(se
     assert [entry.grade for entry in summary.history] == [2, 0]
 
 
+def test_a_result_sharing_only_some_photographs_with_the_latest_visit_is_not_current(
+    session: Session,
+) -> None:
+    """The review: A (30 h ago) and B (10 h ago) graded together, then C arrives: the latest visit is
+    B and C (24-hour window), and the A+B result was still shown as current."""
+    from datetime import timedelta
+
+    from core.tables import utcnow
+    from services.views import patient_summary
+
+    clinic = repo.get_or_create_clinic(session, "W")
+    patient = repo.get_or_create_patient(session, clinic.id, "P")
+    mv = repo.get_or_create_model_version(session, "ens@1.0.0", {"members": ["m@1"]})
+    for eye, hours in (("left", 30), ("right", 10)):
+        im = _image(session, clinic.id, patient.id, eye)
+        im.created_at = im.sent_at = utcnow() - timedelta(hours=hours)  # type: ignore[assignment]
+        repo.upsert_prediction(
+            session, image_id=im.id, model_version_id=mv.id, grade=0, probabilities=[1.0, 0, 0, 0, 0],
+            members=None, referable=False, gradable=True,
+        )  # fmt: skip
+        repo.mark_image_done(session, im, quality={"gradable": True}, gradable=True)
+    session.flush()
+    session.expire_all()
+    repo.recompute_patient(
+        session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade, visit_window=timedelta(hours=48)
+    )
+    _image(session, clinic.id, patient.id, "left")  # C, queued
+    session.flush()
+    session.expire_all()
+    summary = patient_summary(session, patient)
+    assert (summary.grade, summary.referable, summary.referral_reasons) == (None, True, ["not_graded_yet"])
+
+
 def test_one_photograph_stored_as_both_eyes_grades_neither(session: Session) -> None:
     """The walkthrough: byte-identical D7_left.jpg and D7_right.jpg in a folder (or two single
     uploads) made a grade-0, not-referable patient with one eye never photographed."""

@@ -100,6 +100,25 @@ def test_manifest_wins(roots: Path) -> None:
     assert "manifest.csv" not in plan
 
 
+def test_drscreen_score_keeps_the_manifests_refusals(roots: Path) -> None:
+    """The review: `drscreen score` matched every refused manifest row by its file name again, so a
+    file listed for two patients was scored as the one its name says, and a row outside the folder
+    was read from there."""
+    from workers import bulk
+
+    folder = make_folder(roots, ["16_left.jpg"])
+    (folder / "manifest.csv").write_text(
+        "image,patient_id,eye\n16_left.jpg,,left\n16_left.jpg,M29,right\n../17_left.jpg,M3,left\n"
+    )
+    _, plan = bulk._plan(folder)
+    rows = {p.path: p for p in plan}
+    assert rows["16_left.jpg"].error == "manifest.csv gives no patient_id for this file"
+    assert "more than once" in (rows["manifest.csv/line 3: 16_left.jpg"].error or "")
+    assert "leaves the job folder" in (rows["../17_left.jpg"].error or "")
+    assert rows["21_left.jpg"].error == "not listed in manifest.csv"  # as the API's job says
+    assert not [p for p in plan if p.error is None]
+
+
 def test_no_manifest_row_is_silently_dropped(roots: Path) -> None:
     """The walkthrough: a file listed twice for two patients and a row without a file name left
     M29 and M30 out of the job altogether (total 2, failed 0, and GET /v1/patients/M29 a 404)."""
@@ -110,16 +129,24 @@ def test_no_manifest_row_is_silently_dropped(roots: Path) -> None:
         "image,patient_id,eye\na.jpg,M21,left\na.jpg,M29,right\n,M30,left\nb.jpg,M21,right\nb.jpg,M21,right\n"
     )
     plan = {p.path: p for p in folders.plan_folder(folder, [roots])}
-    assert {"a.jpg", "a.jpg (manifest.csv line 3)", "manifest.csv line 4", "b.jpg"} <= set(plan)
+    assert {"a.jpg", "manifest.csv/line 3: a.jpg", "manifest.csv/line 4", "b.jpg"} <= set(plan)
     assert len([p for p in plan if p.startswith("b.jpg")]) == 1
     # nothing says whether a.jpg is M21's left or M29's right eye: scored for neither
     assert "more than once" in (plan["a.jpg"].error or "") and "M29" in (plan["a.jpg"].error or "")
-    again = plan["a.jpg (manifest.csv line 3)"]
+    again = plan["manifest.csv/line 3: a.jpg"]
     assert (again.patient_id, again.eye) == ("M29", "right") and again.error == plan["a.jpg"].error
-    assert plan["manifest.csv line 4"].patient_id == "M30" and "no file name" in (
-        plan["manifest.csv line 4"].error or ""
+    assert plan["manifest.csv/line 4"].patient_id == "M30" and "no file name" in (
+        plan["manifest.csv/line 4"].error or ""
     )
     assert plan["b.jpg"].error is None  # listed twice the same way: one item
+
+    # a refused row keeps its reason and drops an id the patient-id rule refuses (over 128
+    # characters, it stopped the whole job on PostgreSQL: the review)
+    (folder / "manifest.csv").write_text(f"image,patient_id,eye\n,{'M' * 200},left\nb.jpg,M21,right\n")
+    plan = {p.path: p for p in folders.plan_folder(folder, [roots])}
+    row = plan["manifest.csv/line 2"]
+    assert row.patient_id is None and "no file name" in (row.error or "")
+    assert plan["b.jpg"].error is None
 
 
 R = TypeVar("R")

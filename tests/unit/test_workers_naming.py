@@ -74,3 +74,10 @@ def test_manifest_columns_under_their_usual_other_names() -> None:
     assert [(r.image, r.patient_id, r.eye) for r in rows] == [("a.jpg", "P1", "right")]
     with pytest.raises(ManifestError, match=r"image \(or file / filename / path\)"):
         parse_manifest(b"name,patient_id,eye\na.jpg,1,left\n")
+
+
+def test_a_manifest_the_csv_module_cannot_read_is_unusable_not_a_crash() -> None:
+    """The review: a field over the csv module's limit raised csv.Error (a traceback in `drscreen
+    score`, a job that never finished)."""
+    with pytest.raises(ManifestError, match="cannot be read as CSV"):
+        parse_manifest(b"image,patient_id,eye\n" + b"a" * 200_000 + b".jpg,P1,left\n")
