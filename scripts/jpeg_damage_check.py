@@ -7,7 +7,8 @@ in strict mode) and, when accepted, compared with the intact photograph's decode
 
 Prints the counts: refused, and accepted split by the share of pixels that changed by more than 10
 grey levels (under 1%: hardly visible; 1-5%: slightly; over 5%: visibly damaged) and by the quality
-gate's verdict (``ml.quality.assess_quality``: an ungradable photograph is referred, not graded).
+gate's verdict as a worker gives it (``ml.quality.assess_quality``, then ``ml.jpeg_damage``'s check
+for shifted blocks: an ungradable photograph is referred, not graded).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ml.imageio import ImageDecodeError, check_image, decode_image
 from ml.quality import assess_quality
+from workers.scoring import with_damage_check
 
 NATURAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eyepacs-natural-512" / "images"
 
@@ -55,7 +57,7 @@ def verdict(original: np.ndarray, data: bytes) -> str:
         return "refused"
     rgb = decode_image(data)
     changed = float((np.abs(rgb.astype(np.int16) - original).max(axis=2) > 10).mean())
-    gate = "gradable" if assess_quality(rgb).gradable else "ungradable"
+    gate = "gradable" if with_damage_check(assess_quality(rgb), data).gradable else "ungradable"
     if changed < 0.01:
         return f"accepted, hardly visible (<1% of pixels changed), {gate}"
     seen = "slightly damaged (1-5%)" if changed <= 0.05 else "visibly damaged (>5%)"

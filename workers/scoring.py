@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from itertools import islice
 from typing import Any
@@ -46,7 +46,8 @@ from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore, StoredFile, get_store
 from core.tables import Image, ScoringJobItem, as_utc, utcnow
-from ml.imageio import ImageDecodeError, decode_scaled
+from ml.imageio import ImageDecodeError, decode_scaled, sniff_format
+from ml.jpeg_damage import looks_block_shifted
 from ml.quality import DECODE_MIN_SIDE, QualityReport, assess_quality
 from workers.model import EnsembleLike, get_ensemble, quality_thresholds
 from workers.settings import get_worker_settings
@@ -245,7 +246,7 @@ def _prepare(it: _Claimed, store: FileStore, max_pixels: int, thresholds: Any) -
         it.error = f"{exc.reason}: {exc.detail}"
         return it
     try:
-        it.quality = assess_quality(it.rgb, thresholds)
+        it.quality = with_damage_check(assess_quality(it.rgb, thresholds), data)
     except Exception as exc:  # a gate bug on one odd photo must not sink the batch
         log.exception("quality gate failed on image %s", it.image_id)
         it.error = f"quality check failed: {exc}"
@@ -254,6 +255,17 @@ def _prepare(it: _Claimed, store: FileStore, max_pixels: int, thresholds: Any) -
     # an ungradable photograph is still run through the ensemble: the contract's result has 5
     # probabilities whenever an image is done; its grade stays null and nothing counts it
     return it
+
+
+def with_damage_check(report: QualityReport, data: bytes) -> QualityReport:
+    """A gradable JPEG whose blocks look shifted from one place on (scan data damaged, and the decoder
+    fell back into step without a warning: ``ml.jpeg_damage``) is ungradable, reason
+    ``damaged_jpeg``, so referred. A heuristic, so not a refusal at the edge: a false alarm (5 of
+    the 5,778 equalised photographs, none of the 460 natural ones) costs one photograph's grade,
+    not the upload."""
+    if report.gradable and sniff_format(data) == "jpeg" and looks_block_shifted(data):
+        return replace(report, gradable=False, reasons=[*report.reasons, "damaged_jpeg"])
+    return report
 
 
 def _gradable(it: _Claimed) -> bool:

@@ -31,6 +31,7 @@ REASON_TEXT = {
     "underexposed": "too dark",
     "overexposed": "too bright",
     "out_of_focus": "out of focus",
+    "damaged_jpeg": "the file looks damaged (blocks shifted from one place on): send it again",
 }
 FINAL = ("done", "failed")
 #: What an erasure deletes, in the words of the confirmation page (core.retention.TABLES), in the

@@ -1,7 +1,7 @@
 """The one-way arrows of docs/interfaces.md, checked by walking every import (module level and
 inside functions) of our packages:
 
-    services -> core, ml.imageio;   workers -> core, ml.inference, ml.quality, ml.imageio;
+    services -> core, ml.imageio;   workers -> core, ml.inference, ml.quality, ml.imageio, ml.jpeg_damage;
     ml -> nothing of core/services/workers/cli;   ml.inference -> never ml.training;
     core -> no services/workers/ml/cli, no FastAPI, no torch;   migrations -> core only;
     cli -> anything (lazily: its module level imports no heavy package).
@@ -68,7 +68,7 @@ def _forbidden(module: str, imported: str) -> str | None:
         if _is(imported, "services") or _is(imported, "cli"):
             return "workers must not import services or cli"
         if _is(imported, "ml") and imported != "ml":
-            allowed = ("ml.inference", "ml.quality", "ml.imageio")
+            allowed = ("ml.inference", "ml.quality", "ml.imageio", "ml.jpeg_damage")
             if not any(_is(imported, a) for a in allowed):
                 return f"workers may use only {', '.join(allowed)} of ml"
     if _is(module, "ml"):

@@ -534,6 +534,28 @@ def test_a_job_waits_for_a_photograph_a_newer_release_grades_again(url: str, sto
         assert (job.status, job.done) == ("done", 2) and sum(repo.job_grade_counts(s, job_id).values()) == 2
 
 
+def test_a_jpeg_with_shifted_blocks_is_ungradable_not_graded(
+    url: str, store: FileStore, ens: StubEnsemble
+) -> None:
+    """Scan damage the decoder resynchronises without a warning (libjpeg-turbo's strict mode accepts
+    it) shifts every later block; such a photograph was graded. Now ungradable, reason damaged_jpeg."""
+    from tests.unit.test_jpeg_damage import DAMAGE
+
+    offset, old, new = DAMAGE[2]  # the quality gate alone passes this one
+    data = bytearray(photo("16_left.jpg")[1])
+    assert data[offset : offset + len(old) // 2] == bytes.fromhex(old)
+    data[offset : offset + len(new) // 2] = bytes.fromhex(new)
+    damaged, intact = add_images(
+        url, store, "DMG", [("d_left.jpg", bytes(data), "left"), photo("16_right.jpg")]
+    )
+    summary = scoring.score_images([damaged, intact], ensemble=ens, store=store, db_url=url, enqueue=Sent())
+    assert summary.ungradable == [damaged] and summary.scored == [intact]
+    with session_scope(url) as s:
+        row = repo.get_image(s, damaged)
+        assert row is not None and row.status == "done" and not row.gradable
+        assert row.quality is not None and "damaged_jpeg" in row.quality["reasons"]
+
+
 def test_a_photograph_missing_from_the_workers_store_is_retried_not_judged(
     url: str,
     store: FileStore,
