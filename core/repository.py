@@ -293,49 +293,53 @@ def return_to_queue(session: Session, image: Image, *, count_attempt: bool = Tru
     session.flush()
 
 
-def _scored_by_version_or_later(image_id: Any, model_version_id: int) -> Any:
-    """EXISTS a prediction of the image by this version or a later one. Correlated on the image, so
-    it reads the (image_id, model_version_id) unique index, not every prediction of the release."""
-    return (
-        select(Prediction.id)
-        .where(Prediction.image_id == image_id, Prediction.model_version_id >= model_version_id)
-        .exists()
-    )
+def _scored_by(image_id: Any, version: ModelVersion, session: Session) -> Any:
+    """EXISTS a prediction of the image that a patient's result by ``version`` may keep.
+
+    The activated release: by it exactly. Only its workers write (``lock_release_for_writing``),
+    so whatever another release scored is graded again, whichever the database saw first (a
+    switch back to a release seen earlier left the other release's photographs unscored by it, and
+    the patient's result called them ungradable for good: the operator walkthrough). Without an
+    activation, by it or a release seen after it: while workers of two releases share a queue the
+    older one leaves the newer one's grades alone, so nothing ping-pongs between them.
+    Correlated on the image, so it reads the (image_id, model_version_id) unique index."""
+    if active_release(session) == version.ref:
+        by_it = Prediction.model_version_id == version.id
+    else:
+        by_it = Prediction.model_version_id >= version.id
+    return select(Prediction.id).where(Prediction.image_id == image_id, by_it).exists()
 
 
 def images_to_rescore(
     session: Session, patient_id: int, model_version_id: int, visit_window: timedelta | None = None
 ) -> list[Image]:
     """The finished images of the patient's latest visit (``latest_visit``: the only one the
-    patient's result reads) that only earlier model versions scored (versions are ordered by when
-    the database first saw them). An earlier visit keeps its release's grades and its entry in the
-    history. Not those a later version scored: while workers of two releases share a queue the
-    older one leaves the newer one's grades alone, so nothing ping-pongs between them."""
+    patient's result reads) that the model version has to grade again (``_scored_by``). An earlier
+    visit keeps its release's grades and its entry in the history."""
     if visit_window is None:
         visit_window = get_settings().visit_window
+    version = session.get(ModelVersion, model_version_id)
+    if version is None:
+        return []
     visit = [im.id for im in latest_visit(list_patient_images(session, patient_id), visit_window)]
     return list(
         session.scalars(
             select(Image)
-            .where(
-                Image.id.in_(visit),
-                Image.status == "done",
-                ~_scored_by_version_or_later(Image.id, model_version_id),
-            )
+            .where(Image.id.in_(visit), Image.status == "done", ~_scored_by(Image.id, version, session))
             .order_by(Image.created_at)
         )
     )
 
 
 def needs_rescoring(session: Session, image: Image, model_ref: str) -> bool:
-    """A finished image that the model ``model_ref`` (or a version seen after it) has not scored.
-    A version the database has never seen counts as the newest."""
+    """A finished image that the model ``model_ref`` must grade again (``_scored_by``). A version
+    the database has never seen counts as the newest."""
     if image.status != "done":
         return False
     version = get_model_version_by_ref(session, model_ref)
     if version is None:
         return True
-    return not session.scalar(select(_scored_by_version_or_later(image.id, version.id)))
+    return not session.scalar(select(_scored_by(image.id, version, session)))
 
 
 def mark_image_failed(session: Session, image: Image, error: str) -> Image:

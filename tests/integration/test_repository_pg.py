@@ -45,7 +45,7 @@ def test_keys_patients_images_predictions(session: Session) -> None:
             clinic_id=clinic_id,
             patient_id=p1.id,
             eye=eye,
-            sha256="a" * 64,
+            sha256=eye[0] * 64,  # two photographs (one as both eyes counts for neither)
             stored_path="aa/aa/x.png",
             size_bytes=10,
         )

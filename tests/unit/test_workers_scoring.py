@@ -556,6 +556,33 @@ def test_a_jpeg_with_shifted_blocks_is_ungradable_not_graded(
         assert row.quality is not None and "damaged_jpeg" in row.quality["reasons"]
 
 
+def test_switching_back_to_a_release_seen_first_grades_the_visit_again(url: str, store: FileStore) -> None:
+    """The operator walkthrough: 1.6.0 seen first, 1.5.0 activated and grading a left eye, 1.6.0
+    activated again: the right eye's grade by 1.6.0 did not queue the left one again (releases were
+    ordered by when the database first saw them), and the patient read "left eye ungradable"
+    for good while the photograph itself said gradable, grade 0."""
+    first, second = StubEnsemble(ref="stub-ensemble@1.6.0"), StubEnsemble(ref="stub-ensemble@1.5.0")
+    [seen] = add_images(url, store, "OTHER", [photo("17_left.jpg")])
+    scoring.score_images([seen], ensemble=first, store=store, db_url=url, enqueue=Sent())  # 1.6.0 seen first
+    with session_scope(url) as s:
+        repo.activate_release(s, second.ref)
+    [left] = add_images(url, store, "P-229", [photo("16_left.jpg")])
+    scoring.score_images([left], ensemble=second, store=store, db_url=url, enqueue=Sent())
+    with session_scope(url) as s:
+        repo.activate_release(s, first.ref)
+    [right] = add_images(url, store, "P-229", [photo("16_right.jpg")])
+    summary = scoring.score_images([right], ensemble=first, store=store, db_url=url, enqueue=Sent())
+    assert summary.rescore == [left]
+    scoring.score_images([left], ensemble=first, store=store, db_url=url, enqueue=Sent())
+    with session_scope(url) as s:
+        patient = repo.get_patient_by_id(s, repo.get_image(s, left).patient_id)  # type: ignore[union-attr]
+        result = repo.get_current_patient_result(s, patient.id)  # type: ignore[union-attr]
+        assert result is not None and {e.eye: e.gradable for e in result.eyes} == {
+            "left": True,
+            "right": True,
+        }
+
+
 def test_a_photograph_missing_from_the_workers_store_is_retried_not_judged(
     url: str,
     store: FileStore,
