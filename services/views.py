@@ -132,8 +132,15 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
     # Eyes whose photographs arrived after the last result (or before any) still list them; only
     # the latest visit's, as the result (repository.latest_visit).
     pending = {im.eye for im in visit if im.status in ("queued", "running")}
-    # from the result's own eyes (a photograph not in it yet is "pending", not "not photographed")
-    summary.referral_reasons = referral_reasons(summary, pending)
+    if pending and summary.updated_at is not None and not summary.referable:
+        # Not final: a photograph of the visit is still being scored, and it may show what the
+        # graded ones do not. "No referral" waits for it (the operator walkthrough: a second
+        # photograph of a graded eye was queued and the patient read "not referable").
+        summary.referable = True
+        summary.referral_reasons = [f"{eye}_eye_pending" for eye in EYES if eye in pending]
+    else:
+        # from the result's own eyes (a photograph not in it yet is "pending", not "not photographed")
+        summary.referral_reasons = referral_reasons(summary, pending)
     for name in EYES:
         eye = cast(Eye, name)
         ids = [im.id for im in visit if im.eye == eye]

@@ -274,6 +274,36 @@ def test_a_follow_up_waiting_for_a_worker_does_not_show_the_last_visits_grade(se
     assert [entry.grade for entry in summary.history] == [2, 0]
 
 
+def test_no_referral_waits_for_the_visits_photographs_still_being_scored(session: Session) -> None:
+    """The operator walkthrough: both eyes graded 0, then a second left photograph of the visit was
+    queued, and the patient read "not referable" with its id in the left eye's list."""
+    from services.views import patient_summary
+
+    clinic = repo.get_or_create_clinic(session, "Q")
+    patient = repo.get_or_create_patient(session, clinic.id, "P")
+    mv = repo.get_or_create_model_version(session, "ens@1.0.0", {"members": ["m@1"]})
+
+    def graded(im: repo.Image) -> None:
+        repo.upsert_prediction(
+            session, image_id=im.id, model_version_id=mv.id, grade=0, probabilities=[1.0, 0, 0, 0, 0],
+            members=None, referable=False, gradable=True,
+        )  # fmt: skip
+        repo.mark_image_done(session, im, quality={"gradable": True}, gradable=True)
+
+    for eye in ("left", "right"):
+        graded(_image(session, clinic.id, patient.id, eye))
+    repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    second = _image(session, clinic.id, patient.id, "left")  # queued
+    session.flush()
+    session.expire_all()
+    summary = patient_summary(session, patient)
+    assert (summary.grade, summary.referable, summary.referral_reasons) == (0, True, ["left_eye_pending"])
+    graded(second)
+    repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    summary = patient_summary(session, patient)
+    assert (summary.grade, summary.referable, summary.referral_reasons) == (0, False, [])
+
+
 def test_a_result_sharing_only_some_photographs_with_the_latest_visit_is_not_current(
     session: Session,
 ) -> None:
