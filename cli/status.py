@@ -70,8 +70,11 @@ def gather(now: datetime | None = None) -> dict[str, Any]:
         ]
     try:
         depths: dict[str, int] | str = queue_depths(settings)
-    except Exception as exc:  # the broker is the API's and the workers' concern: shown, not fatal
+    except Exception as exc:  # shown and warned about (exit 1), not fatal: the database answered
         depths = f"unavailable ({type(exc).__name__})"
+        # a health script reads the exit code: exit 0 during a broker outage hid it (the operator
+        # walkthrough); photographs wait for the sweep while it lasts
+        warnings.append(f"the broker cannot be reached ({type(exc).__name__}): new photographs wait for it")
     return {
         "active_release": active,
         "queue": {

@@ -82,6 +82,8 @@ def broker_reachable(timeout: float = 2.0, *, app: Celery | None = None) -> bool
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)
         return True
-    except Exception:  # any transport error means "not ready"
-        log.warning("broker not reachable", exc_info=True)
+    except Exception as exc:  # any transport error means "not ready"
+        # one line per probe (a traceback every few seconds buried the log during an outage)
+        log.warning("broker not reachable: %s: %s", type(exc).__name__, exc)
+        log.debug("broker not reachable", exc_info=True)
         return False

@@ -293,6 +293,17 @@ def test_status_warns_about_another_release_and_a_setting_that_differs(
     }
 
 
+def test_status_warns_when_the_broker_cannot_be_reached(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator walkthrough: with the broker down, `drscreen status` printed "unavailable" and
+    exited 0, so a health script reading its exit code saw nothing."""
+    _activate(url)
+    assert _heartbeat().beat(first=True)
+    _settings_env(monkeypatch, broker_url="redis://127.0.0.1:9/0")  # nothing listens on port 9
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 1, result.output
+    assert "the broker cannot be reached" in result.output.split("WARNING:\n", 1)[1]
+
+
 def test_status_with_only_a_stale_worker_says_nothing_is_graded(url: str) -> None:
     assert _heartbeat(interval_s=60).beat(first=True, now=utcnow() - timedelta(minutes=10))
     assert _heartbeat("celery@gone").beat(first=True, now=utcnow() - timedelta(days=3))
