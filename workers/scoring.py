@@ -483,6 +483,11 @@ def _check_one_release(session: Session, ref: str) -> None:
     # recent = written since the last check but one: a release retired days ago still holds some
     # of the newest 1000 predictions of a small clinic, and is no longer being served
     since = utcnow() - timedelta(seconds=2 * RELEASE_CHECK_INTERVAL_S)
+    this = repo.get_model_version_by_ref(session, ref)
+    if this is not None and this.activated_at is not None and repo.active_release(session) == ref:
+        # grades written before this release was activated are the switch, not a second release
+        # being served (the operator walkthrough: an error right after a proper upgrade)
+        since = max(since, as_utc(this.activated_at))
     others = sorted(r for r, at in repo.recent_releases(session).items() if r != ref and as_utc(at) >= since)
     if others:
         log.error(

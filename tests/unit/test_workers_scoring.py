@@ -665,6 +665,17 @@ def test_workers_serving_different_releases_are_reported(
         scoring.score_images([third], ensemble=other, store=store, db_url=url, enqueue=sent)
     assert "different releases" not in caplog.text
 
+    # a proper upgrade: the new release activated, its workers grading; the old release's grades
+    # of minutes ago were written before the switch (the operator walkthrough: a false ERROR)
+    with session_scope(url) as s:
+        s.execute(update(Prediction).values(created_at=datetime.now(UTC) - timedelta(minutes=2)))
+        repo.activate_release(s, other.ref)
+    [fourth] = add_images(url, store, "P-MIX3", [photo("17_right.jpg")])
+    monkeypatch.setattr(scoring, "_release_checked_at", [float("-inf")])
+    with caplog.at_level("ERROR"):
+        scoring.score_images([fourth], ensemble=other, store=store, db_url=url, enqueue=sent)
+    assert "different releases" not in caplog.text
+
 
 def test_a_worker_not_serving_the_active_release_leaves_the_photographs_queued(
     url: str, store: FileStore, ens: StubEnsemble, sent: Sent, caplog: pytest.LogCaptureFixture
