@@ -83,7 +83,8 @@ class SystemCollector(Collector):
         images = GaugeMetricFamily("drscreen_images", "photographs by status", labels=["status"])
         grades = GaugeMetricFamily(
             "drscreen_predictions_by_grade",
-            "scored photographs by grade (ungradable: no grade)",
+            "gradings by grade (ungradable: no grade), one per photograph and release that graded it: "
+            "a photograph a new release grades again counts once per release",
             labels=["grade"],
         )
         scored = GaugeMetricFamily("drscreen_images_scored", "photographs scored (status done)")

@@ -399,7 +399,9 @@ def load_ensemble(
         from ml.release import load_checkpoint
 
         members = [Member(r, *load_checkpoint(member_dir(r, models_dir), device)) for r in refs]
-    log.info("loaded ensemble %s (%d members, rule %s, runtime %s)", ref, len(members), rule.rule, runtime)
+    # the model card's name for the rule (equal_average is a weighted_average of equal weights)
+    chosen = manifest.get("card", {}).get("chosen_rule") or rule.rule
+    log.info("loaded ensemble %s (%d members, rule %s, runtime %s)", ref, len(members), chosen, runtime)
     ensemble = Ensemble(ref, members, rule, manifest, runtime=onnx)
     ensemble.served_runtime, ensemble.precisions = served, precisions
     return ensemble
