@@ -74,6 +74,10 @@ def _nothing_else_resends(enqueue: Enqueue | None) -> bool:
     return enqueue is None and get_worker_settings().sweep_interval_s == 0
 
 
+def _stale_queued() -> timedelta:
+    return timedelta(minutes=get_worker_settings().stale_queued_minutes)
+
+
 def _send_again_later(image_ids: list[str], explain: bool | None, why: str) -> None:
     """With the sweep off (``DRSCREEN_SWEEP_INTERVAL_S=0``) nothing else sends a photograph this
     worker gave back to the queue, and it stayed ``queued`` for ever (session 18's review: a
@@ -354,11 +358,14 @@ def _give_back(
         ref,
         active,
     )
+    given_back = []
     for it in items:
         row = locked.get(it.image_id)
         if row is not None and row.status == "running":
             repo.return_to_queue(session, row, count_attempt=False)
-            summary.other_release.append(row.id)
+            given_back.append(row.id)
+    repo.make_due_for_resend(session, given_back, _stale_queued())
+    summary.other_release.extend(given_back)
     _refresh_groups(session, [locked[it.image_id] for it in items if it.image_id in locked], [])
 
 
@@ -559,6 +566,8 @@ def score_images(
             active,
         )
         summary.other_release.extend(ids)
+        with session_scope(db_url) as session:
+            repo.make_due_for_resend(session, ids, _stale_queued())
         if _nothing_else_resends(enqueue):
             _send_again_later(ids, explain, "left for a worker serving the active release")
         return summary

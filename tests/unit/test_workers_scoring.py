@@ -695,6 +695,14 @@ def test_a_worker_not_serving_the_active_release_leaves_the_photographs_queued(
     with session_scope(url) as s:
         row = repo.get_image(s, image_id)
         assert row is not None and row.status == "queued" and row.attempts == 0
+    # the next sweep (a new worker's first, at its start) sends it at once: it waited the staleness
+    # limit, 15-20 minutes after a proper upgrade (the operator walkthrough)
+    from workers.sweep import sweep
+
+    resent = Sent()
+    sweep(db_url=url, enqueue=resent)
+    assert [args[0] for _, args, _ in resent] == [[image_id]]
+    with session_scope(url) as s:
         repo.activate_release(s, ens.ref)  # the operator switches back
     with session_scope(url) as s:
         assert repo.active_release(s) == ens.ref
