@@ -134,18 +134,26 @@ class SystemCollector(Collector):
             "1 when a setting that must be alike (README, More machines) differs between live workers "
             "or between a live worker and this API; drscreen status names it",
         )
+        serving = GaugeMetricFamily(
+            "drscreen_workers_live_on_active_release",
+            "live workers serving the activated release (all live workers when none is activated); "
+            "0 while photographs wait: nothing can grade them (the workers serve another release)",
+        )
         try:
             with self.sessions() as session:
                 alive = heartbeat.live_workers(repo.worker_heartbeats(session), utcnow())
                 differ = heartbeat.settings_mismatches(alive, heartbeat.shared_settings(self.settings))
+                activated = repo.active_release(session)
             live.add_metric([], len(alive))
             mismatch.add_metric([], 1 if differ else 0)
+            serving.add_metric([], sum(1 for w in alive if activated is None or w.release == activated))
         except Exception as exc:
             log.warning(
                 "worker heartbeats unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1]
             )
         yield live
         yield mismatch
+        yield serving
 
         info = GaugeMetricFamily("drscreen_model_info", "the active released ensemble", labels=["version"])
         ref = active_ref(self.settings)

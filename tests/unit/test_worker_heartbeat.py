@@ -357,3 +357,9 @@ def test_metrics_count_the_live_workers_and_say_when_settings_differ(
     assert (
         _gauge(text, "drscreen_workers_live") == 2 and _gauge(text, "drscreen_worker_settings_mismatch") == 1
     )
+    assert _gauge(text, "drscreen_workers_live_on_active_release") == 2  # none activated: every live one
+    # the operator walkthrough: a release activated that no live worker serves looked healthy
+    _activate(url, "drscreen-ensemble@1.5.0")
+    assert _gauge(client.get("/metrics").text, "drscreen_workers_live_on_active_release") == 0
+    _activate(url)
+    assert _gauge(client.get("/metrics").text, "drscreen_workers_live_on_active_release") == 2
