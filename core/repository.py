@@ -293,22 +293,6 @@ def return_to_queue(session: Session, image: Image, *, count_attempt: bool = Tru
     session.flush()
 
 
-def make_due_for_resend(session: Session, image_ids: Sequence[str], stale_after: timedelta) -> int:
-    """Date queued images back by ``stale_after``: the next sweep sends them at once. For photographs
-    a worker left for a worker of the active release: the new worker's first sweep, at its start,
-    takes them (they waited the staleness limit, 15-20 minutes, after a proper upgrade: the
-    operator walkthrough). Returns how many rows were changed."""
-    if not image_ids:
-        return 0
-    result = session.execute(
-        update(Image)
-        .where(Image.id.in_(list(image_ids)), Image.status == "queued")
-        .values(updated_at=utcnow() - stale_after - timedelta(seconds=1))
-        .execution_options(synchronize_session="fetch")
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
-
-
 def _scored_by(image_id: Any, version: ModelVersion, session: Session) -> Any:
     """EXISTS a prediction of the image that a patient's result by ``version`` may keep.
 
@@ -352,7 +336,8 @@ def needs_rescoring(session: Session, image: Image, model_ref: str) -> bool:
     the database has never seen counts as the newest."""
     if image.status != "done":
         return False
-    version = get_model_version_by_ref(session, model_ref)
+    # the release that will grade it: a folder job may be expanded by a worker of another one
+    version = get_model_version_by_ref(session, active_release(session) or model_ref)
     if version is None:
         return True
     return not session.scalar(select(_scored_by(image.id, version, session)))

@@ -143,8 +143,35 @@ def _is_damage(message: str, data: bytes) -> bool:
         return True
     if marker != 0xD9 or count < 2:
         return False
-    eoi = data.rstrip(b"\x00").rfind(b"\xff\xd9")
-    return len(set(data[max(0, eoi - count) : eoi].rstrip(b"\xff"))) > 1
+    scan = _scan_data(data)
+    if scan is None:
+        return True
+    # the stray bytes end the scan data, before any 0xFF fill bytes (legal, and not counted)
+    return len(set(scan.rstrip(b"\xff")[-count:])) > 1
+
+
+def _scan_data(data: bytes) -> bytes | None:
+    """From the first scan's data to its end marker: the header segments are walked by their
+    lengths (an EXIF thumbnail is a whole JPEG inside one), and the first FF D9 after the scan
+    header ends it (entropy-coded data cannot hold one; a second picture appended after it, as
+    multi-picture files do, is not looked at)."""
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            at += 2
+            continue
+        start = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker == 0xDA:
+            end = data.find(b"\xff\xd9", start)
+            return data[start:end] if end >= 0 else None
+        at = start
+    return None
 
 
 def _refuse_libjpeg_warnings(data: bytes) -> None:

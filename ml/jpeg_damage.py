@@ -64,6 +64,10 @@ _BORDER_MIN = 6.0  # levels: smallest border step flagged
 _INTERIOR_MIN = 10.0  # levels: smallest staircase step flagged
 _MAX_SLIP = 2  # MCUs the rows below the damage may be slipped sideways
 _MIN_SIDE = 256  # pixels: below, false staircases grow common
+# The border test's work grows with the square of the block rows: a photograph taller than this,
+# or this many times longer than wide, is not judged (a 256 x 65,000 strip needed ~2.8 GB).
+_MAX_SIDE = 8192
+_MAX_ASPECT = 4
 _MCU = (2, 2)  # 4:2:0: an MCU is 2x2 luma blocks (one value per block at 1/8 scale)
 
 _Grid = tuple[np.ndarray, int, int]
@@ -90,7 +94,9 @@ def _block_grid(data: bytes) -> _Grid | None:
         if im.format != "JPEG" or im.mode != "RGB" or im.info.get("progressive"):
             return None
         w, h = im.size
-        if min(w, h) < _MIN_SIDE or not _is_420(getattr(im, "layer", None)):
+        if min(w, h) < _MIN_SIDE or max(w, h) > min(_MAX_SIDE, _MAX_ASPECT * min(w, h)):
+            return None
+        if not _is_420(getattr(im, "layer", None)):
             return None
         im.draft("YCbCr", (w // 8, h // 8))
         im.load()
@@ -147,14 +153,23 @@ def _border_step(z: np.ndarray, mcu_h: int, min_step: float) -> bool:
     m1 = (ahead[i, :, (size - 1) // 2] + ahead[i, :, size // 2]) / 4  # (n - 1, C) exact medians
     m2 = (behind[i, :, (n - size - 1) // 2] + behind[i, :, (n - size) // 2]) / 4
     step = np.abs(m2 - m1).astype(np.float32)
-    cand = np.flatnonzero(step.max(1) >= min_step)
+    # Only a step between the two ends of one MCU row: damage starts at an MCU inside a row (at its
+    # first MCU 1 time in ~30, missed); a step between two rows is as likely a plain band across
+    # the photograph, a camera's header or footer strip (the review: every such photograph flagged).
+    mid_row = size % 2 == 1  # seq[:i] ends with L_r: the split falls between L_r and R_r
+    cand = np.flatnonzero((step.max(1) >= min_step) & mid_row)
     if cand.size == 0:
         return False
     # Both runs must be flat, relative to the step: >= 90 % of the values near their run's median.
     tol = np.maximum(3.0, 0.15 * step[cand])[:, :, None]
     ref = np.where(first[cand][:, None], m1[cand][:, :, None], m2[cand][:, :, None])  # (M, C, n)
     flat = (np.abs(seq - ref) <= tol).all(1).mean(1)
-    return bool((flat >= 0.9).any())
+    # and the row where it happens must show it: its left end with the first run, its right end
+    # with the second (a band whose edge falls inside an MCU row blends both ends alike)
+    at = size[cand]  # seq[at - 1] = L_r, seq[at] = R_r
+    pair = (np.abs(seq[:, at - 1].T - m1[cand]) <= tol[:, :, 0]).all(1)
+    pair &= (np.abs(seq[:, at].T - m2[cand]) <= tol[:, :, 0]).all(1)
+    return bool(((flat >= 0.9) & pair).any())
 
 
 def _interior_step(z: np.ndarray, mcu_h: int, mcu_w: int, min_step: float) -> bool:

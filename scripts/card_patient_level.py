@@ -3,6 +3,10 @@ them (session 22), and write its model card again. Reporting only: nothing is fi
 the test part was read when the release was exported, and is read here again for the same rule.
 
     python scripts/card_patient_level.py drscreen-ensemble@1.6.0
+    python scripts/card_patient_level.py drscreen-ensemble@1.6.0 --validation   # print only
+
+With ``--validation`` it prints the same figures on the validation patients the rule was fitted on
+(in sample, so optimistic) and writes nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +24,18 @@ from ml.metrics import patient_referable_metrics
 from ml.release import ensemble_dir, load_checkpoint, member_dir
 from ml.training.config import TrainConfig
 from ml.training.train import natural_split
+
+
+def validation_figures(ref: str) -> dict[str, float]:
+    manifest = json.loads((ensemble_dir(ref) / "manifest.json").read_text())
+    members = []
+    for m in manifest["members"]:
+        model, pre, config = load_checkpoint(member_dir(m["ref"]))
+        members.append(Member(m["ref"], model, pre, config))
+    val = natural_split(TrainConfig(), Path.cwd())["val"]
+    rule = CombineRule.from_dict(manifest["combination"])
+    return patient_referable_metrics(rule, member_probs(members, val), [s.patient_id for s in val],
+                                     [s.eye for s in val], [s.grade for s in val])  # fmt: skip
 
 
 def main(ref: str) -> None:
@@ -47,4 +63,7 @@ def main(ref: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if "--validation" in sys.argv[2:]:
+        print(json.dumps(validation_figures(sys.argv[1])))
+    else:
+        main(sys.argv[1])

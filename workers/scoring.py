@@ -74,10 +74,6 @@ def _nothing_else_resends(enqueue: Enqueue | None) -> bool:
     return enqueue is None and get_worker_settings().sweep_interval_s == 0
 
 
-def _stale_queued() -> timedelta:
-    return timedelta(minutes=get_worker_settings().stale_queued_minutes)
-
-
 def _send_again_later(image_ids: list[str], explain: bool | None, why: str) -> None:
     """With the sweep off (``DRSCREEN_SWEEP_INTERVAL_S=0``) nothing else sends a photograph this
     worker gave back to the queue, and it stayed ``queued`` for ever (session 18's review: a
@@ -213,6 +209,12 @@ def _warn_unknown(session: Session, skipped: Sequence[str]) -> None:
 def _refresh_groups(session: Session, rows: Sequence[Image], claimed: Sequence[_Claimed]) -> None:
     bundles = {r.bundle_id for r in rows if r.bundle_id} | {c.bundle_id for c in claimed if c.bundle_id}
     jobs = {r.job_id for r in rows if r.job_id} | {c.job_id for c in claimed if c.job_id}
+    # and every job that links them: a folder job sending a photograph again links the existing
+    # image (its job_id stays the first job's), and that job stayed "running" until someone read it
+    ids = [r.id for r in rows] + [c.image_id for c in claimed]
+    if ids:
+        linked = select(ScoringJobItem.job_id).where(ScoringJobItem.image_id.in_(ids)).distinct()
+        jobs |= set(session.scalars(linked))
     for bundle_id in sorted(bundles):
         repo.refresh_bundle_status(session, bundle_id)
     for job_id in sorted(jobs):
@@ -267,9 +269,14 @@ def with_damage_check(report: QualityReport, data: bytes) -> QualityReport:
     ``damaged_jpeg``, so referred. A heuristic, so not a refusal at the edge: a false alarm (5 of
     the 5,778 equalised photographs, none of the 460 natural ones) costs one photograph's grade,
     not the upload."""
-    if report.gradable and sniff_format(data) == "jpeg" and looks_block_shifted(data):
-        return replace(report, gradable=False, reasons=[*report.reasons, "damaged_jpeg"])
-    return report
+    if not report.gradable or sniff_format(data) != "jpeg":
+        return report
+    try:
+        shifted = looks_block_shifted(data)
+    except Exception:  # a fault of the heuristic must not fail a photograph the gate passed
+        log.exception("the JPEG damage check failed; the quality gate's verdict stands")
+        return report
+    return replace(report, gradable=False, reasons=[*report.reasons, "damaged_jpeg"]) if shifted else report
 
 
 def _gradable(it: _Claimed) -> bool:
@@ -358,14 +365,11 @@ def _give_back(
         ref,
         active,
     )
-    given_back = []
     for it in items:
         row = locked.get(it.image_id)
         if row is not None and row.status == "running":
             repo.return_to_queue(session, row, count_attempt=False)
-            given_back.append(row.id)
-    repo.make_due_for_resend(session, given_back, _stale_queued())
-    summary.other_release.extend(given_back)
+            summary.other_release.append(row.id)
     _refresh_groups(session, [locked[it.image_id] for it in items if it.image_id in locked], [])
 
 
@@ -566,8 +570,6 @@ def score_images(
             active,
         )
         summary.other_release.extend(ids)
-        with session_scope(db_url) as session:
-            repo.make_due_for_resend(session, ids, _stale_queued())
         if _nothing_else_resends(enqueue):
             _send_again_later(ids, explain, "left for a worker serving the active release")
         return summary

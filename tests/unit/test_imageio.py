@@ -263,3 +263,17 @@ def test_padding_libjpeg_warns_about_is_not_damage() -> None:
     whole = decode_image(data)
     for name, photo in padded.items():
         assert (decode_image(photo) == whole).all(), name
+
+
+def test_padding_is_judged_on_the_scan_not_on_an_appended_picture() -> None:
+    """The review: the end marker was the file's last one, so a copy of the photograph appended (as
+    multi-picture files carry a preview) made benign padding look damaged; 0xFF fill bytes before
+    the end marker hid real stray bytes."""
+    data = SAMPLE.read_bytes()
+    padded = data[:-2] + b"\x00" * 8 + data[-2:]
+    assert decode_image(padded + data).shape == (342, 512, 3)
+    # 4 bytes overwritten in the scan: libjpeg finds 4 varied stray bytes before the end marker
+    damaged = data[:5024] + bytes.fromhex("e05d1809") + data[5028:]
+    for photo in (damaged, damaged[:-2] + b"\xff" * 4 + damaged[-2:], damaged + data):
+        with pytest.raises(ImageDecodeError):
+            decode_image(photo)

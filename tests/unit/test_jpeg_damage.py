@@ -105,3 +105,16 @@ def test_clean_variants_are_not_flagged(photo: Image.Image, make: Make) -> None:
 )
 def test_unjudged_inputs_return_false_without_raising(photo: Image.Image, make: Make) -> None:
     assert looks_block_shifted(make(photo)) is False
+
+
+@pytest.mark.parametrize(
+    ("where", "share", "grey"), [("bottom", 0.1, 40), ("bottom", 0.2, 15), ("top", 0.05, 60)]
+)
+def test_a_plain_band_across_the_photograph_is_not_damage(where: str, share: float, grey: int) -> None:
+    """The review: a camera's header or footer strip of one colour (or one-sided padding) made the
+    border test's two flat runs, and every such photograph read damaged."""
+    pixels = np.asarray(Image.open(SAMPLE_16L).convert("RGB")).copy()
+    rows = int(pixels.shape[0] * share)
+    band = slice(pixels.shape[0] - rows, None) if where == "bottom" else slice(0, rows)
+    pixels[band] = grey
+    assert not looks_block_shifted(_jpeg(Image.fromarray(pixels), quality=92))

@@ -401,6 +401,26 @@ def test_the_same_photograph_sent_twice_counts_once_in_its_eye(session: Session)
     assert eyes["right"] is not None and abs(eyes["right"][2] - 0.0) < 1e-9
 
 
+def test_a_resubmitted_photograph_is_judged_by_the_active_release(session: Session) -> None:
+    """The review: a folder job expanded by a worker still on the release registered later, after a
+    rollback to the one registered first, took a photograph only that later release graded as
+    scored; the active release never graded it."""
+    clinic = repo.get_or_create_clinic(session, "R")
+    patient = repo.get_or_create_patient(session, clinic.id, "P")
+    first = repo.get_or_create_model_version(session, "ens@1.5.0", {})
+    later = repo.get_or_create_model_version(session, "ens@1.6.0", {})
+    im = _image(session, clinic.id, patient.id, "left")
+    repo.upsert_prediction(
+        session, image_id=im.id, model_version_id=later.id, grade=0, probabilities=[1.0, 0, 0, 0, 0],
+        members=None, referable=False, gradable=True,
+    )  # fmt: skip
+    repo.mark_image_done(session, im, quality={"gradable": True}, gradable=True)
+    assert not repo.needs_rescoring(session, im, later.ref)  # no activation: registered order
+    repo.activate_release(session, first.ref)
+    assert repo.needs_rescoring(session, im, later.ref)  # whatever release the expanding worker serves
+    assert repo.needs_rescoring(session, im, first.ref)
+
+
 def test_other_active_release(session: Session) -> None:
     """The one comparison behind `drscreen worker`'s refusal and a scoring task's standing aside."""
     assert repo.other_active_release(session, "a@1.0.0") is None  # nothing activated

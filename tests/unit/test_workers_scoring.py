@@ -583,6 +583,33 @@ def test_switching_back_to_a_release_seen_first_grades_the_visit_again(url: str,
         }
 
 
+def test_a_job_linking_an_earlier_jobs_photograph_finishes_when_it_is_graded(
+    url: str, store: FileStore
+) -> None:
+    """The review: a folder sent again links the existing photograph (its job_id stays the first
+    job's); graded again, only the first job was refreshed and the second stayed "running" until
+    someone read it."""
+    old, new = StubEnsemble(ref="stub-ensemble@1.0.0"), StubEnsemble(ref="stub-ensemble@2.0.0")
+    with session_scope(url) as s:
+        clinic = repo.get_or_create_clinic(s, "North")
+        first = repo.create_job(s, clinic.id, "/data").id
+        repo.add_job_items(s, first, [repo.JobItemSpec("16_left.jpg", "L", "left")])
+    [image_id] = add_images(url, store, "L", [photo("16_left.jpg")], job_id=first)
+    with session_scope(url) as s:
+        repo.set_job_item(s, repo.job_items(s, first)[0], status="queued", image_id=image_id)
+    scoring.score_images([image_id], ensemble=old, store=store, db_url=url, enqueue=Sent())
+    with session_scope(url) as s:  # the folder sent again, for a newer release (folders.ingest_item)
+        second = repo.create_job(s, clinic.id, "/data").id
+        repo.add_job_items(s, second, [repo.JobItemSpec("16_left.jpg", "L", "left")])
+        repo.requeue_image(s, repo.get_image(s, image_id))  # type: ignore[arg-type]
+        repo.set_job_item(s, repo.job_items(s, second)[0], status="queued", image_id=image_id)
+        assert repo.refresh_job_counts(s, second).status == "running"
+    scoring.score_images([image_id], ensemble=new, store=store, db_url=url, enqueue=Sent())
+    with session_scope(url) as s:
+        job = repo.get_job(s, second)
+        assert job is not None and (job.status, job.done) == ("done", 1)
+
+
 def test_a_photograph_missing_from_the_workers_store_is_retried_not_judged(
     url: str,
     store: FileStore,
@@ -695,13 +722,6 @@ def test_a_worker_not_serving_the_active_release_leaves_the_photographs_queued(
     with session_scope(url) as s:
         row = repo.get_image(s, image_id)
         assert row is not None and row.status == "queued" and row.attempts == 0
-    # the next sweep (a new worker's first, at its start) sends it at once: it waited the staleness
-    # limit, 15-20 minutes after a proper upgrade (the operator walkthrough)
-    from workers.sweep import sweep
-
-    resent = Sent()
-    sweep(db_url=url, enqueue=resent)
-    assert [args[0] for _, args, _ in resent] == [[image_id]]
     with session_scope(url) as s:
         repo.activate_release(s, ens.ref)  # the operator switches back
     with session_scope(url) as s:
@@ -788,3 +808,18 @@ def test_with_the_sweep_off_a_photograph_missing_from_the_store_is_sent_again_la
     # the third attempt is the last: failed, nothing sent again
     summary = scoring.score_images([image_id], ensemble=ens, store=elsewhere, db_url=url)
     assert summary.failed == [image_id] and len(_queued_messages()) == 1
+
+
+def test_a_fault_of_the_damage_check_leaves_the_quality_gates_verdict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The review: an exception in the heuristic (e.g. MemoryError on a long strip) failed a
+    photograph the quality gate had passed."""
+    from ml.quality import QualityReport
+
+    def broken(data: bytes) -> bool:
+        raise MemoryError
+
+    monkeypatch.setattr(scoring, "looks_block_shifted", broken)
+    passed = QualityReport(gradable=True, scores={"focus": 1.0})
+    assert scoring.with_damage_check(passed, photo("16_left.jpg")[1]) is passed
