@@ -19,6 +19,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from core import heartbeat
 from core.aggregation import EyeGradeFn, GradeFn, ImageScore, PatientAggregate, aggregate_patient
 from core.errors import InvalidInput, NotFound
 from core.settings import Settings, get_settings
@@ -291,6 +292,35 @@ def return_to_queue(session: Session, image: Image, *, count_attempt: bool = Tru
     image.claimed_by = None
     image.updated_at = utcnow()
     session.flush()
+
+
+#: ``image.claimed_by`` of a queued photograph a worker of another release left for the active one.
+LEFT_FOR_ACTIVE_RELEASE = "(left for the active release)"
+
+
+def leave_for_active_release(session: Session, image_ids: Sequence[str]) -> None:
+    """Mark queued photographs a worker serving another release did not grade (its message is
+    gone): ``declined_to_resend`` hands them to the sweep as soon as a worker of the active release
+    is live, instead of after the staleness limit (15-20 minutes after an upgrade: the operator
+    walkthrough). ``updated_at`` is left alone (the queue-age figures read it)."""
+    if image_ids:
+        session.execute(
+            update(Image)
+            .where(Image.id.in_(list(image_ids)), Image.status == "queued")
+            .values(claimed_by=LEFT_FOR_ACTIVE_RELEASE)
+            .execution_options(synchronize_session="fetch")
+        )
+
+
+def declined_to_resend(session: Session, now: datetime) -> list[Image]:
+    """The photographs ``leave_for_active_release`` marked, once a live worker serves the active
+    release (none while only workers of other releases run: re-sending would only bounce)."""
+    active = active_release(session)
+    live = heartbeat.live_workers(worker_heartbeats(session), now)
+    if active is None or not any(w.release == active for w in live):
+        return []
+    marked = and_(Image.status == "queued", Image.claimed_by == LEFT_FOR_ACTIVE_RELEASE)
+    return list(session.scalars(select(Image).where(marked)))
 
 
 def _scored_by(image_id: Any, version: ModelVersion, session: Session) -> Any:

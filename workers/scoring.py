@@ -370,6 +370,7 @@ def _give_back(
         if row is not None and row.status == "running":
             repo.return_to_queue(session, row, count_attempt=False)
             summary.other_release.append(row.id)
+    repo.leave_for_active_release(session, summary.other_release)
     _refresh_groups(session, [locked[it.image_id] for it in items if it.image_id in locked], [])
 
 
@@ -570,6 +571,8 @@ def score_images(
             active,
         )
         summary.other_release.extend(ids)
+        with session_scope(db_url) as session:
+            repo.leave_for_active_release(session, ids)
         if _nothing_else_resends(enqueue):
             _send_again_later(ids, explain, "left for a worker serving the active release")
         return summary

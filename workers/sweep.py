@@ -7,7 +7,10 @@ touched, so a row still waiting behind a long queue gets at most one extra messa
 an extra message is harmless because scoring skips ``done`` images. Folder jobs whose
 ``jobs.expand_folder`` message was lost (the API could not publish it, or the broker lost it) or
 whose expansion died with items still ``pending`` get their expansion re-sent the same way
-(expansion is idempotent). Also prunes the embedded broker's claimed-message files.
+(expansion is idempotent). Photographs a worker of another release left for the active one
+(``repository.leave_for_active_release``: their message is spent) are re-sent as soon as a worker
+of the active release is live, not after the staleness limit. Also prunes the embedded broker's
+claimed-message files.
 
 Dead workers are found sooner than by staleness: each claim records the worker's Celery node name
 (``image.claimed_by``), and the sweep task pings the workers first (``ping_workers``); ``running``
@@ -91,6 +94,7 @@ def ping_workers(
 class SweepSummary:
     requeued: list[str] = field(default_factory=list)
     orphaned: list[str] = field(default_factory=list)  # of requeued: claimed by a worker now gone
+    declined: list[str] = field(default_factory=list)  # of requeued: left for the active release
     jobs: list[str] = field(default_factory=list)  # folder jobs whose expansion was re-sent
     pruned: int = 0
 
@@ -143,6 +147,11 @@ def sweep(
             limit = running_after if image.status == "running" else queued_after
             if age >= limit:
                 stale.append(image)
+        seen = {image.id for image in stale}
+        for image in repo.declined_to_resend(session, now):  # left for the active release
+            if image.id not in seen:
+                stale.append(image)
+                summary.declined.append(image.id)
         if live is not None:
             seen = {image.id for image in stale}
             restarted = (live.me, live.me_since) if live.me and live.me_since else None

@@ -722,6 +722,19 @@ def test_a_worker_not_serving_the_active_release_leaves_the_photographs_queued(
     with session_scope(url) as s:
         row = repo.get_image(s, image_id)
         assert row is not None and row.status == "queued" and row.attempts == 0
+    # Its message is gone: a sweep sends it at once, but only once a worker of the active release
+    # is live (it waited the staleness limit, 15-20 minutes after an upgrade: the operator walkthrough)
+    from workers.heartbeat import Heartbeat
+    from workers.sweep import sweep
+
+    resent = Sent()
+    assert sweep(db_url=url, enqueue=resent).declined == [] and resent == []  # only the old release runs
+    new_worker = Heartbeat("celery@new", started_at=utcnow(), concurrency=1, interval_s=60.0, db_url=url)
+    new_worker.static["release"] = "stub-other@0.0.2"
+    assert new_worker.beat(first=True)
+    assert sweep(db_url=url, enqueue=resent).declined == [image_id]
+    assert [args[0] for _, args, _ in resent] == [[image_id]]
+    assert sweep(db_url=url, enqueue=Sent()).declined == []  # sent once, not at every sweep
     with session_scope(url) as s:
         repo.activate_release(s, ens.ref)  # the operator switches back
     with session_scope(url) as s:
@@ -759,7 +772,8 @@ def test_an_activation_while_a_batch_is_graded_writes_nothing_of_the_old_release
     with session_scope(url) as s:
         for image_id in ids:
             row = repo.get_image(s, image_id)
-            assert row is not None and (row.status, row.attempts, row.claimed_by) == ("queued", 0, None)
+            assert row is not None and (row.status, row.attempts) == ("queued", 0)
+            assert row.claimed_by == repo.LEFT_FOR_ACTIVE_RELEASE  # for the sweep, once its worker is live
         assert s.scalar(select(func.count()).select_from(Prediction)) == 0
         assert s.scalar(select(func.count()).select_from(PatientResult)) == 0
     assert sent == [], "no heatmap or rescore sent for grades not written"
