@@ -159,7 +159,7 @@ def referral_reasons(summary: PatientSummary, pending: Collection[str] = ()) -> 
     not read a "refer" next to a grade-0 eye as a grade-0 patient's referral for retinopathy.
     ``pending``: eyes with a photograph still being scored (their cause is not known yet)."""
     if summary.updated_at is None:
-        return ["not_graded_yet"]
+        return ["not_graded_yet", *(f"{name}_eye_pending" for name in EYES if name in pending)]
     if not summary.referable:
         return []
     reasons = []

@@ -79,6 +79,9 @@ def safe_next(target: str | None) -> str:
 def login_redirect(request: Request) -> RedirectResponse:
     """Send a signed-out visitor to the login form, remembering the page they asked for."""
     here = request.url.path
+    if request.method != "GET":
+        # a form's POST route has no page to come back to (signing in ended on a 405): its form's
+        here = "/patients" if here.startswith("/patients") else "/jobs" if here == "/jobs" else "/"
     target = "/login" if here == "/" else f"/login?next={here}"
     return RedirectResponse(target, status_code=303)
 

@@ -31,7 +31,10 @@ REASON_TEXT = {
     "underexposed": "too dark",
     "overexposed": "too bright",
     "out_of_focus": "out of focus",
-    "damaged_jpeg": "the file looks damaged (blocks shifted from one place on): send it again",
+    "damaged_jpeg": (
+        "the file looks damaged (part of the picture is shifted in colour or brightness): "
+        "send the original again"
+    ),
 }
 FINAL = ("done", "failed")
 #: What an erasure deletes, in the words of the confirmation page (core.retention.TABLES), in the
@@ -81,6 +84,15 @@ def pending_verdict(finished: int, total: int) -> Verdict:
 
 def patient_verdict(patient: PatientSummary | None, any_failed: bool) -> Verdict:
     """The patient-level decision of a finished screening."""
+    reasons = patient.referral_reasons if patient is not None else []
+    if any(r.endswith("_eye_pending") for r in reasons) and all(
+        r.endswith("_eye_pending") or r == "not_graded_yet" for r in reasons
+    ):
+        # Referable for now (the API says so until it is in), but not a decision yet: a red REFER
+        # for a photograph still in the queue read as final (the web walkthrough).
+        waiting = " and ".join(r.partition("_eye_")[0] for r in reasons if r.endswith("_eye_pending"))
+        detail = f"The {waiting} eye's photograph is still being scored: not final yet."
+        return Verdict("pending", "Scoring…", detail)
     if patient is None or patient.updated_at is None:
         why = (
             "some photographs could not be scored"

@@ -44,7 +44,7 @@ from services.routes import bundles as bundle_routes
 from services.routes import images as image_routes
 from services.routes import jobs as job_routes
 from services.routes import patients as patient_routes
-from services.views import private_image_headers
+from services.views import patient_summary, private_image_headers
 from services.web import auth, present
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,8 @@ def login(
 
 @router.post("/logout")
 def logout(request: Request) -> Response:
+    if not auth.same_origin(request):  # as every other form post (another site signed staff out)
+        return Response("This form was sent from another site.", status_code=403, media_type="text/plain")
     response = RedirectResponse("/login", status_code=303)
     auth.clear_key_cookie(response, request)
     return response
@@ -434,14 +436,17 @@ def image_page(image_id: str, request: Request, session: SessionDep, principal: 
     ready = _heatmap_ready(session, [row])
     progress = _progress(session, [row], row.patient_id)
     photo = present.photo_view(result, ready[row.id])
-    context = {
-        "kind": "image",
-        "id": image_id,
-        "status": result.status,
-        "patient": None,
-        "patient_id": result.patient_id,
-        "verdict": present.image_verdict(result),
-        "eyes": [
+    patient = repo.get_patient_by_id(session, row.patient_id)
+    summary = patient_summary(session, patient) if progress.scored and patient is not None else None
+    if summary is not None:
+        # The banner is the patient's decision, as on a visit's page: this photograph alone said
+        # "No referral" for a patient whose other eye was never photographed, or whose eye another
+        # photograph graded 4 (the web walkthrough). The photograph keeps its own grade below.
+        verdict = present.patient_verdict(summary, progress.failed > 0)
+        eyes = present.eye_views(summary, [photo])
+    else:
+        verdict = present.image_verdict(result)
+        eyes = [
             present.EyeView(
                 eye=result.eye,
                 grade=result.grade,
@@ -450,7 +455,15 @@ def image_page(image_id: str, request: Request, session: SessionDep, principal: 
                 known=progress.scored,
                 photos=[photo],
             )
-        ],
+        ]
+    context = {
+        "kind": "image",
+        "id": image_id,
+        "status": result.status,
+        "patient": summary,
+        "patient_id": result.patient_id,
+        "verdict": verdict,
+        "eyes": eyes,
         "progress": progress,
         "progress_url": f"/images/{image_id}/progress",
     }

@@ -91,7 +91,9 @@ def test_an_eye_still_being_scored_is_pending_not_missing_or_ungradable() -> Non
     ]
     pending = _patient(_eye(0), None, 0, True)
     pending.referral_reasons = referral_reasons(pending, pending={"right"})
-    assert "Right eye: still being scored" in patient_verdict(pending, any_failed=False).detail
+    # not a final REFER while it waits (the web walkthrough): a pending banner naming the eye
+    verdict = patient_verdict(pending, any_failed=False)
+    assert verdict.tone == "pending" and "right eye's photograph is still being scored" in verdict.detail
 
 
 def test_an_eye_photographed_outside_this_bundle_is_not_called_missing() -> None:
