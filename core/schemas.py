@@ -111,7 +111,8 @@ class PatientSummary(BaseModel):
         description="why the patient is referable, one code per cause: `<eye>_eye_referable_dr` "
         "(that eye's grade >= 2), `<eye>_eye_ungradable`, `<eye>_eye_not_photographed`, "
         "`<eye>_eye_pending` (a photograph of that eye is still being scored), or "
-        "`not_graded_yet` (no result of the latest visit yet); empty when not referable",
+        "`not_graded_yet` (no result of the latest visit yet; with the pending eyes); "
+        "empty when not referable",
     )
     history: list[PatientHistoryEntry] = Field(default_factory=list)
 
