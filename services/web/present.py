@@ -78,6 +78,38 @@ class Verdict:
     ungradable: bool = False
 
 
+#: Upload fields in the words of the forms.
+_FIELD_TEXT = {
+    "left_1": "Left eye, photograph 1",
+    "left_2": "Left eye, photograph 2",
+    "right_1": "Right eye, photograph 1",
+    "right_2": "Right eye, photograph 2",
+    "file": "Photograph",
+}
+#: Why a photograph was refused (ml.imageio's reasons), for clinic staff rather than a developer.
+_REFUSAL_TEXT = {
+    "empty": "the file is empty",
+    "not_an_image": "the file is not a photograph (send a JPEG, PNG, TIFF, BMP or WebP file)",
+    "unsupported_format": "this kind of image is not accepted (send a JPEG, PNG, TIFF, BMP or WebP file)",
+    "truncated": "the file is incomplete (cut off on its way): send it again",
+    "corrupt": "the file is damaged or unreadable: send the original again",
+    "too_small": "the picture is too small to be graded",
+}
+
+
+def upload_error_text(message: str, detail: object) -> str:
+    """An upload refusal in the form's words: the walkthrough's staff read "left_1: JPEG does not
+    end with the EOI marker (FFD9)". The API keeps the technical text; the page names the field
+    as the form does and the reason plainly (a size limit keeps its figure)."""
+    info = detail if isinstance(detail, dict) else {}
+    field, reason = str(info.get("field", "")), str(info.get("reason", ""))
+    if field not in _FIELD_TEXT:
+        field = message.partition(": ")[0] if message.partition(": ")[0] in _FIELD_TEXT else ""
+    rest = message.removeprefix(f"{field}: ") if field else message
+    text = _REFUSAL_TEXT.get(reason, rest)
+    return f"{_FIELD_TEXT[field]}: {text}" if field else text
+
+
 def pending_verdict(finished: int, total: int) -> Verdict:
     return Verdict("pending", "Scoring…", f"{finished} of {total} photograph(s) scored so far")
 

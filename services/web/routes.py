@@ -118,7 +118,7 @@ def _not_found(request: Request, principal: Principal | None, what: str) -> HTML
 
 
 def _error_text(exc: DomainError) -> str:
-    return exc.message
+    return present.upload_error_text(exc.message, exc.detail)
 
 
 def _given(upload: UploadFile | None) -> UploadFile | None:
@@ -195,8 +195,12 @@ def _home(
     *,
     error: str | None = None,
     status_code: int = 200,
+    form: dict[str, str] | None = None,
 ) -> HTMLResponse:
+    """The home page; ``form``: what a refused upload's form held (its patient id and eye), put back
+    so staff do not type it again (only the files must be chosen again: browsers allow no less)."""
     context = {
+        "form": form or {},
         "error": error,
         "recent": _recent_screenings(session, principal.clinic_id),
         "slots": bundle_routes.SLOTS,
@@ -236,8 +240,9 @@ def upload_bundle(
     if not auth.same_origin(request):
         return _page(request, "message.html", _forbidden_origin(), principal=principal, status_code=403)
     problem = _check_patient_id(patient_id)
+    form = {"bundle_patient": patient_id}
     if problem:
-        return _home(request, session, principal, error=problem, status_code=422)
+        return _home(request, session, principal, error=problem, status_code=422, form=form)
     try:
         accepted = bundle_routes.create_bundle(
             session,
@@ -253,7 +258,7 @@ def upload_bundle(
         )
     except DomainError as exc:
         session.rollback()
-        return _refused(_home(request, session, principal, error=_error_text(exc)), exc)
+        return _refused(_home(request, session, principal, error=_error_text(exc), form=form), exc)
     return RedirectResponse(f"/bundles/{_accepted_id(accepted)}", status_code=303)
 
 
@@ -279,8 +284,9 @@ def upload_image(
     upload = _given(file)
     if upload is None:
         problem = problem or "Choose a photograph."
+    form = {"image_patient": patient_id, "image_eye": eye}
     if problem or upload is None:
-        return _home(request, session, principal, error=problem, status_code=422)
+        return _home(request, session, principal, error=problem, status_code=422, form=form)
     try:
         accepted = image_routes.create_image(
             session,
@@ -296,7 +302,7 @@ def upload_image(
         )
     except DomainError as exc:
         session.rollback()
-        return _refused(_home(request, session, principal, error=_error_text(exc)), exc)
+        return _refused(_home(request, session, principal, error=_error_text(exc), form=form), exc)
     return RedirectResponse(f"/images/{_accepted_id(accepted)}", status_code=303)
 
 

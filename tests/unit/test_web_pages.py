@@ -77,3 +77,28 @@ def test_signing_in_again_after_a_form_post_returns_to_its_form(client: TestClie
     )
     assert foreign.status_code == 403 and "set-cookie" not in foreign.headers
     assert client.post("/logout", headers=cookie, follow_redirects=False).status_code == 303
+
+
+def test_a_refused_upload_keeps_the_form_and_says_why_in_words(client: TestClient, url: str) -> None:
+    """The web walkthrough: a refused upload emptied the patient id and said "left_1: JPEG does not
+    end with the EOI marker (FFD9)"."""
+    key = make_key(url, "North")
+    cookie = {"Cookie": f"{COOKIE_NAME}={key.key}"}
+    jpeg = photo("16_left.jpg")[1]
+    resp = client.post(
+        "/screenings/bundle",
+        headers=cookie,
+        data={"patient_id": "P229"},
+        files={"left_1": ("l.jpg", jpeg[:5000])},
+    )
+    assert resp.status_code == 422
+    assert "Left eye, photograph 1: the file is incomplete" in resp.text and "FFD9" not in resp.text
+    assert 'id="bundle-patient"' in resp.text and 'value="P229"' in resp.text
+    resp = client.post(
+        "/screenings/image",
+        headers=cookie,
+        data={"patient_id": "P230", "eye": "right"},
+        files={"file": ("x.jpg", b"patient notes\n" * 40)},
+    )
+    assert resp.status_code == 422 and "Photograph: the file is not a photograph" in resp.text
+    assert 'value="P230"' in resp.text and 'value="right" checked' in resp.text
