@@ -63,6 +63,27 @@ def grade_label(grade: int | None) -> str:
     return str(grade)
 
 
+def patient_grade_text(patient: PatientSummary) -> str:
+    """The patient's grade in words. It is the worse *graded* eye's, so with the other eye
+    ungradable, not photographed or still being scored a bare "grade 0 · No DR" read as a healthy
+    patient (the web walkthrough): say which eye it leaves out."""
+    if not patient.gradable:
+        return "ungradable"
+    text = grade_label(patient.grade)
+    for name in ("left", "right"):
+        eye = patient.eyes.get(name)
+        if eye is not None and eye.gradable:
+            continue
+        if f"{name}_eye_pending" in patient.referral_reasons:
+            why = "still being scored"
+        elif eye is None or not eye.image_ids:
+            why = "not photographed"
+        else:
+            why = "ungradable"
+        text += f" (graded eye only; {name} eye {why})"
+    return text
+
+
 def reason_text(code: str) -> str:
     return REASON_TEXT.get(code, code.replace("_", " "))
 

@@ -48,6 +48,10 @@ def test_the_patient_page_says_pending_and_not_photographed_in_words(client: Tes
     html = client.post("/patients", headers=cookie, data={"patient_id": "PONE"}).text
     assert _banner(html)[0] == "refer"
     assert "not photographed in this screening" in html and "UNGRADABLE" not in html
+    # the patient's grade is the graded eye's: said so (a bare "grade 0" read as a healthy patient)
+    assert re.search(
+        r'data-testid="patient-grade"[^>]*>[^<]*\(graded eye only; right eye not photographed\)', html
+    )
 
     add_images(url, store, "PONE", [photo("16_right.jpg")])  # queued
     assert (
