@@ -323,20 +323,19 @@ def declined_to_resend(session: Session, now: datetime) -> list[Image]:
     return list(session.scalars(select(Image).where(marked)))
 
 
-def _scored_by(image_id: Any, version: ModelVersion, session: Session) -> Any:
+def _scored_by(image_id: Any, version: ModelVersion, *, active: bool) -> Any:
     """EXISTS a prediction of the image that a patient's result by ``version`` may keep.
 
-    The activated release: by it exactly. Only its workers write (``lock_release_for_writing``),
-    so whatever another release scored is graded again, whichever the database saw first (a
-    switch back to a release seen earlier left the other release's photographs unscored by it, and
-    the patient's result called them ungradable for good: the operator walkthrough). Without an
-    activation, by it or a release seen after it: while workers of two releases share a queue the
-    older one leaves the newer one's grades alone, so nothing ping-pongs between them.
-    Correlated on the image, so it reads the (image_id, model_version_id) unique index."""
-    if active_release(session) == version.ref:
-        by_it = Prediction.model_version_id == version.id
-    else:
-        by_it = Prediction.model_version_id >= version.id
+    ``version`` the activated release: by it exactly. Only its workers write
+    (``lock_release_for_writing``), so whatever another release scored is graded again, whichever
+    the database saw first (a switch back to a release seen earlier left the other release's
+    photographs unscored by it, and the patient's result called them ungradable for good: the
+    operator walkthrough). Otherwise by it or a release seen after it: while workers of two
+    releases share a queue the older one leaves the newer one's grades alone, so nothing
+    ping-pongs between them. Correlated on the image, so it reads the (image_id, model_version_id)
+    unique index."""
+    seen = Prediction.model_version_id
+    by_it = seen == version.id if active else seen >= version.id
     return select(Prediction.id).where(Prediction.image_id == image_id, by_it).exists()
 
 
@@ -351,11 +350,12 @@ def images_to_rescore(
     version = session.get(ModelVersion, model_version_id)
     if version is None:
         return []
+    active = active_release(session) == version.ref
     visit = [im.id for im in latest_visit(list_patient_images(session, patient_id), visit_window)]
     return list(
         session.scalars(
             select(Image)
-            .where(Image.id.in_(visit), Image.status == "done", ~_scored_by(Image.id, version, session))
+            .where(Image.id.in_(visit), Image.status == "done", ~_scored_by(Image.id, version, active=active))
             .order_by(Image.created_at)
         )
     )
@@ -367,10 +367,11 @@ def needs_rescoring(session: Session, image: Image, model_ref: str) -> bool:
     if image.status != "done":
         return False
     # the release that will grade it: a folder job may be expanded by a worker of another one
-    version = get_model_version_by_ref(session, active_release(session) or model_ref)
+    active = active_release(session)
+    version = get_model_version_by_ref(session, active or model_ref)
     if version is None:
         return True
-    return not session.scalar(select(_scored_by(image.id, version, session)))
+    return not session.scalar(select(_scored_by(image.id, version, active=active is not None)))
 
 
 def mark_image_failed(session: Session, image: Image, error: str) -> Image:
@@ -625,11 +626,12 @@ def latest_visit(images: Sequence[Image], window: timedelta) -> list[Image]:
     return [im for im in images if im.created_at >= newest - window]
 
 
-def same_photograph_both_eyes(images: Sequence[Image]) -> set[str]:
-    """The sha256 of every photograph among ``images`` stored under both eyes."""
+def same_photograph_both_eyes(photos: Iterable[tuple[str, str]]) -> set[str]:
+    """The sha256 of every photograph given, as (sha256, eye), under both eyes: one eye sent as
+    both, and nothing says which. A bundle doing it is refused; elsewhere neither eye counts it."""
     eyes_of: dict[str, set[str]] = {}
-    for im in images:
-        eyes_of.setdefault(im.sha256, set()).add(im.eye)
+    for sha256, eye in photos:
+        eyes_of.setdefault(sha256, set()).add(eye)
     return {sha for sha, eyes in eyes_of.items() if len(eyes) > 1}
 
 
@@ -653,7 +655,7 @@ def recompute_patient(
     preds = predictions_for_images(session, [im.id for im in images], model_version_id)
     scores = []
     counted: set[tuple[str, str]] = set()
-    both_eyes = same_photograph_both_eyes(images)
+    both_eyes = same_photograph_both_eyes((im.sha256, im.eye) for im in images)
     for im in images:
         pred = preds.get(im.id)
         usable = im.status == "done" and bool(im.gradable) and pred is not None and pred.gradable

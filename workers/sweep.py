@@ -41,7 +41,7 @@ from core import tasks
 from core.celery_config import prune_processed
 from core.db import session_scope
 from core.settings import get_settings
-from core.tables import ScoringJob, ScoringJobItem, as_utc, utcnow
+from core.tables import Image, ScoringJob, ScoringJobItem, as_utc, utcnow
 from workers.scoring import Enqueue, send_by_name
 from workers.settings import get_worker_settings
 
@@ -148,17 +148,19 @@ def sweep(
             if age >= limit:
                 stale.append(image)
         seen = {image.id for image in stale}
-        for image in repo.declined_to_resend(session, now):  # left for the active release
-            if image.id not in seen:
-                stale.append(image)
-                summary.declined.append(image.id)
-        if live is not None:
-            seen = {image.id for image in stale}
-            restarted = (live.me, live.me_since) if live.me and live.me_since else None
-            for image in repo.orphaned_images(session, live.names, live.asked_at - CLAIM_MARGIN, restarted):
+
+        def add(images: Sequence[Image], why: list[str]) -> None:
+            for image in images:
                 if image.id not in seen:
+                    seen.add(image.id)
                     stale.append(image)
-                    summary.orphaned.append(image.id)
+                    why.append(image.id)
+
+        add(repo.declined_to_resend(session, now), summary.declined)  # left for the active release
+        if live is not None:
+            restarted = (live.me, live.me_since) if live.me and live.me_since else None
+            claimed_before = live.asked_at - CLAIM_MARGIN
+            add(repo.orphaned_images(session, live.names, claimed_before, restarted), summary.orphaned)
         # Job images follow their job's explain option, as its own fan-out did; other images
         # follow the worker's default (no explicit option).
         explain_of = _job_explain(session, {i.job_id for i in stale if i.job_id})

@@ -47,15 +47,12 @@ def _answer_existing(session: Session, principal: PrincipalDep, bundle_id: str) 
 def _refuse_one_photograph_as_both_eyes(photos: list[Photo]) -> None:
     """The same file as a left and a right photograph is one eye sent twice (a slip in the clinic's
     software): graded as both, the other eye would read "screened" without ever being seen."""
-    eyes_of: dict[str, list[str]] = {}
-    for photo in photos:
-        eyes_of.setdefault(photo.sha256, []).append(photo.field)
-    for fields in eyes_of.values():
-        if len({field.split("_", 1)[0] for field in fields}) > 1:
-            raise InvalidInput(
-                "the same photograph was sent as the left and the right eye: send each eye's own photograph",
-                {"fields": fields},
-            )
+    both = repo.same_photograph_both_eyes((p.sha256, p.field.split("_", 1)[0]) for p in photos)
+    if both:
+        raise InvalidInput(
+            "the same photograph was sent as the left and the right eye: send each eye's own photograph",
+            {"fields": [p.field for p in photos if p.sha256 in both]},
+        )
 
 
 @router.post(

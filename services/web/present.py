@@ -63,6 +63,24 @@ def grade_label(grade: int | None) -> str:
     return str(grade)
 
 
+def eye_state(patient: PatientSummary, name: str) -> str:
+    """``gradable``, ``pending`` (its photograph is still being scored), ``not_photographed`` or
+    ``ungradable``: the patient page's badge and the patient grade's words read it from here."""
+    eye = patient.eyes.get(cast(Eye, name))
+    if eye is not None and eye.gradable:
+        return "gradable"
+    if f"{name}_eye_pending" in patient.referral_reasons:
+        return "pending"
+    return "not_photographed" if eye is None or not eye.image_ids else "ungradable"
+
+
+_EYE_STATE_TEXT = {
+    "pending": "still being scored",
+    "not_photographed": "not photographed",
+    "ungradable": "ungradable",
+}
+
+
 def patient_grade_text(patient: PatientSummary) -> str:
     """The patient's grade in words. It is the worse *graded* eye's, so with the other eye
     ungradable, not photographed or still being scored a bare "grade 0 · No DR" read as a healthy
@@ -71,16 +89,9 @@ def patient_grade_text(patient: PatientSummary) -> str:
         return "ungradable"
     text = grade_label(patient.grade)
     for name in ("left", "right"):
-        eye = patient.eyes.get(name)
-        if eye is not None and eye.gradable:
-            continue
-        if f"{name}_eye_pending" in patient.referral_reasons:
-            why = "still being scored"
-        elif eye is None or not eye.image_ids:
-            why = "not photographed"
-        else:
-            why = "ungradable"
-        text += f" (graded eye only; {name} eye {why})"
+        state = eye_state(patient, name)
+        if state != "gradable":
+            text += f" (graded eye only; {name} eye {_EYE_STATE_TEXT[state]})"
     return text
 
 

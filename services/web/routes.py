@@ -62,6 +62,7 @@ HEATMAP_WAIT_SECONDS = 180.0
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.filters["grade_label"] = present.grade_label
 templates.env.filters["patient_grade"] = present.patient_grade_text
+templates.env.filters["eye_state"] = present.eye_state
 templates.env.filters["metric"] = present.fmt_metric
 _markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
 
