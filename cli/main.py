@@ -186,6 +186,12 @@ def serve(
     # click refuses a port out of range (exit 2): uvicorn took 70000 as 70000 - 65536 = 4464
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     workers: int = typer.Option(1, "--workers", help="Uvicorn worker processes."),
+    forwarded_allow_ips: str = typer.Option(
+        "127.0.0.1",
+        "--forwarded-allow-ips",
+        help="Addresses of the TLS proxy whose X-Forwarded-Proto/-For are trusted (comma-separated, "
+        "'*' for any): behind a proxy on another host the sign-in cookie is marked Secure only then.",
+    ),
 ) -> None:
     """Run the HTTP API (uvicorn, services.app:create_app)."""
     _load("services.app:create_app")  # clear message when the API is not installed
@@ -203,6 +209,8 @@ def serve(
         port=port,
         workers=workers,
         log_level=get_settings().log_level.lower(),
+        proxy_headers=True,
+        forwarded_allow_ips=forwarded_allow_ips,
     )
 
 

@@ -48,6 +48,9 @@ def gather(now: datetime | None = None) -> dict[str, Any]:
         rows = repo.worker_heartbeats(session)
         listed = [row for row in rows if now - as_utc(row.seen_at) <= LISTED_FOR]
         warnings = heartbeat.warnings(rows, own, active, now)
+        shared = settings.shared_roots_warning(repo.count_clinics_with_keys(session))
+        if shared:
+            warnings.append(shared)
         workers = [
             {
                 "node": row.node,

@@ -825,6 +825,22 @@ def set_job_item(
     return item
 
 
+def job_failures(session: Session, job_id: str, limit: int = 20) -> list[tuple[str, str]]:
+    """The first ``limit`` failed files of a job with why, as (path, reason): the file's own
+    refusal, else its photograph's scoring failure (the jobs page said only "3 failed")."""
+    rows = session.execute(
+        select(ScoringJobItem.path, ScoringJobItem.error, Image.error)
+        .outerjoin(Image, Image.id == ScoringJobItem.image_id)
+        .where(
+            ScoringJobItem.job_id == job_id,
+            (ScoringJobItem.status == "failed") | (Image.status == "failed"),
+        )
+        .order_by(ScoringJobItem.id)
+        .limit(limit)
+    ).all()
+    return [(path, item_error or image_error or "failed") for path, item_error, image_error in rows]
+
+
 def refresh_job_counts(session: Session, job_id: str) -> ScoringJob:
     """Recount total/done/failed from the items and their images; finish the job when all are."""
     job = session.get(ScoringJob, job_id)
@@ -971,6 +987,14 @@ def count_failed_images_since(session: Session, since: datetime) -> int:
         session.scalar(
             select(func.count()).select_from(Image).where(Image.status == "failed", Image.updated_at >= since)
         )
+        or 0
+    )
+
+
+def count_clinics_with_keys(session: Session) -> int:
+    """Clinics holding at least one API key that is not revoked."""
+    return int(
+        session.scalar(select(func.count(func.distinct(ApiKey.clinic_id))).where(ApiKey.revoked_at.is_(None)))
         or 0
     )
 

@@ -113,6 +113,18 @@ class Settings(BaseSettings):
     def import_root_paths(self) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in self.import_roots.split(":") if p.strip()]
 
+    def shared_roots_warning(self, clinics_with_keys: int) -> str | None:
+        """A warning when several clinics share every import root (``import_per_clinic`` off):
+        each one's folder jobs can read the others' exports and see them as its own patients
+        (the security review; single-clinic servers keep the simple default)."""
+        if self.import_per_clinic or not self.import_root_paths or clinics_with_keys < 2:
+            return None
+        return (
+            f"{clinics_with_keys} clinics hold API keys and DRSCREEN_IMPORT_PER_CLINIC is false: "
+            "every clinic's folder jobs can read every import root, the other clinics' exports "
+            "included; set it to true (each clinic then reads <root>/<clinic name>/ only)"
+        )
+
     def import_roots_for(self, clinic_name: str) -> list[Path]:
         """The folders one clinic's jobs may read: every root, or with ``import_per_clinic`` each
         root's ``<clinic name>`` subfolder (none for a name that is not one plain folder name)."""

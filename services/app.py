@@ -13,15 +13,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
 
 from core import db
+from core import repository as repo
 from core.migrate import SchemaBehind, check_schema_at_start, schema_problem
 from core.producer import broker_reachable, make_producer_app
 from core.schemas import Readiness
 from core.settings import Settings, get_settings
 from services import web
 from services.config import ApiSettings, get_api_settings
+from services.edge import ApiEdge
 from services.errors import install_error_handlers
 from services.limits import BodySizeLimit
 from services.logfilter import install_access_log_filter
@@ -30,6 +33,7 @@ from services.modelinfo import active_ref
 from services.openapi_doc import install_openapi
 from services.ratelimit import RateLimiter
 from services.routes import bundles, images, jobs, models, patients
+from services.waits import WaitSlots
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +86,12 @@ def create_app(
         app.state.producer = make_producer_app(base)
         app.state.rate_limiter = RateLimiter(api.rate_limit_per_minute, api.rate_limit_burst)
         app.state.explain_requested = {}
+        app.state.wait_slots = WaitSlots(api.max_waiting, api.max_waiting_per_key)
         metrics.attach(base, app.state.sessionmaker)
         configure_logging(base.log_level)
         install_access_log_filter()
         log.info("API ready (model %s)", active_ref(base) or "none installed")
+        _warn_shared_roots(base, app.state.sessionmaker)
         try:
             yield
         finally:
@@ -106,7 +112,7 @@ def create_app(
             {"name": "operations", "description": "health, readiness and metrics"},
         ],
     )
-    install_error_handlers(app)
+    install_error_handlers(app, not_found_page=web.not_found_page)
     install_openapi(app)
     for router in (images.router, bundles.router, jobs.router, patients.router, models.router):
         app.include_router(router, prefix="/v1")
@@ -114,7 +120,9 @@ def create_app(
 
     metrics = Metrics()
     app.state.metrics = metrics
-    # Added last = outermost: oversized bodies are refused before routing, and still counted.
+    # Added last = outermost: oversized bodies and keyless writes are refused before routing,
+    # and still counted.
+    app.add_middleware(ApiEdge)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
@@ -172,6 +180,19 @@ def create_app_for_cli() -> FastAPI:
     (one line, exit 2), so each app process does not check it again; uvicorn started on
     :func:`create_app` directly still checks in the lifespan."""
     return create_app(check_schema=False)
+
+
+def _warn_shared_roots(settings: Settings, sessionmaker: Any) -> None:
+    """Say at start what ``drscreen status`` warns about (``Settings.shared_roots_warning``)."""
+    if not settings.import_root_paths or settings.import_per_clinic:
+        return
+    try:
+        with sessionmaker() as session:
+            warning = settings.shared_roots_warning(repo.count_clinics_with_keys(session))
+    except sa_exc.SQLAlchemyError:  # unreachable at start: /readyz says so
+        return
+    if warning:
+        log.warning("%s", warning)
 
 
 def _check_schema(settings: Settings) -> None:

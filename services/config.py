@@ -26,6 +26,10 @@ class ApiSettings(BaseSettings):
     max_wait_seconds: float = Field(default=30.0, gt=0, le=30.0)
     #: How often a waiting request re-reads the database.
     wait_poll_seconds: float = Field(default=0.25, gt=0)
+    #: ``?wait=`` requests sleeping at once per API process, and per API key (services/waits.py):
+    #: past either, a request answers 202 without waiting. Below the ~40 threads that run routes.
+    max_waiting: int = Field(default=16, ge=0)
+    max_waiting_per_key: int = Field(default=8, ge=0)
     #: Largest page of ``GET /v1/jobs/{id}/results``; it can only lower the route's own cap of
     #: 1000 (a larger value acts as 1000; refusing it would stop an upgraded API that has one).
     max_page_size: int = Field(default=1000, ge=1)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -120,8 +122,24 @@ def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_input", _clean_validation_errors(list(exc.errors())))
 
 
-def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+#: Renders the web interface's "not found" page for a browser (``services.web``).
+NotFoundPage = Callable[[Request], Response]
+
+
+def _wants_page(request: Request) -> bool:
+    """A browser asking for a page outside the API (a stale bookmark, a mistyped address): it
+    got the API's JSON error (the web walkthrough)."""
+    return (
+        request.method == "GET"
+        and not request.url.path.startswith("/v1/")
+        and "text/html" in request.headers.get("accept", "")
+    )
+
+
+def _http_error(request: Request, exc: Exception, not_found_page: NotFoundPage | None = None) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404 and not_found_page is not None and _wants_page(request):
+        return not_found_page(request)
     code = _HTTP_CODES.get(exc.status_code, "error")
     headers = dict(exc.headers) if exc.headers else None
     return error_response(exc.status_code, code, exc.detail, headers)
@@ -149,10 +167,10 @@ def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, not_found_page: NotFoundPage | None = None) -> None:
     app.add_exception_handler(errors.DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StarletteHTTPException, partial(_http_error, not_found_page=not_found_page))
     # connection refused or lost, SQLite locked, pool exhausted (sa_exc.TimeoutError)
     app.add_exception_handler(sa_exc.OperationalError, _database_unavailable)
     app.add_exception_handler(sa_exc.TimeoutError, _database_unavailable)

@@ -95,14 +95,30 @@ def validate_photo(upload: UploadFile, field: str, *, max_bytes: int, max_pixels
             raise TooLarge(f"{field}: {exc.detail}", detail) from None
         raise InvalidImage(f"{field}: {exc.detail}", detail) from None
     fmt = sniff_format(data) or "bin"
-    return Photo(field, data, fmt, width, height, _safe_name(upload.filename), upload.content_type)
+    return Photo(
+        field, data, fmt, width, height, _safe_name(upload.filename), _safe_content_type(upload.content_type)
+    )
+
+
+def _printable(text: str) -> str:
+    return "".join(ch for ch in text if ch.isprintable())
 
 
 def _safe_name(filename: str | None) -> str | None:
-    """The client's file name, for display only: no folders, bounded length."""
+    """The client's file name, for display only: no folders, no control characters (PostgreSQL
+    refuses a NUL: the security review's upload answered 500 after its bytes were stored),
+    bounded length."""
     if not filename:
         return None
-    return filename.replace("\\", "/").rsplit("/", 1)[-1][:255] or None
+    return _printable(filename.replace("\\", "/").rsplit("/", 1)[-1])[:255] or None
+
+
+def _safe_content_type(content_type: str | None) -> str | None:
+    """The part's declared type, informational only (the format is sniffed): printable, at most
+    the column's 100 characters (a longer one answered 500 on PostgreSQL)."""
+    if not content_type:
+        return None
+    return _printable(content_type)[:100] or None
 
 
 def store_photo(store: FileStore, photo: Photo) -> StoredFile:

@@ -26,8 +26,12 @@ def _model_ref(session: Session, model_version_id: int | None, cache: dict[int, 
     return cache[model_version_id] or None
 
 
-def image_results(session: Session, images: list[Image]) -> list[ImageResult]:
-    """Results of several images (one query for their predictions and one for their patients)."""
+def image_results(
+    session: Session, images: list[Image], graded_earlier: Collection[str] = ()
+) -> list[ImageResult]:
+    """Results of several images (one query for their predictions and one for their patients).
+    ``graded_earlier``: ids of photographs a newer release is grading again whose earlier grade
+    stands meanwhile (a finished job's rows): reported done with that grade, not queued."""
     preds = repo.predictions_for_images(session, [im.id for im in images])
     refs: dict[int, str] = {}
     patients: dict[int, str] = {}
@@ -36,16 +40,17 @@ def image_results(session: Session, images: list[Image]) -> list[ImageResult]:
         if im.patient_id not in patients:
             patient = repo.get_patient_by_id(session, im.patient_id)
             patients[im.patient_id] = patient.external_id if patient is not None else ""
+        status = "done" if im.id in graded_earlier and im.status in ("queued", "running") else im.status
         result = ImageResult(
             id=im.id,
-            status=im.status,
+            status=status,
             patient_id=patients[im.patient_id],
             eye=im.eye,
             error=im.error if im.status == "failed" else None,
             created_at=im.created_at,
         )
         pred = preds.get(im.id)
-        if im.status == "done":
+        if status == "done":
             gradable = bool(im.gradable) and (pred is None or pred.gradable)
             result.gradable = gradable
             result.quality = im.quality
@@ -78,16 +83,19 @@ def _eyes_of(result: PatientResult) -> dict[Eye, EyeSummary]:
 def _history(
     results: list[PatientResult], refs: dict[int, str], session: Session
 ) -> list[PatientHistoryEntry]:
-    """One entry per screening: a worker may recompute a patient several times while the photographs
-    of one bundle or job come in, and those partial results share a ``trigger``; keep the newest of
-    each (results come newest first)."""
-    seen: set[str] = set()
+    """One entry per screening and release: a worker may recompute a patient several times while
+    the photographs of one bundle or job come in, and those partial results share a ``trigger``;
+    keep the newest of each (results come newest first). A newer release grading the screening
+    again recomputes it under the same trigger: that is a new entry, the earlier release's result
+    stays visible (it was what the clinic was told)."""
+    seen: set[tuple[str, int | None]] = set()
     entries = []
     for r in results:
         if r.trigger:
-            if r.trigger in seen:
+            key = (r.trigger, r.model_version_id)
+            if key in seen:
                 continue
-            seen.add(r.trigger)
+            seen.add(key)
         entries.append(
             PatientHistoryEntry(
                 grade=r.grade,
@@ -152,6 +160,33 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
         else:
             known.image_ids = known.image_ids + [i for i in ids if i not in known.image_ids]
     return summary
+
+
+def screening_summary(
+    session: Session, patient: Patient, image_ids: Collection[str]
+) -> tuple[PatientSummary, bool]:
+    """The patient's decision for a screening made of ``image_ids`` (a visit's or one photograph's
+    page), and whether that screening is an earlier visit. The latest visit's photographs get
+    ``patient_summary``; an earlier visit's page showed today's result as its own (the web
+    walkthrough), so it gets the newest result that graded one of its photographs, as recorded
+    then (later results grade later visits only: ``repository.recompute_patient``)."""
+    visit = repo.latest_visit(repo.list_patient_images(session, patient.id), get_settings().visit_window)
+    wanted = set(image_ids)
+    if not wanted or wanted & {im.id for im in visit}:
+        return patient_summary(session, patient), False
+    summary = PatientSummary(patient_id=patient.external_id)
+    refs: dict[int, str] = {}
+    for result in repo.patient_history(session, patient.id):
+        eyes = _eyes_of(result)
+        if not any(wanted & set(eye.image_ids) for eye in eyes.values()):
+            continue
+        summary.grade, summary.referable, summary.gradable = result.grade, result.referable, result.gradable
+        summary.eyes = eyes
+        summary.model_version = _model_ref(session, result.model_version_id, refs)
+        summary.updated_at = result.computed_at
+        break
+    summary.referral_reasons = referral_reasons(summary)
+    return summary, True
 
 
 def referral_reasons(summary: PatientSummary, pending: Collection[str] = ()) -> list[str]:

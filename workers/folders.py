@@ -29,6 +29,7 @@ still holds them, and storing them again would bring the erased patient back.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -174,7 +175,8 @@ def plan_folder(folder: Path, roots: Sequence[Path] | None) -> list[PlannedFile]
                 )
             elif m is None:
                 # Say what the file is before complaining about its name.
-                planned.append(PlannedFile(rel_name, None, None, _not_a_photo(where) or _CANNOT_TELL))
+                why = _not_a_photo(where, real_roots) or _CANNOT_TELL
+                planned.append(PlannedFile(rel_name, None, None, why))
             else:
                 planned.append(PlannedFile(rel_name, m.patient_id, m.eye, _not_a_regular_file(where)))
     if roots is not None:  # the service (the local CLI scores any name, as its own patient)
@@ -257,8 +259,22 @@ def _not_a_regular_file(path: Path) -> str | None:
         return _cannot_read(exc)
 
 
-def _open_regular(path: Path) -> tuple[BinaryIO, int] | str:
+def _opened_outside(fd: int, roots: Sequence[Path]) -> bool:
+    """Whether the file behind ``fd`` lies outside ``roots`` (real paths). The path was checked
+    before opening, but a folder on it may have been swapped for a link in between: the security
+    review read another clinic's photographs that way (a rename loop beside a folder job). The
+    descriptor's own path (Linux ``/proc``) is what was opened; without ``/proc`` the earlier check
+    stands alone."""
+    try:
+        opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return False
+    return not _under(opened, roots)
+
+
+def _open_regular(path: Path, roots: Sequence[Path] | None = None) -> tuple[BinaryIO, int] | str:
     """``path`` opened for reading, with its size, when it is a regular file; else why not.
+    ``roots`` (real paths): what was opened must lie under one of them (:data:`LINK_OUTSIDE`).
 
     Never blocks: the type is checked before opening (a FIFO, socket or device is not opened at
     all), the open is non-blocking and the opened descriptor is checked again (a file swapped
@@ -266,10 +282,16 @@ def _open_regular(path: Path) -> tuple[BinaryIO, int] | str:
     if (problem := _not_a_regular_file(path)) is not None:
         return problem
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        # O_NOFOLLOW: ``path`` is a real path when roots are given; a link now is a swap
+        fd = os.open(path, _OPEN_FLAGS | (getattr(os, "O_NOFOLLOW", 0) if roots is not None else 0))
     except OSError as exc:
+        if roots is not None and exc.errno == errno.ELOOP:
+            return LINK_OUTSIDE
         return _cannot_read(exc)
     try:
+        if roots is not None and _opened_outside(fd, roots):
+            os.close(fd)
+            return LINK_OUTSIDE
         info = os.fstat(fd)
         if (problem := _mode_problem(info.st_mode)) is not None:
             os.close(fd)
@@ -297,7 +319,7 @@ def _read_manifest(folder: Path, roots: Sequence[Path] | None) -> bytes | None:
             return None  # a folder that happens to be called manifest.csv (walked like others)
     except OSError:
         pass  # reported below
-    opened = _open_regular(where)
+    opened = _open_regular(where, roots)
     if isinstance(opened, str):
         raise ManifestError(f"{MANIFEST_NAME} cannot be used: {opened}")
     fh, size = opened
@@ -328,10 +350,10 @@ def _check_patient_id(p: PlannedFile) -> PlannedFile:
     )
 
 
-def _not_a_photo(path: Path) -> str | None:
+def _not_a_photo(path: Path, roots: Sequence[Path] | None) -> str | None:
     """Why the file is not an accepted photograph (not a regular file, or by its signature), or
     None (reads 32 bytes of a regular file; nothing else is opened)."""
-    opened = _open_regular(path)
+    opened = _open_regular(path, roots)
     if isinstance(opened, str):
         return opened
     fh, _ = opened
@@ -367,7 +389,7 @@ def read_photo(path: Path, max_bytes: int, roots: Sequence[Path] | None = None) 
         if real is None:
             return LINK_OUTSIDE
         path = real
-    opened = _open_regular(path)
+    opened = _open_regular(path, roots)
     if isinstance(opened, str):
         return opened
     fh, size = opened

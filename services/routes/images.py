@@ -26,6 +26,7 @@ from services.errors import NotReady, error_responses
 from services.formcheck import reject_unknown_fields
 from services.uploads import Photo, record_photo, store_photo, validate_photo
 from services.views import image_result, private_image_headers
+from services.waits import WaitSlots
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,7 @@ def _wait_until_finished(session: Session, image_id: str, seconds: float, poll: 
     dependencies=[reject_unknown_fields("file", "patient_id", "eye")],
 )
 def create_image(
+    request: Request,
     session: SessionDep,
     principal: PrincipalDep,
     settings: SettingsDep,
@@ -262,9 +264,15 @@ def create_image(
 
     accepted = Accepted(id=image.id, status=image.status)
     if wait:
-        finished = _wait_until_finished(
-            session, image.id, min(wait, api.max_wait_seconds), api.wait_poll_seconds
-        )
+        slots: WaitSlots = request.app.state.wait_slots
+        with slots.slot(principal.api_key_id) as may_wait:
+            finished = (
+                _wait_until_finished(
+                    session, image.id, min(wait, api.max_wait_seconds), api.wait_poll_seconds
+                )
+                if may_wait
+                else None  # every slot taken: answer at once, the client polls (services/waits.py)
+            )
         if finished is not None:
             return JSONResponse(image_result(session, finished).model_dump(mode="json"), status_code=200)
     return JSONResponse(accepted.model_dump(mode="json"), status_code=202)

@@ -189,10 +189,12 @@ def _rows(
 ) -> tuple[int, list[JobResultRow]]:
     items = repo.job_items(session, job.id)
     page = items[offset : None if limit is None else offset + limit]
-    results = {
-        r.id: r
-        for r in image_results(session, repo.get_images(session, [i.image_id for i in page if i.image_id]))
-    }
+    # A finished job keeps its rows' grades while a newer release grades a photograph again
+    # (its counts do too: repository._item_graded); the rows read "queued" with no grade.
+    finished = job.status not in repo.OPEN_JOB_STATES
+    standing = {i.image_id for i in page if finished and i.status == "done" and i.image_id}
+    images = repo.get_images(session, [i.image_id for i in page if i.image_id])
+    results = {r.id: r for r in image_results(session, images, graded_earlier=standing)}
     rows = []
     for item in page:
         res = results.get(item.image_id) if item.image_id else None

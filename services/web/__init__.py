@@ -5,6 +5,6 @@ the internet. It signs in with an API key kept in an HttpOnly cookie and calls t
 functions as ``/v1`` (same validation, storage, queueing, clinic isolation and audit).
 """
 
-from services.web.routes import router
+from services.web.routes import not_found_page, router
 
-__all__ = ["router"]
+__all__ = ["not_found_page", "router"]

@@ -89,7 +89,15 @@ def login_redirect(request: Request) -> RedirectResponse:
 def same_origin(request: Request) -> bool:
     """Defence in depth for form posts (SameSite=Strict already keeps the cookie off cross-site
     requests): when the browser names the page's origin, it must be this host."""
+    host = request.headers.get("host", "")
     origin = request.headers.get("origin")
-    if origin is None or origin == "null":
-        return origin is None
-    return urlsplit(origin).netloc == request.headers.get("host", "")
+    if origin is not None:
+        return origin != "null" and urlsplit(origin).netloc == host
+    # No Origin (old browsers, some privacy settings): what else the browser says must agree
+    # (the security review posted with another site's Referer and no Origin, and got through).
+    # A client that sends neither is no browser page of another site: let it through.
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        return False
+    referer = request.headers.get("referer")
+    return referer is None or urlsplit(referer).netloc == host

@@ -30,6 +30,7 @@ from core.errors import Conflict, DomainError, NotFound
 from core.schemas import PatientSummary
 from core.store import FileStore
 from core.tables import Bundle, Image, Patient, ScoringJob, as_utc, utcnow
+from ml.imageio import ImageDecodeError
 from services.deps import (
     ApiSettingsDep,
     Principal,
@@ -44,7 +45,7 @@ from services.routes import bundles as bundle_routes
 from services.routes import images as image_routes
 from services.routes import jobs as job_routes
 from services.routes import patients as patient_routes
-from services.views import patient_summary, private_image_headers
+from services.views import private_image_headers, screening_summary
 from services.web import auth, present
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ STATIC_FILES = {"app.css": "text/css", "app.js": "text/javascript"}
 BROWSER_IMAGE_TYPES = {"jpg": "image/jpeg", "png": "image/png", "bmp": "image/bmp", "webp": "image/webp"}
 RECENT_LIMIT = 12
 JOBS_LIMIT = 50
+#: Failed files listed under a job on the jobs page (all of them are in its results.csv).
+JOB_FAILURES_SHOWN = 20
 #: How long a result page waits for the heatmaps of graded photographs before showing it anyway.
 HEATMAP_WAIT_SECONDS = 180.0
 
@@ -117,6 +120,11 @@ def _not_found(request: Request, principal: Principal | None, what: str) -> HTML
     return _page(
         request, "message.html", {"title": "Not found", "message": what}, principal=principal, status_code=404
     )
+
+
+def not_found_page(request: Request) -> HTMLResponse:
+    """A page address the interface does not have (``services.errors`` answers it for browsers)."""
+    return _not_found(request, None, "There is no such page. Start again from the screening page.")
 
 
 def _error_text(exc: DomainError) -> str:
@@ -291,6 +299,7 @@ def upload_image(
         return _home(request, session, principal, error=problem, status_code=422, form=form)
     try:
         accepted = image_routes.create_image(
+            request,
             session,
             principal,
             settings,
@@ -380,6 +389,17 @@ def _image_photos(session: Session, clinic_id: int, image_id: str) -> Photos | N
     return None if row is None else ([row], row.patient_id)
 
 
+def _screening(
+    session: Session, patient_row_id: int, image_ids: list[str]
+) -> tuple[PatientSummary | None, bool]:
+    """The patient's decision for a page's photographs (``views.screening_summary``): an earlier
+    visit's page shows that visit's result, not today's."""
+    patient = repo.get_patient_by_id(session, patient_row_id)
+    if patient is None:
+        return None, False
+    return screening_summary(session, patient, image_ids)
+
+
 def _progress_response(
     session: Session,
     principal: Principal | None,
@@ -410,17 +430,19 @@ def bundle_page(bundle_id: str, request: Request, session: SessionDep, principal
     progress = _progress(session, rows, bundle.patient_id)
     ready = _heatmap_ready(session, rows)
     photos = [present.photo_view(im, ready.get(im.id, False)) for im in result.images]
+    summary, earlier = _screening(session, bundle.patient_id, [im.id for im in rows])
     if progress.scored:
-        verdict = present.patient_verdict(result.patient, progress.failed > 0)
+        verdict = present.patient_verdict(summary, progress.failed > 0)
     else:
         verdict = present.pending_verdict(progress.finished, progress.total)
     context = {
         "kind": "bundle",
         "id": bundle_id,
         "status": result.status,
-        "patient": result.patient,
+        "patient": summary,
+        "earlier_visit": earlier,
         "verdict": verdict,
-        "eyes": present.eye_views(result.patient if progress.scored else None, photos),
+        "eyes": present.eye_views(summary if progress.scored else None, photos),
         "progress": progress,
         "progress_url": f"/bundles/{bundle_id}/progress",
     }
@@ -444,8 +466,9 @@ def image_page(image_id: str, request: Request, session: SessionDep, principal: 
     ready = _heatmap_ready(session, [row])
     progress = _progress(session, [row], row.patient_id)
     photo = present.photo_view(result, ready[row.id])
-    patient = repo.get_patient_by_id(session, row.patient_id)
-    summary = patient_summary(session, patient) if progress.scored and patient is not None else None
+    summary, earlier = _screening(session, row.patient_id, [row.id])
+    if not progress.scored:
+        summary = None
     if summary is not None:
         # The banner is the patient's decision, as on a visit's page: this photograph alone said
         # "No referral" for a patient whose other eye was never photographed, or whose eye another
@@ -469,6 +492,7 @@ def image_page(image_id: str, request: Request, session: SessionDep, principal: 
         "id": image_id,
         "status": result.status,
         "patient": summary,
+        "earlier_visit": earlier and summary is not None,
         "patient_id": result.patient_id,
         "verdict": verdict,
         "eyes": eyes,
@@ -498,12 +522,18 @@ def original_photo(
     ext = row.stored_path.rsplit(".", 1)[-1].lower()
     media_type = BROWSER_IMAGE_TYPES.get(ext)
     if media_type is None:  # e.g. TIFF: browsers cannot show it
-        data, media_type = _as_png(data), "image/png"
+        try:
+            data, media_type = _as_png(data, settings.max_image_pixels), "image/png"
+        except ImageDecodeError as exc:
+            why = f"the photograph cannot be shown: {exc}"
+            return Response(why, status_code=422, media_type="text/plain")
     audit(session, principal, "photo.read", patient_id=row.patient_id, target_type="image", target_id=row.id)
     return Response(data, media_type=media_type, headers=private_image_headers())
 
 
-def _as_png(data: bytes) -> bytes:
+def _as_png(data: bytes, max_pixels: int) -> bytes:
+    """``max_pixels``: the uploads' limit (the decoder's own default, 40 M, is lower: a 46-M-pixel
+    TIFF accepted at upload answered 500 here; the security review)."""
     import io
 
     from PIL import Image as PILImage
@@ -514,7 +544,7 @@ def _as_png(data: bytes) -> bytes:
     buf = io.BytesIO()
     # bounded like an upload's check: Unavailable, answered 503 + Retry-After (services.errors)
     with decode_slot("too many photographs are being decoded at once; retry shortly"):
-        PILImage.fromarray(decode_image(data)).save(buf, format="PNG")
+        PILImage.fromarray(decode_image(data, max_pixels=max_pixels)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -703,6 +733,7 @@ def _jobs(session: Session, clinic_id: int) -> list[dict[str, Any]]:
                 "finished": finished,
                 "percent": round(100 * finished / job.total, 1) if job.total else 0.0,
                 "grades": repo.job_grade_counts(session, job.id),
+                "failures": repo.job_failures(session, job.id, JOB_FAILURES_SHOWN) if job.failed else [],
             }
         )
     return out

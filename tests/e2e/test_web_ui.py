@@ -22,6 +22,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,10 @@ import httpx
 import pytest
 import redis
 from PIL import Image as PILImage
+from sqlalchemy import delete, update
 
+from core.db import session_scope
+from core.tables import Explanation, Image, utcnow
 from tests.api_support import SAMPLES, Key, make_key, model_env, sample
 from tests.conftest import REPO_ROOT, WorkerProcess
 
@@ -255,6 +259,18 @@ def test_web_interface_in_chromium(
     assert _all_images_loaded(page)  # originals and heatmaps, through the cookie-authenticated routes
     _shot(page, screenshots, "web-result.png")
 
+    # A heatmap that never came (its message lost): "ask again" asks in place and shows it once
+    # drawn (the link opened the heatmap route's bare "not ready yet" text).
+    lost = api["images"][0]["id"]
+    with session_scope(env["DRSCREEN_DATABASE_URL"]) as s:
+        s.execute(delete(Explanation).where(Explanation.image_id == lost))
+        s.execute(update(Image).where(Image.id == lost).values(finished_at=utcnow() - timedelta(hours=1)))
+    page.reload()
+    card = page.locator(f"[data-testid=photo][data-image-id='{lost}']")
+    card.locator("[data-heatmap-missing] a").click()
+    card.locator("img[data-testid=heatmap]").wait_for(timeout=STEP_TIMEOUT_MS)
+    assert page.url.endswith(f"/bundles/{bundle_id}")
+
     # One photograph that is no fundus: ungradable, so REFER, impossible to miss.
     page.goto(f"{api_url}/")
     page.fill("#image-patient", "QA-1")
@@ -329,6 +345,18 @@ def test_web_interface_in_chromium(
     assert gone.status_code == 404 and httpx.get(f"{api_url}/v1/images/{image_id}", headers=key.headers,
                                                  timeout=30).status_code == 404  # fmt: skip
     assert _api(api_url, key, "/v1/patients/229")["patient_id"] == "229"  # the other patient stays
+
+    # A phone's width: no page is wider than the screen (the staff walkthrough: tables and long
+    # folder names pushed pages sideways); an unknown address is a page, not the API's JSON.
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in ("/", "/jobs", "/model", f"/bundles/{bundle_id}", "/patients"):
+        page.goto(f"{api_url}{path}")
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{path} is {overflow} px wider than a phone's screen"
+    _shot(page, screenshots, "web-phone-patients.png")
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(f"{api_url}/no-such-page")
+    assert "There is no such page" in page.inner_text("main")
 
     # Signing out ends the session.
     page.click("header button:has-text('Sign out')")

@@ -4,6 +4,7 @@ progress route, OpenAPI, health and metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -92,6 +93,41 @@ def test_every_v1_endpoint_needs_a_valid_key(client: TestClient, url: str, key: 
             assert resp.status_code == 401, (method, path, headers, resp.text)
             assert resp.json()["error"] == "unauthorized"
             assert resp.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_keyless_upload_is_refused_before_its_body_is_read(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The security review: the form was parsed before the key was checked, so anyone could make
+    the API read (and spool to disk) a 100 MiB upload only to answer "missing API key"."""
+    import starlette.requests
+
+    read: list[str] = []
+    real_form = starlette.requests.Request._get_form
+
+    async def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        read.append(self.url.path)
+        return await real_form(self, *args, **kwargs)
+
+    monkeypatch.setattr(starlette.requests.Request, "_get_form", spy)
+    for headers in ({}, {"Authorization": "Basic x"}, {"Authorization": "Bearer "}):
+        resp = client.post(
+            "/v1/images",
+            headers=headers,
+            data={"patient_id": "p-1", "eye": "left"},
+            files={"file": ("x.jpg", b"\xff\xd8" + b"\0" * 100_000)},
+        )
+        assert resp.status_code == 401 and resp.json()["error"] == "unauthorized", headers
+        assert resp.headers["www-authenticate"] == "Bearer"
+    assert read == []
+
+
+def test_api_answers_are_not_kept_by_caches(client: TestClient, key: Key) -> None:
+    """The security review: JSON answers with patients' grades carried no Cache-Control."""
+    client.post("/v1/images", headers=key.headers, data={"patient_id": "c-1", "eye": "left"},
+                files={"file": ("x.jpg", sample_bytes("16", "left"))})  # fmt: skip
+    for path in ("/v1/patients/c-1", "/v1/models", "/v1/patients/nobody"):
+        assert client.get(path, headers=key.headers).headers["cache-control"] == "no-store", path
 
 
 @pytest.mark.parametrize("name", sorted(bad_files()))
@@ -490,6 +526,53 @@ def test_waiting_requests_hand_their_database_connection_back_while_they_sleep(
     )
     assert resp.status_code == 202 and resp.json()["status"] == "queued"  # no worker runs here
     assert held and set(held) == {0}
+
+
+def test_waiting_requests_are_capped_per_key_and_in_all() -> None:
+    from services.waits import WaitSlots
+
+    slots = WaitSlots(total=3, per_key=2)
+    with slots.slot(1) as a, slots.slot(1) as b, slots.slot(1) as c:
+        assert (a, b, c) == (True, True, False)  # the key's share is 2
+        with slots.slot(2) as d, slots.slot(3) as e:
+            assert (d, e) == (True, False)  # 3 in all
+    with slots.slot(1) as a, slots.slot(1) as b:
+        assert a and b  # released on the way out
+
+
+def test_a_wait_with_every_slot_taken_answers_at_once(
+    client: TestClient, key: Key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The security review: 45 uploads of one clinic with ``wait=30`` held every route thread and
+    another clinic's request took 26 s. Past the per-key share the upload answers 202 without
+    sleeping; the client polls."""
+    import services.routes.images as images_route
+
+    waited: list[str] = []
+    real_wait = images_route._wait_until_finished
+
+    def spy(session: Any, image_id: str, seconds: float, poll: float) -> Any:
+        waited.append(image_id)
+        return real_wait(session, image_id, 0.0, poll)
+
+    monkeypatch.setattr(images_route, "_wait_until_finished", spy)
+
+    def upload(patient: str) -> Any:
+        return client.post(
+            "/v1/images?wait=5",
+            headers=key.headers,
+            data={"patient_id": patient, "eye": "left"},
+            files={"file": ("x.jpg", sample_bytes("16", "left"))},
+        )
+
+    assert upload("w-2").status_code == 202 and len(waited) == 1  # a slot was free: it waited
+    slots = client.app.state.wait_slots  # type: ignore[attr-defined]
+    with contextlib.ExitStack() as held:
+        for _ in range(8):  # the key's share (DRSCREEN_MAX_WAITING_PER_KEY)
+            assert held.enter_context(slots.slot(key.key_id))
+        resp = upload("w-3")
+    assert resp.status_code == 202 and resp.json()["status"] == "queued"
+    assert len(waited) == 1  # the key's 8 slots were taken: no wait
 
 
 def test_a_database_that_stops_answering_is_a_503_not_a_500(

@@ -113,6 +113,24 @@ def test_serve_refuses_a_port_out_of_range(isolated_settings: Path, monkeypatch:
     assert runner.invoke(app, ["serve", "--port", "65535"]).exit_code == 0 and started == [65535]
 
 
+def test_serve_trusts_forwarded_headers_only_from_the_proxy_it_is_told(
+    isolated_settings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The security review: behind a TLS proxy on another host the sign-in cookie (it holds the
+    API key) was never marked Secure: nothing let uvicorn believe the proxy's X-Forwarded-Proto."""
+    import uvicorn
+
+    started: list[dict[str, object]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append(k))
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    assert runner.invoke(app, ["serve"]).exit_code == 0
+    assert runner.invoke(app, ["serve", "--forwarded-allow-ips", "10.0.0.5"]).exit_code == 0
+    assert [(k["proxy_headers"], k["forwarded_allow_ips"]) for k in started] == [
+        (True, "127.0.0.1"),
+        (True, "10.0.0.5"),
+    ]
+
+
 @pytest.mark.parametrize("clinic", ["", "   "])
 def test_keys_create_refuses_a_blank_clinic_in_one_line(isolated_settings: Path, clinic: str) -> None:
     assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0

@@ -152,6 +152,10 @@ def test_signed_out_or_cross_site_posts_are_refused(client: TestClient, world: W
         # the forms' protection (services.web.auth.same_origin): another site's page posting
         forged = client.post(path, headers=_cookie(north) | {"Origin": "https://evil.example"}, data=form)
         assert forged.status_code == 403 and "another site" in forged.text, path
+        # without Origin, another site's Referer or Sec-Fetch-Site gives it away (the security review)
+        for told in ({"Referer": "https://evil.example/x"}, {"Sec-Fetch-Site": "cross-site"}):
+            forged = client.post(path, headers=_cookie(north) | told, data=form)
+            assert forged.status_code == 403 and "another site" in forged.text, (path, told)
     assert _data(world.url) == before and files(world.store) == stored
     assert audit_rows(world.url, "patient.erase") == []
 

@@ -4,14 +4,21 @@ done in-process by tests/unit/test_workers_scoring.py's stub ensemble)."""
 from __future__ import annotations
 
 import re
+from datetime import timedelta
+from pathlib import Path
 
 from fastapi.testclient import TestClient
+from PIL import Image as PILImage
+from sqlalchemy import update
 
+from core import repository as repo
+from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore
+from core.tables import Image, utcnow
 from services.web.auth import COOKIE_NAME
 from tests.api_support import make_key
-from tests.unit.test_workers_scoring import Sent, StubEnsemble, add_images, photo
+from tests.unit.test_workers_scoring import BUNDLE, Sent, StubEnsemble, add_images, job_with_photo, photo
 from workers import scoring
 
 
@@ -106,3 +113,136 @@ def test_a_refused_upload_keeps_the_form_and_says_why_in_words(client: TestClien
     )
     assert resp.status_code == 422 and "Photograph: the file is not a photograph" in resp.text
     assert 'value="P230"' in resp.text and 'value="right" checked' in resp.text
+
+
+def test_an_earlier_visits_pages_show_that_visits_result(client: TestClient, url: str) -> None:
+    """A leftover of the web walkthrough: a visit's page of last year showed today's result as its
+    own (here: today only the left eye, so "right eye not photographed, REFER")."""
+    key = make_key(url, "North")
+    cookie = {"Cookie": f"{COOKIE_NAME}={key.key}"}
+    store = FileStore(get_settings().store_path)
+    first = add_images(url, store, "PVISITS", [photo(n) for n in BUNDLE], bundle=True)
+    scoring.score_images(first, ensemble=StubEnsemble(), store=store, db_url=url, enqueue=Sent())
+    with session_scope(url) as s:
+        bundle_id = s.get(Image, first[0]).bundle_id
+        s.execute(update(Image).where(Image.id.in_(first)).values(created_at=utcnow() - timedelta(days=400)))
+    then = client.get("/v1/patients/PVISITS", headers=key.headers).json()
+    assert then["referral_reasons"] == [] or "right_eye_not_photographed" not in then["referral_reasons"]
+
+    [today] = add_images(url, store, "PVISITS", [photo("19_left.jpg")])
+    scoring.score_images([today], ensemble=StubEnsemble(), store=store, db_url=url, enqueue=Sent())
+    now = client.get("/v1/patients/PVISITS", headers=key.headers).json()
+    assert "right_eye_not_photographed" in now["referral_reasons"]
+
+    for page in (f"/bundles/{bundle_id}", f"/images/{first[2]}"):
+        html = client.get(page, headers=cookie).text
+        assert 'data-testid="earlier-visit"' in html, page
+        assert "not photographed" not in html, page
+        assert _banner(html) == _banner_of(then), page
+    html = client.get(f"/images/{today}", headers=cookie).text
+    assert 'data-testid="earlier-visit"' not in html and "Right eye: not photographed" in html
+
+
+def _banner_of(patient: dict[str, object]) -> tuple[str, str]:
+    """The verdict banner a patient result (the API's JSON) gives."""
+    if not patient["gradable"]:
+        return "refer", "REFER — UNGRADABLE"
+    return ("refer", "REFER") if patient["referable"] else ("ok", "No referral")
+
+
+def test_the_jobs_page_says_why_files_failed(client: TestClient, url: str) -> None:
+    """A leftover of the web walkthrough: the jobs page said "2 failed" and nothing more (the
+    reasons were only in the CSV)."""
+    key = make_key(url, "North")
+    store = FileStore(get_settings().store_path)
+    [image_id] = add_images(url, store, "PJOB", [photo("16_left.jpg")])
+    with session_scope(url) as s:
+        clinic = repo.get_or_create_clinic(s, "North")
+        job = repo.create_job(s, clinic.id, "/imports/north/monday")
+        repo.add_job_items(
+            s,
+            job.id,
+            [
+                repo.JobItemSpec("broken.jpg", "PJOB", "left"),
+                repo.JobItemSpec("16_left.jpg", "PJOB", "left"),
+            ],
+        )
+        broken, linked = repo.job_items(s, job.id)
+        repo.set_job_item(s, broken, status="failed", error="JPEG does not end with the EOI marker (FFD9)")
+        repo.set_job_item(s, linked, status="queued", image_id=image_id)
+        repo.mark_image_failed(s, s.get(Image, image_id), "could not be scored after 3 attempts")
+        repo.refresh_job_counts(s, job.id)
+    html = client.get("/jobs", headers={"Cookie": f"{COOKIE_NAME}={key.key}"}).text
+    failures = re.search(r'data-testid="job-failures".*?</details>', html, re.S)
+    assert failures, html
+    assert "<code>broken.jpg</code>: JPEG does not end with the EOI marker (FFD9)" in failures.group(0)
+    assert "<code>16_left.jpg</code>: could not be scored after 3 attempts" in failures.group(0)
+
+
+def test_a_finished_jobs_rows_keep_their_grade_while_a_newer_release_regrades(
+    client: TestClient, url: str
+) -> None:
+    """Session 22's leftover: a finished job's counts kept a re-queued photograph's earlier grade,
+    but its rows (JSON and CSV) read "queued" with no grade."""
+    key = make_key(url, "North")
+    store = FileStore(get_settings().store_path)
+    job_id, image_id = job_with_photo(url, store, "PREG", "16_left.jpg")
+    scoring.score_images([image_id], ensemble=StubEnsemble(), store=store, db_url=url, enqueue=Sent())
+    before = client.get(f"/v1/jobs/{job_id}/results", headers=key.headers).json()["items"]
+    assert before[0]["status"] == "done" and before[0]["grade"] is not None
+    with session_scope(url) as s:
+        assert repo.refresh_job_counts(s, job_id).status == "done"
+        repo.requeue_image(s, s.get(Image, image_id))  # as a newer release does
+    rows = client.get(f"/v1/jobs/{job_id}/results", headers=key.headers).json()["items"]
+    assert (rows[0]["status"], rows[0]["grade"]) == ("done", before[0]["grade"])
+    csv_text = client.get(f"/v1/jobs/{job_id}/results?format=csv", headers=key.headers).text
+    assert ",queued," not in csv_text and ",done," in csv_text
+    assert client.get(f"/v1/images/{image_id}", headers=key.headers).json()["status"] == "queued"
+
+
+def test_the_history_keeps_an_earlier_releases_result_after_a_regrade(client: TestClient, url: str) -> None:
+    """Session 23's leftover: a newer release grading a visit again recomputed it under the same
+    trigger, and the history's one-entry-per-screening rule hid what the clinic was first told."""
+    key = make_key(url, "North")
+    store = FileStore(get_settings().store_path)
+    old, new = StubEnsemble(ref="stub-ensemble@1.0.0"), StubEnsemble(ref="stub-ensemble@2.0.0")
+    ids = add_images(url, store, "PHIST", [photo(n) for n in BUNDLE], bundle=True)
+    scoring.score_images(ids[:2], ensemble=old, store=store, db_url=url, enqueue=Sent())
+    scoring.score_images(ids[2:], ensemble=old, store=store, db_url=url, enqueue=Sent())
+    history = client.get("/v1/patients/PHIST", headers=key.headers).json()["history"]
+    assert [h["model_version"] for h in history] == [old.ref]  # two partial results: one screening
+    with session_scope(url) as s:  # a worker of the newer release queues the visit again
+        for image in repo.get_images(s, ids):
+            repo.requeue_image(s, image)
+    regraded = scoring.score_images(ids, ensemble=new, store=store, db_url=url, enqueue=Sent())
+    assert sorted(regraded.scored + regraded.ungradable) == sorted(ids)
+    history = client.get("/v1/patients/PHIST", headers=key.headers).json()["history"]
+    assert [h["model_version"] for h in history] == [new.ref, old.ref]
+
+
+def test_an_unknown_page_address_answers_a_page_to_browsers_and_json_to_clients(client: TestClient) -> None:
+    """A leftover of the web walkthrough: a mistyped or stale address gave a browser raw JSON."""
+    page = client.get("/patient", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+    assert "There is no such page" in page.text and "Back to screening" in page.text
+    api = client.get("/v1/nothing-here", headers={"Accept": "text/html"})
+    assert api.status_code == 404 and api.json()["error"] == "not_found"
+    plain = client.get("/patient")
+    assert plain.status_code == 404 and plain.json()["error"] == "not_found"
+
+
+def test_a_tiff_the_upload_accepted_can_be_viewed(client: TestClient, url: str, tmp_path: Path) -> None:
+    """The security review: a TIFF of 41-50 M pixels passed the upload's limit (50 M) and its
+    photograph page answered 500 (the converter kept the decoder's own 40 M)."""
+    key = make_key(url, "North")
+    big = tmp_path / "big.tif"
+    PILImage.new("RGB", (6500, 6500), (90, 40, 20)).save(big, compression="tiff_deflate")
+    answer = client.post(
+        "/v1/images",
+        headers=key.headers,
+        data={"patient_id": "PTIFF", "eye": "left"},
+        files={"file": ("big.tif", big.read_bytes(), "image/tiff")},
+    )
+    assert answer.status_code == 202, answer.text
+    shown = client.get(f"/images/{answer.json()['id']}/photo", headers={"Cookie": f"{COOKIE_NAME}={key.key}"})
+    assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"

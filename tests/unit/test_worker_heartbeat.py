@@ -26,6 +26,7 @@ from core import repository as repo
 from core.db import session_scope
 from core.settings import get_settings
 from core.tables import WorkerHeartbeat, utcnow
+from tests.api_support import make_key
 from workers import heartbeat as worker_hb
 from workers.settings import get_worker_settings
 
@@ -302,6 +303,27 @@ def test_status_warns_when_the_broker_cannot_be_reached(url: str, monkeypatch: p
     result = CliRunner().invoke(cli, ["status"])
     assert result.exit_code == 1, result.output
     assert "the broker cannot be reached" in result.output.split("WARNING:\n", 1)[1]
+
+
+def test_status_warns_when_clinics_share_every_import_root(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The security review: with DRSCREEN_IMPORT_PER_CLINIC false (the default) every clinic's
+    folder jobs read every import root, other clinics' exports included, and nothing said so."""
+    _activate(url)
+    _settings_env(monkeypatch, import_roots=str(tmp_path))
+    assert _heartbeat().beat(first=True)
+    make_key(url, "North")
+    quiet = CliRunner().invoke(cli, ["status"])
+    assert quiet.exit_code == 0, quiet.output  # one clinic: nothing to share
+    make_key(url, "South")
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 1, result.output
+    assert "2 clinics hold API keys and DRSCREEN_IMPORT_PER_CLINIC is false" in result.output
+    _settings_env(monkeypatch, import_per_clinic="true")
+    assert _heartbeat().beat()
+    per_clinic = CliRunner().invoke(cli, ["status"])
+    assert "DRSCREEN_IMPORT_PER_CLINIC is false" not in per_clinic.output, per_clinic.output
 
 
 def test_status_with_only_a_stale_worker_says_nothing_is_graded(url: str) -> None:

@@ -266,6 +266,34 @@ def test_links_out_of_the_roots_all_get_one_error(tmp_path: Path, roots: Path) -
     assert not isinstance(folders.read_photo(folder / "43_left.jpg", 10**8), str)  # the local CLI
 
 
+def test_a_folder_swapped_for_a_link_while_a_photograph_is_opened_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The security review: clinic B renamed a folder of its own and a link to clinic A's export
+    into each other in a loop beside a folder job; a swap landing between the path's check and the
+    open handed B one of A's photographs (1 of 300 in 13 s). What was opened is checked now."""
+    own_root, other = (tmp_path / "imports" / "B").resolve(), tmp_path / "imports" / "A" / "export"
+    ours, theirs = own_root / "race" / "d", other
+    ours.mkdir(parents=True)
+    theirs.mkdir(parents=True)
+    (ours / "P1_left.jpg").write_bytes((PHOTOS / "229_left.jpg").read_bytes())
+    (theirs / "P1_left.jpg").write_bytes(stolen := (PHOTOS / "16_left.jpg").read_bytes())
+    checked = folders._not_a_regular_file
+
+    def swap_then_check(path: Path) -> str | None:  # runs between the roots check and the open
+        problem = checked(path)
+        if ours.is_dir() and not ours.is_symlink():
+            ours.rename(ours.with_name("d_real"))
+            ours.symlink_to(theirs, target_is_directory=True)
+        return problem
+
+    monkeypatch.setattr(folders, "_not_a_regular_file", swap_then_check)
+    loaded = folders.read_photo(ours / "P1_left.jpg", 10**8, [own_root])
+    assert ours.is_symlink()  # the swap happened
+    assert not (isinstance(loaded, folders.LoadedFile) and loaded.data == stolen)
+    assert loaded == folders.LINK_OUTSIDE
+
+
 def test_manifest_out_of_the_roots_is_refused(
     url: str, store: FileStore, tmp_path: Path, roots: Path
 ) -> None:

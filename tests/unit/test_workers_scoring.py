@@ -145,6 +145,21 @@ def add_images(
     return ids
 
 
+def job_with_photo(
+    url: str, store: FileStore, patient: str, name: str, folder: str = "/data"
+) -> tuple[str, str]:
+    """A folder job of one photograph, its item linked and queued as a worker's expansion leaves
+    it: (job id, image id)."""
+    with session_scope(url) as s:
+        clinic = repo.get_or_create_clinic(s, "North")
+        job_id = repo.create_job(s, clinic.id, folder).id
+        repo.add_job_items(s, job_id, [repo.JobItemSpec(name, patient, photo(name)[2])])
+    [image_id] = add_images(url, store, patient, [photo(name)], job_id=job_id)
+    with session_scope(url) as s:
+        repo.set_job_item(s, repo.job_items(s, job_id)[0], status="queued", image_id=image_id)
+    return job_id, image_id
+
+
 def photo(name: str) -> tuple[str, bytes, str]:
     return name, (PHOTOS / name).read_bytes(), "left" if "_left" in name else "right"
 
@@ -590,16 +605,10 @@ def test_a_job_linking_an_earlier_jobs_photograph_finishes_when_it_is_graded(
     job's); graded again, only the first job was refreshed and the second stayed "running" until
     someone read it."""
     old, new = StubEnsemble(ref="stub-ensemble@1.0.0"), StubEnsemble(ref="stub-ensemble@2.0.0")
-    with session_scope(url) as s:
-        clinic = repo.get_or_create_clinic(s, "North")
-        first = repo.create_job(s, clinic.id, "/data").id
-        repo.add_job_items(s, first, [repo.JobItemSpec("16_left.jpg", "L", "left")])
-    [image_id] = add_images(url, store, "L", [photo("16_left.jpg")], job_id=first)
-    with session_scope(url) as s:
-        repo.set_job_item(s, repo.job_items(s, first)[0], status="queued", image_id=image_id)
+    _, image_id = job_with_photo(url, store, "L", "16_left.jpg")
     scoring.score_images([image_id], ensemble=old, store=store, db_url=url, enqueue=Sent())
     with session_scope(url) as s:  # the folder sent again, for a newer release (folders.ingest_item)
-        second = repo.create_job(s, clinic.id, "/data").id
+        second = repo.create_job(s, repo.get_or_create_clinic(s, "North").id, "/data").id
         repo.add_job_items(s, second, [repo.JobItemSpec("16_left.jpg", "L", "left")])
         repo.requeue_image(s, repo.get_image(s, image_id))  # type: ignore[arg-type]
         repo.set_job_item(s, repo.job_items(s, second)[0], status="queued", image_id=image_id)

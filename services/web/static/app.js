@@ -2,6 +2,8 @@
 // 1. Result pages poll their progress route and reload once the result is complete.
 // 2. Pages with data-refresh-seconds (the jobs list while a job runs) reload themselves.
 // 3. Upload forms show that they are busy and cannot be sent twice.
+// 4. "ask again" for a missing heatmap asks in place and shows it when drawn (the link alone
+//    opened the heatmap route's bare "not ready yet").
 "use strict";
 
 (function () {
@@ -53,7 +55,36 @@
     });
   }
 
+  function askAgain(link) {
+    link.addEventListener("click", async function (event) {
+      event.preventDefault();
+      const box = link.closest("[data-heatmap-missing]");
+      const url = link.getAttribute("href");
+      const started = Date.now();
+      box.textContent = "Heatmap asked for; being drawn…";
+      while (Date.now() - started < 120000) {
+        try {
+          const resp = await fetch(url, { credentials: "same-origin", cache: "no-store" });
+          if (resp.ok) {
+            const img = document.createElement("img");
+            img.src = URL.createObjectURL(await resp.blob());
+            img.alt = box.getAttribute("data-heatmap-alt");
+            img.setAttribute("data-testid", "heatmap");
+            box.replaceWith(img);
+            return;
+          }
+          if (resp.status !== 409) break;  // 404: no heatmap for this photograph
+        } catch (err) {
+          // Network hiccup: try again.
+        }
+        await new Promise(function (done) { window.setTimeout(done, POLL_MS); });
+      }
+      box.textContent = "The heatmap could not be drawn now: reload the page later.";
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("[data-heatmap-missing] a").forEach(askAgain);
     const progress = document.querySelector("[data-progress-url]");
     if (progress) pollProgress(progress);
     const refresh = document.querySelector("[data-refresh-seconds]");
