@@ -22,10 +22,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.templating import Jinja2Templates
 from markdown_it import MarkdownIt
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from core import db, retention
 from core import repository as repo
-from core import retention
 from core.errors import Conflict, DomainError, NotFound
 from core.schemas import PatientSummary
 from core.store import FileStore
@@ -123,8 +124,14 @@ def _not_found(request: Request, principal: Principal | None, what: str) -> HTML
 
 
 def not_found_page(request: Request) -> HTMLResponse:
-    """A page address the interface does not have (``services.errors`` answers it for browsers)."""
-    return _not_found(request, None, "There is no such page. Start again from the screening page.")
+    """A page address the interface does not have (``services.errors`` answers it for browsers),
+    with the header of a signed-in page when the cookie holds a valid key."""
+    try:
+        with db.session_scope(request.app.state.settings.database_url) as session:
+            principal = auth.principal_from_cookie(request, session)
+    except SQLAlchemyError:  # the page still answers; the header then offers signing in
+        principal = None
+    return _not_found(request, principal, "There is no such page. Start again from the screening page.")
 
 
 def _error_text(exc: DomainError) -> str:

@@ -349,11 +349,11 @@ def test_web_interface_in_chromium(
     # A phone's width: no page is wider than the screen (the staff walkthrough: tables and long
     # folder names pushed pages sideways); an unknown address is a page, not the API's JSON.
     page.set_viewport_size({"width": 390, "height": 844})
-    for path in ("/", "/jobs", "/model", f"/bundles/{bundle_id}", "/patients"):
+    for path in ("/", "/jobs", "/model", "/patients", f"/bundles/{bundle_id}"):
         page.goto(f"{api_url}{path}")
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{path} is {overflow} px wider than a phone's screen"
-    _shot(page, screenshots, "web-phone-patients.png")
+    _shot(page, screenshots, "web-phone-visit.png")
     page.set_viewport_size({"width": 1280, "height": 900})
     page.goto(f"{api_url}/no-such-page")
     assert "There is no such page" in page.inner_text("main")

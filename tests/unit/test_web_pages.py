@@ -220,7 +220,9 @@ def test_the_history_keeps_an_earlier_releases_result_after_a_regrade(client: Te
     assert [h["model_version"] for h in history] == [new.ref, old.ref]
 
 
-def test_an_unknown_page_address_answers_a_page_to_browsers_and_json_to_clients(client: TestClient) -> None:
+def test_an_unknown_page_address_answers_a_page_to_browsers_and_json_to_clients(
+    client: TestClient, url: str
+) -> None:
     """A leftover of the web walkthrough: a mistyped or stale address gave a browser raw JSON."""
     page = client.get("/patient", headers={"Accept": "text/html,application/xhtml+xml"})
     assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
@@ -229,6 +231,9 @@ def test_an_unknown_page_address_answers_a_page_to_browsers_and_json_to_clients(
     assert api.status_code == 404 and api.json()["error"] == "not_found"
     plain = client.get("/patient")
     assert plain.status_code == 404 and plain.json()["error"] == "not_found"
+    key = make_key(url, "North")  # signed in: the page keeps the signed-in header
+    page = client.get("/patient", headers={"Accept": "text/html", "Cookie": f"{COOKIE_NAME}={key.key}"})
+    assert page.status_code == 404 and "Sign out" in page.text
 
 
 def test_a_tiff_the_upload_accepted_can_be_viewed(client: TestClient, url: str, tmp_path: Path) -> None:
