@@ -98,11 +98,17 @@ def create_app(
             app.state.producer.close()
             db.get_engine(base.database_url).dispose()
 
+    # Swagger UI and ReDoc load their scripts from a CDN on the staff pages' origin: a script
+    # changed there could act as any signed-in staff member (the security review). Off unless
+    # asked for; /openapi.json (the contract) is always served.
+    docs = (api_settings or get_api_settings()).api_docs
     app = FastAPI(
         title="drscreen",
         version=API_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
         openapi_tags=[
             {"name": "images", "description": "single photographs"},
             {"name": "bundles", "description": "a patient's visit: up to two photographs per eye"},

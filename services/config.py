@@ -33,6 +33,9 @@ class ApiSettings(BaseSettings):
     #: Largest page of ``GET /v1/jobs/{id}/results``; it can only lower the route's own cap of
     #: 1000 (a larger value acts as 1000; refusing it would stop an upgraded API that has one).
     max_page_size: int = Field(default=1000, ge=1)
+    #: Serve Swagger UI at /docs and ReDoc at /redoc (their scripts come from a CDN, on the same
+    #: origin as the staff pages: for development machines, not clinics).
+    api_docs: bool = False
 
 
 @lru_cache(maxsize=1)

@@ -611,6 +611,22 @@ def test_a_field_given_twice_is_refused_not_half_kept(client: TestClient, url: s
     assert _count(url, Image) == 0 and _count(url, Bundle) == 0
 
 
+def test_swagger_and_redoc_are_off_unless_asked_for(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The security review: /docs and /redoc load scripts from a CDN onto the staff pages' origin."""
+    from services.app import create_app
+    from services.config import get_api_settings
+
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    assert client.get("/openapi.json").status_code == 200
+    monkeypatch.setenv("DRSCREEN_API_DOCS", "true")
+    get_api_settings.cache_clear()
+    with TestClient(create_app()) as dev:
+        assert dev.get("/docs").status_code == 200 and dev.get("/redoc").status_code == 200
+    get_api_settings.cache_clear()
+
+
 def test_openapi_documents_the_errors_the_api_gives(client: TestClient, key: Key) -> None:
     """Integrators read the contract from /openapi.json: error answers are ErrorBody (never
     FastAPI's HTTPValidationError, which this API does not send), a path-id route cannot answer
