@@ -38,7 +38,9 @@ from core.tables import (
     Prediction,
     ScoringJob,
     ScoringJobItem,
+    WebSession,
     WorkerHeartbeat,
+    as_utc,
     utcnow,
 )
 
@@ -124,6 +126,59 @@ def list_api_keys(session: Session, clinic_id: int | None = None) -> list[ApiKey
     if clinic_id is not None:
         stmt = stmt.where(ApiKey.clinic_id == clinic_id)
     return list(session.scalars(stmt))
+
+
+def create_web_session(session: Session, key: ApiKey) -> str:
+    """A new signed-in browser for ``key``: returns the token for its cookie (only its sha256 is
+    kept, as for keys)."""
+    token = secrets.token_urlsafe(32)
+    session.add(WebSession(token_hash=hash_api_key(token), api_key_id=key.id))
+    session.flush()
+    return token
+
+
+def web_session_key(
+    session: Session, token: str, *, idle: timedelta, longest: timedelta, now: datetime | None = None
+) -> ApiKey | None:
+    """The active key of the session holding ``token``, or None: no such session, idle for longer
+    than ``idle``, older than ``longest``, or its key revoked. Marks it seen (at most once a
+    minute: every page would otherwise be a write)."""
+    now = now or utcnow()
+    row = session.execute(
+        select(WebSession, ApiKey)
+        .join(ApiKey, ApiKey.id == WebSession.api_key_id)
+        .where(WebSession.token_hash == hash_api_key(token), ApiKey.revoked_at.is_(None))
+    ).one_or_none()
+    if row is None:
+        return None
+    web, key = row
+    if now - as_utc(web.last_seen_at) > idle or now - as_utc(web.created_at) > longest:
+        session.delete(web)
+        session.flush()
+        return None
+    if now - as_utc(web.last_seen_at) > timedelta(minutes=1):
+        web.last_seen_at = now
+        session.flush()
+    return key
+
+
+def end_web_session(session: Session, token: str) -> int:
+    """Sign a browser out (its cookie's token no longer works anywhere). Returns rows deleted."""
+    result = session.execute(delete(WebSession).where(WebSession.token_hash == hash_api_key(token)))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def purge_web_sessions(
+    session: Session, *, idle: timedelta, longest: timedelta, now: datetime | None = None
+) -> int:
+    """Delete sessions that can no longer be used (idle or too old); returns how many."""
+    now = now or utcnow()
+    result = session.execute(
+        delete(WebSession).where(
+            (WebSession.last_seen_at < now - idle) | (WebSession.created_at < now - longest)
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 # ------------------------------------------------------------------------------------- patients

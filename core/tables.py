@@ -89,6 +89,19 @@ class ApiKey(Base):
     clinic: Mapped[Clinic] = relationship(lazy="joined")
 
 
+class WebSession(Base):
+    """A signed-in browser of the web interface. Its cookie holds a random token (only its sha256
+    is kept), not the API key: signing out ends it here, it lapses when idle, and revoking the key
+    ends every session of it (the security review: the cookie was the key itself)."""
+
+    __tablename__ = "web_session"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_key.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Patient(Base):
     __tablename__ = "patient"
     __table_args__ = (UniqueConstraint("clinic_id", "external_id"),)

@@ -33,6 +33,10 @@ class ApiSettings(BaseSettings):
     #: Largest page of ``GET /v1/jobs/{id}/results``; it can only lower the route's own cap of
     #: 1000 (a larger value acts as 1000; refusing it would stop an upgraded API that has one).
     max_page_size: int = Field(default=1000, ge=1)
+    #: A web interface sign-in ends after this many hours without a page, and this many after it
+    #: began, whatever (the cookie holds a session token, not the key: services/web/auth.py).
+    web_session_idle_hours: float = Field(default=8.0, gt=0)
+    web_session_max_hours: float = Field(default=24.0, gt=0)
     #: Serve Swagger UI at /docs and ReDoc at /redoc (their scripts come from a CDN, on the same
     #: origin as the staff pages: for development machines, not clinics).
     api_docs: bool = False

@@ -79,6 +79,12 @@ def get_principal(
     key = repo.authenticate_api_key(session, credentials.credentials.strip(), touch=False)
     if key is None:
         raise Unauthorized("unknown or revoked API key")
+    return principal_for_key(request, key)
+
+
+def principal_for_key(request: Request, key: ApiKey) -> Principal:
+    """The caller behind an active ``key`` (from a bearer header or a web sign-in): the key's use
+    is recorded and its rate limit applies (:class:`RateLimited`, answered 429)."""
     _touch(key)
     limiter: RateLimiter = request.app.state.rate_limiter
     wait = limiter.acquire(key.id)

@@ -40,6 +40,18 @@ class Key:
         return {"Authorization": f"Bearer {self.key}"}
 
 
+def web_cookie(client: Any, key: Key) -> dict[str, str]:
+    """The ``Cookie`` header of a web interface sign-in with ``key``, through ``POST /login`` (the
+    client's own cookie jar is emptied again: a request without this header is signed out)."""
+    from services.web.auth import COOKIE_NAME
+
+    answer = client.post("/login", data={"api_key": key.key}, follow_redirects=False)
+    assert answer.status_code == 303, answer.text
+    token = answer.cookies[COOKIE_NAME]
+    client.cookies.clear()
+    return {"Cookie": f"{COOKIE_NAME}={token}"}
+
+
 def make_key(url: str, clinic: str) -> Key:
     with session_scope(url) as session:
         row_clinic = repo.get_or_create_clinic(session, clinic)

@@ -1,60 +1,70 @@
-"""Signing in to the web interface: the API key, kept in a cookie, checked exactly like ``/v1``.
+"""Signing in to the web interface with an API key, checked exactly like ``/v1``.
 
-The key goes into an HttpOnly (no script can read it), SameSite=Strict (never sent by another site's
-page, so forms cannot be forged from elsewhere) cookie, Secure when the page is served over https.
-It lives for the browser session only. Each request is then authenticated by
-:func:`services.deps.get_principal`, the API's own dependency: same key check, same revocation,
-same rate limit, same clinic isolation.
+Signing in creates a session (``core.tables.WebSession``): the cookie holds a random token, not
+the key (the security review: a cookie read once was the clinic's key until an operator revoked
+it). The session ends on sign-out, after ``DRSCREEN_WEB_SESSION_IDLE_HOURS`` without a page, after
+``DRSCREEN_WEB_SESSION_MAX_HOURS`` whatever, and with its key's revocation. The cookie is HttpOnly
+(no script can read it), SameSite=Strict (never sent by another site's page, so forms cannot be
+forged from elsewhere) and Secure when the page is served over https. Each request is then the
+key's, through :func:`services.deps.principal_for_key`: same revocation, same rate limit, same
+clinic isolation as the API.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.orm import Session
 
 from core import repository as repo
-from core.errors import Unauthorized
-from services.deps import Principal, get_principal
+from core.tables import ApiKey
+from services.config import ApiSettings
+from services.deps import Principal, principal_for_key
 
-COOKIE_NAME = "drscreen_key"
+COOKIE_NAME = "drscreen_session"
 #: Longest key accepted from the login form (keys are far shorter; this only bounds the work).
 MAX_KEY_LENGTH = 256
+#: Longest cookie value looked up (tokens are 43 characters).
+MAX_TOKEN_LENGTH = 128
 
 
-def key_is_valid(session: Session, key: str) -> bool:
+def valid_key(session: Session, key: str) -> ApiKey | None:
     """The API's key check (``core.repository.authenticate_api_key``), without side effects."""
     key = key.strip()
     if not key or len(key) > MAX_KEY_LENGTH:
-        return False
-    return repo.authenticate_api_key(session, key, touch=False) is not None
+        return None
+    return repo.authenticate_api_key(session, key, touch=False)
+
+
+def _lifetimes(request: Request) -> tuple[timedelta, timedelta]:
+    api: ApiSettings = request.app.state.api_settings
+    return timedelta(hours=api.web_session_idle_hours), timedelta(hours=api.web_session_max_hours)
 
 
 def principal_from_cookie(request: Request, session: Session) -> Principal | None:
-    """Who is signed in, or None (no cookie, or a key that is unknown or revoked by now).
+    """Who is signed in, or None (no cookie, or a session that ended: signed out, idle, too old,
+    or its key revoked by now).
 
     Rate limiting is the API's: :class:`services.errors.RateLimited` propagates (answered 429)."""
-    key = request.cookies.get(COOKIE_NAME)
-    if not key or len(key) > MAX_KEY_LENGTH:
+    token = request.cookies.get(COOKIE_NAME)
+    if not token or len(token) > MAX_TOKEN_LENGTH:
         return None
-    credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=key)
-    try:
-        return get_principal(request, session, credentials)
-    except Unauthorized:
-        return None
+    idle, longest = _lifetimes(request)
+    key = repo.web_session_key(session, token, idle=idle, longest=longest)
+    return None if key is None else principal_for_key(request, key)
 
 
-def is_https(request: Request) -> bool:
-    return request.url.scheme == "https"
-
-
-def set_key_cookie(response: Response, request: Request, key: str) -> None:
+def sign_in(response: Response, request: Request, session: Session, key: ApiKey) -> None:
+    """Start a session for ``key`` and give the browser its cookie (sessions that can no longer be
+    used are deleted on the way: no other job is needed for them)."""
+    idle, longest = _lifetimes(request)
+    repo.purge_web_sessions(session, idle=idle, longest=longest)
     response.set_cookie(
         COOKIE_NAME,
-        key.strip(),
+        repo.create_web_session(session, key),
         httponly=True,
         samesite="strict",
         secure=is_https(request),
@@ -62,8 +72,16 @@ def set_key_cookie(response: Response, request: Request, key: str) -> None:
     )
 
 
-def clear_key_cookie(response: Response, request: Request) -> None:
+def sign_out(response: Response, request: Request, session: Session) -> None:
+    """End the browser's session (its token stops working everywhere) and clear the cookie."""
+    token = request.cookies.get(COOKIE_NAME)
+    if token and len(token) <= MAX_TOKEN_LENGTH:
+        repo.end_web_session(session, token)
     response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict", secure=is_https(request))
+
+
+def is_https(request: Request) -> bool:
+    return request.url.scheme == "https"
 
 
 def safe_next(target: str | None) -> str:

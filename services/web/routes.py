@@ -169,20 +169,21 @@ def login(
 ) -> Response:
     if not auth.same_origin(request):
         return _page(request, "message.html", _forbidden_origin(), principal=None, status_code=403)
-    if not auth.key_is_valid(session, api_key):
+    key = auth.valid_key(session, api_key)
+    if key is None:
         context = {"next": auth.safe_next(next), "error": "Unknown or revoked API key."}
         return _page(request, "login.html", context, principal=None, status_code=401)
     response = RedirectResponse(auth.safe_next(next), status_code=303)
-    auth.set_key_cookie(response, request, api_key)
+    auth.sign_in(response, request, session, key)
     return response
 
 
 @router.post("/logout")
-def logout(request: Request) -> Response:
+def logout(request: Request, session: SessionDep) -> Response:
     if not auth.same_origin(request):  # as every other form post (another site signed staff out)
         return Response("This form was sent from another site.", status_code=403, media_type="text/plain")
     response = RedirectResponse("/login", status_code=303)
-    auth.clear_key_cookie(response, request)
+    auth.sign_out(response, request, session)
     return response
 
 

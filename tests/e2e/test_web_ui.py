@@ -207,8 +207,9 @@ def test_web_interface_in_chromium(
     _shot(page, screenshots, "web-login.png")
     page.click("#login-form button[type=submit]")
     page.wait_for_url(f"{api_url}/jobs")
-    cookie = next(c for c in page.context.cookies() if c["name"] == "drscreen_key")
+    cookie = next(c for c in page.context.cookies() if c["name"] == "drscreen_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]
+    assert key.key not in cookie["value"]  # a session token, not the clinic's API key
 
     # A visit of patient 229: one photograph per eye.
     page.goto(f"{api_url}/")
@@ -358,9 +359,12 @@ def test_web_interface_in_chromium(
     page.goto(f"{api_url}/no-such-page")
     assert "There is no such page" in page.inner_text("main")
 
-    # Signing out ends the session.
+    # Signing out ends the session, on the server too: its cookie copied before no longer works.
+    copied = next(c for c in page.context.cookies() if c["name"] == "drscreen_session")["value"]
     page.click("header button:has-text('Sign out')")
     page.wait_for_url(f"{api_url}/login")
+    replayed = httpx.get(f"{api_url}/jobs", cookies={"drscreen_session": copied}, timeout=10)
+    assert replayed.status_code == 303 and replayed.headers["location"].startswith("/login")
     page.goto(f"{api_url}/bundles/{bundle_id}")
     assert page.url.startswith(f"{api_url}/login")
     assert httpx.get(f"{api_url}/images/{image_id}/photo", timeout=10).status_code == 401

@@ -20,8 +20,7 @@ from core.settings import Settings, get_settings
 from core.tables import AuditEvent, Bundle, IdempotencyKey, Image, Patient, ScoringJob
 from services.app import create_app
 from services.config import get_api_settings
-from services.web.auth import COOKIE_NAME
-from tests.api_support import Key, bad_files, make_key, png_bytes, revoke, sample_bytes
+from tests.api_support import Key, bad_files, make_key, png_bytes, revoke, sample_bytes, web_cookie
 
 CONTRACT_PATHS = {
     "/v1/images": {"post"},
@@ -313,7 +312,7 @@ def test_web_progress_answers(client: TestClient, key: Key) -> None:
         },
     ).json()["id"]
     image = _upload(client, key, sample_bytes("16", "left")).json()["id"]
-    cookie = {"Cookie": f"{COOKIE_NAME}={key.key}"}
+    cookie = web_cookie(client, key)
     pending = {"finished": 0, "failed": 0, "heatmaps_missing": 0, "scored": False, "complete": False}
     for path, total in ((f"/bundles/{bundle}/progress", 2), (f"/images/{image}/progress", 1)):
         resp = client.get(path, headers=cookie)

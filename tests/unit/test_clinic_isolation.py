@@ -17,8 +17,7 @@ from core import repository as repo
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore
-from services.web.auth import COOKIE_NAME
-from tests.api_support import Key, make_key, sample_bytes
+from tests.api_support import Key, make_key, sample_bytes, web_cookie
 from tests.unit.test_workers_scoring import PHOTOS, Sent, StubEnsemble, add_images
 from workers import explain as explain_mod
 from workers import scoring
@@ -98,7 +97,7 @@ def _reads(n: NorthData) -> list[str]:
 
 
 def _get(client: TestClient, key: Key, path: str) -> tuple[int, bytes]:
-    headers = key.headers if path.startswith("/v1/") else {"Cookie": f"{COOKIE_NAME}={key.key}"}
+    headers = key.headers if path.startswith("/v1/") else web_cookie(client, key)
     resp = client.get(path, headers=headers, follow_redirects=False)
     return resp.status_code, resp.content
 
@@ -121,16 +120,14 @@ def test_web_listings_and_lookups_show_only_the_clinics_own(
     client: TestClient, keys: tuple[Key, Key], north: NorthData
 ) -> None:
     north_key, south_key = keys
-    cookie = {"Cookie": f"{COOKIE_NAME}={south_key.key}"}
+    cookie = web_cookie(client, south_key)
     for path in ("/", "/jobs"):
         resp = client.get(path, headers=cookie)
         assert resp.status_code == 200, path
         assert north.job not in resp.text and north.bundle not in resp.text and north.image not in resp.text
     resp = client.post("/patients", headers=cookie, data={"patient_id": VISIT_PATIENT})
     assert resp.status_code == 404 and "0917" not in resp.text.replace(f'value="{VISIT_PATIENT}"', "")
-    own = client.post(
-        "/patients", headers={"Cookie": f"{COOKIE_NAME}={north_key.key}"}, data={"patient_id": VISIT_PATIENT}
-    )
+    own = client.post("/patients", headers=web_cookie(client, north_key), data={"patient_id": VISIT_PATIENT})
     assert own.status_code == 200
 
 

@@ -178,8 +178,7 @@ def test_the_web_pages_tiff_conversion_waits_for_a_decode_slot_no_longer_than_an
     from core.db import session_scope
     from core.settings import get_settings
     from core.store import FileStore
-    from services.web.auth import COOKIE_NAME
-    from tests.api_support import make_key
+    from tests.api_support import make_key, web_cookie
 
     key = make_key(url, "North")
     buf = io.BytesIO()
@@ -197,7 +196,7 @@ def test_the_web_pages_tiff_conversion_waits_for_a_decode_slot_no_longer_than_an
             size_bytes=stored.size_bytes,
             filename="p.tif",
         ).id
-    path, cookie = f"/images/{image_id}/photo", {"Cookie": f"{COOKIE_NAME}={key.key}"}
+    path, cookie = f"/images/{image_id}/photo", web_cookie(client, key)
 
     monkeypatch.setattr(uploads, "DECODE_WAIT_S", 0.05)
     slots = uploads.DECODE_SLOTS._initial_value  # type: ignore[attr-defined]
@@ -239,11 +238,10 @@ def test_a_web_upload_refused_for_want_of_a_decode_slot_is_a_503_page(
 ) -> None:
     """The web forms showed every refusal under 422; a page saying "retry shortly" is now a 503
     with Retry-After, as the JSON API answers (services.errors.status_for for every refusal)."""
-    from services.web.auth import COOKIE_NAME
-    from tests.api_support import make_key
+    from tests.api_support import make_key, web_cookie
 
     key = make_key(url, "North")
-    cookie = {"Cookie": f"{COOKIE_NAME}={key.key}"}
+    cookie = web_cookie(client, key)
     buf = io.BytesIO()
     Image.new("RGB", (300, 300), (120, 40, 20)).save(buf, format="PNG")
     form = {"patient_id": "P-BUSY", "eye": "left"}

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from core.settings import get_settings
 from core.store import FileStore
 from services.web.auth import COOKIE_NAME
-from tests.api_support import Key, make_key
+from tests.api_support import Key, make_key, web_cookie
 from tests.retention_world import (
     KEEP,
     NORTH,
@@ -43,13 +43,14 @@ def north(world: World) -> Key:
     return make_key(world.url, NORTH)
 
 
-def _cookie(key: Key) -> dict[str, str]:
-    return {"Cookie": f"{COOKIE_NAME}={key.key}"}
+def _cookie(client: TestClient, key: Key) -> dict[str, str]:
+    return web_cookie(client, key)
 
 
 def _data(url: str) -> Rows:
-    """Every row but the audit log and the keys (a page view audits, and touches its key)."""
-    return {t: rows for t, rows in dump(url).items() if t not in ("audit_event", "api_key")}
+    """Every row but the audit log, the keys and the sign-ins (a page view audits, touches its key,
+    and signing in is a session row)."""
+    return {t: rows for t, rows in dump(url).items() if t not in ("audit_event", "api_key", "web_session")}
 
 
 def _shown_counts(html: str) -> dict[str, int]:
@@ -64,19 +65,19 @@ def _shown_counts(html: str) -> dict[str, int]:
 def _confirm(client: TestClient, key: Key, patient: str, typed: str | None, **headers: str) -> Any:
     form = {"patient_id": patient} if typed is None else {"patient_id": patient, "confirm": typed}
     return client.post(
-        "/patients/erase/confirm", headers=_cookie(key) | headers, data=form, follow_redirects=False
+        "/patients/erase/confirm", headers=_cookie(client, key) | headers, data=form, follow_redirects=False
     )
 
 
 def test_the_patient_page_leads_to_a_confirmation_that_erases_nothing(
     client: TestClient, world: World, north: Key
 ) -> None:
-    page = client.post("/patients", headers=_cookie(north), data={"patient_id": TARGET})
+    page = client.post("/patients", headers=_cookie(client, north), data={"patient_id": TARGET})
     assert page.status_code == 200 and 'action="/patients/erase"' in page.text
     gone = owned_by(world.url, world.target)
     before, stored = _data(world.url), files(world.store)
 
-    resp = client.post("/patients/erase", headers=_cookie(north), data={"patient_id": TARGET})
+    resp = client.post("/patients/erase", headers=_cookie(client, north), data={"patient_id": TARGET})
 
     assert resp.status_code == 200, resp.text
     shown = _shown_counts(resp.text)
@@ -116,26 +117,32 @@ def test_the_confirmed_erasure_deletes_the_patient_and_nothing_else(
     assert event.api_key_id == north.key_id and event.clinic_id == world.north
     assert event.detail is not None and event.detail["by"] == "web" and event.detail["files"] == len(unique)
     assert event.detail["rows"]["patient"] == 1 and TARGET not in str(event.detail)
-    shown = client.get(resp.headers["location"], headers=_cookie(north))
+    shown = client.get(resp.headers["location"], headers=_cookie(client, north))
     assert shown.status_code == 200 and 'data-testid="patient-erased"' in shown.text
     # gone for North (South's own ERASE-1 stays); erasing again finds nothing
-    assert client.post("/patients", headers=_cookie(north), data={"patient_id": TARGET}).status_code == 404
+    assert (
+        client.post("/patients", headers=_cookie(client, north), data={"patient_id": TARGET}).status_code
+        == 404
+    )
     south = make_key(world.url, SOUTH)
-    assert client.post("/patients", headers=_cookie(south), data={"patient_id": TARGET}).status_code == 200
+    assert (
+        client.post("/patients", headers=_cookie(client, south), data={"patient_id": TARGET}).status_code
+        == 200
+    )
     assert _confirm(client, north, TARGET, TARGET).status_code == 404
 
 
 def test_another_clinic_gets_404_and_erases_nothing(client: TestClient, world: World) -> None:
     south = make_key(world.url, SOUTH)  # South has no KEEP-2: North's stays
     before, stored = _data(world.url), files(world.store)
-    resp = client.post("/patients/erase", headers=_cookie(south), data={"patient_id": KEEP})
+    resp = client.post("/patients/erase", headers=_cookie(client, south), data={"patient_id": KEEP})
     assert resp.status_code == 404 and "Erase permanently" not in resp.text
     assert _confirm(client, south, KEEP, KEEP).status_code == 404
     assert _data(world.url) == before and files(world.store) == stored
     assert audit_rows(world.url, "patient.erase") == []
     # North's own confirmation page: the 404 above is isolation, not a missing page
     own = client.post(
-        "/patients/erase", headers=_cookie(make_key(world.url, NORTH)), data={"patient_id": KEEP}
+        "/patients/erase", headers=_cookie(client, make_key(world.url, NORTH)), data={"patient_id": KEEP}
     )
     assert own.status_code == 200 and "Erase permanently" in own.text
 
@@ -150,11 +157,13 @@ def test_signed_out_or_cross_site_posts_are_refused(client: TestClient, world: W
                               follow_redirects=False)  # fmt: skip
         assert revoked.status_code == 303, path
         # the forms' protection (services.web.auth.same_origin): another site's page posting
-        forged = client.post(path, headers=_cookie(north) | {"Origin": "https://evil.example"}, data=form)
+        forged = client.post(
+            path, headers=_cookie(client, north) | {"Origin": "https://evil.example"}, data=form
+        )
         assert forged.status_code == 403 and "another site" in forged.text, path
         # without Origin, another site's Referer or Sec-Fetch-Site gives it away (the security review)
         for told in ({"Referer": "https://evil.example/x"}, {"Sec-Fetch-Site": "cross-site"}):
-            forged = client.post(path, headers=_cookie(north) | told, data=form)
+            forged = client.post(path, headers=_cookie(client, north) | told, data=form)
             assert forged.status_code == 403 and "another site" in forged.text, (path, told)
     assert _data(world.url) == before and files(world.store) == stored
     assert audit_rows(world.url, "patient.erase") == []
@@ -165,7 +174,7 @@ def test_a_patient_with_a_photograph_being_scored_is_refused_clearly(
 ) -> None:
     add_images(world.url, world.store, TARGET, [photo("1012_left.jpg")], clinic=NORTH)  # queued
     before, stored = _data(world.url), files(world.store)
-    preview = client.post("/patients/erase", headers=_cookie(north), data={"patient_id": TARGET})
+    preview = client.post("/patients/erase", headers=_cookie(client, north), data={"patient_id": TARGET})
     assert preview.status_code == 409 and "still being scored" in preview.text
     assert "Erase permanently" not in preview.text  # no form to confirm
     resp = _confirm(client, north, TARGET, TARGET)

@@ -9,15 +9,14 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from core import repository as repo
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore
-from core.tables import Image, utcnow
-from services.web.auth import COOKIE_NAME
-from tests.api_support import make_key
+from core.tables import Image, WebSession, utcnow
+from tests.api_support import make_key, web_cookie
 from tests.unit.test_workers_scoring import BUNDLE, Sent, StubEnsemble, add_images, job_with_photo, photo
 from workers import scoring
 
@@ -38,7 +37,7 @@ def test_a_single_photographs_page_gives_the_patients_decision(client: TestClien
     scoring.score_images([image_id], ensemble=StubEnsemble(), store=store, db_url=url, enqueue=Sent())
     patient = client.get("/v1/patients/P178", headers=key.headers).json()
     assert patient["referable"] is True and "right_eye_not_photographed" in patient["referral_reasons"]
-    html = client.get(f"/images/{image_id}", headers={"Cookie": f"{COOKIE_NAME}={key.key}"}).text
+    html = client.get(f"/images/{image_id}", headers=web_cookie(client, key)).text
     tone, headline = _banner(html)
     assert tone == "refer" and headline.startswith("REFER"), headline
     assert "Right eye: not photographed" in html
@@ -48,7 +47,7 @@ def test_the_patient_page_says_pending_and_not_photographed_in_words(client: Tes
     """The web walkthrough: a right-eye photograph still queued read as a red REFER with the right
     eye "UNGRADABLE"; an eye never photographed read "UNGRADABLE" too."""
     key = make_key(url, "North")
-    cookie = {"Cookie": f"{COOKIE_NAME}={key.key}"}
+    cookie = web_cookie(client, key)
     store = FileStore(get_settings().store_path)
     [left] = add_images(url, store, "PONE", [photo("16_left.jpg")])
     scoring.score_images([left], ensemble=StubEnsemble(), store=store, db_url=url, enqueue=Sent())
@@ -82,7 +81,7 @@ def test_signing_in_again_after_a_form_post_returns_to_its_form(client: TestClie
             "/login" if form == "/" else f"/login?next={form}"
         ), route
     key = make_key(url, "North")
-    cookie = {"Cookie": f"{COOKIE_NAME}={key.key}"}
+    cookie = web_cookie(client, key)
     foreign = client.post(
         "/logout", headers=cookie | {"Origin": "https://elsewhere.example"}, follow_redirects=False
     )
@@ -94,7 +93,7 @@ def test_a_refused_upload_keeps_the_form_and_says_why_in_words(client: TestClien
     """The web walkthrough: a refused upload emptied the patient id and said "left_1: JPEG does not
     end with the EOI marker (FFD9)"."""
     key = make_key(url, "North")
-    cookie = {"Cookie": f"{COOKIE_NAME}={key.key}"}
+    cookie = web_cookie(client, key)
     jpeg = photo("16_left.jpg")[1]
     resp = client.post(
         "/screenings/bundle",
@@ -119,7 +118,7 @@ def test_an_earlier_visits_pages_show_that_visits_result(client: TestClient, url
     """A leftover of the web walkthrough: a visit's page of last year showed today's result as its
     own (here: today only the left eye, so "right eye not photographed, REFER")."""
     key = make_key(url, "North")
-    cookie = {"Cookie": f"{COOKIE_NAME}={key.key}"}
+    cookie = web_cookie(client, key)
     store = FileStore(get_settings().store_path)
     first = add_images(url, store, "PVISITS", [photo(n) for n in BUNDLE], bundle=True)
     scoring.score_images(first, ensemble=StubEnsemble(), store=store, db_url=url, enqueue=Sent())
@@ -172,7 +171,7 @@ def test_the_jobs_page_says_why_files_failed(client: TestClient, url: str) -> No
         repo.set_job_item(s, linked, status="queued", image_id=image_id)
         repo.mark_image_failed(s, s.get(Image, image_id), "could not be scored after 3 attempts")
         repo.refresh_job_counts(s, job.id)
-    html = client.get("/jobs", headers={"Cookie": f"{COOKIE_NAME}={key.key}"}).text
+    html = client.get("/jobs", headers=web_cookie(client, key)).text
     failures = re.search(r'data-testid="job-failures".*?</details>', html, re.S)
     assert failures, html
     assert "<code>broken.jpg</code>: JPEG does not end with the EOI marker (FFD9)" in failures.group(0)
@@ -232,7 +231,7 @@ def test_an_unknown_page_address_answers_a_page_to_browsers_and_json_to_clients(
     plain = client.get("/patient")
     assert plain.status_code == 404 and plain.json()["error"] == "not_found"
     key = make_key(url, "North")  # signed in: the page keeps the signed-in header
-    page = client.get("/patient", headers={"Accept": "text/html", "Cookie": f"{COOKIE_NAME}={key.key}"})
+    page = client.get("/patient", headers={"Accept": "text/html"} | web_cookie(client, key))
     assert page.status_code == 404 and "Sign out" in page.text
 
 
@@ -249,5 +248,43 @@ def test_a_tiff_the_upload_accepted_can_be_viewed(client: TestClient, url: str, 
         files={"file": ("big.tif", big.read_bytes(), "image/tiff")},
     )
     assert answer.status_code == 202, answer.text
-    shown = client.get(f"/images/{answer.json()['id']}/photo", headers={"Cookie": f"{COOKIE_NAME}={key.key}"})
+    shown = client.get(f"/images/{answer.json()['id']}/photo", headers=web_cookie(client, key))
     assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
+
+
+def test_a_sign_in_is_a_session_that_ends_on_sign_out_idle_age_and_revocation(
+    client: TestClient, url: str
+) -> None:
+    """The security review: the web cookie was the clinic's API key itself, so signing out only
+    cleared the browser's copy and a copied cookie worked until an operator revoked the key."""
+    key = make_key(url, "North")
+    cookie = web_cookie(client, key)
+    assert key.key not in cookie["Cookie"]
+
+    def signed_in(headers: dict[str, str]) -> bool:
+        page = client.get("/jobs", headers=headers, follow_redirects=False)
+        assert page.status_code in (200, 303), page.status_code
+        return page.status_code == 200
+
+    assert signed_in(cookie)
+    out = client.post("/logout", headers=cookie, follow_redirects=False)
+    assert out.status_code == 303 and out.headers["location"] == "/login"
+    assert not signed_in(cookie)  # the copied cookie no longer works
+
+    for column in ("last_seen_at", "created_at"):  # idle for 9 h; or begun 25 h ago
+        cookie = web_cookie(client, key)
+        with session_scope(url) as s:
+            s.execute(
+                update(WebSession).values(
+                    {column: utcnow() - timedelta(hours={"last_seen_at": 9, "created_at": 25}[column])}
+                )
+            )
+        assert not signed_in(cookie), column
+        with session_scope(url) as s:
+            assert s.scalar(select(func.count()).select_from(WebSession)) == 0
+
+    cookie = web_cookie(client, key)
+    assert signed_in(cookie)
+    with session_scope(url) as s:
+        assert repo.revoke_api_key(s, key.key_id) == 1
+    assert not signed_in(cookie)
