@@ -81,6 +81,11 @@ _OPEN_FLAGS = (
 )
 
 
+#: Files one folder job may hold (a clinic's export is a few thousand; ~20 per minute per CPU
+#: worker, so this is days of scoring).
+MAX_JOB_FILES = 100_000
+
+
 class FolderRefused(ValueError):
     """The job folder is missing, not a folder, or outside the import roots."""
 
@@ -111,9 +116,11 @@ def check_folder(folder: str | os.PathLike[str], roots: Sequence[Path]) -> Path:
     return real
 
 
-def _walk(folder: Path) -> list[str]:
+def _walk(folder: Path, limit: int | None = None) -> list[str]:
     """Relative POSIX paths of the regular files and file links under ``folder`` (hidden ones
-    skipped, sorted). Linked folders are not entered, so a link cannot pull in a whole tree."""
+    skipped, sorted). Linked folders are not entered, so a link cannot pull in a whole tree.
+    More than ``limit`` files: :class:`FolderRefused` (one job was a whole file server's listing
+    in memory and one transaction; the security review)."""
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -122,6 +129,8 @@ def _walk(folder: Path) -> list[str]:
             if name.startswith("."):
                 continue
             found.append((base / name).relative_to(folder).as_posix())
+            if limit is not None and len(found) > limit:
+                raise FolderRefused(f"the folder holds more than {limit} files: split it into smaller ones")
     return found
 
 
@@ -134,7 +143,7 @@ def plan_folder(folder: Path, roots: Sequence[Path] | None) -> list[PlannedFile]
     cannot be used at all (outside the roots, not a regular file, too large, not CSV).
     """
     real_roots = None if roots is None else [r.resolve() for r in roots]
-    files = _walk(folder)
+    files = _walk(folder, None if roots is None else MAX_JOB_FILES)  # the local CLI: any size
     manifest = _read_manifest(folder, real_roots)
     planned: list[PlannedFile] = []
     if manifest is not None:

@@ -183,12 +183,34 @@ def _cases(root: Path, outside: Path) -> list[Case]:
             "conflict",
             lambda c, k: _reuse(c, k, good),
         ),
+        # the test review: the key's length and character rules could go unnoticed
+        (
+            "Idempotency-Key over 200 characters",
+            422,
+            "invalid_input",
+            lambda c, k: _keyed(c, k, good, "k" * 201),
+        ),
+        (
+            "Idempotency-Key with a control character",
+            422,
+            "invalid_input",
+            lambda c, k: _keyed(c, k, good, "a\tb"),
+        ),
     ]
     return cases
 
 
 def _job(client: TestClient, key: Key, folder: str) -> Any:
     return client.post("/v1/jobs", headers=key.headers, json={"folder": folder})
+
+
+def _keyed(client: TestClient, key: Key, good: bytes, idempotency_key: str) -> Any:
+    return client.post(
+        "/v1/images",
+        headers=key.headers | {"Idempotency-Key": idempotency_key},
+        data={"patient_id": "m-3", "eye": "left"},
+        files={"file": ("a", good)},
+    )
 
 
 def _reuse(client: TestClient, key: Key, good: bytes) -> Any:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,16 +39,16 @@ def test_contract_options_exist() -> None:
     assert "--host" in serve and "--port" in serve
 
 
-def test_help_is_fast_and_imports_nothing_heavy() -> None:
+def test_help_imports_nothing_heavy() -> None:
+    """What keeps ``drscreen --help`` quick: the CLI module loads no heavy library (its time is
+    not asserted here: speed is for benchmarks, not the test suite)."""
     code = (
-        "import sys, time; t=time.perf_counter(); import cli.main; "
+        "import sys; import cli.main; "
         "heavy=[m for m in ('torch','sqlalchemy','celery','fastapi','numpy') if m in sys.modules]; "
         "print(heavy)"
     )
-    start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    assert time.perf_counter() - start < 10
 
 
 def test_missing_part_gives_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:

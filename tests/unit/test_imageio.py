@@ -239,6 +239,21 @@ def test_damaged_entropy_data_that_pillow_decodes_is_corrupt(where: float, fill:
         assert ei.value.reason == "corrupt" and "damaged" in str(ei.value)
 
 
+@pytest.mark.parametrize("where", [0.2, 0.8])
+@pytest.mark.parametrize("fill", [b"\x00" * 3, b"\x55" * 3])
+def test_damage_before_a_restart_marker_is_corrupt_not_padding(where: float, fill: bytes) -> None:
+    """libjpeg says "N extraneous bytes before marker 0xd0-0xd7" when a scan with restart markers
+    is damaged: that is damage, not the encoder padding accepted before the end marker (the test
+    review: without the rule such photographs were graded)."""
+    data = _encode(Image.open(SAMPLE).convert("RGB"), "JPEG", quality=90, restart_marker_blocks=4)
+    scan = data.find(b"\xff\xda")
+    at = scan + int((len(data) - scan) * where)
+    damaged = data[:at] + fill + data[at + len(fill) :]
+    with pytest.raises(ImageDecodeError) as ei:
+        decode_image(damaged)
+    assert ei.value.reason == "corrupt" and "extraneous bytes before marker 0xd" in str(ei.value)
+
+
 def test_the_strict_check_passes_every_shipped_sample_and_other_encodings() -> None:
     for photo in sorted(SAMPLE.parents[1].glob("*/*.jpg")):
         assert check_image(photo.read_bytes())[0] > 0, photo

@@ -11,7 +11,7 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from ml.jpeg_damage import looks_block_shifted
+from ml.jpeg_damage import _block_grid, looks_block_shifted
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 SAMPLE_16L = SAMPLES / "16" / "16_left.jpg"
@@ -105,6 +105,22 @@ def test_clean_variants_are_not_flagged(photo: Image.Image, make: Make) -> None:
 )
 def test_unjudged_inputs_return_false_without_raising(photo: Image.Image, make: Make) -> None:
     assert looks_block_shifted(make(photo)) is False
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda im: _jpeg(im, quality=90, progressive=True), id="progressive"),
+        pytest.param(lambda im: _jpeg(im, quality=90, subsampling=0), id="4:4:4"),
+        pytest.param(lambda im: _jpeg(im, quality=90, subsampling=1), id="4:2:2"),
+        pytest.param(lambda im: _jpeg(im.resize((256, 2048))), id="256x2048-strip"),
+    ],
+)
+def test_inputs_the_heuristic_does_not_judge_are_not_read(photo: Image.Image, make: Make) -> None:
+    """The test review: the sample photograph is not flagged whether or not these guards exist, so
+    they could go unnoticed (the strip's is the memory guard). What they keep out is not read."""
+    assert _block_grid(make(photo)) is None
+    assert _block_grid(_jpeg(photo, quality=90)) is not None  # a baseline 4:2:0 photograph is
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ml.inference.combine import CombineRule
 from ml.metrics import (
     apply_thresholds,
     bootstrap_intervals,
     confusion,
     fit_thresholds,
     grading_report,
+    group_resamples,
+    patient_referable_metrics,
     qwk,
 )
 
@@ -79,3 +82,49 @@ def test_bootstrap_intervals_resample_whole_patients() -> None:
     by_photo = bootstrap_intervals(y, pred, pred.astype(float), n_resamples=500)
     assert by_patient["accuracy"][0] <= 1 / 3 + 1e-9 and by_patient["accuracy"][1] == 1.0
     assert by_photo["accuracy"][0] > 0.45 and by_photo["accuracy"][1] < 0.85
+
+
+def test_qwk_is_sklearns_quadratic_kappa_over_the_five_grades() -> None:
+    """The test review: with grades 0 and 1 only, quadratic and linear weights agree, so linear
+    weights passed every test. Random 5-grade cases against sklearn's own."""
+    from sklearn.metrics import cohen_kappa_score
+
+    rng = np.random.default_rng(11)
+    for n in (5, 12, 60):
+        for _ in range(20):
+            y, p = rng.integers(0, 5, n), rng.integers(0, 5, n)
+            expected = cohen_kappa_score(y, p, weights="quadratic", labels=list(range(5)))
+            if np.isfinite(expected):
+                assert qwk(y, p) == pytest.approx(expected, abs=1e-12)
+    assert qwk([0, 0, 2, 4, 1], [2, 0, 0, 4, 4]) == pytest.approx(0.41379, abs=1e-4)  # linear: 0.2553
+    assert qwk([2, 2, 2], [2, 2, 2]) == 0.0  # undefined (no spread): 0.0, never a perfect 1.0
+
+
+def test_bootstrap_interval_is_the_central_level_of_the_draws() -> None:
+    """The interval is the 2.5th and 97.5th percentile of the resampled QWKs for level 0.95 (the
+    test review: 5th-95th passed every test)."""
+    rng = np.random.default_rng(3)
+    y, pred = rng.integers(0, 5, 80), rng.integers(0, 5, 80)
+    groups = [str(i // 2) for i in range(80)]
+    out = bootstrap_intervals(y, pred, pred.astype(float), groups=groups, n_resamples=400, seed=7)
+    draws = [qwk(y[idx], pred[idx]) for idx in group_resamples(groups, 400, seed=7)]
+    assert out["qwk"] == pytest.approx(list(np.percentile(draws, [2.5, 97.5])))
+    for idx in group_resamples(groups, 50, seed=7):  # 40 patients of 2 photographs drawn each time
+        assert len(idx) == 80
+
+
+def test_patient_figures_take_the_worse_eye_and_keep_unnamed_photographs_apart() -> None:
+    """The test review: scoring a patient by the last eye instead of the worse one, or pooling
+    photographs without an eye into one eye, changed no test."""
+    rule = CombineRule("weighted_average", [1.0])
+    low, high = [0.9, 0.05, 0.03, 0.01, 0.01], [0.05, 0.05, 0.3, 0.3, 0.3]
+    probs = np.array([[high, low, low, low]])  # P1: left referable, right not; P2: neither
+    out = patient_referable_metrics(
+        rule, probs, ["P1", "P1", "P2", "P2"], ["left", "right"] * 2, [3, 0, 0, 0]
+    )
+    assert out["n_patients"] == 2 and out["referable_auc"] == 1.0 and out["referable_sensitivity"] == 1.0
+    # two photographs of P3 with no eye named, one ungradable: it may be the other eye, so referred
+    unnamed = patient_referable_metrics(
+        rule, np.array([[low, low]]), ["P3", "P3"], ["", ""], [0, 0], gradable=[False, True]
+    )
+    assert unnamed["referable_specificity"] == 0.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -33,6 +33,14 @@ def synthetic_fundus(h: int = 384, w: int = 512, seed: int = 0) -> np.ndarray:
         cv2.line(tex, p1, p2, -40.0, int(rng.integers(1, 4)))
     body = np.clip(base[None, None, :] * (1 + tex[..., None] / 100.0), 0, 255)
     img[disc.astype(bool)] = body[disc.astype(bool)].astype(np.uint8)
+    return img
+
+
+def _inside_disc(change: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The synthetic fundus with ``change`` applied to the disc's pixels (N x 3) only."""
+    img = synthetic_fundus()
+    disc = img.sum(axis=2) > 0
+    img[disc] = change(img[disc]).astype(np.uint8)
     return img
 
 
@@ -77,6 +85,9 @@ def test_synthetic_fundus_is_gradable() -> None:
         ("blurred", lambda: cv2.GaussianBlur(synthetic_fundus(), (0, 0), 10), "out_of_focus"),
         ("dark", lambda: (synthetic_fundus() * 0.1).astype(np.uint8), "underexposed"),
         ("corner", lambda: np.ascontiguousarray(synthetic_fundus()[:192, :256]), "poor_field_of_view"),
+        # the test review: the whole overexposure check, or the colour check, could go unnoticed
+        ("washed out", lambda: _inside_disc(lambda px: np.clip(px.astype(int) + 160, 0, 255)), "overexposed"),
+        ("blue", lambda: _inside_disc(lambda px: px[:, ::-1]), "not_fundus"),
     ],
 )  # fmt: skip
 def test_synthetic_negatives(name: str, make: object, reason: str) -> None:
@@ -130,15 +141,6 @@ def test_version1_thresholds_file_gains_the_energy_check(tmp_path: Path) -> None
     p.write_text(json.dumps({**old, "version": 1}))
     assert load_thresholds(p).focus_log_energy == QualityThresholds().focus_log_energy
     assert load_thresholds().focus_log_energy == QualityThresholds().focus_log_energy
-
-
-def test_fast_enough() -> None:
-    rgb = real_photos("drive-ungraded", 1)[0]
-    assess_quality(rgb)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        assess_quality(rgb)
-    assert (time.perf_counter() - t0) / 5 < 0.25  # budget 50 ms; slack for a loaded CI box
 
 
 def test_thresholds_roundtrip_and_shipped_json(tmp_path: Path) -> None:

@@ -414,6 +414,19 @@ def test_expand_folder_refuses_outside_roots(url: str, store: FileStore, tmp_pat
             assert job is not None and job.status == "failed" and job.error
 
 
+def test_a_folder_over_the_file_limit_fails_its_job_before_anything_is_saved(
+    url: str, store: FileStore, roots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The security review: nothing bounded a folder job's size (the whole listing in memory)."""
+    folder = make_folder(roots, NAMES[:2])  # 2 photographs + 3 other files
+    monkeypatch.setattr(folders, "MAX_JOB_FILES", 4)
+    job_id = new_job(url, folder)
+    summary = folders.expand_folder(job_id, db_url=url, store=store, enqueue=Sent())
+    assert summary.error == "the folder holds more than 4 files: split it into smaller ones"
+    assert not summary.sent and items_by_path(url, job_id) == {}
+    assert len(folders.plan_folder(folder, None)) == 5  # the local CLI: no limit
+
+
 def test_expand_folder_keeps_to_the_clinics_own_folder(
     url: str, store: FileStore, roots: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

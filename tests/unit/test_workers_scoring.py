@@ -846,3 +846,23 @@ def test_a_fault_of_the_damage_check_leaves_the_quality_gates_verdict(
     monkeypatch.setattr(scoring, "looks_block_shifted", broken)
     passed = QualityReport(gradable=True, scores={"focus": 1.0})
     assert scoring.with_damage_check(passed, photo("16_left.jpg")[1]) is passed
+
+
+def test_a_photograph_another_worker_finished_meanwhile_is_not_written_again(
+    url: str, store: FileStore, ens: StubEnsemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write-time check of two workers holding the same photograph (a message delivered twice):
+    the one that writes second finds it done and writes nothing (the test review: removing the
+    check changed no test)."""
+    [image_id] = add_images(url, store, "TWICE", [photo("16_left.jpg")])
+    real_write = scoring._write
+
+    def other_worker_first(items: Any, *args: Any, **kwargs: Any) -> Any:
+        with session_scope(url) as s:  # the other delivery's commit lands while this one graded
+            s.execute(update(Image).where(Image.id == image_id).values(status="done", gradable=True))
+        return real_write(items, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_write", other_worker_first)
+    summary = scoring.score_images([image_id], ensemble=ens, store=store, db_url=url, enqueue=Sent())
+    assert summary.skipped == [image_id] and summary.scored == []
+    assert count(url, Prediction) == 0 and count(url, PatientResult) == 0
