@@ -11,6 +11,7 @@ only when every step has passed: a failed export leaves the previous release as 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -35,15 +36,41 @@ def check_name_version(name: str, version: str) -> None:
         raise ReleaseError(f"release version {version!r}: MAJOR.MINOR.PATCH, e.g. 1.7.0")
 
 
+#: The releases that ship with the product (the repository's models/ folder).
+SHIPPED_DIR: Final = Path(__file__).resolve().parent.parent / "models"
+
+
+def is_candidate(folder: Path) -> bool:
+    """An ensemble exported with ``--validation-only``: a candidate, never a release (its test part
+    was not read, so its model card has no test figures)."""
+    try:
+        return json.loads((folder / "manifest.json").read_text())["card"]["test"]["n_images"] == 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def writable(models_dir: Path, kind: str, name: str, version: str, force: bool = False) -> Path:
     """``models_dir/<kind>/<name>/<version>`` after checking the name and that the version may be
-    written (it does not exist, or ``force``); callers with costly work ask before doing it."""
+    written (it does not exist, or ``force``); callers with costly work ask before doing it.
+
+    ``force`` never replaces a release in the shipped models folder, except an ensemble candidate
+    (``--validation-only``) being adopted: ``--force`` said "candidates only" and rewrote a
+    shipped ensemble's thresholds under its own version all the same (the README walkthrough).
+    Work on a copy of the folder (``DRSCREEN_MODELS_DIR``) to rebuild a shipped release."""
     check_name_version(name, version)
     dst = models_dir / kind / name / version
-    if dst.exists() and not force:
+    if not dst.exists():
+        return dst
+    candidate = kind == "ensembles" and is_candidate(dst)
+    shipped = dst.resolve().is_relative_to(SHIPPED_DIR) and not candidate
+    if not force or shipped:
         raise ReleaseError(
             f"{kind[:-1]} {name}@{version} exists ({dst}): a released version is never rewritten; "
-            "choose a new version (or --force for a candidate nothing ships)"
+            + (
+                "it ships with drscreen: rebuild it in a copy of the models folder (DRSCREEN_MODELS_DIR)"
+                if force
+                else "choose a new version (or --force for a candidate nothing ships)"
+            )
         )
     return dst
 

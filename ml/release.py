@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.preprocess import PreprocessConfig
+from ml.publish import is_candidate
 
 if TYPE_CHECKING:
     from ml.models import GradingNet
@@ -152,15 +153,6 @@ def list_ensembles(models_dir: Path | None = None) -> list[str]:
     refs = [(p.parent.name, p.name) for p in root.glob("*/*") if (p / "manifest.json").exists()]
     refs.sort(key=lambda nv: (nv[0], version_key(nv[1])))
     return [f"{n}@{v}" for n, v in refs]
-
-
-def is_candidate(folder: Path) -> bool:
-    """An ensemble exported with ``--validation-only``: a candidate, never a release (its test part
-    was not read, so its model card has no test figures)."""
-    try:
-        return json.loads((folder / "manifest.json").read_text())["card"]["test"]["n_images"] == 0
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def newest_ensemble(models_dir: Path | None = None) -> str:

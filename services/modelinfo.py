@@ -35,7 +35,7 @@ def released_ensembles(models_dir: Path) -> dict[str, Path]:
 
 def is_candidate(manifest: Path) -> bool:
     """An ensemble exported with ``--validation-only`` (no test figures): never the default model.
-    The rule of ``ml.release.is_candidate``, read here as plain JSON (the API imports no ``ml``)."""
+    The rule of ``ml.publish.is_candidate``, read here as plain JSON (the API imports no ``ml``)."""
     try:
         return json.loads(manifest.read_text())["card"]["test"]["n_images"] == 0
     except (OSError, ValueError, KeyError, TypeError):
