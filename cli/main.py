@@ -186,11 +186,13 @@ def serve(
     # click refuses a port out of range (exit 2): uvicorn took 70000 as 70000 - 65536 = 4464
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     workers: int = typer.Option(1, "--workers", help="Uvicorn worker processes."),
-    forwarded_allow_ips: str = typer.Option(
-        "127.0.0.1",
+    forwarded_allow_ips: str | None = typer.Option(
+        None,
         "--forwarded-allow-ips",
+        envvar="FORWARDED_ALLOW_IPS",
         help="Addresses of the TLS proxy whose X-Forwarded-Proto/-For are trusted (comma-separated, "
-        "'*' for any): behind a proxy on another host the sign-in cookie is marked Secure only then.",
+        "'*' for any; default uvicorn's, 127.0.0.1 and ::1): behind a proxy on another host the "
+        "sign-in cookie is marked Secure only then.",
     ),
 ) -> None:
     """Run the HTTP API (uvicorn, services.app:create_app)."""
@@ -210,6 +212,7 @@ def serve(
         workers=workers,
         log_level=get_settings().log_level.lower(),
         proxy_headers=True,
+        # None: uvicorn's own default (FORWARDED_ALLOW_IPS, else 127.0.0.1 and ::1)
         forwarded_allow_ips=forwarded_allow_ips,
     )
 

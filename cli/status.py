@@ -48,9 +48,10 @@ def gather(now: datetime | None = None) -> dict[str, Any]:
         rows = repo.worker_heartbeats(session)
         listed = [row for row in rows if now - as_utc(row.seen_at) <= LISTED_FOR]
         warnings = heartbeat.warnings(rows, own, active, now)
+        # a note, not a warning: sharing the roots may be meant (one organisation's clinics), and
+        # a permanent exit 1 would hide real warnings from health scripts (the review)
         shared = settings.shared_roots_warning(repo.count_clinics_with_keys(session))
-        if shared:
-            warnings.append(shared)
+        notes = [shared] if shared else []
         workers = [
             {
                 "node": row.node,
@@ -92,6 +93,7 @@ def gather(now: datetime | None = None) -> dict[str, Any]:
         "workers_not_listed": len(rows) - len(listed),
         "settings": own,
         "warnings": warnings,
+        "notes": notes,
     }
 
 
@@ -145,6 +147,9 @@ def render(report: dict[str, Any]) -> list[str]:
         ]
     if report["workers_not_listed"]:
         lines.append(f"  ({report['workers_not_listed']} not seen for more than 24 h, not listed)")
+    if report["notes"]:
+        lines.append("NOTE:")
+        lines += [f"  - {note}" for note in report["notes"]]
     if report["warnings"]:
         lines.append("WARNING:")
         lines += [f"  - {warning}" for warning in report["warnings"]]

@@ -152,13 +152,13 @@ def web_session_key(
     if row is None:
         return None
     web, key = row
+    # plain statements, not the ORM row: a sign-out committed in between leaves them nothing to
+    # do, where the ORM's flush would fail (StaleDataError: a 500; the review)
     if now - as_utc(web.last_seen_at) > idle or now - as_utc(web.created_at) > longest:
-        session.delete(web)
-        session.flush()
+        session.execute(delete(WebSession).where(WebSession.id == web.id))
         return None
     if now - as_utc(web.last_seen_at) > timedelta(minutes=1):
-        web.last_seen_at = now
-        session.flush()
+        session.execute(update(WebSession).where(WebSession.id == web.id).values(last_seen_at=now))
     return key
 
 
@@ -747,8 +747,8 @@ def get_current_patient_result(session: Session, patient_id: int) -> PatientResu
     ).first()
 
 
-def patient_history(session: Session, patient_id: int, limit: int = 100) -> list[PatientResult]:
-    """Results newest first (the current one included)."""
+def patient_history(session: Session, patient_id: int, limit: int | None = 100) -> list[PatientResult]:
+    """Results newest first (the current one included); ``limit=None``: all of them."""
     return list(
         session.scalars(
             select(PatientResult)

@@ -176,7 +176,9 @@ def screening_summary(
         return patient_summary(session, patient), False
     summary = PatientSummary(patient_id=patient.external_id)
     refs: dict[int, str] = {}
-    for result in repo.patient_history(session, patient.id):
+    # every result, not the history's newest 100: folder-job chunks and re-grades each add one,
+    # and a visit further back read "not graded" (the review)
+    for result in repo.patient_history(session, patient.id, limit=None):
         eyes = _eyes_of(result)
         if not any(wanted & set(eye.image_ids) for eye in eyes.values()):
             continue

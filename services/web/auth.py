@@ -25,6 +25,8 @@ from services.config import ApiSettings
 from services.deps import Principal, principal_for_key
 
 COOKIE_NAME = "drscreen_session"
+#: The cookie of the versions before sessions (session 24): it held the API key; deleted on sight.
+OLD_KEY_COOKIE = "drscreen_key"
 #: Longest key accepted from the login form (keys are far shorter; this only bounds the work).
 MAX_KEY_LENGTH = 256
 #: Longest cookie value looked up (tokens are 43 characters).
@@ -57,10 +59,34 @@ def principal_from_cookie(request: Request, session: Session) -> Principal | Non
     return None if key is None else principal_for_key(request, key)
 
 
-def sign_in(response: Response, request: Request, session: Session, key: ApiKey) -> None:
-    """Start a session for ``key`` and give the browser its cookie (sessions that can no longer be
-    used are deleted on the way: no other job is needed for them)."""
+def signed_in(request: Request, session: Session) -> bool:
+    """Whether the cookie names a live session (for a page's header only: no rate limit, no use
+    of the key recorded)."""
+    token = request.cookies.get(COOKIE_NAME)
+    if not token or len(token) > MAX_TOKEN_LENGTH:
+        return False
     idle, longest = _lifetimes(request)
+    return repo.web_session_key(session, token, idle=idle, longest=longest) is not None
+
+
+def _end_previous(response: Response, request: Request, session: Session) -> None:
+    """End the session the browser arrived with, and drop the cookie of the versions before
+    sessions (``drscreen_key``: it held the API key itself)."""
+    token = request.cookies.get(COOKIE_NAME)
+    if token and len(token) <= MAX_TOKEN_LENGTH:
+        repo.end_web_session(session, token)
+    if OLD_KEY_COOKIE in request.cookies:
+        response.delete_cookie(
+            OLD_KEY_COOKIE, path="/", httponly=True, samesite="strict", secure=is_https(request)
+        )
+
+
+def sign_in(response: Response, request: Request, session: Session, key: ApiKey) -> None:
+    """Start a session for ``key`` and give the browser its cookie; the browser's previous
+    session ends (it stayed valid beside the new one: the review), and sessions that can no
+    longer be used are deleted on the way (no other job is needed for them)."""
+    idle, longest = _lifetimes(request)
+    _end_previous(response, request, session)
     repo.purge_web_sessions(session, idle=idle, longest=longest)
     response.set_cookie(
         COOKIE_NAME,
@@ -74,9 +100,7 @@ def sign_in(response: Response, request: Request, session: Session, key: ApiKey)
 
 def sign_out(response: Response, request: Request, session: Session) -> None:
     """End the browser's session (its token stops working everywhere) and clear the cookie."""
-    token = request.cookies.get(COOKIE_NAME)
-    if token and len(token) <= MAX_TOKEN_LENGTH:
-        repo.end_web_session(session, token)
+    _end_previous(response, request, session)
     response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict", secure=is_https(request))
 
 

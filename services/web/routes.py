@@ -128,10 +128,15 @@ def not_found_page(request: Request) -> HTMLResponse:
     with the header of a signed-in page when the cookie holds a valid key."""
     try:
         with db.session_scope(request.app.state.settings.database_url) as session:
-            principal = auth.principal_from_cookie(request, session)
+            signed_in = auth.signed_in(request, session)
     except SQLAlchemyError:  # the page still answers; the header then offers signing in
-        principal = None
-    return _not_found(request, principal, "There is no such page. Start again from the screening page.")
+        signed_in = False
+    context = {
+        "title": "Not found",
+        "message": "There is no such page. Start again from the screening page.",
+        "signed_in": signed_in,  # the header's; no principal: no rate-limit token spent on a 404
+    }
+    return _page(request, "message.html", context, principal=None, status_code=404)
 
 
 def _error_text(exc: DomainError) -> str:

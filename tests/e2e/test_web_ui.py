@@ -270,6 +270,12 @@ def test_web_interface_in_chromium(
     card = page.locator(f"[data-testid=photo][data-image-id='{lost}']")
     card.locator("[data-heatmap-missing] a").click()
     card.locator("img[data-testid=heatmap]").wait_for(timeout=STEP_TIMEOUT_MS)
+    # drawn, not only placed: a blob: address was blocked by the pages' CSP (the review)
+    page.wait_for_function(
+        f"() => {{ const i = document.querySelector(\"[data-image-id='{lost}'] img[data-testid=heatmap]\");"
+        " return i && i.complete && i.naturalWidth > 0; }",
+        timeout=STEP_TIMEOUT_MS,
+    )
     assert page.url.endswith(f"/bundles/{bundle_id}")
 
     # One photograph that is no fundus: ungradable, so REFER, impossible to miss.

@@ -116,8 +116,9 @@ def test_serve_refuses_a_port_out_of_range(isolated_settings: Path, monkeypatch:
 def test_serve_trusts_forwarded_headers_only_from_the_proxy_it_is_told(
     isolated_settings: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The security review: behind a TLS proxy on another host the sign-in cookie (it holds the
-    API key) was never marked Secure: nothing let uvicorn believe the proxy's X-Forwarded-Proto."""
+    """The security review: behind a TLS proxy on another host the sign-in cookie was never marked
+    Secure: nothing let uvicorn believe the proxy's X-Forwarded-Proto. Without the option uvicorn's
+    own default stands (FORWARDED_ALLOW_IPS, else 127.0.0.1 and ::1; the review)."""
     import uvicorn
 
     started: list[dict[str, object]] = []
@@ -125,9 +126,11 @@ def test_serve_trusts_forwarded_headers_only_from_the_proxy_it_is_told(
     assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
     assert runner.invoke(app, ["serve"]).exit_code == 0
     assert runner.invoke(app, ["serve", "--forwarded-allow-ips", "10.0.0.5"]).exit_code == 0
+    assert runner.invoke(app, ["serve"], env={"FORWARDED_ALLOW_IPS": "10.0.0.6"}).exit_code == 0
     assert [(k["proxy_headers"], k["forwarded_allow_ips"]) for k in started] == [
-        (True, "127.0.0.1"),
+        (True, None),
         (True, "10.0.0.5"),
+        (True, "10.0.0.6"),
     ]
 
 

@@ -288,3 +288,57 @@ def test_a_sign_in_is_a_session_that_ends_on_sign_out_idle_age_and_revocation(
     with session_scope(url) as s:
         assert repo.revoke_api_key(s, key.key_id) == 1
     assert not signed_in(cookie)
+
+
+def test_signing_in_again_ends_the_previous_session_and_drops_the_old_key_cookie(
+    client: TestClient, url: str
+) -> None:
+    """The review: a second sign-in left the first session working beside it, and browsers kept
+    the cookie of the versions before sessions (``drscreen_key``: the API key itself)."""
+    key = make_key(url, "North")
+    first = web_cookie(client, key)
+    again = client.post(
+        "/login",
+        headers={"Cookie": f"{first['Cookie']}; drscreen_key={key.key}"},
+        data={"api_key": key.key},
+        follow_redirects=False,
+    )
+    assert again.status_code == 303
+    cleared = [h for h in again.headers.get_list("set-cookie") if h.startswith("drscreen_key=")]
+    assert cleared and ("Max-Age=0" in cleared[0] or "expires=" in cleared[0].lower())
+    client.cookies.clear()
+    assert client.get("/jobs", headers=first, follow_redirects=False).status_code == 303  # ended
+
+    # sessions that can no longer be used are deleted at the next sign-in
+    with session_scope(url) as s:
+        s.execute(update(WebSession).values(last_seen_at=utcnow() - timedelta(hours=9)))
+    web_cookie(client, key)
+    with session_scope(url) as s:
+        assert s.scalar(select(func.count()).select_from(WebSession)) == 1
+
+
+def test_an_unknown_page_spends_no_rate_limit_and_never_fails(client: TestClient, url: str) -> None:
+    """The review: the 404 page looked the signed-in key up through the API's rate limit; over it,
+    an unknown address answered 500 (and each one used a token)."""
+    key = make_key(url, "North")
+    cookie = web_cookie(client, key)
+
+    class Exhausted:
+        def acquire(self, key_id: int) -> float:
+            return 30.0
+
+    client.app.state.rate_limiter = Exhausted()  # type: ignore[attr-defined]
+    page = client.get("/no-such-page", headers={"Accept": "text/html"} | cookie)
+    assert page.status_code == 404 and "Sign out" in page.text
+
+
+def test_the_api_edge_holds_under_a_root_path(url: str) -> None:
+    """The review: behind a root path (``uvicorn --root-path``, a mount) ``scope["path"]`` starts
+    with it, and the keyless-write refusal and ``no-store`` did not apply."""
+    from services.app import create_app
+
+    key = make_key(url, "North")
+    with TestClient(create_app(), root_path="/drs") as mounted:
+        keyless = mounted.post("/drs/v1/images", data={"patient_id": "p", "eye": "left"})
+        assert keyless.status_code == 401 and keyless.json()["error"] == "unauthorized"
+        assert mounted.get("/drs/v1/models", headers=key.headers).headers["cache-control"] == "no-store"

@@ -294,6 +294,30 @@ def test_a_folder_swapped_for_a_link_while_a_photograph_is_opened_is_refused(
     assert loaded == folders.LINK_OUTSIDE
 
 
+def test_without_proc_a_photograph_swapped_for_a_link_is_still_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where /proc cannot tell what was opened (not Linux), the file itself swapped for a link
+    between the check and the open is refused by O_NOFOLLOW (the review: no test needed it)."""
+    own_root = (tmp_path / "imports" / "B").resolve()
+    own_root.mkdir(parents=True)
+    ours, theirs = own_root / "P1_left.jpg", tmp_path / "A_P1_left.jpg"
+    ours.write_bytes((PHOTOS / "229_left.jpg").read_bytes())
+    theirs.write_bytes((PHOTOS / "16_left.jpg").read_bytes())
+    checked = folders._not_a_regular_file
+
+    def swap_then_check(path: Path) -> str | None:
+        problem = checked(path)
+        if not ours.is_symlink():
+            ours.unlink()
+            ours.symlink_to(theirs)
+        return problem
+
+    monkeypatch.setattr(folders, "_not_a_regular_file", swap_then_check)
+    monkeypatch.setattr(folders, "_opened_outside", lambda fd, roots: False)  # no /proc
+    assert folders.read_photo(ours, 10**8, [own_root]) == folders.LINK_OUTSIDE
+
+
 def test_manifest_out_of_the_roots_is_refused(
     url: str, store: FileStore, tmp_path: Path, roots: Path
 ) -> None:

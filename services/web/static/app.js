@@ -66,8 +66,9 @@
         try {
           const resp = await fetch(url, { credentials: "same-origin", cache: "no-store" });
           if (resp.ok) {
+            // the page's URL, not a blob: one (the pages' CSP allows img-src 'self' only)
             const img = document.createElement("img");
-            img.src = URL.createObjectURL(await resp.blob());
+            img.src = url;
             img.alt = box.getAttribute("data-heatmap-alt");
             img.setAttribute("data-testid", "heatmap");
             box.replaceWith(img);
