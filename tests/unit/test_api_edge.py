@@ -95,7 +95,7 @@ def test_every_v1_endpoint_needs_a_valid_key(client: TestClient, url: str, key: 
 
 
 def test_a_keyless_upload_is_refused_before_its_body_is_read(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
+    client: TestClient, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The security review: the form was parsed before the key was checked, so anyone could make
     the API read (and spool to disk) a 100 MiB upload only to answer "missing API key"."""
@@ -109,7 +109,10 @@ def test_a_keyless_upload_is_refused_before_its_body_is_read(
         return await real_form(self, *args, **kwargs)
 
     monkeypatch.setattr(starlette.requests.Request, "_get_form", spy)
-    for headers in ({}, {"Authorization": "Basic x"}, {"Authorization": "Bearer "}):
+    revoked = make_key(url, "North clinic")
+    revoke(url, revoked)
+    made_up = {"Authorization": "Bearer drs_made-up"}
+    for headers in ({}, {"Authorization": "Basic x"}, {"Authorization": "Bearer "}, made_up, revoked.headers):
         resp = client.post(
             "/v1/images",
             headers=headers,
