@@ -189,7 +189,7 @@ def create_app_for_cli() -> FastAPI:
 
 
 def _warn_shared_roots(settings: Settings, sessionmaker: Any) -> None:
-    """Say at start what ``drscreen status`` warns about (``Settings.shared_roots_warning``)."""
+    """Log at start what ``drscreen status`` notes (``Settings.shared_roots_warning``)."""
     if not settings.import_root_paths or settings.import_per_clinic:
         return
     try:

@@ -25,7 +25,8 @@ from services.config import ApiSettings
 from services.deps import Principal, principal_for_key
 
 COOKIE_NAME = "drscreen_session"
-#: The cookie of the versions before sessions (session 24): it held the API key; deleted on sight.
+#: The cookie of the versions before sessions (session 24): it held the API key. The server
+#: ignores it; the next sign-in or sign-out deletes it.
 OLD_KEY_COOKIE = "drscreen_key"
 #: Longest key accepted from the login form (keys are far shorter; this only bounds the work).
 MAX_KEY_LENGTH = 256

@@ -68,6 +68,10 @@
           if (resp.ok) {
             // the page's URL, not a blob: one (the pages' CSP allows img-src 'self' only)
             const img = document.createElement("img");
+            img.onerror = function () {
+              img.replaceWith(box);
+              box.textContent = "The heatmap could not be shown now: reload the page later.";
+            };
             img.src = url;
             img.alt = box.getAttribute("data-heatmap-alt");
             img.setAttribute("data-testid", "heatmap");
