@@ -61,6 +61,11 @@ ApiSettingsDep = Annotated[ApiSettings, Depends(get_api_settings_dep)]
 ProducerDep = Annotated[Celery, Depends(get_producer)]
 
 
+#: Longest API key looked up, from a header or the sign-in form (keys are 47 characters; this
+#: only bounds the work).
+MAX_KEY_LENGTH = 256
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who is calling: the clinic and the key (ids only; the key itself is never kept)."""

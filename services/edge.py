@@ -19,11 +19,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import repository as repo
+from services.deps import MAX_KEY_LENGTH
 from services.errors import error_response
 
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-#: Longest bearer credential looked up (keys are 47 characters).
-MAX_KEY_LENGTH = 256
 
 
 def _bearer(scope: Scope) -> str | None:

@@ -22,14 +22,12 @@ from sqlalchemy.orm import Session
 from core import repository as repo
 from core.tables import ApiKey
 from services.config import ApiSettings
-from services.deps import Principal, principal_for_key
+from services.deps import MAX_KEY_LENGTH, Principal, principal_for_key
 
 COOKIE_NAME = "drscreen_session"
 #: The cookie of the versions before sessions (session 24): it held the API key. The server
 #: ignores it; the next sign-in or sign-out deletes it.
 OLD_KEY_COOKIE = "drscreen_key"
-#: Longest key accepted from the login form (keys are far shorter; this only bounds the work).
-MAX_KEY_LENGTH = 256
 #: Longest cookie value looked up (tokens are 43 characters).
 MAX_TOKEN_LENGTH = 128
 
@@ -47,39 +45,48 @@ def _lifetimes(request: Request) -> tuple[timedelta, timedelta]:
     return timedelta(hours=api.web_session_idle_hours), timedelta(hours=api.web_session_max_hours)
 
 
+def _cookie_token(request: Request) -> str | None:
+    """The session token the browser sent, when it could be one."""
+    token = request.cookies.get(COOKIE_NAME)
+    return token if token and len(token) <= MAX_TOKEN_LENGTH else None
+
+
+def _session_key(request: Request, session: Session) -> ApiKey | None:
+    """The active key of the browser's live session (``repository.web_session_key``), or None."""
+    token = _cookie_token(request)
+    if token is None:
+        return None
+    idle, longest = _lifetimes(request)
+    return repo.web_session_key(session, token, idle=idle, longest=longest)
+
+
 def principal_from_cookie(request: Request, session: Session) -> Principal | None:
     """Who is signed in, or None (no cookie, or a session that ended: signed out, idle, too old,
     or its key revoked by now).
 
     Rate limiting is the API's: :class:`services.errors.RateLimited` propagates (answered 429)."""
-    token = request.cookies.get(COOKIE_NAME)
-    if not token or len(token) > MAX_TOKEN_LENGTH:
-        return None
-    idle, longest = _lifetimes(request)
-    key = repo.web_session_key(session, token, idle=idle, longest=longest)
+    key = _session_key(request, session)
     return None if key is None else principal_for_key(request, key)
 
 
 def signed_in(request: Request, session: Session) -> bool:
     """Whether the cookie names a live session (for a page's header only: no rate limit, no use
     of the key recorded)."""
-    token = request.cookies.get(COOKIE_NAME)
-    if not token or len(token) > MAX_TOKEN_LENGTH:
-        return False
-    idle, longest = _lifetimes(request)
-    return repo.web_session_key(session, token, idle=idle, longest=longest) is not None
+    return _session_key(request, session) is not None
+
+
+def _clear_cookie(response: Response, request: Request, name: str) -> None:
+    response.delete_cookie(name, path="/", httponly=True, samesite="strict", secure=is_https(request))
 
 
 def _end_previous(response: Response, request: Request, session: Session) -> None:
     """End the session the browser arrived with, and drop the cookie of the versions before
     sessions (``drscreen_key``: it held the API key itself)."""
-    token = request.cookies.get(COOKIE_NAME)
-    if token and len(token) <= MAX_TOKEN_LENGTH:
+    token = _cookie_token(request)
+    if token is not None:
         repo.end_web_session(session, token)
     if OLD_KEY_COOKIE in request.cookies:
-        response.delete_cookie(
-            OLD_KEY_COOKIE, path="/", httponly=True, samesite="strict", secure=is_https(request)
-        )
+        _clear_cookie(response, request, OLD_KEY_COOKIE)
 
 
 def sign_in(response: Response, request: Request, session: Session, key: ApiKey) -> None:
@@ -102,7 +109,7 @@ def sign_in(response: Response, request: Request, session: Session, key: ApiKey)
 def sign_out(response: Response, request: Request, session: Session) -> None:
     """End the browser's session (its token stops working everywhere) and clear the cookie."""
     _end_previous(response, request, session)
-    response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict", secure=is_https(request))
+    _clear_cookie(response, request, COOKIE_NAME)
 
 
 def is_https(request: Request) -> bool:
