@@ -162,18 +162,18 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
     return summary
 
 
-def screening_summary(
+def earlier_visit_summary(
     session: Session, patient: Patient, image_ids: Collection[str]
-) -> tuple[PatientSummary, bool]:
+) -> PatientSummary | None:
     """The patient's decision for a screening made of ``image_ids`` (a visit's or one photograph's
-    page), and whether that screening is an earlier visit. The latest visit's photographs get
-    ``patient_summary``; an earlier visit's page showed today's result as its own (the web
-    walkthrough), so it gets the newest result that graded one of its photographs, as recorded
-    then (later results grade later visits only: ``repository.recompute_patient``)."""
+    page) when it is an earlier visit, else None (the caller's ``patient_summary`` is its
+    decision). An earlier visit's page showed today's result as its own (the web walkthrough):
+    it gets the newest result that graded one of its photographs, as recorded then (later results
+    grade later visits only: ``repository.recompute_patient``)."""
     visit = repo.latest_visit(repo.list_patient_images(session, patient.id), get_settings().visit_window)
     wanted = set(image_ids)
     if not wanted or wanted & {im.id for im in visit}:
-        return patient_summary(session, patient), False
+        return None
     summary = PatientSummary(patient_id=patient.external_id)
     refs: dict[int, str] = {}
     # every result, not the history's newest 100: folder-job chunks and re-grades each add one,
@@ -188,7 +188,7 @@ def screening_summary(
         summary.updated_at = result.computed_at
         break
     summary.referral_reasons = referral_reasons(summary)
-    return summary, True
+    return summary
 
 
 def referral_reasons(summary: PatientSummary, pending: Collection[str] = ()) -> list[str]:

@@ -46,7 +46,7 @@ from services.routes import bundles as bundle_routes
 from services.routes import images as image_routes
 from services.routes import jobs as job_routes
 from services.routes import patients as patient_routes
-from services.views import private_image_headers, screening_summary
+from services.views import earlier_visit_summary, patient_summary, private_image_headers
 from services.web import auth, present
 
 log = logging.getLogger(__name__)
@@ -402,17 +402,6 @@ def _image_photos(session: Session, clinic_id: int, image_id: str) -> Photos | N
     return None if row is None else ([row], row.patient_id)
 
 
-def _screening(
-    session: Session, patient_row_id: int, image_ids: list[str]
-) -> tuple[PatientSummary | None, bool]:
-    """The patient's decision for a page's photographs (``views.screening_summary``): an earlier
-    visit's page shows that visit's result, not today's."""
-    patient = repo.get_patient_by_id(session, patient_row_id)
-    if patient is None:
-        return None, False
-    return screening_summary(session, patient, image_ids)
-
-
 def _progress_response(
     session: Session,
     principal: Principal | None,
@@ -443,7 +432,10 @@ def bundle_page(bundle_id: str, request: Request, session: SessionDep, principal
     progress = _progress(session, rows, bundle.patient_id)
     ready = _heatmap_ready(session, rows)
     photos = [present.photo_view(im, ready.get(im.id, False)) for im in result.images]
-    summary, earlier = _screening(session, bundle.patient_id, [im.id for im in rows])
+    # an earlier visit's page shows that visit's result; the latest's is the bundle's own patient
+    patient = repo.get_patient_by_id(session, bundle.patient_id)
+    earlier = None if patient is None else earlier_visit_summary(session, patient, [im.id for im in rows])
+    summary = earlier or result.patient
     if progress.scored:
         verdict = present.patient_verdict(summary, progress.failed > 0)
     else:
@@ -453,7 +445,7 @@ def bundle_page(bundle_id: str, request: Request, session: SessionDep, principal
         "id": bundle_id,
         "status": result.status,
         "patient": summary,
-        "earlier_visit": earlier,
+        "earlier_visit": earlier is not None,
         "verdict": verdict,
         "eyes": present.eye_views(summary if progress.scored else None, photos),
         "progress": progress,
@@ -479,9 +471,11 @@ def image_page(image_id: str, request: Request, session: SessionDep, principal: 
     ready = _heatmap_ready(session, [row])
     progress = _progress(session, [row], row.patient_id)
     photo = present.photo_view(result, ready[row.id])
-    summary, earlier = _screening(session, row.patient_id, [row.id])
-    if not progress.scored:
-        summary = None
+    patient = repo.get_patient_by_id(session, row.patient_id)
+    summary = earlier = None
+    if progress.scored and patient is not None:  # nothing of the patient's is computed before
+        earlier = earlier_visit_summary(session, patient, [row.id])
+        summary = earlier or patient_summary(session, patient)
     if summary is not None:
         # The banner is the patient's decision, as on a visit's page: this photograph alone said
         # "No referral" for a patient whose other eye was never photographed, or whose eye another
@@ -505,7 +499,7 @@ def image_page(image_id: str, request: Request, session: SessionDep, principal: 
         "id": image_id,
         "status": result.status,
         "patient": summary,
-        "earlier_visit": earlier and summary is not None,
+        "earlier_visit": earlier is not None,
         "patient_id": result.patient_id,
         "verdict": verdict,
         "eyes": eyes,
