@@ -24,7 +24,7 @@ from core.schemas import Readiness
 from core.settings import Settings, get_settings
 from services import web
 from services.config import ApiSettings, get_api_settings
-from services.edge import ApiEdge
+from services.edge import WRITES, ApiEdge, route_path
 from services.errors import install_error_handlers
 from services.limits import BodySizeLimit
 from services.logfilter import install_access_log_filter
@@ -54,6 +54,8 @@ Uploads answer `202` with an id to poll; errors are JSON `{"error": code, "detai
 MULTIPART_SLACK_BYTES = 1024 * 1024
 #: A bundle carries up to four photographs.
 MAX_FILES_PER_REQUEST = 4
+#: Largest body of a web form without photographs (sign-in, search, erasure, folder job).
+FORM_BODY_BYTES = 64 * 1024
 
 
 def configure_logging(level: str) -> None:
@@ -128,7 +130,7 @@ def create_app(
     app.state.metrics = metrics
     # Added last = outermost: oversized bodies and keyless writes are refused before routing,
     # and still counted.
-    app.add_middleware(ApiEdge)
+    app.add_middleware(ApiEdge, signed_in_forms=web.SIGNED_IN_FORMS)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
@@ -174,10 +176,14 @@ def create_app(
     return app
 
 
-def max_body_bytes(app: Any) -> int:
-    """Largest request body: a bundle's photographs plus the multipart overhead."""
+def max_body_bytes(scope: Any) -> int:
+    """Largest request body: a bundle's photographs plus the multipart overhead; a few fields for
+    a web form that carries no photograph (a 100 MiB sign-in form was read whole: anyone's)."""
+    path = route_path(scope)
+    if scope.get("method") in WRITES and not path.startswith("/v1/") and path not in web.UPLOAD_FORMS:
+        return FORM_BODY_BYTES
     # Before start-up (a schema fetched without the lifespan) the environment's settings apply.
-    settings: Settings = getattr(app.state, "settings", None) or get_settings()
+    settings: Settings = getattr(scope["app"].state, "settings", None) or get_settings()
     return settings.max_upload_bytes * MAX_FILES_PER_REQUEST + MULTIPART_SLACK_BYTES
 
 

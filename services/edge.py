@@ -1,12 +1,15 @@
-"""What every ``/v1`` request gets before and after its route, whatever the route.
+"""What requests get before and after their route, whatever the route.
 
-- A write (``POST``/``PUT``/``PATCH``/``DELETE``) without an active API key in ``Authorization:
+- A ``/v1`` write (``POST``/``PUT``/``PATCH``/``DELETE``) without an active API key in ``Authorization:
   Bearer`` is answered 401 before its body is read: FastAPI parses a form before the key
   dependency runs, so anyone could make the API take in a 100 MiB upload to be told "missing API
   key" (the security review), or "unknown key" with any made-up one. The route checks the key
   again (with its rate limit and the use recorded); a database that cannot answer here is left to
   the route (503).
-- Answers carry ``Cache-Control: no-store`` unless the route set its own: they hold patients'
+- A web form that only a signed-in browser may send (uploads, searches, erasure, folder jobs:
+  ``services.web.routes.SIGNED_IN_FORMS``) goes to the login page before its body is read when the
+  browser has no live session: the same 100 MiB read as above, for anyone (session 24's leftover).
+- ``/v1`` answers carry ``Cache-Control: no-store`` unless the route set its own: they hold patients'
   grades, and a proxy or a shared browser must not keep them (the web pages already did this).
 """
 
@@ -16,11 +19,13 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core import repository as repo
 from services.deps import MAX_KEY_LENGTH
 from services.errors import error_response
+from services.web import auth
 
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -43,17 +48,33 @@ def _key_refused(sessionmaker: Any, key: str) -> bool:
         return False
 
 
+def route_path(scope: Scope) -> str:
+    """The path below any root path (uvicorn --root-path, a mount): it is part of scope["path"]."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class ApiEdge:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, signed_in_forms: frozenset[str] = frozenset()) -> None:
         self.app = app
+        self.signed_in_forms = signed_in_forms
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # the path below any root path (uvicorn --root-path, a mount): it is part of scope["path"]
-        path = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        if scope["type"] != "http" or not path.startswith("/v1/"):
+        path = route_path(scope)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "POST" and path in self.signed_in_forms:
+            request = Request(scope)
+            sessionmaker = getattr(request.app.state, "sessionmaker", None)
+            refused = sessionmaker is not None and await run_in_threadpool(
+                auth.session_refused, request, sessionmaker
+            )
+            if refused:
+                await auth.login_redirect(request)(scope, receive, send)
+                return
+        if not path.startswith("/v1/"):
             await self.app(scope, receive, send)
             return
         if scope["method"] in WRITES:

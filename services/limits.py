@@ -20,22 +20,23 @@ class _TooLarge(Exception):
 
 
 class BodySizeLimit:
-    """``max_bytes(app)`` gives the limit; it is read per request because the settings are only
-    known once the app has started."""
+    """``max_bytes(scope)`` gives the request's limit; it is read per request because the settings
+    are only known once the app has started, and a limit may depend on the route."""
 
     def __init__(self, app: ASGIApp, max_bytes: Callable[[Any], int]) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def _refuse(self, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, "too_large", f"request body larger than {limit // (1024 * 1024)} MiB")
+        size = f"{limit // (1024 * 1024)} MiB" if limit >= 1024 * 1024 else f"{limit // 1024} KiB"
+        response = error_response(413, "too_large", f"request body larger than {size}")
         await response(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes(scope["app"])
+        limit = self.max_bytes(scope)
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:

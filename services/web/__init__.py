@@ -5,6 +5,6 @@ the internet. It signs in with an API key (a server-side session in an HttpOnly 
 the same route functions as ``/v1`` (same validation, storage, queueing, clinic isolation and audit).
 """
 
-from services.web.routes import not_found_page, router
+from services.web.routes import SIGNED_IN_FORMS, UPLOAD_FORMS, not_found_page, router
 
-__all__ = ["not_found_page", "router"]
+__all__ = ["SIGNED_IN_FORMS", "UPLOAD_FORMS", "not_found_page", "router"]

@@ -12,11 +12,13 @@ clinic isolation as the API.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core import repository as repo
@@ -58,6 +60,21 @@ def _session_key(request: Request, session: Session) -> ApiKey | None:
         return None
     idle, longest = _lifetimes(request)
     return repo.web_session_key(session, token, idle=idle, longest=longest)
+
+
+def session_refused(request: Request, sessionmaker: Callable[[], Session]) -> bool:
+    """Whether the browser certainly has no live session (False when the database cannot say:
+    the route answers that): the edge's check before a signed-in form's body is read
+    (``services.edge``). Nothing is committed: the route's own check marks the session seen."""
+    token = _cookie_token(request)
+    if token is None:
+        return True
+    idle, longest = _lifetimes(request)
+    try:
+        with sessionmaker() as session:
+            return repo.web_session_key(session, token, idle=idle, longest=longest) is None
+    except SQLAlchemyError:
+        return False
 
 
 def principal_from_cookie(request: Request, session: Session) -> Principal | None:

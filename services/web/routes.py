@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from markdown_it import MarkdownIt
 from sqlalchemy import select
@@ -877,3 +878,17 @@ def static(name: str) -> Response:
     return FileResponse(
         STATIC_DIR / name, media_type=media_type, headers={"Cache-Control": "public, max-age=300"}
     )
+
+
+# ------------------------------------------------------------------------------------ forms
+
+#: Form posts a signed-out browser may send.
+SIGNED_OUT_FORMS = frozenset({"/login", "/logout"})
+#: Every other form post needs a live session: the API edge checks it before reading the body.
+SIGNED_IN_FORMS = frozenset(
+    route.path
+    for route in router.routes
+    if isinstance(route, APIRoute) and "POST" in (route.methods or ()) and route.path not in SIGNED_OUT_FORMS
+)
+#: The forms that carry photographs; the others are a few fields (``services.app.max_body_bytes``).
+UPLOAD_FORMS = frozenset({"/screenings/bundle", "/screenings/image"})

@@ -124,6 +124,65 @@ def test_a_keyless_upload_is_refused_before_its_body_is_read(
     assert read == []
 
 
+def test_a_signed_out_web_form_is_sent_to_sign_in_before_its_body_is_read(
+    client: TestClient, url: str, key: Key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 24's leftover: the web upload forms read their body (up to 101 MiB, for anyone)
+    before finding no sign-in; the edge now answers the login redirect first."""
+    import starlette.requests
+
+    from services.web import SIGNED_IN_FORMS
+
+    expected = {"/screenings/bundle", "/screenings/image", "/patients", "/patients/erase", "/jobs"}
+    assert expected <= SIGNED_IN_FORMS
+    assert "/login" not in SIGNED_IN_FORMS
+    read: list[str] = []
+    real_form = starlette.requests.Request._get_form
+
+    async def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        read.append(self.url.path)
+        return await real_form(self, *args, **kwargs)
+
+    monkeypatch.setattr(starlette.requests.Request, "_get_form", spy)
+    ended = web_cookie(client, key)
+    assert client.post("/logout", headers=ended, follow_redirects=False).status_code == 303
+    client.cookies.clear()
+    read.clear()
+    photo = {"file": ("x.jpg", b"\xff\xd8" + b"\0" * 60_000)}  # under the small forms' limit
+    for headers in ({}, ended, {"Cookie": "drscreen_session=made-up"}):
+        for path in sorted(SIGNED_IN_FORMS):
+            form = {"patient_id": "p-1"}
+            resp = client.post(path, headers=headers, data=form, files=photo, follow_redirects=False)
+            assert resp.status_code == 303 and resp.headers["location"].startswith("/login"), (path, headers)
+    assert read == []
+    # signed in, the form is read as before
+    live = web_cookie(client, key)
+    read.clear()
+    photo = {"file": ("x.jpg", sample_bytes("16", "left"))}
+    form = {"patient_id": "p-1", "eye": "left"}
+    resp = client.post("/screenings/image", headers=live, data=form, files=photo, follow_redirects=False)
+    assert resp.status_code == 303 and resp.headers["location"].startswith("/images/"), resp.text
+    assert read == ["/screenings/image"]
+
+
+def test_web_forms_without_photographs_take_a_small_body(client: TestClient, url: str, key: Key) -> None:
+    """A sign-in form of 100 MiB was read whole (urlencoded forms are parsed in memory), by anyone:
+    forms that carry no photograph are limited to a few fields; the upload forms keep the API's limit."""
+    from services.app import FORM_BODY_BYTES
+
+    big = {"api_key": "x" * (FORM_BODY_BYTES + 1)}
+    for path in ("/login", "/logout", "/patients", "/jobs"):
+        resp = client.post(path, data=big, follow_redirects=False)
+        assert resp.status_code == 413 and resp.json()["detail"] == "request body larger than 64 KiB", path
+    refused = client.post("/login", data={"api_key": "drs_made-up", "next": "/"}, follow_redirects=False)
+    assert refused.status_code == 401  # an ordinary sign-in form still reaches its route
+    cookie = web_cookie(client, key)
+    padded = sample_bytes("16", "left") + b"\0" * (2 * FORM_BODY_BYTES)  # JPEG ends at its EOI marker
+    resp = client.post("/screenings/image", headers=cookie, data={"patient_id": "p-2", "eye": "left"},
+                       files={"file": ("x.jpg", padded)}, follow_redirects=False)  # fmt: skip
+    assert resp.status_code == 303, resp.text
+
+
 def test_api_answers_are_not_kept_by_caches(client: TestClient, key: Key) -> None:
     """The security review: JSON answers with patients' grades carried no Cache-Control."""
     client.post("/v1/images", headers=key.headers, data={"patient_id": "c-1", "eye": "left"},
