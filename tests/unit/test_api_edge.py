@@ -94,11 +94,9 @@ def test_every_v1_endpoint_needs_a_valid_key(client: TestClient, url: str, key: 
             assert resp.headers["www-authenticate"] == "Bearer"
 
 
-def test_a_keyless_upload_is_refused_before_its_body_is_read(
-    client: TestClient, url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The security review: the form was parsed before the key was checked, so anyone could make
-    the API read (and spool to disk) a 100 MiB upload only to answer "missing API key"."""
+@pytest.fixture
+def form_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the requests whose form (so whose body) the app parsed, in order."""
     import starlette.requests
 
     read: list[str] = []
@@ -109,6 +107,15 @@ def test_a_keyless_upload_is_refused_before_its_body_is_read(
         return await real_form(self, *args, **kwargs)
 
     monkeypatch.setattr(starlette.requests.Request, "_get_form", spy)
+    return read
+
+
+def test_a_keyless_upload_is_refused_before_its_body_is_read(
+    client: TestClient, url: str, form_reads: list[str]
+) -> None:
+    """The security review: the form was parsed before the key was checked, so anyone could make
+    the API read (and spool to disk) a 100 MiB upload only to answer "missing API key"."""
+    read = form_reads
     revoked = make_key(url, "North clinic")
     revoke(url, revoked)
     made_up = {"Authorization": "Bearer drs_made-up"}
@@ -125,25 +132,17 @@ def test_a_keyless_upload_is_refused_before_its_body_is_read(
 
 
 def test_a_signed_out_web_form_is_sent_to_sign_in_before_its_body_is_read(
-    client: TestClient, url: str, key: Key, monkeypatch: pytest.MonkeyPatch
+    client: TestClient, key: Key, form_reads: list[str]
 ) -> None:
     """Session 24's leftover: the web upload forms read their body (up to 101 MiB, for anyone)
     before finding no sign-in; the edge now answers the login redirect first."""
-    import starlette.requests
-
     from services.web import SIGNED_IN_FORMS
+
+    read = form_reads
 
     expected = {"/screenings/bundle", "/screenings/image", "/patients", "/patients/erase", "/jobs"}
     assert expected <= SIGNED_IN_FORMS
     assert "/login" not in SIGNED_IN_FORMS
-    read: list[str] = []
-    real_form = starlette.requests.Request._get_form
-
-    async def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
-        read.append(self.url.path)
-        return await real_form(self, *args, **kwargs)
-
-    monkeypatch.setattr(starlette.requests.Request, "_get_form", spy)
     ended = web_cookie(client, key)
     assert client.post("/logout", headers=ended, follow_redirects=False).status_code == 303
     client.cookies.clear()
