@@ -147,9 +147,11 @@ def _http_error(request: Request, exc: Exception, not_found_page: NotFoundPage |
 
 #: Seconds a client is asked to wait before retrying when the database is down or saturated.
 DATABASE_RETRY_AFTER = 5
+#: Connection refused or lost, SQLite locked, pool exhausted (``sa_exc.TimeoutError``).
+DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.TimeoutError)
 
 
-def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+def database_unavailable(_request: Request | None, exc: Exception) -> JSONResponse:
     """The database is unreachable, locked, or every pooled connection is busy: a dependency is
     down or saturated, not a bug, so 503 and a retry hint (the transaction was rolled back)."""
     log.warning("database unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[0][:200])
@@ -171,9 +173,8 @@ def install_error_handlers(app: FastAPI, not_found_page: NotFoundPage | None = N
     app.add_exception_handler(errors.DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, partial(_http_error, not_found_page=not_found_page))
-    # connection refused or lost, SQLite locked, pool exhausted (sa_exc.TimeoutError)
-    app.add_exception_handler(sa_exc.OperationalError, _database_unavailable)
-    app.add_exception_handler(sa_exc.TimeoutError, _database_unavailable)
+    for unavailable in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(unavailable, database_unavailable)
     app.add_exception_handler(Exception, _unexpected)
 
 

@@ -25,6 +25,7 @@ from core import repository as repo
 from core.tables import ApiKey
 from services.config import ApiSettings
 from services.deps import MAX_KEY_LENGTH, Principal, principal_for_key
+from services.errors import DATABASE_UNAVAILABLE
 
 COOKIE_NAME = "drscreen_session"
 #: The cookie of the versions before sessions (session 24): it held the API key. The server
@@ -63,9 +64,10 @@ def _session_key(request: Request, session: Session) -> ApiKey | None:
 
 
 def session_refused(request: Request, sessionmaker: Callable[[], Session]) -> bool:
-    """Whether the browser certainly has no live session (False when the database cannot say:
-    the route answers that): the edge's check before a signed-in form's body is read
-    (``services.edge``). Nothing is committed: the route's own check marks the session seen."""
+    """Whether the browser certainly has no live session: the edge's check before a signed-in
+    form's body is read (``services.edge``; a database that is down or saturated raises, and other
+    database errors answer False: the route answers them). Nothing is committed: the route's own
+    check marks the session seen."""
     token = _cookie_token(request)
     if token is None:
         return True
@@ -73,6 +75,8 @@ def session_refused(request: Request, sessionmaker: Callable[[], Session]) -> bo
     try:
         with sessionmaker() as session:
             return repo.web_session_key(session, token, idle=idle, longest=longest) is None
+    except DATABASE_UNAVAILABLE:
+        raise
     except SQLAlchemyError:
         return False
 

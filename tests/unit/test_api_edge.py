@@ -651,6 +651,36 @@ def test_a_database_that_stops_answering_is_a_503_not_a_500(
     assert resp.headers["Retry-After"] == "5"
 
 
+def test_a_database_down_at_the_edge_is_one_503_before_the_body(
+    client: TestClient, key: Key, monkeypatch: pytest.MonkeyPatch, form_reads: list[str]
+) -> None:
+    """Session 24's leftover: with the database down, a write waited for it twice (the edge's key
+    lookup, then the route's) before its 503; now the edge answers the 503 itself, unread."""
+    from sqlalchemy import exc as sa_exc
+
+    from core import repository
+
+    cookie = web_cookie(client, key)
+    form_reads.clear()
+    asked: list[str] = []
+
+    def down(*_args: Any, **_kwargs: Any) -> Any:
+        asked.append("db")
+        raise sa_exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(repository, "authenticate_api_key", down)
+    monkeypatch.setattr(repository, "web_session_key", down)
+    form = {"patient_id": "p-1", "eye": "left"}
+    photo = {"file": ("x.jpg", sample_bytes("16", "left"))}
+    for path, headers in (("/v1/images", key.headers), ("/screenings/image", cookie)):
+        asked.clear()
+        resp = client.post(path, headers=headers, data=form, files=photo, follow_redirects=False)
+        assert resp.status_code == 503 and resp.json()["error"] == "unavailable", path
+        assert resp.headers["Retry-After"] == "5"
+        assert asked == ["db"], path  # asked once, not again by the route
+    assert form_reads == []
+
+
 def test_a_field_given_twice_is_refused_not_half_kept(client: TestClient, url: str, key: Key) -> None:
     """Two photographs under one field name: one of them would silently never be screened."""
     left, right = sample_bytes("16", "left"), sample_bytes("16", "right")
