@@ -15,7 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DRSCREEN_VAR_DIR=/var/lib/drscreen \
     DRSCREEN_STORE_DIR=/var/lib/drscreen/store
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libglib2.0-0 curl \
+ && apt-get install -y --no-install-recommends libglib2.0-0 curl postgresql-client \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 drscreen \
  && mkdir -p /var/lib/drscreen/store /var/lib/drscreen/onnx && chown -R drscreen /var/lib/drscreen

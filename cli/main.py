@@ -6,7 +6,10 @@ Commands implemented elsewhere are looked up lazily (module:function) and called
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -465,6 +468,82 @@ def db_check() -> None:
     typer.echo("schema and migrations agree")
 
 
+def _file_progress(items: Any, total: int, what: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=what, unit="file", disable=total < 100, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _backup_errors(command: str) -> Iterator[None]:
+    """A backup that cannot be done, or a database that cannot be used: one line, exit 2."""
+    from core.backup import BackupError
+
+    try:
+        with _db_errors():
+            yield
+    except BackupError as exc:
+        typer.echo(f"drscreen db {command}: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _backup_lines(report: Any, verb: str) -> None:
+    typer.echo(
+        f"{verb} {report.database} database (schema {report.revision or 'empty'}) and {report.files} "
+        f"stored files: {report.copied} copied, {report.kept} already there"
+        + (f", {report.pruned} no longer named removed from the backup" if report.pruned else "")
+    )
+    if report.key == "replaced":
+        typer.echo(
+            "NOTE: the store's deployment key was replaced by the backup's (its audit rows use it)", err=True
+        )
+    if report.missing:
+        typer.echo(
+            f"NOTE: {len(report.missing)} file(s) named by the database are in neither store (erased "
+            f"while the backup ran, or lost), e.g. {report.missing[0]}",
+            err=True,
+        )
+
+
+@db_app.command("backup")
+def db_backup(
+    folder: Path = typer.Argument(..., help="Folder to write (a second backup there copies only new files)."),
+) -> None:
+    """Back up the database and the stored photographs and heatmaps it names, while the service runs."""
+    from core.backup import take_backup
+    from core.settings import get_settings
+
+    settings = get_settings()
+    with _backup_errors("backup"):
+        report = take_backup(folder, settings.database_url, settings.store_path, _file_progress)
+    _backup_lines(report, f"backed up to {folder}:")
+
+
+@db_app.command("restore")
+def db_restore(
+    folder: Path = typer.Argument(..., help="A folder `drscreen db backup` wrote."),
+    yes: bool = typer.Option(False, "--yes", help="Replace the database without asking."),
+) -> None:
+    """Replace the database with a backup and put its files back in the store (API and workers
+    stopped). Patients erased after the backup are back: erase them again."""
+    from core.backup import read_manifest, restore_backup
+    from core.settings import get_settings
+
+    settings = get_settings()
+    with _backup_errors("restore"):
+        manifest = read_manifest(folder)
+    if not yes:
+        _confirm(
+            f"Replace everything in the database at {_redact(settings.database_url)} with the backup "
+            f"taken {manifest.get('taken_at')}?",
+            refused="nothing restored",
+        )
+    with _backup_errors("restore"):
+        report = restore_backup(folder, settings.database_url, settings.store_path, _file_progress)
+    _backup_lines(report, f"restored from {folder}:")
+    typer.echo("run `drscreen db upgrade` if this release's schema is newer, then start the API and workers")
+
+
 def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -611,9 +690,9 @@ def _print_counts(outcome: Any, files: int, files_label: str) -> None:
     typer.echo(f"  {files_label:<18}{files:>8}")
 
 
-def _confirm(question: str) -> None:
+def _confirm(question: str, refused: str = "nothing erased") -> None:
     if not typer.confirm(question, default=False):
-        typer.echo("nothing erased", err=True)
+        typer.echo(refused, err=True)
         raise typer.Exit(1)
 
 

@@ -1,0 +1,154 @@
+"""Backups and restores of the embedded deployment (SQLite and the file store), through the CLI an
+operator runs; PostgreSQL's pg_dump / pg_restore path is tests/integration/test_backup_pg.py."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, select, text
+from typer.testing import CliRunner
+
+from cli.main import app
+from core import backup, retention
+from core import repository as repo
+from core.db import dispose_engines, get_engine, session_scope
+from core.deployment_key import KEY_FILE
+from core.settings import get_settings
+from core.store import FileStore
+from core.tables import Base, Explanation, Image
+from tests.unit.test_workers_scoring import add_images, photo
+
+runner = CliRunner()
+
+
+def _deployment(url: str) -> tuple[FileStore, list[str]]:
+    """Two patients' photographs, one with a heatmap, and the deployment key."""
+    store = FileStore(get_settings().store_path)
+    ids = add_images(url, store, "A1", [photo("16_left.jpg"), photo("16_right.jpg")])
+    ids += add_images(url, store, "B2", [photo("17_left.jpg")])
+    heat = store.put_bytes(b"\x89PNG not really a heatmap", "png")
+    with session_scope(url) as s:
+        version = repo.get_or_create_model_version(s, "drscreen-ensemble@9.9.9")
+        s.add(
+            Explanation(
+                image_id=ids[0], model_version_id=version.id, sha256=heat.sha256, stored_path=heat.relpath
+            )
+        )
+    retention.store_key()  # created on first use, as a worker's start does
+    return store, ids
+
+
+def _names(url: str) -> set[str]:
+    with session_scope(url) as s:
+        return set(s.scalars(select(Image.stored_path))) | set(s.scalars(select(Explanation.stored_path)))
+
+
+def _lose_database(url: str) -> None:
+    dispose_engines()
+    if url.startswith("sqlite"):
+        Path(url.removeprefix("sqlite:///")).unlink()
+        return
+    with get_engine(url).begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    dispose_engines()
+
+
+def test_every_column_naming_a_stored_file_is_backed_up() -> None:
+    """A new table or column holding a store path would be left out of every backup silently."""
+    named = {
+        (table.name, column.name)
+        for table in Base.metadata.sorted_tables
+        for column in table.columns
+        if column.name.endswith("_path") and column.name != "path"
+    }
+    assert named == {("image", "stored_path"), ("explanation", "stored_path")}
+    assert all(f"FROM {t}" in backup.STORED_PATHS_SQL for t, _ in named)
+
+
+def test_a_backup_restores_an_emptied_deployment(url: str, tmp_path: Path) -> None:
+    store, ids = _deployment(url)
+    names = _names(url)
+    assert len(names) == 4
+    folder = tmp_path / "backups" / "monday"
+    taken = runner.invoke(app, ["db", "backup", str(folder)])
+    assert taken.exit_code == 0, taken.output
+    assert "4 stored files: 4 copied, 0 already there" in taken.output
+    manifest = json.loads((folder / backup.MANIFEST).read_text())
+    assert (
+        manifest["database"] == url.split(":")[0].split("+")[0]
+        and manifest["files"] == 4
+        and manifest["key"] == "copied"
+    )
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert {
+        p.relative_to(folder / "store").as_posix() for p in (folder / "store").rglob("*") if p.is_file()
+    } == (names | {KEY_FILE})
+    key = (store.root / KEY_FILE).read_bytes()
+
+    # the machine is lost: database and store gone
+    _lose_database(url)
+    for path in sorted(store.root.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    refused = runner.invoke(app, ["db", "restore", str(folder)], input="n\n")
+    assert refused.exit_code == 1 and "nothing restored" in refused.output
+
+    restored = runner.invoke(app, ["db", "restore", str(folder), "--yes"])
+    assert restored.exit_code == 0, restored.output
+    assert "4 stored files: 4 copied" in restored.output
+    assert _names(url) == names
+    assert all(store.path(n).read_bytes() == (folder / "store" / n).read_bytes() for n in names)
+    assert (store.root / KEY_FILE).read_bytes() == key
+    with session_scope(url) as s:
+        assert sorted(s.scalars(select(Image.id))) == sorted(ids)
+    assert "alembic_version" in inspect(get_engine(url)).get_table_names()
+
+
+def test_a_second_backup_copies_only_new_files_and_drops_an_erased_patients(url: str, tmp_path: Path) -> None:
+    store, _ids = _deployment(url)
+    folder = tmp_path / "backup"
+    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
+    erased = add_images(url, store, "C3", [photo("19_left.jpg")])
+    with session_scope(url) as s:
+        [stored] = s.scalars(select(Image.stored_path).where(Image.id == erased[0]))
+    again = runner.invoke(app, ["db", "backup", str(folder)])
+    assert again.exit_code == 0 and "1 copied, 4 already there" in again.output, again.output
+    assert (folder / "store" / stored).is_file()
+
+    with session_scope(url) as s:
+        clinic = repo.get_clinic_by_name(s, "North")
+        assert clinic is not None
+        outcome = retention.erase_patient(s, clinic.id, "C3", force=True)
+    with session_scope(url) as s:
+        assert retention.remove_unreferenced_files(s, store, outcome.files) == 1
+    third = runner.invoke(app, ["db", "backup", str(folder)])
+    assert third.exit_code == 0 and "1 no longer named removed from the backup" in third.output, third.output
+    assert not (folder / "store" / stored).exists()  # the erased patient's photograph left the backup
+
+
+def test_a_restore_puts_back_the_backups_deployment_key(url: str, tmp_path: Path) -> None:
+    """The erasure audit rows are keyed with the deployment key, which is not in the database: a
+    restore into a store with another key must bring the backup's."""
+    store, _ids = _deployment(url)
+    folder = tmp_path / "backup"
+    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
+    key = (store.root / KEY_FILE).read_bytes()
+    (store.root / KEY_FILE).write_bytes(b"0" * len(key))
+    restored = runner.invoke(app, ["db", "restore", str(folder), "--yes"])
+    assert restored.exit_code == 0 and "deployment key was replaced" in restored.output, restored.output
+    assert (store.root / KEY_FILE).read_bytes() == key
+
+
+def test_backup_and_restore_refuse_what_they_cannot_do_in_one_line(url: str, tmp_path: Path) -> None:
+    not_a_backup = runner.invoke(app, ["db", "restore", str(tmp_path), "--yes"])
+    assert not_a_backup.exit_code == 2 and "not a drscreen backup" in not_a_backup.output
+    folder = tmp_path / "backup"
+    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
+    (folder / backup.SQLITE_FILE).unlink()
+    incomplete = runner.invoke(app, ["db", "restore", str(folder), "--yes"])
+    assert incomplete.exit_code == 2 and "the backup is incomplete" in incomplete.output
+    with pytest.raises(backup.BackupError, match="of a sqlite database, the target is postgresql"):
+        backup.restore_backup(folder, "postgresql+psycopg://nobody@127.0.0.1:1/none", tmp_path / "s")
