@@ -102,9 +102,10 @@ def _page(
     principal: Principal | None,
     status_code: int = 200,
 ) -> HTMLResponse:
-    response = templates.TemplateResponse(
-        request, name, {"signed_in": principal is not None, **context}, status_code=status_code
-    )
+    # pages are never cached, so the time they were made is the time they are printed
+    printed_at = utcnow().strftime("%Y-%m-%d %H:%M")
+    base = {"signed_in": principal is not None, "printed_at": printed_at}
+    response = templates.TemplateResponse(request, name, {**base, **context}, status_code=status_code)
     response.headers.update(PAGE_HEADERS)
     return response
 

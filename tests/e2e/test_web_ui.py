@@ -260,6 +260,24 @@ def test_web_interface_in_chromium(
     assert _all_images_loaded(page)  # originals and heatmaps, through the cookie-authenticated routes
     _shot(page, screenshots, "web-result.png")
 
+    # On paper (the patient's record): the decision and both eyes, no navigation or buttons, when printed.
+    assert page.locator("[data-testid=print]").is_visible()
+    page.emulate_media(media="print")
+    assert (
+        not page.locator(".topbar nav").is_visible() and not page.locator("[data-testid=print]").is_visible()
+    )
+    assert (
+        page.locator("[data-testid=printed]").is_visible()
+        and page.locator("[data-testid=verdict]").is_visible()
+    )
+    assert (
+        page.locator("[data-testid=eye-left]").is_visible()
+        and page.locator("[data-testid=eye-right]").is_visible()
+    )
+    _shot(page, screenshots, "web-print.png")
+    assert page.pdf(path=str(tmp_path / "result.pdf"))[:5] == b"%PDF-"  # Chromium lays it out on paper
+    page.emulate_media(media="screen")
+
     # A heatmap that never came (its message lost): "ask again" asks in place and shows it once
     # drawn (the link opened the heatmap route's bare "not ready yet" text).
     lost = api["images"][0]["id"]

@@ -4,6 +4,7 @@
 // 3. Upload forms show that they are busy and cannot be sent twice.
 // 4. "ask again" for a missing heatmap asks in place and shows it when drawn (the link alone
 //    opened the heatmap route's bare "not ready yet").
+// 5. "Print" buttons print the page (its print stylesheet keeps the result, not the navigation).
 "use strict";
 
 (function () {
@@ -90,6 +91,9 @@
 
   document.addEventListener("DOMContentLoaded", function () {
     document.querySelectorAll("[data-heatmap-missing] a").forEach(askAgain);
+    document.querySelectorAll("[data-print]").forEach(function (button) {
+      button.addEventListener("click", function () { window.print(); });
+    });
     const progress = document.querySelector("[data-progress-url]");
     if (progress) pollProgress(progress);
     const refresh = document.querySelector("[data-refresh-seconds]");
