@@ -491,7 +491,6 @@ def _backup_lines(report: Any, verb: str) -> None:
     typer.echo(
         f"{verb} {report.database} database (schema {report.revision or 'empty'}) and {report.files} "
         f"stored files: {report.copied} copied, {report.kept} already there"
-        + (f", {report.pruned} no longer named removed from the backup" if report.pruned else "")
     )
     if report.key == "replaced":
         typer.echo(
@@ -517,12 +516,17 @@ def db_backup(
     with _backup_errors("backup"):
         report = take_backup(folder, settings.database_url, settings.store_path, _file_progress)
     _backup_lines(report, f"backed up to {folder}:")
+    if report.pruned:
+        typer.echo(f"{report.pruned} file(s) no longer named by the database removed from the backup")
 
 
 @db_app.command("restore")
 def db_restore(
     folder: Path = typer.Argument(..., help="A folder `drscreen db backup` wrote."),
     yes: bool = typer.Option(False, "--yes", help="Replace the database without asking."),
+    remove_unnamed: bool = typer.Option(
+        False, "--remove-unnamed", help="Delete the store's files that no restored row names."
+    ),
 ) -> None:
     """Replace the database with a backup and put its files back in the store (API and workers
     stopped). Patients erased after the backup are back: erase them again."""
@@ -539,8 +543,18 @@ def db_restore(
             refused="nothing restored",
         )
     with _backup_errors("restore"):
-        report = restore_backup(folder, settings.database_url, settings.store_path, _file_progress)
+        report = restore_backup(
+            folder, settings.database_url, settings.store_path, _file_progress, remove_unnamed=remove_unnamed
+        )
     _backup_lines(report, f"restored from {folder}:")
+    if report.pruned and remove_unnamed:
+        typer.echo(f"{report.pruned} file(s) of the store named by no restored row deleted")
+    elif report.pruned:
+        typer.echo(
+            f"NOTE: {report.pruned} file(s) of the store are named by no restored row (photographs sent "
+            "after the backup); `--remove-unnamed` deletes them",
+            err=True,
+        )
     typer.echo("run `drscreen db upgrade` if this release's schema is newer, then start the API and workers")
 
 

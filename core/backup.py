@@ -13,12 +13,13 @@ A backup folder holds:
   database: without it a restored deployment could not match its erasure audit rows;
 - ``backup.json``: when, the schema revision, and the counts.
 
-The folder holds patients' photographs and the key: it is created readable by its owner only,
-and belongs wherever the store itself may be kept.
+Order, so that a backup interrupted at any point still restores what its manifest says: the new
+snapshot is taken to a temporary file, its files are copied beside the previous backup's, then
+the snapshot is renamed into place and the manifest written, and only then are the files the new
+snapshot no longer names deleted (a patient erased since the last backup leaves it with this one).
 
-Taking a backup into a folder that holds one copies only the files it lacks (a file's name is its
-content's sha256) and deletes the files the new snapshot no longer names: a patient erased since
-the last backup leaves the backup with the next one.
+The folder holds patients' photographs and the key: it and its files are readable by their owner
+only, and it must not overlap the store it backs up.
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, make_url
@@ -47,6 +47,9 @@ STORE_DIR = "store"
 MANIFEST = "backup.json"
 #: Every column that names a file in the store (a new one must be added here: tested).
 STORED_PATHS_SQL = "SELECT stored_path FROM image UNION SELECT stored_path FROM explanation"
+#: Emptied before a PostgreSQL dump is restored into it: pg_restore --clean drops only what the
+#: dump holds, and a table a newer schema added (with a foreign key) then blocks the restore.
+PG_EMPTY_SCHEMA = "DROP SCHEMA IF EXISTS public CASCADE;\nCREATE SCHEMA public;\n"
 
 Progress = Callable[[Iterable[str], int, str], Iterable[str]]
 
@@ -64,7 +67,7 @@ class BackupReport:
     files: int  # named by the snapshot
     copied: int = 0  # newly copied (backup) or put back (restore)
     kept: int = 0  # already in place
-    pruned: int = 0  # no longer named by the snapshot, deleted from the backup
+    pruned: int = 0  # backup: no longer named, deleted; restore: in the store, named by no row
     missing: list[str] = field(default_factory=list)  # named, but not in the store
     key: str = "none"  # the deployment key: "copied", "kept", "replaced" or "none" (there was none)
 
@@ -87,9 +90,29 @@ def _sqlite_path(url: str) -> Path:
     return Path(database)
 
 
-def _libpq_url(url: str) -> str:
-    """The URL as pg_dump / pg_restore take it (no SQLAlchemy driver suffix)."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+def _pg_command(url: str) -> tuple[str, dict[str, str]]:
+    """The URL as libpq tools take it, without its password (a command line is readable by every
+    local user: ``ps``), and the environment carrying the password instead."""
+    parsed = make_url(url).set(drivername="postgresql")
+    env = dict(os.environ)
+    if parsed.password is not None:
+        env["PGPASSWORD"] = str(parsed.password)
+    # URL.set() takes None as 'unchanged': the named tuple's own _replace drops the password
+    return parsed._replace(password=None).render_as_string(hide_password=False), env
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise BackupError(f"{name} not found: install PostgreSQL's client (Debian: postgresql-client)")
+    return found
+
+
+def _first_error(stderr: str) -> str:
+    """The line that says what went wrong (the last lines of pg_restore and psql quote SQL)."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line.lower()]
+    return (errors or lines or ["?"])[0][:300]
 
 
 def _revision(conn: Connection) -> str | None:
@@ -100,7 +123,8 @@ def _revision(conn: Connection) -> str | None:
 
 
 @contextmanager
-def _temporary_in(folder: Path, suffix: str) -> Any:
+def _temporary_in(folder: Path, suffix: str) -> Iterator[Path]:
+    """A new empty file in ``folder`` (mode 0600: mkstemp's), deleted on exit unless renamed."""
     fd, name = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     os.close(fd)
     path = Path(name)
@@ -120,38 +144,38 @@ def _named_files(url: str) -> tuple[set[str], str | None]:
         engine.dispose()
 
 
-def _snapshot_sqlite(url: str, folder: Path) -> tuple[set[str], str | None]:
+def _snapshot_sqlite(url: str, target: Path) -> tuple[set[str], str | None]:
     source = _sqlite_path(url)
-    if not source.exists():
+    if not source.is_file():
         raise BackupError(f"no SQLite database at {source}")
-    with _temporary_in(folder, ".sqlite") as tmp:
-        with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(tmp)) as dst:
+    try:
+        with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
             src.backup(dst)  # one consistent copy, while others write
-        named = _named_files(f"sqlite:///{tmp}")
-        os.replace(tmp, folder / SQLITE_FILE)
-    return named
+            # the copy inherits the live database's WAL mode, which cannot be opened from a
+            # read-only folder (a snapshot of the backup disk): a plain rollback journal instead
+            dst.execute("PRAGMA journal_mode=DELETE")
+    except sqlite3.Error as exc:
+        raise BackupError(f"cannot copy the SQLite database at {source}: {exc}") from None
+    return _named_files(f"sqlite:///{target}")
 
 
-def _snapshot_postgresql(url: str, folder: Path) -> tuple[set[str], str | None]:
-    if shutil.which("pg_dump") is None:
-        raise BackupError("pg_dump not found: install PostgreSQL's client (Debian: postgresql-client)")
+def _snapshot_postgresql(url: str, target: Path) -> tuple[set[str], str | None]:
+    pg_dump = _tool("pg_dump")
+    libpq_url, env = _pg_command(url)
     engine = create_engine(url)
     try:
-        repeatable = engine.connect().execution_options(isolation_level="REPEATABLE READ")
-        with repeatable as conn, _temporary_in(folder, ".pgdump") as tmp:
+        with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
             # pg_dump reads the very snapshot this transaction lists the files from
             snapshot = conn.execute(text("SELECT pg_export_snapshot()")).scalar_one()
-            paths = set(conn.execute(text(STORED_PATHS_SQL)).scalars())
-            revision = _revision(conn)
-            dump = ["pg_dump", "--format=custom", "--no-owner", f"--snapshot={snapshot}", f"--file={tmp}"]
-            done = subprocess.run([*dump, _libpq_url(url)], capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise BackupError(f"pg_dump failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            named = set(conn.execute(text(STORED_PATHS_SQL)).scalars()), _revision(conn)
+            dump = [pg_dump, "--format=custom", "--no-owner", f"--snapshot={snapshot}", f"--file={target}"]
+            done = subprocess.run([*dump, libpq_url], capture_output=True, text=True, env=env, check=False)
             conn.rollback()
-            os.replace(tmp, folder / PG_FILE)
     finally:
         engine.dispose()
-    return paths, revision
+    if done.returncode != 0:
+        raise BackupError(f"pg_dump failed: {_first_error(done.stderr)}")
+    return named
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -189,34 +213,56 @@ def _sync_key(source: Path, target: Path) -> str:
     return "replaced" if replaced else "copied"
 
 
-def _files_under(root: Path) -> set[str]:
+def _stored_files_under(root: Path) -> set[str]:
+    """The stored files under ``root`` (not the key, not temporary files of a copy or an upload)."""
     if not root.is_dir():
         return set()
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    return {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.name != KEY_FILE and not p.name.startswith(".")
+    }
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _write_manifest(folder: Path, report: BackupReport) -> None:
+    with _temporary_in(folder, ".json") as tmp:
+        tmp.write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, folder / MANIFEST)
 
 
 def take_backup(folder: Path, url: str, store_root: Path, progress: Progress = _no_progress) -> BackupReport:
     """Back up the database at ``url`` and the files of ``store_root`` it names into ``folder``."""
     kind = _kind(url)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    snapshot = _snapshot_sqlite if kind == "sqlite" else _snapshot_postgresql
-    names, revision = snapshot(url, folder)
-    (folder / (PG_FILE if kind == "sqlite" else SQLITE_FILE)).unlink(missing_ok=True)
-    taken = utcnow().isoformat()
-    report = BackupReport(str(folder), kind, revision, taken, files=len(names))
     backup_store = folder / STORE_DIR
-    _sync_files(report, names, store_root, backup_store, progress)
-    report.key = _sync_key(store_root, backup_store)
-    for stale in _files_under(backup_store) - names - {KEY_FILE}:
-        (backup_store / stale).unlink()
-        report.pruned += 1
-    (folder / MANIFEST).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+    if _overlaps(folder, store_root) or _overlaps(backup_store, store_root):
+        # its store would be the live one: pruning it would delete photographs being uploaded
+        raise BackupError(f"the backup folder {folder} overlaps the store {store_root}: choose another")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)  # an existing folder too: it holds patients' photographs and the key
+    dump_name = SQLITE_FILE if kind == "sqlite" else PG_FILE
+    with _temporary_in(folder, Path(dump_name).suffix) as tmp:
+        names, revision = (_snapshot_sqlite if kind == "sqlite" else _snapshot_postgresql)(url, tmp)
+        report = BackupReport(str(folder), kind, revision, utcnow().isoformat(), files=len(names))
+        _sync_files(report, names, store_root, backup_store, progress)
+        report.key = _sync_key(store_root, backup_store)
+        os.replace(tmp, folder / dump_name)
+    (folder / (PG_FILE if kind == "sqlite" else SQLITE_FILE)).unlink(missing_ok=True)
+    stale = _stored_files_under(backup_store) - names
+    report.pruned = len(stale)
+    _write_manifest(folder, report)
+    for relpath in stale:
+        (backup_store / relpath).unlink()
     return report
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Path) -> dict[str, object]:
     try:
-        manifest: dict[str, Any] = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        manifest: dict[str, object] = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BackupError(f"{folder} holds no readable {MANIFEST}: not a drscreen backup") from exc
     return manifest
@@ -225,30 +271,55 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 def _restore_sqlite(folder: Path, url: str) -> None:
     target = _sqlite_path(url)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with closing(sqlite3.connect(folder / SQLITE_FILE)) as src, closing(sqlite3.connect(target)) as dst:
-        src.backup(dst)  # replaces every page of the target, in one transaction
+    try:
+        # read only: the backup may be on a read-only disk or snapshot
+        source = f"file:{folder / SQLITE_FILE}?mode=ro"
+        with closing(sqlite3.connect(source, uri=True)) as src, closing(sqlite3.connect(target)) as dst:
+            src.backup(dst)  # replaces every page of the target, in one transaction
+    except sqlite3.Error as exc:
+        raise BackupError(f"cannot restore into the SQLite database at {target}: {exc}") from None
 
 
 def _restore_postgresql(folder: Path, url: str) -> None:
-    if shutil.which("pg_restore") is None:
-        raise BackupError("pg_restore not found: install PostgreSQL's client (Debian: postgresql-client)")
-    restore = ["pg_restore", "--clean", "--if-exists", "--no-owner", "--single-transaction"]
-    done = subprocess.run(
-        [*restore, f"--dbname={_libpq_url(url)}", str(folder / PG_FILE)],
+    """The target emptied and the dump loaded in one transaction (psql --single-transaction): a
+    failure leaves the database as it was."""
+    pg_restore, psql = _tool("pg_restore"), _tool("psql")
+    libpq_url, env = _pg_command(url)
+    script = subprocess.run(
+        [pg_restore, "--no-owner", "--file=-", str(folder / PG_FILE)],
         capture_output=True,
-        text=True,
+        env=env,
         check=False,
     )
+    if script.returncode != 0:
+        raise BackupError(f"pg_restore failed: {_first_error(script.stderr.decode(errors='replace'))}")
+    load = [
+        psql,
+        "--no-psqlrc",
+        "--quiet",
+        "--single-transaction",
+        "--set=ON_ERROR_STOP=1",
+        f"--dbname={libpq_url}",
+    ]
+    done = subprocess.run(
+        load, input=PG_EMPTY_SCHEMA.encode() + script.stdout, capture_output=True, env=env, check=False
+    )
     if done.returncode != 0:
-        raise BackupError(f"pg_restore failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise BackupError(f"restoring the dump failed: {_first_error(done.stderr.decode(errors='replace'))}")
 
 
 def restore_backup(
-    folder: Path, url: str, store_root: Path, progress: Progress = _no_progress
+    folder: Path,
+    url: str,
+    store_root: Path,
+    progress: Progress = _no_progress,
+    *,
+    remove_unnamed: bool = False,
 ) -> BackupReport:
     """Put the backup in ``folder`` back: the database at ``url`` becomes the snapshot (whatever it
-    held is replaced) and the snapshot's files are put in ``store_root`` where absent. Run it with
-    the API and workers stopped."""
+    held is replaced) and the snapshot's files are put in ``store_root`` where absent. Files of the
+    store that no restored row names (photographs sent after the backup) are counted in
+    ``pruned``, and deleted with ``remove_unnamed``. Run it with the API and workers stopped."""
     manifest = read_manifest(folder)
     kind = _kind(url)
     if manifest.get("database") != kind:
@@ -258,10 +329,14 @@ def restore_backup(
         raise BackupError(f"{dump} is missing: the backup is incomplete")
     (_restore_sqlite if kind == "sqlite" else _restore_postgresql)(folder, url)
     names, revision = _named_files(url)
-    taken = str(manifest.get("taken_at", ""))
-    report = BackupReport(str(folder), kind, revision, taken, files=len(names))
+    report = BackupReport(str(folder), kind, revision, str(manifest.get("taken_at", "")), files=len(names))
     store_root.mkdir(parents=True, exist_ok=True)
     _sync_files(report, names, folder / STORE_DIR, store_root, progress)
     # the restored audit rows were keyed with the backup's key (a different one: another store)
     report.key = _sync_key(folder / STORE_DIR, store_root)
+    unnamed = _stored_files_under(store_root) - names
+    report.pruned = len(unnamed)
+    if remove_unnamed:
+        for relpath in unnamed:
+            (store_root / relpath).unlink()
     return report

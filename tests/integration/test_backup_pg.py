@@ -58,3 +58,22 @@ def test_files_and_rows_come_from_one_snapshot_while_uploads_go_on(url: str, tmp
         p.relative_to(tmp_path / "b" / "store").as_posix() for p in (tmp_path / "b" / "store").rglob("*.jpg")
     }
     assert rows == in_backup and report.missing == []
+
+
+def test_an_older_schemas_backup_restores_into_a_migrated_database(url: str, tmp_path: Path) -> None:
+    """The review: pg_restore --clean dropped only what the dump held, and a table of the newer
+    schema (web_session, with its foreign key to api_key) made the README's restore-then-upgrade
+    fail on PostgreSQL; the target is now emptied in the restore's own transaction."""
+    from alembic import command
+
+    from core import migrate
+
+    store, _ids = _deployment(url)
+    command.downgrade(migrate.alembic_config(url), "-1")
+    older = migrate.current_revision(url)
+    backup.take_backup(tmp_path / "b", url, store.root)
+    migrate.upgrade(url)
+    restored = backup.restore_backup(tmp_path / "b", url, store.root)
+    assert restored.revision == older and restored.missing == []
+    migrate.upgrade(url)
+    assert migrate.current_revision(url) != older

@@ -143,6 +143,8 @@ def test_a_signed_out_web_form_is_sent_to_sign_in_before_its_body_is_read(
     expected = {"/screenings/bundle", "/screenings/image", "/patients", "/patients/erase", "/jobs"}
     assert expected <= SIGNED_IN_FORMS
     assert "/login" not in SIGNED_IN_FORMS
+    # the edge compares exact paths: a form with a path parameter would slip past it (the review)
+    assert not [path for path in SIGNED_IN_FORMS if "{" in path]
     ended = web_cookie(client, key)
     assert client.post("/logout", headers=ended, follow_redirects=False).status_code == 303
     client.cookies.clear()

@@ -4,8 +4,12 @@ operator runs; PostgreSQL's pg_dump / pg_restore path is tests/integration/test_
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
 import stat
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import inspect, select, text
@@ -84,6 +88,7 @@ def test_a_backup_restores_an_emptied_deployment(url: str, tmp_path: Path) -> No
         and manifest["key"] == "copied"
     )
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / backup.MANIFEST).stat().st_mode) == 0o600
     assert {
         p.relative_to(folder / "store").as_posix() for p in (folder / "store").rglob("*") if p.is_file()
     } == (names | {KEY_FILE})
@@ -125,7 +130,10 @@ def test_a_second_backup_copies_only_new_files_and_drops_an_erased_patients(url:
     with session_scope(url) as s:
         assert retention.remove_unreferenced_files(s, store, outcome.files) == 1
     third = runner.invoke(app, ["db", "backup", str(folder)])
-    assert third.exit_code == 0 and "1 no longer named removed from the backup" in third.output, third.output
+    assert (
+        third.exit_code == 0
+        and "1 file(s) no longer named by the database removed from the backup" in third.output
+    ), third.output
     assert not (folder / "store" / stored).exists()  # the erased patient's photograph left the backup
 
 
@@ -152,3 +160,66 @@ def test_backup_and_restore_refuse_what_they_cannot_do_in_one_line(url: str, tmp
     assert incomplete.exit_code == 2 and "the backup is incomplete" in incomplete.output
     with pytest.raises(backup.BackupError, match="of a sqlite database, the target is postgresql"):
         backup.restore_backup(folder, "postgresql+psycopg://nobody@127.0.0.1:1/none", tmp_path / "s")
+
+
+def test_a_backup_folder_overlapping_the_store_is_refused(url: str, tmp_path: Path) -> None:
+    """The review: `db backup $DRSCREEN_VAR_DIR` made the live store the backup's store, and the
+    prune deleted the photograph of an upload committed after the snapshot."""
+    store, _ids = _deployment(url)
+    in_flight = store.put_bytes(b"an upload after the snapshot", "jpg")
+    var = store.root.parent
+    for folder in (var, store.root, store.root / "backups", var.parent):
+        refused = runner.invoke(app, ["db", "backup", str(folder)])
+        assert refused.exit_code == 2 and "overlaps the store" in refused.output, (folder, refused.output)
+    assert in_flight.path.is_file()
+
+
+def test_an_interrupted_backup_still_restores_what_its_manifest_says(url: str, tmp_path: Path) -> None:
+    """The review: the new snapshot was renamed into place before its files were copied, so a
+    backup interrupted halfway restored a database naming files the backup lacked."""
+    store, _ids = _deployment(url)
+    folder = tmp_path / "backup"
+    first = backup.take_backup(folder, url, store.root)
+    add_images(url, store, "LATE", [photo("19_left.jpg")])
+
+    def interrupted(items: Any, _total: int, _what: str) -> Any:
+        for n, item in enumerate(items):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield item
+
+    with pytest.raises(KeyboardInterrupt):
+        backup.take_backup(folder, url, store.root, interrupted)
+    assert backup.read_manifest(folder)["taken_at"] == first.taken_at
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]
+    _lose_database(url)
+    shutil.rmtree(store.root)
+    restored = backup.restore_backup(folder, url, store.root)
+    assert restored.missing == [] and restored.files == first.files == 4
+
+
+def test_the_sqlite_copy_opens_read_only_and_restore_reports_newer_files(url: str, tmp_path: Path) -> None:
+    """The review: the copy kept the live database's WAL mode, which a read-only snapshot of the
+    backup disk cannot open; and a restore left photographs sent after the backup unmentioned."""
+    store, _ids = _deployment(url)
+    folder = tmp_path / "backup"
+    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
+    with closing(sqlite3.connect(f"file:{folder / backup.SQLITE_FILE}?mode=ro", uri=True)) as copy:
+        assert copy.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    add_images(url, store, "LATE", [photo("19_left.jpg")])
+    kept = runner.invoke(app, ["db", "restore", str(folder), "--yes"])
+    assert kept.exit_code == 0 and "1 file(s) of the store are named by no restored row" in kept.output
+    removed = runner.invoke(app, ["db", "restore", str(folder), "--yes", "--remove-unnamed"])
+    assert (
+        removed.exit_code == 0 and "1 file(s) of the store named by no restored row deleted" in removed.output
+    )
+    assert {p.name for p in store.root.rglob("*.jpg")} == {
+        Path(n).name for n in _names(url) if n.endswith(".jpg")
+    }
+
+
+def test_a_postgresql_password_stays_off_the_command_line() -> None:
+    """The review: pg_dump's command line (readable by every local user) carried the password."""
+    command, env = backup._pg_command("postgresql+psycopg://drs:S3cr%25t%23pw@db.example:5432/drscreen")
+    assert command == "postgresql://drs@db.example:5432/drscreen"
+    assert env["PGPASSWORD"] == "S3cr%t#pw"
