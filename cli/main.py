@@ -22,7 +22,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema (Alembic migrations), backups and restores.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of the clinics.", no_args_is_help=True)
 model_app = typer.Typer(help="The release the whole deployment serves.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -634,7 +634,9 @@ def keys_list(clinic: str | None = typer.Option(None, "--clinic")) -> None:
 
 # --------------------------------------------------------------------------------------- data
 
-data_app = typer.Typer(help="Erase a patient's data; enforce a retention period.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Erase a patient's data; enforce a retention period; export the audit trail.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 
 
@@ -708,6 +710,49 @@ def _confirm(question: str, refused: str = "nothing erased") -> None:
     if not typer.confirm(question, default=False):
         typer.echo(refused, err=True)
         raise typer.Exit(1)
+
+
+def _utc_day(value: str | None, option: str) -> Any:
+    """``YYYY-MM-DD`` as midnight UTC, or None; a malformed date is one line, exit 2."""
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        typer.echo(f"drscreen data audit: {option} takes a date as YYYY-MM-DD, not {value!r}", err=True)
+        raise typer.Exit(2) from None
+
+
+@data_app.command("audit")
+def data_audit(
+    clinic: str = typer.Option(..., "--clinic", help="Clinic name (as given to `keys create`)."),
+    patient_id: str | None = typer.Option(
+        None, "--patient", help="Only this patient's rows (erased: the erasure)."
+    ),
+    since: str | None = typer.Option(None, "--since", help="From this day on (YYYY-MM-DD, UTC)."),
+    until: str | None = typer.Option(None, "--until", help="Before this day (YYYY-MM-DD, UTC)."),
+    out: Path | None = typer.Option(None, "--out", help="CSV file to write (default: standard output)."),
+) -> None:
+    """The clinic's audit trail as CSV: uploads, reads, erasures and purges, who (API key id,
+    prefix, label) and when, oldest first."""
+    from core import repository as repo
+    from core.audit_export import write_audit_csv
+    from core.db import session_scope
+
+    start, end = _utc_day(since, "--since"), _utc_day(until, "--until")
+    with _db_errors(), session_scope() as session:
+        found = repo.get_clinic_by_name(session, clinic)
+        if found is None:
+            typer.echo(f"no clinic {clinic!r}", err=True)
+            raise typer.Exit(code=1)
+        if out is None:
+            n = write_audit_csv(session, sys.stdout, found.id, patient_id=patient_id, since=start, until=end)
+        else:
+            with open(out, "w", newline="", encoding="utf-8") as fh:
+                n = write_audit_csv(session, fh, found.id, patient_id=patient_id, since=start, until=end)
+    typer.echo(f"{n} audit row(s)" + (f" written to {out}" if out else ""), err=True)
 
 
 @data_app.command("erase")

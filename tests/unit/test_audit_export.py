@@ -1,0 +1,106 @@
+"""``drscreen data audit``: a clinic's audit trail as CSV, through the real API writing it (embedded
+database), and an erased patient still findable by their erasure."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+from typer.testing import CliRunner
+
+from cli.main import app
+from core.db import session_scope
+from core.tables import ApiKey, AuditEvent
+from tests.api_support import Key, make_key, sample_bytes
+
+runner = CliRunner()
+
+
+def _upload(client: TestClient, key: Key, patient: str) -> str:
+    resp = client.post(
+        "/v1/images",
+        headers=key.headers,
+        data={"patient_id": patient, "eye": "left"},
+        files={"file": ("x.jpg", sample_bytes("16", "left"))},
+    )
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["id"])
+
+
+def _audit(*args: str) -> list[dict[str, str]]:
+    done = runner.invoke(app, ["data", "audit", *args])
+    assert done.exit_code == 0, done.output
+    text = done.stdout
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_the_audit_trail_lists_a_clinics_uploads_and_reads_oldest_first(client: TestClient, url: str) -> None:
+    north, south = make_key(url, "North"), make_key(url, "South")
+    with session_scope(url) as s:  # a label a spreadsheet would run as a formula
+        s.execute(update(ApiKey).where(ApiKey.id == north.key_id).values(label="=HYPERLINK(1)"))
+    image = _upload(client, north, "p-1")
+    _upload(client, north, "p-2")
+    _upload(client, south, "s-1")
+    assert client.get("/v1/patients/p-1", headers=north.headers).status_code == 200
+
+    rows = _audit("--clinic", "North")
+    assert [(r["action"], r["patient_id"]) for r in rows] == [
+        ("image.create", "p-1"),
+        ("image.create", "p-2"),
+        ("patient.read", "p-1"),
+    ]
+    assert rows[0]["target_id"] == image and rows[0]["key_id"] == str(north.key_id)
+    assert rows[0]["key_prefix"] and rows[0]["key_prefix"] in north.key
+    assert north.key not in runner.invoke(app, ["data", "audit", "--clinic", "North"]).output
+    assert rows[0]["key_label"] == "'=HYPERLINK(1)"  # not a formula when the CSV is opened
+    assert [r["action"] for r in _audit("--clinic", "North", "--patient", "p-1")] == [
+        "image.create",
+        "patient.read",
+    ]
+    assert [r["patient_id"] for r in _audit("--clinic", "South")] == ["s-1"]
+
+
+def test_the_period_and_the_output_file(client: TestClient, url: str, tmp_path: Path) -> None:
+    north = make_key(url, "North")
+    _upload(client, north, "p-1")
+    _upload(client, north, "p-2")
+    with session_scope(url) as s:
+        first = s.scalars(select(AuditEvent).order_by(AuditEvent.id)).first()
+        assert first is not None
+        first.at = first.at.replace(year=2025, month=1, day=15)
+    assert [r["patient_id"] for r in _audit("--clinic", "North", "--until", "2025-01-16")] == ["p-1"]
+    assert [r["patient_id"] for r in _audit("--clinic", "North", "--since", "2025-01-16")] == ["p-2"]
+    out = tmp_path / "audit.csv"
+    done = runner.invoke(app, ["data", "audit", "--clinic", "North", "--out", str(out)])
+    assert done.exit_code == 0 and f"2 audit row(s) written to {out}" in done.output
+    assert len(list(csv.DictReader(out.open()))) == 2
+
+
+def test_an_erased_patient_is_found_by_their_erasure_only(client: TestClient, url: str) -> None:
+    north = make_key(url, "North")
+    _upload(client, north, "p-1")
+    _upload(client, north, "p-2")
+    erased = runner.invoke(app, ["data", "erase", "--clinic", "North", "p-1", "--yes", "--force"])
+    assert erased.exit_code == 0, erased.output
+
+    rows = _audit("--clinic", "North", "--patient", "p-1")
+    assert [(r["action"], r["patient_id"]) for r in rows] == [("patient.erase", "p-1")]
+    assert '"by": "cli:' in rows[0]["detail"]
+    assert _audit("--clinic", "North", "--patient", "nobody") == []
+    # the whole trail: the erased patient's upload is there, without their id
+    assert [(r["action"], r["patient_id"]) for r in _audit("--clinic", "North")] == [
+        ("image.create", ""),
+        ("image.create", "p-2"),
+        ("patient.erase", ""),
+    ]
+
+
+def test_wrong_options_are_one_line(url: str) -> None:
+    make_key(url, "North")
+    bad = runner.invoke(app, ["data", "audit", "--clinic", "North", "--since", "yesterday"])
+    assert bad.exit_code == 2 and "--since takes a date as YYYY-MM-DD" in bad.output
+    unknown = runner.invoke(app, ["data", "audit", "--clinic", "Nowhere"])
+    assert unknown.exit_code == 1 and "no clinic 'Nowhere'" in unknown.output
