@@ -738,7 +738,7 @@ def data_audit(
     """The clinic's audit trail as CSV: uploads, reads, erasures and purges, who (API key id,
     prefix, label) and when, oldest first."""
     from core import repository as repo
-    from core.audit_export import write_audit_csv
+    from core.audit_export import NoDeploymentKey, write_audit_csv
     from core.db import session_scope
 
     start, end = _utc_day(since, "--since"), _utc_day(until, "--until")
@@ -747,11 +747,17 @@ def data_audit(
         if found is None:
             typer.echo(f"no clinic {clinic!r}", err=True)
             raise typer.Exit(code=1)
-        if out is None:
-            n = write_audit_csv(session, sys.stdout, found.id, patient_id=patient_id, since=start, until=end)
-        else:
-            with open(out, "w", newline="", encoding="utf-8") as fh:
+        try:
+            with contextlib.ExitStack() as stack:
+                fh = (
+                    sys.stdout
+                    if out is None
+                    else stack.enter_context(open(out, "w", newline="", encoding="utf-8"))
+                )
                 n = write_audit_csv(session, fh, found.id, patient_id=patient_id, since=start, until=end)
+        except NoDeploymentKey as exc:
+            typer.echo(f"drscreen data audit: {exc}", err=True)
+            raise typer.Exit(2) from None
     typer.echo(f"{n} audit row(s)" + (f" written to {out}" if out else ""), err=True)
 
 

@@ -18,8 +18,9 @@ from typing import IO, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import retention
+from core import deployment_key, retention
 from core.csvcells import csv_cell
+from core.settings import get_settings
 from core.tables import ApiKey, AuditEvent, Patient, as_utc
 
 COLUMNS = [
@@ -33,6 +34,12 @@ COLUMNS = [
     "key_label",
     "detail",
 ]
+
+
+class NoDeploymentKey(Exception):
+    """The store holds no deployment key, so an erased patient cannot be recognised."""
+
+
 #: Rows fetched from the database at a time (an audit trail grows without bound).
 _BATCH = 1000
 
@@ -80,7 +87,7 @@ def write_audit_csv(
 ) -> int:
     """Write the clinic's audit rows (of ``patient_id`` only, when given) to ``out``; returns how
     many. ``key``: the deployment key for finding an erased patient's erasure (default: the
-    configured store's)."""
+    configured store's; :class:`NoDeploymentKey` when it has none, and none is created)."""
     patient = None
     erased_digest = None
     if patient_id is not None:
@@ -88,9 +95,14 @@ def write_audit_csv(
             select(Patient).where(Patient.clinic_id == clinic_id, Patient.external_id == patient_id.strip())
         ).one_or_none()
         if patient is None:  # erased, or never seen: only an erasure can name them now
-            erased_digest = retention.patient_digest(
-                patient_id, key if key is not None else retention.store_key()
-            )
+            key = key if key is not None else deployment_key.existing_key(get_settings().store_path)
+            if key is None:
+                raise NoDeploymentKey(
+                    f"no deployment key in {get_settings().store_path}: an erased patient is found by "
+                    "their erasure's keyed digest; run this where DRSCREEN_STORE_DIR is the deployment's "
+                    "store"
+                )
+            erased_digest = retention.patient_digest(patient_id, key)
     writer = csv.writer(out)
     writer.writerow(COLUMNS)
     written = 0

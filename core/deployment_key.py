@@ -88,6 +88,13 @@ def deployment_key(store_dir: Path) -> bytes:
     return _read(path)
 
 
+def existing_key(store_dir: Path) -> bytes | None:
+    """The deployment's key if this store holds one (never creates it: a machine that only reads,
+    e.g. an operator's audit export, must not leave another key behind)."""
+    path = key_path(store_dir)
+    return _read(path) if path.exists() else None
+
+
 def fingerprint(store_dir: Path) -> str:
     """A short public digest of the key, or ``"none"`` before any process created it (reading it
     never creates one: `drscreen status` on a misconfigured machine must not leave a key behind)."""

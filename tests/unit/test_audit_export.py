@@ -7,12 +7,15 @@ import csv
 import io
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from cli.main import app
 from core.db import session_scope
+from core.deployment_key import KEY_FILE
+from core.settings import get_settings
 from core.tables import ApiKey, AuditEvent
 from tests.api_support import Key, make_key, sample_bytes
 
@@ -96,6 +99,24 @@ def test_an_erased_patient_is_found_by_their_erasure_only(client: TestClient, ur
         ("image.create", "p-2"),
         ("patient.erase", ""),
     ]
+
+
+def test_an_erased_patient_needs_the_deployments_key_and_none_is_made(
+    client: TestClient, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a machine without the store, a new key would find nothing and be left behind."""
+    north = make_key(url, "North")
+    _upload(client, north, "p-1")
+    assert (
+        runner.invoke(app, ["data", "erase", "--clinic", "North", "p-1", "--yes", "--force"]).exit_code == 0
+    )
+    elsewhere = tmp_path / "other-store"
+    monkeypatch.setenv("DRSCREEN_STORE_DIR", str(elsewhere))
+    get_settings.cache_clear()
+    refused = runner.invoke(app, ["data", "audit", "--clinic", "North", "--patient", "p-1"])
+    assert refused.exit_code == 2 and "no deployment key in" in refused.output, refused.output
+    assert not (elsewhere / KEY_FILE).exists()
+    assert [r["patient_id"] for r in _audit("--clinic", "North")] == ["", ""]  # the trail itself needs no key
 
 
 def test_wrong_options_are_one_line(url: str) -> None:
