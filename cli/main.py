@@ -207,17 +207,40 @@ def serve(
     _check_part_settings("services.config:get_api_settings")
     _warn_about_settings("drscreen serve")
     _refuse_other_schema("drscreen serve")
-    uvicorn.run(
-        "services.app:create_app_for_cli",  # checked just above: the app does not check again
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=get_settings().log_level.lower(),
-        proxy_headers=True,
-        # None: uvicorn's own default (FORWARDED_ALLOW_IPS, else 127.0.0.1 and ::1)
-        forwarded_allow_ips=forwarded_allow_ips,
-    )
+    with _metrics_shared_by(workers):
+        uvicorn.run(
+            "services.app:create_app_for_cli",  # checked just above: the app does not check again
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=get_settings().log_level.lower(),
+            proxy_headers=True,
+            # None: uvicorn's own default (FORWARDED_ALLOW_IPS, else 127.0.0.1 and ::1)
+            forwarded_allow_ips=forwarded_allow_ips,
+        )
+
+
+@contextlib.contextmanager
+def _metrics_shared_by(workers: int) -> Iterator[None]:
+    """Several API processes on one port: their request metrics go to one fresh folder that every
+    scrape sums (``services.metrics.MULTIPROC_ENV``); one given by the environment is kept."""
+    import os
+    import shutil
+    import tempfile
+
+    from services.metrics import MULTIPROC_ENV
+
+    if workers <= 1 or os.environ.get(MULTIPROC_ENV):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="drscreen-metrics-")
+    os.environ[MULTIPROC_ENV] = folder
+    try:
+        yield
+    finally:
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @app.command()

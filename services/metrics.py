@@ -8,12 +8,20 @@ describe the whole system, which every API process can see, not this process's t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -31,6 +39,10 @@ from core.tasks import ALL_QUEUES
 from services.modelinfo import active_ref
 
 log = logging.getLogger(__name__)
+
+#: prometheus_client's multiprocess mode: set by ``drscreen serve --workers N`` (N > 1) to a fresh
+#: folder before the processes start (the client reads it when it is first imported).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def queue_depths(settings: Settings) -> dict[str, int]:
@@ -58,6 +70,25 @@ def image_counts(session: Session) -> tuple[dict[str, int], dict[int | None, int
     by_grade = dict(session.execute(select(Prediction.grade, func.count()).group_by(Prediction.grade)).all())
     since = session.scalar(select(func.min(Image.updated_at)).where(Image.status == "queued"))
     return by_status, by_grade, since
+
+
+#: The windows of the recent counts below (fixed: the alert rules in deploy/prometheus name them).
+FAILED_WINDOW = timedelta(hours=1)
+GRADED_WINDOW = timedelta(hours=6)
+
+
+def recent_counts(session: Session, now: datetime) -> tuple[int, dict[int | None, int]]:
+    """Photographs that ended ``failed`` in the last hour, and gradings by grade (None:
+    ungradable) of the last 6 hours. Counted over a window in the database rather than left to
+    PromQL's ``delta`` of the totals: an erasure or a purge lowers a total, and a delta then
+    hides failures, or turns a normal ungradable share into an alarming one (the review)."""
+    failed = repo.count_failed_images_since(session, now - FAILED_WINDOW)
+    graded = session.execute(
+        select(Prediction.grade, func.count())
+        .where(Prediction.created_at >= now - GRADED_WINDOW)
+        .group_by(Prediction.grade)
+    ).all()
+    return failed, {grade: int(n) for grade, n in graded}
 
 
 class SystemCollector(Collector):
@@ -88,6 +119,14 @@ class SystemCollector(Collector):
             labels=["grade"],
         )
         scored = GaugeMetricFamily("drscreen_images_scored", "photographs scored (status done)")
+        failed_recent = GaugeMetricFamily(
+            "drscreen_images_failed_last_hour", "photographs that ended failed in the last hour"
+        )
+        graded_recent = GaugeMetricFamily(
+            "drscreen_predictions_last_6h_by_grade",
+            "gradings of the last 6 hours by grade (ungradable: no grade)",
+            labels=["grade"],
+        )
         oldest = GaugeMetricFamily(
             "drscreen_oldest_queued_seconds",
             "age of the longest-waiting queued photograph (since it was queued or last returned to "
@@ -103,12 +142,20 @@ class SystemCollector(Collector):
                 grades.add_metric([str(grade)], int(by_grade.get(grade, 0)))
             grades.add_metric(["ungradable"], int(by_grade.get(None, 0)))
             oldest.add_metric([], (utcnow() - as_utc(since)).total_seconds() if since else 0.0)
+            with self.sessions() as session:
+                failed, graded = recent_counts(session, utcnow())
+            failed_recent.add_metric([], failed)
+            for grade in range(5):
+                graded_recent.add_metric([str(grade)], graded.get(grade, 0))
+            graded_recent.add_metric(["ungradable"], graded.get(None, 0))
         except Exception as exc:
             log.warning("database counts unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
         yield images
         yield scored
         yield grades
         yield oldest
+        yield failed_recent
+        yield graded_recent
 
         recent = GaugeMetricFamily(
             "drscreen_recent_release_predictions",
@@ -186,7 +233,16 @@ class Metrics:
         self.system.sessions = sessions
 
     def render(self) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        registry = self.registry
+        if os.environ.get(MULTIPROC_ENV):
+            # `drscreen serve --workers N`: one scrape reaches one process, and each process
+            # counted only its own requests (a scrape read whichever answered: counters that went
+            # up and down, read by rate() as resets; the review). prometheus_client's multiprocess
+            # mode sums every process's counts from the folder they share.
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            registry.register(self.system)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def route_template(scope: Scope) -> str:
