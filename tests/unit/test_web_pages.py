@@ -41,6 +41,22 @@ def test_a_single_photographs_page_gives_the_patients_decision(client: TestClien
     tone, headline = _banner(html)
     assert tone == "refer" and headline.startswith("REFER"), headline
     assert "Right eye: not photographed" in html
+    # the eye itself says so (its badge read "UNGRADABLE": the review of the printed page)
+    assert re.search(r'data-testid="eye-right-grade"[^>]*>NOT PHOTOGRAPHED<', html)
+    assert re.search(r'data-testid="eye-left-grade"[^>]*data-grade="', html)
+    assert re.search(r'data-testid="received">received \d{4}-\d\d-\d\d \d\d:\d\d UTC<', html)
+    # printed: the patient named beside each eye (a long visit prints on several pages)
+    assert html.count('<span class="print-only-inline muted"> · patient P178</span>') == 2
+    assert 'data-testid="print"' in html
+
+
+def test_an_unfinished_result_offers_no_print(client: TestClient, url: str) -> None:
+    """The review: "Print" on a result still being scored printed the "Scoring…" banner."""
+    key = make_key(url, "North")
+    store = FileStore(get_settings().store_path)
+    [image_id] = add_images(url, store, "PQ", [photo("16_left.jpg")])  # queued
+    html = client.get(f"/images/{image_id}", headers=web_cookie(client, key)).text
+    assert _banner(html)[0] == "pending" and 'data-testid="print"' not in html
 
 
 def test_the_patient_page_says_pending_and_not_photographed_in_words(client: TestClient, url: str) -> None:

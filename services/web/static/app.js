@@ -94,6 +94,13 @@
     document.querySelectorAll("[data-print]").forEach(function (button) {
       button.addEventListener("click", function () { window.print(); });
     });
+    // the time of printing, not of loading (a tab left open prints later); the server's is the fallback
+    window.addEventListener("beforeprint", function () {
+      const now = new Date().toISOString();  // UTC
+      document.querySelectorAll("[data-printed-at]").forEach(function (el) {
+        el.textContent = now.slice(0, 10) + " " + now.slice(11, 16);
+      });
+    });
     const progress = document.querySelector("[data-progress-url]");
     if (progress) pollProgress(progress);
     const refresh = document.querySelector("[data-refresh-seconds]");
