@@ -527,9 +527,13 @@ def _backup_lines(report: Any, verb: str) -> None:
         )
 
 
+_FORCE_HELP = "Do what the checks refuse (another deployment's backup; a target in use)."
+
+
 @db_app.command("backup")
 def db_backup(
     folder: Path = typer.Argument(..., help="Folder to write (a second backup there copies only new files)."),
+    force: bool = typer.Option(False, "--force", help=_FORCE_HELP),
 ) -> None:
     """Back up the database and the stored photographs and heatmaps it names, while the service runs."""
     from core.backup import take_backup
@@ -537,8 +541,9 @@ def db_backup(
 
     settings = get_settings()
     with _backup_errors("backup"):
-        report = take_backup(folder, settings.database_url, settings.store_path, _file_progress)
+        report = take_backup(folder, settings.database_url, settings.store_path, _file_progress, force=force)
     _backup_lines(report, f"backed up to {folder}:")
+    typer.echo(f"snapshot of {report.taken_at}: what the service accepts after it is not in this backup")
     if report.pruned:
         typer.echo(f"{report.pruned} file(s) no longer named by the database removed from the backup")
 
@@ -550,24 +555,31 @@ def db_restore(
     remove_unnamed: bool = typer.Option(
         False, "--remove-unnamed", help="Delete the store's files that no restored row names."
     ),
+    force: bool = typer.Option(False, "--force", help=_FORCE_HELP),
 ) -> None:
     """Replace the database with a backup and put its files back in the store (API and workers
-    stopped). Patients erased after the backup are back: erase them again."""
+    stopped). Patients erased and keys revoked after the backup are back: do it again."""
     from core.backup import read_manifest, restore_backup
     from core.settings import get_settings
 
     settings = get_settings()
     with _backup_errors("restore"):
         manifest = read_manifest(folder)
+    taken = manifest.get("taken_at")
+    typer.echo(
+        f"restoring the snapshot of {taken} into the database at {_redact(settings.database_url)} "
+        f"and the store {settings.store_path}"
+    )
     if not yes:
-        _confirm(
-            f"Replace everything in the database at {_redact(settings.database_url)} with the backup "
-            f"taken {manifest.get('taken_at')}?",
-            refused="nothing restored",
-        )
+        _confirm("Replace everything in that database with the backup?", refused="nothing restored")
     with _backup_errors("restore"):
         report = restore_backup(
-            folder, settings.database_url, settings.store_path, _file_progress, remove_unnamed=remove_unnamed
+            folder,
+            settings.database_url,
+            settings.store_path,
+            _file_progress,
+            remove_unnamed=remove_unnamed,
+            force=force,
         )
     _backup_lines(report, f"restored from {folder}:")
     if report.pruned and remove_unnamed:
@@ -578,6 +590,15 @@ def db_restore(
             "after the backup); `--remove-unnamed` deletes them",
             err=True,
         )
+    if report.resent:
+        typer.echo(
+            f"{report.resent} photograph(s) or folder job(s) were waiting: the workers' next sweep sends them"
+        )
+    typer.echo(
+        f"NOTE: everything accepted after {taken} is gone (clinics re-send it); patients erased and API "
+        "keys revoked since are back: erase and revoke them again; staff sign in again",
+        err=True,
+    )
     typer.echo("run `drscreen db upgrade` if this release's schema is newer, then start the API and workers")
 
 

@@ -19,7 +19,14 @@ the snapshot is renamed into place and the manifest written, and only then are t
 snapshot no longer names deleted (a patient erased since the last backup leaves it with this one).
 
 The folder holds patients' photographs and the key: it and its files are readable by their owner
-only, and it must not overlap the store it backs up.
+only, and it must not overlap the store it backs up. A folder that holds something else, or
+another deployment's backup (another database kind or deployment key), is refused: the prune
+would delete that backup.
+
+A restore refuses while workers are alive or (PostgreSQL) other sessions use the database, unless
+forced: what they accepted meanwhile would vanish. After it, runtime state of the old machine is
+dropped (worker heartbeats, web sessions: staff sign in again) and what was waiting at the
+snapshot is marked stale, so the workers' next sweep sends it again on the new broker.
 """
 
 from __future__ import annotations
@@ -33,13 +40,18 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, delete, inspect, text, update
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
+from core import deployment_key, heartbeat
+from core import repository as repo
 from core.deployment_key import KEY_FILE
-from core.tables import utcnow
+from core.tables import Image, ScoringJob, WebSession, WorkerHeartbeat, utcnow
 
 SQLITE_FILE = "database.sqlite"
 PG_FILE = "database.pgdump"
@@ -70,6 +82,8 @@ class BackupReport:
     pruned: int = 0  # backup: no longer named, deleted; restore: in the store, named by no row
     missing: list[str] = field(default_factory=list)  # named, but not in the store
     key: str = "none"  # the deployment key: "copied", "kept", "replaced" or "none" (there was none)
+    key_fingerprint: str = "none"  # which deployment's key (core.deployment_key.fingerprint)
+    resent: int = 0  # restore: photographs and folder jobs waiting at the snapshot, sent again
 
 
 def _no_progress(items: Iterable[str], _total: int, _what: str) -> Iterable[str]:
@@ -144,10 +158,14 @@ def _named_files(url: str) -> tuple[set[str], str | None]:
         engine.dispose()
 
 
-def _snapshot_sqlite(url: str, target: Path) -> tuple[set[str], str | None]:
+Snapshot = tuple[set[str], str | None, datetime]
+
+
+def _snapshot_sqlite(url: str, target: Path) -> Snapshot:
     source = _sqlite_path(url)
     if not source.is_file():
         raise BackupError(f"no SQLite database at {source}")
+    taken = utcnow()  # the copy below is one step: it holds what was committed by now
     try:
         with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
             src.backup(dst)  # one consistent copy, while others write
@@ -156,18 +174,20 @@ def _snapshot_sqlite(url: str, target: Path) -> tuple[set[str], str | None]:
             dst.execute("PRAGMA journal_mode=DELETE")
     except sqlite3.Error as exc:
         raise BackupError(f"cannot copy the SQLite database at {source}: {exc}") from None
-    return _named_files(f"sqlite:///{target}")
+    return (*_named_files(f"sqlite:///{target}"), taken)
 
 
-def _snapshot_postgresql(url: str, target: Path) -> tuple[set[str], str | None]:
+def _snapshot_postgresql(url: str, target: Path) -> Snapshot:
     pg_dump = _tool("pg_dump")
     libpq_url, env = _pg_command(url)
     engine = create_engine(url)
     try:
         with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
             # pg_dump reads the very snapshot this transaction lists the files from
-            snapshot = conn.execute(text("SELECT pg_export_snapshot()")).scalar_one()
-            named = set(conn.execute(text(STORED_PATHS_SQL)).scalars()), _revision(conn)
+            # now(): the transaction's start, at or before its snapshot (a row committed in between
+            # is in the backup too: "re-send what came after taken_at" re-sends no more than that)
+            snapshot, began = conn.execute(text("SELECT pg_export_snapshot(), now()")).one()
+            named = set(conn.execute(text(STORED_PATHS_SQL)).scalars()), _revision(conn), _as_utc(began)
             dump = [pg_dump, "--format=custom", "--no-owner", f"--snapshot={snapshot}", f"--file={target}"]
             done = subprocess.run([*dump, libpq_url], capture_output=True, text=True, env=env, check=False)
             conn.rollback()
@@ -178,16 +198,35 @@ def _snapshot_postgresql(url: str, target: Path) -> tuple[set[str], str | None]:
     return named
 
 
-def _copy(source: Path, target: Path) -> None:
+def _as_utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _makedirs(folder: Path, mode: int) -> None:
+    """``folder`` and every missing parent with ``mode`` (``Path.mkdir`` gives it to the last only)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for level in reversed(missing):
+        level.mkdir(mode=mode, exist_ok=True)
+
+
+def _copy(source: Path, target: Path, dir_mode: int = 0o777) -> None:
     """Copy through a temporary file renamed into place: a reader never sees half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _makedirs(target.parent, dir_mode)
     with _temporary_in(target.parent, target.suffix) as tmp:
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)
 
 
 def _sync_files(
-    report: BackupReport, names: set[str], source: Path, target: Path, progress: Progress
+    report: BackupReport,
+    names: set[str],
+    source: Path,
+    target: Path,
+    progress: Progress,
+    dir_mode: int = 0o777,
 ) -> None:
     """Copy each named file from ``source`` to ``target`` unless already there (the same size: a
     name is its content's sha256, a partial copy is never renamed into place)."""
@@ -198,18 +237,18 @@ def _sync_files(
         elif not src.is_file():
             report.missing.append(relpath)
         else:
-            _copy(src, dst)
+            _copy(src, dst, dir_mode)
             report.copied += 1
 
 
-def _sync_key(source: Path, target: Path) -> str:
+def _sync_key(source: Path, target: Path, dir_mode: int = 0o777) -> str:
     src, dst = source / KEY_FILE, target / KEY_FILE
     if not src.is_file():
         return "none"
     if dst.is_file() and dst.read_bytes() == src.read_bytes():
         return "kept"
     replaced = dst.exists()
-    _copy(src, dst)  # a temporary file of mkstemp: readable by its owner only, as the key was
+    _copy(src, dst, dir_mode)  # a temporary file of mkstemp: readable by its owner only, as the key was
     return "replaced" if replaced else "copied"
 
 
@@ -235,22 +274,62 @@ def _write_manifest(folder: Path, report: BackupReport) -> None:
         os.replace(tmp, folder / MANIFEST)
 
 
-def take_backup(folder: Path, url: str, store_root: Path, progress: Progress = _no_progress) -> BackupReport:
+def _check_backup_folder(folder: Path, kind: str, fingerprint: str, force: bool) -> bool:
+    """Refuse a folder the prune would wreck; returns whether it must be created."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        raise BackupError(f"{folder} is not a folder")
+    if not (folder / MANIFEST).is_file():
+        if any(p for p in folder.iterdir() if not p.name.startswith(".tmp-")) and not force:
+            raise BackupError(f"{folder} is not empty and holds no {MANIFEST}: choose an empty folder")
+        return False
+    previous = read_manifest(folder)
+    mismatch = []
+    if previous.get("database") != kind:
+        mismatch.append(f"a {previous.get('database')} database, this one is {kind}")
+    theirs = previous.get("key_fingerprint")
+    if theirs not in (None, "none", fingerprint) and fingerprint != "none":
+        mismatch.append(f"deployment key {theirs}, this store's is {fingerprint}")
+    if mismatch and not force:
+        raise BackupError(
+            f"{folder} holds another deployment's backup ({'; '.join(mismatch)}): this backup would "
+            "delete it; choose another folder (or --force)"
+        )
+    return False
+
+
+def take_backup(
+    folder: Path, url: str, store_root: Path, progress: Progress = _no_progress, *, force: bool = False
+) -> BackupReport:
     """Back up the database at ``url`` and the files of ``store_root`` it names into ``folder``."""
     kind = _kind(url)
     backup_store = folder / STORE_DIR
     if _overlaps(folder, store_root) or _overlaps(backup_store, store_root):
         # its store would be the live one: pruning it would delete photographs being uploaded
         raise BackupError(f"the backup folder {folder} overlaps the store {store_root}: choose another")
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder.chmod(0o700)  # an existing folder too: it holds patients' photographs and the key
+    fingerprint = deployment_key.fingerprint(store_root)
+    created = _check_backup_folder(folder, kind, fingerprint, force)
+    if created:
+        _makedirs(folder, 0o700)
+    folder.chmod(0o700)  # it holds patients' photographs and the key
+    for leftover in folder.glob(".tmp-*"):  # of a backup interrupted before
+        leftover.unlink(missing_ok=True)
     dump_name = SQLITE_FILE if kind == "sqlite" else PG_FILE
-    with _temporary_in(folder, Path(dump_name).suffix) as tmp:
-        names, revision = (_snapshot_sqlite if kind == "sqlite" else _snapshot_postgresql)(url, tmp)
-        report = BackupReport(str(folder), kind, revision, utcnow().isoformat(), files=len(names))
-        _sync_files(report, names, store_root, backup_store, progress)
-        report.key = _sync_key(store_root, backup_store)
-        os.replace(tmp, folder / dump_name)
+    try:
+        with _temporary_in(folder, Path(dump_name).suffix) as tmp:
+            names, revision, taken = (_snapshot_sqlite if kind == "sqlite" else _snapshot_postgresql)(
+                url, tmp
+            )
+            report = BackupReport(str(folder), kind, revision, taken.isoformat(), files=len(names))
+            report.key_fingerprint = fingerprint
+            _sync_files(report, names, store_root, backup_store, progress, dir_mode=0o700)
+            report.key = _sync_key(store_root, backup_store, dir_mode=0o700)
+            os.replace(tmp, folder / dump_name)
+    except BaseException:
+        if created and not any(folder.rglob("*")):
+            folder.rmdir()  # a failed first backup leaves no empty folder behind
+        raise
     (folder / (PG_FILE if kind == "sqlite" else SQLITE_FILE)).unlink(missing_ok=True)
     stale = _stored_files_under(backup_store) - names
     report.pruned = len(stale)
@@ -282,17 +361,9 @@ def _restore_sqlite(folder: Path, url: str) -> None:
 
 def _restore_postgresql(folder: Path, url: str) -> None:
     """The target emptied and the dump loaded in one transaction (psql --single-transaction): a
-    failure leaves the database as it was."""
+    failure leaves the database as it was. pg_restore's SQL streams into psql (not held in memory)."""
     pg_restore, psql = _tool("pg_restore"), _tool("psql")
     libpq_url, env = _pg_command(url)
-    script = subprocess.run(
-        [pg_restore, "--no-owner", "--file=-", str(folder / PG_FILE)],
-        capture_output=True,
-        env=env,
-        check=False,
-    )
-    if script.returncode != 0:
-        raise BackupError(f"pg_restore failed: {_first_error(script.stderr.decode(errors='replace'))}")
     load = [
         psql,
         "--no-psqlrc",
@@ -301,11 +372,101 @@ def _restore_postgresql(folder: Path, url: str) -> None:
         "--set=ON_ERROR_STOP=1",
         f"--dbname={libpq_url}",
     ]
-    done = subprocess.run(
-        load, input=PG_EMPTY_SCHEMA.encode() + script.stdout, capture_output=True, env=env, check=False
-    )
-    if done.returncode != 0:
-        raise BackupError(f"restoring the dump failed: {_first_error(done.stderr.decode(errors='replace'))}")
+    with tempfile.TemporaryFile() as dump_err, tempfile.TemporaryFile() as load_err:
+        loader = subprocess.Popen(
+            load, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=load_err, env=env
+        )
+        assert loader.stdin is not None
+        dumper = subprocess.Popen(
+            [pg_restore, "--no-owner", "--file=-", str(folder / PG_FILE)],
+            stdout=subprocess.PIPE,
+            stderr=dump_err,
+            env=env,
+        )
+        assert dumper.stdout is not None
+        try:
+            loader.stdin.write(PG_EMPTY_SCHEMA.encode())
+            shutil.copyfileobj(dumper.stdout, loader.stdin)
+        except BrokenPipeError:
+            pass  # psql stopped at an error: said below
+        finally:
+            loader.stdin.close()
+            dumped, loaded = dumper.wait(), loader.wait()
+        if dumped != 0:
+            dump_err.seek(0)
+            raise BackupError(f"pg_restore failed: {_first_error(dump_err.read().decode(errors='replace'))}")
+        if loaded != 0:
+            load_err.seek(0)
+            raise BackupError(
+                f"restoring the dump failed: {_first_error(load_err.read().decode(errors='replace'))}"
+            )
+
+
+def _in_use(url: str, kind: str) -> str | None:
+    """Why the target database looks in use (live workers, other sessions), or None."""
+    engine = create_engine(url)
+    try:
+        with Session(engine) as session:
+            try:
+                alive = heartbeat.live_workers(repo.worker_heartbeats(session), utcnow())
+            except SQLAlchemyError:  # an empty database: no heartbeat table yet
+                session.rollback()
+                alive = []
+            if alive:
+                return f"{len(alive)} live worker(s) ({', '.join(w.node for w in alive[:3])})"
+            if kind == "postgresql":
+                others = session.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                        "AND backend_type = 'client backend'"  # not autovacuum
+                    )
+                )
+                if others:
+                    return f"{others} other session(s) on the database (the API?)"
+    finally:
+        engine.dispose()
+    return None
+
+
+#: What the sweep takes for long stale: rows waiting at the snapshot are sent again at its next run.
+_LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _after_restore(url: str) -> int:
+    """Drop the old machine's runtime state and mark what waited at the snapshot stale (its
+    messages were on the old broker); returns how many photographs and folder jobs wait. A backup
+    of an older schema may lack a table: `drscreen db upgrade` creates it empty."""
+    engine = create_engine(url)
+    try:
+        with Session(engine) as session, session.begin():
+            present = set(inspect(session.connection()).get_table_names())
+            for table in (WorkerHeartbeat, WebSession):
+                if table.__tablename__ in present:
+                    session.execute(delete(table))
+            waiting = 0
+            if "image" in present:
+                images = update(Image).where(Image.status.in_(["queued", "running"]))
+                waiting += int(
+                    getattr(session.execute(images.values(updated_at=_LONG_AGO)), "rowcount", 0) or 0
+                )
+            if "scoring_job" in present:
+                jobs = update(ScoringJob).where(ScoringJob.status.in_(["queued", "running"]))
+                waiting += int(
+                    getattr(session.execute(jobs.values(updated_at=_LONG_AGO)), "rowcount", 0) or 0
+                )
+            return waiting
+    finally:
+        engine.dispose()
+
+
+def _check_store_writable(store_root: Path) -> None:
+    try:
+        store_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=store_root, prefix=".tmp-"):
+            pass
+    except OSError as exc:
+        raise BackupError(f"cannot write to the store {store_root}: {exc.strerror or exc}") from None
 
 
 def restore_backup(
@@ -315,22 +476,30 @@ def restore_backup(
     progress: Progress = _no_progress,
     *,
     remove_unnamed: bool = False,
+    force: bool = False,
 ) -> BackupReport:
     """Put the backup in ``folder`` back: the database at ``url`` becomes the snapshot (whatever it
     held is replaced) and the snapshot's files are put in ``store_root`` where absent. Files of the
     store that no restored row names (photographs sent after the backup) are counted in
-    ``pruned``, and deleted with ``remove_unnamed``. Run it with the API and workers stopped."""
+    ``pruned``, and deleted with ``remove_unnamed``. Run it with the API and workers stopped
+    (refused otherwise, unless ``force``)."""
     manifest = read_manifest(folder)
     kind = _kind(url)
     if manifest.get("database") != kind:
         raise BackupError(f"the backup is of a {manifest.get('database')} database, the target is {kind}")
+    if _overlaps(folder, store_root):
+        raise BackupError(f"the backup folder {folder} overlaps the store {store_root}: move it out first")
     dump = folder / (SQLITE_FILE if kind == "sqlite" else PG_FILE)
     if not dump.is_file():
         raise BackupError(f"{dump} is missing: the backup is incomplete")
+    _check_store_writable(store_root)  # before the database is touched: no half-restored machine
+    busy = None if force else _in_use(url, kind)
+    if busy:
+        raise BackupError(f"the target is in use: {busy}; stop the API and workers first (or --force)")
     (_restore_sqlite if kind == "sqlite" else _restore_postgresql)(folder, url)
     names, revision = _named_files(url)
     report = BackupReport(str(folder), kind, revision, str(manifest.get("taken_at", "")), files=len(names))
-    store_root.mkdir(parents=True, exist_ok=True)
+    report.resent = _after_restore(url)
     _sync_files(report, names, folder / STORE_DIR, store_root, progress)
     # the restored audit rows were keyed with the backup's key (a different one: another store)
     report.key = _sync_key(folder / STORE_DIR, store_root)

@@ -10,13 +10,16 @@ import pytest
 from sqlalchemy import func, select
 
 from core import backup
-from core.db import session_scope
+from core.db import dispose_engines, session_scope
 from core.tables import Image
 from tests.unit.test_backup import (  # noqa: F401  (collected here: the same tests on PostgreSQL)
     _deployment,
     test_a_backup_restores_an_emptied_deployment,
+    test_a_restore_checks_the_store_and_the_folder_before_the_database,
     test_a_restore_puts_back_the_backups_deployment_key,
+    test_a_restore_refuses_a_target_in_use_and_then_resets_runtime_state,
     test_a_second_backup_copies_only_new_files_and_drops_an_erased_patients,
+    test_another_deployments_backup_or_a_foreign_folder_is_refused,
 )
 from tests.unit.test_workers_scoring import add_images, photo
 
@@ -51,6 +54,7 @@ def test_files_and_rows_come_from_one_snapshot_while_uploads_go_on(url: str, tmp
         writer.join()
     with session_scope(url) as s:
         assert int(s.scalar(select(func.count()).select_from(Image)) or 0) > 3  # uploads happened
+    dispose_engines()
     backup.restore_backup(tmp_path / "b", url, tmp_path / "restored-store")
     with session_scope(url) as s:
         rows = set(s.scalars(select(Image.stored_path)))
@@ -73,7 +77,23 @@ def test_an_older_schemas_backup_restores_into_a_migrated_database(url: str, tmp
     older = migrate.current_revision(url)
     backup.take_backup(tmp_path / "b", url, store.root)
     migrate.upgrade(url)
+    dispose_engines()
     restored = backup.restore_backup(tmp_path / "b", url, store.root)
     assert restored.revision == older and restored.missing == []
     migrate.upgrade(url)
     assert migrate.current_revision(url) != older
+
+
+def test_a_restore_refuses_while_another_session_uses_the_database(url: str, tmp_path: Path) -> None:
+    """The drill: a restore while the API ran (no worker) exited 0, and uploads it had answered
+    202 vanished. An API holds sessions on the database: pg_stat_activity shows them."""
+    import psycopg
+
+    store, _ids = _deployment(url)
+    backup.take_backup(tmp_path / "b", url, store.root)
+    dispose_engines()
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1)) as api_like:
+        api_like.execute("SELECT 1")
+        with pytest.raises(backup.BackupError, match=r"the target is in use: 1 other session\(s\)"):
+            backup.restore_backup(tmp_path / "b", url, store.root)
+    assert backup.restore_backup(tmp_path / "b", url, store.root).files == 4

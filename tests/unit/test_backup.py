@@ -22,7 +22,8 @@ from core.db import dispose_engines, get_engine, session_scope
 from core.deployment_key import KEY_FILE
 from core.settings import get_settings
 from core.store import FileStore
-from core.tables import Base, Explanation, Image
+from core.tables import ApiKey, Base, Explanation, Image, Patient, WebSession, WorkerHeartbeat, as_utc, utcnow
+from tests.api_support import make_key
 from tests.unit.test_workers_scoring import add_images, photo
 
 runner = CliRunner()
@@ -145,6 +146,7 @@ def test_a_restore_puts_back_the_backups_deployment_key(url: str, tmp_path: Path
     assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
     key = (store.root / KEY_FILE).read_bytes()
     (store.root / KEY_FILE).write_bytes(b"0" * len(key))
+    dispose_engines()  # the service stopped: no session of ours left on the database
     restored = runner.invoke(app, ["db", "restore", str(folder), "--yes"])
     assert restored.exit_code == 0 and "deployment key was replaced" in restored.output, restored.output
     assert (store.root / KEY_FILE).read_bytes() == key
@@ -207,8 +209,10 @@ def test_the_sqlite_copy_opens_read_only_and_restore_reports_newer_files(url: st
     with closing(sqlite3.connect(f"file:{folder / backup.SQLITE_FILE}?mode=ro", uri=True)) as copy:
         assert copy.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     add_images(url, store, "LATE", [photo("19_left.jpg")])
+    dispose_engines()
     kept = runner.invoke(app, ["db", "restore", str(folder), "--yes"])
     assert kept.exit_code == 0 and "1 file(s) of the store are named by no restored row" in kept.output
+    dispose_engines()
     removed = runner.invoke(app, ["db", "restore", str(folder), "--yes", "--remove-unnamed"])
     assert (
         removed.exit_code == 0 and "1 file(s) of the store named by no restored row deleted" in removed.output
@@ -223,3 +227,85 @@ def test_a_postgresql_password_stays_off_the_command_line() -> None:
     command, env = backup._pg_command("postgresql+psycopg://drs:S3cr%25t%23pw@db.example:5432/drscreen")
     assert command == "postgresql://drs@db.example:5432/drscreen"
     assert env["PGPASSWORD"] == "S3cr%t#pw"
+
+
+def test_another_deployments_backup_or_a_foreign_folder_is_refused(url: str, tmp_path: Path) -> None:
+    """The drill: a backup from another deployment (a cron job without DRSCREEN_DATABASE_URL) into
+    a folder holding a backup pruned that backup to nothing, exit 0."""
+    store, _ids = _deployment(url)
+    folder = tmp_path / "backup"
+    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
+    (store.root / KEY_FILE).write_text("ab" * 32 + "\n")  # another deployment's store
+    refused = runner.invoke(app, ["db", "backup", str(folder)])
+    assert refused.exit_code == 2 and "holds another deployment's backup (deployment key" in refused.output
+    assert len(list((folder / "store").rglob("*.jpg"))) == 3  # untouched
+    assert runner.invoke(app, ["db", "backup", str(folder), "--force"]).exit_code == 0
+    foreign = tmp_path / "shared"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone's")
+    refused = runner.invoke(app, ["db", "backup", str(foreign)])
+    assert refused.exit_code == 2 and "is not empty and holds no backup.json" in refused.output
+    assert (foreign / "notes.txt").read_text() == "someone's"
+
+
+def test_a_failed_first_backup_leaves_no_folder(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Path(url.removeprefix("sqlite:///")).unlink()
+    folder = tmp_path / "new" / "backup"
+    failed = runner.invoke(app, ["db", "backup", str(folder)])
+    assert failed.exit_code == 2 and "no SQLite database at" in failed.output
+    assert not folder.exists()
+
+
+def test_a_restore_refuses_a_target_in_use_and_then_resets_runtime_state(url: str, tmp_path: Path) -> None:
+    """The drill: a restore while workers ran exited 0, and uploads answered 202 vanished; after a
+    restore, photographs waiting at the snapshot sat for a sweep period or more on the new broker,
+    and the lost machine's worker looked alive."""
+    _store, ids = _deployment(url)
+    now = utcnow()
+    beat = {"host": "old-machine", "pid": 1, "started_at": now, "seen_at": now, "interval_s": 30.0}
+    key_id = make_key(url, "North").key_id
+    with session_scope(url) as s:
+        repo.record_heartbeat(s, "worker@old-machine", beat)
+        repo.create_web_session(s, s.get_one(ApiKey, key_id))
+    folder = tmp_path / "backup"
+    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
+    dispose_engines()
+    busy = runner.invoke(app, ["db", "restore", str(folder), "--yes"])
+    assert (
+        busy.exit_code == 2 and "the target is in use: 1 live worker(s) (worker@old-machine)" in busy.output
+    )
+    forced = runner.invoke(app, ["db", "restore", str(folder), "--yes", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "3 photograph(s) or folder job(s) were waiting" in forced.output
+    assert "API keys revoked since are back" in forced.output
+    with session_scope(url) as s:
+        assert s.scalars(select(WorkerHeartbeat)).all() == [] and s.scalars(select(WebSession)).all() == []
+        waiting = s.scalars(select(Image).where(Image.id.in_(ids))).all()
+        assert {as_utc(i.updated_at).year for i in waiting} == {2000}  # the next sweep sends them
+
+
+def test_a_restore_checks_the_store_and_the_folder_before_the_database(url: str, tmp_path: Path) -> None:
+    """The drill: a store it could not write to left a half-restored machine (database replaced,
+    no photographs, a traceback); a backup inside the store was deleted by --remove-unnamed."""
+    store, _ids = _deployment(url)
+    folder = tmp_path / "backup"
+    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
+    add_images(url, store, "LATE", [photo("19_left.jpg")])
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the store should be")
+    dispose_engines()
+    with pytest.raises(backup.BackupError, match="cannot write to the store"):
+        backup.restore_backup(folder, url, blocked)
+    assert "LATE" in {p for p in _patients(url)}  # the database was not touched
+    inside = store.root / "old-backup"
+    shutil.copytree(folder, inside)
+    with pytest.raises(backup.BackupError, match="overlaps the store"):
+        backup.restore_backup(inside, url, store.root, remove_unnamed=True)
+    assert (inside / backup.MANIFEST).is_file()
+
+
+def _patients(url: str) -> set[str]:
+    with session_scope(url) as s:
+        return set(s.scalars(select(Patient.external_id)))
