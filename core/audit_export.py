@@ -12,10 +12,11 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any
 
-from sqlalchemy import select
+from sqlalchemy import false, select
 from sqlalchemy.orm import Session
 
 from core import deployment_key, retention
@@ -37,11 +38,35 @@ COLUMNS = [
 
 
 class NoDeploymentKey(Exception):
-    """The store holds no deployment key, so an erased patient cannot be recognised."""
+    """An erasure cannot be matched: the store holds no deployment key, or another one than the
+    erasure rows were keyed with (another disk at the store's path, or a lost key)."""
 
 
 #: Rows fetched from the database at a time (an audit trail grows without bound).
 _BATCH = 1000
+
+
+@dataclass(frozen=True)
+class _Erased:
+    """How to recognise the erasure rows of one patient id (core.retention's keyed digests)."""
+
+    patient_id: str
+    key: bytes
+
+    def matches(self, event: AuditEvent) -> bool:
+        detail = event.detail if isinstance(event.detail, dict) else {}
+        keyed_with = detail.get(retention.KEY_ID_FIELD)
+        if keyed_with is not None and keyed_with != deployment_key.key_fingerprint(self.key):
+            raise NoDeploymentKey(
+                f"the erasure rows were keyed with deployment key {keyed_with}, this store's is "
+                f"{deployment_key.key_fingerprint(self.key)}: run this where DRSCREEN_STORE_DIR is "
+                "the deployment's store"
+            )
+        digest = retention.patient_digest(self.patient_id, self.key)
+        if detail.get(retention.DIGEST_FIELD) == digest:
+            return True
+        legacy = detail.get(retention.LEGACY_DIGEST_FIELD)  # not sealed by a worker yet
+        return bool(legacy) and deployment_key.seal(self.key, str(legacy)) == digest
 
 
 def _rows(
@@ -49,15 +74,17 @@ def _rows(
     clinic_id: int,
     *,
     patient: Patient | None,
-    erased_digest: str | None,
+    erased: _Erased | None,
     since: datetime | None,
     until: datetime | None,
 ) -> Iterator[tuple[AuditEvent, ApiKey | None, Patient | None]]:
+    # a purge of every clinic is recorded once, with no clinic: it belongs to each clinic's trail
+    everyone = (AuditEvent.clinic_id.is_(None)) & (AuditEvent.action == retention.PURGE_ACTION)
     stmt = (
         select(AuditEvent, ApiKey, Patient)
         .outerjoin(ApiKey, ApiKey.id == AuditEvent.api_key_id)
         .outerjoin(Patient, Patient.id == AuditEvent.patient_id)
-        .where(AuditEvent.clinic_id == clinic_id)
+        .where((AuditEvent.clinic_id == clinic_id) | everyone)
         .order_by(AuditEvent.at, AuditEvent.id)
         .execution_options(yield_per=_BATCH)
     )
@@ -65,13 +92,18 @@ def _rows(
         stmt = stmt.where(AuditEvent.at >= since)
     if until is not None:
         stmt = stmt.where(AuditEvent.at < until)
-    if patient is not None:
-        stmt = stmt.where(AuditEvent.patient_id == patient.id)
-    elif erased_digest is not None:
-        stmt = stmt.where(AuditEvent.action == retention.ERASE_ACTION)
+    if patient is not None or erased is not None:
+        # the patient's own rows, and the erasures of an earlier patient of that id
+        own = AuditEvent.patient_id == patient.id if patient is not None else false()
+        stmt = stmt.where(own | (AuditEvent.action == retention.ERASE_ACTION))
     for event, key, who in session.execute(stmt):
-        if erased_digest is not None and (event.detail or {}).get(retention.DIGEST_FIELD) != erased_digest:
-            continue
+        filtered = erased is not None or patient is not None
+        if (
+            filtered
+            and event.action == retention.ERASE_ACTION
+            and (erased is None or not erased.matches(event))
+        ):
+            continue  # another patient's erasure
         yield event, key, who
 
 
@@ -85,34 +117,39 @@ def write_audit_csv(
     until: datetime | None = None,
     key: bytes | None = None,
 ) -> int:
-    """Write the clinic's audit rows (of ``patient_id`` only, when given) to ``out``; returns how
-    many. ``key``: the deployment key for finding an erased patient's erasure (default: the
-    configured store's; :class:`NoDeploymentKey` when it has none, and none is created)."""
+    """Write the clinic's audit rows (of ``patient_id`` only, when given: their rows and any
+    erasure of that id) to ``out``; returns how many. ``key``: the deployment key that recognises
+    an erasure (default: the configured store's, never created here). :class:`NoDeploymentKey`
+    when an erased patient is asked for and no key, or another one, can say."""
     patient = None
-    erased_digest = None
+    erased = None
     if patient_id is not None:
+        patient_id = patient_id.strip()
         patient = session.scalars(
-            select(Patient).where(Patient.clinic_id == clinic_id, Patient.external_id == patient_id.strip())
+            select(Patient).where(Patient.clinic_id == clinic_id, Patient.external_id == patient_id)
         ).one_or_none()
-        if patient is None:  # erased, or never seen: only an erasure can name them now
-            key = key if key is not None else deployment_key.existing_key(get_settings().store_path)
-            if key is None:
-                raise NoDeploymentKey(
-                    f"no deployment key in {get_settings().store_path}: an erased patient is found by "
-                    "their erasure's keyed digest; run this where DRSCREEN_STORE_DIR is the deployment's "
-                    "store"
-                )
-            erased_digest = retention.patient_digest(patient_id, key)
+        key = key if key is not None else deployment_key.existing_key(get_settings().store_path)
+        if key is not None:
+            erased = _Erased(patient_id, key)
+        elif patient is None:  # erased, or never seen: only an erasure can name them now
+            raise NoDeploymentKey(
+                f"no deployment key in {get_settings().store_path}: an erased patient is found by "
+                "their erasure's keyed digest; run this where DRSCREEN_STORE_DIR is the deployment's "
+                "store"
+            )
     writer = csv.writer(out)
     writer.writerow(COLUMNS)
     written = 0
     for event, api_key, who in _rows(
-        session, clinic_id, patient=patient, erased_digest=erased_digest, since=since, until=until
+        session, clinic_id, patient=patient, erased=erased, since=since, until=until
     ):
+        named = who.external_id if who is not None else None
+        if named is None and event.action == retention.ERASE_ACTION and patient_id is not None:
+            named = patient_id
         cells: list[Any] = [
             as_utc(event.at).isoformat(timespec="seconds"),
             event.action,
-            who.external_id if who is not None else (patient_id if erased_digest else None),
+            named,
             event.target_type,
             event.target_id,
             event.api_key_id,

@@ -31,6 +31,7 @@ snapshot is marked stale, so the workers' next sweep sends it again on the new b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -248,6 +249,8 @@ def _sync_key(source: Path, target: Path, dir_mode: int = 0o777) -> str:
     if dst.is_file() and dst.read_bytes() == src.read_bytes():
         return "kept"
     replaced = dst.exists()
+    if replaced:  # kept beside it (a dot file: no stored file, never pruned)
+        shutil.copy2(dst, dst.with_name(f".{KEY_FILE}.replaced-{utcnow():%Y%m%dT%H%M%S}"))
     _copy(src, dst, dir_mode)  # a temporary file of mkstemp: readable by its owner only, as the key was
     return "replaced" if replaced else "copied"
 
@@ -289,7 +292,7 @@ def _check_backup_folder(folder: Path, kind: str, fingerprint: str, force: bool)
     if previous.get("database") != kind:
         mismatch.append(f"a {previous.get('database')} database, this one is {kind}")
     theirs = previous.get("key_fingerprint")
-    if theirs not in (None, "none", fingerprint) and fingerprint != "none":
+    if theirs not in (None, "none", fingerprint):  # a store without a key is another one too
         mismatch.append(f"deployment key {theirs}, this store's is {fingerprint}")
     if mismatch and not force:
         raise BackupError(
@@ -390,16 +393,19 @@ def _restore_postgresql(folder: Path, url: str) -> None:
         except BrokenPipeError:
             pass  # psql stopped at an error: said below
         finally:
-            loader.stdin.close()
-            dumped, loaded = dumper.wait(), loader.wait()
+            # both ends closed before waiting: pg_restore blocked on a full pipe that a stopped
+            # psql no longer reads would never end (the review: a dump over 64 KiB hung for ever)
+            dumper.stdout.close()
+            with contextlib.suppress(BrokenPipeError):
+                loader.stdin.close()
+            loaded, dumped = loader.wait(), dumper.wait()
+        if loaded != 0:  # psql's error first: pg_restore then only reports the broken pipe
+            load_err.seek(0)
+            reason = _first_error(load_err.read().decode(errors="replace"))
+            raise BackupError(f"restoring the dump failed: {reason}")
         if dumped != 0:
             dump_err.seek(0)
             raise BackupError(f"pg_restore failed: {_first_error(dump_err.read().decode(errors='replace'))}")
-        if loaded != 0:
-            load_err.seek(0)
-            raise BackupError(
-                f"restoring the dump failed: {_first_error(load_err.read().decode(errors='replace'))}"
-            )
 
 
 def _in_use(url: str, kind: str) -> str | None:
@@ -419,7 +425,9 @@ def _in_use(url: str, kind: str) -> str | None:
                     text(
                         "SELECT count(*) FROM pg_stat_activity "
                         "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                        "AND backend_type = 'client backend'"  # not autovacuum
+                        # not autovacuum; another role's sessions show a NULL backend_type
+                        # without pg_read_all_stats (the API's role may not be the restorer's)
+                        "AND coalesce(backend_type, 'client backend') = 'client backend'"
                     )
                 )
                 if others:

@@ -3,7 +3,9 @@ SQLite tests of tests/unit/test_backup.py run again here, each on a fresh databa
 
 from __future__ import annotations
 
+import os
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,58 @@ def test_a_restore_refuses_while_another_session_uses_the_database(url: str, tmp
         with pytest.raises(backup.BackupError, match=r"the target is in use: 1 other session\(s\)"):
             backup.restore_backup(tmp_path / "b", url, store.root)
     assert backup.restore_backup(tmp_path / "b", url, store.root).files == 4
+
+
+@pytest.mark.timeout(120)
+def test_a_psql_that_stops_early_is_reported_not_waited_for(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review: psql stopping at its first error left pg_restore blocked on a full pipe (a dump
+    over 64 KiB), and the restore hung for ever."""
+    from core.tables import AuditEvent
+
+    store, _ids = _deployment(url)
+    with session_scope(url) as s:  # a dump of a few hundred KiB
+        s.add_all(AuditEvent(action="image.read", detail={"pad": "x" * 200, "n": n}) for n in range(3000))
+    backup.take_backup(tmp_path / "b", url, store.root)
+    assert (tmp_path / "b" / backup.PG_FILE).stat().st_size > 64 * 1024
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "psql").write_text("#!/bin/sh\necho 'psql: error: must be owner of schema public' >&2\nexit 3\n")
+    (fake / "psql").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    dispose_engines()
+    with pytest.raises(backup.BackupError, match="restoring the dump failed: psql: error: must be owner"):
+        backup.restore_backup(tmp_path / "b", url, store.root)
+
+
+def test_sessions_of_another_role_count_as_in_use(url: str, tmp_path: Path) -> None:
+    """The review: without pg_read_all_stats, another role's sessions show no backend_type, and the
+    API's sessions under its own role were not seen."""
+    import psycopg
+
+    store, _ids = _deployment(url)
+    backup.take_backup(tmp_path / "b", url, store.root)
+    dispose_engines()
+    admin_url = url.replace("postgresql+psycopg://", "postgresql://", 1)
+    role = f"drs_api_{uuid.uuid4().hex[:8]}"
+    database = admin_url.rsplit("/", 1)[1]
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'GRANT CONNECT ON DATABASE "{database}" TO "{role}"')
+    try:
+        owner = f"drs_owner_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'CREATE ROLE "{owner}" LOGIN')
+            admin.execute(f'ALTER DATABASE "{database}" OWNER TO "{owner}"')
+        owner_url = url.replace("//postgres@", f"//{owner}@", 1)
+        api_url = admin_url.replace("//postgres@", f"//{role}@", 1)
+        with psycopg.connect(api_url) as api_like:
+            api_like.execute("SELECT 1")
+            assert backup._in_use(owner_url, "postgresql") == "1 other session(s) on the database (the API?)"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" OWNER TO postgres')
+            admin.execute(f'REVOKE CONNECT ON DATABASE "{database}" FROM "{role}"')
+            admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+            admin.execute(f'DROP ROLE IF EXISTS "{owner}"')

@@ -4,6 +4,7 @@ database), and an erased patient still findable by their erasure."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from pathlib import Path
 
@@ -101,27 +102,71 @@ def test_an_erased_patient_is_found_by_their_erasure_only(client: TestClient, ur
     ]
 
 
-def test_an_erased_patient_needs_the_deployments_key_and_none_is_made(
-    client: TestClient, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On a machine without the store, a new key would find nothing and be left behind."""
-    north = make_key(url, "North")
-    _upload(client, north, "p-1")
-    assert (
-        runner.invoke(app, ["data", "erase", "--clinic", "North", "p-1", "--yes", "--force"]).exit_code == 0
-    )
-    elsewhere = tmp_path / "other-store"
-    monkeypatch.setenv("DRSCREEN_STORE_DIR", str(elsewhere))
-    get_settings.cache_clear()
-    refused = runner.invoke(app, ["data", "audit", "--clinic", "North", "--patient", "p-1"])
-    assert refused.exit_code == 2 and "no deployment key in" in refused.output, refused.output
-    assert not (elsewhere / KEY_FILE).exists()
-    assert [r["patient_id"] for r in _audit("--clinic", "North")] == ["", ""]  # the trail itself needs no key
-
-
 def test_wrong_options_are_one_line(url: str) -> None:
     make_key(url, "North")
     bad = runner.invoke(app, ["data", "audit", "--clinic", "North", "--since", "yesterday"])
     assert bad.exit_code == 2 and "--since takes a date as YYYY-MM-DD" in bad.output
     unknown = runner.invoke(app, ["data", "audit", "--clinic", "Nowhere"])
     assert unknown.exit_code == 1 and "no clinic 'Nowhere'" in unknown.output
+
+
+def test_an_erasure_is_found_when_the_id_came_back_or_was_never_sealed(client: TestClient, url: str) -> None:
+    """The review: a patient erased and uploaded again showed only the new rows; an erasure row
+    still holding the plain sha256 (before a worker sealed it) was not found; a purge of every
+    clinic (no clinic on its row) was in no clinic's trail."""
+    north = make_key(url, "North")
+    _upload(client, north, "p-1")
+    assert (
+        runner.invoke(app, ["data", "erase", "--clinic", "North", "p-1", "--yes", "--force"]).exit_code == 0
+    )
+    _upload(client, north, "p-1")  # the same id again: a new patient
+    rows = _audit("--clinic", "North", "--patient", " p-1 ")
+    assert [(r["action"], r["patient_id"]) for r in rows] == [
+        ("patient.erase", "p-1"),
+        ("image.create", "p-1"),
+    ]
+
+    with session_scope(url) as s:  # as written before keyed digests
+        erasure = s.scalars(select(AuditEvent).where(AuditEvent.action == "patient.erase")).one()
+        erasure.detail = {"by": "cli:old", "patient_sha256": hashlib.sha256(b"p-1").hexdigest()}
+    assert [r["action"] for r in _audit("--clinic", "North", "--patient", "p-1")] == [
+        "patient.erase",
+        "image.create",
+    ]
+
+    with session_scope(url) as s:
+        s.add(
+            AuditEvent(action="data.purge", clinic_id=None, target_type="retention", detail={"by": "cli:x"})
+        )
+    assert _audit("--clinic", "North")[-1]["action"] == "data.purge"
+
+
+@pytest.mark.parametrize(
+    ("store_key", "said"),
+    [(None, "no deployment key in"), ("cd" * 32, "the erasure rows were keyed with deployment key")],
+)
+def test_an_erased_patient_needs_the_deployments_own_key(
+    client: TestClient,
+    url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    store_key: str | None,
+    said: str,
+) -> None:
+    """On a machine without the store, a new key would find nothing and be left behind; with a
+    store holding another key, the erased patient read "0 audit row(s)" (the review)."""
+    north = make_key(url, "North")
+    _upload(client, north, "p-1")
+    assert (
+        runner.invoke(app, ["data", "erase", "--clinic", "North", "p-1", "--yes", "--force"]).exit_code == 0
+    )
+    elsewhere = tmp_path / "other-store"
+    if store_key is not None:
+        elsewhere.mkdir()
+        (elsewhere / KEY_FILE).write_text(store_key + "\n")
+    monkeypatch.setenv("DRSCREEN_STORE_DIR", str(elsewhere))
+    get_settings.cache_clear()
+    refused = runner.invoke(app, ["data", "audit", "--clinic", "North", "--patient", "p-1"])
+    assert refused.exit_code == 2 and said in refused.output, refused.output
+    assert (elsewhere / KEY_FILE).exists() == (store_key is not None)  # none made
+    assert [r["patient_id"] for r in _audit("--clinic", "North")] == ["", ""]  # the trail itself needs no key

@@ -239,6 +239,9 @@ def test_another_deployments_backup_or_a_foreign_folder_is_refused(url: str, tmp
     refused = runner.invoke(app, ["db", "backup", str(folder)])
     assert refused.exit_code == 2 and "holds another deployment's backup (deployment key" in refused.output
     assert len(list((folder / "store").rglob("*.jpg"))) == 3  # untouched
+    (store.root / KEY_FILE).unlink()  # a store with no key yet (no worker ever ran) is another one too
+    refused = runner.invoke(app, ["db", "backup", str(folder)])
+    assert refused.exit_code == 2 and "this store's is none" in refused.output, refused.output
     assert runner.invoke(app, ["db", "backup", str(folder), "--force"]).exit_code == 0
     foreign = tmp_path / "shared"
     foreign.mkdir()
