@@ -525,6 +525,12 @@ def _backup_lines(report: Any, verb: str) -> None:
             f"while the backup ran, or lost), e.g. {report.missing[0]}",
             err=True,
         )
+    if report.damaged:
+        typer.echo(
+            f"WARNING: {len(report.damaged)} file(s) of the backup are damaged (their bytes no longer match "
+            f"their names) and were not restored, e.g. {report.damaged[0]}",
+            err=True,
+        )
 
 
 _FORCE_HELP = "Do what the checks refuse (another deployment's backup; a target in use)."
@@ -600,6 +606,28 @@ def db_restore(
         err=True,
     )
     typer.echo("run `drscreen db upgrade` if this release's schema is newer, then start the API and workers")
+
+
+@db_app.command("verify-backup")
+def db_verify_backup(folder: Path = typer.Argument(..., help="A folder `drscreen db backup` wrote.")) -> None:
+    """Read a backup back: every stored file must still hash to its name, the dump and the key must
+    be there. Changes nothing; exit 1 when anything is wrong."""
+    from core.backup import verify_backup
+
+    with _backup_errors("verify-backup"):
+        report = verify_backup(folder, _file_progress)
+    for problem in report.problems:
+        typer.echo(f"PROBLEM: {problem}", err=True)
+    for relpath in report.damaged[:20]:
+        typer.echo(f"DAMAGED: {relpath}", err=True)
+    if report.problems or report.damaged:
+        typer.echo(
+            f"the backup of {report.taken_at} in {folder} is NOT whole: {len(report.damaged)} of "
+            f"{report.files} stored file(s) damaged, {len(report.problems)} other problem(s)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    typer.echo(f"the backup of {report.taken_at} in {folder} is whole: {report.files} stored file(s) checked")
 
 
 def _redact(url: str) -> str:

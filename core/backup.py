@@ -52,6 +52,7 @@ from sqlalchemy.orm import Session
 from core import deployment_key, heartbeat
 from core import repository as repo
 from core.deployment_key import KEY_FILE
+from core.store import sha256_file
 from core.tables import Image, ScoringJob, WebSession, WorkerHeartbeat, utcnow
 
 SQLITE_FILE = "database.sqlite"
@@ -82,6 +83,7 @@ class BackupReport:
     kept: int = 0  # already in place
     pruned: int = 0  # backup: no longer named, deleted; restore: in the store, named by no row
     missing: list[str] = field(default_factory=list)  # named, but not in the store
+    damaged: list[str] = field(default_factory=list)  # bytes no longer hash to the name (not used)
     key: str = "none"  # the deployment key: "copied", "kept", "replaced" or "none" (there was none)
     key_fingerprint: str = "none"  # which deployment's key (core.deployment_key.fingerprint)
     resent: int = 0  # restore: photographs and folder jobs waiting at the snapshot, sent again
@@ -213,11 +215,23 @@ def _makedirs(folder: Path, mode: int) -> None:
         level.mkdir(mode=mode, exist_ok=True)
 
 
-def _copy(source: Path, target: Path, dir_mode: int = 0o777) -> None:
-    """Copy through a temporary file renamed into place: a reader never sees half a file."""
+class _Damaged(Exception):
+    """A stored file whose bytes no longer hash to its name."""
+
+
+def _content_ok(path: Path) -> bool:
+    """Whether a stored file still holds what its name says (its name is its bytes' sha256)."""
+    return sha256_file(path) == path.name.partition(".")[0]
+
+
+def _copy(source: Path, target: Path, dir_mode: int = 0o777, *, verify: bool = False) -> None:
+    """Copy through a temporary file renamed into place: a reader never sees half a file. With
+    ``verify``, the copy's bytes must hash to the name (:class:`_Damaged` otherwise, nothing kept)."""
     _makedirs(target.parent, dir_mode)
     with _temporary_in(target.parent, target.suffix) as tmp:
         shutil.copyfile(source, tmp)
+        if verify and sha256_file(tmp) != source.name.partition(".")[0]:
+            raise _Damaged(source)
         os.replace(tmp, target)
 
 
@@ -228,9 +242,12 @@ def _sync_files(
     target: Path,
     progress: Progress,
     dir_mode: int = 0o777,
+    *,
+    verify: bool = False,
 ) -> None:
     """Copy each named file from ``source`` to ``target`` unless already there (the same size: a
-    name is its content's sha256, a partial copy is never renamed into place)."""
+    name is its content's sha256, a partial copy is never renamed into place). With ``verify``
+    (restores), a copy whose bytes do not hash to its name is not put in place: ``damaged``."""
     for relpath in progress(sorted(names), len(names), "files"):
         src, dst = source / relpath, target / relpath
         if dst.is_file() and (not src.is_file() or dst.stat().st_size == src.stat().st_size):
@@ -238,7 +255,11 @@ def _sync_files(
         elif not src.is_file():
             report.missing.append(relpath)
         else:
-            _copy(src, dst, dir_mode)
+            try:
+                _copy(src, dst, dir_mode, verify=verify)
+            except _Damaged:
+                report.damaged.append(relpath)
+                continue
             report.copied += 1
 
 
@@ -508,7 +529,7 @@ def restore_backup(
     names, revision = _named_files(url)
     report = BackupReport(str(folder), kind, revision, str(manifest.get("taken_at", "")), files=len(names))
     report.resent = _after_restore(url)
-    _sync_files(report, names, folder / STORE_DIR, store_root, progress)
+    _sync_files(report, names, folder / STORE_DIR, store_root, progress, verify=True)
     # the restored audit rows were keyed with the backup's key (a different one: another store)
     report.key = _sync_key(folder / STORE_DIR, store_root)
     unnamed = _stored_files_under(store_root) - names
@@ -516,4 +537,36 @@ def restore_backup(
     if remove_unnamed:
         for relpath in unnamed:
             (store_root / relpath).unlink()
+    return report
+
+
+@dataclass
+class VerifyReport:
+    folder: str
+    taken_at: str
+    files: int  # stored files in the backup
+    damaged: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # whole-backup problems (dump, key, manifest)
+
+
+def verify_backup(folder: Path, progress: Progress = _no_progress) -> VerifyReport:
+    """Read every file of the backup in ``folder`` back: each stored file must hash to its name,
+    the database dump and the key must be there, and the manifest's count must hold. Nothing is
+    changed. Run it now and then (bit rot on the backup disk), and before a restore."""
+    manifest = read_manifest(folder)
+    store = folder / STORE_DIR
+    names = _stored_files_under(store)
+    report = VerifyReport(str(folder), str(manifest.get("taken_at", "")), files=len(names))
+    dump = folder / (SQLITE_FILE if manifest.get("database") == "sqlite" else PG_FILE)
+    if not dump.is_file() or dump.stat().st_size == 0:
+        report.problems.append(f"{dump.name} is missing or empty")
+    if manifest.get("key") not in (None, "none") and not (store / KEY_FILE).is_file():
+        report.problems.append(f"{KEY_FILE} is missing")
+    missing = manifest.get("missing")
+    expected = int(str(manifest.get("files", 0))) - (len(missing) if isinstance(missing, list) else 0)
+    if len(names) != expected:
+        report.problems.append(f"{len(names)} stored files, the manifest names {expected}")
+    for relpath in progress(sorted(names), len(names), "files"):
+        if not _content_ok(store / relpath):
+            report.damaged.append(relpath)
     return report

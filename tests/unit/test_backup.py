@@ -312,3 +312,32 @@ def test_a_restore_checks_the_store_and_the_folder_before_the_database(url: str,
 def _patients(url: str) -> set[str]:
     with session_scope(url) as s:
         return set(s.scalars(select(Patient.external_id)))
+
+
+def test_a_damaged_backup_is_found_by_verify_and_not_restored(url: str, tmp_path: Path) -> None:
+    """Bit rot on the backup disk: a backup only compared sizes, and a restore put damaged
+    photographs back as if whole. Stored files are named by their sha256, so both can tell."""
+    store, _ids = _deployment(url)
+    folder = tmp_path / "backup"
+    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
+    whole = runner.invoke(app, ["db", "verify-backup", str(folder)])
+    assert whole.exit_code == 0 and "is whole: 4 stored file(s) checked" in whole.output, whole.output
+    victim = sorted((folder / "store").rglob("*.jpg"))[0]
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 0xFF  # the same size: the backup's own size check cannot see it
+    victim.write_bytes(bytes(data))
+    damaged = runner.invoke(app, ["db", "verify-backup", str(folder)])
+    assert damaged.exit_code == 1 and f"DAMAGED: {victim.relative_to(folder / 'store')}" in damaged.output
+    assert "1 of 4 stored file(s) damaged" in damaged.output
+
+    _lose_database(url)
+    shutil.rmtree(store.root)
+    restored = runner.invoke(app, ["db", "restore", str(folder), "--yes"])
+    assert restored.exit_code == 0 and "WARNING: 1 file(s) of the backup are damaged" in restored.output
+    relpath = victim.relative_to(folder / "store")
+    assert not (store.root / relpath).exists()  # not put back as if whole
+    assert len(list(store.root.rglob("*.jpg"))) == 2
+
+    (folder / backup.SQLITE_FILE).unlink()
+    broken = runner.invoke(app, ["db", "verify-backup", str(folder)])
+    assert broken.exit_code == 1 and "PROBLEM: database.sqlite is missing or empty" in broken.output
