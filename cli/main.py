@@ -804,7 +804,9 @@ def data_audit(
         None, "--patient", help="Only this patient's rows (erased: the erasure)."
     ),
     since: str | None = typer.Option(None, "--since", help="From this day on (YYYY-MM-DD, UTC)."),
-    until: str | None = typer.Option(None, "--until", help="Before this day (YYYY-MM-DD, UTC)."),
+    until: str | None = typer.Option(
+        None, "--until", help="Before this day, which is left out (YYYY-MM-DD, UTC)."
+    ),
     out: Path | None = typer.Option(None, "--out", help="CSV file to write (default: standard output)."),
 ) -> None:
     """The clinic's audit trail as CSV: uploads, reads, erasures and purges, who (API key id,
@@ -814,6 +816,7 @@ def data_audit(
     from core.db import session_scope
 
     start, end = _utc_day(since, "--since"), _utc_day(until, "--until")
+    notes: list[str] = []
     with _db_errors(), session_scope() as session:
         found = repo.get_clinic_by_name(session, clinic)
         if found is None:
@@ -826,10 +829,14 @@ def data_audit(
                     if out is None
                     else stack.enter_context(open(out, "w", newline="", encoding="utf-8"))
                 )
-                n = write_audit_csv(session, fh, found.id, patient_id=patient_id, since=start, until=end)
+                n = write_audit_csv(
+                    session, fh, found.id, patient_id=patient_id, since=start, until=end, notes=notes
+                )
         except NoDeploymentKey as exc:
             typer.echo(f"drscreen data audit: {exc}", err=True)
             raise typer.Exit(2) from None
+    for note in notes:
+        typer.echo(f"NOTE: {note}", err=True)
     typer.echo(f"{n} audit row(s)" + (f" written to {out}" if out else ""), err=True)
 
 

@@ -116,11 +116,13 @@ def write_audit_csv(
     since: datetime | None = None,
     until: datetime | None = None,
     key: bytes | None = None,
+    notes: list[str] | None = None,
 ) -> int:
     """Write the clinic's audit rows (of ``patient_id`` only, when given: their rows and any
     erasure of that id) to ``out``; returns how many. ``key``: the deployment key that recognises
     an erasure (default: the configured store's, never created here). :class:`NoDeploymentKey`
-    when an erased patient is asked for and no key, or another one, can say."""
+    when an erased patient is asked for and no key, or another one, can say; ``notes`` gets what
+    the rows cannot show (an existing patient's earlier erasures, without a key)."""
     patient = None
     erased = None
     if patient_id is not None:
@@ -131,7 +133,12 @@ def write_audit_csv(
         key = key if key is not None else deployment_key.existing_key(get_settings().store_path)
         if key is not None:
             erased = _Erased(patient_id, key)
-        elif patient is None:  # erased, or never seen: only an erasure can name them now
+        elif patient is not None and notes is not None:
+            notes.append(
+                "no deployment key here: an earlier erasure of this patient id (if any) cannot be "
+                "matched and is not listed"
+            )
+        else:  # erased, or never seen: only an erasure can name them now
             raise NoDeploymentKey(
                 f"no deployment key in {get_settings().store_path}: an erased patient is found by "
                 "their erasure's keyed digest; run this where DRSCREEN_STORE_DIR is the deployment's "

@@ -87,6 +87,8 @@ class BackupReport:
     key: str = "none"  # the deployment key: "copied", "kept", "replaced" or "none" (there was none)
     key_fingerprint: str = "none"  # which deployment's key (core.deployment_key.fingerprint)
     resent: int = 0  # restore: photographs and folder jobs waiting at the snapshot, sent again
+    dump_sha256: str = ""  # of database.sqlite / database.pgdump: a damaged dump is refused
+    database_id: str = ""  # which database (SQLite file, PostgreSQL host/port/name)
 
 
 def _no_progress(items: Iterable[str], _total: int, _what: str) -> Iterable[str]:
@@ -219,6 +221,12 @@ class _Damaged(Exception):
     """A stored file whose bytes no longer hash to its name."""
 
 
+def _dump_ok(dump: Path, manifest: dict[str, object]) -> bool:
+    """Whether the dump still hashes to what the backup recorded (older backups recorded none)."""
+    recorded = manifest.get("dump_sha256")
+    return not recorded or sha256_file(dump) == recorded
+
+
 def _content_ok(path: Path) -> bool:
     """Whether a stored file still holds what its name says (its name is its bytes' sha256)."""
     return sha256_file(path) == path.name.partition(".")[0]
@@ -298,7 +306,15 @@ def _write_manifest(folder: Path, report: BackupReport) -> None:
         os.replace(tmp, folder / MANIFEST)
 
 
-def _check_backup_folder(folder: Path, kind: str, fingerprint: str, force: bool) -> bool:
+def _database_id(url: str) -> str:
+    """Which database a backup is of (told apart when no deployment key exists yet)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return f"sqlite:{_sqlite_path(url).resolve()}"
+    return f"postgresql:{parsed.host or ''}:{parsed.port or 5432}/{parsed.database or ''}"
+
+
+def _check_backup_folder(folder: Path, kind: str, fingerprint: str, database_id: str, force: bool) -> bool:
     """Refuse a folder the prune would wreck; returns whether it must be created."""
     if not folder.exists():
         return True
@@ -315,6 +331,9 @@ def _check_backup_folder(folder: Path, kind: str, fingerprint: str, force: bool)
     theirs = previous.get("key_fingerprint")
     if theirs not in (None, "none", fingerprint):  # a store without a key is another one too
         mismatch.append(f"deployment key {theirs}, this store's is {fingerprint}")
+    elif fingerprint == "none" and previous.get("database_id") not in (None, "", database_id):
+        # no key on either side yet: told apart by the database
+        mismatch.append(f"database {previous.get('database_id')}, this one is {database_id}")
     if mismatch and not force:
         raise BackupError(
             f"{folder} holds another deployment's backup ({'; '.join(mismatch)}): this backup would "
@@ -333,7 +352,7 @@ def take_backup(
         # its store would be the live one: pruning it would delete photographs being uploaded
         raise BackupError(f"the backup folder {folder} overlaps the store {store_root}: choose another")
     fingerprint = deployment_key.fingerprint(store_root)
-    created = _check_backup_folder(folder, kind, fingerprint, force)
+    created = _check_backup_folder(folder, kind, fingerprint, _database_id(url), force)
     if created:
         _makedirs(folder, 0o700)
     folder.chmod(0o700)  # it holds patients' photographs and the key
@@ -347,6 +366,8 @@ def take_backup(
             )
             report = BackupReport(str(folder), kind, revision, taken.isoformat(), files=len(names))
             report.key_fingerprint = fingerprint
+            report.database_id = _database_id(url)
+            report.dump_sha256 = sha256_file(tmp)
             _sync_files(report, names, store_root, backup_store, progress, dir_mode=0o700)
             report.key = _sync_key(store_root, backup_store, dir_mode=0o700)
             os.replace(tmp, folder / dump_name)
@@ -521,6 +542,8 @@ def restore_backup(
     dump = folder / (SQLITE_FILE if kind == "sqlite" else PG_FILE)
     if not dump.is_file():
         raise BackupError(f"{dump} is missing: the backup is incomplete")
+    if not _dump_ok(dump, manifest):  # before the database is replaced by something unreadable
+        raise BackupError(f"{dump} is damaged (its sha256 is not the one recorded): nothing restored")
     _check_store_writable(store_root)  # before the database is touched: no half-restored machine
     busy = None if force else _in_use(url, kind)
     if busy:
@@ -551,7 +574,8 @@ class VerifyReport:
 
 def verify_backup(folder: Path, progress: Progress = _no_progress) -> VerifyReport:
     """Read every file of the backup in ``folder`` back: each stored file must hash to its name,
-    the database dump and the key must be there, and the manifest's count must hold. Nothing is
+    the database dump to the sha256 recorded, the key must be there, and the manifest's count
+    must hold. Nothing is
     changed. Run it now and then (bit rot on the backup disk), and before a restore."""
     manifest = read_manifest(folder)
     store = folder / STORE_DIR
@@ -560,6 +584,8 @@ def verify_backup(folder: Path, progress: Progress = _no_progress) -> VerifyRepo
     dump = folder / (SQLITE_FILE if manifest.get("database") == "sqlite" else PG_FILE)
     if not dump.is_file() or dump.stat().st_size == 0:
         report.problems.append(f"{dump.name} is missing or empty")
+    elif not _dump_ok(dump, manifest):
+        report.problems.append(f"{dump.name} is damaged (its sha256 is not the one recorded)")
     if manifest.get("key") not in (None, "none") and not (store / KEY_FILE).is_file():
         report.problems.append(f"{KEY_FILE} is missing")
     missing = manifest.get("missing")

@@ -170,3 +170,19 @@ def test_an_erased_patient_needs_the_deployments_own_key(
     assert refused.exit_code == 2 and said in refused.output, refused.output
     assert (elsewhere / KEY_FILE).exists() == (store_key is not None)  # none made
     assert [r["patient_id"] for r in _audit("--clinic", "North")] == ["", ""]  # the trail itself needs no key
+
+
+def test_without_the_key_an_existing_patients_earlier_erasure_is_said_to_be_unknown(
+    client: TestClient, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The documentation check: the earlier erasure of an id uploaded again was left out silently."""
+    north = make_key(url, "North")
+    _upload(client, north, "p-1")
+    assert (
+        runner.invoke(app, ["data", "erase", "--clinic", "North", "p-1", "--yes", "--force"]).exit_code == 0
+    )
+    _upload(client, north, "p-1")
+    monkeypatch.setenv("DRSCREEN_STORE_DIR", str(tmp_path / "no-key-here"))
+    get_settings.cache_clear()
+    done = runner.invoke(app, ["data", "audit", "--clinic", "North", "--patient", "p-1"])
+    assert done.exit_code == 0 and "NOTE: no deployment key here: an earlier erasure" in done.output

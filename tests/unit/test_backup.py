@@ -341,3 +341,39 @@ def test_a_damaged_backup_is_found_by_verify_and_not_restored(url: str, tmp_path
     (folder / backup.SQLITE_FILE).unlink()
     broken = runner.invoke(app, ["db", "verify-backup", str(folder)])
     assert broken.exit_code == 1 and "PROBLEM: database.sqlite is missing or empty" in broken.output
+
+
+def test_a_damaged_dump_is_found_by_verify_and_refused_before_the_database_is_touched(
+    url: str, tmp_path: Path
+) -> None:
+    """The documentation check: verify-backup called a backup with a corrupt database copy whole,
+    and its restore replaced a working database with it (a traceback, a broken deployment)."""
+    _deployment(url)
+    folder = tmp_path / "backup"
+    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
+    dump = folder / backup.SQLITE_FILE
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    dump.write_bytes(bytes(data))
+    checked = runner.invoke(app, ["db", "verify-backup", str(folder)])
+    assert checked.exit_code == 1 and "PROBLEM: database.sqlite is damaged" in checked.output
+    before = _names(url)
+    dispose_engines()
+    refused = runner.invoke(app, ["db", "restore", str(folder), "--yes"])
+    assert refused.exit_code == 2 and "is damaged" in refused.output and "nothing restored" in refused.output
+    assert _names(url) == before
+
+
+def test_two_deployments_without_keys_are_told_apart_by_their_database(url: str, tmp_path: Path) -> None:
+    """The documentation check: with no deployment key yet on either side, another deployment's
+    backup into the folder replaced it without a word."""
+    _deployment(url)
+    store_root = FileStore(get_settings().store_path).root
+    (store_root / KEY_FILE).unlink()  # no worker, no erasure yet: no key
+    folder = tmp_path / "backup"
+    assert backup.take_backup(folder, url, store_root).key_fingerprint == "none"
+    other = tmp_path / "other.db"
+    shutil.copyfile(url.removeprefix("sqlite:///"), other)
+    with pytest.raises(backup.BackupError, match="holds another deployment's backup \\(database sqlite:"):
+        backup.take_backup(folder, f"sqlite:///{other}", tmp_path / "other-store")
+    assert backup.take_backup(folder, url, store_root).files == 4  # the same deployment again: fine
