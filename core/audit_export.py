@@ -92,12 +92,12 @@ def _rows(
         stmt = stmt.where(AuditEvent.at >= since)
     if until is not None:
         stmt = stmt.where(AuditEvent.at < until)
-    if patient is not None or erased is not None:
+    filtered = patient is not None or erased is not None
+    if filtered:
         # the patient's own rows, and the erasures of an earlier patient of that id
         own = AuditEvent.patient_id == patient.id if patient is not None else false()
         stmt = stmt.where(own | (AuditEvent.action == retention.ERASE_ACTION))
     for event, key, who in session.execute(stmt):
-        filtered = erased is not None or patient is not None
         if (
             filtered
             and event.action == retention.ERASE_ACTION

@@ -53,7 +53,7 @@ from core import deployment_key, heartbeat
 from core import repository as repo
 from core.deployment_key import KEY_FILE
 from core.store import sha256_file
-from core.tables import Image, ScoringJob, WebSession, WorkerHeartbeat, utcnow
+from core.tables import Image, ScoringJob, WebSession, WorkerHeartbeat, as_utc, utcnow
 
 SQLITE_FILE = "database.sqlite"
 PG_FILE = "database.pgdump"
@@ -93,6 +93,10 @@ class BackupReport:
 
 def _no_progress(items: Iterable[str], _total: int, _what: str) -> Iterable[str]:
     return items
+
+
+def _dump_name(kind: str) -> str:
+    return SQLITE_FILE if kind == "sqlite" else PG_FILE
 
 
 def _kind(url: str) -> str:
@@ -192,7 +196,7 @@ def _snapshot_postgresql(url: str, target: Path) -> Snapshot:
             # now(): the transaction's start, at or before its snapshot (a row committed in between
             # is in the backup too: "re-send what came after taken_at" re-sends no more than that)
             snapshot, began = conn.execute(text("SELECT pg_export_snapshot(), now()")).one()
-            named = set(conn.execute(text(STORED_PATHS_SQL)).scalars()), _revision(conn), _as_utc(began)
+            named = set(conn.execute(text(STORED_PATHS_SQL)).scalars()), _revision(conn), as_utc(began)
             dump = [pg_dump, "--format=custom", "--no-owner", f"--snapshot={snapshot}", f"--file={target}"]
             done = subprocess.run([*dump, libpq_url], capture_output=True, text=True, env=env, check=False)
             conn.rollback()
@@ -201,10 +205,6 @@ def _snapshot_postgresql(url: str, target: Path) -> Snapshot:
     if done.returncode != 0:
         raise BackupError(f"pg_dump failed: {_first_error(done.stderr)}")
     return named
-
-
-def _as_utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _makedirs(folder: Path, mode: int) -> None:
@@ -227,9 +227,14 @@ def _dump_ok(dump: Path, manifest: dict[str, object]) -> bool:
     return not recorded or sha256_file(dump) == recorded
 
 
+def _named_sha(path: Path) -> str:
+    """The sha256 a stored file's name gives (``<sha256>.<ext>``)."""
+    return path.name.partition(".")[0]
+
+
 def _content_ok(path: Path) -> bool:
     """Whether a stored file still holds what its name says (its name is its bytes' sha256)."""
-    return sha256_file(path) == path.name.partition(".")[0]
+    return sha256_file(path) == _named_sha(path)
 
 
 def _copy(source: Path, target: Path, dir_mode: int = 0o777, *, verify: bool = False) -> None:
@@ -238,7 +243,7 @@ def _copy(source: Path, target: Path, dir_mode: int = 0o777, *, verify: bool = F
     _makedirs(target.parent, dir_mode)
     with _temporary_in(target.parent, target.suffix) as tmp:
         shutil.copyfile(source, tmp)
-        if verify and sha256_file(tmp) != source.name.partition(".")[0]:
+        if verify and sha256_file(tmp) != _named_sha(source):
             raise _Damaged(source)
         os.replace(tmp, target)
 
@@ -351,14 +356,14 @@ def take_backup(
     if _overlaps(folder, store_root) or _overlaps(backup_store, store_root):
         # its store would be the live one: pruning it would delete photographs being uploaded
         raise BackupError(f"the backup folder {folder} overlaps the store {store_root}: choose another")
-    fingerprint = deployment_key.fingerprint(store_root)
-    created = _check_backup_folder(folder, kind, fingerprint, _database_id(url), force)
+    fingerprint, database_id = deployment_key.fingerprint(store_root), _database_id(url)
+    created = _check_backup_folder(folder, kind, fingerprint, database_id, force)
     if created:
         _makedirs(folder, 0o700)
     folder.chmod(0o700)  # it holds patients' photographs and the key
     for leftover in folder.glob(".tmp-*"):  # of a backup interrupted before
         leftover.unlink(missing_ok=True)
-    dump_name = SQLITE_FILE if kind == "sqlite" else PG_FILE
+    dump_name = _dump_name(kind)
     try:
         with _temporary_in(folder, Path(dump_name).suffix) as tmp:
             names, revision, taken = (_snapshot_sqlite if kind == "sqlite" else _snapshot_postgresql)(
@@ -366,7 +371,7 @@ def take_backup(
             )
             report = BackupReport(str(folder), kind, revision, taken.isoformat(), files=len(names))
             report.key_fingerprint = fingerprint
-            report.database_id = _database_id(url)
+            report.database_id = database_id
             report.dump_sha256 = sha256_file(tmp)
             _sync_files(report, names, store_root, backup_store, progress, dir_mode=0o700)
             report.key = _sync_key(store_root, backup_store, dir_mode=0o700)
@@ -375,7 +380,7 @@ def take_backup(
         if created and not any(folder.rglob("*")):
             folder.rmdir()  # a failed first backup leaves no empty folder behind
         raise
-    (folder / (PG_FILE if kind == "sqlite" else SQLITE_FILE)).unlink(missing_ok=True)
+    (folder / (PG_FILE if kind == "sqlite" else SQLITE_FILE)).unlink(missing_ok=True)  # the other kind's
     stale = _stored_files_under(backup_store) - names
     report.pruned = len(stale)
     _write_manifest(folder, report)
@@ -539,7 +544,7 @@ def restore_backup(
         raise BackupError(f"the backup is of a {manifest.get('database')} database, the target is {kind}")
     if _overlaps(folder, store_root):
         raise BackupError(f"the backup folder {folder} overlaps the store {store_root}: move it out first")
-    dump = folder / (SQLITE_FILE if kind == "sqlite" else PG_FILE)
+    dump = folder / _dump_name(kind)
     if not dump.is_file():
         raise BackupError(f"{dump} is missing: the backup is incomplete")
     if not _dump_ok(dump, manifest):  # before the database is replaced by something unreadable
@@ -575,13 +580,13 @@ class VerifyReport:
 def verify_backup(folder: Path, progress: Progress = _no_progress) -> VerifyReport:
     """Read every file of the backup in ``folder`` back: each stored file must hash to its name,
     the database dump to the sha256 recorded, the key must be there, and the manifest's count
-    must hold. Nothing is
-    changed. Run it now and then (bit rot on the backup disk), and before a restore."""
+    must hold. Nothing is changed. Run it now and then (bit rot on the backup disk), and before a
+    restore."""
     manifest = read_manifest(folder)
     store = folder / STORE_DIR
     names = _stored_files_under(store)
     report = VerifyReport(str(folder), str(manifest.get("taken_at", "")), files=len(names))
-    dump = folder / (SQLITE_FILE if manifest.get("database") == "sqlite" else PG_FILE)
+    dump = folder / _dump_name(str(manifest.get("database")))
     if not dump.is_file() or dump.stat().st_size == 0:
         report.problems.append(f"{dump.name} is missing or empty")
     elif not _dump_ok(dump, manifest):

@@ -42,23 +42,20 @@ def _bearer(scope: Scope) -> str | None:
 
 
 def _key_refused(sessionmaker: Any, key: str) -> bool:
-    """Whether ``key`` is certainly no active key (False when the database cannot say for another
-    reason than being unavailable: the route answers that)."""
-    try:
-        with sessionmaker() as session:
-            return repo.authenticate_api_key(session, key, touch=False) is None
-    except DATABASE_UNAVAILABLE:
-        raise
-    except SQLAlchemyError:
-        return False
+    """Whether ``key`` is certainly no active key."""
+    with sessionmaker() as session:
+        return repo.authenticate_api_key(session, key, touch=False) is None
 
 
 async def _in_thread(check: Callable[..., bool], *args: Any) -> bool | Response:
-    """``check(*args)`` off the event loop, or the 503 answer when the database is unavailable."""
+    """``check(*args)`` off the event loop: the 503 answer when the database is unavailable, and
+    False (not refused: the route answers) when it fails for another reason."""
     try:
         return await run_in_threadpool(check, *args)
     except DATABASE_UNAVAILABLE as exc:
         return database_unavailable(None, exc)
+    except SQLAlchemyError:
+        return False
 
 
 def route_path(scope: Scope) -> str:

@@ -133,17 +133,17 @@ class SystemCollector(Collector):
             "the queue); 0 when none waits. Growing: no worker takes the work",
         )
         try:
+            now = utcnow()
             with self.sessions() as session:
                 by_status, by_grade, since = image_counts(session)
+                failed, graded = recent_counts(session, now)
             for status in ("queued", "running", "done", "failed"):
                 images.add_metric([status], int(by_status.get(status, 0)))
             scored.add_metric([], int(by_status.get("done", 0)))
             for grade in range(5):
                 grades.add_metric([str(grade)], int(by_grade.get(grade, 0)))
             grades.add_metric(["ungradable"], int(by_grade.get(None, 0)))
-            oldest.add_metric([], (utcnow() - as_utc(since)).total_seconds() if since else 0.0)
-            with self.sessions() as session:
-                failed, graded = recent_counts(session, utcnow())
+            oldest.add_metric([], (now - as_utc(since)).total_seconds() if since else 0.0)
             failed_recent.add_metric([], failed)
             for grade in range(5):
                 graded_recent.add_metric([str(grade)], graded.get(grade, 0))

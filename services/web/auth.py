@@ -18,14 +18,12 @@ from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core import repository as repo
 from core.tables import ApiKey
 from services.config import ApiSettings
 from services.deps import MAX_KEY_LENGTH, Principal, principal_for_key
-from services.errors import DATABASE_UNAVAILABLE
 
 COOKIE_NAME = "drscreen_session"
 #: The cookie of the versions before sessions (session 24): it held the API key. The server
@@ -65,20 +63,10 @@ def _session_key(request: Request, session: Session) -> ApiKey | None:
 
 def session_refused(request: Request, sessionmaker: Callable[[], Session]) -> bool:
     """Whether the browser certainly has no live session: the edge's check before a signed-in
-    form's body is read (``services.edge``; a database that is down or saturated raises, and other
-    database errors answer False: the route answers them). Nothing is committed: the route's own
-    check marks the session seen."""
-    token = _cookie_token(request)
-    if token is None:
-        return True
-    idle, longest = _lifetimes(request)
-    try:
-        with sessionmaker() as session:
-            return repo.web_session_key(session, token, idle=idle, longest=longest) is None
-    except DATABASE_UNAVAILABLE:
-        raise
-    except SQLAlchemyError:
-        return False
+    form's body is read (``services.edge``, which answers database errors). Nothing is committed:
+    the route's own check marks the session seen."""
+    with sessionmaker() as session:  # no connection is opened without a cookie
+        return _session_key(request, session) is None
 
 
 def principal_from_cookie(request: Request, session: Session) -> Principal | None:
