@@ -40,6 +40,37 @@ class Accepted(BaseModel):
     status: Status
 
 
+#: A grader's name or initials: printable text only (it is shown on pages and in CSV files).
+GRADER_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+
+
+class GraderGradeIn(BaseModel):
+    """A human grader's grade of one photograph (``PUT /v1/images/{id}/grader-grade``)."""
+
+    # strict: "2" or 2.0 is a client's bug, not a grade
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    grade: int | None = Field(
+        ge=0,
+        le=4,
+        description="the grader's ICDR grade 0..4, or null when the grader found the photograph "
+        'ungradable (required: an omitted grade is an error, not "ungradable")',
+    )
+    grader: str = Field(
+        min_length=1,
+        max_length=100,
+        pattern=GRADER_PATTERN,
+        description="who graded: a name or initials the clinic chooses (staff, never the patient)",
+    )
+
+
+class GraderGradeOut(BaseModel):
+    grade: int | None = Field(description="0..4; null when the grader found it ungradable")
+    gradable: bool
+    grader: str
+    recorded_at: UtcDatetime = Field(description="when it was last recorded")
+
+
 class ImageResult(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -74,6 +105,11 @@ class ImageResult(BaseModel):
         default=None, description="the heatmap's URL once done and gradable (null otherwise)"
     )
     created_at: UtcDatetime | None = None
+    grader_grade: GraderGradeOut | None = Field(
+        default=None,
+        description="a human grader's grade of the photograph, when the clinic recorded one "
+        "(`PUT /v1/images/{id}/grader-grade`); the model's grade above is unchanged by it",
+    )
 
 
 class EyeSummary(BaseModel):
@@ -126,6 +162,7 @@ class ErasedRows(BaseModel):
     idempotency_key: int
     eye_result: int
     patient_result: int
+    grader_grade: int = Field(description="human graders' grades of the photographs")
     image: int = Field(description="photographs")
     bundle: int
     patient: int
@@ -185,3 +222,49 @@ class Readiness(BaseModel):
     )
     error: str | None = Field(default=None, description="`unavailable` when not ready")
     detail: str | None = None
+
+
+class ReferableAgreement(BaseModel):
+    """Referral (grade >= 2) against the grader's, over photographs the grader found gradable.
+    The model's "ungradable" counts as a referral (clinics refer it)."""
+
+    true_positive: int = Field(description="both refer")
+    false_negative: int = Field(description="the grader refers, the model does not: missed")
+    true_negative: int
+    false_positive: int
+    sensitivity: float | None = Field(description="null when the grader referred none")
+    sensitivity_ci95: list[float] | None = Field(description="Wilson score interval")
+    specificity: float | None
+    specificity_ci95: list[float] | None
+
+
+class UngradableAgreement(BaseModel):
+    both: int
+    grader_only: int = Field(description="the grader could not grade it, the model graded it")
+    model_only: int = Field(description="the model found it ungradable, the grader graded it")
+
+
+class Agreement(BaseModel):
+    """How one release's grades agree with the clinic's human graders (``GET /v1/agreement``)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_version: str | None = Field(description="the release compared (null: none has graded yet)")
+    since: UtcDatetime | None = None
+    until: UtcDatetime | None = None
+    n_images: int = Field(description="photographs with a grader's grade and this release's grade")
+    n_awaiting_model: int = Field(
+        description="photographs with a grader's grade that this release has not graded (yet)"
+    )
+    n_both_gradable: int
+    qwk: float | None = Field(description="quadratic weighted kappa, both gradable; null below 2")
+    exact_agreement: float | None = Field(description="share of the same grade, both gradable")
+    confusion_matrix: list[list[int]] = Field(
+        description="5x5: rows the grader's grade 0..4, columns the model's, both gradable"
+    )
+    referable: ReferableAgreement
+    ungradable: UngradableAgreement
+    missed_referable: list[str] = Field(
+        description="ids of photographs the grader refers and the model does not (oldest first, "
+        "at most 100): the cases to look at first"
+    )

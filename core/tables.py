@@ -275,6 +275,31 @@ class Explanation(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class GraderGrade(Base):
+    """A human grader's grade of one photograph, recorded by the clinic: the reference the model is
+    compared against in production (``GET /v1/agreement``). One per photograph; recording it again
+    replaces it (each change is in the audit log). ``grade`` is null when the grader found the
+    photograph ungradable."""
+
+    __tablename__ = "grader_grade"
+    __table_args__ = (
+        CheckConstraint("grade IS NULL OR (grade >= 0 AND grade <= 4)", name="grade"),
+        CheckConstraint(
+            "(grade IS NULL AND NOT gradable) OR (grade IS NOT NULL AND gradable)", name="gradable"
+        ),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[str] = mapped_column(ForeignKey("image.id", ondelete="CASCADE"), unique=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinic.id", ondelete="CASCADE"), index=True)
+    grade: Mapped[int | None] = mapped_column(Integer)
+    gradable: Mapped[bool] = mapped_column(Boolean)
+    # who graded (a name or initials the clinic chooses): staff, never the patient
+    grader: Mapped[str] = mapped_column(String(100))
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_key.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class AuditEvent(Base):
     __tablename__ = "audit_event"
     __table_args__ = (Index("ix_audit_event_clinic_id_at", "clinic_id", "at"),)

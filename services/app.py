@@ -32,7 +32,7 @@ from services.metrics import Metrics, MetricsMiddleware
 from services.modelinfo import active_ref
 from services.openapi_doc import install_openapi
 from services.ratelimit import RateLimiter
-from services.routes import bundles, images, jobs, models, patients
+from services.routes import agreement, bundles, images, jobs, models, patients
 from services.waits import WaitSlots
 
 log = logging.getLogger(__name__)
@@ -117,12 +117,24 @@ def create_app(
             {"name": "jobs", "description": "folders on the server, scored in bulk"},
             {"name": "patients", "description": "patient-level results and history; erasure of a patient"},
             {"name": "models", "description": "the released ensemble in use"},
+            {
+                "name": "agreement",
+                "description": "the model's grades against the clinic's human graders (recorded per "
+                "photograph with PUT /v1/images/{id}/grader-grade)",
+            },
             {"name": "operations", "description": "health, readiness and metrics"},
         ],
     )
     install_error_handlers(app, not_found_page=web.not_found_page)
     install_openapi(app)
-    for router in (images.router, bundles.router, jobs.router, patients.router, models.router):
+    for router in (
+        images.router,
+        bundles.router,
+        jobs.router,
+        patients.router,
+        models.router,
+        agreement.router,
+    ):
         app.include_router(router, prefix="/v1")
     app.include_router(web.router)  # the web interface at `/` (not in the OpenAPI document)
 

@@ -7,6 +7,7 @@ from typing import cast
 
 from sqlalchemy.orm import Session
 
+from core import grader
 from core import repository as repo
 from core.schemas import Eye, EyeSummary, ImageResult, PatientHistoryEntry, PatientSummary
 from core.settings import get_settings
@@ -33,6 +34,7 @@ def image_results(
     ``graded_earlier``: ids of photographs a newer release is grading again whose earlier grade
     stands meanwhile (a finished job's rows): reported done with that grade, not queued."""
     preds = repo.predictions_for_images(session, [im.id for im in images])
+    graders = grader.for_images(session, [im.id for im in images])
     refs: dict[int, str] = {}
     patients: dict[int, str] = {}
     out = []
@@ -49,6 +51,8 @@ def image_results(
             error=im.error if im.status == "failed" else None,
             created_at=im.created_at,
         )
+        if im.id in graders:
+            result.grader_grade = grader.as_out(graders[im.id])
         pred = preds.get(im.id)
         if status == "done":
             gradable = bool(im.gradable) and (pred is None or pred.gradable)

@@ -13,11 +13,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core import grader, retention
 from core import producer as tasks_out
 from core import repository as repo
-from core import retention
 from core.errors import Conflict, NotFound
-from core.schemas import PATIENT_ID_PATTERN, Accepted, Eye, ImageResult
+from core.schemas import PATIENT_ID_PATTERN, Accepted, Eye, GraderGradeIn, GraderGradeOut, ImageResult
 from core.store import FileStore
 from core.tables import Image, Patient, as_utc, utcnow
 from services import idempotency
@@ -337,6 +337,63 @@ def get_explanation(
     )
     png = store.read_bytes(row.stored_path)
     return Response(png, media_type="image/png", headers=private_image_headers())
+
+
+@router.put(
+    "/{image_id}/grader-grade",
+    response_model=GraderGradeOut,
+    summary="Record a human grader's grade of the photograph (replaces an earlier one)",
+    description="The reference the model is compared against in production (`GET /v1/agreement`). "
+    "`grade` 0..4, or null when the grader found the photograph ungradable; `grader` names who "
+    "graded. Recording it again replaces it (the same body twice is harmless); every change is "
+    "audited with the previous grade. The model's grade of the photograph is not changed.",
+    responses=error_responses(401, 404, 422, 429),
+)
+def put_grader_grade(
+    image_id: str, body: GraderGradeIn, session: SessionDep, principal: PrincipalDep
+) -> GraderGradeOut:
+    image = load_image(session, principal, image_id)
+    before = grader.get(session, image.id)
+    previous = (before.grade if before.gradable else "ungradable") if before is not None else None
+    row = grader.record(
+        session, image, grade=body.grade, grader=body.grader.strip(), api_key_id=principal.api_key_id
+    )
+    if row is None:  # erased while this request ran
+        raise NotFound("no such image")
+    audit(
+        session,
+        principal,
+        "grader_grade.record",
+        patient_id=image.patient_id,
+        target_type="image",
+        target_id=image.id,
+        detail={"grade": body.grade if body.grade is not None else "ungradable", "previous": previous},
+    )
+    return grader.as_out(row)
+
+
+@router.delete(
+    "/{image_id}/grader-grade",
+    status_code=204,
+    response_class=Response,
+    summary="Delete the grader's grade of the photograph (recorded by mistake)",
+    responses=error_responses(401, 404, 429),
+)
+def delete_grader_grade(image_id: str, session: SessionDep, principal: PrincipalDep) -> Response:
+    image = load_image(session, principal, image_id)
+    before = grader.get(session, image.id)
+    if before is None or not grader.remove(session, image.id):
+        raise NotFound("the photograph has no grader's grade")
+    audit(
+        session,
+        principal,
+        "grader_grade.delete",
+        patient_id=image.patient_id,
+        target_type="image",
+        target_id=image.id,
+        detail={"previous": before.grade if before.gradable else "ungradable"},
+    )
+    return Response(status_code=204)
 
 
 def _request_explanation(request: Request, producer: ProducerDep, image: Image) -> None:

@@ -43,6 +43,7 @@ ERASED_TABLES = (
     ("image", "Photographs"),
     ("prediction", "Gradings of photographs"),
     ("explanation", "Heatmaps"),
+    ("grader_grade", "Graders' grades"),
     ("bundle", "Visits"),
     ("eye_result", "Eye results"),
     ("patient_result", "Patient results (history)"),

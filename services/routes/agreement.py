@@ -1,0 +1,62 @@
+"""``/v1/agreement``: how a release's grades agree with the clinic's human graders."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from core import grader
+from core import repository as repo
+from core.errors import InvalidInput, NotFound
+from core.schemas import Agreement
+from core.tables import ModelVersion
+from services.deps import PrincipalDep, SessionDep
+from services.errors import error_responses
+
+router = APIRouter(prefix="/agreement", tags=["agreement"])
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def release_to_compare(session: SessionDep, ref: str | None) -> ModelVersion | None:
+    """The named release (NotFound when it never graded here), else the active one, else the
+    newest that graded anything."""
+    if ref:
+        named = repo.get_model_version_by_ref(session, ref)
+        if named is None:
+            raise NotFound(f"no release {ref!r} has graded photographs here")
+        return named
+    active = repo.active_release(session)
+    found = repo.get_model_version_by_ref(session, active) if active else None
+    return found or repo.latest_model_version(session)
+
+
+@router.get(
+    "",
+    response_model=Agreement,
+    summary="A release's grades against the clinic's graders: kappa, confusion, referral, misses",
+    description="Over the calling clinic's photographs that have a grader's grade "
+    "(`PUT /v1/images/{id}/grader-grade`) and a grade by the release (default: the active one), "
+    "received in [since, until) (ISO 8601; naive times are UTC). The grader is the reference; the "
+    'model\'s "ungradable" counts as a referral. Intervals are 95% Wilson score intervals: with '
+    "few graded photographs they are wide, and the figures mean little.",
+    responses=error_responses(401, 404, 422, 429),
+)
+def get_agreement(
+    session: SessionDep,
+    principal: PrincipalDep,
+    model: Annotated[str | None, Query(max_length=200, description="a release, name@version")] = None,
+    since: Annotated[datetime | None, Query(description="photographs received from (inclusive)")] = None,
+    until: Annotated[datetime | None, Query(description="photographs received before")] = None,
+) -> Agreement:
+    start, end = _utc(since), _utc(until)
+    if start is not None and end is not None and start >= end:
+        raise InvalidInput("since must be before until")
+    release = release_to_compare(session, model)
+    return grader.agreement(session, principal.clinic_id, release, since=start, until=end)

@@ -1,0 +1,256 @@
+"""Graders' grades (``PUT/DELETE /v1/images/{id}/grader-grade``) and the agreement of a release with
+them (``GET /v1/agreement``): the arithmetic against independent references, then the API on the
+embedded database with photographs scored by the stand-in ensemble."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from fastapi.testclient import TestClient
+from sklearn.metrics import cohen_kappa_score, confusion_matrix
+from sqlalchemy import select
+
+from core import grader
+from core.db import session_scope
+from core.settings import get_settings
+from core.store import FileStore
+from core.tables import AuditEvent, GraderGrade
+from tests.api_support import Key, make_key, sample_bytes
+from tests.unit.test_workers_scoring import Sent, StubEnsemble, add_images
+from workers import scoring
+
+# ------------------------------------------------------------------------------------ arithmetic
+
+
+def test_quadratic_kappa_matches_scikit_learn() -> None:
+    rng = random.Random(7)
+    for _ in range(50):
+        n = rng.randint(2, 60)
+        a = [rng.randint(0, 4) for _ in range(n)]
+        b = [min(4, max(0, x + rng.choice((-1, 0, 0, 1, 2)))) for x in a]
+        matrix = confusion_matrix(a, b, labels=range(5)).tolist()
+        expected = cohen_kappa_score(a, b, weights="quadratic", labels=list(range(5)))
+        got = grader.quadratic_kappa(matrix)
+        if expected != expected:  # NaN: both raters constant
+            assert got is None
+        else:
+            assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_kappa_is_undefined_below_two_photographs_and_for_one_shared_grade() -> None:
+    empty = [[0] * 5 for _ in range(5)]
+    assert grader.quadratic_kappa(empty) is None
+    one = [row[:] for row in empty]
+    one[2][2] = 1
+    assert grader.quadratic_kappa(one) is None
+    one[2][2] = 9  # both said 2 every time: chance agreement is total
+    assert grader.quadratic_kappa(one) is None
+
+
+def test_wilson_interval_matches_published_values() -> None:
+    # Newcombe (1998), Statistics in Medicine 17:857, table I: 81/263 -> 0.2553..0.3662 and
+    # 15/148 -> 0.0624..0.1605; and the degenerate 0/10 -> 0..0.2775
+    assert grader._interval(81, 263) == (0.308, [0.2553, 0.3662])
+    assert grader._interval(15, 148) == (0.1014, [0.0624, 0.1605])
+    assert grader._interval(0, 10) == (0.0, [0.0, 0.2775])
+    assert grader._interval(0, 0) == (None, None)
+
+
+def P(
+    image_id: str, grader_grade: int | None, model: int | None, referable: bool | None = None
+) -> grader.Pair:
+    refers = referable if referable is not None else (model is None or model >= 2)
+    return grader.Pair(image_id, grader_grade, model, refers)
+
+
+def test_summary_counts_referral_from_the_models_decision_and_ungradable_as_referral() -> None:
+    pairs = [
+        P("a", 0, 0),
+        P("b", 1, 2),  # the model over-refers
+        P("c", 2, 1),  # missed
+        P("d", 3, None),  # the model could not grade it: refers, so not missed
+        P("e", 4, 4),
+        P("f", None, 0),  # the grader could not grade it: left out of referral and kappa
+        P("g", None, None),
+        P("h", 2, 2, referable=False),  # grade 2 under a decision that did not refer: missed
+        P("i", 0, 1, referable=True),  # a decision that refers below 2 (sensitivity first)
+    ]
+    out = grader.summarise(pairs, awaiting=3)
+    assert out.n_images == 9 and out.n_awaiting_model == 3
+    assert out.n_both_gradable == 6  # a, b, c, e, h, i
+    assert out.confusion_matrix[1][2] == 1 and out.confusion_matrix[2][1] == 1
+    assert out.confusion_matrix[2][2] == 1 and out.confusion_matrix[0][1] == 1
+    assert sum(map(sum, out.confusion_matrix)) == 6
+    assert out.exact_agreement == pytest.approx(round(3 / 6, 4))
+    r = out.referable
+    assert (r.true_positive, r.false_negative, r.true_negative, r.false_positive) == (
+        2,
+        2,
+        1,
+        2,
+    )  # TP d, e; FN c, h; TN a; FP b, i
+    assert r.sensitivity == pytest.approx(0.5) and r.specificity == pytest.approx(round(1 / 3, 4))
+    assert out.missed_referable == ["c", "h"]
+    assert (out.ungradable.both, out.ungradable.grader_only, out.ungradable.model_only) == (1, 1, 1)
+
+
+def test_summary_of_nothing() -> None:
+    out = grader.summarise([])
+    assert out.n_images == 0 and out.qwk is None and out.exact_agreement is None
+    assert out.referable.sensitivity is None and out.referable.sensitivity_ci95 is None
+
+
+# ------------------------------------------------------------------------------------------- API
+
+
+@pytest.fixture
+def scored(url: str) -> tuple[Key, Key, list[str]]:
+    """Three photographs of North's patient 16 and 229, scored; North's and South's keys."""
+    north, south = make_key(url, "North"), make_key(url, "South")
+    store = FileStore(get_settings().store_path)
+    files = [
+        ("16l.jpg", sample_bytes("16", "left"), "left"),
+        ("16r.jpg", sample_bytes("16", "right"), "right"),
+    ]
+    ids = add_images(url, store, "P16", files, clinic="North")
+    ids += add_images(
+        url, store, "P229", [("229.jpg", sample_bytes("229", "right"), "right")], clinic="North"
+    )
+    summary = scoring.score_images(ids, ensemble=StubEnsemble(), store=store, db_url=url, enqueue=Sent())
+    assert sorted(summary.scored) == sorted(ids)  # all gradable, so each has a model grade
+    return north, south, ids
+
+
+def _put(client: TestClient, key: Key, image_id: str, body: object) -> object:
+    return client.put(f"/v1/images/{image_id}/grader-grade", headers=key.headers, json=body)
+
+
+def test_a_grader_grade_is_recorded_shown_replaced_audited_and_deleted(
+    client: TestClient, url: str, scored: tuple[Key, Key, list[str]]
+) -> None:
+    north, _, ids = scored
+    first = client.put(
+        f"/v1/images/{ids[0]}/grader-grade", headers=north.headers, json={"grade": 3, "grader": "Dr A"}
+    )
+    assert first.status_code == 200, first.text
+    assert (
+        first.json()["grade"] == 3 and first.json()["gradable"] is True and first.json()["grader"] == "Dr A"
+    )
+    image = client.get(f"/v1/images/{ids[0]}", headers=north.headers).json()
+    assert image["grader_grade"]["grade"] == 3 and image["grade"] is not None  # the model's stays
+    assert client.get(f"/v1/images/{ids[1]}", headers=north.headers).json()["grader_grade"] is None
+
+    again = client.put(
+        f"/v1/images/{ids[0]}/grader-grade", headers=north.headers, json={"grade": None, "grader": "  Dr B "}
+    )
+    assert again.status_code == 200
+    assert again.json() | {"recorded_at": None} == {
+        "grade": None, "gradable": False, "grader": "Dr B", "recorded_at": None
+    }  # fmt: skip
+    with session_scope(url) as s:
+        assert len(s.scalars(select(GraderGrade)).all()) == 1  # replaced, not added
+        events = s.scalars(
+            select(AuditEvent).where(AuditEvent.action.like("grader_grade.%")).order_by(AuditEvent.id)
+        ).all()
+        assert [(e.action, e.target_id, e.detail) for e in events] == [
+            ("grader_grade.record", ids[0], {"grade": 3, "previous": None}),
+            ("grader_grade.record", ids[0], {"grade": "ungradable", "previous": 3}),
+        ]
+
+    gone = client.delete(f"/v1/images/{ids[0]}/grader-grade", headers=north.headers)
+    assert gone.status_code == 204
+    assert client.get(f"/v1/images/{ids[0]}", headers=north.headers).json()["grader_grade"] is None
+    twice = client.delete(f"/v1/images/{ids[0]}/grader-grade", headers=north.headers)
+    assert twice.status_code == 404 and twice.json()["error"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"grader": "Dr A"},  # an omitted grade is not "ungradable"
+        {"grade": 5, "grader": "Dr A"},
+        {"grade": -1, "grader": "Dr A"},
+        {"grade": "2", "grader": "Dr A"},
+        {"grade": 2.5, "grader": "Dr A"},
+        {"grade": 2},
+        {"grade": 2, "grader": ""},
+        {"grade": 2, "grader": "   "},
+        {"grade": 2, "grader": "Dr\nA"},
+        {"grade": 2, "grader": "x" * 101},
+        {"grade": 2, "grader": "Dr A", "note": "extra"},
+        [2, "Dr A"],
+    ],
+)
+def test_bad_grader_grades_are_refused_and_change_nothing(
+    client: TestClient, url: str, scored: tuple[Key, Key, list[str]], body: object
+) -> None:
+    north, _, ids = scored
+    answer = client.put(f"/v1/images/{ids[0]}/grader-grade", headers=north.headers, json=body)
+    assert answer.status_code == 422, (body, answer.text)
+    assert answer.json()["error"] == "invalid_input"
+    with session_scope(url) as s:
+        assert s.scalars(select(GraderGrade)).all() == []
+
+
+def test_another_clinics_photograph_cannot_be_graded_read_or_ungraded(
+    client: TestClient, scored: tuple[Key, Key, list[str]]
+) -> None:
+    north, south, ids = scored
+    assert _put(client, north, ids[0], {"grade": 1, "grader": "Dr A"}).status_code == 200  # type: ignore[attr-defined]
+    assert _put(client, south, ids[0], {"grade": 4, "grader": "Dr Z"}).status_code == 404  # type: ignore[attr-defined]
+    assert client.delete(f"/v1/images/{ids[0]}/grader-grade", headers=south.headers).status_code == 404
+    assert client.get(f"/v1/images/{ids[0]}", headers=north.headers).json()["grader_grade"]["grade"] == 1
+    south_view = client.get("/v1/agreement", headers=south.headers).json()
+    assert south_view["n_images"] == 0 and south_view["n_awaiting_model"] == 0
+    assert _put(client, north, "0" * 32, {"grade": 1, "grader": "Dr A"}).status_code == 404  # type: ignore[attr-defined]
+
+
+def test_agreement_of_the_release_with_the_graders(
+    client: TestClient, scored: tuple[Key, Key, list[str]]
+) -> None:
+    north, _, ids = scored
+    model = {i: client.get(f"/v1/images/{i}", headers=north.headers).json() for i in ids}
+    release = model[ids[0]]["model_version"]
+    # the grader agrees on the first, refers the second whatever the model said, and cannot
+    # grade the third
+    agree, other = model[ids[0]]["grade"], model[ids[1]]
+    _put(client, north, ids[0], {"grade": agree, "grader": "Dr A"})
+    _put(client, north, ids[1], {"grade": 4, "grader": "Dr A"})
+    _put(client, north, ids[2], {"grade": None, "grader": "Dr A"})
+    out = client.get("/v1/agreement", headers=north.headers).json()
+    assert out["model_version"] == release
+    assert out["n_images"] == 3 and out["n_awaiting_model"] == 0 and out["n_both_gradable"] == 2
+    assert out["confusion_matrix"][agree][agree] >= 1 and out["confusion_matrix"][4][other["grade"]] >= 1
+    assert out["ungradable"] == {"both": 0, "grader_only": 1, "model_only": 0}
+    missed = [ids[1]] if not other["referable"] else []
+    assert out["missed_referable"] == missed
+    ref = out["referable"]
+    assert ref["false_negative"] == len(missed)
+    assert ref["true_positive"] + ref["false_negative"] == 1 + (agree >= 2)
+
+    named = client.get("/v1/agreement", headers=north.headers, params={"model": release}).json()
+    assert named == out
+    unknown = client.get("/v1/agreement", headers=north.headers, params={"model": "nope@9"})
+    assert unknown.status_code == 404
+    later = client.get("/v1/agreement", headers=north.headers, params={"since": "2999-01-01T00:00:00"})
+    assert later.json()["n_images"] == 0
+    window = {"since": "2020-01-01T00:00:00Z", "until": "2020-01-01T00:00:00Z"}
+    assert client.get("/v1/agreement", headers=north.headers, params=window).status_code == 422
+    assert (
+        client.get("/v1/agreement", headers=north.headers, params={"since": "yesterday"}).status_code == 422
+    )
+    assert client.get("/v1/agreement").status_code == 401
+
+
+def test_erasing_the_patient_erases_the_grader_grades(
+    client: TestClient, url: str, scored: tuple[Key, Key, list[str]]
+) -> None:
+    north, _, ids = scored
+    _put(client, north, ids[0], {"grade": 2, "grader": "Dr A"})
+    _put(client, north, ids[2], {"grade": 0, "grader": "Dr A"})
+    erased = client.delete("/v1/patients/P16", headers=north.headers)
+    assert erased.status_code == 200, erased.text
+    assert erased.json()["rows"]["grader_grade"] == 1
+    with session_scope(url) as s:
+        assert [row.image_id for row in s.scalars(select(GraderGrade))] == [ids[2]]
