@@ -37,7 +37,9 @@ def test_the_database_is_postgresql(url: str) -> None:
 
 
 def test_grades_sent_at_once_for_one_photograph_leave_one_row(
-    client: TestClient, url: str, scored: tuple[Key, Key, list[str]]  # noqa: F811
+    client: TestClient,
+    url: str,
+    scored: tuple[Key, Key, list[str]],  # noqa: F811
 ) -> None:
     north, _, ids = scored
 
@@ -54,7 +56,8 @@ def test_grades_sent_at_once_for_one_photograph_leave_one_row(
 
 
 def test_a_grade_recorded_during_an_erasure_goes_with_the_patient(
-    url: str, scored: tuple[Key, Key, list[str]]  # noqa: F811
+    url: str,
+    scored: tuple[Key, Key, list[str]],  # noqa: F811
 ) -> None:
     """The erasure holds the photograph's lock; the grade waits for it, then finds the photograph
     gone (None: the route answers 404) instead of failing on a foreign key or outliving it."""
