@@ -707,7 +707,8 @@ def keys_list(clinic: str | None = typer.Option(None, "--clinic")) -> None:
 # --------------------------------------------------------------------------------------- data
 
 data_app = typer.Typer(
-    help="Erase a patient's data; enforce a retention period; export the audit trail.", no_args_is_help=True
+    help="Erase a patient's data; enforce a retention period; export the audit trail; graders' agreement.",
+    no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
 
@@ -793,7 +794,7 @@ def _utc_day(value: str | None, option: str) -> Any:
     try:
         return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
     except ValueError:
-        typer.echo(f"drscreen data audit: {option} takes a date as YYYY-MM-DD, not {value!r}", err=True)
+        typer.echo(f"drscreen data: {option} takes a date as YYYY-MM-DD, not {value!r}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -838,6 +839,81 @@ def data_audit(
     for note in notes:
         typer.echo(f"NOTE: {note}", err=True)
     typer.echo(f"{n} audit row(s)" + (f" written to {out}" if out else ""), err=True)
+
+
+@data_app.command("agreement")
+def data_agreement(
+    clinic: str | None = typer.Option(None, "--clinic", help="One clinic (default: every clinic)."),
+    model: str | None = typer.Option(
+        None, "--model", help="The release, name@version (default: the active)."
+    ),
+    since: str | None = typer.Option(
+        None, "--since", help="Photographs received from this day (YYYY-MM-DD, UTC)."
+    ),
+    until: str | None = typer.Option(None, "--until", help="... and before this day, left out (YYYY-MM-DD)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of the text."),
+) -> None:
+    """How a release's grades agree with the graders' grades recorded by the clinics
+    (`PUT /v1/images/{id}/grader-grade`): kappa, confusion matrix, referral sensitivity and
+    specificity with 95% intervals, and the referable photographs the model missed."""
+    from core import grader
+    from core.db import session_scope
+    from core.errors import NotFound
+
+    start, end = _utc_day(since, "--since"), _utc_day(until, "--until")
+    clinic_id = _clinic_id("drscreen data agreement", clinic) if clinic is not None else None
+    with _db_errors(), session_scope() as session:
+        try:
+            release = grader.release_to_compare(session, model)
+        except NotFound as exc:
+            typer.echo(f"drscreen data agreement: {exc.message}", err=True)
+            raise typer.Exit(2) from None
+        result = grader.agreement(session, clinic_id, release, since=start, until=end)
+    if as_json:
+        typer.echo(result.model_dump_json())
+        return
+    for line in grader.describe(result):
+        typer.echo(line)
+
+
+@data_app.command("export-graded")
+def data_export_graded(
+    clinic: str = typer.Option(..., "--clinic", help="Clinic name (as given to `keys create`)."),
+    out: Path = typer.Option(..., "--out", help="Folder to make (must not exist, or be empty)."),
+    since: str | None = typer.Option(
+        None, "--since", help="Photographs received from this day (YYYY-MM-DD, UTC)."
+    ),
+    until: str | None = typer.Option(None, "--until", help="... and before this day, left out (YYYY-MM-DD)."),
+) -> None:
+    """The clinic's photographs that graders graded, as a folder `drscreen evaluate --labels
+    OUT/labels.csv` reads (images/, labels.csv with the grader's grade; ungradable.csv). It holds
+    patient photographs and ids: keep it as you keep the database. Audited."""
+    from core.db import session_scope
+    from core.graded_export import ExportRefused, export_graded
+    from core.settings import get_settings
+    from core.store import FileStore
+
+    start, end = _utc_day(since, "--since"), _utc_day(until, "--until")
+    clinic_id = _clinic_id("drscreen data export-graded", clinic)
+    store = FileStore(get_settings().store_path)
+    with _db_errors(), session_scope() as session:
+        try:
+            summary = export_graded(session, store, clinic_id, out, since=start, until=end, by=_operator())
+        except (ExportRefused, OSError) as exc:
+            typer.echo(f"drscreen data export-graded: {exc}", err=True)
+            raise typer.Exit(2) from None
+    if summary.missing_files:
+        typer.echo(
+            f"WARNING: {len(summary.missing_files)} photograph(s) missing from the store, left out: "
+            + ", ".join(summary.missing_files[:10]),
+            err=True,
+        )
+    typer.echo(
+        f"{summary.labelled} graded photograph(s) in {out / 'labels.csv'}, {summary.ungradable} the "
+        f"graders found ungradable in {out / 'ungradable.csv'}; evaluate with: drscreen evaluate "
+        f"--labels {out / 'labels.csv'}",
+        err=True,
+    )
 
 
 @data_app.command("erase")

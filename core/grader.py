@@ -13,9 +13,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from core import repository as repo
+from core.errors import NotFound
 from core.repository import upsert_statement
 from core.retention import lock_image
 from core.schemas import Agreement, GraderGradeOut, ReferableAgreement, UngradableAgreement
@@ -80,6 +82,19 @@ def as_out(row: GraderGrade) -> GraderGradeOut:
 
 
 # ------------------------------------------------------------------------------------ agreement
+
+
+def release_to_compare(session: Session, ref: str | None = None) -> ModelVersion | None:
+    """The named release (NotFound when it never graded here), else the active one, else the
+    newest that graded anything (an embedded deployment never activates one)."""
+    if ref:
+        named = repo.get_model_version_by_ref(session, ref)
+        if named is None:
+            raise NotFound(f"no release {ref!r} has graded photographs here")
+        return named
+    active = repo.active_release(session)
+    found = repo.get_model_version_by_ref(session, active) if active else None
+    return found or repo.latest_model_version(session)
 
 
 @dataclass(frozen=True)
@@ -235,3 +250,67 @@ def agreement(
         since=since,
         until=until,
     )
+
+
+@dataclass(frozen=True)
+class RecentCounts:
+    """Graders' grades recorded since a time, against one release (``/metrics``)."""
+
+    graded: int  # photographs with both grades
+    referable: int  # of them, the grader refers
+    missed: int  # of those, the release graded it and did not refer
+
+
+def recent_counts(session: Session, release: ModelVersion | None, since: datetime) -> RecentCounts:
+    """Counted in the database: a scrape must not read every graded photograph."""
+    if release is None:
+        return RecentCounts(0, 0, 0)
+    grader_refers = GraderGrade.grade >= REFERABLE_FROM
+    model_graded = Image.gradable.is_(True) & Prediction.gradable.is_(True)
+    missed = grader_refers & model_graded & Prediction.referable.is_(False)
+    row = session.execute(
+        select(
+            func.count(),
+            func.count().filter(grader_refers),
+            func.count().filter(missed),
+        )
+        .select_from(GraderGrade)
+        .join(Image, Image.id == GraderGrade.image_id)
+        .join(Prediction, (Prediction.image_id == Image.id) & (Prediction.model_version_id == release.id))
+        .where(GraderGrade.updated_at >= since)
+    ).one()
+    return RecentCounts(int(row[0]), int(row[1]), int(row[2]))
+
+
+def _share(value: float | None, interval: list[float] | None) -> str:
+    if value is None or interval is None:
+        return "-"
+    return f"{value:.2f} (95% CI {interval[0]:.2f}-{interval[1]:.2f})"
+
+
+def describe(result: Agreement) -> list[str]:
+    """The agreement as lines of text for a terminal (``drscreen data agreement``, the demo)."""
+    r = result.referable
+    u = result.ungradable
+    lines = [
+        f"release {result.model_version or '-'}: {result.n_images} photograph(s) graded by both"
+        + (f", {result.n_awaiting_model} not graded by this release" if result.n_awaiting_model else ""),
+    ]
+    if not result.n_images:
+        return lines
+    kappa = "-" if result.qwk is None else f"{result.qwk:.3f}"
+    exact = "-" if result.exact_agreement is None else f"{result.exact_agreement:.2f}"
+    lines += [
+        f"both gradable: {result.n_both_gradable}; quadratic kappa {kappa}; same grade {exact}",
+        f"referral (grader = reference): sensitivity {_share(r.sensitivity, r.sensitivity_ci95)}, "
+        f"specificity {_share(r.specificity, r.specificity_ci95)}",
+        f"  referred by both {r.true_positive}, missed {r.false_negative}, "
+        f"over-referred {r.false_positive}, not referred by both {r.true_negative}",
+        f"ungradable: by both {u.both}, by the grader only {u.grader_only}, by the model only {u.model_only}",
+        "grader \\ model   0    1    2    3    4",
+    ]
+    for grade, row in enumerate(result.confusion_matrix):
+        lines.append(f"  {grade}           " + "".join(f"{n:>5}" for n in row))
+    if result.missed_referable:
+        lines.append("missed referable photographs: " + ", ".join(result.missed_referable))
+    return lines

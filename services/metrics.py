@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from core import heartbeat
+from core import grader, heartbeat
 from core import repository as repo
 from core.celery_config import broker_folders
 from core.settings import Settings
@@ -91,12 +91,44 @@ def recent_counts(session: Session, now: datetime) -> tuple[int, dict[int | None
     return failed, {grade: int(n) for grade, n in graded}
 
 
+#: How far back the graders' agreement gauges look (graders grade days or weeks after screening).
+GRADER_WINDOW = timedelta(days=30)
+
+
 class SystemCollector(Collector):
     """Reads the system's state at scrape time; attached to the database in the app's lifespan."""
 
     def __init__(self) -> None:
         self.settings: Settings | None = None
         self.sessions: sessionmaker[Session] | None = None
+
+    def _grader_agreement(self) -> Iterator[GaugeMetricFamily]:
+        """The active release against the graders' grades of the last 30 days, every clinic."""
+        families = {
+            "graded": GaugeMetricFamily(
+                "drscreen_grader_graded_last_30d",
+                "photographs with a grader's grade recorded in the last 30 days and the active "
+                "release's grade",
+            ),
+            "referable": GaugeMetricFamily(
+                "drscreen_grader_referable_last_30d", "of them, photographs the grader refers (grade >= 2)"
+            ),
+            "missed": GaugeMetricFamily(
+                "drscreen_grader_missed_referable_last_30d",
+                "of those, photographs the active release graded and did not refer: missed disease",
+            ),
+        }
+        assert self.sessions is not None
+        try:
+            with self.sessions() as session:
+                counts = grader.recent_counts(
+                    session, grader.release_to_compare(session), utcnow() - GRADER_WINDOW
+                )
+            for name, family in families.items():
+                family.add_metric([], getattr(counts, name))
+        except Exception as exc:
+            log.warning("graders' counts unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
+        yield from families.values()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if self.settings is None or self.sessions is None:
@@ -170,6 +202,7 @@ class SystemCollector(Collector):
         except Exception as exc:
             log.warning("recent releases unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
         yield recent
+        yield from self._grader_agreement()
 
         live = GaugeMetricFamily(
             "drscreen_workers_live",

@@ -8,10 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from core import grader
-from core import repository as repo
-from core.errors import InvalidInput, NotFound
+from core.errors import InvalidInput
 from core.schemas import Agreement
-from core.tables import ModelVersion
 from services.deps import PrincipalDep, SessionDep
 from services.errors import error_responses
 
@@ -22,19 +20,6 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def release_to_compare(session: SessionDep, ref: str | None) -> ModelVersion | None:
-    """The named release (NotFound when it never graded here), else the active one, else the
-    newest that graded anything."""
-    if ref:
-        named = repo.get_model_version_by_ref(session, ref)
-        if named is None:
-            raise NotFound(f"no release {ref!r} has graded photographs here")
-        return named
-    active = repo.active_release(session)
-    found = repo.get_model_version_by_ref(session, active) if active else None
-    return found or repo.latest_model_version(session)
 
 
 @router.get(
@@ -58,5 +43,5 @@ def get_agreement(
     start, end = _utc(since), _utc(until)
     if start is not None and end is not None and start >= end:
         raise InvalidInput("since must be before until")
-    release = release_to_compare(session, model)
+    release = grader.release_to_compare(session, model)
     return grader.agreement(session, principal.clinic_id, release, since=start, until=end)

@@ -52,7 +52,7 @@ def scraped(client: TestClient, url: str) -> str:
 
 def test_every_metric_and_label_the_rules_name_is_exposed(scraped: str) -> None:
     rules = RULES.read_text(encoding="utf-8")
-    assert len(re.findall(r"- alert: ", rules)) == 9
+    assert len(re.findall(r"- alert: ", rules)) == 11
     assert _not_exposed(rules, scraped) == []
 
 

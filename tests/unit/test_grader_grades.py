@@ -5,6 +5,7 @@ embedded database with photographs scored by the stand-in ensemble."""
 from __future__ import annotations
 
 import random
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,7 +16,7 @@ from core import grader
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore
-from core.tables import AuditEvent, GraderGrade
+from core.tables import AuditEvent, GraderGrade, Prediction
 from tests.api_support import Key, make_key, sample_bytes
 from tests.unit.test_workers_scoring import Sent, StubEnsemble, add_images
 from workers import scoring
@@ -119,6 +120,10 @@ def scored(url: str) -> tuple[Key, Key, list[str]]:
     )
     summary = scoring.score_images(ids, ensemble=StubEnsemble(), store=store, db_url=url, enqueue=Sent())
     assert sorted(summary.scored) == sorted(ids)  # all gradable, so each has a model grade
+    # what the stand-in's grades are (tests below rely on one non-referable photograph)
+    with session_scope(url) as s:
+        decided = {p.image_id: (p.grade, p.referable) for p in s.scalars(select(Prediction))}
+    assert [decided[i] for i in ids] == [(0, False), (4, True), (4, True)]
     return north, south, ids
 
 
@@ -210,24 +215,28 @@ def test_agreement_of_the_release_with_the_graders(
     client: TestClient, scored: tuple[Key, Key, list[str]]
 ) -> None:
     north, _, ids = scored
-    model = {i: client.get(f"/v1/images/{i}", headers=north.headers).json() for i in ids}
-    release = model[ids[0]]["model_version"]
-    # the grader agrees on the first, refers the second whatever the model said, and cannot
-    # grade the third
-    agree, other = model[ids[0]]["grade"], model[ids[1]]
-    _put(client, north, ids[0], {"grade": agree, "grader": "Dr A"})
+    release = client.get(f"/v1/images/{ids[0]}", headers=north.headers).json()["model_version"]
+    # the stand-in graded ids[0] 0 and ids[1] 4 (the fixture checks): the grader refers the
+    # first (a miss), agrees on the second and cannot grade the third
+    _put(client, north, ids[0], {"grade": 3, "grader": "Dr A"})
     _put(client, north, ids[1], {"grade": 4, "grader": "Dr A"})
     _put(client, north, ids[2], {"grade": None, "grader": "Dr A"})
     out = client.get("/v1/agreement", headers=north.headers).json()
     assert out["model_version"] == release
     assert out["n_images"] == 3 and out["n_awaiting_model"] == 0 and out["n_both_gradable"] == 2
-    assert out["confusion_matrix"][agree][agree] >= 1 and out["confusion_matrix"][4][other["grade"]] >= 1
+    expected = [[0] * 5 for _ in range(5)]
+    expected[3][0] = expected[4][4] = 1
+    assert out["confusion_matrix"] == expected
+    assert out["qwk"] == pytest.approx(
+        cohen_kappa_score([3, 4], [0, 4], weights="quadratic", labels=[0, 1, 2, 3, 4]), abs=1e-4
+    )
+    assert out["exact_agreement"] == 0.5
     assert out["ungradable"] == {"both": 0, "grader_only": 1, "model_only": 0}
-    missed = [ids[1]] if not other["referable"] else []
-    assert out["missed_referable"] == missed
-    ref = out["referable"]
-    assert ref["false_negative"] == len(missed)
-    assert ref["true_positive"] + ref["false_negative"] == 1 + (agree >= 2)
+    assert out["missed_referable"] == [ids[0]]
+    assert out["referable"] | {"sensitivity_ci95": None, "specificity_ci95": None} == {
+        "true_positive": 1, "false_negative": 1, "true_negative": 0, "false_positive": 0,
+        "sensitivity": 0.5, "sensitivity_ci95": None, "specificity": None, "specificity_ci95": None,
+    }  # fmt: skip
 
     named = client.get("/v1/agreement", headers=north.headers, params={"model": release}).json()
     assert named == out
@@ -254,3 +263,29 @@ def test_erasing_the_patient_erases_the_grader_grades(
     assert erased.json()["rows"]["grader_grade"] == 1
     with session_scope(url) as s:
         assert [row.image_id for row in s.scalars(select(GraderGrade))] == [ids[2]]
+
+
+def _gauge(text: str, name: str) -> float:
+    [line] = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_metrics_count_the_last_30_days_of_grader_grades_and_the_misses(
+    client: TestClient, url: str, scored: tuple[Key, Key, list[str]]
+) -> None:
+    north, _, ids = scored
+    for image_id in ids:
+        _put(client, north, image_id, {"grade": 3, "grader": "Dr A"})
+    missed = 1  # ids[0]: the stand-in graded it 0
+    text = client.get("/metrics").text
+    assert _gauge(text, "drscreen_grader_graded_last_30d") == 3
+    assert _gauge(text, "drscreen_grader_referable_last_30d") == 3
+    assert _gauge(text, "drscreen_grader_missed_referable_last_30d") == missed
+    # the same as the agreement says; and a grade recorded 31 days ago is out of the window
+    assert client.get("/v1/agreement", headers=north.headers).json()["referable"]["false_negative"] == missed
+    with session_scope(url) as s:
+        old = s.scalars(select(GraderGrade).where(GraderGrade.image_id == ids[0])).one()
+        old.updated_at = old.updated_at - timedelta(days=31)
+    text = client.get("/metrics").text
+    assert _gauge(text, "drscreen_grader_graded_last_30d") == 2
+    assert _gauge(text, "drscreen_grader_missed_referable_last_30d") == 0
