@@ -33,6 +33,7 @@ from tqdm import tqdm
 from core import migrate
 from core import repository as repo
 from core.db import session_scope
+from core.grader import Pair, describe, summarise
 from core.settings import PROJECT_ROOT, Settings, get_settings
 from services.modelinfo import active_ref
 
@@ -267,6 +268,43 @@ def reference_grades(folder: Path = SAMPLES_DIR) -> dict[str, int]:
     return grades
 
 
+def photograph_references(folder: Path = SAMPLES_DIR) -> dict[tuple[str, str], int]:
+    """(patient, eye) -> the EyePACS grade of that eye's sample photograph (one per eye)."""
+    with open(folder / "labels.csv", newline="") as fh:
+        return {(row["patient_id"], row["eye"]): int(row["grade"]) for row in csv.DictReader(fh)}
+
+
+def record_references_and_compare(
+    client: httpx.Client, submissions: list[Submission], console: Console
+) -> None:
+    """Record each photograph's EyePACS grade as its grader's grade (through the API, as a
+    clinic's grading software would) and print how the model agrees with them over this run's
+    photographs: the check a screening programme runs on its graders' grades
+    (``GET /v1/agreement`` computes the same over a clinic's photographs)."""
+    references = photograph_references()
+    pairs = []
+    release: str | None = None
+    for sub in submissions:
+        for image_id in sub.image_ids:
+            image = _check(client.get(f"/v1/images/{image_id}"))
+            grade = references.get((image["patient_id"], image["eye"]))
+            if grade is None:
+                continue
+            body = {"grade": grade, "grader": "EyePACS label (samples/labels.csv)"}
+            _check(client.put(f"/v1/images/{image_id}/grader-grade", json=body))
+            release = image.get("model_version") or release
+            graded = image["gradable"] and image["grade"] is not None
+            model = image["grade"] if graded else None
+            pairs.append(Pair(image_id, grade, model, image["referable"] if graded else True))
+    agreement = summarise(pairs, model_version=release)
+    console.print(
+        "agreement with the EyePACS grades, recorded as graders' grades (PUT /v1/images/ID/grader-grade):",
+        soft_wrap=True,
+    )
+    for line in describe(agreement):
+        console.print(f"  {line}", soft_wrap=True)
+
+
 def _grade(value: Any) -> str:
     return "ungradable" if value is None else str(value)
 
@@ -341,4 +379,5 @@ def run_demo() -> None:
             _wait_worker_ready(worker, worker_log, WORKER_READY_SECONDS)
             heatmaps = wait_for_results(client, submissions, heatmap_dir, deadline)
             render(client, submissions, heatmaps, console)
+            record_references_and_compare(client, submissions, console)
     console.print(f"worker log: {worker_log}", soft_wrap=True)

@@ -41,6 +41,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     for patient in SAMPLE_PATIENTS:
         assert re.search(rf"\b{patient}\b", proc.stdout), context
     assert "bundle" in proc.stdout and "job" in proc.stdout
+    # every photograph's EyePACS grade recorded as its grader's grade, and the agreement printed
+    assert ": 8 photograph(s) graded by both" in proc.stdout, context
+    assert re.search(r"grader \\ model +0 +1 +2 +3 +4", proc.stdout), context
     heatmaps = sorted((var / "demo" / "heatmaps").glob("*.png"))
     assert len(heatmaps) == 8, context
     for path in heatmaps:
