@@ -859,6 +859,7 @@ def data_agreement(
     from core import grader
     from core.db import session_scope
     from core.errors import NotFound
+    from core.settings import get_settings
 
     start, end = _utc_day(since, "--since"), _utc_day(until, "--until")
     clinic_id = _clinic_id("drscreen data agreement", clinic) if clinic is not None else None
@@ -868,7 +869,8 @@ def data_agreement(
         except NotFound as exc:
             typer.echo(f"drscreen data agreement: {exc.message}", err=True)
             raise typer.Exit(2) from None
-        result = grader.agreement(session, clinic_id, release, since=start, until=end)
+        percent = get_settings().grader_sample_percent
+        result = grader.agreement(session, clinic_id, release, since=start, until=end, sample_percent=percent)
     if as_json:
         typer.echo(result.model_dump_json())
         return

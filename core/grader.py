@@ -16,11 +16,20 @@ from datetime import datetime
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from core import grading_queue
 from core import repository as repo
 from core.errors import NotFound
+from core.grading_queue import Strata, in_sample
 from core.repository import upsert_statement
 from core.retention import lock_image
-from core.schemas import Agreement, GraderGradeOut, ReferableAgreement, UngradableAgreement
+from core.schemas import (
+    Agreement,
+    EstimatedAgreement,
+    GraderGradeOut,
+    ReferableAgreement,
+    Stratum,
+    UngradableAgreement,
+)
 from core.tables import GraderGrade, Image, ModelVersion, Prediction, utcnow
 
 GRADES = 5
@@ -200,6 +209,49 @@ def summarise(
     )
 
 
+def _scaled(population: int, part: int, of: int) -> float | None:
+    """``part`` of ``of`` graded photographs, scaled to the stratum's ``population``; None when a
+    stratum with photographs has none graded (nothing to scale)."""
+    if population == 0:
+        return 0.0
+    return population * part / of if of else None
+
+
+def estimate(pairs: Sequence[Pair], totals: Strata, percent: float) -> EstimatedAgreement:
+    """Referral sensitivity and specificity over all the release's photographs (verification
+    bias corrected): the referred stratum from its graded photographs, the not-referred one from
+    its graded random sample. Photographs the grader could not grade have no reference and count
+    in neither."""
+    counts = {"referred": [0, 0], "not_referred": [0, 0]}  # [grader refers, grader does not]
+    for pair in pairs:
+        if pair.grader is None:
+            continue
+        refers = pair.model is None or pair.model_referable
+        if not refers and not in_sample(pair.image_id, percent):
+            continue  # graded outside the sample: not random, so not used to scale up
+        counts["referred" if refers else "not_referred"][pair.grader < REFERABLE_FROM] += 1
+    (ref_r, non_r), (ref_n, non_n) = counts["referred"], counts["not_referred"]
+    graded_r, graded_n = ref_r + non_r, ref_n + non_n
+    # the not-referred stratum's photographs that could have been sampled scale its sample up
+    tp = _scaled(totals.referred, ref_r, graded_r)
+    fp = _scaled(totals.referred, non_r, graded_r)
+    fn = _scaled(totals.not_referred, ref_n, graded_n)
+    tn = _scaled(totals.not_referred, non_n, graded_n)
+
+    def share(hit: float | None, miss: float | None) -> float | None:
+        if hit is None or miss is None or hit + miss == 0:
+            return None
+        return round(hit / (hit + miss), 4)
+
+    return EstimatedAgreement(
+        sensitivity=share(tp, fn),
+        specificity=share(tn, fp),
+        referred=Stratum(photographs=totals.referred, graded=graded_r),
+        not_referred=Stratum(photographs=totals.not_referred, graded=graded_n),
+        sample_percent=percent,
+    )
+
+
 def agreement(
     session: Session,
     clinic_id: int | None,
@@ -207,6 +259,7 @@ def agreement(
     *,
     since: datetime | None = None,
     until: datetime | None = None,
+    sample_percent: float | None = None,
 ) -> Agreement:
     """``release``'s grades against the graders' over the photographs of ``clinic_id`` (every
     clinic: None) received in [since, until). A photograph counts as ungradable for the model
@@ -243,13 +296,17 @@ def agreement(
                 model_referable=prediction.referable if gradable else True,
             )
         )
-    return summarise(
+    result = summarise(
         pairs,
         awaiting=len(rows) - len(pairs),
         model_version=release.ref if release is not None else None,
         since=since,
         until=until,
     )
+    if release is not None and sample_percent is not None:
+        totals = grading_queue.strata(session, clinic_id, release, sample_percent, since=since, until=until)
+        result.estimated = estimate(pairs, totals, sample_percent)
+    return result
 
 
 @dataclass(frozen=True)
@@ -313,4 +370,14 @@ def describe(result: Agreement) -> list[str]:
         lines.append(f"  {grade}           " + "".join(f"{n:>5}" for n in row))
     if result.missed_referable:
         lines.append("missed referable photographs: " + ", ".join(result.missed_referable))
+    if result.estimated is not None:
+        e = result.estimated
+        sens = "-" if e.sensitivity is None else f"{e.sensitivity:.2f}"
+        spec = "-" if e.specificity is None else f"{e.specificity:.2f}"
+        lines += [
+            f"over all the release's photographs (verification bias corrected): sensitivity {sens}, "
+            f"specificity {spec}",
+            f"  from {e.referred.graded} of {e.referred.photographs} referred and {e.not_referred.graded} "
+            f"sampled of {e.not_referred.photographs} not referred ({e.sample_percent:g}% sample)",
+        ]
     return lines

@@ -244,6 +244,24 @@ class UngradableAgreement(BaseModel):
     model_only: int = Field(description="the model found it ungradable, the grader graded it")
 
 
+class Stratum(BaseModel):
+    photographs: int = Field(description="photographs the release graded in the period")
+    graded: int = Field(description="of them, graded by a grader (the sample only, for `not_referred`)")
+
+
+class EstimatedAgreement(BaseModel):
+    """Referral agreement over ALL the release's photographs, corrected for verification bias
+    (Begg and Greenes, 1983): each of the two strata (referred / not referred by the release) is
+    scaled up from its graded photographs; the not-referred stratum from its random sample only
+    (``GET /v1/grading-queue``). Null where a stratum with photographs has none graded."""
+
+    sensitivity: float | None
+    specificity: float | None
+    referred: Stratum
+    not_referred: Stratum
+    sample_percent: float = Field(description="DRSCREEN_GRADER_SAMPLE_PERCENT")
+
+
 class Agreement(BaseModel):
     """How one release's grades agree with the clinic's human graders (``GET /v1/agreement``)."""
 
@@ -268,3 +286,30 @@ class Agreement(BaseModel):
         description="ids of photographs the grader refers and the model does not (oldest first, "
         "at most 100): the cases to look at first"
     )
+    estimated: EstimatedAgreement | None = Field(
+        default=None,
+        description="sensitivity and specificity over all the release's photographs, from the "
+        "graded ones of each stratum: `referable` above is over the graded photographs only, and "
+        "graders who grade mostly referrals make its sensitivity look better than it is",
+    )
+
+
+class GradingQueueItem(BaseModel):
+    image_id: str
+    patient_id: str
+    eye: Eye
+    received_at: UtcDatetime
+    url: str = Field(description="the photograph's result (`GET /v1/images/{id}`)")
+
+
+class GradingQueue(BaseModel):
+    """Photographs waiting for a grader, oldest first: every one the release referred and a
+    random sample of the others, mixed. Which is which is not said (graders grade blind)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_version: str | None
+    sample_percent: float
+    total: int = Field(description="photographs waiting in all")
+    items: list[GradingQueueItem]
+    next_offset: int | None = Field(description="pass as `offset` for the next page; null at the end")

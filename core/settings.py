@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     #: A patient's current result comes from one screening visit: the photographs uploaded within
     #: this many hours of their newest one (older visits stay in the history). 0 = every photograph.
     visit_window_hours: float = Field(default=24.0, ge=0)
+    #: Percent of the photographs a release did not refer that graders are asked to grade as well
+    #: (``GET /v1/grading-queue``), so that the agreement can estimate what the release missed.
+    grader_sample_percent: float = Field(default=10.0, ge=0, le=100)
 
     @field_validator("model", mode="before")
     @classmethod

@@ -32,7 +32,7 @@ from services.metrics import Metrics, MetricsMiddleware
 from services.modelinfo import active_ref
 from services.openapi_doc import install_openapi
 from services.ratelimit import RateLimiter
-from services.routes import agreement, bundles, images, jobs, models, patients
+from services.routes import agreement, bundles, grading_queue, images, jobs, models, patients
 from services.waits import WaitSlots
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ def create_app(
         patients.router,
         models.router,
         agreement.router,
+        grading_queue.router,
     ):
         app.include_router(router, prefix="/v1")
     app.include_router(web.router)  # the web interface at `/` (not in the OpenAPI document)

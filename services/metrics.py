@@ -93,6 +93,8 @@ def recent_counts(session: Session, now: datetime) -> tuple[int, dict[int | None
 
 #: How far back the graders' agreement gauges look (graders grade days or weeks after screening).
 GRADER_WINDOW = timedelta(days=30)
+#: The estimate needs the random sample's few graded photographs: a longer window.
+ESTIMATE_WINDOW = timedelta(days=90)
 
 
 class SystemCollector(Collector):
@@ -118,17 +120,44 @@ class SystemCollector(Collector):
                 "of those, photographs the active release graded and did not refer: missed disease",
             ),
         }
-        assert self.sessions is not None
+        estimated = GaugeMetricFamily(
+            "drscreen_grader_estimated_sensitivity_last_90d",
+            "the active release's referral sensitivity over its photographs of the last 90 days, "
+            "estimated from the graders' grades of the referred ones and of the random sample of "
+            "the others (GET /v1/agreement, 'estimated'); absent while it cannot be estimated",
+        )
+        strata = GaugeMetricFamily(
+            "drscreen_grader_stratum_graded_last_90d",
+            "photographs of the last 90 days graded by a grader, by the release's decision "
+            "(not_referred: in the random sample only): what the estimate rests on",
+            labels=["stratum"],
+        )
+        assert self.sessions is not None and self.settings is not None
         try:
             with self.sessions() as session:
-                counts = grader.recent_counts(
-                    session, grader.release_to_compare(session), utcnow() - GRADER_WINDOW
+                release = grader.release_to_compare(session)
+                now = utcnow()
+                counts = grader.recent_counts(session, release, now - GRADER_WINDOW)
+                overall = grader.agreement(
+                    session,
+                    None,
+                    release,
+                    since=now - ESTIMATE_WINDOW,
+                    sample_percent=self.settings.grader_sample_percent,
                 )
             for name, family in families.items():
                 family.add_metric([], getattr(counts, name))
+            e = overall.estimated
+            if e is not None and e.sensitivity is not None:
+                estimated.add_metric([], e.sensitivity)
+            # always both series (0 before any release graded): the alert's selectors name them
+            strata.add_metric(["referred"], e.referred.graded if e is not None else 0)
+            strata.add_metric(["not_referred"], e.not_referred.graded if e is not None else 0)
         except Exception as exc:
             log.warning("graders' counts unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
         yield from families.values()
+        yield estimated
+        yield strata
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if self.settings is None or self.sessions is None:

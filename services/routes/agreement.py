@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from core import grader
 from core.errors import InvalidInput
 from core.schemas import Agreement
-from services.deps import PrincipalDep, SessionDep
+from services.deps import PrincipalDep, SessionDep, SettingsDep
 from services.errors import error_responses
 
 router = APIRouter(prefix="/agreement", tags=["agreement"])
@@ -36,6 +36,7 @@ def _utc(value: datetime | None) -> datetime | None:
 def get_agreement(
     session: SessionDep,
     principal: PrincipalDep,
+    settings: SettingsDep,
     model: Annotated[str | None, Query(max_length=200, description="a release, name@version")] = None,
     since: Annotated[datetime | None, Query(description="photographs received from (inclusive)")] = None,
     until: Annotated[datetime | None, Query(description="photographs received before")] = None,
@@ -44,4 +45,7 @@ def get_agreement(
     if start is not None and end is not None and start >= end:
         raise InvalidInput("since must be before until")
     release = grader.release_to_compare(session, model)
-    return grader.agreement(session, principal.clinic_id, release, since=start, until=end)
+    percent = settings.grader_sample_percent
+    return grader.agreement(
+        session, principal.clinic_id, release, since=start, until=end, sample_percent=percent
+    )

@@ -20,10 +20,14 @@ from tests.api_support import Key
 from tests.unit.test_grader_grades import (  # noqa: F401  (collected here: the same tests on PostgreSQL)
     scored,
     test_a_grader_grade_is_recorded_shown_replaced_audited_and_deleted,
+    test_agreement_estimates_over_all_photographs_from_the_sample,
     test_agreement_of_the_release_with_the_graders,
     test_another_clinics_photograph_cannot_be_graded_read_or_ungraded,
     test_bad_grader_grades_are_refused_and_change_nothing,
     test_erasing_the_patient_erases_the_grader_grades,
+    test_metrics_count_the_last_30_days_of_grader_grades_and_the_misses,
+    test_the_grading_queue_lists_referrals_and_the_sample_blind,
+    test_the_sample_is_the_share_of_ids_asked_for_and_sql_agrees_with_python,
 )
 
 

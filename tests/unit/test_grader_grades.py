@@ -12,11 +12,11 @@ from fastapi.testclient import TestClient
 from sklearn.metrics import cohen_kappa_score, confusion_matrix
 from sqlalchemy import select
 
-from core import grader
+from core import grader, grading_queue
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore
-from core.tables import AuditEvent, GraderGrade, Prediction
+from core.tables import AuditEvent, GraderGrade, Image, Prediction, new_id
 from tests.api_support import Key, make_key, sample_bytes
 from tests.unit.test_workers_scoring import Sent, StubEnsemble, add_images
 from workers import scoring
@@ -274,10 +274,19 @@ def test_metrics_count_the_last_30_days_of_grader_grades_and_the_misses(
     client: TestClient, url: str, scored: tuple[Key, Key, list[str]]
 ) -> None:
     north, _, ids = scored
+    system = client.app.state.metrics.system  # type: ignore[attr-defined]
+    text = client.get("/metrics").text
+    assert "\ndrscreen_grader_estimated_sensitivity_last_90d " not in text  # nothing graded: no estimate
+    assert 'drscreen_grader_stratum_graded_last_90d{stratum="not_referred"} 0.0' in text
+    system.settings = system.settings.model_copy(update={"grader_sample_percent": 100})
     for image_id in ids:
         _put(client, north, image_id, {"grade": 3, "grader": "Dr A"})
     missed = 1  # ids[0]: the stand-in graded it 0
     text = client.get("/metrics").text
+    # referred ids[1], ids[2] both referable to the grader; the not-referred ids[0] too: 2 of 3
+    assert _gauge(text, "drscreen_grader_estimated_sensitivity_last_90d") == pytest.approx(0.6667)
+    assert 'drscreen_grader_stratum_graded_last_90d{stratum="referred"} 2.0' in text
+    assert 'drscreen_grader_stratum_graded_last_90d{stratum="not_referred"} 1.0' in text
     assert _gauge(text, "drscreen_grader_graded_last_30d") == 3
     assert _gauge(text, "drscreen_grader_referable_last_30d") == 3
     assert _gauge(text, "drscreen_grader_missed_referable_last_30d") == missed
@@ -289,3 +298,105 @@ def test_metrics_count_the_last_30_days_of_grader_grades_and_the_misses(
     text = client.get("/metrics").text
     assert _gauge(text, "drscreen_grader_graded_last_30d") == 2
     assert _gauge(text, "drscreen_grader_missed_referable_last_30d") == 0
+
+
+# ------------------------------------------------------------- the grading queue and its sample
+
+
+def _pairs(prefix: str, n: int, grader_grade: int, model: int, start: int = 0) -> list[grader.Pair]:
+    return [P(f"{prefix}{i + start:026d}", grader_grade, model) for i in range(n)]
+
+
+def test_the_estimate_scales_each_stratum_up_from_its_graded_photographs() -> None:
+    """100 referred photographs (50 graded: 40 referable), 900 not referred (90 of its random
+    sample graded: 3 referable); 5 more not-referred photographs graded outside the sample (all
+    referable: a grader's hunch) are not random and must not move the estimate."""
+    sample, outside = "000000", "ffffff"
+    pairs = (
+        _pairs(sample, 40, 3, 3)
+        + _pairs(sample, 10, 0, 2, start=40)  # referred, grader finds no referable disease
+        + _pairs(sample, 3, 2, 0, start=50)  # missed, in the sample
+        + _pairs(sample, 87, 0, 0, start=53)
+        + _pairs(outside, 5, 3, 1)
+        + [P("000000" + "9" * 26, None, 0)]  # the grader could not grade it: no reference
+    )
+    totals = grading_queue.Strata(referred=100, not_referred=900, not_referred_in_sample=90)
+    out = grader.estimate(pairs, totals, percent=10)
+    # TP 100*40/50 = 80, FP 20, FN 900*3/90 = 30, TN 870
+    assert out.sensitivity == round(80 / 110, 4) and out.specificity == round(870 / 890, 4)
+    assert (out.referred.photographs, out.referred.graded) == (100, 50)
+    assert (out.not_referred.photographs, out.not_referred.graded) == (900, 90)
+    naive = grader.summarise(pairs).referable
+    assert naive.sensitivity == round(40 / 48, 4)  # what the graded photographs alone suggest
+
+
+def test_the_estimate_is_unknown_without_a_graded_sample() -> None:
+    pairs = _pairs("000000", 10, 3, 3)
+    unknown = grader.estimate(pairs, grading_queue.Strata(10, 500, 50), percent=10)
+    assert unknown.sensitivity is None and unknown.specificity is None
+    nothing_unreferred = grader.estimate(pairs, grading_queue.Strata(10, 0, 0), percent=10)
+    assert nothing_unreferred.sensitivity == 1.0 and nothing_unreferred.specificity is None
+
+
+def test_the_sample_is_the_share_of_ids_asked_for_and_sql_agrees_with_python(
+    url: str, scored: tuple[Key, Key, list[str]]
+) -> None:
+    ids = [new_id() for _ in range(40_000)]
+    for percent in (0, 2.5, 10, 50, 100):
+        share = sum(grading_queue.in_sample(i, percent) for i in ids) / len(ids)
+        assert share == pytest.approx(percent / 100, abs=0.01), percent
+    _, _, scored_ids = scored
+    with session_scope(url) as s:
+        for percent in [p / 2 for p in range(0, 201)]:
+            in_sql = set(s.scalars(select(Image.id).where(grading_queue.sampled(percent))))
+            assert in_sql == {i for i in scored_ids if grading_queue.in_sample(i, percent)}, percent
+
+
+def test_the_grading_queue_lists_referrals_and_the_sample_blind(
+    client: TestClient, scored: tuple[Key, Key, list[str]]
+) -> None:
+    north, south, ids = scored  # the release referred ids[1] and ids[2], not ids[0]
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    client.app.state.settings = settings.model_copy(update={"grader_sample_percent": 0})  # type: ignore[attr-defined]
+    queue = client.get("/v1/grading-queue", headers=north.headers).json()
+    assert [item["image_id"] for item in queue["items"]] == ids[1:] and queue["total"] == 2
+    assert set(queue["items"][0]) == {"image_id", "patient_id", "eye", "received_at", "url"}  # blind
+    assert queue["items"][0]["url"] == f"/v1/images/{ids[1]}" and queue["next_offset"] is None
+    client.app.state.settings = settings.model_copy(update={"grader_sample_percent": 100})  # type: ignore[attr-defined]
+    every = client.get("/v1/grading-queue", headers=north.headers).json()
+    assert [item["image_id"] for item in every["items"]] == ids and every["sample_percent"] == 100
+    page = client.get("/v1/grading-queue", headers=north.headers, params={"limit": 2}).json()
+    assert len(page["items"]) == 2 and page["next_offset"] == 2 and page["total"] == 3
+    rest = client.get("/v1/grading-queue", headers=north.headers, params={"limit": 2, "offset": 2}).json()
+    assert [item["image_id"] for item in rest["items"]] == ids[2:] and rest["next_offset"] is None
+    _put(client, north, ids[1], {"grade": 4, "grader": "Dr A"})  # graded: leaves the queue
+    after = client.get("/v1/grading-queue", headers=north.headers).json()
+    assert [item["image_id"] for item in after["items"]] == [ids[0], ids[2]]
+    assert client.get("/v1/grading-queue", headers=south.headers).json()["items"] == []
+    for bad in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"limit": "x"}):
+        assert client.get("/v1/grading-queue", headers=north.headers, params=bad).status_code == 422
+
+
+def test_agreement_estimates_over_all_photographs_from_the_sample(
+    client: TestClient, scored: tuple[Key, Key, list[str]]
+) -> None:
+    north, _, ids = scored
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    client.app.state.settings = settings.model_copy(update={"grader_sample_percent": 100})  # type: ignore[attr-defined]
+    _put(client, north, ids[1], {"grade": 4, "grader": "Dr A"})
+    _put(client, north, ids[2], {"grade": 1, "grader": "Dr A"})
+    partial = client.get("/v1/agreement", headers=north.headers).json()["estimated"]
+    # ids[0], not referred, is ungraded: that stratum cannot be scaled up
+    assert partial["sensitivity"] is None and partial["specificity"] is None
+    assert partial["referred"] == {"photographs": 2, "graded": 2}
+    assert partial["not_referred"] == {"photographs": 1, "graded": 0}
+    _put(client, north, ids[0], {"grade": 2, "grader": "Dr A"})  # a miss, in the (whole) sample
+    full = client.get("/v1/agreement", headers=north.headers).json()["estimated"]
+    # TP 2*1/2 = 1, FP 1, FN 1*1/1 = 1, TN 0
+    assert full["sensitivity"] == 0.5 and full["specificity"] == 0.0
+    client.app.state.settings = settings.model_copy(update={"grader_sample_percent": 0})  # type: ignore[attr-defined]
+    none_sampled = client.get("/v1/agreement", headers=north.headers).json()["estimated"]
+    assert (
+        none_sampled["not_referred"] == {"photographs": 1, "graded": 0}
+        and none_sampled["sensitivity"] is None
+    )
