@@ -785,6 +785,13 @@ def _confirm(question: str, refused: str = "nothing erased") -> None:
         raise typer.Exit(1)
 
 
+def _period(command: str, start: Any, end: Any) -> None:
+    """An empty period is a mistake, not an empty answer (the API answers 422)."""
+    if start is not None and end is not None and start >= end:
+        typer.echo(f"{command}: --since must be before --until", err=True)
+        raise typer.Exit(2)
+
+
 def _utc_day(value: str | None, option: str) -> Any:
     """``YYYY-MM-DD`` as midnight UTC, or None; a malformed date is one line, exit 2."""
     from datetime import UTC, datetime
@@ -845,7 +852,7 @@ def data_audit(
 def data_agreement(
     clinic: str | None = typer.Option(None, "--clinic", help="One clinic (default: every clinic)."),
     model: str | None = typer.Option(
-        None, "--model", help="The release, name@version (default: the active)."
+        None, "--model", help="One release's gradings (default: the grades the results report)."
     ),
     since: str | None = typer.Option(
         None, "--since", help="Photographs received from this day (YYYY-MM-DD, UTC)."
@@ -856,25 +863,28 @@ def data_agreement(
     """How a release's grades agree with the graders' grades recorded by the clinics
     (`PUT /v1/images/{id}/grader-grade`): kappa, confusion matrix, referral sensitivity and
     specificity with 95% intervals, and the referable photographs the model missed."""
-    from core import grader
+    from core import agreement as agreement_of
     from core.db import session_scope
     from core.errors import NotFound
     from core.settings import get_settings
 
     start, end = _utc_day(since, "--since"), _utc_day(until, "--until")
+    _period("drscreen data agreement", start, end)
     clinic_id = _clinic_id("drscreen data agreement", clinic) if clinic is not None else None
     with _db_errors(), session_scope() as session:
         try:
-            release = grader.release_to_compare(session, model)
+            release = agreement_of.release_named(session, model)
         except NotFound as exc:
             typer.echo(f"drscreen data agreement: {exc.message}", err=True)
             raise typer.Exit(2) from None
         percent = get_settings().grader_sample_percent
-        result = grader.agreement(session, clinic_id, release, since=start, until=end, sample_percent=percent)
+        result = agreement_of.agreement(
+            session, clinic_id, release, since=start, until=end, sample_percent=percent
+        )
     if as_json:
         typer.echo(result.model_dump_json())
         return
-    for line in grader.describe(result):
+    for line in agreement_of.describe(result):
         typer.echo(line)
 
 
@@ -896,6 +906,7 @@ def data_export_graded(
     from core.store import FileStore
 
     start, end = _utc_day(since, "--since"), _utc_day(until, "--until")
+    _period("drscreen data export-graded", start, end)
     clinic_id = _clinic_id("drscreen data export-graded", clinic)
     store = FileStore(get_settings().store_path)
     with _db_errors(), session_scope() as session:

@@ -52,7 +52,7 @@ from sqlalchemy.orm import Session
 from core import deployment_key, heartbeat
 from core import repository as repo
 from core.deployment_key import KEY_FILE
-from core.store import sha256_file
+from core.store import paths_overlap, sha256_file
 from core.tables import Image, ScoringJob, WebSession, WorkerHeartbeat, as_utc, utcnow
 
 SQLITE_FILE = "database.sqlite"
@@ -300,11 +300,6 @@ def _stored_files_under(root: Path) -> set[str]:
     }
 
 
-def _overlaps(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
-
-
 def _write_manifest(folder: Path, report: BackupReport) -> None:
     with _temporary_in(folder, ".json") as tmp:
         tmp.write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
@@ -353,7 +348,7 @@ def take_backup(
     """Back up the database at ``url`` and the files of ``store_root`` it names into ``folder``."""
     kind = _kind(url)
     backup_store = folder / STORE_DIR
-    if _overlaps(folder, store_root) or _overlaps(backup_store, store_root):
+    if paths_overlap(folder, store_root) or paths_overlap(backup_store, store_root):
         # its store would be the live one: pruning it would delete photographs being uploaded
         raise BackupError(f"the backup folder {folder} overlaps the store {store_root}: choose another")
     fingerprint, database_id = deployment_key.fingerprint(store_root), _database_id(url)
@@ -542,7 +537,7 @@ def restore_backup(
     kind = _kind(url)
     if manifest.get("database") != kind:
         raise BackupError(f"the backup is of a {manifest.get('database')} database, the target is {kind}")
-    if _overlaps(folder, store_root):
+    if paths_overlap(folder, store_root):
         raise BackupError(f"the backup folder {folder} overlaps the store {store_root}: move it out first")
     dump = folder / _dump_name(kind)
     if not dump.is_file():

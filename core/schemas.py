@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -40,8 +41,19 @@ class Accepted(BaseModel):
     status: Status
 
 
-#: A grader's name or initials: printable text only (it is shown on pages and in CSV files).
-GRADER_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+#: Unicode categories a grader's name may not hold: controls (C0 and C1), format characters
+#: (a right-to-left override turns "Dr A" around on a page), line and paragraph separators,
+#: surrogates, private use and unassigned code points. It is shown on pages and in CSV files.
+_NOT_IN_NAMES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def _printable_name(value: str) -> str:
+    name = value.strip()
+    if not name:
+        raise ValueError("the grader's name is empty")
+    if any(unicodedata.category(ch) in _NOT_IN_NAMES for ch in name):
+        raise ValueError("the grader's name holds a control or invisible character")
+    return name
 
 
 class GraderGradeIn(BaseModel):
@@ -56,11 +68,11 @@ class GraderGradeIn(BaseModel):
         description="the grader's ICDR grade 0..4, or null when the grader found the photograph "
         'ungradable (required: an omitted grade is an error, not "ungradable")',
     )
-    grader: str = Field(
+    grader: Annotated[str, AfterValidator(_printable_name)] = Field(
         min_length=1,
         max_length=100,
-        pattern=GRADER_PATTERN,
-        description="who graded: a name or initials the clinic chooses (staff, never the patient)",
+        description="who graded: a name or initials the clinic chooses (staff, never the patient); "
+        "surrounding spaces are dropped",
     )
 
 
@@ -256,7 +268,13 @@ class EstimatedAgreement(BaseModel):
     (``GET /v1/grading-queue``). Null where a stratum with photographs has none graded."""
 
     sensitivity: float | None
+    sensitivity_ci95: list[float] | None = Field(
+        default=None,
+        description="95% interval: each stratum's share drawn from its Jeffreys posterior, the "
+        "figure recomputed per draw (wide with a small sample, as it should be)",
+    )
     specificity: float | None
+    specificity_ci95: list[float] | None = None
     referred: Stratum
     not_referred: Stratum
     sample_percent: float = Field(description="DRSCREEN_GRADER_SAMPLE_PERCENT")
@@ -267,7 +285,13 @@ class Agreement(BaseModel):
 
     model_config = ConfigDict(protected_namespaces=())
 
-    model_version: str | None = Field(description="the release compared (null: none has graded yet)")
+    model_version: str | None = Field(
+        description="the release compared (`model`); null: each photograph's reported grade, "
+        "whichever release gave it (`releases` counts them)"
+    )
+    releases: dict[str, int] = Field(
+        default_factory=dict, description="photographs compared, by the release whose grade it was"
+    )
     since: UtcDatetime | None = None
     until: UtcDatetime | None = None
     n_images: int = Field(description="photographs with a grader's grade and this release's grade")
@@ -303,12 +327,9 @@ class GradingQueueItem(BaseModel):
 
 
 class GradingQueue(BaseModel):
-    """Photographs waiting for a grader, oldest first: every one the release referred and a
-    random sample of the others, mixed. Which is which is not said (graders grade blind)."""
+    """Photographs waiting for a grader, oldest first: every one its result refers and a random
+    sample of the others, mixed. Which is which is not said (graders grade blind)."""
 
-    model_config = ConfigDict(protected_namespaces=())
-
-    model_version: str | None
     sample_percent: float
     total: int = Field(description="photographs waiting in all")
     items: list[GradingQueueItem]

@@ -28,6 +28,13 @@ class StoredFile:
     created: bool  # False when the same bytes were already stored
 
 
+def paths_overlap(a: Path, b: Path) -> bool:
+    """One folder is, or is inside, the other (after symbolic links): writing into one of them
+    writes into the other (a backup or an export inside the live store)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -54,8 +54,11 @@ Uploads answer `202` with an id to poll; errors are JSON `{"error": code, "detai
 MULTIPART_SLACK_BYTES = 1024 * 1024
 #: A bundle carries up to four photographs.
 MAX_FILES_PER_REQUEST = 4
-#: Largest body of a web form without photographs (sign-in, search, erasure, folder job).
+#: Largest body of a request without photographs: a web form (sign-in, search, erasure, folder
+#: job) or a small JSON write (a folder job, a grader's grade).
 FORM_BODY_BYTES = 64 * 1024
+#: The API's writes that carry photographs (the web interface's are ``web.UPLOAD_FORMS``).
+API_UPLOADS = frozenset({"/v1/images", "/v1/bundles"})
 
 
 def configure_logging(level: str) -> None:
@@ -190,10 +193,11 @@ def create_app(
 
 
 def max_body_bytes(scope: Any) -> int:
-    """Largest request body: a bundle's photographs plus the multipart overhead; a few fields for
-    a web form that carries no photograph (a 100 MiB sign-in form was read whole: anyone's)."""
+    """Largest request body: a bundle's photographs plus the multipart overhead for the writes that
+    carry photographs; a few fields for every other write (a 100 MiB sign-in form was read whole,
+    by anyone; a grader's grade took 100 MB bodies)."""
     path = route_path(scope)
-    if scope.get("method") in WRITES and not path.startswith("/v1/") and path not in web.UPLOAD_FORMS:
+    if scope.get("method") in WRITES and path not in API_UPLOADS and path not in web.UPLOAD_FORMS:
         return FORM_BODY_BYTES
     # Before start-up (a schema fetched without the lifespan) the environment's settings apply.
     settings: Settings = getattr(scope["app"].state, "settings", None) or get_settings()

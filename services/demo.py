@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from core import migrate
 from core import repository as repo
+from core.agreement import REFERABLE_FROM, Pair, describe, summarise, tally
 from core.db import session_scope
-from core.grader import Pair, describe, summarise
 from core.settings import PROJECT_ROOT, Settings, get_settings
 from services.modelinfo import active_ref
 
@@ -296,7 +296,12 @@ def record_references_and_compare(
             graded = image["gradable"] and image["grade"] is not None
             model = image["grade"] if graded else None
             pairs.append(Pair(image_id, grade, model, image["referable"] if graded else True))
-    agreement = summarise(pairs, model_version=release)
+    missed = [
+        p.image_id
+        for p in pairs
+        if p.grader is not None and p.grader >= REFERABLE_FROM and not p.model_referable
+    ]
+    agreement = summarise(tally(pairs), missed=missed, model_version=release)
     console.print(
         "agreement with the EyePACS grades, recorded as graders' grades (PUT /v1/images/ID/grader-grade):",
         soft_wrap=True,

@@ -30,7 +30,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from core import grader, heartbeat
+from core import agreement as agreement_of
+from core import heartbeat
 from core import repository as repo
 from core.celery_config import broker_folders
 from core.settings import Settings
@@ -105,43 +106,41 @@ class SystemCollector(Collector):
         self.sessions: sessionmaker[Session] | None = None
 
     def _grader_agreement(self) -> Iterator[GaugeMetricFamily]:
-        """The active release against the graders' grades of the last 30 days, every clinic."""
+        """The grades the results report (what clinics were told) against the graders', every
+        clinic: counts of the last 30 days' grades, and the estimate over 90 days' photographs."""
         families = {
             "graded": GaugeMetricFamily(
                 "drscreen_grader_graded_last_30d",
-                "photographs with a grader's grade recorded in the last 30 days and the active "
-                "release's grade",
+                "photographs with a grader's grade recorded in the last 30 days and a grade of the service",
             ),
             "referable": GaugeMetricFamily(
                 "drscreen_grader_referable_last_30d", "of them, photographs the grader refers (grade >= 2)"
             ),
             "missed": GaugeMetricFamily(
                 "drscreen_grader_missed_referable_last_30d",
-                "of those, photographs the active release graded and did not refer: missed disease",
+                "of those, photographs whose result did not refer them: missed disease",
             ),
         }
         estimated = GaugeMetricFamily(
             "drscreen_grader_estimated_sensitivity_last_90d",
-            "the active release's referral sensitivity over its photographs of the last 90 days, "
-            "estimated from the graders' grades of the referred ones and of the random sample of "
-            "the others (GET /v1/agreement, 'estimated'); absent while it cannot be estimated",
+            "referral sensitivity over all photographs received in the last 90 days, estimated from "
+            "the graders' grades of the referred ones and of the random sample of the others "
+            "(GET /v1/agreement, 'estimated'); absent while it cannot be estimated",
         )
         strata = GaugeMetricFamily(
             "drscreen_grader_stratum_graded_last_90d",
-            "photographs of the last 90 days graded by a grader, by the release's decision "
+            "photographs of the last 90 days graded by a grader, by the service's decision "
             "(not_referred: in the random sample only): what the estimate rests on",
             labels=["stratum"],
         )
         assert self.sessions is not None and self.settings is not None
         try:
+            now = utcnow()
             with self.sessions() as session:
-                release = grader.release_to_compare(session)
-                now = utcnow()
-                counts = grader.recent_counts(session, release, now - GRADER_WINDOW)
-                overall = grader.agreement(
+                counts = agreement_of.recent_counts(session, now - GRADER_WINDOW)
+                overall = agreement_of.agreement(
                     session,
                     None,
-                    release,
                     since=now - ESTIMATE_WINDOW,
                     sample_percent=self.settings.grader_sample_percent,
                 )
@@ -150,7 +149,7 @@ class SystemCollector(Collector):
             e = overall.estimated
             if e is not None and e.sensitivity is not None:
                 estimated.add_metric([], e.sensitivity)
-            # always both series (0 before any release graded): the alert's selectors name them
+            # always both series (0 before anything was graded): the alert's selectors name them
             strata.add_metric(["referred"], e.referred.graded if e is not None else 0)
             strata.add_metric(["not_referred"], e.not_referred.graded if e is not None else 0)
         except Exception as exc:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from core import grader
+from core import agreement as agreement_of
 from core.errors import InvalidInput
 from core.schemas import Agreement
 from services.deps import PrincipalDep, SessionDep, SettingsDep
@@ -19,7 +19,10 @@ router = APIRouter(prefix="/agreement", tags=["agreement"])
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+00:01 is before the first representable UTC time
+        raise InvalidInput("since and until must be dates between years 1 and 9999 in UTC") from None
 
 
 @router.get(
@@ -27,8 +30,10 @@ def _utc(value: datetime | None) -> datetime | None:
     response_model=Agreement,
     summary="A release's grades against the clinic's graders: kappa, confusion, referral, misses",
     description="Over the calling clinic's photographs that have a grader's grade "
-    "(`PUT /v1/images/{id}/grader-grade`) and a grade by the release (default: the active one), "
-    "received in [since, until) (ISO 8601; naive times are UTC). The grader is the reference; the "
+    "(`PUT /v1/images/{id}/grader-grade`), received in [since, until) (ISO 8601; naive times are "
+    "UTC), against the grade each photograph's result reports (what the clinic was told, whichever "
+    "release gave it; `releases` counts them) or, with `model`, that release's gradings only. "
+    "The grader is the reference; the "
     'model\'s "ungradable" counts as a referral. Intervals are 95% Wilson score intervals: with '
     "few graded photographs they are wide, and the figures mean little.",
     responses=error_responses(401, 404, 422, 429),
@@ -44,8 +49,8 @@ def get_agreement(
     start, end = _utc(since), _utc(until)
     if start is not None and end is not None and start >= end:
         raise InvalidInput("since must be before until")
-    release = grader.release_to_compare(session, model)
+    release = agreement_of.release_named(session, model)
     percent = settings.grader_sample_percent
-    return grader.agreement(
+    return agreement_of.agreement(
         session, principal.clinic_id, release, since=start, until=end, sample_percent=percent
     )

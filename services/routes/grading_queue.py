@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from core import grader, grading_queue
+from core import grading_queue
 from core.schemas import GradingQueue, GradingQueueItem
 from services.deps import PrincipalDep, SessionDep, SettingsDep
 from services.errors import error_responses
@@ -18,11 +18,11 @@ router = APIRouter(prefix="/grading-queue", tags=["agreement"])
     "",
     response_model=GradingQueue,
     summary="Photographs waiting for a grader: every referral and a random sample of the rest",
-    description="The calling clinic's photographs the active release graded and no grader has yet: "
-    "every one it referred (ungradable included) and a random sample of the others "
+    description="The calling clinic's graded photographs that no grader has graded yet: every one "
+    "its result refers (ungradable included) and a random sample of the others "
     "(DRSCREEN_GRADER_SAMPLE_PERCENT, default 10%), mixed, oldest first. Which is which, and the "
-    "release's grade, are left out so that graders grade blind (the photograph's result is at "
-    "`url`). Grading the sample is what lets `GET /v1/agreement` estimate what the release misses: "
+    "service's grade, are left out so that graders grade blind (the photograph's result is at "
+    "`url`). Grading the sample is what lets `GET /v1/agreement` estimate what the service misses: "
     "graders who see only referrals can never find a missed one.",
     responses=error_responses(401, 422, 429),
 )
@@ -33,13 +33,8 @@ def get_grading_queue(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> GradingQueue:
-    release = grader.release_to_compare(session)
     percent = settings.grader_sample_percent
-    if release is None:
-        return GradingQueue(model_version=None, sample_percent=percent, total=0, items=[], next_offset=None)
-    found, total = grading_queue.queue(
-        session, principal.clinic_id, release, percent, limit=limit, offset=offset
-    )
+    found, total = grading_queue.queue(session, principal.clinic_id, percent, limit=limit, offset=offset)
     items = [
         GradingQueueItem(
             image_id=item.image.id,
@@ -52,7 +47,6 @@ def get_grading_queue(
     ]
     more = offset + len(items) < total
     return GradingQueue(
-        model_version=release.ref,
         sample_percent=percent,
         total=total,
         items=items,

@@ -345,31 +345,31 @@ def get_explanation(
     summary="Record a human grader's grade of the photograph (replaces an earlier one)",
     description="The reference the model is compared against in production (`GET /v1/agreement`). "
     "`grade` 0..4, or null when the grader found the photograph ungradable; `grader` names who "
-    "graded. Recording it again replaces it (the same body twice is harmless); every change is "
-    "audited with the previous grade. The model's grade of the photograph is not changed.",
+    "graded. Recording another grade replaces it, audited with the grade it replaced; the same "
+    "grade by the same grader again changes nothing (a retry is harmless, its time stays). The "
+    "model's grade of the photograph is not changed.",
     responses=error_responses(401, 404, 422, 429),
 )
 def put_grader_grade(
     image_id: str, body: GraderGradeIn, session: SessionDep, principal: PrincipalDep
 ) -> GraderGradeOut:
     image = load_image(session, principal, image_id)
-    before = grader.get(session, image.id)
-    previous = (before.grade if before.gradable else "ungradable") if before is not None else None
-    row = grader.record(
-        session, image, grade=body.grade, grader=body.grader.strip(), api_key_id=principal.api_key_id
+    done = grader.record(
+        session, image, grade=body.grade, grader=body.grader, api_key_id=principal.api_key_id
     )
-    if row is None:  # erased while this request ran
+    if done is None:  # erased while this request ran
         raise NotFound("no such image")
-    audit(
-        session,
-        principal,
-        "grader_grade.record",
-        patient_id=image.patient_id,
-        target_type="image",
-        target_id=image.id,
-        detail={"grade": body.grade if body.grade is not None else "ungradable", "previous": previous},
-    )
-    return grader.as_out(row)
+    if done.changed:
+        audit(
+            session,
+            principal,
+            "grader_grade.record",
+            patient_id=image.patient_id,
+            target_type="image",
+            target_id=image.id,
+            detail={"grade": grader.label(done.row), "previous": done.previous},
+        )
+    return grader.as_out(done.row)
 
 
 @router.delete(
@@ -381,8 +381,8 @@ def put_grader_grade(
 )
 def delete_grader_grade(image_id: str, session: SessionDep, principal: PrincipalDep) -> Response:
     image = load_image(session, principal, image_id)
-    before = grader.get(session, image.id)
-    if before is None or not grader.remove(session, image.id):
+    previous = grader.remove(session, image.id)
+    if previous is None:
         raise NotFound("the photograph has no grader's grade")
     audit(
         session,
@@ -391,7 +391,7 @@ def delete_grader_grade(image_id: str, session: SessionDep, principal: Principal
         patient_id=image.patient_id,
         target_type="image",
         target_id=image.id,
-        detail={"previous": before.grade if before.gradable else "ungradable"},
+        detail={"previous": previous},
     )
     return Response(status_code=204)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from core.schemas import Eye, ImageResult, PatientSummary
+from core.schemas import Eye, GraderGradeOut, ImageResult, PatientSummary
 
 GRADE_NAMES = (
     "No DR",
@@ -62,6 +62,30 @@ def grade_label(grade: int | None) -> str:
     if 0 <= grade < len(GRADE_NAMES):
         return f"{grade} · {GRADE_NAMES[grade]}"
     return str(grade)
+
+
+#: The grader's-grade form's choices (value, label): the grades as the pages name them.
+GRADE_CHOICES = (*((str(g), grade_label(g)) for g in range(len(GRADE_NAMES))), ("ungradable", "ungradable"))
+
+
+def grade_choice(recorded: GraderGradeOut | None) -> str:
+    """The form's value of a recorded grader's grade ("" when none is recorded)."""
+    if recorded is None:
+        return ""
+    return "ungradable" if recorded.grade is None else str(recorded.grade)
+
+
+def share_text(value: float | None) -> str:
+    """A share (0..1) as a percentage; "—" when undefined (nothing to count it on)."""
+    return "—" if value is None else f"{value * 100:.1f}%"
+
+
+def interval_text(bounds: list[float] | None) -> str:
+    """A 95% interval of a share, as the agreement page words it ("" when undefined)."""
+    if not bounds:
+        return ""
+    low, high = bounds
+    return f"95% interval {low * 100:.1f} to {high * 100:.1f}%"
 
 
 def eye_state(patient: PatientSummary, name: str) -> str:

@@ -1,10 +1,11 @@
 """Pages of the web interface (``/``), left out of the OpenAPI document (it describes ``/v1``).
 
-Uploads and reads go through the ``/v1`` route functions themselves (``services.routes.*``),
-called in-process with the principal of the signed-in key: the same validation, storage,
-queueing, clinic isolation and audit as the JSON API, with no second code path to drift. The key
-never reaches the page's scripts (the cookie is HttpOnly), so the browser does not call ``/v1``;
-its only script polls a small progress route and reloads the page when the result is complete.
+Uploads, reads and graders' grades go through the ``/v1`` route functions themselves
+(``services.routes.*``), called in-process with the principal of the signed-in key: the same
+validation, storage, queueing, clinic isolation and audit as the JSON API, with no second code
+path to drift. The key never reaches the page's scripts (the cookie is HttpOnly), so the browser
+does not call ``/v1``; its only script polls a small progress route and reloads the page when the
+result is complete.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from markdown_it import MarkdownIt
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -29,7 +31,7 @@ from sqlalchemy.orm import Session
 from core import db, retention
 from core import repository as repo
 from core.errors import Conflict, DomainError, NotFound
-from core.schemas import PatientSummary
+from core.schemas import GraderGradeIn, PatientSummary
 from core.store import FileStore
 from core.tables import Bundle, Image, Patient, ScoringJob, as_utc, utcnow
 from ml.imageio import ImageDecodeError
@@ -43,7 +45,9 @@ from services.deps import (
 )
 from services.errors import NotReady, headers_for, status_for
 from services.modelinfo import active_ref, model_info, read_manifest, released_ensembles
+from services.routes import agreement as agreement_routes
 from services.routes import bundles as bundle_routes
+from services.routes import grading_queue as queue_routes
 from services.routes import images as image_routes
 from services.routes import jobs as job_routes
 from services.routes import patients as patient_routes
@@ -69,6 +73,10 @@ templates.env.filters["grade_label"] = present.grade_label
 templates.env.filters["patient_grade"] = present.patient_grade_text
 templates.env.filters["eye_state"] = present.eye_state
 templates.env.filters["metric"] = present.fmt_metric
+templates.env.filters["grade_choice"] = present.grade_choice
+templates.env.filters["share"] = present.share_text
+templates.env.filters["interval"] = present.interval_text
+templates.env.globals["grade_choices"] = present.GRADE_CHOICES
 _markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
 
 #: Pages show patient data: never cached, never framed, nothing loaded from elsewhere.
@@ -394,6 +402,27 @@ def _progress(session: Session, images: list[Image], patient_id: int) -> Progres
 Photos = tuple[list[Image], int]
 
 
+@dataclass(frozen=True)
+class GradingForm:
+    """A refused grader's-grade form: what was sent, shown again beside its photograph with why."""
+
+    image_id: str
+    grade: str
+    grader: str
+    error: str
+
+
+def _result_page(
+    request: Request, principal: Principal, context: dict[str, Any], grading: GradingForm | None
+) -> HTMLResponse:
+    """``result.html``; with a refused form, under 422 and without polling (the script's reload
+    of the page would send the form again)."""
+    if grading is None:
+        return _page(request, "result.html", {**context, "grading": None}, principal=principal)
+    context = {**context, "grading": grading, "progress_url": None}
+    return _page(request, "result.html", context, principal=principal, status_code=422)
+
+
 def _bundle_photos(session: Session, clinic_id: int, bundle_id: str) -> Photos | None:
     bundle = repo.get_bundle(session, bundle_id, clinic_id)
     return None if bundle is None else (repo.bundle_images(session, bundle.id), bundle.patient_id)
@@ -425,6 +454,18 @@ def _progress_response(
 def bundle_page(bundle_id: str, request: Request, session: SessionDep, principal: WebPrincipal) -> Response:
     if principal is None:
         return auth.login_redirect(request)
+    return _bundle_result(request, session, principal, bundle_id)
+
+
+def _bundle_result(
+    request: Request,
+    session: Session,
+    principal: Principal,
+    bundle_id: str,
+    *,
+    grading: GradingForm | None = None,
+) -> HTMLResponse:
+    """A visit's result page; ``grading``: a refused grader's-grade form, shown again (422)."""
     try:
         result = bundle_routes.get_bundle(bundle_id, session, principal)
     except NotFound:
@@ -453,7 +494,7 @@ def bundle_page(bundle_id: str, request: Request, session: SessionDep, principal
         "progress": progress,
         "progress_url": f"/bundles/{bundle_id}/progress",
     }
-    return _page(request, "result.html", context, principal=principal)
+    return _result_page(request, principal, context, grading)
 
 
 @router.get("/bundles/{bundle_id}/progress")
@@ -465,6 +506,18 @@ def bundle_progress(bundle_id: str, session: SessionDep, principal: WebPrincipal
 def image_page(image_id: str, request: Request, session: SessionDep, principal: WebPrincipal) -> Response:
     if principal is None:
         return auth.login_redirect(request)
+    return _image_result(request, session, principal, image_id)
+
+
+def _image_result(
+    request: Request,
+    session: Session,
+    principal: Principal,
+    image_id: str,
+    *,
+    grading: GradingForm | None = None,
+) -> HTMLResponse:
+    """A single photograph's result page; ``grading`` as for :func:`_bundle_result`."""
     try:
         result = image_routes.get_image(image_id, session, principal)
     except NotFound:
@@ -508,7 +561,7 @@ def image_page(image_id: str, request: Request, session: SessionDep, principal: 
         "progress": progress,
         "progress_url": f"/images/{image_id}/progress",
     }
-    return _page(request, "result.html", context, principal=principal)
+    return _result_page(request, principal, context, grading)
 
 
 @router.get("/images/{image_id}/progress")
@@ -579,6 +632,130 @@ def heatmap(
         return Response(exc.message, status_code=404, media_type="text/plain")
     png.headers.update(private_image_headers())
     return png
+
+
+# --------------------------------------------------------------------------- graders' grades
+
+#: The result pages a grader's-grade form may return to; anything else is ignored (no open redirect).
+RESULT_PATH = re.compile(r"/(bundles|images)/([0-9A-Za-z_-]{1,64})")
+QUEUE_PATH = "/grading-queue"
+#: Photographs listed per page of the grading queue.
+QUEUE_PAGE = 50
+#: A refused form's fields in words (``GraderGradeIn``'s fields).
+GRADING_ERRORS = {
+    "grade": "Choose the grader's grade: 0 to 4, or ungradable.",
+    "grader": "Give the grader's name or initials: 1 to 100 characters on one line.",
+}
+
+
+def _return_to(back: str, image: Image) -> tuple[str, str]:
+    """(kind, id) of the result page the form came from: ``back`` when it is the page of this
+    photograph or of its visit, else the photograph's own page."""
+    if back == QUEUE_PATH:  # the blind grading page: back to the queue for the next one
+        return "queue", ""
+    match = RESULT_PATH.fullmatch(back)
+    if match is not None:
+        plural, page_id = match.groups()
+        if plural == "images" and page_id == image.id:
+            return "image", page_id
+        if plural == "bundles" and page_id == image.bundle_id:
+            return "bundle", page_id
+    return "image", image.id
+
+
+def _result_url(kind: str, page_id: str) -> str:
+    return QUEUE_PATH if kind == "queue" else f"/{kind}s/{page_id}"
+
+
+def _grader_grade_in(grade: str, grader: str) -> GraderGradeIn | str:
+    """The form's fields as the API's body, checked by the API's own model (so the page accepts
+    exactly what ``PUT /v1/images/{id}/grader-grade`` does); the refusal in words otherwise."""
+    value: int | str | None = grade
+    if grade == "ungradable":
+        value = None
+    elif re.fullmatch(r"[0-9]{1,3}", grade):
+        value = int(grade)  # "7" then fails the model's range, as 7 does in the API
+    # anything else stays a string, which the strict model refuses (as the API refuses "2")
+    try:
+        return GraderGradeIn.model_validate({"grade": value, "grader": grader})
+    except ValidationError as exc:
+        wrong = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+        said = " ".join(text for name, text in GRADING_ERRORS.items() if name in wrong)
+        return said or str(exc)  # not expected: the model has no other field
+
+
+def _grading_target(
+    request: Request, session: Session, principal: Principal | None, image_id: str
+) -> Image | Response:
+    """Both grader's-grade forms' checks: signed in, posted from this site, a photograph of the
+    signed-in clinic. The photograph, or the page that refuses the form."""
+    if principal is None:
+        return auth.login_redirect(request)
+    if not auth.same_origin(request):
+        return _page(request, "message.html", _forbidden_origin(), principal=principal, status_code=403)
+    if not image_id:
+        message = "The form named no photograph: open its result page again."
+        context = {"title": "Not saved", "message": message}
+        return _page(request, "message.html", context, principal=principal, status_code=422)
+    image = repo.get_image(session, image_id, principal.clinic_id)
+    if image is None:
+        return _not_found(request, principal, "No such photograph (or it belongs to another clinic).")
+    return image
+
+
+@router.post("/grader-grades")
+def record_grader_grade(
+    request: Request,
+    session: SessionDep,
+    principal: WebPrincipal,
+    image_id: Annotated[str, Form()] = "",
+    grade: Annotated[str, Form()] = "",
+    grader: Annotated[str, Form()] = "",
+    back: Annotated[str, Form()] = "",
+) -> Response:
+    """Record (or replace) a grader's grade, as ``PUT /v1/images/{id}/grader-grade`` does (that
+    route function itself: same checks, same audit), then back to the result page."""
+    image = _grading_target(request, session, principal, image_id)
+    if not isinstance(image, Image):
+        return image
+    assert principal is not None  # refused otherwise
+    kind, page_id = _return_to(back, image)
+    body = _grader_grade_in(grade, grader)
+    if isinstance(body, str):
+        form = GradingForm(image_id=image.id, grade=grade, grader=grader, error=body)
+        if kind == "queue":
+            return _grading_page(request, session, principal, image, refused=form)
+        show = _bundle_result if kind == "bundle" else _image_result
+        return show(request, session, principal, page_id, grading=form)
+    try:
+        image_routes.put_grader_grade(image.id, body, session, principal)
+    except NotFound:  # the patient was erased meanwhile
+        session.rollback()
+        return _not_found(request, principal, "No such photograph (or it belongs to another clinic).")
+    session.commit()
+    return RedirectResponse(_result_url(kind, page_id), status_code=303)
+
+
+@router.post("/grader-grades/remove")
+def remove_grader_grade(
+    request: Request,
+    session: SessionDep,
+    principal: WebPrincipal,
+    image_id: Annotated[str, Form()] = "",
+    back: Annotated[str, Form()] = "",
+) -> Response:
+    """Delete a grader's grade recorded by mistake, as ``DELETE /v1/images/{id}/grader-grade``."""
+    image = _grading_target(request, session, principal, image_id)
+    if not isinstance(image, Image):
+        return image
+    assert principal is not None  # refused otherwise
+    try:
+        image_routes.delete_grader_grade(image.id, session, principal)
+    except NotFound:  # none left to remove (removed in another tab): the page shows that
+        session.rollback()
+    else:
+        session.commit()
+    return RedirectResponse(_result_url(*_return_to(back, image)), status_code=303)
 
 
 # ---------------------------------------------------------------------------------- patients
@@ -866,6 +1043,65 @@ def model_page(request: Request, settings: SettingsDep, principal: WebPrincipal)
         "combination": (manifest or {}).get("combination") or {},
     }
     return _page(request, "model.html", context, principal=principal)
+
+
+# -------------------------------------------------------------------------------- agreement
+
+
+@router.get("/agreement")
+def agreement_page(
+    request: Request, session: SessionDep, principal: WebPrincipal, settings: SettingsDep
+) -> Response:
+    """``GET /v1/agreement`` for the signed-in clinic (the active release against its graders)."""
+    if principal is None:
+        return auth.login_redirect(request)
+    figures = agreement_routes.get_agreement(session, principal, settings)
+    context = {"figures": figures, "grade_names": present.GRADE_NAMES}
+    return _page(request, "agreement.html", context, principal=principal)
+
+
+@router.get(QUEUE_PATH)
+def grading_queue_page(
+    request: Request, session: SessionDep, principal: WebPrincipal, settings: SettingsDep, offset: int = 0
+) -> Response:
+    """``GET /v1/grading-queue`` for the signed-in clinic: what its graders should grade next."""
+    if principal is None:
+        return auth.login_redirect(request)
+    queue = queue_routes.get_grading_queue(
+        session, principal, settings, limit=QUEUE_PAGE, offset=max(0, offset)
+    )
+    return _page(request, "grading_queue.html", {"queue": queue}, principal=principal)
+
+
+def _grading_page(
+    request: Request,
+    session: Session,
+    principal: Principal,
+    image: Image,
+    *,
+    refused: GradingForm | None = None,
+) -> HTMLResponse:
+    """One photograph to grade, blind: the photograph and the form, not the model's grade."""
+    patient = repo.get_patient_by_id(session, image.patient_id)
+    result = image_routes.get_image(image.id, session, principal)  # audited as a read, as the page is
+    context = {
+        "image": result,
+        "patient_id": patient.external_id if patient is not None else "",
+        "received_at": as_utc(image.created_at),
+        "refused": refused,
+        "back": QUEUE_PATH,
+    }
+    return _page(request, "grade.html", context, principal=principal, status_code=422 if refused else 200)
+
+
+@router.get("/grade/{image_id}")
+def grade_page(request: Request, session: SessionDep, principal: WebPrincipal, image_id: str) -> Response:
+    if principal is None:
+        return auth.login_redirect(request)
+    image = repo.get_image(session, image_id, principal.clinic_id)
+    if image is None:
+        return _not_found(request, principal, "No such photograph (or it belongs to another clinic).")
+    return _grading_page(request, session, principal, image)
 
 
 # ------------------------------------------------------------------------------------ static

@@ -296,6 +296,30 @@ def test_web_interface_in_chromium(
     )
     assert page.url.endswith(f"/bundles/{bundle_id}")
 
+    # Graders' grades through the result page's forms: shown beside the model's grade (which stays)
+    # once back on the visit; then the clinic's agreement with them.
+    for image, grade in zip(api["images"], (api["images"][0]["grade"], 4), strict=True):
+        card = page.locator(f"[data-testid=photo][data-image-id='{image['id']}']")
+        card.locator("select[name=grade]").select_option("ungradable" if grade is None else str(grade))
+        card.locator("input[name=grader]").fill("Dr E2E")
+        with page.expect_navigation():
+            card.locator("[data-testid=grader-form] button[type=submit]").click()
+        assert page.url == f"{api_url}/bundles/{bundle_id}"
+        shown = card.locator("[data-testid=grader-grade]")
+        assert _shown_grade(shown.get_attribute("data-grade")) == grade
+        assert card.locator("[data-testid=grader-name]").inner_text() == "Dr E2E"
+        assert (
+            _shown_grade(card.locator("[data-testid=photo-grade]").get_attribute("data-grade"))
+            == image["grade"]
+        )
+    assert page.get_attribute("[data-testid=verdict]", "data-tone") == tone
+    page.click("nav a[href='/agreement']")
+    page.wait_for_url(f"{api_url}/agreement")
+    agreement = _api(api_url, key, "/v1/agreement")
+    assert agreement["n_images"] + agreement["n_awaiting_model"] == 2
+    assert page.get_attribute("[data-testid=n-images]", "data-value") == str(agreement["n_images"])
+    _shot(page, screenshots, "web-agreement.png")
+
     # One photograph that is no fundus: ungradable, so REFER, impossible to miss.
     page.goto(f"{api_url}/")
     page.fill("#image-patient", "QA-1")
@@ -374,7 +398,7 @@ def test_web_interface_in_chromium(
     # A phone's width: no page is wider than the screen (the staff walkthrough: tables and long
     # folder names pushed pages sideways); an unknown address is a page, not the API's JSON.
     page.set_viewport_size({"width": 390, "height": 844})
-    for path in ("/", "/jobs", "/model", "/patients", f"/bundles/{bundle_id}"):
+    for path in ("/", "/jobs", "/model", "/agreement", "/patients", f"/bundles/{bundle_id}"):
         page.goto(f"{api_url}{path}")
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{path} is {overflow} px wider than a phone's screen"

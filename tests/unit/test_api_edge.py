@@ -175,6 +175,12 @@ def test_web_forms_without_photographs_take_a_small_body(client: TestClient, url
     for path in ("/login", "/logout", "/patients", "/jobs"):
         resp = client.post(path, data=big, follow_redirects=False)
         assert resp.status_code == 413 and resp.json()["detail"] == "request body larger than 64 KiB", path
+    # the API's small JSON writes too (a grader's grade took 100 MB bodies: the review)
+    body = b'{"grade": 2, "grader": "' + b"x" * FORM_BODY_BYTES + b'"}'
+    json_type = {"Content-Type": "application/json"}
+    for method, path in (("PUT", "/v1/images/" + "0" * 32 + "/grader-grade"), ("POST", "/v1/jobs")):
+        resp = client.request(method, path, headers=key.headers | json_type, content=body)
+        assert resp.status_code == 413, (path, resp.text)
     refused = client.post("/login", data={"api_key": "drs_made-up", "next": "/"}, follow_redirects=False)
     assert refused.status_code == 401  # an ordinary sign-in form still reaches its route
     cookie = web_cookie(client, key)

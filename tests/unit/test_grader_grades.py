@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from sklearn.metrics import cohen_kappa_score, confusion_matrix
 from sqlalchemy import select
 
-from core import grader, grading_queue
+from core import agreement, grading_queue
+from core import repository as repo
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore
@@ -32,7 +33,7 @@ def test_quadratic_kappa_matches_scikit_learn() -> None:
         b = [min(4, max(0, x + rng.choice((-1, 0, 0, 1, 2)))) for x in a]
         matrix = confusion_matrix(a, b, labels=range(5)).tolist()
         expected = cohen_kappa_score(a, b, weights="quadratic", labels=list(range(5)))
-        got = grader.quadratic_kappa(matrix)
+        got = agreement.quadratic_kappa(matrix)
         if expected != expected:  # NaN: both raters constant
             assert got is None
         else:
@@ -41,28 +42,28 @@ def test_quadratic_kappa_matches_scikit_learn() -> None:
 
 def test_kappa_is_undefined_below_two_photographs_and_for_one_shared_grade() -> None:
     empty = [[0] * 5 for _ in range(5)]
-    assert grader.quadratic_kappa(empty) is None
+    assert agreement.quadratic_kappa(empty) is None
     one = [row[:] for row in empty]
     one[2][2] = 1
-    assert grader.quadratic_kappa(one) is None
+    assert agreement.quadratic_kappa(one) is None
     one[2][2] = 9  # both said 2 every time: chance agreement is total
-    assert grader.quadratic_kappa(one) is None
+    assert agreement.quadratic_kappa(one) is None
 
 
 def test_wilson_interval_matches_published_values() -> None:
     # Newcombe (1998), Statistics in Medicine 17:857, table I: 81/263 -> 0.2553..0.3662 and
     # 15/148 -> 0.0624..0.1605; and the degenerate 0/10 -> 0..0.2775
-    assert grader._interval(81, 263) == (0.308, [0.2553, 0.3662])
-    assert grader._interval(15, 148) == (0.1014, [0.0624, 0.1605])
-    assert grader._interval(0, 10) == (0.0, [0.0, 0.2775])
-    assert grader._interval(0, 0) == (None, None)
+    assert agreement._interval(81, 263) == (0.308, [0.2553, 0.3662])
+    assert agreement._interval(15, 148) == (0.1014, [0.0624, 0.1605])
+    assert agreement._interval(0, 10) == (0.0, [0.0, 0.2775])
+    assert agreement._interval(0, 0) == (None, None)
 
 
 def P(
     image_id: str, grader_grade: int | None, model: int | None, referable: bool | None = None
-) -> grader.Pair:
+) -> agreement.Pair:
     refers = referable if referable is not None else (model is None or model >= 2)
-    return grader.Pair(image_id, grader_grade, model, refers)
+    return agreement.Pair(image_id, grader_grade, model, refers)
 
 
 def test_summary_counts_referral_from_the_models_decision_and_ungradable_as_referral() -> None:
@@ -77,7 +78,7 @@ def test_summary_counts_referral_from_the_models_decision_and_ungradable_as_refe
         P("h", 2, 2, referable=False),  # grade 2 under a decision that did not refer: missed
         P("i", 0, 1, referable=True),  # a decision that refers below 2 (sensitivity first)
     ]
-    out = grader.summarise(pairs, awaiting=3)
+    out = agreement.summarise(agreement.tally(pairs), awaiting=3)
     assert out.n_images == 9 and out.n_awaiting_model == 3
     assert out.n_both_gradable == 6  # a, b, c, e, h, i
     assert out.confusion_matrix[1][2] == 1 and out.confusion_matrix[2][1] == 1
@@ -92,12 +93,11 @@ def test_summary_counts_referral_from_the_models_decision_and_ungradable_as_refe
         2,
     )  # TP d, e; FN c, h; TN a; FP b, i
     assert r.sensitivity == pytest.approx(0.5) and r.specificity == pytest.approx(round(1 / 3, 4))
-    assert out.missed_referable == ["c", "h"]
     assert (out.ungradable.both, out.ungradable.grader_only, out.ungradable.model_only) == (1, 1, 1)
 
 
 def test_summary_of_nothing() -> None:
-    out = grader.summarise([])
+    out = agreement.summarise({})
     assert out.n_images == 0 and out.qwk is None and out.exact_agreement is None
     assert out.referable.sensitivity is None and out.referable.sensitivity_ci95 is None
 
@@ -222,7 +222,7 @@ def test_agreement_of_the_release_with_the_graders(
     _put(client, north, ids[1], {"grade": 4, "grader": "Dr A"})
     _put(client, north, ids[2], {"grade": None, "grader": "Dr A"})
     out = client.get("/v1/agreement", headers=north.headers).json()
-    assert out["model_version"] == release
+    assert out["model_version"] is None and out["releases"] == {release: 3}  # the reported grades
     assert out["n_images"] == 3 and out["n_awaiting_model"] == 0 and out["n_both_gradable"] == 2
     expected = [[0] * 5 for _ in range(5)]
     expected[3][0] = expected[4][4] = 1
@@ -239,7 +239,7 @@ def test_agreement_of_the_release_with_the_graders(
     }  # fmt: skip
 
     named = client.get("/v1/agreement", headers=north.headers, params={"model": release}).json()
-    assert named == out
+    assert named == out | {"model_version": release}
     unknown = client.get("/v1/agreement", headers=north.headers, params={"model": "nope@9"})
     assert unknown.status_code == 404
     later = client.get("/v1/agreement", headers=north.headers, params={"since": "2999-01-01T00:00:00"})
@@ -250,6 +250,9 @@ def test_agreement_of_the_release_with_the_graders(
         client.get("/v1/agreement", headers=north.headers, params={"since": "yesterday"}).status_code == 422
     )
     assert client.get("/v1/agreement").status_code == 401
+    # times beyond what UTC can hold were a 500 (the review)
+    for edge in ({"since": "0001-01-01T00:00:00+00:01"}, {"until": "9999-12-31T23:59:59-01:00"}):
+        assert client.get("/v1/agreement", headers=north.headers, params=edge).status_code == 422, edge
 
 
 def test_erasing_the_patient_erases_the_grader_grades(
@@ -303,7 +306,7 @@ def test_metrics_count_the_last_30_days_of_grader_grades_and_the_misses(
 # ------------------------------------------------------------- the grading queue and its sample
 
 
-def _pairs(prefix: str, n: int, grader_grade: int, model: int, start: int = 0) -> list[grader.Pair]:
+def _pairs(prefix: str, n: int, grader_grade: int, model: int, start: int = 0) -> list[agreement.Pair]:
     return [P(f"{prefix}{i + start:026d}", grader_grade, model) for i in range(n)]
 
 
@@ -321,20 +324,36 @@ def test_the_estimate_scales_each_stratum_up_from_its_graded_photographs() -> No
         + [P("000000" + "9" * 26, None, 0)]  # the grader could not grade it: no reference
     )
     totals = grading_queue.Strata(referred=100, not_referred=900, not_referred_in_sample=90)
-    out = grader.estimate(pairs, totals, percent=10)
+    out = agreement.estimate(agreement.tally(pairs, 10), totals, percent=10)
     # TP 100*40/50 = 80, FP 20, FN 900*3/90 = 30, TN 870
     assert out.sensitivity == round(80 / 110, 4) and out.specificity == round(870 / 890, 4)
     assert (out.referred.photographs, out.referred.graded) == (100, 50)
     assert (out.not_referred.photographs, out.not_referred.graded) == (900, 90)
-    naive = grader.summarise(pairs).referable
+    assert out.sensitivity_ci95 is not None and out.specificity_ci95 is not None
+    low, high = out.sensitivity_ci95
+    assert low < out.sensitivity < high and high - low > 0.3  # 3 misses found in 90: wide
+    assert out.specificity_ci95[0] < out.specificity < out.specificity_ci95[1]
+    assert agreement.estimate(agreement.tally(pairs, 10), totals, percent=10) == out  # seeded
+    naive = agreement.summarise(agreement.tally(pairs, 10)).referable
     assert naive.sensitivity == round(40 / 48, 4)  # what the graded photographs alone suggest
+
+
+def test_no_miss_found_in_a_small_sample_is_not_a_perfect_sensitivity() -> None:
+    """20 sampled, none referable: the point estimate is 1.0, and its interval says how little
+    20 photographs can tell about 900 (a resampling interval would have been [1, 1])."""
+    pairs = _pairs("000000", 40, 3, 3) + _pairs("000000", 20, 0, 0, start=40)
+    out = agreement.estimate(agreement.tally(pairs, 10), grading_queue.Strata(100, 900, 90), percent=10)
+    assert out.sensitivity == 1.0 and out.sensitivity_ci95 is not None
+    assert out.sensitivity_ci95[0] < 0.7 and out.sensitivity_ci95[1] > 0.99
 
 
 def test_the_estimate_is_unknown_without_a_graded_sample() -> None:
     pairs = _pairs("000000", 10, 3, 3)
-    unknown = grader.estimate(pairs, grading_queue.Strata(10, 500, 50), percent=10)
+    unknown = agreement.estimate(agreement.tally(pairs, 10), grading_queue.Strata(10, 500, 50), percent=10)
     assert unknown.sensitivity is None and unknown.specificity is None
-    nothing_unreferred = grader.estimate(pairs, grading_queue.Strata(10, 0, 0), percent=10)
+    nothing_unreferred = agreement.estimate(
+        agreement.tally(pairs, 10), grading_queue.Strata(10, 0, 0), percent=10
+    )
     assert nothing_unreferred.sensitivity == 1.0 and nothing_unreferred.specificity is None
 
 
@@ -400,3 +419,77 @@ def test_agreement_estimates_over_all_photographs_from_the_sample(
         none_sampled["not_referred"] == {"photographs": 1, "graded": 0}
         and none_sampled["sensitivity"] is None
     )
+
+
+# --------------------------------------------------------------------- found by the review
+
+
+def test_by_default_each_photograph_is_compared_with_the_grade_its_result_reports(
+    client: TestClient, url: str, scored: tuple[Key, Key, list[str]]
+) -> None:
+    """A newer release activated and grading one photograph again must not hide what the earlier
+    release told the clinic about the others: their results still report its grades (the review:
+    the default compared the active release only, and a miss the clinic was told went unlisted)."""
+    north, _, ids = scored
+    first = client.get(f"/v1/images/{ids[0]}", headers=north.headers).json()["model_version"]
+    with session_scope(url) as s:
+        newer = repo.activate_release(s, "stub-ensemble@0.0.2")
+        probs = [0.0, 0.0, 0.0, 1.0, 0.0]
+        repo.upsert_prediction(
+            s,
+            image_id=ids[1],
+            model_version_id=newer.id,
+            grade=3,
+            probabilities=probs,
+            members={},
+            referable=True,
+        )
+    _put(client, north, ids[0], {"grade": 3, "grader": "Dr A"})  # the first release graded it 0
+    _put(client, north, ids[1], {"grade": 3, "grader": "Dr A"})
+    out = client.get("/v1/agreement", headers=north.headers).json()
+    assert out["releases"] == {first: 1, "stub-ensemble@0.0.2": 1} and out["n_awaiting_model"] == 0
+    assert out["missed_referable"] == [ids[0]] and out["confusion_matrix"][3][3] == 1
+    metrics = client.get("/metrics").text
+    assert _gauge(metrics, "drscreen_grader_missed_referable_last_30d") == 1
+    newest = client.get(
+        "/v1/agreement", headers=north.headers, params={"model": "stub-ensemble@0.0.2"}
+    ).json()
+    assert newest["n_images"] == 1 and newest["n_awaiting_model"] == 1 and newest["missed_referable"] == []
+
+
+def test_a_retry_changes_nothing_and_the_missed_list_is_newest_first(
+    client: TestClient, url: str, scored: tuple[Key, Key, list[str]]
+) -> None:
+    north, _, ids = scored
+    first = _put(client, north, ids[0], {"grade": 2, "grader": "Dr A"}).json()  # type: ignore[attr-defined]
+    again = _put(client, north, ids[0], {"grade": 2, "grader": " Dr A "}).json()  # type: ignore[attr-defined]
+    assert again == first  # the same time: a retry is not a new grade (it would re-fire the alert)
+    with session_scope(url) as s:
+        actions = s.scalars(select(AuditEvent.action).where(AuditEvent.action.like("grader_grade.%"))).all()
+        assert actions == ["grader_grade.record"]
+    # two misses: the one graded last is listed first
+    with session_scope(url) as s:
+        newer = repo.activate_release(s, "stub-ensemble@0.0.2")
+        repo.upsert_prediction(
+            s, image_id=ids[2], model_version_id=newer.id, grade=1, probabilities=[0.0, 1.0, 0.0, 0.0, 0.0],
+            members={}, referable=False,
+        )  # fmt: skip
+    _put(client, north, ids[2], {"grade": 4, "grader": "Dr A"})
+    assert client.get("/v1/agreement", headers=north.headers).json()["missed_referable"] == [ids[2], ids[0]]
+
+
+@pytest.mark.parametrize("name", ["A\u0085B", "A\u2028B", "A\u202eB", "A\u200bB", "\ufeffDr A", "A\ue000"])
+def test_grader_names_with_invisible_or_control_characters_are_refused(
+    client: TestClient, url: str, scored: tuple[Key, Key, list[str]], name: str
+) -> None:
+    north, _, ids = scored
+    answer = client.put(
+        f"/v1/images/{ids[0]}/grader-grade", headers=north.headers, json={"grade": 1, "grader": name}
+    )
+    assert answer.status_code == 422, answer.text
+    ok = client.put(
+        f"/v1/images/{ids[0]}/grader-grade",
+        headers=north.headers,
+        json={"grade": 1, "grader": "Dr Ñúñez-Ødegård"},
+    )
+    assert ok.status_code == 200 and ok.json()["grader"] == "Dr Ñúñez-Ødegård"
