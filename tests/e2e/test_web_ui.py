@@ -296,6 +296,17 @@ def test_web_interface_in_chromium(
     )
     assert page.url.endswith(f"/bundles/{bundle_id}")
 
+    # A grader's blind page of one of the visit's photographs (what docs/screenshots shows)
+    page.goto(f"{api_url}/grade/{api['images'][0]['id']}")
+    page.wait_for_function(
+        "() => { const i = document.querySelector('[data-testid=grade-photo]');"
+        " return i && i.complete && i.naturalWidth > 0; }",
+        timeout=STEP_TIMEOUT_MS,
+    )
+    assert page.locator("[data-testid=verdict]").count() == 0
+    _shot(page, screenshots, "web-grade.png")
+    page.goto(f"{api_url}/bundles/{bundle_id}")
+
     # Graders' grades through the result page's forms: shown beside the model's grade (which stays)
     # once back on the visit; then the clinic's agreement with them.
     for image, grade in zip(api["images"], (api["images"][0]["grade"], 4), strict=True):
@@ -336,6 +347,27 @@ def test_web_interface_in_chromium(
     assert page.inner_text("[data-testid=photo-grade]") == "UNGRADABLE"
     assert page.locator("[data-testid=reasons] li").count() == len(single["quality"]["reasons"]) > 0
     _shot(page, screenshots, "web-ungradable.png")
+
+    # The graders' list: the ungradable photograph (a referral) waits there; its blind page shows
+    # the photograph and the form, not the service's verdict; saved, it leaves the list.
+    page.click("nav a[href='/grading-queue']")
+    page.wait_for_url(f"{api_url}/grading-queue")
+    row = page.locator(f"[data-testid=queue-item][data-image='{image_id}']")
+    row.locator("a").click()
+    page.wait_for_url(f"{api_url}/grade/{image_id}")
+    assert page.locator("[data-testid=verdict]").count() == 0
+    assert page.locator("[data-testid=photo-grade]").count() == 0
+    page.wait_for_function(
+        "() => { const i = document.querySelector('[data-testid=grade-photo]');"
+        " return i && i.complete && i.naturalWidth > 0; }",
+        timeout=STEP_TIMEOUT_MS,
+    )
+    page.select_option("select[name=grade]", "ungradable")
+    page.fill("input[name=grader]", "Dr E2E")
+    with page.expect_navigation():
+        page.click("[data-testid=grader-form] button[type=submit]")
+    assert page.url == f"{api_url}/grading-queue"
+    assert page.locator(f"[data-testid=queue-item][data-image='{image_id}']").count() == 0
 
     # The patient's history.
     page.goto(f"{api_url}/patients")
