@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from core import grading_queue
 from core import repository as repo
 from core.errors import NotFound
-from core.grading_queue import Strata, in_period, in_sample, prediction_of, sampled
+from core.grading_queue import Strata, in_period, prediction_of, sampled
 from core.schemas import (
     Agreement,
     EstimatedAgreement,
@@ -30,7 +30,7 @@ from core.schemas import (
     Stratum,
     UngradableAgreement,
 )
-from core.tables import GraderGrade, Image, ModelVersion, Prediction
+from core.tables import GraderGrade, Image, ModelVersion, Prediction, as_utc
 
 GRADES = 5
 REFERABLE_FROM = 2
@@ -69,13 +69,11 @@ class Pair:
     grader: int | None
     model: int | None
     model_referable: bool
+    sampled: bool = False  # in the graders' random sample (core.grading_queue)
 
 
-def tally(pairs: Iterable[Pair], percent: float = 100.0) -> Counter[Cell]:
-    return Counter(
-        Cell(p.grader, p.model, p.model is None or p.model_referable, in_sample(p.image_id, percent))
-        for p in pairs
-    )
+def tally(pairs: Iterable[Pair]) -> Counter[Cell]:
+    return Counter(Cell(p.grader, p.model, p.model is None or p.model_referable, p.sampled) for p in pairs)
 
 
 def _interval(successes: int, n: int) -> tuple[float | None, list[float] | None]:
@@ -202,6 +200,14 @@ def _simulated_intervals(
     return interval(tp, fn), interval(tn, fp)
 
 
+def _around(point: float | None, interval: list[float] | None) -> list[float] | None:
+    """The interval widened to hold its point estimate: no miss in the sample gives 1.0, and
+    draws from a posterior never reach 1.0 exactly (0.9998 read as "1.0 outside its interval")."""
+    if point is None or interval is None:
+        return None
+    return [min(interval[0], point), max(interval[1], point)]
+
+
 def estimate(cells: Mapping[Cell, int], totals: Strata, percent: float) -> EstimatedAgreement:
     """Referral sensitivity and specificity over all the photographs (verification bias
     corrected, Begg and Greenes): the referred stratum from its graded photographs, the
@@ -231,9 +237,9 @@ def estimate(cells: Mapping[Cell, int], totals: Strata, percent: float) -> Estim
     intervals = _simulated_intervals(totals, (ref_r, graded_r), (ref_n, graded_n))
     return EstimatedAgreement(
         sensitivity=sensitivity,
-        sensitivity_ci95=intervals[0] if sensitivity is not None else None,
+        sensitivity_ci95=_around(sensitivity, intervals[0]),
         specificity=specificity,
-        specificity_ci95=intervals[1] if specificity is not None else None,
+        specificity_ci95=_around(specificity, intervals[1]),
         referred=Stratum(photographs=totals.referred, graded=graded_r),
         not_referred=Stratum(photographs=totals.not_referred, graded=graded_n),
         sample_percent=percent,
@@ -254,7 +260,7 @@ def _graded_pairs(
     stmt = (
         select(GraderGrade.id)
         .join(Image, Image.id == GraderGrade.image_id)
-        .join(Prediction, prediction_of(release))
+        .join_from(Image, Prediction, prediction_of(release))
     )
     return in_period(stmt, clinic_id, since, until)
 
@@ -283,7 +289,7 @@ def _missed(session: Session, pairs: Any) -> list[str]:
 def _releases(session: Session, pairs: Any) -> dict[str, int]:
     stmt = (
         pairs.with_only_columns(ModelVersion.ref, func.count())
-        .join(ModelVersion, ModelVersion.id == Prediction.model_version_id)
+        .join_from(Prediction, ModelVersion, ModelVersion.id == Prediction.model_version_id)
         .group_by(ModelVersion.ref)
     )
     return {ref: int(n) for ref, n in session.execute(stmt)}
@@ -334,20 +340,27 @@ class RecentCounts:
     graded: int  # photographs with both grades
     referable: int  # of them, the grader refers
     missed: int  # of those, the service graded it and did not refer
+    newest_missed: datetime | None  # when the newest of those grades was recorded
 
 
 def recent_counts(session: Session, since: datetime) -> RecentCounts:
     grader_refers = GraderGrade.grade >= REFERABLE_FROM
     missed = and_(grader_refers, _model_gradable(), Prediction.referable.is_(False))
     stmt = (
-        select(func.count(), func.count().filter(grader_refers), func.count().filter(missed))
+        select(
+            func.count(),
+            func.count().filter(grader_refers),
+            func.count().filter(missed),
+            func.max(GraderGrade.updated_at).filter(missed),
+        )
         .select_from(GraderGrade)
         .join(Image, Image.id == GraderGrade.image_id)
-        .join(Prediction, prediction_of(None))
+        .join_from(Image, Prediction, prediction_of(None))
         .where(GraderGrade.updated_at >= since)
     )
     row = session.execute(stmt).one()
-    return RecentCounts(int(row[0]), int(row[1]), int(row[2]))
+    newest = as_utc(row[3]) if isinstance(row[3], datetime) else None
+    return RecentCounts(int(row[0]), int(row[1]), int(row[2]), newest)
 
 
 # ------------------------------------------------------------------------------------- as text

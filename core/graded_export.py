@@ -156,6 +156,7 @@ def export_graded(
         )
         session.commit()
         if target.exists():  # an empty folder named for it (perhaps the current one): fill it
+            os.chmod(target, 0o700)
             for part in work.iterdir():
                 part.rename(target / part.name)
             work.rmdir()

@@ -47,12 +47,18 @@ class Accepted(BaseModel):
 _NOT_IN_NAMES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 
 
+#: Letters that draw nothing (Hangul fillers) and the blank Braille pattern.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
 def _printable_name(value: str) -> str:
     name = value.strip()
     if not name:
         raise ValueError("the grader's name is empty")
     if any(unicodedata.category(ch) in _NOT_IN_NAMES for ch in name):
         raise ValueError("the grader's name holds a control or invisible character")
+    if not any(unicodedata.category(ch)[0] in "LNPS" and ch not in _BLANK_LETTERS for ch in name):
+        raise ValueError("the grader's name shows nothing: give a name or initials")
     return name
 
 
@@ -323,7 +329,6 @@ class GradingQueueItem(BaseModel):
     patient_id: str
     eye: Eye
     received_at: UtcDatetime
-    url: str = Field(description="the photograph's result (`GET /v1/images/{id}`)")
 
 
 class GradingQueue(BaseModel):

@@ -147,6 +147,8 @@ def _http_error(request: Request, exc: Exception, not_found_page: NotFoundPage |
 
 #: Seconds a client is asked to wait before retrying when the database is down or saturated.
 DATABASE_RETRY_AFTER = 5
+#: Largest ``offset`` a paged list takes (larger ones overflowed the databases' integers: 500).
+MAX_OFFSET = 2**31 - 1
 #: Connection refused or lost, SQLite locked, pool exhausted (``sa_exc.TimeoutError``).
 DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.TimeoutError)
 

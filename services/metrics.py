@@ -121,6 +121,11 @@ class SystemCollector(Collector):
                 "of those, photographs whose result did not refer them: missed disease",
             ),
         }
+        newest_miss = GaugeMetricFamily(
+            "drscreen_grader_newest_miss_timestamp_seconds",
+            "Unix time at which the newest grader's grade of the last 30 days that refers a "
+            "photograph its result did not refer was recorded; absent when there is none",
+        )
         estimated = GaugeMetricFamily(
             "drscreen_grader_estimated_sensitivity_last_90d",
             "referral sensitivity over all photographs received in the last 90 days, estimated from "
@@ -146,6 +151,8 @@ class SystemCollector(Collector):
                 )
             for name, family in families.items():
                 family.add_metric([], getattr(counts, name))
+            if counts.newest_missed is not None:
+                newest_miss.add_metric([], counts.newest_missed.timestamp())
             e = overall.estimated
             if e is not None and e.sensitivity is not None:
                 estimated.add_metric([], e.sensitivity)
@@ -155,6 +162,7 @@ class SystemCollector(Collector):
         except Exception as exc:
             log.warning("graders' counts unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
         yield from families.values()
+        yield newest_miss
         yield estimated
         yield strata
 

@@ -20,7 +20,7 @@ from core.errors import Forbidden, InvalidInput, NotFound
 from core.schemas import Accepted, JobStatus
 from core.tables import ScoringJob
 from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
-from services.errors import error_responses
+from services.errors import MAX_OFFSET, error_responses
 from services.views import image_results
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def get_job_results(
     session: SessionDep,
     principal: PrincipalDep,
     api: ApiSettingsDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     # a whole typical job in one answer (the contract says "per-image results"): paging is for
     # folders of thousands
     limit: Annotated[

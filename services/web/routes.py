@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
@@ -43,7 +43,7 @@ from services.deps import (
     SettingsDep,
     audit,
 )
-from services.errors import NotReady, headers_for, status_for
+from services.errors import MAX_OFFSET, NotReady, headers_for, status_for
 from services.modelinfo import active_ref, model_info, read_manifest, released_ensembles
 from services.routes import agreement as agreement_routes
 from services.routes import bundles as bundle_routes
@@ -1052,7 +1052,8 @@ def model_page(request: Request, settings: SettingsDep, principal: WebPrincipal)
 def agreement_page(
     request: Request, session: SessionDep, principal: WebPrincipal, settings: SettingsDep
 ) -> Response:
-    """``GET /v1/agreement`` for the signed-in clinic (the active release against its graders)."""
+    """``GET /v1/agreement`` for the signed-in clinic (the grades its results reported against its
+    graders')."""
     if principal is None:
         return auth.login_redirect(request)
     figures = agreement_routes.get_agreement(session, principal, settings)
@@ -1062,14 +1063,16 @@ def agreement_page(
 
 @router.get(QUEUE_PATH)
 def grading_queue_page(
-    request: Request, session: SessionDep, principal: WebPrincipal, settings: SettingsDep, offset: int = 0
+    request: Request,
+    session: SessionDep,
+    principal: WebPrincipal,
+    settings: SettingsDep,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Response:
     """``GET /v1/grading-queue`` for the signed-in clinic: what its graders should grade next."""
     if principal is None:
         return auth.login_redirect(request)
-    queue = queue_routes.get_grading_queue(
-        session, principal, settings, limit=QUEUE_PAGE, offset=max(0, offset)
-    )
+    queue = queue_routes.get_grading_queue(session, principal, settings, limit=QUEUE_PAGE, offset=offset)
     return _page(request, "grading_queue.html", {"queue": queue}, principal=principal)
 
 

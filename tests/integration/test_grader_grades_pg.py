@@ -30,7 +30,7 @@ from tests.unit.test_grader_grades import (  # noqa: F401  (collected here: the 
     test_erasing_the_patient_erases_the_grader_grades,
     test_metrics_count_the_last_30_days_of_grader_grades_and_the_misses,
     test_the_grading_queue_lists_referrals_and_the_sample_blind,
-    test_the_sample_is_the_share_of_ids_asked_for_and_sql_agrees_with_python,
+    test_the_sample_is_the_share_asked_for_drawn_by_secret_keys_not_ids,
 )
 
 

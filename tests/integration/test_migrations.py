@@ -11,6 +11,7 @@ from sqlalchemy import Connection, create_engine, inspect, text
 
 from core import migrate
 from core.tables import metadata
+from tests.conftest import fresh_pg_database
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,3 +143,62 @@ def test_image_sent_at_starts_as_the_upload_time(tmp_path: Path) -> None:
             assert conn.execute(text("SELECT count(*) FROM image")).scalar_one() == 2
     finally:
         engine.dispose()
+
+
+def _keys_drawn_and_kept(url: str) -> None:
+    from alembic import command
+
+    from core.tables import SAMPLE_KEYS
+
+    command.downgrade(migrate.alembic_config(url), "4c8a1e7f2b90")  # the revision before sample_key
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            _old_clinic(conn)
+            patient = "INSERT INTO patient (id, clinic_id, external_id, created_at) VALUES (1, 1, 'P', :at)"
+            conn.execute(text(patient), {"at": "2026-11-23"})
+            for n in range(200):
+                conn.execute(
+                    text(
+                        "INSERT INTO image (id, clinic_id, patient_id, eye, sha256, stored_path, size_bytes,"
+                        " status, attempts, created_at, updated_at, sent_at) VALUES (:id, 1, 1, 'left',"
+                        " :sha, 'x.jpg', 1, 'done', 1, '2026-11-23', '2026-11-23', '2026-11-23')"
+                    ),
+                    {"id": f"{n:032x}", "sha": f"{n:064x}"},
+                )
+            conn.execute(
+                text("INSERT INTO model_version (id, ref, created_at) VALUES (1, 'e@1', '2026-11-23')")
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO prediction (image_id, model_version_id, grade, probabilities, referable,"
+                    " gradable, created_at) VALUES (:id, 1, 2, '[0,0,1,0,0]', true, true, '2026-11-23')"
+                ),
+                {"id": f"{0:032x}"},
+            )
+        migrate.upgrade(url)
+        with engine.connect() as conn:
+            keys = [k for (k,) in conn.execute(text("SELECT sample_key FROM image"))]
+        assert all(k is not None and 0 <= k < SAMPLE_KEYS for k in keys) and len(set(keys)) == 200
+        assert sum(k < SAMPLE_KEYS // 2 for k in keys) in range(60, 141)  # spread, not constant
+        migrate.check(url)
+        command.downgrade(migrate.alembic_config(url), "4c8a1e7f2b90")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM prediction")).scalar_one() == 1
+            assert conn.execute(text("SELECT count(*) FROM image")).scalar_one() == 200
+    finally:
+        engine.dispose()
+
+
+def test_image_sample_key_drawn_for_existing_photographs_on_sqlite(tmp_path: Path) -> None:
+    """Photographs stored before the graders' sample had a secret key get one each, spread over
+    [0, 2**31) (one value for all would make the sample all or none); downgrading keeps their
+    gradings (a rebuilt image table on SQLite cascaded them away)."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    migrate.upgrade(url)
+    _keys_drawn_and_kept(url)
+
+
+def test_image_sample_key_drawn_for_existing_photographs_on_postgresql() -> None:
+    with fresh_pg_database() as url:
+        _keys_drawn_and_kept(url)

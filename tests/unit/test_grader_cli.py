@@ -184,6 +184,7 @@ def test_export_is_private_and_refuses_links_the_store_and_leaves_neighbours_alo
     dot = _export("--out", ".")
     assert dot.exit_code == 0, dot.output
     assert (here / "labels.csv").is_file() and len(list((here / "images").iterdir())) == 1
+    assert oct(here.stat().st_mode & 0o777) == "0o700"  # an existing folder made private too
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
 

@@ -5,19 +5,20 @@ embedded database with photographs scored by the stand-in ensemble."""
 from __future__ import annotations
 
 import random
+import time
 from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
 from sklearn.metrics import cohen_kappa_score, confusion_matrix
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core import agreement, grading_queue
 from core import repository as repo
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore
-from core.tables import AuditEvent, GraderGrade, Image, Prediction, new_id
+from core.tables import SAMPLE_KEYS, AuditEvent, GraderGrade, Image, Prediction, new_id, new_sample_key
 from tests.api_support import Key, make_key, sample_bytes
 from tests.unit.test_workers_scoring import Sent, StubEnsemble, add_images
 from workers import scoring
@@ -293,6 +294,9 @@ def test_metrics_count_the_last_30_days_of_grader_grades_and_the_misses(
     assert _gauge(text, "drscreen_grader_graded_last_30d") == 3
     assert _gauge(text, "drscreen_grader_referable_last_30d") == 3
     assert _gauge(text, "drscreen_grader_missed_referable_last_30d") == missed
+    # the "missed" alert reads when the newest miss was recorded (a count in a sliding window can
+    # stay flat while a new miss comes in and an old one leaves: the review)
+    assert abs(_gauge(text, "drscreen_grader_newest_miss_timestamp_seconds") - time.time()) < 60
     # the same as the agreement says; and a grade recorded 31 days ago is out of the window
     assert client.get("/v1/agreement", headers=north.headers).json()["referable"]["false_negative"] == missed
     with session_scope(url) as s:
@@ -306,25 +310,25 @@ def test_metrics_count_the_last_30_days_of_grader_grades_and_the_misses(
 # ------------------------------------------------------------- the grading queue and its sample
 
 
-def _pairs(prefix: str, n: int, grader_grade: int, model: int, start: int = 0) -> list[agreement.Pair]:
-    return [P(f"{prefix}{i + start:026d}", grader_grade, model) for i in range(n)]
+def _pairs(n: int, grader_grade: int | None, model: int, *, sampled: bool = True) -> list[agreement.Pair]:
+    refers = model >= 2
+    return [agreement.Pair(new_id(), grader_grade, model, refers, sampled) for _ in range(n)]
 
 
 def test_the_estimate_scales_each_stratum_up_from_its_graded_photographs() -> None:
     """100 referred photographs (50 graded: 40 referable), 900 not referred (90 of its random
     sample graded: 3 referable); 5 more not-referred photographs graded outside the sample (all
     referable: a grader's hunch) are not random and must not move the estimate."""
-    sample, outside = "000000", "ffffff"
     pairs = (
-        _pairs(sample, 40, 3, 3)
-        + _pairs(sample, 10, 0, 2, start=40)  # referred, grader finds no referable disease
-        + _pairs(sample, 3, 2, 0, start=50)  # missed, in the sample
-        + _pairs(sample, 87, 0, 0, start=53)
-        + _pairs(outside, 5, 3, 1)
-        + [P("000000" + "9" * 26, None, 0)]  # the grader could not grade it: no reference
+        _pairs(40, 3, 3)
+        + _pairs(10, 0, 2)  # referred, grader finds no referable disease
+        + _pairs(3, 2, 0)  # missed, in the sample
+        + _pairs(87, 0, 0)
+        + _pairs(5, 3, 1, sampled=False)
+        + _pairs(1, None, 0)  # the grader could not grade it: no reference
     )
     totals = grading_queue.Strata(referred=100, not_referred=900, not_referred_in_sample=90)
-    out = agreement.estimate(agreement.tally(pairs, 10), totals, percent=10)
+    out = agreement.estimate(agreement.tally(pairs), totals, percent=10)
     # TP 100*40/50 = 80, FP 20, FN 900*3/90 = 30, TN 870
     assert out.sensitivity == round(80 / 110, 4) and out.specificity == round(870 / 890, 4)
     assert (out.referred.photographs, out.referred.graded) == (100, 50)
@@ -333,42 +337,53 @@ def test_the_estimate_scales_each_stratum_up_from_its_graded_photographs() -> No
     low, high = out.sensitivity_ci95
     assert low < out.sensitivity < high and high - low > 0.3  # 3 misses found in 90: wide
     assert out.specificity_ci95[0] < out.specificity < out.specificity_ci95[1]
-    assert agreement.estimate(agreement.tally(pairs, 10), totals, percent=10) == out  # seeded
-    naive = agreement.summarise(agreement.tally(pairs, 10)).referable
+    assert agreement.estimate(agreement.tally(pairs), totals, percent=10) == out  # seeded
+    naive = agreement.summarise(agreement.tally(pairs)).referable
     assert naive.sensitivity == round(40 / 48, 4)  # what the graded photographs alone suggest
 
 
 def test_no_miss_found_in_a_small_sample_is_not_a_perfect_sensitivity() -> None:
     """20 sampled, none referable: the point estimate is 1.0, and its interval says how little
     20 photographs can tell about 900 (a resampling interval would have been [1, 1])."""
-    pairs = _pairs("000000", 40, 3, 3) + _pairs("000000", 20, 0, 0, start=40)
-    out = agreement.estimate(agreement.tally(pairs, 10), grading_queue.Strata(100, 900, 90), percent=10)
+    pairs = _pairs(40, 3, 3) + _pairs(20, 0, 0)
+    out = agreement.estimate(agreement.tally(pairs), grading_queue.Strata(100, 900, 90), percent=10)
     assert out.sensitivity == 1.0 and out.sensitivity_ci95 is not None
     assert out.sensitivity_ci95[0] < 0.7 and out.sensitivity_ci95[1] > 0.99
 
 
 def test_the_estimate_is_unknown_without_a_graded_sample() -> None:
-    pairs = _pairs("000000", 10, 3, 3)
-    unknown = agreement.estimate(agreement.tally(pairs, 10), grading_queue.Strata(10, 500, 50), percent=10)
+    pairs = _pairs(10, 3, 3)
+    unknown = agreement.estimate(agreement.tally(pairs), grading_queue.Strata(10, 500, 50), percent=10)
     assert unknown.sensitivity is None and unknown.specificity is None
     nothing_unreferred = agreement.estimate(
-        agreement.tally(pairs, 10), grading_queue.Strata(10, 0, 0), percent=10
+        agreement.tally(pairs), grading_queue.Strata(10, 0, 0), percent=10
     )
     assert nothing_unreferred.sensitivity == 1.0 and nothing_unreferred.specificity is None
 
 
-def test_the_sample_is_the_share_of_ids_asked_for_and_sql_agrees_with_python(
+def test_the_sample_is_the_share_asked_for_drawn_by_secret_keys_not_ids(
     url: str, scored: tuple[Key, Key, list[str]]
 ) -> None:
-    ids = [new_id() for _ in range(40_000)]
+    """The review: drawn from the id, the sample told a grader who knew the rule which of the
+    photographs in the list were referrals (the id is on every page). Drawn from a secret key:
+    the same share, SQL agreeing with Python, and the id says nothing."""
+    keys = [new_sample_key() for _ in range(40_000)]
     for percent in (0, 2.5, 10, 50, 100):
-        share = sum(grading_queue.in_sample(i, percent) for i in ids) / len(ids)
+        share = sum(grading_queue.in_sample(k, percent) for k in keys) / len(keys)
         assert share == pytest.approx(percent / 100, abs=0.01), percent
-    _, _, scored_ids = scored
+    _, _, ids = scored
     with session_scope(url) as s:
+        stored = {i: s.get(Image, i).sample_key for i in ids}  # type: ignore[union-attr]
+        assert all(key is not None for key in stored.values())  # written with the photograph
         for percent in [p / 2 for p in range(0, 201)]:
             in_sql = set(s.scalars(select(Image.id).where(grading_queue.sampled(percent))))
-            assert in_sql == {i for i in scored_ids if grading_queue.in_sample(i, percent)}, percent
+            assert in_sql == {i for i in ids if grading_queue.in_sample(stored[i], percent)}, percent
+        # the same ids, keys swapped: the sample follows the keys
+        first, last = ids[0], ids[-1]
+        s.execute(update(Image).where(Image.id == first).values(sample_key=0))
+        s.execute(update(Image).where(Image.id == last).values(sample_key=SAMPLE_KEYS - 1))
+        assert set(s.scalars(select(Image.id).where(grading_queue.sampled(1)))) >= {first}
+        assert last not in set(s.scalars(select(Image.id).where(grading_queue.sampled(99))))
 
 
 def test_the_grading_queue_lists_referrals_and_the_sample_blind(
@@ -379,8 +394,9 @@ def test_the_grading_queue_lists_referrals_and_the_sample_blind(
     client.app.state.settings = settings.model_copy(update={"grader_sample_percent": 0})  # type: ignore[attr-defined]
     queue = client.get("/v1/grading-queue", headers=north.headers).json()
     assert [item["image_id"] for item in queue["items"]] == ids[1:] and queue["total"] == 2
-    assert set(queue["items"][0]) == {"image_id", "patient_id", "eye", "received_at", "url"}  # blind
-    assert queue["items"][0]["url"] == f"/v1/images/{ids[1]}" and queue["next_offset"] is None
+    # blind: nothing of the service's grade, not even a link to the result (the review)
+    assert set(queue["items"][0]) == {"image_id", "patient_id", "eye", "received_at"}
+    assert queue["next_offset"] is None
     client.app.state.settings = settings.model_copy(update={"grader_sample_percent": 100})  # type: ignore[attr-defined]
     every = client.get("/v1/grading-queue", headers=north.headers).json()
     assert [item["image_id"] for item in every["items"]] == ids and every["sample_percent"] == 100
@@ -392,8 +408,11 @@ def test_the_grading_queue_lists_referrals_and_the_sample_blind(
     after = client.get("/v1/grading-queue", headers=north.headers).json()
     assert [item["image_id"] for item in after["items"]] == [ids[0], ids[2]]
     assert client.get("/v1/grading-queue", headers=south.headers).json()["items"] == []
-    for bad in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"limit": "x"}):
+    for bad in ({"limit": 0}, {"limit": 1001}, {"offset": -1}, {"limit": "x"}, {"offset": 2**31}):
         assert client.get("/v1/grading-queue", headers=north.headers, params=bad).status_code == 422
+    # an offset past the databases' integers was a 500 here and on a job's results (the review)
+    huge = {"offset": "99999999999999999999"}
+    assert client.get(f"/v1/jobs/{'0' * 32}/results", headers=north.headers, params=huge).status_code == 422
 
 
 def test_agreement_estimates_over_all_photographs_from_the_sample(
@@ -478,7 +497,21 @@ def test_a_retry_changes_nothing_and_the_missed_list_is_newest_first(
     assert client.get("/v1/agreement", headers=north.headers).json()["missed_referable"] == [ids[2], ids[0]]
 
 
-@pytest.mark.parametrize("name", ["A\u0085B", "A\u2028B", "A\u202eB", "A\u200bB", "\ufeffDr A", "A\ue000"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "A\u0085B",
+        "A\u2028B",
+        "A\u202eB",
+        "A\u200bB",
+        "\ufeffDr A",
+        "A\ue000",
+        "\u3164",
+        "\u115f",
+        "\u2800",
+        "\u0301",
+    ],
+)
 def test_grader_names_with_invisible_or_control_characters_are_refused(
     client: TestClient, url: str, scored: tuple[Key, Key, list[str]], name: str
 ) -> None:
