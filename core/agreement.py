@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from core import grading_queue
 from core import repository as repo
 from core.errors import NotFound
-from core.grading_queue import Strata, in_period, prediction_of, sampled
+from core.grading_queue import Strata, in_period, model_gradable, prediction_of, sampled
 from core.schemas import (
     Agreement,
     EstimatedAgreement,
@@ -249,10 +249,6 @@ def estimate(cells: Mapping[Cell, int], totals: Strata, percent: float) -> Estim
 # ------------------------------------------------------------------------------- in the database
 
 
-def _model_gradable() -> Any:
-    return and_(Image.gradable.is_(True), Prediction.gradable.is_(True))
-
-
 def _graded_pairs(
     clinic_id: int | None, release: ModelVersion | None, since: datetime | None, until: datetime | None
 ) -> Any:
@@ -269,8 +265,8 @@ def _cells(session: Session, pairs: Any, percent: float) -> Counter[Cell]:
     # labelled, and grouped by the labels: PostgreSQL does not match GROUP BY expressions that
     # carry bound parameters with the same expressions in the select list
     grader = GraderGrade.grade.label("c_grader")
-    model = case((_model_gradable(), Prediction.grade), else_=null()).label("c_model")
-    refers = case((_model_gradable(), Prediction.referable), else_=true()).label("c_refers")
+    model = case((model_gradable(), Prediction.grade), else_=null()).label("c_model")
+    refers = case((model_gradable(), Prediction.referable), else_=true()).label("c_refers")
     in_sample_ = sampled(percent).label("c_sampled")
     stmt = pairs.with_only_columns(grader, model, refers, in_sample_, func.count()).group_by(
         grader, model, refers, in_sample_
@@ -280,7 +276,7 @@ def _cells(session: Session, pairs: Any, percent: float) -> Counter[Cell]:
 
 def _missed(session: Session, pairs: Any) -> list[str]:
     missed = pairs.with_only_columns(Image.id).where(
-        GraderGrade.grade >= REFERABLE_FROM, _model_gradable(), Prediction.referable.is_(False)
+        GraderGrade.grade >= REFERABLE_FROM, model_gradable(), Prediction.referable.is_(False)
     )
     newest_first = missed.order_by(GraderGrade.updated_at.desc(), Image.id).limit(MISSED_LISTED)
     return list(session.scalars(newest_first))
@@ -328,7 +324,7 @@ def agreement(
         until=until,
     )
     if sample_percent is not None:
-        totals = grading_queue.strata(session, clinic_id, release, sample_percent, since=since, until=until)
+        totals = grading_queue.strata(session, clinic_id, release, since=since, until=until)
         result.estimated = estimate(cells, totals, sample_percent)
     return result
 
@@ -345,7 +341,7 @@ class RecentCounts:
 
 def recent_counts(session: Session, since: datetime) -> RecentCounts:
     grader_refers = GraderGrade.grade >= REFERABLE_FROM
-    missed = and_(grader_refers, _model_gradable(), Prediction.referable.is_(False))
+    missed = and_(grader_refers, model_gradable(), Prediction.referable.is_(False))
     stmt = (
         select(
             func.count(),

@@ -56,10 +56,15 @@ def prediction_of(release: ModelVersion | None) -> ColumnElement[bool]:
     return and_(Prediction.image_id == Image.id, ~later.correlate(Prediction).exists())
 
 
+def model_gradable() -> ColumnElement[bool]:
+    """The service graded the photograph (with its grading joined): its quality gate passed it
+    and the grading has a grade, as the API reports it (services.views)."""
+    return and_(Image.gradable.is_(True), Prediction.gradable.is_(True))
+
+
 def referred() -> ColumnElement[bool]:
-    """The release referred the photograph: ungradable to the quality gate or to the release, or
-    graded referable (with a prediction of the release joined)."""
-    return or_(Image.gradable.is_not(True), Prediction.gradable.is_(False), Prediction.referable.is_(True))
+    """The service referred the photograph: ungradable to it, or graded referable."""
+    return or_(not_(model_gradable()), Prediction.referable.is_(True))
 
 
 def _graded(release: ModelVersion | None) -> Any:
@@ -81,18 +86,16 @@ def in_period(stmt: Any, clinic_id: int | None, since: datetime | None, until: d
 @dataclass(frozen=True)
 class Strata:
     """Photographs graded by the service (``release``'s gradings only, when given), by its
-    decision: referred, not referred, and of those the ones in the random sample."""
+    decision: the two populations the agreement's estimate scales up to."""
 
     referred: int
     not_referred: int
-    not_referred_in_sample: int
 
 
 def strata(
     session: Session,
     clinic_id: int | None,
     release: ModelVersion | None,
-    percent: float,
     *,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -100,10 +103,9 @@ def strata(
     stmt = _graded(release).with_only_columns(
         func.count().filter(referred()),
         func.count().filter(not_(referred())),
-        func.count().filter(and_(not_(referred()), sampled(percent))),
     )
     row = session.execute(in_period(stmt, clinic_id, since, until)).one()
-    return Strata(int(row[0]), int(row[1]), int(row[2]))
+    return Strata(int(row[0]), int(row[1]))
 
 
 @dataclass(frozen=True)

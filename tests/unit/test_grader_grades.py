@@ -327,7 +327,7 @@ def test_the_estimate_scales_each_stratum_up_from_its_graded_photographs() -> No
         + _pairs(5, 3, 1, sampled=False)
         + _pairs(1, None, 0)  # the grader could not grade it: no reference
     )
-    totals = grading_queue.Strata(referred=100, not_referred=900, not_referred_in_sample=90)
+    totals = grading_queue.Strata(referred=100, not_referred=900)
     out = agreement.estimate(agreement.tally(pairs), totals, percent=10)
     # TP 100*40/50 = 80, FP 20, FN 900*3/90 = 30, TN 870
     assert out.sensitivity == round(80 / 110, 4) and out.specificity == round(870 / 890, 4)
@@ -346,18 +346,16 @@ def test_no_miss_found_in_a_small_sample_is_not_a_perfect_sensitivity() -> None:
     """20 sampled, none referable: the point estimate is 1.0, and its interval says how little
     20 photographs can tell about 900 (a resampling interval would have been [1, 1])."""
     pairs = _pairs(40, 3, 3) + _pairs(20, 0, 0)
-    out = agreement.estimate(agreement.tally(pairs), grading_queue.Strata(100, 900, 90), percent=10)
+    out = agreement.estimate(agreement.tally(pairs), grading_queue.Strata(100, 900), percent=10)
     assert out.sensitivity == 1.0 and out.sensitivity_ci95 is not None
     assert out.sensitivity_ci95[0] < 0.7 and out.sensitivity_ci95[1] > 0.99
 
 
 def test_the_estimate_is_unknown_without_a_graded_sample() -> None:
     pairs = _pairs(10, 3, 3)
-    unknown = agreement.estimate(agreement.tally(pairs), grading_queue.Strata(10, 500, 50), percent=10)
+    unknown = agreement.estimate(agreement.tally(pairs), grading_queue.Strata(10, 500), percent=10)
     assert unknown.sensitivity is None and unknown.specificity is None
-    nothing_unreferred = agreement.estimate(
-        agreement.tally(pairs), grading_queue.Strata(10, 0, 0), percent=10
-    )
+    nothing_unreferred = agreement.estimate(agreement.tally(pairs), grading_queue.Strata(10, 0), percent=10)
     assert nothing_unreferred.sensitivity == 1.0 and nothing_unreferred.specificity is None
 
 
