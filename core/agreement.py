@@ -329,6 +329,14 @@ def agreement(
     return result
 
 
+def estimate_since(session: Session, since: datetime, sample_percent: float) -> EstimatedAgreement:
+    """The estimate alone, over every clinic's photographs received since ``since`` (``/metrics``:
+    two queries a scrape, not the whole agreement's five)."""
+    cells = _cells(session, _graded_pairs(None, None, since, None), sample_percent)
+    totals = grading_queue.strata(session, None, None, since=since)
+    return estimate(cells, totals, sample_percent)
+
+
 @dataclass(frozen=True)
 class RecentCounts:
     """Graders' grades recorded since a time (``/metrics``), against the grades the results report."""

@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.repository import upsert_statement
 from core.retention import lock_image
 from core.schemas import GraderGradeOut
 from core.tables import GraderGrade, Image, utcnow
@@ -48,23 +47,13 @@ def record(
     previous = label(before) if before is not None else None
     if before is not None and before.grade == grade and before.grader == grader:
         return Recorded(before, previous, changed=False)
+    # a plain insert or update: every writer of this row holds the photograph's lock first
     now = utcnow()
-    values = {
-        "image_id": image.id,
-        "clinic_id": image.clinic_id,
-        "grade": grade,
-        "gradable": grade is not None,
-        "grader": grader,
-        "api_key_id": api_key_id,
-        "created_at": now,
-        "updated_at": now,
-    }
-    stmt = upsert_statement(session, GraderGrade).values(**values)
-    changed = {k: stmt.excluded[k] for k in ("grade", "gradable", "grader", "api_key_id", "updated_at")}
-    session.execute(stmt.on_conflict_do_update(index_elements=["image_id"], set_=changed))
-    row = session.scalars(
-        select(GraderGrade).where(GraderGrade.image_id == image.id).execution_options(populate_existing=True)
-    ).one()
+    row = before or GraderGrade(image_id=image.id, clinic_id=image.clinic_id, created_at=now)
+    row.grade, row.gradable, row.grader = grade, grade is not None, grader
+    row.api_key_id, row.updated_at = api_key_id, now
+    session.add(row)
+    session.flush()
     return Recorded(row, previous, changed=True)
 
 
@@ -76,9 +65,9 @@ def remove(session: Session, image_id: str) -> GradeLabel | None:
     before = get(session, image_id)
     if before is None:
         return None
-    previous = label(before)
-    session.execute(delete(GraderGrade).where(GraderGrade.image_id == image_id))
-    return previous
+    session.delete(before)
+    session.flush()
+    return label(before)
 
 
 def get(session: Session, image_id: str) -> GraderGrade | None:

@@ -49,7 +49,7 @@ API_KEY_PREFIX = "drs_"
 OPEN_JOB_STATES = ("queued", "running")
 
 
-def upsert_statement(session: Session, table: Any) -> Any:
+def _insert(session: Session, table: Any) -> Any:
     """A dialect-specific INSERT supporting ON CONFLICT (PostgreSQL and SQLite)."""
     name = session.get_bind().dialect.name
     if name == "postgresql":
@@ -66,7 +66,7 @@ def get_or_create_clinic(session: Session, name: str) -> Clinic:
     name = name.strip()
     if not name:
         raise InvalidInput("clinic name is empty")
-    stmt = upsert_statement(session, Clinic).values(name=name, created_at=utcnow())
+    stmt = _insert(session, Clinic).values(name=name, created_at=utcnow())
     session.execute(stmt.on_conflict_do_nothing(index_elements=["name"]))
     clinic = session.scalars(select(Clinic).where(Clinic.name == name)).one()
     return clinic
@@ -195,9 +195,7 @@ def ensure_patient(session: Session, clinic_id: int, external_id: str) -> tuple[
     external_id = external_id.strip()
     if not external_id:
         raise InvalidInput("patient_id is empty")
-    stmt = upsert_statement(session, Patient).values(
-        clinic_id=clinic_id, external_id=external_id, created_at=utcnow()
-    )
+    stmt = _insert(session, Patient).values(clinic_id=clinic_id, external_id=external_id, created_at=utcnow())
     # RETURNING says whether a row went in (rowcount is not reliable across the two drivers)
     stmt = stmt.on_conflict_do_nothing(index_elements=["clinic_id", "external_id"]).returning(Patient.id)
     created = session.execute(stmt).first() is not None
@@ -472,7 +470,7 @@ def stale_running_images(session: Session, older_than: timedelta) -> list[Image]
 def get_or_create_model_version(
     session: Session, ref: str, card: dict[str, Any] | None = None
 ) -> ModelVersion:
-    stmt = upsert_statement(session, ModelVersion).values(ref=ref, card=card, created_at=utcnow())
+    stmt = _insert(session, ModelVersion).values(ref=ref, card=card, created_at=utcnow())
     session.execute(stmt.on_conflict_do_nothing(index_elements=["ref"]))
     row = session.scalars(select(ModelVersion).where(ModelVersion.ref == ref)).one()
     if card is not None and row.card != card:
@@ -553,7 +551,7 @@ def upsert_prediction(
         "referable": referable,
         "gradable": gradable,
     }
-    stmt = upsert_statement(session, Prediction).values(
+    stmt = _insert(session, Prediction).values(
         image_id=image_id, model_version_id=model_version_id, created_at=utcnow(), **values
     )
     stmt = stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_=values)
@@ -596,7 +594,7 @@ def upsert_explanation(
     session: Session, *, image_id: str, model_version_id: int, sha256: str, stored_path: str
 ) -> Explanation:
     values = {"sha256": sha256, "stored_path": stored_path}
-    stmt = upsert_statement(session, Explanation).values(
+    stmt = _insert(session, Explanation).values(
         image_id=image_id, model_version_id=model_version_id, created_at=utcnow(), **values
     )
     session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_=values))
@@ -853,7 +851,7 @@ def add_job_items(session: Session, job_id: str, items: Iterable[JobItemSpec]) -
         for it in items
     ]
     for start in range(0, len(rows), INSERT_BATCH_ROWS):
-        stmt = upsert_statement(session, ScoringJobItem).values(rows[start : start + INSERT_BATCH_ROWS])
+        stmt = _insert(session, ScoringJobItem).values(rows[start : start + INSERT_BATCH_ROWS])
         session.execute(stmt.on_conflict_do_nothing(index_elements=["job_id", "path"]))
     session.flush()
     return len(rows)
@@ -1010,7 +1008,7 @@ def record_heartbeat(session: Session, node: str, values: dict[str, Any]) -> Non
     """Insert the worker ``node``'s row, or update only the columns in ``values`` (a pool child's
     runtime report and the main process's beats each leave the other's columns alone). One
     statement, so repeating it is harmless."""
-    stmt = upsert_statement(session, WorkerHeartbeat).values(node=node, **values)
+    stmt = _insert(session, WorkerHeartbeat).values(node=node, **values)
     session.execute(stmt.on_conflict_do_update(index_elements=["node"], set_=values))
 
 

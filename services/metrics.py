@@ -143,22 +143,18 @@ class SystemCollector(Collector):
             now = utcnow()
             with self.sessions() as session:
                 counts = agreement_of.recent_counts(session, now - GRADER_WINDOW)
-                overall = agreement_of.agreement(
-                    session,
-                    None,
-                    since=now - ESTIMATE_WINDOW,
-                    sample_percent=self.settings.grader_sample_percent,
+                e = agreement_of.estimate_since(
+                    session, now - ESTIMATE_WINDOW, self.settings.grader_sample_percent
                 )
             for name, family in families.items():
                 family.add_metric([], getattr(counts, name))
             if counts.newest_missed is not None:
                 newest_miss.add_metric([], counts.newest_missed.timestamp())
-            e = overall.estimated
-            if e is not None and e.sensitivity is not None:
+            if e.sensitivity is not None:
                 estimated.add_metric([], e.sensitivity)
             # always both series (0 before anything was graded): the alert's selectors name them
-            strata.add_metric(["referred"], e.referred.graded if e is not None else 0)
-            strata.add_metric(["not_referred"], e.not_referred.graded if e is not None else 0)
+            strata.add_metric(["referred"], e.referred.graded)
+            strata.add_metric(["not_referred"], e.not_referred.graded)
         except Exception as exc:
             log.warning("graders' counts unavailable: %s: %s", type(exc).__name__, str(exc).splitlines()[:1])
         yield from families.values()

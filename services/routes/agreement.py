@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from core import agreement as agreement_of
 from core.errors import InvalidInput
 from core.schemas import Agreement
+from core.tables import as_utc
 from services.deps import PrincipalDep, SessionDep, SettingsDep
 from services.errors import error_responses
 
@@ -20,7 +21,7 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return as_utc(value)
     except OverflowError:  # 0001-01-01T00:00+00:01 is before the first representable UTC time
         raise InvalidInput("since and until must be dates between years 1 and 9999 in UTC") from None
 
