@@ -564,7 +564,7 @@ def db_restore(
     force: bool = typer.Option(False, "--force", help=_FORCE_HELP),
 ) -> None:
     """Replace the database with a backup and put its files back in the store (API and workers
-    stopped). Patients erased and keys revoked after the backup are back: do it again."""
+    stopped); patients erased and keys revoked after the backup are erased and revoked again."""
     from core.backup import read_manifest, restore_backup
     from core.settings import get_settings
 
@@ -600,12 +600,48 @@ def db_restore(
         typer.echo(
             f"{report.resent} photograph(s) or folder job(s) were waiting: the workers' next sweep sends them"
         )
+    if report.replayed is None:
+        typer.echo(
+            "NOTE: the backup's schema is older than this release's: run `drscreen db upgrade`, then "
+            "`drscreen db replay-ledger` (erasures and key revocations made after the backup)",
+            err=True,
+        )
+    else:
+        _replayed_lines(report.replayed)
     typer.echo(
-        f"NOTE: everything accepted after {taken} is gone (clinics re-send it); patients erased and API "
-        "keys revoked since are back: erase and revoke them again; staff sign in again",
+        f"NOTE: everything accepted after {taken} is gone (clinics re-send it), API keys created since "
+        "too; staff sign in again",
         err=True,
     )
     typer.echo("run `drscreen db upgrade` if this release's schema is newer, then start the API and workers")
+
+
+def _replayed_lines(done: Any) -> None:
+    typer.echo(
+        f"done again from the restore ledger: {done.erasures} patient erasure(s) and {done.revocations} "
+        "API key revocation(s) made after the backup"
+    )
+    if done.unknown_key:
+        typer.echo(
+            f"WARNING: {done.unknown_key} erasure(s) of the ledger were recorded with a deployment key "
+            "neither this store nor the backup holds: those patients may be back; erase them again",
+            err=True,
+        )
+
+
+@db_app.command("replay-ledger")
+def db_replay_ledger() -> None:
+    """Erase again the patients and revoke again the API keys the store's ledger records and the
+    database lacks (after restoring an older backup and `drscreen db upgrade`; a restore does it
+    itself otherwise). Running it again changes nothing."""
+    from core.backup import replay_ledger
+    from core.settings import get_settings
+
+    _refuse_other_schema("drscreen db replay-ledger")
+    settings = get_settings()
+    with _backup_errors("replay-ledger"):
+        done = replay_ledger(settings.database_url, settings.store_path)
+    _replayed_lines(done)
 
 
 @db_app.command("verify-backup")
@@ -1042,6 +1078,11 @@ class _db_errors:
     def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> None:
         from sqlalchemy.exc import OperationalError, ProgrammingError
 
+        from core.errors import Unavailable
+
+        if isinstance(exc, Unavailable):  # e.g. the restore ledger cannot be written: nothing changed
+            typer.echo(f"drscreen: {exc.message}", err=True)
+            raise typer.Exit(code=2)
         if (isinstance(exc, OperationalError | ProgrammingError) and "no such table" in str(exc)) or (
             isinstance(exc, ProgrammingError) and "does not exist" in str(exc)
         ):

@@ -11,6 +11,8 @@ A backup folder holds:
   missing, and not needed by anyone but the erased patient's rows);
 - ``store/deployment.key``: the deployment's secret (``core.deployment_key``), which is not in the
   database: without it a restored deployment could not match its erasure audit rows;
+- ``store/ledger.jsonl``: the store's ledger of erasures and key revocations (core.ledger),
+  copied after the snapshot;
 - ``backup.json``: when, the schema revision, and the counts.
 
 Order, so that a backup interrupted at any point still restores what its manifest says: the new
@@ -26,7 +28,10 @@ would delete that backup.
 A restore refuses while workers are alive or (PostgreSQL) other sessions use the database, unless
 forced: what they accepted meanwhile would vanish. After it, runtime state of the old machine is
 dropped (worker heartbeats, web sessions: staff sign in again) and what was waiting at the
-snapshot is marked stale, so the workers' next sweep sends it again on the new broker.
+snapshot is marked stale, so the workers' next sweep sends it again on the new broker. Then the
+erasures and key revocations made after the snapshot are done again from the ledger
+(:func:`replay_ledger`: the backup's copy merged into the store's first), so that no erased patient
+comes back and no revoked key works again.
 """
 
 from __future__ import annotations
@@ -49,10 +54,12 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from core import deployment_key, heartbeat
+from core import deployment_key, heartbeat, ledger, migrate, retention
 from core import repository as repo
 from core.deployment_key import KEY_FILE
-from core.store import paths_overlap, sha256_file
+from core.ledger import LEDGER_FILE
+from core.ledger_replay import Replayed, replay
+from core.store import FileStore, paths_overlap, sha256_file
 from core.tables import Image, ScoringJob, WebSession, WorkerHeartbeat, as_utc, utcnow
 
 SQLITE_FILE = "database.sqlite"
@@ -89,6 +96,9 @@ class BackupReport:
     resent: int = 0  # restore: photographs and folder jobs waiting at the snapshot, sent again
     dump_sha256: str = ""  # of database.sqlite / database.pgdump: a damaged dump is refused
     database_id: str = ""  # which database (SQLite file, PostgreSQL host/port/name)
+    #: restore: erasures and revocations after the snapshot done again from the ledger; None when
+    #: the restored schema is older than this release's (`drscreen db replay-ledger` after the upgrade)
+    replayed: Replayed | None = None
 
 
 def _no_progress(items: Iterable[str], _total: int, _what: str) -> Iterable[str]:
@@ -290,14 +300,59 @@ def _sync_key(source: Path, target: Path, dir_mode: int = 0o777) -> str:
 
 
 def _stored_files_under(root: Path) -> set[str]:
-    """The stored files under ``root`` (not the key, not temporary files of a copy or an upload)."""
+    """The stored files under ``root`` (not the key or the ledger, not temporary files of a copy
+    or an upload)."""
     if not root.is_dir():
         return set()
     return {
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
-        if p.is_file() and p.name != KEY_FILE and not p.name.startswith(".")
+        if p.is_file() and p.name not in (KEY_FILE, LEDGER_FILE) and not p.name.startswith(".")
     }
+
+
+def _read_ledger(store_dir: Path) -> list[ledger.Entry]:
+    try:
+        return ledger.read_ledger(ledger.ledger_path(store_dir))
+    except (OSError, ValueError) as exc:
+        raise BackupError(f"the restore ledger cannot be read: {exc}") from None
+
+
+def _copy_ledger(source: Path, target: Path) -> None:
+    """The store's ledger into the backup (whole: lines are only ever appended)."""
+    if ledger.ledger_path(source).is_file():
+        _copy(ledger.ledger_path(source), ledger.ledger_path(target), 0o700)
+
+
+def _store_keys(store_dir: Path) -> dict[str, bytes]:
+    """Every deployment key the store holds, by fingerprint: its own and the ones restores replaced
+    (kept beside it as dot files by :func:`_sync_key`). Unreadable ones are left out."""
+    keys = {}
+    for path in [store_dir / KEY_FILE, *sorted(store_dir.glob(f".{KEY_FILE}.replaced-*"))]:
+        with contextlib.suppress(OSError, deployment_key.DeploymentKeyError):
+            key = deployment_key.read_key(path)
+            keys[deployment_key.key_fingerprint(key)] = key
+    return keys
+
+
+def replay_ledger(url: str, store_root: Path) -> Replayed:
+    """Do again the erasures and key revocations of the store's ledger that the database lacks
+    (core.ledger_replay), commit, then remove the re-erased patients' files. Idempotent: run
+    after a restore (``restore_backup`` does when the schema is this release's), or after the
+    ``drscreen db upgrade`` that follows the restore of an older backup."""
+    entries = _read_ledger(store_root)
+    keys = _store_keys(store_root)
+    current = keys.get(deployment_key.fingerprint(store_root))
+    engine = create_engine(url)
+    try:
+        with Session(engine) as session:
+            done = replay(session, entries, keys=keys, store_dir=store_root, key=current)
+            session.commit()
+            retention.remove_unreferenced_files(session, FileStore(store_root), done.files)
+            session.commit()
+        return done
+    finally:
+        engine.dispose()
 
 
 def _write_manifest(folder: Path, report: BackupReport) -> None:
@@ -370,6 +425,7 @@ def take_backup(
             report.dump_sha256 = sha256_file(tmp)
             _sync_files(report, names, store_root, backup_store, progress, dir_mode=0o700)
             report.key = _sync_key(store_root, backup_store, dir_mode=0o700)
+            _copy_ledger(store_root, backup_store)  # after the snapshot: it holds at least its lines
             os.replace(tmp, folder / dump_name)
     except BaseException:
         if created and not any(folder.rglob("*")):
@@ -545,6 +601,9 @@ def restore_backup(
     if not _dump_ok(dump, manifest):  # before the database is replaced by something unreadable
         raise BackupError(f"{dump} is damaged (its sha256 is not the one recorded): nothing restored")
     _check_store_writable(store_root)  # before the database is touched: no half-restored machine
+    # both ledgers read first, too: one that cannot be read would leave erasures undone
+    _read_ledger(store_root)
+    theirs = _read_ledger(folder / STORE_DIR)
     busy = None if force else _in_use(url, kind)
     if busy:
         raise BackupError(f"the target is in use: {busy}; stop the API and workers first (or --force)")
@@ -555,6 +614,10 @@ def restore_backup(
     _sync_files(report, names, folder / STORE_DIR, store_root, progress, verify=True)
     # the restored audit rows were keyed with the backup's key (a different one: another store)
     report.key = _sync_key(folder / STORE_DIR, store_root)
+    ledger.merge_into(store_root, theirs)
+    if revision == migrate.head_revision():  # an older schema: after `drscreen db upgrade`
+        report.replayed = replay_ledger(url, store_root)
+        names, _ = _named_files(url)
     unnamed = _stored_files_under(store_root) - names
     report.pruned = len(unnamed)
     if remove_unnamed:
@@ -588,6 +651,10 @@ def verify_backup(folder: Path, progress: Progress = _no_progress) -> VerifyRepo
         report.problems.append(f"{dump.name} is damaged (its sha256 is not the one recorded)")
     if manifest.get("key") not in (None, "none") and not (store / KEY_FILE).is_file():
         report.problems.append(f"{KEY_FILE} is missing")
+    try:
+        ledger.read_ledger(ledger.ledger_path(store))
+    except (OSError, ValueError) as exc:
+        report.problems.append(f"{LEDGER_FILE}: {exc}")
     missing = manifest.get("missing")
     expected = int(str(manifest.get("files", 0))) - (len(missing) if isinstance(missing, list) else 0)
     if len(names) != expected:

@@ -37,7 +37,9 @@ def key_path(store_dir: Path) -> Path:
     return store_dir / KEY_FILE
 
 
-def _read(path: Path) -> bytes:
+def read_key(path: Path) -> bytes:
+    """The key in ``path`` (a key file, or one a restore kept beside it); raises
+    :class:`DeploymentKeyError` for anything else."""
     try:
         text = path.read_text(encoding="ascii").strip()
     except (PermissionError, UnicodeDecodeError) as exc:
@@ -85,14 +87,14 @@ def deployment_key(store_dir: Path) -> bytes:
     path = key_path(store_dir)
     if not path.exists():
         _create(path)
-    return _read(path)
+    return read_key(path)
 
 
 def existing_key(store_dir: Path) -> bytes | None:
     """The deployment's key if this store holds one (never creates it: a machine that only reads,
     e.g. an operator's audit export, must not leave another key behind)."""
     path = key_path(store_dir)
-    return _read(path) if path.exists() else None
+    return read_key(path) if path.exists() else None
 
 
 def fingerprint(store_dir: Path) -> str:
@@ -102,7 +104,7 @@ def fingerprint(store_dir: Path) -> str:
     if not path.exists():
         return "none"
     try:
-        key = _read(path)
+        key = read_key(path)
     except (OSError, DeploymentKeyError):
         return "unreadable"
     return key_fingerprint(key)

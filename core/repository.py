@@ -19,7 +19,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from core import heartbeat
+from core import heartbeat, ledger
 from core.aggregation import EyeGradeFn, GradeFn, ImageScore, PatientAggregate, aggregate_patient
 from core.errors import InvalidInput, NotFound
 from core.settings import Settings, get_settings
@@ -109,15 +109,23 @@ def authenticate_api_key(session: Session, plaintext: str, *, touch: bool = True
     return row
 
 
-def revoke_api_key(session: Session, key_id_or_prefix: str | int) -> int:
-    """Revoke keys by id or by prefix (as printed by ``drscreen keys create``). Returns how many."""
-    stmt = update(ApiKey).where(ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+def revoke_api_key(session: Session, key_id_or_prefix: str | int, store_dir: Path | None = None) -> int:
+    """Revoke keys by id or by prefix (as printed by ``drscreen keys create``). Returns how many.
+    Each revocation is also recorded, at the commit, in the ledger of ``store_dir`` (default the
+    configured store): a restore of an older backup revokes the key again (core.ledger)."""
     if isinstance(key_id_or_prefix, int) or str(key_id_or_prefix).isdigit():
-        stmt = stmt.where(ApiKey.id == int(key_id_or_prefix))
+        which = ApiKey.id == int(key_id_or_prefix)
     else:
-        stmt = stmt.where(ApiKey.prefix == str(key_id_or_prefix)[:12])
-    result = session.execute(stmt.execution_options(synchronize_session=False))
+        which = ApiKey.prefix == str(key_id_or_prefix)[:12]
+    hashes = list(session.scalars(select(ApiKey.key_hash).where(which, ApiKey.revoked_at.is_(None))))
+    if not hashes:
+        return 0
+    stmt = update(ApiKey).where(ApiKey.key_hash.in_(hashes), ApiKey.revoked_at.is_(None))
+    result = session.execute(stmt.values(revoked_at=utcnow()).execution_options(synchronize_session=False))
     session.flush()
+    ledger_dir = store_dir if store_dir is not None else get_settings().store_path
+    for key_hash in hashes:  # a revocation racing another is recorded twice: replaying it is harmless
+        ledger.record_revocation(session, ledger_dir, key_hash)
     return int(getattr(result, "rowcount", 0) or 0)
 
 

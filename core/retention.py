@@ -39,7 +39,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from core import deployment_key
+from core import deployment_key, ledger
 from core import repository as repo
 from core.errors import Conflict, Unavailable
 from core.settings import get_settings
@@ -328,9 +328,9 @@ def _audit(
     api_key_id: int | None,
     by: str,
     **extra: Any,
-) -> None:
+) -> AuditEvent:
     detail = {"by": by, "rows": dict(out.rows), "files": len(out.files), **extra}
-    repo.record_audit(
+    return repo.record_audit(
         session,
         action=action,
         clinic_id=clinic_id,
@@ -349,24 +349,27 @@ def erase_patient(
     api_key_id: int | None = None,
     by: str = "cli",
     key: bytes | None = None,
+    store_dir: Path | None = None,
 ) -> Outcome:
     """Delete everything about the clinic's patient ``external_id`` (see the module docstring).
 
     ``found`` is False (and every count 0) when the clinic has no such patient: erasing twice is
     a no-op, and audits nothing. Raises Conflict while photographs of the patient are being
     scored, unless ``force`` (a worker then skips the rows that vanished). ``api_key_id`` / ``by``
-    say who asked, in the audit row; ``key`` is the deployment key (default: the configured
-    store's, :func:`store_key`). The caller commits (or rolls back: a dry run), then passes
-    ``files`` to :func:`remove_unreferenced_files`."""
+    say who asked, in the audit row; ``store_dir`` is the deployment's store (default the
+    configured one): its ledger records the erasure at the commit (core.ledger), and ``key``, its
+    deployment key (default :func:`store_key`), keys the digest. The caller commits (or rolls
+    back: a dry run), then passes ``files`` to :func:`remove_unreferenced_files`."""
     _lock_database(session)
     patient = repo.get_patient(session, clinic_id, external_id)
     ids = _lock_patients(session, [patient.id]) if patient is not None else []
     if not ids:  # no such patient (or erased by someone else meanwhile)
         return Outcome(found=False)
     out = Outcome(in_flight=sum(_in_flight(session, ids).values()))
+    store_dir = store_dir if store_dir is not None else get_settings().store_path
     if key is None:
         try:
-            key = store_key()
+            key = store_key(store_dir)
         except (OSError, deployment_key.DeploymentKeyError) as exc:  # before anything is deleted
             raise Unavailable(f"the store's deployment key cannot be used: {exc}") from exc
     if out.in_flight and not force:
@@ -375,18 +378,19 @@ def erase_patient(
             "patient once they are done"
         )
     _erase_rows(session, ids, out)
-    _audit(
+    digest, key_id = patient_digest(external_id, key), deployment_key.key_fingerprint(key)
+    row = _audit(
         session,
         ERASE_ACTION,
         out,
         clinic_id=clinic_id,
         api_key_id=api_key_id,
         by=by,
-        **{
-            DIGEST_FIELD: patient_digest(external_id, key),
-            KEY_ID_FIELD: deployment_key.key_fingerprint(key),
-        },
+        **{DIGEST_FIELD: digest, KEY_ID_FIELD: key_id},
         forced=bool(out.in_flight),
+    )
+    ledger.record_erasure(
+        session, store_dir, clinic_id=clinic_id, audit_id=row.id, patient_hmac=digest, key_id=key_id
     )
     return out
 

@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from core import repository as repo
 from core.db import get_engine, session_scope
 from core.deployment_key import KEY_FILE
+from core.ledger import LEDGER_FILE
 from core.store import FileStore
 from core.tables import (
     AuditEvent,
@@ -160,11 +161,15 @@ def dump(url: str) -> dict[str, dict[tuple[Any, ...], tuple[Any, ...]]]:
 
 
 def files(store: FileStore) -> set[str]:
-    """The photographs and heatmaps in the store (not its deployment key, core.deployment_key)."""
+    """The photographs and heatmaps in the store (not its deployment key or its restore ledger)."""
     root = store.root
     if not root.exists():
         return set()
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != KEY_FILE}
+    return {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.name not in (KEY_FILE, LEDGER_FILE)
+    }
 
 
 def owned_by(url: str, patient: int) -> dict[str, set[tuple[Any, ...]]]:

@@ -23,6 +23,11 @@ from tests.unit.test_backup import (  # noqa: F401  (collected here: the same te
     test_a_second_backup_copies_only_new_files_and_drops_an_erased_patients,
     test_another_deployments_backup_or_a_foreign_folder_is_refused,
 )
+from tests.unit.test_restore_ledger import (  # noqa: F401  (the restore ledger, on PostgreSQL)
+    test_a_backup_carries_the_ledger_and_a_restore_merges_it,
+    test_an_erasure_the_backup_already_holds_is_not_done_again,
+    test_erasures_and_revocations_after_a_backup_are_done_again_by_its_restore,
+)
 from tests.unit.test_workers_scoring import add_images, photo
 
 

@@ -282,7 +282,7 @@ def test_a_restore_refuses_a_target_in_use_and_then_resets_runtime_state(url: st
     forced = runner.invoke(app, ["db", "restore", str(folder), "--yes", "--force"])
     assert forced.exit_code == 0, forced.output
     assert "3 photograph(s) or folder job(s) were waiting" in forced.output
-    assert "API keys revoked since are back" in forced.output
+    assert "done again from the restore ledger" in forced.output
     with session_scope(url) as s:
         assert s.scalars(select(WorkerHeartbeat)).all() == [] and s.scalars(select(WebSession)).all() == []
         waiting = s.scalars(select(Image).where(Image.id.in_(ids))).all()
