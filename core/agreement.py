@@ -261,12 +261,12 @@ def _graded_pairs(
     return in_period(stmt, clinic_id, since, until)
 
 
-def _cells(session: Session, pairs: Any, percent: float) -> Counter[Cell]:
+def _cells(session: Session, pairs: Any, percent: float, release: ModelVersion | None) -> Counter[Cell]:
     # labelled, and grouped by the labels: PostgreSQL does not match GROUP BY expressions that
     # carry bound parameters with the same expressions in the select list
     grader = GraderGrade.grade.label("c_grader")
-    model = case((model_gradable(), Prediction.grade), else_=null()).label("c_model")
-    refers = case((model_gradable(), Prediction.referable), else_=true()).label("c_refers")
+    model = case((model_gradable(release), Prediction.grade), else_=null()).label("c_model")
+    refers = case((model_gradable(release), Prediction.referable), else_=true()).label("c_refers")
     in_sample_ = sampled(percent).label("c_sampled")
     stmt = pairs.with_only_columns(grader, model, refers, in_sample_, func.count()).group_by(
         grader, model, refers, in_sample_
@@ -274,9 +274,9 @@ def _cells(session: Session, pairs: Any, percent: float) -> Counter[Cell]:
     return Counter({Cell(g, m, bool(r), bool(s)): int(n) for g, m, r, s, n in session.execute(stmt)})
 
 
-def _missed(session: Session, pairs: Any) -> list[str]:
+def _missed(session: Session, pairs: Any, release: ModelVersion | None) -> list[str]:
     missed = pairs.with_only_columns(Image.id).where(
-        GraderGrade.grade >= REFERABLE_FROM, model_gradable(), Prediction.referable.is_(False)
+        GraderGrade.grade >= REFERABLE_FROM, model_gradable(release), Prediction.referable.is_(False)
     )
     newest_first = missed.order_by(GraderGrade.updated_at.desc(), Image.id).limit(MISSED_LISTED)
     return list(session.scalars(newest_first))
@@ -303,10 +303,12 @@ def agreement(
     """The service's grades (``release``'s only, when given) against the graders' over the
     photographs of ``clinic_id`` (every clinic: None) received in [since, until). A photograph is
     ungradable to the service when its quality gate rejected it or the grading says so, as the API
-    reports it. With ``sample_percent``, also the estimate over all photographs."""
+    reports it (for a named release: as that release's scoring found it,
+    :func:`core.grading_queue.model_gradable`). With ``sample_percent``, also the estimate over
+    all photographs."""
     pairs = _graded_pairs(clinic_id, release, since, until)
     percent = 100.0 if sample_percent is None else sample_percent
-    cells = _cells(session, pairs, percent)
+    cells = _cells(session, pairs, percent, release)
     graded_rows = in_period(
         select(func.count()).select_from(GraderGrade).join(Image, Image.id == GraderGrade.image_id),
         clinic_id,
@@ -316,7 +318,7 @@ def agreement(
     awaiting = (session.scalar(graded_rows) or 0) - sum(cells.values())
     result = summarise(
         cells,
-        missed=_missed(session, pairs),
+        missed=_missed(session, pairs, release),
         awaiting=awaiting,
         model_version=release.ref if release is not None else None,
         releases=_releases(session, pairs),
@@ -332,7 +334,7 @@ def agreement(
 def estimate_since(session: Session, since: datetime, sample_percent: float) -> EstimatedAgreement:
     """The estimate alone, over every clinic's photographs received since ``since`` (``/metrics``:
     two queries a scrape, not the whole agreement's five)."""
-    cells = _cells(session, _graded_pairs(None, None, since, None), sample_percent)
+    cells = _cells(session, _graded_pairs(None, None, since, None), sample_percent, None)
     totals = grading_queue.strata(session, None, None, since=since)
     return estimate(cells, totals, sample_percent)
 

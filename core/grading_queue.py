@@ -56,15 +56,20 @@ def prediction_of(release: ModelVersion | None) -> ColumnElement[bool]:
     return and_(Prediction.image_id == Image.id, ~later.correlate(Prediction).exists())
 
 
-def model_gradable() -> ColumnElement[bool]:
-    """The service graded the photograph (with its grading joined): its quality gate passed it
-    and the grading has a grade, as the API reports it (services.views)."""
+def model_gradable(release: ModelVersion | None = None) -> ColumnElement[bool]:
+    """The service graded the photograph (with its grading joined, :func:`prediction_of`): for the
+    newest grading, its quality gate passed it and the grading has a grade, as the API reports it
+    (services.views). For a named release, its own grading's verdict only: ``image.gradable`` is
+    the latest scoring's, and a later release's quality gate must not make this one's grade
+    ungradable (``Prediction.gradable`` is that scoring's gate and grade, workers.scoring)."""
+    if release is not None:
+        return Prediction.gradable.is_(True)
     return and_(Image.gradable.is_(True), Prediction.gradable.is_(True))
 
 
-def referred() -> ColumnElement[bool]:
+def referred(release: ModelVersion | None = None) -> ColumnElement[bool]:
     """The service referred the photograph: ungradable to it, or graded referable."""
-    return or_(not_(model_gradable()), Prediction.referable.is_(True))
+    return or_(not_(model_gradable(release)), Prediction.referable.is_(True))
 
 
 def _graded(release: ModelVersion | None) -> Any:
@@ -101,8 +106,8 @@ def strata(
     until: datetime | None = None,
 ) -> Strata:
     stmt = _graded(release).with_only_columns(
-        func.count().filter(referred()),
-        func.count().filter(not_(referred())),
+        func.count().filter(referred(release)),
+        func.count().filter(not_(referred(release))),
     )
     row = session.execute(in_period(stmt, clinic_id, since, until)).one()
     return Strata(int(row[0]), int(row[1]))

@@ -524,3 +524,29 @@ def test_grader_names_with_invisible_or_control_characters_are_refused(
         json={"grade": 1, "grader": "Dr Ñúñez-Ødegård"},
     )
     assert ok.status_code == 200 and ok.json()["grader"] == "Dr Ñúñez-Ødegård"
+
+
+def test_a_named_release_is_judged_by_its_own_quality_verdict(
+    client: TestClient, url: str, scored: tuple[Key, Key, list[str]]
+) -> None:
+    """A later release's quality gate rejected a photograph the first release graded 0: asked for
+    the first release, the agreement counts the 0 it gave (a miss here), not the later verdict
+    (``image.gradable`` is the latest scoring's; session 26's leftover)."""
+    north, _, ids = scored
+    first = client.get(f"/v1/images/{ids[0]}", headers=north.headers).json()
+    assert first["grade"] == 0 and first["gradable"] is True
+    with session_scope(url) as s:
+        newer = repo.activate_release(s, "stub-ensemble@0.0.2")
+        repo.upsert_prediction(
+            s, image_id=ids[0], model_version_id=newer.id, grade=None, probabilities=None, members={},
+            referable=True, gradable=False,
+        )  # fmt: skip
+        s.execute(update(Image).where(Image.id == ids[0]).values(gradable=False))
+    _put(client, north, ids[0], {"grade": 3, "grader": "Dr A"})
+    reported = client.get("/v1/agreement", headers=north.headers).json()  # what the result says now
+    assert reported["missed_referable"] == [] and reported["ungradable"]["model_only"] == 1
+    named = client.get(
+        "/v1/agreement", headers=north.headers, params={"model": first["model_version"]}
+    ).json()
+    assert named["missed_referable"] == [ids[0]] and named["ungradable"]["model_only"] == 0
+    assert named["confusion_matrix"][3][0] == 1
