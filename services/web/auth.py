@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
@@ -139,10 +139,26 @@ def login_redirect(request: Request) -> RedirectResponse:
     """Send a signed-out visitor to the login form, remembering the page they asked for."""
     here = request.url.path
     if request.method != "GET":
-        # a form's POST route has no page to come back to (signing in ended on a 405): its form's
-        here = "/patients" if here.startswith("/patients") else "/jobs" if here == "/jobs" else "/"
-    target = "/login" if here == "/" else f"/login?next={here}"
+        # a form's POST route has no page to come back to (signing in ended on a 405): the page
+        # the form was on, when the browser names it (a grader's grade saved after the session
+        # ended went back to the home page: session 26's leftover), else the form's own page
+        here = _form_page(request) or (
+            "/patients" if here.startswith("/patients") else "/jobs" if here == "/jobs" else "/"
+        )
+    target = "/login" if here == "/" else f"/login?next={quote(here, safe='/')}"
     return RedirectResponse(target, status_code=303)
+
+
+def _form_page(request: Request) -> str | None:
+    """The local page a form was posted from (its Referer, on this host), or None."""
+    referer = request.headers.get("referer")
+    if referer is None:
+        return None
+    parts = urlsplit(referer)
+    if parts.netloc != request.headers.get("host", "") or parts.path in ("", "/login"):
+        return None
+    page = parts.path + (f"?{parts.query}" if parts.query else "")
+    return page if safe_next(page) == page else None
 
 
 def same_origin(request: Request) -> bool:

@@ -96,6 +96,17 @@ def test_signing_in_again_after_a_form_post_returns_to_its_form(client: TestClie
         assert resp.status_code == 303 and resp.headers["location"] == (
             "/login" if form == "/" else f"/login?next={form}"
         ), route
+    # the page the form was on, when the browser names it on this host (a grader's grade saved
+    # after the session ended went back to the home page: session 26's leftover); never elsewhere
+    for referer, back in (
+        ("http://testserver/images/abc", "/login?next=/images/abc"),
+        ("http://testserver/grade/abc?x=1&y=2", "/login?next=/grade/abc%3Fx%3D1%26y%3D2"),
+        ("https://elsewhere.example/images/abc", "/login"),
+        ("http://testserver//elsewhere.example/x", "/login"),
+        ("http://testserver/login?next=/jobs", "/login"),
+    ):
+        resp = client.post("/grader-grades", data={}, headers={"Referer": referer}, follow_redirects=False)
+        assert resp.status_code == 303 and resp.headers["location"] == back, referer
     key = make_key(url, "North")
     cookie = web_cookie(client, key)
     foreign = client.post(
@@ -358,3 +369,19 @@ def test_the_api_edge_holds_under_a_root_path(url: str) -> None:
         keyless = mounted.post("/drs/v1/images", data={"patient_id": "p", "eye": "left"})
         assert keyless.status_code == 401 and keyless.json()["error"] == "unauthorized"
         assert mounted.get("/drs/v1/models", headers=key.headers).headers["cache-control"] == "no-store"
+
+
+def test_signing_in_from_a_form_posted_signed_out_lands_on_its_page(client: TestClient, url: str) -> None:
+    key = make_key(url, "North")
+    sent = client.post(
+        "/grader-grades",
+        data={},
+        headers={"Referer": "http://testserver/grade/abc?x=1&y=2"},
+        follow_redirects=False,
+    )
+    login = client.get(sent.headers["location"])
+    assert login.status_code == 200 and 'value="/grade/abc?x=1&amp;y=2"' in login.text
+    signed = client.post(
+        "/login", data={"api_key": key.key, "next": "/grade/abc?x=1&y=2"}, follow_redirects=False
+    )
+    assert signed.status_code == 303 and signed.headers["location"] == "/grade/abc?x=1&y=2"
