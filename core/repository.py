@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from core import heartbeat, ledger
 from core.aggregation import EyeGradeFn, GradeFn, ImageScore, PatientAggregate, aggregate_patient
@@ -765,6 +765,24 @@ def patient_history(session: Session, patient_id: int, limit: int | None = 100) 
             .limit(limit)
         )
     )
+
+
+def iter_patient_history(session: Session, patient_id: int, batch: int = 50) -> Iterator[PatientResult]:
+    """Results newest first, read ``batch`` at a time with their eyes: a reader that stops at the
+    first it wants reads no further (a patient with hundreds of results, folder-job chunks and
+    re-grades each adding one, was read whole with every eye for one earlier visit's page)."""
+    stmt = (
+        select(PatientResult)
+        .where(PatientResult.patient_id == patient_id)
+        .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
+        .options(selectinload(PatientResult.eyes))
+        .execution_options(yield_per=batch)
+    )
+    results = session.scalars(stmt)
+    try:
+        yield from results
+    finally:
+        results.close()  # stopped early: the cursor is let go
 
 
 # -------------------------------------------------------------------------------------- bundles

@@ -180,9 +180,10 @@ def earlier_visit_summary(
         return None
     summary = PatientSummary(patient_id=patient.external_id)
     refs: dict[int, str] = {}
-    # every result, not the history's newest 100: folder-job chunks and re-grades each add one,
-    # and a visit further back read "not graded" (the review)
-    for result in repo.patient_history(session, patient.id, limit=None):
+    # every result if need be, not the history's newest 100: folder-job chunks and re-grades each
+    # add one, and a visit further back read "not graded" (the review); read in batches, newest
+    # first, until the visit's
+    for result in repo.iter_patient_history(session, patient.id):
         eyes = _eyes_of(result)
         if not any(wanted & set(eye.image_ids) for eye in eyes.values()):
             continue

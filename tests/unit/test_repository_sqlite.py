@@ -456,3 +456,52 @@ def test_ensure_patient_says_whether_it_created_the_row(session: Session) -> Non
     first, created = repo.ensure_patient(session, c.id, "P-9")
     again, created_again = repo.ensure_patient(session, c.id, " P-9 ")
     assert created and not created_again and first.id == again.id
+
+
+def test_patient_history_read_in_batches_newest_first(session: Session) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import event
+
+    from core.tables import EyeResult, PatientResult, utcnow
+
+    clinic = repo.get_or_create_clinic(session, "North")
+    patient = repo.get_or_create_patient(session, clinic.id, "PHIST")
+    start = utcnow()
+    for n in range(7):
+        result = PatientResult(
+            patient_id=patient.id,
+            grade=n % 5,
+            gradable=True,
+            referable=False,
+            computed_at=start + timedelta(n),
+        )
+        result.eyes = [
+            EyeResult(
+                patient_id=patient.id,
+                eye="left",
+                grade=n % 5,
+                gradable=True,
+                referable=False,
+                image_ids=[f"im{n}"],
+            )
+        ]
+        session.add(result)
+    session.flush()
+    session.expunge_all()  # read from the database, not the identity map
+    every = [r.eyes[0].image_ids for r in repo.iter_patient_history(session, patient.id, batch=3)]
+    assert every == [[f"im{n}"] for n in range(6, -1, -1)]
+
+    statements: list[tuple[str, tuple[object, ...]]] = []
+    listener = lambda *args: statements.append((args[2], tuple(args[3])))  # noqa: E731
+    event.listen(session.get_bind(), "before_cursor_execute", listener)
+    try:
+        session.expunge_all()
+        for result in repo.iter_patient_history(session, patient.id, batch=3):
+            assert result.eyes[0].image_ids == ["im6"]
+            break
+    finally:
+        event.remove(session.get_bind(), "before_cursor_execute", listener)
+    # the first batch's eyes only (every result's and its eyes were loaded before)
+    [eyes] = [params for sql, params in statements if "FROM eye_result" in sql]
+    assert len(eyes) == 3, statements
