@@ -207,6 +207,7 @@ def serve(
     _check_part_settings("services.config:get_api_settings")
     _warn_about_settings("drscreen serve")
     _refuse_other_schema("drscreen serve")
+    _refuse_pending_replay("drscreen serve")
     with _metrics_shared_by(workers):
         uvicorn.run(
             "services.app:create_app_for_cli",  # checked just above: the app does not check again
@@ -274,6 +275,7 @@ def worker(
         _check_part_settings("workers.settings:get_worker_settings")
         _warn_about_settings("drscreen worker")
         _refuse_other_schema("drscreen worker")
+        _refuse_pending_replay("drscreen worker")
         _refuse_other_release(ref)
         if not Path(settings.store_path).is_dir():
             # not fatal (an embedded API creates it on its first upload), but on a machine of its
@@ -349,6 +351,21 @@ def _refuse_other_schema(command: str) -> None:
         raise typer.Exit(2) from None
     if unreachable:
         typer.echo(f"{command}: database not reachable now ({unreachable}); schema not checked", err=True)
+
+
+def _refuse_pending_replay(command: str) -> None:
+    """Exit 2 while a restore's replay of the restore ledger has not run (core.ledger): patients
+    erased after the backup would be served again."""
+    from core.ledger import PENDING_FILE
+    from core.settings import get_settings
+
+    if (get_settings().store_path / PENDING_FILE).exists():
+        typer.echo(
+            f"{command}: not starting: a restore has not finished: the erasures and key revocations "
+            "made after its backup are not done again yet; run `drscreen db replay-ledger`",
+            err=True,
+        )
+        raise typer.Exit(2)
 
 
 def _refuse_other_release(ref: str) -> None:
@@ -470,6 +487,25 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
         raise typer.Exit(2) from None
     # the revision the database is at now (upgrading to an older one, e.g. "base", changes nothing)
     typer.echo(f"database at {_redact(url)} is at {current_revision(url) or 'base (empty)'}")
+    _replay_if_pending()
+
+
+def _replay_if_pending() -> None:
+    """After the upgrade an older backup's restore needs: the replay it left to do (core.ledger)."""
+    from core.ledger import PENDING_FILE
+    from core.migrate import current_revision, head_revision
+    from core.settings import get_settings
+
+    settings = get_settings()
+    if not (settings.store_path / PENDING_FILE).exists():
+        return
+    if current_revision(settings.database_url) != head_revision():
+        typer.echo("NOTE: a restore's replay waits for the newest schema: `drscreen db upgrade`", err=True)
+        return
+    from core.backup import replay_ledger
+
+    with _backup_errors("upgrade"):
+        _replayed_lines(replay_ledger(settings.database_url, settings.store_path))
 
 
 @db_app.command("check")
@@ -550,6 +586,12 @@ def db_backup(
         report = take_backup(folder, settings.database_url, settings.store_path, _file_progress, force=force)
     _backup_lines(report, f"backed up to {folder}:")
     typer.echo(f"snapshot of {report.taken_at}: what the service accepts after it is not in this backup")
+    if report.ledger_problem:
+        typer.echo(
+            f"WARNING: the store's restore ledger cannot be read ({report.ledger_problem}): a restore "
+            'would refuse it; see README "Backup and restore"',
+            err=True,
+        )
     if report.pruned:
         typer.echo(f"{report.pruned} file(s) no longer named by the database removed from the backup")
 
@@ -602,12 +644,20 @@ def db_restore(
         )
     if report.replayed is None:
         typer.echo(
-            "NOTE: the backup's schema is older than this release's: run `drscreen db upgrade`, then "
-            "`drscreen db replay-ledger` (erasures and key revocations made after the backup)",
+            "NOTE: the backup's schema is older than this release's: run `drscreen db upgrade`; it then "
+            "does again the erasures and key revocations made after the backup (the API and workers "
+            "refuse to start until then)",
             err=True,
         )
     else:
         _replayed_lines(report.replayed)
+    if report.unconfirmed:
+        typer.echo(
+            f"WARNING: {report.unconfirmed} erasure(s) of the restore ledger have no confirmed commit "
+            "and the database they were made on could not be read: not done again; check them against your "
+            'records (README "Backup and restore")',
+            err=True,
+        )
     typer.echo(
         f"NOTE: everything accepted after {taken} is gone (clinics re-send it), API keys created since "
         "too; staff sign in again",
@@ -621,6 +671,11 @@ def _replayed_lines(done: Any) -> None:
         f"done again from the restore ledger: {done.erasures} patient erasure(s) and {done.revocations} "
         "API key revocation(s) made after the backup"
     )
+    if done.unconfirmed:
+        typer.echo(
+            f"NOTE: {done.unconfirmed} erasure(s) of the ledger were never confirmed as committed: not done",
+            err=True,
+        )
     if done.unknown_key:
         typer.echo(
             f"WARNING: {done.unknown_key} erasure(s) of the ledger were recorded with a deployment key "

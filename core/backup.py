@@ -30,8 +30,10 @@ forced: what they accepted meanwhile would vanish. After it, runtime state of th
 dropped (worker heartbeats, web sessions: staff sign in again) and what was waiting at the
 snapshot is marked stale, so the workers' next sweep sends it again on the new broker. Then the
 erasures and key revocations made after the snapshot are done again from the ledger
-(:func:`replay_ledger`: the backup's copy merged into the store's first), so that no erased patient
-comes back and no revoked key works again.
+(:func:`replay_ledger`: the backup's copy merged into the store's, and lines whose commit was not
+confirmed settled against the database being replaced, first), so that no erased patient comes
+back and no revoked key works again. Until that replay is done, a marker in the store
+(``core.ledger.PENDING_FILE``) keeps the API and workers from starting.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ from sqlalchemy.orm import Session
 from core import deployment_key, heartbeat, ledger, migrate, retention
 from core import repository as repo
 from core.deployment_key import KEY_FILE
+from core.errors import DomainError
 from core.ledger import LEDGER_FILE
-from core.ledger_replay import Replayed, replay
+from core.ledger_replay import Replayed, replay, resolve, settled_ids
 from core.store import FileStore, paths_overlap, sha256_file
 from core.tables import Image, ScoringJob, WebSession, WorkerHeartbeat, as_utc, utcnow
 
@@ -99,6 +102,10 @@ class BackupReport:
     #: restore: erasures and revocations after the snapshot done again from the ledger; None when
     #: the restored schema is older than this release's (`drscreen db replay-ledger` after the upgrade)
     replayed: Replayed | None = None
+    #: restore: erasure lines whose commit could not be settled (the replaced database unreadable)
+    unconfirmed: int = 0
+    #: backup: the store's ledger cannot be read (copied all the same; a restore would refuse it)
+    ledger_problem: str = ""
 
 
 def _no_progress(items: Iterable[str], _total: int, _what: str) -> Iterable[str]:
@@ -294,7 +301,7 @@ def _sync_key(source: Path, target: Path, dir_mode: int = 0o777) -> str:
         return "kept"
     replaced = dst.exists()
     if replaced:  # kept beside it (a dot file: no stored file, never pruned)
-        shutil.copy2(dst, dst.with_name(f".{KEY_FILE}.replaced-{utcnow():%Y%m%dT%H%M%S}"))
+        shutil.copy2(dst, dst.with_name(f".{KEY_FILE}.replaced-{utcnow():%Y%m%dT%H%M%S%f}"))
     _copy(src, dst, dir_mode)  # a temporary file of mkstemp: readable by its owner only, as the key was
     return "replaced" if replaced else "copied"
 
@@ -311,11 +318,13 @@ def _stored_files_under(root: Path) -> set[str]:
     }
 
 
-def _read_ledger(store_dir: Path) -> list[ledger.Entry]:
+def _read_ledger(store_dir: Path) -> ledger.Ledger:
     try:
         return ledger.read_ledger(ledger.ledger_path(store_dir))
     except (OSError, ValueError) as exc:
-        raise BackupError(f"the restore ledger cannot be read: {exc}") from None
+        raise BackupError(
+            f'the restore ledger cannot be read: {exc}; nothing was changed (README "Backup and restore")'
+        ) from None
 
 
 def _copy_ledger(source: Path, target: Path) -> None:
@@ -337,20 +346,36 @@ def _store_keys(store_dir: Path) -> dict[str, bytes]:
 
 def replay_ledger(url: str, store_root: Path) -> Replayed:
     """Do again the erasures and key revocations of the store's ledger that the database lacks
-    (core.ledger_replay), commit, then remove the re-erased patients' files. Idempotent: run
-    after a restore (``restore_backup`` does when the schema is this release's), or after the
-    ``drscreen db upgrade`` that follows the restore of an older backup."""
-    entries = _read_ledger(store_root)
+    (core.ledger_replay), commit, then remove the re-erased patients' files and the marker that
+    keeps the API and workers from starting. Idempotent: a restore runs it when the schema is
+    this release's, `drscreen db replay-ledger` after the upgrade an older backup needs."""
+    lines = _read_ledger(store_root)
     keys = _store_keys(store_root)
     current = keys.get(deployment_key.fingerprint(store_root))
     engine = create_engine(url)
     try:
         with Session(engine) as session:
-            done = replay(session, entries, keys=keys, store_dir=store_root, key=current)
+            done = replay(session, lines, keys=keys, store_dir=store_root, key=current)
             session.commit()
             retention.remove_unreferenced_files(session, FileStore(store_root), done.files)
             session.commit()
-        return done
+    finally:
+        engine.dispose()
+    (store_root / ledger.PENDING_FILE).unlink(missing_ok=True)
+    return done
+
+
+def _settled_before(url: str, kind: str) -> set[str] | None:
+    """The ledger lines done in the database a restore is about to replace, or None when it
+    cannot be read (lost, damaged, empty)."""
+    if kind == "sqlite" and not _sqlite_path(url).is_file():
+        return None
+    engine = create_engine(url)
+    try:
+        with Session(engine) as session:
+            return settled_ids(session)
+    except SQLAlchemyError:
+        return None
     finally:
         engine.dispose()
 
@@ -426,6 +451,10 @@ def take_backup(
             _sync_files(report, names, store_root, backup_store, progress, dir_mode=0o700)
             report.key = _sync_key(store_root, backup_store, dir_mode=0o700)
             _copy_ledger(store_root, backup_store)  # after the snapshot: it holds at least its lines
+            try:
+                ledger.read_ledger(ledger.ledger_path(backup_store))
+            except (OSError, ValueError) as exc:
+                report.ledger_problem = str(exc)
             os.replace(tmp, folder / dump_name)
     except BaseException:
         if created and not any(folder.rglob("*")):
@@ -607,6 +636,9 @@ def restore_backup(
     busy = None if force else _in_use(url, kind)
     if busy:
         raise BackupError(f"the target is in use: {busy}; stop the API and workers first (or --force)")
+    merged = ledger.merge_into(store_root, theirs)
+    unconfirmed = resolve(store_root, merged, _settled_before(url, kind))
+    (store_root / ledger.PENDING_FILE).touch()  # until the replay is done: no API, no worker
     (_restore_sqlite if kind == "sqlite" else _restore_postgresql)(folder, url)
     names, revision = _named_files(url)
     report = BackupReport(str(folder), kind, revision, str(manifest.get("taken_at", "")), files=len(names))
@@ -614,9 +646,16 @@ def restore_backup(
     _sync_files(report, names, folder / STORE_DIR, store_root, progress, verify=True)
     # the restored audit rows were keyed with the backup's key (a different one: another store)
     report.key = _sync_key(folder / STORE_DIR, store_root)
-    ledger.merge_into(store_root, theirs)
+    report.unconfirmed = unconfirmed
     if revision == migrate.head_revision():  # an older schema: after `drscreen db upgrade`
-        report.replayed = replay_ledger(url, store_root)
+        try:
+            report.replayed = replay_ledger(url, store_root)
+        except (SQLAlchemyError, OSError, DomainError, BackupError) as exc:
+            raise BackupError(
+                f"the database was restored, but the erasures and key revocations made after the "
+                f"backup were NOT done again ({exc}); fix that and run `drscreen db replay-ledger`: "
+                "the API and workers refuse to start until it has run"
+            ) from None
         names, _ = _named_files(url)
     unnamed = _stored_files_under(store_root) - names
     report.pruned = len(unnamed)

@@ -6,140 +6,226 @@ then (a leaked one) would work again. So each erasure and each revocation also a
 ``ledger.jsonl`` in the store folder: beside the deployment key, outside the database, where a
 restore does not roll it back.
 
-The line is written just before the database commits (SQLAlchemy's ``before_commit``): a
-transaction that rolls back (a preview, a refused erasure) writes nothing, and a line that cannot
-be written fails the commit (:class:`core.errors.Unavailable`), so nothing is erased or revoked
-without its line. A line whose commit then fails asks again for what was asked for.
+Two phases, so that a line never stands for something that did not happen: the line is written
+and synced just before the database commits (SQLAlchemy's ``before_commit``; a line that cannot be
+written fails the commit with :class:`core.errors.Unavailable`, so nothing is erased or revoked
+without its line), and a ``committed`` line naming it is appended after the commit. A line without
+one (the commit failed, or the process died between the two) is settled at the next restore
+against the database being replaced (``core.ledger_replay.resolve``): ``committed`` if that
+database holds it, else ``void``.
 
-Lines hold no patient id: an erasure keeps what its audit row keeps (the keyed digest, the key's
-fingerprint) and the audit row's id; a revocation keeps the key's hash (``api_key.key_hash``).
-``core.backup`` copies the ledger into each backup and, on restore, merges the backup's copy in
-and hands every line to ``core.ledger_replay``.
+Each erasure line has a random id, which its audit row also holds (``detail.ledger_entry``), and a
+restore's replay records the ids it went through: a line is done in a database exactly when the
+database holds its id. Database ids (audit rows, clinics) are not used to match: a restore rolls
+them back, and they are given again. Lines hold no patient id: the erasure's keyed digest (as its
+audit row) and the clinic, or the revoked key's hash (``api_key.key_hash``).
+
+A write that is cut short (a crash mid-line) leaves an unterminated last line: it was never
+committed (the commit follows the sync), readers ignore it and the next append removes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import fcntl
 import json
+import logging
 import os
 import uuid
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session, SessionTransaction
 
+from core import deployment_key, heartbeat
 from core.errors import Unavailable
-from core.tables import utcnow
+from core.tables import WorkerHeartbeat, utcnow
+
+log = logging.getLogger(__name__)
 
 #: The ledger, at the root of the store folder (beside ``deployment.key``).
 LEDGER_FILE = "ledger.jsonl"
-_PENDING = "drscreen.ledger.pending"
+#: Present from just before a restore replaces the database until its replay is done: the API and
+#: workers refuse to start while it is there (an erased patient would be served again).
+PENDING_FILE = ".ledger-replay-pending"
+ERASURE, REVOCATION, COMMITTED, VOID = "erasure", "revocation", "committed", "void"
+KINDS = (ERASURE, REVOCATION, COMMITTED, VOID)
+_PENDING = "drscreen.ledger.pending"  # session.info: lines to write at the commit
+_WRITTEN = "drscreen.ledger.written"  # session.info: lines written, to confirm after the commit
 
 
 @dataclass(frozen=True)
 class Entry:
     """One line of the ledger."""
 
-    id: str  # random: merging two copies of a ledger keeps each line once
-    at: str  # ISO time it was recorded (for people reading the file; the replay does not use it)
-    kind: Literal["erasure", "revocation"]
+    id: str  # random: the same line in two copies of a ledger is one line
+    at: str  # ISO time it was recorded (a replayed revocation is dated with it)
+    kind: str  # one of KINDS
     clinic_id: int | None = None  # erasure: whose patient
-    audit_id: int | None = None  # erasure: its audit row (in the snapshot = already erased there)
+    clinic: str | None = None  # erasure: the clinic's name (an id can be given again after a restore)
     patient_hmac: str | None = None  # erasure: the audit row's keyed digest of the patient id
     key_id: str | None = None  # erasure: the fingerprint of the key that made the digest
     key_hash: str | None = None  # revocation: api_key.key_hash
+    of: list[str] = field(default_factory=list)  # committed / void: the lines they settle
+
+
+@dataclass
+class Ledger:
+    """A ledger file read back."""
+
+    lines: list[Entry] = field(default_factory=list)
+
+    def _marked(self, kind: str) -> set[str]:
+        return {line_id for line in self.lines if line.kind == kind for line_id in line.of}
+
+    def actions(self) -> list[Entry]:
+        """Erasures and revocations, in the order recorded."""
+        return [line for line in self.lines if line.kind in (ERASURE, REVOCATION)]
+
+    def unconfirmed(self) -> list[Entry]:
+        """Actions whose commit was not confirmed, nor found void."""
+        settled = self._marked(COMMITTED) | self._marked(VOID)
+        return [line for line in self.actions() if line.id not in settled]
+
+    def confirmed(self) -> list[Entry]:
+        """Actions known to have been committed."""
+        committed, void = self._marked(COMMITTED), self._marked(VOID)
+        return [line for line in self.actions() if line.id in committed and line.id not in void]
 
 
 def ledger_path(store_dir: Path) -> Path:
     return store_dir / LEDGER_FILE
 
 
-def record_erasure(
-    session: Session, store_dir: Path, *, clinic_id: int, audit_id: int, patient_hmac: str, key_id: str
-) -> None:
-    """Have the session's commit append this erasure to ``store_dir``'s ledger."""
-    _pending(session).append(
-        (
-            store_dir,
-            _new("erasure", clinic_id=clinic_id, audit_id=audit_id, patient_hmac=patient_hmac, key_id=key_id),
+def erasure_entry(*, clinic_id: int, clinic: str, patient_hmac: str, key_id: str) -> Entry:
+    return _new(ERASURE, clinic_id=clinic_id, clinic=clinic, patient_hmac=patient_hmac, key_id=key_id)
+
+
+def revocation_entry(key_hash: str) -> Entry:
+    return _new(REVOCATION, key_hash=key_hash)
+
+
+def check_store(session: Session, store_dir: Path) -> None:
+    """Refuse (:class:`Unavailable`) to erase or revoke where the line would land in a ledger no
+    restore reads: a store folder that does not exist on this machine (nor the folder it would be
+    made in: an operator's machine with only the database's address), or another store than the
+    live workers' (its deployment key differs: an operator's machine with a store of its own)."""
+    if not store_dir.is_dir() and store_dir.parent.is_dir():
+        store_dir.mkdir(exist_ok=True)  # a deployment's first use, as its first upload would
+    if not store_dir.is_dir():
+        raise Unavailable(
+            f"the store folder {store_dir} does not exist on this machine: erasures and key "
+            "revocations are recorded in the deployment's store (DRSCREEN_STORE_DIR); run this where it is"
         )
-    )
+    rows = session.scalars(select(WorkerHeartbeat))
+    theirs = {
+        str((row.settings or {}).get(heartbeat.STORE_IDENTITY))
+        for row in heartbeat.live_workers(rows, utcnow())
+        if (row.settings or {}).get(heartbeat.STORE_IDENTITY) not in (None, "none")
+    }
+    own = deployment_key.fingerprint(store_dir)
+    if theirs and own not in theirs:
+        raise Unavailable(
+            f"the store folder {store_dir} is not the live workers' (its key {own}, theirs "
+            f"{', '.join(sorted(theirs))}): erasures and key revocations are recorded in the "
+            "deployment's store; run this where it is (DRSCREEN_STORE_DIR)"
+        )
 
 
-def record_revocation(session: Session, store_dir: Path, key_hash: str) -> None:
-    """Have the session's commit append this key's revocation to ``store_dir``'s ledger."""
-    _pending(session).append((store_dir, _new("revocation", key_hash=key_hash)))
+def record(session: Session, store_dir: Path, entry: Entry) -> None:
+    """Have the session's commit write ``entry`` to ``store_dir``'s ledger (module docstring)."""
+    session.info.setdefault(_PENDING, []).append((store_dir, entry))
 
 
-def read_ledger(path: Path) -> list[Entry]:
-    """Every line of a ledger file (none when it does not exist). Raises ValueError naming the
-    first line that is not a ledger entry: a replay must not skip an erasure silently."""
+def read_ledger(path: Path) -> Ledger:
+    """A ledger file (empty when it does not exist). Raises ValueError naming the first complete
+    line that is not a ledger line: a replay must not skip an erasure silently. Fields a newer
+    release added are ignored; a kind this release does not know is refused."""
     if not path.is_file():
-        return []
-    entries = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                fields = json.loads(line)
-                entries.append(Entry(**fields))
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"{path}, line {number}: not a ledger entry ({exc})") from None
-    return entries
+        return Ledger()
+    known = {f.name for f in dataclasses.fields(Entry)}
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]  # an unterminated last line: a write cut short
+    lines = []
+    for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+            entry = Entry(**{k: v for k, v in fields.items() if k in known})
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}, line {number}: not a ledger line ({exc})") from None
+        if entry.kind not in KINDS:
+            raise ValueError(f"{path}, line {number}: a kind this release does not know ({entry.kind!r})")
+        lines.append(entry)
+    return Ledger(lines)
 
 
-def merge_into(store_dir: Path, entries: Iterable[Entry]) -> list[Entry]:
-    """Append to ``store_dir``'s ledger the entries it lacks (by id); returns the merged ledger."""
+def merge_into(store_dir: Path, other: Ledger) -> Ledger:
+    """Append to ``store_dir``'s ledger the lines of ``other`` it lacks (by id); returns the
+    merged ledger."""
     with _locked(ledger_path(store_dir)) as fd:
         own = read_ledger(ledger_path(store_dir))
-        known = {entry.id for entry in own}
-        new = [entry for entry in entries if entry.id not in known]
+        known = {line.id for line in own.lines}
+        new = [line for line in other.lines if line.id not in known]
         _write(fd, new)
-    return own + new
+    return Ledger(own.lines + new)
 
 
-def _new(kind: Literal["erasure", "revocation"], **fields: Any) -> Entry:
+def mark(store_dir: Path, kind: str, ids: Iterable[str]) -> None:
+    """Append a ``committed`` or ``void`` line settling ``ids``."""
+    settled = sorted(set(ids))
+    if settled:
+        with _locked(ledger_path(store_dir)) as fd:
+            _write(fd, [_new(kind, of=settled)])
+
+
+def _new(kind: str, **fields: Any) -> Entry:
     return Entry(id=uuid.uuid4().hex, at=utcnow().isoformat(), kind=kind, **fields)
 
 
-def _pending(session: Session) -> list[tuple[Path, Entry]]:
-    pending: list[tuple[Path, Entry]] = session.info.setdefault(_PENDING, [])
-    return pending
-
-
-class _locked:
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[int]:
     """The ledger file opened for appending, under an exclusive lock (the API and workers of
-    several machines may append to one shared store)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self.fd
-
-    def __exit__(self, *_exc: object) -> None:
-        os.close(self.fd)  # releases the lock
+    several machines may append to one shared store). The store folder must exist: a machine
+    without it (an operator's laptop) would record in a ledger no restore reads."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the store folder {path.parent} does not exist")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write(fd: int, entries: list[Entry]) -> None:
+    """Append whole lines, synced; on any error the file is cut back to where it was."""
     if not entries:
         return
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":  # a line cut short before: never committed
+        tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+        size -= len(tail) - (tail.rfind(b"\n") + 1)
+        os.ftruncate(fd, size)
     data = "".join(json.dumps(asdict(entry), sort_keys=True) + "\n" for entry in entries).encode()
-    while data:
-        data = data[os.write(fd, data) :]
-    os.fsync(fd)
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise
 
 
 @event.listens_for(Session, "before_commit")
-def _append_pending(session: Session) -> None:
-    pending = session.info.pop(_PENDING, None)
+def _write_pending(session: Session) -> None:
+    pending: list[tuple[Path, Entry]] = session.info.get(_PENDING) or []
     if not pending:
         return
     by_store: dict[Path, list[Entry]] = {}
@@ -150,13 +236,26 @@ def _append_pending(session: Session) -> None:
             with _locked(ledger_path(store_dir)) as fd:
                 _write(fd, entries)
         except OSError as exc:  # nothing committed: the erasure or revocation did not happen
+            log.error("the restore ledger %s cannot be written: %s", ledger_path(store_dir), exc)
             raise Unavailable(
-                f"the restore ledger {ledger_path(store_dir)} cannot be written "
+                "the restore ledger in the store folder cannot be written "
                 f"({exc.strerror or exc}): nothing was changed"
             ) from exc
+        session.info.setdefault(_WRITTEN, []).append((store_dir, [e.id for e in entries]))
+    session.info.pop(_PENDING, None)  # only now: a commit retried after a failure writes them again
+
+
+@event.listens_for(Session, "after_commit")
+def _confirm_written(session: Session) -> None:
+    for store_dir, ids in session.info.pop(_WRITTEN, None) or []:
+        try:
+            mark(store_dir, COMMITTED, ids)
+        except OSError as exc:  # committed all the same: the next restore settles the lines
+            log.warning("the restore ledger %s: commit not confirmed: %s", ledger_path(store_dir), exc)
 
 
 @event.listens_for(Session, "after_transaction_end")
 def _drop_pending(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:  # rolled back or closed (a commit took them already)
         session.info.pop(_PENDING, None)
+        session.info.pop(_WRITTEN, None)  # written, not committed: void at the next restore

@@ -1,26 +1,38 @@
 """Doing again, after a restore, the erasures and revocations the ledger (core.ledger) holds.
 
-An erasure is done again when the restored database lacks its audit row (same id, action and
-digest): the snapshot was taken before it (audit rows are never deleted, so one the snapshot lacks
-came after it). Its patient is found by the keyed digest among the clinic's patients, with
-whichever key made the digest (the store's before the restore, or the backup's), and erased as
-``drscreen data erase --force`` would, audited with ``by="restore"`` (and a new ledger line). A
-revocation is applied to a key the snapshot still holds active. Where the snapshot already has
-them both are no-ops, so replaying a ledger twice changes nothing.
+An erasure line is done in a database exactly when the database holds its id: in the audit row
+of the erasure (``detail.ledger_entry``) or in the audit row of a replay that went through it
+(``ledger.replay``, ``detail.entries``). A line the restored snapshot lacks is done again: its
+patient is found by the keyed digest among the clinic's patients (the clinic named as when the line
+was written), with whichever key made the digest (the store's, or one a restore replaced), and
+erased as ``drscreen data erase --force`` would, the audit row holding the line's id. Lines whose
+patient or clinic the snapshot lacks are recorded as gone through all the same, so that a backup
+taken later, when the clinic may have sent that patient again, never erases them. A revocation
+line revokes its key if the snapshot holds it active (dated as the line). Replaying twice changes
+nothing.
+
+Lines whose commit was not confirmed (core.ledger) are settled first, against the database the
+restore is about to replace (:func:`resolve`): a line it holds was committed, one it lacks never
+was (an erasure whose commit failed must not happen later, perhaps to a patient sent again).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core import retention
-from core.ledger import Entry
-from core.tables import ApiKey, AuditEvent, Patient, utcnow
+from core import ledger, retention
+from core import repository as repo
+from core.ledger import ERASURE, REVOCATION, Entry, Ledger
+from core.tables import ApiKey, AuditEvent, Clinic, Patient, as_utc, utcnow
+
+#: The audit action of a replay; its detail lists the erasure lines it went through.
+REPLAY_ACTION = "ledger.replay"
 
 
 @dataclass
@@ -28,16 +40,41 @@ class Replayed:
     erasures: int = 0  # patients erased again
     revocations: int = 0  # keys revoked again
     unknown_key: int = 0  # erasures whose digest no known key made: not done again
+    unconfirmed: int = 0  # erasures whose commit could not be settled: not done again
     files: list[str] = field(default_factory=list)  # stored files only the re-erased rows named
 
 
-def _in_snapshot(session: Session, entry: Entry) -> bool:
-    detail = session.scalar(
-        select(AuditEvent.detail).where(
-            AuditEvent.id == entry.audit_id, AuditEvent.action == retention.ERASE_ACTION
+def settled_ids(session: Session) -> set[str]:
+    """The erasure lines a database holds as done."""
+    done: set[str] = set()
+    rows = session.execute(
+        select(AuditEvent.action, AuditEvent.detail).where(
+            AuditEvent.action.in_((retention.ERASE_ACTION, REPLAY_ACTION))
         )
     )
-    return isinstance(detail, dict) and detail.get(retention.DIGEST_FIELD) == entry.patient_hmac
+    for action, detail in rows:
+        if not isinstance(detail, dict):
+            continue
+        if action == REPLAY_ACTION:
+            done.update(str(line_id) for line_id in detail.get("entries") or [])
+        elif detail.get(retention.LEDGER_FIELD):
+            done.add(str(detail[retention.LEDGER_FIELD]))
+    return done
+
+
+def resolve(store_dir: Path, lines: Ledger, settled_before: set[str] | None) -> int:
+    """Settle the unconfirmed lines against ``settled_before``, the lines done in the database a
+    restore is about to replace (None: it cannot be read). Erasures it holds were committed, the
+    others never were; revocations are confirmed (revoking a key someone asked to revoke is
+    harmless). Returns how many erasures stay unconfirmed (not done again, reported)."""
+    unconfirmed = lines.unconfirmed()
+    ledger.mark(store_dir, ledger.COMMITTED, [e.id for e in unconfirmed if e.kind == REVOCATION])
+    erasures = [e.id for e in unconfirmed if e.kind == ERASURE]
+    if settled_before is None:
+        return len(erasures)
+    ledger.mark(store_dir, ledger.COMMITTED, [i for i in erasures if i in settled_before])
+    ledger.mark(store_dir, ledger.VOID, [i for i in erasures if i not in settled_before])
+    return 0
 
 
 def _patients_by_digest(session: Session, clinic_id: int, key: bytes) -> dict[str, str]:
@@ -46,44 +83,73 @@ def _patients_by_digest(session: Session, clinic_id: int, key: bytes) -> dict[st
     return {retention.patient_digest(external_id, key): external_id for external_id in ids}
 
 
+def _recorded_at(entry: Entry) -> datetime:
+    try:
+        return as_utc(datetime.fromisoformat(entry.at))
+    except ValueError:
+        return utcnow()
+
+
+def _revoke(session: Session, entry: Entry) -> int:
+    revoked = session.execute(
+        update(ApiKey)
+        .where(ApiKey.key_hash == entry.key_hash, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=_recorded_at(entry))
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(revoked, "rowcount", 0) or 0)
+
+
 def replay(
     session: Session,
-    entries: Sequence[Entry],
+    lines: Ledger,
     *,
     keys: Mapping[str, bytes],
     store_dir: Path,
     key: bytes | None,
 ) -> Replayed:
-    """Do again what ``entries`` record and the restored database lacks. ``keys``: fingerprint ->
-    deployment key, every key a digest may have been made with; ``key``: the store's key from now
-    on (the new audit rows' digests). The caller commits, then removes ``files``."""
-    done = Replayed()
+    """Do again what ``lines`` record and the database lacks (module docstring). ``keys``:
+    fingerprint -> deployment key, every key a digest may have been made with; ``key``: the
+    store's key from now on (the new audit rows' digests). The caller commits, then removes
+    ``files``."""
+    done = Replayed(unconfirmed=sum(1 for e in lines.unconfirmed() if e.kind == ERASURE))
+    settled = settled_ids(session)
+    gone_through: list[str] = []
     digests: dict[tuple[int, str], dict[str, str]] = {}
-    for entry in entries:
-        if entry.kind == "revocation":
-            revoked = session.execute(
-                update(ApiKey)
-                .where(ApiKey.key_hash == entry.key_hash, ApiKey.revoked_at.is_(None))
-                .values(revoked_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
-            done.revocations += int(getattr(revoked, "rowcount", 0) or 0)
+    confirmed = lines.confirmed()
+    for entry in confirmed:
+        if entry.kind == REVOCATION:
+            done.revocations += _revoke(session, entry)
             continue
-        if entry.clinic_id is None or entry.patient_hmac is None or _in_snapshot(session, entry):
+        if entry.id in settled:
             continue
         made_with = keys.get(entry.key_id or "")
-        if made_with is None:
+        if made_with is None:  # left for a replay that has the key
             done.unknown_key += 1
             continue
-        known = digests.setdefault(
-            (entry.clinic_id, entry.key_id or ""), _patients_by_digest(session, entry.clinic_id, made_with)
-        )
-        external_id = known.pop(entry.patient_hmac, None)
-        if external_id is None:  # not in the snapshot (came after it too, or erased twice)
+        gone_through.append(entry.id)
+        clinic = session.get(Clinic, entry.clinic_id) if entry.clinic_id is not None else None
+        if clinic is None or (entry.clinic and clinic.name != entry.clinic):
+            continue  # the clinic came after the snapshot (its id may be another clinic's now)
+        cache = (clinic.id, entry.key_id or "")
+        if cache not in digests:
+            digests[cache] = _patients_by_digest(session, clinic.id, made_with)
+        external_id = digests[cache].pop(entry.patient_hmac or "", None)
+        if external_id is None:  # the patient came after the snapshot too
             continue
         outcome = retention.erase_patient(
-            session, entry.clinic_id, external_id, force=True, by="restore", key=key, store_dir=store_dir
+            session,
+            clinic.id,
+            external_id,
+            force=True,
+            by="restore",
+            key=key,
+            store_dir=store_dir,
+            ledger_entry=entry.id,
         )
         done.erasures += int(outcome.found)
         done.files += outcome.files
+    if gone_through:
+        detail = {"by": "restore", "entries": gone_through, "erased": done.erasures}
+        repo.record_audit(session, action=REPLAY_ACTION, target_type="retention", detail=detail)
     return done

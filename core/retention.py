@@ -47,6 +47,7 @@ from core.store import FileStore
 from core.tables import (
     AuditEvent,
     Bundle,
+    Clinic,
     Explanation,
     EyeResult,
     GraderGrade,
@@ -350,6 +351,7 @@ def erase_patient(
     by: str = "cli",
     key: bytes | None = None,
     store_dir: Path | None = None,
+    ledger_entry: str | None = None,
 ) -> Outcome:
     """Delete everything about the clinic's patient ``external_id`` (see the module docstring).
 
@@ -358,8 +360,9 @@ def erase_patient(
     scored, unless ``force`` (a worker then skips the rows that vanished). ``api_key_id`` / ``by``
     say who asked, in the audit row; ``store_dir`` is the deployment's store (default the
     configured one): its ledger records the erasure at the commit (core.ledger), and ``key``, its
-    deployment key (default :func:`store_key`), keys the digest. The caller commits (or rolls
-    back: a dry run), then passes ``files`` to :func:`remove_unreferenced_files`."""
+    deployment key (default :func:`store_key`), keys the digest. ``ledger_entry``: the ledger
+    line a restore's replay does again (its id goes in the audit row; no new line). The caller
+    commits (or rolls back: a dry run), then passes ``files`` to :func:`remove_unreferenced_files`."""
     _lock_database(session)
     patient = repo.get_patient(session, clinic_id, external_id)
     ids = _lock_patients(session, [patient.id]) if patient is not None else []
@@ -367,6 +370,8 @@ def erase_patient(
         return Outcome(found=False)
     out = Outcome(in_flight=sum(_in_flight(session, ids).values()))
     store_dir = store_dir if store_dir is not None else get_settings().store_path
+    if ledger_entry is None:
+        ledger.check_store(session, store_dir)  # before the key is made: not in a stray folder
     if key is None:
         try:
             key = store_key(store_dir)
@@ -379,19 +384,25 @@ def erase_patient(
         )
     _erase_rows(session, ids, out)
     digest, key_id = patient_digest(external_id, key), deployment_key.key_fingerprint(key)
-    row = _audit(
+    line = None
+    if ledger_entry is None:  # a new erasure: a new line (a replay's is the line it does again)
+        clinic = session.get(Clinic, clinic_id)
+        line = ledger.erasure_entry(
+            clinic_id=clinic_id, clinic=clinic.name if clinic else "", patient_hmac=digest, key_id=key_id
+        )
+        ledger_entry = line.id
+    _audit(
         session,
         ERASE_ACTION,
         out,
         clinic_id=clinic_id,
         api_key_id=api_key_id,
         by=by,
-        **{DIGEST_FIELD: digest, KEY_ID_FIELD: key_id},
+        **{DIGEST_FIELD: digest, KEY_ID_FIELD: key_id, LEDGER_FIELD: ledger_entry},
         forced=bool(out.in_flight),
     )
-    ledger.record_erasure(
-        session, store_dir, clinic_id=clinic_id, audit_id=row.id, patient_hmac=digest, key_id=key_id
-    )
+    if line is not None:
+        ledger.record(session, store_dir, line)
     return out
 
 
@@ -599,6 +610,9 @@ def erased_patients(
 #: The audit detail's keyed digest, the fingerprint of the key that made it, and the unkeyed
 #: digest written before the deployment key existed.
 DIGEST_FIELD, KEY_ID_FIELD, LEGACY_DIGEST_FIELD = "patient_hmac", "key_id", "patient_sha256"
+#: The audit detail's restore-ledger line (core.ledger): the erasure is done in a database that
+#: holds it.
+LEDGER_FIELD = "ledger_entry"
 
 
 def store_key(store_dir: Path | None = None) -> bytes:

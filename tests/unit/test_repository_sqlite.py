@@ -37,16 +37,16 @@ def test_sqlite_pragmas(url: str) -> None:
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
 
 
-def test_api_keys(session: Session) -> None:
+def test_api_keys(session: Session, tmp_path: Path) -> None:
     clinic = repo.get_or_create_clinic(session, "North")
     assert repo.get_or_create_clinic(session, "North").id == clinic.id
     row, key = repo.create_api_key(session, clinic, label="front desk")
     assert row.key_hash == repo.hash_api_key(key) and key.startswith(row.prefix)
     assert repo.authenticate_api_key(session, key) is not None
     assert repo.authenticate_api_key(session, key + "x") is None
-    assert repo.revoke_api_key(session, row.prefix) == 1
+    assert repo.revoke_api_key(session, row.prefix, store_dir=tmp_path) == 1
     assert repo.authenticate_api_key(session, key) is None
-    assert repo.revoke_api_key(session, row.id) == 0
+    assert repo.revoke_api_key(session, row.id, store_dir=tmp_path) == 0
 
 
 def _image(

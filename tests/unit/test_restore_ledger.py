@@ -1,22 +1,31 @@
 """The restore ledger (core.ledger): erasures and key revocations made after a backup are done again
-by its restore, through the CLI an operator runs. On SQLite here; tests/integration/test_backup_pg.py
-runs the same tests on PostgreSQL."""
+by its restore, through the CLI an operator runs; never an erasure that did not happen, and never
+one a later backup already holds. On SQLite here; tests/integration/test_backup_pg.py runs the main
+ones on PostgreSQL."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import secrets
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from cli.main import app
-from core import ledger
-from core.db import dispose_engines, session_scope
+from core import backup, heartbeat, ledger, ledger_replay, retention
+from core import repository as repo
+from core.db import dispose_engines, get_sessionmaker, session_scope
 from core.deployment_key import KEY_FILE
-from core.retention import ERASE_ACTION
-from core.tables import ApiKey, AuditEvent, Image, Patient
+from core.errors import Unavailable
+from core.settings import get_settings
+from core.tables import ApiKey, AuditEvent, Image, Patient, as_utc, utcnow
 from tests.api_support import make_key
 from tests.unit.test_backup import _deployment
 from tests.unit.test_workers_scoring import add_images, photo
@@ -31,18 +40,19 @@ def _patients(url: str) -> set[str]:
 
 def _files_of(url: str, patient: str) -> list[str]:
     with session_scope(url) as s:
-        return list(
-            s.scalars(
-                select(Image.stored_path)
-                .join(Patient, Image.patient_id == Patient.id)
-                .where(Patient.external_id == patient)
-            )
-        )
+        stmt = select(Image.stored_path).join(Patient, Image.patient_id == Patient.id)
+        return list(s.scalars(stmt.where(Patient.external_id == patient)))
 
 
-def _erase(patient: str) -> None:
-    erased = runner.invoke(app, ["data", "erase", patient, "--clinic", "North", "--yes", "--force"])
+def _erase(patient: str, clinic: str = "North") -> None:
+    erased = runner.invoke(app, ["data", "erase", patient, "--clinic", clinic, "--yes", "--force"])
     assert erased.exit_code == 0, erased.output
+
+
+def _backup(folder: Path) -> Path:
+    taken = runner.invoke(app, ["db", "backup", str(folder)])
+    assert taken.exit_code == 0, taken.output
+    return folder
 
 
 def _restore(folder: Path) -> str:
@@ -52,9 +62,14 @@ def _restore(folder: Path) -> str:
     return restored.output
 
 
-def _revoked(url: str, key_id: int) -> bool:
+def _revoked_at(url: str, key_id: int) -> datetime | None:
     with session_scope(url) as s:
-        return s.scalar(select(ApiKey.revoked_at).where(ApiKey.id == key_id)) is not None
+        at = s.scalar(select(ApiKey.revoked_at).where(ApiKey.id == key_id))
+        return None if at is None else as_utc(at)
+
+
+def _ledger(url: str) -> ledger.Ledger:
+    return ledger.read_ledger(get_settings().store_path / ledger.LEDGER_FILE)
 
 
 def test_erasures_and_revocations_after_a_backup_are_done_again_by_its_restore(
@@ -63,26 +78,31 @@ def test_erasures_and_revocations_after_a_backup_are_done_again_by_its_restore(
     store, _ids = _deployment(url)
     leaked = make_key(url, "North")
     files = _files_of(url, "A1")
-    folder = tmp_path / "backup"
-    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
+    folder = _backup(tmp_path / "backup")
 
     _erase("A1")  # after the backup
     add_images(url, store, "C3", [photo("19_left.jpg")])
     _erase("C3")  # sent and erased after the backup: not in it
     assert runner.invoke(app, ["keys", "revoke", str(leaked.key_id)]).exit_code == 0
-    lines = ledger.read_ledger(store.root / ledger.LEDGER_FILE)
-    assert [e.kind for e in lines] == ["erasure", "erasure", "revocation"]
+    revoked_at = _revoked_at(url, leaked.key_id)
+    lines = _ledger(url)
+    assert [e.kind for e in lines.confirmed()] == ["erasure", "erasure", "revocation"]
+    assert lines.unconfirmed() == []
     text = (store.root / ledger.LEDGER_FILE).read_text()
     assert "A1" not in text and "C3" not in text  # no patient id in the ledger, as in the audit rows
 
     output = _restore(folder)
     assert "done again from the restore ledger: 1 patient erasure(s) and 1 API key revocation(s)" in output
     assert _patients(url) == {"B2"}
-    assert _revoked(url, leaked.key_id)
+    again_at = _revoked_at(url, leaked.key_id)
+    assert again_at is not None and revoked_at is not None
+    assert abs((again_at - revoked_at).total_seconds()) < 1  # dated as the revocation, not the restore
     assert not any(store.path(f).exists() for f in files)  # put back by the restore, then removed
     with session_scope(url) as s:
-        details = list(s.scalars(select(AuditEvent.detail).where(AuditEvent.action == ERASE_ACTION)))
-    assert [d["by"] for d in details] == ["restore"]  # the snapshot had no erasure; this one is new
+        erasures = list(
+            s.scalars(select(AuditEvent.detail).where(AuditEvent.action == retention.ERASE_ACTION))
+        )
+    assert [d["by"] for d in erasures] == ["restore"]  # the snapshot had no erasure; this one is new
 
     # nothing left to do: replaying the ledger again changes nothing
     again = runner.invoke(app, ["db", "replay-ledger"])
@@ -95,11 +115,182 @@ def test_an_erasure_the_backup_already_holds_is_not_done_again(url: str, tmp_pat
     store, _ids = _deployment(url)
     _erase("A1")
     add_images(url, store, "A1", [photo("19_left.jpg")])  # the clinic sends the patient again
-    folder = tmp_path / "backup"
-    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
-    output = _restore(folder)
+    output = _restore(_backup(tmp_path / "backup"))
     assert "0 patient erasure(s)" in output
     assert _patients(url) == {"A1", "B2"}
+
+
+# ------------------------------------------- the review: database ids are given again after a restore
+
+
+def test_a_patient_sent_again_after_a_restore_survives_the_next(url: str, tmp_path: Path) -> None:
+    """The review: audit ids roll back with a restore, so a line matched by its audit id looked
+    undone forever, and the next restore erased the patient the clinic had sent again."""
+    store, _ids = _deployment(url)
+    older = _backup(tmp_path / "older")
+    with session_scope(url) as s:  # audited reads after the backup: the audit ids move on
+        for _ in range(5):
+            repo.record_audit(s, action="patient.read", clinic_id=1)
+    _erase("A1")
+    add_images(url, store, "C3", [photo("19_left.jpg")])
+    _erase("C3")
+    assert "1 patient erasure(s)" in _restore(older)
+    assert _patients(url) == {"B2"}
+    add_images(url, store, "A1", [photo("19_left.jpg")])  # both screened again, later
+    add_images(url, store, "C3", [photo("16_left.jpg")])
+    output = _restore(_backup(tmp_path / "newer"))
+    assert "0 patient erasure(s)" in output
+    assert _patients(url) == {"A1", "B2", "C3"}
+
+
+def test_an_older_backup_then_a_newer_one_keeps_what_the_newer_holds(url: str, tmp_path: Path) -> None:
+    store, _ids = _deployment(url)
+    older = _backup(tmp_path / "older")
+    _erase("A1")
+    add_images(url, store, "A1", [photo("19_left.jpg")])  # sent again after the erasure
+    newer = _backup(tmp_path / "newer")
+    assert "1 patient erasure(s)" in _restore(older)
+    assert _patients(url) == {"B2"}
+    assert "0 patient erasure(s)" in _restore(newer)
+    assert _patients(url) == {"A1", "B2"}
+
+
+def test_a_clinic_id_given_again_does_not_carry_another_clinics_erasure(url: str, tmp_path: Path) -> None:
+    store, _ids = _deployment(url)  # clinic North
+    older = _backup(tmp_path / "older")
+    add_images(url, store, "1001", [photo("19_left.jpg")], clinic="East")  # a clinic after the backup
+    _erase("1001", clinic="East")
+    _restore(older)
+    add_images(url, store, "1001", [photo("16_left.jpg")], clinic="West")  # East's id, West's patient
+    _restore(_backup(tmp_path / "newer"))
+    assert "1001" in _patients(url)
+    # and even where the replay's own record is missing, the clinic's name must match
+    with session_scope(url) as s:
+        [line] = [e for e in _ledger(url).confirmed() if e.clinic == "East"]
+        done = ledger_replay.replay(
+            s, ledger.Ledger([line, *_committed(line)]), keys=_keys(), store_dir=_store(), key=None
+        )
+    assert done.erasures == 0 and "1001" in _patients(url)
+
+
+def _committed(entry: ledger.Entry) -> list[ledger.Entry]:
+    return [ledger.Entry(id="c", at=entry.at, kind=ledger.COMMITTED, of=[entry.id])]
+
+
+def _store() -> Path:
+    return get_settings().store_path
+
+
+def _keys() -> dict[str, bytes]:
+    return backup._store_keys(_store())
+
+
+# -------------------------------------------------------- commits that fail, writes that are cut short
+
+
+def test_an_erasure_whose_commit_failed_is_never_done_by_a_restore(url: str, tmp_path: Path) -> None:
+    """The review: the line is written before the commit; a commit that then failed left a line a
+    later restore carried out (on a patient the clinic went on sending)."""
+    store, _ids = _deployment(url)
+
+    def commit_fails(session: Session) -> None:  # after the ledger's own hook: its line is written
+        if session.info.get("drscreen.ledger.written"):
+            raise OSError("the connection was lost at COMMIT")
+
+    event.listen(Session, "before_commit", commit_fails)
+    try:
+        failed = runner.invoke(app, ["data", "erase", "A1", "--clinic", "North", "--yes", "--force"])
+    finally:
+        event.remove(Session, "before_commit", commit_fails)
+    assert failed.exit_code != 0 and _patients(url) == {"A1", "B2"}
+    assert [e.kind for e in _ledger(url).unconfirmed()] == ["erasure"]
+    add_images(url, store, "A1", [photo("19_left.jpg")])  # the clinic keeps screening A1
+    output = _restore(_backup(tmp_path / "backup"))
+    assert "0 patient erasure(s)" in output and _patients(url) == {"A1", "B2"}
+    assert _ledger(url).unconfirmed() == []  # found void against the database the restore replaced
+
+
+def test_a_committed_erasure_whose_confirmation_was_lost_is_still_done(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process died between the commit and its confirmation: the database it committed to
+    holds the line, so the restore confirms it and erases again."""
+    _deployment(url)
+    folder = _backup(tmp_path / "backup")
+
+    def lost(*_args: Any) -> None:
+        raise OSError("killed")
+
+    monkeypatch.setattr(ledger, "mark", lost)
+    _erase("A1")
+    monkeypatch.undo()
+    assert [e.kind for e in _ledger(url).unconfirmed()] == ["erasure"]
+    assert "1 patient erasure(s)" in _restore(folder)
+    assert _patients(url) == {"B2"}
+
+
+def test_an_unconfirmed_erasure_with_its_database_lost_is_reported_not_done(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _deployment(url)
+    folder = _backup(tmp_path / "backup")
+    monkeypatch.setattr(ledger, "mark", lambda *_args: (_ for _ in ()).throw(OSError("killed")))
+    _erase("A1")
+    monkeypatch.undo()
+    dispose_engines()
+    Path(url.removeprefix("sqlite:///")).unlink()  # the machine's database is lost
+    output = _restore(folder)
+    assert "WARNING: 1 erasure(s) of the restore ledger have no confirmed commit" in output
+    assert _patients(url) == {"A1", "B2"}
+
+
+def test_a_write_cut_short_leaves_no_half_line_behind(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review: a disk filling up mid-line left half a line, the next line was glued to it, and
+    every later restore refused the ledger (a committed erasure inside the unreadable line)."""
+    store, _ids = _deployment(url)
+    path = store.root / ledger.LEDGER_FILE
+    real_fsync = os.fsync
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    refused = runner.invoke(app, ["data", "erase", "A1", "--clinic", "North", "--yes", "--force"])
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert refused.exit_code == 2 and "No space left on device" in refused.output, refused.output
+    assert str(store.root) not in refused.output  # the server's paths go to its log only
+    assert not path.exists() or path.read_bytes() == b""  # cut back to where it was
+    assert _patients(url) == {"A1", "B2"}
+
+    path.write_bytes(b'{"at": "2026-12-07T00:00:00", "id": "x')  # a crash mid-line: never committed
+    assert _ledger(url).lines == []  # an unterminated last line is not read
+    _erase("A1")
+    data = path.read_bytes()
+    assert data.endswith(b"\n") and b'"id": "x' not in data  # the next append removed it
+    assert [e.kind for e in _ledger(url).confirmed()] == ["erasure"]
+
+
+def test_a_commit_retried_after_the_ledger_failed_writes_the_line(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review: the lines were taken off the session before they were written, so a retried
+    commit went through without its line."""
+    _deployment(url)
+    session = get_sessionmaker(url)()
+    try:
+        retention.erase_patient(session, 1, "A1", force=True)
+        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        with pytest.raises(Unavailable):
+            session.commit()
+        monkeypatch.undo()
+        session.commit()
+    finally:
+        session.close()
+    assert _patients(url) == {"B2"}
+    assert [e.kind for e in _ledger(url).confirmed()] == ["erasure"]
+
+
+# ---------------------------------------------------------------- where a line may be written, and read
 
 
 def test_a_preview_records_nothing_and_an_unwritable_ledger_refuses_the_erasure(url: str) -> None:
@@ -114,63 +305,154 @@ def test_a_preview_records_nothing_and_an_unwritable_ledger_refuses_the_erasure(
     assert _patients(url) == {"A1", "B2"}  # nothing erased without its line
     key = make_key(url, "North")
     revoked = runner.invoke(app, ["keys", "revoke", str(key.key_id)])
-    assert revoked.exit_code == 2 and not _revoked(url, key.key_id), revoked.output
+    assert revoked.exit_code == 2 and _revoked_at(url, key.key_id) is None, revoked.output
 
 
-def test_an_erasure_keyed_with_the_key_a_restore_replaced_is_still_found(url: str, tmp_path: Path) -> None:
-    """The store's key differed from the backup's (a new store): the restore puts the backup's key
-    in place, and the erasure recorded with the replaced one is still matched."""
-    store, _ids = _deployment(url)
-    folder = tmp_path / "backup"
-    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
-    (store.root / KEY_FILE).write_text(secrets.token_hex(32) + "\n")
-    _erase("A1")
-    output = _restore(folder)
-    assert "deployment key was replaced" in output and "1 patient erasure(s)" in output, output
-    assert _patients(url) == {"B2"}
+def test_no_erasure_or_revocation_away_from_the_deployments_store(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review: on a machine without the store, a revocation went to a ledger made on the spot
+    (and an erasure made a deployment key there too), which no restore reads."""
+    _deployment(url)
+    key = make_key(url, "North")
+    elsewhere = tmp_path / "laptop" / "var" / "store"
+    monkeypatch.setenv("DRSCREEN_STORE_DIR", str(elsewhere))
+    get_settings.cache_clear()
+    for command in (
+        ["keys", "revoke", str(key.key_id)],
+        ["data", "erase", "A1", "--clinic", "North", "--yes"],
+    ):
+        refused = runner.invoke(app, command)
+        assert refused.exit_code == 2 and "does not exist on this machine" in refused.output, refused.output
+    assert not elsewhere.exists() and _revoked_at(url, key.key_id) is None and "A1" in _patients(url)
 
-    # with the replaced key gone, its line cannot be matched: said, not skipped silently; the
-    # first restore's own erasure of A1 (a line keyed with the backup's key) still finds them
-    for replaced in store.root.glob(f".{KEY_FILE}.replaced-*"):
-        replaced.unlink()
-    output = _restore(folder)
-    assert "1 erasure(s) of the ledger were recorded with a deployment key neither" in output, output
-    assert "1 patient erasure(s)" in output
-    assert _patients(url) == {"B2"}
+    # a store of its own, while the live workers use another one
+    elsewhere.mkdir(parents=True)
+    (elsewhere / KEY_FILE).write_text(secrets.token_hex(32) + "\n")
+    now = utcnow()
+    beat = {"host": "w1", "pid": 1, "started_at": now, "seen_at": now, "interval_s": 30.0}
+    beat["settings"] = {heartbeat.STORE_IDENTITY: "0123456789ab"}
+    with session_scope(url) as s:
+        repo.record_heartbeat(s, "worker@w1", beat)
+    refused = runner.invoke(app, ["keys", "revoke", str(key.key_id)])
+    assert refused.exit_code == 2 and "is not the live workers'" in refused.output, refused.output
 
 
 def test_a_ledger_that_cannot_be_read_stops_the_restore_before_the_database(url: str, tmp_path: Path) -> None:
     store, _ids = _deployment(url)
-    folder = tmp_path / "backup"
-    assert runner.invoke(app, ["db", "backup", str(folder)]).exit_code == 0
+    folder = _backup(tmp_path / "backup")
     _erase("A1")
     path = store.root / ledger.LEDGER_FILE
     path.write_text(path.read_text() + "{not json\n")
     dispose_engines()
     refused = runner.invoke(app, ["db", "restore", str(folder), "--yes"])
-    assert refused.exit_code == 2 and "line 2: not a ledger entry" in refused.output, refused.output
+    assert refused.exit_code == 2 and "line 3: not a ledger line" in refused.output, refused.output
     assert _patients(url) == {"B2"}  # the database was not replaced
-
-    (folder / "store" / ledger.LEDGER_FILE).write_text("[]\n")
+    taken = runner.invoke(app, ["db", "backup", str(folder)])
+    assert taken.exit_code == 0 and "WARNING: the store's restore ledger cannot be read" in taken.output
     verify = runner.invoke(app, ["db", "verify-backup", str(folder)])
     assert verify.exit_code == 1 and "ledger.jsonl" in verify.output, verify.output
+    # a newer release's field is read past; a kind this release does not know is refused
+    path.write_text(json.dumps({"id": "n", "at": "x", "kind": "committed", "of": [], "later": 1}) + "\n")
+    assert _ledger(url).lines[0].id == "n"
+    path.write_text(json.dumps({"id": "n", "at": "x", "kind": "forget"}) + "\n")
+    with pytest.raises(ValueError, match="a kind this release does not know"):
+        _ledger(url)
 
 
 def test_a_backup_carries_the_ledger_and_a_restore_merges_it(url: str, tmp_path: Path) -> None:
     """The store is lost with the machine: the backup's copy of the ledger comes back with it, so a
     later restore of an older backup still knows the erasures between the two."""
     store, _ids = _deployment(url)
-    older = tmp_path / "older"
-    assert runner.invoke(app, ["db", "backup", str(older)]).exit_code == 0
+    older = _backup(tmp_path / "older")
     _erase("A1")
-    newer = tmp_path / "newer"
-    assert runner.invoke(app, ["db", "backup", str(newer)]).exit_code == 0
-    line = json.loads((newer / "store" / ledger.LEDGER_FILE).read_text())
-    assert line["kind"] == "erasure" and "A1" not in json.dumps(line)
+    newer = _backup(tmp_path / "newer")
+    copied = ledger.read_ledger(newer / "store" / ledger.LEDGER_FILE)
+    assert [e.kind for e in copied.confirmed()] == ["erasure"]
+    assert "A1" not in (newer / "store" / ledger.LEDGER_FILE).read_text()
 
     (store.root / ledger.LEDGER_FILE).unlink()  # the store lost (its key stays: the same deployment)
     _restore(newer)
     assert (store.root / ledger.LEDGER_FILE).is_file()
-    output = _restore(older)
-    assert "1 patient erasure(s)" in output
+    assert "1 patient erasure(s)" in _restore(older)
     assert _patients(url) == {"B2"}
+
+
+def test_an_erasure_keyed_with_the_key_a_restore_replaced_is_still_found(url: str, tmp_path: Path) -> None:
+    """The store's key differed from the backup's (a new store): the restore puts the backup's key
+    in place, and the erasure recorded with the replaced one is still matched."""
+    store, _ids = _deployment(url)
+    folder = _backup(tmp_path / "backup")
+    (store.root / KEY_FILE).write_text(secrets.token_hex(32) + "\n")
+    _erase("A1")
+    output = _restore(folder)
+    assert "deployment key was replaced" in output and "1 patient erasure(s)" in output, output
+    assert _patients(url) == {"B2"}
+
+    # with the replaced key gone, the line cannot be matched: said, not skipped silently
+    for replaced in store.root.glob(f".{KEY_FILE}.replaced-*"):
+        replaced.unlink()
+    output = _restore(folder)
+    assert "1 erasure(s) of the ledger were recorded with a deployment key neither" in output, output
+    assert _patients(url) == {"A1", "B2"}
+
+
+# ---------------------------------------------------------------------------- a replay that did not run
+
+
+def test_until_the_replay_has_run_the_service_does_not_start(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review: a replay failing inside the restore said "nothing was changed" although the
+    database was replaced, and nothing kept the API from serving the erased patient again."""
+    _deployment(url)
+    folder = _backup(tmp_path / "backup")
+    _erase("A1")
+
+    def fails(*_args: Any, **_kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(backup, "replay", fails)
+    dispose_engines()
+    failed = runner.invoke(app, ["db", "restore", str(folder), "--yes"])
+    monkeypatch.undo()
+    assert failed.exit_code == 2, failed.output
+    assert "the database was restored, but the erasures and key revocations" in failed.output
+    assert "nothing was changed" not in failed.output
+    for command in (["serve"], ["worker"]):
+        refused = runner.invoke(app, command)
+        assert refused.exit_code == 2 and "a restore has not finished" in refused.output, refused.output
+    status = runner.invoke(app, ["status"])
+    assert status.exit_code == 1 and "db replay-ledger" in status.output
+    done = runner.invoke(app, ["db", "replay-ledger"])
+    assert done.exit_code == 0 and "1 patient erasure(s)" in done.output
+    assert not (get_settings().store_path / ledger.PENDING_FILE).exists()
+    assert _patients(url) == {"B2"}
+
+
+def test_an_upgrade_runs_the_replay_an_older_schemas_restore_left(url: str, tmp_path: Path) -> None:
+    _deployment(url)
+    _erase("A1")
+    (get_settings().store_path / ledger.PENDING_FILE).touch()  # as a restore of an older schema leaves it
+    upgraded = runner.invoke(app, ["db", "upgrade"])
+    assert upgraded.exit_code == 0 and "done again from the restore ledger" in upgraded.output, (
+        upgraded.output
+    )
+    assert not (get_settings().store_path / ledger.PENDING_FILE).exists()
+
+
+def test_one_clinics_patients_are_digested_once_per_replay(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review: every line recomputed every patient's digest (50k patients, 300 lines: 57 s)."""
+    _deployment(url)
+    lines = []
+    for n in range(5):  # patients the snapshot does not hold
+        entry = ledger.erasure_entry(
+            clinic_id=1, clinic="North", patient_hmac=f"h{n}", key_id=next(iter(_keys()))
+        )
+        lines += [entry, *_committed(entry)]
+    calls = []
+    real = ledger_replay._patients_by_digest
+    monkeypatch.setattr(ledger_replay, "_patients_by_digest", lambda *a: calls.append(a) or real(*a))
+    with session_scope(url) as s:
+        done = ledger_replay.replay(s, ledger.Ledger(lines), keys=_keys(), store_dir=_store(), key=None)
+    assert done.erasures == 0 and len(calls) == 1

@@ -87,7 +87,7 @@ def test_the_patient_page_leads_to_a_confirmation_that_erases_nothing(
     assert 'action="/patients/erase/confirm"' in resp.text and 'name="confirm"' in resp.text
     assert _data(world.url) == before and files(world.store) == stored
     assert audit_rows(world.url, "patient.erase") == []
-    assert ledger.read_ledger(world.store.root / ledger.LEDGER_FILE) == []  # a preview: no line
+    assert ledger.read_ledger(world.store.root / ledger.LEDGER_FILE).lines == []  # a preview: no line
     assert resp.headers["Cache-Control"] == "no-store"
 
 
@@ -120,10 +120,10 @@ def test_the_confirmed_erasure_deletes_the_patient_and_nothing_else(
     assert event.detail is not None and event.detail["by"] == "web" and event.detail["files"] == len(unique)
     assert event.detail["rows"]["patient"] == 1 and TARGET not in str(event.detail)
     # the restore ledger (core.ledger) holds the erasure, as its audit row does
-    [line] = ledger.read_ledger(world.store.root / ledger.LEDGER_FILE)
-    assert (line.kind, line.audit_id, line.patient_hmac) == (
+    [line] = ledger.read_ledger(world.store.root / ledger.LEDGER_FILE).confirmed()
+    assert (line.kind, line.id, line.patient_hmac) == (
         "erasure",
-        event.id,
+        event.detail["ledger_entry"],
         event.detail["patient_hmac"],
     )
     shown = client.get(resp.headers["location"], headers=_cookie(client, north))
