@@ -47,7 +47,7 @@ def get_patient(patient_id: str, session: SessionDep, principal: PrincipalDep) -
     "clinic has no such patient (so erasing twice answers 404 the second time); 409 while a "
     "photograph of the patient is still queued or being scored (retry once it is done). The "
     "erasure is recorded in the audit log with the counts, not the patient id.",
-    responses=error_responses(401, 404, 409, 429),
+    responses=error_responses(401, 404, 409, 429, 503),
 )
 def erase_patient(
     patient_id: str, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
