@@ -6,6 +6,7 @@ database are created in the lifespan, from the settings of the process that runs
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -185,11 +186,24 @@ def create_app(
         response_class=Response,
         responses={200: {"content": {"text/plain": {}}}},
     )
-    async def metrics_endpoint() -> Response:
+    async def metrics_endpoint(request: Request) -> Response:
+        token = request.app.state.api_settings.metrics_token
+        if token and not _bearer_is(request, token):  # refused before any query
+            headers = {"WWW-Authenticate": "Bearer"}
+            return JSONResponse(
+                {"error": "unauthorized", "detail": "give the metrics token"},
+                status_code=401,
+                headers=headers,
+            )
         # Collection queries the database: keep it off the event loop.
         return await run_in_threadpool(metrics.render)
 
     return app
+
+
+def _bearer_is(request: Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 def max_body_bytes(scope: Any) -> int:

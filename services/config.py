@@ -40,6 +40,10 @@ class ApiSettings(BaseSettings):
     #: Serve Swagger UI at /docs and ReDoc at /redoc (their scripts come from a CDN, on the same
     #: origin as the staff pages: for development machines, not clinics).
     api_docs: bool = False
+    #: When set, ``/metrics`` answers only ``Authorization: Bearer <this>`` (Prometheus:
+    #: ``authorization: {credentials: ...}`` in the scrape config); empty: open, for a proxy that
+    #: keeps it to operators (README "Deploy").
+    metrics_token: str = ""
 
 
 @lru_cache(maxsize=1)

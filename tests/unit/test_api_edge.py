@@ -766,3 +766,20 @@ def test_plain_routes_are_counted_under_their_path(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert 'route="/openapi.json",status="200"' in text
     assert 'route="unmatched",status="404"' in text
+
+
+def test_metrics_answer_only_their_token_when_one_is_set(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DRSCREEN_METRICS_TOKEN``: /metrics counts every clinic's work; a deployment without a proxy
+    in front can keep it to its Prometheus (session 26's leftover)."""
+    monkeypatch.setenv("DRSCREEN_METRICS_TOKEN", "s3cret-token")
+    get_api_settings.cache_clear()
+    try:
+        with TestClient(create_app()) as c:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-token"}):
+                refused = c.get("/metrics", headers=headers)
+                assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+                assert refused.json()["error"] == "unauthorized"
+            allowed = c.get("/metrics", headers={"Authorization": "Bearer s3cret-token"})
+            assert allowed.status_code == 200 and "drscreen_" in allowed.text
+    finally:
+        get_api_settings.cache_clear()
