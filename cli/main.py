@@ -356,10 +356,14 @@ def _refuse_other_schema(command: str) -> None:
 def _refuse_pending_replay(command: str) -> None:
     """Exit 2 while a restore's replay of the restore ledger has not run (core.ledger): patients
     erased after the backup would be served again."""
-    from core.ledger import PENDING_FILE
+    from core.backup import RESTORE_UNFINISHED, RESTORING, pending_stage
     from core.settings import get_settings
 
-    if (get_settings().store_path / PENDING_FILE).exists():
+    stage = pending_stage(get_settings().store_path)
+    if stage == RESTORING:
+        typer.echo(f"{command}: not starting: {RESTORE_UNFINISHED}", err=True)
+        raise typer.Exit(2)
+    if stage is not None:
         typer.echo(
             f"{command}: not starting: a restore has not finished: the erasures and key revocations "
             "made after its backup are not done again yet; run `drscreen db replay-ledger`",
@@ -492,12 +496,12 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
 
 def _replay_if_pending() -> None:
     """After the upgrade an older backup's restore needs: the replay it left to do (core.ledger)."""
-    from core.ledger import PENDING_FILE
+    from core.backup import REPLAYING, pending_stage
     from core.migrate import current_revision, head_revision
     from core.settings import get_settings
 
     settings = get_settings()
-    if not (settings.store_path / PENDING_FILE).exists():
+    if pending_stage(settings.store_path) != REPLAYING:
         return
     if current_revision(settings.database_url) != head_revision():
         typer.echo("NOTE: a restore's replay waits for the newest schema: `drscreen db upgrade`", err=True)
@@ -651,13 +655,6 @@ def db_restore(
         )
     else:
         _replayed_lines(report.replayed)
-    if report.unconfirmed:
-        typer.echo(
-            f"WARNING: {report.unconfirmed} erasure(s) of the restore ledger have no confirmed commit "
-            "and the database they were made on could not be read: not done again; check them against your "
-            'records (README "Backup and restore")',
-            err=True,
-        )
     typer.echo(
         f"NOTE: everything accepted after {taken} is gone (clinics re-send it), API keys created since "
         "too; staff sign in again",
@@ -673,7 +670,15 @@ def _replayed_lines(done: Any) -> None:
     )
     if done.unconfirmed:
         typer.echo(
-            f"NOTE: {done.unconfirmed} erasure(s) of the ledger were never confirmed as committed: not done",
+            f"WARNING: {done.unconfirmed} erasure(s) of the restore ledger have no confirmed commit, and the "
+            "database they were made on could not be read when it was replaced: not done again; check "
+            'your records for erasures made just before the loss (README "Backup and restore")',
+            err=True,
+        )
+    if done.other_database:
+        typer.echo(
+            f"NOTE: {done.other_database} line(s) of the store's ledger were made on another database "
+            "(another deployment, or one restored over): left alone",
             err=True,
         )
     if done.unknown_key:
@@ -857,7 +862,7 @@ def _retention(command: str, run: Any, *, commit: bool) -> tuple[Any, int]:
             typer.echo(f"{command}: {exc.message}, or add --force", err=True)
             raise typer.Exit(1) from None
         except Unavailable as exc:
-            typer.echo(f"{command}: {exc.message}", err=True)
+            typer.echo(f"{command}: {getattr(exc, 'operator_detail', None) or exc.message}", err=True)
             raise typer.Exit(2) from None
         finally:
             session.rollback()
@@ -1136,7 +1141,7 @@ class _db_errors:
         from core.errors import Unavailable
 
         if isinstance(exc, Unavailable):  # e.g. the restore ledger cannot be written: nothing changed
-            typer.echo(f"drscreen: {exc.message}", err=True)
+            typer.echo(f"drscreen: {getattr(exc, 'operator_detail', None) or exc.message}", err=True)
             raise typer.Exit(code=2)
         if (isinstance(exc, OperationalError | ProgrammingError) and "no such table" in str(exc)) or (
             isinstance(exc, ProgrammingError) and "does not exist" in str(exc)

@@ -30,7 +30,7 @@ def _age(seconds: float | None) -> str:
 def gather(now: datetime | None = None) -> dict[str, Any]:
     """The report as plain values (what ``--json`` prints). Raises SQLAlchemy's errors when the
     database cannot be read (the command turns them into one line)."""
-    from core import heartbeat, ledger
+    from core import backup, heartbeat
     from core import repository as repo
     from core.db import session_scope
     from core.settings import get_settings
@@ -79,7 +79,10 @@ def gather(now: datetime | None = None) -> dict[str, Any]:
         # a health script reads the exit code: exit 0 during a broker outage hid it (the operator
         # walkthrough); photographs wait for the sweep while it lasts
         warnings.append(f"the broker cannot be reached ({type(exc).__name__}): new photographs wait for it")
-    if (settings.store_path / ledger.PENDING_FILE).exists():
+    stage = backup.pending_stage(settings.store_path)
+    if stage == backup.RESTORING:
+        warnings.append(backup.RESTORE_UNFINISHED)
+    elif stage is not None:
         warnings.append(
             "a restore's replay of the restore ledger has not run: erased patients may be back; run "
             "`drscreen db replay-ledger` (the API and workers refuse to start until then)"

@@ -63,7 +63,7 @@ from core.errors import DomainError
 from core.ledger import LEDGER_FILE
 from core.ledger_replay import Replayed, replay, resolve, settled_ids
 from core.store import FileStore, paths_overlap, sha256_file
-from core.tables import Image, ScoringJob, WebSession, WorkerHeartbeat, as_utc, utcnow
+from core.tables import Deployment, Image, ScoringJob, WebSession, WorkerHeartbeat, as_utc, utcnow
 
 SQLITE_FILE = "database.sqlite"
 PG_FILE = "database.pgdump"
@@ -102,8 +102,6 @@ class BackupReport:
     #: restore: erasures and revocations after the snapshot done again from the ledger; None when
     #: the restored schema is older than this release's (`drscreen db replay-ledger` after the upgrade)
     replayed: Replayed | None = None
-    #: restore: erasure lines whose commit could not be settled (the replaced database unreadable)
-    unconfirmed: int = 0
     #: backup: the store's ledger cannot be read (copied all the same; a restore would refuse it)
     ledger_problem: str = ""
 
@@ -327,10 +325,36 @@ def _read_ledger(store_dir: Path) -> ledger.Ledger:
         ) from None
 
 
-def _copy_ledger(source: Path, target: Path) -> None:
-    """The store's ledger into the backup (whole: lines are only ever appended)."""
-    if ledger.ledger_path(source).is_file():
-        _copy(ledger.ledger_path(source), ledger.ledger_path(target), 0o700)
+def _copy_ledger(source: Path, target: Path) -> str:
+    """The store's ledger into the backup's copy, merged by line id: a copy never shrinks (a
+    store whose ledger was lost must not take the lines of earlier erasures out of the backup).
+    Returns a problem to warn about, or ""."""
+    try:
+        own = ledger.read_ledger(ledger.ledger_path(source))
+    except (OSError, ValueError) as exc:
+        return f"the store's restore ledger cannot be read ({exc}): the backup keeps its previous copy"
+    copy_path = ledger.ledger_path(target)
+    try:
+        copy = ledger.read_ledger(copy_path)
+    except (OSError, ValueError):  # a damaged copy: replaced by the store's whole ledger
+        copy = ledger.Ledger()
+    ids = {line.id for line in own.lines}
+    kept = [line for line in copy.lines if line.id not in ids]
+    if not own.lines and not kept:
+        return ""
+    _makedirs(target, 0o700)
+    with _temporary_in(target, ".jsonl") as tmp:
+        tmp.write_text(
+            "".join(json.dumps(asdict(line), sort_keys=True) + "\n" for line in kept + own.lines),
+            encoding="utf-8",
+        )
+        os.replace(tmp, copy_path)
+    if kept:
+        return (
+            f"the store's restore ledger lacks {len(kept)} line(s) this backup's copy has (kept in the "
+            "copy; a restore merges them back)"
+        )
+    return ""
 
 
 def _store_keys(store_dir: Path) -> dict[str, bytes]:
@@ -348,7 +372,15 @@ def replay_ledger(url: str, store_root: Path) -> Replayed:
     """Do again the erasures and key revocations of the store's ledger that the database lacks
     (core.ledger_replay), commit, then remove the re-erased patients' files and the marker that
     keeps the API and workers from starting. Idempotent: a restore runs it when the schema is
-    this release's, `drscreen db replay-ledger` after the upgrade an older backup needs."""
+    this release's, `drscreen db replay-ledger` after the upgrade an older backup needs. Refused
+    on a machine without the store, and while a restore has not put the files back."""
+    if not store_root.is_dir() or deployment_key.fingerprint(store_root) in ("none", "unreadable"):
+        raise BackupError(
+            f"the store folder {store_root} is missing or holds no deployment key: run this where the "
+            "deployment's store is (DRSCREEN_STORE_DIR)"
+        )
+    if pending_stage(store_root) == RESTORING:
+        raise BackupError(RESTORE_UNFINISHED)
     lines = _read_ledger(store_root)
     keys = _store_keys(store_root)
     current = keys.get(deployment_key.fingerprint(store_root))
@@ -365,15 +397,41 @@ def replay_ledger(url: str, store_root: Path) -> Replayed:
     return done
 
 
-def _settled_before(url: str, kind: str) -> set[str] | None:
-    """The ledger lines done in the database a restore is about to replace, or None when it
-    cannot be read (lost, damaged, empty)."""
+#: What the marker (core.ledger.PENDING_FILE) says: the database was replaced and the files are
+#: not all back yet (run the restore again), or only the ledger's replay is left.
+RESTORING, REPLAYING = "restoring", "replaying"
+RESTORE_UNFINISHED = (
+    "a restore did not finish putting the backup's files and key back: run `drscreen db restore` "
+    "again (the API and workers refuse to start until it has)"
+)
+
+
+def pending_stage(store_root: Path) -> str | None:
+    """What a restore left to do, or None (core.ledger.PENDING_FILE)."""
+    path = store_root / ledger.PENDING_FILE
+    if not path.is_file():
+        return None
+    return RESTORING if path.read_text(encoding="utf-8").strip() == RESTORING else REPLAYING
+
+
+def _set_stage(store_root: Path, stage: str) -> None:
+    with _temporary_in(store_root, ".tmp") as tmp:
+        tmp.write_text(stage + "\n", encoding="utf-8")
+        os.replace(tmp, store_root / ledger.PENDING_FILE)
+
+
+def _settled_before(url: str, kind: str) -> tuple[str, set[str]] | None:
+    """The lineage of the database a restore is about to replace and the ledger lines done in
+    it, or None when it cannot be read (lost, damaged, never migrated)."""
     if kind == "sqlite" and not _sqlite_path(url).is_file():
         return None
     engine = create_engine(url)
     try:
         with Session(engine) as session:
-            return settled_ids(session)
+            if "deployment" not in inspect(session.connection()).get_table_names():
+                return None
+            row = session.get(Deployment, 1)
+            return None if row is None else (row.lineage, settled_ids(session))
     except SQLAlchemyError:
         return None
     finally:
@@ -450,11 +508,8 @@ def take_backup(
             report.dump_sha256 = sha256_file(tmp)
             _sync_files(report, names, store_root, backup_store, progress, dir_mode=0o700)
             report.key = _sync_key(store_root, backup_store, dir_mode=0o700)
-            _copy_ledger(store_root, backup_store)  # after the snapshot: it holds at least its lines
-            try:
-                ledger.read_ledger(ledger.ledger_path(backup_store))
-            except (OSError, ValueError) as exc:
-                report.ledger_problem = str(exc)
+            # after the snapshot: the copy holds at least the snapshot's lines
+            report.ledger_problem = _copy_ledger(store_root, backup_store)
             os.replace(tmp, folder / dump_name)
     except BaseException:
         if created and not any(folder.rglob("*")):
@@ -636,17 +691,25 @@ def restore_backup(
     busy = None if force else _in_use(url, kind)
     if busy:
         raise BackupError(f"the target is in use: {busy}; stop the API and workers first (or --force)")
-    merged = ledger.merge_into(store_root, theirs)
-    unconfirmed = resolve(store_root, merged, _settled_before(url, kind))
-    (store_root / ledger.PENDING_FILE).touch()  # until the replay is done: no API, no worker
+    try:
+        merged = ledger.merge_into(store_root, theirs)
+        resolve(store_root, merged, _settled_before(url, kind))
+        _set_stage(store_root, RESTORING)  # until the files are back: no API, no worker
+    except OSError as exc:
+        raise BackupError(f"the store's restore ledger cannot be written ({exc}): nothing restored") from None
     (_restore_sqlite if kind == "sqlite" else _restore_postgresql)(folder, url)
     names, revision = _named_files(url)
     report = BackupReport(str(folder), kind, revision, str(manifest.get("taken_at", "")), files=len(names))
-    report.resent = _after_restore(url)
-    _sync_files(report, names, folder / STORE_DIR, store_root, progress, verify=True)
-    # the restored audit rows were keyed with the backup's key (a different one: another store)
-    report.key = _sync_key(folder / STORE_DIR, store_root)
-    report.unconfirmed = unconfirmed
+    try:
+        report.resent = _after_restore(url)
+        _sync_files(report, names, folder / STORE_DIR, store_root, progress, verify=True)
+        # the restored audit rows were keyed with the backup's key (a different one: another store)
+        report.key = _sync_key(folder / STORE_DIR, store_root)
+        _set_stage(store_root, REPLAYING)
+    except (OSError, SQLAlchemyError) as exc:
+        raise BackupError(
+            f"the database was restored, but not the rest ({exc}): {RESTORE_UNFINISHED}"
+        ) from None
     if revision == migrate.head_revision():  # an older schema: after `drscreen db upgrade`
         try:
             report.replayed = replay_ledger(url, store_root)

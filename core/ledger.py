@@ -17,8 +17,11 @@ database holds it, else ``void``.
 Each erasure line has a random id, which its audit row also holds (``detail.ledger_entry``), and a
 restore's replay records the ids it went through: a line is done in a database exactly when the
 database holds its id. Database ids (audit rows, clinics) are not used to match: a restore rolls
-them back, and they are given again. Lines hold no patient id: the erasure's keyed digest (as its
-audit row) and the clinic, or the revoked key's hash (``api_key.key_hash``).
+them back, and they are given again. Each line also names the database it was made on
+(``deployment.lineage``, which a backup carries): a restore settles and replays only the lines
+of the database it restores, never a staging store's or a fresh database's. Lines hold no patient
+id: the erasure's keyed digest (as its audit row) and the clinic, or the revoked key's hash
+(``api_key.key_hash``).
 
 A write that is cut short (a crash mid-line) leaves an unterminated last line: it was never
 committed (the commit follows the sync), readers ignore it and the next append removes it.
@@ -43,7 +46,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from core import deployment_key, heartbeat
 from core.errors import Unavailable
-from core.tables import WorkerHeartbeat, utcnow
+from core.tables import Deployment, WorkerHeartbeat, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ class Entry:
     patient_hmac: str | None = None  # erasure: the audit row's keyed digest of the patient id
     key_id: str | None = None  # erasure: the fingerprint of the key that made the digest
     key_hash: str | None = None  # revocation: api_key.key_hash
+    lineage: str | None = None  # erasure, revocation: the database's (core.tables.Deployment)
     of: list[str] = field(default_factory=list)  # committed / void: the lines they settle
 
 
@@ -92,48 +96,102 @@ class Ledger:
         return [line for line in self.actions() if line.id not in settled]
 
     def confirmed(self) -> list[Entry]:
-        """Actions known to have been committed."""
-        committed, void = self._marked(COMMITTED), self._marked(VOID)
-        return [line for line in self.actions() if line.id in committed and line.id not in void]
+        """Actions known to have been committed. A ``committed`` mark wins over a ``void`` one: it
+        is written only after a real commit (or found in the database), while a restore forced
+        beside a running API can read the database between a line and its commit."""
+        committed = self._marked(COMMITTED)
+        return [line for line in self.actions() if line.id in committed]
+
+    def of_lineage(self, lineage: str) -> Ledger:
+        """The actions made on one database, with every mark (marks name no database)."""
+        return Ledger(
+            [line for line in self.lines if line.kind in (COMMITTED, VOID) or line.lineage == lineage]
+        )
 
 
 def ledger_path(store_dir: Path) -> Path:
     return store_dir / LEDGER_FILE
 
 
-def erasure_entry(*, clinic_id: int, clinic: str, patient_hmac: str, key_id: str) -> Entry:
-    return _new(ERASURE, clinic_id=clinic_id, clinic=clinic, patient_hmac=patient_hmac, key_id=key_id)
+def erasure_entry(*, lineage: str, clinic_id: int, clinic: str, patient_hmac: str, key_id: str) -> Entry:
+    fields = {"clinic_id": clinic_id, "clinic": clinic, "patient_hmac": patient_hmac, "key_id": key_id}
+    return _new(ERASURE, lineage=lineage, **fields)
 
 
-def revocation_entry(key_hash: str) -> Entry:
-    return _new(REVOCATION, key_hash=key_hash)
+def revocation_entry(*, lineage: str, key_hash: str) -> Entry:
+    return _new(REVOCATION, lineage=lineage, key_hash=key_hash)
 
 
-def check_store(session: Session, store_dir: Path) -> None:
-    """Refuse (:class:`Unavailable`) to erase or revoke where the line would land in a ledger no
-    restore reads: a store folder that does not exist on this machine (nor the folder it would be
-    made in: an operator's machine with only the database's address), or another store than the
-    live workers' (its deployment key differs: an operator's machine with a store of its own)."""
-    if not store_dir.is_dir() and store_dir.parent.is_dir():
-        store_dir.mkdir(exist_ok=True)  # a deployment's first use, as its first upload would
+def deployment_row(session: Session) -> Deployment:
+    """The database's one ``deployment`` row (made by its migration; made here for a database
+    whose row went missing)."""
+    row = session.get(Deployment, 1)
+    if row is None:
+        row = Deployment(id=1, lineage=uuid.uuid4().hex)
+        session.add(row)
+        session.flush()
+    return row
+
+
+def lineage_of(session: Session) -> str:
+    return deployment_row(session).lineage
+
+
+def record_store(session: Session, store_dir: Path) -> None:
+    """Remember the deployment store's key fingerprint, if none is yet (a worker's start: the
+    workers' store is the deployment's). The caller commits."""
+    row = deployment_row(session)
+    fingerprint = deployment_key.fingerprint(store_dir)
+    if row.store_key_id is None and fingerprint not in ("none", "unreadable"):
+        row.store_key_id = fingerprint
+
+
+class StoreRefused(Unavailable):
+    """An erasure or revocation refused because its line would land in a ledger no restore reads.
+    ``message`` is what a clinic is told; ``operator_detail`` names the paths and keys."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            "erasures and key revocations cannot be recorded now: the operator must check the store"
+        )
+        self.operator_detail = detail
+        log.error("erasure or key revocation refused: %s", detail)
+
+
+def check_store(session: Session, store_dir: Path) -> str:
+    """Refuse (:class:`StoreRefused`) to erase or revoke where the line would land in a ledger no
+    restore reads: a store folder missing on this machine, or not the deployment's (its key is not
+    the one the database recorded, or, before one was recorded, not the live workers'). Returns
+    the database's lineage, for the line. The store's key is made here on first use."""
     if not store_dir.is_dir():
-        raise Unavailable(
-            f"the store folder {store_dir} does not exist on this machine: erasures and key "
-            "revocations are recorded in the deployment's store (DRSCREEN_STORE_DIR); run this where it is"
+        raise StoreRefused(
+            f"the store folder {store_dir} does not exist on this machine: erasures and key revocations "
+            "are recorded in the deployment's store (DRSCREEN_STORE_DIR); run this where it is"
         )
-    rows = session.scalars(select(WorkerHeartbeat))
-    theirs = {
-        str((row.settings or {}).get(heartbeat.STORE_IDENTITY))
-        for row in heartbeat.live_workers(rows, utcnow())
-        if (row.settings or {}).get(heartbeat.STORE_IDENTITY) not in (None, "none")
-    }
+    row = deployment_row(session)
     own = deployment_key.fingerprint(store_dir)
-    if theirs and own not in theirs:
-        raise Unavailable(
-            f"the store folder {store_dir} is not the live workers' (its key {own}, theirs "
-            f"{', '.join(sorted(theirs))}): erasures and key revocations are recorded in the "
-            "deployment's store; run this where it is (DRSCREEN_STORE_DIR)"
+    if row.store_key_id is not None and own != row.store_key_id:
+        raise StoreRefused(
+            f"the store folder {store_dir} is not the deployment's (its key {own}, the deployment's "
+            f"{row.store_key_id}): erasures and key revocations are recorded in the deployment's "
+            "store; run this where it is (DRSCREEN_STORE_DIR)"
         )
+    if row.store_key_id is None:
+        rows = session.scalars(select(WorkerHeartbeat))
+        theirs = {
+            str((beat.settings or {}).get(heartbeat.STORE_IDENTITY))
+            for beat in heartbeat.live_workers(rows, utcnow())
+            if (beat.settings or {}).get(heartbeat.STORE_IDENTITY) not in (None, "none")
+        }
+        if theirs and own not in theirs:
+            raise StoreRefused(
+                f"the store folder {store_dir} is not the live workers' (its key {own}, theirs "
+                f"{', '.join(sorted(theirs))}): erasures and key revocations are recorded in the "
+                "deployment's store; run this where it is (DRSCREEN_STORE_DIR)"
+            )
+        deployment_key.deployment_key(store_dir)  # first use: made now, recorded with the line
+        record_store(session, store_dir)
+    return row.lineage
 
 
 def record(session: Session, store_dir: Path, entry: Entry) -> None:

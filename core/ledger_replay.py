@@ -12,8 +12,10 @@ line revokes its key if the snapshot holds it active (dated as the line). Replay
 nothing.
 
 Lines whose commit was not confirmed (core.ledger) are settled first, against the database the
-restore is about to replace (:func:`resolve`): a line it holds was committed, one it lacks never
-was (an erasure whose commit failed must not happen later, perhaps to a patient sent again).
+restore is about to replace (:func:`resolve`), when it is the database they were made on (its
+lineage): a line it holds was committed, one it lacks never was (an erasure whose commit failed
+must not happen later, perhaps to a patient sent again). Only the lines of the restored
+database's lineage are replayed.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Replayed:
     revocations: int = 0  # keys revoked again
     unknown_key: int = 0  # erasures whose digest no known key made: not done again
     unconfirmed: int = 0  # erasures whose commit could not be settled: not done again
+    other_database: int = 0  # lines made on another database (another lineage): left alone
     files: list[str] = field(default_factory=list)  # stored files only the re-erased rows named
 
 
@@ -62,19 +65,20 @@ def settled_ids(session: Session) -> set[str]:
     return done
 
 
-def resolve(store_dir: Path, lines: Ledger, settled_before: set[str] | None) -> int:
-    """Settle the unconfirmed lines against ``settled_before``, the lines done in the database a
-    restore is about to replace (None: it cannot be read). Erasures it holds were committed, the
-    others never were; revocations are confirmed (revoking a key someone asked to revoke is
-    harmless). Returns how many erasures stay unconfirmed (not done again, reported)."""
-    unconfirmed = lines.unconfirmed()
-    ledger.mark(store_dir, ledger.COMMITTED, [e.id for e in unconfirmed if e.kind == REVOCATION])
+def resolve(store_dir: Path, lines: Ledger, before: tuple[str, set[str]] | None) -> None:
+    """Settle the unconfirmed lines made on the database a restore is about to replace: ``before``
+    is its lineage and the lines done in it (None: it cannot be read). Erasures it holds were
+    committed, the others never were; its revocations are confirmed (revoking a key someone
+    asked to revoke is harmless). Lines of another database stay unconfirmed: the replay reports
+    those of the restored database and does not do them."""
+    if before is None:
+        return
+    lineage, settled = before
+    unconfirmed = [e for e in lines.unconfirmed() if e.lineage == lineage]
     erasures = [e.id for e in unconfirmed if e.kind == ERASURE]
-    if settled_before is None:
-        return len(erasures)
-    ledger.mark(store_dir, ledger.COMMITTED, [i for i in erasures if i in settled_before])
-    ledger.mark(store_dir, ledger.VOID, [i for i in erasures if i not in settled_before])
-    return 0
+    committed = [e.id for e in unconfirmed if e.kind == REVOCATION] + [i for i in erasures if i in settled]
+    ledger.mark(store_dir, ledger.COMMITTED, committed)
+    ledger.mark(store_dir, ledger.VOID, [i for i in erasures if i not in settled])
 
 
 def _patients_by_digest(session: Session, clinic_id: int, key: bytes) -> dict[str, str]:
@@ -108,11 +112,14 @@ def replay(
     store_dir: Path,
     key: bytes | None,
 ) -> Replayed:
-    """Do again what ``lines`` record and the database lacks (module docstring). ``keys``:
+    """Do again what the lines of this database's lineage record and it lacks (module docstring). ``keys``:
     fingerprint -> deployment key, every key a digest may have been made with; ``key``: the
     store's key from now on (the new audit rows' digests). The caller commits, then removes
     ``files``."""
-    done = Replayed(unconfirmed=sum(1 for e in lines.unconfirmed() if e.kind == ERASURE))
+    lineage = ledger.lineage_of(session)
+    done = Replayed(other_database=sum(1 for e in lines.actions() if e.lineage != lineage))
+    lines = lines.of_lineage(lineage)
+    done.unconfirmed = sum(1 for e in lines.unconfirmed() if e.kind == ERASURE)
     settled = settled_ids(session)
     gone_through: list[str] = []
     digests: dict[tuple[int, str], dict[str, str]] = {}

@@ -121,12 +121,12 @@ def revoke_api_key(session: Session, key_id_or_prefix: str | int, store_dir: Pat
     if not hashes:
         return 0
     ledger_dir = store_dir if store_dir is not None else get_settings().store_path
-    ledger.check_store(session, ledger_dir)
+    lineage = ledger.check_store(session, ledger_dir)
     stmt = update(ApiKey).where(ApiKey.key_hash.in_(hashes), ApiKey.revoked_at.is_(None))
     result = session.execute(stmt.values(revoked_at=utcnow()).execution_options(synchronize_session=False))
     session.flush()
     for key_hash in hashes:  # a revocation racing another is recorded twice: replaying it is harmless
-        ledger.record(session, ledger_dir, ledger.revocation_entry(key_hash))
+        ledger.record(session, ledger_dir, ledger.revocation_entry(lineage=lineage, key_hash=key_hash))
     return int(getattr(result, "rowcount", 0) or 0)
 
 

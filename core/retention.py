@@ -370,8 +370,7 @@ def erase_patient(
         return Outcome(found=False)
     out = Outcome(in_flight=sum(_in_flight(session, ids).values()))
     store_dir = store_dir if store_dir is not None else get_settings().store_path
-    if ledger_entry is None:
-        ledger.check_store(session, store_dir)  # before the key is made: not in a stray folder
+    lineage = ledger.check_store(session, store_dir) if ledger_entry is None else ""  # no stray key
     if key is None:
         try:
             key = store_key(store_dir)
@@ -388,7 +387,11 @@ def erase_patient(
     if ledger_entry is None:  # a new erasure: a new line (a replay's is the line it does again)
         clinic = session.get(Clinic, clinic_id)
         line = ledger.erasure_entry(
-            clinic_id=clinic_id, clinic=clinic.name if clinic else "", patient_hmac=digest, key_id=key_id
+            lineage=lineage,
+            clinic_id=clinic_id,
+            clinic=clinic.name if clinic else "",
+            patient_hmac=digest,
+            key_id=key_id,
         )
         ledger_entry = line.id
     _audit(

@@ -25,11 +25,13 @@ from tests.unit.test_backup import (  # noqa: F401  (collected here: the same te
 )
 from tests.unit.test_restore_ledger import (  # noqa: F401  (the restore ledger, on PostgreSQL)
     test_a_backup_carries_the_ledger_and_a_restore_merges_it,
+    test_a_backups_copy_of_the_ledger_never_shrinks,
     test_a_committed_erasure_whose_confirmation_was_lost_is_still_done,
     test_a_patient_sent_again_after_a_restore_survives_the_next,
     test_an_erasure_the_backup_already_holds_is_not_done_again,
     test_an_erasure_whose_commit_failed_is_never_done_by_a_restore,
     test_an_older_backup_then_a_newer_one_keeps_what_the_newer_holds,
+    test_another_databases_lines_are_left_alone,
     test_erasures_and_revocations_after_a_backup_are_done_again_by_its_restore,
 )
 from tests.unit.test_workers_scoring import add_images, photo

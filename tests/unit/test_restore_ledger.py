@@ -177,6 +177,11 @@ def _committed(entry: ledger.Entry) -> list[ledger.Entry]:
     return [ledger.Entry(id="c", at=entry.at, kind=ledger.COMMITTED, of=[entry.id])]
 
 
+def _lineage(url: str) -> str:
+    with session_scope(url) as s:
+        return ledger.lineage_of(s)
+
+
 def _store() -> Path:
     return get_settings().store_path
 
@@ -240,7 +245,7 @@ def test_an_unconfirmed_erasure_with_its_database_lost_is_reported_not_done(
     dispose_engines()
     Path(url.removeprefix("sqlite:///")).unlink()  # the machine's database is lost
     output = _restore(folder)
-    assert "WARNING: 1 erasure(s) of the restore ledger have no confirmed commit" in output
+    assert "WARNING: 1 erasure(s) of the restore ledger have no confirmed commit" in output, output
     assert _patients(url) == {"A1", "B2"}
 
 
@@ -350,6 +355,10 @@ def test_a_ledger_that_cannot_be_read_stops_the_restore_before_the_database(url:
     assert _patients(url) == {"B2"}  # the database was not replaced
     taken = runner.invoke(app, ["db", "backup", str(folder)])
     assert taken.exit_code == 0 and "WARNING: the store's restore ledger cannot be read" in taken.output
+    assert "keeps its previous copy" in taken.output  # not overwritten by the damaged one
+    assert runner.invoke(app, ["db", "verify-backup", str(folder)]).exit_code == 0
+    copy = folder / "store" / ledger.LEDGER_FILE
+    copy.write_text("{not json\n")  # the copy itself damaged
     verify = runner.invoke(app, ["db", "verify-backup", str(folder)])
     assert verify.exit_code == 1 and "ledger.jsonl" in verify.output, verify.output
     # a newer release's field is read past; a kind this release does not know is refused
@@ -447,7 +456,11 @@ def test_one_clinics_patients_are_digested_once_per_replay(url: str, monkeypatch
     lines = []
     for n in range(5):  # patients the snapshot does not hold
         entry = ledger.erasure_entry(
-            clinic_id=1, clinic="North", patient_hmac=f"h{n}", key_id=next(iter(_keys()))
+            lineage=_lineage(url),
+            clinic_id=1,
+            clinic="North",
+            patient_hmac=f"h{n}",
+            key_id=next(iter(_keys())),
         )
         lines += [entry, *_committed(entry)]
     calls = []
@@ -456,3 +469,130 @@ def test_one_clinics_patients_are_digested_once_per_replay(url: str, monkeypatch
     with session_scope(url) as s:
         done = ledger_replay.replay(s, ledger.Ledger(lines), keys=_keys(), store_dir=_store(), key=None)
     assert done.erasures == 0 and len(calls) == 1
+
+
+# ------------------------------------------------------------------------------- the second review
+
+
+def test_unconfirmed_lines_are_not_settled_against_another_database(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second review: restoring onto a freshly migrated database (docker-compose's `migrate`
+    runs `db upgrade` first) found every unconfirmed line void there, and a committed erasure was
+    never done again. The fresh database is another lineage: its lines stay unconfirmed, reported."""
+    _deployment(url)
+    folder = _backup(tmp_path / "backup")
+    monkeypatch.setattr(ledger, "mark", lambda *_args: (_ for _ in ()).throw(OSError("killed")))
+    _erase("A1")
+    monkeypatch.undo()
+    dispose_engines()
+    Path(url.removeprefix("sqlite:///")).unlink()  # the database lost; a new one made empty
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    output = _restore(folder)
+    assert "WARNING: 1 erasure(s) of the restore ledger have no confirmed commit" in output, output
+    assert [e.kind for e in _ledger(url).unconfirmed()] == ["erasure"]  # not void: still undecided
+
+
+def test_a_committed_mark_wins_over_a_void_one() -> None:
+    """The second review: a restore forced beside a running API can read the database between a
+    line and its commit (void), while `committed` is written only after a real commit."""
+    line = ledger.erasure_entry(lineage="L", clinic_id=1, clinic="North", patient_hmac="h", key_id="k")
+    marks = [
+        ledger.Entry(id="v", at=line.at, kind=ledger.VOID, of=[line.id]),
+        ledger.Entry(id="c", at=line.at, kind=ledger.COMMITTED, of=[line.id]),
+    ]
+    assert ledger.Ledger([line, *marks]).confirmed() == [line]
+    assert ledger.Ledger([line, marks[0]]).confirmed() == [] == ledger.Ledger([line, marks[0]]).unconfirmed()
+
+
+def test_another_databases_lines_are_left_alone(url: str, tmp_path: Path) -> None:
+    """The second review: a staging store's erasures were replayed against the production backup
+    restored into it (same clinic name and patient id)."""
+    _deployment(url)
+    production = _backup(tmp_path / "production")
+    with session_scope(url) as s:  # the same rows under another database's lineage: staging
+        ledger.deployment_row(s).lineage = "staging"
+    _erase("A1")
+    output = _restore(production)
+    assert (
+        "0 patient erasure(s)" in output and "1 line(s) of the store's ledger were made on another" in output
+    )
+    assert _patients(url) == {"A1", "B2"}
+
+
+def test_no_erasure_on_a_store_other_than_the_one_the_database_recorded(url: str, tmp_path: Path) -> None:
+    """The second review: with no live worker, any existing folder passed as the store (in the
+    Docker image every container has /var/lib/drscreen/store). The database now records the
+    store's key at the first erasure or worker start."""
+    _deployment(url)
+    make_key(url, "North")
+    _erase("B2")  # records the deployment store's key
+    stray = tmp_path / "other" / "store"
+    stray.mkdir(parents=True)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DRSCREEN_STORE_DIR", str(stray))
+        get_settings.cache_clear()
+        refused = runner.invoke(app, ["data", "erase", "A1", "--clinic", "North", "--yes", "--force"])
+        assert refused.exit_code == 2 and "is not the deployment's" in refused.output, refused.output
+        replay = runner.invoke(app, ["db", "replay-ledger"])
+        assert replay.exit_code == 2 and "holds no deployment key" in replay.output, replay.output
+    get_settings.cache_clear()
+    assert not (stray / KEY_FILE).exists() and not (stray / ledger.LEDGER_FILE).exists()
+    assert "A1" in _patients(url)
+
+
+def test_a_clinic_is_told_no_more_than_that_the_store_must_be_checked(
+    client: Any, url: str, tmp_path: Path
+) -> None:
+    _deployment(url)
+    key = make_key(url, "North")
+    with session_scope(url) as s:
+        ledger.deployment_row(s).store_key_id = "0123456789ab"  # another store's
+        s.execute(Image.__table__.update().values(status="done"))
+    refused = client.delete("/v1/patients/A1", headers=key.headers)
+    assert refused.status_code == 503, refused.text
+    assert str(get_settings().store_path) not in refused.text and "0123456789ab" not in refused.text
+
+
+def test_a_restore_that_fails_putting_files_back_says_so_and_is_run_again(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second review: a disk filling up while the files were put back gave a traceback; the
+    marker then pointed at `db replay-ledger`, which cleared it with the photographs missing."""
+    store, _ids = _deployment(url)
+    folder = _backup(tmp_path / "backup")
+    names = {p.name for p in (folder / "store").rglob("*") if p.is_file() and p.name != KEY_FILE}
+    for path in store.root.rglob("*"):
+        if path.name in names:
+            path.unlink()
+    monkeypatch.setattr(
+        backup, "_copy", lambda *_a, **_k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+    )
+    dispose_engines()
+    failed = runner.invoke(app, ["db", "restore", str(folder), "--yes"])
+    monkeypatch.undo()
+    assert failed.exit_code == 2 and "the database was restored, but not the rest" in failed.output, (
+        failed.output
+    )
+    for command in (["serve"], ["db", "replay-ledger"]):
+        refused = runner.invoke(app, command)
+        assert refused.exit_code == 2 and "run `drscreen db restore`" in refused.output, refused.output
+    _restore(folder)
+    assert not (store.root / ledger.PENDING_FILE).exists()
+    assert all(any(store.root.rglob(name)) for name in names)
+
+
+def test_a_backups_copy_of_the_ledger_never_shrinks(url: str, tmp_path: Path) -> None:
+    """The second review: the store's ledger lost, the next backup overwrote the copy, and a
+    restore of an older backup then brought back a patient erased in between."""
+    store, _ids = _deployment(url)
+    older = _backup(tmp_path / "older")
+    _erase("A1")
+    daily = _backup(tmp_path / "daily")
+    (store.root / ledger.LEDGER_FILE).unlink()  # lost
+    _erase("B2")
+    again = runner.invoke(app, ["db", "backup", str(daily)])
+    assert again.exit_code == 0 and "lacks 2 line(s) this backup's copy has" in again.output, again.output
+    _restore(daily)
+    _restore(older)
+    assert _patients(url) == set()
