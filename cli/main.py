@@ -675,12 +675,6 @@ def _replayed_lines(done: Any) -> None:
             'your records for erasures made just before the loss (README "Backup and restore")',
             err=True,
         )
-    if done.other_database:
-        typer.echo(
-            f"NOTE: {done.other_database} line(s) of the store's ledger were made on another database "
-            "(another deployment, or one restored over): left alone",
-            err=True,
-        )
     if done.unknown_key:
         typer.echo(
             f"WARNING: {done.unknown_key} erasure(s) of the ledger were recorded with a deployment key "
@@ -763,22 +757,53 @@ _MAX_KEY_ID = 2**63 - 1
 
 @keys_app.command("revoke")
 def keys_revoke(key: str = typer.Argument(..., help="Key id, key prefix or the key itself.")) -> None:
-    """Revoke an API key."""
-    from core import repository as repo
-    from core.db import session_scope
+    """Revoke an API key (also where the restore ledger cannot be written: then with a WARNING)."""
+    from core.errors import Unavailable
+    from core.ledger import store_problem
+    from core.settings import get_settings
 
-    with _db_errors(), session_scope() as session:
-        if key.startswith(repo.API_KEY_PREFIX) and len(key) > 12:
-            found = repo.authenticate_api_key(session, key, touch=False)
-            n = repo.revoke_api_key(session, found.id) if found else 0
-        elif key.isdigit() and not (key.isascii() and len(key) <= 19 and int(key) <= _MAX_KEY_ID):
-            n = 0  # no such id (the database driver's OverflowError, or int("²"), was a traceback)
+    with _db_errors():
+        problem = _in_session(lambda session: store_problem(session, get_settings().store_path))
+        if problem is None:
+            try:
+                n = _revoke_count(key, record=True)
+            except Unavailable as exc:  # the ledger cannot be written: revoke all the same
+                problem, n = exc.message, _revoke_count(key, record=False)
         else:
-            n = repo.revoke_api_key(session, key)
+            n = _revoke_count(key, record=False)
     if not n:
         typer.echo("no active key matched", err=True)
         raise typer.Exit(code=1)
     typer.echo(f"revoked {n} key(s)")
+    if problem is not None:  # revoked all the same: a leaked key must not stay usable
+        typer.echo(
+            f"WARNING: not recorded in the restore ledger ({problem}): after restoring a backup older "
+            "than now, revoke it again (or run this where the deployment's store is)",
+            err=True,
+        )
+
+
+def _in_session(run: Any) -> Any:
+    """``run(session)`` in one transaction, committed."""
+    from core.db import session_scope
+
+    with session_scope() as session:
+        return run(session)
+
+
+def _revoke_count(key: str, *, record: bool) -> int:
+    """Revoke ``key`` (an id, a prefix or the key itself) in one transaction; how many."""
+    from core import repository as repo
+
+    def run(session: Any) -> int:
+        if key.startswith(repo.API_KEY_PREFIX) and len(key) > 12:
+            found = repo.authenticate_api_key(session, key, touch=False)
+            return repo.revoke_api_key(session, found.id, record=record) if found else 0
+        if key.isdigit() and not (key.isascii() and len(key) <= 19 and int(key) <= _MAX_KEY_ID):
+            return 0  # no such id (the database driver's OverflowError, or int("²"), was a traceback)
+        return int(repo.revoke_api_key(session, key, record=record))
+
+    return int(_in_session(run))
 
 
 @keys_app.command("list")

@@ -63,7 +63,7 @@ from core.errors import DomainError
 from core.ledger import LEDGER_FILE
 from core.ledger_replay import Replayed, replay, resolve, settled_ids
 from core.store import FileStore, paths_overlap, sha256_file
-from core.tables import Deployment, Image, ScoringJob, WebSession, WorkerHeartbeat, as_utc, utcnow
+from core.tables import Image, ScoringJob, WebSession, WorkerHeartbeat, as_utc, utcnow
 
 SQLITE_FILE = "database.sqlite"
 PG_FILE = "database.pgdump"
@@ -420,18 +420,17 @@ def _set_stage(store_root: Path, stage: str) -> None:
         os.replace(tmp, store_root / ledger.PENDING_FILE)
 
 
-def _settled_before(url: str, kind: str) -> tuple[str, set[str]] | None:
-    """The lineage of the database a restore is about to replace and the ledger lines done in
-    it, or None when it cannot be read (lost, damaged, never migrated)."""
+def _settled_before(url: str, kind: str) -> set[str] | None:
+    """The ledger lines done in the database a restore is about to replace, or None when it
+    cannot be read (lost, damaged, never migrated)."""
     if kind == "sqlite" and not _sqlite_path(url).is_file():
         return None
     engine = create_engine(url)
     try:
         with Session(engine) as session:
-            if "deployment" not in inspect(session.connection()).get_table_names():
+            if "audit_event" not in inspect(session.connection()).get_table_names():
                 return None
-            row = session.get(Deployment, 1)
-            return None if row is None else (row.lineage, settled_ids(session))
+            return settled_ids(session)
     except SQLAlchemyError:
         return None
     finally:

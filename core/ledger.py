@@ -17,11 +17,9 @@ database holds it, else ``void``.
 Each erasure line has a random id, which its audit row also holds (``detail.ledger_entry``), and a
 restore's replay records the ids it went through: a line is done in a database exactly when the
 database holds its id. Database ids (audit rows, clinics) are not used to match: a restore rolls
-them back, and they are given again. Each line also names the database it was made on
-(``deployment.lineage``, which a backup carries): a restore settles and replays only the lines
-of the database it restores, never a staging store's or a fresh database's. Lines hold no patient
-id: the erasure's keyed digest (as its audit row) and the clinic, or the revoked key's hash
-(``api_key.key_hash``).
+them back, and they are given again. Lines hold no patient id: the erasure's keyed digest (as its
+audit row) and the clinic, or the revoked key's hash (``api_key.key_hash``). A store's ledger
+applies to whatever database is restored into it (a staging copy replays its own erasures).
 
 A write that is cut short (a crash mid-line) leaves an unterminated last line: it was never
 committed (the commit follows the sync), readers ignore it and the next append removes it.
@@ -46,7 +44,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from core import deployment_key, heartbeat
 from core.errors import Unavailable
-from core.tables import Deployment, WorkerHeartbeat, utcnow
+from core.tables import Image, WorkerHeartbeat, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,6 @@ class Entry:
     patient_hmac: str | None = None  # erasure: the audit row's keyed digest of the patient id
     key_id: str | None = None  # erasure: the fingerprint of the key that made the digest
     key_hash: str | None = None  # revocation: api_key.key_hash
-    lineage: str | None = None  # erasure, revocation: the database's (core.tables.Deployment)
     of: list[str] = field(default_factory=list)  # committed / void: the lines they settle
 
 
@@ -102,52 +99,21 @@ class Ledger:
         committed = self._marked(COMMITTED)
         return [line for line in self.actions() if line.id in committed]
 
-    def of_lineage(self, lineage: str) -> Ledger:
-        """The actions made on one database, with every mark (marks name no database)."""
-        return Ledger(
-            [line for line in self.lines if line.kind in (COMMITTED, VOID) or line.lineage == lineage]
-        )
-
 
 def ledger_path(store_dir: Path) -> Path:
     return store_dir / LEDGER_FILE
 
 
-def erasure_entry(*, lineage: str, clinic_id: int, clinic: str, patient_hmac: str, key_id: str) -> Entry:
-    fields = {"clinic_id": clinic_id, "clinic": clinic, "patient_hmac": patient_hmac, "key_id": key_id}
-    return _new(ERASURE, lineage=lineage, **fields)
+def erasure_entry(*, clinic_id: int, clinic: str, patient_hmac: str, key_id: str) -> Entry:
+    return _new(ERASURE, clinic_id=clinic_id, clinic=clinic, patient_hmac=patient_hmac, key_id=key_id)
 
 
-def revocation_entry(*, lineage: str, key_hash: str) -> Entry:
-    return _new(REVOCATION, lineage=lineage, key_hash=key_hash)
-
-
-def deployment_row(session: Session) -> Deployment:
-    """The database's one ``deployment`` row (made by its migration; made here for a database
-    whose row went missing)."""
-    row = session.get(Deployment, 1)
-    if row is None:
-        row = Deployment(id=1, lineage=uuid.uuid4().hex)
-        session.add(row)
-        session.flush()
-    return row
-
-
-def lineage_of(session: Session) -> str:
-    return deployment_row(session).lineage
-
-
-def record_store(session: Session, store_dir: Path) -> None:
-    """Remember the deployment store's key fingerprint, if none is yet (a worker's start: the
-    workers' store is the deployment's). The caller commits."""
-    row = deployment_row(session)
-    fingerprint = deployment_key.fingerprint(store_dir)
-    if row.store_key_id is None and fingerprint not in ("none", "unreadable"):
-        row.store_key_id = fingerprint
+def revocation_entry(key_hash: str) -> Entry:
+    return _new(REVOCATION, key_hash=key_hash)
 
 
 class StoreRefused(Unavailable):
-    """An erasure or revocation refused because its line would land in a ledger no restore reads.
+    """An erasure refused because its line would land in a ledger no restore reads.
     ``message`` is what a clinic is told; ``operator_detail`` names the paths and keys."""
 
     def __init__(self, detail: str) -> None:
@@ -158,40 +124,54 @@ class StoreRefused(Unavailable):
         log.error("erasure or key revocation refused: %s", detail)
 
 
-def check_store(session: Session, store_dir: Path) -> str:
-    """Refuse (:class:`StoreRefused`) to erase or revoke where the line would land in a ledger no
-    restore reads: a store folder missing on this machine, or not the deployment's (its key is not
-    the one the database recorded, or, before one was recorded, not the live workers'). Returns
-    the database's lineage, for the line. The store's key is made here on first use."""
+def store_problem(session: Session, store_dir: Path) -> str | None:
+    """Why a line written to ``store_dir``'s ledger would be in a ledger no restore reads, or None:
+    the folder is missing on this machine; its deployment key is damaged; it has no key and none of
+    the photographs the database names (a folder of the same path that is not the deployment's
+    store: every container of the image has an empty one); or its key is not the live workers'.
+    Nothing is created here."""
     if not store_dir.is_dir():
-        raise StoreRefused(
-            f"the store folder {store_dir} does not exist on this machine: erasures and key revocations "
-            "are recorded in the deployment's store (DRSCREEN_STORE_DIR); run this where it is"
-        )
-    row = deployment_row(session)
+        return f"the store folder {store_dir} does not exist on this machine"
     own = deployment_key.fingerprint(store_dir)
-    if row.store_key_id is not None and own != row.store_key_id:
-        raise StoreRefused(
-            f"the store folder {store_dir} is not the deployment's (its key {own}, the deployment's "
-            f"{row.store_key_id}): erasures and key revocations are recorded in the deployment's "
-            "store; run this where it is (DRSCREEN_STORE_DIR)"
+    if own == "unreadable":
+        return (
+            f"the deployment key in {store_dir} cannot be read: copy store/{deployment_key.KEY_FILE} back "
+            "from a backup"
         )
-    if row.store_key_id is None:
-        rows = session.scalars(select(WorkerHeartbeat))
-        theirs = {
-            str((beat.settings or {}).get(heartbeat.STORE_IDENTITY))
-            for beat in heartbeat.live_workers(rows, utcnow())
-            if (beat.settings or {}).get(heartbeat.STORE_IDENTITY) not in (None, "none")
-        }
-        if theirs and own not in theirs:
-            raise StoreRefused(
-                f"the store folder {store_dir} is not the live workers' (its key {own}, theirs "
-                f"{', '.join(sorted(theirs))}): erasures and key revocations are recorded in the "
-                "deployment's store; run this where it is (DRSCREEN_STORE_DIR)"
-            )
-        deployment_key.deployment_key(store_dir)  # first use: made now, recorded with the line
-        record_store(session, store_dir)
-    return row.lineage
+    if own == "none" and not _holds_named_files(session, store_dir):
+        return (
+            f"the store folder {store_dir} holds no deployment key and none of the photographs the "
+            "database names: it is not the deployment's store"
+        )
+    rows = session.scalars(select(WorkerHeartbeat))
+    theirs = {
+        str((beat.settings or {}).get(heartbeat.STORE_IDENTITY))
+        for beat in heartbeat.live_workers(rows, utcnow())
+        if (beat.settings or {}).get(heartbeat.STORE_IDENTITY) not in (None, "none")
+    }
+    if theirs and own not in theirs:
+        keys = ", ".join(sorted(theirs))
+        return f"the store folder {store_dir} is not the live workers' (its key {own}, theirs {keys})"
+    return None
+
+
+def _holds_named_files(session: Session, store_dir: Path, sample: int = 5) -> bool:
+    """Whether ``store_dir`` holds photographs the database names (a few looked at; a database
+    that names none: a deployment that has stored nothing yet)."""
+    paths = list(session.scalars(select(Image.stored_path).order_by(Image.created_at).limit(sample)))
+    return not paths or any((store_dir / path).is_file() for path in paths)
+
+
+def check_store(session: Session, store_dir: Path) -> None:
+    """Refuse (:class:`StoreRefused`) an erasure whose line would be in a ledger no restore reads
+    (:func:`store_problem`); make the store's deployment key on first use."""
+    problem = store_problem(session, store_dir)
+    if problem is not None:
+        raise StoreRefused(
+            f"{problem}: erasures are recorded in the deployment's store's restore ledger; run this "
+            "where the deployment's store is (DRSCREEN_STORE_DIR)"
+        )
+    deployment_key.deployment_key(store_dir)
 
 
 def record(session: Session, store_dir: Path, entry: Entry) -> None:

@@ -12,10 +12,10 @@ line revokes its key if the snapshot holds it active (dated as the line). Replay
 nothing.
 
 Lines whose commit was not confirmed (core.ledger) are settled first, against the database the
-restore is about to replace (:func:`resolve`), when it is the database they were made on (its
-lineage): a line it holds was committed, one it lacks never was (an erasure whose commit failed
-must not happen later, perhaps to a patient sent again). Only the lines of the restored
-database's lineage are replayed.
+restore is about to replace (:func:`resolve`): a line it holds was committed; one it lacks, while
+it holds a line written after it, never was (an erasure whose commit failed must not happen
+later, perhaps to a patient sent again). Lines it cannot decide (a database made anew, or none
+written since) stay unconfirmed: not done, reported.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ class Replayed:
     revocations: int = 0  # keys revoked again
     unknown_key: int = 0  # erasures whose digest no known key made: not done again
     unconfirmed: int = 0  # erasures whose commit could not be settled: not done again
-    other_database: int = 0  # lines made on another database (another lineage): left alone
     files: list[str] = field(default_factory=list)  # stored files only the re-erased rows named
 
 
@@ -65,20 +64,27 @@ def settled_ids(session: Session) -> set[str]:
     return done
 
 
-def resolve(store_dir: Path, lines: Ledger, before: tuple[str, set[str]] | None) -> None:
-    """Settle the unconfirmed lines made on the database a restore is about to replace: ``before``
-    is its lineage and the lines done in it (None: it cannot be read). Erasures it holds were
-    committed, the others never were; its revocations are confirmed (revoking a key someone
-    asked to revoke is harmless). Lines of another database stay unconfirmed: the replay reports
-    those of the restored database and does not do them."""
-    if before is None:
-        return
-    lineage, settled = before
-    unconfirmed = [e for e in lines.unconfirmed() if e.lineage == lineage]
-    erasures = [e.id for e in unconfirmed if e.kind == ERASURE]
-    committed = [e.id for e in unconfirmed if e.kind == REVOCATION] + [i for i in erasures if i in settled]
+def resolve(store_dir: Path, lines: Ledger, settled_before: set[str] | None) -> None:
+    """Settle the unconfirmed lines against the database a restore is about to replace
+    (``settled_before``: the lines done in it; None: it cannot be read). An erasure it holds was
+    committed; one it lacks never was when it holds a line written later (it was in use after the
+    line: the commit failed), else it stays undecided. Revocations are confirmed (revoking a key
+    someone asked to revoke is harmless)."""
+    unconfirmed = lines.unconfirmed()
+    revocations = [e.id for e in unconfirmed if e.kind == REVOCATION]
+    committed, void = list(revocations), []
+    if settled_before is not None:
+        order = {e.id: n for n, e in enumerate(lines.actions())}
+        last_held = max((order[i] for i in settled_before if i in order), default=-1)
+        for entry in unconfirmed:
+            if entry.kind != ERASURE:
+                continue
+            if entry.id in settled_before:
+                committed.append(entry.id)
+            elif order[entry.id] < last_held:
+                void.append(entry.id)
     ledger.mark(store_dir, ledger.COMMITTED, committed)
-    ledger.mark(store_dir, ledger.VOID, [i for i in erasures if i not in settled])
+    ledger.mark(store_dir, ledger.VOID, void)
 
 
 def _patients_by_digest(session: Session, clinic_id: int, key: bytes) -> dict[str, str]:
@@ -112,14 +118,11 @@ def replay(
     store_dir: Path,
     key: bytes | None,
 ) -> Replayed:
-    """Do again what the lines of this database's lineage record and it lacks (module docstring). ``keys``:
+    """Do again what ``lines`` record and the database lacks (module docstring). ``keys``:
     fingerprint -> deployment key, every key a digest may have been made with; ``key``: the
     store's key from now on (the new audit rows' digests). The caller commits, then removes
     ``files``."""
-    lineage = ledger.lineage_of(session)
-    done = Replayed(other_database=sum(1 for e in lines.actions() if e.lineage != lineage))
-    lines = lines.of_lineage(lineage)
-    done.unconfirmed = sum(1 for e in lines.unconfirmed() if e.kind == ERASURE)
+    done = Replayed(unconfirmed=sum(1 for e in lines.unconfirmed() if e.kind == ERASURE))
     settled = settled_ids(session)
     gone_through: list[str] = []
     digests: dict[tuple[int, str], dict[str, str]] = {}

@@ -109,10 +109,14 @@ def authenticate_api_key(session: Session, plaintext: str, *, touch: bool = True
     return row
 
 
-def revoke_api_key(session: Session, key_id_or_prefix: str | int, store_dir: Path | None = None) -> int:
+def revoke_api_key(
+    session: Session, key_id_or_prefix: str | int, store_dir: Path | None = None, *, record: bool = True
+) -> int:
     """Revoke keys by id or by prefix (as printed by ``drscreen keys create``). Returns how many.
-    Each revocation is also recorded, at the commit, in the ledger of ``store_dir`` (default the
-    configured store): a restore of an older backup revokes the key again (core.ledger)."""
+    Each revocation is also recorded, at the commit, in the restore ledger of ``store_dir``
+    (default the configured store; core.ledger): a restore of an older backup revokes the key
+    again. ``record=False``: revoke all the same where the ledger cannot be reached (a leaked key
+    must not stay usable for want of a store; the caller warns)."""
     if isinstance(key_id_or_prefix, int) or str(key_id_or_prefix).isdigit():
         which = ApiKey.id == int(key_id_or_prefix)
     else:
@@ -120,13 +124,13 @@ def revoke_api_key(session: Session, key_id_or_prefix: str | int, store_dir: Pat
     hashes = list(session.scalars(select(ApiKey.key_hash).where(which, ApiKey.revoked_at.is_(None))))
     if not hashes:
         return 0
-    ledger_dir = store_dir if store_dir is not None else get_settings().store_path
-    lineage = ledger.check_store(session, ledger_dir)
     stmt = update(ApiKey).where(ApiKey.key_hash.in_(hashes), ApiKey.revoked_at.is_(None))
     result = session.execute(stmt.values(revoked_at=utcnow()).execution_options(synchronize_session=False))
     session.flush()
-    for key_hash in hashes:  # a revocation racing another is recorded twice: replaying it is harmless
-        ledger.record(session, ledger_dir, ledger.revocation_entry(lineage=lineage, key_hash=key_hash))
+    if record:
+        ledger_dir = store_dir if store_dir is not None else get_settings().store_path
+        for key_hash in hashes:  # a revocation racing another is recorded twice: replaying it is harmless
+            ledger.record(session, ledger_dir, ledger.revocation_entry(key_hash))
     return int(getattr(result, "rowcount", 0) or 0)
 
 

@@ -370,7 +370,8 @@ def erase_patient(
         return Outcome(found=False)
     out = Outcome(in_flight=sum(_in_flight(session, ids).values()))
     store_dir = store_dir if store_dir is not None else get_settings().store_path
-    lineage = ledger.check_store(session, store_dir) if ledger_entry is None else ""  # no stray key
+    if ledger_entry is None:  # a new erasure: its line must land in the deployment's ledger
+        ledger.check_store(session, store_dir)
     if key is None:
         try:
             key = store_key(store_dir)
@@ -387,7 +388,6 @@ def erase_patient(
     if ledger_entry is None:  # a new erasure: a new line (a replay's is the line it does again)
         clinic = session.get(Clinic, clinic_id)
         line = ledger.erasure_entry(
-            lineage=lineage,
             clinic_id=clinic_id,
             clinic=clinic.name if clinic else "",
             patient_hmac=digest,

@@ -98,19 +98,6 @@ class ApiKey(Base):
     clinic: Mapped[Clinic] = relationship(lazy="joined")
 
 
-class Deployment(Base):
-    """One row: which database this is. ``lineage`` is random, made with the schema; a backup
-    carries it and its restore brings it back, so the restore ledger (core.ledger) tells this
-    database's lines from another's. ``store_key_id`` is the fingerprint of the deployment
-    store's key, recorded by the first worker start or erasure that finds one: an erasure or
-    revocation run against another store is refused (its ledger line would be lost)."""
-
-    __tablename__ = "deployment"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    lineage: Mapped[str] = mapped_column(String(32))
-    store_key_id: Mapped[str | None] = mapped_column(String(32))
-
-
 class WebSession(Base):
     """A signed-in browser of the web interface. Its cookie holds a random token (only its sha256
     is kept), not the API key: signing out ends it here, it lapses when idle, and revoking the key

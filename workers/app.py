@@ -24,7 +24,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import celeryd_init, worker_process_init, worker_ready, worker_shutdown
 
-from core import ledger, retention, tasks
+from core import retention, tasks
 from core.celery_config import build_celery_config
 from core.db import dispose_engines, session_scope
 from core.settings import get_settings
@@ -155,8 +155,6 @@ def _seal_old_audit_rows(**_: Any) -> None:
     try:
         with session_scope() as session:
             sealed = retention.seal_audit_digests(session, retention.store_key())
-            # the workers' store is the deployment's: erasures elsewhere are refused (core.ledger)
-            ledger.record_store(session, get_settings().store_path)
     except Exception as exc:  # housekeeping: never in the way of the start
         log.warning("erasure audit rows not sealed: %s: %s", type(exc).__name__, str(exc)[:200])
         return

@@ -31,7 +31,7 @@ from tests.unit.test_restore_ledger import (  # noqa: F401  (the restore ledger,
     test_an_erasure_the_backup_already_holds_is_not_done_again,
     test_an_erasure_whose_commit_failed_is_never_done_by_a_restore,
     test_an_older_backup_then_a_newer_one_keeps_what_the_newer_holds,
-    test_another_databases_lines_are_left_alone,
+    test_an_older_schemas_backup_is_replayed_by_the_upgrade_after_its_restore,
     test_erasures_and_revocations_after_a_backup_are_done_again_by_its_restore,
 )
 from tests.unit.test_workers_scoring import add_images, photo
