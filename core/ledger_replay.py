@@ -13,16 +13,16 @@ nothing.
 
 Lines whose commit was not confirmed (core.ledger) are settled first, against the database the
 restore is about to replace (:func:`resolve`): a line it holds was committed; one it lacks, while
-it holds a line written after it, never was (an erasure whose commit failed must not happen
-later, perhaps to a patient sent again). Lines it cannot decide (a database made anew, or none
-written since) stay unconfirmed: not done, reported.
+it holds a line written clearly after it (a minute later: several machines' clocks), never was
+(an erasure whose commit failed must not happen later, perhaps to a patient sent again). Lines it
+cannot decide (a database made anew, or none written since) stay unconfirmed: not done, reported.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -64,24 +64,29 @@ def settled_ids(session: Session) -> set[str]:
     return done
 
 
+#: How much later a line the database holds must have been written for an unconfirmed one to be
+#: judged failed: lines come from several machines' clocks, and merged copies change file order.
+LATER_BY = timedelta(seconds=60)
+
+
 def resolve(store_dir: Path, lines: Ledger, settled_before: set[str] | None) -> None:
     """Settle the unconfirmed lines against the database a restore is about to replace
     (``settled_before``: the lines done in it; None: it cannot be read). An erasure it holds was
-    committed; one it lacks never was when it holds a line written later (it was in use after the
-    line: the commit failed), else it stays undecided. Revocations are confirmed (revoking a key
-    someone asked to revoke is harmless)."""
+    committed; one it lacks never was when it holds a line written clearly later (it was in use
+    after the line: the commit failed), else it stays undecided. Revocations are confirmed
+    (revoking a key someone asked to revoke is harmless)."""
     unconfirmed = lines.unconfirmed()
-    revocations = [e.id for e in unconfirmed if e.kind == REVOCATION]
-    committed, void = list(revocations), []
+    committed = [e.id for e in unconfirmed if e.kind == REVOCATION]
+    void = []
     if settled_before is not None:
-        order = {e.id: n for n, e in enumerate(lines.actions())}
-        last_held = max((order[i] for i in settled_before if i in order), default=-1)
+        held = [_recorded_at(e) for e in lines.actions() if e.id in settled_before]
+        newest_held = max(held, default=None)
         for entry in unconfirmed:
             if entry.kind != ERASURE:
                 continue
             if entry.id in settled_before:
                 committed.append(entry.id)
-            elif order[entry.id] < last_held:
+            elif newest_held is not None and newest_held > _recorded_at(entry) + LATER_BY:
                 void.append(entry.id)
     ledger.mark(store_dir, ledger.COMMITTED, committed)
     ledger.mark(store_dir, ledger.VOID, void)
