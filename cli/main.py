@@ -763,7 +763,8 @@ def keys_revoke(key: str = typer.Argument(..., help="Key id, key prefix or the k
     from core.settings import get_settings
 
     with _db_errors():
-        problem = _in_session(lambda session: store_problem(session, get_settings().store_path))
+        store = get_settings().store_path
+        problem = _in_session(lambda session: store_problem(session, store, may_make_key=False))
         if problem is None:
             try:
                 n = _revoke_count(key, record=True)

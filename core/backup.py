@@ -374,14 +374,18 @@ def replay_ledger(url: str, store_root: Path) -> Replayed:
     keeps the API and workers from starting. Idempotent: a restore runs it when the schema is
     this release's, `drscreen db replay-ledger` after the upgrade an older backup needs. Refused
     on a machine without the store, and while a restore has not put the files back."""
-    if not store_root.is_dir() or deployment_key.fingerprint(store_root) in ("none", "unreadable"):
+    if pending_stage(store_root) == RESTORING:
+        raise BackupError(RESTORE_UNFINISHED)
+    lines = _read_ledger(store_root) if store_root.is_dir() else ledger.Ledger()
+    keyless = deployment_key.fingerprint(store_root) in ("none", "unreadable")
+    # erasures are matched with the store's keys; a deployment that never had one erased nobody,
+    # and a restore of it leaves its marker: only that keyless store is replayed
+    erasures = any(e.kind == ledger.ERASURE for e in lines.actions())
+    if not store_root.is_dir() or (keyless and (erasures or pending_stage(store_root) is None)):
         raise BackupError(
             f"the store folder {store_root} is missing or holds no deployment key: run this where the "
             "deployment's store is (DRSCREEN_STORE_DIR)"
         )
-    if pending_stage(store_root) == RESTORING:
-        raise BackupError(RESTORE_UNFINISHED)
-    lines = _read_ledger(store_root)
     keys = _store_keys(store_root)
     current = keys.get(deployment_key.fingerprint(store_root))
     engine = create_engine(url)

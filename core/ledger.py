@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from core import deployment_key, heartbeat
 from core.errors import Unavailable
-from core.tables import Image, WorkerHeartbeat, utcnow
+from core.tables import AuditEvent, Image, WorkerHeartbeat, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ LEDGER_FILE = "ledger.jsonl"
 #: workers refuse to start while it is there (an erased patient would be served again).
 PENDING_FILE = ".ledger-replay-pending"
 ERASURE, REVOCATION, COMMITTED, VOID = "erasure", "revocation", "committed", "void"
+#: The audit action of an erasure and its detail's field naming the erasure's line (core.retention).
+ERASE_ACTION, LEDGER_FIELD = "patient.erase", "ledger_entry"
 KINDS = (ERASURE, REVOCATION, COMMITTED, VOID)
 _PENDING = "drscreen.ledger.pending"  # session.info: lines to write at the commit
 _WRITTEN = "drscreen.ledger.written"  # session.info: lines written, to confirm after the commit
@@ -124,7 +126,7 @@ class StoreRefused(Unavailable):
         log.error("erasure or key revocation refused: %s", detail)
 
 
-def store_problem(session: Session, store_dir: Path) -> str | None:
+def store_problem(session: Session, store_dir: Path, *, may_make_key: bool = True) -> str | None:
     """Why a line written to ``store_dir``'s ledger would be in a ledger no restore reads, or None:
     the folder is missing on this machine; its deployment key is damaged; it has no key and none of
     the photographs the database names (a folder of the same path that is not the deployment's
@@ -138,10 +140,17 @@ def store_problem(session: Session, store_dir: Path) -> str | None:
             f"the deployment key in {store_dir} cannot be read: copy store/{deployment_key.KEY_FILE} back "
             "from a backup"
         )
-    if own == "none" and not _holds_named_files(session, store_dir):
+    if own == "none" and _key_existed(session):
         return (
-            f"the store folder {store_dir} holds no deployment key and none of the photographs the "
-            "database names: it is not the deployment's store"
+            f"the deployment key is missing from {store_dir} (earlier erasures were recorded with one): "
+            f"copy store/{deployment_key.KEY_FILE} back from a backup, keeping any key there now beside "
+            f"it as .{deployment_key.KEY_FILE}.replaced-<date>"
+        )
+    if own == "none" and not (may_make_key and _holds_named_files(session, store_dir)):
+        return (
+            f"the store folder {store_dir} holds no deployment key"
+            + ("" if not may_make_key else " and none of the photographs the database names")
+            + ": it is not the deployment's store, or no worker has started on it yet"
         )
     rows = session.scalars(select(WorkerHeartbeat))
     theirs = {
@@ -153,6 +162,12 @@ def store_problem(session: Session, store_dir: Path) -> str | None:
         keys = ", ".join(sorted(theirs))
         return f"the store folder {store_dir} is not the live workers' (its key {own}, theirs {keys})"
     return None
+
+
+def _key_existed(session: Session) -> bool:
+    """Whether an erasure was recorded with a deployment key (its audit row names the key)."""
+    details = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == ERASE_ACTION).limit(50))
+    return any(isinstance(d, dict) and d.get("key_id") for d in details)
 
 
 def _holds_named_files(session: Session, store_dir: Path, sample: int = 5) -> bool:
@@ -294,6 +309,41 @@ def _confirm_written(session: Session) -> None:
 
 @event.listens_for(Session, "after_transaction_end")
 def _drop_pending(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None:  # rolled back or closed (a commit took them already)
-        session.info.pop(_PENDING, None)
-        session.info.pop(_WRITTEN, None)  # written, not committed: void at the next restore
+    if transaction.parent is not None:
+        return
+    session.info.pop(_PENDING, None)
+    written = session.info.pop(_WRITTEN, None)  # written, and the commit not confirmed
+    if written:
+        _settle_failed_commit(session, written)
+
+
+def _settle_failed_commit(session: Session, written: list[tuple[Path, list[str]]]) -> None:
+    """Lines written for a transaction whose commit failed: asked again of the database on a new
+    connection (a COMMIT can fail on the way back after the server did it), ``committed`` if it
+    holds them, ``void`` if not. Revocations are confirmed either way (harmless again). Nothing is
+    marked when the database cannot answer: the next restore asks the database it replaces."""
+    ids = [line_id for _, line_ids in written for line_id in line_ids]
+    try:
+        with session.get_bind().engine.connect() as conn:
+            details = conn.execute(
+                select(AuditEvent.detail).where(AuditEvent.action == ERASE_ACTION)
+            ).scalars()
+            held = {str(d.get(LEDGER_FIELD)) for d in details if isinstance(d, dict)} & set(ids)
+    except Exception as exc:  # the database that just failed the commit may still be down
+        log.warning("the restore ledger: a failed commit's lines left for the next restore: %s", exc)
+        return
+    for store_dir, line_ids in written:
+        kinds = {line.id: line.kind for line in _read_quietly(store_dir)}
+        committed = [i for i in line_ids if i in held or kinds.get(i) == REVOCATION]
+        try:
+            mark(store_dir, COMMITTED, committed)
+            mark(store_dir, VOID, [i for i in line_ids if i not in committed])
+        except OSError as exc:
+            log.warning("the restore ledger %s: a failed commit not settled: %s", ledger_path(store_dir), exc)
+
+
+def _read_quietly(store_dir: Path) -> list[Entry]:
+    try:
+        return read_ledger(ledger_path(store_dir)).lines
+    except (OSError, ValueError):
+        return []

@@ -11,18 +11,17 @@ taken later, when the clinic may have sent that patient again, never erases them
 line revokes its key if the snapshot holds it active (dated as the line). Replaying twice changes
 nothing.
 
-Lines whose commit was not confirmed (core.ledger) are settled first, against the database the
-restore is about to replace (:func:`resolve`): a line it holds was committed; one it lacks, while
-it holds a line written clearly after it (a minute later: several machines' clocks), never was
-(an erasure whose commit failed must not happen later, perhaps to a patient sent again). Lines it
-cannot decide (a database made anew, or none written since) stay unconfirmed: not done, reported.
+A line whose commit failed is voided when it fails (core.ledger asks the database again). Lines
+left unconfirmed by a crash are settled at a restore: committed if the database it replaces, or
+the restored one, holds them; else undecided: not done (an erasure whose commit failed must not
+happen later, perhaps to a patient sent again), and reported at every restore and replay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -64,32 +63,17 @@ def settled_ids(session: Session) -> set[str]:
     return done
 
 
-#: How much later a line the database holds must have been written for an unconfirmed one to be
-#: judged failed: lines come from several machines' clocks, and merged copies change file order.
-LATER_BY = timedelta(seconds=60)
-
-
 def resolve(store_dir: Path, lines: Ledger, settled_before: set[str] | None) -> None:
     """Settle the unconfirmed lines against the database a restore is about to replace
-    (``settled_before``: the lines done in it; None: it cannot be read). An erasure it holds was
-    committed; one it lacks never was when it holds a line written clearly later (it was in use
-    after the line: the commit failed), else it stays undecided. Revocations are confirmed
-    (revoking a key someone asked to revoke is harmless)."""
+    (``settled_before``: the lines done in it; None: it cannot be read): an erasure it holds was
+    committed. Revocations are confirmed (revoking a key someone asked to revoke is harmless).
+    Nothing is voided here: a database that lacks a line may not be the one it was made on (a
+    database made anew, or restored over); a failed commit was voided when it failed."""
     unconfirmed = lines.unconfirmed()
     committed = [e.id for e in unconfirmed if e.kind == REVOCATION]
-    void = []
     if settled_before is not None:
-        held = [_recorded_at(e) for e in lines.actions() if e.id in settled_before]
-        newest_held = max(held, default=None)
-        for entry in unconfirmed:
-            if entry.kind != ERASURE:
-                continue
-            if entry.id in settled_before:
-                committed.append(entry.id)
-            elif newest_held is not None and newest_held > _recorded_at(entry) + LATER_BY:
-                void.append(entry.id)
+        committed += [e.id for e in unconfirmed if e.kind == ERASURE and e.id in settled_before]
     ledger.mark(store_dir, ledger.COMMITTED, committed)
-    ledger.mark(store_dir, ledger.VOID, void)
 
 
 def _patients_by_digest(session: Session, clinic_id: int, key: bytes) -> dict[str, str]:
@@ -127,8 +111,10 @@ def replay(
     fingerprint -> deployment key, every key a digest may have been made with; ``key``: the
     store's key from now on (the new audit rows' digests). The caller commits, then removes
     ``files``."""
-    done = Replayed(unconfirmed=sum(1 for e in lines.unconfirmed() if e.kind == ERASURE))
     settled = settled_ids(session)
+    undecided = [e.id for e in lines.unconfirmed() if e.kind == ERASURE]
+    ledger.mark(store_dir, ledger.COMMITTED, [i for i in undecided if i in settled])  # it holds them
+    done = Replayed(unconfirmed=sum(1 for i in undecided if i not in settled))
     gone_through: list[str] = []
     digests: dict[tuple[int, str], dict[str, str]] = {}
     confirmed = lines.confirmed()

@@ -77,7 +77,7 @@ TABLES = (
     "scoring_job",
 )
 #: The audit actions of an erasure and of a purge (:func:`erased_since` looks for them).
-ERASE_ACTION, PURGE_ACTION = "patient.erase", "data.purge"
+ERASE_ACTION, PURGE_ACTION = ledger.ERASE_ACTION, "data.purge"
 IN_FLIGHT_IMAGES = ("queued", "running")
 IN_FLIGHT_ITEMS = ("pending", "queued")
 OPEN_JOBS = repo.OPEN_JOB_STATES
@@ -615,7 +615,7 @@ def erased_patients(
 DIGEST_FIELD, KEY_ID_FIELD, LEGACY_DIGEST_FIELD = "patient_hmac", "key_id", "patient_sha256"
 #: The audit detail's restore-ledger line (core.ledger): the erasure is done in a database that
 #: holds it.
-LEDGER_FIELD = "ledger_entry"
+LEDGER_FIELD = ledger.LEDGER_FIELD
 
 
 def store_key(store_dir: Path | None = None) -> bytes:
