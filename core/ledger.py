@@ -8,11 +8,12 @@ restore does not roll it back.
 
 Two phases, so that a line never stands for something that did not happen: the line is written
 and synced just before the database commits (SQLAlchemy's ``before_commit``; a line that cannot be
-written fails the commit with :class:`core.errors.Unavailable`, so nothing is erased or revoked
-without its line), and a ``committed`` line naming it is appended after the commit. A line without
-one (the commit failed, or the process died between the two) is settled at the next restore
-against the database being replaced (``core.ledger_replay.resolve``): ``committed`` if that
-database holds it, else ``void``.
+written fails the commit with :class:`core.errors.Unavailable`, so nothing is erased without its
+line), and a ``committed`` line naming it is appended after the commit. When the commit fails,
+the database is asked again on a new connection (a COMMIT can fail on the way back after the
+server did it): ``committed`` if it holds the line, else ``void``. A line a crash left without
+either is done at a restore only where a database holds it (``core.ledger_replay``), and
+reported until then.
 
 Each erasure line has a random id, which its audit row also holds (``detail.ledger_entry``), and a
 restore's replay records the ids it went through: a line is done in a database exactly when the
