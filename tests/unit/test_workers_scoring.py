@@ -284,7 +284,7 @@ def test_a_message_for_a_photograph_erased_meanwhile_is_not_blamed_on_the_config
     [image_id] = add_images(url, store, "P-ERASED", [photo("16_left.jpg")])
     with session_scope(url) as s:
         clinic = repo.get_or_create_clinic(s, "North")
-        out = retention.erase_patient(s, clinic.id, "P-ERASED", force=True)
+        out = retention.erase_patient(s, clinic.id, "P-ERASED", force=True, store_dir=store.root)
         assert out.in_flight == 1
         s.flush()
         event = s.scalars(select(AuditEvent).where(AuditEvent.action == "patient.erase")).one()
