@@ -670,9 +670,10 @@ def _replayed_lines(done: Any) -> None:
     )
     if done.unconfirmed:
         typer.echo(
-            f"WARNING: {done.unconfirmed} erasure(s) of the restore ledger have no confirmed commit, and the "
-            "database they were made on could not be read when it was replaced: not done again; check "
-            'your records for erasures made just before the loss (README "Backup and restore")',
+            f"WARNING: {done.unconfirmed} erasure(s) of the restore ledger have no confirmed commit, and "
+            "neither the database the restore replaced nor this one holds them (a crash between an "
+            "erasure's line and its commit): not done again; check your records for erasures made just "
+            'before the crash (README "Backup and restore")',
             err=True,
         )
     if done.unknown_key:

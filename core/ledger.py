@@ -96,9 +96,8 @@ class Ledger:
         return [line for line in self.actions() if line.id not in settled]
 
     def confirmed(self) -> list[Entry]:
-        """Actions known to have been committed. A ``committed`` mark wins over a ``void`` one: it
-        is written only after a real commit (or found in the database), while a restore forced
-        beside a running API can read the database between a line and its commit."""
+        """Actions known to have been committed. A ``committed`` mark wins over a ``void`` one: it is
+        written only once a database held the line (after its commit, or found there)."""
         committed = self._marked(COMMITTED)
         return [line for line in self.actions() if line.id in committed]
 
@@ -120,19 +119,19 @@ class StoreRefused(Unavailable):
     ``message`` is what a clinic is told; ``operator_detail`` names the paths and keys."""
 
     def __init__(self, detail: str) -> None:
-        super().__init__(
-            "erasures and key revocations cannot be recorded now: the operator must check the store"
-        )
+        super().__init__("erasures cannot be recorded now: the operator must check the store")
         self.operator_detail = detail
-        log.error("erasure or key revocation refused: %s", detail)
+        log.error("erasure refused: %s", detail)
 
 
 def store_problem(session: Session, store_dir: Path, *, may_make_key: bool = True) -> str | None:
     """Why a line written to ``store_dir``'s ledger would be in a ledger no restore reads, or None:
-    the folder is missing on this machine; its deployment key is damaged; it has no key and none of
-    the photographs the database names (a folder of the same path that is not the deployment's
-    store: every container of the image has an empty one); or its key is not the live workers'.
-    Nothing is created here."""
+    the folder is missing on this machine; its deployment key is damaged, or lost (earlier erasures
+    were recorded with one: a new key would leave their lines matchable by none); it has no key and
+    none of the photographs the database names (a folder of the same path that is not the
+    deployment's store: every container of the image has an empty one), or, for a revocation
+    (``may_make_key=False``), no key at all; or its key is not the live workers'. Nothing is
+    created here."""
     if not store_dir.is_dir():
         return f"the store folder {store_dir} does not exist on this machine"
     own = deployment_key.fingerprint(store_dir)
@@ -168,7 +167,7 @@ def store_problem(session: Session, store_dir: Path, *, may_make_key: bool = Tru
 def _key_existed(session: Session) -> bool:
     """Whether an erasure was recorded with a deployment key (its audit row names the key)."""
     details = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == ERASE_ACTION).limit(50))
-    return any(isinstance(d, dict) and d.get("key_id") for d in details)
+    return any(isinstance(d, dict) and d.get("key_id") for d in details)  # retention.KEY_ID_FIELD
 
 
 def _holds_named_files(session: Session, store_dir: Path, sample: int = 5) -> bool:
