@@ -356,19 +356,12 @@ def _refuse_other_schema(command: str) -> None:
 def _refuse_pending_replay(command: str) -> None:
     """Exit 2 while a restore's replay of the restore ledger has not run (core.ledger): patients
     erased after the backup would be served again."""
-    from core.backup import RESTORE_UNFINISHED, RESTORING, pending_stage
+    from core.backup import pending_problem
     from core.settings import get_settings
 
-    stage = pending_stage(get_settings().store_path)
-    if stage == RESTORING:
-        typer.echo(f"{command}: not starting: {RESTORE_UNFINISHED}", err=True)
-        raise typer.Exit(2)
-    if stage is not None:
-        typer.echo(
-            f"{command}: not starting: a restore has not finished: the erasures and key revocations "
-            "made after its backup are not done again yet; run `drscreen db replay-ledger`",
-            err=True,
-        )
+    problem = pending_problem(get_settings().store_path)
+    if problem is not None:
+        typer.echo(f"{command}: not starting: {problem}", err=True)
         raise typer.Exit(2)
 
 
@@ -889,7 +882,7 @@ def _retention(command: str, run: Any, *, commit: bool) -> tuple[Any, int]:
             typer.echo(f"{command}: {exc.message}, or add --force", err=True)
             raise typer.Exit(1) from None
         except Unavailable as exc:
-            typer.echo(f"{command}: {getattr(exc, 'operator_detail', None) or exc.message}", err=True)
+            typer.echo(f"{command}: {_operator_text(exc)}", err=True)
             raise typer.Exit(2) from None
         finally:
             session.rollback()
@@ -1156,6 +1149,12 @@ def data_purge(
         typer.echo(f"  {outcome.skipped_patients} patient(s) skipped: photographs still being scored")
 
 
+def _operator_text(exc: Any) -> str:
+    """What an operator is told of a domain error: the detail a clinic is not given, if any
+    (core.ledger.StoreRefused names the store's paths and keys)."""
+    return str(getattr(exc, "operator_detail", None) or exc.message)
+
+
 class _db_errors:
     """Turn a missing schema or an unreachable database into a one-line message, not a traceback."""
 
@@ -1168,7 +1167,7 @@ class _db_errors:
         from core.errors import Unavailable
 
         if isinstance(exc, Unavailable):  # e.g. the restore ledger cannot be written: nothing changed
-            typer.echo(f"drscreen: {getattr(exc, 'operator_detail', None) or exc.message}", err=True)
+            typer.echo(f"drscreen: {_operator_text(exc)}", err=True)
             raise typer.Exit(code=2)
         if (isinstance(exc, OperationalError | ProgrammingError) and "no such table" in str(exc)) or (
             isinstance(exc, ProgrammingError) and "does not exist" in str(exc)

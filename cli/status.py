@@ -79,14 +79,9 @@ def gather(now: datetime | None = None) -> dict[str, Any]:
         # a health script reads the exit code: exit 0 during a broker outage hid it (the operator
         # walkthrough); photographs wait for the sweep while it lasts
         warnings.append(f"the broker cannot be reached ({type(exc).__name__}): new photographs wait for it")
-    stage = backup.pending_stage(settings.store_path)
-    if stage == backup.RESTORING:
-        warnings.append(backup.RESTORE_UNFINISHED)
-    elif stage is not None:
-        warnings.append(
-            "a restore's replay of the restore ledger has not run: erased patients may be back; run "
-            "`drscreen db replay-ledger` (the API and workers refuse to start until then)"
-        )
+    pending = backup.pending_problem(settings.store_path)
+    if pending is not None:
+        warnings.append(pending)
     return {
         "active_release": active,
         "queue": {

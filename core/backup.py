@@ -61,7 +61,7 @@ from core import repository as repo
 from core.deployment_key import KEY_FILE
 from core.errors import DomainError
 from core.ledger import LEDGER_FILE
-from core.ledger_replay import Replayed, replay, resolve, settled_ids
+from core.ledger_replay import Replayed, replay, resolve
 from core.store import FileStore, paths_overlap, sha256_file
 from core.tables import Image, ScoringJob, WebSession, WorkerHeartbeat, as_utc, utcnow
 
@@ -344,10 +344,7 @@ def _copy_ledger(source: Path, target: Path) -> str:
         return ""
     _makedirs(target, 0o700)
     with _temporary_in(target, ".jsonl") as tmp:
-        tmp.write_text(
-            "".join(json.dumps(asdict(line), sort_keys=True) + "\n" for line in kept + own.lines),
-            encoding="utf-8",
-        )
+        tmp.write_text(ledger.as_text(kept + own.lines), encoding="utf-8")
         os.replace(tmp, copy_path)
     if kept:
         return (
@@ -374,20 +371,21 @@ def replay_ledger(url: str, store_root: Path) -> Replayed:
     keeps the API and workers from starting. Idempotent: a restore runs it when the schema is
     this release's, `drscreen db replay-ledger` after the upgrade an older backup needs. Refused
     on a machine without the store, and while a restore has not put the files back."""
-    if pending_stage(store_root) == RESTORING:
+    stage = pending_stage(store_root)
+    if stage == RESTORING:
         raise BackupError(RESTORE_UNFINISHED)
     lines = _read_ledger(store_root) if store_root.is_dir() else ledger.Ledger()
-    keyless = deployment_key.fingerprint(store_root) in ("none", "unreadable")
+    own = deployment_key.fingerprint(store_root)
     # erasures are matched with the store's keys; a deployment that never had one erased nobody,
     # and a restore of it leaves its marker: only that keyless store is replayed
     erasures = any(e.kind == ledger.ERASURE for e in lines.actions())
-    if not store_root.is_dir() or (keyless and (erasures or pending_stage(store_root) is None)):
+    if not store_root.is_dir() or (own in ("none", "unreadable") and (erasures or stage is None)):
         raise BackupError(
             f"the store folder {store_root} is missing or holds no deployment key: run this where the "
             "deployment's store is (DRSCREEN_STORE_DIR)"
         )
     keys = _store_keys(store_root)
-    current = keys.get(deployment_key.fingerprint(store_root))
+    current = keys.get(own)
     engine = create_engine(url)
     try:
         with Session(engine) as session:
@@ -418,6 +416,20 @@ def pending_stage(store_root: Path) -> str | None:
     return RESTORING if path.read_text(encoding="utf-8").strip() == RESTORING else REPLAYING
 
 
+def pending_problem(store_root: Path) -> str | None:
+    """What an operator must run before the service starts, or None (:func:`pending_stage`)."""
+    stage = pending_stage(store_root)
+    if stage is None:
+        return None
+    if stage == RESTORING:
+        return RESTORE_UNFINISHED
+    return (
+        "a restore has not finished: the erasures and key revocations made after its backup are not "
+        "done again yet (erased patients may be back); run `drscreen db replay-ledger` (the API and "
+        "workers refuse to start until it has)"
+    )
+
+
 def _set_stage(store_root: Path, stage: str) -> None:
     with _temporary_in(store_root, ".tmp") as tmp:
         tmp.write_text(stage + "\n", encoding="utf-8")
@@ -434,7 +446,7 @@ def _settled_before(url: str, kind: str) -> set[str] | None:
         with Session(engine) as session:
             if "audit_event" not in inspect(session.connection()).get_table_names():
                 return None
-            return settled_ids(session)
+            return ledger.settled_ids(session)
     except SQLAlchemyError:
         return None
     finally:

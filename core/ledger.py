@@ -55,8 +55,11 @@ LEDGER_FILE = "ledger.jsonl"
 #: workers refuse to start while it is there (an erased patient would be served again).
 PENDING_FILE = ".ledger-replay-pending"
 ERASURE, REVOCATION, COMMITTED, VOID = "erasure", "revocation", "committed", "void"
-#: The audit action of an erasure and its detail's field naming the erasure's line (core.retention).
-ERASE_ACTION, LEDGER_FIELD = "patient.erase", "ledger_entry"
+#: The audit action of an erasure, its detail's fields naming the erasure's line and the key of its
+#: digest (core.retention), and the audit action of a replay, whose detail lists the erasure lines
+#: it went through (core.ledger_replay).
+ERASE_ACTION, LEDGER_FIELD, KEY_ID_FIELD = "patient.erase", "ledger_entry", "key_id"
+REPLAY_ACTION = "ledger.replay"
 KINDS = (ERASURE, REVOCATION, COMMITTED, VOID)
 _PENDING = "drscreen.ledger.pending"  # session.info: lines to write at the commit
 _WRITTEN = "drscreen.ledger.written"  # session.info: lines written, to confirm after the commit
@@ -167,7 +170,7 @@ def store_problem(session: Session, store_dir: Path, *, may_make_key: bool = Tru
 def _key_existed(session: Session) -> bool:
     """Whether an erasure was recorded with a deployment key (its audit row names the key)."""
     details = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == ERASE_ACTION).limit(50))
-    return any(isinstance(d, dict) and d.get("key_id") for d in details)  # retention.KEY_ID_FIELD
+    return any(isinstance(d, dict) and d.get(KEY_ID_FIELD) for d in details)
 
 
 def _holds_named_files(session: Session, store_dir: Path, sample: int = 5) -> bool:
@@ -187,6 +190,25 @@ def check_store(session: Session, store_dir: Path) -> None:
             "where the deployment's store is (DRSCREEN_STORE_DIR)"
         )
     deployment_key.deployment_key(store_dir)
+
+
+def settled_ids(session: Session) -> set[str]:
+    """The erasure lines a database holds as done: named by an erasure's audit row, or listed by
+    a replay's."""
+    done: set[str] = set()
+    rows = session.execute(
+        select(AuditEvent.action, AuditEvent.detail).where(
+            AuditEvent.action.in_((ERASE_ACTION, REPLAY_ACTION))
+        )
+    )
+    for action, detail in rows:
+        if not isinstance(detail, dict):
+            continue
+        if action == REPLAY_ACTION:
+            done.update(str(line_id) for line_id in detail.get("entries") or [])
+        elif detail.get(LEDGER_FIELD):
+            done.add(str(detail[LEDGER_FIELD]))
+    return done
 
 
 def record(session: Session, store_dir: Path, entry: Entry) -> None:
@@ -237,6 +259,11 @@ def mark(store_dir: Path, kind: str, ids: Iterable[str]) -> None:
             _write(fd, [_new(kind, of=settled)])
 
 
+def as_text(entries: Iterable[Entry]) -> str:
+    """Ledger lines as the file holds them (one JSON object a line)."""
+    return "".join(json.dumps(asdict(entry), sort_keys=True) + "\n" for entry in entries)
+
+
 def _new(kind: str, **fields: Any) -> Entry:
     return Entry(id=uuid.uuid4().hex, at=utcnow().isoformat(), kind=kind, **fields)
 
@@ -265,7 +292,7 @@ def _write(fd: int, entries: list[Entry]) -> None:
         tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
         size -= len(tail) - (tail.rfind(b"\n") + 1)
         os.ftruncate(fd, size)
-    data = "".join(json.dumps(asdict(entry), sort_keys=True) + "\n" for entry in entries).encode()
+    data = as_text(entries).encode()
     try:
         while data:
             data = data[os.write(fd, data) :]
@@ -294,15 +321,15 @@ def _write_pending(session: Session) -> None:
                 "the restore ledger in the store folder cannot be written "
                 f"({exc.strerror or exc}): nothing was changed"
             ) from exc
-        session.info.setdefault(_WRITTEN, []).append((store_dir, [e.id for e in entries]))
+        session.info.setdefault(_WRITTEN, []).append((store_dir, entries))
     session.info.pop(_PENDING, None)  # only now: a commit retried after a failure writes them again
 
 
 @event.listens_for(Session, "after_commit")
 def _confirm_written(session: Session) -> None:
-    for store_dir, ids in session.info.pop(_WRITTEN, None) or []:
+    for store_dir, entries in session.info.pop(_WRITTEN, None) or []:
         try:
-            mark(store_dir, COMMITTED, ids)
+            mark(store_dir, COMMITTED, [e.id for e in entries])
         except OSError as exc:  # committed all the same: the next restore settles the lines
             log.warning("the restore ledger %s: commit not confirmed: %s", ledger_path(store_dir), exc)
 
@@ -317,33 +344,21 @@ def _drop_pending(session: Session, transaction: SessionTransaction) -> None:
         _settle_failed_commit(session, written)
 
 
-def _settle_failed_commit(session: Session, written: list[tuple[Path, list[str]]]) -> None:
+def _settle_failed_commit(session: Session, written: list[tuple[Path, list[Entry]]]) -> None:
     """Lines written for a transaction whose commit failed: asked again of the database on a new
     connection (a COMMIT can fail on the way back after the server did it), ``committed`` if it
     holds them, ``void`` if not. Revocations are confirmed either way (harmless again). Nothing is
     marked when the database cannot answer: the next restore asks the database it replaces."""
-    ids = [line_id for _, line_ids in written for line_id in line_ids]
     try:
-        with session.get_bind().engine.connect() as conn:
-            details = conn.execute(
-                select(AuditEvent.detail).where(AuditEvent.action == ERASE_ACTION)
-            ).scalars()
-            held = {str(d.get(LEDGER_FIELD)) for d in details if isinstance(d, dict)} & set(ids)
+        with session.get_bind().engine.connect() as conn, Session(bind=conn) as fresh:
+            held = settled_ids(fresh)
     except Exception as exc:  # the database that just failed the commit may still be down
         log.warning("the restore ledger: a failed commit's lines left for the next restore: %s", exc)
         return
-    for store_dir, line_ids in written:
-        kinds = {line.id: line.kind for line in _read_quietly(store_dir)}
-        committed = [i for i in line_ids if i in held or kinds.get(i) == REVOCATION]
+    for store_dir, entries in written:
+        committed = [e.id for e in entries if e.id in held or e.kind == REVOCATION]
         try:
             mark(store_dir, COMMITTED, committed)
-            mark(store_dir, VOID, [i for i in line_ids if i not in committed])
+            mark(store_dir, VOID, [e.id for e in entries if e.id not in committed])
         except OSError as exc:
             log.warning("the restore ledger %s: a failed commit not settled: %s", ledger_path(store_dir), exc)
-
-
-def _read_quietly(store_dir: Path) -> list[Entry]:
-    try:
-        return read_ledger(ledger_path(store_dir)).lines
-    except (OSError, ValueError):
-        return []

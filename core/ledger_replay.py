@@ -30,10 +30,7 @@ from sqlalchemy.orm import Session
 from core import ledger, retention
 from core import repository as repo
 from core.ledger import ERASURE, REVOCATION, Entry, Ledger
-from core.tables import ApiKey, AuditEvent, Clinic, Patient, as_utc, utcnow
-
-#: The audit action of a replay; its detail lists the erasure lines it went through.
-REPLAY_ACTION = "ledger.replay"
+from core.tables import ApiKey, Clinic, Patient, as_utc, utcnow
 
 
 @dataclass
@@ -43,24 +40,6 @@ class Replayed:
     unknown_key: int = 0  # erasures whose digest no known key made: not done again
     unconfirmed: int = 0  # erasures whose commit could not be settled: not done again
     files: list[str] = field(default_factory=list)  # stored files only the re-erased rows named
-
-
-def settled_ids(session: Session) -> set[str]:
-    """The erasure lines a database holds as done."""
-    done: set[str] = set()
-    rows = session.execute(
-        select(AuditEvent.action, AuditEvent.detail).where(
-            AuditEvent.action.in_((retention.ERASE_ACTION, REPLAY_ACTION))
-        )
-    )
-    for action, detail in rows:
-        if not isinstance(detail, dict):
-            continue
-        if action == REPLAY_ACTION:
-            done.update(str(line_id) for line_id in detail.get("entries") or [])
-        elif detail.get(retention.LEDGER_FIELD):
-            done.add(str(detail[retention.LEDGER_FIELD]))
-    return done
 
 
 def resolve(store_dir: Path, lines: Ledger, settled_before: set[str] | None) -> None:
@@ -111,7 +90,7 @@ def replay(
     fingerprint -> deployment key, every key a digest may have been made with; ``key``: the
     store's key from now on (the new audit rows' digests). The caller commits, then removes
     ``files``."""
-    settled = settled_ids(session)
+    settled = ledger.settled_ids(session)
     undecided = [e.id for e in lines.unconfirmed() if e.kind == ERASURE]
     ledger.mark(store_dir, ledger.COMMITTED, [i for i in undecided if i in settled])  # it holds them
     done = Replayed(unconfirmed=sum(1 for i in undecided if i not in settled))
@@ -152,5 +131,5 @@ def replay(
         done.files += outcome.files
     if gone_through:
         detail = {"by": "restore", "entries": gone_through, "erased": done.erasures}
-        repo.record_audit(session, action=REPLAY_ACTION, target_type="retention", detail=detail)
+        repo.record_audit(session, action=ledger.REPLAY_ACTION, target_type="retention", detail=detail)
     return done

@@ -329,9 +329,9 @@ def _audit(
     api_key_id: int | None,
     by: str,
     **extra: Any,
-) -> AuditEvent:
+) -> None:
     detail = {"by": by, "rows": dict(out.rows), "files": len(out.files), **extra}
-    return repo.record_audit(
+    repo.record_audit(
         session,
         action=action,
         clinic_id=clinic_id,
@@ -612,7 +612,7 @@ def erased_patients(
 
 #: The audit detail's keyed digest, the fingerprint of the key that made it, and the unkeyed
 #: digest written before the deployment key existed.
-DIGEST_FIELD, KEY_ID_FIELD, LEGACY_DIGEST_FIELD = "patient_hmac", "key_id", "patient_sha256"
+DIGEST_FIELD, KEY_ID_FIELD, LEGACY_DIGEST_FIELD = "patient_hmac", ledger.KEY_ID_FIELD, "patient_sha256"
 #: The audit detail's restore-ledger line (core.ledger): the erasure is done in a database that
 #: holds it.
 LEDGER_FIELD = ledger.LEDGER_FIELD
