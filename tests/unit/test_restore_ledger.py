@@ -62,6 +62,27 @@ def _restore(folder: Path) -> str:
     return restored.output
 
 
+def _erase_with_a_failed_commit(patient: str) -> Any:
+    """``drscreen data erase`` whose commit fails after the ledger's own hook wrote the line."""
+
+    def commit_fails(session: Session) -> None:
+        if session.info.get("drscreen.ledger.written"):
+            raise OSError("the connection was lost at COMMIT")
+
+    event.listen(Session, "before_commit", commit_fails)
+    try:
+        return runner.invoke(app, ["data", "erase", patient, "--clinic", "North", "--yes", "--force"])
+    finally:
+        event.remove(Session, "before_commit", commit_fails)
+
+
+def _erase_with_its_confirmation_lost(patient: str) -> None:
+    """An erasure committed, its ``committed`` line never written (the process died in between)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ledger, "mark", lambda *_args: (_ for _ in ()).throw(OSError("killed")))
+        _erase(patient)
+
+
 def _revoked_at(url: str, key_id: int) -> datetime | None:
     with session_scope(url) as s:
         at = s.scalar(select(ApiKey.revoked_at).where(ApiKey.id == key_id))
@@ -193,16 +214,7 @@ def test_an_erasure_whose_commit_failed_is_never_done_by_a_restore(url: str, tmp
     later restore carried out (on a patient the clinic went on sending). The failed commit's line
     is settled when it fails, by asking the database again: void."""
     store, _ids = _deployment(url)
-
-    def commit_fails(session: Session) -> None:  # after the ledger's own hook: its line is written
-        if session.info.get("drscreen.ledger.written"):
-            raise OSError("the connection was lost at COMMIT")
-
-    event.listen(Session, "before_commit", commit_fails)
-    try:
-        failed = runner.invoke(app, ["data", "erase", "A1", "--clinic", "North", "--yes", "--force"])
-    finally:
-        event.remove(Session, "before_commit", commit_fails)
+    failed = _erase_with_a_failed_commit("A1")
     assert failed.exit_code != 0 and _patients(url) == {"A1", "B2"}
     lines = _ledger(url)
     assert lines.unconfirmed() == [] == lines.confirmed() and [e.kind for e in lines.actions()] == ["erasure"]
@@ -221,16 +233,7 @@ def test_a_crash_between_line_and_commit_leaves_the_line_undecided_and_said(
     _deployment(url)
     folder = _backup(tmp_path / "backup")
     monkeypatch.setattr(ledger, "_settle_failed_commit", lambda *_a: None)  # the process died
-
-    def commit_fails(session: Session) -> None:
-        if session.info.get("drscreen.ledger.written"):
-            raise OSError("killed")
-
-    event.listen(Session, "before_commit", commit_fails)
-    try:
-        runner.invoke(app, ["data", "erase", "A1", "--clinic", "North", "--yes", "--force"])
-    finally:
-        event.remove(Session, "before_commit", commit_fails)
+    _erase_with_a_failed_commit("A1")
     monkeypatch.undo()
     for _ in range(2):
         output = _restore(folder)
@@ -238,33 +241,21 @@ def test_a_crash_between_line_and_commit_leaves_the_line_undecided_and_said(
         assert _patients(url) == {"A1", "B2"}
 
 
-def test_a_committed_erasure_whose_confirmation_was_lost_is_still_done(
-    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_committed_erasure_whose_confirmation_was_lost_is_still_done(url: str, tmp_path: Path) -> None:
     """The process died between the commit and its confirmation: the database it committed to
     holds the line, so the restore confirms it and erases again."""
     _deployment(url)
     folder = _backup(tmp_path / "backup")
-
-    def lost(*_args: Any) -> None:
-        raise OSError("killed")
-
-    monkeypatch.setattr(ledger, "mark", lost)
-    _erase("A1")
-    monkeypatch.undo()
+    _erase_with_its_confirmation_lost("A1")
     assert [e.kind for e in _ledger(url).unconfirmed()] == ["erasure"]
     assert "1 patient erasure(s)" in _restore(folder)
     assert _patients(url) == {"B2"}
 
 
-def test_an_unconfirmed_erasure_with_its_database_lost_is_reported_not_done(
-    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_unconfirmed_erasure_with_its_database_lost_is_reported_not_done(url: str, tmp_path: Path) -> None:
     _deployment(url)
     folder = _backup(tmp_path / "backup")
-    monkeypatch.setattr(ledger, "mark", lambda *_args: (_ for _ in ()).throw(OSError("killed")))
-    _erase("A1")
-    monkeypatch.undo()
+    _erase_with_its_confirmation_lost("A1")
     dispose_engines()
     Path(url.removeprefix("sqlite:///")).unlink()  # the machine's database is lost
     output = _restore(folder)
@@ -496,17 +487,13 @@ def test_one_clinics_patients_are_digested_once_per_replay(url: str, monkeypatch
 # ------------------------------------------------------------------------------- the second review
 
 
-def test_unconfirmed_lines_are_not_settled_against_another_database(
-    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_unconfirmed_lines_are_not_settled_against_another_database(url: str, tmp_path: Path) -> None:
     """The second review: restoring onto a freshly migrated database (docker-compose's `migrate`
     runs `db upgrade` first) found every unconfirmed line void there, and a committed erasure was
-    never done again. A database holding no line written after it cannot tell: undecided, reported."""
+    never done again. A database that lacks the line cannot tell: undecided, reported."""
     _deployment(url)
     folder = _backup(tmp_path / "backup")
-    monkeypatch.setattr(ledger, "mark", lambda *_args: (_ for _ in ()).throw(OSError("killed")))
-    _erase("A1")
-    monkeypatch.undo()
+    _erase_with_its_confirmation_lost("A1")
     dispose_engines()
     Path(url.removeprefix("sqlite:///")).unlink()  # the database lost; a new one made empty
     assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
@@ -666,15 +653,11 @@ def test_a_deployment_that_never_had_a_key_is_not_stuck_after_a_restore(url: str
     assert _revoked_at(url, key.key_id) is None
 
 
-def test_an_unconfirmed_erasure_the_restored_database_holds_is_not_reported(
-    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_unconfirmed_erasure_the_restored_database_holds_is_not_reported(url: str, tmp_path: Path) -> None:
     """The fourth review: the confirmation lost, a backup taken after the erasure holds it; the
     restore warned about it all the same, at every restore."""
     _deployment(url)
-    monkeypatch.setattr(ledger, "mark", lambda *_args: (_ for _ in ()).throw(OSError("killed")))
-    _erase("A1")
-    monkeypatch.undo()
+    _erase_with_its_confirmation_lost("A1")
     folder = _backup(tmp_path / "backup")
     dispose_engines()
     Path(url.removeprefix("sqlite:///")).unlink()  # lost: the replaced database cannot answer
