@@ -55,8 +55,11 @@ from typing import Any
 
 # empty counts as unset, as for every DRSCREEN_ name (ml.environment.env_setting; cli imports no
 # ml at module level)
+# default: the natural-colour EyePACS photographs beside the checkout (../shared/data, as the
+# training configs); any folder of JPEG photographs (subfolders too) will do
 NATURAL = Path(
-    os.environ.get("DRSCREEN_BENCH_PHOTOS", "").strip() or "/work/shared/data/eyepacs-natural-512/images"
+    os.environ.get("DRSCREEN_BENCH_PHOTOS", "").strip()
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "eyepacs-natural-512" / "images"
 )
 BATCH = 8
 
@@ -224,7 +227,8 @@ def distinct_jpeg(data: bytes, tag: str) -> bytes:
 
 
 def photo_sources(folder: Path = NATURAL) -> list[Path]:
-    photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+    """The JPEG photographs under ``folder`` (the bench's copies differ by a JPEG comment)."""
+    photos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg") and p.is_file())
     if not photos:
         raise SystemExit(f"drscreen bench: no photographs under {folder} (DRSCREEN_BENCH_PHOTOS)")
     return photos

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,9 @@ def _invalid_settings(exc: Any) -> None:
     raise typer.Exit(code=2)
 
 
+WORKER_SETTINGS = "workers.settings:get_worker_settings"
+
+
 def _check_part_settings(target: str) -> None:
     """The API's or the workers' own settings (``module:getter``), checked the same way."""
     from pydantic import ValidationError
@@ -99,6 +103,9 @@ def _finish(result: Any) -> None:
 @app.command()
 def demo() -> None:
     """Score the bundled sample patients through the real pipeline (embedded: no servers needed)."""
+    # the demo runs the API and a worker: their settings too, in one line each, before either starts
+    _check_part_settings("services.config:get_api_settings")
+    _check_part_settings(WORKER_SETTINGS)
     _finish(_load("services.demo:run_demo")())
 
 
@@ -116,12 +123,15 @@ def score(
     """Score one image or a folder (embedded), with per-image and per-patient results."""
     if submission and out is None:
         raise typer.BadParameter("--submission needs --out FILE.csv", param_hint="--submission")
+    _check_part_settings(WORKER_SETTINGS)
     _finish(_load("workers.bulk:score_path")(path, out, explain, submission=True if submission else None))
 
 
 @app.command()
 def evaluate(
-    labels: Path = typer.Option(..., "--labels", exists=True, help="CSV with columns image, grade."),
+    labels: Path = typer.Option(
+        ..., "--labels", exists=True, dir_okay=False, readable=True, help="CSV with columns image, grade."
+    ),
     model: str | None = typer.Option(
         None, "--model", help="An ensemble or one member, NAME@VERSION (default: what the workers serve)."
     ),
@@ -139,7 +149,7 @@ def evaluate(
 
 @app.command()
 def train(
-    config: Path = typer.Option(..., "--config", exists=True, help="Training config file."),
+    config: Path = typer.Option(..., "--config", exists=True, dir_okay=False, help="Training config file."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run folder."),
     settings: list[str] = typer.Option(
         [], "--set", help="Override a config value, e.g. --set threads=1 --set stage1.epochs=2 (TOML values)."
@@ -263,6 +273,9 @@ def worker(
     from core.settings import get_settings
 
     settings = get_settings()
+    # before the app's import: workers.app reads the worker settings as it is imported (a bad value
+    # was pydantic's traceback)
+    _check_part_settings(WORKER_SETTINGS)
     application = _load(celery_app)
     if celery_app == "workers.app:celery_app":  # (test apps without a database: --app)
         from workers.model import check_release
@@ -272,7 +285,6 @@ def worker(
         except (OSError, ValueError, KeyError) as exc:
             typer.echo(f"drscreen worker: the model cannot be loaded, not starting: {exc}", err=True)
             raise typer.Exit(2) from exc
-        _check_part_settings("workers.settings:get_worker_settings")
         _warn_about_settings("drscreen worker")
         _refuse_other_schema("drscreen worker")
         _refuse_pending_replay("drscreen worker")
@@ -743,6 +755,12 @@ def keys_create(
         raise typer.Exit(2) from None
     typer.echo(plaintext)
     typer.echo(f"key id {key_id} (prefix {prefix}) for clinic {clinic!r}; it is not shown again.", err=True)
+    if "/" in clinic or "\\" in clinic:  # the README: <root>/<clinic name>/ must be one folder name
+        typer.echo(
+            f"NOTE: {clinic!r} cannot be a folder name: with DRSCREEN_IMPORT_PER_CLINIC this clinic's "
+            "folder jobs are refused (name clinics without '/' or '\\' where folder jobs are used)",
+            err=True,
+        )
 
 
 #: The largest key id a database holds (a signed 64-bit integer).
@@ -940,6 +958,8 @@ def data_audit(
     from core.db import session_scope
 
     start, end = _utc_day(since, "--since"), _utc_day(until, "--until")
+    if out is not None:
+        _check_out_file(out, "drscreen data audit")
     notes: list[str] = []
     with _db_errors(), session_scope() as session:
         found = repo.get_clinic_by_name(session, clinic)
@@ -962,6 +982,25 @@ def data_audit(
     for note in notes:
         typer.echo(f"NOTE: {note}", err=True)
     typer.echo(f"{n} audit row(s)" + (f" written to {out}" if out else ""), err=True)
+
+
+def _check_out_file(out: Path, command: str) -> None:
+    """An ``--out`` file that can be written: its missing folders made, one line (exit 2) when it is
+    a folder or cannot be created (the README review: tracebacks), before the command reads anything."""
+    problem = None
+    if out.is_dir():
+        problem = "it is a folder"
+    else:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        else:
+            if not os.access(out if out.exists() else out.parent, os.W_OK):
+                problem = "permission denied"
+    if problem is not None:
+        typer.echo(f"{command}: cannot write {out}: {problem}", err=True)
+        raise typer.Exit(2)
 
 
 @data_app.command("agreement")

@@ -72,8 +72,11 @@ class LabelsError(ValueError):
 def read_labels(path: Path) -> list[dict[str, str]]:
     """The rows of a labels CSV, each checked: an ``image`` that exists under the CSV's folder
     and a ``grade`` that is an integer 0-4."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError as exc:  # a photograph or a spreadsheet given as --labels
+        raise LabelsError(f"{path} is not a UTF-8 CSV file ({exc.reason} at byte {exc.start})") from exc
     if not rows or "image" not in rows[0] or "grade" not in rows[0]:
         raise LabelsError(f"{path}: needs a header with columns 'image' and 'grade', and rows")
     problems = []
@@ -314,6 +317,14 @@ def evaluate_cli(
     labels: Path, model: str | None, as_json: bool, report_dir: Path | None, runtime: str = "torch"
 ) -> int:
     logging.basicConfig(level=logging.WARNING)
+    if report_dir is not None:
+        # before scoring: a report folder that cannot be made lost the whole run's metrics (and the
+        # JSON line) after every photograph had been scored
+        try:
+            Path(report_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            sys.stderr.write(f"drscreen evaluate: cannot write the report to {report_dir}: {exc}\n")
+            return 2
     try:
         report = evaluate(Path(labels), model, runtime=runtime)
     except LabelsError as exc:
@@ -332,7 +343,9 @@ def evaluate_cli(
         value = report[key]
         out.write(f"{key:>24}: {value:.4f}\n" if isinstance(value, float) else f"{key:>24}: {value}\n")
     out.write(
-        f"{'per_class_recall':>24}: " + ", ".join(f"{r:.3f}" for r in report["per_class_recall"]) + "\n"
+        f"{'per_class_recall':>24}: "
+        + ", ".join("n/a" if np.isnan(r) else f"{r:.3f}" for r in report["per_class_recall"])
+        + "\n"
     )
     if "intervals_95" in report:
         out.write(f"{'95% interval':>24}: " + "; ".join(interval_lines(report)))

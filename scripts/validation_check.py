@@ -89,5 +89,8 @@ def main(refs: list[str], members_only: bool = False, plain: bool = False) -> No
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if not args or "--help" in args or "-h" in args:  # the review: --help was taken for a model
+        print(__doc__)
+        sys.exit(0 if args else 2)
     flags = {"--members-only", "--plain"}
     main([a for a in args if a not in flags], members_only="--members-only" in args, plain="--plain" in args)

@@ -130,7 +130,7 @@ def create_app(
         ],
     )
     install_error_handlers(app, not_found_page=web.not_found_page)
-    install_openapi(app)
+    install_openapi(app, FORM_BODY_BYTES)
     for router in (
         images.router,
         bundles.router,

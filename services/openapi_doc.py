@@ -3,7 +3,8 @@
 FastAPI documents a 422 ``HTTPValidationError`` on every route with parameters; this API answers
 validation errors with ``ErrorBody`` (services.errors), and a route whose only parameter is a
 path id cannot answer 422 at all. Every ``/v1`` route can answer 503 (database down or busy,
-services.errors), and multipart uploads 400 (a malformed body the form parser refuses).
+services.errors), every ``/v1`` write 413 (a body over its limit, services.app.max_body_bytes),
+and multipart uploads 400 (a malformed body the form parser refuses).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from services.edge import WRITES
+
 ERROR_BODY = {"$ref": "#/components/schemas/ErrorBody"}
 _JSON_ERROR = {"application/json": {"schema": ERROR_BODY}}
 
 
-def _tidy_operation(path: str, op: dict[str, Any]) -> None:
+def _tidy_operation(path: str, method: str, op: dict[str, Any], form_body_bytes: int) -> None:
     responses: dict[str, Any] = op.setdefault("responses", {})
     params = op.get("parameters", [])
     body = op.get("requestBody", {}).get("content", {})
@@ -34,6 +37,9 @@ def _tidy_operation(path: str, op: dict[str, Any]) -> None:
             "503",
             {"description": "the database is unavailable or busy (Retry-After)", "content": _JSON_ERROR},
         )
+    if path.startswith("/v1/") and method.upper() in WRITES:  # services.app.max_body_bytes
+        too_large = f"request body larger than {form_body_bytes // 1024} KiB"
+        responses.setdefault("413", {"description": too_large, "content": _JSON_ERROR})
     if "multipart/form-data" in body:
         responses.setdefault(
             "400",
@@ -45,8 +51,9 @@ def _tidy_operation(path: str, op: dict[str, Any]) -> None:
         )
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Replace ``app.openapi`` with the tidied document (built once, like FastAPI's)."""
+def install_openapi(app: FastAPI, form_body_bytes: int) -> None:
+    """Replace ``app.openapi`` with the tidied document (built once, like FastAPI's);
+    ``form_body_bytes``: the body limit of the writes that carry no photograph."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -58,8 +65,8 @@ def install_openapi(app: FastAPI) -> None:
                 tags=app.openapi_tags,
             )
             for path, item in doc.get("paths", {}).items():
-                for op in item.values():
-                    _tidy_operation(path, op)
+                for method, op in item.items():
+                    _tidy_operation(path, method, op, form_body_bytes)
             schemas = doc.get("components", {}).get("schemas", {})
             text = str(doc["paths"])
             for unused in ("HTTPValidationError", "ValidationError"):

@@ -76,12 +76,14 @@ def image_result(session: Session, image: Image) -> ImageResult:
 
 
 def _eyes_of(result: PatientResult) -> dict[Eye, EyeSummary]:
-    return {
-        cast(Eye, e.eye): EyeSummary(
+    """Both eyes, always (the contract's ``left``/``right``): an eye the result has no row for is
+    reported as not photographed (ungradable, no image)."""
+    eyes: dict[Eye, EyeSummary] = {cast(Eye, name): EyeSummary() for name in EYES}
+    for e in result.eyes:
+        eyes[cast(Eye, e.eye)] = EyeSummary(
             grade=e.grade, gradable=e.gradable, referable=e.referable, image_ids=[str(i) for i in e.image_ids]
         )
-        for e in result.eyes
-    }
+    return eyes
 
 
 def _history(
@@ -153,11 +155,9 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
     else:
         # from the result's own eyes (a photograph not in it yet is "pending", not "not photographed")
         summary.referral_reasons = referral_reasons(summary, pending)
-    for name in EYES:
+    for name in EYES:  # both eyes, always, as a graded result has them (an empty one: none yet)
         eye = cast(Eye, name)
         ids = [im.id for im in visit if im.eye == eye]
-        if not ids:
-            continue
         known = summary.eyes.get(eye)
         if known is None:
             summary.eyes[eye] = EyeSummary(image_ids=ids)

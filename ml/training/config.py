@@ -110,13 +110,18 @@ class TrainConfig:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` strings (values in TOML syntax, e.g. ``stage1.epochs=2``, ``out_dir="x"``)."""
+    """``key=value`` strings (values in TOML syntax, e.g. ``stage1.epochs=2``, ``out_dir="x"``; a
+    value that is not TOML is taken as a string, so a path needs no quotes: ``data.natural_dir=/d``,
+    which was "Invalid value (at line 1, column 5)", naming neither the option nor the quotes)."""
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects key=value, got {item!r}")
-        overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        try:
+            overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = value.strip()  # the config's check still wants a string there
     return overrides
 
 
@@ -186,7 +191,10 @@ def check_raw(raw: dict[str, Any]) -> None:
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The config file with ``overrides`` applied, checked (:class:`ConfigError`)."""
-    raw = tomllib.loads(Path(path).read_text())
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # not a traceback: a line to fix
+        raise ConfigError(f"{path} is not a valid TOML file: {exc}") from exc
     for key, value in (overrides or {}).items():
         section, _, name = key.rpartition(".")
         target = raw.setdefault(section, {}) if section else raw

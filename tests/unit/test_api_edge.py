@@ -740,6 +740,9 @@ def test_openapi_documents_the_errors_the_api_gives(client: TestClient, key: Key
                     assert answer["content"]["application/json"]["schema"] == error_ref, (path, status)
             if path.startswith("/v1/"):
                 assert "503" in responses, (method, path)
+            if path.startswith("/v1/") and method.upper() in ("POST", "PUT", "PATCH", "DELETE"):
+                assert "413" in responses, (method, path)  # every write has a body limit (the review)
+    assert "413" in spec["paths"]["/v1/jobs"]["post"]["responses"]
     assert "422" not in spec["paths"]["/v1/images/{image_id}"]["get"]["responses"]
     assert "422" in spec["paths"]["/v1/images"]["post"]["responses"]
     assert "400" in spec["paths"]["/v1/bundles"]["post"]["responses"]

@@ -81,6 +81,13 @@ def test_the_period_and_the_output_file(client: TestClient, url: str, tmp_path: 
     done = runner.invoke(app, ["data", "audit", "--clinic", "North", "--out", str(out)])
     assert done.exit_code == 0 and f"2 audit row(s) written to {out}" in done.output
     assert len(list(csv.DictReader(out.open()))) == 2
+    # the README review: a missing folder was a FileNotFoundError traceback, a folder IsADirectoryError
+    deeper = tmp_path / "new" / "dir" / "audit.csv"
+    done = runner.invoke(app, ["data", "audit", "--clinic", "North", "--out", str(deeper)])
+    assert done.exit_code == 0 and len(list(csv.DictReader(deeper.open()))) == 2
+    refused = runner.invoke(app, ["data", "audit", "--clinic", "North", "--out", str(tmp_path)])
+    assert refused.exit_code == 2 and f"cannot write {tmp_path}: it is a folder" in refused.output
+    assert refused.exception is None or isinstance(refused.exception, SystemExit)
 
 
 def test_an_erased_patient_is_found_by_their_erasure_only(client: TestClient, url: str) -> None:

@@ -119,3 +119,12 @@ def test_runtime_figures_are_the_median_of_fresh_processes() -> None:
     assert "openvino_precision" not in bench.summarise_runtime_runs("onnx", runs)
     assert "bf16_kernels" not in bench.summarise_runtime_runs("onnx", runs)
     assert bench.Plan().runtime_processes >= 3
+
+
+def test_photo_sources_reads_subfolders_and_names_a_missing_folder(tmp_path: Path) -> None:
+    """The README review: a missing folder was a FileNotFoundError traceback, and `samples/`
+    (a subfolder per patient) had "no photographs"."""
+    samples = Path(__file__).resolve().parents[2] / "samples"
+    assert len(bench.photo_sources(samples)) == len(list(samples.rglob("*.jpg")))
+    with pytest.raises(SystemExit, match=r"no photographs under .*nowhere"):
+        bench.photo_sources(tmp_path / "nowhere")

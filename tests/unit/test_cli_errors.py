@@ -142,6 +142,17 @@ def test_keys_create_refuses_a_blank_clinic_in_one_line(isolated_settings: Path,
     assert "drs_" not in result.stdout
 
 
+def test_keys_create_notes_a_clinic_name_that_cannot_be_a_folder(isolated_settings: Path) -> None:
+    """The README review: "North/West" was accepted silently, and DRSCREEN_IMPORT_PER_CLINIC then
+    refuses every folder job of that clinic."""
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    result = runner.invoke(app, ["keys", "create", "--clinic", "North/West"])
+    assert result.exit_code == 0 and result.stdout.startswith("drs_")
+    assert "cannot be a folder name" in result.stderr
+    plain = runner.invoke(app, ["keys", "create", "--clinic", "North"])
+    assert plain.exit_code == 0 and "folder name" not in plain.stderr
+
+
 def test_keys_revoke_of_a_huge_id_matches_nothing(isolated_settings: Path) -> None:
     assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
     result = runner.invoke(app, ["keys", "revoke", "9" * 30])  # was SQLite's OverflowError
@@ -170,3 +181,18 @@ def test_db_upgrade_to_an_unknown_revision_is_one_line(isolated_settings: Path, 
 def test_db_upgrade_to_an_impossible_revision_is_one_line(isolated_settings: Path, revision: str) -> None:
     """The review: alembic raised AssertionError for these (a traceback)."""
     _one_line_error(runner.invoke(app, ["db", "upgrade", "--", revision]), 2, "drscreen db upgrade: ")
+
+
+def test_evaluate_refuses_a_folder_as_labels_in_one_line(tmp_path: Path) -> None:
+    """The contract review: a folder as --labels was an IsADirectoryError traceback."""
+    result = runner.invoke(app, ["evaluate", "--labels", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "is a directory" in " ".join(result.output.replace("│", " ").split())  # rich's box wraps
+
+
+def test_train_with_a_broken_config_file_is_one_line(tmp_path: Path) -> None:
+    """The contract review: a config that is not TOML was a TOMLDecodeError traceback."""
+    config = tmp_path / "bad.toml"
+    config.write_text("name = [\n")
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    _one_line_error(result, 2, "is not a valid TOML file")

@@ -101,3 +101,37 @@ def test_rows_without_a_patient_id_are_each_their_own_patient() -> None:
     out = patient_metrics(rows, ens, members, np.array([0, 0, 3, 0, 0, 0]))  # type: ignore[arg-type]
     assert out["n_patients"] == 5
     assert out["referable_sensitivity"] == 1.0 and out["referable_specificity"] == 1.0
+
+
+def test_a_photograph_given_as_labels_is_named_as_the_labels_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The contract review: a JPEG as --labels was reported as "model (newest) cannot be used"."""
+    assert evaluate_cli(SAMPLE, None, True, None) == 2
+    err = capsys.readouterr().err
+    assert "is not a UTF-8 CSV file" in err and "model" not in err
+
+
+def test_a_report_folder_that_cannot_be_made_is_refused_before_scoring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review: an existing file as --report was found only after every photograph was scored,
+    and the traceback lost the metrics and the JSON line."""
+    from ml import evaluation
+
+    scored: list[Path] = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda labels, *a, **k: scored.append(labels))
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert evaluate_cli(_labels(tmp_path, "a.jpg,0\n"), None, True, taken) == 2
+    assert "cannot write the report to" in capsys.readouterr().err
+    assert scored == [] and taken.read_text() == "not a folder"
+
+
+def test_the_text_recall_of_an_absent_grade_reads_n_a(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The text report printed "nan" where the docstrings promise "n/a" (the JSON has 0.0 and support 0)."""
+    assert evaluate_cli(_labels(tmp_path, "a.jpg,0\n"), "drscreen-dev@0.1.0", False, None) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "per_class_recall" in x)
+    assert "nan" not in line and line.split(": ", 1)[1].split(", ")[1:] == ["n/a"] * 4

@@ -705,3 +705,17 @@ def test_resume_refuses_another_config_and_restarts_a_run_without_checkpoint(
         train_from_config(config, resume=stopped, overrides=overrides)
     assert asked == [True]  # ImageNet weights, not a random network
     monkeypatch.setattr(train_mod, "build_model", real_build)
+
+
+def test_a_set_value_that_is_not_toml_is_a_string() -> None:
+    """The README review: `--set data.natural_dir=/path` answered "Invalid value (at line 1,
+    column 5)"; numbers, booleans and quoted strings keep their TOML reading."""
+    from ml.training.config import ConfigError, load_config, parse_overrides
+
+    got = parse_overrides(
+        ["data.natural_dir=/srv/photos", "threads=1", 'out_dir="/tmp/r"', "two_stage=false"]
+    )
+    assert got == {"data.natural_dir": "/srv/photos", "threads": 1, "out_dir": "/tmp/r", "two_stage": False}
+    assert load_config(REPO / "configs" / "smoke.toml", got).data.natural_dir == "/srv/photos"
+    with pytest.raises(ConfigError, match=re.escape("threads = 'two x': expected int")):
+        load_config(REPO / "configs" / "smoke.toml", parse_overrides(["threads=two x"]))

@@ -163,6 +163,40 @@ def test_an_invalid_setting_is_one_line(
     assert len(lines) == 1 and lines[0].startswith(f"drscreen: invalid setting {name}: "), lines
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "command"),
+    [
+        ("DRSCREEN_SCORE_CHUNK", "1000", ["worker"]),
+        ("DRSCREEN_EXPLAIN", "maybe", ["worker"]),
+        ("DRSCREEN_MAX_ATTEMPTS", "0", ["score", "samples/16/16_left.jpg"]),
+        ("DRSCREEN_RATE_LIMIT_BURST", "0", ["demo"]),
+    ],
+)
+def test_a_part_setting_is_one_line_in_a_fresh_process(
+    isolated_settings: Path, name: str, value: str, command: list[str]
+) -> None:
+    """The README review: in a new process `worker` imported workers.app, which reads the worker
+    settings as it loads, before the check (pydantic's traceback); `score` and `demo` never checked
+    the worker's or the API's settings. In-process runs hid it: the module was already imported."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, name: value}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", *command],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"drscreen: invalid setting {name}: "), lines
+
+
 def test_a_postgres_url_names_the_installed_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRSCREEN_DATABASE_URL", "postgres://u@db/drscreen")
     get_settings.cache_clear()

@@ -259,7 +259,9 @@ def test_a_follow_up_waiting_for_a_worker_does_not_show_the_last_visits_grade(se
         None,
     )
     assert summary.referral_reasons == ["not_graded_yet", "left_eye_pending"]
-    assert {eye: e.image_ids for eye, e in summary.eyes.items()} == {"left": [today.id]}
+    # both eyes, always (the contract's left/right): clinic code reads eyes["right"] while it polls
+    assert {eye: e.image_ids for eye, e in summary.eyes.items()} == {"left": [today.id], "right": []}
+    assert (summary.eyes["right"].gradable, summary.eyes["right"].grade) == (False, None)
     assert [entry.grade for entry in summary.history] == [0]  # last year's result is history
 
     repo.upsert_prediction(
