@@ -7,6 +7,7 @@ Heavy imports inside the functions (cli rule: ``drscreen --help`` stays instant)
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 #: Workers not seen for longer are not listed (a container's node name changes with it: rows of
@@ -34,6 +35,7 @@ def gather(now: datetime | None = None) -> dict[str, Any]:
     from core import repository as repo
     from core.db import session_scope
     from core.settings import get_settings
+    from core.store import FileStore
     from core.tables import as_utc, utcnow
     from services.metrics import image_counts, queue_depths
 
@@ -82,6 +84,10 @@ def gather(now: datetime | None = None) -> dict[str, Any]:
     pending = backup.pending_problem(settings.store_path)
     if pending is not None:
         warnings.append(pending)
+    if Path(settings.store_path).is_dir():  # (status may run where the store is not mounted)
+        unwritable = FileStore(settings.store_path).write_problem(settings.max_upload_bytes)
+        if unwritable is not None:
+            warnings.append(f"the photograph store cannot take uploads: {unwritable}")
     return {
         "active_release": active,
         "queue": {

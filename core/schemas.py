@@ -236,7 +236,8 @@ class ModelInfo(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "unavailable"]
     checks: dict[str, bool] = Field(
-        description="database, schema (at the newest migration this code ships), broker, model: ok or not"
+        description="database, schema (at the newest migration this code ships), broker, model, store "
+        "(the photograph store can be written, with room for one photograph): ok or not"
     )
     error: str | None = Field(default=None, description="`unavailable` when not ready")
     detail: str | None = None

@@ -116,6 +116,28 @@ class FileStore:
         """Undo :meth:`set_aside` (over a copy of the same bytes written meanwhile, if any)."""
         os.replace(aside, self.path(relpath))
 
+    def write_problem(self, min_free_bytes: int = 0) -> str | None:
+        """Why a photograph could not be stored now, None when it could: the folder (or, before
+        the first upload makes it, its nearest existing parent) is not a writable folder, is on a
+        read-only file system, or has less than ``min_free_bytes`` free. For /readyz and
+        ``drscreen status`` (the fault review: a read-only or full store failed every upload with a
+        500 while the service reported itself ready)."""
+        folder = self.root
+        while not folder.exists() and folder.parent != folder:  # made on the first write
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"{folder} is not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):  # EROFS too: a read-only mount
+            return f"{folder} cannot be written (read-only or no permission)"
+        try:
+            fs = os.statvfs(folder)
+        except OSError as exc:
+            return f"{folder}: {exc.strerror or exc}"
+        free = fs.f_bavail * fs.f_frsize
+        if free < min_free_bytes:
+            return f"{folder} has {free / 2**20:.1f} MiB free, less than one photograph's limit"
+        return None
+
     def delete(self, relpath: str) -> bool:
         path = self.path(relpath)
         try:

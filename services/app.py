@@ -23,6 +23,7 @@ from core.migrate import SchemaBehind, check_schema_at_start, schema_problem
 from core.producer import broker_reachable, make_producer_app
 from core.schemas import Readiness
 from core.settings import Settings, get_settings
+from core.store import FileStore
 from services import web
 from services.config import ApiSettings, get_api_settings
 from services.edge import WRITES, ApiEdge, route_path
@@ -266,4 +267,5 @@ def _readiness(app: Any) -> dict[str, bool]:
         "schema": reachable and _schema_ok(settings.database_url),
         "broker": broker_reachable(timeout=2.0, app=app.state.producer),
         "model": active_ref(settings) is not None,
+        "store": FileStore(settings.store_path).write_problem(settings.max_upload_bytes) is None,
     }

@@ -121,9 +121,42 @@ def _safe_content_type(content_type: str | None) -> str | None:
     return _printable(content_type)[:100] or None
 
 
+#: What a clinic is told when the store cannot take a photograph (its path and the error are the
+#: operator's: in the server log).
+STORE_UNAVAILABLE = (
+    "photographs cannot be stored right now (a server problem): nothing was recorded, send it again later"
+)
+
+
 def store_photo(store: FileStore, photo: Photo) -> StoredFile:
+    """The photograph in the store; :class:`Unavailable` (503) when the store cannot be written
+    (read-only, full, a mount gone: the fault review's 500 "an unexpected error occurred")."""
     ext = "jpg" if photo.fmt == "jpeg" else photo.fmt
-    return store.put_bytes(photo.data, ext)
+    try:
+        return store.put_bytes(photo.data, ext)
+    except OSError as exc:
+        log.error("the file store %s cannot be written: %s", store.root, exc)
+        raise Unavailable(STORE_UNAVAILABLE) from exc
+
+
+def store_photos(store: FileStore, photos: list[Photo]) -> list[StoredFile]:
+    """Every photograph of a request stored, or none: the files this call wrote are removed when a
+    later one cannot be stored (no row will ever name them, so no erasure would find them). A
+    request with the same bytes that committed meanwhile stores its photographs again after its
+    commit (``commit_and_enqueue``)."""
+    stored: list[StoredFile] = []
+    try:
+        for photo in photos:
+            stored.append(store_photo(store, photo))
+    except Unavailable:
+        for file in stored:
+            if file.created:
+                try:
+                    store.delete(file.relpath)
+                except OSError:
+                    log.warning("could not remove %s after a failed upload", file.relpath)
+        raise
+    return stored
 
 
 def record_photo(

@@ -141,29 +141,42 @@ def _sync_job_items(session: Session, image_ids: Sequence[str], status: str, err
     )
 
 
+def _rounds(ids: list[str], db_url: str | None) -> list[list[str]]:
+    """The task's photographs as claim-grade-write rounds: one round of all of them, except that
+    those an earlier claim did not finish (``attempts`` > 0, not done: the process died while
+    grading them, or a database outage cut the write) go first, one per round. A photograph that
+    crashes the process then uses up its own attempts alone: claimed with the whole task, one such
+    photograph (or five worker kills) failed every photograph of it (the fault review: 20 of 20
+    of a folder job's batch, their patients "not graded yet" for ever)."""
+    with session_scope(db_url) as session:
+        retried = set(
+            session.scalars(
+                select(Image.id).where(Image.id.in_(ids), Image.attempts > 0, Image.status != "done")
+            )
+        )
+    fresh = [i for i in ids if i not in retried]
+    return [[i] for i in ids if i in retried] + ([fresh] if fresh else [])
+
+
 def _claim(
     image_ids: Sequence[str], db_url: str | None, summary: ScoreSummary, worker: str | None
 ) -> list[_Claimed]:
     max_attempts = get_worker_settings().max_attempts
     claimed: list[_Claimed] = []
-    gave_up: list[Image] = []
     with session_scope(db_url) as session:
         for image_id in image_ids:
             row = repo.claim_image(session, image_id, worker)
             if row is None:
                 summary.skipped.append(image_id)
                 continue
+            item = _Claimed(row.id, row.patient_id, row.stored_path, row.bundle_id, row.job_id)
             if row.attempts > max_attempts:
-                # Its earlier attempts never finished (e.g. the photo crashed the process):
-                # fail it rather than feed it to workers forever.
-                msg = f"scoring did not complete after {max_attempts} attempts"
-                repo.mark_image_failed(session, row, msg)
-                _sync_job_items(session, [row.id], "failed", msg)
-                gave_up.append(row)
-                summary.failed.append(row.id)
-                continue
-            claimed.append(_Claimed(row.id, row.patient_id, row.stored_path, row.bundle_id, row.job_id))
-        _refresh_groups(session, [*gave_up], claimed)
+                # Its earlier attempts never finished (e.g. the photo crashed the process): failed
+                # rather than fed to workers forever, by _write, which also recomputes its patient
+                # (an ungradable eye, referred; the fault review: "not graded yet" for ever)
+                item.error = f"scoring did not complete after {max_attempts} attempts"
+            claimed.append(item)
+        _refresh_groups(session, [], claimed)
     if summary.skipped:  # after the claims' commit: their locks are not held while it reads
         with session_scope(db_url) as session:
             _warn_unknown(session, summary.skipped)
@@ -229,6 +242,8 @@ PREDICT_BATCH = 8
 
 def _prepare(it: _Claimed, store: FileStore, max_pixels: int, thresholds: Any) -> _Claimed:
     """Read, decode and quality-check one photograph (fills rgb/quality/error in place)."""
+    if it.error is not None:  # given up before it was read (_claim)
+        return it
     try:
         data = store.read_bytes(it.stored_path)
     except FileNotFoundError:
@@ -576,16 +591,23 @@ def score_images(
         if _nothing_else_resends(enqueue):
             _send_again_later(ids, explain, "left for a worker serving the active release")
         return summary
-    claimed = _claim(ids, db_url, summary, worker)
-    if not claimed:
+    store = store if store is not None else get_store()
+    written: list[_Claimed] = []
+    claimed_any = False
+    for round_ids in _rounds(ids, db_url):
+        claimed = _claim(round_ids, db_url, summary, worker)
+        if not claimed:
+            continue
+        claimed_any = True
+        for it in claimed:
+            it.wants_heatmap = _wants_explanation(it, explain)
+        _compute(claimed, ens, store)
+        done = _write(claimed, ens, db_url, summary)
+        _discard_unrecorded_heatmaps(claimed, done, store, db_url)
+        written += done
+    if not claimed_any:
         log.info("score_images: nothing to do for %d id(s)", len(ids))
         return summary
-    for it in claimed:
-        it.wants_heatmap = _wants_explanation(it, explain)
-    store = store if store is not None else get_store()
-    _compute(claimed, ens, store)
-    written = _write(claimed, ens, db_url, summary)
-    _discard_unrecorded_heatmaps(claimed, written, store, db_url)
     send = enqueue if enqueue is not None else send_by_name
     if summary.rescore:
         send(tasks.SCORE_IMAGES, [summary.rescore], {})

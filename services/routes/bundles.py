@@ -20,7 +20,7 @@ from services.deps import PrincipalDep, ProducerDep, SessionDep, SettingsDep, au
 from services.errors import error_responses
 from services.formcheck import reject_unknown_fields
 from services.routes.images import IdempotencyKey, PatientIdForm, commit_and_enqueue, refuse_if_erased
-from services.uploads import Photo, record_photo, store_photo, validate_photo
+from services.uploads import Photo, record_photo, store_photos, validate_photo
 from services.views import image_results, patient_summary
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def create_bundle(
         return _answer_existing(session, principal, existing)
 
     store = FileStore(settings.store_path)
-    stored = [(photo, store_photo(store, photo)) for photo in photos]
+    stored = list(zip(photos, store_photos(store, photos), strict=True))
     patient, created = repo.ensure_patient(session, principal.clinic_id, patient_id)
     patient_row_id = patient.id
     try:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from core import grader, retention
 from core import producer as tasks_out
 from core import repository as repo
-from core.errors import Conflict, NotFound
+from core.errors import Conflict, NotFound, Unavailable
 from core.schemas import PATIENT_ID_PATTERN, Accepted, Eye, GraderGradeIn, GraderGradeOut, ImageResult
 from core.store import FileStore
 from core.tables import Image, Patient, as_utc, utcnow
@@ -126,7 +126,7 @@ def commit_and_enqueue(
         try:
             for photo in photos:
                 store_photo(store, photo)  # a stat when the file is there
-        except OSError:  # committed already: a worker finding the file missing tries again later
+        except Unavailable:  # committed already: a worker finding the file missing tries again later
             log.warning("could not check the stored photographs of %s %s", kind, resource_id, exc_info=True)
     enqueue_scoring(producer, image_ids)
     return resource_id

@@ -247,6 +247,56 @@ def test_one_bad_file_refuses_the_whole_bundle(client: TestClient, url: str, key
     assert _count(url, Image) == 0 and _count(url, Bundle) == 0 and _count(url, Patient) == 0
 
 
+def test_a_store_that_cannot_be_written_is_a_503_that_leaves_nothing(
+    client: TestClient, url: str, key: Key, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault review: a read-only or full store answered 500 "an unexpected error occurred"
+    (the 5xx alert calls that a bug), and a bundle whose later photograph failed left the earlier
+    ones in the store, named by no row (no erasure would ever find them)."""
+    import errno
+
+    from core.store import FileStore
+
+    store = FileStore(get_settings().store_path)
+    put_bytes = FileStore.put_bytes
+    fail_after = {"n": 0}
+
+    def full_after_n(self: FileStore, data: bytes, ext: str) -> Any:
+        if fail_after["n"] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fail_after["n"] -= 1
+        return put_bytes(self, data, ext)
+
+    monkeypatch.setattr(FileStore, "put_bytes", full_after_n)
+    resp = _upload(client, key, sample_bytes("19", "left"))
+    assert resp.status_code == 503 and resp.json()["error"] == "unavailable", resp.text
+    assert "cannot be stored right now" in resp.json()["detail"] and "Retry-After" in resp.headers
+    assert str(store.root) not in resp.text  # the path is the operator's (server log)
+    fail_after["n"] = 1  # the bundle's first photograph is stored, its second is not
+    files = {
+        "left_1": ("l.jpg", sample_bytes("19", "left")),
+        "right_1": ("r.jpg", sample_bytes("19", "right")),
+    }
+    resp = client.post("/v1/bundles", headers=key.headers, data={"patient_id": "p-9"}, files=files)
+    assert resp.status_code == 503, resp.text
+    assert _count(url, Image) == 0 and _count(url, Bundle) == 0 and _count(url, Patient) == 0
+    assert [p for p in store.root.rglob("*") if p.is_file()] == []  # the first one removed again
+
+
+def test_readiness_says_when_the_store_cannot_take_uploads(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault review: /readyz answered "ready" with a read-only or full store."""
+    from collections import namedtuple
+
+    assert client.get("/readyz").json()["checks"]["store"] is True
+    full = namedtuple("full", "f_bavail f_frsize")(f_bavail=10, f_frsize=4096)
+    monkeypatch.setattr(os, "statvfs", lambda path: full)
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["store"] is False
+    assert ready.json()["detail"] == "not ready: store"
+
+
 def test_one_photograph_as_both_eyes_refuses_the_bundle(client: TestClient, url: str, key: Key) -> None:
     """The walkthrough: the same file as left_1 and right_1 was accepted, and the patient came back
     "no referral" with one eye never photographed."""
@@ -515,7 +565,8 @@ def test_models_readiness_and_metrics(
     with TestClient(create_app()) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503
-        assert ready.json()["checks"] == {"database": True, "schema": True, "broker": True, "model": False}
+        checks = {"database": True, "schema": True, "broker": True, "model": False, "store": True}
+        assert ready.json()["checks"] == checks
         assert client.get("/v1/models", headers=key.headers).status_code == 503
         _fake_release(tmp_path / "models")
         assert client.get("/readyz").status_code == 200

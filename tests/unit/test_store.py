@@ -44,3 +44,12 @@ def test_refuses_paths_outside_and_bad_names(tmp_path: Path) -> None:
 
 def test_get_store_uses_settings(isolated_settings: Path) -> None:
     assert get_store().root == (isolated_settings / "store").resolve()
+
+
+def test_write_problem_names_what_keeps_photographs_out(tmp_path: Path) -> None:
+    """/readyz and `drscreen status` read it (the fault review: a read-only or full store)."""
+    assert FileStore(tmp_path / "not-made-yet" / "store").write_problem() is None  # made on the first upload
+    (tmp_path / "a-file").write_text("x")
+    assert "is not a folder" in (FileStore(tmp_path / "a-file").write_problem() or "")
+    free = FileStore(tmp_path).write_problem(min_free_bytes=2**62)
+    assert free is not None and "MiB free" in free

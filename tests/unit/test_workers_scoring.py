@@ -866,3 +866,56 @@ def test_a_photograph_another_worker_finished_meanwhile_is_not_written_again(
     summary = scoring.score_images([image_id], ensemble=ens, store=store, db_url=url, enqueue=Sent())
     assert summary.skipped == [image_id] and summary.scored == []
     assert count(url, Prediction) == 0 and count(url, PatientResult) == 0
+
+
+class _ProcessDied(BaseException):
+    """Stands in for the worker process dying mid-task (kill -9, a native crash, the OOM killer):
+    nothing after it runs, the claimed rows stay ``running``, the message is delivered again."""
+
+
+def test_a_photograph_that_kills_the_worker_fails_alone_and_its_patient_is_referred(
+    url: str, store: FileStore, ens: StubEnsemble, sent: Sent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault review: attempts were counted per task, so one photograph that crashed the
+    process five times (or five worker kills) failed all 20 of a folder job's batch, and their
+    patients read "not graded yet" for ever (the give-up path recomputed no patient)."""
+    ids = [
+        add_images(url, store, f"P{i}", [photo(name)])[0]
+        for i, name in enumerate(
+            ["16_left.jpg", "16_right.jpg", "19_left.jpg", "19_right.jpg", "178_left.jpg"]
+        )
+    ]
+    culprit = ids[2]
+    with session_scope(url) as s:
+        culprit_path = repo.get_image(s, culprit).stored_path  # type: ignore[union-attr]
+    read_bytes = store.read_bytes
+
+    def dies_reading_the_culprit(relpath: str) -> bytes:  # as a decoder crash would, mid-task
+        if relpath == culprit_path:
+            raise _ProcessDied
+        return read_bytes(relpath)
+
+    monkeypatch.setattr(store, "read_bytes", dies_reading_the_culprit)
+    max_attempts = scoring.get_worker_settings().max_attempts
+    deliveries = 0
+    while True:  # the same message, delivered again after each death (acks_late)
+        deliveries += 1
+        assert deliveries <= max_attempts + 2, "the task never completed"
+        try:
+            summary = scoring.score_images(ids, ensemble=ens, store=store, db_url=url, enqueue=sent)
+            break
+        except _ProcessDied:
+            continue
+    assert deliveries == max_attempts + 1 and summary.failed == [culprit]
+    with session_scope(url) as s:
+        rows = {i: repo.get_image(s, i) for i in ids}
+        assert all(r is not None for r in rows.values())
+        assert {i: r.status for i, r in rows.items() if r is not None} == {
+            i: "failed" if i == culprit else "done" for i in ids
+        }
+        # the others were graded at their second claim at the latest, not held hostage
+        assert max(r.attempts for i, r in rows.items() if r is not None and i != culprit) <= 2
+        bad = rows[culprit]
+        assert bad is not None and bad.error == f"scoring did not complete after {max_attempts} attempts"
+        result = repo.get_current_patient_result(s, bad.patient_id)
+        assert result is not None and result.referable and not result.gradable  # referred, not "pending"
