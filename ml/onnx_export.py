@@ -267,17 +267,21 @@ def fastest_passing_mix(
     y: np.ndarray,
     ips: dict[str, dict[str, float]],
     reference: np.ndarray | None = None,
+    bf16_instructions: bool = True,
 ) -> dict[str, Any]:
     """Which members to run in bfloat16: of every subset (2^members, recombined from the two runs'
     probabilities, no new inference), the one whose ensemble passes ``judge_reduced_precision``
     against ``reference`` (ONNX Runtime float32; default ``p_fp32``) with the highest estimated
     speed (``ips[ref][precision]``: each member's images/s alone). If no subset passes (not even
     all float32: the runtime itself disagrees with the reference), all float32 is returned with
-    ``passes_criteria`` False, so nothing runs in bfloat16."""
+    ``passes_criteria`` False, so nothing runs in bfloat16. ``bf16_instructions`` False (a CPU
+    without them, e.g. AVX2 only): all float32, the only subset judged: the bf16 hint runs as
+    float32 there, and its "faster" was timing noise (an AVX2 machine chose bf16 by it)."""
     refs = [m.ref for m in ens.member_objects]
     reference = p_fp32 if reference is None else reference
     best: dict[str, Any] = {}
-    for mask in itertools.product((False, True), repeat=len(refs)):
+    choices = (False, True) if bf16_instructions else (False,)
+    for mask in itertools.product(choices, repeat=len(refs)):
         probs = np.where(np.array(mask)[:, None, None], p_bf16, p_fp32)
         figures = judge_reduced_precision(ens, probs, y, reference)
         precisions = {ref: "bf16" if bf16 else "f32" for ref, bf16 in zip(refs, mask, strict=True)}
@@ -408,7 +412,10 @@ def _openvino_check(
         log.info("OpenVINO %s: %s", precision, out[precision])
     out["member_ips_batch8"] = ips
     # judged against ONNX Runtime float32 (what the other CPU runtime serves), not OpenVINO's own f32
-    out["mix"] = fastest_passing_mix(ens, probs["bf16"], probs["f32"], y, ips, reference=p_fp32)
+    has_bf16 = bf16_kernels() is not None
+    out["mix"] = fastest_passing_mix(
+        ens, probs["bf16"], probs["f32"], y, ips, reference=p_fp32, bf16_instructions=has_bf16
+    )
     log.info("OpenVINO per-member precisions: %s", out["mix"])
     return out
 
