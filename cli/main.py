@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,7 +78,7 @@ def _invalid_settings(exc: Any) -> None:
     raise typer.Exit(code=2)
 
 
-WORKER_SETTINGS = "workers.settings:get_worker_settings"
+API_SETTINGS, WORKER_SETTINGS = "services.config:get_api_settings", "workers.settings:get_worker_settings"
 
 
 def _check_part_settings(target: str) -> None:
@@ -104,7 +103,7 @@ def _finish(result: Any) -> None:
 def demo() -> None:
     """Score the bundled sample patients through the real pipeline (embedded: no servers needed)."""
     # the demo runs the API and a worker: their settings too, in one line each, before either starts
-    _check_part_settings("services.config:get_api_settings")
+    _check_part_settings(API_SETTINGS)
     _check_part_settings(WORKER_SETTINGS)
     _finish(_load("services.demo:run_demo")())
 
@@ -214,7 +213,7 @@ def serve(
 
     from core.settings import get_settings
 
-    _check_part_settings("services.config:get_api_settings")
+    _check_part_settings(API_SETTINGS)
     _warn_about_settings("drscreen serve")
     _refuse_other_schema("drscreen serve")
     _refuse_pending_replay("drscreen serve")
@@ -985,19 +984,11 @@ def data_audit(
 
 
 def _check_out_file(out: Path, command: str) -> None:
-    """An ``--out`` file that can be written: its missing folders made, one line (exit 2) when it is
-    a folder or cannot be created (the README review: tracebacks), before the command reads anything."""
-    problem = None
-    if out.is_dir():
-        problem = "it is a folder"
-    else:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            problem = exc.strerror or str(exc)
-        else:
-            if not os.access(out if out.exists() else out.parent, os.W_OK):
-                problem = "permission denied"
+    """One line (exit 2) when ``out`` cannot be written (core.store.outputs_problem; its missing
+    folders are made), before the command reads anything (the README review: tracebacks)."""
+    from core.store import outputs_problem
+
+    problem = outputs_problem([out])
     if problem is not None:
         typer.echo(f"{command}: cannot write {out}: {problem}", err=True)
         raise typer.Exit(2)

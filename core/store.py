@@ -11,6 +11,7 @@ import hashlib
 import os
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,3 +151,23 @@ class FileStore:
 def get_store() -> FileStore:
     """The store at ``DRSCREEN_STORE_DIR``."""
     return FileStore(get_settings().store_path)
+
+
+def outputs_problem(files: Sequence[Path], folders: Sequence[Path] = ()) -> str | None:
+    """Why a command's output ``files`` (and files in ``folders``) could not be written, None when
+    they can: checked before the command's work, so it does not fail after it. Missing folders are
+    made now, as the writers would; then a file must be creatable in each (a probe: permission bits
+    say nothing for root or /proc), and no output file may be a folder or read-only."""
+    for file in files:
+        if file.is_dir():
+            return f"{file} is a folder"
+        if file.exists() and not os.access(file, os.W_OK):
+            return f"{file} is read-only"
+    for folder in dict.fromkeys([file.parent for file in files] + list(folders)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".drscreen-check-"):
+                pass  # removed on closing
+        except OSError as exc:
+            return f"no file can be made in {folder} ({exc.strerror or exc})"
+    return None

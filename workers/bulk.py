@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import sys
 import tempfile
 from collections import Counter
@@ -37,7 +36,7 @@ from core import repository as repo
 from core.csvcells import csv_cell as _cell
 from core.db import dispose_engines, get_engine, session_scope
 from core.settings import get_settings
-from core.store import FileStore
+from core.store import FileStore, outputs_problem
 from core.tables import Image, metadata
 from ml.imageio import ImageDecodeError, decode_scaled
 from ml.quality import DECODE_MIN_SIDE
@@ -393,26 +392,11 @@ def _show(grade: int | None) -> str:
 
 
 def _output_problem(out: Path | None, submission: bool, heatmap_dir: Path | None) -> str | None:
-    """Why the results could not be written (None: they can). Missing folders are made now, as
-    the writers always did; then a file must be creatable in each (a probe: permission bits say
-    nothing for root or /proc) and no output file may be a folder or read-only."""
+    """Why the results could not be written (None: they can; core.store.outputs_problem)."""
     files: list[Path] = []
     if out is not None:
         files = [out] if submission or out.suffix.lower() == ".json" else [out, _patients_csv(out)]
-    for file in files:
-        if file.is_dir():
-            return f"{file} is a folder"
-        if file.exists() and not os.access(file, os.W_OK):
-            return f"{file} is read-only"
-    folders_needed = [file.parent for file in files] + ([heatmap_dir] if heatmap_dir else [])
-    for folder in dict.fromkeys(folders_needed):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".drscreen-check-"):
-                pass  # removed on closing
-        except OSError as exc:
-            return f"no file can be made in {folder} ({exc.strerror or exc})"
-    return None
+    return outputs_problem(files, [heatmap_dir] if heatmap_dir else [])
 
 
 def score_path(

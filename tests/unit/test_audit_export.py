@@ -86,7 +86,7 @@ def test_the_period_and_the_output_file(client: TestClient, url: str, tmp_path: 
     done = runner.invoke(app, ["data", "audit", "--clinic", "North", "--out", str(deeper)])
     assert done.exit_code == 0 and len(list(csv.DictReader(deeper.open()))) == 2
     refused = runner.invoke(app, ["data", "audit", "--clinic", "North", "--out", str(tmp_path)])
-    assert refused.exit_code == 2 and f"cannot write {tmp_path}: it is a folder" in refused.output
+    assert refused.exit_code == 2 and f"cannot write {tmp_path}: {tmp_path} is a folder" in refused.output
     assert refused.exception is None or isinstance(refused.exception, SystemExit)
 
 
