@@ -168,28 +168,35 @@ def load_image(session: Session, principal: PrincipalDep, image_id: str) -> Imag
     return image
 
 
-def _wait_until_finished(session: Session, image_id: str, seconds: float, poll: float) -> Image | None:
-    """Re-read the row until it is done or failed, or ``seconds`` pass (None then, also when the
-    database stops answering: the photograph is already saved and queued, so the caller answers
-    202 rather than an error that a client would retry with a second upload)."""
+def _wait_until_finished(
+    session: Session, image_id: str, seconds: float, poll: float
+) -> tuple[Image | None, str | None]:
+    """Re-read the row until it is done or failed, or ``seconds`` pass. Returns the finished row,
+    or None and the status last read (after a timeout: "processing" rather than the "queued" of
+    before the wait), or None twice when the database stops answering (the photograph is already
+    saved and queued, so the caller answers 202 rather than an error that a client would retry
+    with a second upload)."""
     deadline = time.monotonic() + seconds
     try:
         while True:
             session.expire_all()
             image = session.get(Image, image_id)
-            if image is not None and image.status in ("done", "failed"):
-                return image
+            if image is None:
+                return None, None
+            if image.status in ("done", "failed"):
+                return image, image.status
+            status = image.status
             # End the read transaction: the next poll sees what the worker committed since, and
             # the pooled connection goes back while this request sleeps (dozens of waiting
             # requests held one each and exhausted the pool).
             session.commit()
             if time.monotonic() >= deadline:
-                return None
+                return None, status
             time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
     except (sa_exc.OperationalError, sa_exc.TimeoutError):
         log.warning("stopped waiting for image %s: the database did not answer", image_id)
         session.rollback()
-        return None
+        return None, None
 
 
 @router.post(
@@ -266,15 +273,17 @@ def create_image(
     if wait:
         slots: WaitSlots = request.app.state.wait_slots
         with slots.slot(principal.api_key_id) as may_wait:
-            finished = (
+            finished, status = (
                 _wait_until_finished(
                     session, image.id, min(wait, api.max_wait_seconds), api.wait_poll_seconds
                 )
                 if may_wait
-                else None  # every slot taken: answer at once, the client polls (services/waits.py)
+                else (None, None)  # every slot taken: answer at once, the client polls (services/waits.py)
             )
         if finished is not None:
             return JSONResponse(image_result(session, finished).model_dump(mode="json"), status_code=200)
+        if status is not None:
+            accepted = Accepted(id=image.id, status=status)
     return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
 
 

@@ -647,6 +647,33 @@ def test_waiting_requests_hand_their_database_connection_back_while_they_sleep(
     assert held and set(held) == {0}
 
 
+def test_a_wait_that_times_out_answers_the_status_it_last_read(
+    client: TestClient, key: Key, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 28's leftover: a timed-out ``?wait`` answered the status of before the wait
+    ("queued") while a worker had the photograph in hand."""
+    import services.routes.images as images_route
+
+    real_sleep = images_route.time.sleep
+
+    def sleep(seconds: float) -> None:  # a worker claims the photograph while the request waits
+        with session_scope(url) as s:
+            for image in s.scalars(select(Image)):
+                image.status = "running"
+        real_sleep(seconds)
+
+    monkeypatch.setattr(images_route.time, "sleep", sleep)
+    resp = client.post(
+        "/v1/images?wait=0.3",
+        headers=key.headers,
+        data={"patient_id": "w-4", "eye": "left"},
+        files={"file": ("x.jpg", sample_bytes("16", "left"))},
+    )
+    assert resp.status_code == 202 and resp.json()["status"] == "running"
+    image_id = resp.json()["id"]
+    assert client.get(f"/v1/images/{image_id}", headers=key.headers).json()["status"] == "running"
+
+
 def test_waiting_requests_are_capped_per_key_and_in_all() -> None:
     from services.waits import WaitSlots
 
