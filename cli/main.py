@@ -253,6 +253,10 @@ def _metrics_shared_by(workers: int) -> Iterator[None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+#: image.claimed_by and worker_heartbeat.node hold a Celery node name (String(255)).
+NODE_NAME_MAX = 255
+
+
 @app.command()
 def worker(
     concurrency: int = typer.Option(1, "--concurrency", "-c", help="Worker processes."),
@@ -272,6 +276,9 @@ def worker(
     from core.settings import get_settings
 
     settings = get_settings()
+    if hostname and len(hostname) > NODE_NAME_MAX:  # claims and heartbeats store it: PostgreSQL refused
+        typer.echo(f"drscreen worker: --hostname is longer than {NODE_NAME_MAX} characters", err=True)
+        raise typer.Exit(2)
     # before the app's import: workers.app reads the worker settings as it is imported (a bad value
     # was pydantic's traceback)
     _check_part_settings(WORKER_SETTINGS)
@@ -762,8 +769,8 @@ def keys_create(
         )
 
 
-#: The largest key id a database holds (a signed 64-bit integer).
-_MAX_KEY_ID = 2**63 - 1
+#: The largest key id a database holds (api_key.id is a signed 32-bit integer on PostgreSQL).
+_MAX_KEY_ID = 2**31 - 1
 
 
 @keys_app.command("revoke")
@@ -811,7 +818,7 @@ def _revoke_count(key: str, *, record: bool) -> int:
         if key.startswith(repo.API_KEY_PREFIX) and len(key) > 12:
             found = repo.authenticate_api_key(session, key, touch=False)
             return repo.revoke_api_key(session, found.id, record=record) if found else 0
-        if key.isdigit() and not (key.isascii() and len(key) <= 19 and int(key) <= _MAX_KEY_ID):
+        if key.isdigit() and not (key.isascii() and len(key) <= 10 and int(key) <= _MAX_KEY_ID):
             return 0  # no such id (the database driver's OverflowError, or int("²"), was a traceback)
         return int(repo.revoke_api_key(session, key, record=record))
 

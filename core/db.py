@@ -55,6 +55,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    if parsed.get_backend_name() == "postgresql" and "options" not in parsed.query:
+        # Timestamps come back in the session's time zone, which a server takes from its host at
+        # initdb: pages that print them under "(UTC)" showed New York time. Every reader gets UTC.
+        kwargs.setdefault("connect_args", {}).setdefault("options", "-c TimeZone=UTC")
     return create_engine(url, **kwargs)
 
 

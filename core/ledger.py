@@ -168,8 +168,15 @@ def store_problem(session: Session, store_dir: Path, *, may_make_key: bool = Tru
 
 
 def _key_existed(session: Session) -> bool:
-    """Whether an erasure was recorded with a deployment key (its audit row names the key)."""
-    details = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == ERASE_ACTION).limit(50))
+    """Whether an erasure was recorded with a deployment key (its audit row names the key). The
+    newest erasures are read: once a key exists every erasure names it, and erasures from before
+    keys (any 50 of them, unordered) hid a keyed one behind them."""
+    details = session.scalars(
+        select(AuditEvent.detail)
+        .where(AuditEvent.action == ERASE_ACTION)
+        .order_by(AuditEvent.id.desc())
+        .limit(50)
+    )
     return any(isinstance(d, dict) and d.get(KEY_ID_FIELD) for d in details)
 
 

@@ -62,10 +62,16 @@ def _insert(session: Session, table: Any) -> Any:
 # --------------------------------------------------------------------------------- clinics, keys
 
 
+#: Column widths (core.tables) that PostgreSQL enforces and SQLite does not.
+CLINIC_NAME_MAX = KEY_LABEL_MAX = 200
+
+
 def get_or_create_clinic(session: Session, name: str) -> Clinic:
     name = name.strip()
     if not name:
         raise InvalidInput("clinic name is empty")
+    if len(name) > CLINIC_NAME_MAX:  # PostgreSQL refuses it with a traceback; SQLite stored it
+        raise InvalidInput(f"clinic name is longer than {CLINIC_NAME_MAX} characters")
     stmt = _insert(session, Clinic).values(name=name, created_at=utcnow())
     session.execute(stmt.on_conflict_do_nothing(index_elements=["name"]))
     clinic = session.scalars(select(Clinic).where(Clinic.name == name)).one()
@@ -89,6 +95,8 @@ def hash_api_key(key: str) -> str:
 
 def create_api_key(session: Session, clinic: Clinic, label: str | None = None) -> tuple[ApiKey, str]:
     """Create a key for ``clinic``. Returns the row and the plaintext key (shown once, never stored)."""
+    if label is not None and len(label) > KEY_LABEL_MAX:
+        raise InvalidInput(f"key label is longer than {KEY_LABEL_MAX} characters")
     plaintext = API_KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(clinic_id=clinic.id, prefix=plaintext[:12], key_hash=hash_api_key(plaintext), label=label)
     session.add(row)

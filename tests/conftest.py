@@ -58,9 +58,9 @@ def _psycopg_url(url: str) -> str:
 
 
 @contextlib.contextmanager
-def fresh_pg_database(prefix: str = "drscreen_test") -> Iterator[str]:
-    """A new PostgreSQL database migrated to head, dropped on exit. Fails loudly when PostgreSQL
-    is down (CI must not skip what it cannot reach)."""
+def fresh_pg_database(prefix: str = "drscreen_test", *, migrated: bool = True) -> Iterator[str]:
+    """A new PostgreSQL database migrated to head (empty with ``migrated=False``), dropped on exit.
+    Fails loudly when PostgreSQL is down (CI must not skip what it cannot reach)."""
     import psycopg
 
     from core.migrate import upgrade
@@ -75,7 +75,8 @@ def fresh_pg_database(prefix: str = "drscreen_test") -> Iterator[str]:
     base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
     url = f"{base}/{name}"
     try:
-        upgrade(url)
+        if migrated:
+            upgrade(url)
         yield url
     finally:
         from core.db import dispose_engines

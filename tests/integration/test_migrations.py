@@ -202,3 +202,99 @@ def test_image_sample_key_drawn_for_existing_photographs_on_sqlite(tmp_path: Pat
 def test_image_sample_key_drawn_for_existing_photographs_on_postgresql() -> None:
     with fresh_pg_database() as url:
         _keys_drawn_and_kept(url)
+
+
+_AT = "2026-11-24 10:00:00+00:00"
+
+#: Rows of the initial schema, one of each kind that points at another (a folder job's item at its
+#: photograph, a photograph at its job, bundle and patient, a prediction and a heatmap at it, ...).
+_INITIAL_ROWS = [
+    "INSERT INTO clinic (id, name, created_at) VALUES (1, 'North', :t)",
+    "INSERT INTO api_key (id, clinic_id, prefix, key_hash, created_at) VALUES (1, 1, 'pfx', 'h1', :t)",
+    "INSERT INTO patient (id, clinic_id, external_id, created_at) VALUES (1, 1, 'P16', :t)",
+    "INSERT INTO model_version (id, ref, card, created_at) VALUES (1, 'ens@1.0', '{}', :t)",
+    "INSERT INTO scoring_job (id, clinic_id, folder, status, total, done, failed, created_at, updated_at)"
+    " VALUES ('j1', 1, '/x', 'done', 1, 1, 0, :t, :t)",
+    "INSERT INTO bundle (id, clinic_id, patient_id, status, created_at, updated_at)"
+    " VALUES ('b1', 1, 1, 'done', :t, :t)",
+    "INSERT INTO image (id, clinic_id, patient_id, eye, bundle_id, job_id, sha256, stored_path, size_bytes,"
+    " status, attempts, created_at, updated_at, quality, gradable)"
+    " VALUES ('i1', 1, 1, 'left', 'b1', 'j1', 's', 'p', 10, 'done', 1, :t, :t, '{}', true)",
+    "INSERT INTO prediction (image_id, model_version_id, grade, probabilities, referable, gradable,"
+    " created_at) VALUES ('i1', 1, 2, '[0.1, 0.9]', true, true, :t)",
+    "INSERT INTO explanation (image_id, model_version_id, sha256, stored_path, created_at)"
+    " VALUES ('i1', 1, 's', 'e', :t)",
+    "INSERT INTO scoring_job_item (job_id, path, image_id, status, created_at, updated_at)"
+    " VALUES ('j1', '/x/a.jpg', 'i1', 'done', :t, :t)",
+    "INSERT INTO patient_result (id, patient_id, model_version_id, grade, gradable, referable, is_current,"
+    " computed_at) VALUES (1, 1, 1, 2, true, true, true, :t)",
+    "INSERT INTO eye_result (patient_result_id, patient_id, eye, grade, gradable, referable, image_ids,"
+    " is_current, computed_at) VALUES (1, 1, 'left', 2, true, true, '[\"i1\"]', true, :t)",
+]
+
+_COUNTS = {
+    "prediction": "SELECT count(*) FROM prediction",
+    "explanation": "SELECT count(*) FROM explanation",
+    "job items": "SELECT count(*) FROM scoring_job_item",
+    "items' photographs": "SELECT count(image_id) FROM scoring_job_item",
+    "photographs' jobs": "SELECT count(job_id) FROM image",
+    "photographs' bundles": "SELECT count(bundle_id) FROM image",
+    "eye results": "SELECT count(*) FROM eye_result",
+}
+
+
+def _every_revision_up_and_down_keeps_the_rows(url: str) -> None:
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    config = migrate.alembic_config(url)
+    revisions = [r.revision for r in reversed(list(ScriptDirectory.from_config(config).walk_revisions()))]
+    command.upgrade(config, revisions[0])
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for statement in _INITIAL_ROWS:
+                conn.execute(text(statement), {"t": _AT})
+
+        def counts() -> dict[str, int]:
+            with engine.connect() as conn:
+                return {name: int(conn.execute(text(q)).scalar_one()) for name, q in _COUNTS.items()}
+
+        assert set(counts().values()) == {1}
+        for revision in revisions[1:]:
+            command.upgrade(config, revision)
+            assert counts() == dict.fromkeys(_COUNTS, 1), f"upgrade to {revision}"
+        for revision in reversed(revisions[:-1]):
+            command.downgrade(config, revision)
+            assert counts() == dict.fromkeys(_COUNTS, 1), f"downgrade to {revision}"
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_migrations_up_and_down_keep_every_row(tmp_path: Path) -> None:
+    """The migration review (session 29): on SQLite a table rebuilt by a migration was dropped with
+    foreign keys on, and the DROP cascaded: upgrading a database of the initial schema deleted every
+    folder job's items, downgrading deleted predictions and heatmaps, and one downgrade failed."""
+    _every_revision_up_and_down_keeps_the_rows(f"sqlite:///{tmp_path / 'steps.db'}")
+
+
+def test_postgresql_migrations_up_and_down_keep_every_row() -> None:
+    with fresh_pg_database(migrated=False) as url:
+        _every_revision_up_and_down_keeps_the_rows(url)
+
+
+def test_two_upgrades_at_once_on_postgresql_take_turns() -> None:
+    """Two ``drscreen db upgrade`` at once (two containers starting): the second failed with a
+    duplicate catalogue entry and a traceback; now it waits for the first and finds nothing to do."""
+    drscreen = Path(sys.executable).with_name("drscreen")
+    with fresh_pg_database(migrated=False) as url:
+        env = {**os.environ, "DRSCREEN_DATABASE_URL": url}
+        runs = [
+            subprocess.Popen(
+                [drscreen, "db", "upgrade"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            for _ in range(2)
+        ]
+        outcomes = [(run.wait(timeout=180), run.stderr.read().decode() if run.stderr else "") for run in runs]
+        assert [rc for rc, _ in outcomes] == [0, 0], outcomes
+        assert migrate.current_revision(url) == migrate.head_revision()

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from core import repository as repo
 from core.aggregation import argmax_grade
 from core.db import get_sessionmaker, session_scope
-from core.tables import Clinic
+from core.tables import Clinic, ScoringJob
 
 
 @pytest.fixture
@@ -159,3 +159,65 @@ def test_ensure_patient_says_whether_it_created_the_row(pg_url: str) -> None:
         assert repo.ensure_patient(s, clinic, "P-9")[1]
     with session_scope(pg_url) as s:
         assert not repo.ensure_patient(s, clinic, "P-9")[1]
+
+
+def test_timestamps_read_back_in_utc_whatever_the_servers_time_zone() -> None:
+    """The migration review (session 29): a server whose time zone is not UTC (Debian's initdb takes
+    the host's) returned every timestamp in it, and the web pages printed New York time under
+    "(UTC)". Every connection now asks for UTC."""
+    from datetime import UTC, datetime, timedelta
+
+    import psycopg
+
+    from core.db import dispose_engines, make_engine
+    from tests.conftest import PG_ADMIN_URL, _psycopg_url, fresh_pg_database
+
+    with fresh_pg_database() as url:
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(_psycopg_url(PG_ADMIN_URL), autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE \"{name}\" SET timezone TO 'America/New_York'")
+        dispose_engines()
+        noon = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+        with session_scope(url) as s:
+            clinic = repo.get_or_create_clinic(s, "Zone clinic")
+            job = repo.create_job(s, clinic.id, "/import/x")
+            job.created_at = noon
+            job_id = job.id
+        engine = make_engine(url)
+        try:
+            with Session(engine) as s:
+                read = s.get(ScoringJob, job_id)
+                assert read is not None
+                assert read.created_at.utcoffset() == timedelta(0) and read.created_at.hour == 12
+        finally:
+            engine.dispose()
+
+
+def test_keys_and_worker_refuse_what_postgresql_cannot_hold_in_one_line(pg_url: str) -> None:
+    """The migration review (session 29): a clinic name or key label over 200 characters and a key
+    id over int4 were tracebacks on PostgreSQL (SQLite took them); a worker node name over 255 could
+    never claim a photograph."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    drscreen = Path(sys.executable).with_name("drscreen")
+    env = {**os.environ, "DRSCREEN_DATABASE_URL": pg_url}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([drscreen, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    for args, rc, message in [
+        (("keys", "create", "--clinic", "C" * 201), 2, "clinic name is longer than 200 characters"),
+        (("keys", "create", "--clinic", "North", "--label", "L" * 201), 2, "key label is longer than 200"),
+        (("keys", "revoke", "99999999999"), 1, "no active key matched"),
+        (("worker", "--hostname", "celery@" + "h" * 250), 2, "--hostname is longer than 255 characters"),
+    ]:
+        result = run(*args)
+        assert result.returncode == rc and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, (
+            result.stderr
+        )
+    with session_scope(pg_url) as s:
+        assert repo.get_clinic_by_name(s, "C" * 201) is None

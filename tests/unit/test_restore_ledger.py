@@ -679,3 +679,17 @@ def test_a_revocation_into_a_folder_without_a_key_is_not_recorded_there(url: str
     get_settings.cache_clear()
     assert revoked.exit_code == 0 and "WARNING: not recorded in the restore ledger" in revoked.output
     assert list(stray.iterdir()) == [] and _revoked_at(url, key.key_id) is not None
+
+
+def test_a_keyed_erasure_is_seen_behind_older_erasures_without_a_key(url: str) -> None:
+    """The migration review (session 29): 50 unordered erasure rows were read, so 60 erasures from
+    before deployment keys hid a keyed one, and a lost key would have been replaced silently."""
+    with session_scope(url) as s:
+        s.add_all(
+            AuditEvent(action=ledger.ERASE_ACTION, detail={"patient_sha256": f"{i:064x}"}) for i in range(60)
+        )
+    with session_scope(url) as s:
+        assert not ledger._key_existed(s)
+        s.add(AuditEvent(action=ledger.ERASE_ACTION, detail={ledger.KEY_ID_FIELD: "k1"}))
+        s.flush()
+        assert ledger._key_existed(s)
