@@ -11,6 +11,10 @@
   still referable (the ungradable eye must be seen).
 - An eye with no photograph at all has no gradable image either: it is reported, ungradable, and
   the patient is referable (an eye not photographed is an eye not screened).
+- An eye is also referable when one of its gradable photographs is referable on its own, whatever
+  the pooled grade: the fields of one eye show different parts of the retina, and a lesion seen in
+  one field was averaged away by a clean second field ("No referral" beside a grade-2 photograph).
+  The eye's grade stays the contract's pooled one.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class ImageScore:
     gradable: bool
     probabilities: Sequence[float] | None = None
     members: Mapping[str, Sequence[float]] | None = None  # each member's probabilities, by ref
+    grade: int | None = None  # the photograph's own grade (the ensemble's rule), when known
 
 
 @dataclass(frozen=True)
@@ -104,11 +109,12 @@ def aggregate_eye(
         grade = int(eye_grade_fn(probs, pooled_members(usable)))
     else:
         grade = int(grade_fn(probs))
+    one_referable = any(im.grade is not None and im.grade >= REFERABLE_GRADE for im in usable)
     return EyeAggregate(
         eye=eye,
         grade=grade,
         gradable=grade is not None,
-        referable=is_referable(grade),
+        referable=is_referable(grade) or one_referable,
         probabilities=probs,
         image_ids=[im.image_id for im in images],
     )
@@ -132,11 +138,11 @@ def aggregate_patient(
     eye_results = {eye: aggregate_eye(eye, by_eye[eye], grade_fn, eye_grade_fn) for eye in eyes}
     graded = [e.grade for e in eye_results.values() if e.grade is not None]
     grade = max(graded) if graded else None
-    any_ungradable_eye = any(not e.gradable for e in eye_results.values())
     return PatientAggregate(
         grade=grade,
         gradable=grade is not None,
-        referable=is_referable(grade) or any_ungradable_eye,
+        # an ungradable eye is referable too (its grade None), and so is an eye with one referable photograph
+        referable=is_referable(grade) or any(e.referable for e in eye_results.values()),
         eyes=eye_results,
     )
 

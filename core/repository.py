@@ -751,6 +751,7 @@ def recompute_patient(
                 gradable=usable,
                 probabilities=pred.probabilities if (usable and pred is not None) else None,
                 members=pred.members if (usable and pred is not None) else None,
+                grade=pred.grade if (usable and pred is not None) else None,
             )
         )
     aggregate = aggregate_patient(scores, grade_fn, eye_grade_fn=eye_grade_fn)

@@ -163,7 +163,9 @@ class PatientSummary(BaseModel):
     referral_reasons: list[str] = Field(
         default_factory=list,
         description="why the patient is referable, one code per cause: `<eye>_eye_referable_dr` "
-        "(that eye's grade >= 2), `<eye>_eye_ungradable`, `<eye>_eye_not_photographed`, "
+        "(that eye's grade >= 2), `<eye>_eye_photograph_referable` (the eye's pooled grade is below 2 "
+        "but one of its photographs alone is graded >= 2), `<eye>_eye_ungradable`, "
+        "`<eye>_eye_not_photographed`, "
         "`<eye>_eye_pending` (a photograph of that eye is still being scored), or "
         "`not_graded_yet` (no result of the latest visit yet; with the pending eyes); "
         "empty when not referable",

@@ -179,13 +179,15 @@ def patient_referable_metrics(
     gradable: Sequence[bool] | None = None,
 ) -> dict[str, float]:
     """Referable figures per patient, as the service decides: an eye graded from its gradable
-    photographs pooled (``combine.eye_grade``), an eye with none referred, the patient referable
-    when either eye is; the score is the worse eye's referable probability (1 for an eye with no
+    photographs pooled (``combine.eye_grade``) and referred also when one of them alone is
+    referable, an eye with none referred, the patient referable when either eye is; the score is
+    the worse eye's referable probability, pooled or of its worst photograph (1 for an eye with no
     gradable photograph). ``member_probs`` (M, N, 5) for N photographs; ``gradable`` what the
     quality gate let through (default all). The image-level operating point does not carry over:
     a patient has two chances to be referred."""
     probs = np.asarray(member_probs, dtype=np.float64)
-    combined = combine(rule, probs)[0]
+    combined, _, photo_grades = combine(rule, probs)
+    photo_scores = combined[:, REFERABLE_GRADE:].sum(axis=1)
     y = np.asarray(y_true)
     by_eye: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, (pid, eye) in enumerate(zip(patient_ids, eyes, strict=True)):
@@ -199,8 +201,12 @@ def patient_referable_metrics(
         if not usable:  # ungradable eye: referred (the contract's rule)
             called[pid], score[pid] = NUM_GRADES - 1, 1.0
             continue
-        called[pid] = max(called[pid], eye_grade(rule, probs[:, usable, :]))
-        score[pid] = max(score[pid], float(combined[usable].mean(axis=0)[REFERABLE_GRADE:].sum()))
+        eye_called = eye_grade(rule, probs[:, usable, :])
+        if int(photo_grades[usable].max()) >= REFERABLE_GRADE:  # one field's lesion refers the eye
+            eye_called = max(eye_called, REFERABLE_GRADE)
+        called[pid] = max(called[pid], eye_called)
+        pooled = float(combined[usable].mean(axis=0)[REFERABLE_GRADE:].sum())
+        score[pid] = max(score[pid], pooled, float(photo_scores[usable].max()))
     pids = sorted(truth)
     out: dict[str, float] = {"n_patients": len(pids)}
     out.update(

@@ -11,6 +11,7 @@ only when every step has passed: a failed export leaves the previous release as 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -34,6 +35,52 @@ def check_name_version(name: str, version: str) -> None:
         raise ReleaseError(f"release name {name!r}: lower-case letters, digits, '.', '_', '-' (not '..')")
     if not VERSION.fullmatch(version):
         raise ReleaseError(f"release version {version!r}: MAJOR.MINOR.PATCH, e.g. 1.7.0")
+
+
+#: Each release folder's checksums of the files that decide its grades, in ``sha256sum`` format
+#: (``sha256sum -c SHA256SUMS`` checks a copy by hand). The metadata's weights sha256 covered the
+#: weights only: an edited config.json (preprocessing, head) or manifest (cut points, weights)
+#: changed every grade under the same version, silently (the release review, session 29).
+SUMS_FILE: Final = "SHA256SUMS"
+SUMMED: Final = ("config.json", "model.safetensors", "metadata.json", "manifest.json")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_sums(folder: Path) -> None:
+    """Record the checksums of ``folder``'s files that decide its grades (:data:`SUMMED`)."""
+    lines = [f"{sha256_file(folder / name)}  {name}\n" for name in SUMMED if (folder / name).is_file()]
+    (folder / SUMS_FILE).write_text("".join(lines))
+
+
+def checked_sums(folder: Path) -> dict[str, str]:
+    """The files of ``folder`` its SHA256SUMS lists, by name, with their sha256 as checked; raises
+    ValueError for a file that differs or is gone. ``{}`` for a release exported before the file
+    existed (its weights are still checked against the metadata)."""
+    path = folder / SUMS_FILE
+    if not path.is_file():
+        return {}
+    recorded = {}
+    for line in path.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if name not in SUMMED or len(digest) != 64:
+            raise ValueError(f"{path}: unreadable line {line[:80]!r}")
+        recorded[name] = digest
+    for name, digest in recorded.items():
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder / name} is missing (listed in {SUMS_FILE})")
+        if sha256_file(folder / name) != digest:
+            raise ValueError(
+                f"{folder / name} was changed after the release was exported (its sha256 differs "
+                f"from {SUMS_FILE}): restore the release folder as shipped, or export a new version"
+            )
+    return recorded
 
 
 #: The releases that ship with the product (the repository's models/ folder).
@@ -88,6 +135,7 @@ def publishing(models_dir: Path, kind: str, name: str, version: str, force: bool
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    write_sums(staging)
     dst.parent.mkdir(parents=True, exist_ok=True)
     replaced = None
     if dst.exists() and not force:  # another export of this version finished meanwhile

@@ -10,7 +10,6 @@ An ensemble release is ``models/ensembles/<name>/<version>/manifest.json`` namin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.preprocess import PreprocessConfig
-from ml.publish import is_candidate
+from ml.publish import checked_sums, is_candidate, sha256_file
 
 if TYPE_CHECKING:
     from ml.models import GradingNet
@@ -38,14 +37,6 @@ def default_models_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def library_versions() -> dict[str, str]:
     import numpy
     import timm
@@ -61,7 +52,7 @@ def library_versions() -> dict[str, str]:
 
 def split_ref(ref: str) -> tuple[str, str]:
     name, sep, version = ref.partition("@")
-    if not sep or not name or not version:
+    if not sep or not name or not version or "@" in version or ref != ref.strip():
         raise ValueError(f"expected NAME@VERSION, got {ref!r}")
     return name, version
 
@@ -111,13 +102,17 @@ def save_checkpoint(
 
 def read_release(folder: Path) -> tuple[PreprocessConfig, dict[str, Any]]:
     """A release folder's preprocessing and config (with its metadata under "metadata"), after
-    checking the weights against the sha256 the metadata records; needs no torch."""
+    checking its files against its SHA256SUMS and the weights against the sha256 the metadata
+    records; needs no torch."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no member release at {folder} (its config.json is missing)")
+    sums = checked_sums(folder)
     config = json.loads((folder / "config.json").read_text())
     meta_path = folder / "metadata.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     weights = folder / "model.safetensors"
     expected = meta.get("weights_sha256")
-    if expected and sha256_file(weights) != expected:
+    if expected and (sums.get(weights.name) or sha256_file(weights)) != expected:
         raise ValueError(f"{weights} does not match the sha256 recorded in its metadata")
     return PreprocessConfig.from_dict(config["preprocess"]), {**config, "metadata": meta}
 
@@ -167,7 +162,13 @@ def newest_ensemble(models_dir: Path | None = None) -> str:
 
 
 def read_manifest(ref: str, models_dir: Path | None = None) -> dict[str, Any]:
-    manifest: dict[str, Any] = json.loads((ensemble_dir(ref, models_dir) / "manifest.json").read_text())
+    """An ensemble's manifest, checked against its SHA256SUMS (cut points and weights are in it)."""
+    folder = ensemble_dir(ref, models_dir)
+    if not (folder / "manifest.json").is_file():
+        known = ", ".join(list_ensembles(models_dir)) or "none"
+        raise FileNotFoundError(f"no ensemble release {ref} under {folder.parent.parent} (there: {known})")
+    checked_sums(folder)
+    manifest: dict[str, Any] = json.loads((folder / "manifest.json").read_text())
     return manifest
 
 

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from core import grader
 from core import repository as repo
+from core.aggregation import REFERABLE_GRADE
 from core.schemas import Eye, EyeSummary, ImageResult, PatientHistoryEntry, PatientSummary
 from core.settings import get_settings
 from core.tables import EYES, Image, Patient, PatientResult
@@ -213,6 +214,8 @@ def referral_reasons(summary: PatientSummary, pending: Collection[str] = ()) -> 
             reasons.append(f"{name}_eye_not_photographed")
         elif not eye.gradable:
             reasons.append(f"{name}_eye_ungradable")
+        elif eye.referable and eye.grade is not None and eye.grade < REFERABLE_GRADE:
+            reasons.append(f"{name}_eye_photograph_referable")  # one field's lesion (core.aggregation)
         elif eye.referable:
             reasons.append(f"{name}_eye_referable_dr")
     return reasons

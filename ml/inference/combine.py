@@ -40,6 +40,42 @@ class CombineRule:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def _cuts_problem(cuts: Any, what: str) -> str | None:
+    if not isinstance(cuts, list) or len(cuts) != NUM_GRADES - 1:
+        return f"{what} must be {NUM_GRADES - 1} numbers"
+    if not all(isinstance(c, int | float) and np.isfinite(c) for c in cuts):
+        return f"{what} must be finite numbers"
+    if list(cuts) != sorted(cuts):
+        return f"{what} must not decrease"
+    return None
+
+
+def rule_problem(rule: CombineRule, n_members: int) -> str | None:
+    """Why a manifest's combination cannot grade ``n_members`` members' outputs, or None. Checked
+    when a release is loaded: two weights for three members, or a rule of another name, loaded and
+    then failed every photograph at scoring; weights of 0 graded every photograph 4 from NaN; cut
+    points out of order were sorted silently (the release review, session 29)."""
+    if rule.rule not in RULES:
+        return f"unknown rule {rule.rule!r} (one of {', '.join(RULES)})"
+    weights = rule.weights
+    if weights and (len(weights) != n_members or not all(isinstance(w, int | float) for w in weights)):
+        return f"{len(weights)} weights for {n_members} members"
+    if weights and (not all(np.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0):
+        return "weights must be finite, not negative, and not all 0"
+    problem = _cuts_problem(rule.thresholds, "thresholds")
+    if problem is None and rule.member_thresholds:
+        if len(rule.member_thresholds) != n_members:
+            return f"{len(rule.member_thresholds)} member thresholds for {n_members} members"
+        problem = next(
+            (p for c in rule.member_thresholds if (p := _cuts_problem(c, "member thresholds"))), None
+        )
+    if problem is None and rule.rule == "stacking":
+        coef, intercept = np.asarray(rule.stacking_coef or []), np.asarray(rule.stacking_intercept or [])
+        if coef.shape != (NUM_GRADES, NUM_GRADES * n_members) or intercept.shape != (NUM_GRADES,):
+            return f"stacking coefficients of shape {coef.shape} for {n_members} members"
+    return problem
+
+
 def cut(scores: np.ndarray, thresholds: list[float]) -> np.ndarray:
     return np.searchsorted(np.asarray(sorted(thresholds)), scores, side="right").astype(int)
 

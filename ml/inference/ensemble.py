@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml.inference.cam import regression_cam, regression_weight, to_photo_frame
-from ml.inference.combine import CombineRule, combine, grade_from_probabilities, grade_pooled
+from ml.inference.combine import CombineRule, combine, grade_from_probabilities, grade_pooled, rule_problem
 from ml.inference.onnx_runtime import FEATURES, PROBABILITIES, OnnxMembers, int8_available
 from ml.preprocess import PreprocessConfig, prepare_pixels, to_input
 from ml.release import ensemble_dir, member_dir, newest_ensemble, read_manifest, read_release
@@ -304,12 +304,28 @@ def check_release(ref: str | None = None, models_dir: Path | None = None) -> str
     Raises OSError or ValueError saying what is missing or wrong."""
     ref = resolve_ref(ref, models_dir)
     manifest = read_manifest(ref, models_dir)
+    check_combination(ref, manifest)
     metadata = {
         entry["ref"]: read_release(member_dir(entry["ref"], models_dir))[1]["metadata"]
         for entry in manifest["members"]
     }
     check_manifest_members(ref, manifest, models_dir, metadata)
     return ref
+
+
+def check_combination(ref: str, manifest: dict[str, Any]) -> CombineRule:
+    """The manifest's combination rule, refused (ValueError) when it cannot grade its members."""
+    members = manifest.get("members")
+    if not isinstance(members, list) or not all(isinstance(m, dict) and "ref" in m for m in members):
+        raise ValueError(f"{ref}: the manifest's members must be a list of {{'ref': NAME@VERSION, ...}}")
+    combination = manifest.get("combination")
+    if not isinstance(combination, dict):
+        raise ValueError(f"{ref}: the manifest has no combination")
+    rule = CombineRule.from_dict(combination)
+    problem = rule_problem(rule, len(members))
+    if problem is not None:
+        raise ValueError(f"{ref}: the manifest's combination cannot be used: {problem}")
+    return rule
 
 
 def check_manifest_members(
@@ -362,9 +378,9 @@ def load_ensemble(
     """
     ref = resolve_ref(ref, models_dir)
     manifest = read_manifest(ref, models_dir)
+    rule = check_combination(ref, manifest)
     check_manifest_members(ref, manifest, models_dir)
     refs = [entry["ref"] for entry in manifest["members"]]
-    rule = CombineRule.from_dict(manifest["combination"])
     onnx = None
     served = runtime
     precisions: dict[str, str] | None = None  # set on OpenVINO only

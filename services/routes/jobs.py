@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,11 +18,11 @@ from core import repository as repo
 from core import tasks
 from core.csvcells import csv_cell
 from core.errors import Forbidden, InvalidInput, NotFound
-from core.schemas import Accepted, JobStatus
+from core.schemas import Accepted, JobStatus, PatientSummary
 from core.tables import ScoringJob
 from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
 from services.errors import MAX_OFFSET, error_responses
-from services.views import image_results
+from services.views import image_results, patient_summary
 
 log = logging.getLogger(__name__)
 
@@ -230,51 +231,145 @@ def _csv(rows: list[JobResultRow]) -> str:
     return buf.getvalue()
 
 
+OffsetQuery = Annotated[int, Query(ge=0, le=MAX_OFFSET)]
+# a whole typical job in one answer (the contract says "per-image results"): paging is for folders
+# of thousands
+LimitQuery = Annotated[
+    int,
+    Query(
+        ge=1, le=1000, description="rows per page (at most DRSCREEN_MAX_PAGE_SIZE); `next_offset` continues"
+    ),
+]
+FormatQuery = Annotated[Literal["json", "csv"], Query(description="`csv`: every row, no paging")]
+
+
+PAGE_OR_CSV: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/csv": {}}, "description": "JSON page, or CSV with `format=csv`"},
+    **error_responses(401, 404, 422, 429),
+}
+
+
+class JobPatientsPage(BaseModel):
+    job_id: str
+    total: int = Field(description="patients named by the job's files")
+    offset: int
+    limit: int
+    next_offset: int | None
+    items: list[PatientSummary] = Field(
+        description="each patient's current decision, as `GET /v1/patients/{id}` gives it (without "
+        "`history`), in the order of the job's files"
+    )
+
+
+def _patient_rows(
+    session: SessionDep, job: ScoringJob, offset: int, limit: int | None
+) -> tuple[int, list[PatientSummary]]:
+    """The job's patients (first file first) and their current decisions. A patient whose every
+    file failed before it was stored has no row: reported not graded (referable), not left out."""
+    names = list(dict.fromkeys(i.patient_external_id for i in repo.job_items(session, job.id)))
+    named = [n for n in names if n is not None]
+    rows = []
+    for name in named[offset : None if limit is None else offset + limit]:
+        patient = repo.get_patient(session, job.clinic_id, name)
+        summary = (
+            patient_summary(session, patient) if patient is not None else PatientSummary(patient_id=name)
+        )
+        if patient is None:
+            summary.referral_reasons = ["not_graded_yet"]
+        summary.history = []
+        rows.append(summary)
+    return len(named), rows
+
+
+PATIENT_CSV_COLUMNS = [
+    "patient_id", "referable", "grade", "gradable", "left_grade", "left_referable", "right_grade",
+    "right_referable", "referral_reasons", "model_version", "updated_at",
+]  # fmt: skip
+
+
+def _patients_csv(rows: list[PatientSummary]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(PATIENT_CSV_COLUMNS)
+    for r in rows:
+        eyes = [
+            (r.eyes[e].grade, r.eyes[e].referable) if e in r.eyes else (None, True) for e in ("left", "right")
+        ]
+        updated = r.updated_at.isoformat() if r.updated_at is not None else None
+        values = [r.patient_id, r.referable, r.grade, r.gradable, *eyes[0], *eyes[1]]
+        values += [";".join(r.referral_reasons), r.model_version, updated]
+        writer.writerow([csv_cell(v) for v in values])
+    return buf.getvalue()
+
+
+@router.get(
+    "/{job_id}/patients",
+    response_model=JobPatientsPage,
+    summary="Each patient of a folder job and their referral decision (JSON pages, or CSV)",
+    description=(
+        "What a clinic acts on after a folder job: one row per patient named by the job's files, "
+        "with the patient-level rule applied (the worse eye; an eye ungradable, not photographed "
+        "or with one referable photograph refers). The decision is the patient's current one, so "
+        "it also counts photographs sent outside the job for the same visit."
+    ),
+    responses=PAGE_OR_CSV,
+)
+def get_job_patients(
+    job_id: str,
+    session: SessionDep,
+    principal: PrincipalDep,
+    api: ApiSettingsDep,
+    offset: OffsetQuery = 0,
+    limit: LimitQuery = 1000,
+    format: FormatQuery = "json",
+) -> Any:
+    job = load_job(session, principal, job_id)
+    audit(session, principal, "job.patients.read", target_type="job", target_id=job.id)
+    return _page_or_csv(
+        job, session, api, (offset, limit, format), _patient_rows, _patients_csv, JobPatientsPage, "-patients"
+    )
+
+
+def _page_or_csv(
+    job: ScoringJob,
+    session: SessionDep,
+    api: ApiSettingsDep,
+    query: tuple[int, int, str],
+    rows_of: Callable[[SessionDep, ScoringJob, int, int | None], tuple[int, list[Any]]],
+    to_csv: Callable[[list[Any]], str],
+    page: type[JobResultsPage] | type[JobPatientsPage],
+    suffix: str,
+) -> Any:
+    """Every row as CSV (``format=csv``), or one JSON page of at most DRSCREEN_MAX_PAGE_SIZE rows."""
+    offset, limit, format = query
+    if format == "csv":
+        _, rows = rows_of(session, job, 0, None)
+        return Response(
+            to_csv(rows),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="job-{job.id}{suffix}.csv"'},
+        )
+    limit = min(limit, api.max_page_size)
+    total, rows = rows_of(session, job, offset, limit)
+    next_offset = offset + limit if offset + limit < total else None
+    return page(job_id=job.id, total=total, offset=offset, limit=limit, next_offset=next_offset, items=rows)
+
+
 @router.get(
     "/{job_id}/results",
     response_model=JobResultsPage,
     summary="Per-photograph results (JSON pages, or all of them as CSV)",
-    responses={
-        200: {"content": {"text/csv": {}}, "description": "JSON page, or CSV with `format=csv`"},
-        **error_responses(401, 404, 422, 429),
-    },
+    responses=PAGE_OR_CSV,
 )
 def get_job_results(
     job_id: str,
     session: SessionDep,
     principal: PrincipalDep,
     api: ApiSettingsDep,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-    # a whole typical job in one answer (the contract says "per-image results"): paging is for
-    # folders of thousands
-    limit: Annotated[
-        int,
-        Query(
-            ge=1,
-            le=1000,
-            description="rows per page (at most DRSCREEN_MAX_PAGE_SIZE); `next_offset` continues",
-        ),
-    ] = 1000,
-    format: Annotated[Literal["json", "csv"], Query(description="`csv`: every row, no paging")] = "json",
+    offset: OffsetQuery = 0,
+    limit: LimitQuery = 1000,
+    format: FormatQuery = "json",
 ) -> Any:
     job = load_job(session, principal, job_id)
-    audit(
-        session,
-        principal,
-        "job.results.read",
-        target_type="job",
-        target_id=job.id,
-    )
-    if format == "csv":
-        _, rows = _rows(session, job, 0, None)
-        return Response(
-            _csv(rows),
-            media_type="text/csv",
-            headers={"Content-Disposition": f'attachment; filename="job-{job.id}.csv"'},
-        )
-    limit = min(limit, api.max_page_size)
-    total, rows = _rows(session, job, offset, limit)
-    next_offset = offset + limit if offset + limit < total else None
-    return JobResultsPage(
-        job_id=job.id, total=total, offset=offset, limit=limit, next_offset=next_offset, items=rows
-    )
+    audit(session, principal, "job.results.read", target_type="job", target_id=job.id)
+    return _page_or_csv(job, session, api, (offset, limit, format), _rows, _csv, JobResultsPage, "")

@@ -111,7 +111,13 @@ def patient_grade_text(patient: PatientSummary) -> str:
     ungradable, not photographed or still being scored a bare "grade 0 · No DR" read as a healthy
     patient (the web walkthrough): say which eye it leaves out."""
     if not patient.gradable:
-        return "ungradable"
+        pending = [name for name in ("left", "right") if eye_state(patient, name) == "pending"]
+        # "ungradable" read as final while an eye was still in the queue (the clinician's review)
+        return (
+            "not known yet (" + " and ".join(pending) + " eye still being scored)"
+            if pending
+            else "ungradable"
+        )
     text = grade_label(patient.grade)
     for name in ("left", "right"):
         state = eye_state(patient, name)
@@ -189,7 +195,8 @@ def patient_verdict(patient: PatientSummary | None, any_failed: bool) -> Verdict
             else "no result of this visit is recorded yet"
         )
         return Verdict("refer", "REFER", f"Not graded: {why}. Treat as ungradable.", None, True)
-    if not patient.gradable:
+    if not patient.gradable and not any(r.endswith("_eye_pending") for r in reasons):
+        # (with an eye still being scored the patient may yet be graded: its causes eye by eye below)
         return Verdict(
             "refer",
             "REFER — UNGRADABLE",
@@ -209,6 +216,10 @@ def patient_verdict(patient: PatientSummary | None, any_failed: bool) -> Verdict
 
 _EYE_REASONS = {
     "referable_dr": "referable diabetic retinopathy, grade {grade}",
+    "photograph_referable": (
+        "one photograph is referable on its own, though the eye's photographs together grade {grade}"
+        " (a lesion seen in one field only): examine"
+    ),
     "ungradable": "ungradable: no photograph could be graded (examine or re-photograph)",
     "not_photographed": "not photographed in this screening (must be examined)",
     "pending": "still being scored",

@@ -986,12 +986,24 @@ def start_job(
 @router.get("/jobs/{job_id}/results.csv")
 def job_csv(job_id: str, session: SessionDep, api: ApiSettingsDep, principal: WebPrincipal) -> Response:
     """``GET /v1/jobs/{id}/results?format=csv`` for the signed-in key."""
+    return _job_csv(job_routes.get_job_results, job_id, session, api, principal)
+
+
+@router.get("/jobs/{job_id}/patients.csv")
+def job_patients_csv(
+    job_id: str, session: SessionDep, api: ApiSettingsDep, principal: WebPrincipal
+) -> Response:
+    """``GET /v1/jobs/{id}/patients?format=csv`` for the signed-in key: who to refer."""
+    return _job_csv(job_routes.get_job_patients, job_id, session, api, principal)
+
+
+def _job_csv(
+    route: Any, job_id: str, session: SessionDep, api: ApiSettingsDep, principal: Principal | None
+) -> Response:
     if principal is None:
         return Response("sign in first", status_code=401, media_type="text/plain")
     try:
-        response: Response = job_routes.get_job_results(
-            job_id, session, principal, api, offset=0, limit=1, format="csv"
-        )
+        response: Response = route(job_id, session, principal, api, offset=0, limit=1, format="csv")
     except NotFound:
         return Response("no such job", status_code=404, media_type="text/plain")
     response.headers["Cache-Control"] = "no-store"

@@ -38,6 +38,24 @@ def test_eye_grade_is_grade_of_mean_probabilities() -> None:
     assert eye.image_ids == ["a", "b"]
 
 
+def test_an_eye_with_one_referable_photograph_is_referable_whatever_its_pooled_grade() -> None:
+    """The clinician's review (session 29): a grade-3 photograph and a clean second field of the
+    same eye pooled to grade 0, and the page read "No referral" beside the grade-3 photograph. The
+    eye's grade stays the contract's pooled one; the eye and the patient are referred."""
+    lesion = ImageScore("b", "left", True, P3, grade=3)
+    clean = ImageScore("a", "left", True, P0, grade=0)
+    eye = aggregate_eye("left", [clean, lesion], argmax_grade)
+    assert eye.grade == 0 and eye.gradable and eye.referable
+    patient = aggregate_patient([clean, lesion, ImageScore("c", "right", True, P0, grade=0)], argmax_grade)
+    assert (patient.grade, patient.referable) == (0, True)
+    # an ungradable photograph's own grade does not count (it is left out of the eye)
+    unusable = ImageScore("b", "left", False, None, grade=3)
+    assert not aggregate_eye("left", [clean, unusable], argmax_grade).referable
+    assert not aggregate_eye(
+        "left", [clean, ImageScore("d", "left", True, P1, grade=1)], argmax_grade
+    ).referable
+
+
 def test_ungradable_images_are_left_out_of_the_mean() -> None:
     eye = aggregate_eye("left", [img("a", "left", P3, gradable=False), img("b", "left", P1)], argmax_grade)
     assert eye.grade == 1 and eye.probabilities == pytest.approx(P1)

@@ -322,13 +322,16 @@ def test_model_card_says_when_grade_one_is_all_but_never_given() -> None:
 
 
 def test_patient_level_figures_pool_an_eyes_photographs_and_take_the_worse_eye() -> None:
+    """Since session 29 an eye is referred also when one photograph alone is referable (it was
+    missed when pooled with a clean one: core.aggregation)."""
     from ml.inference.combine import CombineRule
     from ml.metrics import patient_referable_metrics
 
     rule = CombineRule("weighted_average", [1.0], [0.5, 1.5, 2.5, 3.5])
     g0, g2 = [1.0, 0, 0, 0, 0], [0, 0, 1.0, 0, 0]
     half = [0.5, 0, 0.5, 0, 0]  # expected grade 1.0: grade 1 alone, not referable
-    # A: left pooled from g2 + g0 (mean expected 1.0 -> grade 1), right g0; truth 2 on the left
+    # A: left pooled from g2 + g0 (mean expected 1.0 -> grade 1, but g2 alone is referable), right
+    # g0; truth 2 on the left
     # B: left g0, right g2 -> referable; truth 0 both (a false referral)
     # C: both g0, truth 0
     probs = np.array([[g2, g0, g0, g0, g2, g0, g0]])
@@ -337,7 +340,7 @@ def test_patient_level_figures_pool_an_eyes_photographs_and_take_the_worse_eye()
     y = [2, 0, 0, 0, 0, 0, 0]
     out = patient_referable_metrics(rule, probs, ids, eyes, y)
     assert out["n_patients"] == 3
-    assert out["referable_sensitivity"] == 0.0  # A's left pooled to grade 1: missed
+    assert out["referable_sensitivity"] == 1.0  # A's left pooled to grade 1, its g2 photograph refers it
     assert out["referable_specificity"] == 0.5  # B referred, C not
     pooled = patient_referable_metrics(rule, np.array([[half]]), ["A"], ["left"], [2])
     assert pooled["referable_sensitivity"] == 0.0

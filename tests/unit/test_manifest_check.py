@@ -64,3 +64,93 @@ def test_every_shipped_member_says_what_a_release_must_say() -> None:
         assert f"{meta['name']}/{meta['version']}" == f"{path.parent.parent.name}/{path.parent.name}"
         # (the referable AUC joined the metrics after the first releases)
         assert meta["metrics"].get("natural_val_qwk_default_thresholds") is not None, path.parent
+
+
+def test_every_shipped_release_has_checksums_that_hold() -> None:
+    from ml.publish import SUMS_FILE, checked_sums
+
+    members, ensembles = sorted(REPO_MODELS.glob("members/*/*")), sorted(REPO_MODELS.glob("ensembles/*/*"))
+    for folder in members:
+        assert set(checked_sums(folder)) == {"config.json", "model.safetensors", "metadata.json"}, folder
+    for folder in ensembles:
+        assert set(checked_sums(folder)) == {"manifest.json"}, folder
+    assert all((f / SUMS_FILE).is_file() for f in members + ensembles)
+
+
+def _copy_dev_release(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """models/ with the dev ensemble and its member, copied: (models, member folder, ensemble folder)."""
+    import shutil
+
+    models = tmp_path / "models"
+    member = models / "members" / "dev-mnv2-64" / "0.1.0"
+    ensemble = models / "ensembles" / "drscreen-dev" / "0.1.0"
+    shutil.copytree(REPO_MODELS / "members" / "dev-mnv2-64" / "0.1.0", member)
+    shutil.copytree(REPO_MODELS / "ensembles" / "drscreen-dev" / "0.1.0", ensemble)
+    return models, member, ensemble
+
+
+def _edit_json(path: Path, change: dict[str, object], key: str | None = None) -> None:
+    data = json.loads(path.read_text())
+    (data[key] if key else data).update(change)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def test_a_release_edited_after_export_is_refused(tmp_path: Path) -> None:
+    """The release review (session 29): config.json (preprocessing, head) and the manifest (cut
+    points, weights) were covered by no checksum; edited, they changed every grade silently."""
+    models, member, ensemble = _copy_dev_release(tmp_path)
+    assert ens_mod.check_release("drscreen-dev@0.1.0", models) == "drscreen-dev@0.1.0"
+    original = (member / "config.json").read_text()
+    _edit_json(member / "config.json", {"enhancements": []}, key="preprocess")
+    with pytest.raises(ValueError, match=r"config.json was changed after the release was exported"):
+        ens_mod.check_release("drscreen-dev@0.1.0", models)
+    (member / "config.json").write_text(original)
+    _edit_json(ensemble / "manifest.json", {"thresholds": [0.1, 0.2, 0.3, 0.4]}, key="combination")
+    with pytest.raises(ValueError, match=r"manifest.json was changed after the release was exported"):
+        ens_mod.check_release("drscreen-dev@0.1.0", models)
+    with pytest.raises(ValueError, match=r"manifest.json was changed"):
+        ens_mod.load_ensemble("drscreen-dev@0.1.0", models, runtime="torch")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rule": "median"}, "unknown rule 'median'"),
+        ({"weights": [0.0]}, "weights must be finite, not negative, and not all 0"),
+        ({"weights": [1.0, 1.0]}, "2 weights for 1 members"),
+        ({"thresholds": [2.5, 1.5, 0.5, 3.5]}, "thresholds must not decrease"),
+        ({"thresholds": [0.5, 1.5]}, "thresholds must be 4 numbers"),
+        ({"rule": "stacking"}, r"stacking coefficients of shape \(0,\) for 1 members"),
+    ],
+)
+def test_a_combination_that_cannot_grade_is_refused_at_load(
+    tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    """Even with its checksums re-made (an export by hand): two weights for three members or an
+    unknown rule loaded and then failed every photograph; weights of 0 graded all 4 from NaN."""
+    from ml.publish import write_sums
+
+    models, _member, ensemble = _copy_dev_release(tmp_path)
+    _edit_json(ensemble / "manifest.json", change, key="combination")
+    write_sums(ensemble)
+    with pytest.raises(
+        ValueError, match=rf"drscreen-dev@0.1.0: the manifest's combination cannot be used: {message}"
+    ):
+        ens_mod.check_release("drscreen-dev@0.1.0", models)
+
+
+def test_a_malformed_manifest_or_unknown_release_is_one_clear_error(tmp_path: Path) -> None:
+    from ml.publish import write_sums
+
+    models, _member, ensemble = _copy_dev_release(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match=r"no ensemble release drscreen-dev@9.9 .*there: drscreen-dev@0.1.0"
+    ):
+        ens_mod.check_release("drscreen-dev@9.9", models)
+    _edit_json(ensemble / "manifest.json", {"members": ["dev-mnv2-64@0.1.0"]})
+    write_sums(ensemble)
+    with pytest.raises(ValueError, match=r"the manifest's members must be a list"):
+        ens_mod.check_release("drscreen-dev@0.1.0", models)
+    for ref in (" drscreen-dev@0.1.0", "drscreen-dev@0.1.0@x"):
+        with pytest.raises(ValueError, match="expected NAME@VERSION"):
+            ens_mod.check_release(ref, models)

@@ -128,3 +128,21 @@ def test_patient_figures_take_the_worse_eye_and_keep_unnamed_photographs_apart()
         rule, np.array([[low, low]]), ["P3", "P3"], ["", ""], [0, 0], gradable=[False, True]
     )
     assert unnamed["referable_specificity"] == 0.0
+
+
+def test_patient_figures_refer_an_eye_for_one_referable_photograph() -> None:
+    """As the service decides (core.aggregation): a referable photograph pooled with a clean one of
+    the same eye still refers the patient (the clinician's review, session 29)."""
+    rule = CombineRule("weighted_average", [1.0])
+    low, high = [0.9, 0.05, 0.03, 0.01, 0.01], [0.05, 0.05, 0.3, 0.3, 0.3]
+    # P1's left eye: one clean field, one with the lesion (pooled expected grade ~1.4: grade 1)
+    probs = np.array([[low, high, low, low, low]])
+    out = patient_referable_metrics(
+        rule,
+        probs,
+        ["P1", "P1", "P1", "P2", "P2"],
+        ["left", "left", "right", "left", "right"],
+        [3, 3, 0, 0, 0],
+    )
+    assert out["referable_sensitivity"] == 1.0 and out["referable_specificity"] == 1.0
+    assert out["referable_auc"] == 1.0

@@ -71,3 +71,15 @@ def test_a_referable_eye_keeps_its_reason_while_the_other_eye_has_a_photograph_p
     summary = _summary(url, "PREF")
     assert summary.referable is True and summary.grade == 3
     assert summary.referral_reasons == ["left_eye_referable_dr"]
+
+
+def test_a_referable_second_photograph_of_an_eye_refers_the_patient(url: str) -> None:
+    """The clinician's review (session 29): a grade-3 photograph pooled with a clean one of the same
+    eye gave the eye grade 0 and a green "No referral" above the grade-3 photograph."""
+    store = FileStore(get_settings().store_path)
+    _scored(url, store, "POOL", ["16_left.jpg", "16_right.jpg"], grade=0)
+    _scored(url, store, "POOL", ["17_left.jpg"], grade=3)
+    summary = _summary(url, "POOL")
+    assert summary.grade == 0 and summary.eyes["left"].grade == 0  # the contract's pooled grade
+    assert summary.referable is True and summary.eyes["left"].referable is True
+    assert summary.referral_reasons == ["left_eye_photograph_referable"]

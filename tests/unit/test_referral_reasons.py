@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from core.schemas import EyeSummary, ImageResult, PatientSummary
 from services.views import referral_reasons
-from services.web.present import eye_views, patient_verdict, photo_view
+from services.web.present import eye_views, patient_grade_text, patient_verdict, photo_view
 
 NOW = datetime(2026, 12, 6, tzinfo=UTC)
 
@@ -49,6 +49,32 @@ def test_each_cause_is_named_by_eye() -> None:
         "left_eye_referable_dr",
         "right_eye_not_photographed",
     ]
+
+
+def test_an_eye_referred_for_one_photograph_says_so() -> None:
+    """An eye whose pooled grade is below 2 is referable when one of its photographs alone is
+    graded >= 2 (core.aggregation): the reason and the banner say it, not "retinopathy grade 0"."""
+    pooled = EyeSummary(grade=0, gradable=True, referable=True, image_ids=["a", "b"])
+    patient = _patient(pooled, _eye(0), 0, True)
+    assert patient.referral_reasons == ["left_eye_photograph_referable"]
+    verdict = patient_verdict(patient, any_failed=False)
+    assert (
+        verdict.headline == "REFER" and "Left eye: one photograph is referable on its own" in verdict.detail
+    )
+
+
+def test_an_ungradable_eye_beside_one_still_being_scored_is_not_called_ungradable_patient() -> None:
+    """The clinician's review: the left eye ungradable, the right still in the queue, and the banner
+    read "REFER — UNGRADABLE: No gradable photograph: the patient cannot be graded"."""
+    summary = PatientSummary(
+        patient_id="P1", grade=None, referable=True, gradable=False, eyes={"left": _eye(None)}, updated_at=NOW
+    )
+    summary.referral_reasons = referral_reasons(summary, pending={"right"})
+    assert summary.referral_reasons == ["left_eye_ungradable", "right_eye_pending"]
+    verdict = patient_verdict(summary, any_failed=False)
+    assert verdict.headline == "REFER" and "cannot be graded" not in verdict.detail
+    assert "Left eye: ungradable" in verdict.detail and "Right eye: still being scored" in verdict.detail
+    assert patient_grade_text(summary) == "not known yet (right eye still being scored)"
 
 
 def test_no_result_yet() -> None:
