@@ -229,6 +229,7 @@ def run_stage(
     resumed_average: tuple[dict[str, torch.Tensor], int] | None = None,
     watch: Split | None = None,
     on_epoch_end: Callable[[GradingNet, int], None] | None = None,
+    resumed_training: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train one stage; returns the best state (by ``stage.monitor_key``) and appends to history.
     With ``extra`` and ``stage.mix_equalized`` > 0, that share of each epoch comes from ``extra``.
@@ -236,7 +237,8 @@ def run_stage(
     ``resumed_average``: its weight average and update count (with ``stage.ema_decay`` > 0);
     ``watch``: a second validation part logged as ``nat_val_*`` (and monitored with
     ``stage.select_on = "natural"``); ``on_epoch_end(model, epoch)`` is called with the validated
-    weights in place (the average's, if any)."""
+    weights in place (the average's, if any); ``resumed_training``: the optimiser's moments and
+    the random generators' states as the interrupted run saved them (:func:`_training_state`)."""
     if stage.select_on == "natural" and (watch is None or not watch.samples):
         raise ValueError(
             f"{name}: select_on = 'natural' needs the natural-colour validation photographs "
@@ -295,6 +297,14 @@ def run_stage(
             return best_state
     if average is not None and resumed_average is not None and start_epoch > 0:
         average.state, average.updates = resumed_average
+    if resumed_training is not None and start_epoch > 0:
+        # without these a resumed run restarted AdamW's moments and replayed the first epochs'
+        # augmentations: it continued, but not as the uninterrupted run would have (the review)
+        optimizer.load_state_dict(resumed_training["optimizer"])
+        gen.set_state(resumed_training["augment_rng"])
+        torch.set_rng_state(resumed_training["torch_rng"])
+        scaler.load_state_dict(resumed_training["scaler"])
+        log.info("%s resumed after epoch %d with its optimiser and random states", name, start_epoch)
     for epoch in range(stage.epochs):
         order = epoch_order()
         if epoch < start_epoch:  # resumed: replay the sampling RNG, skip the work
@@ -377,6 +387,7 @@ def run_stage(
                 "best_score": best_score,
                 "history": history,
                 "average": None if average is None else (average.state, average.updates),
+                "training": _training_state(optimizer, gen, scaler),
             },
             run_dir / "last.pt.tmp",
         )
@@ -392,6 +403,18 @@ def run_stage(
             )
             break
     return best_state
+
+
+def _training_state(
+    optimizer: torch.optim.Optimizer, gen: torch.Generator, scaler: torch.amp.GradScaler
+) -> dict[str, Any]:
+    """What an exact resumption needs beyond the weights (the learning rate follows the epoch)."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "augment_rng": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "scaler": scaler.state_dict(),
+    }
 
 
 # What may differ between a run and its resumption: the machine's share, not the experiment.
@@ -469,7 +492,7 @@ def train_from_config(
     model = initial_model(cfg, base, has_checkpoint).to(DEVICE).to(memory_format=torch.channels_last)
     history: list[dict[str, Any]] = []
     done_stage, done_epoch = None, 0
-    resumed_best = resumed_average = None
+    resumed_best = resumed_average = resumed_training = None
     if has_checkpoint:
         state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
@@ -478,6 +501,7 @@ def train_from_config(
         # best of the epochs after the resume (or, if it had finished, its last epoch)
         resumed_best = (state["best"], state["best_score"])
         resumed_average = state.get("average")
+        resumed_training = state.get("training")  # None in a checkpoint from before session 29
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     best = model.state_dict()
     if done_stage in (None, "stage1") and cfg.stage1.epochs > 0:
@@ -493,6 +517,7 @@ def train_from_config(
             done_epoch if done_stage == "stage1" else 0,
             resumed_best=resumed_best if done_stage == "stage1" else None,
             resumed_average=resumed_average if done_stage == "stage1" else None,
+            resumed_training=resumed_training if done_stage == "stage1" else None,
             watch=data.nat_val,
             on_epoch_end=epoch_saver(cfg, cfg.stage1, data, run_dir, "stage1", history),
         )
@@ -513,6 +538,7 @@ def train_from_config(
             data.eq_train,
             resumed_best=resumed_best if done_stage == "stage2" else None,
             resumed_average=resumed_average if done_stage == "stage2" else None,
+            resumed_training=resumed_training if done_stage == "stage2" else None,
             on_epoch_end=epoch_saver(cfg, cfg.stage2, data, run_dir, "stage2", history),
         )
         model.load_state_dict(best)
