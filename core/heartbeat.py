@@ -151,4 +151,25 @@ def warnings(
             f"no worker is live (none sent a heartbeat within {LIVE_INTERVALS} of its intervals): "
             "nothing is being graded"
         ]
-    return release_warnings(live, active) + [m.describe() for m in settings_mismatches(live, own)]
+    return (
+        release_warnings(live, active)
+        + [m.describe() for m in settings_mismatches(live, own)]
+        + loading_warnings(live, now)
+    )
+
+
+#: A live worker whose pool has not loaded the model after this long is stuck: its children fail
+#: to load it and are started again (the default DRSCREEN_CHILD_START_TIMEOUT_S).
+LOADING_TOO_LONG = timedelta(minutes=10)
+
+
+def loading_warnings(live: Sequence[WorkerHeartbeat], now: datetime) -> list[str]:
+    """Live workers that have served nothing since they started: ``status`` said "live, loading"
+    with exit 0 while every photograph waited (the release review, session 29)."""
+    stuck = [(row, now - as_utc(row.started_at)) for row in live if row.runtime is None]
+    return [
+        f"worker {row.node} has not loaded its model {int(waited.total_seconds() // 60)} min after "
+        "starting: its pool cannot load the release (see its log); photographs wait"
+        for row, waited in stuck
+        if waited > LOADING_TOO_LONG
+    ]

@@ -49,7 +49,8 @@ def _settings_env(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
 
 
 def _heartbeat(node: str = "celery@a", **kw: Any) -> worker_hb.Heartbeat:
-    kw.setdefault("started_at", T0)
+    # started now: `status` warns about a live worker that has not loaded its model for 10 minutes
+    kw.setdefault("started_at", utcnow())
     kw.setdefault("concurrency", 2)
     kw.setdefault("interval_s", 60.0)
     return worker_hb.Heartbeat(node, **kw)
@@ -67,11 +68,11 @@ def _row(node: str, seen_ago_s: float, interval_s: float = 60.0, **kw: Any) -> W
     """A heartbeat row as read back (not stored)."""
     kw.setdefault("release", SHIPPED)
     kw.setdefault("settings", {})
+    kw.setdefault("started_at", T0 - timedelta(hours=1))
     return WorkerHeartbeat(
         node=node,
         host="h",
         pid=1,
-        started_at=T0 - timedelta(hours=1),
         seen_at=T0 - timedelta(seconds=seen_ago_s),
         interval_s=interval_s,
         **kw,
@@ -221,7 +222,20 @@ def test_a_stale_worker_is_not_compared_and_no_live_worker_is_a_warning(isolated
     assert hb.warnings([gone], own, SHIPPED, T0) == [
         "no worker is live (none sent a heartbeat within 3 of its intervals): nothing is being graded"
     ]
-    assert hb.warnings([gone, _row("celery@a", 0, settings=own)], own, SHIPPED, T0) == []
+    assert hb.warnings([gone, _row("celery@a", 0, settings=own, runtime="onnx")], own, SHIPPED, T0) == []
+
+
+def test_a_live_worker_that_never_loaded_its_model_is_a_warning(isolated_settings: Path) -> None:
+    """The release review (session 29): a worker whose pool could not load the release stayed
+    "live, loading" in status, exit 0, while every photograph waited."""
+    own = hb.shared_settings(get_settings())
+    stuck = _row("celery@stuck", 0, settings=own)  # started an hour ago, no runtime reported
+    fresh = _row("celery@fresh", 0, settings=own, started_at=T0 - timedelta(minutes=2))
+    assert hb.warnings([stuck, fresh], own, SHIPPED, T0) == [
+        "worker celery@stuck has not loaded its model 60 min after starting: its pool cannot load "
+        "the release (see its log); photographs wait"
+    ]
+    assert hb.warnings([_row("celery@ok", 0, settings=own, runtime="onnx"), fresh], own, SHIPPED, T0) == []
 
 
 def test_release_warnings_with_and_without_an_activation() -> None:
