@@ -145,8 +145,12 @@ def login_redirect(request: Request) -> RedirectResponse:
         here = _form_page(request) or (
             "/patients" if here.startswith("/patients") else "/jobs" if here == "/jobs" else "/"
         )
-    target = "/login" if here == "/" else f"/login?next={quote(here, safe='/')}"
-    return RedirectResponse(target, status_code=303)
+    query = [] if here == "/" else [f"next={quote(here, safe='/')}"]
+    if request.method != "GET":
+        # what the form sent was not saved: the sign-in page says so (staff took the silent
+        # redirect for a saved upload: the clinician's review, session 29)
+        query.append("unsaved=1")
+    return RedirectResponse("/login" + ("?" + "&".join(query) if query else ""), status_code=303)
 
 
 def _form_page(request: Request) -> str | None:

@@ -169,10 +169,13 @@ def _accepted_id(response: Response) -> str:
 
 
 @router.get("/login")
-def login_form(request: Request, principal: WebPrincipal, next: str | None = None) -> Response:
+def login_form(
+    request: Request, principal: WebPrincipal, next: str | None = None, unsaved: bool = False
+) -> Response:
     if principal is not None:
         return RedirectResponse(auth.safe_next(next), status_code=303)
-    return _page(request, "login.html", {"next": auth.safe_next(next), "error": None}, principal=None)
+    context = {"next": auth.safe_next(next), "error": None, "unsaved": unsaved}
+    return _page(request, "login.html", context, principal=None)
 
 
 @router.post("/login")

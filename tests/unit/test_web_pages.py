@@ -94,19 +94,23 @@ def test_signing_in_again_after_a_form_post_returns_to_its_form(client: TestClie
     for route, form in (("/screenings/image", "/"), ("/patients/erase", "/patients"), ("/jobs", "/jobs")):
         resp = client.post(route, data={}, follow_redirects=False)
         assert resp.status_code == 303 and resp.headers["location"] == (
-            "/login" if form == "/" else f"/login?next={form}"
+            "/login?unsaved=1" if form == "/" else f"/login?next={form}&unsaved=1"
         ), route
     # the page the form was on, when the browser names it on this host (a grader's grade saved
     # after the session ended went back to the home page: session 26's leftover); never elsewhere
     for referer, back in (
-        ("http://testserver/images/abc", "/login?next=/images/abc"),
-        ("http://testserver/grade/abc?x=1&y=2", "/login?next=/grade/abc%3Fx%3D1%26y%3D2"),
-        ("https://elsewhere.example/images/abc", "/login"),
-        ("http://testserver//elsewhere.example/x", "/login"),
-        ("http://testserver/login?next=/jobs", "/login"),
+        ("http://testserver/images/abc", "/login?next=/images/abc&unsaved=1"),
+        ("http://testserver/grade/abc?x=1&y=2", "/login?next=/grade/abc%3Fx%3D1%26y%3D2&unsaved=1"),
+        ("https://elsewhere.example/images/abc", "/login?unsaved=1"),
+        ("http://testserver//elsewhere.example/x", "/login?unsaved=1"),
+        ("http://testserver/login?next=/jobs", "/login?unsaved=1"),
     ):
         resp = client.post("/grader-grades", data={}, headers={"Referer": referer}, follow_redirects=False)
         assert resp.status_code == 303 and resp.headers["location"] == back, referer
+    # the sign-in page says the post was not saved (staff took the redirect for a saved upload)
+    page = client.get("/login?next=/jobs&unsaved=1").text
+    assert 'data-testid="unsaved"' in page and "not saved" in page
+    assert 'data-testid="unsaved"' not in client.get("/login?next=/jobs").text
     key = make_key(url, "North")
     cookie = web_cookie(client, key)
     foreign = client.post(
