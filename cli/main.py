@@ -484,7 +484,7 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
     """Create or update the schema (DRSCREEN_DATABASE_URL) to the newest migration."""
     from alembic.util.exc import CommandError
 
-    from core.migrate import current_revision, upgrade
+    from core.migrate import current_revision, upgrade, upgrade_problem
     from core.settings import get_settings
 
     url = get_settings().database_url
@@ -493,6 +493,10 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) 
         raise typer.Exit(2)
     try:
         with _db_errors():
+            problem = upgrade_problem(url)
+            if problem is not None:
+                typer.echo(f"drscreen db upgrade: {problem}", err=True)
+                raise typer.Exit(2)
             upgrade(url, revision)
     # an unknown or impossible revision: one line, as `db check` says it (alembic raises an
     # AssertionError for some relative forms, e.g. "head+5")

@@ -68,7 +68,7 @@ def schema_problem(database_url: str | None = None) -> str | None:
     if at == head:
         return None
     if at is None:
-        return "the database has no schema yet: run `drscreen db upgrade`"
+        return _unversioned_problem(database_url)
     if at not in known_revisions():
         # Migrated by newer code (the upgrade order: migrate, then replace APIs and workers): this
         # machine's code keeps serving until it is replaced; refusing would take every old API
@@ -76,6 +76,37 @@ def schema_problem(database_url: str | None = None) -> str | None:
         _warn_newer(at, head)
         return None
     return f"the database schema is at revision {at}, this code needs {head}: run `drscreen db upgrade`"
+
+
+#: Said when drscreen's tables are there but no migration recorded them (``metadata.create_all``,
+#: or a dump restored without alembic_version): `db upgrade` would fail creating them again.
+UNVERSIONED = (
+    "the database has drscreen's tables but no migration history (no alembic_version: made by "
+    "create_all, or restored without it): `drscreen db upgrade` cannot run on it; restore a backup "
+    "made by `drscreen db backup`, or, only if its tables are exactly this code's, record them with "
+    "`alembic stamp head` (from the checkout) and check with `drscreen db check`"
+)
+
+
+def _unversioned_problem(database_url: str | None) -> str:
+    from sqlalchemy import inspect
+
+    from core.db import get_engine
+
+    with get_engine(database_url or get_settings().database_url).connect() as conn:
+        tables = set(inspect(conn).get_table_names())
+    if "clinic" in tables:
+        return UNVERSIONED
+    return "the database has no schema yet: run `drscreen db upgrade`"
+
+
+def upgrade_problem(database_url: str | None = None) -> str | None:
+    """Why `drscreen db upgrade` cannot start on this database (its tables made without
+    migrations: the upgrade died on "table clinic already exists", a traceback on PostgreSQL,
+    after `serve` had said to run it), or None."""
+    if current_revision(database_url) is None and _unversioned_problem(database_url) == UNVERSIONED:
+        return UNVERSIONED
+    return None
 
 
 class SchemaBehind(RuntimeError):

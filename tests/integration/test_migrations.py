@@ -298,3 +298,28 @@ def test_two_upgrades_at_once_on_postgresql_take_turns() -> None:
         outcomes = [(run.wait(timeout=180), run.stderr.read().decode() if run.stderr else "") for run in runs]
         assert [rc for rc, _ in outcomes] == [0, 0], outcomes
         assert migrate.current_revision(url) == migrate.head_revision()
+
+
+def _upgrade_refuses_tables_made_without_migrations(url: str) -> None:
+    drscreen = Path(sys.executable).with_name("drscreen")
+    engine = create_engine(url)
+    try:
+        metadata.create_all(engine)
+    finally:
+        engine.dispose()
+    env = {**os.environ, "DRSCREEN_DATABASE_URL": url}
+    run = subprocess.run([drscreen, "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip() == f"drscreen db upgrade: {migrate.UNVERSIONED}"
+    assert migrate.schema_problem(url) == migrate.UNVERSIONED  # what serve and worker say too
+
+
+def test_upgrade_of_tables_made_without_migrations_says_what_to_do(tmp_path: Path) -> None:
+    """The migration review (session 29): `serve` said "no schema yet: run db upgrade", which then
+    failed on "table clinic already exists" (a traceback on PostgreSQL)."""
+    _upgrade_refuses_tables_made_without_migrations(f"sqlite:///{tmp_path / 'made.db'}")
+
+
+def test_upgrade_of_tables_made_without_migrations_on_postgresql() -> None:
+    with fresh_pg_database(migrated=False) as url:
+        _upgrade_refuses_tables_made_without_migrations(url)
