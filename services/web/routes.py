@@ -15,6 +15,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,7 +34,7 @@ from core import repository as repo
 from core.errors import Conflict, DomainError, NotFound
 from core.schemas import GraderGradeIn, PatientSummary
 from core.store import FileStore
-from core.tables import Bundle, Image, Patient, ScoringJob, as_utc, utcnow
+from core.tables import Bundle, Image, Patient, PatientResult, ScoringJob, as_utc, utcnow
 from ml.imageio import ImageDecodeError
 from services.deps import (
     ApiSettingsDep,
@@ -224,6 +225,30 @@ def _recent_screenings(session: Session, clinic_id: int) -> list[dict[str, Any]]
     return [{"id": r[0], "status": r[1], "created_at": r[2], "patient_id": r[3]} for r in rows]
 
 
+#: How far back the home page's "patients to refer" reaches (results recorded since), and how many.
+REFER_DAYS, REFER_LIMIT = 7, 50
+
+
+def _to_refer(session: Session, clinic_id: int) -> list[dict[str, Any]]:
+    """The clinic's patients whose current result refers them, recorded in the last
+    ``REFER_DAYS`` days, newest first: the day-end worklist across visits, single photographs and
+    folder jobs (the clinician's review: the home page listed visits only, with no decision)."""
+    since = utcnow() - timedelta(days=REFER_DAYS)
+    rows = session.execute(
+        select(Patient.external_id, PatientResult.grade, PatientResult.gradable, PatientResult.computed_at)
+        .join(Patient, Patient.id == PatientResult.patient_id)
+        .where(
+            Patient.clinic_id == clinic_id,
+            PatientResult.is_current.is_(True),
+            PatientResult.referable.is_(True),
+            PatientResult.computed_at >= since,
+        )
+        .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
+        .limit(REFER_LIMIT)
+    ).all()
+    return [{"patient_id": r[0], "grade": r[1], "gradable": r[2], "computed_at": as_utc(r[3])} for r in rows]
+
+
 def _home(
     request: Request,
     session: Session,
@@ -239,6 +264,8 @@ def _home(
         "form": form or {},
         "error": error,
         "recent": _recent_screenings(session, principal.clinic_id),
+        "to_refer": _to_refer(session, principal.clinic_id),
+        "refer_days": REFER_DAYS,
         "slots": bundle_routes.SLOTS,
         "patient_pattern": image_routes.PATIENT_ID_PATTERN,
     }

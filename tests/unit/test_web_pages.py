@@ -389,3 +389,27 @@ def test_signing_in_from_a_form_posted_signed_out_lands_on_its_page(client: Test
         "/login", data={"api_key": key.key, "next": "/grade/abc?x=1&y=2"}, follow_redirects=False
     )
     assert signed.status_code == 303 and signed.headers["location"] == "/grade/abc?x=1&y=2"
+
+
+def test_the_home_page_lists_the_patients_to_refer(client: TestClient, url: str) -> None:
+    """The clinician's review (session 29): the home page listed visits only, with no decision;
+    patients referred after a single photograph or a folder job were on no list at all."""
+    from core.tables import PatientResult
+    from tests.unit.test_patient_summary import GradeStub
+
+    store = FileStore(get_settings().store_path)
+    for patient, grade in (("PREF3", 3), ("PFINE", 0)):
+        ids = add_images(url, store, patient, [photo("16_left.jpg"), photo("16_right.jpg")])
+        scoring.score_images(ids, ensemble=GradeStub(grade=grade), store=store, db_url=url, enqueue=Sent())
+    other = make_key(url, "South")  # another clinic's referable patient is not listed
+    ids = add_images(url, store, "PSOUTH", [photo("17_left.jpg")], clinic="South")
+    scoring.score_images(ids, ensemble=GradeStub(grade=4), store=store, db_url=url, enqueue=Sent())
+    key = make_key(url, "North")
+    html = client.get("/", headers=web_cookie(client, key)).text
+    table = html.split('data-testid="to-refer"', 1)[1].split("</table>", 1)[0]
+    assert "PREF3" in table and "PFINE" not in table and "PSOUTH" not in table
+    assert "REFER</strong> · 3" in table
+    assert "PSOUTH" in client.get("/", headers=web_cookie(client, other)).text
+    with session_scope(url) as s:  # results older than a week drop off the list
+        s.execute(update(PatientResult).values(computed_at=utcnow() - timedelta(days=8)))
+    assert 'data-testid="to-refer-none"' in client.get("/", headers=web_cookie(client, key)).text
