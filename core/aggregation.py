@@ -39,7 +39,9 @@ class ImageScore:
     gradable: bool
     probabilities: Sequence[float] | None = None
     members: Mapping[str, Sequence[float]] | None = None  # each member's probabilities, by ref
-    grade: int | None = None  # the photograph's own grade (the ensemble's rule), when known
+    # the photograph's own grade (the ensemble's rule) when it was found gradable: it refers its
+    # eye when >= 2, also when the photograph is not pooled (one file sent as both eyes)
+    grade: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def aggregate_eye(
         grade = int(eye_grade_fn(probs, pooled_members(usable)))
     else:
         grade = int(grade_fn(probs))
-    one_referable = any(im.grade is not None and im.grade >= REFERABLE_GRADE for im in usable)
+    one_referable = any(im.grade is not None and im.grade >= REFERABLE_GRADE for im in images)
     return EyeAggregate(
         eye=eye,
         grade=grade,

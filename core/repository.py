@@ -734,10 +734,11 @@ def recompute_patient(
     both_eyes = same_photograph_both_eyes((im.sha256, im.eye) for im in images)
     for im in images:
         pred = preds.get(im.id)
-        usable = im.status == "done" and bool(im.gradable) and pred is not None and pred.gradable
+        graded = im.status == "done" and bool(im.gradable) and pred is not None and pred.gradable
         # One photograph sent as the left and the right eye shows one eye, and nothing says which:
-        # graded for both, the other eye was never screened and read "no referral".
-        usable = usable and im.sha256 not in both_eyes
+        # graded for both, the other eye was never screened and read "no referral". It is pooled
+        # into neither eye; its own grade still refers both (it is referable, whichever eye it is).
+        usable = graded and im.sha256 not in both_eyes
         if usable:
             # The same bytes sent twice for one eye (a retry without Idempotency-Key) are one
             # photograph: counted twice they would outweigh the eye's other photographs.
@@ -751,7 +752,7 @@ def recompute_patient(
                 gradable=usable,
                 probabilities=pred.probabilities if (usable and pred is not None) else None,
                 members=pred.members if (usable and pred is not None) else None,
-                grade=pred.grade if (usable and pred is not None) else None,
+                grade=pred.grade if (graded and pred is not None) else None,
             )
         )
     aggregate = aggregate_patient(scores, grade_fn, eye_grade_fn=eye_grade_fn)

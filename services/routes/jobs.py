@@ -18,7 +18,7 @@ from core import repository as repo
 from core import tasks
 from core.csvcells import csv_cell
 from core.errors import Forbidden, InvalidInput, NotFound
-from core.schemas import Accepted, JobStatus, PatientSummary
+from core.schemas import Accepted, EyeSummary, JobStatus, PatientSummary
 from core.tables import ScoringJob
 from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
 from services.errors import MAX_OFFSET, error_responses
@@ -264,21 +264,29 @@ class JobPatientsPage(BaseModel):
 def _patient_rows(
     session: SessionDep, job: ScoringJob, offset: int, limit: int | None
 ) -> tuple[int, list[PatientSummary]]:
-    """The job's patients (first file first) and their current decisions. A patient whose every
-    file failed before it was stored has no row: reported not graded (referable), not left out."""
-    names = list(dict.fromkeys(i.patient_external_id for i in repo.job_items(session, job.id)))
-    named = [n for n in names if n is not None]
+    """The job's patients (first file first) and their current decisions. A patient none of whose
+    files in the job could be stored is reported not graded (referable): its current result, if
+    any, is an earlier screening's, and "no referral" from it cleared a patient whose photographs
+    of today all failed (the session-29 review)."""
+    items = repo.job_items(session, job.id)
+    stored: dict[str, bool] = {}
+    for item in items:
+        if item.patient_external_id is not None:
+            stored[item.patient_external_id] = stored.get(item.patient_external_id, False) or bool(
+                item.image_id
+            )
+    names = list(stored)
     rows = []
-    for name in named[offset : None if limit is None else offset + limit]:
-        patient = repo.get_patient(session, job.clinic_id, name)
-        summary = (
-            patient_summary(session, patient) if patient is not None else PatientSummary(patient_id=name)
-        )
+    for name in names[offset : None if limit is None else offset + limit]:
+        patient = repo.get_patient(session, job.clinic_id, name) if stored[name] else None
         if patient is None:
-            summary.referral_reasons = ["not_graded_yet"]
+            summary = PatientSummary(patient_id=name, referral_reasons=["not_graded_yet"])
+            summary.eyes = {"left": EyeSummary(), "right": EyeSummary()}
+        else:
+            summary = patient_summary(session, patient)
         summary.history = []
         rows.append(summary)
-    return len(named), rows
+    return len(names), rows
 
 
 PATIENT_CSV_COLUMNS = [

@@ -135,6 +135,10 @@ def safe_next(target: str | None) -> str:
     return target
 
 
+#: Forms posted only to read (a patient id kept out of the URL): nothing of theirs is lost.
+READ_ONLY_FORMS = frozenset({"/patients"})
+
+
 def login_redirect(request: Request) -> RedirectResponse:
     """Send a signed-out visitor to the login form, remembering the page they asked for."""
     here = request.url.path
@@ -146,7 +150,7 @@ def login_redirect(request: Request) -> RedirectResponse:
             "/patients" if here.startswith("/patients") else "/jobs" if here == "/jobs" else "/"
         )
     query = [] if here == "/" else [f"next={quote(here, safe='/')}"]
-    if request.method != "GET":
+    if request.method != "GET" and request.url.path not in READ_ONLY_FORMS:
         # what the form sent was not saved: the sign-in page says so (staff took the silent
         # redirect for a saved upload: the clinician's review, session 29)
         query.append("unsaved=1")

@@ -186,7 +186,8 @@ def patient_verdict(patient: PatientSummary | None, any_failed: bool) -> Verdict
         # Referable for now (the API says so until it is in), but not a decision yet: a red REFER
         # for a photograph still in the queue read as final (the web walkthrough).
         waiting = " and ".join(r.partition("_eye_")[0] for r in reasons if r.endswith("_eye_pending"))
-        detail = f"The {waiting} eye's photograph is still being scored: not final yet."
+        whose = "eyes' photographs are" if " and " in waiting else "eye's photograph is"
+        detail = f"The {waiting} {whose} still being scored: not final yet."
         return Verdict("pending", "Scoring…", detail)
     if patient is None or patient.updated_at is None:
         why = (

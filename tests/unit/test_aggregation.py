@@ -48,9 +48,11 @@ def test_an_eye_with_one_referable_photograph_is_referable_whatever_its_pooled_g
     assert eye.grade == 0 and eye.gradable and eye.referable
     patient = aggregate_patient([clean, lesion, ImageScore("c", "right", True, P0, grade=0)], argmax_grade)
     assert (patient.grade, patient.referable) == (0, True)
-    # an ungradable photograph's own grade does not count (it is left out of the eye)
-    unusable = ImageScore("b", "left", False, None, grade=3)
-    assert not aggregate_eye("left", [clean, unusable], argmax_grade).referable
+    # a graded photograph left out of the pooling (one file sent as both eyes) still refers the
+    # eye; a photograph without a grade (found ungradable) does not
+    both_eyes = ImageScore("b", "left", False, None, grade=3)
+    assert aggregate_eye("left", [clean, both_eyes], argmax_grade).referable
+    assert not aggregate_eye("left", [clean, ImageScore("e", "left", False, None)], argmax_grade).referable
     assert not aggregate_eye(
         "left", [clean, ImageScore("d", "left", True, P1, grade=1)], argmax_grade
     ).referable

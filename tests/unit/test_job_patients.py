@@ -56,3 +56,27 @@ def test_a_jobs_patients_carry_the_referral_decision(url: str, roots: Path, clie
     assert web.status_code == 200 and web.text == answer.text
     other = make_key(url, "South")
     assert client.get(f"/v1/jobs/{job_id}/patients", headers=other.headers).status_code == 404
+
+
+def test_a_patient_whose_job_files_all_failed_is_not_cleared_by_an_earlier_result(
+    url: str, roots: Path, client: Any
+) -> None:
+    """The session-29 review: a patient screened before with no referral, whose every file in the
+    job failed, read `referable: false` on the job's list of who to refer."""
+    from tests.unit.test_patient_summary import GradeStub
+    from tests.unit.test_workers_scoring import add_images, photo
+
+    store = FileStore(get_settings().store_path)
+    key = make_key(url, "North")
+    earlier = add_images(url, store, "16", [photo("16_left.jpg"), photo("16_right.jpg")])
+    scoring.score_images(earlier, ensemble=GradeStub(grade=0), store=store, db_url=url, enqueue=Sent())
+    assert client.get("/v1/patients/16", headers=key.headers).json()["referable"] is False
+    folder = roots / "today"
+    folder.mkdir()
+    (folder / "16_left.jpg").write_bytes(b"not a photograph")
+    (folder / "16_right.jpg").write_bytes(b"")
+    job_id = client.post("/v1/jobs", headers=key.headers, json={"folder": str(folder)}).json()["id"]
+    folders.expand_folder(job_id, db_url=url, store=store, enqueue=Sent(), chunk=4)
+    [row] = client.get(f"/v1/jobs/{job_id}/patients", headers=key.headers).json()["items"]
+    assert (row["patient_id"], row["referable"], row["referral_reasons"]) == ("16", True, ["not_graded_yet"])
+    assert set(row["eyes"]) == {"left", "right"}

@@ -370,6 +370,32 @@ def test_one_photograph_stored_as_both_eyes_grades_neither(session: Session) -> 
     assert (result.grade, result.referable) == (0, False)
 
 
+def test_a_referable_photograph_sent_as_both_eyes_refers_the_patient(session: Session) -> None:
+    """The session-29 review: a grade-2 photograph sent as the left and the right eye beside each
+    eye's own grade-0 photograph counted for neither eye, and the patient read "No referral"."""
+    clinic = repo.get_or_create_clinic(session, "E")
+    patient = repo.get_or_create_patient(session, clinic.id, "P")
+    mv = repo.get_or_create_model_version(session, "ens@1.0.0", {"members": ["m@1"]})
+
+    def scored(eye: str, sha: str, grade: int) -> None:
+        im = _image(session, clinic.id, patient.id, eye, sha256=sha)
+        probs = [0.0] * 5
+        probs[grade] = 1.0
+        repo.upsert_prediction(
+            session, image_id=im.id, model_version_id=mv.id, grade=grade, probabilities=probs,
+            members=None, referable=grade >= 2, gradable=True,
+        )  # fmt: skip
+        repo.mark_image_done(session, im, quality={"gradable": True}, gradable=True)
+
+    scored("left", "b" * 64, 0)
+    scored("right", "c" * 64, 0)
+    scored("left", "a" * 64, 2)
+    scored("right", "a" * 64, 2)
+    result = repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    assert (result.grade, result.gradable, result.referable) == (0, True, True)
+    assert {e.eye: (e.grade, e.referable) for e in result.eyes} == {"left": (0, True), "right": (0, True)}
+
+
 def test_the_same_photograph_sent_twice_counts_once_in_its_eye(session: Session) -> None:
     """A retry without Idempotency-Key stores a second image of the same bytes: it must not
     outweigh the eye's other photograph (the audit's double-weighted mean)."""

@@ -413,3 +413,10 @@ def test_the_home_page_lists_the_patients_to_refer(client: TestClient, url: str)
     with session_scope(url) as s:  # results older than a week drop off the list
         s.execute(update(PatientResult).values(computed_at=utcnow() - timedelta(days=8)))
     assert 'data-testid="to-refer-none"' in client.get("/", headers=web_cookie(client, key)).text
+
+
+def test_a_lookup_posted_signed_out_is_not_called_unsaved(client: TestClient) -> None:
+    """The session-29 review: a patient lookup (a POST only to keep the id out of the URL) got the
+    "what you sent was not saved" notice."""
+    resp = client.post("/patients", data={"patient_id": "P1"}, follow_redirects=False)
+    assert resp.status_code == 303 and "unsaved" not in resp.headers["location"]
