@@ -546,6 +546,34 @@ def db_check() -> None:
     typer.echo("schema and migrations agree")
 
 
+@db_app.command("recheck-patients")
+def db_recheck_patients(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would change; record nothing."),
+) -> None:
+    """Apply the current patient rule to results recorded before it (once, after an upgrade)."""
+    from cli.recheck import recheck_patients
+
+    with _db_errors():
+        summary = recheck_patients(dry_run=dry_run)
+    verb = "would change" if dry_run else "changed"
+    typer.echo(
+        f"{summary.checked} patient result(s) checked, {len(summary.changed)} {verb}"
+        + (f": {', '.join(summary.changed[:20])}" if summary.changed else "")
+        + (" ..." if len(summary.changed) > 20 else "")
+        + (
+            f"; {summary.other_visit} left to the workers (photographs of a newer visit)"
+            if summary.other_visit
+            else ""
+        )
+    )
+    if summary.no_release:
+        typer.echo(
+            "NOTE: not checked, release not under the models folder: "
+            + ", ".join(sorted(summary.no_release)),
+            err=True,
+        )
+
+
 def _file_progress(items: Any, total: int, what: str) -> Any:
     from tqdm import tqdm
 

@@ -725,6 +725,29 @@ def recompute_patient(
     (``latest_visit``; ``visit_window`` default ``DRSCREEN_VISIT_WINDOW_HOURS``) scored by that
     model version, and record the result; earlier visits' results stay in the history. Images not
     done yet, failed, or without a prediction count as ungradable."""
+    aggregate = patient_aggregate(
+        session,
+        patient_id,
+        model_version_id=model_version_id,
+        grade_fn=grade_fn,
+        visit_window=visit_window,
+        eye_grade_fn=eye_grade_fn,
+    )
+    return record_patient_result(
+        session, patient_id, aggregate, model_version_id=model_version_id, trigger=trigger
+    )
+
+
+def patient_aggregate(
+    session: Session,
+    patient_id: int,
+    *,
+    model_version_id: int,
+    grade_fn: GradeFn,
+    visit_window: timedelta | None = None,
+    eye_grade_fn: EyeGradeFn | None = None,
+) -> PatientAggregate:
+    """What :func:`recompute_patient` would record, without recording it."""
     if visit_window is None:
         visit_window = get_settings().visit_window
     images = latest_visit(list_patient_images(session, patient_id), visit_window)
@@ -755,10 +778,7 @@ def recompute_patient(
                 grade=pred.grade if (graded and pred is not None) else None,
             )
         )
-    aggregate = aggregate_patient(scores, grade_fn, eye_grade_fn=eye_grade_fn)
-    return record_patient_result(
-        session, patient_id, aggregate, model_version_id=model_version_id, trigger=trigger
-    )
+    return aggregate_patient(scores, grade_fn, eye_grade_fn=eye_grade_fn)
 
 
 def get_current_patient_result(session: Session, patient_id: int) -> PatientResult | None:
