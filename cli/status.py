@@ -81,6 +81,14 @@ def gather(now: datetime | None = None) -> dict[str, Any]:
         # a health script reads the exit code: exit 0 during a broker outage hid it (the operator
         # walkthrough); photographs wait for the sweep while it lasts
         warnings.append(f"the broker cannot be reached ({type(exc).__name__}): new photographs wait for it")
+    if active is not None:
+        from services.modelinfo import released_ensembles
+
+        if active not in released_ensembles(settings.models_dir):  # (it logged why, if it was changed)
+            warnings.append(
+                f"the active release {active} is not usable from {settings.models_dir} (missing, or changed "
+                "after its export: its SHA256SUMS disagrees): workers refuse it"
+            )
     pending = backup.pending_problem(settings.store_path)
     if pending is not None:
         warnings.append(pending)

@@ -55,11 +55,24 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    if parsed.get_backend_name() == "postgresql" and "options" not in parsed.query:
-        # Timestamps come back in the session's time zone, which a server takes from its host at
-        # initdb: pages that print them under "(UTC)" showed New York time. Every reader gets UTC.
-        kwargs.setdefault("connect_args", {}).setdefault("options", "-c TimeZone=UTC")
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if parsed.get_backend_name() == "postgresql":
+        event.listen(engine, "connect", _postgresql_on_connect)
+    return engine
+
+
+def _postgresql_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    """Timestamps come back in the session's time zone, which a server takes from its host at
+    initdb: pages that print them under "(UTC)" showed New York time. Every connection asks for
+    UTC with a SET (a startup `options` parameter is refused by PgBouncer, and one in the URL
+    would have replaced it)."""
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET TIME ZONE 'UTC'")
+    finally:
+        dbapi_connection.autocommit = autocommit
 
 
 def get_engine(url: str | None = None) -> Engine:

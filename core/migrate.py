@@ -92,10 +92,11 @@ def _unversioned_problem(database_url: str | None) -> str:
     from sqlalchemy import inspect
 
     from core.db import get_engine
+    from core.tables import metadata
 
     with get_engine(database_url or get_settings().database_url).connect() as conn:
         tables = set(inspect(conn).get_table_names())
-    if "clinic" in tables:
+    if tables & set(metadata.tables):
         return UNVERSIONED
     return "the database has no schema yet: run `drscreen db upgrade`"
 

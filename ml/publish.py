@@ -68,7 +68,8 @@ def checked_sums(folder: Path) -> dict[str, str]:
         return {}
     recorded = {}
     for line in path.read_text().splitlines():
-        digest, _, name = line.partition("  ")
+        digest, _, name = line.partition(" ")
+        name = name[1:] if name[:1] in (" ", "*") else name  # `sha256sum` text or binary mode
         if name not in SUMMED or len(digest) != 64:
             raise ValueError(f"{path}: unreadable line {line[:80]!r}")
         recorded[name] = digest

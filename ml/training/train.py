@@ -289,14 +289,6 @@ def run_stage(
         0,
     )
     average = WeightAverage(model, stage.ema_decay) if stage.ema_decay > 0 else None
-    if resumed_best is not None and start_epoch > 0:
-        best_state, best_score = resumed_best
-        bad_epochs = epochs_since_best([r for r in history if r["stage"] == name], stage.monitor_key)
-        if bad_epochs >= stage.patience:  # the interrupted run had stopped this stage early
-            log.info("%s had stopped early before the interruption: not trained further", name)
-            return best_state
-    if average is not None and resumed_average is not None and start_epoch > 0:
-        average.state, average.updates = resumed_average
     if resumed_training is not None and start_epoch > 0:
         # without these a resumed run restarted AdamW's moments and replayed the first epochs'
         # augmentations: it continued, but not as the uninterrupted run would have (the review)
@@ -305,6 +297,14 @@ def run_stage(
         torch.set_rng_state(resumed_training["torch_rng"])
         scaler.load_state_dict(resumed_training["scaler"])
         log.info("%s resumed after epoch %d with its optimiser and random states", name, start_epoch)
+    if resumed_best is not None and start_epoch > 0:
+        best_state, best_score = resumed_best
+        bad_epochs = epochs_since_best([r for r in history if r["stage"] == name], stage.monitor_key)
+        if bad_epochs >= stage.patience:  # the interrupted run had stopped this stage early
+            log.info("%s had stopped early before the interruption: not trained further", name)
+            return best_state
+    if average is not None and resumed_average is not None and start_epoch > 0:
+        average.state, average.updates = resumed_average
     for epoch in range(stage.epochs):
         order = epoch_order()
         if epoch < start_epoch:  # resumed: replay the sampling RNG, skip the work

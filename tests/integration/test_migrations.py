@@ -323,3 +323,34 @@ def test_upgrade_of_tables_made_without_migrations_says_what_to_do(tmp_path: Pat
 def test_upgrade_of_tables_made_without_migrations_on_postgresql() -> None:
     with fresh_pg_database(migrated=False) as url:
         _upgrade_refuses_tables_made_without_migrations(url)
+
+
+def test_an_upgrade_with_nothing_to_do_is_not_blocked_by_rows_broken_elsewhere(tmp_path: Path) -> None:
+    """The second review (session 29): the reference check ran on every Alembic run, so one orphan
+    row written with foreign keys off blocked `db upgrade` and `db check` for ever (a traceback)."""
+    url = f"sqlite:///{tmp_path / 'orphan.db'}"
+    migrate.upgrade(url)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("PRAGMA foreign_keys=OFF"))
+            conn.execute(
+                text(
+                    "INSERT INTO api_key (id, clinic_id, prefix, key_hash, created_at)"
+                    " VALUES (1, 999, 'p', 'h', '2026-01-01 00:00:00')"
+                )
+            )
+    finally:
+        engine.dispose()
+    migrate.upgrade(url)  # nothing to do: no check, no error
+    migrate.check(url)
+
+
+def test_tables_made_without_migrations_are_found_by_any_of_them(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    engine = create_engine(url)
+    try:
+        metadata.tables["model_version"].create(engine)
+    finally:
+        engine.dispose()
+    assert migrate.upgrade_problem(url) == migrate.UNVERSIONED

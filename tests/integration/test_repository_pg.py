@@ -183,14 +183,16 @@ def test_timestamps_read_back_in_utc_whatever_the_servers_time_zone() -> None:
             job = repo.create_job(s, clinic.id, "/import/x")
             job.created_at = noon
             job_id = job.id
-        engine = make_engine(url)
-        try:
-            with Session(engine) as s:
-                read = s.get(ScoringJob, job_id)
-                assert read is not None
-                assert read.created_at.utcoffset() == timedelta(0) and read.created_at.hour == 12
-        finally:
-            engine.dispose()
+        # also with startup options of the operator's own in the URL (they replaced the time zone)
+        for engine_url in (url, f"{url}?options=-csearch_path%3Dpublic"):
+            engine = make_engine(engine_url)
+            try:
+                with Session(engine) as s:
+                    read = s.get(ScoringJob, job_id)
+                    assert read is not None
+                    assert read.created_at.utcoffset() == timedelta(0) and read.created_at.hour == 12
+            finally:
+                engine.dispose()
 
 
 def test_keys_and_worker_refuse_what_postgresql_cannot_hold_in_one_line(pg_url: str) -> None:

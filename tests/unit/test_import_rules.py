@@ -1,7 +1,8 @@
 """The one-way arrows of docs/interfaces.md, checked by walking every import (module level and
 inside functions) of our packages:
 
-    services -> core, ml.imageio;   workers -> core, ml.inference, ml.quality, ml.imageio, ml.jpeg_damage;
+    services -> core, ml.imageio, ml.publish;
+    workers -> core, ml.inference, ml.quality, ml.imageio, ml.jpeg_damage;
     ml -> nothing of core/services/workers/cli;   ml.inference -> never ml.training;
     core -> no services/workers/ml/cli, no FastAPI, no torch;   migrations -> core only;
     cli -> anything (lazily: its module level imports no heavy package).
@@ -58,9 +59,11 @@ def _forbidden(module: str, imported: str) -> str | None:
             if _is(imported, bad):
                 return f"core must not import {bad}"
     if _is(module, "services"):
-        # ml.imageio (numpy + Pillow) validates uploads at the edge; nothing else of ml (torch).
-        if _is(imported, "ml") and imported != "ml" and not _is(imported, "ml.imageio"):
-            return "services may use only ml.imageio of ml"
+        # ml.imageio (numpy + Pillow) validates uploads at the edge, ml.publish (the standard
+        # library only) checks a release's SHA256SUMS; nothing else of ml (torch).
+        light = ("ml.imageio", "ml.publish")
+        if _is(imported, "ml") and imported != "ml" and not any(_is(imported, a) for a in light):
+            return "services may use only ml.imageio and ml.publish of ml"
         for bad in ("workers", "cli", "torch"):
             if _is(imported, bad):
                 return f"services must not import {bad}"

@@ -154,3 +154,23 @@ def test_a_malformed_manifest_or_unknown_release_is_one_clear_error(tmp_path: Pa
     for ref in (" drscreen-dev@0.1.0", "drscreen-dev@0.1.0@x"):
         with pytest.raises(ValueError, match="expected NAME@VERSION"):
             ens_mod.check_release(ref, models)
+
+
+def test_the_api_leaves_out_a_release_whose_manifest_was_changed(tmp_path: Path) -> None:
+    """The second review (session 29): /readyz said `model: true` and /v1/models showed an edited
+    manifest's figures while every worker refused the release."""
+    from services.modelinfo import released_ensembles
+
+    models, _member, ensemble = _copy_dev_release(tmp_path)
+    assert list(released_ensembles(models)) == ["drscreen-dev@0.1.0"]
+    _edit_json(ensemble / "manifest.json", {"thresholds": [0.1, 0.2, 0.3, 0.4]}, key="combination")
+    assert released_ensembles(models) == {}
+
+
+def test_checksums_written_by_sha256sum_in_binary_mode_are_read(tmp_path: Path) -> None:
+    from ml.publish import SUMS_FILE, checked_sums
+
+    _models, member, _ensemble = _copy_dev_release(tmp_path)
+    lines = (member / SUMS_FILE).read_text().splitlines()
+    (member / SUMS_FILE).write_text("".join(line.replace("  ", " *", 1) + "\n" for line in lines))
+    assert set(checked_sums(member)) == {"config.json", "model.safetensors", "metadata.json"}

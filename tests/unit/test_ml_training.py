@@ -160,6 +160,43 @@ def test_a_resumed_run_is_the_run_it_would_have_been(
     assert resumed["weights_sha256"] == first["weights_sha256"]
 
 
+def test_a_run_resumed_between_its_stages_is_the_run_it_would_have_been(
+    smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second review (session 29): interrupted after stage 1 had stopped early, the resumed
+    run's stage 2 began from fresh random states (the early-stop return came before they were
+    restored). Interrupted after stage 1's last epoch here, with early stopping likely."""
+    import ml.training.train as train_mod
+
+    overrides = {**_overrides_from(smoke_run), "stage1.epochs": 4, "stage1.patience": 1}
+    whole = train_mod.train_from_config(
+        REPO / "configs" / "smoke.toml", overrides={**overrides, "out_dir": str(tmp_path / "whole")}
+    )
+    stage1_epochs = sum(row["stage"] == "stage1" for row in _metrics(whole))
+    real_plot, calls = train_mod.plot_curves, []
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == stage1_epochs:  # stage 1's last last.pt is written: stop before stage 2
+            raise KeyboardInterrupt
+        real_plot(*args, **kwargs)
+
+    cut = {**overrides, "out_dir": str(tmp_path / "cut")}
+    monkeypatch.setattr(train_mod, "plot_curves", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train_from_config(REPO / "configs" / "smoke.toml", overrides=cut)
+    monkeypatch.setattr(train_mod, "plot_curves", real_plot)
+    [run] = list((tmp_path / "cut").iterdir())
+    train_mod.train_from_config(REPO / "configs" / "smoke.toml", resume=run, overrides=cut)
+
+    def untimed(folder: Path) -> list[dict[str, Any]]:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in _metrics(folder)]
+
+    assert untimed(run) == untimed(whole)
+    first, resumed = (json.loads((r / "best" / "metadata.json").read_text()) for r in (whole, run))
+    assert resumed["weights_sha256"] == first["weights_sha256"]
+
+
 def test_resume_keeps_the_best_state_reached_before_the_interruption(smoke_run: Path, tmp_path: Path) -> None:
     """A resumed stage must keep the best state saved in last.pt, not restart its search from the
     weights of the last epoch: the saved best is made different from every epoch's weights here."""
@@ -590,7 +627,7 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
     import ml.export
     from ml.export import export_ensemble, export_member
     from ml.inference.ensemble import check_release
-    from ml.publish import ReleaseError
+    from ml.publish import ReleaseError, write_sums
     from ml.release import newest_ensemble
     from ml.training.config import DataConfig
 
@@ -638,6 +675,7 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
     recorded = json.loads((first / "metadata.json").read_text())
     recorded["train_config"]["data"]["natural_dir"] = "../moved/away/eyepacs-natural-512"
     (first / "metadata.json").write_text(json.dumps(recorded))
+    write_sums(first)  # as an export that recorded it so would have (SHA256SUMS, session 29)
     ens = export_ensemble(["imm@0.0.1"], "imm-ens", "0.0.1", "equal_average", data, models, repeats=2)
     assert json.loads((ens / "manifest.json").read_text())["card"]["test"]["n_images"] > 0
     with pytest.raises(ReleaseError, match="exists"):
@@ -653,6 +691,7 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
     manifest = json.loads((ens / "manifest.json").read_text())
     manifest["members"][0]["weights_sha256"] = "0" * 64
     (ens / "manifest.json").write_text(json.dumps(manifest))
+    write_sums(ens)  # an export's own manifest naming other weights (not an edit SHA256SUMS would catch)
     with pytest.raises(ValueError, match="other weights"):
         check_release("imm-ens@0.0.1", models)
 
@@ -661,6 +700,7 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
     meta = json.loads(meta_path.read_text())
     meta["train_config"]["data"]["split_seed"] = meta["train_config"]["data"].get("split_seed", 0) + 1
     meta_path.write_text(json.dumps(meta))
+    write_sums(first)
     with pytest.raises(ReleaseError, match="test patients"):
         export_ensemble(["imm@0.0.1"], "imm-ens", "0.0.2", "equal_average", data, models, repeats=2)
 
@@ -669,6 +709,7 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
     meta["train_config"]["data"]["split_seed"] -= 1
     meta["train_config"]["data"]["natural_fractions"] = {"train": 0.6, "val": 0.15, "test": 0.25}
     meta_path.write_text(json.dumps(meta))
+    write_sums(first)
     for measure_test in (True, False):
         with pytest.raises(ReleaseError, match="validation patients"):
             export_ensemble(

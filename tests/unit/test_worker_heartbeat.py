@@ -403,3 +403,26 @@ def test_metrics_count_the_live_workers_and_say_when_settings_differ(
     assert _gauge(client.get("/metrics").text, "drscreen_workers_live_on_active_release") == 0
     _activate(url)
     assert _gauge(client.get("/metrics").text, "drscreen_workers_live_on_active_release") == 2
+
+
+def test_status_warns_when_the_active_release_was_changed_after_its_export(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second review (session 29): status named an edited release as active, with no warning,
+    while every worker refused it."""
+    import shutil
+
+    name, version = SHIPPED.split("@")
+    folder = tmp_path / "models" / "ensembles" / name / version
+    shutil.copytree(Path(__file__).resolve().parents[2] / "models" / "ensembles" / name / version, folder)
+    monkeypatch.setenv("DRSCREEN_MODELS_DIR", str(tmp_path / "models"))
+    get_settings.cache_clear()
+    _activate(url)
+    assert _heartbeat().beat(first=True) and _heartbeat().report_runtime("onnx", None)
+    quiet = CliRunner().invoke(cli, ["status"])
+    assert quiet.exit_code == 0, quiet.output
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["combination"]["thresholds"] = [0.1, 0.2, 0.3, 0.4]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    warned = CliRunner().invoke(cli, ["status"])
+    assert warned.exit_code == 1 and f"the active release {SHIPPED} is not usable" in warned.output
