@@ -37,7 +37,7 @@ def _grade_functions(ref: str) -> GradeFns:
     the combination), as ``Ensemble.grade_from_probabilities`` / ``grade_eye`` compute them."""
     import numpy as np
 
-    from ml.inference.combine import grade_from_probabilities, grade_pooled
+    from ml.inference.combine import grade_eye, grade_from_probabilities
     from ml.inference.ensemble import check_combination
     from ml.release import read_manifest
 
@@ -49,10 +49,7 @@ def _grade_functions(ref: str) -> GradeFns:
         return grade_from_probabilities(rule, np.asarray(probs))
 
     def eye(probs: Sequence[float], members: Mapping[str, Any] | None) -> int:
-        pooled = (
-            np.asarray([members[r] for r in refs]) if members and all(r in members for r in refs) else None
-        )
-        return grade_pooled(rule, np.asarray(probs), pooled)
+        return grade_eye(rule, refs, probs, members)
 
     return grade, eye
 

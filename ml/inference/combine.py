@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +120,19 @@ def grade_from_members(rule: CombineRule, members: np.ndarray) -> int:
     """Grade by the rule from each member's distribution (M, 5), e.g. pooled over an eye's
     photographs: for one photograph, that photograph's grade."""
     return int(combine(rule, np.asarray(members, dtype=np.float64)[:, None, :])[2][0])
+
+
+def grade_eye(
+    rule: CombineRule,
+    refs: Sequence[str],
+    probabilities: Sequence[float],
+    members: Mapping[str, Sequence[float]] | None,
+) -> int:
+    """An eye's grade from its gradable photographs pooled (:func:`grade_pooled`): ``probabilities``
+    the mean of their combined distributions, ``members`` each member's mean distribution by member
+    ref (ignored unless it names every one of ``refs``, the ensemble's members in order)."""
+    pooled = np.asarray([members[r] for r in refs]) if members and all(r in members for r in refs) else None
+    return grade_pooled(rule, np.asarray(probabilities), pooled)
 
 
 def grade_pooled(rule: CombineRule, combined: np.ndarray, members: np.ndarray | None) -> int:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml.inference.cam import regression_cam, regression_weight, to_photo_frame
-from ml.inference.combine import CombineRule, combine, grade_from_probabilities, grade_pooled, rule_problem
+from ml.inference.combine import CombineRule, combine, grade_eye, grade_from_probabilities, rule_problem
 from ml.inference.onnx_runtime import FEATURES, PROBABILITIES, OnnxMembers, int8_available
 from ml.preprocess import PreprocessConfig, prepare_pixels, to_input
 from ml.release import ensemble_dir, member_dir, newest_ensemble, read_manifest, read_release
@@ -250,14 +250,8 @@ class Ensemble:
         return grade_from_probabilities(self.rule, np.asarray(probs))
 
     def grade_eye(self, probabilities: Sequence[float], members: Mapping[str, Sequence[float]] | None) -> int:
-        """An eye's grade from its gradable photographs pooled (``combine.grade_pooled``):
-        ``probabilities`` the mean of their combined distributions, ``members`` each member's mean
-        distribution by member ref (ignored unless it names every member)."""
-        refs = [m.ref for m in self._members]
-        pooled = (
-            np.asarray([members[r] for r in refs]) if members and all(r in members for r in refs) else None
-        )
-        return grade_pooled(self.rule, np.asarray(probabilities), pooled)
+        """An eye's grade from its gradable photographs pooled (``combine.grade_eye``)."""
+        return grade_eye(self.rule, [m.ref for m in self._members], probabilities, members)
 
     def explain(self, image: np.ndarray) -> np.ndarray:
         """Grad-CAM of the ensemble's decision, in the photograph's own frame (H, W) in [0, 1].

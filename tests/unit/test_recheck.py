@@ -11,7 +11,7 @@ from core import repository as repo
 from core.aggregation import argmax_grade
 from core.db import session_scope
 from core.tables import EyeResult, PatientResult
-from tests.unit.test_repository_sqlite import _image
+from tests.unit.test_repository_sqlite import _graded
 
 REF = "drscreen-dev@0.1.0"  # a shipped release: its manifest's rule grades the stored probabilities
 
@@ -28,12 +28,7 @@ def _recorded_before_the_rule(url: str) -> None:
             ("left", 2, [0.6, 0.0, 0.4, 0.0, 0.0]),  # expected grade 0.8: 2 at the dev release's cuts
             ("right", 0, [1.0, 0.0, 0.0, 0.0, 0.0]),
         ):
-            im = _image(s, clinic.id, patient.id, eye)
-            repo.upsert_prediction(
-                s, image_id=im.id, model_version_id=mv.id, grade=grade, probabilities=probs,
-                members=None, referable=grade >= 2, gradable=True,
-            )  # fmt: skip
-            repo.mark_image_done(s, im, quality={"gradable": True}, gradable=True)
+            _graded(s, clinic.id, patient.id, mv.id, eye, grade, probabilities=probs)
         s.flush()
         s.expire_all()  # read back as stored (SQLite's naive timestamps), as a worker reads them
         repo.recompute_patient(s, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)

@@ -64,6 +64,30 @@ def _image(
     )
 
 
+def _graded(
+    session: Session,
+    clinic_id: int,
+    patient_id: int,
+    model_version_id: int,
+    eye: str,
+    grade: int,
+    *,
+    sha256: str | None = None,
+    probabilities: list[float] | None = None,
+) -> repo.Image:
+    """A photograph scored gradable with ``grade`` (its probabilities all on that grade unless given)."""
+    im = _image(session, clinic_id, patient_id, eye, sha256=sha256)
+    if probabilities is None:
+        probabilities = [0.0] * 5
+        probabilities[grade] = 1.0
+    repo.upsert_prediction(
+        session, image_id=im.id, model_version_id=model_version_id, grade=grade, probabilities=probabilities,
+        members=None, referable=grade >= 2, gradable=True,
+    )  # fmt: skip
+    repo.mark_image_done(session, im, quality={"gradable": True}, gradable=True)
+    return im
+
+
 def test_images_bundles_predictions_results(session: Session) -> None:
     a = repo.get_or_create_clinic(session, "A")
     b = repo.get_or_create_clinic(session, "B")
@@ -189,15 +213,8 @@ def test_a_patient_result_comes_from_the_latest_visit(session: Session) -> None:
     def visit(grades: dict[str, int], when: object) -> list[str]:
         ids = []
         for eye, grade in grades.items():
-            im = _image(session, clinic.id, patient.id, eye)
+            im = _graded(session, clinic.id, patient.id, mv.id, eye, grade)
             im.created_at = im.sent_at = when  # type: ignore[assignment]
-            probs = [0.0] * 5
-            probs[grade] = 1.0
-            repo.upsert_prediction(
-                session, image_id=im.id, model_version_id=mv.id, grade=grade, probabilities=probs,
-                members=None, referable=grade >= 2, gradable=True,
-            )  # fmt: skip
-            repo.mark_image_done(session, im, quality={"gradable": True}, gradable=True)
             ids.append(im.id)
         return ids
 
@@ -377,20 +394,8 @@ def test_a_referable_photograph_sent_as_both_eyes_refers_the_patient(session: Se
     patient = repo.get_or_create_patient(session, clinic.id, "P")
     mv = repo.get_or_create_model_version(session, "ens@1.0.0", {"members": ["m@1"]})
 
-    def scored(eye: str, sha: str, grade: int) -> None:
-        im = _image(session, clinic.id, patient.id, eye, sha256=sha)
-        probs = [0.0] * 5
-        probs[grade] = 1.0
-        repo.upsert_prediction(
-            session, image_id=im.id, model_version_id=mv.id, grade=grade, probabilities=probs,
-            members=None, referable=grade >= 2, gradable=True,
-        )  # fmt: skip
-        repo.mark_image_done(session, im, quality={"gradable": True}, gradable=True)
-
-    scored("left", "b" * 64, 0)
-    scored("right", "c" * 64, 0)
-    scored("left", "a" * 64, 2)
-    scored("right", "a" * 64, 2)
+    for eye, sha, grade in (("left", "b", 0), ("right", "c", 0), ("left", "a", 2), ("right", "a", 2)):
+        _graded(session, clinic.id, patient.id, mv.id, eye, grade, sha256=sha * 64)
     result = repo.recompute_patient(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
     assert (result.grade, result.gradable, result.referable) == (0, True, True)
     assert {e.eye: (e.grade, e.referable) for e in result.eyes} == {"left": (0, True), "right": (0, True)}
