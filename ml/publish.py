@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -95,6 +95,27 @@ def is_candidate(folder: Path) -> bool:
         return json.loads((folder / "manifest.json").read_text())["card"]["test"]["n_images"] == 0
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+#: The product's own ensemble: the default model whenever a release of it is installed.
+PRODUCT_ENSEMBLE: Final = "drscreen-ensemble"
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+
+
+def default_release(releases: Iterable[str]) -> str | None:
+    """The model served when none is named: the highest version of ``drscreen-ensemble`` among
+    ``releases`` (``name@version``, candidates already left out), or, in a models folder without
+    it (a deployment's own ensembles), the highest version of any name.
+
+    The product's name comes first so that a development or experimental ensemble that happens
+    to carry a higher number (``drscreen-dev@2.0.0``) is never served unless it is named."""
+    refs = list(releases)
+    product = [r for r in refs if r.partition("@")[0] == PRODUCT_ENSEMBLE]
+    pool = product or refs
+    return max(pool, key=lambda r: version_key(r.partition("@")[2])) if pool else None
 
 
 def writable(models_dir: Path, kind: str, name: str, version: str, force: bool = False) -> Path:

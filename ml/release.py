@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ml.preprocess import PreprocessConfig
-from ml.publish import checked_sums, is_candidate, sha256_file
+from ml.publish import checked_sums, default_release, is_candidate, sha256_file, version_key
 
 if TYPE_CHECKING:
     from ml.models import GradingNet
@@ -55,10 +55,6 @@ def split_ref(ref: str) -> tuple[str, str]:
     if not sep or not name or not version or "@" in version or ref != ref.strip():
         raise ValueError(f"expected NAME@VERSION, got {ref!r}")
     return name, version
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
 
 
 def save_checkpoint(
@@ -151,14 +147,15 @@ def list_ensembles(models_dir: Path | None = None) -> list[str]:
 
 
 def newest_ensemble(models_dir: Path | None = None) -> str:
-    """The default model (``DRSCREEN_MODEL`` unset): the highest version among the releases, never
-    a candidate that happens to carry a higher number (it is served only when named)."""
+    """The default model (``DRSCREEN_MODEL`` unset): ``ml.publish.default_release`` of the
+    releases, never a candidate that happens to carry a higher number (served only when named)."""
     refs = [r for r in list_ensembles(models_dir) if not is_candidate(ensemble_dir(r, models_dir))]
-    if not refs:
+    chosen = default_release(refs)
+    if chosen is None:
         raise FileNotFoundError(
             f"no released ensemble under {(models_dir or default_models_dir()) / 'ensembles'}"
         )
-    return max(refs, key=lambda r: version_key(split_ref(r)[1]))
+    return chosen
 
 
 def read_manifest(ref: str, models_dir: Path | None = None) -> dict[str, Any]:

@@ -14,14 +14,21 @@ from typing import Any
 
 from core.schemas import ModelInfo, ModelMember
 from core.settings import Settings
-from ml.publish import checked_sums
+from ml.publish import checked_sums, default_release
 from ml.publish import is_candidate as publish_is_candidate
 
 log = logging.getLogger(__name__)
 
 
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+#: Problems already logged: /readyz, every /metrics scrape and the model pages read the releases,
+#: and one tampered release logged the same warning at each of them.
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def released_ensembles(models_dir: Path) -> dict[str, Path]:
@@ -38,7 +45,7 @@ def released_ensembles(models_dir: Path) -> dict[str, Path]:
         try:
             checked_sums(manifest.parent)  # the manifest only here: a few kB, read per request
         except (OSError, ValueError) as exc:
-            log.warning("release %s left out: %s", manifest.parent, exc)
+            _warn_once(f"release {manifest.parent} left out: {exc}")
             continue
         found[f"{manifest.parent.parent.name}@{manifest.parent.name}"] = manifest
     return found
@@ -67,8 +74,8 @@ def activated_release(settings: Settings) -> str | None:
 def active_ref(settings: Settings) -> str | None:
     """What workers serve: the activated release (``drscreen model activate``) if there is one
     (None when this machine's models folder lacks it: /readyz then says so), else
-    ``DRSCREEN_MODEL`` if that release exists, else the newest version that is not a candidate
-    (as workers choose, ``ml.release.newest_ensemble``)."""
+    ``DRSCREEN_MODEL`` if that release exists, else ``ml.publish.default_release`` of the
+    releases that are not candidates (as workers choose, ``ml.release.newest_ensemble``)."""
     found = released_ensembles(settings.models_dir)
     activated = activated_release(settings)
     if activated is not None:
@@ -78,10 +85,7 @@ def active_ref(settings: Settings) -> str | None:
         return activated
     if settings.model:
         return settings.model if settings.model in found else None
-    releases = [ref for ref, manifest in found.items() if not is_candidate(manifest)]
-    if not releases:
-        return None
-    return max(releases, key=lambda ref: _version_key(ref.partition("@")[2]))
+    return default_release(ref for ref, manifest in found.items() if not is_candidate(manifest))
 
 
 def read_manifest(settings: Settings, ref: str) -> dict[str, Any] | None:

@@ -278,11 +278,23 @@ def test_web_interface_in_chromium(
     assert page.pdf(path=str(tmp_path / "result.pdf"))[:5] == b"%PDF-"  # Chromium lays it out on paper
     page.emulate_media(media="screen")
 
-    # A heatmap that never came (its message lost): "ask again" asks in place and shows it once
-    # drawn (the link opened the heatmap route's bare "not ready yet" text).
+    # The session ends while the page waits for a heatmap: the page's poll is refused (401) and
+    # it goes to sign in with itself as `next`, and is back after signing in (it went to a bare
+    # /login, then the home page: the clinician had to find the patient again).
     lost = api["images"][0]["id"]
     with session_scope(env["DRSCREEN_DATABASE_URL"]) as s:
         s.execute(delete(Explanation).where(Explanation.image_id == lost))
+    page.reload()
+    assert page.locator("[data-progress-url]").count() == 1  # waiting for the heatmap
+    page.context.clear_cookies()
+    page.wait_for_url(f"{api_url}/login?next=%2Fbundles%2F{bundle_id}", timeout=STEP_TIMEOUT_MS)
+    page.fill("#api_key", key.key)
+    page.click("#login-form button[type=submit]")
+    page.wait_for_url(f"{api_url}/bundles/{bundle_id}")
+
+    # A heatmap that never came (its message lost): "ask again" asks in place and shows it once
+    # drawn (the link opened the heatmap route's bare "not ready yet" text).
+    with session_scope(env["DRSCREEN_DATABASE_URL"]) as s:
         s.execute(update(Image).where(Image.id == lost).values(finished_at=utcnow() - timedelta(hours=1)))
     page.reload()
     card = page.locator(f"[data-testid=photo][data-image-id='{lost}']")

@@ -4,6 +4,7 @@ member's metadata, reusing the metadata ``read_release`` has read when given it.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,9 @@ def test_a_malformed_manifest_or_unknown_release_is_one_clear_error(tmp_path: Pa
             ens_mod.check_release(ref, models)
 
 
-def test_the_api_leaves_out_a_release_whose_manifest_was_changed(tmp_path: Path) -> None:
+def test_the_api_leaves_out_a_release_whose_manifest_was_changed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The second review (session 29): /readyz said `model: true` and /v1/models showed an edited
     manifest's figures while every worker refused the release."""
     from services.modelinfo import released_ensembles
@@ -164,7 +167,14 @@ def test_the_api_leaves_out_a_release_whose_manifest_was_changed(tmp_path: Path)
     models, _member, ensemble = _copy_dev_release(tmp_path)
     assert list(released_ensembles(models)) == ["drscreen-dev@0.1.0"]
     _edit_json(ensemble / "manifest.json", {"thresholds": [0.1, 0.2, 0.3, 0.4]}, key="combination")
-    assert released_ensembles(models) == {}
+    with caplog.at_level(logging.WARNING, logger="services.modelinfo"):
+        for _ in range(3):  # /readyz, a /metrics scrape, the model page: one warning, not three
+            assert released_ensembles(models) == {}
+    assert [r.getMessage() for r in caplog.records if "left out" in r.getMessage()] == [
+        f"release {ensemble} left out: {ensemble / 'manifest.json'} was changed after the release "
+        "was exported (its sha256 differs from SHA256SUMS): restore the release folder as shipped, "
+        "or export a new version"
+    ]
 
 
 def test_checksums_written_by_sha256sum_in_binary_mode_are_read(tmp_path: Path) -> None:

@@ -245,6 +245,32 @@ def test_the_api_and_the_workers_take_the_same_default_model(url: str, tmp_path:
     assert active_ref(settings) == newest_ensemble(tmp_path / "models") == "e@1.1.0"
 
 
+def test_a_higher_numbered_dev_ensemble_is_not_the_default_model(tmp_path: Path) -> None:
+    """The default was the highest version of any ensemble name: a drscreen-dev@9.0.0 beside the
+    product's releases was what workers served and the API reported when nothing was named."""
+    import json
+
+    from ml.release import newest_ensemble
+    from services.modelinfo import active_ref
+
+    def release(name: str, version: str) -> None:
+        folder = tmp_path / "models" / "ensembles" / name / version
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"card": {"test": {"n_images": 12}}}))
+
+    settings = get_settings().model_copy(update={"models_dir": tmp_path / "models", "model": None})
+    release("clinic-own", "2.0.0")
+    release("clinic-own", "10.0.0")
+    # no product release installed: the highest version of what is there
+    assert active_ref(settings) == newest_ensemble(tmp_path / "models") == "clinic-own@10.0.0"
+    release("drscreen-ensemble", "1.6.0")
+    release("drscreen-ensemble", "1.10.0")
+    release("drscreen-dev", "9.0.0")
+    assert active_ref(settings) == newest_ensemble(tmp_path / "models") == "drscreen-ensemble@1.10.0"
+    named = settings.model_copy(update={"model": "drscreen-dev@9.0.0"})
+    assert active_ref(named) == "drscreen-dev@9.0.0"  # served when named
+
+
 def test_one_schema_check_says_refuse_unreachable_or_fine(isolated_settings: Path) -> None:
     """One helper for `drscreen serve`/`worker` and the API's lifespan (they were near-twins)."""
     assert "port 1" in (migrate.check_schema_at_start("postgresql+psycopg://nobody@127.0.0.1:1/none") or "")

@@ -11,6 +11,13 @@
   const POLL_MS = 2000;
   const GIVE_UP_MS = 15 * 60 * 1000;
 
+  // The session ended while the page waited: sign in and come back to this page (a bare
+  // "/login" ended on the home page, and the clinician had to find the patient again).
+  function signIn() {
+    const here = window.location.pathname + window.location.search;
+    window.location.assign(here === "/" ? "/login" : "/login?next=" + encodeURIComponent(here));
+  }
+
   function pollProgress(el) {
     const url = el.getAttribute("data-progress-url");
     const text = el.querySelector("[data-progress-text]");
@@ -24,7 +31,7 @@
       }
       try {
         const resp = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" }, cache: "no-store" });
-        if (resp.status === 401) { window.location.assign("/login"); return; }
+        if (resp.status === 401) { signIn(); return; }
         if (resp.ok) {
           const p = await resp.json();
           if (p.complete) { window.location.reload(); return; }
