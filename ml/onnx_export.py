@@ -37,7 +37,7 @@ import torch
 from ml.inference.combine import combine
 from ml.inference.ensemble import Ensemble, load_ensemble
 from ml.inference.onnx_graph import export_member_onnx
-from ml.inference.onnx_runtime import OPSET, PROBABILITIES, cache_dir, onnx_path_for
+from ml.inference.onnx_runtime import OPSET, PROBABILITIES, cache_dir, onnx_path_for, seal
 from ml.inference.openvino_runtime import (
     PRECISIONS,
     OpenVinoSession,
@@ -469,9 +469,12 @@ def _quantize_all(
         log.info("int8 %s: %s", label, out[label])
         if kind == "static" and out[label]["passes_criteria"]:
             kept_label = label
+            for p in paths.values():
+                seal(p)  # workers take int8 graphs only sealed, i.e. kept whole
         else:
             for p in paths.values():
                 p.unlink(missing_ok=True)
+                Path(f"{p}.sha256").unlink(missing_ok=True)
     out["fp32_ips_batch8"] = _speed(_sessions(fp32, threads), sizes)  # same moment, same load
     out["kept"] = kept_label
     return out

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ml.inference.onnx_runtime import FEATURES, OPSET, PROBABILITIES
+from ml.inference.onnx_runtime import FEATURES, OPSET, PROBABILITIES, seal
 from ml.models import GradingNet, grade_probabilities
 
 
@@ -103,7 +103,7 @@ def export_member_onnx(model: GradingNet, size: int, out: Path, batch: int | Non
     )
     model.eval()  # the TorchScript exporter leaves the module in training mode (BatchNorm!)
     tmp.rename(out)
-    return out
+    return seal(out)
 
 
 def export_release_member(ref: str, out: Path, models_dir: Path | None = None) -> Path:

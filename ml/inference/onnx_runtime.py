@@ -51,6 +51,26 @@ def onnx_path_for(ref: str, models_dir: Path | None, quantized: bool = False) ->
     return cache_dir() / f"{ref.replace('@', '-')}-{digest}-g{GRAPH_VERSION}{kind}.onnx"
 
 
+def seal(path: Path) -> Path:
+    """Record a finished graph's sha256 beside it (``<graph>.sha256``); sessions read only graphs
+    whose seal holds (``graph_problem``). The file name says which weights a graph is of; the seal
+    says the file is the one the exporter wrote (not a half-written, damaged or hand-copied one)."""
+    Path(f"{path}.sha256").write_text(sha256_file(path) + "\n")
+    return path
+
+
+def graph_problem(path: Path) -> str | None:
+    """Why the cached graph ``path`` must not be used, or None when its seal holds."""
+    sealed = Path(f"{path}.sha256")
+    if not path.exists():
+        return "is missing"
+    if not sealed.is_file():
+        return "has no .sha256 seal (an interrupted export, or a cache written before seals)"
+    if sealed.read_text().strip() != sha256_file(path):
+        return "differs from its .sha256 seal (changed or damaged after it was exported)"
+    return None
+
+
 def export_in_child(ref: str, out: Path, models_dir: Path | None = None) -> Path:
     """Export a released member to ``out`` in a child process.
 
@@ -93,7 +113,7 @@ def _register_shared_arena(ort: Any) -> None:
 def int8_available(refs: list[str], models_dir: Path | None = None) -> bool:
     """True when `drscreen export onnx --quantize` kept an int8 graph for every member (it writes
     them only when the ensemble's grades and QWK stay within the acceptance limits)."""
-    return all(onnx_path_for(ref, models_dir, quantized=True).exists() for ref in refs)
+    return all(graph_problem(onnx_path_for(ref, models_dir, quantized=True)) is None for ref in refs)
 
 
 def ort_session(path: Path) -> Any:
@@ -157,13 +177,16 @@ class OnnxMembers:
         sessions: dict[str, object] = {}
         for ref in refs:
             path = onnx_path_for(ref, models_dir, quantized)
-            if not path.exists():
-                if not export:
-                    raise FileNotFoundError(f"{path} missing: run `drscreen export onnx`")
-                log.info("exporting %s to ONNX at %s", ref, path)
-                export_in_child(ref, onnx_path_for(ref, models_dir), models_dir)
+            problem = graph_problem(path)
+            if problem is not None:
                 if quantized:
-                    raise FileNotFoundError(f"{path} missing: run `drscreen export onnx --quantize`")
+                    raise FileNotFoundError(f"{path} {problem}: run `drscreen export onnx --quantize`")
+                if not export:
+                    raise FileNotFoundError(f"{path} {problem}: run `drscreen export onnx`")
+                (log.info if problem == "is missing" else log.warning)(
+                    "%s %s: exporting %s to ONNX again", path, problem, ref
+                )
+                export_in_child(ref, path, models_dir)
             if ref not in sessions:
                 sessions[ref] = new_session(path, ref)
         return cls(sessions, threads)

@@ -82,6 +82,38 @@ def test_onnx_predict_and_explain_leave_pytorch_members_unloaded(
     assert not any(m.loaded for m in ens.member_objects)
 
 
+def test_a_damaged_or_unsealed_cached_graph_is_exported_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cached graph was trusted by its file name: a half-written, damaged or hand-copied one
+    under the right name was served. Graphs are sealed (sha256 beside them) when written."""
+    from ml.inference.onnx_runtime import OnnxMembers, onnx_path_for
+    from ml.release import read_manifest
+
+    monkeypatch.setenv("DRSCREEN_ONNX_CACHE", str(tmp_path / "onnx"))
+    images = _photos(2)
+    expected = [p.probabilities for p in load_ensemble(MODEL, MODELS_DIR, runtime="onnx").predict(images)]
+    refs = [m["ref"] for m in read_manifest(MODEL, MODELS_DIR)["members"]]
+    graph = onnx_path_for(refs[0], MODELS_DIR)
+    assert Path(f"{graph}.sha256").is_file()
+    for damage in ("flip", "unseal"):
+        if damage == "flip":
+            data = bytearray(graph.read_bytes())
+            data[len(data) // 2] ^= 0xFF  # one flipped byte in a weight: still a loadable graph
+            graph.write_bytes(bytes(data))
+        else:
+            Path(f"{graph}.sha256").unlink()
+        caplog.clear()
+        again = [p.probabilities for p in load_ensemble(MODEL, MODELS_DIR, runtime="onnx").predict(images)]
+        assert again == expected, damage
+        assert any("exporting" in r.getMessage() and "seal" in r.getMessage() for r in caplog.records)
+    # an int8 graph is written only by `drscreen export onnx --quantize`: unsealed, it is refused
+    int8 = onnx_path_for(refs[0], MODELS_DIR, quantized=True)
+    int8.write_bytes(graph.read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"no .sha256 seal.*--quantize"):
+        OnnxMembers.load(tmp_path, refs[:1], MODELS_DIR, quantized=True)
+
+
 def test_onnx_worker_process_never_imports_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the memory figure rests on: loading (exporting the missing ONNX files, here the cache is
     empty), predicting and drawing a heatmap import neither torch nor timm."""
