@@ -5,6 +5,7 @@ the internet. It signs in with an API key (a server-side session in an HttpOnly 
 the same route functions as ``/v1`` (same validation, storage, queueing, clinic isolation and audit).
 """
 
-from services.web.routes import SIGNED_IN_FORMS, UPLOAD_FORMS, not_found_page, router
+from services.web.pages import not_found_page
+from services.web.routes import SIGNED_IN_FORMS, UPLOAD_FORMS, router
 
 __all__ = ["SIGNED_IN_FORMS", "UPLOAD_FORMS", "not_found_page", "router"]
