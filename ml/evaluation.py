@@ -150,9 +150,29 @@ def evaluate(labels: Path, ref: str | None, batch: int = 16, runtime: str = "tor
         y, grades, referable_score, _patient_ids(rows) if with_patients else None
     )
     report["intervals_resampled"] = "patients" if with_patients else "images"
+    gradable = [r["image"] not in rejected for r in rows]
     if with_patients:
-        gradable = [r["image"] not in rejected for r in rows]
-        report["patient"] = patient_metrics(rows, ens, member_probs, y, gradable)
+        report["patient"] = {
+            **patient_metrics(rows, ens, member_probs, y, gradable),
+            "note": "as the service decides: an eye whose photographs the quality gate rejects is referred",
+        }
+        report["patient_model_only"] = {
+            **patient_metrics(rows, ens, member_probs, y, None),
+            "note": "every photograph graded, the quality gate not applied (the model card's figures)",
+        }
+    # one row per photograph, so every figure above can be recomputed from what was printed
+    report["predictions"] = [
+        {
+            "image": r["image"],
+            "patient_id": r.get("patient_id") or None,
+            "eye": r.get("eye") or None,
+            "grade": int(t),
+            "predicted": int(g),
+            "referable_score": round(float(sc), 6),
+            "gradable": ok,
+        }
+        for r, t, g, sc, ok in zip(rows, y, grades, referable_score, gradable, strict=True)
+    ]
     return report
 
 
@@ -185,7 +205,9 @@ def patient_metrics(
     pooled every such row into one patient)."""
     member_probs = np.array([[m[ref] for m in members] for ref in ens.members])
     eyes = [r.get("eye") or "" for r in rows]
-    return patient_referable_metrics(ens.rule, member_probs, _patient_ids(rows), eyes, y, gradable)
+    return patient_referable_metrics(
+        ens.rule, member_probs, _patient_ids(rows), eyes, y, gradable, with_intervals=True
+    )
 
 
 def _patient_ids(rows: list[dict[str, str]]) -> list[str]:
@@ -253,9 +275,24 @@ def write_report(report: dict[str, Any], out: Path, y_true: list[int] | None = N
             + "; ".join(interval_lines(report)),
             "",
         ]
-    if "patient" in report:
-        md += ["Patient level: " + json.dumps(report["patient"]), ""]
-    md += [*plots, ""]
+    for key, label in (("patient", "Patient level"), ("patient_model_only", "Patient level, model only")):
+        if key in report:
+            md += [f"{label}: {patient_line(report[key])}", ""]
+    md += [
+        "The referable AUC and ROC curve rank photographs by the ensemble's probability of grade >= 2; "
+        "the referral itself cuts the expected grade (its cut points), so the sensitivity and "
+        "specificity above are near the curve, not always on it.",
+        "",
+        "Each photograph's reference grade, predicted grade and referable score: `predictions.csv`.",
+        "",
+        *plots,
+        "",
+    ]
+    with (out / "predictions.csv").open("w", newline="") as fh:
+        columns = ["image", "patient_id", "eye", "grade", "predicted", "referable_score", "gradable"]
+        rows_out = csv.DictWriter(fh, fieldnames=columns)
+        rows_out.writeheader()
+        rows_out.writerows(report.get("predictions", []))
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text(html_report(report))
 
@@ -287,11 +324,22 @@ def html_report(report: dict[str, Any]) -> str:
             f"<h2>95% bootstrap intervals (resampling {html.escape(report['intervals_resampled'])})</h2>",
             _table(["metric", "low", "high"], rows),
         ]
-    if "patient" in report:
-        parts += [
-            "<h2>Patient level (worse eye)</h2>",
-            _table(["metric", "value"], list(report["patient"].items())),
-        ]
+    for key, title in (
+        ("patient", "Patient level (worse eye)"),
+        ("patient_model_only", "Patient level, model only"),
+    ):
+        if key in report:
+            figures = report[key]
+            intervals = figures.get("intervals_95", {})
+            rows = [
+                [k, v, *intervals.get(k, ["", ""])]
+                for k, v in figures.items()
+                if k not in ("intervals_95", "note")
+            ]
+            parts += [
+                f"<h2>{title}</h2><p>{html.escape(figures['note'])}</p>",
+                _table(["metric", "value", "95% low", "95% high"], rows),
+            ]
     parts += ['<h2>Confusion matrix</h2><img src="confusion_matrix.png" alt="confusion matrix">']
     if report.get("referable_roc"):
         parts += ['<h2>Referable ROC</h2><img src="roc_referable.png" alt="referable ROC curve">']
@@ -356,12 +404,31 @@ def evaluate_cli(
         f"ungradable; referring them as the service does: sensitivity "
         f"{screening['referable_sensitivity']:.4f}, specificity {screening['referable_specificity']:.4f}\n"
     )
-    if "patient" in report:
-        out.write(f"{'patient level':>24}: " + json.dumps(report["patient"]) + "\n")
+    for key, label in (("patient", "patient level"), ("patient_model_only", "patient, model only")):
+        if key in report:
+            out.write(f"{label:>24}: {patient_line(report[key])}\n")
     if as_json:
         # the LAST line of stdout is one JSON object (NaN -> null so any JSON parser reads it)
         out.write(json.dumps(nan_to_none(json_report(report))) + "\n")
     return 0
+
+
+def patient_line(figures: dict[str, Any]) -> str:
+    """'n patients; sensitivity x (lo .. hi), ...; note' ("n/a" where a figure is undefined)."""
+
+    def fmt(key: str) -> str:
+        value = figures.get(key)
+        if value is None or not np.isfinite(value):
+            return "n/a"
+        lo, hi = figures.get("intervals_95", {}).get(key, (float("nan"), float("nan")))
+        return f"{value:.3f}" + (f" ({lo:.3f} .. {hi:.3f})" if np.isfinite(lo) else "")
+
+    names = {"referable_sensitivity": "sensitivity", "referable_specificity": "specificity"}
+    shown = [
+        f"{names.get(k, 'AUC')} {fmt(k)}"
+        for k in ("referable_sensitivity", "referable_specificity", "referable_auc")
+    ]
+    return f"{figures['n_patients']} patients; " + ", ".join(shown) + f"; {figures['note']}"
 
 
 def json_report(report: dict[str, Any]) -> dict[str, Any]:

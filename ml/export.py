@@ -34,6 +34,7 @@ from ml.ensemble_fit import (
     TARGET_SPECIFICITY,
     choose_rule,
     fit_rules,
+    fit_weighted_average,
     member_checks,
 )
 from ml.inference.combine import CombineRule, combine, expected
@@ -208,7 +209,9 @@ def export_ensemble(
     singles = member_checks(p_val, y_val, groups, repeats)
     table: dict[str, dict[str, Any]] = {}
     for i, ref in enumerate(member_refs):
-        single = CombineRule("weighted_average", [1.0], rules["max_vote"].member_thresholds[i])
+        # each member at the floor its own out-of-fold check chose, so all of its row is one fit
+        # (max_vote's cut points were fitted at max_vote's floor: the review of session 30)
+        single = fit_weighted_average([1.0])(p_val[i : i + 1], y_val, groups, singles[i].floor)
         table[ref] = {
             "validation": evaluate_probs(single, p_val[i : i + 1], y_val),
             "validation_out_of_fold": asdict(singles[i]),
@@ -230,7 +233,12 @@ def export_ensemble(
             y_test, chosen_grades, combined[:, 2:].sum(axis=1), [s.patient_id for s in test]
         )
         patient_level = patient_referable_metrics(
-            rules[chosen], p_test, [s.patient_id for s in test], [s.eye for s in test], y_test
+            rules[chosen],
+            p_test,
+            [s.patient_id for s in test],
+            [s.eye for s in test],
+            y_test,
+            with_intervals=True,
         )
     manifest = {
         "name": name,
@@ -351,7 +359,8 @@ CARD_PER_PHOTOGRAPH = "Every figure in this table is per photograph; the service
 CARD_SELECTION = (
     "- The out-of-fold figures also chose among the rules and sensitivity floors on the same "
     "validation patients (and members' stage-1 checkpoints may have been chosen on them): the "
-    "chosen rule's out-of-fold figure is optimistic; the test figures are the unbiased ones."
+    "chosen rule's out-of-fold figure is optimistic; the test figures are the least biased ones "
+    "here, but the same test patients have been read for each release since 1.0.0."
 )
 
 
@@ -456,13 +465,22 @@ def _patient_level_lines(figures: dict[str, Any] | None) -> list[str]:
         "level**: the operating point was chosen per photograph, and a patient has two chances to be "
         "referred."
     )
+    intervals = figures.get("intervals_95") or {}
+
+    def figure(key: str) -> str:
+        lo_hi = intervals.get(key)
+        return _fmt(figures[key]) + (f" ({_fmt(lo_hi[0])} .. {_fmt(lo_hi[1])})" if lo_hi else "")
+
     return [
         "",
-        "Per patient, as the service decides (an eye graded from its photographs pooled; referred when "
-        f"either eye is referable; the quality gate not applied), on the {figures['n_patients']} test "
-        "patients: "
-        f"referable sensitivity {_fmt(sens)}, specificity {_fmt(spec)}, "
-        f"AUC {_fmt(figures['referable_auc'])}; {verdict}",
+        "Per patient, by the service's rule (an eye graded from its photographs pooled, and referred "
+        "when one of them alone is referable; the patient referred when either eye is), every "
+        "photograph graded (the quality gate not applied: `drscreen evaluate` prints this as "
+        f"'patient, model only'), on the {figures['n_patients']} test patients"
+        + (", 95% intervals from 2,000 resamples of the patients" if intervals else "")
+        + ": "
+        f"referable sensitivity {figure('referable_sensitivity')}, specificity "
+        f"{figure('referable_specificity')}, AUC {figure('referable_auc')}; {verdict}",
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -17,8 +18,10 @@ Labels = Sequence[int] | np.ndarray  # grades, as a list or a numpy array
 Scores = Sequence[float] | np.ndarray
 
 
-def qwk(y_true: Labels, y_pred: Labels) -> float:
-    """Quadratic weighted kappa over the 5 ICDR grades (0.0 when undefined).
+def qwk(y_true: Labels, y_pred: Labels, undefined: float = 0.0) -> float:
+    """Quadratic weighted kappa over the 5 ICDR grades (``undefined`` when it is: no photographs,
+    or labels and grades each all one grade, where scikit-learn says NaN). Fitting keeps 0.0
+    (a cut point that makes it undefined is no better than chance); reports pass NaN.
 
     Same value as sklearn's cohen_kappa_score(weights="quadratic", labels=range(5)) (without
     ``labels`` sklearn weighs by the grades present only), computed with numpy because ensemble
@@ -26,8 +29,8 @@ def qwk(y_true: Labels, y_pred: Labels) -> float:
     """
     t, p = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     if len(t) == 0:
-        return 0.0
-    return float(qwk_many(t, p[None, :])[0])
+        return undefined
+    return float(qwk_many(t, p[None, :], undefined)[0])
 
 
 def apply_thresholds(scores: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
@@ -35,11 +38,11 @@ def apply_thresholds(scores: np.ndarray, thresholds: Sequence[float]) -> np.ndar
     return np.searchsorted(np.asarray(sorted(thresholds)), np.asarray(scores), side="right").astype(int)
 
 
-def qwk_many(y_true: np.ndarray, y_preds: np.ndarray) -> np.ndarray:
+def qwk_many(y_true: np.ndarray, y_preds: np.ndarray, undefined: float = 0.0) -> np.ndarray:
     """QWK of each row of y_preds (K, N) against y_true (N,) in one vectorised pass."""
     k, n = y_preds.shape
     if n == 0:
-        return np.zeros(k)
+        return np.full(k, undefined)
     cells = (np.arange(k)[:, None] * NUM_GRADES + np.asarray(y_true)[None, :]) * NUM_GRADES + y_preds
     observed = np.bincount(cells.ravel(), minlength=k * NUM_GRADES**2).reshape(k, NUM_GRADES, NUM_GRADES)
     expected = observed.sum(axis=2)[:, :, None] * observed.sum(axis=1)[:, None, :] / n
@@ -47,7 +50,7 @@ def qwk_many(y_true: np.ndarray, y_preds: np.ndarray) -> np.ndarray:
     denominator = (weights * expected).sum(axis=(1, 2))
     numerator = (weights * observed).sum(axis=(1, 2))
     safe = np.where(denominator == 0, 1.0, denominator)
-    return np.where(denominator == 0, 0.0, 1.0 - numerator / safe)
+    return np.where(denominator == 0, undefined, 1.0 - numerator / safe)
 
 
 def fit_thresholds(scores: np.ndarray, y_true: np.ndarray, rounds: int = 3) -> tuple[float, ...]:
@@ -107,7 +110,7 @@ def grading_report(
     y_t, y_p = np.asarray(y_true), np.asarray(y_pred)
     report: dict[str, object] = {
         "n_images": len(y_t),
-        "qwk": qwk(y_t, y_p),
+        "qwk": qwk(y_t, y_p, undefined=float("nan")),  # null in JSON, as an absent grade's recall
         "accuracy": float((y_t == y_p).mean()) if len(y_t) else float("nan"),
         "per_class_recall": recall,
         "confusion_matrix": matrix.tolist(),
@@ -156,7 +159,8 @@ def bootstrap_intervals(
         for key, value in referable_metrics(t[idx], p[idx], s[idx]).items():
             values[key].append(value)
     # resamples differ in length when groups differ in size, so QWK is taken one draw at a time
-    values["qwk"] = [qwk(t[idx], p[idx]) for idx in draws]
+    # a resample where QWK is undefined is dropped, as the referable figures' are (it counted 0)
+    values["qwk"] = [qwk(t[idx], p[idx], undefined=float("nan")) for idx in draws]
     tail = 100 * (1 - level) / 2
     out: dict[str, list[float]] = {}
     for key, vals in values.items():
@@ -177,14 +181,16 @@ def patient_referable_metrics(
     eyes: Sequence[str],
     y_true: Labels,
     gradable: Sequence[bool] | None = None,
-) -> dict[str, float]:
+    with_intervals: bool = False,
+) -> dict[str, Any]:
     """Referable figures per patient, as the service decides: an eye graded from its gradable
     photographs pooled (``combine.eye_grade``) and referred also when one of them alone is
     referable, an eye with none referred, the patient referable when either eye is; the score is
     the worse eye's referable probability, pooled or of its worst photograph (1 for an eye with no
     gradable photograph). ``member_probs`` (M, N, 5) for N photographs; ``gradable`` what the
     quality gate let through (default all). The image-level operating point does not carry over:
-    a patient has two chances to be referred."""
+    a patient has two chances to be referred. ``with_intervals`` adds ``intervals_95``: patients
+    resampled (each figure rests on a few dozen patients; the point alone says too much)."""
     probs = np.asarray(member_probs, dtype=np.float64)
     combined, _, photo_grades = combine(rule, probs)
     photo_scores = combined[:, REFERABLE_GRADE:].sum(axis=1)
@@ -208,8 +214,9 @@ def patient_referable_metrics(
         pooled = float(combined[usable].mean(axis=0)[REFERABLE_GRADE:].sum())
         score[pid] = max(score[pid], pooled, float(photo_scores[usable].max()))
     pids = sorted(truth)
-    out: dict[str, float] = {"n_patients": len(pids)}
-    out.update(
-        referable_metrics([truth[p] for p in pids], [called[p] for p in pids], [score[p] for p in pids])
-    )
+    per_patient = ([truth[p] for p in pids], [called[p] for p in pids], [score[p] for p in pids])
+    out: dict[str, Any] = {"n_patients": len(pids), **referable_metrics(*per_patient)}
+    if with_intervals:
+        intervals = bootstrap_intervals(*per_patient, groups=pids)
+        out["intervals_95"] = {k: v for k, v in intervals.items() if k.startswith("referable_")}
     return out

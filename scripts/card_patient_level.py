@@ -1,6 +1,7 @@
-"""Add the chosen rule's patient-level test figures to a release exported before exports computed
-them (session 22), and write its model card again. Reporting only: nothing is fitted or chosen;
-the test part was read when the release was exported, and is read here again for the same rule.
+"""Add the chosen rule's patient-level test figures (with their intervals, session 30) to a release
+exported before exports computed them (session 22), and write its model card again. Reporting only:
+nothing is fitted or chosen; the test part was read when the release was exported, and is read here
+again for the same rule.
 
     python scripts/card_patient_level.py drscreen-ensemble@1.6.0
     python scripts/card_patient_level.py drscreen-ensemble@1.6.0 --validation   # print only
@@ -56,7 +57,7 @@ def main(ref: str) -> None:
     probs = member_probs(members, test)
     rule = CombineRule.from_dict(manifest["combination"])
     figures = patient_referable_metrics(rule, probs, [s.patient_id for s in test], [s.eye for s in test],
-                                        [s.grade for s in test])  # fmt: skip
+                                        [s.grade for s in test], with_intervals=True)  # fmt: skip
     manifest["card"]["test"]["chosen_rule_patient_level"] = figures
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
     (folder / "MODEL_CARD.md").write_text(model_card(manifest))

@@ -135,3 +135,50 @@ def test_the_text_recall_of_an_absent_grade_reads_n_a(
     assert evaluate_cli(_labels(tmp_path, "a.jpg,0\n"), "drscreen-dev@0.1.0", False, None) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "per_class_recall" in x)
     assert "nan" not in line and line.split(": ", 1)[1].split(", ")[1:] == ["n/a"] * 4
+
+
+def test_patient_figures_come_as_served_and_model_only_with_intervals_and_each_photograph(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The review (session 30): the printed patient figures applied the quality gate while the
+    model card's did not, and nothing said so; they had no interval; the per-photograph results
+    behind the figures were not in the output; NaN was printed where a figure was undefined."""
+    import csv
+    import json
+
+    (tmp_path / "a.jpg").write_bytes(SAMPLE.read_bytes())
+    (tmp_path / "grey.png").write_bytes(_grey_png())  # not a fundus: the gate rejects it
+    labels = tmp_path / "labels.csv"
+    labels.write_text("image,grade,patient_id,eye\na.jpg,0,P1,left\ngrey.png,0,P1,right\na.jpg,0,P2,left\n")
+    assert evaluate_cli(labels, "drscreen-dev@0.1.0", True, str(tmp_path / "report")) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    served, model_only = report["patient"], report["patient_model_only"]
+    assert "quality gate" in served["note"] and "not applied" in model_only["note"]
+    assert served["n_patients"] == model_only["n_patients"] == 2
+    assert set(served["intervals_95"]) >= {"referable_specificity"}
+    # no referable patient: sensitivity undefined, null in JSON, "n/a" in the text
+    assert served["referable_sensitivity"] is None
+    lines = [x for x in out.splitlines() if x.strip().startswith(("patient level", "patient, model only"))]
+    assert len(lines) == 2 and all("sensitivity n/a" in x and "NaN" not in x for x in lines)
+    # P1's right eye is ungradable as served: referred, so not every patient is cleared
+    assert served["referable_specificity"] == 0.5
+    assert [(p["image"], p["gradable"]) for p in report["predictions"]] == [
+        ("a.jpg", True),
+        ("grey.png", False),
+        ("a.jpg", True),
+    ]
+    with (tmp_path / "report" / "predictions.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["patient_id"] for r in rows] == ["P1", "P1", "P2"]
+    assert [int(r["predicted"]) for r in rows] == [p["predicted"] for p in report["predictions"]]
+
+
+def _grey_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(buf, format="PNG")
+    return buf.getvalue()

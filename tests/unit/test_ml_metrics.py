@@ -59,6 +59,17 @@ def test_bootstrap_intervals_perfect_grading_is_certain() -> None:
     assert out["referable_sensitivity"] == [1.0, 1.0] and out["referable_auc"] == [1.0, 1.0]
 
 
+def test_an_undefined_qwk_is_reported_undefined_and_left_out_of_the_intervals() -> None:
+    """The review (session 30): a perfect grader of nine grade-0 and one grade-2 photographs had
+    QWK 1.0 with the interval [0.0, 1.0] (resamples without the grade-2 one counted as 0.0), and
+    labels all of one grade graded perfectly reported QWK 0.0 where scikit-learn says NaN."""
+    y = [0] * 9 + [2]
+    out = bootstrap_intervals(y, y, [float(g >= 2) for g in y], n_resamples=200)
+    assert out["qwk"] == [1.0, 1.0]
+    assert np.isnan(grading_report([1, 1, 1], [1, 1, 1])["qwk"])  # type: ignore[arg-type]
+    assert grading_report(y, y)["qwk"] == 1.0
+
+
 def test_bootstrap_intervals_bracket_the_estimate_and_widen_with_fewer_patients() -> None:
     rng = np.random.default_rng(5)
     y = rng.integers(0, 5, 400)
