@@ -191,7 +191,7 @@ def _rows(
     items = repo.job_items(session, job.id)
     page = items[offset : None if limit is None else offset + limit]
     # A finished job keeps its rows' grades while a newer release grades a photograph again
-    # (its counts do too: repository._item_graded); the rows read "queued" with no grade.
+    # (its counts do too: repository.jobs._item_graded); the rows read "queued" with no grade.
     finished = job.status not in repo.OPEN_JOB_STATES
     standing = {i.image_id for i in page if finished and i.status == "done" and i.image_id}
     images = repo.get_images(session, [i.image_id for i in page if i.image_id])

@@ -15,6 +15,7 @@ from core.aggregation import argmax_grade
 from core.db import get_engine, session_scope
 from core.errors import InvalidInput
 from core.migrate import upgrade
+from core.tables import Image
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_api_keys(session: Session, tmp_path: Path) -> None:
 
 def _image(
     session: Session, clinic_id: int, patient_id: int, eye: str, sha256: str | None = None, **kw: object
-) -> repo.Image:
+) -> Image:
     return repo.create_image(
         session,
         clinic_id=clinic_id,
@@ -74,7 +75,7 @@ def _graded(
     *,
     sha256: str | None = None,
     probabilities: list[float] | None = None,
-) -> repo.Image:
+) -> Image:
     """A photograph scored gradable with ``grade`` (its probabilities all on that grade unless given)."""
     im = _image(session, clinic_id, patient_id, eye, sha256=sha256)
     if probabilities is None:
@@ -302,7 +303,7 @@ def test_no_referral_waits_for_the_visits_photographs_still_being_scored(session
     patient = repo.get_or_create_patient(session, clinic.id, "P")
     mv = repo.get_or_create_model_version(session, "ens@1.0.0", {"members": ["m@1"]})
 
-    def graded(im: repo.Image) -> None:
+    def graded(im: Image) -> None:
         repo.upsert_prediction(
             session, image_id=im.id, model_version_id=mv.id, grade=0, probabilities=[1.0, 0, 0, 0, 0],
             members=None, referable=False, gradable=True,

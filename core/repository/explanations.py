@@ -1,0 +1,33 @@
+"""A model version's explanation heatmap of a photograph (one per image and version)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.repository._sql import _insert
+from core.tables import Explanation, utcnow
+
+
+def upsert_explanation(
+    session: Session, *, image_id: str, model_version_id: int, sha256: str, stored_path: str
+) -> Explanation:
+    values = {"sha256": sha256, "stored_path": stored_path}
+    stmt = _insert(session, Explanation).values(
+        image_id=image_id, model_version_id=model_version_id, created_at=utcnow(), **values
+    )
+    session.execute(stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_=values))
+    return session.scalars(
+        select(Explanation)
+        .where(Explanation.image_id == image_id, Explanation.model_version_id == model_version_id)
+        .execution_options(populate_existing=True)
+    ).one()
+
+
+def get_explanation(
+    session: Session, image_id: str, model_version_id: int | None = None
+) -> Explanation | None:
+    stmt = select(Explanation).where(Explanation.image_id == image_id)
+    if model_version_id is not None:
+        stmt = stmt.where(Explanation.model_version_id == model_version_id)
+    return session.scalars(stmt.order_by(Explanation.id.desc()).limit(1)).first()

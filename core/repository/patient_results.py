@@ -1,0 +1,198 @@
+"""Patients' eye and patient results: the latest visit's photographs pooled by the contract's
+rule, recorded as the current result, earlier ones kept as history."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, selectinload
+
+from core.aggregation import EyeGradeFn, GradeFn, ImageScore, PatientAggregate, aggregate_patient
+from core.repository.images import list_patient_images
+from core.repository.predictions import predictions_for_images
+from core.settings import get_settings
+from core.tables import EyeResult, Image, PatientResult, utcnow
+
+
+def record_patient_result(
+    session: Session,
+    patient_id: int,
+    aggregate: PatientAggregate,
+    *,
+    model_version_id: int | None,
+    trigger: str | None = None,
+) -> PatientResult:
+    """Store a new current result (one row per eye too); earlier rows stay as history."""
+    session.execute(
+        update(PatientResult)
+        .where(PatientResult.patient_id == patient_id, PatientResult.is_current.is_(True))
+        .values(is_current=False)
+        .execution_options(synchronize_session="fetch")
+    )
+    session.execute(
+        update(EyeResult)
+        .where(EyeResult.patient_id == patient_id, EyeResult.is_current.is_(True))
+        .values(is_current=False)
+        .execution_options(synchronize_session="fetch")
+    )
+    now = utcnow()
+    result = PatientResult(
+        patient_id=patient_id,
+        model_version_id=model_version_id,
+        grade=aggregate.grade,
+        gradable=aggregate.gradable,
+        referable=aggregate.referable,
+        trigger=trigger,
+        is_current=True,
+        computed_at=now,
+    )
+    for eye in aggregate.eyes.values():
+        result.eyes.append(
+            EyeResult(
+                patient_id=patient_id,
+                eye=eye.eye,
+                model_version_id=model_version_id,
+                grade=eye.grade,
+                gradable=eye.gradable,
+                referable=eye.referable,
+                probabilities=eye.probabilities,
+                image_ids=list(eye.image_ids),
+                is_current=True,
+                computed_at=now,
+            )
+        )
+    session.add(result)
+    session.flush()
+    return result
+
+
+def latest_visit(images: Sequence[Image], window: timedelta) -> list[Image]:
+    """The images of the patient's latest screening visit: uploaded within ``window`` of the
+    newest one (all of them with a zero window). Upload time stands in for the visit's date,
+    which clinic software does not send; a photograph a folder job sends again keeps its first
+    upload's (``Image.sent_at`` is the purge's clock, not the visit's): a clinic's export that
+    holds every past visit would otherwise pool them all into today's."""
+    if not images or window <= timedelta(0):
+        return list(images)
+    newest = max(im.created_at for im in images)
+    return [im for im in images if im.created_at >= newest - window]
+
+
+def same_photograph_both_eyes(photos: Iterable[tuple[str, str]]) -> set[str]:
+    """The sha256 of every photograph given, as (sha256, eye), under both eyes: one eye sent as
+    both, and nothing says which. A bundle doing it is refused; elsewhere neither eye counts it."""
+    eyes_of: dict[str, set[str]] = {}
+    for sha256, eye in photos:
+        eyes_of.setdefault(sha256, set()).add(eye)
+    return {sha for sha, eyes in eyes_of.items() if len(eyes) > 1}
+
+
+def recompute_patient(
+    session: Session,
+    patient_id: int,
+    *,
+    model_version_id: int,
+    grade_fn: GradeFn,
+    trigger: str | None = None,
+    visit_window: timedelta | None = None,
+    eye_grade_fn: EyeGradeFn | None = None,
+) -> PatientResult:
+    """Apply the contract's rule to the finished images of the patient's latest visit
+    (``latest_visit``; ``visit_window`` default ``DRSCREEN_VISIT_WINDOW_HOURS``) scored by that
+    model version, and record the result; earlier visits' results stay in the history. Images not
+    done yet, failed, or without a prediction count as ungradable."""
+    aggregate = patient_aggregate(
+        session,
+        patient_id,
+        model_version_id=model_version_id,
+        grade_fn=grade_fn,
+        visit_window=visit_window,
+        eye_grade_fn=eye_grade_fn,
+    )
+    return record_patient_result(
+        session, patient_id, aggregate, model_version_id=model_version_id, trigger=trigger
+    )
+
+
+def patient_aggregate(
+    session: Session,
+    patient_id: int,
+    *,
+    model_version_id: int,
+    grade_fn: GradeFn,
+    visit_window: timedelta | None = None,
+    eye_grade_fn: EyeGradeFn | None = None,
+) -> PatientAggregate:
+    """What :func:`recompute_patient` would record, without recording it."""
+    if visit_window is None:
+        visit_window = get_settings().visit_window
+    images = latest_visit(list_patient_images(session, patient_id), visit_window)
+    preds = predictions_for_images(session, [im.id for im in images], model_version_id)
+    scores = []
+    counted: set[tuple[str, str]] = set()
+    both_eyes = same_photograph_both_eyes((im.sha256, im.eye) for im in images)
+    for im in images:
+        pred = preds.get(im.id)
+        graded = im.status == "done" and bool(im.gradable) and pred is not None and pred.gradable
+        # One photograph sent as the left and the right eye shows one eye, and nothing says which:
+        # graded for both, the other eye was never screened and read "no referral". It is pooled
+        # into neither eye; its own grade still refers both (it is referable, whichever eye it is).
+        usable = graded and im.sha256 not in both_eyes
+        if usable:
+            # The same bytes sent twice for one eye (a retry without Idempotency-Key) are one
+            # photograph: counted twice they would outweigh the eye's other photographs.
+            if (im.eye, im.sha256) in counted:
+                continue
+            counted.add((im.eye, im.sha256))
+        scores.append(
+            ImageScore(
+                image_id=im.id,
+                eye=im.eye,
+                gradable=usable,
+                probabilities=pred.probabilities if (usable and pred is not None) else None,
+                members=pred.members if (usable and pred is not None) else None,
+                grade=pred.grade if (graded and pred is not None) else None,
+            )
+        )
+    return aggregate_patient(scores, grade_fn, eye_grade_fn=eye_grade_fn)
+
+
+def get_current_patient_result(session: Session, patient_id: int) -> PatientResult | None:
+    return session.scalars(
+        select(PatientResult)
+        .where(PatientResult.patient_id == patient_id)
+        .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
+        .limit(1)
+    ).first()
+
+
+def patient_history(session: Session, patient_id: int, limit: int | None = 100) -> list[PatientResult]:
+    """Results newest first (the current one included); ``limit=None``: all of them."""
+    return list(
+        session.scalars(
+            select(PatientResult)
+            .where(PatientResult.patient_id == patient_id)
+            .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
+            .limit(limit)
+        )
+    )
+
+
+def iter_patient_history(session: Session, patient_id: int, batch: int = 50) -> Iterator[PatientResult]:
+    """Results newest first, read ``batch`` at a time with their eyes: a reader that stops at the
+    first it wants reads no further (a patient with hundreds of results, folder-job chunks and
+    re-grades each adding one, was read whole with every eye for one earlier visit's page)."""
+    stmt = (
+        select(PatientResult)
+        .where(PatientResult.patient_id == patient_id)
+        .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
+        .options(selectinload(PatientResult.eyes))
+        .execution_options(yield_per=batch)
+    )
+    results = session.scalars(stmt)
+    try:
+        yield from results
+    finally:
+        results.close()  # stopped early: the cursor is let go

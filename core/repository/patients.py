@@ -1,0 +1,41 @@
+"""Patients: one row per clinic and external id, created race-safe."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.errors import InvalidInput
+from core.repository._sql import _insert
+from core.tables import Patient, utcnow
+
+
+def get_or_create_patient(session: Session, clinic_id: int, external_id: str) -> Patient:
+    """Race-safe (INSERT ... ON CONFLICT DO NOTHING, then SELECT)."""
+    return ensure_patient(session, clinic_id, external_id)[0]
+
+
+def ensure_patient(session: Session, clinic_id: int, external_id: str) -> tuple[Patient, bool]:
+    """:func:`get_or_create_patient`, and whether this transaction created the row (an erasure
+    cannot delete a row it cannot see yet; services.routes.images.refuse_if_erased)."""
+    external_id = external_id.strip()
+    if not external_id:
+        raise InvalidInput("patient_id is empty")
+    stmt = _insert(session, Patient).values(clinic_id=clinic_id, external_id=external_id, created_at=utcnow())
+    # RETURNING says whether a row went in (rowcount is not reliable across the two drivers)
+    stmt = stmt.on_conflict_do_nothing(index_elements=["clinic_id", "external_id"]).returning(Patient.id)
+    created = session.execute(stmt).first() is not None
+    patient = session.scalars(
+        select(Patient).where(Patient.clinic_id == clinic_id, Patient.external_id == external_id)
+    ).one()
+    return patient, created
+
+
+def get_patient(session: Session, clinic_id: int, external_id: str) -> Patient | None:
+    return session.scalars(
+        select(Patient).where(Patient.clinic_id == clinic_id, Patient.external_id == external_id)
+    ).one_or_none()
+
+
+def get_patient_by_id(session: Session, patient_id: int) -> Patient | None:
+    return session.get(Patient, patient_id)

@@ -1,0 +1,67 @@
+"""A model version's prediction for a photograph (one per image and version)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.repository._sql import _insert
+from core.tables import Prediction, utcnow
+
+
+def upsert_prediction(
+    session: Session,
+    *,
+    image_id: str,
+    model_version_id: int,
+    grade: int | None,
+    probabilities: Sequence[float] | None,
+    members: dict[str, Any] | None,
+    referable: bool,
+    gradable: bool = True,
+) -> Prediction:
+    """Idempotent on (image, model version): a redelivered task overwrites with the same values."""
+    values = {
+        "grade": grade,
+        "probabilities": [float(p) for p in probabilities] if probabilities is not None else None,
+        "members": members,
+        "referable": referable,
+        "gradable": gradable,
+    }
+    stmt = _insert(session, Prediction).values(
+        image_id=image_id, model_version_id=model_version_id, created_at=utcnow(), **values
+    )
+    stmt = stmt.on_conflict_do_update(index_elements=["image_id", "model_version_id"], set_=values)
+    session.execute(stmt)
+    row = session.scalars(
+        select(Prediction)
+        .where(Prediction.image_id == image_id, Prediction.model_version_id == model_version_id)
+        .execution_options(populate_existing=True)
+    ).one()
+    return row
+
+
+def get_prediction(session: Session, image_id: str, model_version_id: int | None = None) -> Prediction | None:
+    """The prediction for ``image_id`` by that model version (default: the newest one)."""
+    stmt = select(Prediction).where(Prediction.image_id == image_id)
+    if model_version_id is not None:
+        stmt = stmt.where(Prediction.model_version_id == model_version_id)
+    return session.scalars(stmt.order_by(Prediction.id.desc()).limit(1)).first()
+
+
+def predictions_for_images(
+    session: Session, image_ids: Sequence[str], model_version_id: int | None = None
+) -> dict[str, Prediction]:
+    """image id -> its prediction (that model version, or the newest)."""
+    if not image_ids:
+        return {}
+    stmt = select(Prediction).where(Prediction.image_id.in_(list(image_ids)))
+    if model_version_id is not None:
+        stmt = stmt.where(Prediction.model_version_id == model_version_id)
+    out: dict[str, Prediction] = {}
+    for row in session.scalars(stmt.order_by(Prediction.id)):
+        out[row.image_id] = row  # later (newer) rows win
+    return out
