@@ -10,9 +10,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import typer
+
+from cli.console import db_errors, redact
+
 #: Workers not seen for longer are not listed (a container's node name changes with it: rows of
 #: long-gone nodes would pile up); they are counted.
 LISTED_FOR = timedelta(hours=24)
+
+#: Its command joins the top-level ``drscreen`` group (cli.main).
+app = typer.Typer()
 
 
 def _age(seconds: float | None) -> str:
@@ -171,3 +178,35 @@ def render(report: dict[str, Any]) -> list[str]:
         lines.append("WARNING:")
         lines += [f"  - {warning}" for warning in report["warnings"]]
     return lines
+
+
+@app.command()
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Show the active release, the queue and the workers (from their heartbeats), and WARN when a
+    worker serves another release or a setting that must be alike differs (between workers, or
+    from this machine's DRSCREEN_ settings). Exit 0: all well; 1: a warning; 2: database problem."""
+    import json
+
+    from core.migrate import SchemaBehind, check_schema_at_start
+    from core.settings import get_settings
+
+    try:
+        unreachable = check_schema_at_start()
+    except SchemaBehind as exc:
+        typer.echo(f"drscreen status: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if unreachable:  # one line, as db_errors says it
+        url = redact(get_settings().database_url)
+        typer.echo(f"drscreen: cannot use the database at {url}: {unreachable}", err=True)
+        raise typer.Exit(2)
+    with db_errors():
+        report = gather()
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        for line in render(report):
+            typer.echo(line)
+    if report["warnings"]:
+        raise typer.Exit(1)

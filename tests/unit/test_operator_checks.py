@@ -12,7 +12,7 @@ from alembic import command
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from cli.main import _warn_about_settings
+from cli.checks import warn_about_settings
 from cli.main import app as cli
 from core import migrate
 from core.settings import get_settings
@@ -96,7 +96,7 @@ def test_serve_and_worker_warn_about_a_misspelt_setting_and_a_lone_file_broker(
     monkeypatch.setenv("DRSCREEN_DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
     get_settings.cache_clear()
     probe = typer.Typer()
-    probe.command()(lambda: _warn_about_settings("drscreen serve"))
+    probe.command()(lambda: warn_about_settings("drscreen serve"))
     assert "PostgreSQL with the embedded file broker" in CliRunner().invoke(probe, []).output
 
 
