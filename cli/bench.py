@@ -229,9 +229,54 @@ def distinct_jpeg(data: bytes, tag: str) -> bytes:
 def photo_sources(folder: Path = NATURAL) -> list[Path]:
     """The JPEG photographs under ``folder`` (the bench's copies differ by a JPEG comment)."""
     photos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg") and p.is_file())
-    if not photos:
-        raise SystemExit(f"drscreen bench: no photographs under {folder} (DRSCREEN_BENCH_PHOTOS)")
+    if len(photos) < BATCH:  # the forward figures divide a batch of BATCH distinct photographs
+        found = f"{len(photos)} photographs" if photos else "no photographs"
+        raise SystemExit(
+            f"drscreen bench: {found} under {folder} (DRSCREEN_BENCH_PHOTOS), at least {BATCH} needed"
+        )
     return photos
+
+
+def machine_description(sources: list[Path]) -> dict[str, Any]:
+    """What the figures depend on besides the code: the CPU (model, the vector extensions the
+    runtimes pick kernels by, the cores this process may use), library versions, the commit, and
+    the size of the photographs (the service figures scale with it: 512-px copies here, while a
+    camera's originals cost several times as much to decode and check)."""
+    import platform
+    from importlib import metadata
+
+    from PIL import Image
+
+    cpu = {"model": platform.processor() or platform.machine(), "flags": []}
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        names = [ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")]
+        flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+        wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+        cpu = {"model": names[0] if names else cpu["model"], "flags": [f for f in wanted if f in flags]}
+    versions: dict[str, str | None] = {}
+    for package in ("torch", "onnxruntime", "openvino"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip() or None  # fmt: skip
+    sizes = []
+    for path in sources[:32]:
+        with contextlib.suppress(OSError), Image.open(path) as im:
+            sizes.append(max(im.size))
+    return {
+        "cpu_model": cpu["model"],
+        "cpu_flags": cpu["flags"],
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "versions": versions,
+        "commit": commit,
+        "photos_distinct": len(sources),
+        "photo_long_side_px": int(statistics.median(sizes)) if sizes else None,
+    }
 
 
 def make_folder(dst: Path, sources: list[Path], n: int, tag: str) -> Path:
@@ -489,15 +534,18 @@ def running_service(root: Path, imports: Path, concurrency: int) -> Iterator[Ser
         service.stop()
 
 
-def _explained(service: Service, job_id: str) -> int:
+def _heatmaps_left(service: Service, job_id: str) -> int:
+    """The job's graded, gradable photographs without a heatmap yet (ungradable ones get none: a
+    wait for one heatmap per file never ended on a folder holding an ungradable photograph)."""
     from sqlalchemy import func, select
 
     from core.db import session_scope
     from core.tables import Explanation, Image
 
     with session_scope(service.settings.database_url) as session:
-        q = select(func.count()).select_from(Explanation).join(Image, Image.id == Explanation.image_id)
-        return int(session.scalar(q.where(Image.job_id == job_id)) or 0)
+        drawn = select(Explanation.image_id).where(Explanation.image_id == Image.id).exists()
+        q = select(func.count()).select_from(Image).where(Image.job_id == job_id, Image.gradable.is_(True))
+        return int(session.scalar(q.where(~drawn)) or 0)
 
 
 def run_job(service: Service, client: Any, folder: Path, explain: bool, timeout: float = 3600) -> float:
@@ -510,9 +558,14 @@ def run_job(service: Service, client: Any, folder: Path, explain: bool, timeout:
     while True:
         job = client.get(f"/v1/jobs/{job_id}").json()
         if job["status"] in ("done", "failed"):
-            if job["failed"]:
-                raise RuntimeError(f"bench job {job_id}: {job['failed']} photographs failed")
-            if not explain or _explained(service, job_id) >= n:
+            # a failed job with no failed photograph (a refused folder, an expansion that died) was
+            # timed as a finished one: a few photographs' time read as the whole job's
+            if job["status"] == "failed" or job["failed"] or job["done"] != n:
+                raise RuntimeError(
+                    f"bench job {job_id} ended {job['status']} with {job['done']} of {n} photographs "
+                    f"done and {job['failed']} failed: no figure from it"
+                )
+            if not explain or _heatmaps_left(service, job_id) == 0:
                 return time.perf_counter() - t0
         if time.perf_counter() - t0 > timeout:
             raise TimeoutError(f"bench job {job_id} did not finish in {timeout:.0f}s")
@@ -634,8 +687,13 @@ def run_bench(as_json: bool, quick: bool = False) -> int:
 
     t0 = time.perf_counter()
     kind = "quick" if quick else "full"
-    log(f"drscreen bench ({kind}) on {os.cpu_count()} CPUs, {len(sources)} photographs")
-    figures: dict[str, Any] = {"quick": quick}
+    machine = machine_description(sources)
+    log(
+        f"drscreen bench ({kind}) on {machine['cpus_usable']} usable CPUs ({machine['cpu_model']}; "
+        f"{' '.join(machine['cpu_flags']) or 'no AVX2'}), commit {machine['commit']}, "
+        f"{len(sources)} photographs, long side {machine['photo_long_side_px']} px"
+    )
+    figures: dict[str, Any] = {"quick": quick, "machine": machine}
     # The service first: what the model figures leave in this process (torch's OpenMP pool,
     # inductor's compile workers) measurably slowed the worker subprocesses that followed.
     log("service (API + broker + worker + database):")
@@ -665,6 +723,8 @@ def run_bench(as_json: bool, quick: bool = False) -> int:
         "explain_forward_passes_openvino",
     ):
         log(f"  {key}: {figures[key]:.2f}")
-    if as_json:
-        print(json.dumps(figures, default=float), flush=True)
+    if as_json:  # strict JSON: a figure that could not be measured is null, never Infinity/NaN
+        from ml.evaluation import nan_to_none
+
+        print(json.dumps(nan_to_none(figures), default=float, allow_nan=False), flush=True)
     return 0

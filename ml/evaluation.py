@@ -352,7 +352,9 @@ def html_report(report: dict[str, Any]) -> str:
 
 
 def nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and np.isnan(value):
+    """``value`` with every float that is not finite (NaN, +-inf) replaced by None: what strict
+    JSON can carry (``json.dumps`` writes NaN and Infinity, which JSON parsers refuse)."""
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: nan_to_none(v) for k, v in value.items()}

@@ -43,6 +43,12 @@ def explain_image(
             log.info("explain_image: %s is not a scored gradable image; nothing to do", image_id)
             return None
         mv = repo.get_or_create_model_version(session, ens.ref, ens.card)
+        graded = repo.get_prediction(session, image_id)
+        if graded is not None and graded.model_version_id != mv.id:
+            # another release's grade is shown: this release's map would explain a grade nobody
+            # sees (and pages show the map of the grade shown only)
+            log.info("explain_image: %s was graded by another release than %s; not drawn", image_id, ens.ref)
+            return None
         existing = repo.get_explanation(session, image_id, mv.id)
         if existing is not None and store.exists(existing.stored_path) and not force:
             return existing.stored_path

@@ -112,17 +112,30 @@ def resolve_runtime(settings: Settings) -> str:
     return "openvino" if openvino_available() else "onnx"
 
 
+def resolve_device(runtime: str) -> str:
+    """Where a PyTorch worker runs its networks: the GPU when CUDA is there. ``auto`` chose PyTorch
+    for a GPU host, and the networks then ran on its CPU all the same (the bench review, session
+    30: load_ensemble's device was never given)."""
+    if runtime != "torch" or not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load(settings: Settings | None = None) -> EnsembleLike:
     """Load the configured ensemble (``DRSCREEN_MODEL``, newest shipped when unset) and keep it."""
     global _ensemble
     settings = settings or get_settings()
     from ml.inference import load_ensemble
 
+    runtime = resolve_runtime(settings)
     with _lock:
         ens = load_ensemble(
             settings.model,
             models_dir=settings.models_dir,
-            runtime=resolve_runtime(settings),
+            runtime=runtime,
+            device=resolve_device(runtime),
             # ONNX Runtime (and torch, if loading imports it) get the share configure_torch chose;
             # the CLI path does not call it: ONNX Runtime takes every CPU, torch its own default
             threads=_threads,
@@ -130,7 +143,7 @@ def load(settings: Settings | None = None) -> EnsembleLike:
             precision=settings.openvino_precision,
         )
         _ensemble = ens
-    log.info("worker process %d serves %s", os.getpid(), ens.ref)
+    log.info("worker process %d serves %s (%s)", os.getpid(), ens.ref, resolve_device(runtime))
     return ens
 
 

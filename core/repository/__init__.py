@@ -51,7 +51,7 @@ from core.repository.bundles import (
     refresh_bundle_status,
 )
 from core.repository.clinics import CLINIC_NAME_MAX, get_clinic_by_name, get_or_create_clinic, import_roots_of
-from core.repository.explanations import get_explanation, upsert_explanation
+from core.repository.explanations import current_explanation, get_explanation, upsert_explanation
 from core.repository.heartbeats import (
     forget_workers_unseen_since,
     mark_worker_stopped,
@@ -140,6 +140,7 @@ __all__ = [
     "create_image",
     "create_job",
     "create_web_session",
+    "current_explanation",
     "declined_to_resend",
     "end_web_session",
     "ensure_patient",

@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.repository._sql import _insert
+from core.repository.predictions import get_prediction
 from core.tables import Explanation, utcnow
 
 
@@ -31,3 +32,14 @@ def get_explanation(
     if model_version_id is not None:
         stmt = stmt.where(Explanation.model_version_id == model_version_id)
     return session.scalars(stmt.order_by(Explanation.id.desc()).limit(1)).first()
+
+
+def current_explanation(session: Session, image_id: str) -> Explanation | None:
+    """The heatmap of the grade shown for the photograph (its newest prediction's release), or
+    None when that release has drawn none or found the photograph ungradable. Any release's newest
+    heatmap was shown before: after a change of release, a photograph re-graded ungradable kept
+    the old release's heatmap, and a re-graded one showed the old map beside the new grade."""
+    prediction = get_prediction(session, image_id)
+    if prediction is None or not prediction.gradable:
+        return None
+    return get_explanation(session, image_id, prediction.model_version_id)

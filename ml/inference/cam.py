@@ -42,7 +42,8 @@ def regression_cam(fmap: np.ndarray, weight: np.ndarray, size: int) -> np.ndarra
 
 
 def to_photo_frame(cam: np.ndarray, photo: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Undo preprocessing's crop/pad/resize so the map lies over the original photograph."""
+    """Undo preprocessing's crop/pad/resize so the map lies over the original photograph (values
+    kept as they are: the ensemble scales the sum of its members' maps)."""
     h, w = photo.shape[:2]
     if cfg.crop_to_disc:
         y0, y1, x0, x1 = disc_bbox(photo)
@@ -57,4 +58,4 @@ def to_photo_frame(cam: np.ndarray, photo: np.ndarray, cfg: PreprocessConfig) ->
     # the network sees the black surround only as padding: evidence there is an artefact
     fundus = (photo.max(axis=2) > 15).astype(np.uint8)
     fundus = cv2.erode(fundus, np.ones((5, 5), np.uint8))
-    return np.clip(out * fundus, 0.0, 1.0)
+    return out * fundus

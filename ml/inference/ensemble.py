@@ -31,6 +31,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The heatmap's full scale, in grade units (the ensemble's map of how much each place raised the
+#: members' grade estimate): a map peaking below it is shown faint, in proportion; one peaking at or
+#: above it is stretched to 1 at its peak. Measured on the validation photographs with
+#: ``python scripts/heatmap_scale_check.py`` (docs/model.md, "Heatmaps").
+HEATMAP_FULL_SCALE = 0.05
+
 
 def _import_torch(threads: int | None) -> Any:
     """torch, held to ``threads`` intra-op threads (a worker shares the cores out among its
@@ -201,9 +207,9 @@ class Ensemble:
             with torch.inference_mode():
                 for start in range(0, len(x), self.batch_size):
                     t = torch.from_numpy(x[start : start + self.batch_size]).to(
-                        memory_format=torch.channels_last
+                        device=m.device, memory_format=torch.channels_last
                     )
-                    parts.append(grade_probabilities(m.model(t)).float().numpy())
+                    parts.append(grade_probabilities(m.model(t)).float().cpu().numpy())
             out.append(np.concatenate(parts))
         return np.stack(out)
 
@@ -259,15 +265,21 @@ class Ensemble:
         Each member's map is taken for its expected grade (the quantity the decision
         thresholds), then the maps are combined with the ensemble weights.
         """
+        return self._heatmap(self._member_cams(image), image)
+
+    def explain_raw(self, image: np.ndarray) -> np.ndarray:
+        """``explain`` before its scale: grade units (what ``HEATMAP_FULL_SCALE`` was measured in)."""
+        return self.raw_heatmap(self._member_cams(image), image)
+
+    def _member_cams(self, image: np.ndarray) -> list[np.ndarray]:
         inputs = self.pixel_inputs([image])  # shared pipelines run once, as in predict
         if self.maps_from_graphs:
             outs = self.runtime.run_outputs([m.ref for m in self._members], inputs, [FEATURES])
-            return self._heatmap(self._cams_from_features([o[0] for o in outs]), image)
+            return self._cams_from_features([o[0] for o in outs])
         torch = _import_torch(None)
         from ml.inference.gradcam import member_cam
 
-        cams = [member_cam(m.model, torch.from_numpy(inputs[m.ref])) for m in self._members]
-        return self._heatmap(cams, image)
+        return [member_cam(m.model, torch.from_numpy(inputs[m.ref]).to(m.device)) for m in self._members]
 
     def _cams_from_features(self, fmaps: list[np.ndarray]) -> list[np.ndarray]:
         """Each member's map from its feature map (1, C, h, w) of one photograph."""
@@ -277,14 +289,28 @@ class Ensemble:
         ]
 
     def _heatmap(self, cams: list[np.ndarray], image: np.ndarray) -> np.ndarray:
-        """The members' maps weighted as the ensemble weighs them, scaled to 1, in the photo's frame."""
+        """The map shown: ``raw_heatmap`` on one scale for every photograph up to
+        ``HEATMAP_FULL_SCALE`` (a map that peaks there or above is stretched to 1 at its peak).
+
+        Each map was stretched to 1 at its own peak: a grade-0 photograph's faint evidence came out
+        as red as a grade-4 lesion (the Grad-CAM review, session 30)."""
+        raw = self.raw_heatmap(cams, image)
+        return np.clip(raw / max(float(raw.max()), HEATMAP_FULL_SCALE), 0.0, 1.0).astype(np.float32)
+
+    def raw_heatmap(self, cams: list[np.ndarray], image: np.ndarray) -> np.ndarray:
+        """The members' maps (grade units) weighted as the ensemble weighs them, each laid over the
+        photograph by its own member's crop and size (members of different geometry were all
+        placed by the first member's)."""
         weights = np.asarray(self.rule.weights or [1.0] * len(self._members), dtype=np.float64)
         weights = weights / weights.sum()
-        total = sum(cam * w for w, cam in zip(weights, cams, strict=True))
-        assert isinstance(total, np.ndarray)
-        if total.max() > 0:
-            total = total / total.max()
-        return to_photo_frame(total.astype(np.float32), image, self._members[0].preprocess)
+        # members that share a geometry are summed first: one placement each, as before
+        by_geometry: dict[tuple[bool, tuple[int, ...]], tuple[PreprocessConfig, np.ndarray]] = {}
+        for w, cam, member in zip(weights, cams, self._members, strict=True):
+            key = (member.preprocess.crop_to_disc, cam.shape)
+            cfg, acc = by_geometry.get(key, (member.preprocess, np.zeros(cam.shape, dtype=np.float64)))
+            by_geometry[key] = (cfg, acc + w * cam)
+        placed = [to_photo_frame(acc.astype(np.float32), image, cfg) for cfg, acc in by_geometry.values()]
+        return np.sum(placed, axis=0).astype(np.float32)
 
 
 def resolve_ref(ref: str | None = None, models_dir: Path | None = None) -> str:
@@ -408,7 +434,9 @@ def load_ensemble(
         _import_torch(threads)
         from ml.release import load_checkpoint
 
-        members = [Member(r, *load_checkpoint(member_dir(r, models_dir), device)) for r in refs]
+        members = [
+            Member(r, *load_checkpoint(member_dir(r, models_dir), device), device=device) for r in refs
+        ]
     # the model card's name for the rule (equal_average is a weighted_average of equal weights)
     chosen = manifest.get("card", {}).get("chosen_rule") or rule.rule
     log.info("loaded ensemble %s (%d members, rule %s, runtime %s)", ref, len(members), chosen, runtime)

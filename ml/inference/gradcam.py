@@ -32,4 +32,4 @@ def member_cam(model: GradingNet, x: torch.Tensor) -> np.ndarray:
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * fmap).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-    return cam.detach().numpy()
+    return cam.detach().cpu().numpy()

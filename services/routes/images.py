@@ -324,7 +324,7 @@ def get_explanation(
     producer: ProducerDep,
 ) -> Response:
     image = load_image(session, principal, image_id)
-    row = repo.get_explanation(session, image.id)
+    row = repo.current_explanation(session, image.id)  # of the grade shown, not an older release's
     if row is None:
         if image.status == "failed":
             raise NotFound("the photograph could not be scored, so it has no explanation")

@@ -57,7 +57,8 @@ class Progress:
 
 
 def _heatmap_ready(session: Session, images: list[Image]) -> dict[str, bool]:
-    return {im.id: im.status == "done" and repo.get_explanation(session, im.id) is not None for im in images}
+    shown = repo.current_explanation  # the heatmap of the grade shown, not an older release's
+    return {im.id: im.status == "done" and shown(session, im.id) is not None for im in images}
 
 
 def _heatmap_expected(image: Image) -> bool:

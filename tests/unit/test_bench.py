@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,6 +91,42 @@ def test_json_line_holds_every_figure(
         assert isinstance(figures[key], (int, float, str)), key
     assert figures["e2e_over_forward"] == pytest.approx(35.0 / 40.0)
     assert figures["quick"] is True
+    machine = figures["machine"]  # what the figures depend on besides the code
+    assert machine["cpus_usable"] >= 1 and machine["photos_distinct"] == 1
+    assert set(machine["versions"]) == {"torch", "onnxruntime", "openvino"}
+    assert "cpu_model" in machine and "commit" in machine and "photo_long_side_px" in machine
+
+
+def test_a_figure_that_could_not_be_measured_is_null_in_strict_json(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """images_per_second of a zero duration is inf, and json.dumps wrote `Infinity` (not JSON)."""
+    monkeypatch.setattr(bench, "photo_sources", lambda: [Path("x.jpeg")])
+    monkeypatch.setattr(bench, "forward_figures", lambda plan, sources, log: _forward(inf=True))
+    monkeypatch.setattr(bench, "service_figures", lambda plan, sources, log: _service())
+    assert bench.run_bench(True, quick=True) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=_refuse)
+    assert figures["forward_ips_torch"] is None and figures["e2e_over_forward"] == 0.0
+
+
+def _refuse(name: str) -> None:
+    raise AssertionError(f"{name} in the JSON line")
+
+
+def _forward(inf: bool = False) -> dict[str, float]:
+    figures = dict.fromkeys(
+        ["forward_ips_onnx", "forward_ips_openvino", "forward_ips_torch_bf16", "latency_ms_torch_b1",
+         "latency_ms_onnx_b1", "latency_ms_openvino_b1", "explain_forward_passes",
+         "explain_forward_passes_onnx", "explain_forward_passes_openvino"],
+        10.0,
+    )  # fmt: skip
+    figures["forward_ips_torch"] = float("inf") if inf else 10.0
+    return figures
+
+
+def _service() -> dict[str, float | str]:
+    return {"runtime": "torch", "e2e_ips": 5.0, "e2e_ips_explain": 1.0, "scaling_ratio": 1.0,
+            "worker_rss_mb": 900.0, "api_p95_ms": 500.0}  # fmt: skip
 
 
 def test_e2e_is_compared_with_the_forward_pass_of_the_runtime_in_use() -> None:
@@ -128,3 +165,54 @@ def test_photo_sources_reads_subfolders_and_names_a_missing_folder(tmp_path: Pat
     assert len(bench.photo_sources(samples)) == len(list(samples.rglob("*.jpg")))
     with pytest.raises(SystemExit, match=r"no photographs under .*nowhere"):
         bench.photo_sources(tmp_path / "nowhere")
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted(samples.rglob("*.jpg"))[:3]:
+        (few / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(SystemExit, match=r"3 photographs under .*few.*at least 8 needed"):
+        bench.photo_sources(few)  # a batch of 8 of 3 photographs was divided by 8 all the same
+
+
+class _JobClient:
+    """Stands for the API: the job it was given ends as ``final``."""
+
+    def __init__(self, final: dict[str, object]) -> None:
+        self.final = final
+
+    def post(self, path: str, json: object) -> Any:
+        return _Reply({"id": "j1"})
+
+    def get(self, path: str) -> Any:
+        return _Reply(self.final)
+
+
+class _Reply:
+    def __init__(self, body: dict[str, object]) -> None:
+        self.body = body
+
+    def raise_for_status(self) -> None:
+        return None
+
+    def json(self) -> dict[str, object]:
+        return self.body
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        {"status": "failed", "done": 0, "failed": 0},  # a refused folder, an expansion that died
+        {"status": "done", "done": 3, "failed": 0},  # fewer photographs graded than sent
+        {"status": "done", "done": 3, "failed": 1},
+    ],
+)
+def test_a_job_that_did_not_grade_every_photograph_gives_no_figure(
+    tmp_path: Path, final: dict[str, object]
+) -> None:
+    """The bench review (session 30): a job `failed` with no failed photograph was timed as a
+    finished one, so a few photographs' time would have read as the whole job's images/s."""
+    for i in range(4):
+        (tmp_path / f"p{i}_left.jpeg").write_bytes(b"x")
+    with pytest.raises(RuntimeError, match="no figure from it"):
+        bench.run_job(None, _JobClient(final), tmp_path, explain=False, timeout=5)  # type: ignore[arg-type]
+    done = {"status": "done", "done": 4, "failed": 0}
+    assert bench.run_job(None, _JobClient(done), tmp_path, explain=False, timeout=5) >= 0  # type: ignore[arg-type]

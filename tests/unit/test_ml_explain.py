@@ -119,3 +119,56 @@ def test_a_member_without_a_regression_head_falls_back_to_autograd(tmp_path: Pat
     assert pred.heatmap is None
     assert ens.explain(photo).max() > 0.5
     assert graphs.outputs == []
+
+
+def _blob(size: int, peak: float) -> np.ndarray:
+    """A network-frame map (size x size) with a Gaussian bump of ``peak`` at its centre."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    c = (size - 1) / 2
+    return (peak * np.exp(-((yy - c) ** 2 + (xx - c) ** 2) / (2 * (size / 20) ** 2))).astype(np.float32)
+
+
+def _two_geometry_ensemble() -> tuple[Ensemble, np.ndarray]:
+    """Members of different geometry (64 px cropped to the disc, 128 px uncropped) and a
+    300 x 600 photograph whose disc (radius 140) is centred left of the photograph's centre."""
+    from dataclasses import replace
+
+    _, pre, config = load_checkpoint(MEMBER)
+    members = [
+        Member("cropped", None, replace(pre, size=64, crop_to_disc=True), config, folder=MEMBER),
+        Member("whole", None, replace(pre, size=128, crop_to_disc=False), config, folder=MEMBER),
+    ]
+    photo = np.zeros((300, 600, 3), np.uint8)
+    yy, xx = np.mgrid[0:300, 0:600]
+    photo[(yy - 150) ** 2 + (xx - 220) ** 2 <= 140**2] = (150, 80, 40)
+    return Ensemble("t", members, CombineRule("weighted_average", [1.0, 1.0]), {}), photo
+
+
+def test_each_member_map_is_placed_by_its_own_crop_and_size() -> None:
+    """The Grad-CAM review (session 30): every member's map was placed by the first member's
+    preprocessing (a 384-px member beside 256-px ones failed every heatmap; an uncropped one
+    landed in the wrong place)."""
+    ens, photo = _two_geometry_ensemble()
+    heat = ens._heatmap([_blob(64, 0.4), _blob(128, 0.4)], photo)
+    assert heat.shape == photo.shape[:2]
+    # the cropped member's centre is the disc's (x 220), the uncropped one's the photograph's (x 300)
+    assert heat[150, 220] > 0.9 and heat[150, 300] > 0.9
+    assert heat[150, 260] < 0.5 * heat[150, 220]
+
+
+def test_heatmaps_share_one_scale_so_faint_evidence_stays_faint() -> None:
+    """Each map was stretched to 1 at its own peak: a grade-0 photograph's faint evidence showed
+    as red as a grade-4 lesion. Below HEATMAP_FULL_SCALE (grade units) a map is shown in
+    proportion; at or above it, stretched to 1 at its peak."""
+    from ml.inference.ensemble import HEATMAP_FULL_SCALE
+
+    ens, photo = _two_geometry_ensemble()
+    faint = 0.4 * HEATMAP_FULL_SCALE  # each member's peak, weighed 1/2: 0.2 of full scale each
+    heat = ens._heatmap([_blob(64, faint), _blob(128, faint)], photo)
+    assert abs(float(heat.max()) - 0.2) < 0.02
+    raw = ens.raw_heatmap([_blob(64, faint), _blob(128, faint)], photo)
+    np.testing.assert_allclose(heat, raw / HEATMAP_FULL_SCALE, atol=1e-6)
+    strong = ens._heatmap([_blob(64, 4 * HEATMAP_FULL_SCALE), _blob(128, 0.0)], photo)
+    assert float(strong.max()) == 1.0
+    nothing = ens._heatmap([_blob(64, 0.0), _blob(128, 0.0)], photo)
+    assert float(nothing.max()) == 0.0

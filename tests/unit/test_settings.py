@@ -107,6 +107,36 @@ def test_auto_runtime_is_openvino_on_a_cpu_machine_that_has_it(monkeypatch: pyte
     assert model.resolve_runtime(Settings(runtime="torch")) == "torch"
 
 
+def test_a_gpu_host_loads_the_networks_on_the_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The bench review (session 30): `auto` chose PyTorch for a CUDA host, and the worker then
+    loaded the ensemble on the CPU (load_ensemble's device was never given). No GPU here: the
+    device files and CUDA are stood in for, and what the worker asks load_ensemble for is checked."""
+    import torch
+
+    import ml.inference
+    from workers import model
+
+    (tmp_path / "nvidia0").touch()
+    monkeypatch.setattr(model, "GPU_DEVICE_FILES", (str(tmp_path / "nvidia0"),))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert model.resolve_runtime(Settings(runtime="auto")) == "torch"
+    assert model.resolve_device("torch") == "cuda"
+    assert model.resolve_device("onnx") == "cpu"
+    asked: dict[str, object] = {}
+
+    def spy(*args: object, **kwargs: object) -> object:
+        asked.update(kwargs)
+        return type("Loaded", (), {"ref": "x@1"})()
+
+    monkeypatch.setattr(ml.inference, "load_ensemble", spy)
+    monkeypatch.setattr(model, "_ensemble", model._ensemble)  # put back after: load() keeps the stand-in
+    model.load(Settings(runtime="auto"))
+    assert asked["runtime"] == "torch" and asked["device"] == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model.load(Settings(runtime="auto"))
+    assert asked["device"] == "cpu"
+
+
 def test_migrations_out_of_reach_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A regular install puts core/ in site-packages, away from migrations/: say so (the Docker
     image's migrate step failed with Alembic's bare "Path doesn't exist")."""

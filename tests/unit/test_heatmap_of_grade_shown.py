@@ -1,0 +1,67 @@
+"""A photograph's heatmap is the one of the grade shown: after a change of release, the page and
+the API served any release's newest heatmap (the Grad-CAM review, session 30): a photograph the
+new release found ungradable kept the old release's map, a re-graded one showed the old map beside
+the new grade, and a worker of the old release could still draw one."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fastapi.testclient import TestClient
+
+from core import repository as repo
+from core.db import session_scope
+from core.settings import get_settings
+from core.store import FileStore
+from tests.api_support import make_key, sample_bytes, web_cookie
+from tests.unit.test_workers_scoring import Sent, StubEnsemble, add_images
+from workers import explain as explain_mod
+from workers import scoring
+
+
+def _regraded(url: str, image_id: str, ref: str, gradable: bool) -> None:
+    """``image_id`` graded again by release ``ref`` (as re-scoring records it)."""
+    with session_scope(url) as s:
+        mv = repo.get_or_create_model_version(s, ref)
+        probs = [0.8, 0.05, 0.05, 0.05, 0.05]
+        repo.upsert_prediction(
+            s, image_id=image_id, model_version_id=mv.id, grade=0 if gradable else None,
+            probabilities=probs, members=None, referable=not gradable, gradable=gradable,
+        )  # fmt: skip
+        image = repo.get_image(s, image_id)
+        assert image is not None
+        repo.mark_image_done(s, image, quality={"gradable": gradable}, gradable=gradable)
+
+
+def test_the_heatmap_shown_is_the_one_of_the_grade_shown(url: str, client: TestClient) -> None:
+    store = FileStore(get_settings().store_path)
+    key = make_key(url, "North")
+    [image_id] = add_images(url, store, "P-17", [("l.jpg", sample_bytes("16", "left"), "left")])
+    old = StubEnsemble()
+    scoring.score_images([image_id], ensemble=old, store=store, db_url=url, enqueue=Sent(), explain=False)
+    assert explain_mod.explain_image(image_id, ensemble=old, store=store, db_url=url) is not None
+    route = f"/v1/images/{image_id}/explanation"
+    assert client.get(route, headers=key.headers).status_code == 200
+
+    # the new release finds the photograph ungradable: no heatmap, on the API or the page
+    _regraded(url, image_id, "stub-ensemble@0.0.2", gradable=False)
+    with session_scope(url) as s:
+        assert repo.current_explanation(s, image_id) is None
+    refused = client.get(route, headers=key.headers)
+    assert refused.status_code == 404 and "ungradable" in refused.text
+    page = client.get(f"/images/{image_id}", headers=web_cookie(client, key))
+    assert page.status_code == 200 and f"/images/{image_id}/heatmap" not in page.text
+
+    # graded again, gradable: the old release's map is not shown beside the new grade, and a
+    # worker of the old release does not draw one; the new release's worker does
+    _regraded(url, image_id, "stub-ensemble@0.0.2", gradable=True)
+    with session_scope(url) as s:
+        assert repo.current_explanation(s, image_id) is None
+    assert client.get(route, headers=key.headers).status_code == 409  # not ready: asked for
+    assert explain_mod.explain_image(image_id, ensemble=old, store=store, db_url=url) is None
+    new = replace(StubEnsemble(), ref="stub-ensemble@0.0.2")
+    drawn = explain_mod.explain_image(image_id, ensemble=new, store=store, db_url=url)
+    with session_scope(url) as s:
+        shown = repo.current_explanation(s, image_id)
+        assert shown is not None and shown.stored_path == drawn
+    assert client.get(route, headers=key.headers).status_code == 200
