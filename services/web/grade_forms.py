@@ -117,7 +117,10 @@ def record_grader_grade(
         session.rollback()
         return pages.not_found(request, principal, "No such photograph (or it belongs to another clinic).")
     session.commit()
-    return RedirectResponse(_result_url(kind, page_id), status_code=303)
+    back_to = _result_url(kind, page_id)
+    if kind != "queue":  # back at the photograph saved, which says so (the page top, silently, before)
+        back_to += f"?saved={image.id}#photo-{image.id}"
+    return RedirectResponse(back_to, status_code=303)
 
 
 @router.post("/grader-grades/remove")

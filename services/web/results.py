@@ -102,6 +102,8 @@ def _result_page(
 ) -> HTMLResponse:
     """``result.html``; with a refused form, under 422 and without polling (the script's reload
     of the page would send the form again)."""
+    # ?saved=<image id>: back from saving a grader's grade, that photograph's box says so
+    context = {**context, "saved": request.query_params.get("saved")}
     if grading is None:
         return pages.render(request, "result.html", {**context, "grading": None}, principal=principal)
     context = {**context, "grading": grading, "progress_url": None}

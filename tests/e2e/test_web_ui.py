@@ -327,7 +327,9 @@ def test_web_interface_in_chromium(
         card.locator("input[name=grader]").fill("Dr E2E")
         with page.expect_navigation():
             card.locator("[data-testid=grader-form] button[type=submit]").click()
-        assert page.url == f"{api_url}/bundles/{bundle_id}"
+        # back at the photograph saved, which says so (it was the page's top, silently)
+        assert page.url == f"{api_url}/bundles/{bundle_id}?saved={image['id']}#photo-{image['id']}"
+        assert card.locator("[data-testid=grader-saved]").is_visible()
         shown = card.locator("[data-testid=grader-grade]")
         assert _shown_grade(shown.get_attribute("data-grade")) == grade
         assert card.locator("[data-testid=grader-name]").inner_text() == "Dr E2E"
@@ -396,6 +398,17 @@ def test_web_interface_in_chromium(
     page.click("#job-form button[type=submit]")
     page.wait_for_selector("[data-testid=job]")
     job_id = page.get_attribute("[data-testid=job]", "data-job-id")
+    # typing while the page waits for the job: its reload (every 5 s) emptied the field; it now
+    # waits, and says so, until the field is left as it was
+    page.fill("#job-folder", "/typed/while/the/job/runs")
+    page.wait_for_function(
+        "() => (document.querySelector('[data-refresh-text]') || {}).textContent?.startsWith('Jobs updated')",
+        timeout=STEP_TIMEOUT_MS,
+    )
+    assert page.input_value("#job-folder") == "/typed/while/the/job/runs"
+    page.evaluate(
+        "() => { const f = document.querySelector('#job-folder'); f.value = f.defaultValue; f.blur(); }"
+    )
     page.wait_for_selector(
         f'[data-testid=job][data-job-id="{job_id}"][data-status="done"]', timeout=SCORING_TIMEOUT_MS
     )

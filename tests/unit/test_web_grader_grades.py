@@ -98,9 +98,12 @@ def test_a_grade_recorded_through_the_form_is_shown_beside_the_models_and_audite
     model_before = _model_view(page)
 
     saved = _grade(client, cookie, ids[0], "3", "Dr A")
-    assert saved.status_code == 303 and saved.headers["location"] == f"/images/{ids[0]}"
+    # back at the photograph saved, which says so (a11y review, session 30: the page top, silently)
+    back = f"/images/{ids[0]}?saved={ids[0]}#photo-{ids[0]}"
+    assert saved.status_code == 303 and saved.headers["location"] == back
     assert _rows(url) == [(ids[0], 3, True, "Dr A")]
     page = client.get(saved.headers["location"], headers=cookie).text
+    assert f'id="photo-{ids[0]}"' in page and 'data-testid="grader-saved"' in page
     assert _shown(page) == {"grade": "3", "label": "3 · Severe NPDR", "grader": "Dr A"}
     assert re.search(r"recorded \d{4}-\d\d-\d\d \d\d:\d\d UTC", page)
     # the model's grade, the banner and the API's result are the model's still
@@ -170,8 +173,9 @@ def test_a_visits_page_records_beside_the_right_photograph_and_returns_to_the_vi
     saved = _post(
         client, cookie, "/grader-grades", {"image_id": right, "grade": "1", "grader": "KM", "back": visit}
     )
-    assert saved.status_code == 303 and saved.headers["location"] == visit
+    assert saved.status_code == 303 and saved.headers["location"] == f"{visit}?saved={right}#photo-{right}"
     page = client.get(visit, headers=cookie).text
+    assert 'data-testid="grader-saved"' not in page  # said once, on the way back
     assert _shown(card(page, right)) == {"grade": "1", "label": "1 · Mild NPDR", "grader": "KM"}
     assert _shown(card(page, left)) is None
     removed = _post(client, cookie, "/grader-grades/remove", {"image_id": right, "back": visit})
@@ -320,7 +324,8 @@ def test_only_the_photographs_own_result_pages_are_returned_to(
         ("/grader-grades/remove", {"image_id": ids[0], "back": target}),
     ):
         resp = _post(client, cookie, path, form)
-        assert resp.status_code == 303 and resp.headers["location"] == f"/images/{ids[0]}", (path, target)
+        page = resp.headers["location"].partition("?")[0]  # saving adds ?saved=...#photo-...
+        assert resp.status_code == 303 and page == f"/images/{ids[0]}", (path, target)
     assert _rows(url) == []  # recorded, then removed: the target changed only where to go
 
 

@@ -1,6 +1,7 @@
 // drscreen web interface: the only script. No framework, nothing loaded from elsewhere.
 // 1. Result pages poll their progress route and reload once the result is complete.
-// 2. Pages with data-refresh-seconds (the jobs list while a job runs) reload themselves.
+// 2. Pages with data-refresh-seconds (the jobs list while a job runs) reload themselves; no page
+//    reloads while a form on it holds what the user typed (it says so instead).
 // 3. Upload forms show that they are busy and cannot be sent twice.
 // 4. "ask again" for a missing heatmap asks in place and shows it when drawn (the link alone
 //    opened the heatmap route's bare "not ready yet").
@@ -34,9 +35,9 @@
         if (resp.status === 401) { signIn(); return; }
         if (resp.ok) {
           const p = await resp.json();
-          if (p.complete) { window.location.reload(); return; }
+          if (p.complete) { reloadWhenIdle(text, "Result complete."); return; }
           // Grades in, heatmaps still being drawn: show the grades now.
-          if (p.scored && !pageScored) { window.location.reload(); return; }
+          if (p.scored && !pageScored) { reloadWhenIdle(text, "Grades ready."); return; }
           if (text) {
             text.textContent = p.scored
               ? "Results ready; drawing heatmaps (" + p.heatmaps_missing + " left)…"
@@ -49,6 +50,32 @@
       window.setTimeout(tick, POLL_MS);
     }
     window.setTimeout(tick, POLL_MS);
+  }
+
+  // Something typed or chosen in a form, or a form field in use: a reload would throw it away
+  // (a grader's half-entered grade, a folder path being typed on the jobs page).
+  function userBusy() {
+    const active = document.activeElement;
+    if (active && active.closest && active.closest("form") && /^(INPUT|SELECT|TEXTAREA)$/.test(active.tagName)) {
+      return true;
+    }
+    return Array.from(document.querySelectorAll("form input, form select, form textarea")).some(function (el) {
+      if (el.type === "hidden" || el.type === "submit") return false;
+      if (el.type === "checkbox" || el.type === "radio") return el.checked !== el.defaultChecked;
+      if (el.type === "file") return Boolean(el.files && el.files.length);
+      if (el.tagName === "SELECT") {
+        return Array.from(el.options).some(function (o) { return o.selected !== o.defaultSelected; });
+      }
+      return el.value !== el.defaultValue;
+    });
+  }
+
+  // Reload to show what changed, unless the user is busy with a form: then say so (in a live
+  // region, so a screen reader hears it) and reload once they have left the form alone.
+  function reloadWhenIdle(live, what) {
+    if (!userBusy()) { window.location.reload(); return; }
+    if (live) live.textContent = what + " Reload the page to see it (not done for you while you fill in a form).";
+    window.setTimeout(function () { reloadWhenIdle(live, what); }, POLL_MS * 5);
   }
 
   function busyForms() {
@@ -113,7 +140,8 @@
     const refresh = document.querySelector("[data-refresh-seconds]");
     if (refresh) {
       const seconds = Number(refresh.getAttribute("data-refresh-seconds")) || 5;
-      window.setTimeout(function () { window.location.reload(); }, seconds * 1000);
+      const live = refresh.querySelector("[data-refresh-text]");
+      window.setTimeout(function () { reloadWhenIdle(live, "Jobs updated."); }, seconds * 1000);
     }
     busyForms();
   });
