@@ -287,6 +287,13 @@ class Explanation(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     stored_path: Mapped[str] = mapped_column(Text, index=True)  # see Image.stored_path
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the colour scale it was drawn on (HEATMAP_SCALE); NULL: before heatmaps shared one scale
+    scale: Mapped[int | None] = mapped_column(Integer)
+
+
+#: The heatmaps' colour scale: 1 = one scale for every photograph (``HEATMAP_FULL_SCALE``, session
+#: 30). A stored heatmap of another scale is drawn again before it is shown.
+HEATMAP_SCALE = 1
 
 
 class GraderGrade(Base):

@@ -186,10 +186,19 @@ def referable_roc(truth: np.ndarray, score: np.ndarray) -> dict[str, list[float]
     return {"fpr": [round(float(v), 4) for v in fpr], "tpr": [round(float(v), 4) for v in tpr]}
 
 
+def number(value: float, digits: int = 3) -> str:
+    """A figure as text: "n/a" where it is undefined on the labels given (NaN printed before)."""
+    return f"{value:.{digits}f}" if np.isfinite(value) else "n/a"
+
+
 def interval_lines(report: dict[str, Any]) -> list[str]:
     """'key: lo .. hi' for the headline figures that have a bootstrap interval."""
     intervals = report.get("intervals_95", {})
-    return [f"{k}: {intervals[k][0]:.3f} .. {intervals[k][1]:.3f}" for k in HEADLINE_KEYS if k in intervals]
+    return [
+        f"{k}: {number(intervals[k][0])} .. {number(intervals[k][1])}"
+        for k in HEADLINE_KEYS
+        if k in intervals
+    ]
 
 
 def patient_metrics(
@@ -237,7 +246,7 @@ def write_report(report: dict[str, Any], out: Path, y_true: list[int] | None = N
             )
     ax.set_xlabel("predicted grade")
     ax.set_ylabel("reference grade")
-    ax.set_title(f"{report['model']}\nQWK {report['qwk']:.3f}")
+    ax.set_title(f"{report['model']}\nQWK {number(report['qwk'])}")
     fig.tight_layout()
     fig.savefig(out / "confusion_matrix.png", dpi=100)
     plt.close(fig)
@@ -260,13 +269,13 @@ def write_report(report: dict[str, Any], out: Path, y_true: list[int] | None = N
         plots.append("![referable ROC](roc_referable.png)")
     md = [f"# Evaluation of {report['model']}", "", "| metric | value |", "|---|---|"]
     md += [
-        f"| {k} | {report[k]:.3f} |" if isinstance(report[k], float) else f"| {k} | {report[k]} |"
+        f"| {k} | {number(report[k])} |" if isinstance(report[k], float) else f"| {k} | {report[k]} |"
         for k in HEADLINE_KEYS
     ]
     md += [
         "",
         "Per-class recall: "
-        + ", ".join(f"grade {g}: {r:.2f}" for g, r in enumerate(report["per_class_recall"])),
+        + ", ".join(f"grade {g}: {number(r, 2)}" for g, r in enumerate(report["per_class_recall"])),
         "",
     ]
     if "intervals_95" in report:
@@ -299,7 +308,7 @@ def write_report(report: dict[str, Any], out: Path, y_true: list[int] | None = N
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return "n/a" if np.isnan(value) else f"{value:.3f}"
+        return number(value)
     return html.escape(str(value))
 
 
@@ -391,12 +400,8 @@ def evaluate_cli(
     out = sys.stdout
     for key in HEADLINE_KEYS:
         value = report[key]
-        out.write(f"{key:>24}: {value:.4f}\n" if isinstance(value, float) else f"{key:>24}: {value}\n")
-    out.write(
-        f"{'per_class_recall':>24}: "
-        + ", ".join("n/a" if np.isnan(r) else f"{r:.3f}" for r in report["per_class_recall"])
-        + "\n"
-    )
+        out.write(f"{key:>24}: {number(value, 4)}\n" if isinstance(value, float) else f"{key:>24}: {value}\n")
+    out.write(f"{'per_class_recall':>24}: " + ", ".join(number(r) for r in report["per_class_recall"]) + "\n")
     if "intervals_95" in report:
         out.write(f"{'95% interval':>24}: " + "; ".join(interval_lines(report)))
         out.write(f" (bootstrap over {report['intervals_resampled']})\n")
@@ -404,7 +409,8 @@ def evaluate_cli(
     out.write(
         f"{'quality gate':>24}: {report['n_ungradable']} of {report['n_images']} photograph(s) "
         f"ungradable; referring them as the service does: sensitivity "
-        f"{screening['referable_sensitivity']:.4f}, specificity {screening['referable_specificity']:.4f}\n"
+        f"{number(screening['referable_sensitivity'], 4)}, specificity "
+        f"{number(screening['referable_specificity'], 4)}\n"
     )
     for key, label in (("patient", "patient level"), ("patient_model_only", "patient, model only")):
         if key in report:
@@ -423,7 +429,7 @@ def patient_line(figures: dict[str, Any]) -> str:
         if value is None or not np.isfinite(value):
             return "n/a"
         lo, hi = figures.get("intervals_95", {}).get(key, (float("nan"), float("nan")))
-        return f"{value:.3f}" + (f" ({lo:.3f} .. {hi:.3f})" if np.isfinite(lo) else "")
+        return number(value) + (f" ({number(lo)} .. {number(hi)})" if np.isfinite(lo) else "")
 
     names = {"referable_sensitivity": "sensitivity", "referable_specificity": "specificity"}
     shown = [

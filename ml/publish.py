@@ -101,8 +101,16 @@ def is_candidate(folder: Path) -> bool:
 PRODUCT_ENSEMBLE: Final = "drscreen-ensemble"
 
 
-def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+def version_key(version: str) -> tuple[tuple[int, ...], int, str]:
+    """Order of release versions: by number, a pre-release (``1.7.0-rc.1``) below its release, a
+    build suffix (``1.6.0+hotfix``) above it. Numbers alone tied ``1.6.0`` with ``1.6.0-hotfix``
+    (the API and the workers then broke the tie differently) and put ``1.7.0-rc.1`` level with
+    ``1.7.0``."""
+    match = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)(?:([-+])(.*))?", version)
+    if match is None:
+        return ((), 0, version)  # not a release version: below every one
+    numbers = tuple(int(part) for part in match.group(1, 2, 3))
+    return (numbers, 0 if match.group(4) == "-" else 1, match.group(5) or "")
 
 
 def default_release(releases: Iterable[str]) -> str | None:

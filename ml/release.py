@@ -11,6 +11,7 @@ An ensemble release is ``models/ensembles/<name>/<version>/manifest.json`` namin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from ml.preprocess import PreprocessConfig
 from ml.publish import checked_sums, default_release, is_candidate, sha256_file, version_key
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ml.models import GradingNet
@@ -146,10 +149,23 @@ def list_ensembles(models_dir: Path | None = None) -> list[str]:
     return [f"{n}@{v}" for n, v in refs]
 
 
+def _servable(folder: Path) -> bool:
+    """A release the default may be: not a candidate, and its manifest as exported (the API leaves
+    out one whose SHA256SUMS fails, so the workers must too, or /readyz describes another model)."""
+    if is_candidate(folder):
+        return False
+    try:
+        checked_sums(folder)
+    except (OSError, ValueError) as exc:
+        log.warning("release %s is not a default model: %s", folder, exc)
+        return False
+    return True
+
+
 def newest_ensemble(models_dir: Path | None = None) -> str:
     """The default model (``DRSCREEN_MODEL`` unset): ``ml.publish.default_release`` of the
     releases, never a candidate that happens to carry a higher number (served only when named)."""
-    refs = [r for r in list_ensembles(models_dir) if not is_candidate(ensemble_dir(r, models_dir))]
+    refs = [r for r in list_ensembles(models_dir) if _servable(ensemble_dir(r, models_dir))]
     chosen = default_release(refs)
     if chosen is None:
         raise FileNotFoundError(

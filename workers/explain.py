@@ -15,6 +15,7 @@ from core import retention
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore, get_store
+from core.tables import HEATMAP_SCALE
 from ml.imageio import ImageDecodeError, decode_scaled
 from ml.quality import DECODE_MIN_SIDE
 from workers.model import EnsembleLike, get_ensemble
@@ -50,8 +51,11 @@ def explain_image(
             log.info("explain_image: %s was graded by another release than %s; not drawn", image_id, ens.ref)
             return None
         existing = repo.get_explanation(session, image_id, mv.id)
-        if existing is not None and store.exists(existing.stored_path) and not force:
+        current = existing is not None and existing.scale == HEATMAP_SCALE
+        if existing is not None and current and store.exists(existing.stored_path) and not force:
             return existing.stored_path
+        # a heatmap of an earlier colour scale is replaced; its file goes once nothing refers to it
+        replaced = existing.stored_path if existing is not None else None
         stored_path, mv_id = image.stored_path, mv.id
 
     # Grad-CAM runs outside any transaction (it takes seconds with the full ensemble).
@@ -78,6 +82,9 @@ def explain_image(
                 sha256=stored.sha256,
                 stored_path=stored.relpath,
             )
+    if replaced is not None and replaced != stored.relpath:
+        with session_scope(db_url) as session:
+            retention.remove_unreferenced_files(session, store, [replaced])
     if not still_there:
         with session_scope(db_url) as session:  # its heatmap must not outlive it in the store
             retention.remove_unreferenced_files(session, store, [stored.relpath])

@@ -45,7 +45,7 @@ from core.aggregation import is_referable
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore, StoredFile, get_store
-from core.tables import Image, ScoringJobItem, as_utc, utcnow
+from core.tables import Image, ScoringJob, ScoringJobItem, as_utc, utcnow
 from ml.imageio import ImageDecodeError, decode_scaled, sniff_format
 from ml.jpeg_damage import looks_block_shifted
 from ml.quality import DECODE_MIN_SIDE, QualityReport, assess_quality
@@ -93,6 +93,7 @@ class _Claimed:
     stored_path: str
     bundle_id: str | None
     job_id: str | None
+    job_explain: bool = False  # the folder job's own `explain` option (None of a job: False)
     rgb: np.ndarray | None = None  # dropped once graded (a clinic photograph can be ~36 MB)
     size: tuple[int, int] | None = None  # (height, width), kept for the image row
     quality: QualityReport | None = None
@@ -170,6 +171,9 @@ def _claim(
                 summary.skipped.append(image_id)
                 continue
             item = _Claimed(row.id, row.patient_id, row.stored_path, row.bundle_id, row.job_id)
+            if row.job_id is not None:
+                job = session.get(ScoringJob, row.job_id)
+                item.job_explain = bool(job is not None and job.explain)
             if row.attempts > max_attempts:
                 # Its earlier attempts never finished (e.g. the photo crashed the process): failed
                 # rather than fed to workers forever, by _write, which also recomputes its patient
@@ -542,8 +546,10 @@ def _discard_unrecorded_heatmaps(
 def _wants_explanation(it: _Claimed, explain: bool | None) -> bool:
     if explain is not None:
         return explain
-    # Folder jobs can hold thousands of photographs: heatmaps only when the job asks for them.
-    return it.job_id is None and get_worker_settings().explain
+    # Folder jobs can hold thousands of photographs: heatmaps only when the job asks for them
+    # (a job's photograph graded again by a newer release, sent without the option, lost its
+    # heatmap: the session-30 review)
+    return it.job_explain if it.job_id is not None else get_worker_settings().explain
 
 
 def score_images(

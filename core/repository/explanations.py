@@ -7,13 +7,13 @@ from sqlalchemy.orm import Session
 
 from core.repository._sql import _insert
 from core.repository.predictions import get_prediction
-from core.tables import Explanation, utcnow
+from core.tables import HEATMAP_SCALE, Explanation, utcnow
 
 
 def upsert_explanation(
     session: Session, *, image_id: str, model_version_id: int, sha256: str, stored_path: str
 ) -> Explanation:
-    values = {"sha256": sha256, "stored_path": stored_path}
+    values = {"sha256": sha256, "stored_path": stored_path, "scale": HEATMAP_SCALE}
     stmt = _insert(session, Explanation).values(
         image_id=image_id, model_version_id=model_version_id, created_at=utcnow(), **values
     )
@@ -38,8 +38,11 @@ def current_explanation(session: Session, image_id: str) -> Explanation | None:
     """The heatmap of the grade shown for the photograph (its newest prediction's release), or
     None when that release has drawn none or found the photograph ungradable. Any release's newest
     heatmap was shown before: after a change of release, a photograph re-graded ungradable kept
-    the old release's heatmap, and a re-graded one showed the old map beside the new grade."""
+    the old release's heatmap, and a re-graded one showed the old map beside the new grade.
+    None, too, for a heatmap drawn on an earlier colour scale (``HEATMAP_SCALE``)."""
     prediction = get_prediction(session, image_id)
     if prediction is None or not prediction.gradable:
         return None
-    return get_explanation(session, image_id, prediction.model_version_id)
+    row = get_explanation(session, image_id, prediction.model_version_id)
+    # one drawn before heatmaps shared one scale is not shown: it is drawn again when asked for
+    return row if row is not None and row.scale == HEATMAP_SCALE else None

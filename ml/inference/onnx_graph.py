@@ -102,8 +102,9 @@ def export_member_onnx(model: GradingNet, size: int, out: Path, batch: int | Non
         dynamo=False,
     )
     model.eval()  # the TorchScript exporter leaves the module in training mode (BatchNorm!)
+    seal(out, written=tmp)  # first: a graph in place always has its seal
     tmp.rename(out)
-    return seal(out)
+    return out
 
 
 def export_release_member(ref: str, out: Path, models_dir: Path | None = None) -> Path:

@@ -51,11 +51,17 @@ def onnx_path_for(ref: str, models_dir: Path | None, quantized: bool = False) ->
     return cache_dir() / f"{ref.replace('@', '-')}-{digest}-g{GRAPH_VERSION}{kind}.onnx"
 
 
-def seal(path: Path) -> Path:
-    """Record a finished graph's sha256 beside it (``<graph>.sha256``); sessions read only graphs
-    whose seal holds (``graph_problem``). The file name says which weights a graph is of; the seal
-    says the file is the one the exporter wrote (not a half-written, damaged or hand-copied one)."""
-    Path(f"{path}.sha256").write_text(sha256_file(path) + "\n")
+def seal(path: Path, written: Path | None = None) -> Path:
+    """Record a finished graph's sha256 beside ``path`` (``<graph>.sha256``); sessions read only
+    graphs whose seal holds (``graph_problem``). The file name says which weights a graph is of;
+    the seal says the file is the one the exporter wrote (not a half-written, damaged or
+    hand-copied one). ``written``: the graph's temporary file, sealed before it is renamed to
+    ``path``, so that another process never finds the graph without its seal (it would export
+    it again). The seal itself is replaced atomically (a reader saw it empty, "damaged")."""
+    target = Path(f"{path}.sha256")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(sha256_file(written or path) + "\n")
+    os.replace(tmp, target)
     return path
 
 

@@ -62,7 +62,9 @@ def _jobs_page(
     listed = _jobs(session, principal.clinic_id)
     context = {
         "jobs": listed,
-        "active": any(j["job"].status in ("queued", "running") for j in listed),
+        # a page answering a refused POST does not refresh itself: its reload sent the form again
+        # every 5 s (the session-30 review: 6 POSTs in 27 s)
+        "active": error is None and any(j["job"].status in ("queued", "running") for j in listed),
         "roots": [str(p) for p in repo.import_roots_of(session, principal.clinic_id, settings)],
         "error": error,
         "folder": folder,

@@ -216,3 +216,17 @@ def test_a_job_that_did_not_grade_every_photograph_gives_no_figure(
         bench.run_job(None, _JobClient(final), tmp_path, explain=False, timeout=5)  # type: ignore[arg-type]
     done = {"status": "done", "done": 4, "failed": 0}
     assert bench.run_job(None, _JobClient(done), tmp_path, explain=False, timeout=5) >= 0  # type: ignore[arg-type]
+
+
+def test_the_machine_is_described_without_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review of session 30: with no git binary (the worker image), the commit lookup raised
+    and the bench printed no figure at all."""
+    import subprocess
+
+    def no_git(*args: object, **kwargs: object) -> None:
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    samples = Path(__file__).resolve().parents[2] / "samples"
+    machine = bench.machine_description(sorted(samples.rglob("*.jpg")))
+    assert machine["commit"] is None and machine["photo_long_side_px"] == 512

@@ -161,6 +161,9 @@ def test_patient_figures_come_as_served_and_model_only_with_intervals_and_each_p
     assert served["referable_sensitivity"] is None
     lines = [x for x in out.splitlines() if x.strip().startswith(("patient level", "patient, model only"))]
     assert len(lines) == 2 and all("sensitivity n/a" in x and "NaN" not in x for x in lines)
+    # labels all grade 0: sensitivity is undefined, "n/a" in every text (it printed nan)
+    assert report["referable_sensitivity"] is None and "referable_sensitivity: n/a" in out
+    assert "nan" not in out.lower() and "nan" not in (tmp_path / "report" / "report.md").read_text().lower()
     # P1's right eye is ungradable as served: referred, so not every patient is cleared
     assert served["referable_specificity"] == 0.5
     assert [(p["image"], p["gradable"]) for p in report["predictions"]] == [

@@ -65,3 +65,29 @@ def test_the_heatmap_shown_is_the_one_of_the_grade_shown(url: str, client: TestC
         shown = repo.current_explanation(s, image_id)
         assert shown is not None and shown.stored_path == drawn
     assert client.get(route, headers=key.headers).status_code == 200
+
+
+def test_a_heatmap_drawn_before_the_one_scale_is_drawn_again(url: str, client: TestClient) -> None:
+    """The review of session 30: heatmaps stored before maps shared one scale (each stretched to
+    its own peak: a grade-0 eye's red spot) were shown under the new caption, which says little
+    colour means little evidence. They are treated as not drawn, and drawn again when asked for."""
+    from sqlalchemy import update
+
+    from core.tables import HEATMAP_SCALE, Explanation
+
+    store = FileStore(get_settings().store_path)
+    key = make_key(url, "North")
+    [image_id] = add_images(url, store, "P-18", [("l.jpg", sample_bytes("16", "right"), "left")])
+    ens = StubEnsemble()
+    scoring.score_images([image_id], ensemble=ens, store=store, db_url=url, enqueue=Sent(), explain=False)
+    first = explain_mod.explain_image(image_id, ensemble=ens, store=store, db_url=url)
+    assert first is not None
+    with session_scope(url) as s:  # as migration b2e5d8a1c3f7 leaves a heatmap drawn before it
+        s.execute(update(Explanation).where(Explanation.image_id == image_id).values(scale=None))
+        assert repo.current_explanation(s, image_id) is None
+    assert client.get(f"/v1/images/{image_id}/explanation", headers=key.headers).status_code == 409
+    again = explain_mod.explain_image(image_id, ensemble=ens, store=store, db_url=url)
+    with session_scope(url) as s:
+        shown = repo.current_explanation(s, image_id)
+        assert shown is not None and shown.scale == HEATMAP_SCALE and shown.stored_path == again
+    assert client.get(f"/v1/images/{image_id}/explanation", headers=key.headers).status_code == 200

@@ -124,3 +124,17 @@ def test_int8_variant_keeps_the_named_convolutions_float(tmp_path: Path) -> None
         n for n in graph.node if n.op_type == "Conv" and producer.get(n.input[1]) == "DequantizeLinear"
     ]
     assert len(int8_weights) == len(convs) - len(keep)
+
+
+def test_a_precision_that_changes_no_grade_passes_on_labels_of_one_grade() -> None:
+    """The review of session 30: with an undefined QWK reported as NaN, "QWK drops by at most
+    0.01" failed (NaN - NaN) for a reduced precision that changed no grade."""
+    from types import SimpleNamespace
+
+    from ml.inference.combine import CombineRule
+    from ml.onnx_export import judge_reduced_precision
+
+    ens = SimpleNamespace(rule=CombineRule("weighted_average", [1.0]))
+    probs = np.tile(np.array([0.9, 0.05, 0.03, 0.01, 0.01], np.float32), (1, 6, 1))
+    verdict = judge_reduced_precision(ens, probs, np.zeros(6, int), probs)  # type: ignore[arg-type]
+    assert verdict["passes_criteria"] is True and verdict["qwk"] == verdict["qwk_fp32"] == 0.0

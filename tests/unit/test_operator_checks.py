@@ -271,6 +271,35 @@ def test_a_higher_numbered_dev_ensemble_is_not_the_default_model(tmp_path: Path)
     assert active_ref(named) == "drscreen-dev@9.0.0"  # served when named
 
 
+def test_workers_and_api_agree_on_version_order_and_leave_out_a_changed_release(tmp_path: Path) -> None:
+    """The review of session 30: 1.6.0 and 1.6.0-hotfix tied (workers and API broke the tie
+    differently), 1.7.0-rc.1 ranked level with 1.7.0, and a newest release whose manifest was
+    changed was the workers' default (then refused) while the API described the one below it."""
+    import json
+
+    from ml.publish import version_key, write_sums
+    from ml.release import newest_ensemble
+    from services.modelinfo import active_ref
+
+    assert version_key("1.7.0-rc.1") < version_key("1.7.0") < version_key("1.7.0+hotfix")
+    assert version_key("1.10.0") > version_key("1.9.9") > version_key("not-a-version")
+
+    def release(version: str) -> Path:
+        folder = tmp_path / "models" / "ensembles" / "drscreen-ensemble" / version
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"card": {"test": {"n_images": 12}}}))
+        write_sums(folder)
+        return folder
+
+    settings = get_settings().model_copy(update={"models_dir": tmp_path / "models", "model": None})
+    for version in ("1.6.0", "1.6.0+hotfix", "1.7.0-rc.1"):
+        release(version)
+    assert active_ref(settings) == newest_ensemble(tmp_path / "models") == "drscreen-ensemble@1.7.0-rc.1"
+    changed = release("1.7.0")
+    (changed / "manifest.json").write_text(json.dumps({"card": {"test": {"n_images": 13}}}))
+    assert active_ref(settings) == newest_ensemble(tmp_path / "models") == "drscreen-ensemble@1.7.0-rc.1"
+
+
 def test_one_schema_check_says_refuse_unreachable_or_fine(isolated_settings: Path) -> None:
     """One helper for `drscreen serve`/`worker` and the API's lifespan (they were near-twins)."""
     assert "port 1" in (migrate.check_schema_at_start("postgresql+psycopg://nobody@127.0.0.1:1/none") or "")

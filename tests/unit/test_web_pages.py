@@ -420,3 +420,19 @@ def test_a_lookup_posted_signed_out_is_not_called_unsaved(client: TestClient) ->
     "what you sent was not saved" notice."""
     resp = client.post("/patients", data={"patient_id": "P1"}, follow_redirects=False)
     assert resp.status_code == 303 and "unsaved" not in resp.headers["location"]
+
+
+def test_a_refused_job_form_is_not_sent_again_by_the_pages_refresh(client: TestClient, url: str) -> None:
+    """The session-30 review: while a job ran, the page answering a refused folder carried the
+    5-s self-refresh, and each reload posted the refused form again (6 POSTs in 27 s)."""
+    key = make_key(url, "North")
+    cookie = web_cookie(client, key)
+    with session_scope(url) as s:
+        clinic = repo.get_or_create_clinic(s, "North")
+        repo.create_job(s, clinic.id, "/imports/north/running")  # queued: the list refreshes
+    assert "data-refresh-seconds" in client.get("/jobs", headers=cookie).text
+    refused = client.post(
+        "/jobs", headers=cookie, data={"folder": "/not/an/import/root"}, follow_redirects=False
+    )
+    assert refused.status_code >= 400 and 'data-testid="job-error"' in refused.text
+    assert "data-refresh-seconds" not in refused.text

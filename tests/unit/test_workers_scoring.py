@@ -312,6 +312,14 @@ def test_explain_policy(
     scoring.score_images(job_ids + single, ensemble=ens, store=store, db_url=url, enqueue=sent)
     # Folder-job images: no heatmap unless the job asks; single images: on by default.
     assert [a[0] for _, a, _ in sent] == single
+    # sent without the option (a newer release grading a job's photograph again): the job's own
+    # option decides (they were drawn for no job's photograph: the session-30 review)
+    with session_scope(url) as s:
+        asking = repo.create_job(s, clinic.id, "/nowhere", explain=True).id
+    asked = add_images(url, store, "P8", [photo("17_left.jpg")], job_id=asking)
+    sent = Sent()
+    scoring.score_images(asked, ensemble=ens, store=store, db_url=url, enqueue=sent)
+    assert [a[0] for _, a, _ in sent] == asked
 
     from workers.settings import get_worker_settings
 

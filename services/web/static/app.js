@@ -32,7 +32,15 @@
       }
       try {
         const resp = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" }, cache: "no-store" });
-        if (resp.status === 401) { signIn(); return; }
+        if (resp.status === 401) {
+          // signed out while filling in a form: leaving now would lose what was typed
+          if (userBusy()) {
+            if (text) text.textContent = "Signed out. Copy what you typed, then reload the page to sign in again.";
+            return;
+          }
+          signIn();
+          return;
+        }
         if (resp.ok) {
           const p = await resp.json();
           if (p.complete) { reloadWhenIdle(text, "Result complete."); return; }
@@ -74,7 +82,9 @@
   // region, so a screen reader hears it) and reload once they have left the form alone.
   function reloadWhenIdle(live, what) {
     if (!userBusy()) { window.location.reload(); return; }
-    if (live) live.textContent = what + " Reload the page to see it (not done for you while you fill in a form).";
+    // said once: a live region rewritten every few seconds is read out again each time
+    const message = what + " Not refreshed while you fill in the form: reload the page when you are done.";
+    if (live && live.textContent !== message) live.textContent = message;
     window.setTimeout(function () { reloadWhenIdle(live, what); }, POLL_MS * 5);
   }
 
@@ -141,7 +151,7 @@
     if (refresh) {
       const seconds = Number(refresh.getAttribute("data-refresh-seconds")) || 5;
       const live = refresh.querySelector("[data-refresh-text]");
-      window.setTimeout(function () { reloadWhenIdle(live, "Jobs updated."); }, seconds * 1000);
+      window.setTimeout(function () { reloadWhenIdle(live, "Jobs may have moved on."); }, seconds * 1000);
     }
     busyForms();
   });
