@@ -101,16 +101,20 @@ def is_candidate(folder: Path) -> bool:
 PRODUCT_ENSEMBLE: Final = "drscreen-ensemble"
 
 
-def version_key(version: str) -> tuple[tuple[int, ...], int, str]:
+def version_key(version: str) -> tuple[tuple[int, ...], int, tuple[tuple[int, int, str], ...]]:
     """Order of release versions: by number, a pre-release (``1.7.0-rc.1``) below its release, a
     build suffix (``1.6.0+hotfix``) above it. Numbers alone tied ``1.6.0`` with ``1.6.0-hotfix``
     (the API and the workers then broke the tie differently) and put ``1.7.0-rc.1`` level with
     ``1.7.0``."""
     match = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)(?:([-+])(.*))?", version)
     if match is None:
-        return ((), 0, version)  # not a release version: below every one
+        return ((), 0, ((1, 0, version),))  # not a release version: below every one
     numbers = tuple(int(part) for part in match.group(1, 2, 3))
-    return (numbers, 0 if match.group(4) == "-" else 1, match.group(5) or "")
+    # the suffix's dot-separated parts: numbers as numbers (rc.10 after rc.2), below words
+    parts = tuple(
+        (0, int(p), "") if p.isdigit() else (1, 0, p) for p in (match.group(5) or "").split(".") if p
+    )
+    return (numbers, 0 if match.group(4) == "-" else 1, parts)
 
 
 def default_release(releases: Iterable[str]) -> str | None:

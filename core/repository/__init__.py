@@ -51,7 +51,12 @@ from core.repository.bundles import (
     refresh_bundle_status,
 )
 from core.repository.clinics import CLINIC_NAME_MAX, get_clinic_by_name, get_or_create_clinic, import_roots_of
-from core.repository.explanations import current_explanation, get_explanation, upsert_explanation
+from core.repository.explanations import (
+    current_explanation,
+    get_explanation,
+    on_current_scale,
+    upsert_explanation,
+)
 from core.repository.heartbeats import (
     forget_workers_unseen_since,
     mark_worker_stopped,
@@ -178,6 +183,7 @@ __all__ = [
     "mark_image_failed",
     "mark_worker_stopped",
     "needs_rescoring",
+    "on_current_scale",
     "orphaned_images",
     "other_active_release",
     "patient_aggregate",

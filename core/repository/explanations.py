@@ -39,10 +39,16 @@ def current_explanation(session: Session, image_id: str) -> Explanation | None:
     None when that release has drawn none or found the photograph ungradable. Any release's newest
     heatmap was shown before: after a change of release, a photograph re-graded ungradable kept
     the old release's heatmap, and a re-graded one showed the old map beside the new grade.
-    None, too, for a heatmap drawn on an earlier colour scale (``HEATMAP_SCALE``)."""
+    A heatmap drawn on an earlier colour scale is returned too (``scale`` says so: see
+    ``on_current_scale``); hiding it left a photograph whose release no worker serves without any
+    heatmap, "retry shortly" for ever (the review of the scale's migration)."""
     prediction = get_prediction(session, image_id)
     if prediction is None or not prediction.gradable:
         return None
-    row = get_explanation(session, image_id, prediction.model_version_id)
-    # one drawn before heatmaps shared one scale is not shown: it is drawn again when asked for
-    return row if row is not None and row.scale == HEATMAP_SCALE else None
+    return get_explanation(session, image_id, prediction.model_version_id)
+
+
+def on_current_scale(row: Explanation) -> bool:
+    """Drawn on the one colour scale every heatmap shares since session 30 (``HEATMAP_SCALE``); an
+    earlier one was stretched to its own photograph's peak, and is drawn again when looked at."""
+    return row.scale == HEATMAP_SCALE

@@ -6,9 +6,10 @@ Create Date: 2026-12-07 19:00:00+00:00
 
 Heatmaps were stretched to each photograph's own peak until session 30, when they came to share
 one scale (``ml.inference.ensemble.HEATMAP_FULL_SCALE``) and the page's caption said so. The
-heatmaps stored before stay NULL here: pages and the API treat them as not drawn yet, and the
-explain task draws them again on the new scale (a grade-0 eye's stretched red spot under a caption
-saying "little or no colour: nothing raised it much" would mislead). Nullable, added in place, as
+heatmaps stored before stay NULL here: pages caption them as relative to their photograph, and the
+API, serving one, asks for it again, drawn on the new scale by a worker of its release (a grade-0
+eye's stretched red spot under a caption saying "little or no colour: nothing raised it much"
+would mislead). Nullable, added in place, as
 migration 6a1d3f9b2c47's column.
 """
 

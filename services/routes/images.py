@@ -336,6 +336,10 @@ def get_explanation(
     store = FileStore(settings.store_path)
     if not store.exists(row.stored_path):
         raise NotFound("the explanation file is missing from the store")
+    if not repo.on_current_scale(row):
+        # drawn before heatmaps shared one scale: served (its release may no longer be served
+        # anywhere), and drawn again on the current scale where a worker of its release can
+        _request_explanation(request, producer, image, grace=False)
     audit(
         session,
         principal,
@@ -405,11 +409,13 @@ def delete_grader_grade(image_id: str, session: SessionDep, principal: Principal
     return Response(status_code=204)
 
 
-def _request_explanation(request: Request, producer: ProducerDep, image: Image) -> None:
+def _request_explanation(request: Request, producer: ProducerDep, image: Image, grace: bool = True) -> None:
     """Workers draw heatmaps on their own after scoring (except for folder jobs that did not ask);
-    when one is still missing a while after the grade, ask for it, at most once a minute."""
+    when one is still missing a while after the grade, ask for it, at most once a minute.
+    ``grace=False``: no waiting for the worker's own drawing (there is a heatmap, to be redrawn)."""
     finished = image.finished_at
-    if finished is not None and (utcnow() - as_utc(finished)).total_seconds() < EXPLAIN_GRACE_SECONDS:
+    recent = finished is not None and (utcnow() - as_utc(finished)).total_seconds() < EXPLAIN_GRACE_SECONDS
+    if grace and recent:
         return
     asked: dict[str, float] = request.app.state.explain_requested
     now = time.monotonic()

@@ -287,14 +287,15 @@ class PhotoView:
     quality: list[Bar] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     heatmap_ready: bool = False
+    heatmap_old_scale: bool = False  # drawn before heatmaps shared one colour scale
 
     @property
     def final(self) -> bool:
         return self.image.status in FINAL
 
 
-def photo_view(image: ImageResult, heatmap_ready: bool) -> PhotoView:
-    view = PhotoView(image=image, heatmap_ready=heatmap_ready)
+def photo_view(image: ImageResult, heatmap_ready: bool, heatmap_old_scale: bool = False) -> PhotoView:
+    view = PhotoView(image=image, heatmap_ready=heatmap_ready, heatmap_old_scale=heatmap_old_scale)
     if image.probabilities and image.gradable is not False:  # an ungradable one's decide nothing
         view.probabilities = [
             Bar(f"{g} {GRADE_NAMES[g]}", float(p), highlight=(g == image.grade))

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from core import repository as repo
 from core.errors import NotFound
-from core.tables import Image, as_utc, utcnow
+from core.tables import Explanation, Image, as_utc, utcnow
 from services.deps import Principal, SessionDep
 from services.routes import bundles as bundle_routes
 from services.routes import images as image_routes
@@ -56,9 +56,17 @@ class Progress:
         }
 
 
+def _heatmaps(session: Session, images: list[Image]) -> dict[str, Explanation | None]:
+    """Each photograph's heatmap of the grade shown (not an older release's), if drawn."""
+    return {im.id: repo.current_explanation(session, im.id) if im.status == "done" else None for im in images}
+
+
 def _heatmap_ready(session: Session, images: list[Image]) -> dict[str, bool]:
-    shown = repo.current_explanation  # the heatmap of the grade shown, not an older release's
-    return {im.id: im.status == "done" and shown(session, im.id) is not None for im in images}
+    return {image_id: row is not None for image_id, row in _heatmaps(session, images).items()}
+
+
+def _old_scale(heatmaps: dict[str, Explanation | None]) -> dict[str, bool]:
+    return {k: row is not None and not repo.on_current_scale(row) for k, row in heatmaps.items()}
 
 
 def _heatmap_expected(image: Image) -> bool:
@@ -160,8 +168,11 @@ def bundle_result(
     rows = repo.bundle_images(session, bundle_id)
     bundle = bundle_routes.load_bundle(session, principal, bundle_id)
     progress = _progress(session, rows, bundle.patient_id)
-    ready = _heatmap_ready(session, rows)
-    photos = [present.photo_view(im, ready.get(im.id, False)) for im in result.images]
+    heatmaps = _heatmaps(session, rows)
+    old = _old_scale(heatmaps)
+    photos = [
+        present.photo_view(im, heatmaps.get(im.id) is not None, old.get(im.id, False)) for im in result.images
+    ]
     # an earlier visit's page shows that visit's result; the latest's is the bundle's own patient
     patient = repo.get_patient_by_id(session, bundle.patient_id)
     earlier = None if patient is None else earlier_visit_summary(session, patient, [im.id for im in rows])
@@ -210,9 +221,9 @@ def image_result(
     except NotFound:
         return pages.not_found(request, principal, "No such photograph (or it belongs to another clinic).")
     row = image_routes.load_image(session, principal, image_id)
-    ready = _heatmap_ready(session, [row])
+    heatmaps = _heatmaps(session, [row])
     progress = _progress(session, [row], row.patient_id)
-    photo = present.photo_view(result, ready[row.id])
+    photo = present.photo_view(result, heatmaps[row.id] is not None, _old_scale(heatmaps)[row.id])
     patient = repo.get_patient_by_id(session, row.patient_id)
     summary = earlier = None
     if progress.scored and patient is not None:  # nothing of the patient's is computed before

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from fastapi.testclient import TestClient
 
 from core import repository as repo
@@ -67,10 +68,14 @@ def test_the_heatmap_shown_is_the_one_of_the_grade_shown(url: str, client: TestC
     assert client.get(route, headers=key.headers).status_code == 200
 
 
-def test_a_heatmap_drawn_before_the_one_scale_is_drawn_again(url: str, client: TestClient) -> None:
-    """The review of session 30: heatmaps stored before maps shared one scale (each stretched to
+def test_a_heatmap_drawn_before_the_one_scale_is_labelled_and_drawn_again(
+    url: str, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reviews of session 30: heatmaps stored before maps shared one scale (each stretched to
     its own peak: a grade-0 eye's red spot) were shown under the new caption, which says little
-    colour means little evidence. They are treated as not drawn, and drawn again when asked for."""
+    colour means little evidence; hidden instead, the heatmap of a photograph whose release no
+    worker serves any more was "retry shortly" for ever. It is served, captioned as what it is,
+    and asked for again: a worker of its release draws it on the current scale."""
     from sqlalchemy import update
 
     from core.tables import HEATMAP_SCALE, Explanation
@@ -80,14 +85,30 @@ def test_a_heatmap_drawn_before_the_one_scale_is_drawn_again(url: str, client: T
     [image_id] = add_images(url, store, "P-18", [("l.jpg", sample_bytes("16", "right"), "left")])
     ens = StubEnsemble()
     scoring.score_images([image_id], ensemble=ens, store=store, db_url=url, enqueue=Sent(), explain=False)
-    first = explain_mod.explain_image(image_id, ensemble=ens, store=store, db_url=url)
-    assert first is not None
+    assert explain_mod.explain_image(image_id, ensemble=ens, store=store, db_url=url) is not None
+    page = client.get(f"/images/{image_id}", headers=web_cookie(client, key)).text
+    assert "drawn before heatmaps shared one colour scale" not in page
     with session_scope(url) as s:  # as migration b2e5d8a1c3f7 leaves a heatmap drawn before it
         s.execute(update(Explanation).where(Explanation.image_id == image_id).values(scale=None))
-        assert repo.current_explanation(s, image_id) is None
-    assert client.get(f"/v1/images/{image_id}/explanation", headers=key.headers).status_code == 409
+    import services.routes.images as image_routes
+
+    asked: list[str] = []
+
+    def send(image: str, app: object = None) -> None:
+        asked.append(image)
+
+    monkeypatch.setattr(image_routes.tasks_out, "send_explain_image", send)
+    served = client.get(f"/v1/images/{image_id}/explanation", headers=key.headers)
+    assert served.status_code == 200 and asked == [image_id]  # served, and drawn again
+    page = client.get(f"/images/{image_id}", headers=web_cookie(client, key)).text
+    assert f"/images/{image_id}/heatmap" in page and "drawn before heatmaps shared one colour scale" in page
+    # a worker of another release does not redraw it (it keeps being served as it is) ...
+    other = replace(StubEnsemble(), ref="stub-ensemble@0.0.9")
+    assert explain_mod.explain_image(image_id, ensemble=other, store=store, db_url=url) is None
+    # ... a worker of its release does, on the current scale
     again = explain_mod.explain_image(image_id, ensemble=ens, store=store, db_url=url)
     with session_scope(url) as s:
         shown = repo.current_explanation(s, image_id)
         assert shown is not None and shown.scale == HEATMAP_SCALE and shown.stored_path == again
-    assert client.get(f"/v1/images/{image_id}/explanation", headers=key.headers).status_code == 200
+    page = client.get(f"/images/{image_id}", headers=web_cookie(client, key)).text
+    assert "drawn before heatmaps shared one colour scale" not in page

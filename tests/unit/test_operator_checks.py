@@ -282,6 +282,7 @@ def test_workers_and_api_agree_on_version_order_and_leave_out_a_changed_release(
     from services.modelinfo import active_ref
 
     assert version_key("1.7.0-rc.1") < version_key("1.7.0") < version_key("1.7.0+hotfix")
+    assert version_key("1.7.0-rc.2") < version_key("1.7.0-rc.10") < version_key("1.7.0-rc.x")
     assert version_key("1.10.0") > version_key("1.9.9") > version_key("not-a-version")
 
     def release(version: str) -> Path:
