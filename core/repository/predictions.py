@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.repository._sql import _insert
-from core.tables import Prediction, utcnow
+from core.tables import ModelVersion, Prediction, utcnow
 
 
 def upsert_prediction(
@@ -44,10 +44,29 @@ def upsert_prediction(
     return row
 
 
+def _activated_version_id(session: Session) -> int | None:
+    """The model version of the release ``drscreen model activate`` pinned, None when never."""
+    return session.scalar(
+        select(ModelVersion.id)
+        .where(ModelVersion.activated_at.is_not(None))
+        .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())
+        .limit(1)
+    )
+
+
 def get_prediction(session: Session, image_id: str, model_version_id: int | None = None) -> Prediction | None:
-    """The prediction for ``image_id`` by that model version (default: the newest one)."""
+    """The prediction for ``image_id`` by that model version; by default the one shown: the
+    activated release's when it graded the photograph, else the newest (after a rollback, the newer
+    release's grade stayed on the photograph while the patient's decision was the activated one's,
+    and its heatmap was looked for in vain: the review of session 30)."""
     stmt = select(Prediction).where(Prediction.image_id == image_id)
-    if model_version_id is not None:
+    if model_version_id is None:
+        activated = _activated_version_id(session)
+        if activated is not None:
+            row = session.scalars(stmt.where(Prediction.model_version_id == activated)).first()
+            if row is not None:
+                return row
+    else:
         stmt = stmt.where(Prediction.model_version_id == model_version_id)
     return session.scalars(stmt.order_by(Prediction.id.desc()).limit(1)).first()
 
@@ -55,7 +74,7 @@ def get_prediction(session: Session, image_id: str, model_version_id: int | None
 def predictions_for_images(
     session: Session, image_ids: Sequence[str], model_version_id: int | None = None
 ) -> dict[str, Prediction]:
-    """image id -> its prediction (that model version, or the newest)."""
+    """image id -> its prediction (that model version, or the one shown: see ``get_prediction``)."""
     if not image_ids:
         return {}
     stmt = select(Prediction).where(Prediction.image_id.in_(list(image_ids)))
@@ -64,4 +83,8 @@ def predictions_for_images(
     out: dict[str, Prediction] = {}
     for row in session.scalars(stmt.order_by(Prediction.id)):
         out[row.image_id] = row  # later (newer) rows win
+    activated = _activated_version_id(session) if model_version_id is None else None
+    if activated is not None:
+        for row in session.scalars(stmt.where(Prediction.model_version_id == activated)):
+            out[row.image_id] = row  # ... but the activated release's, where it graded
     return out

@@ -112,3 +112,41 @@ def test_a_heatmap_drawn_before_the_one_scale_is_labelled_and_drawn_again(
         assert shown is not None and shown.scale == HEATMAP_SCALE and shown.stored_path == again
     page = client.get(f"/images/{image_id}", headers=web_cookie(client, key)).text
     assert "drawn before heatmaps shared one colour scale" not in page
+
+
+def test_after_a_rollback_the_activated_releases_grade_and_heatmap_are_shown(
+    url: str, client: TestClient
+) -> None:
+    """The review of session 30: release A graded X and drew its heatmap, B (activated) graded X
+    again, then the operator rolled back to A. A does not grade X again (its grade exists), yet the
+    photograph showed B's grade and looked for B's heatmap, which A's workers do not draw: "not
+    ready" for ever, beside a patient decision that was A's."""
+    store = FileStore(get_settings().store_path)
+    key = make_key(url, "North")
+    [image_id] = add_images(url, store, "P-19", [("l.jpg", sample_bytes("16", "left"), "left")])
+    a = StubEnsemble()
+    scoring.score_images([image_id], ensemble=a, store=store, db_url=url, enqueue=Sent(), explain=False)
+    drawn = explain_mod.explain_image(image_id, ensemble=a, store=store, db_url=url)
+    with session_scope(url) as s:
+        repo.activate_release(s, "stub-ensemble@0.0.2")
+    _regraded(url, image_id, "stub-ensemble@0.0.2", gradable=True)
+    with session_scope(url) as s:
+        shown = repo.get_prediction(s, image_id)
+        assert shown is not None and shown.model_version_id != _version(s, a.ref)  # B's, activated
+        repo.activate_release(s, a.ref)  # the rollback
+    with session_scope(url) as s:
+        shown = repo.get_prediction(s, image_id)
+        assert shown is not None and shown.model_version_id == _version(s, a.ref)
+        assert repo.predictions_for_images(s, [image_id])[image_id].id == shown.id
+        heatmap = repo.current_explanation(s, image_id)
+        assert heatmap is not None and heatmap.stored_path == drawn
+    assert explain_mod.explain_image(image_id, ensemble=a, store=store, db_url=url) == drawn
+    body = client.get(f"/v1/images/{image_id}", headers=key.headers).json()
+    assert body["model_version"] == a.ref
+    assert client.get(f"/v1/images/{image_id}/explanation", headers=key.headers).status_code == 200
+
+
+def _version(session: object, ref: str) -> int:
+    row = repo.get_model_version_by_ref(session, ref)  # type: ignore[arg-type]
+    assert row is not None
+    return row.id
