@@ -9,7 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.repository._sql import _insert
-from core.tables import ModelVersion, Prediction, utcnow
+from core.repository.releases import activated_version_id
+from core.tables import Prediction, utcnow
 
 
 def upsert_prediction(
@@ -44,16 +45,6 @@ def upsert_prediction(
     return row
 
 
-def _activated_version_id(session: Session) -> int | None:
-    """The model version of the release ``drscreen model activate`` pinned, None when never."""
-    return session.scalar(
-        select(ModelVersion.id)
-        .where(ModelVersion.activated_at.is_not(None))
-        .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())
-        .limit(1)
-    )
-
-
 def get_prediction(session: Session, image_id: str, model_version_id: int | None = None) -> Prediction | None:
     """The prediction for ``image_id`` by that model version; by default the one shown: the
     activated release's when it graded the photograph, else the newest (after a rollback, the newer
@@ -61,7 +52,7 @@ def get_prediction(session: Session, image_id: str, model_version_id: int | None
     and its heatmap was looked for in vain: the review of session 30)."""
     stmt = select(Prediction).where(Prediction.image_id == image_id)
     if model_version_id is None:
-        activated = _activated_version_id(session)
+        activated = activated_version_id(session)
         if activated is not None:
             row = session.scalars(stmt.where(Prediction.model_version_id == activated)).first()
             if row is not None:
@@ -83,7 +74,7 @@ def predictions_for_images(
     out: dict[str, Prediction] = {}
     for row in session.scalars(stmt.order_by(Prediction.id)):
         out[row.image_id] = row  # later (newer) rows win
-    activated = _activated_version_id(session) if model_version_id is None else None
+    activated = activated_version_id(session) if model_version_id is None else None
     if activated is not None:
         for row in session.scalars(stmt.where(Prediction.model_version_id == activated)):
             out[row.image_id] = row  # ... but the activated release's, where it graded

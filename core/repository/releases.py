@@ -27,8 +27,17 @@ def get_or_create_model_version(
 
 def active_release(session: Session) -> str | None:
     """The release the deployment serves (``drscreen model activate``), None when never set."""
-    return session.scalar(
-        select(ModelVersion.ref)
+    return session.scalar(_last_activated(ModelVersion.ref))
+
+
+def activated_version_id(session: Session) -> int | None:
+    """The model version of :func:`active_release`, None when never set."""
+    return session.scalar(_last_activated(ModelVersion.id))
+
+
+def _last_activated(column: Any) -> Any:
+    return (
+        select(column)
         .where(ModelVersion.activated_at.is_not(None))
         .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())
         .limit(1)
