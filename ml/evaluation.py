@@ -426,7 +426,7 @@ def patient_line(figures: dict[str, Any]) -> str:
 
     def fmt(key: str) -> str:
         value = figures.get(key)
-        if value is None or not np.isfinite(value):
+        if value is None:
             return "n/a"
         lo, hi = figures.get("intervals_95", {}).get(key, (float("nan"), float("nan")))
         return number(value) + (f" ({number(lo)} .. {number(hi)})" if np.isfinite(lo) else "")

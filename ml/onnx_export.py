@@ -37,7 +37,7 @@ import torch
 from ml.inference.combine import combine
 from ml.inference.ensemble import Ensemble, load_ensemble
 from ml.inference.onnx_graph import export_member_onnx
-from ml.inference.onnx_runtime import OPSET, PROBABILITIES, cache_dir, onnx_path_for, seal
+from ml.inference.onnx_runtime import OPSET, PROBABILITIES, cache_dir, discard, onnx_path_for, seal
 from ml.inference.openvino_runtime import (
     PRECISIONS,
     OpenVinoSession,
@@ -348,8 +348,7 @@ def export_onnx(
         speed["fp32_static_batch8_ips"] = _speed(_sessions(static_paths, threads), sizes)
     finally:
         for p in static_paths.values():
-            p.unlink(missing_ok=True)
-            Path(f"{p}.sha256").unlink(missing_ok=True)
+            discard(p)
 
     report: dict[str, Any] = {
         "ensemble": ens.ref,
@@ -475,8 +474,7 @@ def _quantize_all(
                 seal(p)  # workers take int8 graphs only sealed, i.e. kept whole
         else:
             for p in paths.values():
-                p.unlink(missing_ok=True)
-                Path(f"{p}.sha256").unlink(missing_ok=True)
+                discard(p)
     out["fp32_ips_batch8"] = _speed(_sessions(fp32, threads), sizes)  # same moment, same load
     out["kept"] = kept_label
     return out

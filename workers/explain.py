@@ -15,7 +15,6 @@ from core import retention
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore, get_store
-from core.tables import HEATMAP_SCALE
 from ml.imageio import ImageDecodeError, decode_scaled
 from ml.quality import DECODE_MIN_SIDE
 from workers.model import EnsembleLike, get_ensemble
@@ -51,8 +50,12 @@ def explain_image(
             log.info("explain_image: %s was graded by another release than %s; not drawn", image_id, ens.ref)
             return None
         existing = repo.get_explanation(session, image_id, mv.id)
-        current = existing is not None and existing.scale == HEATMAP_SCALE
-        if existing is not None and current and store.exists(existing.stored_path) and not force:
+        if (
+            existing is not None
+            and repo.on_current_scale(existing)
+            and store.exists(existing.stored_path)
+            and not force
+        ):
             return existing.stored_path
         # a heatmap of an earlier colour scale is replaced; its file goes once nothing refers to it
         replaced = existing.stored_path if existing is not None else None

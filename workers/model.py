@@ -102,11 +102,8 @@ def resolve_runtime(settings: Settings) -> str:
     """
     if settings.runtime != "auto":
         return settings.runtime
-    if any(os.path.exists(f) for f in GPU_DEVICE_FILES):
-        import torch
-
-        if torch.cuda.is_available():
-            return "torch"
+    if _cuda_available():
+        return "torch"
     from ml.inference.openvino_runtime import openvino_available
 
     return "openvino" if openvino_available() else "onnx"
@@ -116,11 +113,17 @@ def resolve_device(runtime: str) -> str:
     """Where a PyTorch worker runs its networks: the GPU when CUDA is there. ``auto`` chose PyTorch
     for a GPU host, and the networks then ran on its CPU all the same (the bench review, session
     30: load_ensemble's device was never given)."""
-    if runtime != "torch" or not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
-        return "cpu"
+    return "cuda" if runtime == "torch" and _cuda_available() else "cpu"
+
+
+def _cuda_available() -> bool:
+    """Without any GPU device file the answer is known without importing torch; with one, torch
+    decides."""
+    if not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
+        return False
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return bool(torch.cuda.is_available())
 
 
 def load(settings: Settings | None = None) -> EnsembleLike:
@@ -130,12 +133,13 @@ def load(settings: Settings | None = None) -> EnsembleLike:
     from ml.inference import load_ensemble
 
     runtime = resolve_runtime(settings)
+    device = resolve_device(runtime)
     with _lock:
         ens = load_ensemble(
             settings.model,
             models_dir=settings.models_dir,
             runtime=runtime,
-            device=resolve_device(runtime),
+            device=device,
             # ONNX Runtime (and torch, if loading imports it) get the share configure_torch chose;
             # the CLI path does not call it: ONNX Runtime takes every CPU, torch its own default
             threads=_threads,
@@ -143,7 +147,7 @@ def load(settings: Settings | None = None) -> EnsembleLike:
             precision=settings.openvino_precision,
         )
         _ensemble = ens
-    log.info("worker process %d serves %s (%s)", os.getpid(), ens.ref, resolve_device(runtime))
+    log.info("worker process %d serves %s (%s)", os.getpid(), ens.ref, device)
     return ens
 
 

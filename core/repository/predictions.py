@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, select
 from sqlalchemy.orm import Session
 
 from core.repository._sql import _insert
@@ -51,15 +51,11 @@ def get_prediction(session: Session, image_id: str, model_version_id: int | None
     release's grade stayed on the photograph while the patient's decision was the activated one's,
     and its heatmap was looked for in vain: the review of session 30)."""
     stmt = select(Prediction).where(Prediction.image_id == image_id)
-    if model_version_id is None:
-        activated = activated_version_id(session)
-        if activated is not None:
-            row = session.scalars(stmt.where(Prediction.model_version_id == activated)).first()
-            if row is not None:
-                return row
-    else:
+    if model_version_id is not None:
         stmt = stmt.where(Prediction.model_version_id == model_version_id)
-    return session.scalars(stmt.order_by(Prediction.id.desc()).limit(1)).first()
+    return session.scalars(
+        stmt.order_by(*_shown_last(session, model_version_id, descending=True)).limit(1)
+    ).first()
 
 
 def predictions_for_images(
@@ -72,10 +68,16 @@ def predictions_for_images(
     if model_version_id is not None:
         stmt = stmt.where(Prediction.model_version_id == model_version_id)
     out: dict[str, Prediction] = {}
-    for row in session.scalars(stmt.order_by(Prediction.id)):
-        out[row.image_id] = row  # later (newer) rows win
-    activated = activated_version_id(session) if model_version_id is None else None
-    if activated is not None:
-        for row in session.scalars(stmt.where(Prediction.model_version_id == activated)):
-            out[row.image_id] = row  # ... but the activated release's, where it graded
+    for row in session.scalars(stmt.order_by(*_shown_last(session, model_version_id))):
+        out[row.image_id] = row  # the later row wins
     return out
+
+
+def _shown_last(session: Session, model_version_id: int | None, descending: bool = False) -> list[Any]:
+    """Predictions in the order that puts the one shown last: the activated release's (when no
+    version is asked for and one was activated), then the newest (``descending``: first)."""
+    activated = activated_version_id(session) if model_version_id is None else None
+    order: list[Any] = [Prediction.id]
+    if activated is not None:
+        order.insert(0, case((Prediction.model_version_id == activated, 1), else_=0))
+    return [o.desc() for o in order] if descending else order

@@ -58,7 +58,7 @@ def seal(path: Path, written: Path | None = None) -> Path:
     hand-copied one). ``written``: the graph's temporary file, sealed before it is renamed to
     ``path``, so that another process never finds the graph without its seal (it would export
     it again). The seal itself is replaced atomically (a reader saw it empty, "damaged")."""
-    target = Path(f"{path}.sha256")
+    target = _seal_of(path)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     tmp.write_text(sha256_file(written or path) + "\n")
     os.replace(tmp, target)
@@ -67,7 +67,7 @@ def seal(path: Path, written: Path | None = None) -> Path:
 
 def graph_problem(path: Path) -> str | None:
     """Why the cached graph ``path`` must not be used, or None when its seal holds."""
-    sealed = Path(f"{path}.sha256")
+    sealed = _seal_of(path)
     if not path.exists():
         return "is missing"
     if not sealed.is_file():
@@ -75,6 +75,16 @@ def graph_problem(path: Path) -> str | None:
     if sealed.read_text().strip() != sha256_file(path):
         return "differs from its .sha256 seal (changed or damaged after it was exported)"
     return None
+
+
+def discard(path: Path) -> None:
+    """Remove a cached graph and its seal (a graph that was only measured, or not kept)."""
+    path.unlink(missing_ok=True)
+    _seal_of(path).unlink(missing_ok=True)
+
+
+def _seal_of(graph: Path) -> Path:
+    return Path(f"{graph}.sha256")
 
 
 def export_in_child(ref: str, out: Path, models_dir: Path | None = None) -> Path:

@@ -61,10 +61,6 @@ def _heatmaps(session: Session, images: list[Image]) -> dict[str, Explanation | 
     return {im.id: repo.current_explanation(session, im.id) if im.status == "done" else None for im in images}
 
 
-def _heatmap_ready(session: Session, images: list[Image]) -> dict[str, bool]:
-    return {image_id: row is not None for image_id, row in _heatmaps(session, images).items()}
-
-
 def _old_scale(heatmaps: dict[str, Explanation | None]) -> dict[str, bool]:
     return {k: row is not None and not repo.on_current_scale(row) for k, row in heatmaps.items()}
 
@@ -80,13 +76,19 @@ def _heatmap_expected(image: Image) -> bool:
     return (utcnow() - as_utc(finished)).total_seconds() < HEATMAP_WAIT_SECONDS
 
 
-def _progress(session: Session, images: list[Image], patient_id: int) -> Progress:
-    ready = _heatmap_ready(session, images)
+def _progress(
+    session: Session,
+    images: list[Image],
+    patient_id: int,
+    heatmaps: dict[str, Explanation | None] | None = None,
+) -> Progress:
+    """``heatmaps``: ``_heatmaps`` of ``images`` when the caller has read them already (a page)."""
+    heatmaps = _heatmaps(session, images) if heatmaps is None else heatmaps
     return Progress(
         total=len(images),
         finished=sum(im.status in present.FINAL for im in images),
         failed=sum(im.status == "failed" for im in images),
-        heatmaps_missing=sum(_heatmap_expected(im) and not ready[im.id] for im in images),
+        heatmaps_missing=sum(_heatmap_expected(im) and heatmaps[im.id] is None for im in images),
         patient_result=repo.get_current_patient_result(session, patient_id) is not None,
     )
 
@@ -167,8 +169,8 @@ def bundle_result(
         return pages.not_found(request, principal, "No such screening (or it belongs to another clinic).")
     rows = repo.bundle_images(session, bundle_id)
     bundle = bundle_routes.load_bundle(session, principal, bundle_id)
-    progress = _progress(session, rows, bundle.patient_id)
     heatmaps = _heatmaps(session, rows)
+    progress = _progress(session, rows, bundle.patient_id, heatmaps)
     old = _old_scale(heatmaps)
     photos = [
         present.photo_view(im, heatmaps.get(im.id) is not None, old.get(im.id, False)) for im in result.images
@@ -222,7 +224,7 @@ def image_result(
         return pages.not_found(request, principal, "No such photograph (or it belongs to another clinic).")
     row = image_routes.load_image(session, principal, image_id)
     heatmaps = _heatmaps(session, [row])
-    progress = _progress(session, [row], row.patient_id)
+    progress = _progress(session, [row], row.patient_id, heatmaps)
     photo = present.photo_view(result, heatmaps[row.id] is not None, _old_scale(heatmaps)[row.id])
     patient = repo.get_patient_by_id(session, row.patient_id)
     summary = earlier = None
