@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, exists, func, not_, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from core.repository.releases import last_activated
 from core.tables import SAMPLE_KEYS, GraderGrade, Image, ModelVersion, Patient, Prediction
 
 
@@ -44,27 +45,31 @@ def sampled(percent: float) -> ColumnElement[bool]:
 
 def prediction_of(release: ModelVersion | None) -> ColumnElement[bool]:
     """How a photograph (Image) joins the grading it is compared with: ``release``'s, or for None
-    its newest grading, which is the grade its result reports (services.views) whichever release
-    gave it: what the clinic was told."""
+    the grading its result shows (services.views, ``repository.get_prediction``): the activated
+    release's where it graded the photograph, else the newest, whichever release gave it: what
+    the clinic was told. (The newest alone, after a rollback, compared graders with a grade the
+    clinic no longer saw: session 31.)"""
     if release is not None:
         return and_(Prediction.image_id == Image.id, Prediction.model_version_id == release.id)
+    activated = last_activated(ModelVersion.id).scalar_subquery()
     # "no newer grading of it", not "= max(id)": PostgreSQL without statistics (after a restore,
     # before autovacuum) planned the max once per row through the primary key (40,000 graded
     # photographs: 495 s, against 35 ms for this form; the review)
-    newer = aliased(Prediction)
-    later = select(newer.id).where(newer.image_id == Prediction.image_id, newer.id > Prediction.id)
-    return and_(Prediction.image_id == Image.id, ~later.correlate(Prediction).exists())
+    other = aliased(Prediction)
+    later = select(other.id).where(other.image_id == Prediction.image_id, other.id > Prediction.id)
+    by_activated = select(other.id).where(
+        other.image_id == Prediction.image_id, other.model_version_id == activated
+    )
+    newest = and_(~by_activated.correlate(Prediction).exists(), ~later.correlate(Prediction).exists())
+    return and_(Prediction.image_id == Image.id, or_(Prediction.model_version_id == activated, newest))
 
 
 def model_gradable(release: ModelVersion | None = None) -> ColumnElement[bool]:
-    """The service graded the photograph (with its grading joined, :func:`prediction_of`): for the
-    newest grading, its quality gate passed it and the grading has a grade, as the API reports it
-    (services.views). For a named release, its own grading's verdict only: ``image.gradable`` is
-    the latest scoring's, and a later release's quality gate must not make this one's grade
-    ungradable (``Prediction.gradable`` is that scoring's gate and grade, workers.scoring)."""
-    if release is not None:
-        return Prediction.gradable.is_(True)
-    return and_(Image.gradable.is_(True), Prediction.gradable.is_(True))
+    """The service graded the photograph (with its grading joined, :func:`prediction_of`): that
+    grading's own quality gate passed it and it has a grade, as the API reports it
+    (``repository.graded_gradable``). Not ``image.gradable``: that is the latest grading's verdict,
+    and after a rollback not the one of the grading shown, nor a named release's."""
+    return Prediction.gradable.is_(True)
 
 
 def referred(release: ModelVersion | None = None) -> ColumnElement[bool]:

@@ -56,7 +56,7 @@ def image_results(
             result.grader_grade = grader.as_out(graders[im.id])
         pred = preds.get(im.id)
         if status == "done":
-            gradable = bool(im.gradable) and (pred is None or pred.gradable)
+            gradable = repo.graded_gradable(im, pred)
             result.gradable = gradable
             result.quality = im.quality
             # Ungradable means "refer" for clinics, whatever the ensemble thought of the pixels.

@@ -39,11 +39,11 @@ def explain_image(
     store = store if store is not None else get_store()
     with session_scope(db_url) as session:
         image = repo.get_image(session, image_id)
-        if image is None or image.status != "done" or not image.gradable:
+        graded = repo.get_prediction(session, image_id) if image is not None else None
+        if image is None or not repo.graded_gradable(image, graded):
             log.info("explain_image: %s is not a scored gradable image; nothing to do", image_id)
             return None
         mv = repo.get_or_create_model_version(session, ens.ref, ens.card)
-        graded = repo.get_prediction(session, image_id)
         if graded is not None and graded.model_version_id != mv.id:
             # another release's grade is shown: this release's map would explain a grade nobody
             # sees (and pages show the map of the grade shown only)

@@ -102,7 +102,12 @@ from core.repository.patient_results import (
     same_photograph_both_eyes,
 )
 from core.repository.patients import ensure_patient, get_or_create_patient, get_patient, get_patient_by_id
-from core.repository.predictions import get_prediction, predictions_for_images, upsert_prediction
+from core.repository.predictions import (
+    get_prediction,
+    graded_gradable,
+    predictions_for_images,
+    upsert_prediction,
+)
 from core.repository.releases import (
     activate_release,
     active_release,
@@ -165,6 +170,7 @@ __all__ = [
     "get_patient",
     "get_patient_by_id",
     "get_prediction",
+    "graded_gradable",
     "hash_api_key",
     "images_to_rescore",
     "import_roots_of",

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from core.aggregation import EyeGradeFn, GradeFn, ImageScore, PatientAggregate, aggregate_patient
 from core.repository.images import list_patient_images
-from core.repository.predictions import predictions_for_images
+from core.repository.predictions import graded_gradable, predictions_for_images
 from core.settings import get_settings
 from core.tables import EyeResult, Image, PatientResult, utcnow
 
@@ -135,7 +135,7 @@ def patient_aggregate(
     both_eyes = same_photograph_both_eyes((im.sha256, im.eye) for im in images)
     for im in images:
         pred = preds.get(im.id)
-        graded = im.status == "done" and bool(im.gradable) and pred is not None and pred.gradable
+        graded = pred is not None and graded_gradable(im, pred)
         # One photograph sent as the left and the right eye shows one eye, and nothing says which:
         # graded for both, the other eye was never screened and read "no referral". It is pooled
         # into neither eye; its own grade still refers both (it is referable, whichever eye it is).

@@ -10,7 +10,18 @@ from sqlalchemy.orm import Session
 
 from core.repository._sql import _insert
 from core.repository.releases import activated_version_id
-from core.tables import Prediction, utcnow
+from core.tables import Image, Prediction, utcnow
+
+
+def graded_gradable(image: Image, prediction: Prediction | None) -> bool:
+    """Whether ``image`` is gradable for ``prediction``, the grading shown or applied: that
+    grading's own quality gate. ``image.gradable`` is the latest grading's verdict, which after a
+    rollback (or beside another release's workers) is not the one shown (session 30's leftover)."""
+    if image.status != "done":
+        return False
+    if prediction is None:
+        return bool(image.gradable)
+    return bool(prediction.gradable)
 
 
 def upsert_prediction(

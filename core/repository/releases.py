@@ -27,15 +27,16 @@ def get_or_create_model_version(
 
 def active_release(session: Session) -> str | None:
     """The release the deployment serves (``drscreen model activate``), None when never set."""
-    return session.scalar(_last_activated(ModelVersion.ref))
+    return session.scalar(last_activated(ModelVersion.ref))
 
 
 def activated_version_id(session: Session) -> int | None:
     """The model version of :func:`active_release`, None when never set."""
-    return session.scalar(_last_activated(ModelVersion.id))
+    return session.scalar(last_activated(ModelVersion.id))
 
 
-def _last_activated(column: Any) -> Any:
+def last_activated(column: Any) -> Any:
+    """``column`` of the activated release's row (a select; ``.scalar_subquery()`` inside SQL)."""
     return (
         select(column)
         .where(ModelVersion.activated_at.is_not(None))

@@ -328,7 +328,7 @@ def get_explanation(
     if row is None:
         if image.status == "failed":
             raise NotFound("the photograph could not be scored, so it has no explanation")
-        if image.status == "done" and not image.gradable:
+        if image.status == "done" and not repo.graded_gradable(image, repo.get_prediction(session, image.id)):
             raise NotFound("the photograph is ungradable, so it has no explanation")
         if image.status == "done":
             _request_explanation(request, producer, image)

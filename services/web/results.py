@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from core import repository as repo
 from core.errors import NotFound
-from core.tables import Explanation, Image, as_utc, utcnow
+from core.tables import Explanation, Image, Prediction, as_utc, utcnow
 from services.deps import Principal, SessionDep
 from services.routes import bundles as bundle_routes
 from services.routes import images as image_routes
@@ -65,10 +65,10 @@ def _old_scale(heatmaps: dict[str, Explanation | None]) -> dict[str, bool]:
     return {k: row is not None and not repo.on_current_scale(row) for k, row in heatmaps.items()}
 
 
-def _heatmap_expected(image: Image) -> bool:
+def _heatmap_expected(image: Image, prediction: Prediction | None) -> bool:
     """Workers draw heatmaps for graded photographs only, right after the grade; after a while
     without one, stop waiting (the page then says it is missing; the heatmap route asks again)."""
-    if image.status != "done" or not image.gradable:
+    if not repo.graded_gradable(image, prediction):
         return False
     finished = image.finished_at
     if finished is None:
@@ -84,11 +84,14 @@ def _progress(
 ) -> Progress:
     """``heatmaps``: ``_heatmaps`` of ``images`` when the caller has read them already (a page)."""
     heatmaps = _heatmaps(session, images) if heatmaps is None else heatmaps
+    shown = repo.predictions_for_images(session, [im.id for im in images])
     return Progress(
         total=len(images),
         finished=sum(im.status in present.FINAL for im in images),
         failed=sum(im.status == "failed" for im in images),
-        heatmaps_missing=sum(_heatmap_expected(im) and heatmaps[im.id] is None for im in images),
+        heatmaps_missing=sum(
+            _heatmap_expected(im, shown.get(im.id)) and heatmaps[im.id] is None for im in images
+        ),
         patient_result=repo.get_current_patient_result(session, patient_id) is not None,
     )
 

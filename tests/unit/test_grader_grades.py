@@ -474,6 +474,39 @@ def test_by_default_each_photograph_is_compared_with_the_grade_its_result_report
     assert newest["n_images"] == 1 and newest["n_awaiting_model"] == 1 and newest["missed_referable"] == []
 
 
+def test_after_a_rollback_graders_are_compared_with_the_activated_releases_grade(
+    client: TestClient, url: str, scored: tuple[Key, Key, list[str]]
+) -> None:
+    """Session 31: the default compared each photograph with its newest grading. After a rollback
+    the clinic is shown the activated release's grade (``repository.get_prediction``), yet a newer
+    release's "not referable" (or "ungradable") was counted as what the clinic was told."""
+    north, _, ids = scored
+    first = client.get(f"/v1/images/{ids[1]}", headers=north.headers).json()["model_version"]
+    with session_scope(url) as s:
+        newer = repo.activate_release(s, "stub-ensemble@0.0.2")
+        repo.upsert_prediction(  # the newer release: grade 0 where the first said 4
+            s, image_id=ids[1], model_version_id=newer.id, grade=0, probabilities=[1.0, 0.0, 0.0, 0.0, 0.0],
+            members={}, referable=False,
+        )  # fmt: skip
+        repo.upsert_prediction(  # and ungradable where the first graded 4
+            s, image_id=ids[2], model_version_id=newer.id, grade=None, probabilities=[0.2] * 5,
+            members={}, referable=True, gradable=False,
+        )  # fmt: skip
+        image = repo.get_image(s, ids[2])
+        assert image is not None
+        repo.mark_image_done(s, image, quality={"gradable": False}, gradable=False)
+        repo.activate_release(s, first)  # the rollback
+    shown = client.get(f"/v1/images/{ids[1]}", headers=north.headers).json()
+    assert shown["model_version"] == first and shown["grade"] == 4
+    _put(client, north, ids[1], {"grade": 4, "grader": "Dr A"})
+    _put(client, north, ids[2], {"grade": 4, "grader": "Dr A"})
+    out = client.get("/v1/agreement", headers=north.headers).json()
+    assert out["releases"] == {first: 2} and out["missed_referable"] == []
+    assert out["confusion_matrix"][4][4] == 2
+    metrics = client.get("/metrics").text
+    assert _gauge(metrics, "drscreen_grader_missed_referable_last_30d") == 0
+
+
 def test_a_retry_changes_nothing_and_the_missed_list_is_newest_first(
     client: TestClient, url: str, scored: tuple[Key, Key, list[str]]
 ) -> None:

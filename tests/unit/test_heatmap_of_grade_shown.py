@@ -150,3 +150,40 @@ def _version(session: object, ref: str) -> int:
     row = repo.get_model_version_by_ref(session, ref)  # type: ignore[arg-type]
     assert row is not None
     return row.id
+
+
+def test_after_a_rollback_the_activated_releases_quality_verdict_is_the_one_used(
+    url: str, client: TestClient
+) -> None:
+    """Session 30's leftover: ``image.gradable`` is the verdict of the photograph's latest grading.
+    A graded X gradable, B (activated) found it ungradable, the operator rolled back to A: the
+    photograph showed A's grade as "ungradable", had no heatmap (the API's 404 and the worker
+    refused to draw one) and A's patient rule counted it ungradable (the patient referred as
+    ungradable). The verdict used is the one of the grading shown or applied."""
+    store = FileStore(get_settings().store_path)
+    key = make_key(url, "North")
+    [image_id] = add_images(url, store, "P-21", [("l.jpg", sample_bytes("16", "left"), "left")])
+    a = StubEnsemble()
+    scoring.score_images([image_id], ensemble=a, store=store, db_url=url, enqueue=Sent(), explain=False)
+    with session_scope(url) as s:
+        repo.activate_release(s, "stub-ensemble@0.0.2")
+    _regraded(url, image_id, "stub-ensemble@0.0.2", gradable=False)
+    with session_scope(url) as s:
+        repo.activate_release(s, a.ref)  # the rollback
+        image = repo.get_image(s, image_id)
+        assert image is not None and image.gradable is False  # B's verdict, the latest grading's
+        shown = repo.get_prediction(s, image_id)
+        assert shown is not None and shown.gradable and shown.grade is not None
+        a_grade = shown.grade
+        result = repo.recompute_patient(
+            s, image.patient_id, model_version_id=_version(s, a.ref), grade_fn=a.grade_from_probabilities
+        )
+        assert result.gradable and result.grade == a_grade
+    body = client.get(f"/v1/images/{image_id}", headers=key.headers).json()
+    assert body["model_version"] == a.ref and body["gradable"] is True and body["grade"] == a_grade
+    assert client.get(f"/v1/images/{image_id}/explanation", headers=key.headers).status_code == 409
+    drawn = explain_mod.explain_image(image_id, ensemble=a, store=store, db_url=url)
+    assert drawn is not None
+    assert client.get(f"/v1/images/{image_id}/explanation", headers=key.headers).status_code == 200
+    page = client.get(f"/images/{image_id}", headers=web_cookie(client, key))
+    assert page.status_code == 200 and f"/images/{image_id}/heatmap" in page.text
