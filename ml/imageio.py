@@ -42,6 +42,21 @@ _PIL_FORMATS: Final = {
     "webp": {"WEBP"},
 }
 
+#: ISO base media brands of HEIF still images (HEIC, AVIF): refused as unsupported, not "not an image".
+_HEIF_BRANDS: Final = frozenset(
+    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"}
+)
+#: What the refusal of a format we do not read tells the clinic to do.
+_UNSUPPORTED_ADVICE: Final = {
+    "gif": "GIF images are not accepted (256 colours at most: the photograph's colours are lost); "
+    "send the original photograph as JPEG, PNG or TIFF",
+    "heif": "HEIC/HEIF/AVIF images are not accepted; export the photograph as JPEG (on an iPhone: "
+    "Settings > Camera > Formats > Most Compatible) or PNG",
+}
+#: Palette images: their colours were reduced to at most 256, which moves the grade (two of 15
+#: referable photographs of the session-31 review graded 0 as palette PNGs, gradable by every check).
+_PALETTE_MODES: Final = frozenset({"P", "PA", "1"})
+
 # Reason codes (stable: the API and tests match on them).
 EMPTY: Final = "empty"
 NOT_AN_IMAGE: Final = "not_an_image"
@@ -76,6 +91,8 @@ def sniff_format(data: bytes) -> str | None:
         return "webp"
     if head.startswith((b"GIF87a", b"GIF89a")):
         return "gif"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return "heif"  # iPhones' default (HEIC) and AVIF: named, so the refusal can say what to do
     return None
 
 
@@ -210,7 +227,7 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
         )
     if mode == "L":
         return _rows_to_rgb(np.asarray(img), lambda block: block[..., None])
-    if mode in _ALPHA or (mode == "P" and "transparency" in img.info):
+    if mode in _ALPHA:
         # Transparent areas become black: the surround of a fundus photograph is black.
         rgba = np.asarray(img if mode == "RGBA" else img.convert("RGBA"))
         return _rows_to_rgb(
@@ -281,7 +298,7 @@ def _decoded(
     if fmt is None:
         raise ImageDecodeError(NOT_AN_IMAGE, "the file is not a recognised image format")
     if fmt not in SUPPORTED_FORMATS:
-        raise ImageDecodeError(UNSUPPORTED, f"{fmt} images are not accepted")
+        raise ImageDecodeError(UNSUPPORTED, _UNSUPPORTED_ADVICE.get(fmt, f"{fmt} images are not accepted"))
     _check_container(fmt, data)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone flipped Pillow's global; our EOF checks above still reject truncated files.
@@ -294,6 +311,12 @@ def _decoded(
             img = Image.open(io.BytesIO(data))  # lazy: reads the header only
             if img.format not in _PIL_FORMATS[fmt]:
                 raise ImageDecodeError(CORRUPT, f"content does not match its {fmt} signature")
+            if img.mode in _PALETTE_MODES:
+                raise ImageDecodeError(
+                    UNSUPPORTED,
+                    f"a palette (indexed, at most 256 colours) {fmt} image: its colours were reduced, "
+                    "which changes the grade; send the original photograph",
+                )
             width, height = img.size
             if width <= 0 or height <= 0:
                 raise ImageDecodeError(CORRUPT, "the image header has no size")

@@ -23,7 +23,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import cv2
 import numpy as np
@@ -329,6 +329,25 @@ def measure(rgb: np.ndarray) -> dict[str, float]:
     return out
 
 
+#: Channels this close (8-bit levels) count as grey: JPEG's chroma rounding of a grey picture.
+_GREY_SPREAD: Final = 4
+
+
+def is_monochrome(rgb: np.ndarray) -> bool:
+    """No colour where there is picture: at least 98% of the lit pixels (brightest channel above
+    30, so the black surround does not count) have their three channels within a few levels. A
+    fundus photograph's lit pixels are red over blue; the model grades colour photographs only
+    (on grey ones its grade moved by up to 2: the session-31 review)."""
+    step = max(1, min(rgb.shape[:2]) // 96)  # ~100 x 100 pixels whatever the photograph's size
+    r, g, b = (rgb[::step, ::step, c] for c in range(3))
+    # channel by channel: numpy's reduction over a 3-long axis is ~50x slower
+    top, low = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)  # uint8: no wrap
+    lit = top > 30
+    if not lit.any():
+        return False  # a black frame: the exposure check says so
+    return float(np.mean((top - low)[lit] <= _GREY_SPREAD)) >= 0.98
+
+
 @functools.cache
 def _shipped_thresholds() -> QualityThresholds:
     return load_thresholds()
@@ -342,12 +361,10 @@ def assess_quality(rgb: np.ndarray, thresholds: QualityThresholds | None = None)
     t = thresholds or _shipped_thresholds()
     m = measure(rgb)
 
-    fundus = min(
-        _ramp(m["circle_fit_iou"], t.circle_fit_iou),
-        _ramp(m["surround_darkness"], t.surround_darkness),
-        _ramp(m["red_over_blue"], t.red_over_blue),
-        _ramp(m["saturation"], t.saturation),
+    shape = min(
+        _ramp(m["circle_fit_iou"], t.circle_fit_iou), _ramp(m["surround_darkness"], t.surround_darkness)
     )
+    fundus = min(shape, _ramp(m["red_over_blue"], t.red_over_blue), _ramp(m["saturation"], t.saturation))
     fov = min(_ramp(m["disc_visible"], t.disc_visible), _ramp(m["frame_coverage"], t.frame_coverage))
     dark = min(_ramp(m["mean_luma"], t.mean_luma_dark), _ramp(m["clipped_dark"], t.clipped_dark))
     bright = min(_ramp(m["mean_luma"], t.mean_luma_bright), _ramp(m["clipped_bright"], t.clipped_bright))
@@ -365,7 +382,10 @@ def assess_quality(rgb: np.ndarray, thresholds: QualityThresholds | None = None)
     }
     reasons: list[str] = []
     if fundus < t.min_fundus:
-        reasons.append("not_fundus")
+        # a grey (or red-free) fundus photograph fails the colour checks only: "not a fundus
+        # photograph" sent clinics looking for the wrong fault (the session-31 review)
+        grey_fundus = shape >= t.min_fundus and is_monochrome(rgb)
+        reasons.append("monochrome" if grey_fundus else "not_fundus")
     if fov < t.min_field_of_view:
         reasons.append("poor_field_of_view")
     if exposure < t.min_exposure:

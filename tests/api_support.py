@@ -100,7 +100,18 @@ def bad_files() -> dict[str, bytes]:
         "damaged_scan_jpeg": _overwritten_in_scan(jpeg, 0.7, b"\x55" * 16),
         "gif": b"GIF89a" + b"\x00" * 64,
         "tiny_png": png_bytes(16, 16),
+        # colours reduced to 256: graded lower, every quality check passed (session 31)
+        "palette_png": _palette_png(jpeg),
+        "heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64,
     }
+
+
+def _palette_png(jpeg: bytes) -> bytes:
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.open(io.BytesIO(jpeg)).convert("P", palette=PILImage.Palette.ADAPTIVE).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def wait_for(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float, what: str) -> Any:

@@ -27,6 +27,7 @@ QUALITY_SCORES = (
 )
 REASON_TEXT = {
     "not_fundus": "does not look like a fundus photograph",
+    "monochrome": "a black-and-white (grey or red-free) photograph: send the colour photograph",
     "poor_field_of_view": "poor field of view (retina cut off or too small)",
     "underexposed": "too dark",
     "overexposed": "too bright",

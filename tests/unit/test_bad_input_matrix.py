@@ -68,6 +68,18 @@ def _cases(root: Path, outside: Path) -> list[Case]:
         ("text file named .jpg", 422, "invalid_image", lambda c, k: _one(c, k, files["text"])),
         ("PDF document", 422, "invalid_image", lambda c, k: _one(c, k, _pdf())),
         ("GIF (unsupported format)", 422, "invalid_image", lambda c, k: _one(c, k, files["gif"])),
+        (
+            "HEIC (unsupported format, session 31)",
+            422,
+            "invalid_image",
+            lambda c, k: _one(c, k, files["heic"]),
+        ),
+        (
+            "palette PNG, 256 colours (session 31)",
+            422,
+            "invalid_image",
+            lambda c, k: _one(c, k, files["palette_png"]),
+        ),
         ("JPEG truncated at half", 422, "invalid_image", lambda c, k: _one(c, k, files["truncated_jpeg"])),
         (
             "JPEG cut at half and closed with `FFD9` (session 19)",

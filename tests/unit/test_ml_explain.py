@@ -172,3 +172,23 @@ def test_heatmaps_share_one_scale_so_faint_evidence_stays_faint() -> None:
     assert float(strong.max()) == 1.0
     nothing = ens._heatmap([_blob(64, 0.0), _blob(128, 0.0)], photo)
     assert float(nothing.max()) == 0.0
+
+
+def test_a_camera_size_heatmap_is_drawn_at_most_2048_px_with_the_photographs_proportions() -> None:
+    """The session-31 review: a camera-size PNG (decoded in full) cost ~380 MB and ~2 s to overlay."""
+    import io as _io
+
+    from PIL import Image as _Image
+
+    from ml.inference.overlay import OVERLAY_MAX_SIDE, overlay_png
+
+    photo = np.zeros((2592, 3888, 3), np.uint8)
+    heat = np.zeros((2592, 3888), np.float64)
+    heat[1000:1200, 2000:2300] = 1.0
+    shown = _Image.open(_io.BytesIO(overlay_png(photo, heat)))
+    assert shown.size == (OVERLAY_MAX_SIDE, 1365)
+    pixels = np.asarray(shown)
+    assert pixels[1100 * 1365 // 2592, 2150 * 2048 // 3888].max() > 0  # the hot spot, scaled
+    assert pixels[100, 100].max() == 0
+    small = _Image.open(_io.BytesIO(overlay_png(photo[:342, :512], heat[:342, :512])))
+    assert small.size == (512, 342)  # smaller photographs keep their size

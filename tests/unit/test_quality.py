@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from ml.imageio import decode_image
-from ml.quality import QualityReport, QualityThresholds, assess_quality, load_thresholds
+from ml.quality import QualityReport, QualityThresholds, assess_quality, is_monochrome, load_thresholds
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path("/work/shared/data")
@@ -81,7 +81,7 @@ def test_synthetic_fundus_is_gradable() -> None:
             "not_fundus",
         ),
         ("gray disc", lambda: cv2.cvtColor(
-            cv2.cvtColor(synthetic_fundus(), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB), "not_fundus"),
+            cv2.cvtColor(synthetic_fundus(), cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB), "monochrome"),
         ("blurred", lambda: cv2.GaussianBlur(synthetic_fundus(), (0, 0), 10), "out_of_focus"),
         ("dark", lambda: (synthetic_fundus() * 0.1).astype(np.uint8), "underexposed"),
         ("corner", lambda: np.ascontiguousarray(synthetic_fundus()[:192, :256]), "poor_field_of_view"),
@@ -203,3 +203,18 @@ def test_thresholds_for_manifest_is_the_shipped_calibration_or_none() -> None:
     assert thresholds_for_manifest(dict(shipped)) is built  # built once per calibration
     with pytest.raises(ValueError, match="unknown quality threshold keys"):
         thresholds_for_manifest({"min_focuss": 0.5})
+
+
+def test_a_grey_fundus_photograph_is_ungradable_as_monochrome_not_as_not_fundus() -> None:
+    """The session-31 review: grey (and 16-bit grey) fundus photographs were refused as "does not
+    look like a fundus photograph", sending clinics after the wrong fault. Colour ones and grey
+    pictures that are no fundus keep their verdicts."""
+    photos = real_photos("eyepacs-natural-512", 4) + real_photos("drive-ungraded", 2)
+    for rgb in photos:
+        assert not is_monochrome(rgb)
+        grey = np.repeat(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+        assert is_monochrome(grey)
+        q = assess_quality(grey)
+        assert not q.gradable and "monochrome" in q.reasons and "not_fundus" not in q.reasons
+    page = np.full((300, 400, 3), 128, np.uint8)  # grey, but no fundus
+    assert is_monochrome(page) and "not_fundus" in assess_quality(page).reasons
