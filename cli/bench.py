@@ -260,12 +260,9 @@ def machine_description(sources: list[Path]) -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    commit = None
-    with contextlib.suppress(OSError):  # no git (the worker image has none): the figures still come
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-            capture_output=True, text=True, check=False,
-        ).stdout.strip() or None  # fmt: skip
+    from ml.release import code_commit
+
+    commit = code_commit()  # None without git (the worker image has none): the figures still come
     sizes = []
     for path in sources[:32]:
         with contextlib.suppress(OSError), Image.open(path) as im:

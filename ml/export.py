@@ -96,6 +96,8 @@ def _write_member(
     }
     meta.pop("history", None)
     meta.update({"changelog": f"{version}: trained by run {run_dir.name}", "run": run_dir.name})
+    if "libraries" in config["metadata"]:  # the release's own are the export's: keep the training's
+        meta["trained_with_libraries"] = config["metadata"]["libraries"]
     save_checkpoint(dst, model, pre, name, version, meta, half=half)
     if half:
         if check is None:

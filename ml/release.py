@@ -10,10 +10,12 @@ An ensemble release is ``models/ensembles/<name>/<version>/manifest.json`` namin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +43,11 @@ def default_models_dir() -> Path:
 
 
 def library_versions() -> dict[str, str]:
+    """The versions a checkpoint's numbers depend on: the network's libraries and the decoding and
+    resizing ones that make its pixels (the training review of session 31: they were missing)."""
+    import cv2
     import numpy
+    import PIL
     import timm
     import torch
 
@@ -50,7 +56,20 @@ def library_versions() -> dict[str, str]:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "numpy": numpy.__version__,
+        "opencv": cv2.__version__,
+        "pillow": PIL.__version__,
     }
+
+
+def code_commit() -> str | None:
+    """The repository's short commit hash, None where there is no git (a worker's image)."""
+    with contextlib.suppress(OSError):
+        found = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip()  # fmt: skip
+        return found or None
+    return None
 
 
 def split_ref(ref: str) -> tuple[str, str]:

@@ -10,7 +10,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -82,10 +84,7 @@ def load_rgb(path: Path) -> np.ndarray:
 
 def cached_pixels(samples: list[Sample], cfg: PreprocessConfig, cache_dir: Path, tag: str) -> np.ndarray:
     """Preprocessed uint8 pixels for samples, computed once and memory-mapped afterwards."""
-    key = hashlib.sha256(("\n".join(str(s.path) for s in samples) + cfg.cache_key()).encode()).hexdigest()[
-        :12
-    ]
-    path = cache_dir / f"{tag}-{cfg.size}-{key}.npy"
+    path = cache_dir / f"{tag}-{cfg.size}-{_cache_key(samples, cfg)}.npy"
     if path.exists():
         return np.load(path, mmap_mode="r")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -96,12 +95,27 @@ def cached_pixels(samples: list[Sample], cfg: PreprocessConfig, cache_dir: Path,
     out = np.lib.format.open_memmap(
         tmp, mode="w+", dtype=np.uint8, shape=(len(samples), cfg.size, cfg.size, 3)
     )
-    for i, s in enumerate(tqdm(samples, desc=f"caching {tag}", unit="img")):
-        out[i] = prepare_pixels(load_rgb(s.path), cfg)
-    out.flush()
-    del out
-    tmp.replace(path)
+    try:
+        for i, s in enumerate(tqdm(samples, desc=f"caching {tag}", unit="img")):
+            out[i] = prepare_pixels(load_rgb(s.path), cfg)
+        out.flush()
+        del out
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # interrupted: the full-size temporary file (up to ~1 GB) goes
     return np.load(path, mmap_mode="r")
+
+
+def _cache_key(samples: list[Sample], cfg: PreprocessConfig) -> str:
+    """The pixels' identity: the config and ``PIXELS_REVISION`` (``cfg.cache_key``), each file's
+    path, size and modification time (a photograph replaced in place was served from the cache),
+    and the decoding and resizing libraries' versions (their output is not pinned across versions)."""
+    digest = hashlib.sha256(cfg.cache_key().encode())
+    digest.update(f"cv2 {cv2.__version__} pillow {PIL.__version__}\n".encode())
+    for s in samples:
+        st = s.path.stat()
+        digest.update(f"{s.path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 def to_batch(pixels: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:

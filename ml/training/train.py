@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from ml.metrics import DEFAULT_THRESHOLDS, apply_thresholds, qwk, referable_metrics
 from ml.models import GradingNet, ModelSpec, build_model, expected_grade, grade_probabilities
-from ml.release import load_checkpoint, save_checkpoint
+from ml.preprocess import PIXELS_REVISION
+from ml.release import code_commit, load_checkpoint, save_checkpoint
 from ml.training.config import StageConfig, TrainConfig, load_config
 from ml.training.data import Sample, augment, cached_pixels, read_labels, split_hash, split_patients, to_batch
 from ml.training.ema import WeightAverage
@@ -439,6 +440,16 @@ def check_resumable(run_dir: Path, cfg: TrainConfig) -> None:
             f"--resume {run_dir}: the run was started with another configuration (differs in "
             f"{', '.join(differ)}); resume with the same --config and --set options"
         )
+    started, now = json.loads(saved_path.read_text()).get("threads"), cfg.to_dict().get("threads")
+    if started != now:
+        # allowed (a run may move to a busier or bigger machine), but not exact: the session-31
+        # review's resumed run ended at QWK -0.087 against 0.204 uninterrupted
+        log.warning(
+            "resuming %s with threads=%s where it was started with threads=%s: it continues, but "
+            "its weights will differ from an uninterrupted run's (CPU kernels add up in another "
+            "order); resume with threads=%s for the same weights",
+            run_dir, now, started, started,
+        )  # fmt: skip
 
 
 def epochs_since_best(rows: list[dict[str, Any]], key: str) -> int:
@@ -616,6 +627,8 @@ def save_member(
             "data_split_hash": data.split_hash,
             "split_counts": data.counts,
             "train_config": cfg.to_dict(),
+            "pixels_revision": PIXELS_REVISION,
+            "code_commit": code_commit(),
             "history": history,
         },
     )

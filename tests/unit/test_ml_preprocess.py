@@ -142,3 +142,34 @@ def test_pixel_caches_are_keyed_by_the_pipelines_revision(monkeypatch: pytest.Mo
     before = PreprocessConfig().cache_key()
     monkeypatch.setattr(ml.preprocess, "PIXELS_REVISION", ml.preprocess.PIXELS_REVISION + 1)
     assert PreprocessConfig().cache_key() != before
+
+
+def test_a_photograph_replaced_in_place_is_not_served_from_the_pixel_cache(tmp_path: Path) -> None:
+    """The session-31 training review: the cache was keyed by paths and the config only, so a
+    photograph replaced at the same path kept its old pixels; an interrupted build left its
+    full-size temporary file behind."""
+    import os
+
+    from ml.training.data import Sample, cached_pixels
+
+    photos = sample_photos()[:2]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    target = folder / "a.jpg"
+    target.write_bytes(photos[0].read_bytes())
+    samples = [Sample(path=target, patient_id="a", eye="left", grade=0)]
+    cfg = PreprocessConfig(size=64)
+    first = np.array(cached_pixels(samples, cfg, tmp_path / "cache", "t"))
+    target.write_bytes(photos[1].read_bytes())
+    os.utime(target, ns=(1, 1))
+    second = np.array(cached_pixels(samples, cfg, tmp_path / "cache", "t"))
+    assert not np.array_equal(first, second)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+
+    target.write_bytes(b"not a photograph")
+    os.utime(target, ns=(2, 2))
+    from PIL import UnidentifiedImageError
+
+    with pytest.raises(UnidentifiedImageError):
+        cached_pixels(samples, cfg, tmp_path / "cache", "t")
+    assert not list((tmp_path / "cache").glob("*.tmp.npy"))  # no temporary file left behind

@@ -634,6 +634,12 @@ def test_releases_are_immutable_all_or_nothing_and_checked(
     models = tmp_path / "models"
     first = export_member(smoke_run, "imm", "0.0.1", half=False, models_dir=models)
     sha = json.loads((first / "metadata.json").read_text())["weights_sha256"]
+    # what made it (the session-31 training review: revision, commit, pixel libraries were missing)
+    from ml.preprocess import PIXELS_REVISION
+
+    made = json.loads((first / "metadata.json").read_text())
+    assert made["pixels_revision"] == PIXELS_REVISION and "code_commit" in made
+    assert {"opencv", "pillow", "torch"} <= made["libraries"].keys() <= made["trained_with_libraries"].keys()
     with pytest.raises(ReleaseError, match="exists"):
         export_member(smoke_run, "imm", "0.0.1", half=False, models_dir=models)
     for name, version in (
@@ -791,3 +797,21 @@ def test_a_set_value_that_is_not_toml_is_a_string() -> None:
     assert load_config(REPO / "configs" / "smoke.toml", got).data.natural_dir == "/srv/photos"
     with pytest.raises(ConfigError, match=re.escape("threads = 'two x': expected int")):
         load_config(REPO / "configs" / "smoke.toml", parse_overrides(["threads=two x"]))
+
+
+def test_resuming_with_another_thread_count_warns_that_the_weights_will_differ(
+    smoke_run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session-31 training review: the README promised the same weights on resume while
+    ``threads`` could change, and a run resumed with another thread count ended elsewhere."""
+    from ml.training.config import load_config
+    from ml.training.train import check_resumable
+
+    config = REPO / "configs" / "smoke.toml"
+    overrides = _overrides_from(smoke_run)
+    started = json.loads((smoke_run / "config.json").read_text())["threads"]
+    with caplog.at_level("WARNING", logger="ml.training.train"):
+        check_resumable(smoke_run, load_config(config, overrides))
+        assert not caplog.records
+        check_resumable(smoke_run, load_config(config, {**overrides, "threads": started + 1}))
+    assert "will differ" in caplog.text and f"threads={started}" in caplog.text
