@@ -56,7 +56,7 @@ def image_results(
             result.grader_grade = grader.as_out(graders[im.id])
         pred = preds.get(im.id)
         if status == "done":
-            gradable = repo.graded_gradable(im, pred)
+            gradable = repo.graded_gradable(im, pred, status)
             result.gradable = gradable
             result.quality = im.quality
             # Ungradable means "refer" for clinics, whatever the ensemble thought of the pixels.

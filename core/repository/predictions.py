@@ -13,11 +13,13 @@ from core.repository.releases import activated_version_id
 from core.tables import Image, Prediction, utcnow
 
 
-def graded_gradable(image: Image, prediction: Prediction | None) -> bool:
+def graded_gradable(image: Image, prediction: Prediction | None, status: str | None = None) -> bool:
     """Whether ``image`` is gradable for ``prediction``, the grading shown or applied: that
     grading's own quality gate. ``image.gradable`` is the latest grading's verdict, which after a
-    rollback (or beside another release's workers) is not the one shown (session 30's leftover)."""
-    if image.status != "done":
+    rollback (or beside another release's workers) is not the one shown (session 30's leftover).
+    ``status``: the photograph's status as reported, when not its own (a finished job's row keeps
+    its earlier grade, "done", while a newer release grades it again)."""
+    if (status or image.status) != "done":
         return False
     if prediction is None:
         return bool(image.gradable)
