@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, insert, select
 from sqlalchemy.orm import Session
 
 from core import deployment_key, retention
 from core import repository as repo
 from core.db import get_engine, get_sessionmaker, session_scope
+from core.tables import Patient, PatientResult, as_utc, utcnow
+from services.web import home
 from tests.unit.test_erasure_items import (  # noqa: F401  (collected here: the same test on PostgreSQL)
     build,
     other_items,
@@ -97,3 +100,55 @@ def test_an_erasure_finds_the_folder_job_files_of_its_patient_by_index(url: str,
         nodes = _plan(url, statement, parameters)
         assert "ix_scoring_job_item_patient_external_id_job_id" in _indexes_used(nodes), statement
         assert "scoring_job_item" not in _scanned_whole(nodes), statement
+
+
+def _results(url: str, clinic: str, patients: int) -> int:
+    """``patients`` patients of ``clinic`` with eight results each over three years, the newest
+    current and one in three referable; one in twenty recorded in the last days. Returns the
+    clinic's id."""
+    now = utcnow()
+    with session_scope(url) as s:
+        clinic_id = repo.get_or_create_clinic(s, clinic).id
+        ids = [repo.get_or_create_patient(s, clinic_id, f"R-{n}").id for n in range(patients)]
+        rows = []
+        for n, patient_id in enumerate(ids):
+            for k in range(8):
+                newest = k == 7
+                at = now - timedelta(days=2 if newest and n % 20 == 0 else 1000 - 120 * k - n % 100)
+                rows.append(
+                    {
+                        "patient_id": patient_id,
+                        "grade": 2 if (n + k) % 3 == 0 else 0,
+                        "gradable": True,
+                        "referable": (n + k) % 3 == 0,
+                        "is_current": newest,
+                        "computed_at": at,
+                    }
+                )
+        s.execute(insert(PatientResult), rows)
+    return clinic_id
+
+
+def test_the_home_pages_patients_to_refer_are_read_from_the_partial_index(url: str) -> None:
+    """The home page's "patients to refer" read every current result of the history (70 ms at
+    200,000 results). The partial index serves it only when the query's WHERE implies the
+    index's: PostgreSQL did not use one declared ``WHERE is_current AND referable``."""
+    north = _results(url, "North", 600)
+    _results(url, "South", 200)
+    _analyse(url)
+    sent = _sent(url, lambda s: home._to_refer(s, north), r"FROM patient_result")
+    [(statement, parameters)] = sent
+    nodes = _plan(url, statement, parameters)
+    assert "ix_patient_result_computed_at_refers_now" in _indexes_used(nodes), nodes
+    assert "patient_result" not in _scanned_whole(nodes)
+    with session_scope(url) as s:  # and it lists whom it did
+        listed = [row["patient_id"] for row in home._to_refer(s, north)]
+        rows = s.execute(
+            select(Patient.external_id, PatientResult)
+            .join(PatientResult, PatientResult.patient_id == Patient.id)
+            .where(Patient.clinic_id == north)
+            .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
+        ).all()
+    since = utcnow() - timedelta(days=7)
+    expected = [ext for ext, r in rows if r.is_current and r.referable and as_utc(r.computed_at) > since]
+    assert listed == expected and expected
