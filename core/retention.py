@@ -36,8 +36,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, tuple_, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, union, update
+from sqlalchemy.orm import Session, aliased
 
 from core import deployment_key, ledger
 from core import repository as repo
@@ -161,21 +161,28 @@ def _images_of(patient_ids: Sequence[int]) -> Any:
     return select(Image.id).where(Image.patient_id.in_(patient_ids))
 
 
-def _named_in(patient_ids: Sequence[int]) -> ColumnElement[bool]:
-    """Items of the patients' clinics' folder jobs that name one of them (correlated on the item):
-    a file that failed has no photograph, but its item still carries the patient id and path.
-    The patients' (clinic, id) pairs are one list, looked up once per item: joined to the patient
-    table inside the correlated query instead, SQLite tried every patient of the chunk for every
-    item naming an existing patient (500 times the work; most of a purge's time)."""
-    named = select(Patient.clinic_id, Patient.external_id).where(Patient.id.in_(patient_ids))
-    return exists().where(
-        ScoringJob.id == ScoringJobItem.job_id,
-        tuple_(ScoringJob.clinic_id, ScoringJobItem.patient_external_id).in_(named),
-    )
-
-
 def _items_of(patient_ids: Sequence[int]) -> ColumnElement[bool]:
-    return or_(ScoringJobItem.image_id.in_(_images_of(patient_ids)), _named_in(patient_ids))
+    """The folder-job items of the patients (a WHERE on ``scoring_job_item``): those pointing at
+    one of their photographs, and those of their clinics' jobs naming one of them (a file that
+    failed has no photograph, but its item still carries the patient id and path).
+
+    Two indexed lookups whose item ids are united: the photographs' items by
+    ``ix_scoring_job_item_image_id``, the named ones from the patients' (clinic, id) rows by
+    ``ix_scoring_job_item_patient_external_id_job_id``, each job's clinic checked by its key.
+    Written as ``image_id IN (...) OR EXISTS (the job's clinic names them)``, it read every item
+    of every job and ran the correlated query once per item, twice per erasure or chunk of a
+    purge (the scale review: 1.3 s a look at 120,000 items, 2.4 s an erasure, a minute a
+    purge's dry run); joined to the patient table inside that correlated query instead, SQLite
+    tried every patient of a chunk for every item naming an existing patient."""
+    item = aliased(ScoringJobItem)
+    by_photograph = select(item.id).where(item.image_id.in_(_images_of(patient_ids)))
+    by_name = (
+        select(item.id)
+        .join(Patient, Patient.external_id == item.patient_external_id)
+        .join(ScoringJob, and_(ScoringJob.id == item.job_id, ScoringJob.clinic_id == Patient.clinic_id))
+        .where(Patient.id.in_(patient_ids))
+    )
+    return ScoringJobItem.id.in_(union(by_photograph, by_name))
 
 
 def _in_flight(session: Session, patient_ids: Sequence[int]) -> Counter[int]:

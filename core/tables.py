@@ -24,9 +24,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
     false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.elements import ColumnElement
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_N_label)s",
@@ -122,9 +124,14 @@ class Patient(Base):
 
 class Bundle(Base):
     __tablename__ = "bundle"
-    __table_args__ = (CheckConstraint(_in("status", IMAGE_STATUSES), name="status"),)
+    __table_args__ = (
+        CheckConstraint(_in("status", IMAGE_STATUSES), name="status"),
+        # the home page's recent visits of a clinic, newest first (services/web/home.py); also the
+        # clinic's index (the clinic's cascade), which it replaced (migration 29b2a1e6552c)
+        Index("ix_bundle_clinic_id_created_at", "clinic_id", "created_at"),
+    )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinic.id", ondelete="CASCADE"), index=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinic.id", ondelete="CASCADE"))
     patient_id: Mapped[int] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"), index=True)
     status: Mapped[str] = mapped_column(String(16), default="queued")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -176,7 +183,9 @@ class Image(Base):
     quality: Mapped[dict[str, Any] | None]
     gradable: Mapped[bool | None] = mapped_column(Boolean)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # indexed: the graders' figures of a period (core.grading_queue.in_period) and the store check's
+    # oldest photographs (core.ledger._holds_named_files)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     # when the photograph was last sent: its upload, or a folder job sending the same bytes again
     # (the row is reused, workers/folders.py). The purge clock reads this: a patient re-sent today
     # is not purged by the first upload's date. The visit stays created_at (when it was taken, as
@@ -201,9 +210,13 @@ class ScoringJobItem(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "path"),
         CheckConstraint(_in("status", ITEM_STATUSES), name="status"),
+        # a job's items in their order (its pages, its failures); replaced the index on job_id alone
+        Index("ix_scoring_job_item_job_id_id", "job_id", "id"),
+        # the files naming a patient, job by job (an erasure or a purge: core.retention._items_of)
+        Index("ix_scoring_job_item_patient_external_id_job_id", "patient_external_id", "job_id"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("scoring_job.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("scoring_job.id", ondelete="CASCADE"))
     path: Mapped[str] = mapped_column(String(1024))
     patient_external_id: Mapped[str | None] = mapped_column(String(128))
     eye: Mapped[str | None] = mapped_column(String(8))
@@ -235,7 +248,8 @@ class Prediction(Base):
     members: Mapped[dict[str, Any] | None]
     referable: Mapped[bool] = mapped_column(Boolean)
     gradable: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # indexed: /metrics counts the gradings of the last hours (services.metrics.recent_counts)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class EyeResult(Base):
@@ -270,12 +284,31 @@ class PatientResult(Base):
     gradable: Mapped[bool] = mapped_column(Boolean)
     referable: Mapped[bool] = mapped_column(Boolean)
     trigger: Mapped[str | None] = mapped_column(String(64))
-    is_current: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
+    is_current: Mapped[bool] = mapped_column(Boolean, default=True)
     computed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     eyes: Mapped[list[EyeResult]] = relationship(
         order_by=EyeResult.eye, cascade="all, delete-orphan", lazy="selectin"
     )
+
+
+def refers_now() -> ColumnElement[bool]:
+    """A patient's current result refers them: the home page's worklist (services/web/home.py) and
+    the predicate of its partial index below. Written ``IS true`` as the queries write it: PostgreSQL
+    uses a partial index only when it can prove the query's WHERE implies the index's, and it did
+    not prove ``is_current AND referable`` from ``is_current IS true AND referable IS true`` (the
+    scale review); SQLite compares the two expressions term by term (``IS 1`` there)."""
+    return and_(PatientResult.is_current.is_(True), PatientResult.referable.is_(True))
+
+
+# The patients to refer, newest first, read without the history (three results in four are not
+# current): replaced the index on is_current alone (migration 29b2a1e6552c).
+Index(
+    "ix_patient_result_computed_at_refers_now",
+    PatientResult.computed_at,
+    postgresql_where=refers_now(),
+    sqlite_where=refers_now(),
+)
 
 
 class Explanation(Base):
@@ -318,12 +351,18 @@ class GraderGrade(Base):
     grader: Mapped[str] = mapped_column(String(100))
     api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_key.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # indexed: /metrics counts the grades recorded in the last 30 days (core.agreement.recent_counts)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, index=True)
 
 
 class AuditEvent(Base):
     __tablename__ = "audit_event"
-    __table_args__ = (Index("ix_audit_event_clinic_id_at", "clinic_id", "at"),)
+    __table_args__ = (
+        Index("ix_audit_event_clinic_id_at", "clinic_id", "at"),
+        # the few rows of one action among every request's (erasures, purges, replays: core.ledger,
+        # core.retention), newest first
+        Index("ix_audit_event_action_id", "action", "id"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     clinic_id: Mapped[int | None] = mapped_column(ForeignKey("clinic.id", ondelete="SET NULL"))
     api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_key.id", ondelete="SET NULL"))

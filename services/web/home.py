@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.errors import DomainError
-from core.tables import Bundle, Patient, PatientResult, as_utc, utcnow
+from core.tables import Bundle, Patient, PatientResult, as_utc, refers_now, utcnow
 from services.deps import ApiSettingsDep, Principal, ProducerDep, SessionDep, SettingsDep
 from services.routes import bundles as bundle_routes
 from services.routes import images as image_routes
@@ -58,15 +58,16 @@ REFER_DAYS, REFER_LIMIT = 7, 50
 def _to_refer(session: Session, clinic_id: int) -> list[dict[str, Any]]:
     """The clinic's patients whose current result refers them, recorded in the last
     ``REFER_DAYS`` days, newest first: the day-end worklist across visits, single photographs and
-    folder jobs (the clinician's review: the home page listed visits only, with no decision)."""
+    folder jobs (the clinician's review: the home page listed visits only, with no decision).
+    Read from the partial index of :func:`core.tables.refers_now` (its predicate, as written here),
+    not from every result of the history."""
     since = utcnow() - timedelta(days=REFER_DAYS)
     rows = session.execute(
         select(Patient.external_id, PatientResult.grade, PatientResult.gradable, PatientResult.computed_at)
         .join(Patient, Patient.id == PatientResult.patient_id)
         .where(
             Patient.clinic_id == clinic_id,
-            PatientResult.is_current.is_(True),
-            PatientResult.referable.is_(True),
+            refers_now(),
             PatientResult.computed_at >= since,
         )
         .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())

@@ -354,3 +354,62 @@ def test_tables_made_without_migrations_are_found_by_any_of_them(tmp_path: Path)
     finally:
         engine.dispose()
     assert migrate.upgrade_problem(url) == migrate.UNVERSIONED
+
+
+def _indexes(url: str) -> dict[str, str]:
+    """Every index of the database by name, as the database defines it (its columns, and the
+    predicate of a partial one)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                query = "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+            else:
+                query = (
+                    "SELECT indexname, indexdef FROM pg_indexes"
+                    " WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+                )
+            return {str(name): str(definition) for name, definition in conn.exec_driver_sql(query)}
+    finally:
+        engine.dispose()
+
+
+#: The revision before the scale review's indexes (29b2a1e6552c).
+_BEFORE_SCALE_INDEXES = "b2e5d8a1c3f7"
+
+
+def _indexes_agree(migrated: str, created: str) -> None:
+    from alembic import command
+
+    engine = create_engine(created)
+    try:
+        metadata.create_all(engine)
+    finally:
+        engine.dispose()
+    declared = _indexes(created)
+    assert _indexes(migrated) == declared
+    assert "WHERE" in declared["ix_patient_result_computed_at_refers_now"]  # checked, predicate too
+    config = migrate.alembic_config(migrated)
+    command.downgrade(config, _BEFORE_SCALE_INDEXES)
+    before = _indexes(migrated)
+    replaced = {"ix_scoring_job_item_job_id", "ix_bundle_clinic_id", "ix_patient_result_is_current"}
+    assert replaced <= set(before) and not replaced & set(declared)
+    command.upgrade(config, "head")
+    command.downgrade(config, _BEFORE_SCALE_INDEXES)
+    assert _indexes(migrated) == before  # the downgrade puts back what was there
+    command.upgrade(config, "head")
+    assert _indexes(migrated) == declared
+
+
+def test_sqlite_migrations_build_the_indexes_the_tables_declare(tmp_path: Path) -> None:
+    """`alembic check` compares an index's columns, not a partial index's predicate: the
+    migrations' indexes are compared here, definition for definition, with those core.tables
+    creates; and the scale review's migration goes down and up again to the same."""
+    migrated = f"sqlite:///{tmp_path / 'migrated.db'}"
+    migrate.upgrade(migrated)
+    _indexes_agree(migrated, f"sqlite:///{tmp_path / 'created.db'}")
+
+
+def test_postgresql_migrations_build_the_indexes_the_tables_declare() -> None:
+    with fresh_pg_database() as migrated, fresh_pg_database(migrated=False) as created:
+        _indexes_agree(migrated, created)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 from typer.testing import CliRunner
 
 from cli.main import app as cli_app
@@ -826,22 +826,33 @@ def _vm_steps(session: Any, run: Callable[[], Any]) -> int:
     return steps[0]
 
 
+def _named_patients(url: str, first: int, count: int) -> list[int]:
+    """``count`` more patients of North, each named by a file of a folder job of their own."""
+    with session_scope(url) as s:
+        clinic = repo.get_or_create_clinic(s, NORTH).id
+        job = repo.create_job(s, clinic, f"/exports/many-{first}").id
+        names = [f"N-{i}" for i in range(first, first + count)]
+        s.execute(insert(Patient), [{"clinic_id": clinic, "external_id": name} for name in names])
+        repo.add_job_items(s, job, [repo.JobItemSpec(f"{name}_left.jpg", name, "left") for name in names])
+        return list(s.scalars(select(Patient.id).where(Patient.external_id.in_(names)).order_by(Patient.id)))
+
+
 def test_finding_the_folder_job_files_of_patients_costs_the_same_per_file_for_more_patients(url: str) -> None:
     """The purge looks for the files naming its patients 500 patients at a time. On SQLite that
     query tried every patient of the chunk for every file naming an existing patient: 500 times
-    the work per file (a 20,000-photograph purge spent 6 of its 8 s there)."""
-    with session_scope(url) as s:
-        clinic = repo.get_or_create_clinic(s, NORTH).id
-        job = repo.create_job(s, clinic, "/exports/many").id
-        ids = [repo.get_or_create_patient(s, clinic, f"N-{i}").id for i in range(400)]
-        repo.add_job_items(
-            s, job, [repo.JobItemSpec(f"N-{i}_left.jpg", f"N-{i}", "left") for i in range(400)]
-        )
+    the work per file (a 20,000-photograph purge spent 6 of its 8 s there). Then it read every
+    file of every job once per look (the scale review): the work grew with the history. Now it
+    grows with the chunk's files alone."""
+    ids = _named_patients(url, 0, 400)
     count = select(func.count()).select_from(ScoringJobItem)
     with session_scope(url) as s:
         few = _vm_steps(s, lambda: s.scalar(count.where(retention._items_of(ids[:40]))))
+    _named_patients(url, 400, 3600)  # ten times the files, of other patients
+    with session_scope(url) as s:
+        few_of_more = _vm_steps(s, lambda: s.scalar(count.where(retention._items_of(ids[:40]))))
         many = _vm_steps(s, lambda: s.scalar(count.where(retention._items_of(ids))))
-    assert many < 3 * few, (few, many)
+    assert few_of_more < 2 * few, (few, few_of_more)  # not every file of the history read
+    assert many < 15 * few_of_more, (few_of_more, many)  # ten times the files, about ten times the work
 
 
 def test_the_purge_looks_again_at_a_chunk_of_patients_without_reading_every_photograph(url: str) -> None:
