@@ -15,7 +15,7 @@ from core.aggregation import (
     is_referable,
     mean_probabilities,
 )
-from ml.inference.combine import CombineRule, combine
+from ml.inference.combine import CombineRule, combine, cut
 from ml.inference.ensemble import Ensemble, Member
 from ml.preprocess import PreprocessConfig
 
@@ -168,16 +168,44 @@ def test_a_max_vote_eye_of_one_photograph_has_that_photographs_grade() -> None:
     assert patient.grade == 2 and patient.referable
 
 
-@pytest.mark.parametrize("version", ["1.0.0", "1.1.0", "1.4.1", "1.6.0"])
+def _stacking_rule(n: int) -> CombineRule:
+    """A stacking rule (none is shipped) whose grade, the stacked distribution's most probable
+    one, often differs from its expected grade cut: each member's probability of a grade adds to
+    that grade's logit, and the intercept leans towards grade 2."""
+    return CombineRule(
+        "stacking",
+        stacking_coef=np.hstack([2.0 * np.eye(5)] * n).tolist(),
+        stacking_intercept=np.log([0.35, 0.05, 0.45, 0.1, 0.05]).tolist(),
+    )
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.1.0", "1.4.1", "1.6.0", "stacking"])
 def test_every_shipped_rule_grades_a_one_photograph_eye_as_its_photograph(version: str) -> None:
-    rule = _shipped_rule(version)
-    n = len(json.loads((MODELS / version / "manifest.json").read_text())["members"])
+    """Each shipped release's rule, and the stacking rule (``stacking``: a synthetic one, as no
+    release ships it). The session-31 mutation review: no test had a stacking rule, and an eye
+    graded by cutting the stacked distribution's expected grade (the other rules' eye grade)
+    gave a one-photograph eye, and so its patient, another grade than its photograph's (the
+    most probable one): a grade-2 photograph's eye read grade 1, referred for one field only."""
+    if version == "stacking":
+        n = 3
+        rule = _stacking_rule(n)
+    else:
+        rule = _shipped_rule(version)
+        n = len(json.loads((MODELS / version / "manifest.json").read_text())["members"])
     ens = _ensemble(rule, n)
     rng = np.random.default_rng(7)
     for _ in range(500):
         member_probs = rng.dirichlet(np.full(5, 0.6), size=n)
         photograph, eye = _one_photograph_eye(ens, member_probs)
         assert photograph == eye
+    if version == "stacking":
+        # members that see nothing: stacked [0.35, 0.05, 0.45, 0.1, 0.05], most probable grade 2
+        # (referable), expected grade 1.45 (cut: grade 1)
+        flat = np.full((n, 5), 0.2)
+        combined, score, _ = combine(rule, flat[:, None, :])
+        assert combined[0] == pytest.approx([0.35, 0.05, 0.45, 0.1, 0.05])
+        assert score[0] == pytest.approx(1.45) and int(cut(score, rule.thresholds)[0]) == 1
+        assert _one_photograph_eye(ens, flat) == (2, 2)
 
 
 def test_an_eye_of_several_photographs_votes_on_each_members_mean() -> None:

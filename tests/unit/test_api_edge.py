@@ -317,6 +317,30 @@ def test_one_photograph_as_both_eyes_refuses_the_bundle(client: TestClient, url:
     )
 
 
+def test_a_bundles_photographs_are_recorded_under_their_eyes(client: TestClient, url: str, key: Key) -> None:
+    """The session-31 mutation review: no test said which eye a bundle's ``left_*`` and
+    ``right_*`` photographs were recorded under. Swapped, a clinic would read each eye's grade
+    on the other eye (a referable left eye treated, or followed up, as the right one)."""
+    files = {
+        "left_1": ("l.jpg", sample_bytes("19", "left")),
+        "right_2": ("r.jpg", sample_bytes("19", "right")),
+    }
+    resp = client.post("/v1/bundles", headers=key.headers, data={"patient_id": "p-eyes"}, files=files)
+    assert resp.status_code == 202, resp.text
+    bundle_id = resp.json()["id"]
+    with session_scope(url) as s:
+        of_bundle = select(Image.id, Image.filename, Image.eye).where(Image.bundle_id == bundle_id)
+        rows = s.execute(of_bundle).all()
+    assert {filename: eye for _, filename, eye in rows} == {"l.jpg": "left", "r.jpg": "right"}
+    left, right = (next(i for i, filename, _ in rows if filename == name) for name in ("l.jpg", "r.jpg"))
+    got = client.get(f"/v1/bundles/{bundle_id}", headers=key.headers)
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert {im["id"]: im["eye"] for im in body["images"]} == {left: "left", right: "right"}
+    eyes = body["patient"]["eyes"]
+    assert (eyes["left"]["image_ids"], eyes["right"]["image_ids"]) == ([left], [right])
+
+
 def test_upload_limits(url: str, key: Key, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRSCREEN_MAX_UPLOAD_MB", "1")
     monkeypatch.setenv("DRSCREEN_MAX_IMAGE_PIXELS", "100000")
@@ -621,6 +645,34 @@ def test_an_ungradable_photograph_has_no_explanation(client: TestClient, url: st
     assert answer.status_code == 404 and "ungradable" in answer.json()["detail"]
 
 
+def test_an_ungradable_photograph_reads_referable_whatever_its_stored_prediction_says(
+    client: TestClient, url: str, key: Key
+) -> None:
+    """The session-31 mutation review: ``GET /v1/images`` reports an ungradable photograph
+    referable by the contract's rule, not by its prediction row; no test had a row that said
+    otherwise. Taken from the row, a clinic would be told "no referral", with no grade, for a
+    photograph nobody could grade."""
+    from core import repository as repo
+
+    resp = _upload(client, key, png_bytes(), patient_id="ug-2")
+    assert resp.status_code == 202, resp.text
+    image_id = resp.json()["id"]
+    with session_scope(url) as s:
+        mv = repo.get_or_create_model_version(s, "stub-ensemble@0.0.1")
+        repo.upsert_prediction(
+            s, image_id=image_id, model_version_id=mv.id, grade=None,
+            probabilities=[0.8, 0.05, 0.05, 0.05, 0.05], members=None, referable=False, gradable=False,
+        )  # fmt: skip
+        row = repo.get_image(s, image_id)
+        assert row is not None
+        repo.mark_image_done(s, row, quality={"gradable": False, "reasons": ["not_fundus"]}, gradable=False)
+    got = client.get(f"/v1/images/{image_id}", headers=key.headers)
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert (body["status"], body["gradable"], body["grade"]) == ("done", False, None)
+    assert body["referable"] is True
+
+
 def test_waiting_requests_hand_their_database_connection_back_while_they_sleep(
     client: TestClient, key: Key, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -672,6 +724,29 @@ def test_a_wait_that_times_out_answers_the_status_it_last_read(
     assert resp.status_code == 202 and resp.json()["status"] == "running"
     image_id = resp.json()["id"]
     assert client.get(f"/v1/images/{image_id}", headers=key.headers).json()["status"] == "running"
+
+
+def test_a_wait_over_30_seconds_is_refused_as_the_contract_bounds_it(
+    client: TestClient, url: str, key: Key
+) -> None:
+    """The session-31 mutation review: the contract bounds ``wait`` at 30 seconds, and no test
+    sent more. Let through, a clinic's software asking for minutes would be cut to 30 s without
+    a word (a 202 "queued" where it expected the result), and the published schema would promise
+    waits the server never gives."""
+    resp = client.post(
+        "/v1/images?wait=31",
+        headers=key.headers,
+        data={"patient_id": "w-5", "eye": "left"},
+        files={"file": ("x.jpg", sample_bytes("16", "left"))},
+    )
+    assert resp.status_code == 422, resp.text
+    assert "wait" in resp.text
+    assert _count(url, Image) == 0
+    spec = client.get("/openapi.json").json()
+    [wait] = [p for p in spec["paths"]["/v1/images"]["post"]["parameters"] if p["name"] == "wait"]
+    schema = wait["schema"]
+    bound = next(s for s in schema.get("anyOf", [schema]) if s.get("type") == "number")
+    assert (bound["minimum"], bound["maximum"]) == (0, 30)
 
 
 def test_waiting_requests_are_capped_per_key_and_in_all() -> None:

@@ -157,3 +157,29 @@ def test_patient_figures_refer_an_eye_for_one_referable_photograph() -> None:
     )
     assert out["referable_sensitivity"] == 1.0 and out["referable_specificity"] == 1.0
     assert out["referable_auc"] == 1.0
+
+
+def test_patient_score_is_the_eyes_worst_photograph_when_it_is_worse_than_the_pool() -> None:
+    """The session-31 mutation review: the patient's referable score is its worse eye's referable
+    probability, pooled or of its worst photograph (the eye rule: one referable photograph refers
+    the eye); no test had a patient whose pooled probability alone would rank them wrong. Scored by
+    the pool only, the AUC reported for a release would rank a patient with a referable
+    photograph below one with none."""
+    rule = CombineRule("weighted_average", [1.0])
+    clean = [0.85, 0.05, 0.05, 0.05, 0.0]  # referable probability 0.1, grade 0
+    lesion = [0.05, 0.05, 0.1, 0.7, 0.1]  # 0.9, grade 3
+    doubtful = [0.4, 0.0, 0.6, 0.0, 0.0]  # 0.6, expected grade 1.2: grade 1, not referable
+    # P1's left eye: the lesion and a clean field, pooled 0.5; P2's left eye 0.6 with no
+    # referable photograph; both right eyes clean
+    probs = np.array([[lesion, clean, clean, doubtful, clean]])
+    pooled = np.mean([lesion, clean], axis=0)[2:].sum()
+    assert pooled == pytest.approx(0.5) and pooled < 0.6 < 0.9
+    out = patient_referable_metrics(
+        rule,
+        probs,
+        ["P1", "P1", "P1", "P2", "P2"],
+        ["left", "left", "right", "left", "right"],
+        [3, 0, 0, 0, 0],
+    )
+    assert out["referable_sensitivity"] == 1.0 and out["referable_specificity"] == 1.0
+    assert out["referable_auc"] == 1.0  # P1 scored 0.9 (its worst photograph), above P2's 0.6

@@ -324,6 +324,35 @@ def test_no_referral_waits_for_the_visits_photographs_still_being_scored(session
     assert (summary.grade, summary.referable, summary.referral_reasons) == (0, False, [])
 
 
+def test_a_photograph_being_scored_again_counts_ungradable_in_its_release_result(session: Session) -> None:
+    """The session-31 mutation review: a photograph queued, or running, again (``requeue_image``)
+    that already has a prediction of the release aggregated (a release activated again while a
+    newer one's re-scoring waits) counts as not graded until it is done, as
+    ``recompute_patient`` says; no test had one. Counted by its earlier prediction, the patient
+    would read "no referral" from a grade its release is still redoing (the re-scoring's result
+    is recorded at once, erring towards referral: workers/scoring.py)."""
+    clinic = repo.get_or_create_clinic(session, "S")
+    patient = repo.get_or_create_patient(session, clinic.id, "P")
+    mv = repo.get_or_create_model_version(session, "ens@1.0.0", {})
+    left = _graded(session, clinic.id, patient.id, mv.id, "left", 0)
+    _graded(session, clinic.id, patient.id, mv.id, "right", 0)
+    session.flush()
+    session.expire_all()  # timestamps as the database gives them back
+    graded = repo.patient_aggregate(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+    assert (graded.grade, graded.referable, graded.eyes["left"].grade) == (0, False, 0)
+    repo.requeue_image(session, left)
+    assert repo.get_prediction(session, left.id, mv.id) is not None  # its prediction stays
+    for status in ("queued", "running"):
+        left.status = status
+        session.flush()
+        session.expire_all()
+        again = repo.patient_aggregate(session, patient.id, model_version_id=mv.id, grade_fn=argmax_grade)
+        eye = again.eyes["left"]
+        assert (eye.grade, eye.gradable, eye.referable) == (None, False, True), status
+        assert eye.image_ids == [left.id]
+        assert (again.grade, again.referable) == (0, True), status  # the right eye's grade, referred
+
+
 def test_a_result_sharing_only_some_photographs_with_the_latest_visit_is_not_current(
     session: Session,
 ) -> None:

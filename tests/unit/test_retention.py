@@ -266,6 +266,23 @@ def test_purge_erases_patients_whose_newest_photograph_is_older(world: World) ->
     assert len(audit_rows(world.url, "data.purge")) == 3
 
 
+def test_purge_erases_a_patient_with_no_photograph_created_before_the_cutoff(world: World) -> None:
+    """The session-31 mutation review: ``_purgeable``'s rule for a patient with no photograph (its
+    row's creation date is the clock) was in no test. Never purged, such a patient's id (the
+    clinic's identifier of a person) would be kept past the retention period for good."""
+    with session_scope(world.url) as s:
+        old = repo.get_or_create_patient(s, world.north, "NO-PHOTO-OLD")
+        old.created_at = utcnow() - timedelta(days=400)
+        old_id = old.id
+        new_id = repo.get_or_create_patient(s, world.north, "NO-PHOTO-NEW").id
+    out, _ = purge(world.url, world.store, 365, world.north)
+    assert out.rows["patient"] == 1 and out.skipped_patients == 0
+    with session_scope(world.url) as s:
+        assert s.get(Patient, old_id) is None
+        assert s.get(Patient, new_id) is not None
+        assert repo.get_patient(s, world.north, TARGET) is not None  # photographs sent today: kept
+
+
 def test_purge_leaves_patients_with_photographs_in_flight(world: World) -> None:
     age(world.url, world.target, days=400)
     with session_scope(world.url) as s:  # a photograph stuck in the queue for 400 days

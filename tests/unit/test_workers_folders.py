@@ -731,6 +731,25 @@ def test_transient_errors() -> None:
     assert 1.0 <= backoff(0) <= 2.0 and backoff(20) <= 300.0
 
 
+def test_drscreen_score_reports_an_ungradable_photograph_referable(tmp_path: Path) -> None:
+    """The session-31 mutation review: ``drscreen score``'s per-image output takes ``referable``
+    from the stored prediction; no test said an ungradable photograph reads referable there. A
+    clinic scoring a folder would read "not referable" beside a photograph nobody could grade."""
+    from tests.unit.test_workers_scoring import gray_png
+    from workers import bulk
+
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    (folder / "31_left.png").write_bytes(gray_png())  # a picture, but no fundus photograph
+    (folder / "16_left.jpg").write_bytes((PHOTOS / "16_left.jpg").read_bytes())
+    result = bulk.run(folder, ensemble=StubEnsemble())
+    by_file = {r.file: r for r in result.images}
+    ungradable = by_file["31_left.png"]
+    assert (ungradable.status, ungradable.gradable, ungradable.grade) == ("done", False, None)
+    assert ungradable.referable is True
+    assert by_file["16_left.jpg"].gradable is True  # the other photograph was graded
+
+
 def test_score_path_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from workers import bulk, model
 

@@ -250,6 +250,21 @@ def test_bad_photos_fail_alone(url: str, store: FileStore, ens: StubEnsemble, se
     assert ids[2] not in summary.explain_sent + summary.explained  # no heatmap for it
 
 
+def test_an_ungradable_photographs_stored_prediction_is_referable(
+    url: str, store: FileStore, ens: StubEnsemble, sent: Sent
+) -> None:
+    """The session-31 mutation review: no test read the prediction row the worker writes for an
+    ungradable photograph. Written "not referable", a reader of the row that does not apply the
+    rule again (``drscreen score``'s per-image output) would tell a clinic that a photograph
+    nobody could grade needs no referral."""
+    [image_id] = add_images(url, store, "P-ug", [("ug_left.png", gray_png(), "left")])
+    summary = scoring.score_images([image_id], ensemble=ens, store=store, db_url=url, enqueue=sent)
+    assert summary.ungradable == [image_id]
+    with session_scope(url) as s:
+        [pred] = s.scalars(select(Prediction).where(Prediction.image_id == image_id)).all()
+        assert (pred.gradable, pred.referable, pred.grade) == (False, True, None)
+
+
 def test_missing_ids_and_attempt_cap(
     url: str, store: FileStore, ens: StubEnsemble, sent: Sent, caplog: pytest.LogCaptureFixture
 ) -> None:
