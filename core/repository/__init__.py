@@ -88,6 +88,8 @@ from core.repository.jobs import (
     job_failures,
     job_grade_counts,
     job_items,
+    jobs_failures,
+    jobs_grade_counts,
     refresh_job_counts,
     set_job_item,
 )
@@ -178,6 +180,8 @@ __all__ = [
     "job_failures",
     "job_grade_counts",
     "job_items",
+    "jobs_failures",
+    "jobs_grade_counts",
     "latest_model_version",
     "latest_visit",
     "leave_for_active_release",
