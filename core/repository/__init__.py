@@ -82,6 +82,7 @@ from core.repository.jobs import (
     OPEN_JOB_STATES,
     JobItemSpec,
     add_job_items,
+    count_job_items,
     count_open_jobs,
     create_job,
     get_job,
@@ -103,7 +104,13 @@ from core.repository.patient_results import (
     record_patient_result,
     same_photograph_both_eyes,
 )
-from core.repository.patients import ensure_patient, get_or_create_patient, get_patient, get_patient_by_id
+from core.repository.patients import (
+    ensure_patient,
+    external_ids_of,
+    get_or_create_patient,
+    get_patient,
+    get_patient_by_id,
+)
 from core.repository.predictions import (
     get_prediction,
     graded_gradable,
@@ -146,6 +153,7 @@ __all__ = [
     "combined_status",
     "count_clinics_with_keys",
     "count_failed_images_since",
+    "count_job_items",
     "count_open_jobs",
     "create_api_key",
     "create_bundle",
@@ -156,6 +164,7 @@ __all__ = [
     "declined_to_resend",
     "end_web_session",
     "ensure_patient",
+    "external_ids_of",
     "forget_workers_unseen_since",
     "get_bundle",
     "get_clinic_by_name",

@@ -64,11 +64,20 @@ def add_job_items(session: Session, job_id: str, items: Iterable[JobItemSpec]) -
     return len(rows)
 
 
-def job_items(session: Session, job_id: str, status: str | None = None) -> list[ScoringJobItem]:
+def job_items(
+    session: Session, job_id: str, status: str | None = None, *, offset: int = 0, limit: int | None = None
+) -> list[ScoringJobItem]:
+    """The job's items in file order; ``offset``/``limit``: one page of them, cut in SQL (a page of
+    a 10,000-file job's results loaded every item to keep 1,000)."""
     stmt = select(ScoringJobItem).where(ScoringJobItem.job_id == job_id).order_by(ScoringJobItem.id)
     if status is not None:
         stmt = stmt.where(ScoringJobItem.status == status)
-    return list(session.scalars(stmt))
+    return list(session.scalars(stmt.offset(offset or None).limit(limit)))
+
+
+def count_job_items(session: Session, job_id: str) -> int:
+    stmt = select(func.count()).select_from(ScoringJobItem).where(ScoringJobItem.job_id == job_id)
+    return int(session.scalar(stmt) or 0)
 
 
 def set_job_item(

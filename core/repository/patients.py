@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidInput
-from core.repository._sql import _insert
+from core.repository._sql import _insert, in_batches
 from core.tables import Patient, utcnow
 
 
@@ -39,3 +41,13 @@ def get_patient(session: Session, clinic_id: int, external_id: str) -> Patient |
 
 def get_patient_by_id(session: Session, patient_id: int) -> Patient | None:
     return session.get(Patient, patient_id)
+
+
+def external_ids_of(session: Session, patient_ids: Sequence[int]) -> dict[int, str]:
+    """patient id -> external id, for those that exist (a job's results named each photograph's
+    patient with one query apiece)."""
+    out: dict[int, str] = {}
+    for batch in in_batches(list(dict.fromkeys(patient_ids))):
+        rows = session.execute(select(Patient.id, Patient.external_id).where(Patient.id.in_(batch)))
+        out.update((int(pid), str(ext)) for pid, ext in rows)
+    return out

@@ -188,8 +188,9 @@ def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobSta
 def _rows(
     session: SessionDep, job: ScoringJob, offset: int, limit: int | None
 ) -> tuple[int, list[JobResultRow]]:
-    items = repo.job_items(session, job.id)
-    page = items[offset : None if limit is None else offset + limit]
+    # the page is cut in SQL, in file order (every item was read to keep a page of them)
+    page = repo.job_items(session, job.id, offset=offset, limit=limit)
+    total = len(page) if limit is None and not offset else repo.count_job_items(session, job.id)
     # A finished job keeps its rows' grades while a newer release grades a photograph again
     # (its counts do too: repository.jobs._item_graded); the rows read "queued" with no grade.
     finished = job.status not in repo.OPEN_JOB_STATES
@@ -213,7 +214,7 @@ def _rows(
             if res.quality is not None:
                 row.quality_reasons = list(res.quality.get("reasons") or [])
         rows.append(row)
-    return len(items), rows
+    return total, rows
 
 
 CSV_COLUMNS = ["file", "image_id", "patient_id", "eye", "status", "grade", "referable", "gradable"]

@@ -19,6 +19,7 @@ from core import db
 from core import repository as repo
 from core.db import session_scope
 from core.tables import Image, ModelVersion, ScoringJob, ScoringJobItem, utcnow
+from services.routes import jobs as job_routes
 from tests.api_support import make_key, web_cookie
 
 
@@ -315,3 +316,54 @@ def test_the_jobs_page_reads_the_same_statements_for_three_jobs_as_for_six(
     assert html.count('data-testid="job"') == 6 and html.count('data-testid="job-failures"') == 6
     assert html.count("<code>a/40_right.jpg</code>: could not decode the photograph") == 6
     assert html.count(">4: 2</span>") == 6  # 8's photograph, named twice
+
+
+# ---------------------------------------------------------------------------- the job's results
+
+PAGES = [(0, None), (0, 1000), (0, 3), (2, 4), (5, 2), (9, 5), (20, 10)]
+
+
+def _many_patients_job(url: str, clinic: str, n: int) -> str:
+    """A job of ``n`` patients, both eyes each, graded by two releases (half each)."""
+    with session_scope(url) as s:
+        c = repo.get_or_create_clinic(s, clinic)
+        w = World(s, c.id, repo.create_job(s, c.id, "/data/many").id)
+        for k in range(n):
+            name, ref = f"P{k}", ("ens@1" if k % 2 else "ens@2")
+            for eye in ("left", "right"):
+                im = w.photo(name, eye)
+                w.grade(im, k % 5, ref)
+                w.item(f"x/{name}_{eye}.jpg", name, eye, im, "done")
+            w.result(name, ref)
+        repo.refresh_job_counts(s, w.job_id)
+        return w.job_id
+
+
+def test_a_results_page_is_cut_in_sql_in_file_order(url: str, client: TestClient) -> None:
+    """Each page is the matching slice of every row (as the whole list was sliced before), and the
+    photographs' patients are read in one query, not one per patient (4,750 for a 10,000-file CSV)."""
+    key = make_key(url, "North")
+    _, job_id = build_job(url)
+    with session_scope(url) as s:
+        job = repo.get_job(s, job_id)
+        assert job is not None
+        total, every = job_routes._rows(s, job, 0, None)
+    assert total == 15 and [r.file for r in every][:3] == ["a/31_left.jpg", "a/notes.txt", "a/7_left.jpg"]
+    for offset, limit in PAGES:
+        with session_scope(url) as s:
+            job = repo.get_job(s, job_id)
+            assert job is not None
+            page_total, page = job_routes._rows(s, job, offset, limit)
+        assert page_total == total
+        want = every[offset : None if limit is None else offset + limit]
+        assert [r.model_dump() for r in page] == [r.model_dump() for r in want]
+    assert {r.patient_id for r in every if r.image_id} == {"31", "7", "12", "5", "6", "8", "9"}
+
+    many = _many_patients_job(url, "North", 50)
+    for query in ("limit=5", "limit=100", "format=csv"):
+        with statements(url) as seen:
+            answer = client.get(f"/v1/jobs/{many}/results?{query}", headers=key.headers)
+        assert answer.status_code == 200, answer.text
+        assert len(seen) <= 15, (query, len(seen))  # one per patient before: 4,750 for the review's CSV
+    last = client.get(f"/v1/jobs/{many}/results?offset=99", headers=key.headers).json()
+    assert (last["total"], [r["file"] for r in last["items"]]) == (100, ["x/P49_right.jpg"])
