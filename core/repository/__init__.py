@@ -64,6 +64,7 @@ from core.repository.heartbeats import (
     worker_heartbeats,
 )
 from core.repository.images import (
+    VisitPhoto,
     claim_image,
     count_failed_images_since,
     create_image,
@@ -76,6 +77,7 @@ from core.repository.images import (
     requeue_image,
     return_to_queue,
     stale_running_images,
+    visit_photos_of_patients,
 )
 from core.repository.jobs import (
     INSERT_BATCH_ROWS,
@@ -89,6 +91,7 @@ from core.repository.jobs import (
     job_failures,
     job_grade_counts,
     job_items,
+    job_patients,
     jobs_failures,
     jobs_grade_counts,
     refresh_job_counts,
@@ -98,6 +101,7 @@ from core.repository.patient_results import (
     get_current_patient_result,
     iter_patient_history,
     latest_visit,
+    newest_patient_results,
     patient_aggregate,
     patient_history,
     recompute_patient,
@@ -110,6 +114,7 @@ from core.repository.patients import (
     get_or_create_patient,
     get_patient,
     get_patient_by_id,
+    get_patients,
 )
 from core.repository.predictions import (
     get_prediction,
@@ -144,6 +149,7 @@ __all__ = [
     "LEFT_FOR_ACTIVE_RELEASE",
     "OPEN_JOB_STATES",
     "JobItemSpec",
+    "VisitPhoto",
     "activate_release",
     "active_release",
     "add_job_items",
@@ -180,6 +186,7 @@ __all__ = [
     "get_or_create_patient",
     "get_patient",
     "get_patient_by_id",
+    "get_patients",
     "get_prediction",
     "graded_gradable",
     "hash_api_key",
@@ -189,6 +196,7 @@ __all__ = [
     "job_failures",
     "job_grade_counts",
     "job_items",
+    "job_patients",
     "jobs_failures",
     "jobs_grade_counts",
     "latest_model_version",
@@ -202,6 +210,7 @@ __all__ = [
     "mark_image_failed",
     "mark_worker_stopped",
     "needs_rescoring",
+    "newest_patient_results",
     "on_current_scale",
     "orphaned_images",
     "other_active_release",
@@ -224,6 +233,7 @@ __all__ = [
     "stale_running_images",
     "upsert_explanation",
     "upsert_prediction",
+    "visit_photos_of_patients",
     "web_session_key",
     "worker_heartbeats",
 ]

@@ -80,6 +80,19 @@ def count_job_items(session: Session, job_id: str) -> int:
     return int(session.scalar(stmt) or 0)
 
 
+def job_patients(session: Session, job_id: str) -> list[tuple[str, bool]]:
+    """The patients the job's files name, in the order of each one's first file, with whether any
+    of their files was stored (grouped in SQL: the patients' list read every item of the job)."""
+    stored = func.max(case((ScoringJobItem.image_id.is_not(None), 1), else_=0))
+    rows = session.execute(
+        select(ScoringJobItem.patient_external_id, stored)
+        .where(ScoringJobItem.job_id == job_id, ScoringJobItem.patient_external_id.is_not(None))
+        .group_by(ScoringJobItem.patient_external_id)
+        .order_by(func.min(ScoringJobItem.id))
+    ).all()
+    return [(str(name), bool(any_stored)) for name, any_stored in rows]
+
+
 def set_job_item(
     session: Session,
     item: ScoringJobItem,

@@ -22,7 +22,7 @@ from core.schemas import Accepted, EyeSummary, JobStatus, PatientSummary
 from core.tables import ScoringJob
 from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
 from services.errors import MAX_OFFSET, error_responses
-from services.views import image_results, patient_summary
+from services.views import image_results, patient_summaries
 
 log = logging.getLogger(__name__)
 
@@ -269,22 +269,19 @@ def _patient_rows(
     files in the job could be stored is reported not graded (referable): its current result, if
     any, is an earlier screening's, and "no referral" from it cleared a patient whose photographs
     of today all failed (the session-29 review)."""
-    items = repo.job_items(session, job.id)
-    stored: dict[str, bool] = {}
-    for item in items:
-        if item.patient_external_id is not None:
-            stored[item.patient_external_id] = stored.get(item.patient_external_id, False) or bool(
-                item.image_id
-            )
-    names = list(stored)
+    names = repo.job_patients(session, job.id)
+    page = names[offset : None if limit is None else offset + limit]
+    # the page's patients, results and photographs in a few queries, not five per patient
+    patients = repo.get_patients(session, job.clinic_id, [name for name, stored in page if stored])
+    summaries = patient_summaries(session, list(patients.values()))
     rows = []
-    for name in names[offset : None if limit is None else offset + limit]:
-        patient = repo.get_patient(session, job.clinic_id, name) if stored[name] else None
+    for name, stored in page:
+        patient = patients.get(name) if stored else None
         if patient is None:
             summary = PatientSummary(patient_id=name, referral_reasons=["not_graded_yet"])
             summary.eyes = {"left": EyeSummary(), "right": EyeSummary()}
         else:
-            summary = patient_summary(session, patient)
+            summary = summaries[patient.id]
         summary.history = []
         rows.append(summary)
     return len(names), rows

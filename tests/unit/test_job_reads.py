@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
@@ -18,8 +19,11 @@ from sqlalchemy.orm import Session
 from core import db
 from core import repository as repo
 from core.db import session_scope
+from core.repository import _sql as sql
+from core.schemas import EyeSummary, PatientSummary
 from core.tables import Image, ModelVersion, ScoringJob, ScoringJobItem, utcnow
 from services.routes import jobs as job_routes
+from services.views import patient_summary
 from tests.api_support import make_key, web_cookie
 
 
@@ -174,6 +178,12 @@ def build_job(url: str, clinic: str = "North") -> tuple[int, str]:
         repo.mark_image_failed(s, nine, "could not decode the photograph")
         w.result("9")
         w.item("a/9_right.jpg", "9", "right", nine, "failed")
+        # 50: screened 200 days ago; today's photograph still queued (its result is the earlier visit's)
+        for eye in ("left", "right"):
+            w.grade(w.photo("50", eye, days_ago=200), 0)
+        w.result("50", days_ago=200)
+        fifty = w.photo("50", "left")
+        w.item("a/50_left.jpg", "50", "left", fifty, "queued")
         # 5's right eye re-graded by a newer release (its decision stays the first one's result)
         w.grade(five[1], 2, "ens@2")
         repo.refresh_job_counts(s, w.job_id)
@@ -348,7 +358,7 @@ def test_a_results_page_is_cut_in_sql_in_file_order(url: str, client: TestClient
         job = repo.get_job(s, job_id)
         assert job is not None
         total, every = job_routes._rows(s, job, 0, None)
-    assert total == 15 and [r.file for r in every][:3] == ["a/31_left.jpg", "a/notes.txt", "a/7_left.jpg"]
+    assert total == 16 and [r.file for r in every][:3] == ["a/31_left.jpg", "a/notes.txt", "a/7_left.jpg"]
     for offset, limit in PAGES:
         with session_scope(url) as s:
             job = repo.get_job(s, job_id)
@@ -357,7 +367,7 @@ def test_a_results_page_is_cut_in_sql_in_file_order(url: str, client: TestClient
         assert page_total == total
         want = every[offset : None if limit is None else offset + limit]
         assert [r.model_dump() for r in page] == [r.model_dump() for r in want]
-    assert {r.patient_id for r in every if r.image_id} == {"31", "7", "12", "5", "6", "8", "9"}
+    assert {r.patient_id for r in every if r.image_id} == {"31", "7", "12", "5", "6", "8", "9", "50"}
 
     many = _many_patients_job(url, "North", 50)
     for query in ("limit=5", "limit=100", "format=csv"):
@@ -367,3 +377,88 @@ def test_a_results_page_is_cut_in_sql_in_file_order(url: str, client: TestClient
         assert len(seen) <= 15, (query, len(seen))  # one per patient before: 4,750 for the review's CSV
     last = client.get(f"/v1/jobs/{many}/results?offset=99", headers=key.headers).json()
     assert (last["total"], [r["file"] for r in last["items"]]) == (100, ["x/P49_right.jpg"])
+
+
+# ---------------------------------------------------------------------------- the job's patients
+
+
+def _patient_rows_one_by_one(
+    session: Session, job: ScoringJob, offset: int, limit: int | None
+) -> tuple[int, list[PatientSummary]]:
+    """services.routes.jobs._patient_rows before the batching (five queries per patient)."""
+    items = repo.job_items(session, job.id)
+    stored: dict[str, bool] = {}
+    for item in items:
+        if item.patient_external_id is not None:
+            stored[item.patient_external_id] = stored.get(item.patient_external_id, False) or bool(
+                item.image_id
+            )
+    names = list(stored)
+    rows = []
+    for name in names[offset : None if limit is None else offset + limit]:
+        patient = repo.get_patient(session, job.clinic_id, name) if stored[name] else None
+        if patient is None:
+            summary = PatientSummary(patient_id=name, referral_reasons=["not_graded_yet"])
+            summary.eyes = {"left": EyeSummary(), "right": EyeSummary()}
+        else:
+            summary = patient_summary(session, patient)
+        summary.history = []
+        rows.append(summary)
+    return len(names), rows
+
+
+@pytest.mark.parametrize("in_batch", [1000, 2])
+def test_the_batched_patients_list_is_the_per_patient_one(
+    url: str, in_batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Content and order, JSON and CSV, page by page: one eye, ungradable photographs, a patient
+    with no readable file (and a clearing earlier result), one never seen, several visits, a
+    photograph pending, a photograph named twice, another clinic's patient of the same id. Also
+    with the IN lists cut in twos (a CSV of thousands of patients reads them a thousand at a time)."""
+    _, job_id = build_job(url)
+    monkeypatch.setattr(sql, "IN_BATCH", in_batch)
+    for offset, limit in PAGES:
+        with session_scope(url) as s:  # separate sessions: no row loaded by one path serves the other
+            job = repo.get_job(s, job_id)
+            assert job is not None
+            want_total, want = _patient_rows_one_by_one(s, job, offset, limit)
+        with session_scope(url) as s:
+            job = repo.get_job(s, job_id)
+            assert job is not None
+            total, rows = job_routes._patient_rows(s, job, offset, limit)
+        assert total == want_total == 10
+        assert [r.model_dump(mode="json") for r in rows] == [r.model_dump(mode="json") for r in want]
+        assert job_routes._patients_csv(rows) == job_routes._patients_csv(want)
+    with session_scope(url) as s:
+        job = repo.get_job(s, job_id)
+        assert job is not None
+        by_id = {r.patient_id: r for r in job_routes._patient_rows(s, job, 0, None)[1]}
+    # the cases are what the test means them to be
+    assert list(by_id) == ["31", "7", "12", "40", "41", "5", "6", "8", "9", "50"]
+    assert (by_id["31"].grade, by_id["31"].model_version) == (3, "ens@1")
+    assert by_id["7"].referral_reasons == ["right_eye_not_photographed"]
+    assert by_id["12"].referral_reasons == ["left_eye_ungradable"]
+    assert by_id["40"].referral_reasons == by_id["41"].referral_reasons == ["not_graded_yet"]
+    assert by_id["5"].referral_reasons == ["left_eye_pending"] and len(by_id["5"].eyes["left"].image_ids) == 2
+    assert by_id["6"].updated_at is None and by_id["8"].grade == 4
+    assert (by_id["50"].updated_at, by_id["50"].referral_reasons) == (
+        None,
+        ["not_graded_yet", "left_eye_pending"],
+    )
+
+
+def test_a_jobs_patients_page_reads_a_bounded_number_of_statements(url: str, client: TestClient) -> None:
+    """The review: a page of 200 patients issued 1,130 statements (five per patient, and each
+    release's name read again). A page of 5, a page of 50 and the CSV now read a few each."""
+    key = make_key(url, "North")
+    job_id = _many_patients_job(url, "North", 50)
+    counts = {}
+    for query in ("limit=5", "limit=50", "format=csv"):
+        with statements(url) as seen:
+            answer = client.get(f"/v1/jobs/{job_id}/patients?{query}", headers=key.headers)
+        assert answer.status_code == 200, answer.text
+        counts[query] = len(seen)
+    assert max(counts.values()) <= 15, counts
+    page = client.get(f"/v1/jobs/{job_id}/patients?limit=50", headers=key.headers).json()
+    assert page["total"] == 50 and [p["patient_id"] for p in page["items"]][:3] == ["P0", "P1", "P2"]
+    assert {p["model_version"] for p in page["items"]} == {"ens@1", "ens@2"}
