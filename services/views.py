@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import cast
 
 from sqlalchemy.orm import Session
@@ -37,17 +37,15 @@ def image_results(
     preds = repo.predictions_for_images(session, [im.id for im in images])
     graders = grader.for_images(session, [im.id for im in images])
     refs: dict[int, str] = {}
-    patients: dict[int, str] = {}
+    # one IN query: a job's CSV looked its 4,750 patients up one by one (the review)
+    patients = repo.external_ids_of(session, [im.patient_id for im in images])
     out = []
     for im in images:
-        if im.patient_id not in patients:
-            patient = repo.get_patient_by_id(session, im.patient_id)
-            patients[im.patient_id] = patient.external_id if patient is not None else ""
         status = "done" if im.id in graded_earlier and im.status in ("queued", "running") else im.status
         result = ImageResult(
             id=im.id,
             status=status,
-            patient_id=patients[im.patient_id],
+            patient_id=patients.get(im.patient_id, ""),
             eye=im.eye,
             error=im.error if im.status == "failed" else None,
             created_at=im.created_at,
@@ -116,7 +114,7 @@ def _history(
     return entries
 
 
-def grades_visit(result: PatientResult, visit: Collection[Image]) -> bool:
+def grades_visit(result: PatientResult, visit: Collection[repo.VisitPhoto]) -> bool:
     """Whether ``result`` grades ``visit`` (the patient's latest): every photograph it holds is one
     of the visit's. While a follow-up's first photographs wait for a worker, the current result is
     still the previous visit's; with a sliding window it may share some photographs with today's
@@ -132,18 +130,47 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
     today's grade (it stays in the history)."""
     refs: dict[int, str] = {}
     results = repo.patient_history(session, patient.id)
-    summary = PatientSummary(patient_id=patient.external_id)
-    visit = repo.latest_visit(repo.list_patient_images(session, patient.id), get_settings().visit_window)
+    images = [repo.VisitPhoto.of(im) for im in repo.list_patient_images(session, patient.id)]
+    summary = _current_summary(
+        patient, results[0] if results else None, images, lambda v: _model_ref(session, v, refs)
+    )
     if results:
         summary.history = _history(results, refs, session)
-    if results and grades_visit(results[0], visit):
-        current = results[0]
-        summary.grade = current.grade
-        summary.referable = current.referable
-        summary.gradable = current.gradable
-        summary.eyes = _eyes_of(current)
-        summary.model_version = _model_ref(session, current.model_version_id, refs)
-        summary.updated_at = current.computed_at
+    return summary
+
+
+def patient_summaries(session: Session, patients: Sequence[Patient]) -> dict[int, PatientSummary]:
+    """patient id -> :func:`patient_summary` without its history, for several patients in a few
+    queries (a job's list of who to refer ran five per patient: 47 s for 4,750 patients)."""
+    ids = [p.id for p in patients]
+    newest = repo.newest_patient_results(session, ids)
+    images = repo.visit_photos_of_patients(session, ids)
+    refs: dict[int, str] = {}  # the request's: a release's ref is read once, not once a patient
+    return {
+        p.id: _current_summary(
+            p, newest.get(p.id), images.get(p.id, []), lambda v: _model_ref(session, v, refs)
+        )
+        for p in patients
+    }
+
+
+def _current_summary(
+    patient: Patient,
+    newest: PatientResult | None,
+    images: Sequence[repo.VisitPhoto],
+    model_ref: Callable[[int | None], str | None],
+) -> PatientSummary:
+    """:func:`patient_summary` without the history, from the patient's newest result and every
+    photograph of theirs (oldest first)."""
+    summary = PatientSummary(patient_id=patient.external_id)
+    visit = repo.latest_visit(images, get_settings().visit_window)
+    if newest is not None and grades_visit(newest, visit):
+        summary.grade = newest.grade
+        summary.referable = newest.referable
+        summary.gradable = newest.gradable
+        summary.eyes = _eyes_of(newest)
+        summary.model_version = model_ref(newest.model_version_id)
+        summary.updated_at = newest.computed_at
     # Eyes whose photographs arrived after the last result (or before any) still list them; only
     # the latest visit's, as the result (repository.latest_visit).
     pending = {im.eye for im in visit if im.status in ("queued", "running")}

@@ -4,6 +4,7 @@ queued again; and the ones the sweep must look at (orphaned, stale, failed latel
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -11,6 +12,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidInput
+from core.repository._sql import in_batches
 from core.tables import EYES, Image, utcnow
 
 
@@ -71,6 +73,36 @@ def list_patient_images(session: Session, patient_id: int, eye: str | None = Non
     if eye is not None:
         stmt = stmt.where(Image.eye == eye)
     return list(session.scalars(stmt))
+
+
+@dataclass(frozen=True, slots=True)
+class VisitPhoto:
+    """A photograph as picking and showing a patient's latest visit reads it: a plain row, not an
+    ORM one (a job's list of patients reads tens of thousands of them)."""
+
+    id: str
+    eye: str
+    status: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, image: Image) -> VisitPhoto:
+        return cls(image.id, image.eye, image.status, image.created_at)
+
+
+def visit_photos_of_patients(session: Session, patient_ids: Sequence[int]) -> dict[int, list[VisitPhoto]]:
+    """patient id -> every photograph of the patient, ordered as :func:`list_patient_images`
+    orders them (a job's list of patients read each one's photographs with a query apiece)."""
+    out: dict[int, list[VisitPhoto]] = {}
+    for batch in in_batches(list(dict.fromkeys(patient_ids))):
+        rows = session.execute(
+            select(Image.patient_id, Image.id, Image.eye, Image.status, Image.created_at)
+            .where(Image.patient_id.in_(batch))
+            .order_by(Image.patient_id, Image.created_at, Image.id)
+        )
+        for patient_id, image_id, eye, status, created_at in rows:
+            out.setdefault(patient_id, []).append(VisitPhoto(image_id, eye, status, created_at))
+    return out
 
 
 def claim_image(session: Session, image_id: str, worker: str | None = None) -> Image | None:

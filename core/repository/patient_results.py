@@ -4,16 +4,18 @@ rule, recorded as the current result, earlier ones kept as history."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Protocol, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from core.aggregation import EyeGradeFn, GradeFn, ImageScore, PatientAggregate, aggregate_patient
+from core.repository._sql import in_batches
 from core.repository.images import list_patient_images
 from core.repository.predictions import graded_gradable, predictions_for_images
 from core.settings import get_settings
-from core.tables import EyeResult, Image, PatientResult, utcnow
+from core.tables import EyeResult, PatientResult, utcnow
 
 
 def record_patient_result(
@@ -68,7 +70,15 @@ def record_patient_result(
     return result
 
 
-def latest_visit(images: Sequence[Image], window: timedelta) -> list[Image]:
+class _Uploaded(Protocol):
+    @property
+    def created_at(self) -> datetime: ...
+
+
+PhotoT = TypeVar("PhotoT", bound=_Uploaded)
+
+
+def latest_visit(images: Sequence[PhotoT], window: timedelta) -> list[PhotoT]:
     """The images of the patient's latest screening visit: uploaded within ``window`` of the
     newest one (all of them with a zero window). Upload time stands in for the visit's date,
     which clinic software does not send; a photograph a folder job sends again keeps its first
@@ -166,6 +176,26 @@ def get_current_patient_result(session: Session, patient_id: int) -> PatientResu
         .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
         .limit(1)
     ).first()
+
+
+def newest_patient_results(session: Session, patient_ids: Sequence[int]) -> dict[int, PatientResult]:
+    """patient id -> its newest result (:func:`patient_history`'s first), with its eyes, for the
+    patients that have one: a job's list of patients read each one's 100 newest with their eyes to
+    keep the first."""
+    newest = func.row_number().over(
+        partition_by=PatientResult.patient_id,
+        order_by=(PatientResult.computed_at.desc(), PatientResult.id.desc()),
+    )
+    out: dict[int, PatientResult] = {}
+    for batch in in_batches(list(dict.fromkeys(patient_ids))):
+        ranked = (
+            select(PatientResult.id, newest.label("rank"))
+            .where(PatientResult.patient_id.in_(batch))
+            .subquery()
+        )
+        stmt = select(PatientResult).join(ranked, ranked.c.id == PatientResult.id).where(ranked.c.rank == 1)
+        out.update((r.patient_id, r) for r in session.scalars(stmt))
+    return out
 
 
 def patient_history(session: Session, patient_id: int, limit: int | None = 100) -> list[PatientResult]:

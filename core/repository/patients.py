@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidInput
-from core.repository._sql import _insert
+from core.repository._sql import _insert, in_batches
 from core.tables import Patient, utcnow
 
 
@@ -39,3 +41,23 @@ def get_patient(session: Session, clinic_id: int, external_id: str) -> Patient |
 
 def get_patient_by_id(session: Session, patient_id: int) -> Patient | None:
     return session.get(Patient, patient_id)
+
+
+def get_patients(session: Session, clinic_id: int, external_ids: Sequence[str]) -> dict[str, Patient]:
+    """external id -> the clinic's patient, for those of ``external_ids`` it has (one query per
+    thousand, not one each: a job's list of patients)."""
+    out: dict[str, Patient] = {}
+    for batch in in_batches(list(dict.fromkeys(external_ids))):
+        stmt = select(Patient).where(Patient.clinic_id == clinic_id, Patient.external_id.in_(batch))
+        out.update((p.external_id, p) for p in session.scalars(stmt))
+    return out
+
+
+def external_ids_of(session: Session, patient_ids: Sequence[int]) -> dict[int, str]:
+    """patient id -> external id, for those that exist (a job's results named each photograph's
+    patient with one query apiece)."""
+    out: dict[int, str] = {}
+    for batch in in_batches(list(dict.fromkeys(patient_ids))):
+        rows = session.execute(select(Patient.id, Patient.external_id).where(Patient.id.in_(batch)))
+        out.update((int(pid), str(ext)) for pid, ext in rows)
+    return out

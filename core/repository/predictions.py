@@ -86,6 +86,12 @@ def predictions_for_images(
     return out
 
 
+def shown_first(session: Session) -> list[Any]:
+    """ORDER BY terms that put the prediction shown for a photograph first among its predictions
+    (``get_prediction``'s rule, for a window over several photographs' predictions in SQL)."""
+    return _shown_last(session, None, descending=True)
+
+
 def _shown_last(session: Session, model_version_id: int | None, descending: bool = False) -> list[Any]:
     """Predictions in the order that puts the one shown last: the activated release's (when no
     version is asked for and one was activated), then the newest (``descending``: first)."""

@@ -22,7 +22,7 @@ from core.schemas import Accepted, EyeSummary, JobStatus, PatientSummary
 from core.tables import ScoringJob
 from services.deps import ApiSettingsDep, PrincipalDep, ProducerDep, SessionDep, SettingsDep, audit
 from services.errors import MAX_OFFSET, error_responses
-from services.views import image_results, patient_summary
+from services.views import image_results, patient_summaries
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +188,9 @@ def get_job(job_id: str, session: SessionDep, principal: PrincipalDep) -> JobSta
 def _rows(
     session: SessionDep, job: ScoringJob, offset: int, limit: int | None
 ) -> tuple[int, list[JobResultRow]]:
-    items = repo.job_items(session, job.id)
-    page = items[offset : None if limit is None else offset + limit]
+    # the page is cut in SQL, in file order (every item was read to keep a page of them)
+    page = repo.job_items(session, job.id, offset=offset, limit=limit)
+    total = len(page) if limit is None and not offset else repo.count_job_items(session, job.id)
     # A finished job keeps its rows' grades while a newer release grades a photograph again
     # (its counts do too: repository.jobs._item_graded); the rows read "queued" with no grade.
     finished = job.status not in repo.OPEN_JOB_STATES
@@ -213,7 +214,7 @@ def _rows(
             if res.quality is not None:
                 row.quality_reasons = list(res.quality.get("reasons") or [])
         rows.append(row)
-    return len(items), rows
+    return total, rows
 
 
 CSV_COLUMNS = ["file", "image_id", "patient_id", "eye", "status", "grade", "referable", "gradable"]
@@ -268,22 +269,19 @@ def _patient_rows(
     files in the job could be stored is reported not graded (referable): its current result, if
     any, is an earlier screening's, and "no referral" from it cleared a patient whose photographs
     of today all failed (the session-29 review)."""
-    items = repo.job_items(session, job.id)
-    stored: dict[str, bool] = {}
-    for item in items:
-        if item.patient_external_id is not None:
-            stored[item.patient_external_id] = stored.get(item.patient_external_id, False) or bool(
-                item.image_id
-            )
-    names = list(stored)
+    names = repo.job_patients(session, job.id)
+    page = names[offset : None if limit is None else offset + limit]
+    # the page's patients, results and photographs in a few queries, not five per patient
+    patients = repo.get_patients(session, job.clinic_id, [name for name, stored in page if stored])
+    summaries = patient_summaries(session, list(patients.values()))
     rows = []
-    for name in names[offset : None if limit is None else offset + limit]:
-        patient = repo.get_patient(session, job.clinic_id, name) if stored[name] else None
+    for name, stored in page:
+        patient = patients.get(name) if stored else None
         if patient is None:
             summary = PatientSummary(patient_id=name, referral_reasons=["not_graded_yet"])
             summary.eyes = {"left": EyeSummary(), "right": EyeSummary()}
         else:
-            summary = patient_summary(session, patient)
+            summary = summaries[patient.id]
         summary.history = []
         rows.append(summary)
     return len(names), rows

@@ -32,18 +32,23 @@ def _jobs(session: Session, clinic_id: int) -> list[dict[str, Any]]:
         .order_by(ScoringJob.created_at.desc())
         .limit(JOBS_LIMIT)
     ).all()
+    jobs = [
+        repo.refresh_job_counts(session, job.id) if job.status in repo.OPEN_JOB_STATES else job
+        for job in jobs
+    ]
+    # every listed job's grades and failures in one statement each (two per job took 8 s)
+    grades = repo.jobs_grade_counts(session, [job.id for job in jobs])
+    failures = repo.jobs_failures(session, [job.id for job in jobs if job.failed], JOB_FAILURES_SHOWN)
     out = []
     for job in jobs:
-        if job.status in ("queued", "running"):
-            job = repo.refresh_job_counts(session, job.id)
         finished = job.done + job.failed
         out.append(
             {
                 "job": job,
                 "finished": finished,
                 "percent": round(100 * finished / job.total, 1) if job.total else 0.0,
-                "grades": repo.job_grade_counts(session, job.id),
-                "failures": repo.job_failures(session, job.id, JOB_FAILURES_SHOWN) if job.failed else [],
+                "grades": grades[job.id],
+                "failures": failures.get(job.id, []),
             }
         )
     return out
