@@ -1,5 +1,6 @@
-"""``drscreen db upgrade`` and ``check`` (the schema, core.migrate) and ``recheck-patients``
-(cli.recheck). The group's backup commands are in cli.backup; cli.main adds them after these.
+"""``drscreen db upgrade`` and ``check`` (the schema, core.migrate), ``recheck-patients``
+(cli.recheck) and ``palette-photographs`` (cli.palette). The group's backup commands are in
+cli.backup; cli.main adds them after these.
 
 Heavy imports inside the functions (cli rule: ``drscreen --help`` stays instant).
 """
@@ -79,6 +80,20 @@ def db_check() -> None:
         typer.echo(f"drscreen db check: {reason}", err=True)
         raise typer.Exit(1) from None
     typer.echo("schema and migrations agree")
+
+
+@app.command("palette-photographs")
+def db_palette_photographs() -> None:
+    """List stored photographs that are palette (256-colour) images, graded before they were
+    refused (session 31): their grades may be too low; have a grader look at them again."""
+    from cli.palette import palette_photographs
+
+    with db_errors():
+        found, missing = palette_photographs()
+    for p in found:
+        typer.echo(f"{p.image_id}\t{p.clinic}\t{p.patient_id}\t{p.filename or ''}")
+    gone = f"; {missing} file(s) missing from the store" if missing else ""
+    typer.echo(f"{len(found)} palette photograph(s){gone}", err=True)
 
 
 @app.command("recheck-patients")

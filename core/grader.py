@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.repository._sql import in_batches
 from core.retention import lock_image
 from core.schemas import GraderGradeOut
 from core.tables import GraderGrade, Image, utcnow
@@ -77,8 +78,11 @@ def get(session: Session, image_id: str) -> GraderGrade | None:
 def for_images(session: Session, image_ids: Sequence[str]) -> dict[str, GraderGrade]:
     if not image_ids:
         return {}
-    rows = session.scalars(select(GraderGrade).where(GraderGrade.image_id.in_(list(image_ids))))
-    return {row.image_id: row for row in rows}
+    return {
+        row.image_id: row
+        for batch in in_batches(image_ids)  # a 100,000-file job's ids exceed a statement's parameters
+        for row in session.scalars(select(GraderGrade).where(GraderGrade.image_id.in_(batch)))
+    }
 
 
 def as_out(row: GraderGrade) -> GraderGradeOut:

@@ -28,6 +28,7 @@ __all__ = [
     "decode_image",
     "decode_scaled",
     "sniff_format",
+    "unsupported_message",
 ]
 
 MIN_SIDE: Final = 64
@@ -74,6 +75,11 @@ class ImageDecodeError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def unsupported_message(fmt: str) -> str:
+    """Why a format we do not read is refused, and what to send instead."""
+    return _UNSUPPORTED_ADVICE.get(fmt, f"{fmt} images are not accepted")
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -212,7 +218,7 @@ def _refuse_libjpeg_warnings(data: bytes) -> None:
 # photograph's size (a 16-bit or transparent 50-megapixel upload once cost > 1 GB to convert).
 _ROWS: Final = 256
 _HIGH_DEPTH: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
-_ALPHA: Final = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_ALPHA: Final = frozenset({"RGBA", "LA", "RGBa", "La"})
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
@@ -298,7 +304,7 @@ def _decoded(
     if fmt is None:
         raise ImageDecodeError(NOT_AN_IMAGE, "the file is not a recognised image format")
     if fmt not in SUPPORTED_FORMATS:
-        raise ImageDecodeError(UNSUPPORTED, _UNSUPPORTED_ADVICE.get(fmt, f"{fmt} images are not accepted"))
+        raise ImageDecodeError(UNSUPPORTED, unsupported_message(fmt))
     _check_container(fmt, data)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone flipped Pillow's global; our EOF checks above still reject truncated files.

@@ -62,13 +62,22 @@ def library_versions() -> dict[str, str]:
 
 
 def code_commit() -> str | None:
-    """The repository's short commit hash, None where there is no git (a worker's image)."""
-    with contextlib.suppress(OSError):
+    """The repository's commit (``-dirty`` when its files were edited), None where there is no git
+    (a worker's image) or the code is not a checkout of its own."""
+    root = Path(__file__).resolve().parents[1]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, timeout=5
+        )  # fmt: skip
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root:
+            return None  # installed inside another project's checkout: not this code's commit
         found = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-            capture_output=True, text=True, check=False,
-        ).stdout.strip()  # fmt: skip
-        return found or None
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=root,
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+        if found.returncode != 0:
+            return None
+        return found.stdout.strip() or None
     return None
 
 

@@ -56,7 +56,10 @@ def image_results(
         if status == "done":
             gradable = repo.graded_gradable(im, pred, status)
             result.gradable = gradable
-            result.quality = im.quality
+            # the quality report is the latest grading's; after a rollback the grading shown may
+            # be another release's, whose gate decided otherwise: its reasons would contradict it
+            agrees = (im.quality or {}).get("gradable", gradable) == gradable
+            result.quality = im.quality if agrees else None
             # Ungradable means "refer" for clinics, whatever the ensemble thought of the pixels.
             result.referable = True if not gradable else (pred.referable if pred is not None else None)
             if pred is not None:

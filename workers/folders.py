@@ -50,7 +50,7 @@ from core.schemas import PATIENT_ID_PATTERN
 from core.settings import get_settings
 from core.store import FileStore, get_store
 from core.tables import Image, ScoringJob, ScoringJobItem, utcnow
-from ml.imageio import SUPPORTED_FORMATS, sniff_format
+from ml.imageio import SUPPORTED_FORMATS, sniff_format, unsupported_message
 from workers.model import serving_ref
 from workers.naming import MANIFEST_NAME, ManifestError, ManifestRow, match_name, parse_manifest
 from workers.scoring import Enqueue, send_by_name
@@ -377,7 +377,7 @@ def _not_a_photo(path: Path, roots: Sequence[Path] | None) -> str | None:
     if fmt is None:
         return "not_an_image: the file is not a recognised image format"
     if fmt not in SUPPORTED_FORMATS:
-        return f"unsupported_format: {fmt} images are not accepted"
+        return f"unsupported_format: {unsupported_message(fmt)}"
     return None
 
 
@@ -417,7 +417,7 @@ def read_photo(path: Path, max_bytes: int, roots: Sequence[Path] | None = None) 
     if fmt is None:
         return "not_an_image: the file is not a recognised image format"
     if fmt not in SUPPORTED_FORMATS:
-        return f"unsupported_format: {fmt} images are not accepted"
+        return f"unsupported_format: {unsupported_message(fmt)}"
     return LoadedFile(data, fmt)
 
 

@@ -64,7 +64,11 @@ def get_image(session: Session, image_id: str, clinic_id: int | None = None) -> 
 def get_images(session: Session, image_ids: Sequence[str]) -> list[Image]:
     if not image_ids:
         return []
-    rows = {r.id: r for r in session.scalars(select(Image).where(Image.id.in_(list(image_ids))))}
+    rows = {
+        r.id: r
+        for batch in in_batches(image_ids)  # a 100,000-file job's ids exceed a statement's parameters
+        for r in session.scalars(select(Image).where(Image.id.in_(batch)))
+    }
     return [rows[i] for i in image_ids if i in rows]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import case, select
 from sqlalchemy.orm import Session
 
-from core.repository._sql import _insert
+from core.repository._sql import _insert, in_batches
 from core.repository.releases import activated_version_id
 from core.tables import Image, Prediction, utcnow
 
@@ -77,12 +77,14 @@ def predictions_for_images(
     """image id -> its prediction (that model version, or the one shown: see ``get_prediction``)."""
     if not image_ids:
         return {}
-    stmt = select(Prediction).where(Prediction.image_id.in_(list(image_ids)))
-    if model_version_id is not None:
-        stmt = stmt.where(Prediction.model_version_id == model_version_id)
+    order = _shown_last(session, model_version_id)
     out: dict[str, Prediction] = {}
-    for row in session.scalars(stmt.order_by(*_shown_last(session, model_version_id))):
-        out[row.image_id] = row  # the later row wins
+    for batch in in_batches(image_ids):  # a photograph's predictions all fall in its batch
+        stmt = select(Prediction).where(Prediction.image_id.in_(batch))
+        if model_version_id is not None:
+            stmt = stmt.where(Prediction.model_version_id == model_version_id)
+        for row in session.scalars(stmt.order_by(*order)):
+            out[row.image_id] = row  # the later row wins
     return out
 
 

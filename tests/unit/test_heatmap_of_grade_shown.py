@@ -181,6 +181,7 @@ def test_after_a_rollback_the_activated_releases_quality_verdict_is_the_one_used
         assert result.gradable and result.grade == a_grade
     body = client.get(f"/v1/images/{image_id}", headers=key.headers).json()
     assert body["model_version"] == a.ref and body["gradable"] is True and body["grade"] == a_grade
+    assert body["quality"] is None  # B's report ("ungradable") would contradict the grade shown
     assert client.get(f"/v1/images/{image_id}/explanation", headers=key.headers).status_code == 409
     drawn = explain_mod.explain_image(image_id, ensemble=a, store=store, db_url=url)
     assert drawn is not None

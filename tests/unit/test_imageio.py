@@ -310,3 +310,30 @@ def test_heic_and_avif_are_named_and_refused_with_what_to_do(brand: bytes) -> No
     with pytest.raises(ImageDecodeError) as info:
         decode_image(data)
     assert info.value.reason == "unsupported_format" and "JPEG" in info.value.detail
+
+
+def test_a_folder_jobs_heic_file_is_refused_with_the_same_advice(tmp_path: Path) -> None:
+    """The final read of session 31: folder jobs said "heif images are not accepted" only."""
+    from workers.folders import _not_a_photo
+
+    photo = tmp_path / "IMG_0001.HEIC"
+    photo.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    why = _not_a_photo(photo, None)
+    assert why is not None and why.startswith("unsupported_format: ") and "JPEG" in why
+
+
+def test_the_commit_is_not_recorded_from_another_projects_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final read of session 31: ``code_commit`` ignored git's exit status and would have
+    recorded the commit of a project the package is installed in."""
+    import subprocess
+
+    from ml.release import code_commit
+
+    class Done:
+        def __init__(self, returncode: int, stdout: str) -> None:
+            self.returncode, self.stdout = returncode, stdout
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done(0, "/somewhere/else\n"))
+    assert code_commit() is None
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done(128, ""))
+    assert code_commit() is None

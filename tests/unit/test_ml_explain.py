@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ml.inference.combine import CombineRule
@@ -192,3 +193,5 @@ def test_a_camera_size_heatmap_is_drawn_at_most_2048_px_with_the_photographs_pro
     assert pixels[100, 100].max() == 0
     small = _Image.open(_io.BytesIO(overlay_png(photo[:342, :512], heat[:342, :512])))
     assert small.size == (512, 342)  # smaller photographs keep their size
+    with pytest.raises(ValueError, match="does not match"):  # not stretched to fit (the final read)
+        overlay_png(photo, heat[:512, :512])

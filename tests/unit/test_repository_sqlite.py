@@ -568,3 +568,34 @@ def test_patient_history_read_in_batches_newest_first(session: Session) -> None:
     # the first batch's eyes only (every result's and its eyes were loaded before)
     [eyes] = [params for sql, params in statements if "FROM eye_result" in sql]
     assert len(eyes) == 3, statements
+
+
+def test_a_jobs_reads_are_cut_into_in_lists_that_a_database_accepts(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final read of session 31: a job's results read its photographs, predictions and grader
+    grades with one IN list of every id (a 100,000-file job exceeds PostgreSQL's 65,535
+    parameters). Cut into batches, the answers are the same."""
+    from core import grader
+    from core.repository import _sql
+
+    clinic = repo.get_or_create_clinic(session, "Batch")
+    patient = repo.get_or_create_patient(session, clinic.id, "B-1")
+    mv = repo.get_or_create_model_version(session, "m@1")
+    ids = []
+    for n in range(5):
+        image = repo.create_image(
+            session, clinic_id=clinic.id, patient_id=patient.id, eye="left", sha256=f"{n:064x}",
+            stored_path=f"p{n}", filename=f"{n}.jpg", size_bytes=1,
+        )  # fmt: skip
+        repo.upsert_prediction(
+            session, image_id=image.id, model_version_id=mv.id, grade=n % 5, probabilities=[0.2] * 5,
+            members=None, referable=n >= 2,
+        )  # fmt: skip
+        ids.append(image.id)
+    whole = (repo.get_images(session, ids), repo.predictions_for_images(session, ids))
+    monkeypatch.setattr(_sql, "IN_BATCH", 2)
+    cut = (repo.get_images(session, ids), repo.predictions_for_images(session, ids))
+    assert [i.id for i in cut[0]] == [i.id for i in whole[0]] == ids
+    assert {k: v.grade for k, v in cut[1].items()} == {k: v.grade for k, v in whole[1].items()}
+    assert grader.for_images(session, ids) == {}
