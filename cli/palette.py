@@ -12,9 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Pillow's modes of the images refused since session 31 (ml.imageio).
-PALETTE_MODES = frozenset({"P", "PA", "1"})
-
 
 @dataclass(frozen=True)
 class PalettePhotograph:
@@ -33,6 +30,7 @@ def palette_photographs() -> tuple[list[PalettePhotograph], int]:
     from core.settings import get_settings
     from core.store import FileStore
     from core.tables import Clinic, Image, Patient
+    from ml.imageio import PALETTE_MODES  # the modes refused at the edge
 
     store = FileStore(get_settings().store_path)
     found: list[PalettePhotograph] = []

@@ -265,8 +265,8 @@ def _cells(session: Session, pairs: Any, percent: float, release: ModelVersion |
     # labelled, and grouped by the labels: PostgreSQL does not match GROUP BY expressions that
     # carry bound parameters with the same expressions in the select list
     grader = GraderGrade.grade.label("c_grader")
-    model = case((model_gradable(release), Prediction.grade), else_=null()).label("c_model")
-    refers = case((model_gradable(release), Prediction.referable), else_=true()).label("c_refers")
+    model = case((model_gradable(), Prediction.grade), else_=null()).label("c_model")
+    refers = case((model_gradable(), Prediction.referable), else_=true()).label("c_refers")
     in_sample_ = sampled(percent).label("c_sampled")
     stmt = pairs.with_only_columns(grader, model, refers, in_sample_, func.count()).group_by(
         grader, model, refers, in_sample_
@@ -276,7 +276,7 @@ def _cells(session: Session, pairs: Any, percent: float, release: ModelVersion |
 
 def _missed(session: Session, pairs: Any, release: ModelVersion | None) -> list[str]:
     missed = pairs.with_only_columns(Image.id).where(
-        GraderGrade.grade >= REFERABLE_FROM, model_gradable(release), Prediction.referable.is_(False)
+        GraderGrade.grade >= REFERABLE_FROM, model_gradable(), Prediction.referable.is_(False)
     )
     newest_first = missed.order_by(GraderGrade.updated_at.desc(), Image.id).limit(MISSED_LISTED)
     return list(session.scalars(newest_first))

@@ -64,7 +64,7 @@ def prediction_of(release: ModelVersion | None) -> ColumnElement[bool]:
     return and_(Prediction.image_id == Image.id, or_(Prediction.model_version_id == activated, newest))
 
 
-def model_gradable(release: ModelVersion | None = None) -> ColumnElement[bool]:
+def model_gradable() -> ColumnElement[bool]:
     """The service graded the photograph (with its grading joined, :func:`prediction_of`): that
     grading's own quality gate passed it and it has a grade, as the API reports it
     (``repository.graded_gradable``). Not ``image.gradable``: that is the latest grading's verdict,
@@ -72,9 +72,9 @@ def model_gradable(release: ModelVersion | None = None) -> ColumnElement[bool]:
     return Prediction.gradable.is_(True)
 
 
-def referred(release: ModelVersion | None = None) -> ColumnElement[bool]:
+def referred() -> ColumnElement[bool]:
     """The service referred the photograph: ungradable to it, or graded referable."""
-    return or_(not_(model_gradable(release)), Prediction.referable.is_(True))
+    return or_(not_(model_gradable()), Prediction.referable.is_(True))
 
 
 def _graded(release: ModelVersion | None) -> Any:
@@ -111,8 +111,8 @@ def strata(
     until: datetime | None = None,
 ) -> Strata:
     stmt = _graded(release).with_only_columns(
-        func.count().filter(referred(release)),
-        func.count().filter(not_(referred(release))),
+        func.count().filter(referred()),
+        func.count().filter(not_(referred())),
     )
     row = session.execute(in_period(stmt, clinic_id, since, until)).one()
     return Strata(int(row[0]), int(row[1]))

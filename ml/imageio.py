@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "MIN_SIDE",
+    "PALETTE_MODES",
     "SUPPORTED_FORMATS",
     "ImageDecodeError",
     "check_image",
@@ -56,7 +57,7 @@ _UNSUPPORTED_ADVICE: Final = {
 }
 #: Palette images: their colours were reduced to at most 256, which moves the grade (two of 15
 #: referable photographs of the session-31 review graded 0 as palette PNGs, gradable by every check).
-_PALETTE_MODES: Final = frozenset({"P", "PA", "1"})
+PALETTE_MODES: Final = frozenset({"P", "PA", "1"})
 
 # Reason codes (stable: the API and tests match on them).
 EMPTY: Final = "empty"
@@ -317,7 +318,7 @@ def _decoded(
             img = Image.open(io.BytesIO(data))  # lazy: reads the header only
             if img.format not in _PIL_FORMATS[fmt]:
                 raise ImageDecodeError(CORRUPT, f"content does not match its {fmt} signature")
-            if img.mode in _PALETTE_MODES:
+            if img.mode in PALETTE_MODES:
                 raise ImageDecodeError(
                     UNSUPPORTED,
                     f"a palette (indexed, at most 256 colours) {fmt} image: its colours were reduced, "

@@ -35,7 +35,7 @@ def get_explanation(
 
 
 def current_explanation(session: Session, image_id: str) -> Explanation | None:
-    """The heatmap of the grade shown for the photograph (its newest prediction's release), or
+    """The heatmap of the grade shown for the photograph (``get_prediction``'s release), or
     None when that release has drawn none or found the photograph ungradable. Any release's newest
     heatmap was shown before: after a change of release, a photograph re-graded ungradable kept
     the old release's heatmap, and a re-graded one showed the old map beside the new grade.

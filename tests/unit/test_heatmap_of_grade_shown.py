@@ -14,7 +14,7 @@ from core import repository as repo
 from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore
-from tests.api_support import make_key, sample_bytes, web_cookie
+from tests.api_support import Key, make_key, sample_bytes, web_cookie
 from tests.unit.test_workers_scoring import Sent, StubEnsemble, add_images
 from workers import explain as explain_mod
 from workers import scoring
@@ -34,12 +34,21 @@ def _regraded(url: str, image_id: str, ref: str, gradable: bool) -> None:
         repo.mark_image_done(s, image, quality={"gradable": gradable}, gradable=gradable)
 
 
-def test_the_heatmap_shown_is_the_one_of_the_grade_shown(url: str, client: TestClient) -> None:
+def _graded(
+    url: str, patient: str, ens: StubEnsemble, photograph: str = "left"
+) -> tuple[FileStore, Key, str]:
+    """North's key and one photograph of ``patient`` as its left eye (sample 16's ``photograph``),
+    graded by ``ens`` without a heatmap: the store, the key and the photograph's id."""
     store = FileStore(get_settings().store_path)
     key = make_key(url, "North")
-    [image_id] = add_images(url, store, "P-17", [("l.jpg", sample_bytes("16", "left"), "left")])
+    [image_id] = add_images(url, store, patient, [("l.jpg", sample_bytes("16", photograph), "left")])
+    scoring.score_images([image_id], ensemble=ens, store=store, db_url=url, enqueue=Sent(), explain=False)
+    return store, key, image_id
+
+
+def test_the_heatmap_shown_is_the_one_of_the_grade_shown(url: str, client: TestClient) -> None:
     old = StubEnsemble()
-    scoring.score_images([image_id], ensemble=old, store=store, db_url=url, enqueue=Sent(), explain=False)
+    store, key, image_id = _graded(url, "P-17", old)
     assert explain_mod.explain_image(image_id, ensemble=old, store=store, db_url=url) is not None
     route = f"/v1/images/{image_id}/explanation"
     assert client.get(route, headers=key.headers).status_code == 200
@@ -80,11 +89,8 @@ def test_a_heatmap_drawn_before_the_one_scale_is_labelled_and_drawn_again(
 
     from core.tables import HEATMAP_SCALE, Explanation
 
-    store = FileStore(get_settings().store_path)
-    key = make_key(url, "North")
-    [image_id] = add_images(url, store, "P-18", [("l.jpg", sample_bytes("16", "right"), "left")])
     ens = StubEnsemble()
-    scoring.score_images([image_id], ensemble=ens, store=store, db_url=url, enqueue=Sent(), explain=False)
+    store, key, image_id = _graded(url, "P-18", ens, photograph="right")
     assert explain_mod.explain_image(image_id, ensemble=ens, store=store, db_url=url) is not None
     page = client.get(f"/images/{image_id}", headers=web_cookie(client, key)).text
     assert "drawn before heatmaps shared one colour scale" not in page
@@ -121,11 +127,8 @@ def test_after_a_rollback_the_activated_releases_grade_and_heatmap_are_shown(
     again, then the operator rolled back to A. A does not grade X again (its grade exists), yet the
     photograph showed B's grade and looked for B's heatmap, which A's workers do not draw: "not
     ready" for ever, beside a patient decision that was A's."""
-    store = FileStore(get_settings().store_path)
-    key = make_key(url, "North")
-    [image_id] = add_images(url, store, "P-19", [("l.jpg", sample_bytes("16", "left"), "left")])
     a = StubEnsemble()
-    scoring.score_images([image_id], ensemble=a, store=store, db_url=url, enqueue=Sent(), explain=False)
+    store, key, image_id = _graded(url, "P-19", a)
     drawn = explain_mod.explain_image(image_id, ensemble=a, store=store, db_url=url)
     with session_scope(url) as s:
         repo.activate_release(s, "stub-ensemble@0.0.2")
@@ -160,11 +163,8 @@ def test_after_a_rollback_the_activated_releases_quality_verdict_is_the_one_used
     photograph showed A's grade as "ungradable", had no heatmap (the API's 404 and the worker
     refused to draw one) and A's patient rule counted it ungradable (the patient referred as
     ungradable). The verdict used is the one of the grading shown or applied."""
-    store = FileStore(get_settings().store_path)
-    key = make_key(url, "North")
-    [image_id] = add_images(url, store, "P-21", [("l.jpg", sample_bytes("16", "left"), "left")])
     a = StubEnsemble()
-    scoring.score_images([image_id], ensemble=a, store=store, db_url=url, enqueue=Sent(), explain=False)
+    store, key, image_id = _graded(url, "P-21", a)
     with session_scope(url) as s:
         repo.activate_release(s, "stub-ensemble@0.0.2")
     _regraded(url, image_id, "stub-ensemble@0.0.2", gradable=False)
