@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -28,7 +29,7 @@ from core import repository as repo
 from core.db import session_scope
 from core.settings import Settings, get_settings
 from core.store import FileStore
-from core.tables import Image, PatientResult, utcnow
+from core.tables import Image, PatientResult, ScoringJob, utcnow
 from tests.conftest import WorkerProcess, _psycopg_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -43,6 +44,7 @@ WAIT_S = 300
 @dataclass
 class Two:
     url: str
+    imports: Path
     store: FileStore
     app: Celery
     workers: list[WorkerProcess]
@@ -60,6 +62,7 @@ def two_workers(
     start_worker: Callable[..., WorkerProcess],
 ) -> Iterator[Two]:
     models_dir = Path(os.environ.get("DRSCREEN_TEST_MODELS_DIR") or REPO_ROOT / "models")
+    (tmp_path / "imports").mkdir()
     env = {
         "DRSCREEN_DATABASE_URL": own_pg_url,
         "DRSCREEN_BROKER_URL": redis_url,
@@ -70,6 +73,7 @@ def two_workers(
         "DRSCREEN_TORCH_THREADS": "1",
         "DRSCREEN_SWEEP_INTERVAL_S": "0",  # nothing but this test's messages
         "DRSCREEN_EXPLAIN": "false",
+        "DRSCREEN_IMPORT_ROOTS": str(tmp_path / "imports"),
         "OMP_NUM_THREADS": "1",
     }
     for key, value in env.items():
@@ -78,7 +82,13 @@ def two_workers(
     # one at a time: two model loads at once on a 2-core box only slow both
     workers = [start_worker(env=env, ready_timeout=WORKER_READY_S) for _ in range(2)]
     settings = Settings()
-    yield Two(own_pg_url, FileStore(settings.store_path), producer.make_producer_app(settings), workers)
+    yield Two(
+        own_pg_url,
+        tmp_path / "imports",
+        FileStore(settings.store_path),
+        producer.make_producer_app(settings),
+        workers,
+    )
 
 
 def _add(two: Two, patient: str, name: str, *, eye: str, bundle: bool) -> str:
@@ -183,7 +193,56 @@ def test_both_eyes_finishing_at_once_leave_one_current_result_counting_both(two_
             },
         }
     print("patient result race:", figures)
+    assert "deadlock" not in two.logs(), two.logs()
     assert len(current) == 1, figures
     # what the clinic is shown counts both photographs, each eye as it was graded
     assert {e.eye: e.image_ids for e in shown.eyes} == {"left": [left], "right": [right]}, figures
     assert {e.eye: e.gradable for e in shown.eyes} == graded, figures
+
+
+def test_two_chunks_of_a_folder_job_finishing_at_once_finish_the_job(two_workers: Two) -> None:
+    """A folder job's chunks are graded by two workers side by side (the scaling story). Each
+    chunk's write recounts the job; both counted while the other's grades were uncommitted, and
+    the later write stored its count over the earlier one's: the job stayed ``running`` with half
+    its photographs counted (``drscreen status``'s open jobs, until a client read the job)."""
+    from workers.folders import expand_folder
+
+    two = two_workers
+    # a first photograph graded: the release's row exists (a first write inserting it would make
+    # the other wait for it)
+    warm = _add(two, "WARM", "1020_left.jpg", eye="left", bundle=False)
+    producer.send(tasks.SCORE_IMAGES, [[warm]], {"explain": False}, app=two.app)
+    _wait(_done(two, [warm]), two, "the first photograph")
+    folder = two.imports / "export"
+    folder.mkdir()
+    for name in ("1012_left.jpg", "1012_right.jpg", "1017_left.jpg", "1017_right.jpg"):
+        (folder / name).write_bytes((PHOTOS / name).read_bytes())
+    with session_scope(two.url) as s:
+        clinic = repo.get_or_create_clinic(s, "Race clinic")
+        job_id = repo.create_job(s, clinic.id, str(folder)).id
+    sent: list[tuple[str, list[Any], dict[str, Any]]] = []
+    # the expansion itself, in this process: its chunk messages are published below, once the
+    # job's row is held
+    expand_folder(job_id, db_url=two.url, enqueue=lambda *m: sent.append(m), chunk=2)
+    chunks = [m for m in sent if m[0] == tasks.SCORE_IMAGES]
+    assert len(chunks) == 2, sent
+    database = two.url.rsplit("/", 1)[1]
+    with (
+        psycopg.connect(_psycopg_url(two.url)) as holder,
+        psycopg.connect(_psycopg_url(two.url), autocommit=True) as admin,
+    ):
+        # NO KEY UPDATE: the writes' foreign-key checks on the job pass, their update of it waits
+        holder.execute("SELECT id FROM scoring_job WHERE id = %s FOR NO KEY UPDATE", (job_id,)).fetchall()
+        for name, args, kwargs in chunks:
+            producer.send(name, args, kwargs, app=two.app)
+        _wait(lambda: _lock_waiters(admin, database) >= 2, two, "both chunks to wait for the job")
+        holder.rollback()
+    ids = [i for _, args, _ in chunks for i in args[0]]
+    _wait(_done(two, ids), two, "both chunks")
+    with session_scope(two.url) as s:
+        job = s.get(ScoringJob, job_id)  # as stored: no reader has recounted it
+        assert job is not None
+        stored = {"status": job.status, "total": job.total, "done": job.done, "failed": job.failed}
+    print("folder job race:", stored)
+    assert "deadlock" not in two.logs(), two.logs()
+    assert stored == {"status": "done", "total": 4, "done": 4, "failed": 0}, stored
