@@ -66,12 +66,12 @@ def recheck_patients(*, dry_run: bool = False, database_url: str | None = None) 
     functions: dict[str, GradeFns | None] = {}
     with session_scope(database_url) as session:
         current = session.execute(
-            select(PatientResult.id, ModelVersion.ref)
+            select(PatientResult.id, PatientResult.patient_id, ModelVersion.ref)
             .join(ModelVersion, ModelVersion.id == PatientResult.model_version_id)
             .where(PatientResult.is_current.is_(True))
             .order_by(PatientResult.id)
         ).all()
-    for result_id, ref in current:
+    for result_id, patient_id, ref in current:
         if ref not in functions:
             try:
                 functions[ref] = _grade_functions(ref)
@@ -82,6 +82,8 @@ def recheck_patients(*, dry_run: bool = False, database_url: str | None = None) 
             summary.no_release.add(ref)
             continue
         with session_scope(database_url) as session:  # one patient, one transaction
+            # held against a worker recording the patient meanwhile (read after the lock)
+            repo.lock_patients_for_result(session, [patient_id])
             result = session.get(PatientResult, result_id)
             if result is None or not result.is_current:  # a worker recorded a newer one meanwhile
                 continue

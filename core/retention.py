@@ -131,9 +131,10 @@ def _lock_database(session: Session) -> None:
 
 def _lock_patients(session: Session, patient_ids: Sequence[int]) -> list[int]:
     """Lock the patients' photographs, then the patients (PostgreSQL; SQLite is locked whole).
-    Photographs first and in id order, as workers lock them when they write, and a worker's write
-    then only needs a share lock on the patient: an erasure and a worker wait for each other
-    instead of deadlocking. The patient's lock holds off new uploads for them until the commit.
+    Photographs first and in id order, as workers lock them when they write, then the patients
+    (a worker's write locks its patients after its photographs too, ``FOR NO KEY UPDATE``): an
+    erasure and a worker wait for each other instead of deadlocking. The patient's lock holds
+    off new uploads for them until the commit.
     Returns the ids still there."""
     session.execute(
         select(Image.id).where(Image.patient_id.in_(patient_ids)).order_by(Image.id).with_for_update()

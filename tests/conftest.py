@@ -28,6 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("DRSCREEN_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("DRSCREEN_TEST_REDIS", "redis://127.0.0.1:6379/9")
 DRSCREEN_BIN = Path(sys.executable).with_name("drscreen")
+# the fresh databases' name prefix: engineers sharing one server tell theirs apart by it
+PG_TEST_PREFIX = os.environ.get("DRSCREEN_TEST_PG_PREFIX") or "drscreen_test"
 
 
 def _clear_cached_settings() -> None:
@@ -58,9 +60,11 @@ def _psycopg_url(url: str) -> str:
 
 
 @contextlib.contextmanager
-def fresh_pg_database(prefix: str = "drscreen_test", *, migrated: bool = True) -> Iterator[str]:
+def fresh_pg_database(prefix: str | None = None, *, migrated: bool = True) -> Iterator[str]:
     """A new PostgreSQL database migrated to head (empty with ``migrated=False``), dropped on exit.
-    Fails loudly when PostgreSQL is down (CI must not skip what it cannot reach)."""
+    Fails loudly when PostgreSQL is down (CI must not skip what it cannot reach). Named
+    ``<prefix>_<random>``, by default ``PG_TEST_PREFIX``."""
+    prefix = prefix or PG_TEST_PREFIX
     import psycopg
 
     from core.migrate import upgrade

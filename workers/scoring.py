@@ -474,6 +474,9 @@ def _write(
         triggers: dict[int, str] = {}
         for it in written:
             triggers.setdefault(it.patient_id, _trigger(it))
+        # before reading them: another worker writing the same patients commits first, and these
+        # reads then see its grades (each used to count the other's photographs as ungradable)
+        repo.lock_patients_for_result(session, list(triggers))
         for patient_id, trigger in triggers.items():
             # One patient, one release: the patient's photographs an earlier release scored are
             # scored again by this one (the aggregate reads one version's predictions only, so

@@ -115,6 +115,7 @@ from core.repository.patients import (
     get_patient,
     get_patient_by_id,
     get_patients,
+    lock_patients_for_result,
 )
 from core.repository.predictions import (
     get_prediction,
@@ -205,6 +206,7 @@ __all__ = [
     "list_api_keys",
     "list_audit_events",
     "list_patient_images",
+    "lock_patients_for_result",
     "lock_release_for_writing",
     "mark_image_done",
     "mark_image_failed",

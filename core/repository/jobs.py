@@ -147,8 +147,14 @@ def jobs_failures(session: Session, job_ids: Sequence[str], limit: int = 20) -> 
 def refresh_job_counts(session: Session, job_id: str) -> ScoringJob:
     """Recount total/done/failed from the items and their images; finish the job when all are.
     Counted in SQL: workers call it for every chunk they claim and write, and reading every item
-    made a 10,000-file job's chunks O(n^2) inside their write transactions (the review)."""
-    job = session.get(ScoringJob, job_id)
+    made a 10,000-file job's chunks O(n^2) inside their write transactions (the review).
+    The job's row is locked before counting (PostgreSQL; SQLite serialises writers): two chunks
+    written at once on two workers each counted without the other's grades, and the later write
+    stored its count over the first's, leaving the job ``running`` with half its photographs
+    counted (the race review). ``FOR NO KEY UPDATE``, the lock its update took at the end anyway:
+    ``FOR UPDATE`` would wait for the foreign-key share locks that the writes' image rows hold on
+    the job, and two such writes would deadlock."""
+    job = session.get(ScoringJob, job_id, with_for_update={"key_share": True}, populate_existing=True)
     if job is None:
         raise NotFound("job not found")
     job_open = job.status in OPEN_JOB_STATES

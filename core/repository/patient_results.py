@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, selectinload
 from core.aggregation import EyeGradeFn, GradeFn, ImageScore, PatientAggregate, aggregate_patient
 from core.repository._sql import in_batches
 from core.repository.images import list_patient_images
+from core.repository.patients import lock_patients_for_result
 from core.repository.predictions import graded_gradable, predictions_for_images
 from core.settings import get_settings
 from core.tables import EyeResult, PatientResult, utcnow
@@ -112,7 +113,9 @@ def recompute_patient(
     """Apply the contract's rule to the finished images of the patient's latest visit
     (``latest_visit``; ``visit_window`` default ``DRSCREEN_VISIT_WINDOW_HOURS``) scored by that
     model version, and record the result; earlier visits' results stay in the history. Images not
-    done yet, failed, or without a prediction count as ungradable."""
+    done yet, failed, or without a prediction count as ungradable. Locks the patient first
+    (:func:`lock_patients_for_result`; a no-op when the caller already holds it)."""
+    lock_patients_for_result(session, [patient_id])
     aggregate = patient_aggregate(
         session,
         patient_id,

@@ -53,6 +53,25 @@ def get_patients(session: Session, clinic_id: int, external_ids: Sequence[str]) 
     return out
 
 
+def lock_patients_for_result(session: Session, patient_ids: Sequence[int]) -> None:
+    """Hold the patients' rows until this transaction ends, before reading their photographs to
+    record a result (PostgreSQL; SQLite serialises writers). Two workers recording one patient at
+    once each read the patient while the other's grades were uncommitted: each counted the
+    other's photographs as ungradable (a false referral) and both results stayed current (the
+    race review). One statement in id order, so two batches of the same patients cannot
+    deadlock; ``FOR NO KEY UPDATE`` leaves uploads for the patients (their foreign-key checks)
+    unblocked, while an erasure (``FOR UPDATE``) waits for the write as it does for its
+    photographs. Called after the batch's photographs are locked, the order an erasure takes."""
+    ids = sorted(set(patient_ids))
+    for batch in in_batches(ids):
+        session.execute(
+            select(Patient.id)
+            .where(Patient.id.in_(batch))
+            .order_by(Patient.id)
+            .with_for_update(key_share=True)
+        ).all()
+
+
 def external_ids_of(session: Session, patient_ids: Sequence[int]) -> dict[int, str]:
     """patient id -> external id, for those that exist (a job's results named each photograph's
     patient with one query apiece)."""

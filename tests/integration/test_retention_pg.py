@@ -18,6 +18,7 @@ from core.db import get_sessionmaker, session_scope
 from core.settings import get_settings
 from core.store import FileStore
 from core.tables import Explanation, Image
+from tests.conftest import PG_TEST_PREFIX
 from tests.retention_world import TARGET, World, build, files_of
 from tests.unit.test_retention import (  # noqa: F401  (collected here: the same tests on PostgreSQL)
     erase,
@@ -65,7 +66,7 @@ def world(url: str, store: FileStore) -> World:
 
 
 def test_the_database_is_postgresql(world: World) -> None:
-    assert world.url.startswith("postgresql+psycopg://") and "/drscreen_test_" in world.url
+    assert world.url.startswith("postgresql+psycopg://") and f"/{PG_TEST_PREFIX}_" in world.url
 
 
 def test_an_erasure_waits_for_a_heatmap_being_written_then_erases_it(world: World) -> None:
