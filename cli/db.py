@@ -115,6 +115,7 @@ def db_recheck_patients(
             if summary.other_visit
             else ""
         )
+        + (f"; {summary.held} referral(s) kept while a photograph is graded again" if summary.held else "")
     )
     if summary.no_release:
         typer.echo(

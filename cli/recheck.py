@@ -26,6 +26,8 @@ class RecheckSummary:
     checked: int = 0
     changed: list[str] = field(default_factory=list)  # patients' external ids, newly referred or not
     other_visit: int = 0  # the latest visit has photographs the current result does not cover
+    # the new decision would withdraw a referral while a photograph's grading is under way
+    held: int = 0
     no_release: set[str] = field(default_factory=set)  # releases not under the models folder
 
 
@@ -100,6 +102,11 @@ def recheck_patients(*, dry_run: bool = False, database_url: str | None = None) 
             was = (result.referable, {e.eye: e.referable for e in result.eyes})
             now = (aggregate.referable, {name: e.referable for name, e in aggregate.eyes.items()})
             if was == now:
+                continue
+            if repo.held_referral(session, result.patient_id, aggregate) is not None:
+                # a photograph counted ungradable only because its grading is under way (or its
+                # re-grade failed) must not withdraw the referral: its worker records the decision
+                summary.held += 1
                 continue
             patient = session.get(Patient, result.patient_id)
             summary.changed.append(patient.external_id if patient is not None else str(result.patient_id))

@@ -170,6 +170,13 @@ class PatientSummary(BaseModel):
         "`not_graded_yet` (no result of the latest visit yet; with the pending eyes); "
         "empty when not referable",
     )
+    rechecking: bool = Field(
+        False,
+        description="true while a photograph this decision graded is being graded again (a new "
+        "release, a photograph sent again) or its new grading failed: the decision shown is the last "
+        "complete one, kept until the new one is complete (a referral is never withdrawn by a "
+        "photograph whose grading is unfinished; a failed one is sent again to finish it)",
+    )
     history: list[PatientHistoryEntry] = Field(default_factory=list)
 
 

@@ -134,8 +134,9 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
     refs: dict[int, str] = {}
     results = repo.patient_history(session, patient.id)
     images = [repo.VisitPhoto.of(im) for im in repo.list_patient_images(session, patient.id)]
+    regrading = repo.regrading_photo_ids(session, [patient.id]).get(patient.id, set())
     summary = _current_summary(
-        patient, results[0] if results else None, images, lambda v: _model_ref(session, v, refs)
+        patient, results[0] if results else None, images, lambda v: _model_ref(session, v, refs), regrading
     )
     if results:
         summary.history = _history(results, refs, session)
@@ -148,10 +149,15 @@ def patient_summaries(session: Session, patients: Sequence[Patient]) -> dict[int
     ids = [p.id for p in patients]
     newest = repo.newest_patient_results(session, ids)
     images = repo.visit_photos_of_patients(session, ids)
+    regrading = repo.regrading_photo_ids(session, ids)
     refs: dict[int, str] = {}  # the request's: a release's ref is read once, not once a patient
     return {
         p.id: _current_summary(
-            p, newest.get(p.id), images.get(p.id, []), lambda v: _model_ref(session, v, refs)
+            p,
+            newest.get(p.id),
+            images.get(p.id, []),
+            lambda v: _model_ref(session, v, refs),
+            regrading.get(p.id, set()),
         )
         for p in patients
     }
@@ -162,9 +168,11 @@ def _current_summary(
     newest: PatientResult | None,
     images: Sequence[repo.VisitPhoto],
     model_ref: Callable[[int | None], str | None],
+    regrading: Collection[str] = (),
 ) -> PatientSummary:
     """:func:`patient_summary` without the history, from the patient's newest result and every
-    photograph of theirs (oldest first)."""
+    photograph of theirs (oldest first). ``regrading``: the ids of the patient's photographs graded
+    before whose new grading is under way or failed (``repository.regrading_photo_ids``)."""
     summary = PatientSummary(patient_id=patient.external_id)
     visit = repo.latest_visit(images, get_settings().visit_window)
     if newest is not None and grades_visit(newest, visit):
@@ -174,6 +182,9 @@ def _current_summary(
         summary.eyes = _eyes_of(newest)
         summary.model_version = model_ref(newest.model_version_id)
         summary.updated_at = newest.computed_at
+        # A photograph this decision graded is being graded again (or its re-grade failed): the
+        # decision is the last complete one, kept until the new one is (repository.held_referral)
+        summary.rechecking = any(str(i) in regrading for eye in newest.eyes for i in eye.image_ids)
     # Eyes whose photographs arrived after the last result (or before any) still list them; only
     # the latest visit's, as the result (repository.latest_visit).
     pending = {im.eye for im in visit if im.status in ("queued", "running")}

@@ -99,6 +99,7 @@ from core.repository.jobs import (
 )
 from core.repository.patient_results import (
     get_current_patient_result,
+    held_referral,
     iter_patient_history,
     latest_visit,
     newest_patient_results,
@@ -106,7 +107,10 @@ from core.repository.patient_results import (
     patient_history,
     recompute_patient,
     record_patient_result,
+    regrading_exists,
+    regrading_photo_ids,
     same_photograph_both_eyes,
+    unfinished_gradings,
 )
 from core.repository.patients import (
     ensure_patient,
@@ -191,6 +195,7 @@ __all__ = [
     "get_prediction",
     "graded_gradable",
     "hash_api_key",
+    "held_referral",
     "images_to_rescore",
     "import_roots_of",
     "iter_patient_history",
@@ -227,12 +232,15 @@ __all__ = [
     "record_patient_result",
     "refresh_bundle_status",
     "refresh_job_counts",
+    "regrading_exists",
+    "regrading_photo_ids",
     "requeue_image",
     "return_to_queue",
     "revoke_api_key",
     "same_photograph_both_eyes",
     "set_job_item",
     "stale_running_images",
+    "unfinished_gradings",
     "upsert_explanation",
     "upsert_prediction",
     "visit_photos_of_patients",

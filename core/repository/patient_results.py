@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import ColumnElement, exists, func, select, update
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from core.aggregation import EyeGradeFn, GradeFn, ImageScore, PatientAggregate, aggregate_patient
 from core.repository._sql import in_batches
@@ -16,7 +16,7 @@ from core.repository.images import list_patient_images
 from core.repository.patients import lock_patients_for_result
 from core.repository.predictions import graded_gradable, predictions_for_images
 from core.settings import get_settings
-from core.tables import EyeResult, PatientResult, utcnow
+from core.tables import EyeResult, Image, PatientResult, Prediction, utcnow
 
 
 def record_patient_result(
@@ -114,7 +114,9 @@ def recompute_patient(
     (``latest_visit``; ``visit_window`` default ``DRSCREEN_VISIT_WINDOW_HOURS``) scored by that
     model version, and record the result; earlier visits' results stay in the history. Images not
     done yet, failed, or without a prediction count as ungradable. Locks the patient first
-    (:func:`lock_patients_for_result`; a no-op when the caller already holds it)."""
+    (:func:`lock_patients_for_result`; a no-op when the caller already holds it). While a referral
+    stands and a grading is unfinished, nothing is recorded (:func:`held_referral`): the current
+    result is returned and stays."""
     lock_patients_for_result(session, [patient_id])
     aggregate = patient_aggregate(
         session,
@@ -124,9 +126,108 @@ def recompute_patient(
         visit_window=visit_window,
         eye_grade_fn=eye_grade_fn,
     )
+    held = held_referral(session, patient_id, aggregate, visit_window=visit_window)
+    if held is not None:
+        return held
     return record_patient_result(
         session, patient_id, aggregate, model_version_id=model_version_id, trigger=trigger
     )
+
+
+#: A photograph's statuses while its grading is under way.
+UNFINISHED = ("queued", "running")
+
+
+def _graded_before() -> ColumnElement[bool]:
+    return exists().where(Prediction.image_id == Image.id)
+
+
+def _regrade_failed() -> ColumnElement[bool]:
+    """Failed after an earlier grading (a re-grade by a new release, or of a photograph sent
+    again, that failed: the photograph was seen, its new grade never came), and not graded since
+    under another row (the clinic sent the same file for the same eye again: that grading stands)."""
+    again = aliased(Image)
+    graded_again = exists().where(
+        again.patient_id == Image.patient_id,
+        again.eye == Image.eye,
+        again.sha256 == Image.sha256,
+        again.status == "done",
+        again.id != Image.id,
+    )
+    return (Image.status == "failed") & _graded_before() & ~graded_again
+
+
+def _unfinished() -> ColumnElement[bool]:
+    """A photograph whose grading is not complete: queued or running, or its re-grade failed."""
+    return Image.status.in_(UNFINISHED) | _regrade_failed()
+
+
+def unfinished_gradings(
+    session: Session, patient_id: int, visit_window: timedelta | None = None
+) -> list[Image]:
+    """The photographs of the patient's latest visit whose grading is not complete
+    (:func:`_unfinished`)."""
+    if visit_window is None:
+        visit_window = get_settings().visit_window
+    visit = {im.id for im in latest_visit(list_patient_images(session, patient_id), visit_window)}
+    if not visit:
+        return []
+    rows = session.scalars(select(Image).where(Image.patient_id == patient_id, _unfinished()))
+    return [im for im in rows if im.id in visit]
+
+
+def _regrading() -> ColumnElement[bool]:
+    return (Image.status.in_(UNFINISHED) & _graded_before()) | _regrade_failed()
+
+
+def regrading_exists(patient_id: Any) -> Any:
+    """EXISTS a photograph of ``patient_id`` (a column) graded before whose new grading is under
+    way or failed (:func:`regrading_photo_ids`), for a list's column."""
+    return exists().where(Image.patient_id == patient_id, _regrading())
+
+
+def regrading_photo_ids(session: Session, patient_ids: Sequence[int]) -> dict[int, set[str]]:
+    """patient id -> the ids of their photographs (every visit) graded before whose new grading
+    is under way or failed, for the patients that have some (a first grading under way is
+    "pending", not a re-check)."""
+    out: dict[int, set[str]] = {}
+    regrading = _regrading()
+    for batch in in_batches(list(dict.fromkeys(patient_ids))):
+        rows = session.execute(
+            select(Image.patient_id, Image.id).where(Image.patient_id.in_(batch), regrading)
+        )
+        for patient_id, image_id in rows:
+            out.setdefault(patient_id, set()).add(image_id)
+    return out
+
+
+def held_referral(
+    session: Session,
+    patient_id: int,
+    aggregate: PatientAggregate,
+    *,
+    visit_window: timedelta | None = None,
+) -> PatientResult | None:
+    """The patient's current result when it is a referral that must stand instead of
+    ``aggregate``, else None (record ``aggregate``): while a photograph of the visit is queued or
+    running, a referral stays as it is until the gradings are in (the last complete decision is
+    shown, not a partial one); a failed re-grade (:func:`unfinished_gradings`) never withdraws one.
+
+    An unfinished photograph counts as ungradable in ``aggregate``, and an eye with another
+    photograph is graded from that one alone: while a photograph that referred the patient was
+    graded again (a new release, a photograph sent again, the sweep sending it again), the stored
+    result said "no referral" and the patient left the home page's list, for good if the re-grade
+    failed (session 32). A first decision, and any while no referral stands, is recorded at once
+    as before (a pending photograph counts as ungradable, so referable)."""
+    current = get_current_patient_result(session, patient_id)
+    if current is None or not current.referable:
+        return None
+    unfinished = unfinished_gradings(session, patient_id, visit_window)
+    if any(im.status in UNFINISHED for im in unfinished):
+        return current
+    if unfinished and not aggregate.referable:
+        return current
+    return None
 
 
 def patient_aggregate(

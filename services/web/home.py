@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core import repository as repo
 from core.errors import DomainError
 from core.tables import Bundle, Patient, PatientResult, as_utc, refers_now, utcnow
 from services.deps import ApiSettingsDep, Principal, ProducerDep, SessionDep, SettingsDep
@@ -62,8 +63,17 @@ def _to_refer(session: Session, clinic_id: int) -> list[dict[str, Any]]:
     Read from the partial index of :func:`core.tables.refers_now` (its predicate, as written here),
     not from every result of the history."""
     since = utcnow() - timedelta(days=REFER_DAYS)
+    # a kept decision (a photograph of it graded again, or its re-grade failed) is marked: it is
+    # the last complete one, listed until the new one is (repository.held_referral)
+    rechecking = repo.regrading_exists(PatientResult.patient_id)
     rows = session.execute(
-        select(Patient.external_id, PatientResult.grade, PatientResult.gradable, PatientResult.computed_at)
+        select(
+            Patient.external_id,
+            PatientResult.grade,
+            PatientResult.gradable,
+            PatientResult.computed_at,
+            rechecking,
+        )
         .join(Patient, Patient.id == PatientResult.patient_id)
         .where(
             Patient.clinic_id == clinic_id,
@@ -73,7 +83,10 @@ def _to_refer(session: Session, clinic_id: int) -> list[dict[str, Any]]:
         .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
         .limit(REFER_LIMIT)
     ).all()
-    return [{"patient_id": r[0], "grade": r[1], "gradable": r[2], "computed_at": as_utc(r[3])} for r in rows]
+    return [
+        {"patient_id": r[0], "grade": r[1], "gradable": r[2], "computed_at": as_utc(r[3]), "rechecking": r[4]}
+        for r in rows
+    ]
 
 
 def _home(

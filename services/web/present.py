@@ -178,6 +178,13 @@ def pending_verdict(finished: int, total: int) -> Verdict:
     return Verdict("pending", "Scoring…", f"{finished} of {total} photograph(s) scored so far")
 
 
+#: Said beside a decision kept while a photograph it graded is graded again (``rechecking``).
+RECHECKING_TEXT = (
+    "Being re-checked: a photograph of this decision is being graded again (or its new grading "
+    "failed: send it again). This is the last complete decision; it stands until the new one is complete."
+)
+
+
 def patient_verdict(patient: PatientSummary | None, any_failed: bool) -> Verdict:
     """The patient-level decision of a finished screening."""
     reasons = patient.referral_reasons if patient is not None else []
@@ -207,7 +214,10 @@ def patient_verdict(patient: PatientSummary | None, any_failed: bool) -> Verdict
             True,
         )
     if patient.referable:
-        return Verdict("refer", "REFER", referral_text(patient), patient.grade)
+        text = referral_text(patient)
+        if patient.rechecking:
+            text += f" {RECHECKING_TEXT}"
+        return Verdict("refer", "REFER", text, patient.grade)
     return Verdict(
         "ok",
         "No referral",

@@ -497,11 +497,11 @@ def test_a_new_release_rescores_the_patients_earlier_photographs(url: str, store
     assert (tasks.SCORE_IMAGES, [summary.rescore], {}) in sent
     with session_scope(url) as s:
         assert {im.status for im in repo.get_images(s, first)} == {"queued"}
-        # a result at once, counting them as ungradable (referable) until they are in: waiting
-        # left the earlier release's result, maybe "not referable", standing (the review's case)
+        # the earlier release's referral stands until they are in (session 32: a partial result
+        # withdrew it); a "not referable" one is replaced at once, below
         interim = repo.get_current_patient_result(s, repo.get_images(s, later)[0].patient_id)
         assert interim is not None and interim.referable
-        assert interim.model_version_id == repo.get_model_version_by_ref(s, new.ref).id  # type: ignore[union-attr]
+        assert interim.model_version_id == repo.get_model_version_by_ref(s, old.ref).id  # type: ignore[union-attr]
 
     again = scoring.score_images(first, ensemble=new, store=store, db_url=url, enqueue=Sent())
     assert again.rescore == [] and sorted(again.scored + again.ungradable) == sorted(first)
