@@ -141,13 +141,20 @@ def test_both_eyes_finishing_at_once_leave_one_current_result_counting_both(two_
     /v1/images`` per eye: one task each); two workers grade them side by side."""
     two = two_workers
     # The patient's earlier visit, a month ago: scored, so the patient has a current result
-    # (from then) that each worker's write replaces.
-    earlier = _add(two, "RACE-1", "1017_left.jpg", eye="left", bundle=False)
-    producer.send(tasks.SCORE_IMAGES, [[earlier]], {"explain": False}, app=two.app)
-    _wait(_done(two, [earlier]), two, "the earlier visit")
+    # (from then) that each worker's write replaces. Both eyes, graded 0: a standing referral
+    # would be held while the new visit is graded (repository.held_referral), and only one
+    # write would replace it.
+    earlier = [
+        _add(two, "RACE-1", "1017_left.jpg", eye="left", bundle=False),
+        _add(two, "RACE-1", "1017_right.jpg", eye="right", bundle=False),
+    ]
+    producer.send(tasks.SCORE_IMAGES, [earlier], {"explain": False}, app=two.app)
+    _wait(_done(two, earlier), two, "the earlier visit")
     with session_scope(two.url) as s:
-        s.execute(update(Image).where(Image.id == earlier).values(created_at=utcnow() - timedelta(days=30)))
-        patient_id = s.scalars(select(Image.patient_id).where(Image.id == earlier)).one()
+        s.execute(update(Image).where(Image.id.in_(earlier)).values(created_at=utcnow() - timedelta(days=30)))
+        patient_id = s.scalars(select(Image.patient_id).where(Image.id == earlier[0])).one()
+        before = repo.get_current_patient_result(s, patient_id)
+        assert before is not None and not before.referable, "the earlier visit should not refer"
     left = _add(two, "RACE-1", "1012_left.jpg", eye="left", bundle=False)
     right = _add(two, "RACE-1", "1012_right.jpg", eye="right", bundle=False)
     database = two.url.rsplit("/", 1)[1]
