@@ -276,7 +276,9 @@ class EyeResult(Base):
 
 class PatientResult(Base):
     __tablename__ = "patient_result"
-    __table_args__ = (Index("ix_patient_result_patient_id_computed_at", "patient_id", "computed_at"),)
+    # a patient's results in the order they were recorded (repository.RECORDED_NEWEST_FIRST; by
+    # computed_at before migration d41c7a9e2f06)
+    __table_args__ = (Index("ix_patient_result_patient_id_id", "patient_id", "id"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patient.id", ondelete="CASCADE"))
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_version.id"))

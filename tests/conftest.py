@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -178,6 +179,18 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     yield _start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def shifted_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, timedelta], None]:
+    """``shift(module, by)``: the ``utcnow`` that ``module`` stamps its rows with runs ``by`` ahead
+    of the real clock from now on (another machine's clock, or this one's before an NTP step)."""
+    from core.tables import utcnow
+
+    def shift(module: str, by: timedelta) -> None:
+        monkeypatch.setattr(f"{module}.utcnow", lambda: utcnow() + by)
+
+    return shift
 
 
 @pytest.fixture

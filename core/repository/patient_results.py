@@ -273,11 +273,19 @@ def patient_aggregate(
     return aggregate_patient(scores, grade_fn, eye_grade_fn=eye_grade_fn)
 
 
+#: A patient's results, the one recorded last first: by id, which grows with each result recorded
+#: (a result marks every earlier one not current, so the last one recorded is the current one).
+#: Not by ``computed_at``: that is the recording worker's wall clock, and a worker host whose clock
+#: is behind another's, or one NTP stepped back, made an older "no referral" the newest result while
+#: the current one referred the patient (the time review, session 32).
+RECORDED_NEWEST_FIRST = (PatientResult.id.desc(),)
+
+
 def get_current_patient_result(session: Session, patient_id: int) -> PatientResult | None:
     return session.scalars(
         select(PatientResult)
         .where(PatientResult.patient_id == patient_id)
-        .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
+        .order_by(*RECORDED_NEWEST_FIRST)
         .limit(1)
     ).first()
 
@@ -288,7 +296,7 @@ def newest_patient_results(session: Session, patient_ids: Sequence[int]) -> dict
     keep the first."""
     newest = func.row_number().over(
         partition_by=PatientResult.patient_id,
-        order_by=(PatientResult.computed_at.desc(), PatientResult.id.desc()),
+        order_by=RECORDED_NEWEST_FIRST,
     )
     out: dict[int, PatientResult] = {}
     for batch in in_batches(list(dict.fromkeys(patient_ids))):
@@ -308,7 +316,7 @@ def patient_history(session: Session, patient_id: int, limit: int | None = 100) 
         session.scalars(
             select(PatientResult)
             .where(PatientResult.patient_id == patient_id)
-            .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
+            .order_by(*RECORDED_NEWEST_FIRST)
             .limit(limit)
         )
     )
@@ -321,7 +329,7 @@ def iter_patient_history(session: Session, patient_id: int, batch: int = 50) -> 
     stmt = (
         select(PatientResult)
         .where(PatientResult.patient_id == patient_id)
-        .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
+        .order_by(*RECORDED_NEWEST_FIRST)
         .options(selectinload(PatientResult.eyes))
         .execution_options(yield_per=batch)
     )

@@ -3,14 +3,18 @@ serve, the lock its grade writers hold, and the releases that wrote the newest p
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.repository._sql import _insert
-from core.tables import ModelVersion, Prediction, utcnow
+from core.tables import ModelVersion, Prediction, as_utc, utcnow
+
+#: How far after the latest activation one made on a clock behind it is dated (the databases keep
+#: microseconds).
+ACTIVATION_STEP = timedelta(microseconds=1)
 
 
 def get_or_create_model_version(
@@ -61,7 +65,12 @@ def activate_release(session: Session, ref: str, card: dict[str, Any] | None = N
     # NO KEY UPDATE: conflicts with the writers' FOR SHARE, not with inserts referencing the rows
     session.execute(select(ModelVersion.id).order_by(ModelVersion.id).with_for_update(key_share=True))
     row = get_or_create_model_version(session, ref, card)
-    row.activated_at = utcnow()
+    # After every earlier activation whatever this machine's clock says: the newest activation is
+    # the active one, and a rollback run from a machine whose clock was behind the upgrade's (or
+    # after an NTP step back) was ignored until the wall clock caught up (the time review).
+    before = session.scalar(select(func.max(ModelVersion.activated_at)))
+    now = utcnow()
+    row.activated_at = now if before is None else max(now, as_utc(before) + ACTIVATION_STEP)
     session.flush()
     return row
 

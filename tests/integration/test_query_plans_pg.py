@@ -152,3 +152,26 @@ def test_the_home_pages_patients_to_refer_are_read_from_the_partial_index(url: s
     since = utcnow() - timedelta(days=7)
     expected = [ext for ext, r in rows if r.is_current and r.referable and as_utc(r.computed_at) > since]
     assert listed == expected and expected
+
+
+def test_a_patients_results_are_read_in_recorded_order_by_index_without_statistics(url: str) -> None:
+    """A patient's results are taken in the order they were recorded (by id: the time review).
+    Ordered by id over the index on (patient_id, computed_at), PostgreSQL without statistics (after
+    a restore) walked the primary key backwards through every newer patient's results."""
+    _results(url, "North", 600)
+    with session_scope(url) as s:
+        patient = repo.get_patient(s, repo.get_or_create_clinic(s, "North").id, "R-5")
+        assert patient is not None
+        patient_id = patient.id
+
+    def read(s: Session) -> None:
+        repo.patient_history(s, patient_id)
+        repo.get_current_patient_result(s, patient_id)
+        repo.newest_patient_results(s, [patient_id])
+
+    sent = _sent(url, read, r"FROM patient_result")
+    assert len(sent) == 3
+    for statement, parameters in sent:
+        nodes = _plan(url, statement, parameters)
+        assert "ix_patient_result_patient_id_id" in _indexes_used(nodes), (statement, nodes)
+        assert "patient_result" not in _scanned_whole(nodes), statement
