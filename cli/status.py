@@ -35,6 +35,16 @@ def _age(seconds: float | None) -> str:
     return f"{s // 86400} d"
 
 
+def _seen(seconds_ago: float) -> str:
+    """How long ago a heartbeat was written; one dated ahead of this machine's clock says so (it
+    read "0 s ago": the time review)."""
+    from core.heartbeat import CLOCK_TOLERANCE
+
+    if -seconds_ago > CLOCK_TOLERANCE.total_seconds():
+        return _age(-seconds_ago) + " ahead"
+    return _age(seconds_ago) + " ago"
+
+
 def gather(now: datetime | None = None) -> dict[str, Any]:
     """The report as plain values (what ``--json`` prints). Raises SQLAlchemy's errors when the
     database cannot be read (the command turns them into one line)."""
@@ -158,7 +168,7 @@ def render(report: dict[str, Any]) -> list[str]:
                 w["host"],
                 w["release"] or "-",
                 _runtime(w),
-                _age(w["seen_seconds_ago"]) + " ago",
+                _seen(w["seen_seconds_ago"]),
                 w["state"],
                 w["settings_fingerprint"],
             )

@@ -155,6 +155,7 @@ def warnings(
         release_warnings(live, active)
         + [m.describe() for m in settings_mismatches(live, own)]
         + loading_warnings(live, now)
+        + clock_warnings(live, now)
     )
 
 
@@ -173,3 +174,34 @@ def loading_warnings(live: Sequence[WorkerHeartbeat], now: datetime) -> list[str
         for row, waited in stuck
         if waited > LOADING_TOO_LONG
     ]
+
+
+#: A heartbeat dated further ahead of the reader's clock than this says the two machines' clocks
+#: differ (a beat is dated when written, so it can only look older, never newer, on one clock).
+CLOCK_TOLERANCE = timedelta(seconds=30)
+
+
+def clock_ahead(row: WorkerHeartbeat, now: datetime) -> timedelta | None:
+    """How far ``row``'s worker's clock is ahead of ``now``'s, when it is by more than the
+    tolerance (None otherwise)."""
+    ahead = as_utc(row.seen_at) - now
+    return ahead if ahead > CLOCK_TOLERANCE else None
+
+
+def clock_warnings(live: Sequence[WorkerHeartbeat], now: datetime) -> list[str]:
+    """Live workers whose clock is ahead of this machine's (the time review, session 32): the
+    sweep compares its own clock with the times other machines wrote, so a clock minutes ahead
+    re-sends photographs early, and its own heartbeat keeps it "live" that much longer after it
+    died. One whose clock is behind shows as stale (its heartbeat looks old)."""
+    return [
+        f"the clock of worker {row.node} is at least {_minutes(ahead)} ahead of this machine's (its "
+        "heartbeat is dated in the future): keep every machine's clock in sync (NTP); the sweep's "
+        "limits and the workers' liveness read these clocks"
+        for row in live
+        if (ahead := clock_ahead(row, now)) is not None
+    ]
+
+
+def _minutes(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    return f"{seconds} s" if seconds < 120 else f"{round(seconds / 60)} min"

@@ -426,3 +426,25 @@ def test_status_warns_when_the_active_release_was_changed_after_its_export(
     (folder / "manifest.json").write_text(json.dumps(manifest))
     warned = CliRunner().invoke(cli, ["status"])
     assert warned.exit_code == 1 and f"the active release {SHIPPED} is not usable" in warned.output
+
+
+def test_status_warns_about_a_worker_whose_clock_is_ahead(url: str) -> None:
+    """The time review (session 32): a worker host ten minutes ahead showed "0 s ago, live" (its
+    heartbeat dated in the future), and nothing told the operator that the machines' clocks differ,
+    which moves the sweep's staleness limits and keeps a dead worker "live" ten minutes longer."""
+    _activate(url)
+    ahead, its_clock = _heartbeat("celery@ahead"), utcnow() + timedelta(minutes=10)
+    assert ahead.beat(first=True, now=its_clock)
+    assert ahead.report_runtime("onnx", {}, now=its_clock)
+    assert _heartbeat().beat(first=True)
+    assert _heartbeat().report_runtime("onnx", {})
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 1, result.output
+    [warning] = result.output.split("WARNING:\n", 1)[1].splitlines()
+    assert warning.startswith(
+        "  - the clock of worker celery@ahead is at least 10 min ahead of this machine's"
+    )
+    [line] = [x for x in result.output.splitlines() if x.startswith("  celery@ahead ")]
+    assert "min ahead" in line and "ago" not in line  # it read "0 s ago"
+    # a heartbeat a moment ahead (clocks a second apart, a beat written as status reads) is no finding
+    assert hb.clock_warnings([_row("celery@near", -5, runtime="onnx")], T0) == []
