@@ -31,6 +31,7 @@ from core.settings import Settings, get_settings
 from core.store import FileStore
 from core.tables import Image, PatientResult, ScoringJob, utcnow
 from tests.conftest import WorkerProcess, _psycopg_url
+from tests.unit.test_workers_scoring import add_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -92,22 +93,8 @@ def two_workers(
 
 
 def _add(two: Two, patient: str, name: str, *, eye: str, bundle: bool) -> str:
-    with session_scope(two.url) as s:
-        clinic = repo.get_or_create_clinic(s, "Race clinic")
-        p = repo.get_or_create_patient(s, clinic.id, patient)
-        bundle_id = repo.create_bundle(s, clinic.id, p.id).id if bundle else None
-        stored = two.store.put_bytes((PHOTOS / name).read_bytes(), "jpg")
-        return repo.create_image(
-            s,
-            clinic_id=clinic.id,
-            patient_id=p.id,
-            eye=eye,
-            sha256=stored.sha256,
-            stored_path=stored.relpath,
-            size_bytes=stored.size_bytes,
-            filename=name,
-            bundle_id=bundle_id,
-        ).id
+    files = [(name, (PHOTOS / name).read_bytes(), eye)]
+    return add_images(two.url, two.store, patient, files, clinic="Race clinic", bundle=bundle)[0]
 
 
 def _wait(check: Callable[[], bool], two: Two, what: str) -> None:
