@@ -40,6 +40,7 @@ __all__ = [
     "check_image",
     "decode_image",
     "decode_scaled",
+    "sixteen_bit_png",
     "sniff_format",
     "unsupported_message",
 ]
@@ -113,6 +114,13 @@ def sniff_format(data: bytes) -> str | None:
     if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
         return "heif"  # iPhones' default (HEIC) and AVIF: named, so the refusal can say what to do
     return None
+
+
+def sixteen_bit_png(data: bytes) -> bool:
+    """Whether ``data`` is a PNG of 16 bits a sample, which browsers show by their high byte only
+    (12-bit data stored unscaled shows nearly black): pages show its decoded pixels instead."""
+    layout = png_layout(data)
+    return layout is not None and layout[0] == 16
 
 
 def _check_container(fmt: str, data: bytes) -> None:

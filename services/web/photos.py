@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from core import repository as repo
 from core.errors import NotFound
 from core.store import FileStore
-from ml.imageio import ImageDecodeError
+from ml.imageio import ImageDecodeError, sixteen_bit_png
 from services.deps import ProducerDep, SessionDep, SettingsDep, audit
 from services.errors import NotReady
 from services.routes import images as image_routes
@@ -36,7 +36,7 @@ def original_photo(
     data = store.read_bytes(row.stored_path)
     ext = row.stored_path.rsplit(".", 1)[-1].lower()
     media_type = BROWSER_IMAGE_TYPES.get(ext)
-    if media_type is None or _deep_png(data):  # TIFF: browsers cannot show it
+    if media_type is None or sixteen_bit_png(data):  # TIFF: browsers cannot show it
         # a 16-bit PNG is shown as graded: browsers ignore sBIT, so 12-bit data stored unscaled
         # (session 32) would show nearly black beside its grade
         try:
@@ -46,13 +46,6 @@ def original_photo(
             return Response(why, status_code=422, media_type="text/plain")
     audit(session, principal, "photo.read", patient_id=row.patient_id, target_type="image", target_id=row.id)
     return Response(data, media_type=media_type, headers=private_image_headers())
-
-
-def _deep_png(data: bytes) -> bool:
-    from ml.bitdepth import png_layout
-
-    layout = png_layout(data)
-    return layout is not None and layout[0] == 16
 
 
 def _as_png(data: bytes, max_pixels: int) -> bytes:
