@@ -1,7 +1,9 @@
 """Decode untrusted uploaded photographs into H x W x 3 uint8 RGB arrays.
 
 Every way an upload can be bad ends in one exception type, :class:`ImageDecodeError`, whose
-``reason`` is a short stable code the API can map to a 4xx response. Pure numpy + Pillow.
+``reason`` is a short stable code the API can map to a 4xx response. Pillow decodes and validates
+every upload; 16-bit colour files holding 8-, 10- or 12-bit data also have their full samples read
+by OpenCV (``ml.bitdepth``), because Pillow keeps only their high bytes.
 """
 
 from __future__ import annotations
@@ -12,11 +14,21 @@ import logging
 import re
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 import numpy as np
 import simplejpeg
 from PIL import ExifTags, Image, ImageFile, ImageOps
+
+from ml.bitdepth import (
+    COMMON_DEPTHS,
+    data_bits,
+    full_samples,
+    png_layout,
+    png_significant_bits,
+    tiff_significant_bits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +40,7 @@ __all__ = [
     "check_image",
     "decode_image",
     "decode_scaled",
+    "sixteen_bit_png",
     "sniff_format",
     "unsupported_message",
 ]
@@ -101,6 +114,13 @@ def sniff_format(data: bytes) -> str | None:
     if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
         return "heif"  # iPhones' default (HEIC) and AVIF: named, so the refusal can say what to do
     return None
+
+
+def sixteen_bit_png(data: bytes) -> bool:
+    """Whether ``data`` is a PNG of 16 bits a sample, which browsers show by their high byte only
+    (12-bit data stored unscaled shows nearly black): pages show its decoded pixels instead."""
+    layout = png_layout(data)
+    return layout is not None and layout[0] == 16
 
 
 def _check_container(fmt: str, data: bytes) -> None:
@@ -222,13 +242,18 @@ _HIGH_DEPTH: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _ALPHA: Final = frozenset({"RGBA", "LA", "RGBa", "La"})
 
 
-def _to_rgb_array(img: Image.Image) -> np.ndarray:
-    """Convert any Pillow mode to H x W x 3 uint8 RGB, scaling high bit depths down."""
+def _to_rgb_array(img: Image.Image, declared_bits: int | None = None) -> np.ndarray:
+    """Convert any Pillow mode to H x W x 3 uint8 RGB, scaling high bit depths down.
+
+    16-bit grey is scaled by the depth of its data (``ml.bitdepth.data_bits``: the significant
+    bits the file declares, else 8, 10 or 12 when every sample fits, else 16)."""
     mode = img.mode
     if mode in _HIGH_DEPTH:
         values = np.asarray(img)
-        # 16-bit data is 0..65535 whatever the container type; float images are scaled by range.
-        top = 65535.0 if mode != "F" else max(float(values.max()), 1.0)
+        # float images are scaled by their range
+        top = float((1 << data_bits(int(values.max()), declared_bits)) - 1)
+        if mode == "F":
+            top = max(float(values.max()), 1.0)
         return _rows_to_rgb(
             values, lambda block: np.clip(np.rint(block.astype(np.float32) / top * 255.0), 0, 255)[..., None]
         )
@@ -263,6 +288,91 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
     return decode_scaled(data, max_pixels)[0]
 
 
+@dataclass(frozen=True)
+class _Depth:
+    """What the file says about its samples, read before any orientation is applied."""
+
+    declared_bits: int | None  # PNG sBIT / TIFF MaxSampleValue, when the file has one
+    deep_colour: bool  # 16-bit RGB(A): Pillow keeps only each sample's high byte
+    orientation: int  # EXIF orientation (1 = upright)
+
+
+def _depth(img: Image.Image, fmt: str, data: bytes, orientation: int) -> _Depth:
+    if fmt == "png":
+        layout = png_layout(data)
+        if layout is None or layout[0] != 16:
+            return _Depth(None, False, orientation)
+        return _Depth(png_significant_bits(data), layout[1] in (2, 6), orientation)
+    if fmt == "tiff":
+        tags = getattr(img, "tag_v2", {})
+        bits = tags.get(258)  # BitsPerSample, one per sample
+        sixteen = bits is not None and all(b == 16 for b in (bits if isinstance(bits, tuple) else (bits,)))
+        return _Depth(tiff_significant_bits(tags), sixteen and img.mode in ("RGB", "RGBA"), orientation)
+    return _Depth(None, False, orientation)
+
+
+def _needs_full_samples(img: Image.Image, depth: _Depth) -> bool:
+    """Whether a 16-bit colour image's data may be narrower than 16 bits: Pillow's high bytes
+    (the samples >> 8) are all small enough. A full-range photograph keeps Pillow's reading."""
+    if not depth.deep_colour:
+        return False
+    bits = depth.declared_bits if depth.declared_bits is not None else max(COMMON_DEPTHS)
+    if bits >= 16:
+        return False
+    high = max(int(band[1]) for band in img.getextrema()[:3])  # type: ignore[index]
+    return high <= ((1 << bits) - 1) >> 8
+
+
+#: EXIF orientation -> the numpy view that turns decoded pixels upright (as ImageOps.exif_transpose).
+_ORIENT: Final[dict[int, Callable[[np.ndarray], np.ndarray]]] = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _scaler(top: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Samples 0..top to 0..255 (rounded, clipped), in place on one float32 copy of the band."""
+    factor = np.float32(255.0 / top)
+
+    def scale(block: np.ndarray) -> np.ndarray:
+        out = block.astype(np.float32)
+        out *= factor
+        np.rint(out, out=out)
+        return np.minimum(out, 255.0, out=out)
+
+    return scale
+
+
+def _rgb_from_full_samples(data: bytes, depth: _Depth) -> np.ndarray | None:
+    """H x W x 3 uint8 from OpenCV's 16-bit samples scaled by their data's depth, or None when
+    OpenCV cannot give them. Band by band, as :func:`_rows_to_rgb`: the uint16 samples (6 or 8
+    bytes a pixel) and the answer are the only full-size arrays."""
+    read = full_samples(data)
+    if read is None:
+        return None
+    colour, alpha = read
+    top = (1 << data_bits(int(colour.max()), depth.declared_bits)) - 1
+    # full-range data: Pillow's high byte, so such a photograph decodes exactly as before
+    scale: Callable[[np.ndarray], np.ndarray] = (lambda block: block >> 8) if top == 65535 else _scaler(top)
+    if alpha is None:
+        rgb = _rows_to_rgb(colour, scale)
+    else:
+        # transparent areas become black, as for 8-bit RGBA; the alpha has its own depth
+        alpha_top = float((1 << data_bits(int(alpha.max()), None)) - 1)
+        rgb = np.empty(colour.shape, dtype=np.uint8)
+        for row in range(0, colour.shape[0], _ROWS):
+            band = slice(row, row + _ROWS)
+            opacity = np.minimum(alpha[band].astype(np.float32) / alpha_top, 1.0)[..., None]
+            rgb[band] = np.rint(scale(colour[band]).astype(np.float32) * opacity)
+    turn = _ORIENT.get(depth.orientation)
+    return rgb if turn is None else np.ascontiguousarray(turn(rgb))
+
+
 def decode_scaled(
     data: bytes, max_pixels: int = 40_000_000, min_side: int | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
@@ -275,8 +385,15 @@ def decode_scaled(
     entropy-decoded, so corrupt and truncated files fail as before. Other formats and smaller
     JPEGs decode in full. The returned size is the full image's, after EXIF orientation.
     """
-    with _decoded(data, max_pixels, min_side) as (shown, full):
-        return _as_decode_error(lambda: _to_rgb_array(shown), _fmt(data)), full
+    with _decoded(data, max_pixels, min_side) as (shown, full, depth):
+        if not _needs_full_samples(shown, depth):
+            return _as_decode_error(lambda: _to_rgb_array(shown, depth.declared_bits), _fmt(data)), full
+    # Pillow's pixels are released before OpenCV reads the full samples: one copy at a time
+    rgb = _as_decode_error(lambda: _rgb_from_full_samples(data, depth), _fmt(data))
+    if rgb is not None:
+        return rgb, full
+    with _decoded(data, max_pixels, min_side) as (shown, full, depth):  # Pillow's high bytes
+        return _as_decode_error(lambda: _to_rgb_array(shown, depth.declared_bits), _fmt(data)), full
 
 
 def check_image(data: bytes, max_pixels: int = 40_000_000, min_side: int | None = None) -> tuple[int, int]:
@@ -286,7 +403,7 @@ def check_image(data: bytes, max_pixels: int = 40_000_000, min_side: int | None 
     that the photograph is whole, and the conversion of a 16-bit or transparent image is what
     costs memory (several bytes per pixel and intermediate copies).
     """
-    with _decoded(data, max_pixels, min_side) as (_, full):
+    with _decoded(data, max_pixels, min_side) as (_, full, _):
         return full
 
 
@@ -297,8 +414,9 @@ def _fmt(data: bytes) -> str:
 @contextlib.contextmanager
 def _decoded(
     data: bytes, max_pixels: int, min_side: int | None
-) -> Iterator[tuple[Image.Image, tuple[int, int]]]:
-    """The decoded, EXIF-oriented Pillow image and its full (height, width); closed on exit."""
+) -> Iterator[tuple[Image.Image, tuple[int, int], _Depth]]:
+    """The decoded, EXIF-oriented Pillow image, its full (height, width) and what the file says
+    about its samples' depth; the image is closed on exit."""
     if not data:
         raise ImageDecodeError(EMPTY, "the file is empty")
     fmt = sniff_format(data)
@@ -311,7 +429,7 @@ def _decoded(
         # Someone flipped Pillow's global; our EOF checks above still reject truncated files.
         log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; truncated images may decode")
 
-    def load() -> tuple[Image.Image, tuple[int, int]]:
+    def load() -> tuple[Image.Image, tuple[int, int], _Depth]:
         with warnings.catch_warnings():
             # Our own max_pixels check is the policy; Pillow's warning threshold is not.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -343,19 +461,23 @@ def _decoded(
                 _refuse_grey_tail(img)
                 _refuse_libjpeg_warnings(data)
             shown: Image.Image = img
+            orientation = 1
             try:
                 # exif_transpose copies even an upright image: ask first (a copy of a big
                 # photograph is as large as its decode).
-                if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1))
+                if orientation != 1:
                     shown = ImageOps.exif_transpose(img)
             except Exception as exc:  # a broken EXIF block should not lose the photograph
                 log.debug("ignoring unreadable EXIF orientation: %s", exc)
+                orientation = 1
+            depth = _depth(img, fmt, data, orientation)
             swapped = (shown.size[0] > shown.size[1]) != (img.size[0] > img.size[1])
-            return shown, ((width, height) if swapped else (height, width))
+            return shown, ((width, height) if swapped else (height, width)), depth
 
-    shown, full = _as_decode_error(load, fmt)
+    shown, full, depth = _as_decode_error(load, fmt)
     try:
-        yield shown, full
+        yield shown, full, depth
     finally:
         shown.close()
 

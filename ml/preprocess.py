@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,8 +30,9 @@ import cv2
 import numpy as np
 
 ENHANCEMENTS = ("equalize", "ben", "clahe", "blur", "sharpen")
-#: Bumped when the pixels a config produces change (2: Ben Graham's blur by ``ben_blur``).
-PIXELS_REVISION = 2
+#: Bumped when the pixels a config produces change (2: Ben Graham's blur by ``ben_blur``; 3: a disc
+#: on a wide black canvas is cropped as its photograph is, see ``disc_bbox``).
+PIXELS_REVISION = 3
 
 
 @dataclass(frozen=True)
@@ -70,16 +72,66 @@ class PreprocessConfig:
 
 
 def disc_bbox(rgb: np.ndarray, threshold: int = 15) -> tuple[int, int, int, int]:
-    """Bounding box (y0, y1, x0, x1) of the fundus disc; the whole image if none is found."""
+    """Bounding box (y0, y1, x0, x1) of the fundus disc; the whole image if none is found.
+
+    A line of the frame is the disc's when over 2% of it is lit (:func:`frame_disc_bbox`). On a
+    wide black canvas (under ``_BORDERED_SHARE`` of the frame lit: an export tool pasted the
+    photograph on it) 2% of the canvas is a different count than 2% of the photograph, and the
+    crop moved by a line or two, which moved grades near a cut; since session 32 a line counts
+    there when over 2% of the disc's own extent is lit (:func:`_disc_relative_bbox`).
+    """
     # np.maximum over the channels: the same as rgb.max(axis=2), many times faster
     gray = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) if rgb.ndim == 3 else rgb
     mask = gray > threshold
+    h, w = gray.shape[:2]
+    if np.count_nonzero(mask) < _BORDERED_SHARE * h * w:
+        box = _disc_relative_bbox(mask)
+        if box is not None:
+            return box
+    return _frame_relative_bbox(mask) or (0, h, 0, w)
+
+
+def frame_disc_bbox(rgb: np.ndarray, threshold: int = 15) -> tuple[int, int, int, int]:
+    """The box before session 32: lines counted against the frame only (for comparisons)."""
+    gray = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) if rgb.ndim == 3 else rgb
+    return _frame_relative_bbox(gray > threshold) or (0, gray.shape[0], 0, gray.shape[1])
+
+
+def _frame_relative_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     rows = np.flatnonzero(mask.mean(axis=1) > 0.02)
     cols = np.flatnonzero(mask.mean(axis=0) > 0.02)
-    h, w = gray.shape[:2]
+    h, w = mask.shape
     if rows.size < h * 0.2 or cols.size < w * 0.2:
-        return 0, h, 0, w
+        return None
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _disc_relative_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The disc's box with lines counted against the disc's own extent, or None. When the
+    photograph's frame hugs the disc (EyePACS: the disc cut top and bottom, a little black at the
+    sides) this is the box the photograph itself gets, to the line."""
+    lit = np.count_nonzero(mask)
+    if lit == 0:
+        return None
+    per_row, per_col = mask.sum(axis=1), mask.sum(axis=0)
+    extent = math.sqrt(lit)  # a first guess of the disc's side, for the rough box
+    rows, cols = np.flatnonzero(per_row > 0.02 * extent), np.flatnonzero(per_col > 0.02 * extent)
+    if rows.size == 0 or cols.size == 0:
+        return None
+    height, width = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+    rows, cols = np.flatnonzero(per_row > 0.02 * width), np.flatnonzero(per_col > 0.02 * height)
+    if rows.size < 0.2 * height or cols.size < 0.2 * width or min(rows.size, cols.size) < _MIN_DISC_LINES:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+#: Under this share of the frame lit, a photograph is a fundus on a wide black canvas: the quality
+#: gate's frame check fails under a coverage of ~0.3 (and it judges the fundus where it is,
+#: ``ml.quality.fundus_crop``); every gradable real photograph here has >= 0.33 (natural EyePACS
+#: >= 0.41 but one, equalised >= 0.48 but one, DRIVE 0.69).
+_BORDERED_SHARE = 0.3
+#: Fewer lit lines than this are no disc to crop to (specks, text): the whole frame is kept.
+_MIN_DISC_LINES = 32
 
 
 def crop_square(rgb: np.ndarray, crop_to_disc: bool) -> np.ndarray:

@@ -5,7 +5,11 @@ Four scores in [0, 1], each from a few interpretable measurements at a fixed ana
 - ``fundus``: a bright, roughly circular disc (possibly clipped by the frame) on a dark
   surround, with warm (red >= blue) colour inside. Documents, everyday photos, noise and solid
   colours fail here.
-- ``field_of_view``: how much of the fitted disc lies inside the frame and how centred it is.
+- ``field_of_view``: how much of the fitted disc lies inside the frame and how much of the frame it
+  covers. A whole fundus inside a wide black border (some export tools paste the photograph on a
+  bigger canvas) is judged where it is: when the frame fails this check and the disc touches no
+  edge of the frame, every score is measured again on the photograph cropped to the disc
+  (:func:`fundus_crop`), at its own scale, provided the disc is at least ``min_disc_px`` across.
 - ``exposure``: brightness inside the disc and the share of clipped dark/bright pixels.
 - ``focus``: fine-detail (vessel-edge) energy relative to coarser structure inside the disc,
   which is contrast-independent and drops steeply with defocus blur, and the absolute fine-detail
@@ -28,12 +32,16 @@ from typing import Any, Final
 import cv2
 import numpy as np
 
+from ml.preprocess import disc_bbox
+
 __all__ = [
     "ANALYSIS_SIZE",
     "DECODE_MIN_SIDE",
     "QualityReport",
     "QualityThresholds",
+    "assess_frame",
     "assess_quality",
+    "fundus_crop",
     "load_thresholds",
     "measure",
     "thresholds_for_manifest",
@@ -60,6 +68,10 @@ class QualityThresholds:
     min_exposure: float = 0.5
     min_field_of_view: float = 0.5
     min_fundus: float = 0.5
+    # smallest fundus (diameter, pixels of the photograph) judged inside a black border: the
+    # smallest gradable real photographs' discs are ~170 px (the equalised EyePACS set's 256-px
+    # photographs, which the release was trained on); a smaller one stays poor_field_of_view
+    min_disc_px: float = 160.0
     # fundus
     circle_fit_iou: tuple[float, float] = (0.62, 0.78)
     surround_darkness: tuple[float, float] = (0.60, 0.85)
@@ -159,15 +171,20 @@ def _channel_max(img: np.ndarray) -> np.ndarray:
     return np.maximum(np.maximum(img[..., 0], img[..., 1]), img[..., 2])
 
 
+def _dark_threshold(v: np.ndarray) -> float:
+    """The level above which the (median-blurred) channel maximum counts as the disc."""
+    otsu, _ = cv2.threshold(v, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    # Half of Otsu keeps the vignetted rim of the disc; the clamp keeps dark photos workable.
+    return float(min(max(otsu * 0.5, 6.0), 30.0))
+
+
 def _disc_mask(vmax: np.ndarray) -> np.ndarray:
     """Bright foreground (the fundus disc): largest blob above a dark-background threshold.
 
     ``vmax`` is the photograph's uint8 channel maximum.
     """
     v = cv2.medianBlur(vmax, 5)
-    otsu, _ = cv2.threshold(v, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    # Half of Otsu keeps the vignetted rim of the disc; the clamp keeps dark photos workable.
-    thr = float(min(max(otsu * 0.5, 6.0), 30.0))
+    thr = _dark_threshold(v)
     # Opening removes background speckle (strongly equalised photos amplify sensor noise there).
     fg = cv2.morphologyEx(
         (v > thr).astype(np.uint8), cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (11, 11))
@@ -353,14 +370,98 @@ def _shipped_thresholds() -> QualityThresholds:
     return load_thresholds()
 
 
+#: Pixels (at the analysis size) searched beyond the coarse disc box on the photograph's pixels.
+_EDGE: Final = 2
+#: A side of the disc's bounding box whose outermost row (or column) is lit over this share of the
+#: box is a straight cut (the pasted photograph's own frame), not the disc's round rim.
+_CUT_SHARE: Final = 0.3
+#: Black margin kept beyond a round side of the disc, as a share of the disc's extent: a
+#: photograph's own surround (the gate's surround-darkness check needs some).
+_ROUND_MARGIN: Final = 0.1
+#: A crop narrower than this is no photograph to judge (the decoder's smallest side).
+_MIN_CROP_SIDE: Final = 64
+
+
+def _lit_span(counts: np.ndarray, length: int) -> tuple[int, int] | None:
+    """From the first to past the last line whose count of lit pixels exceeds 2% of its
+    ``length`` (as ``ml.preprocess.disc_bbox``): bright specks in the border do not count."""
+    lines = np.flatnonzero(counts > 0.02 * length)
+    return (int(lines[0]), int(lines[-1]) + 1) if lines.size else None
+
+
+def fundus_crop(rgb: np.ndarray) -> np.ndarray | None:
+    """The photograph cropped to its fundus (the disc's box), or None when no disc is found.
+
+    Straight sides of the disc (where the frame, or a pasted photograph's own frame, cut it: e.g.
+    EyePACS' top and bottom) are cropped flush, so they lie on the crop's edge as in the
+    photograph itself and the circle fit leaves them out; round sides keep a margin of black.
+    Found at the analysis size, refined on the photograph's pixels.
+    """
+    img = _resize(rgb)
+    h, w = img.shape[:2]
+    coarse = _channel_max(img)
+    mask = _disc_mask(coarse)
+    if not mask.any():
+        return None
+    ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    sy, sx = rgb.shape[0] / h, rgb.shape[1] / w
+    # the disc's box on the photograph's own pixels, searched a little beyond the coarse box
+    y0, y1 = max(0, int((ys[0] - _EDGE) * sy)), min(rgb.shape[0], math.ceil((ys[-1] + 1 + _EDGE) * sy))
+    x0, x1 = max(0, int((xs[0] - _EDGE) * sx)), min(rgb.shape[1], math.ceil((xs[-1] + 1 + _EDGE) * sx))
+    lit = _channel_max(rgb[y0:y1, x0:x1]) > _dark_threshold(cv2.medianBlur(coarse, 5))
+    rows, cols = _lit_span(lit.sum(axis=1), lit.shape[1]), _lit_span(lit.sum(axis=0), lit.shape[0])
+    if rows is None or cols is None:
+        return None
+    top, bottom, left, right = y0 + rows[0], y0 + rows[1], x0 + cols[0], x0 + cols[1]
+    box = lit[rows[0] : rows[1], cols[0] : cols[1]]
+    height, width = bottom - top, right - left
+    my, mx = round(_ROUND_MARGIN * height), round(_ROUND_MARGIN * width)
+
+    def cut(line: np.ndarray) -> bool:
+        return float(np.count_nonzero(line)) > _CUT_SHARE * line.size
+
+    top = top if cut(box[0]) else max(0, top - my)
+    bottom = bottom if cut(box[-1]) else min(rgb.shape[0], bottom + my)
+    left = left if cut(box[:, 0]) else max(0, left - mx)
+    right = right if cut(box[:, -1]) else min(rgb.shape[1], right + mx)
+    return np.ascontiguousarray(rgb[top:bottom, left:right])
+
+
 def assess_quality(rgb: np.ndarray, thresholds: QualityThresholds | None = None) -> QualityReport:
     """Score a decoded RGB photo and decide whether it is gradable.
 
     Without ``thresholds`` the calibrated ``quality_thresholds.json`` beside this module is used.
+    A photograph whose field of view fails on the whole frame is judged again on
+    :func:`fundus_crop` (a fundus pasted on a bigger black canvas is no worse a photograph), when
+    that disc is at least ``min_disc_px`` across and the model's own crop finds it; the crop's
+    field of view still refuses a cut-off fundus (too little of its circle is there).
     """
     t = thresholds or _shipped_thresholds()
-    m = measure(rgb)
+    report = assess_frame(rgb, t)
+    if report.scores["field_of_view"] >= t.min_field_of_view:
+        return report
+    if disc_bbox(rgb) == (0, rgb.shape[0], 0, rgb.shape[1]):
+        # the networks' crop (ml.preprocess) finds no disc under a fifth of the frame and would
+        # grade the whole canvas: such a photograph stays refused
+        return report
+    crop = fundus_crop(rgb)
+    if crop is None or min(crop.shape[:2]) < _MIN_CROP_SIDE:
+        return report
+    m = measure(crop)
+    if 2.0 * m["radius_frac"] * max(crop.shape[:2]) < t.min_disc_px:
+        return report  # too small a fundus: refused as poor_field_of_view, as on the whole frame
+    return _judge(m, crop, t)
 
+
+def assess_frame(rgb: np.ndarray, thresholds: QualityThresholds | None = None) -> QualityReport:
+    """The verdict on the whole frame as given, without looking inside a black border (the gate
+    before session 32; ``scripts/border_gate_check.py`` compares the two)."""
+    t = thresholds or _shipped_thresholds()
+    return _judge(measure(rgb), rgb, t)
+
+
+def _judge(m: dict[str, float], rgb: np.ndarray, t: QualityThresholds) -> QualityReport:
+    """Scores and reasons from the raw measurements ``m`` of ``rgb``."""
     shape = min(
         _ramp(m["circle_fit_iou"], t.circle_fit_iou), _ramp(m["surround_darkness"], t.surround_darkness)
     )

@@ -2,7 +2,8 @@
 
     python scripts/decode_memory.py [--side 7070] [--dir /tmp/decode-memory]
 
-Writes a 16-bit PNG, an RGBA PNG, a greyscale PNG, an RGB PNG and a 16-bit TIFF of side x side
+Writes a 16-bit PNG, an RGBA PNG, a greyscale PNG, an RGB PNG, a 16-bit TIFF, and 16-bit RGB PNG
+and TIFF files holding 12-bit data (whose full samples OpenCV reads, session 32) of side x side
 pixels (just under the default 50-megapixel cap at 7070), then decodes each in a fresh process
 twice: as a worker does (``ml.imageio.decode_image``: RGB pixels) and as the API does
 (``ml.imageio.check_image``: validation only). Prints the peak resident memory (VmHWM) above
@@ -46,6 +47,25 @@ def make_files(folder: Path, side: int) -> list[Path]:
         path = folder / name
         img.save(path, compression="tiff_lzw") if name.endswith(".tif") else img.save(path)
         paths.append(path)
+    paths += _twelve_bit_rgb(folder, side)
+    return paths
+
+
+def _twelve_bit_rgb(folder: Path, side: int) -> list[Path]:
+    """16-bit RGB files whose samples are 12-bit data (Pillow cannot write 16-bit RGB)."""
+    import cv2
+    import numpy as np
+
+    values = np.zeros((side, side, 3), dtype=np.uint16)
+    values[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = (3000, 1500, 600)
+    paths = []
+    for name, params in (("12bit-rgb.png", []), ("12bit-rgb.tif", [cv2.IMWRITE_TIFF_COMPRESSION, 5])):
+        path = folder / name
+        ok, buf = cv2.imencode(path.suffix, values, params)
+        if not ok:
+            raise SystemExit(f"OpenCV could not write {name}")
+        path.write_bytes(buf.tobytes())
+        paths.append(path)
     return paths
 
 
@@ -61,10 +81,10 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=7070)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/decode-memory"))
     args = parser.parse_args()
-    print(f"{'file':<12} {'bytes':>9} {'worker decode MB':>17} {'API check MB':>13}")
+    print(f"{'file':<14} {'bytes':>9} {'worker decode MB':>17} {'API check MB':>13}")
     for path in make_files(args.dir, args.side):
         decode, check = peak_mb("decode", path), peak_mb("check", path)
-        print(f"{path.name:<12} {path.stat().st_size:>9} {decode:>17} {check:>13}")
+        print(f"{path.name:<14} {path.stat().st_size:>9} {decode:>17} {check:>13}")
 
 
 if __name__ == "__main__":

@@ -328,6 +328,14 @@ All at a fixed analysis size (longest side 512 px).
   red + 2 >= blue, and the mean saturation (max - min) / (max + 1) inside the disc.
 - **field_of_view** = min of ramps on the share of the fitted disc that is inside the frame
   and the share of the frame the disc covers (a corner crop shows a quarter of the disc).
+  When it fails on the whole frame, the photograph is judged again, every score, on its fundus
+  (`ml.quality.fundus_crop`: the disc's box, flush where a straight edge cut the disc, a 10%
+  margin of black beyond a round side; analysed at 512 px as any photograph), since session 32:
+  a whole fundus pasted on a wide black canvas (some export tools do it) was
+  `poor_field_of_view` and referred. A cut-off fundus still fails there (too little of its
+  circle is in the crop), and so does a fundus under `min_disc_px` (160 px) across, or one the
+  networks' crop (`ml.preprocess.disc_bbox`) would not find. `scripts/border_gate_check.py`
+  counts the verdicts this changed on every real photograph (none) and on bordered copies.
 - **exposure** = min of a dark side (mean luminance inside the disc, share of pixels with
   luminance <= 8) and a bright side (mean luminance, share of pixels with luminance >= 240).
 - **focus** = min of two ramps, on the green channel inside the eroded disc: the energy of the

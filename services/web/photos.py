@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from core import repository as repo
 from core.errors import NotFound
 from core.store import FileStore
-from ml.imageio import ImageDecodeError
+from ml.imageio import ImageDecodeError, sixteen_bit_png
 from services.deps import ProducerDep, SessionDep, SettingsDep, audit
 from services.errors import NotReady
 from services.routes import images as image_routes
@@ -36,7 +36,9 @@ def original_photo(
     data = store.read_bytes(row.stored_path)
     ext = row.stored_path.rsplit(".", 1)[-1].lower()
     media_type = BROWSER_IMAGE_TYPES.get(ext)
-    if media_type is None:  # e.g. TIFF: browsers cannot show it
+    if media_type is None or sixteen_bit_png(data):  # TIFF: browsers cannot show it
+        # a 16-bit PNG is shown as graded: browsers ignore sBIT, so 12-bit data stored unscaled
+        # (session 32) would show nearly black beside its grade
         try:
             data, media_type = _as_png(data, settings.max_image_pixels), "image/png"
         except ImageDecodeError as exc:

@@ -209,6 +209,61 @@ def test_bundle_end_to_end_with_explanations_and_redelivery(stack: Stack) -> Non
         assert later in next(e for e in history[0].eyes if e.eye == "left").image_ids
 
 
+def add_encoded(stack: Stack, clinic: str, patient: str, files: dict[str, bytes]) -> list[str]:
+    """Photographs given as bytes, one left eye each, committed before anything is published."""
+    ids = []
+    with session_scope(stack.url) as s:
+        c = repo.get_or_create_clinic(s, clinic)
+        p = repo.get_or_create_patient(s, c.id, patient)
+        for name, data in files.items():
+            stored = stack.store.put_bytes(data, name.rsplit(".", 1)[1])
+            ids.append(
+                repo.create_image(
+                    s,
+                    clinic_id=c.id,
+                    patient_id=p.id,
+                    eye="left",
+                    sha256=stored.sha256,
+                    stored_path=stored.relpath,
+                    size_bytes=stored.size_bytes,
+                    filename=name,
+                ).id
+            )
+    return ids
+
+
+def test_12_bit_and_bordered_copies_grade_as_the_photograph(stack: Stack) -> None:
+    """Session 32: a worker graded a 16-bit PNG of 12-bit data ungradable (underexposed) and the
+    photograph pasted on a black canvas ungradable (poor_field_of_view); both are the photograph."""
+    import cv2
+    import numpy as np
+
+    from ml.imageio import decode_image
+
+    rgb = decode_image((PHOTOS / "1012_left.jpg").read_bytes())
+    twelve = np.rint(rgb.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    canvas = np.zeros((5 * 512, 5 * 512, 3), np.uint8)
+    canvas[700 : 700 + rgb.shape[0], 1200 : 1200 + rgb.shape[1]] = rgb
+    files = {
+        "plain.png": cv2.imencode(".png", rgb[..., ::-1])[1].tobytes(),
+        "twelve-bit.png": cv2.imencode(".png", twelve[..., ::-1])[1].tobytes(),
+        "bordered.png": cv2.imencode(".png", canvas[..., ::-1])[1].tobytes(),
+    }
+    ids = add_encoded(stack, "Depth clinic", "D-1", files)
+    producer.send_score_images(ids, app=stack.app)
+    wait_for(all_finished(stack.url, ids), stack.worker, "the copies to be scored")
+    with session_scope(stack.url) as s:
+        images = {im.id: im for im in repo.get_images(s, ids)}
+        preds = repo.predictions_for_images(s, ids)
+        plain = preds[ids[0]]
+        assert images[ids[0]].gradable and plain.grade is not None
+        for image_id, name in zip(ids[1:], list(files)[1:], strict=True):
+            assert images[image_id].status == "done" and images[image_id].gradable, (name, preds[image_id])
+            # the same pixels, and on a 5x canvas the same crop: the same forward pass
+            assert preds[image_id].grade == plain.grade, name
+            assert preds[image_id].probabilities == plain.probabilities, name
+
+
 def test_folder_job_of_three_dozen_photographs(stack: Stack) -> None:
     folder = stack.import_root / "clinic-export"
     folder.mkdir()

@@ -3,6 +3,7 @@ done in-process by tests/unit/test_workers_scoring.py's stub ensemble)."""
 
 from __future__ import annotations
 
+import io
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -281,6 +282,31 @@ def test_a_tiff_the_upload_accepted_can_be_viewed(client: TestClient, url: str, 
     assert answer.status_code == 202, answer.text
     shown = client.get(f"/images/{answer.json()['id']}/photo", headers=web_cookie(client, key))
     assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
+
+
+def test_a_12_bit_png_is_shown_as_it_is_graded(client: TestClient, url: str) -> None:
+    """Session 32: 12-bit data stored unscaled in a 16-bit PNG is graded as the photograph; the
+    page served the file itself, which a browser (ignoring its depth) shows nearly black."""
+    import cv2
+    import numpy as np
+
+    from ml.imageio import decode_image
+
+    key = make_key(url, "North")
+    rgb = decode_image(photo("16_left.jpg")[1])
+    twelve = np.rint(rgb.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    data = cv2.imencode(".png", twelve[..., ::-1])[1].tobytes()
+    answer = client.post(
+        "/v1/images",
+        headers=key.headers,
+        data={"patient_id": "P12", "eye": "left"},
+        files={"file": ("deep.png", data, "image/png")},
+    )
+    assert answer.status_code == 202, answer.text
+    shown = client.get(f"/images/{answer.json()['id']}/photo", headers=web_cookie(client, key))
+    assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
+    assert shown.content != data
+    assert np.array_equal(np.asarray(PILImage.open(io.BytesIO(shown.content)).convert("RGB")), rgb)
 
 
 def test_a_sign_in_is_a_session_that_ends_on_sign_out_idle_age_and_revocation(
