@@ -89,6 +89,14 @@ class GraderGradeOut(BaseModel):
     recorded_at: UtcDatetime = Field(description="when it was last recorded")
 
 
+class GraderReferral(GraderGradeOut):
+    """A grader's grade that refers the patient: referable (2..4) or ungradable, of a photograph of
+    the patient's latest visit (``core.grader_referral``)."""
+
+    image_id: str
+    eye: Eye
+
+
 class ImageResult(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -176,6 +184,19 @@ class PatientSummary(BaseModel):
         "release, a photograph sent again) or its new grading failed: the decision shown is the last "
         "complete one, kept until the new one is complete (a referral is never withdrawn by a "
         "photograph whose grading is unfinished; a failed one is sent again to finish it)",
+    )
+    grader_refers: bool = Field(
+        False,
+        description="true when a grader's grade of a photograph of the patient's latest visit (the "
+        "visit `eyes` shows) is referable (2..4) or ungradable: the patient is to be referred on the "
+        "grader's word, whatever the model decided. An addition: `referable`, `grade` and "
+        "`referral_reasons` stay the model's decision (the contract's rule); refer when either is true. "
+        "The latest grade of a photograph counts (a later grade below 2 withdraws it); earlier "
+        "visits' photographs do not count, as for the model's decision",
+    )
+    grader_referrals: list[GraderReferral] = Field(
+        default_factory=list,
+        description="the grades that make `grader_refers` true, one per photograph, newest first",
     )
     history: list[PatientHistoryEntry] = Field(default_factory=list)
 

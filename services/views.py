@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from types import MappingProxyType
 from typing import cast
 
 from sqlalchemy.orm import Session
 
-from core import grader
+from core import grader, grader_referral
 from core import repository as repo
 from core.aggregation import REFERABLE_GRADE
-from core.schemas import Eye, EyeSummary, ImageResult, PatientHistoryEntry, PatientSummary
+from core.schemas import Eye, EyeSummary, GraderReferral, ImageResult, PatientHistoryEntry, PatientSummary
 from core.settings import get_settings
 from core.tables import EYES, Image, Patient, PatientResult
 
@@ -135,8 +136,14 @@ def patient_summary(session: Session, patient: Patient) -> PatientSummary:
     results = repo.patient_history(session, patient.id)
     images = [repo.VisitPhoto.of(im) for im in repo.list_patient_images(session, patient.id)]
     regrading = repo.regrading_photo_ids(session, [patient.id]).get(patient.id, set())
+    referrals = grader_referral.of_photographs(session, [im.id for im in images])
     summary = _current_summary(
-        patient, results[0] if results else None, images, lambda v: _model_ref(session, v, refs), regrading
+        patient,
+        results[0] if results else None,
+        images,
+        lambda v: _model_ref(session, v, refs),
+        regrading,
+        referrals,
     )
     if results:
         summary.history = _history(results, refs, session)
@@ -150,6 +157,7 @@ def patient_summaries(session: Session, patients: Sequence[Patient]) -> dict[int
     newest = repo.newest_patient_results(session, ids)
     images = repo.visit_photos_of_patients(session, ids)
     regrading = repo.regrading_photo_ids(session, ids)
+    referrals = grader_referral.of_photographs(session, [im.id for v in images.values() for im in v])
     refs: dict[int, str] = {}  # the request's: a release's ref is read once, not once a patient
     return {
         p.id: _current_summary(
@@ -158,6 +166,7 @@ def patient_summaries(session: Session, patients: Sequence[Patient]) -> dict[int
             images.get(p.id, []),
             lambda v: _model_ref(session, v, refs),
             regrading.get(p.id, set()),
+            referrals,
         )
         for p in patients
     }
@@ -169,12 +178,18 @@ def _current_summary(
     images: Sequence[repo.VisitPhoto],
     model_ref: Callable[[int | None], str | None],
     regrading: Collection[str] = (),
+    referrals: Mapping[str, GraderReferral] = MappingProxyType({}),
 ) -> PatientSummary:
     """:func:`patient_summary` without the history, from the patient's newest result and every
     photograph of theirs (oldest first). ``regrading``: the ids of the patient's photographs graded
-    before whose new grading is under way or failed (``repository.regrading_photo_ids``)."""
+    before whose new grading is under way or failed (``repository.regrading_photo_ids``).
+    ``referrals``: graders' grades that refer, by photograph (``grader_referral.of_photographs``);
+    those of the latest visit refer the patient beside the model's decision, which they leave as
+    it is (the contract's ``referable`` is the model's rule)."""
     summary = PatientSummary(patient_id=patient.external_id)
     visit = repo.latest_visit(images, get_settings().visit_window)
+    summary.grader_referrals = grader_referral.in_visit(referrals, visit)
+    summary.grader_refers = bool(summary.grader_referrals)
     if newest is not None and grades_visit(newest, visit):
         summary.grade = newest.grade
         summary.referable = newest.referable

@@ -287,9 +287,10 @@ def _patient_rows(
     return len(names), rows
 
 
+# grader_refers last: an addition, so a reader of the columns by position still works
 PATIENT_CSV_COLUMNS = [
     "patient_id", "referable", "grade", "gradable", "left_grade", "left_referable", "right_grade",
-    "right_referable", "referral_reasons", "model_version", "updated_at",
+    "right_referable", "referral_reasons", "model_version", "updated_at", "grader_refers",
 ]  # fmt: skip
 
 
@@ -303,7 +304,7 @@ def _patients_csv(rows: list[PatientSummary]) -> str:
         ]
         updated = r.updated_at.isoformat() if r.updated_at is not None else None
         values = [r.patient_id, r.referable, r.grade, r.gradable, *eyes[0], *eyes[1]]
-        values += [";".join(r.referral_reasons), r.model_version, updated]
+        values += [";".join(r.referral_reasons), r.model_version, updated, r.grader_refers]
         writer.writerow([csv_cell(v) for v in values])
     return buf.getvalue()
 

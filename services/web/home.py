@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core import grader_referral
 from core import repository as repo
 from core.errors import DomainError
 from core.tables import Bundle, Patient, PatientResult, as_utc, refers_now, utcnow
@@ -58,7 +59,8 @@ REFER_DAYS, REFER_LIMIT = 7, 50
 
 def _to_refer(session: Session, clinic_id: int) -> list[dict[str, Any]]:
     """The clinic's patients whose current result refers them, recorded in the last
-    ``REFER_DAYS`` days, newest first: the day-end worklist across visits, single photographs and
+    ``REFER_DAYS`` days, and those a grader's grade recorded in that time refers
+    (``core.grader_referral``), newest first: the day-end worklist across visits, single photographs and
     folder jobs (the clinician's review: the home page listed visits only, with no decision).
     Read from the partial index of :func:`core.tables.refers_now` (its predicate, as written here),
     not from every result of the history."""
@@ -83,10 +85,30 @@ def _to_refer(session: Session, clinic_id: int) -> list[dict[str, Any]]:
         .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
         .limit(REFER_LIMIT)
     ).all()
-    return [
-        {"patient_id": r[0], "grade": r[1], "gradable": r[2], "computed_at": as_utc(r[3]), "rechecking": r[4]}
+    listed = {
+        r[0]: {
+            "patient_id": r[0],
+            "grade": r[1],
+            "gradable": r[2],
+            "computed_at": as_utc(r[3]),
+            "rechecking": r[4],
+            "model_refers": True,
+            "grader_referrals": [],
+        }
         for r in rows
-    ]
+    }
+    # A grader's referral (a referable or ungradable grade of a photograph of the latest visit)
+    # lists the patient too, marked as the grader's: before, a patient the model did not refer
+    # stayed off this list whatever the grader found (core.grader_referral).
+    for found in grader_referral.recent(session, clinic_id, since):
+        row = listed.setdefault(
+            found.external_id,
+            {"patient_id": found.external_id, "computed_at": found.recorded_at, "model_refers": False},
+        )
+        row["grader_referrals"] = found.referrals
+        row["computed_at"] = max(row["computed_at"], found.recorded_at)
+    newest_first = sorted(listed.values(), key=lambda r: r["computed_at"], reverse=True)
+    return newest_first[:REFER_LIMIT]
 
 
 def _home(

@@ -29,6 +29,7 @@ templates.env.filters["patient_grade"] = present.patient_grade_text
 templates.env.filters["eye_state"] = present.eye_state
 templates.env.filters["metric"] = present.fmt_metric
 templates.env.filters["grade_choice"] = present.grade_choice
+templates.env.filters["grader_referral"] = present.grader_referral_text
 templates.env.filters["share"] = present.share_text
 templates.env.filters["interval"] = present.interval_text
 templates.env.globals["grade_choices"] = present.GRADE_CHOICES

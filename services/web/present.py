@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from core.schemas import Eye, GraderGradeOut, ImageResult, PatientSummary
+from core.schemas import Eye, GraderGradeOut, GraderReferral, ImageResult, PatientSummary
 
 GRADE_NAMES = (
     "No DR",
@@ -185,8 +185,36 @@ RECHECKING_TEXT = (
 )
 
 
+def grader_referral_text(referrals: list[GraderReferral]) -> str:
+    """Graders' referring grades in words: "a grader (Dr A) graded the left eye's photograph
+    3 · Severe NPDR (referable)", one per photograph."""
+    parts = []
+    for r in referrals:
+        what = "ungradable" if r.grade is None else f"{grade_label(r.grade)} (referable)"
+        parts.append(f"a grader ({r.grader}) graded the {r.eye} eye's photograph {what}")
+    return "; ".join(parts)
+
+
 def patient_verdict(patient: PatientSummary | None, any_failed: bool) -> Verdict:
-    """The patient-level decision of a finished screening."""
+    """The patient-level decision of a finished screening, with a grader's referral
+    (``PatientSummary.grader_refers``) said as the grader's: it refers a patient the model did not."""
+    verdict = _model_verdict(patient, any_failed)
+    if patient is None or not patient.grader_refers:
+        return verdict
+    grader = grader_referral_text(patient.grader_referrals)
+    if verdict.tone == "refer":
+        return Verdict(
+            "refer", verdict.headline, f"{verdict.detail} Also: {grader}.", verdict.grade, verdict.ungradable
+        )
+    if verdict.tone == "pending":
+        model = f"the model's decision is not final yet: {verdict.detail}"
+    else:
+        model = f"the model did not refer (grade {grade_label(patient.grade)}, worse eye)."
+    detail = f"Refer: {grader}. This is the grader's referral, not the model's; {model}"
+    return Verdict("refer", "REFER (grader)", detail, verdict.grade)
+
+
+def _model_verdict(patient: PatientSummary | None, any_failed: bool) -> Verdict:
     reasons = patient.referral_reasons if patient is not None else []
     if any(r.endswith("_eye_pending") for r in reasons) and all(
         r.endswith("_eye_pending") or r == "not_graded_yet" for r in reasons

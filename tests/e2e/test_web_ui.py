@@ -321,7 +321,8 @@ def test_web_interface_in_chromium(
     page.goto(f"{api_url}/bundles/{bundle_id}")
 
     # Graders' grades through the result page's forms: shown beside the model's grade (which stays)
-    # once back on the visit; then the clinic's agreement with them.
+    # once back on the visit; a grade of 4 refers the patient, on the grader's word when the model
+    # did not (session 32); then the clinic's agreement with them.
     for image, grade in zip(api["images"], (api["images"][0]["grade"], 4), strict=True):
         card = page.locator(f"[data-testid=photo][data-image-id='{image['id']}']")
         card.locator("select[name=grade]").select_option("ungradable" if grade is None else str(grade))
@@ -338,7 +339,9 @@ def test_web_interface_in_chromium(
             _shown_grade(card.locator("[data-testid=photo-grade]").get_attribute("data-grade"))
             == image["grade"]
         )
-    assert page.get_attribute("[data-testid=verdict]", "data-tone") == tone
+    assert page.get_attribute("[data-testid=verdict]", "data-tone") == "refer"
+    headline = page.inner_text("[data-testid=verdict-headline]")
+    assert headline.startswith("REFER") if tone == "refer" else headline == "REFER (grader)", (tone, headline)
     page.click("nav a[href='/agreement']")
     page.wait_for_url(f"{api_url}/agreement")
     agreement = _api(api_url, key, "/v1/agreement")
