@@ -1,4 +1,4 @@
-"""``drscreen worker``: a Celery worker of the scoring and explain queues, started only when its
+"""``drscreen worker``: a Celery worker of the uploads, scoring and explain queues, started only when its
 model loads, the checks of cli.checks pass and it serves the deployment's active release.
 
 Heavy imports inside the functions (cli rule: ``drscreen --help`` stays instant).
@@ -18,6 +18,7 @@ from cli.checks import (
     warn_about_settings,
 )
 from cli.dispatch import load
+from core.tasks import WORKER_QUEUES
 
 #: Its command joins the top-level ``drscreen`` group (cli.main).
 app = typer.Typer()
@@ -30,7 +31,7 @@ NODE_NAME_MAX = 255
 @app.command()
 def worker(
     concurrency: int = typer.Option(1, "--concurrency", "-c", help="Worker processes."),
-    queues: str = typer.Option("scoring,explain", "--queues", "-Q", help="Comma-separated queues."),
+    queues: str = typer.Option(WORKER_QUEUES, "--queues", "-Q", help="Comma-separated queues."),
     loglevel: str = typer.Option(None, "--loglevel", "-l", help="Default: DRSCREEN_LOG_LEVEL."),
     hostname: str = typer.Option(
         None,
@@ -42,7 +43,7 @@ def worker(
         "workers.app:celery_app", "--app", hidden=True, help="module:attr of the Celery app."
     ),
 ) -> None:
-    """Run a Celery worker consuming the scoring and explain queues."""
+    """Run a Celery worker consuming the uploads, scoring and explain queues."""
     from core.settings import get_settings
 
     settings = get_settings()
