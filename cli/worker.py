@@ -18,11 +18,14 @@ from cli.checks import (
     warn_about_settings,
 )
 from cli.dispatch import load
-from core.tasks import WORKER_QUEUES
 
 #: Its command joins the top-level ``drscreen`` group (cli.main).
 app = typer.Typer()
 
+
+#: core.tasks.WORKER_QUEUES, spelt out: the cli imports core lazily (``drscreen --help`` stays
+#: instant); tests/unit/test_uploads_queue.py keeps the two equal.
+WORKER_QUEUES = "uploads,scoring,explain"
 
 #: image.claimed_by and worker_heartbeat.node hold a Celery node name (String(255)).
 NODE_NAME_MAX = 255

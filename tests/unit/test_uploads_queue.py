@@ -31,6 +31,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHUNKS, CHUNK = 8, 4
 
 
+def test_workers_take_uploads_by_default() -> None:
+    from cli import worker
+
+    assert worker.WORKER_QUEUES == tasks.WORKER_QUEUES
+    assert tasks.QUEUE_UPLOADS in tasks.WORKER_QUEUES.split(",")
+
+
 def test_an_upload_is_graded_in_turn_with_a_folder_jobs_chunks(
     url: str, isolated_settings: Path, start_worker: Callable[..., WorkerProcess]
 ) -> None:
