@@ -7,6 +7,8 @@ Heavy imports inside the functions (cli rule: ``drscreen --help`` stays instant)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import typer
@@ -23,18 +25,73 @@ app = typer.Typer()
 MAX_RETENTION_DAYS = 365_000
 
 
+@contextmanager
+def _preview_session() -> Iterator[Any]:
+    """The session a preview runs in. A preview makes the real erasure or purge and rolls it back,
+    so its counts are the real run's; on SQLite that held the database's one write lock for all of
+    it, and every upload and worker write waited (answering 503, failing, after 30 s): a purge
+    preview of 2,600 patients held it 4.5 s on a busy 2-core machine (the SQLite review of session
+    32), and a "delete nothing" preview is what an operator runs in the day. On SQLite it runs on
+    a snapshot of the database taken with SQLite's online backup (as ``drscreen db backup``:
+    writers go on meanwhile), in a private folder beside it, removed afterwards. PostgreSQL locks
+    only the rows concerned: the database itself."""
+    import shutil
+    import sqlite3
+    import tempfile
+    from contextlib import closing
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.orm import Session
+
+    from core.db import get_sessionmaker, make_engine
+    from core.errors import Unavailable
+    from core.settings import get_settings
+
+    url = get_settings().database_url
+    database = make_url(url).database
+    if make_url(url).get_backend_name() != "sqlite" or not database or database == ":memory:":
+        with get_sessionmaker()() as session:
+            yield session
+        return
+    live = Path(database)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=".drscreen-preview-", dir=live.parent))  # owner only
+    except OSError as exc:
+        raise Unavailable(f"the preview's copy of the database cannot be made beside it: {exc}") from exc
+    try:
+        snapshot = folder / live.name
+        try:
+            with closing(sqlite3.connect(live, timeout=30)) as src, closing(sqlite3.connect(snapshot)) as dst:
+                src.backup(dst)
+        except (sqlite3.Error, OSError) as exc:  # e.g. the disk is full: nothing was previewed
+            raise Unavailable(
+                f"the preview's copy of the database could not be made in {folder}: {exc}"
+            ) from exc
+        engine = make_engine(f"sqlite:///{snapshot}")
+        try:
+            with Session(bind=engine, expire_on_commit=False) as session:
+                yield session
+        finally:
+            engine.dispose()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _retention(command: str, run: Any, *, commit: bool) -> tuple[Any, int]:
     """Run ``run(session)`` (core.retention) in one transaction; commit and then remove the files
-    nothing references any more, or roll back (a dry run: the counts are the real run's).
-    Returns (outcome, files removed)."""
+    nothing references any more, or roll back (a dry run: the counts are the real run's, from a
+    snapshot on SQLite: :func:`_preview_session`). Returns (outcome, files removed)."""
+    from contextlib import ExitStack
+
     from core import retention
     from core.db import get_sessionmaker
     from core.errors import Conflict, Unavailable
     from core.settings import get_settings
     from core.store import FileStore
 
-    with db_errors():
-        session = get_sessionmaker()()
+    with db_errors(), ExitStack() as stack:
+        session = get_sessionmaker()() if commit else stack.enter_context(_preview_session())
         try:
             outcome = run(session)
             if not commit:

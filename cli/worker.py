@@ -1,4 +1,4 @@
-"""``drscreen worker``: a Celery worker of the scoring and explain queues, started only when its
+"""``drscreen worker``: a Celery worker of the uploads, scoring and explain queues, started only when its
 model loads, the checks of cli.checks pass and it serves the deployment's active release.
 
 Heavy imports inside the functions (cli rule: ``drscreen --help`` stays instant).
@@ -23,6 +23,10 @@ from cli.dispatch import load
 app = typer.Typer()
 
 
+#: core.tasks.WORKER_QUEUES, spelt out: the cli imports core lazily (``drscreen --help`` stays
+#: instant); tests/unit/test_uploads_queue.py keeps the two equal.
+WORKER_QUEUES = "uploads,scoring,explain"
+
 #: image.claimed_by and worker_heartbeat.node hold a Celery node name (String(255)).
 NODE_NAME_MAX = 255
 
@@ -30,7 +34,7 @@ NODE_NAME_MAX = 255
 @app.command()
 def worker(
     concurrency: int = typer.Option(1, "--concurrency", "-c", help="Worker processes."),
-    queues: str = typer.Option("scoring,explain", "--queues", "-Q", help="Comma-separated queues."),
+    queues: str = typer.Option(WORKER_QUEUES, "--queues", "-Q", help="Comma-separated queues."),
     loglevel: str = typer.Option(None, "--loglevel", "-l", help="Default: DRSCREEN_LOG_LEVEL."),
     hostname: str = typer.Option(
         None,
@@ -42,7 +46,7 @@ def worker(
         "workers.app:celery_app", "--app", hidden=True, help="module:attr of the Celery app."
     ),
 ) -> None:
-    """Run a Celery worker consuming the scoring and explain queues."""
+    """Run a Celery worker consuming the uploads, scoring and explain queues."""
     from core.settings import get_settings
 
     settings = get_settings()

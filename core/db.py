@@ -11,14 +11,14 @@ worker processes can share one file.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from core.settings import get_settings
 
@@ -107,6 +107,34 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+_AT_COMMIT = "drscreen.at_commit"
+
+
+def at_commit(session: Session, write: Callable[[Session], object]) -> None:
+    """Make ``write(session)`` when ``session`` next commits (before the commit's flush); dropped
+    when its transaction ends otherwise (a rollback undoes it as it would have undone the write).
+
+    For the small writes a read makes: its audit row, the last use of an API key or a web sign-in.
+    On SQLite a transaction's first write takes the database's one write lock and keeps it until
+    the commit, so such a write at the start of a read held off every upload, worker write and
+    other read of the service while the read ran (a job's results CSV: seconds; the SQLite review
+    of session 32). Made at the commit, it holds the lock for an INSERT."""
+    session.info.setdefault(_AT_COMMIT, []).append(write)
+
+
+@event.listens_for(Session, "before_commit")
+def _write_at_commit(session: Session) -> None:
+    writes: list[Callable[[Session], object]] = session.info.pop(_AT_COMMIT, None) or []
+    for write in writes:
+        write(session)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _drop_at_commit(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_AT_COMMIT, None)
 
 
 def dispose_engines(close: bool = True) -> None:

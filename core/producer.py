@@ -45,14 +45,15 @@ def send(
     *,
     app: Celery | None = None,
     countdown: float | None = None,
+    queue: str | None = None,
 ) -> str:
-    """Publish task ``name`` on its queue; returns the task id."""
+    """Publish task ``name`` on its queue (``queue``, default the name's); returns the task id."""
     app = app or get_producer_app()
     result = app.send_task(
         name,
         args=list(args),
         kwargs=kwargs or {},
-        queue=tasks.queue_for(name),
+        queue=queue or tasks.queue_for(name),
         countdown=countdown,
     )
     log.debug("sent %s %s -> %s", name, args, result.id)
@@ -60,7 +61,9 @@ def send(
 
 
 def send_score_images(image_ids: Sequence[str], *, app: Celery | None = None) -> str:
-    return send(tasks.SCORE_IMAGES, [list(image_ids)], app=app)
+    """A clinic's upload (a photograph, a bundle): on the ``uploads`` queue, taken in turn with
+    folder-job chunks rather than after them."""
+    return send(tasks.SCORE_IMAGES, [list(image_ids)], app=app, queue=tasks.QUEUE_UPLOADS)
 
 
 def send_explain_image(image_id: str, *, app: Celery | None = None) -> str:

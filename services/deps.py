@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from core import db
 from core import repository as repo
@@ -102,11 +102,17 @@ def principal_for_key(request: Request, key: ApiKey) -> Principal:
 
 def _touch(key: ApiKey) -> None:
     """Record when a key was last used, at most every few minutes: writing on every request would
-    turn each read into a write (and hold SQLite's write lock for the whole request)."""
+    turn each read into a write. At the commit (``db.at_commit``): set now, the request's first
+    query flushed it and SQLite's write lock was held for the whole request."""
     now = utcnow()
     last = key.last_used_at
-    if last is None or now - as_utc(last) > TOUCH_EVERY:
-        key.last_used_at = now
+    session = object_session(key)
+    if session is not None and (last is None or now - as_utc(last) > TOUCH_EVERY):
+
+        def touch(_session: Session) -> None:
+            key.last_used_at = now
+
+        db.at_commit(session, touch)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -122,14 +128,22 @@ def audit(
     target_id: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Record who (clinic and key ids) read or wrote what; committed with the request's work."""
-    repo.record_audit(
-        session,
-        action=action,
-        clinic_id=principal.clinic_id,
-        api_key_id=principal.api_key_id,
-        patient_id=patient_id,
-        target_type=target_type,
-        target_id=target_id,
-        detail=detail,
-    )
+    """Record who (clinic and key ids) read or wrote what; committed with the request's work.
+    Written at the commit (``db.at_commit``): a read that wrote its audit row first held SQLite's
+    write lock while it read, and every upload and worker write waited for it."""
+    at = utcnow()  # when it was asked, not when the commit came
+
+    def record(s: Session) -> None:
+        repo.record_audit(
+            s,
+            action=action,
+            clinic_id=principal.clinic_id,
+            api_key_id=principal.api_key_id,
+            patient_id=patient_id,
+            target_type=target_type,
+            target_id=target_id,
+            detail=detail,
+            at=at,
+        )
+
+    db.at_commit(session, record)

@@ -149,7 +149,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     def _start(
         env: dict[str, str],
         app: str = "workers.app:celery_app",
-        queues: str = "scoring,explain",
+        queues: str = "uploads,scoring,explain",
         pythonpath: list[Path] | None = None,
         ready_timeout: float = 90,
     ) -> WorkerProcess:

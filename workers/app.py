@@ -2,8 +2,9 @@
 
 Configured from :func:`core.celery_config.build_celery_config`, the same settings the producer
 uses, plus the worker-side guarantees: late acknowledgement with prefetch 1 (a message is removed
-only after its work committed; a crash redelivers it), and two queues, ``scoring`` and ``explain``,
-so heatmaps never wait in front of grades.
+only after its work committed; a crash redelivers it), and three queues, ``uploads`` (clinics'
+photographs and bundles), ``scoring`` (folder jobs, re-scores, the sweep) and ``explain``, taken in
+turn: heatmaps never wait in front of grades, nor an upload behind a whole folder job.
 
 Process model: the parent (prefork pool master) imports no torch state; each pool child, after the
 fork, drops inherited database engines, sets its torch thread count and loads the ensemble once.

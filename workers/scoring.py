@@ -400,6 +400,9 @@ def _write(
     written: list[_Claimed] = []
     max_attempts = get_worker_settings().max_attempts
     with session_scope(db_url) as session:
+        # First, and a write (INSERT ... ON CONFLICT DO NOTHING): on SQLite, which ignores the row
+        # locks below, it takes the database's write lock, so the status guard and the patients'
+        # photographs are read under it (tests/unit/test_sqlite_writers_serialised.py)
         mv = repo.get_or_create_model_version(session, ens.ref, ens.card)
         # checked again here: an activation while the batch was graded would otherwise mix
         # releases in patients' results; the lock makes an activation wait for this commit

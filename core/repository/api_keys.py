@@ -11,6 +11,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from core import ledger
+from core.db import at_commit
 from core.errors import InvalidInput
 from core.settings import get_settings
 from core.tables import ApiKey, Clinic, WebSession, as_utc, utcnow
@@ -110,7 +111,9 @@ def web_session_key(
         session.execute(delete(WebSession).where(WebSession.id == web.id))
         return None
     if now - as_utc(web.last_seen_at) > timedelta(minutes=1):
-        session.execute(update(WebSession).where(WebSession.id == web.id).values(last_seen_at=now))
+        # at the commit: made here, SQLite's write lock was held while the page was read
+        seen = update(WebSession).where(WebSession.id == web.id).values(last_seen_at=now)
+        at_commit(session, lambda s: s.execute(seen))
     return key
 
 

@@ -60,7 +60,8 @@ def key(pg_url: str) -> Key:
 
 def _queued(broker: redis.Redis) -> list[list[str]]:
     tasks = []
-    for name in broker.scan_iter("scoring*"):
+    # uploads are queued on ``uploads`` (session 32); anything else scoring on ``scoring``
+    for name in [*broker.scan_iter("uploads*"), *broker.scan_iter("scoring*")]:
         if broker.type(name) == b"list":
             tasks += [scoring_task_images(m) for m in broker.lrange(name, 0, -1)]
     return [t for t in tasks if t is not None]

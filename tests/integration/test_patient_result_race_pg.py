@@ -29,7 +29,7 @@ from core import repository as repo
 from core.db import session_scope
 from core.settings import Settings, get_settings
 from core.store import FileStore
-from core.tables import Image, PatientResult, ScoringJob, utcnow
+from core.tables import Bundle, Image, PatientResult, ScoringJob, utcnow
 from tests.conftest import WorkerProcess, _psycopg_url
 from tests.unit.test_workers_scoring import add_images
 
@@ -240,3 +240,39 @@ def test_two_chunks_of_a_folder_job_finishing_at_once_finish_the_job(two_workers
     print("folder job race:", stored)
     assert "deadlock" not in two.logs(), two.logs()
     assert stored == {"status": "done", "total": 4, "done": 4, "failed": 0}, stored
+
+
+def test_two_photographs_of_one_bundle_finishing_at_once_finish_the_bundle(two_workers: Two) -> None:
+    """``refresh_bundle_status`` counts the bundle's photographs, then writes its status (the
+    home page's recent screenings read it). Two tasks writing photographs of one bundle at once
+    (a sweep re-sending part of a visit, or a visit's photographs split over two messages) could
+    each count while the other's grade was uncommitted and leave it ``running`` for good. A bundle
+    is one patient's, so the patient's lock (``lock_patients_for_result``, taken before the count)
+    serialises the two writes; the bundle row is held here until both writes wait."""
+    two = two_workers
+    warm = _add(two, "WARM", "1020_left.jpg", eye="left", bundle=False)
+    producer.send(tasks.SCORE_IMAGES, [[warm]], {"explain": False}, app=two.app)
+    _wait(_done(two, [warm]), two, "the first photograph")
+    files = [
+        (n, (PHOTOS / n).read_bytes(), e) for n, e in (("1012_left.jpg", "left"), ("1012_right.jpg", "right"))
+    ]
+    ids = add_images(two.url, two.store, "RACE-B", files, clinic="Race clinic", bundle=True)
+    with session_scope(two.url) as s:
+        bundle_id = s.get_one(Image, ids[0]).bundle_id
+    database = two.url.rsplit("/", 1)[1]
+    with (
+        psycopg.connect(_psycopg_url(two.url)) as holder,
+        psycopg.connect(_psycopg_url(two.url), autocommit=True) as admin,
+    ):
+        # NO KEY UPDATE: the claims' and writes' foreign-key checks pass, their update of it waits
+        holder.execute("SELECT id FROM bundle WHERE id = %s FOR NO KEY UPDATE", (bundle_id,)).fetchall()
+        for image_id in ids:  # one message per photograph: one worker each
+            producer.send(tasks.SCORE_IMAGES, [[image_id]], {"explain": False}, app=two.app)
+        _wait(lambda: _lock_waiters(admin, database) >= 2, two, "both tasks to wait")
+        holder.rollback()
+    _wait(_done(two, ids), two, "both photographs")
+    with session_scope(two.url) as s:
+        stored = s.get_one(Bundle, bundle_id).status  # as stored: no reader has recounted it
+    print("bundle race:", stored)
+    assert "deadlock" not in two.logs(), two.logs()
+    assert stored == "done", stored

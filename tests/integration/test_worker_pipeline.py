@@ -193,9 +193,10 @@ def test_bundle_end_to_end_with_explanations_and_redelivery(stack: Stack) -> Non
     before = counts_for(stack.url, ids, patient_id)
     producer.send_score_images(ids, app=stack.app)
     producer.send(tasks.SCORE_IMAGES, [ids], {"explain": True}, app=stack.app)
-    # A later message on the same queue (one worker, prefetch 1) marks when those were consumed.
+    # A later message (one worker, prefetch 1) marks when those were consumed: behind the second
+    # on the scoring queue, and the worker takes from the uploads queue (the first) in turn with it
     [marker] = add_photos(stack, "Bundle clinic", "B-marker", ["1020_left.jpg"])
-    producer.send_score_images([marker], app=stack.app)
+    producer.send(tasks.SCORE_IMAGES, [[marker]], {}, app=stack.app)
     wait_for(all_finished(stack.url, [marker]), stack.worker, "the marker image")
     assert counts_for(stack.url, ids, patient_id) == before
 

@@ -385,7 +385,7 @@ def test_upload_is_accepted_stored_and_queued(client: TestClient, url: str, key:
     assert got["status"] == "queued" and got["patient_id"] == "16" and got["eye"] == "left"
     assert client.get(f"/v1/images/{body['id']}/explanation", headers=key.headers).status_code == 409
     queue = get_settings().broker_dir / "queue"
-    assert any(p.name.endswith(".scoring.msg") for p in queue.iterdir())
+    assert any(p.name.endswith(".uploads.msg") for p in queue.iterdir())  # not behind folder jobs
     # Same bytes again: a second image row, one stored file (content addressed).
     assert _upload(client, key, data, patient_id="16").status_code == 202
     stored = [p for p in get_settings().store_path.rglob("*.jpg")]
@@ -441,7 +441,7 @@ def test_uploads_are_audited_and_their_keys_remembered(client: TestClient, url: 
     ]
     assert remembered == [(key.clinic_id, "image", image)]
     queue = get_settings().broker_dir / "queue"
-    assert len([p for p in queue.iterdir() if p.name.endswith(".scoring.msg")]) == 2
+    assert len([p for p in queue.iterdir() if p.name.endswith(".uploads.msg")]) == 2
 
 
 def test_web_progress_answers(client: TestClient, key: Key) -> None:
@@ -604,7 +604,7 @@ def test_models_readiness_and_metrics(
         text = client.get("/metrics").text
     assert 'drscreen_http_requests_total{method="GET",route="/v1/models",status="200"}' in text
     assert "drscreen_http_request_duration_seconds_bucket" in text
-    assert 'drscreen_queue_depth{queue="scoring"} 1.0' in text
+    assert 'drscreen_queue_depth{queue="uploads"} 1.0' in text
     assert 'drscreen_images{status="queued"} 1.0' in text
     assert 'drscreen_predictions_by_grade{grade="ungradable"}' in text
     assert 'drscreen_model_info{version="drscreen-test@0.2.0"} 1.0' in text

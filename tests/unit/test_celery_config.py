@@ -46,7 +46,7 @@ def test_producer_writes_a_message_file_on_the_embedded_broker(isolated_settings
     body = json.loads(files[0].read_text())
     assert body["headers"]["task"] == "explain.explain_image" and body["headers"]["id"] == task_id
     producer.send_score_images(["a", "b"])
-    assert len(list(broker_folders(get_settings())["queue"].glob("*.scoring.msg"))) == 1
+    assert len(list(broker_folders(get_settings())["queue"].glob("*.uploads.msg"))) == 1
 
 
 def test_prune_processed(isolated_settings: Path) -> None:

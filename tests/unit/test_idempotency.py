@@ -40,7 +40,7 @@ def key(url: str) -> Key:
 
 def queued() -> list[list[str]]:
     folder = get_settings().broker_dir / "queue"
-    tasks = [scoring_task_images(p.read_bytes()) for p in sorted(folder.glob("*.scoring.msg"))]
+    tasks = [scoring_task_images(p.read_bytes()) for p in sorted(folder.glob("*.uploads.msg"))]
     return [t for t in tasks if t is not None]
 
 

@@ -519,6 +519,41 @@ def test_cli_purge_dry_run_then_real(world: World) -> None:
     assert_only_patient_gone(before, dump(world.url), gone)
 
 
+def test_cli_previews_hold_no_write_lock_on_sqlite(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preview makes the real purge or erasure and rolls it back; on SQLite it held the
+    database's one write lock all along (a purge preview of 2,600 patients: 4.5 s of uploads and
+    worker writes waiting; the SQLite review of session 32). It runs on a snapshot now: the live
+    database's write lock is free while it runs, and nothing changes, no copy is left behind."""
+    from sqlalchemy.engine import make_url
+
+    from tests.unit.test_sqlite_reads_hold_no_lock import _write_lock_free
+
+    age(world.url, world.target, days=40)
+    before, stored = dump(world.url), files(world.store)
+    live = make_url(world.url).database
+    assert live
+    free: list[bool] = []
+
+    def probed(real: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            outcome = real(*args, **kwargs)  # its rows deleted, not rolled back yet
+            free.append(_write_lock_free(live))
+            return outcome
+
+        return run
+
+    monkeypatch.setattr(retention, "purge_before", probed(retention.purge_before))
+    monkeypatch.setattr(retention, "erase_patient", probed(retention.erase_patient))
+    dry = runner.invoke(cli_app, ["data", "purge", "--older-than", "30", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert _printed(dry.output)["patient"] == 1
+    asked = runner.invoke(cli_app, ["data", "erase", "--clinic", NORTH, KEEP], input="n\n")
+    assert asked.exit_code == 1 and "nothing erased" in asked.output, asked.output
+    assert free == [True, True], "a preview held the live database's write lock"
+    assert dump(world.url) == before and files(world.store) == stored
+    assert not list(Path(live).parent.glob(".drscreen-preview-*"))
+
+
 def test_cli_failure_midway_removes_no_file(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     before, stored = dump(world.url), files(world.store)
 

@@ -280,7 +280,7 @@ def test_status_is_quiet_when_every_worker_is_alike(url: str) -> None:
         "openvino",
     )
     assert worker["settings"] == report["settings"] | worker_hb.worker_settings(get_worker_settings())
-    assert report["queue"]["broker"] == {"scoring": 0, "explain": 0}
+    assert report["queue"]["broker"] == {"scoring": 0, "explain": 0, "uploads": 0}
 
 
 def test_status_warns_about_another_release_and_a_setting_that_differs(
