@@ -32,7 +32,7 @@ from tests.unit.test_workers_scoring import BUNDLE, Sent, StubEnsemble, add_imag
 from workers import scoring
 
 
-def _write_lock_free(path: str) -> bool:
+def write_lock_free(path: str) -> bool:
     """Whether another connection could take the write lock now (without waiting for it)."""
     with closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as other:
         try:
@@ -52,7 +52,7 @@ def reads_under_the_lock(url: str) -> Iterator[list[str]]:
     held: list[str] = []
 
     def probe(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and not _write_lock_free(path):
+        if statement.lstrip().upper().startswith("SELECT") and not write_lock_free(path):
             held.append(" ".join(statement.split())[:120])
 
     engine = db.get_engine(url)

@@ -15,9 +15,7 @@ write lock is free (nothing serialises the two), the other task runs to its comm
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
-from contextlib import closing
 from typing import Any
 
 import pytest
@@ -29,19 +27,9 @@ from core.db import session_scope
 from core.settings import get_settings
 from core.store import FileStore
 from core.tables import Image, PatientResult, Prediction
+from tests.unit.test_sqlite_reads_hold_no_lock import write_lock_free
 from tests.unit.test_workers_scoring import Sent, StubEnsemble, add_images, photo
 from workers import scoring
-
-
-def _write_lock_free(path: str) -> bool:
-    with closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as other:
-        try:
-            other.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            assert "locked" in str(exc), exc
-            return False
-        other.execute("ROLLBACK")
-        return True
 
 
 def _meanwhile(monkeypatch: pytest.MonkeyPatch, url: str, other: Callable[[], Any]) -> list[bool]:
@@ -54,7 +42,7 @@ def _meanwhile(monkeypatch: pytest.MonkeyPatch, url: str, other: Callable[[], An
 
     def upsert(session: Any, **kwargs: Any) -> Any:
         if not seen:
-            seen.append(_write_lock_free(path))
+            seen.append(write_lock_free(path))
             if seen[0]:
                 other()
         return real(session, **kwargs)
