@@ -526,7 +526,7 @@ def test_cli_previews_hold_no_write_lock_on_sqlite(world: World, monkeypatch: py
     database's write lock is free while it runs, and nothing changes, no copy is left behind."""
     from sqlalchemy.engine import make_url
 
-    from tests.unit.test_sqlite_reads_hold_no_lock import _write_lock_free
+    from tests.unit.test_sqlite_reads_hold_no_lock import write_lock_free
 
     age(world.url, world.target, days=40)
     before, stored = dump(world.url), files(world.store)
@@ -537,7 +537,7 @@ def test_cli_previews_hold_no_write_lock_on_sqlite(world: World, monkeypatch: py
     def probed(real: Any) -> Any:
         def run(*args: Any, **kwargs: Any) -> Any:
             outcome = real(*args, **kwargs)  # its rows deleted, not rolled back yet
-            free.append(_write_lock_free(live))
+            free.append(write_lock_free(live))
             return outcome
 
         return run
