@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from sqlalchemy import ColumnElement, exists, func, select, update
 from sqlalchemy.orm import Session, aliased, selectinload
@@ -178,12 +178,6 @@ def unfinished_gradings(
 
 def _regrading() -> ColumnElement[bool]:
     return (Image.status.in_(UNFINISHED) & _graded_before()) | _regrade_failed()
-
-
-def regrading_exists(patient_id: Any) -> Any:
-    """EXISTS a photograph of ``patient_id`` (a column) graded before whose new grading is under
-    way or failed (:func:`regrading_photo_ids`), for a list's column."""
-    return exists().where(Image.patient_id == patient_id, _regrading())
 
 
 def regrading_photo_ids(session: Session, patient_ids: Sequence[int]) -> dict[int, set[str]]:

@@ -4,6 +4,7 @@ a visit of up to four photographs and a single photograph (``POST /v1/bundles``,
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 from core import grader_referral
 from core import repository as repo
 from core.errors import DomainError
-from core.tables import Bundle, Patient, PatientResult, as_utc, refers_now, utcnow
+from core.tables import Bundle, EyeResult, Patient, PatientResult, as_utc, refers_now, utcnow
 from services.deps import ApiSettingsDep, Principal, ProducerDep, SessionDep, SettingsDep
 from services.routes import bundles as bundle_routes
 from services.routes import images as image_routes
@@ -65,16 +66,14 @@ def _to_refer(session: Session, clinic_id: int) -> list[dict[str, Any]]:
     Read from the partial index of :func:`core.tables.refers_now` (its predicate, as written here),
     not from every result of the history."""
     since = utcnow() - timedelta(days=REFER_DAYS)
-    # a kept decision (a photograph of it graded again, or its re-grade failed) is marked: it is
-    # the last complete one, listed until the new one is (repository.held_referral)
-    rechecking = repo.regrading_exists(PatientResult.patient_id)
     rows = session.execute(
         select(
             Patient.external_id,
             PatientResult.grade,
             PatientResult.gradable,
             PatientResult.computed_at,
-            rechecking,
+            PatientResult.id,
+            PatientResult.patient_id,
         )
         .join(Patient, Patient.id == PatientResult.patient_id)
         .where(
@@ -85,13 +84,14 @@ def _to_refer(session: Session, clinic_id: int) -> list[dict[str, Any]]:
         .order_by(PatientResult.computed_at.desc(), PatientResult.id.desc())
         .limit(REFER_LIMIT)
     ).all()
-    listed = {
+    rechecking = _rechecking(session, [(r[4], r[5]) for r in rows])
+    listed: dict[str, dict[str, Any]] = {
         r[0]: {
             "patient_id": r[0],
             "grade": r[1],
             "gradable": r[2],
             "computed_at": as_utc(r[3]),
-            "rechecking": r[4],
+            "rechecking": r[4] in rechecking,
             "model_refers": True,
             "grader_referrals": [],
         }
@@ -109,6 +109,28 @@ def _to_refer(session: Session, clinic_id: int) -> list[dict[str, Any]]:
         row["computed_at"] = max(row["computed_at"], found.recorded_at)
     newest_first = sorted(listed.values(), key=lambda r: r["computed_at"], reverse=True)
     return newest_first[:REFER_LIMIT]
+
+
+def _rechecking(session: Session, results: Sequence[tuple[int, int]]) -> set[int]:
+    """The ids of the given (result id, patient id) whose decision is being re-checked: a
+    photograph it graded is graded again, or its re-grade failed (the decision is the last complete
+    one, listed until the new one is: repository.held_referral). The patient page's and the API's
+    rule (services.views): marked from any photograph of the patient, a re-grade of an earlier
+    visit's marked today's referral here, for good if it failed, while the patient page said not."""
+    regrading = repo.regrading_photo_ids(session, [patient_id for _, patient_id in results])
+    if not regrading:
+        return set()
+    patient_of = {result_id: patient_id for result_id, patient_id in results if patient_id in regrading}
+    graded = session.execute(
+        select(EyeResult.patient_result_id, EyeResult.image_ids).where(
+            EyeResult.patient_result_id.in_(patient_of)
+        )
+    )
+    return {
+        result_id
+        for result_id, image_ids in graded
+        if any(str(i) in regrading[patient_of[result_id]] for i in image_ids or ())
+    }
 
 
 def _home(

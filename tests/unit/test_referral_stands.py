@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -195,3 +196,31 @@ def test_recheck_keeps_a_referral_while_its_photograph_is_graded_again(url: str)
     summary = recheck_patients(database_url=url)
     assert summary.changed == [] and summary.held == 1
     assert current(url) == (True, release)
+
+
+def test_the_home_page_marks_a_referral_re_checked_only_when_its_decision_is(
+    url: str, client: TestClient
+) -> None:
+    """The final review of session 32: the home page's "being re-checked" was any photograph of
+    the patient, of any visit, graded before and now queued, running or failed, while the patient
+    page and the API mark only the decision's own photographs. An earlier visit's photograph whose
+    re-grade failed marked today's referral "being re-checked" on the worklist for good, while the
+    patient's page (and ``rechecking`` in the API) said it was not."""
+    store = FileStore(get_settings().store_path)
+    earlier = add_images(url, store, "P1", [photo("17_left.jpg"), photo("16_right.jpg")])
+    grade(earlier, OLD, 0, store, url)
+    with session_scope(url) as s:
+        old = s.get(Image, earlier[0])
+        assert old is not None
+        old.status = "failed"  # graded, then its re-grade failed: the earlier visit's, not today's
+        for image_id in earlier:  # a month ago: an earlier visit
+            im = s.get(Image, image_id)
+            assert im is not None
+            im.created_at = im.created_at - timedelta(days=30)
+    today = add_images(url, store, "P1", [photo("16_left.jpg"), photo("17_right.jpg")])
+    grade(today, OLD, 4, store, url)
+    assert current(url) == (True, OLD)
+    seen = surfaces(client, url)
+    assert seen["referable"] and seen["home_lists"] and seen["rechecking"] is False
+    assert "Being re-checked" not in seen["web_detail"]
+    assert not seen["home_rechecking"]  # before the fix: "being re-checked", the page said not
