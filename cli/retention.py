@@ -8,7 +8,8 @@ Heavy imports inside the functions (cli rule: ``drscreen --help`` stays instant)
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -25,6 +26,69 @@ app = typer.Typer()
 MAX_RETENTION_DAYS = 365_000
 
 
+#: A preview's copy of the database is made in a folder named so beside it, followed by the pid of
+#: the process that made it: a copy whose process is gone was left by a preview that was killed.
+PREVIEW_PREFIX = ".drscreen-preview-"
+
+
+def _sqlite_file() -> Path | None:
+    """The SQLite database's file, or None (PostgreSQL, or SQLite in memory)."""
+    from sqlalchemy.engine import make_url
+
+    from core.settings import get_settings
+
+    url = make_url(get_settings().database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
+
+
+def _remove_left_previews(database: Path) -> None:
+    """Remove the copies of the database that killed previews left beside it (SIGKILL, a power
+    cut: nothing ran their clean-up). Each is a whole copy of the database: the disk space of one,
+    and the rows of every patient erased since, which an erasure must not leave behind."""
+    import shutil
+
+    for folder in database.parent.glob(PREVIEW_PREFIX + "*"):
+        pid = folder.name[len(PREVIEW_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+@contextmanager
+def _stopped_cleanly() -> Iterator[None]:
+    """SIGTERM (``timeout``, systemd, a scheduler stopping the command) ends the process as an
+    exception would, so ``finally`` blocks run: by default it kills Python on the spot, and a
+    preview left its copy of the database behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @contextmanager
 def _preview_session() -> Iterator[Any]:
     """The session a preview runs in. A preview makes the real erasure or purge and rolls it back,
@@ -35,55 +99,53 @@ def _preview_session() -> Iterator[Any]:
     a snapshot of the database taken with SQLite's online backup (as ``drscreen db backup``:
     writers go on meanwhile), in a private folder beside it, removed afterwards. PostgreSQL locks
     only the rows concerned: the database itself."""
+    import os
     import shutil
     import sqlite3
     import tempfile
     from contextlib import closing
-    from pathlib import Path
 
-    from sqlalchemy.engine import make_url
     from sqlalchemy.orm import Session
 
     from core.db import get_sessionmaker, make_engine
     from core.errors import Unavailable
-    from core.settings import get_settings
 
-    url = get_settings().database_url
-    database = make_url(url).database
-    if make_url(url).get_backend_name() != "sqlite" or not database or database == ":memory:":
+    live = _sqlite_file()
+    if live is None:
         with get_sessionmaker()() as session:
             yield session
         return
-    live = Path(database)
-    try:
-        folder = Path(tempfile.mkdtemp(prefix=".drscreen-preview-", dir=live.parent))  # owner only
-    except OSError as exc:
-        raise Unavailable(f"the preview's copy of the database cannot be made beside it: {exc}") from exc
-    try:
-        snapshot = folder / live.name
+    _remove_left_previews(live)
+    with _stopped_cleanly():
         try:
-            with closing(sqlite3.connect(live, timeout=30)) as src, closing(sqlite3.connect(snapshot)) as dst:
-                src.backup(dst)
-        except (sqlite3.Error, OSError) as exc:  # e.g. the disk is full: nothing was previewed
-            raise Unavailable(
-                f"the preview's copy of the database could not be made in {folder}: {exc}"
-            ) from exc
-        engine = make_engine(f"sqlite:///{snapshot}")
+            prefix = f"{PREVIEW_PREFIX}{os.getpid()}-"
+            folder = Path(tempfile.mkdtemp(prefix=prefix, dir=live.parent))  # owner only
+        except OSError as exc:
+            raise Unavailable(f"the preview's copy of the database cannot be made beside it: {exc}") from exc
         try:
-            with Session(bind=engine, expire_on_commit=False) as session:
-                yield session
+            snapshot = folder / live.name
+            try:
+                src = closing(sqlite3.connect(live, timeout=30))
+                with src as source, closing(sqlite3.connect(snapshot)) as copy:
+                    source.backup(copy)
+            except (sqlite3.Error, OSError) as exc:  # e.g. the disk is full: nothing was previewed
+                raise Unavailable(
+                    f"the preview's copy of the database could not be made in {folder}: {exc}"
+                ) from exc
+            engine = make_engine(f"sqlite:///{snapshot}")
+            try:
+                with Session(bind=engine, expire_on_commit=False) as session:
+                    yield session
+            finally:
+                engine.dispose()
         finally:
-            engine.dispose()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _retention(command: str, run: Any, *, commit: bool) -> tuple[Any, int]:
     """Run ``run(session)`` (core.retention) in one transaction; commit and then remove the files
     nothing references any more, or roll back (a dry run: the counts are the real run's, from a
     snapshot on SQLite: :func:`_preview_session`). Returns (outcome, files removed)."""
-    from contextlib import ExitStack
-
     from core import retention
     from core.db import get_sessionmaker
     from core.errors import Conflict, Unavailable
@@ -91,6 +153,8 @@ def _retention(command: str, run: Any, *, commit: bool) -> tuple[Any, int]:
     from core.store import FileStore
 
     with db_errors(), ExitStack() as stack:
+        if commit and (database := _sqlite_file()) is not None:
+            _remove_left_previews(database)  # an erasure leaves no copy of the patient behind
         session = get_sessionmaker()() if commit else stack.enter_context(_preview_session())
         try:
             outcome = run(session)

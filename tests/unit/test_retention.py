@@ -949,3 +949,70 @@ def test_a_database_failure_while_the_files_are_removed_leaves_them_where_they_w
     with pytest.raises(RuntimeError), session_scope(world.url) as s:
         retention.remove_unreferenced_files(s, world.store, out.files)
     assert files(world.store) == stored
+
+
+# ------------------------------------------------------- review: the preview's copy of the database
+
+PREVIEW_AND_WAIT = """
+import sys
+from cli.retention import _preview_session
+with _preview_session():
+    print("previewing", flush=True)
+    sys.stdin.readline()  # until stopped
+"""
+
+
+def _previews_beside(url: str) -> list[Path]:
+    database = Path(url.removeprefix("sqlite:///"))
+    return sorted(database.parent.glob(".drscreen-preview-*"))
+
+
+def test_a_preview_stopped_by_sigterm_removes_its_copy_of_the_database(world: World) -> None:
+    """Session 32's final review: SIGTERM (``timeout``, systemd, a scheduler) killed Python on the
+    spot, and the preview's whole copy of the database stayed beside it, patients erased since
+    included, until someone found the hidden folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    assert world.url.startswith("sqlite:///")
+    env = {**os.environ, "DRSCREEN_DATABASE_URL": world.url}
+    preview = subprocess.Popen(
+        [sys.executable, "-c", PREVIEW_AND_WAIT],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert preview.stdout is not None
+    assert preview.stdout.readline().strip() == "previewing"
+    assert len(_previews_beside(world.url)) == 1
+    preview.send_signal(signal.SIGTERM)
+    assert preview.wait(timeout=60) == 128 + signal.SIGTERM
+    assert _previews_beside(world.url) == []  # before the fix: the copy stayed
+
+
+def test_a_copy_left_by_a_killed_preview_is_removed_by_the_next_run(world: World) -> None:
+    """SIGKILL or a power cut runs no clean-up: the next preview, or the erasure itself, removes a
+    copy whose process is gone (one of a preview still running stays)."""
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    database = Path(world.url.removeprefix("sqlite:///"))
+    left = database.parent / f".drscreen-preview-{int(gone.stdout)}-x"
+    running = database.parent / f".drscreen-preview-{os.getpid()}-y"
+    for folder in (left, running):
+        folder.mkdir()
+        (folder / database.name).write_bytes(database.read_bytes())
+    dry = runner.invoke(cli_app, ["data", "purge", "--older-than", "3650", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert _previews_beside(world.url) == [running]  # before the fix: both stayed
+    left.mkdir()
+    real = runner.invoke(cli_app, ["data", "erase", KEEP, "--clinic", NORTH, "--yes", "--force"])
+    assert real.exit_code == 0, real.output
+    assert _previews_beside(world.url) == [running]
