@@ -199,7 +199,9 @@ def _current_summary(
         summary.updated_at = newest.computed_at
         # A photograph this decision graded is being graded again (or its re-grade failed): the
         # decision is the last complete one, kept until the new one is (repository.held_referral)
-        summary.rechecking = any(str(i) in regrading for eye in newest.eyes for i in eye.image_ids)
+        summary.rechecking = repo.grades_regrading(
+            (i for eye in newest.eyes for i in eye.image_ids), regrading
+        )
     # Eyes whose photographs arrived after the last result (or before any) still list them; only
     # the latest visit's, as the result (repository.latest_visit).
     pending = {im.eye for im in visit if im.status in ("queued", "running")}

@@ -99,6 +99,7 @@ from core.repository.jobs import (
 )
 from core.repository.patient_results import (
     get_current_patient_result,
+    grades_regrading,
     held_referral,
     iter_patient_history,
     latest_visit,
@@ -193,6 +194,7 @@ __all__ = [
     "get_patients",
     "get_prediction",
     "graded_gradable",
+    "grades_regrading",
     "hash_api_key",
     "held_referral",
     "images_to_rescore",

@@ -3,7 +3,7 @@ rule, recorded as the current result, earlier ones kept as history."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol, TypeVar
 
@@ -193,6 +193,13 @@ def regrading_photo_ids(session: Session, patient_ids: Sequence[int]) -> dict[in
         for patient_id, image_id in rows:
             out.setdefault(patient_id, set()).add(image_id)
     return out
+
+
+def grades_regrading(image_ids: Iterable[object], regrading: Collection[str]) -> bool:
+    """Whether a decision that graded ``image_ids`` is being re-checked: one of them is among
+    ``regrading`` (:func:`regrading_photo_ids`). The patient page, the API and the home page's
+    list use this one rule."""
+    return any(str(i) in regrading for i in image_ids)
 
 
 def held_referral(

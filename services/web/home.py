@@ -129,7 +129,7 @@ def _rechecking(session: Session, results: Sequence[tuple[int, int]]) -> set[int
     return {
         result_id
         for result_id, image_ids in graded
-        if any(str(i) in regrading[patient_of[result_id]] for i in image_ids or ())
+        if repo.grades_regrading(image_ids or (), regrading[patient_of[result_id]])
     }
 
 
